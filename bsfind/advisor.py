@@ -1,0 +1,838 @@
+"""The advisor: measured noise scale + step time + memory -> batch size and LR.
+
+Pure math (DESIGN §4): numbers in, numbers out, no torch, no printing. Tested
+against closed forms in ``tests/test_advisor.py``:
+
+    .venv/bin/python -m pytest tests/test_advisor.py -q
+
+The model
+---------
+- Steps to a fixed loss: S(B) = S_min·(1 + B_n/B) (McCandlish et al. 2018,
+  eq. 2.11), so S(B)/S(B0) = (1 + B_n/B)/(1 + B_n/B0). An unresolved noise
+  scale (B_n = inf) means perfect scaling: S(B)/S(B0) = B0/B.
+- One optimizer step of B examples over N data-parallel devices, with
+  gradient accumulation a: t(B) = a·t_dev(B/(a·N)) + t_sync(N), where
+  t_dev(b) = t0 + c·b is the fitted step-time curve of one device and a is the
+  smallest accumulation whose per-device micro-batch B/(a·N) fits under the
+  memory model's ``max_batch_size``. Written out: t(B) = a·t0 + c·B/N + t_sync.
+  (Micro-batches are taken as equal; an uneven split costs at most c per
+  micro-step more, which the model ignores.)
+- Wall-clock ∝ S(B)·t(B); cost ∝ wall-clock × devices.
+
+Search
+------
+For a fixed accumulation a the objective (1 + B_n/B)(K + k·B), with
+K = a·t0 + t_sync and k = c/N, is convex in B with its minimum at
+sqrt(B_n·K/k); on one device without memory limit that is the classic
+B* = sqrt(B_n·t0/c). The advisor walks the accumulation pieces
+((a-1)·N·M, a·N·M], takes each piece's closed-form minimiser clipped to the
+piece, and stops once a lower bound of the next piece exceeds the best value
+found, so the continuous optimum is exact, not a grid approximation.
+
+Rounding: the recommended batch is the *allowed* batch with the lowest
+predicted wall-clock, where allowed means a multiple of 8 (1, 2 or 4 below
+8) or the baseline itself, within [devices, dataset size]. Because each piece
+is convex, the best allowed batch of a piece is one of the two allowed
+neighbours of the piece's minimiser, so this is an exact discrete minimum: the
+recommendation is never slower than any row of the candidate table (whose
+batches are all allowed) beyond float rounding. The baseline is allowed so
+that "keep your batch" wins ties and is never beaten by its own rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+from bsfind.errors import UsageError
+from bsfind.results import Candidate, Interval, MemoryModel, Recommendation, TimingCurve
+
+Family = Literal["sgd", "adam"]
+LrRule = Literal["auto", "linear", "sqrt", "none"]
+Basis = Literal["b_noise", "b_simple"]
+
+LR_RULES: tuple[str, ...] = ("auto", "linear", "sqrt", "none")
+
+# Batch sizes are rounded to multiples of this (powers of two below it): the
+# granularity at which GPU kernels tile well and the usual human choice.
+BATCH_MULTIPLE = 8
+
+# The candidate table stops at this multiple of the noise scale: beyond
+# ~B_n the number of steps no longer falls (S(B) -> S_min), so larger batches
+# only add compute (McCandlish et al. 2018, Fig. 2).
+CANDIDATE_SPAN = 64
+
+# Below this noise scale / dataset size the table also lists batches 1, 2, 4.
+SMALL_PROBLEM = 64
+
+# Recommend a learning-rate warm-up when the batch grows more than this
+# factor: Goyal et al. 2017 (arXiv:1706.02677, sec. 2.2) needed a gradual
+# warm-up for an 8k batch (32x their 256 baseline); 8x is where the linear
+# rule's first-step LR jump starts to be large enough to diverge early.
+WARMUP_GROWTH = 8.0
+# ... over this many epochs (Goyal et al. 2017 use 5 epochs of linear warm-up).
+WARMUP_EPOCHS = 5
+
+# Never walk more accumulation pieces than this in one search (a guard for
+# pathological inputs such as t0 ~ 0 with a 1-example memory limit, where
+# 1e5 micro-steps per optimizer step would be needed); a note says so.
+MAX_PIECES = 100_000
+
+# ----------------------------------------------------------------- interconnects
+
+
+class Interconnect(NamedTuple):
+    """A device-to-device link for the predicted all-reduce time."""
+
+    bandwidth_bytes_per_s: float  # nominal, per direction
+    latency_s: float  # fixed cost of one step's all-reduce (order of magnitude)
+    note: str
+
+
+# Nominal per-direction bandwidths from the vendors' data sheets. Real NCCL
+# bus bandwidth is typically 70-90% of these, and DDP overlaps the all-reduce
+# with the backward pass, so predictions from this table are an upper bound on
+# the exposed sync time; measure it (hardware.sync_seconds) when it matters.
+# Latencies are the order of magnitude of nccl-tests ``all_reduce_perf``
+# small-message times (tens of µs inside a node, ~100 µs over TCP/IP); they
+# only matter for tiny models.
+INTERCONNECTS: dict[str, Interconnect] = {
+    # NVIDIA A100 data sheet: third-generation NVLink, 600 GB/s total
+    # (bidirectional) per GPU -> 300 GB/s per direction.
+    "nvlink3": Interconnect(300e9, 20e-6, "NVLink 3 (A100), 300 GB/s per direction"),
+    # NVIDIA H100 SXM data sheet: fourth-generation NVLink, 900 GB/s total
+    # (bidirectional) per GPU -> 450 GB/s per direction.
+    "nvlink4": Interconnect(450e9, 20e-6, "NVLink 4 (H100), 450 GB/s per direction"),
+    # PCI-SIG: PCIe 3.0 8 GT/s x16 lanes with 128b/130b coding ~ 15.75 GB/s.
+    "pcie3": Interconnect(15.75e9, 30e-6, "PCIe 3.0 x16, 15.75 GB/s per direction"),
+    # PCIe 4.0: 16 GT/s x16 ~ 31.5 GB/s per direction.
+    "pcie4": Interconnect(31.5e9, 30e-6, "PCIe 4.0 x16, 31.5 GB/s per direction"),
+    # PCIe 5.0: 32 GT/s x16 ~ 63 GB/s per direction.
+    "pcie5": Interconnect(63e9, 30e-6, "PCIe 5.0 x16, 63 GB/s per direction"),
+    # InfiniBand HDR / NDR: 200 / 400 Gb/s per port (IBTA), one port per GPU.
+    "infiniband-hdr": Interconnect(25e9, 50e-6, "InfiniBand HDR, 200 Gb/s per GPU"),
+    "infiniband-ndr": Interconnect(50e9, 50e-6, "InfiniBand NDR, 400 Gb/s per GPU"),
+    # IEEE 802.3 Ethernet line rates, TCP/IP (no RDMA).
+    "ethernet-100g": Interconnect(12.5e9, 100e-6, "100 Gb/s Ethernet"),
+    "ethernet-25g": Interconnect(3.125e9, 100e-6, "25 Gb/s Ethernet"),
+    "ethernet-10g": Interconnect(1.25e9, 100e-6, "10 Gb/s Ethernet"),
+}
+# Short names the spec accepts. "nvlink" is the A100 generation: the most
+# common NVLink in rented clusters and the more conservative of the two.
+INTERCONNECT_ALIASES: dict[str, str] = {
+    "nvlink": "nvlink3",
+    "pcie": "pcie4",
+    "infiniband": "infiniband-hdr",
+    "ib": "infiniband-hdr",
+    "ethernet": "ethernet-25g",
+}
+DEFAULT_INTERCONNECT = "nvlink"  # the spec's default (hardware.interconnect)
+
+
+def interconnect(name: str) -> Interconnect:
+    """Look up an interconnect by name (case-insensitive, ``_`` = ``-``).
+
+    Raises:
+        UsageError: the name is unknown; the hint lists the known ones.
+    """
+    key = name.strip().lower().replace("_", "-")
+    key = INTERCONNECT_ALIASES.get(key, key)
+    if key not in INTERCONNECTS:
+        known = ", ".join(sorted([*INTERCONNECTS, *INTERCONNECT_ALIASES]))
+        raise UsageError(f"hardware.interconnect: unknown interconnect {name!r}",
+                         hint=f"use one of {known}, or measure hardware.sync_seconds")
+    return INTERCONNECTS[key]
+
+
+def sync_seconds(
+    grad_bytes: float,
+    gpus: int,
+    bandwidth_bytes_per_s: float,
+    latency_s: float = INTERCONNECTS["nvlink3"].latency_s,
+) -> float:
+    """Predicted all-reduce time of one optimizer step (ring algorithm).
+
+    A ring all-reduce sends and receives 2(N−1)/N of the gradient bytes per
+    device (Patarasuk & Yuan 2009; NCCL's "bus bandwidth" convention), so
+    t_sync = 2(N−1)/N · bytes / bandwidth + latency, and 0 on one device.
+    No overlap with the backward pass is assumed (an upper bound).
+
+    Args:
+        grad_bytes: bytes of the gradients that are all-reduced per step.
+        gpus: data-parallel devices N.
+        bandwidth_bytes_per_s: per-direction link bandwidth.
+        latency_s: fixed per-step cost.
+    """
+    if gpus < 1:
+        raise ValueError(f"gpus must be >= 1, got {gpus}")
+    if gpus == 1:
+        return 0.0
+    if bandwidth_bytes_per_s <= 0:
+        raise ValueError("bandwidth must be positive")
+    return 2.0 * (gpus - 1) / gpus * grad_bytes / bandwidth_bytes_per_s + latency_s
+
+
+# -------------------------------------------------------------- learning rate
+
+# Lower-case markers in an optimizer's (class) name. Adaptive markers are
+# checked first, so "NAdam" or "AdamWithNesterov" count as Adam family.
+_ADAM_MARKERS = ("adam", "lamb", "rmsprop", "adagrad", "adafactor", "adadelta")
+_SGD_MARKERS = ("sgd", "momentum", "nesterov", "lars")
+
+
+def optimizer_family(name_or_class: Any) -> Family:
+    """Which learning-rate scaling family an optimizer belongs to.
+
+    "sgd": SGD, momentum, Nesterov, LARS (their update is linear in the
+    gradient: McCandlish eq. 2.6). "adam": Adam, AdamW, LAMB, RMSprop,
+    Adagrad, Adafactor and any class whose name contains these (normalised
+    updates: the square-root rule, Malladi et al. 2022).
+
+    An unknown optimizer counts as "adam": the square-root rule changes the
+    learning rate less than the SGD rule for every batch, so a wrong guess
+    errs towards stability, and most optimizers written today are adaptive.
+
+    Args:
+        name_or_class: a name ("adamw", "torch.optim:SGD"), an optimizer class,
+            or an optimizer instance.
+    """
+    if isinstance(name_or_class, str):
+        name = name_or_class.replace(":", ".").rsplit(".", 1)[-1]
+    elif isinstance(name_or_class, type):
+        name = name_or_class.__name__
+    else:
+        name = type(name_or_class).__name__
+    key = name.lower()
+    if any(m in key for m in _ADAM_MARKERS):
+        return "adam"
+    if any(m in key for m in _SGD_MARKERS):
+        return "sgd"
+    return "adam"
+
+
+def steps_ratio(b: float, b0: float, b_n: float) -> float:
+    """S(B)/S(B0) with S(B) = S_min·(1 + B_n/B) (McCandlish eq. 2.11).
+
+    ``b_n = inf`` (an unresolved noise scale) gives perfect scaling, B0/B.
+    """
+    if b <= 0 or b0 <= 0:
+        raise ValueError("batch sizes must be positive")
+    if math.isinf(b_n):
+        return b0 / b
+    return (1.0 + b_n / b) / (1.0 + b_n / b0)
+
+
+def scaled_lr(
+    lr0: float, b0: float, b: float, b_n: float, family: Family, rule: str = "auto"
+) -> tuple[float, str]:
+    """Learning rate for batch ``b`` given ``lr0`` tuned at ``b0`` (DESIGN §4).
+
+    - "auto", SGD family: lr0·(1 + B_n/B0)/(1 + B_n/B) ("mccandlish",
+      McCandlish eq. 2.6): linear while B ≪ B_n, saturating beyond it; the
+      factor never exceeds B/B0.
+    - "auto", Adam family: the same ratio to the power 0.5 ("mccandlish-sqrt",
+      Malladi et al. 2022); the factor never exceeds sqrt(B/B0).
+    - "linear": lr0·B/B0; "sqrt": lr0·sqrt(B/B0); "none": lr0.
+
+    Returns:
+        (learning rate, the rule's name as shown to the user).
+    """
+    if rule not in LR_RULES:
+        raise ValueError(f"unknown lr rule {rule!r}; use one of {', '.join(LR_RULES)}")
+    if b <= 0 or b0 <= 0:
+        raise ValueError("batch sizes must be positive")
+    if rule == "linear":
+        return lr0 * b / b0, "linear"
+    if rule == "sqrt":
+        return lr0 * math.sqrt(b / b0), "sqrt"
+    if rule == "none":
+        return lr0, "none"
+    if math.isinf(b_n):
+        ratio = b / b0  # the B_n -> inf limit
+    else:
+        ratio = (1.0 + b_n / b0) / (1.0 + b_n / b)
+    if family == "adam":
+        return lr0 * math.sqrt(ratio), "mccandlish-sqrt"
+    return lr0 * ratio, "mccandlish"
+
+
+# ------------------------------------------------------------ step-time model
+
+
+def accumulation_steps(batch: float, gpus: int = 1, max_batch_size: int | None = None) -> int:
+    """Smallest a with batch/(a·gpus) <= max_batch_size (1 when unlimited)."""
+    if max_batch_size is None:
+        return 1
+    per_step = gpus * max(1, max_batch_size)
+    return max(1, math.ceil(batch / per_step - 1e-9))
+
+
+def step_seconds(
+    batch: float,
+    timing: TimingCurve,
+    *,
+    gpus: int = 1,
+    max_batch_size: int | None = None,
+    sync: float = 0.0,
+) -> float:
+    """t(B) = a·t_dev(B/(a·N)) + t_sync = a·t0 + c·B/N + t_sync.
+
+    A negative t0 or slope from a noisy fit is clamped at 0.
+    """
+    a = accumulation_steps(batch, gpus, max_batch_size)
+    t0, c = max(timing.t0, 0.0), max(timing.per_example, 0.0)
+    return a * t0 + c * batch / gpus + sync
+
+
+@dataclass(frozen=True)
+class _Model:
+    """Wall-clock model of one configuration (devices, memory, sync)."""
+
+    b_n: float  # inf: unresolved (perfect scaling)
+    t0: float  # >= 0, fixed time of one micro-step on one device
+    c: float  # >= 0, seconds per example on one device
+    gpus: int
+    max_micro: float  # per-device micro-batch limit; inf = unlimited
+    sync: float  # seconds per optimizer step
+    lo: float  # smallest batch considered (one example per device)
+    hi: float  # largest batch considered (the dataset)
+
+    @property
+    def per_step(self) -> float:
+        return self.gpus * self.max_micro
+
+    def accumulation(self, b: float) -> int:
+        if math.isinf(self.max_micro):
+            return 1
+        return max(1, math.ceil(b / self.per_step - 1e-9))
+
+    def step_time(self, b: float) -> float:
+        return self.accumulation(b) * self.t0 + self.c * b / self.gpus + self.sync
+
+    def _weights(self) -> tuple[float, float]:
+        # Objective ∝ (w + bn/B)·t(B): (1, B_n) normally, (0, 1) when B_n = inf.
+        return (0.0, 1.0) if math.isinf(self.b_n) else (1.0, self.b_n)
+
+    def objective(self, b: float) -> float:
+        w, bn = self._weights()
+        return (w + bn / b) * self.step_time(b)
+
+    def _pieces(self) -> Iterator[int]:
+        if math.isinf(self.max_micro) or self.t0 == 0.0:
+            yield 1  # accumulation costs nothing extra: one convex piece
+            return
+        first = self.accumulation(self.lo)
+        last = self.accumulation(self.hi)
+        w, _ = self._weights()
+        if w == 0.0:
+            # Perfect scaling: within full pieces the best point is the right
+            # end, and (a·t0 + ts)/(a·N·M) falls with a, so the winners sit at
+            # the ends; look at both ends only.
+            window = 64
+            yield from sorted({*range(first, min(last, first + window) + 1),
+                               *range(max(first, last - window), last + 1)})
+            return
+        yield from range(first, min(last, first + MAX_PIECES) + 1)
+
+    def _piece_bounds(self, a: int) -> tuple[float, float]:
+        if math.isinf(self.max_micro) or self.t0 == 0.0:
+            return self.lo, self.hi
+        return max(self.lo, (a - 1) * self.per_step), min(self.hi, a * self.per_step)
+
+    def _piece_argmin(self, a: int, left: float, right: float) -> float:
+        w, bn = self._weights()
+        big_k = a * self.t0 + self.sync
+        k = self.c / self.gpus
+        if big_k <= 0.0:
+            x = left  # (w + bn/B)·k·B is non-decreasing
+        elif w * k <= 0.0:
+            x = right  # (w + bn/B)·K is decreasing
+        else:
+            x = math.sqrt(bn * big_k / (w * k))
+        return min(max(x, left), right)
+
+    def _lower_bound(self, a: int, left: float) -> float:
+        """A lower bound of the objective on piece a and on every later piece.
+
+        On piece a' >= a, f = w·K' + w·k·B + bn·K'/B + bn·k with K' = a'·t0 + ts
+        >= K_a, B >= left and B <= a'·N·M, so bn·K'/B >= bn·t0/(N·M); and
+        f >= (sqrt(w·K') + sqrt(bn·k))², the unconstrained minimum.
+        """
+        w, bn = self._weights()
+        big_k = a * self.t0 + self.sync
+        k = self.c / self.gpus
+        unconstrained = (math.sqrt(w * big_k) + math.sqrt(bn * k)) ** 2
+        per_micro = bn * self.t0 / self.per_step if math.isfinite(self.per_step) else 0.0
+        return max(unconstrained, w * (big_k + k * left) + bn * k + per_micro)
+
+    def truncated(self) -> bool:
+        """Whether ``_pieces`` stops before the last accumulation piece."""
+        if math.isinf(self.max_micro) or self.t0 == 0.0 or math.isinf(self.b_n):
+            return False
+        return self.accumulation(self.hi) > self.accumulation(self.lo) + MAX_PIECES
+
+    def optimise(self, extra: tuple[float, ...] = ()) -> tuple[float, float, bool]:
+        """(continuous optimum, best allowed batch, search truncated) over [lo, hi].
+
+        ``extra``: further allowed batches (the baseline).
+        """
+        complete = False
+        best_c, arg_c = math.inf, self.lo
+        best_d, arg_d = math.inf, math.nan
+        for e in extra:
+            if self.lo <= e <= self.hi and self.objective(e) < best_d:
+                best_d, arg_d = self.objective(e), e
+        for a in self._pieces():
+            left, right = self._piece_bounds(a)
+            if left > right:
+                continue
+            if self._lower_bound(a, left) >= max(best_c, best_d):
+                complete = True
+                break  # no later piece can beat either optimum
+            x = self._piece_argmin(a, left, right)
+            fx = self.objective(x)
+            if fx < best_c:
+                best_c, arg_c = fx, x
+            # The best allowed batch of this convex piece is the largest one
+            # <= x or the smallest one >= x that lies in the piece. When x sits
+            # on the piece's open left end, the ceiling belongs to the previous
+            # piece and the next allowed batch is the piece's first.
+            up = ceil_allowed(x)
+            tries = [floor_allowed(x), up]
+            if self.accumulation(up) < a:
+                tries.append(next_allowed(up))
+            for t in tries:
+                if t is None or not (self.lo <= t <= self.hi):
+                    continue
+                ft = self.objective(t)
+                if ft < best_d:
+                    best_d, arg_d = ft, float(t)
+        if math.isnan(arg_d):  # no allowed batch in [lo, hi] (e.g. 5 devices, 7 examples)
+            arg_d = float(max(1, math.floor(self.hi)))
+        return arg_c, arg_d, not complete and self.truncated()
+
+
+# ------------------------------------------------------------------- rounding
+
+
+def floor_allowed(x: float) -> int | None:
+    """Largest allowed batch <= x: a multiple of 8, or 1, 2, 4 below 8."""
+    if x >= BATCH_MULTIPLE:
+        return BATCH_MULTIPLE * math.floor(x / BATCH_MULTIPLE + 1e-12)
+    if x < 1:
+        return None
+    p = 1
+    while p * 2 <= x:
+        p *= 2
+    return p
+
+
+def ceil_allowed(x: float) -> int:
+    """Smallest allowed batch >= x."""
+    if x > BATCH_MULTIPLE:
+        return BATCH_MULTIPLE * math.ceil(x / BATCH_MULTIPLE - 1e-12)
+    p = 1
+    while p < x:
+        p *= 2
+    return p
+
+
+def next_allowed(b: float) -> int:
+    """Smallest allowed batch strictly greater than b."""
+    return ceil_allowed(math.floor(b) + 1)
+
+
+def round_batch(x: float, cap: float | None = None) -> int:
+    """Round to an allowed batch: the nearest multiple of 8 (ties up), or the
+    log-nearest of 1, 2, 4, 8 below 8; then clipped to [1, cap]."""
+    if x >= BATCH_MULTIPLE:
+        r = BATCH_MULTIPLE * math.floor(x / BATCH_MULTIPLE + 0.5)
+    elif x <= 1:
+        r = 1
+    else:
+        r = 2 ** round(math.log2(x))
+    if cap is not None and r > cap:
+        r = floor_allowed(cap) or 1
+    return max(1, int(r))
+
+
+# ---------------------------------------------------------------- the advisor
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdvisorInputs:
+    """Everything the advisor needs, all measured (or predicted) upstream.
+
+    Attributes:
+        b_n: the noise scale used (B_noise when measured, else B_simple);
+            ``math.inf`` when unresolved (treated as perfect scaling).
+        b_n_ci: its 95% interval (``high`` may be inf).
+        basis: which noise scale ``b_n`` is.
+        noise_step: training step of the probe point that gave ``b_n``.
+        baseline_batch / baseline_lr: B0 and the learning rate tuned there.
+        optimizer_family: "sgd" or "adam" (see ``optimizer_family``).
+        lr_rule: "auto" | "linear" | "sqrt" | "none".
+        dataset_size: examples in the dataset: the largest batch considered.
+        timing: one device's step-time curve, or None (noise-scale-only advice).
+        memory: the memory model (its ``max_batch_size`` is per device), or
+            None (unlimited).
+        gpus: data-parallel devices N; the baseline runs on the same N.
+        sync_seconds: measured all-reduce time per step at ``gpus`` devices;
+            None: predicted from ``grad_bytes`` and ``interconnect``.
+        grad_bytes: bytes of gradients all-reduced per step.
+        interconnect: a key of ``INTERCONNECTS`` (or an alias).
+        price_per_hour: price of one device-hour.
+        training_examples: examples the job processes at the baseline batch
+            (epochs are converted by the caller): for absolute hours/cost.
+    """
+
+    b_n: float
+    b_n_ci: Interval
+    baseline_batch: int
+    baseline_lr: float
+    optimizer_family: Family
+    dataset_size: int
+    basis: Basis = "b_simple"
+    noise_step: int = 0
+    lr_rule: str = "auto"
+    timing: TimingCurve | None = None
+    memory: MemoryModel | None = None
+    gpus: int = 1
+    sync_seconds: float | None = None
+    grad_bytes: int | None = None
+    interconnect: str = DEFAULT_INTERCONNECT
+    price_per_hour: float | None = None
+    training_examples: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.b_n > 0):  # also rejects nan
+            raise ValueError(f"b_n must be positive (or inf), got {self.b_n}")
+        if self.baseline_batch < 1 or self.dataset_size < 1 or self.gpus < 1:
+            raise ValueError("baseline_batch, dataset_size and gpus must be >= 1")
+        if self.lr_rule not in LR_RULES:
+            raise ValueError(f"unknown lr_rule {self.lr_rule!r}")
+        if self.optimizer_family not in ("sgd", "adam"):
+            raise ValueError(f"unknown optimizer family {self.optimizer_family!r}")
+        if self.sync_seconds is not None and self.sync_seconds < 0:
+            raise ValueError("sync_seconds must be >= 0")
+        interconnect(self.interconnect)  # an unknown name is a UsageError even on 1 device
+
+
+@dataclass(frozen=True)
+class FrontierRow:
+    """The optimum on ``gpus`` devices against the baseline (B0 on the input's N)."""
+
+    gpus: int
+    batch_size: int
+    per_device_batch_size: int
+    grad_accumulation: int
+    step_seconds: float
+    time_ratio: float  # S(B)·t(B) on `gpus` / S(B0)·t(B0) on the baseline's devices
+    cost_ratio: float  # time_ratio × gpus / baseline devices
+    sync_seconds: float
+
+
+@dataclass(frozen=True)
+class Advice:
+    """The advisor's answer.
+
+    ``optimum`` is the continuous (unrounded) time-optimal batch, None without
+    a step-time curve. Absolute numbers need ``training_examples`` and timing:
+    the planned examples E are processed at the baseline batch, so the
+    baseline takes E/B0 steps; at batch B the model scales the steps by
+    S(B)/S(B0), so hours(B) = (E/B0)·steps_ratio(B)·t(B)/3600 and
+    cost = hours × devices × price per device-hour.
+    """
+
+    recommendation: Recommendation
+    candidates: tuple[Candidate, ...]
+    frontier: tuple[FrontierRow, ...] = ()
+    optimum: float | None = None
+    sync_seconds: float = 0.0  # the per-step sync time used at the input's N
+    predicted_hours: float | None = None
+    predicted_cost: float | None = None
+    baseline_hours: float | None = None
+    baseline_cost: float | None = None
+    training_examples: int | None = None
+    price_per_hour: float | None = None
+
+    @property
+    def absolute(self) -> dict[str, Any] | None:
+        """Plain dict of the absolute predictions with a one-line ``text``."""
+        if self.predicted_hours is None or self.baseline_hours is None:
+            return None
+        text = (f"{self.training_examples:,} planned examples: predicted "
+                f"{self.predicted_hours:.3g} h (baseline {self.baseline_hours:.3g} h)")
+        if self.predicted_cost is not None and self.baseline_cost is not None:
+            text += (f", {self.predicted_cost:,.2f} (baseline {self.baseline_cost:,.2f}) at "
+                     f"{self.price_per_hour:g} per device-hour")
+        return {
+            "training_examples": self.training_examples,
+            "hours": self.predicted_hours,
+            "baseline_hours": self.baseline_hours,
+            "cost": self.predicted_cost,
+            "baseline_cost": self.baseline_cost,
+            "price_per_hour": self.price_per_hour,
+            "label": "predicted",
+            "text": text,
+        }
+
+
+def _num(x: float) -> str:
+    if math.isinf(x):
+        return "∞"
+    return f"{x:,.0f}" if abs(x) >= 10 else f"{x:.3g}"
+
+
+def _secs(s: float) -> str:
+    return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"
+
+
+def _sync_for(inputs: AdvisorInputs, gpus: int) -> tuple[float, str | None]:
+    """All-reduce seconds per step on ``gpus`` devices, and a note on its source."""
+    if gpus == 1:
+        return 0.0, None
+    if inputs.sync_seconds is not None and gpus == inputs.gpus:
+        return inputs.sync_seconds, None
+    if inputs.sync_seconds is not None and inputs.gpus > 1:
+        # Scale a measurement at N devices by the ring volume factor (N-1)/N.
+        f = ((gpus - 1) / gpus) / ((inputs.gpus - 1) / inputs.gpus)
+        t = inputs.sync_seconds * f
+        return t, (f"all-reduce time on {gpus} devices scaled from the one measured on "
+                   f"{inputs.gpus} by the ring volume 2(N-1)/N")
+    if inputs.grad_bytes is not None:
+        link = interconnect(inputs.interconnect)
+        t = sync_seconds(inputs.grad_bytes, gpus, link.bandwidth_bytes_per_s, link.latency_s)
+        return t, (f"all-reduce time predicted for {link.note}: {_secs(t)} per step on {gpus} "
+                   "devices, assuming no overlap with the backward pass")
+    return 0.0, ("no gradient size or sync measurement: the all-reduce time between devices "
+                 "is taken as 0, which favours more devices")
+
+
+def _model(inputs: AdvisorInputs, b_n: float, gpus: int, sync: float) -> _Model:
+    assert inputs.timing is not None
+    return _Model(
+        b_n=b_n,
+        t0=max(inputs.timing.t0, 0.0),
+        c=max(inputs.timing.per_example, 0.0),
+        gpus=gpus,
+        max_micro=(math.inf if inputs.memory is None
+                   else float(max(1, inputs.memory.max_batch_size))),
+        sync=sync,
+        lo=float(min(gpus, inputs.dataset_size)),
+        hi=float(inputs.dataset_size),
+    )
+
+
+def _timing_usable(inputs: AdvisorInputs) -> bool:
+    t = inputs.timing
+    return t is not None and (max(t.t0, 0.0) > 0 or max(t.per_example, 0.0) > 0)
+
+
+def _candidate_grid(inputs: AdvisorInputs, recommended: int) -> list[int]:
+    """Powers of two up to min(dataset, 64·B_n, 16x the larger of the baseline
+    and the recommendation: rows beyond only get worse), plus 1.5× powers of two (24,
+    48, 96, ...: multiples of 8) within 4x of the recommendation, where the
+    curve is worth seeing closely. Baseline and recommendation are added by
+    the caller."""
+    upper = min(float(inputs.dataset_size), CANDIDATE_SPAN * inputs.b_n,
+                16.0 * max(recommended, inputs.baseline_batch))
+    start = 1 if min(inputs.dataset_size, inputs.b_n) < SMALL_PROBLEM else BATCH_MULTIPLE
+    grid: set[int] = set()
+    p = start
+    while p <= upper:
+        grid.add(p)
+        mid = 3 * p // 2
+        if p >= 2 * BATCH_MULTIPLE and mid <= upper and recommended / 4 <= mid <= 4 * recommended:
+            grid.add(mid)
+        p *= 2
+    if inputs.memory is not None:  # the largest batch that fits without accumulation
+        fits = floor_allowed(inputs.gpus * max(1, inputs.memory.max_batch_size))
+        if fits is not None and fits <= upper:
+            grid.add(fits)
+    return sorted(b for b in grid if b >= inputs.gpus)
+
+
+def _recommend_batch(
+    inputs: AdvisorInputs, b_n: float, gpus: int, sync: float, notes: list[str] | None = None
+) -> tuple[float | None, int]:
+    """(continuous optimum or None, recommended batch) for one noise scale."""
+    if _timing_usable(inputs):
+        m = _model(inputs, b_n, gpus, sync)
+        extra = (float(inputs.baseline_batch),)
+        opt, best, truncated = m.optimise(extra)
+        if truncated and notes is not None:
+            notes.append(f"the search stopped after {MAX_PIECES:,} gradient-accumulation "
+                         "steps per optimizer step; larger batches were not considered")
+        return opt, int(round(best))
+    # Noise scale only: B_n is the knee of the time/compute trade-off
+    # (McCandlish sec. 2.2: B_crit ≈ B_noise).
+    target = float(inputs.dataset_size) if math.isinf(b_n) else b_n
+    return None, round_batch(target, cap=inputs.dataset_size)
+
+
+def advise(inputs: AdvisorInputs, max_gpus: int | None = None) -> Advice:
+    """Recommend a batch size, learning rate and device count (DESIGN §4).
+
+    Args:
+        inputs: the measurements.
+        max_gpus: also compute the time/cost frontier for 1..max_gpus devices.
+
+    Returns:
+        The recommendation, the candidate table, the frontier and, when the
+        planned examples are known, absolute hours and cost.
+    """
+    n = inputs.gpus
+    b0 = inputs.baseline_batch
+    cap = inputs.dataset_size
+    notes: list[str] = []
+    timed = _timing_usable(inputs)
+    sync, sync_note = _sync_for(inputs, n) if timed else (0.0, None)
+    if sync_note:
+        notes.append(sync_note)
+    if inputs.timing is not None and not timed:
+        notes.append("the step-time fit is degenerate (t0 <= 0 and slope <= 0): ignored")
+    elif inputs.timing is not None and (inputs.timing.t0 < 0 or inputs.timing.per_example < 0):
+        notes.append("the step-time fit had a negative term; it was clamped at 0")
+
+    optimum, batch = _recommend_batch(inputs, inputs.b_n, n, sync, notes)
+    model = _model(inputs, inputs.b_n, n, sync) if timed else None
+
+    def cand(b: int) -> Candidate:
+        a = accumulation_steps(b, n, inputs.memory.max_batch_size if inputs.memory else None)
+        micro = math.ceil(b / (a * n))
+        mem = (inputs.memory.fixed_bytes + inputs.memory.bytes_per_example * micro
+               if inputs.memory is not None else None)
+        if model is not None:
+            t = model.step_time(b)
+            ratio = model.objective(b) / model.objective(b0)
+        else:
+            t = ratio = math.nan
+        return Candidate(
+            batch_size=b,
+            per_device_batch_size=micro,
+            grad_accumulation=a,
+            steps_ratio=steps_ratio(b, b0, inputs.b_n),
+            step_seconds=t,
+            time_ratio=ratio,
+            cost_ratio=ratio,  # same devices as the baseline
+            memory_bytes=mem,
+            fits=a == 1,
+            is_baseline=b == b0,
+            is_recommended=b == batch,
+        )
+
+    sizes = sorted({*_candidate_grid(inputs, batch), b0, batch})
+    candidates = tuple(cand(b) for b in sizes)
+    rec_row = next(c for c in candidates if c.is_recommended)
+
+    # Learning rate and warm-up.
+    lr, rule = scaled_lr(inputs.baseline_lr, b0, batch, inputs.b_n, inputs.optimizer_family,
+                         inputs.lr_rule)
+    warmup = None
+    if batch > WARMUP_GROWTH * b0:
+        steps = WARMUP_EPOCHS * math.ceil(cap / batch)
+        warmup = (f"the batch grows {batch / b0:.0f}x: ramp the learning rate linearly from "
+                  f"{inputs.baseline_lr:.3g} to {lr:.3g} over the first ~{WARMUP_EPOCHS} epochs "
+                  f"(≈{steps:,} steps at batch {batch}) or a few hundred steps "
+                  "(Goyal et al. 2017)")
+
+    # The plausible range from the noise scale's interval.
+    ci = inputs.b_n_ci
+    batch_range: tuple[int, int] | None = None
+    if not (math.isnan(ci.low) or math.isnan(ci.high)):
+        low_bn = ci.low if ci.low > 0 else 1e-9
+        if ci.low <= 0:
+            notes.append("the noise scale's interval reaches 0: the range starts at the "
+                         "smallest batch")
+        if math.isinf(ci.high):
+            notes.append(f"the noise scale's interval is unbounded above: the range's upper "
+                         f"end is clipped at the dataset size ({cap:,})")
+        lo_b = _recommend_batch(inputs, low_bn, n, sync)[1]
+        hi_b = _recommend_batch(inputs, ci.high, n, sync)[1]
+        batch_range = (min(lo_b, hi_b), max(lo_b, hi_b))
+
+    # Basis, in words.
+    name = "B_noise" if inputs.basis == "b_noise" else "B_simple"
+    noise = (f"{name} = {_num(inputs.b_n)} (95% CI {_num(ci.low)}–{_num(ci.high)}) measured "
+             f"at training step {inputs.noise_step}")
+    if math.isinf(inputs.b_n):
+        noise = (f"{name} unresolved (above the largest batch probed) at training step "
+                 f"{inputs.noise_step}")
+        notes.append("an unresolved noise scale is treated as perfect scaling: the largest "
+                     "batch wins, limited only by the dataset size")
+    if model is not None and inputs.timing is not None:
+        basis = (f"{noise}; step time t(B) = {_secs(model.t0)} + {_secs(model.c)}·B per device "
+                 f"({inputs.timing.source}); the batch minimising predicted wall-clock "
+                 f"S(B)·t(B) on {n} device(s)")
+        if optimum is not None and optimum >= cap and inputs.b_n < math.inf:
+            notes.append(f"the optimum reaches the dataset size ({cap:,}): clipped")
+    else:
+        basis = f"noise scale only: no step-time measurement; batch ≈ {noise}"
+    if inputs.basis == "b_simple":
+        notes.append("B_simple exceeded the measured critical batch 1.5–8x on supervised tasks "
+                     "(McCandlish et al. 2018); B_noise (probe.curvature) tracks it better")
+    if rec_row.grad_accumulation > 1:
+        notes.append(f"batch {batch} does not fit in memory on {n} device(s): "
+                     f"{rec_row.per_device_batch_size} per device × "
+                     f"{rec_row.grad_accumulation} accumulation steps")
+
+    time_ratio = rec_row.time_ratio if model is not None else None
+    recommendation = Recommendation(
+        batch_size=batch,
+        learning_rate=lr,
+        lr_rule=rule,
+        grad_accumulation=rec_row.grad_accumulation,
+        per_device_batch_size=rec_row.per_device_batch_size,
+        gpus=n,
+        basis=basis,
+        predicted_time_ratio=time_ratio,
+        predicted_cost_ratio=time_ratio,  # baseline on the same devices
+        batch_range=batch_range,
+        warmup=warmup,
+        noise_step=inputs.noise_step,
+        notes=tuple(notes),
+    )
+
+    # Frontier over device counts, each with its own optimum.
+    frontier: list[FrontierRow] = []
+    if model is not None and max_gpus is not None:
+        base = model.objective(b0)
+        for g in range(1, max_gpus + 1):
+            s_g = _sync_for(inputs, g)[0] if g != n else sync
+            _, b_g = _recommend_batch(inputs, inputs.b_n, g, s_g)
+            m_g = _model(inputs, inputs.b_n, g, s_g)
+            a_g = m_g.accumulation(b_g)
+            ratio = m_g.objective(b_g) / base
+            frontier.append(FrontierRow(
+                gpus=g, batch_size=b_g, per_device_batch_size=math.ceil(b_g / (a_g * g)),
+                grad_accumulation=a_g, step_seconds=m_g.step_time(b_g), time_ratio=ratio,
+                cost_ratio=ratio * g / n, sync_seconds=s_g,
+            ))
+
+    # Absolute hours and cost.
+    hours = cost = base_hours = base_cost = None
+    e = inputs.training_examples
+    if model is not None and e is not None:
+        base_steps = e / b0
+        base_hours = base_steps * model.step_time(b0) / 3600.0
+        hours = base_steps * rec_row.steps_ratio * model.step_time(batch) / 3600.0
+        if inputs.price_per_hour is not None:
+            cost = hours * n * inputs.price_per_hour
+            base_cost = base_hours * n * inputs.price_per_hour
+
+    return Advice(
+        recommendation=recommendation,
+        candidates=candidates,
+        frontier=tuple(frontier),
+        optimum=optimum,
+        sync_seconds=sync,
+        predicted_hours=hours,
+        predicted_cost=cost,
+        baseline_hours=base_hours,
+        baseline_cost=base_cost,
+        training_examples=e,
+        price_per_hour=inputs.price_per_hour,
+    )

@@ -1,0 +1,580 @@
+"""The command line: a thin layer over ``bsfind.api``; the only module that prints.
+
+    bsfind recommend configs/digits-mlp.yaml          # table on stdout
+    bsfind recommend configs/digits-mlp.yaml --json   # one JSON document on stdout
+    bsfind noise configs/digits-mlp.yaml --set probe.seed=3
+    bsfind check configs/digits-mlp.yaml --tolerance 2 --output report.json
+    bsfind validate configs/digits-mlp.yaml
+    bsfind init spec.yaml
+    bsfind env
+
+Progress and warnings go to stderr, so ``--json > out.json`` is always valid
+JSON. Every user-caused error is one line and a distinct exit code (see
+``bsfind.errors``); ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from bsfind import __version__
+from bsfind.errors import (
+    EXIT_INTERRUPTED,
+    BsfindError,
+    Interrupted,
+    SpecError,
+)
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="bsfind: measure the gradient noise scale and the hardware, recommend a batch size.",
+    pretty_exceptions_enable=False,
+)
+
+stdout = Console(highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+# Exit code for a bug in bsfind itself (BSD sysexits EX_SOFTWARE), kept apart
+# from the user-error codes so CI can tell "your job is misconfigured" from ours.
+EXIT_INTERNAL = 70
+
+T = TypeVar("T")
+
+SpecArg = Annotated[Path, typer.Argument(help="The YAML spec of the training job.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Write one JSON document to stdout.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a spec key, e.g. --set probe.seed=3 (YAML value)."),
+]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        stdout.print(f"bsfind {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """bsfind: a batch-size advisor for PyTorch training."""
+
+
+# --------------------------------------------------------------------------- error edge
+
+
+def _fail(exc: BsfindError, debug: bool) -> None:
+    if debug:
+        stderr.print_exception()
+    if isinstance(exc, SpecError) and len(exc.problems) > 1:
+        stderr.print(f"[red]error:[/] {exc.source} is not well-formed, found "
+                     f"{len(exc.problems)} problems:", markup=True)
+        for p in exc.problems:
+            stderr.print(f"  {p}", markup=False)
+    else:
+        stderr.print("[red]error:[/] ", end="", markup=True)
+        stderr.print(exc.message, markup=False)
+    if exc.hint:
+        stderr.print(f"  hint: {exc.hint}", markup=False)
+
+
+def _guard(
+    debug: bool, fn: Callable[[], T], on_interrupt: Callable[[Any], None] | None = None
+) -> T:
+    """Run ``fn``; map bsfind errors to their exit codes, Ctrl-C to 130."""
+    try:
+        return fn()
+    except Interrupted as exc:
+        if on_interrupt is not None and exc.partial is not None:
+            on_interrupt(exc.partial)
+        stderr.print(f"interrupted: {exc.message}", markup=False)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt:
+        stderr.print("interrupted", markup=False)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except BsfindError as exc:
+        _fail(exc, debug)
+        raise typer.Exit(exc.exit_code) from None
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        if debug:
+            stderr.print_exception()
+        stderr.print(f"[red]internal error:[/] {type(exc).__name__}: {exc}", markup=True)
+        stderr.print("  hint: rerun with --debug and report the traceback", markup=False)
+        raise typer.Exit(EXIT_INTERNAL) from None
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[Callable[[str, float, str], None] | None]:
+    """A rich progress bar on stderr when it is a terminal; silent otherwise."""
+    if not enabled or not stderr.is_terminal:
+        yield None
+        return
+    bar = Progress(
+        TextColumn("{task.fields[phase]:>6}"), BarColumn(), TextColumn("{task.description}"),
+        TimeElapsedColumn(), console=stderr, transient=True,
+    )
+    tasks: dict[str, Any] = {}
+
+    def update(phase: str, fraction: float, message: str) -> None:
+        if phase not in tasks:
+            tasks[phase] = bar.add_task(message, total=1.0, phase=phase)
+        bar.update(tasks[phase], completed=fraction, description=message)
+
+    with bar:
+        yield update
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """CI runners stop jobs with SIGTERM: treat it like Ctrl-C (partial report, 130)."""
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "N/A"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "∞"
+        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+            return f"{v:.{digits}g}"
+        return f"{v:.{digits}g}" if abs(v) < 10 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "N/A"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1024
+    return str(n)
+
+
+def _fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "N/A"
+    if s < 1e-3:
+        return f"{s * 1e6:.0f} µs"
+    if s < 1:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s:.2f} s"
+
+
+def _ci(ci: list[float | None] | None) -> str:
+    if not ci:
+        return "N/A"
+    lo, hi = ci
+    return f"[{_fmt(lo)}, {_fmt(hi) if hi is not None else '∞'}]"
+
+
+def render_noise(doc: dict[str, Any]) -> Table:
+    t = Table(title="Gradient noise scale (measured)", title_justify="left")
+    for col in ("step", "B_simple", "95% CI", "|G|²", "tr(Σ)", "B_noise", "method",
+                "examples", "seconds", "stopped"):
+        t.add_column(col, justify="right" if col not in ("method", "stopped") else "left")
+    used = (doc.get("noise_scale") or {}).get("step")
+    for n in doc["noise_scale_by_step"]:
+        mark = " ◀" if n["step"] == used and len(doc["noise_scale_by_step"]) > 1 else ""
+        t.add_row(
+            f"{n['step']}{mark}",
+            _fmt(n["b_simple"]) if n["b_simple"] is not None else "unresolved",
+            _ci(n["ci95"]),
+            _fmt(n["grad_norm_sq"]),
+            _fmt(n["trace_sigma"]),
+            (f"{_fmt(n['b_noise'])} {_ci(n['b_noise_ci95'])}" if n.get("b_noise") is not None
+             else "—"),
+            n["method"],
+            _fmt(n["examples"]),
+            f"{n['seconds']:.1f}",
+            n["stopped"],
+        )
+    return t
+
+
+def render_candidates(doc: dict[str, Any]) -> Table:
+    timing = doc.get("timing") or (doc.get("predicted") or {}).get("timing") or {}
+    src = timing.get("source", "no timing")
+    t = Table(title=f"Candidates (step time: {src})", title_justify="left")
+    for col in ("batch", "per device × accum", "steps ratio", "time/step", "total time",
+                "cost", "memory", "fits"):
+        t.add_column(col, justify="right" if col != "fits" else "left")
+    for c in doc.get("candidates") or []:
+        mark = " ★" if c["is_recommended"] else (" ◆" if c["is_baseline"] else "")
+        t.add_row(
+            f"{c['batch_size']}{mark}",
+            f"{c['per_device_batch_size']} × {c['grad_accumulation']}",
+            f"{c['steps_ratio']:.2f}",
+            _fmt_seconds(c["step_seconds"]) if timing else "—",
+            f"{c['time_ratio']:.2f}×" if timing else "—",
+            f"{c['cost_ratio']:.2f}×" if timing else "—",
+            _fmt_bytes(c["memory_bytes"]),
+            "yes" if c["fits"] else "accumulate",
+        )
+    return t
+
+
+def render_report(doc: dict[str, Any]) -> None:
+    dev = doc["device"]
+    stdout.print(
+        f"bsfind {doc['version']} · device: {dev['name']} ({dev['type']}) · "
+        f"dataset: {doc['dataset']['size']:,} examples · baseline: batch "
+        f"{doc['baseline']['batch_size']}, lr {doc['baseline']['learning_rate']:g} "
+        f"({doc['baseline']['optimizer']})" + (" · cached result" if doc.get("cached") else ""),
+        markup=False,
+    )
+    stdout.print(render_noise(doc))
+    if doc["command"] == "noise":
+        return
+    mem, tim = doc.get("memory"), doc.get("timing")
+    if mem:
+        stdout.print(
+            f"Memory ({mem['source']}): {_fmt_bytes(mem['fixed_bytes'])} fixed + "
+            f"{_fmt_bytes(mem['bytes_per_example'])}/example → max batch "
+            f"{mem['max_batch_size']:,} within {_fmt_bytes(mem['limit_bytes'])}",
+            markup=False,
+        )
+    if tim:
+        stdout.print(
+            f"Step time ({tim['source']}): t(B) = {_fmt_seconds(tim['t0'])} + "
+            f"{_fmt_seconds(tim['per_example'])}·B (R² {tim['r2']:.3f}, "
+            f"{len(tim['points'])} batch sizes)",
+            markup=False,
+        )
+    pred = doc.get("predicted")
+    if pred:
+        pm, pt = pred.get("memory") or {}, pred.get("timing") or {}
+        stdout.print(
+            f"Predicted for {pred['gpu']} (not measured): max batch "
+            f"{pm.get('max_batch_size', 'N/A')}, t(B) = {_fmt_seconds(pt.get('t0'))} + "
+            f"{_fmt_seconds(pt.get('per_example'))}·B",
+            markup=False,
+        )
+    if doc.get("candidates"):
+        stdout.print(render_candidates(doc))
+    for row in doc.get("frontier") or []:
+        stdout.print(
+            f"  {row['gpus']} device(s): batch {row['batch_size']}, time "
+            f"{row['time_ratio']:.2f}×, cost {row['cost_ratio']:.2f}×",
+            markup=False,
+        )
+    rec = doc.get("recommendation")
+    if rec:
+        rng = rec.get("batch_range")
+        stdout.print(
+            f"[bold]Recommendation:[/] batch size [bold]{rec['batch_size']}[/]"
+            + (f" ({rec['per_device_batch_size']} per device × {rec['gpus']} devices)"
+               if rec["gpus"] > 1 else "")
+            + (f" with {rec['grad_accumulation']}× gradient accumulation"
+               if rec["grad_accumulation"] > 1 else "")
+            + f", learning rate [bold]{rec['learning_rate']:.3g}[/] (rule: {rec['lr_rule']})",
+            markup=True,
+        )
+        if rng:
+            stdout.print(f"  plausible range from the noise scale's interval: "
+                         f"{rng[0]}–{rng[1]}", markup=False)
+        if rec.get("predicted_time_ratio") is not None:
+            stdout.print(
+                f"  predicted time {rec['predicted_time_ratio']:.2f}× and cost "
+                f"{rec['predicted_cost_ratio']:.2f}× the baseline's (predicted)",
+                markup=False,
+            )
+        ab = doc.get("absolute")
+        if ab:
+            stdout.print(f"  {ab.get('text', '')}", markup=False)
+        stdout.print(f"  basis: {rec['basis']}", markup=False)
+        if rec.get("warmup"):
+            stdout.print(f"  warm-up: {rec['warmup']}", markup=False)
+        for note in rec.get("notes") or []:
+            stdout.print(f"  note: {note}", markup=False)
+
+
+def _warn(doc: dict[str, Any]) -> None:
+    for w in doc.get("warnings", []):
+        stderr.print(f"[yellow]warning:[/] {w}", markup=True, highlight=False)
+    if doc.get("status") == "partial":
+        stderr.print("[yellow]warning:[/] the time budget ran out: results are partial "
+                     "(marked in the table and JSON)", markup=True)
+
+
+def _emit(doc: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+        sys.stdout.flush()
+    else:
+        render_report(doc)
+    _warn(doc)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _load(spec: Path, overrides: list[str] | None) -> Any:
+    from bsfind.spec import load_spec
+
+    return load_spec(spec, overrides or [])
+
+
+def _partial_noise(as_json: bool) -> Callable[[Any], None]:
+    """On Ctrl-C, print what was measured so far, marked interrupted."""
+    def show(partial: Any) -> None:
+        from bsfind.report import noise_dict
+
+        items = partial if isinstance(partial, tuple) else (partial,)
+        doc: dict[str, Any] = {
+            "version": __version__,
+            "status": "interrupted",
+            "noise_scale": noise_dict(items[-1]) if items else None,
+            "noise_scale_by_step": [noise_dict(n) for n in items],
+        }
+        if as_json:
+            sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+        else:
+            for n in doc["noise_scale_by_step"]:
+                stdout.print(
+                    f"interrupted at step {n['step']}: B_simple "
+                    f"{_fmt(n['b_simple']) if n['b_simple'] else 'unresolved'} "
+                    f"95% CI {_ci(n['ci95'])} from {n['examples']:,} examples",
+                    markup=False,
+                )
+    return show
+
+
+@app.command()
+def recommend(
+    spec: SpecArg,
+    json_out: JsonOpt = False,
+    set_: SetOpt = None,
+    gpu: Annotated[str | None, typer.Option("--gpu", help="Plan for a GPU that is not "
+                                             "present, e.g. a100-80gb (predicted).")] = None,
+    max_gpus: Annotated[int | None, typer.Option("--max-gpus", min=1,
+                                                 help="Also show the time/cost frontier "
+                                                 "for 1..M devices.")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG or SVG of "
+                                              "predicted time and cost vs batch.")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Measure the noise scale and the hardware, then recommend a batch size and LR."""
+    from bsfind import api, report
+
+    overrides = list(set_ or [])
+    if gpu:
+        overrides.append(f"hardware.gpu={gpu}")
+
+    def run() -> dict[str, Any]:
+        s = _load(spec, overrides)
+        with _sigterm_as_interrupt(), _progress(True) as progress:
+            r = api.recommend(s, progress=progress, max_gpus=max_gpus)
+        if plot is not None:
+            api.write_plot(r, plot)
+        return report.to_dict(r)
+
+    doc = _guard(debug, run, on_interrupt=_partial_noise(json_out))
+    _emit(doc, json_out)
+
+
+@app.command()
+def check(
+    spec: SpecArg,
+    tolerance: Annotated[float, typer.Option("--tolerance", min=1.0,
+                                             help="Pass when the baseline batch is within "
+                                             "this factor of the recommendation.")] = 2.0,
+    output: Annotated[Path | None, typer.Option("--output", help="Write the full JSON "
+                                                "report here (atomically).")] = None,
+    max_seconds: Annotated[float | None, typer.Option("--max-seconds", min=0.001,
+                                                      help="Bound the whole run "
+                                                      "(sets probe.max_seconds).")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Ignore and do not "
+                                           "consult the result cache.")] = False,
+    json_out: JsonOpt = False,
+    set_: SetOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """CI preflight: exit 0 if the baseline batch is within --tolerance of the advice, 1 if not."""
+    from bsfind import api
+
+    overrides = list(set_ or [])
+    if max_seconds is not None:
+        overrides.append(f"probe.max_seconds={max_seconds}")
+
+    def run() -> api.CheckResult:
+        s = _load(spec, overrides)
+        with _sigterm_as_interrupt(), _progress(True) as progress:
+            result = api.check(s, tolerance=tolerance, use_cache=not no_cache,
+                               progress=progress)
+        if output is not None:
+            from bsfind.cache import atomic_write_text
+
+            try:
+                atomic_write_text(output, json.dumps(result.document, indent=2,
+                                                     allow_nan=False) + "\n")
+            except OSError as exc:
+                from bsfind.errors import UsageError
+
+                raise UsageError(f"--output {output}: cannot write ({exc})") from None
+        return result
+
+    result = _guard(debug, run, on_interrupt=_partial_noise(json_out))
+    if json_out:
+        sys.stdout.write(json.dumps(result.document, indent=2, allow_nan=False) + "\n")
+    else:
+        stdout.print(result.message + (" (cached result)" if result.cached else ""),
+                     markup=False)
+    _warn(result.document)
+    raise typer.Exit(0 if result.within else 1)
+
+
+@app.command()
+def noise(spec: SpecArg, json_out: JsonOpt = False, set_: SetOpt = None,
+          debug: DebugOpt = False) -> None:
+    """Measure the gradient noise scale only (no hardware analysis, no advice)."""
+    from bsfind import api, report
+
+    def run() -> dict[str, Any]:
+        s = _load(spec, list(set_ or []))
+        with _sigterm_as_interrupt(), _progress(True) as progress:
+            return report.to_dict(api.measure(s, progress=progress))
+
+    doc = _guard(debug, run, on_interrupt=_partial_noise(json_out))
+    if json_out:
+        doc = {k: doc[k] for k in ("version", "command", "status", "device", "dataset",
+                                   "baseline", "noise_scale", "noise_scale_by_step",
+                                   "warnings", "seconds")}
+    _emit(doc, json_out)
+
+
+@app.command()
+def validate(spec: SpecArg, set_: SetOpt = None, debug: DebugOpt = False) -> None:
+    """Parse the spec and build its model, data, loss and optimizer; no probe."""
+    from bsfind.workload import build
+
+    def run() -> str:
+        s = _load(spec, list(set_ or []))
+        job = build(s)
+        n_params = sum(p.numel() for p in job.trainable())
+        return (f"{spec}: ok · model {s.model.factory} ({n_params:,} trainable parameters) · "
+                f"data {s.data.factory} ({len(job):,} examples) · loss {s.loss} · "
+                f"optimizer {s.optimizer.name} · device {job.device}")
+
+    stdout.print(_guard(debug, run), markup=False)
+
+
+@app.command()
+def init(
+    path: Annotated[Path, typer.Argument(help="Where to write the starter spec.")] = Path(
+        "bsfind.yaml"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Write a commented starter spec."""
+    from bsfind.errors import UsageError
+    from bsfind.spec import starter_spec
+
+    def run() -> None:
+        if path.exists() and not force:
+            raise UsageError(f"{path} exists", hint="pass --force to overwrite it")
+        from bsfind.cache import atomic_write_text
+
+        atomic_write_text(path, starter_spec())
+
+    _guard(debug, run)
+    stdout.print(f"wrote {path}; check it with `bsfind validate {path}`", markup=False)
+
+
+@app.command()
+def env(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
+    """Versions and devices, for bug reports."""
+    import torch
+
+    from bsfind.hardware import nvml
+
+    def run() -> dict[str, Any]:
+        devices = [nvml.describe_device(torch.device("cpu"))]
+        if nvml.available():
+            devices += nvml.list_devices()
+        elif torch.cuda.is_available():
+            devices += [nvml.describe_device(torch.device("cuda", i))
+                        for i in range(torch.cuda.device_count())]
+        from bsfind.report import _clean
+
+        return {
+            "bsfind": __version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "cuda_available": torch.cuda.is_available(),
+            "cuda_version": torch.version.cuda,
+            "nvml": nvml.available(),
+            "nvml_note": None if nvml.available() else nvml.hint(),
+            "cpu_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "devices": [_clean(d) for d in devices],
+        }
+
+    doc = _guard(debug, run)
+    if json_out:
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        return
+    for k, v in doc.items():
+        if k != "devices":
+            stdout.print(f"{k:>15}: {v}", markup=False)
+    t = Table(title="Devices", title_justify="left")
+    for col in ("type", "name", "memory total", "free", "util %", "SM clock", "power"):
+        t.add_column(col)
+    for d in doc["devices"]:
+        t.add_row(
+            d["type"], d["name"], _fmt_bytes(d["total_memory_bytes"]),
+            _fmt_bytes(d["free_memory_bytes"]), _fmt(d["utilization_gpu_pct"]),
+            f"{_fmt(d['sm_clock_mhz'])}/{_fmt(d['sm_clock_max_mhz'])} MHz"
+            if d["sm_clock_mhz"] is not None else "N/A",
+            f"{_fmt(d['power_w'])}/{_fmt(d['power_limit_w'])} W"
+            if d["power_w"] is not None else "N/A",
+        )
+    stdout.print(t)
+
+
+def main() -> None:
+    """Console entry point."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

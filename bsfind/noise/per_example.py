@@ -1,0 +1,828 @@
+"""Per-example gradient norms from forward/backward hooks (DESIGN.md §2).
+
+After ONE ordinary forward + backward of a batch, :class:`PerExampleGradNorms`
+gives, for every example i, the squared L2 norm of example i's contribution to
+the accumulated ``.grad`` (summed over all trainable parameters). With a loss
+that is a mean over B examples that contribution is (1/B)·∇L_i; the caller
+rescales. No per-example gradient is ever materialised for the whole model:
+each layer's norm is computed inside its backward hook and the inputs it
+needed are dropped with the graph.
+
+Rules (Goodfellow 2015, arXiv:1510.01799; Gray et al. 2024, arXiv:2411.00999),
+with x a layer's input and δ = ∂loss/∂output:
+
+==============  =================================================================
+rule            squared norm of example i's gradient
+==============  =================================================================
+linear          2-D input: |x_i|²·|δ_i|² (+ |δ_i|² for the bias). Inputs with
+                middle axes (B, T..., d_in): |x_iᵀ δ_i|²_F, directly or through
+                the Gram form Σ_t,t' (x_it·x_it')(δ_it·δ_it'), whichever costs
+                fewer FLOPs (see :func:`_use_gram`); bias |Σ_t δ_it|².
+conv1d/conv2d   the linear rule on the unfolded input (im2col), per group;
+                bias |Σ_positions δ|².
+embedding       δ summed over equal indices within the example (scatter-sum),
+                then squared; padding_idx rows get no gradient.
+layernorm,      weight Σ δ·x̂, bias Σ δ (sums over every axis but the batch and
+groupnorm,      the affine ones), x̂ the normalised input recomputed from x.
+rmsnorm
+func            any other leaf module: torch.func, vmap over examples of the vjp
+                of ``functional_call(module, params, x_i[None])`` with δ_i.
+==============  =================================================================
+
+Limitations, each reported rather than answered wrongly: BatchNorm in training
+mode mixes examples (no per-example gradient exists); a parameter on a module
+that also has parameterised children, or shared by two modules (tied weights),
+is refused by :func:`plan`; a module that receives two gradients in one backward
+(called twice in the forward, or two forwards back-propagated together) makes
+:meth:`PerExampleGradNorms.sq_norms` raise :class:`PerExampleUnsupported`, as
+does a fallback module whose one-example outputs differ from its batched ones.
+Not detectable by hooks, hence the caller's responsibility: a parameter used
+outside its module's ``forward`` (e.g. ``logits = h @ model.tok.weight.T``), or
+a module called through ``.forward()`` instead of ``__call__``; both make the
+sum silently miss that use.
+
+Cost: one extra product per layer of the size of its weight gradient (direct
+form) or of two T×T Gram matrices, i.e. about a third of the layer's training
+FLOPs; ``benchmarks/per_example_overhead.py`` measures it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
+
+from bsfind.errors import UserCodeError
+
+LinearPath = Literal["auto", "direct", "gram"]
+
+# Upper bound on the elements of one temporary (a (n, d_out, d_in) per-example
+# gradient, a (n, T, T) Gram matrix or an unfolded conv input): larger batches
+# are processed in chunks of examples. 2**25 float32 = 128 MiB; chosen so a
+# chunk fits next to the activations of a model that already fits in memory.
+MAX_TEMP_ELEMENTS = 2**25
+
+# Relative tolerance when the func fallback checks that running a module one
+# example at a time reproduces its batched output (float32 reductions reorder).
+FUNC_CHECK_RTOL = 1e-3
+
+_RMSNorm: type[nn.Module] | None = getattr(nn, "RMSNorm", None)  # torch >= 2.4
+
+
+class PerExampleUnsupported(UserCodeError, RuntimeError):
+    """Per-example norms cannot be computed exactly for this model or this batch."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(
+            message, hint="use the micro-batch form of the noise probe (probe.method: microbatch)"
+        )
+
+
+@dataclass(frozen=True)
+class PerExamplePlan:
+    """What :func:`plan` found: whether every trainable parameter has a per-example rule.
+
+    Attributes:
+        ok: True if every trainable parameter is covered by a rule or by the torch.func
+            fallback.
+        reason: one line saying why (or why not).
+        rules: module qualified name -> rule name ("linear", "conv1d", "conv2d",
+            "embedding", "layernorm", "groupnorm", "rmsnorm", "func"). For "linear" the
+            direct or Gram form is chosen per call from the input shape.
+    """
+
+    ok: bool
+    reason: str
+    rules: dict[str, str] = field(default_factory=dict)
+
+
+# -- planning -----------------------------------------------------------------------------
+
+
+def _uses_forward_of(module: nn.Module, cls: type[nn.Module]) -> bool:
+    # A subclass that overrides forward (LoRA, quantised, ...) computes something else.
+    return isinstance(module, cls) and type(module).forward is cls.forward
+
+
+def _rule_for(module: nn.Module, trainable: list[str]) -> str:
+    """The rule name for a leaf module that owns the trainable parameters ``trainable``."""
+    if not set(trainable) <= {"weight", "bias"}:
+        return "func"  # e.g. the old weight_norm: weight_g/weight_v, weight computed
+    if _uses_forward_of(module, nn.Linear):
+        return "linear"
+    if _uses_forward_of(module, nn.Conv1d):
+        return "conv1d"
+    if _uses_forward_of(module, nn.Conv2d):
+        return "conv2d"
+    if _uses_forward_of(module, nn.Embedding):
+        return "embedding"
+    if _uses_forward_of(module, nn.LayerNorm):
+        return "layernorm"
+    if _uses_forward_of(module, nn.GroupNorm):
+        return "groupnorm"
+    if _RMSNorm is not None and _uses_forward_of(module, _RMSNorm):
+        return "rmsnorm"
+    return "func"
+
+
+def _func_infeasible(module: nn.Module) -> str | None:
+    """Why the torch.func fallback cannot handle ``module`` (None if it can)."""
+    if isinstance(module, nn.RNNBase):
+        return "returns a (output, hidden state) tuple"
+    return None
+
+
+def plan(model: nn.Module) -> PerExamplePlan:
+    """Inspect ``model`` (without running it) for per-example gradient rules.
+
+    A module that owns trainable parameters gets a rule by type, or the torch.func
+    fallback ("func") when it has none. A module with parameters of its own and
+    parameter-free children (a custom activation holding a learned scale) is handled
+    by the fallback as a whole. Not ok: BatchNorm in training mode, a trainable
+    parameter on a module whose children also own trainable parameters, a trainable
+    parameter shared by two modules (tied weights), a module the fallback cannot run.
+
+    Args:
+        model: the model as it will be trained (its train/eval mode matters).
+
+    Returns:
+        The plan; ``reason`` is one line naming the first obstacle and how many more.
+    """
+    problems: list[str] = []
+    rules: dict[str, str] = {}
+    owners: dict[int, list[str]] = {}
+    modules = list(model.named_modules())
+    owning: set[str] = set()
+    for name, module in modules:
+        where = f"'{name}'" if name else "the root"
+        if isinstance(module, _BatchNorm) and module.training:
+            problems.append(f"{type(module).__name__} at {where} mixes examples in training mode")
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            owning.add(name)
+    # first descendant that owns trainable parameters, for every ancestor of one
+    owning_below: dict[str, str] = {}
+    for name in owning:
+        parts = name.split(".") if name else []
+        for depth in range(len(parts)):
+            owning_below.setdefault(".".join(parts[:depth]), name)
+    for name, module in modules:
+        if name not in owning:
+            continue
+        where = f"'{name}'" if name else "the root"
+        trainable = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        for pname in trainable:
+            owners.setdefault(id(getattr(module, pname)), []).append(
+                f"{name}.{pname}" if name else pname
+            )
+        if name in owning_below:
+            problems.append(
+                f"{type(module).__name__} at {where} owns parameter '{trainable[0]}' and has "
+                f"children with parameters ({owning_below[name]!r}); no per-example rule"
+            )
+            continue
+        lazy: Any = module
+        if isinstance(module, LazyModuleMixin) and lazy.has_uninitialized_params():
+            problems.append(
+                f"{type(module).__name__} at {where} has uninitialised (lazy) parameters; "
+                "run one batch through the model first"
+            )
+            continue
+        is_leaf = next(iter(module.children()), None) is None
+        rule = _rule_for(module, trainable) if is_leaf else "func"
+        if rule == "func":
+            why = _func_infeasible(module)
+            if why is not None:
+                problems.append(f"{type(module).__name__} at {where} {why}")
+                continue
+        rules[name] = rule
+    for names in owners.values():
+        if len(names) > 1:
+            problems.append(
+                f"parameter shared by {names[0]!r} and {names[1]!r} (tied weights): "
+                "per-example norms of a sum are not sums of norms"
+            )
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        return PerExamplePlan(False, problems[0] + more, rules)
+    if not rules:
+        return PerExamplePlan(False, "the model has no trainable parameters", rules)
+    n_func = sum(r == "func" for r in rules.values())
+    reason = f"all {len(rules)} parameterised modules have per-example rules"
+    if n_func:
+        first = next(n for n, r in rules.items() if r == "func")
+        reason += f" ({n_func} through the torch.func fallback, e.g. {first!r})"
+    return PerExamplePlan(True, reason, rules)
+
+
+_plan = plan  # PerExampleGradNorms.__init__ has a parameter named `plan`
+
+
+# -- the rules ----------------------------------------------------------------------------
+# Each returns a (B,) float32 (float64 for float64 inputs) tensor of squared norms.
+
+
+def _acc(t: Tensor) -> Tensor:
+    """Upcast half precision to float32 for the norm arithmetic."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _chunk(n: int, per_example: int) -> int:
+    """Examples per chunk so one temporary stays under MAX_TEMP_ELEMENTS."""
+    return max(1, min(n, MAX_TEMP_ELEMENTS // max(1, per_example)))
+
+
+def _use_gram(t: int, d_in: int, d_out: int, path: LinearPath) -> bool:
+    """Cost model for |x_iᵀ δ_i|²_F with x_i (t, d_in) and δ_i (t, d_out).
+
+    Direct: G_i = δ_iᵀ x_i is t·d_in·d_out multiply-adds, then d_in·d_out squares;
+    it holds a (d_out, d_in) temporary per example. Gram: x_i x_iᵀ and δ_i δ_iᵀ are
+    t²·(d_in + d_out) multiply-adds, then t² products; temporaries 2·t² per example.
+    Gram wins on FLOPs when t·(d_in + d_out) < d_in·d_out, i.e. short sequences and
+    wide layers; whenever it wins on FLOPs it also needs less memory, since then
+    2·t² < d_in·d_out / 2.
+    """
+    if path != "auto":
+        return path == "gram"
+    return t * t * (d_in + d_out + 1) < (t + 1) * d_in * d_out
+
+
+def _seq_sq(x: Tensor, d: Tensor, path: LinearPath) -> tuple[Tensor, str]:
+    """|x_nᵀ d_n|²_F for x (N, T, d_in), d (N, T, d_out), chunked over N."""
+    n, t, d_in = x.shape
+    d_out = d.shape[2]
+    gram = _use_gram(t, d_in, d_out, path)
+    step = _chunk(n, 2 * t * t if gram else d_in * d_out)
+    out = []
+    for s in range(0, n, step):
+        xs, ds = x[s : s + step], d[s : s + step]
+        if gram:
+            kx = torch.bmm(xs, xs.transpose(1, 2))
+            kd = torch.bmm(ds, ds.transpose(1, 2))
+            out.append(torch.einsum("ntu,ntu->n", kx, kd))
+        else:
+            g = torch.bmm(xs.transpose(1, 2), ds)  # (n, d_in, d_out)
+            out.append(torch.linalg.vector_norm(g, dim=(1, 2)).square())
+    return (out[0] if len(out) == 1 else torch.cat(out)), ("gram" if gram else "direct")
+
+
+def _linear(module: nn.Module, x: Tensor, d: Tensor, path: LinearPath) -> tuple[Tensor, str]:
+    w_on = module.weight.requires_grad
+    b_on = module.bias is not None and module.bias.requires_grad
+    x, d = _acc(x), _acc(d)
+    b = x.shape[0]
+    if x.dim() == 2:  # Goodfellow: ∇W_i = δ_i x_iᵀ is rank one, |∇W_i|² = |x_i|²·|δ_i|²
+        dd = torch.linalg.vecdot(d, d)
+        if not w_on:
+            return dd, "outer"
+        xx = torch.linalg.vecdot(x, x)
+        return (torch.addcmul(dd, xx, dd) if b_on else xx * dd), "outer"
+    x = x.reshape(b, -1, x.shape[-1])
+    d = d.reshape(b, -1, d.shape[-1])
+    used = "direct"
+    sq = x.new_zeros(b)
+    if w_on:
+        sq, used = _seq_sq(x, d, path)
+    if b_on:
+        db = d.sum(1)
+        sq = sq + torch.linalg.vecdot(db, db)
+    return sq, used
+
+
+def _conv(module: nn.Module, x: Tensor, d: Tensor, path: LinearPath) -> tuple[Tensor, str]:
+    conv: Any = module
+    w_on = conv.weight.requires_grad
+    b_on = conv.bias is not None and conv.bias.requires_grad
+    x, d = _acc(x), _acc(d)
+    one_d = x.dim() == 3
+    if one_d:  # Conv1d as a Conv2d of height 1
+        x, d = x.unsqueeze(2), d.unsqueeze(2)
+    b = x.shape[0]
+    sq = x.new_zeros(b)
+    used = "direct"
+    if w_on:
+        (kh, kw), (sh, sw), (dh, dw) = (
+            ((1, *v) if one_d else tuple(v))
+            for v in (conv.kernel_size, conv.stride, conv.dilation)
+        )
+        pads = _explicit_padding(conv, one_d)
+        if any(pads):
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            x = F.pad(x, pads, mode=mode)
+        # im2col as a strided view and one copy (reshape): several times faster on CPU than
+        # F.unfold, which loops over the batch.
+        c, h, w = x.shape[1:]
+        g, k = conv.groups, c * kh * kw
+        ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+        n_pos = ho * wo
+        if g == 1:
+            # channels-last windows (B, Ho, Wo, kh, kw, C): the copy moves contiguous runs of
+            # C values, about twice as fast as the (B, C, kh, kw, Ho, Wo) order.
+            xl = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+            s0, s1, s2, s3 = xl.stride()
+            shape = (b, ho, wo, kh, kw, c)
+            windows = xl.as_strided(shape, (s0, sh * s1, sw * s2, dh * s1, dw * s2, s3))
+        else:  # channel-major, so that each group's channels are one slice of K
+            x = x.contiguous()
+            s0, s1, s2, s3 = x.stride()
+            shape = (b, c, kh, kw, ho, wo)
+            windows = x.as_strided(shape, (s0, s1, dh * s2, dw * s3, sh * s2, sw * s3))
+        step = _chunk(b, k * n_pos)
+        parts = []
+        for i in range(0, b, step):
+            if g == 1:
+                xg = windows[i : i + step].reshape(-1, n_pos, k)  # (n, L, K)
+                n = xg.shape[0]
+                dg = d[i : i + step].reshape(n, -1, n_pos).transpose(1, 2)  # (n, L, O)
+            else:  # per group: (n·g, L, K/g) inputs and (n·g, L, O/g) output gradients
+                cols = windows[i : i + step].reshape(-1, k, n_pos)
+                n = cols.shape[0]
+                xg = cols.view(n * g, -1, n_pos).transpose(1, 2)
+                dg = d[i : i + step].reshape(n * g, -1, n_pos).transpose(1, 2)
+            part, used = _seq_sq(xg, dg, path)
+            parts.append(part.view(n, g).sum(1) if g > 1 else part)
+        sq = parts[0] if len(parts) == 1 else torch.cat(parts)
+    if b_on:
+        db = d.flatten(2).sum(2)
+        sq = sq + torch.linalg.vecdot(db, db)
+    return sq, used
+
+
+def _explicit_padding(conv: Any, one_d: bool) -> tuple[int, ...]:
+    """F.pad amounts (last axis first) reproducing ``conv``'s padding, incl. 'same'."""
+    k = list(conv.kernel_size)
+    dil = list(conv.dilation)
+    if conv.padding == "valid":
+        pads = [(0, 0)] * len(k)
+    elif conv.padding == "same":
+        # As _ConvNd does: total = d·(k-1), the odd one extra on the right.
+        totals = [dl * (kk - 1) for kk, dl in zip(k, dil, strict=True)]
+        pads = [(tot // 2, tot - tot // 2) for tot in totals]
+    else:
+        pads = [(p, p) for p in conv.padding]
+    if one_d:
+        pads = [(0, 0), *pads]
+    out: list[int] = []
+    for left, right in reversed(pads):
+        out += [left, right]
+    return tuple(out)
+
+
+def _embedding(module: nn.Module, idx: Tensor, d: Tensor, path: LinearPath) -> tuple[Tensor, str]:
+    emb: Any = module
+    b = idx.shape[0]
+    dim = d.shape[-1]
+    idx = idx.reshape(b, -1)
+    d = _acc(d).reshape(b, -1, dim)
+    if emb.padding_idx is not None:
+        d = d * (idx != emb.padding_idx).unsqueeze(-1).to(d.dtype)
+    # Sum δ over equal (example, index) pairs: sort the keys i·V + idx and give each run of
+    # equal keys a segment id (no data-dependent sizes, so no device sync on CUDA).
+    key = (idx + torch.arange(b, device=idx.device).unsqueeze(1) * emb.num_embeddings).flatten()
+    sorted_key, order = torch.sort(key)
+    seg = torch.zeros_like(sorted_key)
+    seg[1:] = (sorted_key[1:] != sorted_key[:-1]).cumsum(0)
+    rows = d.new_zeros(key.numel(), dim).index_add_(0, seg, d.reshape(-1, dim)[order])
+    row_sq = torch.linalg.vecdot(rows, rows)
+    example = torch.zeros_like(seg).scatter_(0, seg, sorted_key // emb.num_embeddings)
+    return d.new_zeros(b).index_add_(0, example, row_sq), "scatter"
+
+
+def _affine_sq(module: nn.Module, xhat: Tensor, d: Tensor, n_affine: int) -> Tensor:
+    """Squared norms of weight Σ δ·x̂ and bias Σ δ, summed over all but batch and affine axes.
+
+    The affine axes are the trailing ones (LayerNorm, RMSNorm), ``n_affine`` elements.
+    """
+    norm: Any = module
+    b = d.shape[0]
+    sq = d.new_zeros(b)
+    if norm.weight is not None and norm.weight.requires_grad:
+        gw = (xhat * d).view(b, -1, n_affine).sum(1)
+        sq = torch.linalg.vecdot(gw, gw)
+    if getattr(norm, "bias", None) is not None and norm.bias.requires_grad:
+        gb = d.reshape(b, -1, n_affine).sum(1)
+        sq = sq + torch.linalg.vecdot(gb, gb)
+    return sq
+
+
+def _layernorm(module: nn.Module, x: Tensor, d: Tensor, path: LinearPath) -> tuple[Tensor, str]:
+    ln: Any = module
+    x, d = _acc(x), _acc(d)
+    shape = tuple(ln.normalized_shape)
+    xhat = F.layer_norm(x, shape, eps=ln.eps)
+    return _affine_sq(module, xhat, d, math.prod(shape)), "direct"
+
+
+def _rmsnorm(module: nn.Module, x: Tensor, d: Tensor, path: LinearPath) -> tuple[Tensor, str]:
+    rms: Any = module
+    x, d = _acc(x), _acc(d)
+    shape = tuple(rms.normalized_shape)
+    xhat = F.rms_norm(x, shape, eps=rms.eps)
+    return _affine_sq(module, xhat, d, math.prod(shape)), "direct"
+
+
+def _groupnorm(module: nn.Module, x: Tensor, d: Tensor, path: LinearPath) -> tuple[Tensor, str]:
+    gn: Any = module
+    x, d = _acc(x), _acc(d)
+    b, c = x.shape[0], x.shape[1]
+    xhat = F.group_norm(x, gn.num_groups, eps=gn.eps).reshape(b, c, -1)
+    d = d.reshape(b, c, -1)
+    sq = d.new_zeros(b)
+    if gn.weight is not None and gn.weight.requires_grad:
+        gw = torch.linalg.vecdot(xhat, d)  # (B, C): Σ over positions of δ·x̂
+        sq = torch.linalg.vecdot(gw, gw)
+    if gn.bias is not None and gn.bias.requires_grad:
+        gb = d.sum(2)
+        sq = sq + torch.linalg.vecdot(gb, gb)
+    return sq, "direct"
+
+
+_Rule = Callable[[nn.Module, Tensor, Tensor, LinearPath], tuple[Tensor, str]]
+_RULES: dict[str, _Rule] = {
+    "linear": _linear,
+    "conv1d": _conv,
+    "conv2d": _conv,
+    "embedding": _embedding,
+    "layernorm": _layernorm,
+    "groupnorm": _groupnorm,
+    "rmsnorm": _rmsnorm,
+}
+# Input rank each rule accepts (batch axis included); anything else is unbatched or exotic.
+_MIN_RANK = {"linear": 2, "conv1d": 3, "conv2d": 4, "embedding": 1, "layernorm": 2,
+             "groupnorm": 2, "rmsnorm": 2}
+_MAX_RANK = {"conv1d": 3, "conv2d": 4}
+
+
+# -- the torch.func fallback ---------------------------------------------------------------
+
+
+def _func_sq(
+    module: nn.Module,
+    params: dict[str, Tensor],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    d: Tensor,
+    out: Tensor | None,
+) -> Tensor:
+    """vmap over examples of the vjp of the module run on one example, with δ_i.
+
+    If ``out`` (the batched output, unmodified since the forward) is given, the
+    per-example outputs are checked against it: a module that mixes examples or
+    draws random numbers would otherwise give a wrong answer silently.
+    """
+    from torch.func import functional_call, vjp, vmap
+
+    tensor_pos = [i for i, a in enumerate(args) if isinstance(a, Tensor)]
+    tensor_kw = [k for k, v in kwargs.items() if isinstance(v, Tensor)]
+    batched = [args[i].detach() for i in tensor_pos] + [kwargs[k].detach() for k in tensor_kw]
+
+    def one(xs: list[Tensor], d_i: Tensor) -> tuple[Tensor, Tensor]:
+        a = list(args)
+        kw = dict(kwargs)
+        for i, v in zip(tensor_pos, xs, strict=False):
+            a[i] = v.unsqueeze(0)
+        for k, v in zip(tensor_kw, xs[len(tensor_pos) :], strict=True):
+            kw[k] = v.unsqueeze(0)
+
+        def f(p: dict[str, Tensor]) -> Tensor:
+            y = functional_call(module, p, tuple(a), kw)
+            if not isinstance(y, Tensor):
+                raise PerExampleUnsupported("module output is not a single tensor")
+            return y
+
+        y, back = vjp(f, params)[:2]
+        (g,) = back(d_i.unsqueeze(0).to(y.dtype))
+        total = sum(_acc(v).square().sum() for v in g.values())
+        return torch.as_tensor(total), y.squeeze(0)
+
+    sq, ys = vmap(one)(batched, d)
+    if out is not None and not torch.allclose(
+        ys.to(out.dtype), out, rtol=FUNC_CHECK_RTOL, atol=FUNC_CHECK_RTOL * float(out.abs().max())
+    ):
+        raise PerExampleUnsupported(
+            "run one example at a time it gives a different output: it mixes examples "
+            "or is random"
+        )
+    return sq
+
+
+# -- the hooks ----------------------------------------------------------------------------
+
+
+# Id of the backward pass now running: the same (private) call that the public
+# torch.autograd.graph.register_multi_grad_hook uses to tell one backward from the next.
+# It is how "the most recent backward" is defined; None where torch lacks it.
+_CURRENT_TASK: Callable[[], int] | None = getattr(torch._C, "_current_graph_task_id", None)
+
+
+class _Capture:
+    """What one module call saved for its backward hook; owned by the autograd graph.
+
+    The only strong reference is the pre-hook on the autograd node that produced the
+    module's output, so it is freed with the graph (after the backward, or when the
+    graph is dropped unused).
+    """
+
+    __slots__ = ("owner", "name", "rule", "module", "x", "args", "kwargs", "out", "version",
+                 "nr", "shape", "__weakref__")
+
+    def __init__(self, owner: PerExampleGradNorms, name: str, rule: str, module: nn.Module) -> None:
+        self.owner: PerExampleGradNorms | None = owner
+        self.name = name
+        self.rule = rule
+        self.module = module
+        self.x: Tensor | None = None
+        self.args: tuple[Any, ...] = ()
+        self.kwargs: dict[str, Any] = {}
+        self.out: Tensor | None = None
+        self.version = 0
+        self.nr = 0  # which output of the node is the module's output
+        self.shape: torch.Size | None = None  # reshape the node's gradient to the output's
+
+    def __call__(self, grad_outputs: tuple[Tensor | None, ...]) -> None:
+        grad = grad_outputs[self.nr]
+        if self.owner is not None and grad is not None:
+            self.owner._on_backward(self, grad if self.shape is None else grad.reshape(self.shape))
+
+    def drop(self) -> None:
+        self.owner = None
+        self.x = self.out = None
+        self.args, self.kwargs = (), {}
+
+
+def _attach(cap: _Capture, out: Tensor) -> Tensor | None:
+    """Hook ``cap`` on the autograd node that produced ``out``; maybe return a new output.
+
+    The pre-hook of that node receives ∂loss/∂out even if ``out`` is later modified
+    in place (a ReLU(inplace=True) after the layer): the node stays in the graph and
+    gets the gradient with respect to the values it produced. A view is different: an
+    in-place op on it re-routes the graph around the view's own node. So for a view
+    that is a plain reshape of its base (Linear with bias on 3-D input returns one)
+    the base's node is hooked; any other view or a leaf is replaced by a clone.
+    """
+    base = out._base
+    if base is None and out.grad_fn is not None:
+        out.grad_fn.register_prehook(cap)
+        cap.nr = out.output_nr
+        return None
+    if (
+        base is not None
+        and base.grad_fn is not None
+        and base.numel() == out.numel()
+        and base.storage_offset() == out.storage_offset()
+        and base.is_contiguous()
+        and out.is_contiguous()
+    ):
+        base.grad_fn.register_prehook(cap)
+        cap.nr, cap.shape = base.output_nr, out.shape
+        return None
+    own = out.clone()
+    assert own.grad_fn is not None
+    own.grad_fn.register_prehook(cap)
+    return own
+
+
+class PerExampleGradNorms:
+    """Context manager: per-example squared gradient norms of one forward + backward.
+
+    While active, hooks on ``model`` record what is needed so that after ONE forward
+    and backward of a batch, :meth:`sq_norms` returns a (B,) tensor: for each example
+    i, the squared L2 norm (summed over all trainable parameters) of example i's
+    contribution to the accumulated ``.grad`` of that backward. With a mean-reduced
+    loss over B examples that contribution is (1/B)·∇L_i; the caller rescales.
+    Dim 0 of every module input is the batch axis.
+
+    Example::
+
+        with PerExampleGradNorms(model) as norms:
+            loss_fn(model(x), y).backward()
+            per_example = norms.sq_norms() * len(x) ** 2   # |∇L_i|²
+
+    Each covered module gets a forward hook that keeps its input (autograd keeps it
+    too) and puts a pre-hook on the autograd node of its output; that pre-hook
+    computes the module's (B,) squared norms from input and output gradient and
+    drops both. Inputs and outputs are never modified (except that a module
+    returning an irregular view returns a copy of it instead).
+
+    Args:
+        model: the model; its modules must be called through ``__call__``.
+        plan: a plan from :func:`plan` (computed when None). Must be ok.
+        linear_path: force the direct or the Gram form for sequence inputs of
+            Linear and Conv layers ("auto": cheaper by the FLOP model).
+
+    Raises:
+        ValueError: the plan is not ok.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        plan: PerExamplePlan | None = None,
+        *,
+        linear_path: LinearPath = "auto",
+    ) -> None:
+        self.plan = plan if plan is not None else _plan(model)
+        if not self.plan.ok:
+            raise ValueError(f"per-example gradient norms unavailable: {self.plan.reason}")
+        if linear_path not in ("auto", "direct", "gram"):
+            raise ValueError(f"linear_path must be auto, direct or gram, got {linear_path!r}")
+        self.model = model
+        self.linear_path: LinearPath = linear_path
+        self.paths: dict[str, str] = {}  # module -> form used in the last backward
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._captures: list[weakref.ref[_Capture]] = []
+        # (backward task id, module, (B,) squared norms) since the last sq_norms()
+        self._terms: list[tuple[int | None, str, Tensor]] = []
+        self._fired: dict[str, int | None] = {}  # module -> task id it fired in
+        self._errors: list[str] = []
+        self._active = False
+        self._recomputing = False
+
+    # -- context ---------------------------------------------------------------------
+    def __enter__(self) -> PerExampleGradNorms:
+        if self._active:
+            raise RuntimeError("PerExampleGradNorms is already active")
+        modules = dict(self.model.named_modules())
+        for name, rule in self.plan.rules.items():
+            module = modules[name]
+            if rule == "func":
+                hook = functools.partial(self._on_forward_func, name)
+                self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+            else:
+                hook = functools.partial(self._on_forward, name, rule)
+                self._handles.append(module.register_forward_hook(hook))
+        for name, module in modules.items():
+            if isinstance(module, _BatchNorm):
+                check = functools.partial(self._on_batchnorm, name)
+                self._handles.append(module.register_forward_pre_hook(check))
+        self._active = True
+        self._reset()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for ref in self._captures:
+            cap = ref()
+            if cap is not None:
+                cap.drop()  # a graph still alive keeps only an inert hook
+        self._captures = []
+        self._active = False
+        self._reset()
+        self._errors.clear()
+
+    def _reset(self) -> None:
+        self._terms = []
+        self._fired = {}
+
+    # -- forward hooks ---------------------------------------------------------------
+    def _on_forward(
+        self, name: str, rule: str, module: nn.Module, args: tuple[Any, ...], output: object
+    ) -> Tensor | None:
+        if self._recomputing:
+            return None
+        if not isinstance(output, Tensor):
+            self._not_a_tensor(name, output)
+            return None
+        if not output.requires_grad:
+            return None
+        x = args[0] if args else None
+        if not isinstance(x, Tensor):
+            self._errors.append(f"module {name!r} was called without a tensor input")
+            return None
+        rank = x.dim()
+        if rank < _MIN_RANK[rule] or rank > _MAX_RANK.get(rule, rank):
+            self._errors.append(
+                f"module {name!r} got a {rank}-D input; dim 0 must be the batch axis"
+            )
+            return None
+        cap = _Capture(self, name, rule, module)
+        cap.x = x.detach()
+        self._captures.append(weakref.ref(cap))
+        return _attach(cap, output)
+
+    def _on_forward_func(
+        self,
+        name: str,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        output: object,
+    ) -> Tensor | None:
+        if self._recomputing:
+            return None
+        if not isinstance(output, Tensor):
+            self._not_a_tensor(name, output)
+            return None
+        if not output.requires_grad:
+            return None
+        cap = _Capture(self, name, "func", module)
+        cap.args = args
+        cap.kwargs = dict(kwargs)
+        self._captures.append(weakref.ref(cap))
+        own = _attach(cap, output)
+        out = output if own is None else own
+        cap.out = out.detach()
+        cap.version = out._version
+        return own
+
+    def _not_a_tensor(self, name: str, output: object) -> None:
+        if torch.is_grad_enabled():
+            self._errors.append(f"module {name!r} returned {type(output).__name__}, not a tensor")
+
+    def _on_batchnorm(self, name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if module.training and torch.is_grad_enabled() and not self._recomputing:
+            self._errors.append(
+                f"{type(module).__name__} at {name!r} mixes examples in training mode"
+            )
+
+    # -- backward hook ---------------------------------------------------------------
+    def _on_backward(self, cap: _Capture, grad: Tensor) -> None:
+        task = None if _CURRENT_TASK is None else _CURRENT_TASK()
+        if cap.name in self._fired:
+            if task is None or self._fired[cap.name] == task:
+                self._errors.append(
+                    f"module {cap.name!r} received two gradients in one backward: it was "
+                    "called more than once in the forward (weight reuse), or outputs of two "
+                    "forward passes were back-propagated together"
+                    + ("" if task is not None else ", or sq_norms() was not read after a backward")
+                )
+                return
+            # Fired in an earlier backward: a new one began and the last one's numbers are
+            # stale. (A module firing for the first time under a new task id is not enough:
+            # reentrant activation checkpointing runs a nested backward inside this one.)
+            self._terms = [(t, n, v) for t, n, v in self._terms if t == task]
+            self._fired = {n: t for t, n, _ in self._terms}
+        self._fired[cap.name] = task
+        if cap.rule == "func":
+            sq = self._func(cap, grad)
+            if sq is None:
+                return
+        else:
+            assert cap.x is not None
+            if grad.requires_grad:  # backward(create_graph=True): do not extend the graph
+                grad = grad.detach()
+            sq, used = _RULES[cap.rule](cap.module, cap.x, grad, self.linear_path)
+            self.paths[cap.name] = f"{cap.rule}-{used}"
+        self._terms.append((task, cap.name, sq))
+
+    def _func(self, cap: _Capture, grad: Tensor) -> Tensor | None:
+        params = {n: p.detach() for n, p in cap.module.named_parameters() if p.requires_grad}
+        out = cap.out if cap.out is not None and cap.out._version == cap.version else None
+        self._recomputing = True
+        try:
+            with torch.enable_grad():
+                sq = _func_sq(cap.module, params, cap.args, cap.kwargs, grad.detach(), out)
+        except PerExampleUnsupported as e:
+            self._errors.append(f"torch.func fallback for {cap.name!r}: {e.message}")
+            return None
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            self._errors.append(f"torch.func fallback for {cap.name!r} failed: {first}")
+            return None
+        finally:
+            self._recomputing = False
+        self.paths[cap.name] = "func"
+        return sq.detach()
+
+    # -- result ----------------------------------------------------------------------
+    def sq_norms(self) -> Tensor:
+        """Per-example squared gradient norms of the most recent backward, shape (B,).
+
+        Float64 (float32 on devices without float64), on the model's device. Clears the
+        state for the next batch.
+
+        Raises:
+            PerExampleUnsupported: this batch could not be handled exactly (weight reuse,
+                BatchNorm in training mode, a fallback that failed, ...).
+            RuntimeError: no backward ran through the hooked modules since the last call.
+        """
+        errors, terms = self._errors, self._terms
+        self._errors = []
+        self._reset()
+        self._captures = [ref for ref in self._captures if ref() is not None]
+        if errors:
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            raise PerExampleUnsupported(errors[0] + more)
+        if not terms:
+            raise RuntimeError(
+                "sq_norms(): no backward reached the hooked modules since the last call "
+                "(call it inside the context, after loss.backward())"
+            )
+        values = [v for _, _, v in terms]
+        sizes = {v.shape[0] for v in values}
+        if len(sizes) > 1:
+            raise PerExampleUnsupported(
+                f"modules saw different batch sizes {sorted(sizes)} in one backward"
+            )
+        dtype = torch.float32 if values[0].device.type == "mps" else torch.float64
+        return torch.stack(values).to(dtype).sum(0)

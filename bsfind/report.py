@@ -1,0 +1,120 @@
+"""Results -> one plain dict (the ``--json`` document and the table's source).
+
+Nothing here knows rich: the CLI renders tables from the same dict that
+``--json`` prints, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from bsfind import __version__
+from bsfind.results import (
+    Candidate,
+    DeviceInfo,
+    Interval,
+    MemoryModel,
+    NoiseEstimate,
+    Recommendation,
+    TimingCurve,
+)
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything one run measured and concluded."""
+
+    command: str
+    spec: dict[str, Any]
+    device: DeviceInfo
+    dataset_size: int
+    baseline_batch: int
+    baseline_lr: float
+    optimizer: str
+    noise: tuple[NoiseEstimate, ...]  # one per probe point, in training order
+    used: NoiseEstimate | None  # the point that drove the recommendation
+    status: str = "ok"  # ok | partial (budget ran out) | interrupted
+    memory: MemoryModel | None = None
+    timing: TimingCurve | None = None
+    predicted_gpu: str | None = None
+    predicted_memory: MemoryModel | None = None
+    predicted_timing: TimingCurve | None = None
+    recommendation: Recommendation | None = None
+    candidates: tuple[Candidate, ...] = ()
+    frontier: tuple[Any, ...] = ()
+    absolute: dict[str, Any] | None = None
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+    seconds: float = 0.0
+    cached: bool = False
+    version: str = __version__
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: dataclasses -> dicts, intervals -> [low, high], inf/nan -> None."""
+    if isinstance(value, Interval):
+        return value.as_list()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _clean(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def noise_dict(est: NoiseEstimate) -> dict[str, Any]:
+    d = _clean(est)
+    d["ci95"] = est.ci95.as_list()
+    d["resolved"] = est.b_simple is not None
+    d["rel_half_width"] = _clean(est.rel_half_width)
+    return d
+
+
+def to_dict(report: Report) -> dict[str, Any]:
+    """The JSON document (see README: "JSON fields")."""
+    doc: dict[str, Any] = {
+        "version": report.version,
+        "command": report.command,
+        "status": report.status,
+        "cached": report.cached,
+        "device": _clean(report.device),
+        "dataset": {"size": report.dataset_size},
+        "baseline": {
+            "batch_size": report.baseline_batch,
+            "learning_rate": report.baseline_lr,
+            "optimizer": report.optimizer,
+        },
+        "noise_scale": noise_dict(report.used) if report.used else None,
+        "noise_scale_by_step": [noise_dict(n) for n in report.noise],
+    }
+    if report.command != "noise":
+        doc["memory"] = _clean(report.memory)
+        doc["timing"] = _clean(report.timing)
+        if report.timing is not None:
+            doc["timing"]["points"] = [
+                {"batch_size": p.batch_size, "seconds": p.seconds, "samples": p.samples}
+                for p in report.timing.points
+            ]
+        doc["predicted"] = (
+            {
+                "gpu": report.predicted_gpu,
+                "memory": _clean(report.predicted_memory),
+                "timing": _clean(report.predicted_timing),
+                "label": "predicted: not measured on this machine",
+            }
+            if report.predicted_gpu
+            else None
+        )
+        doc["recommendation"] = _clean(report.recommendation)
+        doc["candidates"] = _clean(report.candidates)
+        doc["frontier"] = _clean(report.frontier)
+        doc["absolute"] = _clean(report.absolute)
+    doc["warnings"] = list(report.warnings)
+    doc["seconds"] = report.seconds
+    doc["spec"] = _clean(report.spec)
+    return doc

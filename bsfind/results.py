@@ -1,0 +1,185 @@
+"""Typed results passed between the probes, the advisor and the report.
+
+Every arrow of the pipeline (DESIGN §1) is one of these dataclasses; nothing
+here computes or prints. ``report.py`` turns them into the JSON document.
+Each measured number says where it came from (``source``: "measured" or
+"predicted") so that a prediction is never shown as a measurement.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+Source = Literal["measured", "predicted"]
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A two-sided 95% confidence interval; ``high`` may be ``math.inf``."""
+
+    low: float
+    high: float
+
+    @property
+    def bounded(self) -> bool:
+        return math.isfinite(self.low) and math.isfinite(self.high)
+
+    def as_list(self) -> list[float | None]:
+        """JSON-friendly form: an unbounded side becomes ``None``."""
+        return [
+            self.low if math.isfinite(self.low) else None,
+            self.high if math.isfinite(self.high) else None,
+        ]
+
+
+@dataclass(frozen=True)
+class NoiseEstimate:
+    """The gradient noise scale measured at one set of weights.
+
+    Attributes:
+        b_simple: tr(Σ)/|G|² (ratio of the summed unbiased estimates), or
+            ``None`` when |G|² is not resolved (its interval includes 0).
+        ci95: 95% interval of ``b_simple`` (Fieller's interval for a ratio of
+            means); unbounded above when |G|² is unresolved.
+        grad_norm_sq: unbiased estimate of |G|² and its interval.
+        trace_sigma: unbiased estimate of tr(Σ) and its interval.
+        method: "per-example" or "microbatch" (or "distributed").
+        method_reason: why that method ran (user choice, a layer no rule covers, ...).
+        b_small / b_big: the two batch sizes of the last round.
+        examples: examples used in all rounds together.
+        rounds: number of rounds.
+        seconds: wall-clock seconds of the measurement.
+        stopped: "converged" (target precision reached), "budget" (time ran
+            out first), "max_examples" (could not grow further) or "interrupted".
+        step: optimizer steps trained before this measurement (0 = as loaded).
+        b_noise: tr(HΣ)/(GᵀHG) when curvature was measured, else ``None``.
+        b_noise_ci95: its interval.
+    """
+
+    b_simple: float | None
+    ci95: Interval
+    grad_norm_sq: float
+    grad_norm_sq_ci95: Interval
+    trace_sigma: float
+    trace_sigma_ci95: Interval
+    method: str
+    method_reason: str
+    b_small: int
+    b_big: int
+    examples: int
+    rounds: int
+    seconds: float
+    stopped: str
+    step: int = 0
+    b_noise: float | None = None
+    b_noise_ci95: Interval | None = None
+
+    @property
+    def rel_half_width(self) -> float:
+        """Half the interval's width over the estimate (inf when unresolved)."""
+        if self.b_simple is None or not self.ci95.bounded or self.b_simple <= 0:
+            return math.inf
+        return (self.ci95.high - self.ci95.low) / 2.0 / self.b_simple
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """The device the probe ran on, with what NVML could tell about it.
+
+    Fields NVML cannot supply are ``None`` (shown as N/A).
+    """
+
+    type: str  # "cpu" or "cuda"
+    index: int | None = None
+    name: str = "cpu"
+    total_memory_bytes: int | None = None
+    free_memory_bytes: int | None = None
+    utilization_gpu_pct: float | None = None
+    utilization_mem_pct: float | None = None
+    sm_clock_mhz: int | None = None
+    sm_clock_max_mhz: int | None = None
+    power_w: float | None = None
+    power_limit_w: float | None = None
+    pcie_tx_kbps: int | None = None
+    pcie_rx_kbps: int | None = None
+    driver_version: str | None = None
+    note: str | None = None  # e.g. the one-line hint when NVML is missing
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """M(B) ≈ fixed_bytes + bytes_per_example·B and the largest batch that fits.
+
+    ``source`` is "measured" (CUDA peak allocated at several batch sizes) or
+    "predicted" (parameter/gradient/optimizer bytes plus saved activations).
+    ``limit_bytes`` is the budget used (device memory × memory_fraction, or
+    available RAM on CPU). ``verified`` is True when the maximum was checked by
+    one real step (CUDA).
+    """
+
+    fixed_bytes: int
+    bytes_per_example: float
+    max_batch_size: int
+    limit_bytes: int
+    source: Source
+    verified: bool = False
+    tried: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class TimingPoint:
+    batch_size: int
+    seconds: float  # median step time
+    samples: int
+
+
+@dataclass(frozen=True)
+class TimingCurve:
+    """Step time t(B) ≈ t0 + per_example·B fitted to measured points."""
+
+    points: tuple[TimingPoint, ...]
+    t0: float
+    per_example: float
+    r2: float
+    source: Source
+    saturated_at: int | None = None  # batch where throughput stopped growing
+    utilization_gpu_pct: float | None = None  # mean NVML utilisation while timing
+
+    def seconds(self, batch_size: float) -> float:
+        return self.t0 + self.per_example * batch_size
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One row of the advisor's table."""
+
+    batch_size: int
+    per_device_batch_size: int
+    grad_accumulation: int
+    steps_ratio: float  # S(B)/S(B0)
+    step_seconds: float  # t(B), one optimizer step
+    time_ratio: float  # S(B)·t(B) / (S(B0)·t(B0))
+    cost_ratio: float
+    memory_bytes: float | None
+    fits: bool
+    is_baseline: bool = False
+    is_recommended: bool = False
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    batch_size: int
+    learning_rate: float
+    lr_rule: str
+    grad_accumulation: int
+    per_device_batch_size: int
+    gpus: int
+    basis: str  # what drove it, in words
+    predicted_time_ratio: float | None = None
+    predicted_cost_ratio: float | None = None
+    batch_range: tuple[int, int] | None = None  # implied by the noise scale's interval
+    warmup: str | None = None
+    noise_step: int = 0  # which probe point (training step) drove it
+    notes: tuple[str, ...] = field(default_factory=tuple)

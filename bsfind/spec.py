@@ -1,0 +1,491 @@
+"""The YAML spec: the public contract between a user's training job and bsfind.
+
+``load_spec(path, overrides)`` reads YAML with ``yaml.safe_load``, applies
+``key.path=value`` overrides (values parsed as YAML), and validates the whole
+document against ``SCHEMA``: unknown keys, wrong types and out-of-range values
+are all collected and raised together in one ``SpecError`` whose problems read
+``dotted.path: message``. Each field is documented once, in ``SCHEMA``;
+``starter_spec()`` renders the commented example that ``bsfind init`` writes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bsfind.errors import SpecError
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True)
+class Field:
+    """One spec key: its type, default and the one place it is documented."""
+
+    kind: str  # "str" | "int" | "float" | "bool" | "mapping" | "int_list" | "choice"
+    doc: str
+    default: Any = None
+    required: bool = False
+    nullable: bool = False
+    choices: tuple[str, ...] = ()
+    check: Callable[[Any], str | None] | None = None  # returns a problem or None
+    example: Any = None  # shown by `bsfind init` instead of the default
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else f"must be > 0, got {v}"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else f"must be >= 0, got {v}"
+
+
+def _fraction(v: Any) -> str | None:
+    return None if 0 < v < 1 else f"must be between 0 and 1 (exclusive), got {v}"
+
+
+def _fraction_incl(v: Any) -> str | None:
+    return None if 0 < v <= 1 else f"must be in (0, 1], got {v}"
+
+
+def _factory(v: Any) -> str | None:
+    if ":" not in v or v.startswith(":") or v.endswith(":"):
+        return f"expected 'module:attr' or 'path/to/file.py:attr', got {v!r}"
+    return None
+
+
+def _device(v: Any) -> str | None:
+    if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+        return None
+    return f"expected auto, cpu, cuda or cuda:N, got {v!r}"
+
+
+def _steps(v: Any) -> str | None:
+    if any(s < 0 for s in v):
+        return f"steps must be >= 0, got {v}"
+    if list(v) != sorted(set(v)):
+        return f"steps must be increasing and distinct, got {v}"
+    return None
+
+
+SCHEMA: dict[str, dict[str, Field]] = {
+    "model": {
+        "factory": Field(
+            "str",
+            '"module:attr" or "path/to/file.py:attr" (relative to the spec file) '
+            "returning an nn.Module",
+            required=True,
+            check=_factory,
+            example="bsfind.models:mlp",
+        ),
+        "kwargs": Field(
+            "mapping", "passed to the factory; checked against its signature first", {},
+            example={"hidden": 128},
+        ),
+        "checkpoint": Field(
+            "str", "optional state_dict file (relative to the spec) loaded after construction",
+            nullable=True,
+        ),
+    },
+    "data": {
+        "factory": Field(
+            "str",
+            "returns a map-style torch Dataset of (input, target) pairs",
+            required=True,
+            check=_factory,
+            example="bsfind.data:digits",
+        ),
+        "kwargs": Field("mapping", "passed to the data factory", {}),
+    },
+    "loss": {
+        "": Field(
+            "str",
+            'cross_entropy | mse | "module:attr" / "file.py:attr": '
+            "fn(outputs, targets) -> mean loss",
+            "cross_entropy",
+        ),
+    },
+    "optimizer": {
+        "name": Field(
+            "str", 'sgd | adam | adamw | rmsprop | "module:attr" (an Optimizer class)', "adam"
+        ),
+        "lr": Field("float", "the learning rate used today ...", required=True, check=_positive,
+                    example=1.0e-3),
+        "batch_size": Field("int", "... at the batch size used today: the baseline",
+                            required=True, check=_positive, example=64),
+        "kwargs": Field("mapping", "extra optimizer arguments (momentum, weight_decay, ...)", {}),
+        "lr_rule": Field(
+            "choice", "how the learning rate scales with the batch: auto picks by optimizer family",
+            "auto", choices=("auto", "linear", "sqrt", "none"),
+        ),
+    },
+    "probe": {
+        "seed": Field("int", "seeds weights (unless a checkpoint is given) and batch sampling", 0),
+        "warmup_steps": Field(
+            "int", "optimizer steps at baseline batch/lr before measuring; 0 = weights as loaded",
+            0, check=_non_negative,
+        ),
+        "at_steps": Field(
+            "int_list", "measure at several points of one short run, e.g. [0, 200, 1000]",
+            nullable=True, check=_steps,
+        ),
+        "max_seconds": Field("float", "wall-clock budget of the whole probe", 60.0,
+                             check=_positive),
+        "target_rel_error": Field(
+            "float", "stop once the 95% CI half-width of B_simple is within this fraction of it",
+            0.1, check=_fraction,
+        ),
+        "method": Field(
+            "choice", "auto picks the cheapest exact method: per-example norms when every layer "
+            "has a rule, else micro-batches", "auto",
+            choices=("auto", "per-example", "microbatch"),
+        ),
+        "microbatch_size": Field(
+            "int", "examples per micro-batch in the micro-batch form (default: baseline/8)",
+            nullable=True, check=_positive,
+        ),
+        "curvature": Field("bool", "also measure B_noise = tr(HΣ)/(GᵀHG) with Hessian-vector "
+                           "products (slower)", False),
+        "timing": Field("bool", "time optimizer steps at a ladder of batch sizes", True),
+    },
+    "hardware": {
+        "device": Field("str", "auto | cpu | cuda | cuda:N", "auto", check=_device),
+        "gpus": Field("int", "data-parallel devices the training job will use", 1,
+                      check=_positive),
+        "gpu": Field("str", "plan for a GPU that is not present, e.g. h100-80gb (predicted)",
+                     nullable=True),
+        "precision": Field("choice", "training precision", "fp32",
+                           choices=("fp32", "bf16", "fp16")),
+        "price_per_hour": Field("float", "price of one device-hour (else the GPU table's)",
+                                nullable=True, check=_non_negative),
+        "memory_fraction": Field("float", "share of device memory a batch may use", 0.9,
+                                 check=_fraction_incl),
+        "interconnect": Field("str", "link between devices for the predicted sync cost",
+                              "nvlink"),
+    },
+    "training": {
+        "examples": Field("int", "examples the training job will process (for absolute "
+                          "hours and cost)", nullable=True, check=_positive),
+        "epochs": Field("float", "or: epochs over the dataset", nullable=True, check=_positive),
+    },
+}
+
+# Sections that must be present (the rest have defaults for every key).
+REQUIRED_SECTIONS = ("model", "data", "optimizer")
+
+# --------------------------------------------------------------------------- typed spec
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    factory: str
+    kwargs: dict[str, Any]
+    checkpoint: str | None
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    factory: str
+    kwargs: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: str
+    lr: float
+    batch_size: int
+    kwargs: dict[str, Any]
+    lr_rule: str
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    seed: int
+    warmup_steps: int
+    at_steps: tuple[int, ...] | None
+    max_seconds: float
+    target_rel_error: float
+    method: str
+    microbatch_size: int | None
+    curvature: bool
+    timing: bool
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    device: str
+    gpus: int
+    gpu: str | None
+    precision: str
+    price_per_hour: float | None
+    memory_fraction: float
+    interconnect: str
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    examples: int | None
+    epochs: float | None
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A validated spec. ``document`` is the full mapping with defaults filled
+    (what the JSON report echoes and the cache key hashes); ``base_dir`` is
+    where relative paths are resolved (the spec file's folder)."""
+
+    model: ModelSpec
+    data: DataSpec
+    loss: str
+    optimizer: OptimizerSpec
+    probe: ProbeSpec
+    hardware: HardwareSpec
+    training: TrainingSpec
+    base_dir: Path
+    document: dict[str, Any] = field(repr=False, compare=False)
+    source: str = "spec"
+
+    def probe_steps(self) -> tuple[int, ...]:
+        """Training steps at which the noise scale is measured."""
+        if self.probe.at_steps:
+            return self.probe.at_steps
+        return (self.probe.warmup_steps,)
+
+
+# --------------------------------------------------------------------------- parsing
+
+_MISSING = object()
+
+
+def _type_name(v: Any) -> str:
+    if v is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a mapping"}.get(type(v), type(v).__name__)
+
+
+def _coerce(f: Field, value: Any, path: str, problems: list[str]) -> Any:
+    """Return the value converted to the field's kind, or _MISSING after a problem."""
+    if value is None:
+        if f.nullable:
+            return None
+        if f.kind == "mapping":
+            return {}
+        problems.append(f"{path}: expected {_expected(f)}, got null")
+        return _MISSING
+    out: Any = _MISSING
+    if f.kind == "str" or f.kind == "choice":
+        if isinstance(value, str):
+            out = value
+        if f.kind == "choice" and isinstance(value, str) and value not in f.choices:
+            problems.append(f"{path}: expected one of {', '.join(f.choices)}, got {value!r}")
+            return _MISSING
+    elif f.kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            out = value
+        elif isinstance(value, float) and value.is_integer():
+            out = int(value)
+    elif f.kind == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out = float(value)
+        elif isinstance(value, str):
+            # YAML 1.1 reads `1e-3` (no dot) as a string; accept numeric strings.
+            try:
+                out = float(value)
+            except ValueError:
+                out = _MISSING
+        if out is not _MISSING and not math.isfinite(out):
+            problems.append(f"{path}: expected a finite number, got {value!r}")
+            return _MISSING
+    elif f.kind == "bool":
+        if isinstance(value, bool):
+            out = value
+    elif f.kind == "mapping":
+        if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+            out = dict(value)
+    elif f.kind == "int_list":
+        if isinstance(value, (list, tuple)) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            out = tuple(value)
+    if out is _MISSING:
+        problems.append(f"{path}: expected {_expected(f)}, got {_type_name(value)} {value!r}")
+        return _MISSING
+    if f.check is not None:
+        problem = f.check(out)
+        if problem:
+            problems.append(f"{path}: {problem}")
+            return _MISSING
+    return out
+
+
+def _expected(f: Field) -> str:
+    return {
+        "str": "a string", "choice": "one of " + ", ".join(f.choices), "int": "an integer",
+        "float": "a number", "bool": "true or false", "mapping": "a mapping",
+        "int_list": "a list of integers",
+    }[f.kind] + (" or null" if f.nullable else "")
+
+
+def validate(document: Any, base_dir: Path, source: str = "spec") -> Spec:
+    """Validate a parsed YAML document; raise SpecError listing every problem."""
+    problems: list[str] = []
+    if document is None:
+        raise SpecError(["the spec is empty; run `bsfind init` for a starter"], source)
+    if not isinstance(document, Mapping):
+        raise SpecError([f"the spec must be a mapping of sections, got {_type_name(document)}"],
+                        source)
+    for key in document:
+        if key not in SCHEMA:
+            problems.append(f"{key}: unknown section (expected one of {', '.join(SCHEMA)})")
+    for section in REQUIRED_SECTIONS:
+        if section not in document:
+            problems.append(f"{section}: missing required section")
+    values: dict[str, dict[str, Any]] = {}
+    filled: dict[str, Any] = {}
+    for section, fields in SCHEMA.items():
+        raw = document.get(section)
+        if "" in fields:  # a scalar section such as `loss`
+            f = fields[""]
+            v = f.default if raw is None else _coerce(f, raw, section, problems)
+            values[section] = {"": v}
+            filled[section] = v
+            continue
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            problems.append(f"{section}: expected a mapping, got {_type_name(raw)} {raw!r}")
+            raw = {}
+        for key in raw:
+            if key not in fields:
+                problems.append(
+                    f"{section}.{key}: unknown key (expected one of {', '.join(fields)})"
+                )
+        out: dict[str, Any] = {}
+        for name, f in fields.items():
+            path = f"{section}.{name}"
+            if name in raw:
+                out[name] = _coerce(f, raw[name], path, problems)
+            elif f.required:
+                problems.append(f"{path}: missing required key")
+                out[name] = _MISSING
+            else:
+                out[name] = copy.deepcopy(f.default)
+        values[section] = out
+        filled[section] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
+    if problems:
+        raise SpecError(problems, source)
+    m, d, o, p, h, t = (values[s] for s in
+                        ("model", "data", "optimizer", "probe", "hardware", "training"))
+    return Spec(
+        model=ModelSpec(**m),
+        data=DataSpec(**d),
+        loss=values["loss"][""],
+        optimizer=OptimizerSpec(**o),
+        probe=ProbeSpec(**p),
+        hardware=HardwareSpec(**h),
+        training=TrainingSpec(**t),
+        base_dir=base_dir,
+        document=filled,
+        source=source,
+    )
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into (["a", "b"], YAML-parsed value)."""
+    from bsfind.errors import UsageError
+
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise UsageError(f"--set {text!r}: expected key.path=value, e.g. probe.seed=3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise UsageError(f"--set {text!r}: the value is not valid YAML ({exc})") from None
+    return key.split("."), value
+
+
+def apply_overrides(document: Any, overrides: Sequence[str]) -> Any:
+    """Return a copy of ``document`` with each ``key.path=value`` applied."""
+    from bsfind.errors import UsageError
+
+    doc = copy.deepcopy(document) if document is not None else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = doc
+        for i, k in enumerate(keys[:-1]):
+            if not isinstance(node, dict):
+                raise UsageError(f"--set {text!r}: {'.'.join(keys[:i])} is not a mapping")
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            node = nxt
+        if not isinstance(node, dict):
+            raise UsageError(f"--set {text!r}: {'.'.join(keys[:-1])} is not a mapping")
+        node[keys[-1]] = value
+    return doc
+
+
+def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> Spec:
+    """Read, override and validate a spec file."""
+    p = Path(path)
+    source = str(path)
+    if not p.exists():
+        raise SpecError([f"file not found: {p}"], source)
+    if p.is_dir():
+        raise SpecError([f"{p} is a directory, not a spec file"], source)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError([f"cannot read the file ({exc})"], source) from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError([f"invalid YAML{where}: {problem}"], source) from None
+    if overrides:
+        if document is not None and not isinstance(document, dict):
+            raise SpecError([f"the spec must be a mapping of sections, got "
+                             f"{_type_name(document)}"], source)
+        document = apply_overrides(document, overrides)
+    return validate(document, p.resolve().parent, source)
+
+
+def spec_from_dict(document: Mapping[str, Any], base_dir: str | Path = ".") -> Spec:
+    """Validate a spec given as a Python mapping (the notebook entry point)."""
+    return validate(copy.deepcopy(dict(document)), Path(base_dir).resolve(), "spec")
+
+
+def starter_spec() -> str:
+    """The commented example `bsfind init` writes, rendered from SCHEMA."""
+    lines = [
+        "# bsfind spec: run with `bsfind recommend spec.yaml`",
+        "# Check it without probing: `bsfind validate spec.yaml`. Override any key on the",
+        "# command line: `--set probe.seed=3`.",
+    ]
+    for section, fields in SCHEMA.items():
+        if "" in fields:
+            f = fields[""]
+            lines.append(f"{section}: {_yaml_value(f.example or f.default)}  # {f.doc}")
+            continue
+        lines.append(f"{section}:")
+        for name, f in fields.items():
+            value = f.example if f.example is not None else f.default
+            req = " (required)" if f.required else ""
+            lines.append(f"  {name}: {_yaml_value(value)}  # {f.doc}{req}")
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_value(v: Any) -> str:
+    if v is None:
+        return "null"
+    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()

@@ -1,0 +1,401 @@
+"""Resolve a Spec into live objects: model, dataset, loss, optimizer, device.
+
+Factory strings are ``"package.module:attr"`` or ``"path/to/file.py:attr"``
+(relative to the spec file). Keyword arguments are checked against the
+factory's signature (``inspect.signature(...).bind``) before anything is
+called, so a typo in ``kwargs`` is a one-line error, not a traceback from
+deep inside the user's code. Every failure names the spec key and the
+factory string.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bsfind.errors import HardwareError, ResolutionError, UserCodeError
+from bsfind.spec import Spec
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "rmsprop": torch.optim.RMSprop,
+}
+
+
+def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy; a sequence axis (B, T, C) vs (B, T) is flattened."""
+    if outputs.dim() > 2 and targets.dim() == outputs.dim() - 1:
+        outputs = outputs.reshape(-1, outputs.shape[-1])
+        targets = targets.reshape(-1)
+    return F.cross_entropy(outputs, targets)
+
+
+def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean squared error; targets are cast to the outputs' dtype."""
+    return F.mse_loss(outputs, targets.to(outputs.dtype).reshape(outputs.shape))
+
+
+LOSSES: dict[str, LossFn] = {"cross_entropy": cross_entropy, "mse": mse}
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+@dataclass(frozen=True)
+class Resolved:
+    obj: Any
+    source_file: Path | None  # the file that defines it (for the cache key)
+
+
+def _is_file_ref(module_part: str) -> bool:
+    return module_part.endswith(".py") or "/" in module_part or "\\" in module_part
+
+
+def resolve(ref: str, base_dir: Path, key: str) -> Resolved:
+    """Import ``module:attr`` or ``file.py:attr``; errors name ``key`` and ``ref``."""
+    module_part, _, attr = ref.rpartition(":")
+    if not module_part or not attr:
+        raise ResolutionError(f"{key} {ref!r}: expected 'module:attr' or 'file.py:attr'")
+    if _is_file_ref(module_part):
+        path = (base_dir / module_part).resolve()
+        if not path.is_file():
+            raise ResolutionError(
+                f"{key} {ref!r}: file not found: {path}",
+                hint="paths are relative to the spec file",
+            )
+        name = "bsfind_user_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise ResolutionError(f"{key} {ref!r}: cannot load {path} as a Python module")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            sys.modules.pop(name, None)
+            raise ResolutionError(
+                f"{key} {ref!r}: importing {path.name} raised {type(exc).__name__}: {exc}"
+            ) from exc
+    else:
+        try:
+            module = importlib.import_module(module_part)
+        except ImportError as exc:
+            raise ResolutionError(
+                f"{key} {ref!r}: cannot import module {module_part!r} ({exc})",
+                hint="is it installed, or did you mean a file path like models.py:attr?",
+            ) from exc
+        except Exception as exc:
+            raise ResolutionError(
+                f"{key} {ref!r}: importing {module_part} raised {type(exc).__name__}: {exc}"
+            ) from exc
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ResolutionError(
+                f"{key} {ref!r}: module {module_part!r} has no attribute {attr!r}"
+            )
+        obj = getattr(obj, part)
+    src = getattr(module, "__file__", None)
+    return Resolved(obj, Path(src).resolve() if src else None)
+
+
+def check_kwargs(fn: Any, kwargs: dict[str, Any], key: str, ref: str, *leading: Any) -> None:
+    """Raise ResolutionError if ``fn(*leading, **kwargs)`` does not fit its signature."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # builtins without a signature: let the call decide
+    try:
+        sig.bind(*leading, **kwargs)
+    except TypeError as exc:
+        raise ResolutionError(
+            f"{key} for {ref!r} do not fit its signature {ref.rpartition(':')[2]}{sig}: {exc}"
+        ) from None
+
+
+def call_factory(ref: str, kwargs: dict[str, Any], base_dir: Path, section: str) -> Resolved:
+    r = resolve(ref, base_dir, f"{section}.factory")
+    if not callable(r.obj):
+        raise ResolutionError(f"{section}.factory {ref!r} is not callable")
+    check_kwargs(r.obj, kwargs, f"{section}.kwargs", ref)
+    try:
+        out = r.obj(**kwargs)
+    except Exception as exc:
+        raise ResolutionError(
+            f"{section}.factory {ref!r} raised {type(exc).__name__}: {exc}"
+        ) from exc
+    return Resolved(out, r.source_file)
+
+
+# --------------------------------------------------------------------------- the workload
+
+
+@dataclass
+class Workload:
+    """Everything a probe needs, built from a Spec."""
+
+    spec: Spec
+    model: nn.Module
+    dataset: Any
+    loss_fn: LossFn
+    optimizer_cls: type[torch.optim.Optimizer]
+    optimizer_kwargs: dict[str, Any]
+    device: torch.device
+    source_files: list[Path] = field(default_factory=list)
+    _tensors: tuple[torch.Tensor, ...] | None = None
+    model_name: str = "model"
+    loss_name: str = "loss"
+
+    @classmethod
+    def from_objects(
+        cls,
+        model: nn.Module,
+        dataset: Any,
+        loss_fn: LossFn,
+        *,
+        spec: Spec,
+        device: torch.device | None = None,
+    ) -> Workload:
+        """Wrap live objects (the notebook API); ``spec`` supplies the optimizer and probe."""
+        dev = device or next(model.parameters()).device
+        return cls(
+            spec=spec, model=model.to(dev), dataset=dataset, loss_fn=loss_fn,
+            optimizer_cls=OPTIMIZERS.get(spec.optimizer.name.lower(), torch.optim.Adam),
+            optimizer_kwargs=dict(spec.optimizer.kwargs), device=dev,
+            _tensors=_check_dataset(dataset, "dataset"),
+            model_name=type(model).__name__, loss_name=getattr(loss_fn, "__name__", "loss"),
+        )
+
+    def make_optimizer(self, lr: float | None = None) -> torch.optim.Optimizer:
+        lr = self.spec.optimizer.lr if lr is None else lr
+        try:
+            return self.optimizer_cls(  # type: ignore[call-arg]
+                self.trainable(), lr=lr, **self.optimizer_kwargs
+            )
+        except Exception as exc:
+            raise UserCodeError(
+                f"optimizer {self.spec.optimizer.name!r} could not be built: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def batch(self, indices: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        """Collate the examples at ``indices`` and move them to the device."""
+        if self._tensors is not None:
+            idx = indices.to(self._tensors[0].device)
+            x, y = (t[idx] for t in self._tensors)
+        else:
+            items = [self.dataset[int(i)] for i in indices]
+            x, y = torch.utils.data.default_collate(items)
+        return _to(x, self.device), _to(y, self.device)
+
+    def loss(self, indices: torch.Tensor) -> torch.Tensor:
+        """Forward the examples and return the (mean) loss, checked."""
+        x, y = self.batch(indices)
+        return self.loss_on(x, y)
+
+    def loss_on(self, x: Any, y: torch.Tensor) -> torch.Tensor:
+        try:
+            out = self.model(x)
+        except Exception as exc:
+            raise UserCodeError(
+                f"model {self.model_name!r} raised {type(exc).__name__} in forward: {exc}"
+            ) from exc
+        try:
+            loss = self.loss_fn(out, y)
+        except Exception as exc:
+            raise UserCodeError(
+                f"loss {self.loss_name!r} raised {type(exc).__name__}: {exc}"
+            ) from exc
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise UserCodeError(
+                f"loss {self.loss_name!r} must return a scalar (the mean over the batch), "
+                f"got {shape}"
+            )
+        return loss.reshape(())
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda if present else cpu; an absent CUDA device is a HardwareError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise HardwareError(
+                f"hardware.device: {name!r} requested but no CUDA device is available",
+                hint="set hardware.device: auto or cpu",
+            )
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise HardwareError(
+                f"hardware.device: {name!r} requested but only "
+                f"{torch.cuda.device_count()} CUDA device(s) exist"
+            )
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def _check_dataset(ds: Any, ref: str) -> tuple[torch.Tensor, ...] | None:
+    if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
+        raise UserCodeError(
+            f"data.factory {ref!r} returned {type(ds).__name__}, not a map-style Dataset "
+            "(it needs __len__ and __getitem__)"
+        )
+    try:
+        n = len(ds)
+    except Exception as exc:
+        raise UserCodeError(f"data.factory {ref!r}: len(dataset) raised {exc}") from exc
+    if n == 0:
+        raise UserCodeError(f"data.factory {ref!r} returned an empty dataset")
+    try:
+        item = ds[0]
+    except Exception as exc:
+        raise UserCodeError(
+            f"data.factory {ref!r}: dataset[0] raised {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise UserCodeError(
+            f"data.factory {ref!r}: items must be (input, target) pairs, "
+            f"got {type(item).__name__}"
+            + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else "")
+        )
+    if isinstance(ds, torch.utils.data.TensorDataset) and len(ds.tensors) == 2:
+        return tuple(ds.tensors)
+    return None
+
+
+def _load_checkpoint(model: nn.Module, path_str: str, base_dir: Path) -> None:
+    path = (base_dir / path_str).resolve()
+    if not path.is_file():
+        raise ResolutionError(f"model.checkpoint: file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ResolutionError(
+            f"model.checkpoint {path.name}: cannot be read as a state_dict ({exc})"
+        ) from None
+    if isinstance(state, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if key in state and isinstance(state[key], dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict):
+        raise ResolutionError(f"model.checkpoint {path.name}: expected a state_dict mapping")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0:3]
+        raise ResolutionError(
+            f"model.checkpoint {path.name} does not match the model: {' '.join(first)}"
+        ) from None
+
+
+def build(spec: Spec) -> Workload:
+    """Build every object the spec names, on the requested device."""
+    device = resolve_device(spec.hardware.device)
+    torch.manual_seed(spec.probe.seed)
+    sources: list[Path] = []
+
+    m = call_factory(spec.model.factory, spec.model.kwargs, spec.base_dir, "model")
+    if not isinstance(m.obj, nn.Module):
+        raise ResolutionError(
+            f"model.factory {spec.model.factory!r} returned {type(m.obj).__name__}, "
+            "not a torch.nn.Module"
+        )
+    model: nn.Module = m.obj
+    if m.source_file:
+        sources.append(m.source_file)
+    if spec.model.checkpoint:
+        _load_checkpoint(model, spec.model.checkpoint, spec.base_dir)
+        sources.append((spec.base_dir / spec.model.checkpoint).resolve())
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UserCodeError(
+            f"model {spec.model.factory!r} has no trainable parameters "
+            "(none with requires_grad=True)"
+        )
+
+    d = call_factory(spec.data.factory, spec.data.kwargs, spec.base_dir, "data")
+    tensors = _check_dataset(d.obj, spec.data.factory)
+    if d.source_file:
+        sources.append(d.source_file)
+
+    if spec.loss in LOSSES:
+        loss_fn = LOSSES[spec.loss]
+    elif ":" in spec.loss:
+        r = resolve(spec.loss, spec.base_dir, "loss")
+        if not callable(r.obj):
+            raise ResolutionError(f"loss {spec.loss!r} is not callable")
+        loss_fn = r.obj
+        if r.source_file:
+            sources.append(r.source_file)
+    else:
+        raise ResolutionError(
+            f"loss: unknown loss {spec.loss!r} (expected cross_entropy, mse or 'module:attr')"
+        )
+
+    name = spec.optimizer.name
+    if name.lower() in OPTIMIZERS:
+        opt_cls = OPTIMIZERS[name.lower()]
+    elif ":" in name:
+        r = resolve(name, spec.base_dir, "optimizer.name")
+        if not (isinstance(r.obj, type) and issubclass(r.obj, torch.optim.Optimizer)):
+            raise ResolutionError(
+                f"optimizer.name {name!r} is not a torch.optim.Optimizer subclass"
+            )
+        opt_cls = r.obj
+        if r.source_file:
+            sources.append(r.source_file)
+    else:
+        raise ResolutionError(
+            f"optimizer.name: unknown optimizer {name!r} "
+            f"(expected {', '.join(OPTIMIZERS)} or 'module:attr')"
+        )
+    check_kwargs(opt_cls, {"lr": spec.optimizer.lr, **spec.optimizer.kwargs},
+                 "optimizer.kwargs", name, [])
+
+    model.to(device)
+    model.train()
+    return Workload(
+        spec=spec,
+        model=model,
+        dataset=d.obj,
+        loss_fn=loss_fn,
+        optimizer_cls=opt_cls,
+        optimizer_kwargs=dict(spec.optimizer.kwargs),
+        device=device,
+        source_files=sources,
+        _tensors=tensors,
+        model_name=spec.model.factory,
+        loss_name=spec.loss,
+    )

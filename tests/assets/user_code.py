@@ -1,0 +1,100 @@
+"""Factories that fail in the ways users' code fails (for the fault tests)."""
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+
+def digits_like(n: int = 256, features: int = 8, classes: int = 3) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, features, generator=g)
+    return TensorDataset(x, torch.randint(classes, (n,), generator=g))
+
+
+def good_model(features: int = 8, classes: int = 3) -> nn.Module:
+    return nn.Sequential(nn.Linear(features, 16), nn.ReLU(), nn.Linear(16, classes))
+
+
+def raising_model() -> nn.Module:
+    raise ValueError("boom in the model factory")
+
+
+def not_a_module() -> int:
+    return 42
+
+
+def no_params() -> nn.Module:
+    return nn.Sequential(nn.ReLU())
+
+
+def frozen_model() -> nn.Module:
+    m = good_model()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+def shape_mismatch_model() -> nn.Module:
+    return nn.Linear(5, 3)
+
+
+class _NaN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * float("nan")
+
+
+def nan_model() -> nn.Module:
+    return _NaN()
+
+
+class _Zero(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * 0.0
+
+
+def zero_grad_model() -> nn.Module:
+    return _Zero()
+
+
+def vector_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+
+def raising_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("loss exploded")
+
+
+def empty_data() -> TensorDataset:
+    return TensorDataset(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long))
+
+
+def not_a_dataset() -> int:
+    return 5
+
+
+class _Triples(Dataset):
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, i: int):
+        return torch.zeros(8), 0, 1
+
+
+def triples() -> Dataset:
+    return _Triples()
+
+
+def tiny_data() -> TensorDataset:
+    return digits_like(n=6)
+
+
+def raising_data() -> TensorDataset:
+    raise OSError("cannot open /data/train")

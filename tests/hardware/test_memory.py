@@ -1,0 +1,497 @@
+"""Memory: OOM classification and back-off (fake OOMs), exact byte counts on CPU.
+
+    .venv/bin/python -m pytest tests/hardware/test_memory.py -q
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bsfind.errors import EXIT_HARDWARE, HardwareError, UserCodeError
+from bsfind.hardware import memory
+from bsfind.hardware.memory import (
+    UNBOUNDED_BATCH,
+    OutOfMemoryAtBatchOne,
+    find_max_batch,
+    is_oom,
+    measure_memory_cuda,
+    predict_memory,
+    saved_activation_bytes,
+    state_bytes,
+    verify_max_batch,
+)
+from bsfind.results import MemoryModel
+
+F32 = 4  # bytes per float32
+I64 = 8  # bytes per int64
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+# --------------------------------------------------------------------------- is_oom
+
+
+def cuda_oom() -> BaseException:
+    return torch.cuda.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.15 GiB total capacity)"
+    )
+
+
+def wrapped_oom() -> BaseException:
+    try:
+        try:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB")
+        except RuntimeError as exc:
+            raise UserCodeError("model forward raised RuntimeError") from exc
+    except UserCodeError as outer:
+        return outer
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        cuda_oom(),
+        torch.OutOfMemoryError("out of memory"),
+        RuntimeError("CUDA out of memory. Tried to allocate 512.00 MiB"),
+        RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously"),
+        RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+        RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if ..."),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:83] DefaultCPUAllocator: can't allocate "
+                      "memory: you tried to allocate 1099511627776 bytes."),
+        MemoryError(),
+        wrapped_oom(),
+    ],
+)
+def test_is_oom_true(exc: BaseException) -> None:
+    assert is_oom(exc)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x8)"),
+        ValueError("out of memory"),  # only RuntimeErrors carry OOM messages
+        KeyError("x"),
+        KeyboardInterrupt(),
+        UserCodeError("loss is not a scalar"),
+    ],
+)
+def test_is_oom_false(exc: BaseException) -> None:
+    assert not is_oom(exc)
+
+
+# --------------------------------------------------------------------------- find_max_batch
+
+
+class FakeDevice:
+    """try_step that 'runs out of memory' above ``threshold`` and logs every event."""
+
+    def __init__(self, threshold: int, error: Callable[[], BaseException] = cuda_oom) -> None:
+        self.threshold = threshold
+        self.error = error
+        self.events: list[str] = []
+
+    def try_step(self, batch: int) -> None:
+        self.events.append(f"try {batch}")
+        if batch > self.threshold:
+            raise self.error()
+
+    def clear_cache(self) -> None:
+        self.events.append("clear")
+
+
+@pytest.mark.parametrize(
+    "start, upper, threshold, best, tried",
+    [
+        (64, None, 64, 64, (64,)),  # the prediction fits: one step
+        (64, None, 1000, 64, (64,)),  # never searches above start
+        (100, 30, 1000, 30, (30,)),  # start clipped to upper
+        (64, None, 40, 40, (64, 32, 48, 40, 44, 42, 41)),
+        (100, None, 70, 70, (100, 50, 75, 62, 68, 71, 69, 70)),
+        (64, None, 5, 5, (64, 32, 16, 8, 4, 6, 5)),
+        (10, None, 1, 1, (10, 5, 2, 1)),
+        (1, None, 1, 1, (1,)),
+        (2, None, 1, 1, (2, 1)),
+    ],
+)
+def test_find_max_batch_sequence(
+    start: int, upper: int | None, threshold: int, best: int, tried: tuple[int, ...]
+) -> None:
+    dev = FakeDevice(threshold)
+    assert find_max_batch(dev.try_step, start, upper, dev.clear_cache) == (best, tried)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        lambda: RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB"),
+        lambda: RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED"),
+        MemoryError,
+    ],
+)
+def test_find_max_batch_any_oom_kind(error: Callable[[], BaseException]) -> None:
+    dev = FakeDevice(12, error)
+    assert find_max_batch(dev.try_step, 32, None, dev.clear_cache) == (12, (32, 16, 8, 12, 14,
+                                                                            13))
+
+
+def test_clear_cache_between_tries() -> None:
+    dev = FakeDevice(5)
+    find_max_batch(dev.try_step, 16, None, dev.clear_cache)
+    # every failed try is followed by a cache clear before the next try; successes are not
+    assert dev.events == ["try 16", "clear", "try 8", "clear", "try 4", "try 6", "clear",
+                          "try 5"]
+
+
+def test_oom_at_batch_one() -> None:
+    dev = FakeDevice(0)
+    with pytest.raises(OutOfMemoryAtBatchOne) as info:
+        find_max_batch(dev.try_step, 8, None, dev.clear_cache)
+    assert isinstance(info.value, RuntimeError)
+    assert isinstance(info.value, HardwareError)
+    assert info.value.exit_code == EXIT_HARDWARE
+    assert "8, 4, 2, 1" in str(info.value)
+    assert dev.events.count("clear") == 4
+
+
+def test_non_oom_error_propagates() -> None:
+    def step(batch: int) -> None:
+        if batch > 8:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        raise ValueError("bad target shape")
+
+    with pytest.raises(ValueError, match="bad target shape"):
+        find_max_batch(step, 32, None, lambda: None)
+
+
+def test_keyboard_interrupt_propagates() -> None:
+    def step(batch: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        find_max_batch(step, 4, None, lambda: None)
+
+
+def test_find_max_batch_rejects_bad_start() -> None:
+    with pytest.raises(ValueError):
+        find_max_batch(lambda b: None, 0, None, lambda: None)
+
+
+def test_verify_max_batch() -> None:
+    predicted = MemoryModel(fixed_bytes=100, bytes_per_example=10.0, max_batch_size=64,
+                            limit_bytes=740, source="predicted")
+    dev = FakeDevice(40)
+    checked = verify_max_batch(predicted, dev.try_step, dev.clear_cache)
+    assert checked.max_batch_size == 40 and checked.verified
+    assert checked.tried == (64, 32, 48, 40, 44, 42, 41)
+    assert checked.source == "predicted" and checked.fixed_bytes == 100
+
+
+# --------------------------------------------------------------------------- state bytes
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+# Linear(4,8): 4·8 weights + 8 biases; Linear(8,3): 8·3 + 3 -> 67 floats in 4 tensors.
+MLP_PARAMS = (4 * 8 + 8 + 8 * 3 + 3) * F32  # 268 bytes
+MLP_TENSORS = 4
+STEP = F32  # torch.optim keeps ``step`` as a float32 0-d tensor per parameter
+
+
+def real_state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state after one real step (the ground truth)."""
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+               if torch.is_tensor(v))
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, expected",
+    [
+        ("sgd", {}, 0),
+        ("sgd", {"momentum": 0.9}, MLP_PARAMS),  # one momentum buffer per parameter
+        ("adam", {}, 2 * MLP_PARAMS + MLP_TENSORS * STEP),  # exp_avg, exp_avg_sq, step
+        ("adamw", {}, 2 * MLP_PARAMS + MLP_TENSORS * STEP),
+        ("adamw", {"amsgrad": True}, 3 * MLP_PARAMS + MLP_TENSORS * STEP),
+        ("rmsprop", {}, MLP_PARAMS + MLP_TENSORS * STEP),  # square_avg, step
+        ("rmsprop", {"momentum": 0.9, "centered": True}, 3 * MLP_PARAMS + MLP_TENSORS * STEP),
+        ("adagrad", {}, MLP_PARAMS + MLP_TENSORS * STEP),
+    ],
+)
+def test_state_bytes_exact(name: str, kwargs: dict[str, object], expected: int) -> None:
+    model = mlp()
+    assert state_bytes(model, name, kwargs) == (MLP_PARAMS, MLP_PARAMS, expected)
+    # the same for an optimizer instance that has not stepped yet ...
+    cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+           "rmsprop": torch.optim.RMSprop, "adagrad": torch.optim.Adagrad}[name]
+    opt = cls(model.parameters(), lr=0.01, **kwargs)  # type: ignore[arg-type]
+    assert state_bytes(model, opt) == (MLP_PARAMS, MLP_PARAMS, expected)
+    # ... and it is what torch really allocates after one step
+    assert real_state_bytes(model, opt) == expected
+    assert state_bytes(model, opt) == (MLP_PARAMS, MLP_PARAMS, expected)
+
+
+@pytest.mark.parametrize("name", ["adamax", "nadam", "radam", "asgd"])
+def test_state_bytes_other_torch_optimizers_by_probe(name: str) -> None:
+    model = mlp()
+    cls = {n.lower(): getattr(torch.optim, n) for n in dir(torch.optim)}[name]
+    expected = real_state_bytes(model, cls(model.parameters(), lr=0.01))
+    assert expected > 0
+    assert state_bytes(mlp(), name, {"lr": 0.01})[2] == expected
+
+
+class ThreeBuffers(torch.optim.Optimizer):
+    """A user optimizer unknown to bsfind: three buffers per parameter."""
+
+    def __init__(self, params: object, lr: float = 0.1) -> None:
+        super().__init__(params, {"lr": lr})  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def step(self, closure: object = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state[p]
+                if not st:
+                    st["a"] = torch.zeros_like(p)
+                    st["b"] = torch.zeros_like(p)
+                    st["c"] = torch.zeros_like(p)
+                st["a"].add_(p.grad)
+                p.add_(st["a"], alpha=-group["lr"])
+
+
+def test_state_bytes_unknown_optimizer() -> None:
+    model = mlp()
+    assert state_bytes(model, ThreeBuffers)[2] == 3 * MLP_PARAMS
+    assert state_bytes(model, ThreeBuffers(model.parameters()))[2] == 3 * MLP_PARAMS
+
+
+def test_state_bytes_frozen_and_buffers() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    for param in model[0].parameters():
+        param.requires_grad_(False)
+    frozen = (4 * 8 + 8) * F32
+    bn_params = 2 * 8 * F32  # weight, bias
+    bn_buffers = 2 * 8 * F32 + I64  # running_mean, running_var, num_batches_tracked
+    last = (8 * 3 + 3) * F32
+    p, g, o = state_bytes(model, "sgd", {"momentum": 0.9})
+    assert p == frozen + bn_params + bn_buffers + last
+    assert g == bn_params + last  # frozen parameters get no gradient
+    assert o == bn_params + last  # nor optimizer state
+
+
+def test_state_bytes_unknown_name() -> None:
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        state_bytes(mlp(), "lion")
+
+
+# --------------------------------------------------------------------------- saved activations
+
+
+def mlp_saved_bytes(batch: int) -> int:
+    """What autograd saves for Linear(4,8)-ReLU-Linear(8,3) + cross-entropy, by hand.
+
+    - Linear 1 (addmm(b1, x, W1ᵀ)): saves its input x for the weight gradient,
+      B·4 floats. It does not save W1ᵀ: x needs no gradient, so no input
+      gradient is computed.
+    - ReLU: saves its output h, B·8 floats.
+    - Linear 2 (addmm(b2, h, W2ᵀ)): saves h (same storage as ReLU's output: not
+      counted again) and W2ᵀ (a view of a parameter: counted by state_bytes).
+    - cross_entropy = log_softmax + nll_loss: log_softmax saves its output,
+      B·3 floats; nll_loss saves that output again (same storage), the targets
+      (B int64) and total_weight, one float32 scalar whatever B is.
+    """
+    return batch * (4 * F32 + 8 * F32 + 3 * F32 + I64) + F32  # 68·B + 4
+
+
+def cnn() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+
+
+def cnn_saved_bytes(batch: int) -> int:
+    """Conv2d(1,2,3)-ReLU-Flatten-Linear(32,3) + cross-entropy on 1×6×6 images, by hand.
+
+    - Conv2d: saves its input, B·1·6·6 floats (and its kernel, a parameter).
+    - ReLU: saves its output, B·2·4·4 floats.
+    - Flatten: a view, saves nothing; Linear saves the flattened view, which
+      shares the ReLU output's storage (not counted again), and Wᵀ (parameter).
+    - cross_entropy: log_softmax output B·3 floats, targets B int64, and the
+      float32 total_weight scalar.
+    """
+    return batch * (36 * F32 + 32 * F32 + 3 * F32 + I64) + F32  # 292·B + 4
+
+
+def ce_batch(shape: tuple[int, ...]) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+
+    def make(b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(b, *shape, generator=gen), torch.randint(0, 3, (b,), generator=gen)
+
+    return make
+
+
+@pytest.mark.parametrize("batch", [1, 5, 16])
+def test_saved_bytes_mlp(batch: int) -> None:
+    x, y = ce_batch((4,))(batch)
+    assert saved_activation_bytes(mlp(), x, y, F.cross_entropy) == mlp_saved_bytes(batch)
+
+
+@pytest.mark.parametrize("batch", [1, 5, 16])
+def test_saved_bytes_cnn(batch: int) -> None:
+    x, y = ce_batch((1, 6, 6))(batch)
+    assert saved_activation_bytes(cnn(), x, y, F.cross_entropy) == cnn_saved_bytes(batch)
+
+
+def test_saved_bytes_mse() -> None:
+    # mse_loss saves its input (the logits, B·3 floats) and the target (B·3 floats)
+    batch = 6
+    x, target = torch.randn(batch, 4), torch.randn(batch, 3)
+    expected = batch * (4 + 8 + 3 + 3) * F32
+    assert saved_activation_bytes(mlp(), x, target, F.mse_loss) == expected
+
+
+def test_saved_bytes_leaves_model_and_rng_alone() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    x, y = ce_batch((4,))(8)
+    assert saved_activation_bytes(model, x, y, F.cross_entropy) > 0
+    assert torch.equal(torch.get_rng_state(), rng)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_predict_memory_mlp() -> None:
+    limit = 100_000
+    mm = predict_memory(mlp(), ce_batch((4,)), F.cross_entropy, "adam", limit)
+    fixed = MLP_PARAMS + MLP_PARAMS + (2 * MLP_PARAMS + MLP_TENSORS * STEP) + F32
+    assert mm.source == "predicted" and not mm.verified
+    assert mm.fixed_bytes == fixed
+    assert mm.bytes_per_example == pytest.approx(68.0)
+    assert mm.max_batch_size == (limit - fixed) // 68
+    assert mm.limit_bytes == limit
+
+
+def test_predict_memory_cnn_and_limits() -> None:
+    mm = predict_memory(cnn(), ce_batch((1, 6, 6)), F.cross_entropy, "sgd", 10_000,
+                        sizes=(3, 7))
+    params = (2 * 1 * 3 * 3 + 2 + 32 * 3 + 3) * F32
+    assert mm.fixed_bytes == 2 * params + F32
+    assert mm.bytes_per_example == pytest.approx(292.0)
+    assert mm.max_batch_size == math.floor((10_000 - mm.fixed_bytes) / 292)
+    tiny = predict_memory(cnn(), ce_batch((1, 6, 6)), F.cross_entropy, "sgd", 100)
+    assert tiny.max_batch_size == 0
+    with pytest.raises(ValueError):
+        predict_memory(cnn(), ce_batch((1, 6, 6)), F.cross_entropy, "sgd", 100, sizes=(4, 4))
+
+
+def test_max_batch_for() -> None:
+    assert memory.max_batch_for(1000, 200, 100.0) == 8
+    assert memory.max_batch_for(1000, 1000, 100.0) == 0
+    assert memory.max_batch_for(1000, 10, 0.0) == UNBOUNDED_BATCH
+
+
+def test_cpu_memory_limit() -> None:
+    total, avail = memory.ram_bytes()
+    assert total is not None and avail is not None and 0 < avail <= total
+    limit = memory.cpu_memory_limit()
+    assert 0 < limit <= total
+    assert memory.cpu_memory_limit(0.5) == pytest.approx(limit / 2, rel=0.2)
+
+
+# --------------------------------------------------------------------------- CUDA (faked)
+
+
+class FakeCudaAllocator:
+    """Peak allocated bytes = 1,000 + 100·B after a step at B."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self.events: list[str] = []
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: self.events.append("sync"))
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: self.events.append("empty"))
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", self.reset)
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d=None: self.peak)
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (50_000, 101_000))
+
+    def reset(self, device: object = None) -> None:
+        self.events.append("reset")
+        self.peak = 0
+
+    def step(self, b: int) -> None:
+        self.events.append(f"step {b}")
+        self.peak = 1_000 + 100 * b
+
+
+def test_measure_memory_cuda_faked(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeCudaAllocator()
+    fake.install(monkeypatch)
+    mm = measure_memory_cuda(fake.step, (2, 4, 8), torch.device("cuda", 0))
+    assert mm.source == "measured"
+    assert mm.fixed_bytes == 1_000 and mm.bytes_per_example == pytest.approx(100.0)
+    assert mm.limit_bytes == int(101_000 * 0.9)
+    assert mm.max_batch_size == (90_900 - 1_000) // 100
+    assert mm.tried == (2, 4, 8)
+    # each step is preceded by a cache clear and a peak reset, and synchronised after
+    assert fake.events[:5] == ["empty", "sync", "reset", "step 2", "sync"]
+    mm2 = measure_memory_cuda(fake.step, (2, 4), torch.device("cuda", 0), limit_bytes=5_000)
+    assert mm2.max_batch_size == 40
+    with pytest.raises(ValueError):
+        measure_memory_cuda(fake.step, (4, 4), torch.device("cuda", 0))
+
+
+# --------------------------------------------------------------------------- CUDA (real)
+
+
+@pytest.mark.cuda
+@cuda
+def test_measure_memory_cuda_real() -> None:
+    device = torch.device("cuda", 0)
+    model = nn.Sequential(nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 10)).to(device)
+    opt = torch.optim.Adam(model.parameters())
+
+    def step(b: int) -> None:
+        x = torch.randn(b, 256, device=device)
+        y = torch.randint(0, 10, (b,), device=device)
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    mm = measure_memory_cuda(step, (64, 128, 256), device)
+    assert mm.source == "measured"
+    p, g, o = state_bytes(model, opt)
+    assert mm.fixed_bytes >= p  # parameters are allocated throughout
+    # a ReLU output (4 KiB) and an input (1 KiB) per example at least
+    assert mm.bytes_per_example >= (1024 + 256) * F32
+    assert mm.max_batch_size > 256
+
+
+@pytest.mark.cuda
+@cuda
+def test_real_oom_backoff() -> None:
+    device = torch.device("cuda", 0)
+    _free, total = torch.cuda.mem_get_info(device)
+    gib = 1 << 30
+    start = 2 * total // gib  # twice the device: surely out of memory
+
+    def try_step(b: int) -> None:
+        x = torch.empty(b * gib, dtype=torch.uint8, device=device)
+        del x
+
+    best, tried = find_max_batch(try_step, start, None, lambda: memory.clear_cache(device))
+    assert tried[0] == start and 1 <= best < total // gib + 1
+    assert len(tried) > 1

@@ -1,0 +1,94 @@
+"""The noise probe against B_simple computed exactly from every example's gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bsfind.noise.probe import Deadline, NoiseProbe
+from bsfind.workload import build
+from tests.exact import exact_noise
+
+
+@pytest.fixture(scope="module")
+def digits_job():
+    from bsfind.spec import load_spec
+    from tests.conftest import CONFIGS
+
+    return build(load_spec(CONFIGS / "digits-mlp.yaml"))
+
+
+@pytest.fixture(scope="module")
+def digits_exact(digits_job):
+    return exact_noise(digits_job)
+
+
+def test_exact_reference_is_consistent(digits_job, digits_exact) -> None:
+    # The exact mean gradient equals the full-batch gradient of the mean loss.
+    digits_job.model.zero_grad()
+    digits_job.loss(torch.arange(len(digits_job))).backward()
+    for name, p in digits_job.model.named_parameters():
+        torch.testing.assert_close(p.grad.double(), digits_exact.mean_grad[name],
+                                   rtol=1e-4, atol=1e-7)
+    digits_job.model.zero_grad()
+    assert digits_exact.trace > 0 and digits_exact.g2 > 0
+
+
+def test_microbatch_probe_within_15_percent(digits_job, digits_exact) -> None:
+    est = NoiseProbe(digits_job, method="microbatch", batch_size=64, seed=0).run(
+        Deadline.after(60))
+    assert est.stopped == "converged"
+    assert est.b_simple == pytest.approx(digits_exact.b_simple, rel=0.15)
+    assert est.method == "microbatch" and est.examples > 0
+    assert est.ci95.low <= est.b_simple <= est.ci95.high
+
+
+def test_probe_does_not_change_weights(digits_job) -> None:
+    before = [p.detach().clone() for p in digits_job.model.parameters()]
+    NoiseProbe(digits_job, method="microbatch", batch_size=64, seed=1).run(Deadline.after(5))
+    for a, b in zip(before, digits_job.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_same_seed_same_estimate(digits_job) -> None:
+    a = NoiseProbe(digits_job, method="microbatch", batch_size=64, seed=7).run(Deadline.after(60))
+    b = NoiseProbe(digits_job, method="microbatch", batch_size=64, seed=7).run(Deadline.after(60))
+    assert a.b_simple == b.b_simple and a.rounds == b.rounds
+
+
+@pytest.mark.slow
+def test_interval_covers_exact_value_19_in_20(digits_job, digits_exact) -> None:
+    """The 95% interval is honest: it covers the exact value in >= 16 of 20 seeded runs."""
+    covered = 0
+    for seed in range(20):
+        est = NoiseProbe(digits_job, method="microbatch", batch_size=64, seed=100 + seed).run(
+            Deadline.after(60))
+        covered += est.ci95.low <= digits_exact.b_simple <= est.ci95.high
+    assert covered >= 16, f"covered {covered}/20"
+
+
+def test_budget_stops_the_probe_and_marks_it(digits_job) -> None:
+    est = NoiseProbe(digits_job, method="microbatch", batch_size=64, seed=2,
+                     target_rel_error=0.001).run(Deadline.after(0.5))
+    assert est.stopped == "budget" and est.rounds > 0
+
+
+def test_unresolved_signal_grows_the_big_batch() -> None:
+    """Pure noise around a zero mean: |G|² stays unresolved, B_big grows, result says so."""
+    from bsfind.spec import spec_from_dict
+    from bsfind.workload import Workload
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 4)
+    y = torch.randn(512, 1)
+    y = y - y.mean()
+    x = x - x.mean(0)
+    model = torch.nn.Linear(4, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ds = torch.utils.data.TensorDataset(x, y)
+    spec = spec_from_dict({"model": {"factory": "m:f"}, "data": {"factory": "d:f"},
+                           "optimizer": {"lr": 0.1, "batch_size": 8}})
+    job = Workload.from_objects(model, ds, torch.nn.functional.mse_loss, spec=spec)
+    probe = NoiseProbe(job, method="microbatch", batch_size=8, microbatch_size=2, seed=0)
+    est = probe.run(Deadline.after(3))
+    assert est.b_big > 8

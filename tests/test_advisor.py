@@ -1,0 +1,474 @@
+"""The advisor against closed forms and hand calculations (no torch runs).
+
+Running example used by several tests: B_n = 2000, baseline B0 = 64,
+t(B) = 20 ms + 0.1 ms·B on one device (t0/c = 200 examples), so the
+time-optimal batch is sqrt(2000·200) = 632.46.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bsfind.advisor import (
+    INTERCONNECTS,
+    AdvisorInputs,
+    accumulation_steps,
+    advise,
+    ceil_allowed,
+    floor_allowed,
+    interconnect,
+    optimizer_family,
+    round_batch,
+    scaled_lr,
+    step_seconds,
+    steps_ratio,
+    sync_seconds,
+)
+from bsfind.errors import UsageError
+from bsfind.results import Interval, MemoryModel, TimingCurve
+
+T0, C, BN, B0 = 0.02, 1e-4, 2000.0, 64
+
+
+def curve(t0: float = T0, c: float = C, source: str = "measured") -> TimingCurve:
+    return TimingCurve(points=(), t0=t0, per_example=c, r2=1.0, source=source)  # type: ignore[arg-type]
+
+
+def memory(max_batch: int) -> MemoryModel:
+    return MemoryModel(fixed_bytes=1_000_000, bytes_per_example=10_000.0,
+                       max_batch_size=max_batch, limit_bytes=10**10, source="predicted")
+
+
+def inputs(**kw: object) -> AdvisorInputs:
+    base: dict[str, object] = dict(
+        b_n=BN, b_n_ci=Interval(800.0, 1152.0), baseline_batch=B0, baseline_lr=0.1,
+        optimizer_family="sgd", dataset_size=10**6, timing=curve(),
+    )
+    base.update(kw)
+    return AdvisorInputs(**base)  # type: ignore[arg-type]
+
+
+def wall(b: float, b_n: float, t0: float, c: float, gpus: int = 1, sync: float = 0.0,
+         max_micro: int | None = None) -> float:
+    """S(B)/S_min · t(B), written out independently of the advisor."""
+    a = 1 if max_micro is None else math.ceil(b / (gpus * max_micro))
+    return (1 + b_n / b) * (a * t0 + c * b / gpus + sync)
+
+
+# ------------------------------------------------------------------ one device
+
+
+def test_one_device_optimum_is_sqrt_bn_t0_over_c() -> None:
+    adv = advise(inputs())
+    assert adv.optimum == pytest.approx(math.sqrt(BN * T0 / C), rel=1e-3)  # 632.46
+    # Rounded to the better of its multiple-of-8 neighbours 632 and 640:
+    # (1 + 2000/632)(0.02 + 0.0632) = 0.346491 < (1 + 2000/640)(0.02 + 0.064) = 0.346500.
+    assert wall(632, BN, T0, C) < wall(640, BN, T0, C)
+    assert adv.recommendation.batch_size == 632
+    assert adv.recommendation.gpus == 1 and adv.recommendation.grad_accumulation == 1
+
+
+@pytest.mark.parametrize("bn, t0, c", [(50.0, 0.01, 1e-3), (1e4, 0.05, 1e-5), (3.0, 0.1, 1e-2)])
+def test_optimum_closed_form_other_numbers(bn: float, t0: float, c: float) -> None:
+    adv = advise(inputs(b_n=bn, b_n_ci=Interval(bn / 2, bn * 2), timing=curve(t0, c)))
+    x = math.sqrt(bn * t0 / c)
+    assert adv.optimum == pytest.approx(x, rel=1e-3)
+    rec = adv.recommendation.batch_size
+    assert rec in {floor_allowed(x), ceil_allowed(x), B0}
+
+
+def test_rounding_rule() -> None:
+    # Multiples of 8 (nearest, ties up); 1, 2, 4, 8 below 8 (log-nearest).
+    assert [round_batch(x) for x in (0.3, 1.0, 1.4, 1.5, 3.0, 5.0, 6.0)] == [1, 1, 1, 2, 4, 4, 8]
+    assert [round_batch(x) for x in (11.9, 12.0, 100.0, 1000.1)] == [8, 16, 104, 1000]
+    assert round_batch(1000.0, cap=500) == 496
+    assert round_batch(100.0, cap=5) == 4
+    assert floor_allowed(0.5) is None and floor_allowed(7.9) == 4 and floor_allowed(17) == 16
+    assert ceil_allowed(0.2) == 1 and ceil_allowed(4.5) == 8 and ceil_allowed(17) == 24
+
+
+def test_clipped_to_dataset_size() -> None:
+    adv = advise(inputs(dataset_size=300))
+    # The objective falls all the way to 632 > 300: the optimum is the dataset
+    # size and the recommendation the largest multiple of 8 below it.
+    assert adv.optimum == pytest.approx(300.0)
+    assert adv.recommendation.batch_size == 296
+    assert all(c.batch_size <= 300 for c in adv.candidates)
+    assert any("dataset size" in n for n in adv.recommendation.notes)
+
+
+def test_never_below_one_for_tiny_noise_scale() -> None:
+    adv = advise(inputs(b_n=0.01, b_n_ci=Interval(0.005, 0.02), baseline_batch=1))
+    # sqrt(0.01·200) = 1.41 -> 1 or 2.
+    assert adv.optimum == pytest.approx(math.sqrt(0.01 * 200), rel=1e-3)
+    assert adv.recommendation.batch_size in (1, 2)
+    assert min(c.batch_size for c in adv.candidates) == 1
+
+
+def test_time_ratio_hand_calculation() -> None:
+    adv = advise(inputs())
+    rec = adv.recommendation
+    # steps: (1 + 2000/632)/(1 + 2000/64) = 4.1645570/32.25 = 0.12913355
+    # time per step: t(632) = 0.0832 s, t(64) = 0.0264 s
+    # ratio: 0.12913355 · 0.0832/0.0264 = 0.40696634
+    assert rec.predicted_time_ratio == pytest.approx(0.40696634, rel=1e-6)
+    assert rec.predicted_cost_ratio == pytest.approx(0.40696634, rel=1e-6)  # same device
+    row = next(c for c in adv.candidates if c.is_recommended)
+    assert row.steps_ratio == pytest.approx(0.12913355, rel=1e-6)
+    assert row.step_seconds == pytest.approx(0.0832)
+    base = next(c for c in adv.candidates if c.is_baseline)
+    assert base.batch_size == 64 and base.time_ratio == pytest.approx(1.0)
+    assert base.step_seconds == pytest.approx(0.0264)
+
+
+# ---------------------------------------------------------------- accumulation
+
+
+def test_accumulation_caps_the_optimum_at_the_memory_limit() -> None:
+    """With M = 64 examples fitting and no sync, the optimum is min(B*, M).
+
+    For B > M with a = ceil(B/M) >= B/M micro-steps:
+    (1 + B_n/B)(a·t0 + c·B) >= (1 + B_n/B)·B·(t0/M + c) = (B + B_n)(t0/M + c),
+    which grows with B and equals the objective at B = M. So accumulating
+    never pays on one device: B* = sqrt(2000·200) = 632 moves down to 64.
+    """
+    adv = advise(inputs(memory=memory(64)))
+    assert adv.optimum == pytest.approx(64.0)
+    assert adv.recommendation.batch_size == 64
+    # t uses a = ceil(B/M) micro-steps of t0 each: t(192) = 3·0.02 + 1e-4·192.
+    row = next(c for c in adv.candidates if c.batch_size == 192)
+    assert (row.grad_accumulation, row.per_device_batch_size, row.fits) == (3, 64, False)
+    assert row.step_seconds == pytest.approx(0.0792)
+    assert row.memory_bytes == pytest.approx(1_000_000 + 10_000.0 * 64)
+    assert accumulation_steps(200, 1, 64) == 4
+    assert step_seconds(200, curve(), max_batch_size=64) == pytest.approx(4 * 0.02 + 0.02)
+    # A limit above the optimum changes nothing.
+    assert advise(inputs(memory=memory(1000))).recommendation.batch_size == 632
+
+
+def test_accumulation_pays_when_the_sync_is_expensive() -> None:
+    """2 devices, 64 fit per device, all-reduce 1 s per optimizer step.
+
+    At full pieces B = 128·a: t = a·t0 + c·B/2 + 1 = B·(t0/128 + c/2) + 1, so
+    wall ∝ (1 + B_n/B)(B·1.28125e-4 + 1), minimised at
+    sqrt(1e5/1.28125e-4) = 27937.3 = 128·218.26. Inside a piece the
+    minimiser sqrt(B_n·(a·t0 + 1)/(c/2)) ~ 8e4 lies beyond the piece, so the
+    optimum is the piece end 128·218 = 27904 or 128·219 = 28032.
+    """
+    t0, c, bn, sync = 0.01, 1e-4, 1e5, 1.0
+    adv = advise(inputs(b_n=bn, b_n_ci=Interval(8e4, 1.2e5), timing=curve(t0, c),
+                        memory=memory(64), gpus=2, sync_seconds=sync))
+    ends = {b: wall(b, bn, t0, c, gpus=2, sync=sync, max_micro=64) for b in (27904, 28032)}
+    assert math.sqrt(bn / (t0 / 128 + c / 2)) == pytest.approx(27937.3, abs=0.1)
+    assert adv.optimum == min(ends, key=ends.__getitem__) == 27904
+    rec = adv.recommendation
+    assert (rec.batch_size, rec.grad_accumulation, rec.per_device_batch_size) == (27904, 218, 64)
+    assert adv.sync_seconds == 1.0
+
+
+# -------------------------------------------------------------------- devices
+
+
+def test_n_devices_with_sync_closed_form() -> None:
+    # Per-device batch B/N: t = t0 + c·B/N + t_sync, optimum sqrt(B_n·(t0 + ts)/(c/N)).
+    adv = advise(inputs(gpus=4, sync_seconds=0.01))
+    x = math.sqrt(BN * (T0 + 0.01) / (C / 4))
+    assert x == pytest.approx(1549.19, abs=0.01)
+    assert adv.optimum == pytest.approx(x, rel=1e-3)
+    rec = adv.recommendation
+    assert rec.gpus == 4 and rec.per_device_batch_size == math.ceil(rec.batch_size / 4)
+    assert rec.batch_size in (1544, 1552)
+
+
+def test_sync_seconds_ring_allreduce() -> None:
+    # 2(N-1)/N · bytes / bandwidth + latency: 2·3/4 · 4e8 / 3e11 + 20 µs.
+    assert sync_seconds(4e8, 4, 3e11, latency_s=20e-6) == pytest.approx(0.002 + 20e-6)
+    assert sync_seconds(4e8, 1, 3e11) == 0.0
+    link = interconnect("PCIe4")
+    assert link is INTERCONNECTS["pcie4"]
+    assert interconnect("nvlink") is INTERCONNECTS["nvlink3"]  # the spec's default
+    with pytest.raises(UsageError, match="unknown interconnect"):
+        interconnect("carrier-pigeon")
+    adv = advise(inputs(gpus=2, grad_bytes=4 * 10**8, interconnect="pcie4"))
+    assert adv.sync_seconds == pytest.approx(4e8 / 31.5e9 + 30e-6)
+    assert any("predicted" in n for n in adv.recommendation.notes)
+
+
+def test_frontier_for_four_devices() -> None:
+    grad, bw, lat = 4e8, 31.5e9, 30e-6  # pcie4
+    adv = advise(inputs(grad_bytes=int(grad), interconnect="pcie4"), max_gpus=4)
+    assert [r.gpus for r in adv.frontier] == [1, 2, 3, 4]
+    base = wall(64, BN, T0, C)  # the baseline on the input's single device: 32.25 · 0.0264
+    assert base == pytest.approx(0.8514)
+    for row in adv.frontier:
+        n = row.gpus
+        ts = 0.0 if n == 1 else 2 * (n - 1) / n * grad / bw + lat
+        assert row.sync_seconds == pytest.approx(ts)
+        x = math.sqrt(BN * (T0 + ts) / (C / n))
+        lo, hi = floor_allowed(x), ceil_allowed(x)
+        assert lo is not None
+        best = min((lo, hi), key=lambda b: wall(b, BN, T0, C, n, ts))
+        assert row.batch_size == best
+        assert row.time_ratio == pytest.approx(wall(best, BN, T0, C, n, ts) / base, rel=1e-9)
+        assert row.cost_ratio == pytest.approx(row.time_ratio * n, rel=1e-9)
+    assert adv.frontier[0].batch_size == 632
+    # More devices: faster, dearer.
+    times = [r.time_ratio for r in adv.frontier]
+    costs = [r.cost_ratio for r in adv.frontier]
+    assert times == sorted(times, reverse=True) and costs == sorted(costs)
+
+
+def test_measured_sync_scaled_by_ring_volume_in_frontier() -> None:
+    adv = advise(inputs(gpus=2, sync_seconds=0.01), max_gpus=4)
+    # (N-1)/N: 1/2 at 2 devices, 3/4 at 4 -> 0.01 · (3/4)/(1/2) = 0.015.
+    assert [r.sync_seconds for r in adv.frontier] == pytest.approx([0.0, 0.01, 0.01 * 4 / 3,
+                                                                   0.015])
+    # Baseline on 2 devices: cost ratio = time ratio × n/2.
+    row = adv.frontier[0]
+    assert row.cost_ratio == pytest.approx(row.time_ratio / 2)
+
+
+# --------------------------------------------------------------- learning rate
+
+
+def test_lr_rules_at_concrete_numbers() -> None:
+    # B0 = 64 -> B = 512 with B_n = 1000: (1 + 1000/64)/(1 + 1000/512) = 16.625/2.953125.
+    ratio = 16.625 / 2.953125
+    assert ratio == pytest.approx(5.6296, abs=1e-4)
+    assert scaled_lr(0.1, 64, 512, 1000, "sgd") == pytest.approx((0.1 * ratio, "mccandlish"))
+    lr, rule = scaled_lr(0.1, 64, 512, 1000, "adam")
+    assert (lr, rule) == (pytest.approx(0.1 * math.sqrt(ratio)), "mccandlish-sqrt")
+    assert scaled_lr(0.1, 64, 512, 1000, "sgd", "linear") == pytest.approx((0.8, "linear"))
+    assert scaled_lr(0.1, 64, 512, 1000, "adam", "sqrt") == pytest.approx(
+        (0.1 * math.sqrt(8), "sqrt"))
+    assert scaled_lr(0.1, 64, 512, 1000, "adam", "none") == (0.1, "none")
+    # B ≪ B_n: linear; B ≫ B_n: saturates at 1 + B_n/B0.
+    assert scaled_lr(1.0, 8, 16, 1e9, "sgd")[0] == pytest.approx(2.0, rel=1e-6)
+    assert scaled_lr(1.0, 64, 10**9, 64, "sgd")[0] == pytest.approx(2.0, rel=1e-6)
+    with pytest.raises(ValueError):
+        scaled_lr(0.1, 64, 512, 1000, "sgd", "cubic")
+
+
+def test_seed_post_lamb_64_to_1024() -> None:
+    """The seed post: LAMB, batch 64 -> 1024, lr 1e-3 -> 7e-3 (a 7x factor).
+
+    LAMB is Adam family, so "auto" uses sqrt((1 + B_n/64)/(1 + B_n/1024)).
+    That factor grows with B_n towards sqrt(1024/64) = 4 and never reaches it:
+    no B_n reproduces 7e-3; the rule gives at most 4e-3. The post's 7x is
+    above what the Adam rule gives and below the linear rule's 16x (1.6e-2).
+    It is exactly what the SGD-form rule (1 + B_n/64)/(1 + B_n/1024) gives at
+    B_n = 6·1024/9 = 682.7 (solve 1 + B_n/64 = 7·(1 + B_n/1024)), which we
+    note, without claiming the post used it.
+    """
+    assert optimizer_family("LAMB") == "adam"
+    factors = [scaled_lr(1e-3, 64, 1024, bn, "adam")[0] / 1e-3 for bn in (10, 100, 1e3, 1e4, 1e6)]
+    assert factors == sorted(factors) and all(f < 4 for f in factors)
+    assert factors[-1] == pytest.approx(4.0, rel=1e-2)
+    assert scaled_lr(1e-3, 64, 1024, math.inf, "adam")[0] == pytest.approx(4e-3)
+    assert scaled_lr(1e-3, 64, 1024, 1e3, "adam", "linear")[0] == pytest.approx(1.6e-2)
+    assert scaled_lr(1e-3, 64, 1024, 6 * 1024 / 9, "sgd")[0] == pytest.approx(7e-3)
+
+
+@pytest.mark.parametrize("name, family", [
+    ("sgd", "sgd"), ("SGD", "sgd"), ("torch.optim:SGD", "sgd"), ("LARS", "sgd"),
+    ("nesterov", "sgd"), ("momentum", "sgd"), ("adam", "adam"), ("AdamW", "adam"),
+    ("NAdam", "adam"), ("lamb", "adam"), ("RMSprop", "adam"), ("Adagrad", "adam"),
+    ("Adafactor", "adam"), ("my.module:FusedLAMB", "adam"), ("Lion", "adam"),
+])
+def test_optimizer_family(name: str, family: str) -> None:
+    assert optimizer_family(name) == family
+
+
+def test_optimizer_family_from_class_and_instance() -> None:
+    class MyAdamVariant:
+        pass
+
+    class FastSGD:
+        pass
+
+    assert optimizer_family(MyAdamVariant) == "adam"
+    assert optimizer_family(FastSGD()) == "sgd"
+
+
+def test_recommendation_learning_rate_uses_the_rule() -> None:
+    rec = advise(inputs()).recommendation
+    assert rec.lr_rule == "mccandlish"
+    assert rec.learning_rate == pytest.approx(0.1 * 32.25 / (1 + 2000 / 632))
+    rec = advise(inputs(optimizer_family="adam", lr_rule="linear")).recommendation
+    assert (rec.lr_rule, rec.learning_rate) == ("linear", pytest.approx(0.1 * 632 / 64))
+
+
+# ------------------------------------------------------------ warm-up, hours
+
+
+def test_warmup_iff_batch_grows_more_than_8x() -> None:
+    # Noise-scale-only advice recommends round(B_n): 512 = 8x 64 (no warm-up), 520 > 8x.
+    at_8x = advise(inputs(timing=None, b_n=512.0, b_n_ci=Interval(400, 600))).recommendation
+    assert at_8x.batch_size == 512 and at_8x.warmup is None
+    above = advise(inputs(timing=None, b_n=520.0, b_n_ci=Interval(400, 600))).recommendation
+    assert above.batch_size == 520 and above.warmup is not None
+    assert "Goyal" in above.warmup and "5 epochs" in above.warmup
+    assert advise(inputs()).recommendation.warmup is not None  # 632/64 = 9.9x
+    assert advise(inputs(baseline_batch=128)).recommendation.warmup is None  # 4.9x
+
+
+def test_predicted_hours_and_money() -> None:
+    """6.4M planned examples at B0 = 64 are 100,000 baseline steps.
+
+    baseline: 1e5 · 0.0264 s = 2640 s = 0.73333 h; at $2.50/h: $1.83333.
+    batch 632: 1e5 · 0.12913355 · 0.0832 s = 1074.39 s = 0.298442 h: $0.746105.
+    """
+    adv = advise(inputs(training_examples=6_400_000, price_per_hour=2.5))
+    assert adv.baseline_hours == pytest.approx(0.733333, rel=1e-5)
+    assert adv.baseline_cost == pytest.approx(1.833333, rel=1e-5)
+    assert adv.predicted_hours == pytest.approx(0.298442, rel=1e-5)
+    assert adv.predicted_cost == pytest.approx(0.746105, rel=1e-5)
+    ab = adv.absolute
+    assert ab is not None and ab["label"] == "predicted" and "6,400,000" in ab["text"]
+    # Two devices: hours from the 2-device step time, money × 2.
+    two = advise(inputs(training_examples=6_400_000, price_per_hour=2.5, gpus=2,
+                        sync_seconds=0.0))
+    hours_2 = 1e5 * (0.02 + 1e-4 * 32) / 3600  # 0.6444 h: per-device batch 32
+    assert two.baseline_hours == pytest.approx(hours_2)
+    assert two.baseline_cost == pytest.approx(hours_2 * 2 * 2.5)
+    # Unknown without planned examples or without timing.
+    assert advise(inputs()).predicted_hours is None
+    assert advise(inputs(timing=None, training_examples=10**6)).predicted_hours is None
+
+
+# ----------------------------------------------------------- no timing, range
+
+
+def test_noise_scale_only_without_timing() -> None:
+    adv = advise(inputs(timing=None, b_n=1000.0, b_n_ci=Interval(700, 1500)), max_gpus=4)
+    rec = adv.recommendation
+    assert rec.batch_size == 1000 and adv.optimum is None
+    assert rec.basis.startswith("noise scale only: no step-time measurement")
+    assert rec.predicted_time_ratio is None and rec.predicted_cost_ratio is None
+    assert rec.batch_range == (704, 1504)
+    assert adv.frontier == ()
+    assert all(math.isnan(c.time_ratio) for c in adv.candidates)
+    assert all(not math.isnan(c.steps_ratio) for c in adv.candidates)
+
+
+def test_batch_range_from_the_interval() -> None:
+    # Ends of the interval: sqrt(800·200) = 400 and sqrt(1152·200) = 480, both multiples of 8.
+    rec = advise(inputs()).recommendation
+    assert rec.batch_range == (400, 480)
+    assert "B_simple = 2,000" in rec.basis and "measured" in rec.basis
+    unbounded = advise(inputs(b_n_ci=Interval(800.0, math.inf))).recommendation
+    assert unbounded.batch_range == (400, 10**6)
+    assert any("unbounded above" in n for n in unbounded.notes)
+
+
+def test_b_noise_basis_and_probe_step() -> None:
+    rec = advise(inputs(basis="b_noise", noise_step=500, timing=curve(source="predicted")))
+    r = rec.recommendation
+    assert "B_noise" in r.basis and "step 500" in r.basis and "(predicted)" in r.basis
+    assert r.noise_step == 500
+    assert not any("B_simple exceeded" in n for n in r.notes)
+
+
+def test_unresolved_noise_scale_takes_the_largest_batch() -> None:
+    adv = advise(inputs(b_n=math.inf, b_n_ci=Interval(5000.0, math.inf), dataset_size=50_000))
+    # Perfect scaling: wall ∝ t(B)/B = t0/B + c falls with B up to the dataset.
+    assert adv.recommendation.batch_size == 50_000
+    assert adv.candidates[-1].batch_size == 50_000
+
+
+def test_inputs_are_validated() -> None:
+    with pytest.raises(ValueError):
+        inputs(b_n=0.0)
+    with pytest.raises(ValueError):
+        inputs(b_n=math.nan)
+    with pytest.raises(ValueError):
+        inputs(lr_rule="cubic")
+    with pytest.raises(UsageError, match="hardware.interconnect"):
+        inputs(interconnect="token-ring")
+    assert steps_ratio(64, 64, 1000) == 1.0
+    assert steps_ratio(128, 64, math.inf) == 0.5
+
+
+# ------------------------------------------------------------------ properties
+
+
+@st.composite
+def random_inputs(draw: st.DrawFn, max_dataset: int = 10**6) -> AdvisorInputs:
+    gpus = draw(st.integers(1, 8))
+    dataset = draw(st.integers(gpus, max_dataset))
+    b0 = draw(st.integers(gpus, min(dataset, 8192)))
+    bn = draw(st.floats(0.5, 1e5))
+    mem = draw(st.one_of(st.none(), st.integers(8, 4096)))
+    return AdvisorInputs(
+        b_n=bn, b_n_ci=Interval(bn / 2, bn * 2), baseline_batch=b0, baseline_lr=1e-3,
+        optimizer_family=draw(st.sampled_from(["sgd", "adam"])), dataset_size=dataset,
+        timing=curve(draw(st.floats(1e-4, 1.0)), draw(st.floats(1e-7, 1e-2))),
+        memory=None if mem is None else memory(mem), gpus=gpus,
+        sync_seconds=draw(st.floats(0.0, 0.5)) if gpus > 1 else None,
+    )
+
+
+def _allowed(b: int) -> bool:
+    return (b % 8 == 0) or b in (1, 2, 4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(random_inputs())
+def test_recommendation_is_the_fastest_candidate(inp: AdvisorInputs) -> None:
+    """The recommendation minimises predicted wall-clock over every allowed
+    batch (multiples of 8, 1/2/4, the baseline), so no candidate row beats
+    it; only float rounding (1e-9 relative) separates them."""
+    adv = advise(inp)
+    rec = adv.recommendation
+    assert 1 <= rec.batch_size <= inp.dataset_size
+    assert _allowed(rec.batch_size) or rec.batch_size == inp.baseline_batch
+    recommended = [c for c in adv.candidates if c.is_recommended]
+    assert len(recommended) == 1 and recommended[0].batch_size == rec.batch_size
+    assert sum(c.is_baseline for c in adv.candidates) == 1
+    assert rec.predicted_time_ratio is not None
+    best = min(c.time_ratio for c in adv.candidates)
+    assert rec.predicted_time_ratio <= best * (1 + 1e-9)
+    # The continuous optimum is at least as fast as the rounded one.
+    assert adv.optimum is not None
+    max_micro = inp.memory.max_batch_size if inp.memory else None
+    sync = adv.sync_seconds
+    t = inp.timing
+    assert t is not None
+    f_opt = wall(adv.optimum, inp.b_n, t.t0, t.per_example, inp.gpus, sync, max_micro)
+    f_rec = wall(rec.batch_size, inp.b_n, t.t0, t.per_example, inp.gpus, sync, max_micro)
+    assert f_opt <= f_rec * (1 + 1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(random_inputs(max_dataset=4000))
+def test_recommendation_matches_brute_force(inp: AdvisorInputs) -> None:
+    """Every allowed batch evaluated by the written-out formula: the advisor's
+    piecewise search finds the same minimum."""
+    adv = advise(inp)
+    t = inp.timing
+    assert t is not None
+    max_micro = inp.memory.max_batch_size if inp.memory else None
+    allowed = [b for b in range(inp.gpus, inp.dataset_size + 1) if _allowed(b)]
+    allowed.append(inp.baseline_batch)
+    best = min(wall(b, inp.b_n, t.t0, t.per_example, inp.gpus, adv.sync_seconds, max_micro)
+               for b in allowed)
+    got = wall(adv.recommendation.batch_size, inp.b_n, t.t0, t.per_example, inp.gpus,
+               adv.sync_seconds, max_micro)
+    assert got <= best * (1 + 1e-9)
+    # And the continuous optimum beats a fine grid of real batch sizes.
+    grid = [inp.gpus + (inp.dataset_size - inp.gpus) * i / 2000 for i in range(2001)]
+    assert adv.optimum is not None
+    f_opt = wall(adv.optimum, inp.b_n, t.t0, t.per_example, inp.gpus, adv.sync_seconds,
+                 max_micro)
+    assert f_opt <= min(wall(b, inp.b_n, t.t0, t.per_example, inp.gpus, adv.sync_seconds,
+                             max_micro) for b in grid) * (1 + 1e-9)
+
+
+def test_dataclass_replace_keeps_validation() -> None:
+    with pytest.raises(ValueError):
+        replace(inputs(), gpus=0)

@@ -1,0 +1,166 @@
+"""The result cache: keys, round trips, corrupt entries, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from bsfind import cache
+
+
+@pytest.fixture
+def cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    d = tmp_path / "cache"
+    monkeypatch.setenv("BSFIND_CACHE_DIR", str(d))
+    return d
+
+
+SPEC = {"model": {"factory": "model.py:net", "kwargs": {"width": 32}},
+        "optimizer": {"lr": 1e-3, "batch_size": 64}}
+
+
+def _key(src: list[Path], spec: dict | None = None, hw: str = "cpu", ver: str = "0.1.0") -> str:
+    return cache.cache_key(spec if spec is not None else SPEC, src, hw, ver)
+
+
+def test_key_is_stable_and_canonical(tmp_path: Path) -> None:
+    src = tmp_path / "model.py"
+    src.write_text("def net(): ...\n")
+    k = _key([src])
+    assert len(k) == 64 and int(k, 16) >= 0
+    # Key order in the spec and order/duplicates of files do not matter.
+    reordered = {"optimizer": {"batch_size": 64, "lr": 1e-3},
+                 "model": {"kwargs": {"width": 32}, "factory": "model.py:net"}}
+    other = tmp_path / "data.py"
+    other.write_text("x = 1\n")
+    assert _key([src], reordered) == k
+    assert _key([src, other]) == _key([other, src, other])
+
+
+def test_key_changes_with_every_input(tmp_path: Path) -> None:
+    src = tmp_path / "model.py"
+    src.write_text("def net(): ...\n")
+    k = _key([src])
+    assert _key([src], {**SPEC, "optimizer": {"lr": 2e-3, "batch_size": 64}}) != k
+    assert _key([src], hw="cuda:NVIDIA H100") != k
+    assert _key([src], ver="0.2.0") != k
+    assert _key([]) != k
+    src.write_text("def net(): return 1\n")  # a changed source file -> a new key
+    assert _key([src]) != k
+    src.unlink()  # a missing file is hashed as missing, not an error
+    assert _key([src]) not in (k, _key([]))
+
+
+def test_cache_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BSFIND_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache.cache_dir() == tmp_path / "home" / ".cache" / "bsfind"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache.cache_dir() == tmp_path / "xdg" / "bsfind"
+    monkeypatch.setenv("BSFIND_CACHE_DIR", str(tmp_path / "mine"))
+    assert cache.cache_dir() == tmp_path / "mine"
+
+
+def test_round_trip(cache_home: Path) -> None:
+    doc = {"recommendation": {"batch_size": 632, "learning_rate": 0.77}, "ci": [1.0, None]}
+    key = "a" * 64
+    assert cache.load(key) is None
+    path = cache.store(key, doc)
+    assert path.parent == cache_home and path.exists()
+    assert cache.load(key) == doc
+    cache.store(key, {"replaced": True})
+    assert cache.load(key) == {"replaced": True}
+
+
+@pytest.mark.parametrize("content", [
+    b"",
+    b'{"format": 1, "key": "',  # a half-written entry
+    b"\xff\xfe not utf-8",
+    b"[1, 2, 3]",
+    b'{"format": 1, "key": "someone-else", "document": {}}',
+    b'{"format": 999, "key": "KEY", "document": {}}',
+    b'{"format": 1, "key": "KEY", "document": [1]}',
+])
+def test_corrupt_entry_reads_as_miss(cache_home: Path, content: bytes) -> None:
+    key = "b" * 64
+    cache_home.mkdir(parents=True)
+    (cache_home / f"{key}.json").write_bytes(content.replace(b"KEY", key.encode()))
+    assert cache.load(key) is None
+
+
+def test_unreadable_entry_reads_as_miss(cache_home: Path) -> None:
+    key = "c" * 64
+    (cache_home / f"{key}.json").mkdir(parents=True)  # a directory where the file should be
+    assert cache.load(key) is None
+
+
+def test_bad_key_rejected(cache_home: Path) -> None:
+    with pytest.raises(ValueError):
+        cache.store("../escape", {})
+
+
+def _leftovers(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path: Path) -> None:
+    target = tmp_path / "out.yaml"
+    cache.atomic_write_text(target, "first\n")
+    cache.atomic_write_text(target, "second\n")
+    assert target.read_text() == "second\n"
+    assert _leftovers(tmp_path) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["out.yaml"]
+    # A new file gets the umask mode, not mkstemp's 0600.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
+
+
+def test_atomic_write_keeps_existing_mode(tmp_path: Path) -> None:
+    target = tmp_path / "script.sh"
+    target.write_text("old")
+    target.chmod(0o750)
+    cache.atomic_write_text(target, "new")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o750
+
+
+@pytest.mark.parametrize("fail_at", ["fsync", "replace"])
+def test_failure_mid_write_leaves_old_file_and_no_temp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_at: str
+) -> None:
+    target = tmp_path / "result.json"
+    target.write_text('{"old": true}')
+    seen: list[str] = []
+
+    def boom(*args: object) -> None:
+        # By now half the new bytes sit in the temp file: it must never surface.
+        seen.extend(_leftovers(tmp_path))
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, fail_at, boom)
+    with pytest.raises(OSError, match="disk full"):
+        cache.atomic_write_text(target, '{"new": true, "padding": "' + "x" * 100_000 + '"}')
+    monkeypatch.undo()
+    assert seen, "the failure was injected after the temp file was written"
+    assert target.read_text() == '{"old": true}'
+    assert _leftovers(tmp_path) == []
+
+
+def test_interrupted_store_is_a_miss_not_a_half_entry(
+    cache_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = "d" * 64
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cache.store(key, {"x": 1})
+    monkeypatch.undo()
+    assert cache.load(key) is None
+    assert list(cache_home.iterdir()) == []

@@ -1,0 +1,132 @@
+"""The CLI as users see it: exit codes, one-line messages naming the culprit, JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bsfind.cli import app
+from tests.conftest import ROOT
+
+ASSETS = ROOT / "tests" / "assets"
+GOOD = str(ASSETS / "good.yaml")
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def assert_clean_failure(result, code: int, *needles: str) -> None:
+    out = result.output
+    assert result.exit_code == code, out
+    assert "Traceback" not in out, out
+    for n in needles:
+        assert n in out, f"{n!r} not in {out!r}"
+
+
+def test_version() -> None:
+    r = run("--version")
+    assert r.exit_code == 0 and "bsfind 0." in r.output
+
+
+def test_validate_ok() -> None:
+    r = run("validate", GOOD)
+    assert r.exit_code == 0 and "ok" in r.output and "trainable parameters" in r.output
+
+
+def test_noise_json_is_one_document() -> None:
+    r = runner.invoke(app, ["noise", GOOD, "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["noise_scale"]["b_simple"] > 0
+    assert doc["device"]["type"] == "cpu"
+
+
+def test_init_writes_a_valid_spec(tmp_path: Path) -> None:
+    target = tmp_path / "s.yaml"
+    assert run("init", str(target)).exit_code == 0
+    assert target.read_text().startswith("# bsfind spec")
+    assert_clean_failure(run("init", str(target)), 2, "exists", "--force")
+
+
+FAULTS = [
+    # (overrides, exit code, what the message must name)
+    (["optimizer.lr=fast"], 2, "optimizer.lr: expected a number"),
+    (["probe.sed=1", "optimizer.batch_size=-1"], 2, "probe.sed: unknown key"),
+    (["model.factory=nonexistent_mod_xyz:f"], 3, "nonexistent_mod_xyz"),
+    (["model.factory=missing.py:f"], 3, "missing.py"),
+    (["model.factory=user_code.py:nope"], 3, "has no attribute 'nope'"),
+    (["model.kwargs={hidden: 3}"], 3, "model.kwargs"),
+    (["model.factory=user_code.py:raising_model"], 3, "boom in the model factory"),
+    (["model.factory=broken_import.py:f"], 3, "broken_import.py"),
+    (["model.factory=user_code.py:not_a_module"], 3, "not a torch.nn.Module"),
+    (["model.factory=user_code.py:no_params"], 3, "no trainable parameters"),
+    (["model.factory=user_code.py:frozen_model"], 3, "no trainable parameters"),
+    (["model.checkpoint=missing.pt"], 3, "model.checkpoint: file not found"),
+    (["data.factory=user_code.py:empty_data"], 3, "empty dataset"),
+    (["data.factory=user_code.py:not_a_dataset"], 3, "not a map-style Dataset"),
+    (["data.factory=user_code.py:triples"], 3, "(input, target) pairs"),
+    (["data.factory=user_code.py:raising_data"], 3, "cannot open /data/train"),
+    (["model.factory=user_code.py:shape_mismatch_model"], 3, "shape_mismatch_model"),
+    (["loss=user_code.py:vector_loss"], 3, "must return a scalar"),
+    (["loss=user_code.py:raising_loss"], 3, "loss exploded"),
+    (["loss=hinge"], 3, "unknown loss 'hinge'"),
+    (["optimizer.name=lion"], 3, "unknown optimizer 'lion'"),
+    (["optimizer.kwargs={momentun: 0.9}"], 3, "optimizer.kwargs"),
+    (["model.factory=user_code.py:nan_model"], 3, "loss is nan"),
+    (["model.factory=user_code.py:nan_model", "probe.warmup_steps=5"], 3,
+     "warm-up training step 1"),
+    (["model.factory=user_code.py:zero_grad_model"], 3, "all zero"),
+    (["probe.max_seconds=0.000001"], 5, "probe.max_seconds"),
+]
+
+
+@pytest.mark.parametrize("overrides, code, needle", FAULTS,
+                         ids=[f[2][:30] for f in FAULTS])
+def test_faults_end_in_one_clear_line(overrides: list[str], code: int, needle: str) -> None:
+    args = ["noise", GOOD]
+    for o in overrides:
+        args += ["--set", o]
+    assert_clean_failure(run(*args), code, needle)
+
+
+def test_missing_spec_file() -> None:
+    assert_clean_failure(run("noise", "no/such/spec.yaml"), 2, "file not found")
+
+
+def test_checkpoint_that_does_not_match(tmp_path: Path) -> None:
+    ckpt = tmp_path / "other.pt"
+    torch.save(torch.nn.Linear(3, 3).state_dict(), ckpt)
+    assert_clean_failure(run("noise", GOOD, "--set", f"model.checkpoint={ckpt}"), 3,
+                         "does not match the model")
+
+
+def test_checkpoint_is_loaded(tmp_path: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(ASSETS))
+    try:
+        import user_code
+    finally:
+        sys.path.remove(str(ASSETS))
+    model = user_code.good_model()
+    ckpt = tmp_path / "good.pt"
+    torch.save({"state_dict": model.state_dict()}, ckpt)
+    r = runner.invoke(app, ["noise", GOOD, "--json", "--set", f"model.checkpoint={ckpt}"])
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_absent_cuda_device_is_a_hardware_error() -> None:
+    assert_clean_failure(run("noise", GOOD, "--set", "hardware.device=cuda"), 4,
+                         "hardware.device", "no CUDA device")
+
+
+def test_debug_shows_the_traceback() -> None:
+    r = run("noise", GOOD, "--set", "model.factory=user_code.py:raising_model", "--debug")
+    assert r.exit_code == 3 and "Traceback" in r.output

@@ -1,0 +1,117 @@
+"""End to end: `recommend --json` keys, `check` exit codes and its cache."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bsfind.cli import app
+from tests.conftest import CONFIGS, ROOT
+
+ASSETS = ROOT / "tests" / "assets"
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def digits_cnn_doc() -> dict:
+    r = runner.invoke(app, ["recommend", str(CONFIGS / "digits-cnn.yaml"), "--json",
+                            "--gpu", "a100-80gb", "--set", "probe.max_seconds=30"])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def test_recommend_json_has_every_documented_key(digits_cnn_doc: dict) -> None:
+    d = digits_cnn_doc
+    assert d["version"] and d["device"]["type"] == "cpu"
+    assert d["baseline"] == {"batch_size": 32, "learning_rate": 0.05, "optimizer": "sgd"}
+    ns = d["noise_scale"]
+    for key in ("b_simple", "ci95", "grad_norm_sq", "trace_sigma", "method", "examples",
+                "seconds"):
+        assert key in ns
+    assert ns["b_simple"] > 0 and ns["ci95"][0] <= ns["b_simple"] <= ns["ci95"][1]
+    rec = d["recommendation"]
+    for key in ("batch_size", "learning_rate", "grad_accumulation", "lr_rule",
+                "per_device_batch_size", "gpus", "predicted_time_ratio",
+                "predicted_cost_ratio", "basis"):
+        assert key in rec, key
+    assert rec["batch_size"] >= 1 and rec["learning_rate"] > 0
+
+
+def test_recommend_measures_memory_and_timing(digits_cnn_doc: dict) -> None:
+    mem, tim = digits_cnn_doc["memory"], digits_cnn_doc["timing"]
+    assert mem["source"] == "predicted"  # CPU: counted bytes, not a CUDA measurement
+    assert mem["max_batch_size"] > 0 and mem["bytes_per_example"] > 0 and mem["fixed_bytes"] > 0
+    assert tim["source"] == "measured" and len(tim["points"]) >= 2
+    assert all(p["seconds"] > 0 for p in tim["points"])
+    assert tim["t0"] is not None and tim["per_example"] is not None and tim["r2"] is not None
+    pred = digits_cnn_doc["predicted"]
+    assert pred["gpu"] == "a100-80gb" and pred["label"].startswith("predicted")
+    assert pred["memory"]["source"] == "predicted" and pred["timing"]["source"] == "predicted"
+    assert pred["memory"]["max_batch_size"] > 0
+    marked = [c for c in digits_cnn_doc["candidates"] if c["is_recommended"]]
+    assert len(marked) == 1
+    assert marked[0]["batch_size"] == digits_cnn_doc["recommendation"]["batch_size"]
+
+
+def test_table_output(tmp_path: Path) -> None:
+    r = runner.invoke(app, ["recommend", str(ASSETS / "good.yaml"), "--max-gpus", "2",
+                            "--plot", str(tmp_path / "p.png")])
+    assert r.exit_code == 0, r.output
+    assert "Recommendation: batch size" in r.output and "Candidates" in r.output
+    assert "device(s)" in r.output  # the frontier
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the tiny spec and its factory file, with a private cache."""
+    for name in ("good.yaml", "user_code.py"):
+        shutil.copy(ASSETS / name, tmp_path / name)
+    monkeypatch.setenv("BSFIND_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def test_check_exit_codes_and_tolerance(project: Path) -> None:
+    spec = str(project / "good.yaml")
+    wide = runner.invoke(app, ["check", spec, "--tolerance", "1000000"])
+    assert wide.exit_code == 0, wide.output
+    assert wide.output.startswith("ok: baseline batch 16")
+    out = project / "report.json"
+    # A baseline 16x the dataset (256 examples) is beyond any recommendation.
+    tight = runner.invoke(app, ["check", spec, "--set", "optimizer.batch_size=4096",
+                                "--tolerance", "2", "--output", str(out), "--no-cache"])
+    doc = json.loads(out.read_text())
+    assert tight.exit_code == 1, tight.output
+    assert "baseline batch 4096 is" in tight.output and "x above the recommended" in tight.output
+    assert doc["check"]["within"] is False and doc["check"]["ratio"] > 1.0001
+    assert not list(project.glob("*.tmp*")), "no temporary files left behind"
+
+
+def test_check_cache_reuses_and_invalidates(project: Path, monkeypatch: pytest.MonkeyPatch
+                                            ) -> None:
+    from bsfind import api
+
+    spec = str(project / "good.yaml")
+    first = runner.invoke(app, ["check", spec, "--tolerance", "1000000", "--json"])
+    assert first.exit_code == 0, first.output
+
+    def no_probe(*a: object, **k: object) -> None:
+        raise AssertionError("a cached run must not probe")
+
+    monkeypatch.setattr(api, "recommend", no_probe)
+    second = runner.invoke(app, ["check", spec, "--tolerance", "1000000", "--json"])
+    assert second.exit_code == 0, second.output
+    d1, d2 = json.loads(first.stdout), json.loads(second.stdout)
+    assert d2["cached"] is True
+    assert d1["recommendation"] == d2["recommendation"]
+    assert d1["noise_scale"] == d2["noise_scale"]
+
+    # Editing the factory's source file invalidates the entry: now it must probe.
+    src = project / "user_code.py"
+    src.write_text(src.read_text() + "\n# edited\n")
+    third = runner.invoke(app, ["check", spec, "--tolerance", "1000000"])
+    assert third.exit_code != 0 and "a cached run must not probe" in third.output

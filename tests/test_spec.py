@@ -1,0 +1,133 @@
+"""Spec parsing: every problem at once, with dotted paths; overrides; the starter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bsfind.errors import SpecError, UsageError
+from bsfind.spec import SCHEMA, apply_overrides, load_spec, spec_from_dict, starter_spec, validate
+
+GOOD = {
+    "model": {"factory": "bsfind.models:mlp", "kwargs": {"hidden": 32}},
+    "data": {"factory": "bsfind.data:digits"},
+    "optimizer": {"name": "adam", "lr": 1e-3, "batch_size": 64},
+}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "spec.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_are_filled() -> None:
+    s = spec_from_dict(GOOD)
+    assert s.loss == "cross_entropy"
+    assert s.probe.max_seconds == 60 and s.probe.target_rel_error == 0.1
+    assert s.hardware.device == "auto" and s.optimizer.lr_rule == "auto"
+    assert s.document["probe"]["seed"] == 0
+
+
+def test_all_problems_reported_at_once_with_dotted_paths() -> None:
+    bad = {
+        "model": {"factory": "no_colon", "extra": 1},
+        "data": {"factory": "bsfind.data:digits"},
+        "optimizer": {"lr": "fast", "batch_size": 0},
+        "probe": {"target_rel_error": 2, "method": "magic"},
+        "wat": {},
+    }
+    with pytest.raises(SpecError) as info:
+        spec_from_dict(bad)
+    problems = "\n".join(info.value.problems)
+    assert "optimizer.lr: expected a number, got a string 'fast'" in problems
+    assert "optimizer.batch_size: must be > 0" in problems
+    assert "model.factory: expected 'module:attr'" in problems
+    assert "model.extra: unknown key" in problems
+    assert "probe.target_rel_error: must be between 0 and 1" in problems
+    assert "probe.method: expected one of auto, per-example, microbatch" in problems
+    assert "wat: unknown section" in problems
+    assert len(info.value.problems) == 7
+
+
+def test_yaml_exponent_without_dot_is_a_number(tmp_path: Path) -> None:
+    # YAML 1.1 reads 1e-3 as a string; users write it that way all the time.
+    p = write(tmp_path, yaml.safe_dump(GOOD).replace("0.001", "1e-3"))
+    assert "1e-3" in p.read_text()
+    assert load_spec(p).optimizer.lr == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "the spec is empty"),
+        ("- a\n- b\n", "must be a mapping"),
+        ("model: [unclosed\n", "invalid YAML at line"),
+        ("model: {factory: a:b}\n", "data: missing required section"),
+    ],
+)
+def test_malformed_files(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, text))
+    assert message in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="file not found"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_overrides_parse_yaml_values(tmp_path: Path) -> None:
+    p = write(tmp_path, yaml.safe_dump(GOOD))
+    s = load_spec(p, ["probe.seed=3", "probe.at_steps=[0,200]", "optimizer.lr=0.01"])
+    assert s.probe.seed == 3 and s.probe.at_steps == (0, 200) and s.optimizer.lr == 0.01
+    assert s.probe_steps() == (0, 200)
+
+
+def test_override_errors() -> None:
+    with pytest.raises(UsageError, match="expected key.path=value"):
+        apply_overrides(GOOD, ["probe.seed"])
+    with pytest.raises(UsageError, match="not a mapping"):
+        apply_overrides(GOOD, ["optimizer.lr.x=1"])
+
+
+def test_override_of_unknown_key_is_a_spec_error(tmp_path: Path) -> None:
+    p = write(tmp_path, yaml.safe_dump(GOOD))
+    with pytest.raises(SpecError, match="probe.sed: unknown key"):
+        load_spec(p, ["probe.sed=3"])
+
+
+def test_starter_spec_is_valid_and_documents_every_field(tmp_path: Path) -> None:
+    text = starter_spec()
+    for section, fields in SCHEMA.items():
+        for name in fields:
+            if name:
+                assert f"  {name}:" in text, f"{section}.{name} missing from starter"
+    validate(yaml.safe_load(text), tmp_path)
+
+
+def test_at_steps_must_increase() -> None:
+    with pytest.raises(SpecError, match="probe.at_steps: steps must be increasing"):
+        spec_from_dict({**GOOD, "probe": {"at_steps": [200, 0]}})
+
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True),
+                     st.text(max_size=5))
+_values = st.recursive(_scalars, lambda c: st.one_of(st.lists(c, max_size=3),
+                                                      st.dictionaries(st.text(max_size=6), c,
+                                                                      max_size=3)), max_leaves=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(doc=st.one_of(_values, st.dictionaries(st.sampled_from(list(SCHEMA) + ["x"]), _values,
+                                              max_size=6)))
+def test_generated_malformed_specs_never_traceback(doc: object, tmp_path_factory) -> None:
+    """Any YAML-shaped value either validates or raises SpecError, nothing else."""
+    try:
+        validate(doc, Path("."))
+    except SpecError as exc:
+        assert exc.problems and all(isinstance(p, str) and p for p in exc.problems)
