@@ -19,7 +19,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,6 +30,9 @@ from bsfind.results import MemoryModel, NoiseEstimate, TimingCurve
 from bsfind.spec import Spec, spec_from_dict
 from bsfind.workload import LossFn, Workload, build
 
+if TYPE_CHECKING:
+    from bsfind.distributed import Parallel
+
 # Share of probe.max_seconds reserved for the hardware measurements (memory and
 # the step-time ladder) when they run; the noise probe gets the rest.
 HARDWARE_SHARE = 0.25
@@ -38,9 +41,16 @@ TIMING_MAX_BATCH = 4096
 
 
 def _probe_points(
-    job: Workload, deadline: Deadline, progress: ProgressFn | None, noise_share: float
+    job: Workload, deadline: Deadline, progress: ProgressFn | None, noise_share: float,
+    par: Parallel | None = None,
 ) -> tuple[list[NoiseEstimate], str]:
-    """Train to each probe point and measure there. Returns (estimates, status)."""
+    """Train to each probe point and measure there. Returns (estimates, status).
+
+    ``par``: the data-parallel versions of training, probe and B_noise (torchrun).
+    """
+    train = train_steps if par is None else par.train_steps
+    make_probe = NoiseProbe if par is None else par.noise_probe
+    curvature_fn = _with_curvature if par is None else par.curvature
     spec = job.spec
     steps = spec.probe_steps()
     gen = torch.Generator().manual_seed(spec.probe.seed + 1)
@@ -54,8 +64,8 @@ def _probe_points(
         if target > at:
             assert optimizer is not None
             try:
-                at = train_steps(job, optimizer, target - at, spec.optimizer.batch_size, gen,
-                                 start_step=at, progress=progress, deadline=deadline)
+                at = train(job, optimizer, target - at, spec.optimizer.batch_size, gen,
+                           start_step=at, progress=progress, deadline=deadline)
             except KeyboardInterrupt:
                 raise Interrupted(f"interrupted while training to step {target}",
                                   partial=tuple(estimates) or None) from None
@@ -73,7 +83,7 @@ def _probe_points(
         noise_left = max(0.0, total * noise_share - used)
         share = noise_left / (len(steps) - i)
         point_deadline = Deadline(min(deadline.end, deadline.clock() + share), deadline.clock)
-        probe = NoiseProbe(
+        probe = make_probe(
             job,
             method=spec.probe.method,
             batch_size=spec.optimizer.batch_size,
@@ -90,7 +100,7 @@ def _probe_points(
         try:
             est = probe.run(half if curvature else point_deadline)
             if curvature:
-                est = _with_curvature(job, est, point_deadline, progress)
+                est = curvature_fn(job, est, point_deadline, progress)
         except Interrupted as exc:
             part = exc.partial
             raise Interrupted(
@@ -163,17 +173,24 @@ def write_plot(report: Report, path: Any) -> Any:
 
 
 def _run(
-    spec: Spec, progress: ProgressFn | None, command: str, max_gpus: int | None = None
+    spec: Spec, progress: ProgressFn | None, command: str, max_gpus: int | None = None,
+    par: Parallel | None = None,
 ) -> Report:
+    if par is None:
+        from bsfind import distributed
+
+        if distributed.requested():  # a rank of torchrun: comes back here with ``par``
+            return distributed.run(spec, progress, command, max_gpus)
     start = time.perf_counter()
-    deadline = Deadline.after(spec.probe.max_seconds)
-    job = build(spec)
+    deadline = (Deadline.after(spec.probe.max_seconds) if par is None
+                else par.deadline(spec.probe.max_seconds))
+    job = build(spec) if par is None else par.build(spec)
     from bsfind.hardware.nvml import describe_device
 
     device = describe_device(job.device)
     hardware = command == "recommend" and spec.probe.timing
     estimates, status = _probe_points(job, deadline, progress,
-                                      1.0 - HARDWARE_SHARE if hardware else 1.0)
+                                      1.0 - HARDWARE_SHARE if hardware else 1.0, par)
     used = estimates[-1]
     warnings: list[str] = []
     if used.b_simple is None:
@@ -202,7 +219,7 @@ def _run(
     )
     if command == "recommend":
         try:
-            report = _advise(report, job, deadline, progress, hardware, max_gpus)
+            report = _advise(report, job, deadline, progress, hardware, max_gpus, par)
         except KeyboardInterrupt:
             raise Interrupted("interrupted during the hardware analysis",
                               partial=tuple(estimates)) from None
@@ -299,15 +316,20 @@ def _advise(
     progress: ProgressFn | None,
     hardware: bool,
     max_gpus: int | None,
+    par: Parallel | None = None,
 ) -> Report:
-    """Hardware measurements (if enabled), what-if predictions, then the advisor."""
+    """Hardware measurements (if enabled), what-if predictions, then the advisor.
+
+    ``par`` (torchrun): measure on every rank; advise for its world size and all-reduce time.
+    """
     from bsfind import advisor
 
     spec = job.spec
     memory = curve = None
     warnings = list(report.warnings)
     if hardware:
-        memory, curve, notes = _measure_hardware(job, deadline, progress)
+        measure = _measure_hardware if par is None else par.measure_hardware
+        memory, curve, notes = measure(job, deadline, progress)
         warnings += notes
     pred_mem = pred_time = None
     price = spec.hardware.price_per_hour
@@ -339,7 +361,8 @@ def _advise(
         dataset_size=len(job),
         timing=pred_time or curve,
         memory=pred_mem or memory,
-        gpus=spec.hardware.gpus,
+        gpus=spec.hardware.gpus if par is None else par.world_size,
+        sync_seconds=None if par is None else par.advice_sync_seconds,
         grad_bytes=grad_bytes,
         interconnect=spec.hardware.interconnect,
         price_per_hour=price,
@@ -483,10 +506,11 @@ def check(
     progress: ProgressFn | None = None,
 ) -> CheckResult:
     """Recommend (or reuse a cached result) and compare with the baseline batch."""
-    from bsfind import cache
+    from bsfind import cache, distributed
     from bsfind.report import to_dict
 
-    key = cache_key(spec) if use_cache else None
+    # Under torchrun every rank must run the probe, and the key does not know the world size.
+    key = cache_key(spec) if use_cache and not distributed.requested() else None
     doc = cache.load(key) if key else None
     cached = doc is not None
     if doc is None:

@@ -46,7 +46,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-stdout = Console(highlight=False, soft_wrap=True)
+# Piped output (CI logs, files) gets a width that fits the tables instead of 80.
+stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 132)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 # Exit code for a bug in bsfind itself (BSD sysexits EX_SOFTWARE), kept apart
@@ -126,9 +127,22 @@ def _guard(
 
 @contextmanager
 def _progress(enabled: bool) -> Iterator[Callable[[str, float, str], None] | None]:
-    """A rich progress bar on stderr when it is a terminal; silent otherwise."""
-    if not enabled or not stderr.is_terminal:
+    """A rich progress bar on stderr when it is a terminal; else one line per phase.
+
+    The plain lines (CI logs) go to stderr too, so ``--json`` stdout stays clean.
+    """
+    if not enabled:
         yield None
+        return
+    if not stderr.is_terminal:
+        last: list[str] = [""]
+
+        def log(phase: str, fraction: float, message: str) -> None:
+            if phase != last[0]:
+                last[0] = phase
+                stderr.print(f"bsfind: {phase}: {message}", markup=False)
+
+        yield log
         return
     bar = Progress(
         TextColumn("{task.fields[phase]:>6}"), BarColumn(), TextColumn("{task.description}"),
@@ -288,6 +302,16 @@ def render_report(doc: dict[str, Any]) -> None:
             f"{_fmt_seconds(pt.get('per_example'))}·B",
             markup=False,
         )
+    dist = doc.get("distributed")
+    if dist and dist.get("sync_seconds") is not None:
+        steps = ", ".join(f"rank {r['rank']} {_fmt_seconds(r.get('step_seconds'))}"
+                          for r in dist["per_rank"])
+        stdout.print(
+            f"Data-parallel ({dist['world_size']} ranks, {dist['backend']}, measured): "
+            f"all-reduce of {_fmt_bytes(dist['sync_bytes'])} {_fmt_seconds(dist['sync_seconds'])}"
+            f"; step at {dist['per_device_batch_size']}/rank: {steps}",
+            markup=False,
+        )
     if doc.get("candidates"):
         stdout.print(render_candidates(doc))
     for row in doc.get("frontier") or []:
@@ -403,7 +427,7 @@ def recommend(
         s = _load(spec, overrides)
         with _sigterm_as_interrupt(), _progress(True) as progress:
             r = api.recommend(s, progress=progress, max_gpus=max_gpus)
-        if plot is not None:
+        if plot is not None and not _secondary_rank():
             api.write_plot(r, plot)
         return report.to_dict(r)
 
@@ -440,7 +464,7 @@ def check(
         with _sigterm_as_interrupt(), _progress(True) as progress:
             result = api.check(s, tolerance=tolerance, use_cache=not no_cache,
                                progress=progress)
-        if output is not None:
+        if output is not None and not _secondary_rank():
             from bsfind.cache import atomic_write_text
 
             try:
@@ -571,8 +595,34 @@ def env(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
     stdout.print(t)
 
 
+def _secondary_rank() -> bool:
+    """Under torchrun, every rank but 0: it neither prints nor writes files."""
+    from bsfind.distributed import is_secondary_rank
+
+    return is_secondary_rank()
+
+
+def _silence_secondary_rank() -> None:
+    """Point a secondary rank's stdout and stderr (fds 1, 2) at /dev/null.
+
+    Rank 0 prints the one report (and any rank's error); $BSFIND_RANK_OUTPUT=all
+    keeps every rank's output for debugging.
+    """
+    from bsfind.distributed import RANK_OUTPUT_ENV
+
+    if not _secondary_rank() or os.environ.get(RANK_OUTPUT_ENV) == "all":
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+
+
 def main() -> None:
     """Console entry point."""
+    _silence_secondary_rank()
     app()
 
 

@@ -50,6 +50,7 @@ class Report:
     seconds: float = 0.0
     cached: bool = False
     version: str = __version__
+    distributed: dict[str, Any] | None = None  # torchrun: world size, all-reduce, per-rank timings
 
 
 def _clean(value: Any) -> Any:
@@ -114,6 +115,8 @@ def to_dict(report: Report) -> dict[str, Any]:
         doc["candidates"] = _clean(report.candidates)
         doc["frontier"] = _clean(report.frontier)
         doc["absolute"] = _clean(report.absolute)
+    if report.distributed is not None:
+        doc["distributed"] = _clean(report.distributed)
     doc["warnings"] = list(report.warnings)
     doc["seconds"] = report.seconds
     doc["spec"] = _clean(report.spec)

@@ -386,7 +386,7 @@ def build(spec: Spec) -> Workload:
 
     model.to(device)
     model.train()
-    return Workload(
+    job = Workload(
         spec=spec,
         model=model,
         dataset=d.obj,
@@ -399,3 +399,7 @@ def build(spec: Spec) -> Workload:
         model_name=spec.model.factory,
         loss_name=spec.loss,
     )
+    # Build the optimizer once now: a bad kwarg fails before any probing, and
+    # torch.optim's lazy imports are paid here rather than inside a timed phase.
+    job.make_optimizer()
+    return job

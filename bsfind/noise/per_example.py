@@ -267,7 +267,7 @@ def _seq_sq(x: Tensor, d: Tensor, path: LinearPath) -> tuple[Tensor, str]:
         if gram:
             kx = torch.bmm(xs, xs.transpose(1, 2))
             kd = torch.bmm(ds, ds.transpose(1, 2))
-            out.append(torch.einsum("ntu,ntu->n", kx, kd))
+            out.append(torch.linalg.vecdot(kx.flatten(1), kd.flatten(1)))
         else:
             g = torch.bmm(xs.transpose(1, 2), ds)  # (n, d_in, d_out)
             out.append(torch.linalg.vector_norm(g, dim=(1, 2)).square())
@@ -384,15 +384,20 @@ def _embedding(module: nn.Module, idx: Tensor, d: Tensor, path: LinearPath) -> t
     d = _acc(d).reshape(b, -1, dim)
     if emb.padding_idx is not None:
         d = d * (idx != emb.padding_idx).unsqueeze(-1).to(d.dtype)
-    # Sum δ over equal (example, index) pairs: sort the keys i·V + idx and give each run of
-    # equal keys a segment id (no data-dependent sizes, so no device sync on CUDA).
+    if emb.scale_grad_by_freq:  # torch divides each row's gradient by its count in the batch
+        counts = torch.bincount(idx.flatten(), minlength=emb.num_embeddings).to(d.dtype)
+        d = d / counts[idx].unsqueeze(-1)
+    # Sum δ over equal (example, index) pairs: sort the keys i·V + idx and number each run of
+    # equal keys (no data-dependent sizes, so no device sync on CUDA); then scatter-add the
+    # rows of δ, in their own order, into their run's slot.
     key = (idx + torch.arange(b, device=idx.device).unsqueeze(1) * emb.num_embeddings).flatten()
     sorted_key, order = torch.sort(key)
-    seg = torch.zeros_like(sorted_key)
-    seg[1:] = (sorted_key[1:] != sorted_key[:-1]).cumsum(0)
-    rows = d.new_zeros(key.numel(), dim).index_add_(0, seg, d.reshape(-1, dim)[order])
+    run = torch.zeros_like(sorted_key)
+    run[1:] = (sorted_key[1:] != sorted_key[:-1]).cumsum(0)
+    slot = torch.empty_like(run).scatter_(0, order, run)
+    rows = d.new_zeros(key.numel(), dim).index_add_(0, slot, d.reshape(-1, dim))
     row_sq = torch.linalg.vecdot(rows, rows)
-    example = torch.zeros_like(seg).scatter_(0, seg, sorted_key // emb.num_embeddings)
+    example = torch.zeros_like(run).scatter_(0, run, sorted_key // emb.num_embeddings)
     return d.new_zeros(b).index_add_(0, example, row_sq), "scatter"
 
 
@@ -543,7 +548,7 @@ class _Capture:
         self.args: tuple[Any, ...] = ()
         self.kwargs: dict[str, Any] = {}
         self.out: Tensor | None = None
-        self.version = 0
+        self.version = 0  # of out when captured (func)
         self.nr = 0  # which output of the node is the module's output
         self.shape: torch.Size | None = None  # reshape the node's gradient to the output's
 
@@ -598,7 +603,8 @@ class PerExampleGradNorms:
     i, the squared L2 norm (summed over all trainable parameters) of example i's
     contribution to the accumulated ``.grad`` of that backward. With a mean-reduced
     loss over B examples that contribution is (1/B)·∇L_i; the caller rescales.
-    Dim 0 of every module input is the batch axis.
+    Dim 0 of every module input is the batch axis. The norms are of the gradient
+    actually back-propagated: under a GradScaler they carry its scale squared.
 
     Example::
 
@@ -651,6 +657,9 @@ class PerExampleGradNorms:
         if self._active:
             raise RuntimeError("PerExampleGradNorms is already active")
         modules = dict(self.model.named_modules())
+        missing = [name for name in self.plan.rules if name not in modules]
+        if missing:
+            raise ValueError(f"the plan does not match the model: no module {missing[0]!r}")
         for name, rule in self.plan.rules.items():
             module = modules[name]
             if rule == "func":
@@ -706,7 +715,7 @@ class PerExampleGradNorms:
             )
             return None
         cap = _Capture(self, name, rule, module)
-        cap.x = x.detach()
+        cap.x = x.detach()  # autograd saved it too, and refuses a backward if it changes
         self._captures.append(weakref.ref(cap))
         return _attach(cap, output)
 

@@ -140,6 +140,14 @@ class NoiseProbe:
         self.rounds: list[Round] = []
         self._rounds_at_size = 0
 
+    def _switch_to_microbatch(self, reason: str) -> None:
+        self.method, self.reason = "microbatch", reason
+        self.b_small = max(2, self.b_big // DEFAULT_MICROBATCHES)
+        self.k = DEFAULT_MICROBATCHES
+        self.b_big = self.b_small * self.k
+        self.rounds.clear()
+        self._rounds_at_size = 0
+
     # -- one round -------------------------------------------------------------------
     def _draw(self, size: int) -> torch.Tensor:
         return torch.randint(self.n, (size,), generator=self.gen)
@@ -206,10 +214,18 @@ class NoiseProbe:
         all_zero = True
         try:
             if self.method == "per-example":
-                from bsfind.noise.per_example import PerExampleGradNorms
+                from bsfind.noise.per_example import PerExampleGradNorms, PerExampleUnsupported
 
-                with PerExampleGradNorms(self.job.model) as norms:
-                    stopped, all_zero = self._loop(deadline, lambda: self._round_per_example(norms))
+                try:
+                    with PerExampleGradNorms(self.job.model) as norms:
+                        stopped, all_zero = self._loop(
+                            deadline, lambda: self._round_per_example(norms))
+                except PerExampleUnsupported as exc:
+                    # Found only at run time (a module called twice, ...): start
+                    # over with micro-batches, whose estimate is always exact.
+                    self._switch_to_microbatch(f"per-example norms failed at run time "
+                                               f"({exc.message})")
+                    stopped, all_zero = self._loop(deadline, self._round_microbatch)
             else:
                 stopped, all_zero = self._loop(deadline, self._round_microbatch)
         except KeyboardInterrupt:

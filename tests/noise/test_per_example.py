@@ -104,10 +104,12 @@ def test_linear_auto_picks_cheaper_form() -> None:
     assert check(nn.Linear(4, 3), torch.randn(3, 20, 4)) == {"": "linear-direct"}  # long T
 
 
-def test_linear_chunked(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_chunked_over_examples(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(per_example, "MAX_TEMP_ELEMENTS", 50)
     check(nn.Linear(7, 5), torch.randn(6, 9, 7), linear_path="direct")
     check(nn.Linear(7, 5), torch.randn(6, 9, 7), linear_path="gram")
+    check(nn.Conv2d(4, 6, 3, groups=2), torch.randn(5, 4, 6, 6))
+    check(nn.Conv2d(4, 6, 3), torch.randn(5, 4, 6, 6), linear_path="gram")
 
 
 def test_frozen_weight_counts_only_bias() -> None:
@@ -153,6 +155,22 @@ def test_embedding_repeated_indices(padding_idx: int | None, shape: tuple[int, .
     emb = nn.Embedding(5, 4, padding_idx=padding_idx)
     idx = torch.randint(0, 5, shape)  # 5 rows, up to 12 positions: indices repeat
     check(emb, idx)
+
+
+def test_embedding_scale_grad_by_freq() -> None:
+    # torch divides each row's gradient by the index's count in the whole batch, so the
+    # contributions are not those of each example's own loss: build them by hand
+    emb = nn.Embedding(5, 4, scale_grad_by_freq=True)
+    idx, y = torch.randint(0, 5, (6, 7)), torch.randn(6, 7, 4)
+    got, _ = hooked_sq_norms(emb, idx, y, mse)
+    counts = torch.bincount(idx.flatten(), minlength=5).double()
+    delta = 2 * (emb(idx) - y).detach().double() / y.numel()  # ∂mse/∂output
+    parts = torch.zeros(6, 5, 4, dtype=torch.float64)
+    for i in range(6):
+        parts[i].index_add_(0, idx[i], delta[i] / counts[idx[i]].unsqueeze(-1))
+    assert emb.weight.grad is not None
+    torch.testing.assert_close(parts.sum(0), emb.weight.grad.double(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got, parts.square().sum((1, 2)), rtol=RTOL, atol=0)
 
 
 def test_embedding_only_padding_gets_zero() -> None:
@@ -383,7 +401,7 @@ def test_plan_reason_and_frozen_modules() -> None:
     p = plan(model)
     assert p == PerExamplePlan(True, "all 3 parameterised modules have per-example rules",
                                {"0": "linear", "2": "linear", "4": "linear"})
-    for q in model[0].parameters():
+    for q in model.get_submodule("0").parameters():
         q.requires_grad_(False)
     assert set(plan(model).rules) == {"2", "4"}
     check(model, torch.randn(5, 8), F.cross_entropy, torch.randint(0, 10, (5,)))
@@ -436,3 +454,12 @@ def test_no_hooks_left_after_exit() -> None:
     out.sum().backward()  # the hook left on the live graph is inert
     with pytest.raises(RuntimeError, match="no backward"):
         norms.sq_norms()
+    with norms:  # and the context can be entered again
+        model(idx).sum().backward()
+        assert norms.sq_norms().shape == (2,)
+
+
+def test_plan_must_match_the_model() -> None:
+    wrong = PerExamplePlan(True, "", {"head": "linear"})
+    with pytest.raises(ValueError, match="no module 'head'"):
+        PerExampleGradNorms(nn.Linear(2, 2), wrong).__enter__()

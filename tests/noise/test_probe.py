@@ -92,3 +92,65 @@ def test_unresolved_signal_grows_the_big_batch() -> None:
     probe = NoiseProbe(job, method="microbatch", batch_size=8, microbatch_size=2, seed=0)
     est = probe.run(Deadline.after(3))
     assert est.b_big > 8
+
+
+def _job(config: str, **overrides: object):
+    from bsfind.spec import load_spec
+    from tests.conftest import CONFIGS
+
+    return build(load_spec(CONFIGS / config, [f"{k}={v}" for k, v in overrides.items()]))
+
+
+PROBLEMS = {
+    "mlp": lambda: _job("digits-mlp.yaml"),
+    "cnn": lambda: _job("digits-cnn.yaml"),
+    # A smaller text set and model keep the exact per-example reference cheap.
+    "transformer": lambda: _job("text-transformer.yaml", **{"data.kwargs.max_chars": 24_000,
+                                                           "model.kwargs.d_model": 32}),
+}
+
+
+@pytest.mark.parametrize("problem", list(PROBLEMS))
+def test_per_example_probe_within_10_percent_of_exact(problem: str) -> None:
+    """Per-example hooks (b = 1) against tr(Σ)/|G|² from every example's gradient."""
+    job = PROBLEMS[problem]()
+    exact = exact_noise(job, chunk=128)
+    est = NoiseProbe(job, method="per-example", batch_size=job.spec.optimizer.batch_size,
+                     target_rel_error=0.05, seed=3).run(Deadline.after(120))
+    assert est.method == "per-example"
+    assert est.b_simple == pytest.approx(exact.b_simple, rel=0.10), (est, exact.b_simple)
+
+
+def test_auto_falls_back_to_microbatch_for_batchnorm() -> None:
+    job = _job("digits-cnn.yaml", **{"model.kwargs.norm": "batch"})
+    probe = NoiseProbe(job, method="auto", batch_size=32)
+    assert probe.method == "microbatch" and "BatchNorm" in probe.reason
+
+
+def test_weight_reuse_found_at_run_time_falls_back_to_microbatch() -> None:
+    """A layer called twice in one forward: per-example norms would be wrong."""
+    from torch import nn
+
+    from bsfind.spec import spec_from_dict
+    from bsfind.workload import Workload, cross_entropy
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
+
+    torch.manual_seed(0)
+    ds = torch.utils.data.TensorDataset(torch.randn(256, 8), torch.randint(3, (256,)))
+    spec = spec_from_dict({"model": {"factory": "m:f"}, "data": {"factory": "d:f"},
+                           "optimizer": {"lr": 0.1, "batch_size": 32}})
+    job = Workload.from_objects(Twice(), ds, cross_entropy, spec=spec)
+    probe = NoiseProbe(job, method="auto", batch_size=32, seed=0)
+    assert probe.method == "per-example"  # the plan cannot see the reuse
+    est = probe.run(Deadline.after(10))
+    assert est.method == "microbatch" and "run time" in est.method_reason
+    exact = exact_noise(job)
+    assert est.ci95.low * 0.8 <= exact.b_simple <= est.ci95.high * 1.2

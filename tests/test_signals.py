@@ -1,0 +1,78 @@
+"""Ctrl-C prints what was measured so far and exits 130; budgets are honoured."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import CONFIGS, ROOT
+
+
+def _start(*args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "bsfind", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(proc: subprocess.Popen[str], needle: str, timeout: float = 60.0) -> str:
+    """Read stderr lines until one contains ``needle``."""
+    assert proc.stderr is not None
+    seen = ""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        line = proc.stderr.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen += line
+        if needle in line:
+            return seen
+    proc.kill()
+    raise AssertionError(f"{needle!r} never appeared on stderr: {seen!r}")
+
+
+@pytest.mark.parametrize("command", ["noise", "recommend"])
+def test_sigint_during_probe_prints_partial_and_exits_130(command: str) -> None:
+    proc = _start(command, str(CONFIGS / "digits-mlp.yaml"), "--json",
+                  "--set", "probe.target_rel_error=0.0001", "--set", "probe.max_seconds=120")
+    _wait_for(proc, "bsfind: noise:")
+    time.sleep(1.0)  # let a few rounds run
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    doc = json.loads(out)
+    assert doc["status"] == "interrupted"
+    assert doc["noise_scale"]["stopped"] == "interrupted"
+    assert doc["noise_scale"]["examples"] > 0
+
+
+def test_sigterm_is_treated_like_ctrl_c() -> None:
+    proc = _start("noise", str(CONFIGS / "digits-mlp.yaml"),
+                  "--set", "probe.target_rel_error=0.0001", "--set", "probe.max_seconds=120")
+    _wait_for(proc, "bsfind: noise:")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted at step 0: B_simple" in out
+
+
+@pytest.mark.parametrize("budget", [5.0, 10.0])
+def test_time_budget_is_honoured_within_10_percent(budget: float) -> None:
+    """probe.max_seconds bounds the whole run (build, noise, memory, timing, advice)."""
+    from bsfind.api import recommend
+    from bsfind.spec import load_spec
+
+    spec = load_spec(CONFIGS / "digits-cnn.yaml", [f"probe.max_seconds={budget}",
+                                                   "probe.target_rel_error=0.0001"])
+    report = recommend(spec)
+    assert report.status == "partial"
+    assert report.seconds <= 1.10 * budget, report.seconds
+    assert report.seconds >= 0.5 * budget  # it used the budget rather than quitting early
+    assert report.recommendation is not None
