@@ -198,6 +198,12 @@ def _run(
             "|G|² was not resolved: the noise scale exceeds the largest batch probed; "
             "the recommendation is the largest batch considered"
         )
+    if len(job) < spec.optimizer.batch_size:
+        warnings.append(
+            f"the dataset has only {len(job)} examples, fewer than the baseline batch "
+            f"{spec.optimizer.batch_size}: the probe samples with replacement, so the estimate "
+            f"is still sound, but no recommendation exceeds {len(job)}"
+        )
     if used.step == 0 and not spec.model.checkpoint:
         warnings.append(
             "measured at initialisation: the noise scale usually grows during training "

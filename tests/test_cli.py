@@ -83,6 +83,8 @@ FAULTS = [
      "warm-up training step 1"),
     (["model.factory=user_code.py:zero_grad_model"], 3, "all zero"),
     (["probe.max_seconds=0.000001"], 5, "probe.max_seconds"),
+    (["model.factory=user_code.py:oom_model", "model.kwargs={threshold: 0}"], 4,
+     "out of memory in the noise probe even at batch size"),
 ]
 
 
@@ -130,3 +132,23 @@ def test_absent_cuda_device_is_a_hardware_error() -> None:
 def test_debug_shows_the_traceback() -> None:
     r = run("noise", GOOD, "--set", "model.factory=user_code.py:raising_model", "--debug")
     assert r.exit_code == 3 and "Traceback" in r.output
+
+
+def test_out_of_memory_in_the_probe_backs_off() -> None:
+    """A fake CUDA OOM above 12 examples: the probe halves its batch and finishes."""
+    r = runner.invoke(app, ["noise", GOOD, "--json", "--set",
+                            "model.factory=user_code.py:oom_model",
+                            "--set", "model.kwargs={threshold: 12}",
+                            "--set", "optimizer.batch_size=48"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["noise_scale"]["b_big"] <= 12 and doc["noise_scale"]["rounds"] > 0
+
+
+def test_dataset_smaller_than_the_batch_is_said_and_still_probed() -> None:
+    r = runner.invoke(app, ["noise", GOOD, "--json", "--set",
+                            "data.factory=user_code.py:tiny_data"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert any("only 6 examples" in w for w in doc["warnings"])
+    assert doc["noise_scale"]["examples"] > 0

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bsfind.errors import BudgetError, Interrupted, UserCodeError
+from bsfind.errors import BudgetError, HardwareError, Interrupted, UserCodeError
+from bsfind.hardware.memory import clear_cache, is_oom
 from bsfind.noise.estimators import Round, Summary, summarize
 from bsfind.results import NoiseEstimate
 from bsfind.workload import Workload
@@ -140,6 +141,25 @@ class NoiseProbe:
         self.rounds: list[Round] = []
         self._rounds_at_size = 0
 
+    def _shrink_after_oom(self) -> None:
+        """Halve the batch that ran out of memory and never grow past it again."""
+        self.job.model.zero_grad(set_to_none=True)
+        clear_cache(self.job.device)
+        if self.method == "per-example" and self.b_big > 2:
+            self.b_big //= 2
+        elif self.method == "microbatch" and self.b_small > 1:
+            self.b_small //= 2
+            self.b_big = self.b_small * self.k
+        else:
+            raise HardwareError(
+                f"out of memory in the noise probe even at batch size {self.b_big} "
+                f"({self.method} form)",
+                hint="use a device with more memory, a smaller model, or "
+                "hardware.precision: bf16",
+            )
+        self.max_big = self.b_big
+        self._rounds_at_size = 0
+
     def _switch_to_microbatch(self, reason: str) -> None:
         self.method, self.reason = "microbatch", reason
         self.b_small = max(2, self.b_big // DEFAULT_MICROBATCHES)
@@ -250,7 +270,17 @@ class NoiseProbe:
         while True:
             if deadline.passed():
                 return "budget", all_zero
-            r = one_round()
+            try:
+                r = one_round()
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                oom = True
+            else:
+                oom = False
+            if oom:  # outside the except block, so the failed round's tensors are freed
+                self._shrink_after_oom()
+                continue
             all_zero = all_zero and r.sq_big == 0.0 and r.sq_small == 0.0
             self.rounds.append(r)
             self._rounds_at_size += 1

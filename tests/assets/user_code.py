@@ -98,3 +98,23 @@ def tiny_data() -> TensorDataset:
 
 def raising_data() -> TensorDataset:
     raise OSError("cannot open /data/train")
+
+
+class _FakeOOM(nn.Module):
+    """Raises a CUDA-style out-of-memory error above ``threshold`` examples."""
+
+    def __init__(self, threshold: int) -> None:
+        super().__init__()
+        self.threshold = threshold
+        self.net = good_model()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.threshold:
+            raise RuntimeError(
+                f"CUDA out of memory. Tried to allocate 2.00 GiB (batch {x.shape[0]})"
+            )
+        return self.net(x)
+
+
+def oom_model(threshold: int = 16) -> nn.Module:
+    return _FakeOOM(threshold)
