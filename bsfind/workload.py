@@ -124,7 +124,8 @@ def check_kwargs(fn: Any, kwargs: dict[str, Any], key: str, ref: str, *leading: 
         sig.bind(*leading, **kwargs)
     except TypeError as exc:
         raise ResolutionError(
-            f"{key} for {ref!r} do not fit its signature {ref.rpartition(':')[2]}{sig}: {exc}"
+            f"{key} for {ref!r} do not fit its signature: {exc}",
+            hint=f"signature: {ref.rpartition(':')[2]}{sig}",
         ) from None
 
 
