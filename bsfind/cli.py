@@ -290,7 +290,11 @@ def render_report(doc: dict[str, Any]) -> None:
         stdout.print(
             f"Step time ({tim['source']}): t(B) = {_fmt_seconds(tim['t0'])} + "
             f"{_fmt_seconds(tim['per_example'])}·B (R² {tim['r2']:.3f}, "
-            f"{len(tim['points'])} batch sizes)",
+            f"{len(tim['points'])} batch sizes"
+            + (f", saturates near batch {tim['saturated_at']:,}" if tim.get("saturated_at") else "")
+            + (f", GPU utilisation {tim['utilization_gpu_pct']:.0f}% while timing"
+               if tim.get("utilization_gpu_pct") is not None else "")
+            + ")",
             markup=False,
         )
     pred = doc.get("predicted")

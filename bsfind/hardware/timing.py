@@ -31,6 +31,9 @@ from bsfind.results import TimingCurve, TimingPoint
 # examples per second. 5% is above the run-to-run noise of a median of 5
 # steps on an idle GPU (typically 1-2%), so noise alone rarely stops a ladder.
 SATURATION_MIN_GAIN = 0.05
+# Consecutive rungs without that gain before the ladder stops: one slow rung
+# (a burst of load from another process) must not end the ladder early.
+SATURATION_RUNGS = 2
 
 
 def geometric_ladder(start: int, stop: int, factor: float = 2) -> list[int]:
@@ -173,10 +176,11 @@ def time_ladder(
     the ladder overruns the budget by at most one step. A rung cut short
     keeps the timed steps it has (``samples`` says how many).
 
-    Stops early, keeping the rung that triggered it, when that rung's
-    throughput B/t is less than :data:`SATURATION_MIN_GAIN` above the
-    previous rung's; ``saturated_at`` is then the previous rung, the
-    smallest batch already within that margin of the peak throughput.
+    Stops early, keeping the rungs that triggered it, when
+    :data:`SATURATION_RUNGS` consecutive rungs fail to raise the best
+    throughput B/t so far by :data:`SATURATION_MIN_GAIN`; ``saturated_at``
+    is then the rung of that best throughput, the smallest batch already
+    within that margin of the peak.
     An out-of-memory error (:func:`~bsfind.hardware.memory.is_oom`) ends the
     ladder at the previous rung; the failed rung is discarded and the cache
     cleared. Other exceptions propagate.
@@ -213,6 +217,8 @@ def time_ladder(
     by_size: dict[int, list[float]] = {}
     utils: list[float] = []
     saturated_at: int | None = None
+    best: tuple[int, float] | None = None  # (batch, throughput) of the last real gain
+    flat = 0  # rungs since then that gained less than SATURATION_MIN_GAIN
     out_of_budget = False
     for b in ladder:
         samples: list[float] = []
@@ -253,12 +259,15 @@ def time_ladder(
             points.append(TimingPoint(b, statistics.median(samples), len(samples)))
         if out_of_budget:
             break
-        if len(points) >= 2 and points[-1].seconds > 0 and points[-2].seconds > 0:
-            prev, cur = points[-2], points[-1]
-            if cur.batch_size / cur.seconds < (1 + SATURATION_MIN_GAIN) * (
-                prev.batch_size / prev.seconds
-            ):
-                saturated_at = prev.batch_size
+        cur = points[-1]
+        if cur.seconds > 0:
+            throughput = cur.batch_size / cur.seconds
+            if best is None or throughput >= (1 + SATURATION_MIN_GAIN) * best[1]:
+                best, flat = (cur.batch_size, throughput), 0
+            else:
+                flat += 1
+            if flat >= SATURATION_RUNGS:
+                saturated_at = best[0]
                 break
     if not points:
         raise BudgetError(
