@@ -10,6 +10,7 @@ factory string.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -161,6 +162,10 @@ class Workload:
     _tensors: tuple[torch.Tensor, ...] | None = None
     model_name: str = "model"
     loss_name: str = "loss"
+    # hardware.precision bf16/fp16: forward under autocast (the loss in fp32).
+    # No loss scaling: the probe takes no optimizer step, and gradients are
+    # read in fp32 (parameters stay fp32 under autocast).
+    autocast_dtype: torch.dtype | None = None
 
     @classmethod
     def from_objects(
@@ -216,14 +221,17 @@ class Workload:
         return self.loss_on(x, y)
 
     def loss_on(self, x: Any, y: torch.Tensor) -> torch.Tensor:
+        ctx = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
+               if self.autocast_dtype is not None else contextlib.nullcontext())
+        with ctx:
+            try:
+                out = self.model(x)
+            except Exception as exc:
+                raise UserCodeError(
+                    f"model {self.model_name!r} raised {type(exc).__name__} in forward: {exc}"
+                ) from exc
         try:
-            out = self.model(x)
-        except Exception as exc:
-            raise UserCodeError(
-                f"model {self.model_name!r} raised {type(exc).__name__} in forward: {exc}"
-            ) from exc
-        try:
-            loss = self.loss_fn(out, y)
+            loss = self.loss_fn(out.float() if isinstance(out, torch.Tensor) else out, y)
         except Exception as exc:
             raise UserCodeError(
                 f"loss {self.loss_name!r} raised {type(exc).__name__}: {exc}"
@@ -322,6 +330,22 @@ def _load_checkpoint(model: nn.Module, path_str: str, base_dir: Path) -> None:
         ) from None
 
 
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype:
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    try:
+        with torch.autocast(device.type, dtype=dtype):
+            pass
+    except (RuntimeError, ValueError) as exc:
+        raise HardwareError(
+            f"hardware.precision: {precision} autocast is not supported on {device} ({exc})",
+            hint="use hardware.precision: fp32",
+        ) from None
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise HardwareError(f"hardware.precision: bf16 is not supported by {device}",
+                            hint="use fp16 or fp32")
+    return dtype
+
+
 def build(spec: Spec) -> Workload:
     """Build every object the spec names, on the requested device."""
     device = resolve_device(spec.hardware.device)
@@ -400,6 +424,8 @@ def build(spec: Spec) -> Workload:
         model_name=spec.model.factory,
         loss_name=spec.loss,
     )
+    if spec.hardware.precision != "fp32":
+        job.autocast_dtype = _autocast_dtype(spec.hardware.precision, device)
     # Build the optimizer once now: a bad kwarg fails before any probing, and
     # torch.optim's lazy imports are paid here rather than inside a timed phase.
     job.make_optimizer()

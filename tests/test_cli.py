@@ -152,3 +152,17 @@ def test_dataset_smaller_than_the_batch_is_said_and_still_probed() -> None:
     doc = json.loads(r.stdout)
     assert any("only 6 examples" in w for w in doc["warnings"])
     assert doc["noise_scale"]["examples"] > 0
+
+
+def test_bf16_precision_runs_the_forward_under_autocast() -> None:
+    from bsfind.spec import load_spec
+    from bsfind.workload import build
+
+    job = build(load_spec(GOOD, ["hardware.precision=bf16"]))
+    seen = []
+    job.model[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    loss = job.loss(torch.arange(8))
+    assert seen == [torch.bfloat16] and loss.dtype == torch.float32
+    r = runner.invoke(app, ["noise", GOOD, "--json", "--set", "hardware.precision=bf16"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["noise_scale"]["b_simple"] > 0
