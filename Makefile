@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install lint bench validate clean
+.PHONY: demo test install lint bench critical-batch equal-time clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,17 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/per_example_overhead.py
 	$(BIN)/python benchmarks/probe_efficiency.py
+
+# Evidence (docs/validation.md): minutes per problem on 2 cores; outputs in docs/img/.
+critical-batch: $(STAMP)
+	$(BIN)/python scripts/critical_batch.py configs/digits-mlp.yaml --targets 1.0,0.3,0.1,0.03,0.01 --max-steps 6000 --probe-seconds 8 --window-seconds 2
+	$(BIN)/python scripts/critical_batch.py configs/digits-cnn.yaml --targets 1.0,0.3,0.1,0.03,0.01 --max-steps 6000 --probe-seconds 8 --window-seconds 2
+	$(BIN)/python scripts/critical_batch.py configs/text-transformer.yaml --set data.kwargs.context=32 --set data.kwargs.max_chars=100000 --set optimizer.lr=6e-3 --batches 8,16,32,64,128,256 --targets 2.8,2.4,2.2,2.0 --max-steps 3000 --eval-examples 128 --probe-seconds 8 --window-points 3 --window-seconds 4 --curv-batch 128
+
+equal-time: $(STAMP)
+	$(BIN)/python scripts/equal_time.py configs/digits-mlp.yaml --seconds 0.3 --seeds 5
+	$(BIN)/python scripts/equal_time.py configs/digits-cnn.yaml --seconds 0.3 --seeds 5
+	$(BIN)/python scripts/equal_time.py configs/text-transformer.yaml --set data.kwargs.context=32 --set data.kwargs.max_chars=100000 --seconds 20 --seeds 2 --eval-examples 128
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -206,9 +206,9 @@ def _run(
         )
     if used.step == 0 and not spec.model.checkpoint:
         warnings.append(
-            "measured at initialisation: the noise scale usually grows during training "
-            "(often 10x), so this is a lower bound; use probe.warmup_steps, probe.at_steps "
-            "or model.checkpoint"
+            "measured at initialisation: the noise scale changes as training proceeds "
+            "(it usually grows, often 10x, but can also start high), so a step-0 value may "
+            "misrepresent the run; use probe.warmup_steps, probe.at_steps or model.checkpoint"
         )
     report = Report(
         command=command,

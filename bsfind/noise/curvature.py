@@ -23,6 +23,7 @@ import math
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bsfind.noise.estimators import RatioAccumulator, two_batch
 from bsfind.noise.probe import Deadline, ProgressFn
@@ -67,6 +68,12 @@ class CurvatureProbe:
                                    allow_unused=True, materialize_grads=True)
 
     def one_round(self) -> tuple[float, float]:
+        # Double backward through scaled_dot_product_attention exists only in
+        # its math kernel on CPU (the flash kernel has no second derivative).
+        with sdpa_kernel([SDPBackend.MATH]):
+            return self._one_round()
+
+    def _one_round(self) -> tuple[float, float]:
         n = len(self.job)
         h_idx = torch.randint(n, (self.h_batch,), generator=self.gen)
         idx = torch.randint(n, (self.k, self.b), generator=self.gen)

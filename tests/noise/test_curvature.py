@@ -66,3 +66,16 @@ def test_curvature_probe_leaves_weights_and_grads_alone() -> None:
     CurvatureProbe(job, batch_size=64, seed=1).run(Deadline.after(1))
     for a, p in zip(before, job.model.parameters(), strict=True):
         assert torch.equal(a, p) and p.grad is None
+
+
+def test_curvature_runs_through_attention() -> None:
+    """Double backward through scaled_dot_product_attention (math kernel on CPU)."""
+    from bsfind.spec import load_spec
+    from bsfind.workload import build
+    from tests.conftest import CONFIGS
+
+    job = build(load_spec(CONFIGS / "text-transformer.yaml",
+                          ["data.kwargs.max_chars=12000", "model.kwargs.d_model=16",
+                           "model.kwargs.layers=1"]))
+    value, ci, rounds, _ = CurvatureProbe(job, batch_size=16, seed=0).run(Deadline.after(2))
+    assert rounds >= 1 and ci.low >= 0
