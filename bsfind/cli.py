@@ -626,8 +626,28 @@ def _silence_secondary_rank() -> None:
 
 def main() -> None:
     """Console entry point."""
+    from bsfind.distributed import requested
+
     _silence_secondary_rank()
-    app()
+    if not requested():
+        app()
+        return
+    # Under torchrun, leave without interpreter finalization: PyTorch's gloo threads can
+    # abort a finished rank while the interpreter tears down (SIGABRT, "terminate called
+    # without an active exception"; cf. pytorch/pytorch#179291), turning exit 0 into -6.
+    # The process group is destroyed and every file written by then.
+    try:
+        app()
+        code = 0
+    except SystemExit as exc:
+        if isinstance(exc.code, int) or exc.code is None:
+            code = exc.code or 0
+        else:
+            sys.stderr.write(f"{exc.code}\n")
+            code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

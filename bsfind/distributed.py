@@ -190,7 +190,8 @@ def context(requested_device: str) -> Context:
     local = _env_int("LOCAL_RANK")
     local = r if local is None else local
     local_world = _env_int("LOCAL_WORLD_SIZE") or world
-    device = resolve_device(requested_device)  # a missing CUDA device fails here, on every rank
+    # Any "cuda[:N]" means this rank's own GPU; a machine without CUDA fails here, on every rank.
+    device = resolve_device("cuda" if requested_device.startswith("cuda") else requested_device)
     if device.type == "cuda":
         if local >= torch.cuda.device_count():
             raise HardwareError(
@@ -480,20 +481,49 @@ class DistributedNoiseProbe(NoiseProbe):
         super()._switch_to_microbatch(reason)
         self._fit_to_ranks()
 
+    def _shrink_after_oom(self) -> None:
+        """The single-process back-off, kept to whole examples per rank (all ranks alike)."""
+        before = self.b_big
+        super()._shrink_after_oom()
+        if self.method == "per-example":
+            n = self.coord.world
+            self.b_big = n * max(1, self.b_big // n)
+            if self.b_big >= before:
+                raise HardwareError(
+                    f"out of memory in the noise probe even at {before // n} example(s) per "
+                    "rank (per-example form)",
+                    hint="use a device with more memory, a smaller model, or "
+                    "hardware.precision: bf16",
+                )
+            self.max_big = self.b_big
+
     def _agree(self, local: Callable[[], float], unsupported: type[Exception] | None = None
                ) -> float:
-        """Run this rank's part of a round; raise on every rank if any failed; sum the value."""
+        """Run this rank's part of a round; raise on every rank if any failed; sum the value.
+
+        An out-of-memory on any rank raises ``_RankOOM`` on every rank, so that
+        all shrink the batch together (``_loop``).
+        """
+        from bsfind.hardware.memory import is_oom
+
         code, error, value = OK, None, 0.0
         try:
             value = local()
         except Exception as exc:
-            code = UNSUPPORTED if unsupported is not None and isinstance(exc, unsupported) \
-                else FAILED
-            error = exc
+            if unsupported is not None and isinstance(exc, unsupported):
+                code, error = UNSUPPORTED, exc
+            elif is_oom(exc):
+                code = OOM  # the exception (and the tensors it holds) is dropped here
+            else:
+                code, error = FAILED, exc
         codes, sums = self.coord.exchange(code, [value])
         failed = [r for r, c in enumerate(codes) if c == FAILED]
         if failed:
             self.coord.settle(codes, error if code == FAILED else None)
+        ooms = [r for r, c in enumerate(codes) if c == OOM]
+        if ooms:
+            raise _RankOOM(f"out of memory in the noise probe at B_big={self.b_big} on rank "
+                           f"{', '.join(map(str, ooms))}")
         lost = [r for r, c in enumerate(codes) if c == UNSUPPORTED]
         if lost:
             if error is not None:
@@ -582,7 +612,14 @@ class DistributedNoiseProbe(NoiseProbe):
         all_zero = True
         stopped = self._decide(deadline, None, all_zero)
         while not stopped:
-            r = one_round()
+            try:
+                r = one_round()
+            except _RankOOM:
+                r = None
+            if r is None:  # outside the except block, so the failed round's tensors are freed
+                self._shrink_after_oom()
+                stopped = self._decide(deadline, None, all_zero)
+                continue
             all_zero = all_zero and r.sq_big == 0.0 and r.sq_small == 0.0
             self.rounds.append(r)
             self._rounds_at_size += 1
