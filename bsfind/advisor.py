@@ -534,6 +534,11 @@ class FrontierRow:
     sync_seconds: float
 
 
+def _money(x: float) -> str:
+    """2 decimals, or 3 significant digits for amounts under one unit."""
+    return f"{x:,.2f}" if abs(x) >= 1 or x == 0 else f"{x:.3g}"
+
+
 @dataclass(frozen=True)
 class Advice:
     """The advisor's answer.
@@ -566,7 +571,7 @@ class Advice:
         text = (f"{self.training_examples:,} planned examples: predicted "
                 f"{self.predicted_hours:.3g} h (baseline {self.baseline_hours:.3g} h)")
         if self.predicted_cost is not None and self.baseline_cost is not None:
-            text += (f", {self.predicted_cost:,.2f} (baseline {self.baseline_cost:,.2f}) at "
+            text += (f", {_money(self.predicted_cost)} (baseline {_money(self.baseline_cost)}) at "
                      f"{self.price_per_hour:g} per device-hour")
         return {
             "training_examples": self.training_examples,

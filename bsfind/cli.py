@@ -206,8 +206,10 @@ def _fmt_bytes(n: float | None) -> str:
 def _fmt_seconds(s: float | None) -> str:
     if s is None:
         return "N/A"
+    if s < 1e-6:
+        return f"{s * 1e9:.3g} ns"
     if s < 1e-3:
-        return f"{s * 1e6:.0f} µs"
+        return f"{s * 1e6:.3g} µs"
     if s < 1:
         return f"{s * 1e3:.2f} ms"
     return f"{s:.2f} s"
@@ -238,7 +240,7 @@ def render_noise(doc: dict[str, Any]) -> Table:
              else "—"),
             n["method"],
             _fmt(n["examples"]),
-            f"{n['seconds']:.1f}",
+            f"{n['seconds']:.2f}" if n["seconds"] < 10 else f"{n['seconds']:.0f}",
             n["stopped"],
         )
     return t
@@ -302,7 +304,7 @@ def render_report(doc: dict[str, Any]) -> None:
         pm, pt = pred.get("memory") or {}, pred.get("timing") or {}
         stdout.print(
             f"Predicted for {pred['gpu']} (not measured): max batch "
-            f"{pm.get('max_batch_size', 'N/A')}, t(B) = {_fmt_seconds(pt.get('t0'))} + "
+            f"{_fmt(pm.get('max_batch_size'))}, t(B) = {_fmt_seconds(pt.get('t0'))} + "
             f"{_fmt_seconds(pt.get('per_example'))}·B",
             markup=False,
         )
