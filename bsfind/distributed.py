@@ -77,7 +77,6 @@ from bsfind.noise.probe import (
     ProgressFn,
     _check_grad,
     _check_loss,
-    _grad_sq,
 )
 from bsfind.results import MemoryModel, NoiseEstimate, TimingCurve, TimingPoint
 
@@ -565,18 +564,7 @@ class DistributedNoiseProbe(NoiseProbe):
         total = [torch.zeros_like(p, dtype=torch.float64) for p in self.params]
 
         def local() -> float:
-            idx = self._draw(b * k).view(k, b)
-            sq_sum = 0.0
-            for j in range(k):
-                self.job.model.zero_grad(set_to_none=True)
-                loss = self.job.loss(idx[j])
-                _check_loss(loss, where)
-                loss.backward()
-                sq_sum += _grad_sq(self.params)
-                for acc, p in zip(total, self.params, strict=True):
-                    if p.grad is not None:
-                        acc += p.grad.detach().double()
-            return sq_sum
+            return self._microbatches(self._draw(b * k).view(k, b), total, where)
 
         sq_sum = self._agree(local)
         flat = torch.cat([acc.reshape(-1) for acc in total])

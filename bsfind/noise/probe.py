@@ -187,13 +187,10 @@ class NoiseProbe:
         _check_grad(sq_small + sq_big, where)
         return Round(1, sq_small, b, sq_big, b)
 
-    def _round_microbatch(self) -> Round:
-        b, k = self.b_small, self.k
-        idx = self._draw(b * k).view(k, b)
-        total = [torch.zeros_like(p, dtype=torch.float64) for p in self.params]
+    def _microbatches(self, idx: torch.Tensor, total: list[torch.Tensor], where: str) -> float:
+        """One backward per row of ``idx``: add each gradient to ``total``, return Σ|g_j|²."""
         sq_sum = 0.0
-        where = f"at training step {self.step} (probe round {len(self.rounds) + 1})"
-        for j in range(k):
+        for j in range(idx.shape[0]):
             self.job.model.zero_grad(set_to_none=True)
             loss = self.job.loss(idx[j])
             _check_loss(loss, where)
@@ -202,6 +199,14 @@ class NoiseProbe:
             for acc, p in zip(total, self.params, strict=True):
                 if p.grad is not None:
                     acc += p.grad.detach().double()
+        return sq_sum
+
+    def _round_microbatch(self) -> Round:
+        b, k = self.b_small, self.k
+        idx = self._draw(b * k).view(k, b)
+        total = [torch.zeros_like(p, dtype=torch.float64) for p in self.params]
+        where = f"at training step {self.step} (probe round {len(self.rounds) + 1})"
+        sq_sum = self._microbatches(idx, total, where)
         sq_big = float(sum((acc / k).pow(2).sum() for acc in total))
         _check_grad(sq_sum + sq_big, where)
         return Round(b, sq_sum / k, b * k, sq_big, b * k)
