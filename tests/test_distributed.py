@@ -209,3 +209,13 @@ def test_combined_curve_takes_the_slowest_rank_at_shared_batch_sizes() -> None:
     assert [(p.batch_size, p.seconds) for p in combined.points] == [(1, 2.0), (2, 2.5), (4, 3.5)]
     assert combined.t0 == pytest.approx(1.5) and combined.per_example == pytest.approx(0.5)
     assert combine_curves([fast, None]) is None
+
+
+def test_microbatch_form_across_ranks() -> None:
+    """probe.method: microbatch: each rank's micro-batches are the small batches."""
+    proc, _ = _torchrun("noise", SPEC, "--json", "--set", "probe.method=microbatch")
+    assert proc.returncode == 0, proc.stderr
+    noise = _one_document(proc.stdout)["noise_scale"]
+    assert noise["method"] == "distributed+microbatch"
+    assert noise["b_simple"] is not None and noise["ci95"][0] <= noise["b_simple"]
+    assert noise["b_big"] == noise["b_small"] * (noise["b_big"] // noise["b_small"])
