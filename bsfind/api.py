@@ -89,7 +89,9 @@ def _probe_points(
             batch_size=spec.optimizer.batch_size,
             microbatch_size=spec.probe.microbatch_size,
             target_rel_error=spec.probe.target_rel_error,
-            seed=spec.probe.seed + 1000 * (i + 1),
+            # Seeded by the training step, so the same weights get the same
+            # sampling whether reached by warmup_steps or by at_steps.
+            seed=spec.probe.seed + 1000 + at,
             step=at,
             progress=progress,
         )
@@ -170,6 +172,8 @@ def write_plot(report: Report, path: Any) -> Any:
         raise UsageError(str(exc)) from None
     except ValueError as exc:
         raise UsageError(f"--plot {path}: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"--plot {path}: cannot write ({exc.strerror or exc})") from None
 
 
 def _run(
@@ -230,6 +234,13 @@ def _run(
             raise Interrupted("interrupted during the hardware analysis",
                               partial=tuple(estimates)) from None
     return dataclasses.replace(report, seconds=time.perf_counter() - start)
+
+
+def ladder_start(model: torch.nn.Module) -> int:
+    """Smallest batch to time: 2 when BatchNorm (training mode) needs > 1 value per channel."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return 2 if any(isinstance(m, _BatchNorm) and m.training for m in model.modules()) else 1
 
 
 def _step_function(job: Workload, seed: int) -> Callable[[int], None]:
@@ -293,7 +304,8 @@ def _measure_hardware(
             progress("memory", 1.0, f"max batch {memory.max_batch_size:,} ({memory.source})")
             progress("timing", 0.0, "timing steps")
         ladder_top = min(memory.max_batch_size, TIMING_MAX_BATCH)
-        sizes = timing.geometric_ladder(1, max(1, ladder_top))
+        sizes = timing.geometric_ladder(
+            ladder_start(job.model), max(ladder_start(job.model), ladder_top))
         util = None
         if job.device.type == "cuda" and nvml.available():
             index = job.device.index or 0

@@ -431,6 +431,15 @@ def recommend(
 
     def run() -> dict[str, Any]:
         s = _load(spec, overrides)
+        if plot is not None:  # fail before a minute of probing, not after
+            from bsfind.errors import UsageError
+            from bsfind.plot import FORMATS
+
+            if plot.suffix.lower() not in FORMATS:
+                raise UsageError(f"--plot {plot}: the file must end in "
+                                 f"{' or '.join(FORMATS)}")
+            if not plot.parent.is_dir():
+                raise UsageError(f"--plot {plot}: folder {plot.parent} does not exist")
         with _sigterm_as_interrupt(), _progress(True) as progress:
             r = api.recommend(s, progress=progress, max_gpus=max_gpus)
         if plot is not None and not _secondary_rank():
@@ -543,7 +552,10 @@ def init(
             raise UsageError(f"{path} exists", hint="pass --force to overwrite it")
         from bsfind.cache import atomic_write_text
 
-        atomic_write_text(path, starter_spec())
+        try:
+            atomic_write_text(path, starter_spec())
+        except OSError as exc:
+            raise UsageError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
     _guard(debug, run)
     stdout.print(f"wrote {path}; check it with `bsfind validate {path}`", markup=False)

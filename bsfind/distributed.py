@@ -848,7 +848,8 @@ class Parallel:
             if progress is not None:
                 progress("timing", 0.0, "timing steps on every rank")
             ladder_top = min(memory.max_batch_size, api.TIMING_MAX_BATCH)
-            sizes = timing.geometric_ladder(1, max(1, ladder_top))
+            sizes = timing.geometric_ladder(
+            api.ladder_start(job.model), max(api.ladder_start(job.model), ladder_top))
             util = None
             if cuda and nvml.available():
                 index = job.device.index or 0

@@ -379,6 +379,13 @@ def validate(document: Any, base_dir: Path, source: str = "spec") -> Spec:
                 out[name] = copy.deepcopy(f.default)
         values[section] = out
         filled[section] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
+    p_, t_ = values["probe"], values["training"]
+    if p_.get("at_steps") and p_.get("warmup_steps"):
+        problems.append("probe.at_steps: set either at_steps or warmup_steps, not both "
+                        "(at_steps counts from the loaded weights: add the warm-up to them)")
+    if t_.get("examples") is not None and t_.get("epochs") is not None:
+        problems.append("training.epochs: set either training.examples or training.epochs, "
+                        "not both")
     if problems:
         raise SpecError(problems, source)
     m, d, o, p, h, t = (values[s] for s in

@@ -166,3 +166,35 @@ def test_bf16_precision_runs_the_forward_under_autocast() -> None:
     r = runner.invoke(app, ["noise", GOOD, "--json", "--set", "hardware.precision=bf16"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["noise_scale"]["b_simple"] > 0
+
+
+def test_batchnorm_model_recommends_with_microbatches() -> None:
+    r = runner.invoke(app, ["recommend", GOOD, "--json", "--set",
+                            "model.factory=user_code.py:bn_model"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["noise_scale"]["method"] == "microbatch"
+    assert "BatchNorm" in doc["noise_scale"]["method_reason"]
+    assert min(p["batch_size"] for p in doc["timing"]["points"]) == 2
+
+
+def test_init_into_a_missing_folder_is_a_usage_error(tmp_path: Path) -> None:
+    assert_clean_failure(run("init", str(tmp_path / "no" / "s.yaml")), 2, "cannot write")
+
+
+def test_bad_plot_path_fails_before_probing(tmp_path: Path) -> None:
+    assert_clean_failure(run("recommend", GOOD, "--plot", str(tmp_path / "p.txt")), 2,
+                         "must end in .png or .svg")
+    assert_clean_failure(run("recommend", GOOD, "--plot", str(tmp_path / "no" / "p.png")), 2,
+                         "does not exist")
+
+
+def test_same_training_step_same_estimate_by_warmup_or_at_steps() -> None:
+    from bsfind.api import measure
+    from bsfind.spec import load_spec
+
+    by_warmup = measure(load_spec(GOOD, ["probe.warmup_steps=10"])).used
+    by_points = measure(load_spec(GOOD, ["probe.at_steps=[0,10]"])).noise[-1]
+    assert by_warmup is not None and by_warmup.step == by_points.step == 10
+    if "converged" == by_warmup.stopped == by_points.stopped:
+        assert by_warmup.b_simple == by_points.b_simple

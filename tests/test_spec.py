@@ -131,3 +131,12 @@ def test_generated_malformed_specs_never_traceback(doc: object, tmp_path_factory
         validate(doc, Path("."))
     except SpecError as exc:
         assert exc.problems and all(isinstance(p, str) and p for p in exc.problems)
+
+
+def test_conflicting_keys_are_errors() -> None:
+    with pytest.raises(SpecError) as info:
+        spec_from_dict({**GOOD, "probe": {"at_steps": [0, 10], "warmup_steps": 30},
+                        "training": {"examples": 100, "epochs": 2}})
+    text = str(info.value)
+    assert "probe.at_steps: set either at_steps or warmup_steps" in text
+    assert "training.epochs: set either training.examples or training.epochs" in text

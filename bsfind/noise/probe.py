@@ -357,6 +357,6 @@ def train_steps(
         _check_grad(_grad_sq(job.trainable()), f"at warm-up training step {step}")
         optimizer.step()
         if progress is not None and (i % 10 == 0 or i == steps - 1):
-            progress("train", (i + 1) / steps, f"training step {step} (loss {float(loss):.3f})")
+            progress("train", (i + 1) / steps, f"training step {step} (loss {loss.item():.3f})")
     optimizer.zero_grad(set_to_none=True)
     return step

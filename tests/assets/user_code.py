@@ -118,3 +118,9 @@ class _FakeOOM(nn.Module):
 
 def oom_model(threshold: int = 16) -> nn.Module:
     return _FakeOOM(threshold)
+
+
+def bn_model(features: int = 8, classes: int = 3) -> nn.Module:
+    """BatchNorm1d: cannot train at batch 1, forces the micro-batch probe."""
+    return nn.Sequential(nn.Linear(features, 16), nn.BatchNorm1d(16), nn.ReLU(),
+                         nn.Linear(16, classes))
