@@ -69,7 +69,7 @@ import torch
 import torch.distributed as dist
 
 from bsfind.errors import BsfindError, BudgetError, HardwareError, Interrupted, UsageError
-from bsfind.noise.estimators import Round, Summary, summarize
+from bsfind.noise.estimators import Round, Summary
 from bsfind.noise.probe import (
     DEFAULT_MICROBATCHES,
     Deadline,
@@ -608,18 +608,12 @@ class DistributedNoiseProbe(NoiseProbe):
                 self._shrink_after_oom()
                 stopped = self._decide(deadline, None, all_zero)
                 continue
-            all_zero = all_zero and r.sq_big == 0.0 and r.sq_small == 0.0
-            self.rounds.append(r)
-            self._rounds_at_size += 1
-            s = summarize(self.rounds)
-            if self.progress is not None:
-                rel = s.rel_half_width
-                frac = 0.0 if not math.isfinite(rel) else min(1.0, self.target / rel)
-                shown = f"B_simple≈{s.b_simple:.0f} ±{rel:.0%}" if s.b_simple else "|G|² unresolved"
-                self.progress("noise", frac, f"step {self.step}: {shown}, B_big={self.b_big} "
-                              f"over {self.coord.world} ranks")
+            s, all_zero = self._record(r, all_zero)
             stopped = self._decide(deadline, s, all_zero)
         return stopped, all_zero
+
+    def _where(self) -> str:
+        return f" over {self.coord.world} ranks"
 
     def estimate(self, seconds: float, stopped: str) -> NoiseEstimate:
         est = super().estimate(seconds, stopped)

@@ -286,20 +286,30 @@ class NoiseProbe:
             if oom:  # outside the except block, so the failed round's tensors are freed
                 self._shrink_after_oom()
                 continue
-            all_zero = all_zero and r.sq_big == 0.0 and r.sq_small == 0.0
-            self.rounds.append(r)
-            self._rounds_at_size += 1
-            s = summarize(self.rounds)
-            if self.progress is not None:
-                rel = s.rel_half_width
-                frac = 0.0 if not math.isfinite(rel) else min(1.0, self.target / rel)
-                shown = f"B_simple≈{s.b_simple:.0f} ±{rel:.0%}" if s.b_simple else "|G|² unresolved"
-                self.progress("noise", frac, f"step {self.step}: {shown}, B_big={self.b_big}")
+            s, all_zero = self._record(r, all_zero)
             if all_zero and len(self.rounds) >= 2:
                 return "converged", all_zero
             if len(self.rounds) >= self.min_rounds and s.rel_half_width <= self.target:
                 return "converged", all_zero
             self._grow(s)
+
+    def _record(self, r: Round, all_zero: bool) -> tuple[Summary, bool]:
+        """Keep a finished round, report progress; returns (summary, still all zero)."""
+        all_zero = all_zero and r.sq_big == 0.0 and r.sq_small == 0.0
+        self.rounds.append(r)
+        self._rounds_at_size += 1
+        s = summarize(self.rounds)
+        if self.progress is not None:
+            rel = s.rel_half_width
+            frac = 0.0 if not math.isfinite(rel) else min(1.0, self.target / rel)
+            shown = f"B_simple≈{s.b_simple:.0f} ±{rel:.0%}" if s.b_simple else "|G|² unresolved"
+            self.progress("noise", frac,
+                          f"step {self.step}: {shown}, B_big={self.b_big}{self._where()}")
+        return s, all_zero
+
+    def _where(self) -> str:
+        """Suffix of the progress message (the distributed probe names its ranks)."""
+        return ""
 
     def estimate(self, seconds: float, stopped: str) -> NoiseEstimate:
         s = summarize(self.rounds)
