@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+import torch.nn.grad
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
@@ -70,6 +72,11 @@ LinearPath = Literal["auto", "direct", "gram"]
 # are processed in chunks of examples. 2**25 float32 = 128 MiB; chosen so a
 # chunk fits next to the activations of a model that already fits in memory.
 MAX_TEMP_ELEMENTS = 2**25
+
+# On CPU, smaller chunks: 2**19 float32 = 2 MiB temporaries stay in cache, so the layers
+# around them are not slowed by their eviction (benchmarks/per_example_overhead.py, CNN on
+# 2 cores: 1.57x at 2**25, 1.46x at 2**19, worse again below 2**17 as the ops shrink).
+CPU_TEMP_ELEMENTS = 2**19
 
 # Relative tolerance when the func fallback checks that running a module one
 # example at a time reproduces its batched output (float32 reductions reorder).
@@ -109,8 +116,10 @@ class PerExamplePlan:
 
 
 def _uses_forward_of(module: nn.Module, cls: type[nn.Module]) -> bool:
-    # A subclass that overrides forward (LoRA, quantised, ...) computes something else.
-    return isinstance(module, cls) and type(module).forward is cls.forward
+    # A subclass that overrides forward (LoRA, quantised, ...) computes something else, as
+    # does an instance whose forward was replaced.
+    return (isinstance(module, cls) and type(module).forward is cls.forward
+            and "forward" not in vars(module))
 
 
 def _rule_for(module: nn.Module, trainable: list[str]) -> str:
@@ -235,9 +244,42 @@ def _acc(t: Tensor) -> Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-def _chunk(n: int, per_example: int) -> int:
-    """Examples per chunk so one temporary stays under MAX_TEMP_ELEMENTS."""
-    return max(1, min(n, MAX_TEMP_ELEMENTS // max(1, per_example)))
+def _chunk(n: int, per_example: int, like: Tensor) -> int:
+    """Examples per chunk so one temporary stays under MAX_TEMP_ELEMENTS (on CPU, under
+    CPU_TEMP_ELEMENTS too)."""
+    cap = MAX_TEMP_ELEMENTS
+    if like.device.type == "cpu":
+        cap = min(cap, CPU_TEMP_ELEMENTS)
+    return max(1, min(n, cap // max(1, per_example)))
+
+
+class _Scratch:
+    """Temporaries of the product rules, reused from one backward to the next.
+
+    On CPU a fresh tensor of several MiB is fresh memory from the OS, and its first
+    touch page-faults: the im2col copy of the CNN benchmark ran about 8x slower into a
+    new tensor than into a reused one. So the unfolded inputs and the per-example
+    products are written into buffers that live as long as the context (at most
+    MAX_TEMP_ELEMENTS each). Elsewhere (CUDA's caching allocator already reuses memory)
+    every request is a new tensor.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype, int], Tensor] = {}
+
+    def get(self, key: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """An uninitialised tensor of ``shape`` with ``like``'s dtype and device."""
+        if like.device.type != "cpu":
+            return like.new_empty(shape)
+        n = math.prod(shape)
+        slot = (key, like.dtype, threading.get_ident())
+        buf = self._buffers.get(slot)
+        if buf is None or buf.numel() < n:
+            buf = self._buffers[slot] = like.new_empty(n)
+        return buf[:n].view(shape)
+
+    def clear(self) -> None:
+        self._buffers.clear()
 
 
 def _use_gram(t: int, d_in: int, d_out: int, path: LinearPath) -> bool:
@@ -255,12 +297,25 @@ def _use_gram(t: int, d_in: int, d_out: int, path: LinearPath) -> bool:
     return t * t * (d_in + d_out + 1) < (t + 1) * d_in * d_out
 
 
-def _seq_sq(x: Tensor, d: Tensor, path: LinearPath) -> tuple[Tensor, str]:
-    """|x_nᵀ d_n|²_F for x (N, T, d_in), d (N, T, d_out), chunked over N."""
+def _seq_sq(
+    x: Tensor,
+    d: Tensor,
+    path: LinearPath,
+    acc: Tensor | None,
+    scratch: _Scratch,
+) -> tuple[Tensor, str]:
+    """|x_nᵀ d_n|²_F for x (N, T, d_in), d (N, T, d_out), chunked over N.
+
+    With ``acc`` (shape (G, d_in, d_out)) the direct form is used and the per-example
+    products x_nᵀ d_n are also summed into it, rows n, n+G, n+2G, ... into acc[n mod G]
+    (G groups of a grouped convolution interleaved along N; G = 1 otherwise).
+    """
     n, t, d_in = x.shape
     d_out = d.shape[2]
-    gram = _use_gram(t, d_in, d_out, path)
-    step = _chunk(n, 2 * t * t if gram else d_in * d_out)
+    gram = acc is None and _use_gram(t, d_in, d_out, path)
+    step = _chunk(n, 2 * t * t if gram else d_in * d_out, x)
+    if acc is not None:
+        step = max(acc.shape[0], step - step % acc.shape[0])
     out = []
     for s in range(0, n, step):
         xs, ds = x[s : s + step], d[s : s + step]
@@ -269,12 +324,25 @@ def _seq_sq(x: Tensor, d: Tensor, path: LinearPath) -> tuple[Tensor, str]:
             kd = torch.bmm(ds, ds.transpose(1, 2))
             out.append(torch.linalg.vecdot(kx.flatten(1), kd.flatten(1)))
         else:
-            g = torch.bmm(xs.transpose(1, 2), ds)  # (n, d_in, d_out)
+            g = scratch.get("product", (xs.shape[0], d_in, d_out), xs)
+            torch.bmm(xs.transpose(1, 2), ds, out=g)  # (n, d_in, d_out)
             out.append(torch.linalg.vector_norm(g, dim=(1, 2)).square())
-    return (out[0] if len(out) == 1 else torch.cat(out)), ("gram" if gram else "direct")
+            if acc is not None:
+                acc += g.view(-1, *acc.shape).sum(0)
+    used = "gram" if gram else "fused" if acc is not None else "direct"
+    return (out[0] if len(out) == 1 else torch.cat(out)), used
 
 
-def _linear(module: nn.Module, x: Tensor, d: Tensor, path: LinearPath) -> tuple[Tensor, str]:
+def _linear(
+    module: nn.Module,
+    x: Tensor,
+    d: Tensor,
+    path: LinearPath,
+    acc: Tensor | None,
+    scratch: _Scratch,
+) -> tuple[Tensor, str]:
+    """Linear rule; with ``acc`` (the weight's shape) also fill it with the weight gradient
+    Σ_i δ_iᵀ x_i, summed from the per-example products (only for inputs with middle axes)."""
     w_on = module.weight.requires_grad
     b_on = module.bias is not None and module.bias.requires_grad
     x, d = _acc(x), _acc(d)
@@ -290,14 +358,26 @@ def _linear(module: nn.Module, x: Tensor, d: Tensor, path: LinearPath) -> tuple[
     used = "direct"
     sq = x.new_zeros(b)
     if w_on:
-        sq, used = _seq_sq(x, d, path)
+        total = None if acc is None else x.new_zeros(1, x.shape[2], d.shape[2])
+        sq, used = _seq_sq(x, d, path, total, scratch)
+        if acc is not None and total is not None:
+            acc.copy_(total[0].T)
     if b_on:
         db = d.sum(1)
         sq = sq + torch.linalg.vecdot(db, db)
     return sq, used
 
 
-def _conv(module: nn.Module, x: Tensor, d: Tensor, path: LinearPath) -> tuple[Tensor, str]:
+def _conv(
+    module: nn.Module,
+    x: Tensor,
+    d: Tensor,
+    path: LinearPath,
+    acc: Tensor | None,
+    scratch: _Scratch,
+) -> tuple[Tensor, str]:
+    """Conv rule; with ``acc`` (the weight's shape) also fill it with the weight gradient,
+    summed from the per-example products."""
     conv: Any = module
     w_on = conv.weight.requires_grad
     b_on = conv.bias is not None and conv.bias.requires_grad
@@ -314,42 +394,62 @@ def _conv(module: nn.Module, x: Tensor, d: Tensor, path: LinearPath) -> tuple[Te
             for v in (conv.kernel_size, conv.stride, conv.dilation)
         )
         pads = _explicit_padding(conv, one_d)
-        if any(pads):
-            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-            x = F.pad(x, pads, mode=mode)
-        # im2col as a strided view and one copy (reshape): several times faster on CPU than
-        # F.unfold, which loops over the batch.
-        c, h, w = x.shape[1:]
-        g, k = conv.groups, c * kh * kw
+        left, right, top, bottom = pads
+        g = conv.groups
+        c, h, w = x.shape[1], x.shape[2] + top + bottom, x.shape[3] + left + right
+        k = c * kh * kw
         ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
         n_pos = ho * wo
-        if g == 1:
-            # channels-last windows (B, Ho, Wo, kh, kw, C): the copy moves contiguous runs of
-            # C values, about twice as fast as the (B, C, kh, kw, Ho, Wo) order.
-            xl = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
-            s0, s1, s2, s3 = xl.stride()
-            shape = (b, ho, wo, kh, kw, c)
-            windows = xl.as_strided(shape, (s0, sh * s1, sw * s2, dh * s1, dw * s2, s3))
-        else:  # channel-major, so that each group's channels are one slice of K
-            x = x.contiguous()
-            s0, s1, s2, s3 = x.stride()
-            shape = (b, c, kh, kw, ho, wo)
-            windows = x.as_strided(shape, (s0, s1, dh * s2, dw * s3, sh * s2, sw * s3))
-        step = _chunk(b, k * n_pos)
+        # im2col as a strided view of the padded input and one copy per chunk: several
+        # times faster on CPU than F.unfold, which loops over the batch. Channels-last
+        # windows (B, Ho, Wo, kh, kw, C) copy contiguous runs of C values, channel-major
+        # ones (B, C, kh, kw, Ho, Wo) runs of Wo values (stride 1); the latter also keeps
+        # each group's channels one slice of K.
+        channels_last = g == 1 and (c >= wo or sw > 1)
+        if conv.padding_mode == "zeros":
+            # pad straight into a reused buffer: one copy, no fresh memory
+            xp = scratch.get("padded", (b, h, w, c) if channels_last else (b, c, h, w), x)
+            if any(pads):
+                xp.zero_()
+            if channels_last:
+                xp[:, top : h - bottom, left : w - right].copy_(x.permute(0, 2, 3, 1))
+            else:
+                xp[:, :, top : h - bottom, left : w - right].copy_(x)
+        else:
+            xp = F.pad(x, pads, mode=conv.padding_mode) if any(pads) else x
+            if channels_last:
+                xp = xp.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+            else:
+                xp = xp.contiguous()
+        s0, s1, s2, s3 = xp.stride()
+        if channels_last:
+            windows = xp.as_strided((b, ho, wo, kh, kw, c),
+                                    (s0, sh * s1, sw * s2, dh * s1, dw * s2, s3))
+        else:
+            windows = xp.as_strided((b, c, kh, kw, ho, wo),
+                                    (s0, s1, dh * s2, dw * s3, sh * s2, sw * s3))
+        step = _chunk(b, k * n_pos, x)
+        total = None if acc is None else x.new_zeros(g, k // g, d.shape[1] // g)
         parts = []
         for i in range(0, b, step):
-            if g == 1:
-                xg = windows[i : i + step].reshape(-1, n_pos, k)  # (n, L, K)
-                n = xg.shape[0]
+            part_windows = windows[i : i + step]
+            n = part_windows.shape[0]
+            cols = scratch.get("unfolded", part_windows.shape, x).copy_(part_windows)
+            if channels_last:
+                xg = cols.view(n, n_pos, k)  # (n, L, K)
                 dg = d[i : i + step].reshape(n, -1, n_pos).transpose(1, 2)  # (n, L, O)
             else:  # per group: (n·g, L, K/g) inputs and (n·g, L, O/g) output gradients
-                cols = windows[i : i + step].reshape(-1, k, n_pos)
-                n = cols.shape[0]
                 xg = cols.view(n * g, -1, n_pos).transpose(1, 2)
                 dg = d[i : i + step].reshape(n * g, -1, n_pos).transpose(1, 2)
-            part, used = _seq_sq(xg, dg, path)
+            part, used = _seq_sq(xg, dg, path, total, scratch)
             parts.append(part.view(n, g).sum(1) if g > 1 else part)
         sq = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if acc is not None and total is not None:
+            o = d.shape[1]
+            if channels_last:  # K in (kh, kw, C) order
+                acc.view(o, c, kh, kw).copy_(total[0].view(kh, kw, c, o).permute(3, 2, 0, 1))
+            else:  # per group, K/g in (C/g, kh, kw) order
+                acc.view(o, c // g, kh, kw).copy_(total.transpose(1, 2).reshape(o, c // g, kh, kw))
     if b_on:
         db = d.flatten(2).sum(2)
         sq = sq + torch.linalg.vecdot(db, db)
@@ -452,14 +552,16 @@ def _groupnorm(module: nn.Module, x: Tensor, d: Tensor, path: LinearPath) -> tup
 
 _Rule = Callable[[nn.Module, Tensor, Tensor, LinearPath], tuple[Tensor, str]]
 _RULES: dict[str, _Rule] = {
-    "linear": _linear,
-    "conv1d": _conv,
-    "conv2d": _conv,
     "embedding": _embedding,
     "layernorm": _layernorm,
     "groupnorm": _groupnorm,
     "rmsnorm": _rmsnorm,
 }
+# The rules that form products: they use scratch buffers and can also give ∇W (acc).
+_ProductRule = Callable[
+    [nn.Module, Tensor, Tensor, LinearPath, "Tensor | None", _Scratch], tuple[Tensor, str]
+]
+_PRODUCT_RULES: dict[str, _ProductRule] = {"linear": _linear, "conv1d": _conv, "conv2d": _conv}
 # Input rank each rule accepts (batch axis included); anything else is unbatched or exotic.
 _MIN_RANK = {"linear": 2, "conv1d": 3, "conv2d": 4, "embedding": 1, "layernorm": 2,
              "groupnorm": 2, "rmsnorm": 2}
@@ -517,6 +619,112 @@ def _func_sq(
             "or is random"
         )
     return sq
+
+
+# -- fused weight gradients -----------------------------------------------------------------
+# For Linear on inputs with middle axes and for convolutions, the direct form materialises
+# every example's weight gradient x_iᵀ δ_i anyway; their sum IS the weight gradient. So these
+# layers run (inside the context) as a custom autograd Function whose backward returns that
+# sum instead of letting autograd form the same product a second time. That removes most of
+# the overhead of the norms on these layers (benchmarks/per_example_overhead.py, "unfused").
+
+def _conv_padding(conv: Any) -> tuple[int, ...] | None:
+    """``conv``'s zero padding as one int per spatial axis; None if it is not symmetric."""
+    if conv.padding_mode != "zeros":
+        return None
+    if conv.padding == "valid":
+        return (0,) * len(conv.kernel_size)
+    if conv.padding == "same":
+        totals = [dl * (k - 1) for k, dl in zip(conv.kernel_size, conv.dilation, strict=True)]
+        if any(t % 2 for t in totals):
+            return None  # torch pads asymmetrically, outside the convolution
+        return tuple(t // 2 for t in totals)
+    return tuple(conv.padding)
+
+
+def _fusable(rule: str, module: nn.Module, x: Tensor, path: LinearPath) -> bool:
+    """Whether the direct form will run for this call, so its products can give ∇W."""
+    weight: Tensor = module.weight  # type: ignore[assignment]
+    if not weight.requires_grad or not x.is_floating_point():
+        return False
+    if rule == "linear":
+        if x.dim() < 3:
+            return False  # the rank-one rule needs no product at all
+        d_out, d_in = weight.shape
+        return not _use_gram(x[0].numel() // d_in, d_in, d_out, path)
+    conv: Any = module
+    pads = _conv_padding(conv)
+    if pads is None or x.dim() != (3 if rule == "conv1d" else 4):
+        return False
+    n_pos = 1
+    for size, k, st, dl, p in zip(x.shape[2:], conv.kernel_size, conv.stride, conv.dilation,
+                                  pads, strict=True):
+        n_pos *= (size + 2 * p - dl * (k - 1) - 1) // st + 1
+    k_g = weight[0].numel()  # C/g · kernel
+    return not _use_gram(n_pos, k_g, weight.shape[0] // conv.groups, path)
+
+
+def _input_grad(module: nn.Module, rule: str, x: Tensor, weight: Tensor, d: Tensor) -> Tensor:
+    w = weight.to(d.dtype)  # autocast: the product ran in δ's dtype; autograd casts back
+    if rule == "linear":
+        return d.matmul(w)
+    conv: Any = module
+    grad_input = torch.nn.grad.conv1d_input if rule == "conv1d" else torch.nn.grad.conv2d_input
+    return grad_input(x.shape, w, d, conv.stride, _conv_padding(conv), conv.dilation, conv.groups)
+
+
+def _weight_grad(module: nn.Module, rule: str, x: Tensor, weight: Tensor, d: Tensor) -> Tensor:
+    """Autograd's own weight gradient (differentiable; for the unfused cases)."""
+    x = x.to(d.dtype)
+    if rule == "linear":
+        return d.reshape(-1, d.shape[-1]).T.matmul(x.reshape(-1, x.shape[-1]))
+    conv: Any = module
+    grad_w = torch.nn.grad.conv1d_weight if rule == "conv1d" else torch.nn.grad.conv2d_weight
+    return grad_w(x, weight.shape, d, conv.stride, _conv_padding(conv), conv.dilation, conv.groups)
+
+
+class _FusedProduct(torch.autograd.Function):
+    """A Linear or zero-padded convolution whose backward also gives per-example norms.
+
+    Forward: the module's own computation. Backward: the input gradient as autograd
+    would form it, the bias gradient, and the weight gradient as the sum of the
+    per-example products that the norm rule forms (see :func:`_seq_sq`). Where no norms
+    are wanted (the context has exited, a double backward, a duplicate call) the weight
+    gradient is autograd's usual product.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, cap: _Capture
+    ) -> Tensor:
+        ctx.cap = cap  # the graph node owns the capture, as with the hooks
+        ctx.save_for_backward(x, weight)
+        if cap.rule == "linear":
+            out = F.linear(x, weight, bias)
+            if out._base is not None:
+                # F.linear returns a view for 3-D+ inputs with a bias; a custom Function's
+                # view output could not be modified in place afterwards. Same memory, no view.
+                out = torch.ops.aten._unsafe_view(out, out.shape)
+            return out
+        conv: Any = cap.module
+        return conv._conv_forward(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, d: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        cap: _Capture = ctx.cap
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = _input_grad(cap.module, cap.rule, x, weight, d) if need_x else None
+        db = None
+        if need_b:
+            channel = d.dim() - 1 if cap.rule == "linear" else 1
+            db = d.sum([i for i in range(d.dim()) if i != channel])
+        dw = None
+        if cap.owner is not None:
+            dw = cap.owner._on_backward(cap, d, x=x, weight_grad=not torch.is_grad_enabled())
+        if need_w and dw is None:
+            dw = _weight_grad(cap.module, cap.rule, x, weight, d)
+        return dx, (None if dw is None else dw.to(weight.dtype)), db, None
 
 
 # -- the hooks ----------------------------------------------------------------------------
@@ -623,6 +831,10 @@ class PerExampleGradNorms:
         plan: a plan from :func:`plan` (computed when None). Must be ok.
         linear_path: force the direct or the Gram form for sequence inputs of
             Linear and Conv layers ("auto": cheaper by the FLOP model).
+        fuse: where the direct form runs, let the weight gradient be the sum of its
+            per-example products instead of a second product by autograd (the
+            ``forward`` of those Linear and Conv modules is replaced while the context
+            is active; outputs and gradients are the same up to float rounding).
 
     Raises:
         ValueError: the plan is not ok.
@@ -634,6 +846,7 @@ class PerExampleGradNorms:
         plan: PerExamplePlan | None = None,
         *,
         linear_path: LinearPath = "auto",
+        fuse: bool = True,
     ) -> None:
         self.plan = plan if plan is not None else _plan(model)
         if not self.plan.ok:
@@ -642,6 +855,9 @@ class PerExampleGradNorms:
             raise ValueError(f"linear_path must be auto, direct or gram, got {linear_path!r}")
         self.model = model
         self.linear_path: LinearPath = linear_path
+        self.fuse = fuse
+        self._scratch = _Scratch()
+        self._forwards: list[nn.Module] = []  # modules whose forward this context replaced
         self.paths: dict[str, str] = {}  # module -> form used in the last backward
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._captures: list[weakref.ref[_Capture]] = []
@@ -662,7 +878,11 @@ class PerExampleGradNorms:
             raise ValueError(f"the plan does not match the model: no module {missing[0]!r}")
         for name, rule in self.plan.rules.items():
             module = modules[name]
-            if rule == "func":
+            if self.fuse and rule in _PRODUCT_RULES and "forward" not in vars(module):
+                # the instance attribute shadows the class's forward until __exit__
+                module.forward = functools.partial(self._forward, name, rule, module)
+                self._forwards.append(module)
+            elif rule == "func":
                 hook = functools.partial(self._on_forward_func, name)
                 self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
             else:
@@ -680,6 +900,10 @@ class PerExampleGradNorms:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for module in self._forwards:
+            del module.forward
+        self._forwards.clear()
+        self._scratch.clear()
         for ref in self._captures:
             cap = ref()
             if cap is not None:
@@ -694,6 +918,23 @@ class PerExampleGradNorms:
         self._fired = {}
 
     # -- forward hooks ---------------------------------------------------------------
+    def _forward(self, name: str, rule: str, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """The replaced forward of a Linear / Conv: the fused Function where the direct
+        form will run, else the module's own forward followed by the usual hook."""
+        x = args[0] if args else kwargs.get("input")
+        if (
+            isinstance(x, Tensor)
+            and not self._recomputing
+            and torch.is_grad_enabled()
+            and _fusable(rule, module, x, self.linear_path)
+        ):
+            cap = _Capture(self, name, rule, module)
+            self._captures.append(weakref.ref(cap))
+            return _FusedProduct.apply(x, module.weight, module.bias, cap)
+        out = type(module).forward(module, *args, **kwargs)
+        own = self._on_forward(name, rule, module, (x,) if x is not None else (), out)
+        return out if own is None else own
+
     def _on_forward(
         self, name: str, rule: str, module: nn.Module, args: tuple[Any, ...], output: object
     ) -> Tensor | None:
@@ -755,7 +996,15 @@ class PerExampleGradNorms:
             )
 
     # -- backward hook ---------------------------------------------------------------
-    def _on_backward(self, cap: _Capture, grad: Tensor) -> None:
+    def _on_backward(
+        self, cap: _Capture, grad: Tensor, x: Tensor | None = None, weight_grad: bool = False
+    ) -> Tensor | None:
+        """Record ``cap``'s (B,) squared norms; with ``weight_grad`` also return ∇W.
+
+        ``x`` is the module's input where the caller holds it (the fused Function),
+        else ``cap.x``. Returns None when no weight gradient was formed (not asked, or
+        this call's norms are refused).
+        """
         task = None if _CURRENT_TASK is None else _CURRENT_TASK()
         if cap.name in self._fired:
             if task is None or self._fired[cap.name] == task:
@@ -765,24 +1014,34 @@ class PerExampleGradNorms:
                     "forward passes were back-propagated together"
                     + ("" if task is not None else ", or sq_norms() was not read after a backward")
                 )
-                return
+                return None
             # Fired in an earlier backward: a new one began and the last one's numbers are
             # stale. (A module firing for the first time under a new task id is not enough:
             # reentrant activation checkpointing runs a nested backward inside this one.)
             self._terms = [(t, n, v) for t, n, v in self._terms if t == task]
             self._fired = {n: t for t, n, _ in self._terms}
         self._fired[cap.name] = task
+        acc = None
         if cap.rule == "func":
             sq = self._func(cap, grad)
             if sq is None:
-                return
+                return None
         else:
-            assert cap.x is not None
+            x = cap.x if x is None else x
+            assert x is not None
             if grad.requires_grad:  # backward(create_graph=True): do not extend the graph
                 grad = grad.detach()
-            sq, used = _RULES[cap.rule](cap.module, cap.x, grad, self.linear_path)
+            if cap.rule in _PRODUCT_RULES:
+                if weight_grad:
+                    weight: Tensor = cap.module.weight  # type: ignore[assignment]
+                    acc = _acc(x).new_empty(weight.shape)
+                sq, used = _PRODUCT_RULES[cap.rule](
+                    cap.module, x.detach(), grad, self.linear_path, acc, self._scratch)
+            else:
+                sq, used = _RULES[cap.rule](cap.module, x.detach(), grad, self.linear_path)
             self.paths[cap.name] = f"{cap.rule}-{used}"
         self._terms.append((task, cap.name, sq))
+        return acc
 
     def _func(self, cap: _Capture, grad: Tensor) -> Tensor | None:
         params = {n: p.detach() for n, p in cap.module.named_parameters() if p.requires_grad}

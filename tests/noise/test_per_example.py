@@ -53,19 +53,36 @@ def exact_sq_norms(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn) -> T
     return sum(v.double().flatten(1).square().sum(1) for v in g.values()) / b**2
 
 
+def plain_grads(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn) -> list[Tensor]:
+    """.grad of every trainable parameter after an ordinary backward, no hooks."""
+    model.zero_grad(set_to_none=True)
+    loss_fn(model(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad and p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
 def hooked_sq_norms(
     model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, **kwargs: object
 ) -> tuple[Tensor, dict[str, str]]:
+    want_grads = plain_grads(model, x, y, loss_fn)
     with PerExampleGradNorms(model, **kwargs) as norms:  # type: ignore[arg-type]
         model.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
-        return norms.sq_norms(), dict(norms.paths)
+        sq, paths = norms.sq_norms(), dict(norms.paths)
+    # the step the caller trains with is unchanged (fused layers form ∇W themselves)
+    got_grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    assert len(got_grads) == len(want_grads)
+    for got, want in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
+    return sq, paths
 
 
 def check(
     model: nn.Module, x: Tensor, loss_fn: LossFn = mse, y: Tensor | None = None, **kwargs: object
 ) -> dict[str, str]:
-    """Compare hooks with exact values; return the forms the hooks used."""
+    """Compare hooks with exact values, and the gradients with plain autograd's; return
+    the forms the hooks used."""
     if y is None:
         with torch.no_grad():
             y = torch.randn_like(model(x))
@@ -92,16 +109,21 @@ def test_linear_2d(bias: bool) -> None:
     assert paths == {"": "linear-outer"}
 
 
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("path", ["direct", "gram"])
 @pytest.mark.parametrize("shape", [(6, 9, 7), (5, 3, 4, 7)])
-def test_linear_sequence(path: str, shape: tuple[int, ...]) -> None:
-    paths = check(nn.Linear(7, 5), torch.randn(*shape), linear_path=path)
-    assert paths == {"": f"linear-{path}"}
+def test_linear_sequence(path: str, shape: tuple[int, ...], bias: bool, fuse: bool) -> None:
+    paths = check(nn.Linear(7, 5, bias=bias), torch.randn(*shape), linear_path=path, fuse=fuse)
+    # the direct form's per-example products also give the weight gradient (fused)
+    assert paths == {"": "linear-fused" if path == "direct" and fuse else f"linear-{path}"}
 
 
 def test_linear_auto_picks_cheaper_form() -> None:
     assert check(nn.Linear(64, 64), torch.randn(3, 4, 64)) == {"": "linear-gram"}  # short T
-    assert check(nn.Linear(4, 3), torch.randn(3, 20, 4)) == {"": "linear-direct"}  # long T
+    assert check(nn.Linear(4, 3), torch.randn(3, 20, 4)) == {"": "linear-fused"}  # long T
+    long_t = check(nn.Linear(4, 3), torch.randn(3, 20, 4), fuse=False)
+    assert long_t == {"": "linear-direct"}
 
 
 def test_chunked_over_examples(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -110,6 +132,11 @@ def test_chunked_over_examples(monkeypatch: pytest.MonkeyPatch) -> None:
     check(nn.Linear(7, 5), torch.randn(6, 9, 7), linear_path="gram")
     check(nn.Conv2d(4, 6, 3, groups=2), torch.randn(5, 4, 6, 6))
     check(nn.Conv2d(4, 6, 3), torch.randn(5, 4, 6, 6), linear_path="gram")
+    # the fused weight gradient summed over chunks (and over interleaved groups)
+    assert check(nn.Conv2d(4, 6, 3), torch.randn(5, 4, 6, 6), linear_path="direct") == {
+        "": "conv2d-fused"}
+    assert check(nn.Conv1d(4, 6, 3, groups=2), torch.randn(5, 4, 9), linear_path="direct") == {
+        "": "conv1d-fused"}
 
 
 def test_frozen_weight_counts_only_bias() -> None:
@@ -127,6 +154,7 @@ def test_frozen_weight_counts_only_bias() -> None:
         dict(kernel_size=3, stride=2, padding=1),
         dict(kernel_size=2, dilation=2, padding=2, groups=2),
         dict(kernel_size=4, padding="same"),
+        dict(kernel_size=3, padding="same", dilation=2, bias=False),
         dict(kernel_size=3, padding=1, padding_mode="reflect", bias=False),
     ],
 )
@@ -142,11 +170,28 @@ def test_conv1d(conv: dict[str, object], path: str) -> None:
         dict(kernel_size=3, stride=2, padding=1),
         dict(kernel_size=(2, 3), stride=(1, 2), dilation=(2, 1), padding=(1, 0), groups=2),
         dict(kernel_size=4, padding="same"),
+        dict(kernel_size=3, padding="valid", stride=2),
         dict(kernel_size=3, padding=1, padding_mode="circular"),
     ],
 )
 def test_conv2d(conv: dict[str, object], path: str) -> None:
     check(nn.Conv2d(4, 6, **conv), torch.randn(5, 4, 7, 8), linear_path=path)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("conv", "fused"),
+    [
+        (dict(padding=1), True),
+        (dict(padding="same", dilation=2), True),
+        (dict(padding="valid", groups=2), True),
+        (dict(padding=1, padding_mode="reflect"), False),  # F.pad outside the convolution
+        (dict(kernel_size=2, padding="same"), False),  # asymmetric: likewise
+    ],
+)
+def test_conv_fused_only_where_zero_padding_is_inside(conv: dict[str, object], fused: bool) -> None:
+    layer = nn.Conv2d(4, 6, **{"kernel_size": 3, **conv})  # type: ignore[arg-type]
+    paths = check(layer, torch.randn(5, 4, 7, 8), linear_path="direct")
+    assert paths == {"": "conv2d-fused" if fused else "conv2d-direct"}
 
 
 @pytest.mark.parametrize("padding_idx", [None, 2])
@@ -269,14 +314,17 @@ class Bias(nn.Module):
         return self.bias.expand(x.shape[0], *self.bias.shape)
 
 
+@pytest.mark.parametrize("path", ["auto", "direct"])  # direct: the fused Function
 @pytest.mark.parametrize("shape", [(8, 5), (4, 3, 5)])
-def test_inplace_ops_after_hooked_layers(shape: tuple[int, ...]) -> None:
+def test_inplace_ops_after_hooked_layers(shape: tuple[int, ...], path: str) -> None:
     # 3-D input + bias: nn.Linear returns a view, which in-place ops re-route around
     model = nn.Sequential(
         nn.Linear(5, 6), nn.ReLU(inplace=True), nn.LayerNorm(6), AddToFirstColumn(),
         nn.Linear(6, 6), nn.Tanh(), Scale(6), nn.ReLU(inplace=True), nn.Linear(6, 3),
     )
-    check(model, torch.randn(*shape))
+    paths = check(model, torch.randn(*shape), linear_path=path)
+    if len(shape) == 3 and path == "direct":
+        assert paths["0"] == paths["4"] == "linear-fused"
 
 
 def test_expanded_output_gradient() -> None:
@@ -353,6 +401,57 @@ def test_transformer(path: str) -> None:
     target = torch.randint(0, 11, (5, 8))
     paths = check(model, idx, token_ce, target, linear_path=path)
     assert set(paths) == set(plan(model).rules)
+
+
+def test_fused_layers_under_autocast() -> None:
+    model = models.transformer(vocab=11, context=8, d_model=16, heads=2, layers=1)
+    idx, target = torch.randint(0, 11, (5, 8)), torch.randint(0, 11, (5, 8))
+
+    def run(**kwargs: object) -> tuple[list[Tensor], Tensor, dict[str, str]]:
+        model.zero_grad(set_to_none=True)
+        with PerExampleGradNorms(model, linear_path="direct", **kwargs) as norms:  # type: ignore[arg-type]
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = token_ce(model(idx), target)
+            loss.backward()
+            sq = norms.sq_norms()
+            paths = dict(norms.paths)
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None], sq, paths
+
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = token_ce(model(idx), target)
+    loss.backward()
+    plain = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    fused, sq_fused, paths = run()
+    unfused, sq_unfused, _ = run(fuse=False)
+    assert paths["blocks.0.fc"] == "linear-fused"
+    for f, u, p in zip(fused, unfused, plain, strict=True):
+        assert f.dtype == p.dtype == torch.float32
+        # bf16 products: the fused ∇W is summed in float32, autograd's in bfloat16
+        torch.testing.assert_close(f, p, rtol=0, atol=2e-2 * float(p.abs().max()))
+        torch.testing.assert_close(u, p, rtol=0, atol=1e-6 * float(p.abs().max()))
+    torch.testing.assert_close(sq_fused, sq_unfused, rtol=1e-3, atol=0)
+
+
+def test_double_backward_through_fused_layers() -> None:
+    # a Hessian-vector product taken inside the context: the fused layers' gradients
+    # must stay differentiable
+    model = nn.Sequential(nn.Conv1d(3, 4, 3, padding=1), nn.Tanh(), nn.Flatten(1),
+                          nn.Unflatten(1, (4, 6)), nn.Linear(6, 2))
+    x, y = torch.randn(5, 3, 6), torch.randn(5, 4, 2)
+    params = list(model.parameters())
+    vs = [torch.randn_like(p) for p in params]
+
+    def hvp() -> list[Tensor]:
+        grads = torch.autograd.grad(mse(model(x), y), params, create_graph=True)
+        gv = torch.stack([(g * v).sum() for g, v in zip(grads, vs, strict=True)]).sum()
+        return list(torch.autograd.grad(gv, params))
+
+    want = hvp()
+    with PerExampleGradNorms(model, linear_path="direct"):
+        got = hvp()
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6 * float(w.abs().max()))
 
 
 # -- what is refused -------------------------------------------------------------------------
@@ -451,6 +550,7 @@ def test_no_hooks_left_after_exit() -> None:
     for m in model.modules():
         assert not m._forward_hooks and not m._forward_pre_hooks
         assert not m._backward_hooks and not m._backward_pre_hooks
+        assert "forward" not in vars(m)  # the fused layers' replaced forward is gone
     out.sum().backward()  # the hook left on the live graph is inert
     with pytest.raises(RuntimeError, match="no backward"):
         norms.sq_norms()
