@@ -5,17 +5,27 @@ Run:
     .venv/bin/python benchmarks/per_example_overhead.py --reps 20 --models mlp cnn --threads 1
     .venv/bin/python benchmarks/per_example_overhead.py --threads 1 --clock thread  # busy host
 
-For each model, three training steps are timed side by side, interleaved
-repetition by repetition so that clock drift and thermal effects cancel:
+For each model, four training steps are timed side by side, interleaved
+repetition by repetition (in a random order each time) so that clock drift,
+thermal effects and cache state cancel:
 
-  (a) plain:  forward, backward, Adam step
-  (b) hooks:  the same step inside PerExampleGradNorms, sq_norms() read
-  (c) func:   torch.func vmap(grad) per-example gradients, their norms, the mean
-              gradient written to .grad, Adam step
+  (a) plain:    forward, backward, Adam step
+  (b) hooks:    the same step inside PerExampleGradNorms, sq_norms() read; Linear
+                layers on sequences and convolutions are fused (their weight
+                gradient is the sum of the per-example products the norms need)
+  (u) unfused:  as (b) with fuse=False: autograd forms the weight gradient itself
+  (c) func:     torch.func vmap(grad) per-example gradients, their norms, the mean
+                gradient written to .grad, Adam step
 
 Each variant has its own copy of the model and optimizer. Warm-up repetitions
 are discarded; the table gives median milliseconds and the median of the
-per-repetition ratios (b)/(a) and (c)/(a). CPU, torch.set_num_threads(2).
+per-repetition ratios to (a). CPU, torch.set_num_threads(2).
+
+Then, for the CNN's second convolution, the rate of the two kernels that differ
+between (a) and (b): the convolution's own weight-gradient kernel (oneDNN) and the
+batched GEMM that forms the per-example products (torch.bmm; MKL on x86). Both
+do the same multiply-adds; where the batched GEMM is much slower, the CNN's
+ratio is bounded by it rather than by the hooks.
 On a shared machine wall-clock times with 2 threads swing wildly (OpenMP threads
 spin while another process holds the other core); ``--threads 1 --clock thread``
 counts only this thread's CPU time, which other processes barely disturb.
@@ -25,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import random
 import statistics
 import time
 import warnings
@@ -100,29 +111,67 @@ def func_step(case: Case, model: nn.Module, opt: torch.optim.Optimizer) -> None:
     opt.step()
 
 
-def measure(
-    case: Case, reps: int, clock: Callable[[], float]
-) -> tuple[float, float, float, float, float]:
-    models_ = [case.model, copy.deepcopy(case.model), copy.deepcopy(case.model)]
+def measure(case: Case, reps: int, clock: Callable[[], float]) -> tuple[list[float], list[float]]:
+    """Median ms of (a), (b), (u), (c) and the median ratios (b)/(a), (u)/(a), (c)/(a)."""
+    models_ = [case.model] + [copy.deepcopy(case.model) for _ in range(3)]
     opts = [torch.optim.Adam(m.parameters(), lr=1e-4) for m in models_]
-    times: list[list[float]] = [[], [], []]
-    with PerExampleGradNorms(models_[1]) as norms:
+    times: list[list[float]] = [[], [], [], []]
+    with (PerExampleGradNorms(models_[1]) as fused,
+          PerExampleGradNorms(models_[2], fuse=False) as unfused):
         steps: list[Callable[[], None]] = [
             lambda: plain_step(case, models_[0], opts[0]),
-            lambda: hook_step(case, models_[1], opts[1], norms),
-            lambda: func_step(case, models_[2], opts[2]),
+            lambda: hook_step(case, models_[1], opts[1], fused),
+            lambda: hook_step(case, models_[2], opts[2], unfused),
+            lambda: func_step(case, models_[3], opts[3]),
         ]
+        order = random.Random(0)
         for r in range(WARMUP + reps):
-            for j in range(3):
-                k = (r + j) % 3  # rotate the order too: no variant always follows another
+            # a fresh random order each repetition: no variant always follows another (the
+            # step after torch.func's runs on evicted caches)
+            for k in order.sample(range(4), 4):
                 t0 = clock()
                 steps[k]()
                 if r >= WARMUP:
                     times[k].append(clock() - t0)
-    a, b, c = (statistics.median(t) * 1e3 for t in times)
-    rb = statistics.median(tb / ta for ta, tb in zip(times[0], times[1], strict=True))
-    rc = statistics.median(tc / ta for ta, tc in zip(times[0], times[2], strict=True))
-    return a, b, c, rb, rc
+    ms = [statistics.median(t) * 1e3 for t in times]
+    ratios = [statistics.median(tv / ta for ta, tv in zip(times[0], times[v], strict=True))
+              for v in (1, 2, 3)]
+    return ms, ratios
+
+
+def gemm_rates(reps: int) -> tuple[float, float]:
+    """GFLOP/s of the conv weight-gradient kernel and of torch.bmm on the same products.
+
+    Shapes of the benchmark CNN's second convolution: batch 256, 16 -> 32 channels,
+    3x3 kernel, 8x8 positions.
+    """
+    g = torch.Generator().manual_seed(0)
+    b, c, o, side = 256, 16, 32, 8
+    x = torch.randn(b, c, side, side, generator=g)
+    d = torch.randn(b, o, side, side, generator=g)
+    w = torch.randn(o, c, 3, 3, generator=g)
+    cols = torch.randn(b, side * side, c * 9, generator=g)  # the unfolded input
+    ds = d.reshape(b, o, side * side)
+
+    def conv_weight_grad() -> None:
+        torch.ops.aten.convolution_backward(d, x, w, None, [1, 1], [1, 1], [1, 1], False,
+                                            [0, 0], 1, [False, True, False])
+
+    def batched_gemm() -> None:
+        torch.bmm(ds, cols)
+
+    flops = 2.0 * b * side * side * c * 9 * o
+    rates = []
+    for fn in (conv_weight_grad, batched_gemm):
+        for _ in range(WARMUP):
+            fn()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        rates.append(flops / statistics.median(ts) / 1e9)
+    return rates[0], rates[1]
 
 
 def main() -> None:
@@ -142,13 +191,16 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="There is a performance drop")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
           f"{args.reps} reps after {WARMUP} warm-up, interleaved")
-    header = f"{'model':<32}{'(a) ms':>9}{'(b) ms':>9}{'(c) ms':>9}{'(b)/(a)':>9}{'(c)/(a)':>9}"
+    cols = ["(a) ms", "(b) ms", "(u) ms", "(c) ms", "(b)/(a)", "(u)/(a)", "(c)/(a)"]
+    header = f"{'model':<32}" + "".join(f"{c:>9}" for c in cols)
     print(header)
     print("-" * len(header))
     for case in cases(args.models):
-        a, b, c, rb, rc = measure(case, args.reps, clock)
-        print(f"{case.name:<32}{a:>9.2f}{b:>9.2f}{c:>9.2f}{rb:>9.2f}{rc:>9.2f}", flush=True)
-
+        ms, ratios = measure(case, args.reps, clock)
+        print(f"{case.name:<32}" + "".join(f"{v:>9.2f}" for v in ms + ratios), flush=True)
+    conv_rate, bmm_rate = gemm_rates(args.reps)
+    print(f"\nCNN conv 2 weight gradient, same multiply-adds: conv kernel {conv_rate:.0f} GFLOP/s, "
+          f"batched GEMM (torch.bmm) {bmm_rate:.0f} GFLOP/s ({conv_rate / bmm_rate:.1f}x slower)")
 
 if __name__ == "__main__":
     main()
