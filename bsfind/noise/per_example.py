@@ -41,9 +41,16 @@ outside its module's ``forward`` (e.g. ``logits = h @ model.tok.weight.T``), or
 a module called through ``.forward()`` instead of ``__call__``; both make the
 sum silently miss that use.
 
-Cost: one extra product per layer of the size of its weight gradient (direct
-form) or of two T×T Gram matrices, i.e. about a third of the layer's training
-FLOPs; ``benchmarks/per_example_overhead.py`` measures it.
+Cost: for Linear on inputs with middle axes and for convolutions the direct form
+forms every example's weight gradient x_iᵀ δ_i. Their sum is the weight gradient, so
+while the context is active those layers run as a custom autograd Function
+(:class:`_FusedProduct`) whose backward returns that sum instead of letting autograd
+form the same product a second time ("fused"; ``fuse=False`` turns it off). What is
+left is the per-example product's lower efficiency as a batched GEMM, the im2col copy
+for convolutions, and a fixed cost of a few small ops per layer. The Gram form, and
+the rank-one rule of 2-D Linear inputs, cost a fraction of the layer's training FLOPs.
+On CPU, temporaries live in buffers reused across backward passes and are chunked to
+stay in cache. ``benchmarks/per_example_overhead.py`` measures all of it.
 """
 
 from __future__ import annotations
@@ -347,11 +354,13 @@ def _linear(
     x, d = _acc(x), _acc(d)
     b = x.shape[0]
     if x.dim() == 2:  # Goodfellow: ∇W_i = δ_i x_iᵀ is rank one, |∇W_i|² = |x_i|²·|δ_i|²
-        dd = torch.linalg.vecdot(d, d)
+        # (vector_norm: one kernel where vecdot is two; these layers are cheap, so the
+        # number of small ops is their cost)
+        nd = torch.linalg.vector_norm(d, dim=1).square_()
         if not w_on:
-            return dd, "outer"
-        xx = torch.linalg.vecdot(x, x)
-        return (torch.addcmul(dd, xx, dd) if b_on else xx * dd), "outer"
+            return nd, "outer"
+        nx = torch.linalg.vector_norm(x, dim=1).square_()
+        return (nx.add_(1.0) if b_on else nx).mul_(nd), "outer"
     x = x.reshape(b, -1, x.shape[-1])
     d = d.reshape(b, -1, d.shape[-1])
     used = "direct"

@@ -403,6 +403,14 @@ def test_transformer(path: str) -> None:
     assert set(paths) == set(plan(model).rules)
 
 
+def test_instance_with_its_own_forward_goes_through_func() -> None:
+    layer = nn.Linear(5, 3)
+    layer.forward = lambda x: torch.tanh(F.linear(x, layer.weight, layer.bias))  # type: ignore[method-assign]
+    assert plan(layer).rules == {"": "func"}  # not the Linear rule: it computes more
+    check(layer, torch.randn(4, 2, 5))
+    assert "forward" in vars(layer)  # the context left the user's own forward in place
+
+
 def test_fused_layers_under_autocast() -> None:
     model = models.transformer(vocab=11, context=8, d_model=16, heads=2, layers=1)
     idx, target = torch.randint(0, 11, (5, 8)), torch.randint(0, 11, (5, 8))
