@@ -264,10 +264,10 @@ class _Scratch:
 
     On CPU a fresh tensor of several MiB is fresh memory from the OS, and its first
     touch page-faults: the im2col copy of the CNN benchmark ran about 8x slower into a
-    new tensor than into a reused one. So the unfolded inputs and the per-example
-    products are written into buffers that live as long as the context (at most
-    MAX_TEMP_ELEMENTS each). Elsewhere (CUDA's caching allocator already reuses memory)
-    every request is a new tensor.
+    new tensor than into a reused one. So the padded inputs (the size of the layer's
+    input), the unfolded inputs and the per-example products (one chunk each) are written
+    into buffers that live as long as the context. Elsewhere (CUDA's caching allocator
+    already reuses memory) every request is a new tensor.
     """
 
     def __init__(self) -> None:
@@ -672,6 +672,19 @@ def _fusable(rule: str, module: nn.Module, x: Tensor, path: LinearPath) -> bool:
     return not _use_gram(n_pos, k_g, weight.shape[0] // conv.groups, path)
 
 
+def _under_functorch() -> bool:
+    """A torch.func transform (vmap, grad, jvp) of the model is running: its tensors are
+    batched or wrapped, the rules' out= products have no batching rule, and the norms
+    of one example's transform are not the ones asked for, so such calls are not hooked."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return active is not None and bool(active())
+
+
+def _forward_ad_active() -> bool:
+    """Forward-mode AD is on: the fused Function has no jvp, so the hooks' path is taken."""
+    return int(getattr(torch.autograd.forward_ad, "_current_level", -1)) >= 0
+
+
 def _conv_backward(
     conv: Any, x: Tensor, weight: Tensor, d: Tensor, input_grad: bool
 ) -> Tensor:
@@ -707,7 +720,7 @@ def _weight_grad(module: nn.Module, rule: str, x: Tensor, weight: Tensor, d: Ten
 class _FusedProduct(torch.autograd.Function):
     """A Linear or zero-padded convolution whose backward also gives per-example norms.
 
-    Forward: the module's own computation. Backward: the input gradient as autograd
+    Forward: the output the module computed. Backward: the input gradient as autograd
     would form it, the bias gradient, and the weight gradient as the sum of the
     per-example products that the norm rule forms (see :func:`_seq_sq`). Where no norms
     are wanted (the context has exited, a double backward, a duplicate call) the weight
@@ -719,16 +732,17 @@ class _FusedProduct(torch.autograd.Function):
         ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, cap: _Capture
     ) -> Tensor:
         ctx.cap = cap  # the graph node owns the capture, as with the hooks
-        ctx.save_for_backward(x, weight)
-        if cap.rule == "linear":
-            out = F.linear(x, weight, bias)
-            if out._base is not None:
-                # F.linear returns a view for 3-D+ inputs with a bias; a custom Function's
-                # view output could not be modified in place afterwards. Same memory, no view.
-                out = torch.ops.aten._unsafe_view(out, out.shape)
-            return out
-        conv: Any = cap.module
-        return conv._conv_forward(x, weight, bias)
+        # As autograd does: a Linear needs its weight only for the input gradient (so an
+        # in-place change of the weight before backward is allowed when there is none).
+        keep_weight = cap.rule != "linear" or ctx.needs_input_grad[0]
+        ctx.save_for_backward(x, weight if keep_weight else None)
+        # The output the module itself computed (the forward hook passes it in the
+        # capture): an alias of it, not recomputed, and not a view, so that in-place ops
+        # on it stay allowed (a custom Function's view outputs could not be modified).
+        out = cap.out
+        assert out is not None
+        cap.out = None
+        return out if out._base is None else torch.ops.aten._unsafe_view(out, out.shape)
 
     @staticmethod
     def backward(ctx: Any, d: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -742,10 +756,14 @@ class _FusedProduct(torch.autograd.Function):
             db = d.sum([i for i in range(d.dim()) if i != channel])
         dw = None
         if cap.owner is not None:
-            dw = cap.owner._on_backward(cap, d, x=x, weight_grad=not torch.is_grad_enabled())
+            fuse = need_w and not torch.is_grad_enabled()  # not in a double backward
+            dw = cap.owner._on_backward(cap, d, x=x, weight_grad=fuse)
         if need_w and dw is None:
             dw = _weight_grad(cap.module, cap.rule, x, weight, d)
-        return dx, (None if dw is None else dw.to(weight.dtype)), db, None
+        if dw is not None:
+            param: Tensor = cap.module.weight  # type: ignore[assignment]
+            dw = dw.to(param.dtype)
+        return dx, dw, db, None
 
 
 # -- the hooks ----------------------------------------------------------------------------
@@ -853,9 +871,9 @@ class PerExampleGradNorms:
         linear_path: force the direct or the Gram form for sequence inputs of
             Linear and Conv layers ("auto": cheaper by the FLOP model).
         fuse: where the direct form runs, let the weight gradient be the sum of its
-            per-example products instead of a second product by autograd (the
-            ``forward`` of those Linear and Conv modules is replaced while the context
-            is active; outputs and gradients are the same up to float rounding).
+            per-example products instead of a second product by autograd (the forward
+            hook of those Linear and Conv modules routes their output through a custom
+            autograd Function; values and gradients are the same up to float rounding).
 
     Raises:
         ValueError: the plan is not ok.
@@ -878,7 +896,6 @@ class PerExampleGradNorms:
         self.linear_path: LinearPath = linear_path
         self.fuse = fuse
         self._scratch = _Scratch()
-        self._forwards: list[nn.Module] = []  # modules whose forward this context replaced
         self.paths: dict[str, str] = {}  # module -> form used in the last backward
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._captures: list[weakref.ref[_Capture]] = []
@@ -899,10 +916,9 @@ class PerExampleGradNorms:
             raise ValueError(f"the plan does not match the model: no module {missing[0]!r}")
         for name, rule in self.plan.rules.items():
             module = modules[name]
-            if self.fuse and rule in _PRODUCT_RULES and "forward" not in vars(module):
-                # the instance attribute shadows the class's forward until __exit__
-                module.forward = functools.partial(self._forward, name, rule, module)
-                self._forwards.append(module)
+            if rule in _PRODUCT_RULES:
+                hook = functools.partial(self._on_forward_product, name, rule)
+                self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
             elif rule == "func":
                 hook = functools.partial(self._on_forward_func, name)
                 self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
@@ -921,9 +937,6 @@ class PerExampleGradNorms:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for module in self._forwards:
-            del module.forward
-        self._forwards.clear()
         self._scratch.clear()
         for ref in self._captures:
             cap = ref()
@@ -939,27 +952,39 @@ class PerExampleGradNorms:
         self._fired = {}
 
     # -- forward hooks ---------------------------------------------------------------
-    def _forward(self, name: str, rule: str, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        """The replaced forward of a Linear / Conv: the fused Function where the direct
-        form will run, else the module's own forward followed by the usual hook."""
+    def _on_forward_product(
+        self,
+        name: str,
+        rule: str,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        output: object,
+    ) -> Tensor | None:
+        """Linear / Conv: where the direct form will run, replace the output by the same
+        values coming out of the fused Function; else the usual hook."""
         x = args[0] if args else kwargs.get("input")
         if (
-            isinstance(x, Tensor)
+            self.fuse
+            and isinstance(x, Tensor)
+            and isinstance(output, Tensor)
+            and output.requires_grad
             and not self._recomputing
-            and torch.is_grad_enabled()
+            and not _under_functorch()
+            and not _forward_ad_active()
             and _fusable(rule, module, x, self.linear_path)
         ):
             cap = _Capture(self, name, rule, module)
+            cap.out = output.detach()
             self._captures.append(weakref.ref(cap))
-            return _FusedProduct.apply(x, module.weight, module.bias, cap)
-        out = type(module).forward(module, *args, **kwargs)
-        own = self._on_forward(name, rule, module, (x,) if x is not None else (), out)
-        return out if own is None else own
+            out: Tensor = _FusedProduct.apply(x, module.weight, module.bias, cap)
+            return out
+        return self._on_forward(name, rule, module, (x,) if x is not None else (), output)
 
     def _on_forward(
         self, name: str, rule: str, module: nn.Module, args: tuple[Any, ...], output: object
     ) -> Tensor | None:
-        if self._recomputing:
+        if self._recomputing or _under_functorch():
             return None
         if not isinstance(output, Tensor):
             self._not_a_tensor(name, output)
@@ -989,7 +1014,7 @@ class PerExampleGradNorms:
         kwargs: dict[str, Any],
         output: object,
     ) -> Tensor | None:
-        if self._recomputing:
+        if self._recomputing or _under_functorch():
             return None
         if not isinstance(output, Tensor):
             self._not_a_tensor(name, output)

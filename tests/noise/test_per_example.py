@@ -441,6 +441,33 @@ def test_fused_layers_under_autocast() -> None:
     torch.testing.assert_close(sq_fused, sq_unfused, rtol=1e-3, atol=0)
 
 
+def test_fused_context_leaves_copies_inplace_weights_and_functorch_alone() -> None:
+    import copy
+
+    from torch.func import functional_call, vmap
+
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    x = torch.randn(3, 10, 6)
+    with PerExampleGradNorms(model, linear_path="direct") as norms:
+        snapshot = copy.deepcopy(model)  # an EMA / snapshot copy taken meanwhile
+        assert plan(snapshot).rules == {"0": "linear", "2": "linear"}
+        # torch.func transforms of the model still run (their calls are not hooked)
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        vmap(lambda xi: functional_call(model, params, (xi,)))(x)
+        with torch.autograd.forward_ad.dual_level():
+            dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+            torch.autograd.forward_ad.unpack_dual(model(dual))
+        # a Linear whose input needs no gradient does not keep its weight for backward
+        out = model[0](x)
+        with torch.no_grad():
+            model[0].weight.mul_(2.0)
+        out.square().mean().backward()
+        assert norms.paths["0"] == "linear-fused" and norms.sq_norms().shape == (3,)
+    with PerExampleGradNorms(snapshot, linear_path="direct") as norms:
+        snapshot(x).square().mean().backward()
+        assert norms.sq_norms().shape == (3,)
+
+
 def test_double_backward_through_fused_layers() -> None:
     # a Hessian-vector product taken inside the context: the fused layers' gradients
     # must stay differentiable
