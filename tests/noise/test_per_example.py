@@ -441,6 +441,8 @@ def test_fused_layers_under_autocast() -> None:
     torch.testing.assert_close(sq_fused, sq_unfused, rtol=1e-3, atol=0)
 
 
+# torch's forward-AD decompositions are built with torch.jit.script on first use
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_fused_context_leaves_copies_inplace_weights_and_functorch_alone() -> None:
     import copy
 
