@@ -659,7 +659,7 @@ def _fusable(rule: str, module: nn.Module, x: Tensor, path: LinearPath) -> bool:
         if x.dim() < 3:
             return False  # the rank-one rule needs no product at all
         d_out, d_in = weight.shape
-        return not _use_gram(x[0].numel() // d_in, d_in, d_out, path)
+        return not _use_gram(math.prod(x.shape[1:-1]), d_in, d_out, path)
     conv: Any = module
     pads = _conv_padding(conv)
     if pads is None or x.dim() != (3 if rule == "conv1d" else 4):
@@ -1078,8 +1078,8 @@ class PerExampleGradNorms:
             if grad.requires_grad:  # backward(create_graph=True): do not extend the graph
                 grad = grad.detach()
             if cap.rule in _PRODUCT_RULES:
-                if weight_grad:
-                    weight: Tensor = cap.module.weight  # type: ignore[assignment]
+                weight: Tensor = cap.module.weight  # type: ignore[assignment]
+                if weight_grad and weight.requires_grad:  # (not frozen since the forward)
                     acc = _acc(x).new_empty(weight.shape)
                 sq, used = _PRODUCT_RULES[cap.rule](
                     cap.module, x.detach(), grad, self.linear_path, acc, self._scratch)
