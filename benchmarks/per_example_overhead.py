@@ -3,6 +3,7 @@
 Run:
     .venv/bin/python benchmarks/per_example_overhead.py            # all three models
     .venv/bin/python benchmarks/per_example_overhead.py --reps 20 --models mlp cnn --threads 1
+    .venv/bin/python benchmarks/per_example_overhead.py --reps 20 --models cnn32  # larger CNN
     .venv/bin/python benchmarks/per_example_overhead.py --threads 1 --clock thread  # busy host
 
 For each model, four training steps are timed side by side, interleaved
@@ -78,6 +79,15 @@ def cases(names: list[str]) -> list[Case]:
         out.append(Case("cnn  B=256 (1x8x8, GroupNorm)", models.cnn(),
                         torch.randn(256, 1, 8, 8, generator=g),
                         torch.randint(0, 10, (256,), generator=g), F.cross_entropy))
+    if "cnn32" in names:  # not run by default: a CIFAR-sized CNN, about 1 s per repetition
+        wide = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.GroupNorm(8, 64), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 8 * 8, 10),
+        )
+        out.append(Case("cnn32 B=128 (3x32x32, 32-64 ch)", wide,
+                        torch.randn(128, 3, 32, 32, generator=g),
+                        torch.randint(0, 10, (128,), generator=g), F.cross_entropy))
     if "transformer" in names:
         out.append(Case("transformer B=32 T=64", models.transformer(),
                         torch.randint(0, 128, (32, 64), generator=g),
@@ -181,7 +191,8 @@ def main() -> None:
     parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
                         help="wall: perf_counter; thread: this thread's CPU time (--threads 1)")
     parser.add_argument("--models", nargs="+", default=["mlp", "cnn", "transformer"],
-                        choices=["mlp", "cnn", "transformer"])
+                        choices=["mlp", "cnn", "cnn32", "transformer"],
+                        help="cnn32 (a CIFAR-sized CNN) runs only when named")
     args = parser.parse_args()
     if args.clock == "thread" and args.threads != 1:
         parser.error("--clock thread measures one thread: use it with --threads 1")
