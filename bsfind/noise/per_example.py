@@ -637,17 +637,15 @@ def _func_sq(
 # the overhead of the norms on these layers (benchmarks/per_example_overhead.py, "unfused").
 
 def _conv_padding(conv: Any) -> tuple[int, ...] | None:
-    """``conv``'s zero padding as one int per spatial axis; None if it is not symmetric."""
+    """``conv``'s zero padding as one int per spatial axis; None if it is not symmetric
+    (torch then pads outside the convolution) or not zeros."""
     if conv.padding_mode != "zeros":
         return None
-    if conv.padding == "valid":
-        return (0,) * len(conv.kernel_size)
-    if conv.padding == "same":
-        totals = [dl * (k - 1) for k, dl in zip(conv.kernel_size, conv.dilation, strict=True)]
-        if any(t % 2 for t in totals):
-            return None  # torch pads asymmetrically, outside the convolution
-        return tuple(t // 2 for t in totals)
-    return tuple(conv.padding)
+    n = len(conv.kernel_size)
+    pads = _explicit_padding(conv, n == 1)[: 2 * n]  # (left, right) per axis, last first
+    if any(pads[i] != pads[i + 1] for i in range(0, 2 * n, 2)):
+        return None
+    return tuple(reversed(pads[::2]))
 
 
 def _fusable(rule: str, module: nn.Module, x: Tensor, path: LinearPath) -> bool:
