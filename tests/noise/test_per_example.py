@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from bsfind import models
-from bsfind.noise import per_example
+from bsfind.noise.per_example import rules
 from bsfind.noise.per_example import (
     PerExampleGradNorms,
     PerExamplePlan,
@@ -127,7 +127,8 @@ def test_linear_auto_picks_cheaper_form() -> None:
 
 
 def test_chunked_over_examples(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(per_example, "MAX_TEMP_ELEMENTS", 50)
+    monkeypatch.setattr(rules, "MAX_TEMP_ELEMENTS", 50)
+    assert rules.chunk_size(6, 9 * 7, torch.zeros(1)) == 1  # so every case below is chunked
     check(nn.Linear(7, 5), torch.randn(6, 9, 7), linear_path="direct")
     check(nn.Linear(7, 5), torch.randn(6, 9, 7), linear_path="gram")
     check(nn.Conv2d(4, 6, 3, groups=2), torch.randn(5, 4, 6, 6))

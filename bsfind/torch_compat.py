@@ -1,0 +1,93 @@
+"""Every use of PyTorch internals, in one place, each with a fallback.
+
+bsfind needs a few things torch has no public API for. Each is looked up here
+with ``getattr`` (never imported by name, so a torch that renamed it still
+imports bsfind), and each has a fallback that keeps bsfind correct, if slower
+or less precise, when the internal is gone. Checked against torch 2.13.0 (the
+CPU wheel the Makefile pins) and 2.11 (the GPU check machine).
+
+    .venv/bin/python -m pytest tests/test_torch_compat.py -q
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+# torch.autograd.graph.register_multi_grad_hook tells one backward pass from the
+# next through this call; PerExampleGradNorms uses it the same way. Without it
+# (None) every hook counts as one backward, which still catches weight reuse.
+_TASK_ID: Callable[[], int] | None = getattr(torch._C, "_current_graph_task_id", None)
+
+
+def current_graph_task_id() -> int | None:
+    """Id of the backward pass now running, or None where torch cannot say."""
+    return None if _TASK_ID is None else int(_TASK_ID())
+
+
+def has_graph_task_id() -> bool:
+    """Whether :func:`current_graph_task_id` can tell backward passes apart."""
+    return _TASK_ID is not None
+
+
+def functorch_transforms_active() -> bool:
+    """True inside a torch.func transform (vmap, grad, jvp) of the model.
+
+    Fallback: False (hooks then run under the transform, as they did before
+    torch.func existed).
+    """
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return active is not None and bool(active())
+
+
+def forward_ad_active() -> bool:
+    """True while forward-mode AD (``torch.autograd.forward_ad.dual_level``) is on.
+
+    Fallback: False.
+    """
+    return int(getattr(torch.autograd.forward_ad, "_current_level", -1)) >= 0
+
+
+def view_base(t: torch.Tensor) -> torch.Tensor | None:
+    """The tensor ``t`` is a view of (``Tensor._base``), or None."""
+    return getattr(t, "_base", None)
+
+
+def version_counter(t: torch.Tensor) -> int:
+    """How many in-place changes ``t`` has seen (``Tensor._version``; fallback 0, so a
+    change goes unnoticed and the check it feeds is skipped)."""
+    return int(getattr(t, "_version", 0))
+
+
+def non_view_alias(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if it is not a view, else an alias of its data that is not a view.
+
+    A custom autograd Function may not return a view if its output is to be
+    modified in place later. ``aten._unsafe_view`` gives the same storage without
+    the view relation; the fallback copies.
+    """
+    if view_base(t) is None:
+        return t
+    op = getattr(torch.ops.aten, "_unsafe_view", None)
+    return t.clone() if op is None else op(t, t.shape)
+
+
+# torch.nn.modules.batchnorm._BatchNorm is the base of BatchNorm1d/2d/3d, their
+# Lazy forms and SyncBatchNorm. Fallback: the public classes.
+_BATCHNORM_BASE: type[nn.Module] | None = getattr(torch.nn.modules.batchnorm, "_BatchNorm", None)
+BATCHNORM_TYPES: tuple[type[nn.Module], ...] = (
+    (_BATCHNORM_BASE,) if isinstance(_BATCHNORM_BASE, type)
+    else (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+)
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """A BatchNorm layer of any dimension (in either mode)."""
+    return isinstance(module, BATCHNORM_TYPES)
+
+
+def has_batchnorm_in_training(model: nn.Module) -> bool:
+    """Whether some BatchNorm layer of ``model`` normalises over the batch (training mode)."""
+    return any(is_batchnorm(m) and m.training for m in model.modules())
