@@ -21,7 +21,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bsfind.noise.probe import Deadline, NoiseProbe  # noqa: E402
+from bsfind.budget import Deadline  # noqa: E402
+from bsfind.noise.probe import NoiseProbe, ProbeOptions  # noqa: E402
 from bsfind.spec import load_spec  # noqa: E402
 from bsfind.workload import build  # noqa: E402
 
@@ -33,18 +34,20 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.1)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    job = build(load_spec(args.config))
-    batch = job.spec.optimizer.batch_size
+    spec = load_spec(args.config)
+    job = build(spec)
+    batch = spec.optimizer.batch_size
     results: dict[str, dict[str, list[float]]] = {
         m: {"seconds": [], "examples": [], "b_simple": []} for m in ("per-example", "microbatch")
     }
     # One untimed run of each to warm up allocators and kernels.
     for method in results:
-        NoiseProbe(job, method=method, batch_size=batch, seed=999).run(Deadline.after(60))
+        NoiseProbe(job, ProbeOptions(method=method, batch_size=batch), seed=999).run(
+            Deadline.after(60))
     for seed in range(args.seeds):
         for method, r in results.items():
-            est = NoiseProbe(job, method=method, batch_size=batch, seed=seed,
-                             target_rel_error=args.target).run(Deadline.after(120))
+            opts = ProbeOptions(method=method, batch_size=batch, target_rel_error=args.target)
+            est = NoiseProbe(job, opts, seed=seed).run(Deadline.after(120))
             r["seconds"].append(est.seconds)
             r["examples"].append(est.examples)
             r["b_simple"].append(est.b_simple or float("nan"))

@@ -2,24 +2,55 @@
 
     from bsfind import load_spec, recommend
     report = recommend(load_spec("configs/digits-mlp.yaml"))
+
+The public names below load on first use (PEP 562), so ``import bsfind`` and
+``bsfind --version`` do not import torch.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from bsfind.api import measure, measure_noise_scale, recommend  # noqa: E402
-from bsfind.report import Report, to_dict  # noqa: E402
-from bsfind.results import NoiseEstimate, Recommendation  # noqa: E402
-from bsfind.spec import load_spec, spec_from_dict  # noqa: E402
+# name -> the module that defines it
+_EXPORTS = {
+    "measure": "bsfind.api",
+    "measure_noise_scale": "bsfind.api",
+    "noise_scale_at": "bsfind.api",
+    "recommend": "bsfind.api",
+    "Report": "bsfind.report",
+    "to_dict": "bsfind.report",
+    "NoiseEstimate": "bsfind.results",
+    "Recommendation": "bsfind.results",
+    "load_spec": "bsfind.spec",
+    "spec_from_dict": "bsfind.spec",
+}
 
-__all__ = [
-    "NoiseEstimate",
-    "Recommendation",
-    "Report",
-    "__version__",
-    "load_spec",
-    "measure",
-    "measure_noise_scale",
-    "recommend",
-    "spec_from_dict",
-    "to_dict",
-]
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+if TYPE_CHECKING:
+    from bsfind.api import measure as measure
+    from bsfind.api import measure_noise_scale as measure_noise_scale
+    from bsfind.api import noise_scale_at as noise_scale_at
+    from bsfind.api import recommend as recommend
+    from bsfind.report import Report as Report
+    from bsfind.report import to_dict as to_dict
+    from bsfind.results import NoiseEstimate as NoiseEstimate
+    from bsfind.results import Recommendation as Recommendation
+    from bsfind.spec import load_spec as load_spec
+    from bsfind.spec import spec_from_dict as spec_from_dict
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bsfind' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -47,7 +47,15 @@ from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 from bsfind.errors import UsageError
-from bsfind.results import Candidate, Interval, MemoryModel, Recommendation, TimingCurve
+from bsfind.results import (
+    AbsolutePrediction,
+    Candidate,
+    FrontierRow,
+    Interval,
+    MemoryModel,
+    Recommendation,
+    TimingCurve,
+)
 
 Family = Literal["sgd", "adam"]
 LrRule = Literal["auto", "linear", "sqrt", "none"]
@@ -520,100 +528,83 @@ class AdvisorInputs:
         interconnect(self.interconnect)  # an unknown name is a UsageError even on 1 device
 
 
+SyncSource = Literal["one device", "measured", "scaled", "predicted", "unknown"]
+TimingState = Literal["ok", "clamped", "degenerate", "absent"]
+
+
 @dataclass(frozen=True)
-class FrontierRow:
-    """The optimum on ``gpus`` devices against the baseline (B0 on the input's N)."""
+class Facts:
+    """What the advice rests on, as flags and numbers (``bsfind.wording`` writes the words).
 
-    gpus: int
-    batch_size: int
-    per_device_batch_size: int
-    grad_accumulation: int
-    step_seconds: float
-    time_ratio: float  # S(B)·t(B) on `gpus` / S(B0)·t(B0) on the baseline's devices
-    cost_ratio: float  # time_ratio × gpus / baseline devices
-    sync_seconds: float
+    Attributes:
+        sync_source: where the all-reduce time of the input's device count came
+            from: "one device" (none needed), "measured" (at that count),
+            "scaled" (from a measurement at another count), "predicted" (from
+            the gradient bytes and the interconnect) or "unknown" (taken as 0).
+        sync_link: the interconnect's description when predicted.
+        timing_state: "ok", "clamped" (a negative fitted term set to 0),
+            "degenerate" (t0 <= 0 and slope <= 0: ignored) or "absent".
+        search_truncated: the search stopped after MAX_PIECES accumulation pieces.
+        ci_low_at_zero / ci_unbounded: the noise scale's interval reaches 0 /
+            is unbounded above (the plausible range is clipped there).
+        optimum_clipped: the continuous optimum reached the dataset size.
+        warmup_steps: steps of a learning-rate warm-up at the recommended batch
+            (WARMUP_EPOCHS epochs) when the batch grows more than WARMUP_GROWTH×.
+    """
 
-
-def _money(x: float) -> str:
-    """2 decimals, or 3 significant digits for amounts under one unit."""
-    return f"{x:,.2f}" if abs(x) >= 1 or x == 0 else f"{x:.3g}"
+    sync_source: SyncSource = "one device"
+    sync_link: str | None = None
+    timing_state: TimingState = "absent"
+    search_truncated: bool = False
+    ci_low_at_zero: bool = False
+    ci_unbounded: bool = False
+    optimum_clipped: bool = False
+    warmup_steps: int | None = None
 
 
 @dataclass(frozen=True)
 class Advice:
-    """The advisor's answer.
+    """The advisor's answer: numbers only.
 
     ``optimum`` is the continuous (unrounded) time-optimal batch, None without
-    a step-time curve. Absolute numbers need ``training_examples`` and timing:
-    the planned examples E are processed at the baseline batch, so the
-    baseline takes E/B0 steps; at batch B the model scales the steps by
-    S(B)/S(B0), so hours(B) = (E/B0)·steps_ratio(B)·t(B)/3600 and
-    cost = hours × devices × price per device-hour.
+    a step-time curve. The recommendation's ``basis``, ``notes`` and
+    ``warmup`` are left empty here; ``bsfind.wording.describe_advice`` writes them
+    (and ``absolute.text``) from ``facts``.
     """
 
     recommendation: Recommendation
     candidates: tuple[Candidate, ...]
+    facts: Facts
     frontier: tuple[FrontierRow, ...] = ()
     optimum: float | None = None
     sync_seconds: float = 0.0  # the per-step sync time used at the input's N
-    predicted_hours: float | None = None
-    predicted_cost: float | None = None
-    baseline_hours: float | None = None
-    baseline_cost: float | None = None
-    training_examples: int | None = None
-    price_per_hour: float | None = None
-
-    @property
-    def absolute(self) -> dict[str, Any] | None:
-        """Plain dict of the absolute predictions with a one-line ``text``."""
-        if self.predicted_hours is None or self.baseline_hours is None:
-            return None
-        text = (f"{self.training_examples:,} planned examples: predicted "
-                f"{self.predicted_hours:.3g} h (baseline {self.baseline_hours:.3g} h)")
-        if self.predicted_cost is not None and self.baseline_cost is not None:
-            text += (f", {_money(self.predicted_cost)} (baseline {_money(self.baseline_cost)}) at "
-                     f"{self.price_per_hour:g} per device-hour")
-        return {
-            "training_examples": self.training_examples,
-            "hours": self.predicted_hours,
-            "baseline_hours": self.baseline_hours,
-            "cost": self.predicted_cost,
-            "baseline_cost": self.baseline_cost,
-            "price_per_hour": self.price_per_hour,
-            "label": "predicted",
-            "text": text,
-        }
+    absolute: AbsolutePrediction | None = None
 
 
-def _num(x: float) -> str:
-    if math.isinf(x):
-        return "∞"
-    return f"{x:,.0f}" if abs(x) >= 10 else f"{x:.3g}"
-
-
-def _secs(s: float) -> str:
-    return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"
-
-
-def _sync_for(inputs: AdvisorInputs, gpus: int) -> tuple[float, str | None]:
-    """All-reduce seconds per step on ``gpus`` devices, and a note on its source."""
+def _sync_for(inputs: AdvisorInputs, gpus: int) -> tuple[float, SyncSource]:
+    """All-reduce seconds per step on ``gpus`` devices, and where the number came from."""
     if gpus == 1:
-        return 0.0, None
+        return 0.0, "one device"
     if inputs.sync_seconds is not None and gpus == inputs.gpus:
-        return inputs.sync_seconds, None
+        return inputs.sync_seconds, "measured"
     if inputs.sync_seconds is not None and inputs.gpus > 1:
         # Scale a measurement at N devices by the ring volume factor (N-1)/N.
         f = ((gpus - 1) / gpus) / ((inputs.gpus - 1) / inputs.gpus)
-        t = inputs.sync_seconds * f
-        return t, (f"all-reduce time on {gpus} devices scaled from the one measured on "
-                   f"{inputs.gpus} by the ring volume 2(N-1)/N")
+        return inputs.sync_seconds * f, "scaled"
     if inputs.grad_bytes is not None:
         link = interconnect(inputs.interconnect)
-        t = sync_seconds(inputs.grad_bytes, gpus, link.bandwidth_bytes_per_s, link.latency_s)
-        return t, (f"all-reduce time predicted for {link.note}: {_secs(t)} per step on {gpus} "
-                   "devices, assuming no overlap with the backward pass")
-    return 0.0, ("no gradient size or sync measurement: the all-reduce time between devices "
-                 "is taken as 0, which favours more devices")
+        return (sync_seconds(inputs.grad_bytes, gpus, link.bandwidth_bytes_per_s,
+                             link.latency_s), "predicted")
+    return 0.0, "unknown"
+
+
+def _timing_state(inputs: AdvisorInputs) -> TimingState:
+    t = inputs.timing
+    if t is None:
+        return "absent"
+    if not _timing_usable(inputs):
+        return "degenerate"
+    return "clamped" if t.t0 < 0 or t.per_example < 0 else "ok"
 
 
 def _model(inputs: AdvisorInputs, b_n: float, gpus: int, sync: float) -> _Model:
@@ -661,21 +652,92 @@ def _candidate_grid(inputs: AdvisorInputs, recommended: int) -> list[int]:
 
 
 def _recommend_batch(
-    inputs: AdvisorInputs, b_n: float, gpus: int, sync: float, notes: list[str] | None = None
-) -> tuple[float | None, int]:
-    """(continuous optimum or None, recommended batch) for one noise scale."""
+    inputs: AdvisorInputs, b_n: float, gpus: int, sync: float
+) -> tuple[float | None, int, bool]:
+    """(continuous optimum or None, recommended batch, search truncated) for one noise scale."""
     if _timing_usable(inputs):
         m = _model(inputs, b_n, gpus, sync)
         extra = (float(inputs.baseline_batch),)
         opt, best, truncated = m.optimise(extra)
-        if truncated and notes is not None:
-            notes.append(f"the search stopped after {MAX_PIECES:,} gradient-accumulation "
-                         "steps per optimizer step; larger batches were not considered")
-        return opt, int(round(best))
+        return opt, int(round(best)), truncated
     # Noise scale only: B_n is the knee of the time/compute trade-off
     # (McCandlish sec. 2.2: B_crit ≈ B_noise).
     target = float(inputs.dataset_size) if math.isinf(b_n) else b_n
-    return None, round_batch(target, cap=inputs.dataset_size)
+    return None, round_batch(target, cap=inputs.dataset_size), False
+
+
+def candidates_table(inputs: AdvisorInputs, batch: int, model: _Model | None
+                     ) -> tuple[Candidate, ...]:
+    """The table's rows: a grid of batches plus the baseline and the recommendation."""
+    n, b0 = inputs.gpus, inputs.baseline_batch
+    max_micro = inputs.memory.max_batch_size if inputs.memory is not None else None
+
+    def row(b: int) -> Candidate:
+        a = accumulation_steps(b, n, max_micro)
+        micro = math.ceil(b / (a * n))
+        mem = (inputs.memory.fixed_bytes + inputs.memory.bytes_per_example * micro
+               if inputs.memory is not None else None)
+        if model is not None:
+            t, ratio = model.step_time(b), model.objective(b) / model.objective(b0)
+        else:
+            t = ratio = math.nan
+        return Candidate(
+            batch_size=b, per_device_batch_size=micro, grad_accumulation=a,
+            steps_ratio=steps_ratio(b, b0, inputs.b_n), step_seconds=t, time_ratio=ratio,
+            cost_ratio=ratio,  # same devices as the baseline
+            memory_bytes=mem, fits=a == 1, is_baseline=b == b0, is_recommended=b == batch,
+        )
+
+    return tuple(row(b) for b in sorted({*_candidate_grid(inputs, batch), b0, batch}))
+
+
+def plausible_range(inputs: AdvisorInputs, sync: float) -> tuple[int, int] | None:
+    """The recommendations at the two ends of the noise scale's interval."""
+    ci = inputs.b_n_ci
+    if math.isnan(ci.low) or math.isnan(ci.high):
+        return None
+    low_bn = ci.low if ci.low > 0 else 1e-9
+    lo_b = _recommend_batch(inputs, low_bn, inputs.gpus, sync)[1]
+    hi_b = _recommend_batch(inputs, ci.high, inputs.gpus, sync)[1]
+    return min(lo_b, hi_b), max(lo_b, hi_b)
+
+
+def frontier(inputs: AdvisorInputs, model: _Model, max_gpus: int, sync: float
+             ) -> tuple[FrontierRow, ...]:
+    """The optimum on 1..max_gpus devices, each against the baseline on the input's N."""
+    rows = []
+    base = model.objective(inputs.baseline_batch)
+    for g in range(1, max_gpus + 1):
+        s_g = _sync_for(inputs, g)[0] if g != inputs.gpus else sync
+        _, b_g, _ = _recommend_batch(inputs, inputs.b_n, g, s_g)
+        m_g = _model(inputs, inputs.b_n, g, s_g)
+        a_g = m_g.accumulation(b_g)
+        ratio = m_g.objective(b_g) / base
+        rows.append(FrontierRow(
+            gpus=g, batch_size=b_g, per_device_batch_size=math.ceil(b_g / (a_g * g)),
+            grad_accumulation=a_g, step_seconds=m_g.step_time(b_g), time_ratio=ratio,
+            cost_ratio=ratio * g / inputs.gpus, sync_seconds=s_g,
+        ))
+    return tuple(rows)
+
+
+def absolute_prediction(inputs: AdvisorInputs, model: _Model, rec: Candidate
+                        ) -> AbsolutePrediction | None:
+    """Hours and cost of the planned examples at the recommendation and at the baseline."""
+    e = inputs.training_examples
+    if e is None:
+        return None
+    n, b0 = inputs.gpus, inputs.baseline_batch
+    base_steps = e / b0
+    base_hours = base_steps * model.step_time(b0) / 3600.0
+    hours = base_steps * rec.steps_ratio * model.step_time(rec.batch_size) / 3600.0
+    price = inputs.price_per_hour
+    return AbsolutePrediction(
+        training_examples=e, hours=hours, baseline_hours=base_hours,
+        cost=None if price is None else hours * n * price,
+        baseline_cost=None if price is None else base_hours * n * price,
+        price_per_hour=price,
+    )
 
 
 def advise(inputs: AdvisorInputs, max_gpus: int | None = None) -> Advice:
@@ -687,157 +749,48 @@ def advise(inputs: AdvisorInputs, max_gpus: int | None = None) -> Advice:
 
     Returns:
         The recommendation, the candidate table, the frontier and, when the
-        planned examples are known, absolute hours and cost.
+        planned examples are known, absolute hours and cost; with the facts
+        the words are written from.
     """
-    n = inputs.gpus
-    b0 = inputs.baseline_batch
-    cap = inputs.dataset_size
-    notes: list[str] = []
-    timed = _timing_usable(inputs)
-    sync, sync_note = _sync_for(inputs, n) if timed else (0.0, None)
-    if sync_note:
-        notes.append(sync_note)
-    if inputs.timing is not None and not timed:
-        notes.append("the step-time fit is degenerate (t0 <= 0 and slope <= 0): ignored")
-    elif inputs.timing is not None and (inputs.timing.t0 < 0 or inputs.timing.per_example < 0):
-        notes.append("the step-time fit had a negative term; it was clamped at 0")
-
-    optimum, batch = _recommend_batch(inputs, inputs.b_n, n, sync, notes)
+    n, b0, cap = inputs.gpus, inputs.baseline_batch, inputs.dataset_size
+    state = _timing_state(inputs)
+    timed = state in ("ok", "clamped")
+    sync, source = _sync_for(inputs, n) if timed else (0.0, "one device")
+    optimum, batch, truncated = _recommend_batch(inputs, inputs.b_n, n, sync)
     model = _model(inputs, inputs.b_n, n, sync) if timed else None
-
-    def cand(b: int) -> Candidate:
-        a = accumulation_steps(b, n, inputs.memory.max_batch_size if inputs.memory else None)
-        micro = math.ceil(b / (a * n))
-        mem = (inputs.memory.fixed_bytes + inputs.memory.bytes_per_example * micro
-               if inputs.memory is not None else None)
-        if model is not None:
-            t = model.step_time(b)
-            ratio = model.objective(b) / model.objective(b0)
-        else:
-            t = ratio = math.nan
-        return Candidate(
-            batch_size=b,
-            per_device_batch_size=micro,
-            grad_accumulation=a,
-            steps_ratio=steps_ratio(b, b0, inputs.b_n),
-            step_seconds=t,
-            time_ratio=ratio,
-            cost_ratio=ratio,  # same devices as the baseline
-            memory_bytes=mem,
-            fits=a == 1,
-            is_baseline=b == b0,
-            is_recommended=b == batch,
-        )
-
-    sizes = sorted({*_candidate_grid(inputs, batch), b0, batch})
-    candidates = tuple(cand(b) for b in sizes)
+    candidates = candidates_table(inputs, batch, model)
     rec_row = next(c for c in candidates if c.is_recommended)
-
-    # Learning rate and warm-up.
     lr, rule = scaled_lr(inputs.baseline_lr, b0, batch, inputs.b_n, inputs.optimizer_family,
                          inputs.lr_rule)
-    warmup = None
-    if batch > WARMUP_GROWTH * b0:
-        steps = WARMUP_EPOCHS * math.ceil(cap / batch)
-        warmup = (f"the batch grows {batch / b0:.0f}x: ramp the learning rate linearly from "
-                  f"{inputs.baseline_lr:.3g} to {lr:.3g} over the first ~{WARMUP_EPOCHS} epochs "
-                  f"(≈{steps:,} steps at batch {batch}) or a few hundred steps "
-                  "(Goyal et al. 2017)")
-
-    # The plausible range from the noise scale's interval.
     ci = inputs.b_n_ci
-    batch_range: tuple[int, int] | None = None
-    if not (math.isnan(ci.low) or math.isnan(ci.high)):
-        low_bn = ci.low if ci.low > 0 else 1e-9
-        if ci.low <= 0:
-            notes.append("the noise scale's interval reaches 0: the range starts at the "
-                         "smallest batch")
-        if math.isinf(ci.high):
-            notes.append(f"the noise scale's interval is unbounded above: the range's upper "
-                         f"end is clipped at the dataset size ({cap:,})")
-        lo_b = _recommend_batch(inputs, low_bn, n, sync)[1]
-        hi_b = _recommend_batch(inputs, ci.high, n, sync)[1]
-        batch_range = (min(lo_b, hi_b), max(lo_b, hi_b))
-
-    # Basis, in words.
-    name = "B_noise" if inputs.basis == "b_noise" else "B_simple"
-    noise = (f"{name} = {_num(inputs.b_n)} (95% CI {_num(ci.low)}–{_num(ci.high)}) measured "
-             f"at training step {inputs.noise_step}")
-    if math.isinf(inputs.b_n):
-        noise = (f"{name} unresolved (above the largest batch probed) at training step "
-                 f"{inputs.noise_step}")
-        notes.append("an unresolved noise scale is treated as perfect scaling: the largest "
-                     "batch wins, limited only by the dataset size")
-    if model is not None and inputs.timing is not None:
-        basis = (f"{noise}; step time t(B) = {_secs(model.t0)} + {_secs(model.c)}·B per device "
-                 f"({inputs.timing.source}); the batch minimising predicted wall-clock "
-                 f"S(B)·t(B) on {n} device(s)")
-        if optimum is not None and optimum >= cap and inputs.b_n < math.inf:
-            notes.append(f"the optimum reaches the dataset size ({cap:,}): clipped")
-    else:
-        basis = f"noise scale only: no step-time measurement; batch ≈ {noise}"
-    if inputs.basis == "b_simple":
-        notes.append("B_simple exceeded the measured critical batch 1.5–8x on supervised tasks "
-                     "(McCandlish et al. 2018); B_noise (probe.curvature) tracks it better")
-    if rec_row.grad_accumulation > 1:
-        notes.append(f"batch {batch} does not fit in memory on {n} device(s): "
-                     f"{rec_row.per_device_batch_size} per device × "
-                     f"{rec_row.grad_accumulation} accumulation steps")
-
+    facts = Facts(
+        sync_source=source,
+        sync_link=interconnect(inputs.interconnect).note if source == "predicted" else None,
+        timing_state=state,
+        search_truncated=truncated,
+        ci_low_at_zero=ci.low <= 0,
+        ci_unbounded=math.isinf(ci.high),
+        optimum_clipped=(model is not None and optimum is not None and optimum >= cap
+                         and inputs.b_n < math.inf),
+        warmup_steps=(WARMUP_EPOCHS * math.ceil(cap / batch)
+                      if batch > WARMUP_GROWTH * b0 else None),
+    )
     time_ratio = rec_row.time_ratio if model is not None else None
     recommendation = Recommendation(
-        batch_size=batch,
-        learning_rate=lr,
-        lr_rule=rule,
+        batch_size=batch, learning_rate=lr, lr_rule=rule,
         grad_accumulation=rec_row.grad_accumulation,
-        per_device_batch_size=rec_row.per_device_batch_size,
-        gpus=n,
-        basis=basis,
+        per_device_batch_size=rec_row.per_device_batch_size, gpus=n, basis="",
         predicted_time_ratio=time_ratio,
         predicted_cost_ratio=time_ratio,  # baseline on the same devices
-        batch_range=batch_range,
-        warmup=warmup,
-        noise_step=inputs.noise_step,
-        notes=tuple(notes),
+        batch_range=plausible_range(inputs, sync), noise_step=inputs.noise_step,
     )
-
-    # Frontier over device counts, each with its own optimum.
-    frontier: list[FrontierRow] = []
-    if model is not None and max_gpus is not None:
-        base = model.objective(b0)
-        for g in range(1, max_gpus + 1):
-            s_g = _sync_for(inputs, g)[0] if g != n else sync
-            _, b_g = _recommend_batch(inputs, inputs.b_n, g, s_g)
-            m_g = _model(inputs, inputs.b_n, g, s_g)
-            a_g = m_g.accumulation(b_g)
-            ratio = m_g.objective(b_g) / base
-            frontier.append(FrontierRow(
-                gpus=g, batch_size=b_g, per_device_batch_size=math.ceil(b_g / (a_g * g)),
-                grad_accumulation=a_g, step_seconds=m_g.step_time(b_g), time_ratio=ratio,
-                cost_ratio=ratio * g / n, sync_seconds=s_g,
-            ))
-
-    # Absolute hours and cost.
-    hours = cost = base_hours = base_cost = None
-    e = inputs.training_examples
-    if model is not None and e is not None:
-        base_steps = e / b0
-        base_hours = base_steps * model.step_time(b0) / 3600.0
-        hours = base_steps * rec_row.steps_ratio * model.step_time(batch) / 3600.0
-        if inputs.price_per_hour is not None:
-            cost = hours * n * inputs.price_per_hour
-            base_cost = base_hours * n * inputs.price_per_hour
-
     return Advice(
         recommendation=recommendation,
         candidates=candidates,
-        frontier=tuple(frontier),
+        facts=facts,
+        frontier=(frontier(inputs, model, max_gpus, sync)
+                  if model is not None and max_gpus is not None else ()),
         optimum=optimum,
         sync_seconds=sync,
-        predicted_hours=hours,
-        predicted_cost=cost,
-        baseline_hours=base_hours,
-        baseline_cost=base_cost,
-        training_examples=e,
-        price_per_hour=inputs.price_per_hour,
+        absolute=absolute_prediction(inputs, model, rec_row) if model is not None else None,
     )

@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bsfind import __version__
+from bsfind import __version__, launch
 from bsfind.errors import (
     EXIT_INTERRUPTED,
     BsfindError,
@@ -269,6 +269,7 @@ def render_candidates(doc: dict[str, Any]) -> Table:
 
 
 def render_report(doc: dict[str, Any]) -> None:
+    """The whole report on stdout: header, noise table, hardware lines, candidates, advice."""
     dev = doc["device"]
     stdout.print(
         f"bsfind {doc['version']} · device: {dev['name']} ({dev['type']}) · "
@@ -280,44 +281,8 @@ def render_report(doc: dict[str, Any]) -> None:
     stdout.print(render_noise(doc))
     if doc["command"] == "noise":
         return
-    mem, tim = doc.get("memory"), doc.get("timing")
-    if mem:
-        stdout.print(
-            f"Memory ({mem['source']}): {_fmt_bytes(mem['fixed_bytes'])} fixed + "
-            f"{_fmt_bytes(mem['bytes_per_example'])}/example → max batch "
-            f"{mem['max_batch_size']:,} within {_fmt_bytes(mem['limit_bytes'])}",
-            markup=False,
-        )
-    if tim:
-        stdout.print(
-            f"Step time ({tim['source']}): t(B) = {_fmt_seconds(tim['t0'])} + "
-            f"{_fmt_seconds(tim['per_example'])}·B (R² {tim['r2']:.3f}, "
-            f"{len(tim['points'])} batch sizes"
-            + (f", saturates near batch {tim['saturated_at']:,}" if tim.get("saturated_at") else "")
-            + (f", GPU utilisation {tim['utilization_gpu_pct']:.0f}% while timing"
-               if tim.get("utilization_gpu_pct") is not None else "")
-            + ")",
-            markup=False,
-        )
-    pred = doc.get("predicted")
-    if pred:
-        pm, pt = pred.get("memory") or {}, pred.get("timing") or {}
-        stdout.print(
-            f"Predicted for {pred['gpu']} (not measured): max batch "
-            f"{_fmt(pm.get('max_batch_size'))}, t(B) = {_fmt_seconds(pt.get('t0'))} + "
-            f"{_fmt_seconds(pt.get('per_example'))}·B",
-            markup=False,
-        )
-    dist = doc.get("distributed")
-    if dist and dist.get("sync_seconds") is not None:
-        steps = ", ".join(f"rank {r['rank']} {_fmt_seconds(r.get('step_seconds'))}"
-                          for r in dist["per_rank"])
-        stdout.print(
-            f"Data-parallel ({dist['world_size']} ranks, {dist['backend']}, measured): "
-            f"all-reduce of {_fmt_bytes(dist['sync_bytes'])} {_fmt_seconds(dist['sync_seconds'])}"
-            f"; step at {dist['per_device_batch_size']}/rank: {steps}",
-            markup=False,
-        )
+    for line in hardware_lines(doc):
+        stdout.print(line, markup=False)
     if doc.get("candidates"):
         stdout.print(render_candidates(doc))
     for row in doc.get("frontier") or []:
@@ -326,35 +291,75 @@ def render_report(doc: dict[str, Any]) -> None:
             f"{row['time_ratio']:.2f}×, cost {row['cost_ratio']:.2f}×",
             markup=False,
         )
-    rec = doc.get("recommendation")
-    if rec:
-        rng = rec.get("batch_range")
+    if doc.get("recommendation"):
+        render_recommendation(doc)
+
+
+def hardware_lines(doc: dict[str, Any]) -> list[str]:
+    """One line each for memory, step time, a predicted GPU and the data-parallel timings."""
+    lines = []
+    mem, tim = doc.get("memory"), doc.get("timing")
+    if mem:
+        lines.append(
+            f"Memory ({mem['source']}): {_fmt_bytes(mem['fixed_bytes'])} fixed + "
+            f"{_fmt_bytes(mem['bytes_per_example'])}/example → max batch "
+            f"{mem['max_batch_size']:,} within {_fmt_bytes(mem['limit_bytes'])}")
+    if tim:
+        lines.append(
+            f"Step time ({tim['source']}): t(B) = {_fmt_seconds(tim['t0'])} + "
+            f"{_fmt_seconds(tim['per_example'])}·B (R² {tim['r2']:.3f}, "
+            f"{len(tim['points'])} batch sizes"
+            + (f", saturates near batch {tim['saturated_at']:,}" if tim.get("saturated_at") else "")
+            + (f", GPU utilisation {tim['utilization_gpu_pct']:.0f}% while timing"
+               if tim.get("utilization_gpu_pct") is not None else "")
+            + ")")
+    pred = doc.get("predicted")
+    if pred:
+        pm, pt = pred.get("memory") or {}, pred.get("timing") or {}
+        lines.append(
+            f"Predicted for {pred['gpu']} (not measured): max batch "
+            f"{_fmt(pm.get('max_batch_size'))}, t(B) = {_fmt_seconds(pt.get('t0'))} + "
+            f"{_fmt_seconds(pt.get('per_example'))}·B")
+    dist = doc.get("distributed")
+    if dist and dist.get("sync_seconds") is not None:
+        steps = ", ".join(f"rank {r['rank']} {_fmt_seconds(r.get('step_seconds'))}"
+                          for r in dist["per_rank"])
+        lines.append(
+            f"Data-parallel ({dist['world_size']} ranks, {dist['backend']}, measured): "
+            f"all-reduce of {_fmt_bytes(dist['sync_bytes'])} {_fmt_seconds(dist['sync_seconds'])}"
+            f"; step at {dist['per_device_batch_size']}/rank: {steps}")
+    return lines
+
+
+def render_recommendation(doc: dict[str, Any]) -> None:
+    rec = doc["recommendation"]
+    rng = rec.get("batch_range")
+    stdout.print(
+        f"[bold]Recommendation:[/] batch size [bold]{rec['batch_size']}[/]"
+        + (f" ({rec['per_device_batch_size']} per device × {rec['gpus']} devices)"
+           if rec["gpus"] > 1 else "")
+        + (f" with {rec['grad_accumulation']}× gradient accumulation"
+           if rec["grad_accumulation"] > 1 else "")
+        + f", learning rate [bold]{rec['learning_rate']:.3g}[/] (rule: {rec['lr_rule']})",
+        markup=True,
+    )
+    if rng:
+        stdout.print(f"  plausible range from the noise scale's interval: "
+                     f"{rng[0]}–{rng[1]}", markup=False)
+    if rec.get("predicted_time_ratio") is not None:
         stdout.print(
-            f"[bold]Recommendation:[/] batch size [bold]{rec['batch_size']}[/]"
-            + (f" ({rec['per_device_batch_size']} per device × {rec['gpus']} devices)"
-               if rec["gpus"] > 1 else "")
-            + (f" with {rec['grad_accumulation']}× gradient accumulation"
-               if rec["grad_accumulation"] > 1 else "")
-            + f", learning rate [bold]{rec['learning_rate']:.3g}[/] (rule: {rec['lr_rule']})",
-            markup=True,
+            f"  predicted time {rec['predicted_time_ratio']:.2f}× and cost "
+            f"{rec['predicted_cost_ratio']:.2f}× the baseline's (predicted)",
+            markup=False,
         )
-        if rng:
-            stdout.print(f"  plausible range from the noise scale's interval: "
-                         f"{rng[0]}–{rng[1]}", markup=False)
-        if rec.get("predicted_time_ratio") is not None:
-            stdout.print(
-                f"  predicted time {rec['predicted_time_ratio']:.2f}× and cost "
-                f"{rec['predicted_cost_ratio']:.2f}× the baseline's (predicted)",
-                markup=False,
-            )
-        ab = doc.get("absolute")
-        if ab:
-            stdout.print(f"  {ab.get('text', '')}", markup=False)
-        stdout.print(f"  basis: {rec['basis']}", markup=False)
-        if rec.get("warmup"):
-            stdout.print(f"  warm-up: {rec['warmup']}", markup=False)
-        for note in rec.get("notes") or []:
-            stdout.print(f"  note: {note}", markup=False)
+    ab = doc.get("absolute")
+    if ab:
+        stdout.print(f"  {ab.get('text', '')}", markup=False)
+    stdout.print(f"  basis: {rec['basis']}", markup=False)
+    if rec.get("warmup"):
+        stdout.print(f"  warm-up: {rec['warmup']}", markup=False)
+    for note in rec.get("notes") or []:
+        stdout.print(f"  note: {note}", markup=False)
 
 
 def _warn(doc: dict[str, Any]) -> None:
@@ -575,7 +580,7 @@ def env(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
         elif torch.cuda.is_available():
             devices += [nvml.describe_device(torch.device("cuda", i))
                         for i in range(torch.cuda.device_count())]
-        from bsfind.report import _clean
+        from bsfind.report import clean
 
         return {
             "bsfind": __version__,
@@ -588,7 +593,7 @@ def env(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
             "nvml_note": None if nvml.available() else nvml.hint(),
             "cpu_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
-            "devices": [_clean(d) for d in devices],
+            "devices": [clean(d) for d in devices],
         }
 
     doc = _guard(debug, run)
@@ -615,9 +620,7 @@ def env(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
 
 def _secondary_rank() -> bool:
     """Under torchrun, every rank but 0: it neither prints nor writes files."""
-    from bsfind.distributed import is_secondary_rank
-
-    return is_secondary_rank()
+    return launch.is_secondary_rank()
 
 
 def _silence_secondary_rank() -> None:
@@ -626,9 +629,7 @@ def _silence_secondary_rank() -> None:
     Rank 0 prints the one report (and any rank's error); $BSFIND_RANK_OUTPUT=all
     keeps every rank's output for debugging.
     """
-    from bsfind.distributed import RANK_OUTPUT_ENV
-
-    if not _secondary_rank() or os.environ.get(RANK_OUTPUT_ENV) == "all":
+    if not _secondary_rank() or os.environ.get(launch.RANK_OUTPUT_ENV) == "all":
         return
     sys.stdout.flush()
     sys.stderr.flush()
@@ -640,10 +641,8 @@ def _silence_secondary_rank() -> None:
 
 def main() -> None:
     """Console entry point."""
-    from bsfind.distributed import requested
-
     _silence_secondary_rank()
-    if not requested():
+    if not launch.requested():
         app()
         return
     # Under torchrun, leave without interpreter finalization: PyTorch's gloo threads can

@@ -3,12 +3,14 @@
     torchrun --standalone --nproc_per_node 2 -m bsfind recommend configs/digits-mlp.yaml --json
     .venv/bin/python -m pytest tests/test_distributed.py -q     # 2 CPU processes, gloo
 
-``bsfind.api`` hands a run to :func:`run` when the torch.distributed launch
+``bsfind.api`` hands a run to :func:`execute` when the torch.distributed launch
 environment is set (WORLD_SIZE > 1 with RANK; MASTER_ADDR, MASTER_PORT and
-LOCAL_RANK as torchrun sets them) or the caller already initialised a process
-group. Every rank builds the workload, probes and times its own device
-(cuda:LOCAL_RANK with NCCL, or the CPU with gloo); the run returns the same
-``Report`` on every rank, and only rank 0's CLI prints or writes files.
+LOCAL_RANK as torchrun sets them; see ``bsfind.launch``) or the caller already
+initialised a process group. :func:`execute` joins the group and runs the one
+pipeline with a :class:`TorchrunRunner`: every rank builds the workload, probes
+and times its own device (cuda:LOCAL_RANK with NCCL, or the CPU with gloo); the
+run returns the same ``Report`` on every rank, and only rank 0's CLI prints or
+writes files.
 
 Why gradients are all-reduced explicitly instead of through
 DistributedDataParallel:
@@ -63,32 +65,36 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from bsfind.errors import BsfindError, BudgetError, HardwareError, Interrupted, UsageError
-from bsfind.noise.estimators import Round, Summary
-from bsfind.noise.probe import (
-    DEFAULT_MICROBATCHES,
-    Deadline,
-    NoiseProbe,
-    ProgressFn,
-    _check_grad,
-    _check_loss,
+from bsfind import wording
+from bsfind.budget import Deadline, ProgressFn
+from bsfind.errors import BsfindError, HardwareError, Interrupted, UsageError
+from bsfind.hardware import measure
+from bsfind.hardware.measure import HardwareOptions
+from bsfind.launch import RANK_OUTPUT_ENV, env_int
+from bsfind.noise.probe import NoiseProbe, ProbeComm, ProbeOptions
+from bsfind.report import Report
+from bsfind.results import (
+    DistributedSummary,
+    HardwareMeasurement,
+    MemoryModel,
+    NoiseEstimate,
+    RankInfo,
+    TimingCurve,
+    TimingPoint,
 )
-from bsfind.results import MemoryModel, NoiseEstimate, TimingCurve, TimingPoint
-
-if TYPE_CHECKING:
-    from bsfind.report import Report
-    from bsfind.spec import Spec
-    from bsfind.workload import Workload
+from bsfind.runner import measure_curvature
+from bsfind.seeds import for_rank
+from bsfind.spec import Spec
+from bsfind.training import EpochSampler, restored_weights, train_steps
+from bsfind.workload import Workload, build
 
 T = TypeVar("T")
 
-# Set to "all" to keep the stdout/stderr of ranks other than 0 (debugging).
-RANK_OUTPUT_ENV = "BSFIND_RANK_OUTPUT"
 # Seconds a collective may wait for the slowest rank before the run fails.
 TIMEOUT_ENV = "BSFIND_DIST_TIMEOUT"
 # Default timeout: it must exceed the longest purely local stretch between two
@@ -96,9 +102,6 @@ TIMEOUT_ENV = "BSFIND_DIST_TIMEOUT"
 # timing ladder or a B_noise probe, both bounded by probe.max_seconds), so it
 # is the larger of this and 2·max_seconds + 60 s.
 MIN_TIMEOUT_S = 300.0
-# Rank r seeds its sampling generators with seed + r·SEED_STRIDE: independent
-# streams per rank, and rank 0 draws what a single process would.
-SEED_STRIDE = 1_000_003
 # On a failure, ranks other than 0 return this much later than rank 0: a
 # launcher that stops the whole job at the first non-zero exit (torchrun sends
 # SIGTERM to the others) must not kill rank 0 before it has printed the error,
@@ -110,39 +113,9 @@ SYNC_REPEATS = 7
 
 # Status codes of Coordinator.exchange.
 OK, FAILED, OOM, UNSUPPORTED = 0, 1, 2, 3
-# Loop decisions that rank 0 broadcasts.
-_CONTINUE, _CONVERGED, _BUDGET = 0, 1, 2
-_STOPPED = {_CONTINUE: "", _CONVERGED: "converged", _BUDGET: "budget"}
 
 
 # --------------------------------------------------------------------------- launch
-
-
-def _env_int(name: str) -> int | None:
-    try:
-        return int(os.environ[name])
-    except (KeyError, ValueError):
-        return None
-
-
-def requested() -> bool:
-    """True when this process is one rank of a multi-process data-parallel launch."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size() > 1
-    world = _env_int("WORLD_SIZE")
-    return world is not None and world > 1 and _env_int("RANK") is not None
-
-
-def rank() -> int:
-    """This process's global rank (0 outside a distributed launch)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return _env_int("RANK") or 0
-
-
-def is_secondary_rank() -> bool:
-    """True on every rank but 0 of a distributed launch: it must stay silent."""
-    return requested() and rank() != 0
 
 
 def timeout_seconds(max_seconds: float) -> float:
@@ -185,10 +158,10 @@ def context(requested_device: str) -> Context:
     if dist.is_available() and dist.is_initialized():
         r, world = dist.get_rank(), dist.get_world_size()
     else:
-        r, world = _env_int("RANK") or 0, _env_int("WORLD_SIZE") or 1
-    local = _env_int("LOCAL_RANK")
+        r, world = env_int("RANK") or 0, env_int("WORLD_SIZE") or 1
+    local = env_int("LOCAL_RANK")
     local = r if local is None else local
-    local_world = _env_int("LOCAL_WORLD_SIZE") or world
+    local_world = env_int("LOCAL_WORLD_SIZE") or world
     # Any "cuda[:N]" means this rank's own GPU; a machine without CUDA fails here, on every rank.
     device = resolve_device("cuda" if requested_device.startswith("cuda") else requested_device)
     if device.type == "cuda":
@@ -450,58 +423,30 @@ def _write_grads(params: Sequence[torch.nn.Parameter], flat: torch.Tensor) -> No
 # --------------------------------------------------------------------------- the noise probe
 
 
-class DistributedNoiseProbe(NoiseProbe):
-    """One rank's share of the noise probe: local examples, an all-reduced big batch.
+class DistributedComm(ProbeComm):
+    """The noise probe's rounds spread over the ranks (``noise/probe.py``'s extension point).
 
-    Sizes keep the single-process meaning: ``b_big`` is the global big batch,
-    and in the micro-batch form ``k`` counts the micro-batches of all ranks,
-    so the growth rule of :class:`NoiseProbe` (``_grow``) applies unchanged.
-    Rank 0 applies it and broadcasts the result, with its stop decision.
+    Each rank draws its own examples (its own seed stream); the per-example
+    or micro-batch squared norms are summed over ranks, the big batch is the
+    all-reduced gradient, and rank 0's stop/grow decisions are broadcast, so
+    every rank runs the same rounds. A failure or out-of-memory on one rank
+    raises on every rank (:meth:`agree`).
     """
 
-    def __init__(
-        self, coord: Coordinator, job: Workload, *, seed: int = 0,
-        progress: ProgressFn | None = None, **kwargs: Any,
-    ) -> None:
+    def __init__(self, coord: Coordinator) -> None:
         self.coord = coord
-        super().__init__(job, seed=seed + SEED_STRIDE * coord.rank,
-                         progress=progress if coord.rank == 0 else None, **kwargs)
-        self._fit_to_ranks()
+        self.world = coord.world
+        self.rank = coord.rank
 
-    def _fit_to_ranks(self) -> None:
-        n = self.coord.world
-        if self.method == "per-example":
-            self.b_big = n * max(1, self.b_big // n)
-        else:
-            self.k = n * max(1, math.ceil(DEFAULT_MICROBATCHES / n))
-            self.b_big = self.b_small * self.k
+    def sampling_seed(self, seed: int) -> int:
+        return for_rank(seed, self.rank)
 
-    def _switch_to_microbatch(self, reason: str) -> None:
-        super()._switch_to_microbatch(reason)
-        self._fit_to_ranks()
-
-    def _shrink_after_oom(self) -> None:
-        """The single-process back-off, kept to whole examples per rank (all ranks alike)."""
-        before = self.b_big
-        super()._shrink_after_oom()
-        if self.method == "per-example":
-            n = self.coord.world
-            self.b_big = n * max(1, self.b_big // n)
-            if self.b_big >= before:
-                raise HardwareError(
-                    f"out of memory in the noise probe even at {before // n} example(s) per "
-                    "rank (per-example form)",
-                    hint="use a device with more memory, a smaller model, or "
-                    "hardware.precision: bf16",
-                )
-            self.max_big = self.b_big
-
-    def _agree(self, local: Callable[[], float], unsupported: type[Exception] | None = None
-               ) -> float:
+    def agree(self, local: Callable[[], float],
+              unsupported: type[Exception] | None = None) -> float:
         """Run this rank's part of a round; raise on every rank if any failed; sum the value.
 
         An out-of-memory on any rank raises ``_RankOOM`` on every rank, so that
-        all shrink the batch together (``_loop``).
+        all shrink the batch together.
         """
         from bsfind.hardware.memory import is_oom
 
@@ -516,12 +461,11 @@ class DistributedNoiseProbe(NoiseProbe):
             else:
                 code, error = FAILED, exc
         codes, sums = self.coord.exchange(code, [value])
-        failed = [r for r, c in enumerate(codes) if c == FAILED]
-        if failed:
+        if FAILED in codes:
             self.coord.settle(codes, error if code == FAILED else None)
         ooms = [r for r, c in enumerate(codes) if c == OOM]
         if ooms:
-            raise _RankOOM(f"out of memory in the noise probe at B_big={self.b_big} on rank "
+            raise _RankOOM(f"out of memory in the noise probe on rank "
                            f"{', '.join(map(str, ooms))}")
         lost = [r for r, c in enumerate(codes) if c == UNSUPPORTED]
         if lost:
@@ -532,120 +476,43 @@ class DistributedNoiseProbe(NoiseProbe):
             raise PerExampleUnsupported(f"per-example norms failed on rank {lost[0]}")
         return sums[0]
 
-    def _round_per_example(self, norms: object) -> Round:
-        from bsfind.noise.per_example import PerExampleUnsupported
-
-        n = self.coord.world
-        b = self.b_big // n
-        where = f"at training step {self.step} (probe round {len(self.rounds) + 1})"
-
-        def local() -> float:
-            idx = self._draw(b)
-            self.job.model.zero_grad(set_to_none=True)
-            loss = self.job.loss(idx)
-            _check_loss(loss, where)
-            loss.backward()
-            # Hooks give each example's contribution to .grad: (1/b)·∇L_i for a mean loss.
-            per_ex = norms.sq_norms().double()  # type: ignore[attr-defined]
-            return float(per_ex.sum()) * float(b * b)
-
-        sq_sum = self._agree(local, PerExampleUnsupported)
-        flat = _flat_grads(self.params)
+    def sq_norm_of_mean(self, tensors: Sequence[torch.Tensor | None], count: int) -> float:
+        parts = [t.detach().reshape(-1).double() for t in tensors if t is not None]
+        flat = torch.cat(parts)
         self.coord.all_reduce_(flat)
-        sq_big = float((flat / n).pow(2).sum())
-        sq_small = sq_sum / (n * b)
-        _check_grad(sq_small + sq_big, where)
-        return Round(1, sq_small, n * b, sq_big, n * b)
+        return float((flat / (self.world * count)).pow(2).sum())
 
-    def _round_microbatch(self) -> Round:
-        n = self.coord.world
-        b, k = self.b_small, self.k // n
-        where = f"at training step {self.step} (probe round {len(self.rounds) + 1})"
-        total = [torch.zeros_like(p, dtype=torch.float64) for p in self.params]
+    def decide(self, fn: Callable[[], list[float]], width: int) -> list[float]:
+        return self.coord.decide(fn, width)
 
-        def local() -> float:
-            return self._microbatches(self._draw(b * k).view(k, b), total, where)
+    def is_round_oom(self, exc: BaseException) -> bool:
+        return isinstance(exc, _RankOOM)
 
-        sq_sum = self._agree(local)
-        flat = torch.cat([acc.reshape(-1) for acc in total])
-        self.coord.all_reduce_(flat)
-        sq_big = float((flat / (n * k)).pow(2).sum())
-        sq_small = sq_sum / (n * k)
-        _check_grad(sq_small + sq_big, where)
-        return Round(b, sq_small, n * k * b, sq_big, n * k * b)
-
-    def _decide(self, deadline: Deadline, s: Summary | None, all_zero: bool) -> str:
-        """Rank 0's stop/grow decision after a round (or before the first), broadcast."""
-
-        def on_rank0() -> list[float]:
-            code = _CONTINUE
-            if s is not None:
-                if (all_zero and len(self.rounds) >= 2) or (
-                        len(self.rounds) >= self.min_rounds and s.rel_half_width <= self.target):
-                    code = _CONVERGED
-                else:
-                    self._grow(s)
-            if code == _CONTINUE and deadline.passed():
-                code = _BUDGET
-            return [code, self.b_big, getattr(self, "k", 0), self._rounds_at_size]
-
-        code, b_big, k, at_size = self.coord.decide(on_rank0, 4)
-        if self.coord.rank != 0:
-            self.b_big, self._rounds_at_size = int(b_big), int(at_size)
-            if self.method != "per-example":
-                self.k = int(k)
-        return _STOPPED[int(code)]
-
-    def _loop(self, deadline: Deadline, one_round: Callable[[], Round]) -> tuple[str, bool]:
-        all_zero = True
-        stopped = self._decide(deadline, None, all_zero)
-        while not stopped:
-            try:
-                r = one_round()
-            except _RankOOM:
-                r = None
-            if r is None:  # outside the except block, so the failed round's tensors are freed
-                self._shrink_after_oom()
-                stopped = self._decide(deadline, None, all_zero)
-                continue
-            s, all_zero = self._record(r, all_zero)
-            stopped = self._decide(deadline, s, all_zero)
-        return stopped, all_zero
-
-    def _where(self) -> str:
-        return f" over {self.coord.world} ranks"
-
-    def estimate(self, seconds: float, stopped: str) -> NoiseEstimate:
-        est = super().estimate(seconds, stopped)
-        n = self.coord.world
-        if self.method == "per-example":
-            local = f"{self.b_big // n} examples per rank, b = 1 from per-example norms"
+    def describe(self, probe: NoiseProbe) -> tuple[str, str]:
+        n = self.world
+        if probe.method == "per-example":
+            local = f"{probe.b_big // n} examples per rank, b = 1 from per-example norms"
         else:
-            local = (f"{self.k // n} micro-batch(es) of {self.b_small} per rank, b = "
-                     f"{self.b_small}")
-        return dataclasses.replace(
-            est,
-            method=f"distributed+{self.method}",
-            method_reason=(f"{n} ranks ({self.coord.ctx.backend}), each drawing its own "
-                           f"examples; {local}; B = {self.b_big} from the all-reduced "
-                           f"gradient; {self.reason}"),
-        )
+            local = (f"{probe.k // n} micro-batch(es) of {probe.b_small} per rank, b = "
+                     f"{probe.b_small}")
+        return (f"distributed+{probe.method}",
+                f"{n} ranks ({self.coord.ctx.backend}), each drawing its own examples; "
+                f"{local}; B = {probe.b_big} from the all-reduced gradient; {probe.reason}")
 
 
-# --------------------------------------------------------------------------- the hooks
+# --------------------------------------------------------------------------- the runner
 
 
-class Parallel:
-    """What ``bsfind.api`` calls instead of its single-process steps, on every rank."""
+class TorchrunRunner:
+    """The pipeline's runner on one rank of a data-parallel launch (``bsfind.runner``)."""
 
     def __init__(self, coord: Coordinator) -> None:
         self.coord = coord
         self.world_size = coord.world
         self.notes: list[str] = []
-        self.per_rank: list[dict[str, Any]] = []
+        self.per_rank: list[RankInfo] = []
         self.sync_seconds: float | None = None
         self.sync_bytes: int | None = None
-        self.advice_sync_seconds: float | None = None  # None: the advisor predicts it
         self.per_device_batch: int | None = None
         self.timing_basis: str | None = None
 
@@ -659,32 +526,28 @@ class Parallel:
         """Build on every rank, check that the models agree, copy rank 0's weights."""
         from bsfind.errors import UserCodeError
         from bsfind.hardware.nvml import describe_device
-        from bsfind.workload import build
 
         job = self.coord.checked(functools.partial(build, spec))
         params, buffers = list(job.model.parameters()), list(job.model.buffers())
         shape = [len(params), sum(p.numel() for p in params),
                  len(buffers), sum(b.numel() for b in buffers)]
-        mine = {"rank": self.coord.rank, "local_rank": self.coord.ctx.local_rank,
-                "host": socket.gethostname(), "device": str(job.device),
-                "device_name": describe_device(job.device).name, "examples": len(job),
-                "shape": shape}
-        infos = self.coord.gather(mine)
-        for info in infos[1:]:
-            if info["shape"] != infos[0]["shape"]:
+        mine = RankInfo(rank=self.coord.rank, local_rank=self.coord.ctx.local_rank,
+                        host=socket.gethostname(), device=str(job.device),
+                        device_name=describe_device(job.device).name, examples=len(job))
+        infos = self.coord.gather((mine, shape))
+        for info, other in infos[1:]:
+            if other != infos[0][1]:
                 raise UserCodeError(
-                    f"model.factory built a different model on rank {info['rank']} "
-                    f"({info['shape'][1]:,} parameter elements) than on rank 0 "
-                    f"({infos[0]['shape'][1]:,})",
+                    f"model.factory built a different model on rank {info.rank} "
+                    f"({other[1]:,} parameter elements) than on rank 0 "
+                    f"({infos[0][1][1]:,})",
                     hint="the factories must build the same model on every rank",
                 )
-        sizes = sorted({info["examples"] for info in infos})
+        sizes = sorted({info.examples for info, _ in infos})
         if len(sizes) > 1:
-            self.notes.append(
-                f"the dataset has {', '.join(map(str, sizes))} examples on different ranks "
-                "(per-rank shards?): each rank samples its own; the report shows rank 0's size")
+            self.notes.append(wording.shards_differ(sizes))
         self._copy_rank0_state(job, with_params=True)
-        self.per_rank = [{k: v for k, v in info.items() if k != "shape"} for info in infos]
+        self.per_rank = [info for info, _ in infos]
         return job
 
     def _copy_rank0_state(self, job: Workload, with_params: bool) -> None:
@@ -693,96 +556,61 @@ class Parallel:
         for t in [*tensors, *job.model.buffers()]:
             self.coord.broadcast_(t)
 
-    # -- the probes --------------------------------------------------------------------
-    def noise_probe(self, job: Workload, **kwargs: Any) -> NoiseProbe:
-        return DistributedNoiseProbe(self.coord, job, **kwargs)
+    # -- training and the probes -----------------------------------------------------------
+    def sampler(self, job: Workload, batch_size: int, seed: int) -> EpochSampler:
+        """The global batch split over the ranks: the same permutations on every rank
+        (``seed`` alike everywhere), each rank taking its slice, as DistributedSampler."""
+        return EpochSampler(len(job), batch_size, torch.Generator().manual_seed(seed),
+                            world=self.coord.world, rank=self.coord.rank)
 
-    def train_steps(
-        self,
-        job: Workload,
-        optimizer: torch.optim.Optimizer,
-        steps: int,
-        batch_size: int,
-        gen: torch.Generator,
-        start_step: int = 0,
-        progress: ProgressFn | None = None,
-        deadline: Deadline | None = None,
+    def train(
+        self, job: Workload, optimizer: torch.optim.Optimizer, steps: int,
+        sampler: EpochSampler, *, start_step: int, progress: ProgressFn | None,
+        deadline: Deadline, on_step: Callable[[int, float], None] | None = None,
     ) -> int:
-        """Data-parallel warm-up: the global batch ``batch_size`` split over the ranks.
-
-        Like DistributedSampler: one permutation per epoch, the same on every
-        rank (``gen`` is seeded alike everywhere), each rank taking its slice of
-        every global batch; the mean gradient is all-reduced before every
-        optimizer step, so the weights stay identical on all ranks. Rank 0
-        decides when the deadline has passed.
-        """
+        """Data-parallel training: the mean gradient is all-reduced before every step, so
+        the weights stay identical on all ranks; rank 0 decides when the deadline passed."""
         coord = self.coord
-        n = len(job)
-        local = max(1, min(batch_size, n) // coord.world)
-        glob = local * coord.world
-        params = job.trainable()
-        order, pos = torch.empty(0, dtype=torch.long), 0
 
-        def stop_now() -> list[float]:
-            return [1.0 if deadline is not None and deadline.passed() else 0.0]
-
-        def one(idx: torch.Tensor, where: str) -> float:
-            optimizer.zero_grad(set_to_none=True)
-            loss = job.loss(idx)
-            _check_loss(loss, where)
-            loss.backward()
-            return float(loss.detach())
-
-        step = start_step
-        stop = coord.decide(stop_now, 1)[0]
-        for i in range(steps):
-            if stop:
-                break
-            if pos + glob > order.numel():
-                order = torch.cat([torch.randperm(n, generator=gen)
-                                   for _ in range(math.ceil(glob / n))])
-                pos = 0
-            idx = order[pos + coord.rank * local: pos + (coord.rank + 1) * local]
-            pos += glob
-            where = f"at warm-up training step {start_step + i + 1}"
-            _, sums = coord.checked_values(functools.partial(one, idx, where), 1,
-                                           lambda v: [v])
+        def average(params: list[torch.nn.Parameter]) -> None:
             flat = _flat_grads(params)
             coord.all_reduce_(flat)
-            flat /= coord.world
-            _check_grad(float(flat.pow(2).sum()), where)
-            _write_grads(params, flat)
-            coord.checked(optimizer.step)
-            step = start_step + i + 1
-            if progress is not None and (i % 10 == 0 or i == steps - 1):
-                progress("train", (i + 1) / steps,
-                         f"training step {step} (loss {sums[0] / coord.world:.3f})")
-            stop = coord.decide(stop_now, 1)[0]
-        optimizer.zero_grad(set_to_none=True)
+            _write_grads(params, flat / coord.world)
+
+        def stop() -> bool:
+            return bool(coord.decide(lambda: [1.0 if deadline.passed() else 0.0], 1)[0])
+
+        step = train_steps(job, optimizer, steps, sampler, start_step=start_step,
+                           progress=progress, should_stop=stop, on_step=on_step,
+                           guard=coord.checked, reduce=average)
         self._copy_rank0_state(job, with_params=False)  # BatchNorm statistics, as DDP does
         return step
 
-    def curvature(
-        self, job: Workload, est: NoiseEstimate, deadline: Deadline, progress: ProgressFn | None
-    ) -> NoiseEstimate:
+    def noise_probe(self, job: Workload, options: ProbeOptions, *, seed: int, step: int,
+                    progress: ProgressFn | None) -> NoiseProbe:
+        return NoiseProbe(job, options, seed=seed, step=step,
+                          progress=progress if self.coord.rank == 0 else None,
+                          comm=DistributedComm(self.coord))
+
+    def curvature(self, job: Workload, est: NoiseEstimate, options: ProbeOptions, *,
+                  seed: int, deadline: Deadline, progress: ProgressFn | None
+                  ) -> NoiseEstimate:
         """B_noise on rank 0 alone (single-device form); the others wait for it."""
-        from bsfind.api import _with_curvature
 
         def on_rank0() -> NoiseEstimate:
             if self.coord.rank != 0:
                 return est
-            return _with_curvature(job, est, deadline, progress)
+            return measure_curvature(job, est, options, seed=seed, deadline=deadline,
+                                     progress=progress)
 
         out = self.coord.broadcast_object(self.coord.checked(on_rank0))
-        note = "B_noise was measured on rank 0 alone (single-device form); B_simple on all ranks"
-        if note not in self.notes:
-            self.notes.append(note)
+        if wording.B_NOISE_ON_RANK0 not in self.notes:
+            self.notes.append(wording.B_NOISE_ON_RANK0)
         return out
 
     # -- hardware ----------------------------------------------------------------------
-    def measure_hardware(
-        self, job: Workload, deadline: Deadline, progress: ProgressFn | None
-    ) -> tuple[MemoryModel | None, TimingCurve | None, list[str]]:
+    def measure_hardware(self, job: Workload, options: HardwareOptions, deadline: Deadline,
+                         progress: ProgressFn | None) -> HardwareMeasurement:
         """Memory agreed across ranks, the all-reduce time, and every rank's step times.
 
         Memory: each rank measures (CUDA) or predicts (CPU; RAM shared by the
@@ -792,48 +620,18 @@ class Parallel:
         synchronous step waits for the slowest, so the curve the advisor gets
         takes, at each batch size every rank timed, the slowest rank's time).
         """
-        from bsfind import api
-        from bsfind.hardware import memory as mem
-        from bsfind.hardware import nvml, timing
-
-        spec = job.spec
         coord = self.coord
-        notes: list[str] = []
-        if spec.hardware.gpus not in (1, self.world_size):
-            notes.append(f"hardware.gpus: {spec.hardware.gpus} is not used under torchrun: the "
-                         f"advice is for the {self.world_size} ranks measured (--max-gpus "
-                         "shows other device counts)")
-        cuda = job.device.type == "cuda"
-        fraction = spec.hardware.memory_fraction
-        self.per_device_batch = max(1, spec.optimizer.batch_size // self.world_size)
-
-        def clear() -> None:
-            mem.clear_cache(job.device)
-
-        with api._scratch_weights(job):
-            step = api._step_function(job, spec.probe.seed + 5 + SEED_STRIDE * coord.rank)
+        per_device = max(1, options.baseline_batch // self.world_size)
+        self.per_device_batch = per_device
+        with restored_weights(job.model):
+            step = measure.step_function(job, options.lr, for_rank(options.seed, coord.rank))
             if progress is not None:
                 progress("memory", 0.0, "memory model")
-
-            def local_memory() -> MemoryModel:
-                if cuda:
-                    return mem.measure_memory_cuda(step, (2, 8, 32), job.device,
-                                                   memory_fraction=fraction)
-
-                def make_batch(b: int) -> tuple[Any, torch.Tensor]:
-                    return job.batch(torch.randint(len(job), (b,)))
-
-                # The node's ranks share its RAM.
-                limit = mem.cpu_memory_limit(fraction) // max(1, coord.ctx.local_world_size)
-                return mem.predict_memory(
-                    job.model, make_batch, job.loss_fn, job.optimizer_cls, limit_bytes=limit,
-                    optimizer_kwargs={"lr": spec.optimizer.lr, **job.optimizer_kwargs},
-                )
-
-            memory = coord.checked(local_memory)
+            memory = coord.checked(functools.partial(
+                measure.memory_model, job, step, options, coord.ctx.local_world_size))
             local_max = memory.max_batch_size
-            memory, oom_at = self._agree_max_batch(
-                memory, step, clear, None if cuda else api.TIMING_MAX_BATCH)
+            upper = None if job.device.type == "cuda" else measure.TIMING_MAX_BATCH
+            memory, oom_at = self._agree_max_batch(memory, step, job, upper)
             if progress is not None:
                 progress("memory", 1.0, f"max batch {memory.max_batch_size:,} per rank "
                          f"({memory.source})")
@@ -841,63 +639,29 @@ class Parallel:
             own_sync = self._time_sync(job)
             if progress is not None:
                 progress("timing", 0.0, "timing steps on every rank")
-            ladder_top = min(memory.max_batch_size, api.TIMING_MAX_BATCH)
-            sizes = timing.geometric_ladder(
-            api.ladder_start(job.model), max(api.ladder_start(job.model), ladder_top))
-            util = None
-            if cuda and nvml.available():
-                index = job.device.index or 0
-
-                def util() -> float | None:
-                    return nvml.sample_utilization(index)
-
-            def local_ladder() -> TimingCurve | None:
-                try:
-                    return timing.time_ladder(
-                        step, sizes, device=job.device, max_seconds=max(0.0, deadline.left()),
-                        max_batch=memory.max_batch_size, sample_util=util,
-                    )
-                except BudgetError:
-                    return None
-
-            own_curve = coord.checked(local_ladder)
-        gathered = coord.gather({"curve": own_curve, "sync_seconds": own_sync,
-                                 "max_batch_size": local_max, "tried": list(memory.tried),
-                                 "oom_at": oom_at})
-        curves = [g["curve"] for g in gathered]
-        curve = combine_curves(curves)
+            sizes = measure.ladder_sizes(job, memory)
+            own_curve = coord.checked(functools.partial(
+                measure.time_steps, job, step, sizes, deadline, memory))
+        gathered = coord.gather((own_curve, own_sync, local_max, memory.tried, tuple(oom_at)))
+        curve = combine_curves([g[0] for g in gathered])
+        notes = []
         if curve is None:
-            notes.append("the time budget ran out before every rank timed a step: no "
-                         "step-time curve; the advice uses the noise scale only")
+            notes.append(wording.NO_TIMING_ON_EVERY_RANK)
         else:
-            self.timing_basis = (f"at each of the {len(curve.points)} batch sizes every rank "
-                                 "timed, the slowest rank's median step time")
-        for info, g in zip(self.per_rank, gathered, strict=True):
-            c = g["curve"]
-            info.update({
-                "per_device_batch_size": self.per_device_batch,
-                "step_seconds": c.seconds(self.per_device_batch) if c is not None else None,
-                "timing": None if c is None else {
-                    "t0": c.t0, "per_example": c.per_example, "r2": c.r2,
-                    "points": [{"batch_size": p.batch_size, "seconds": p.seconds,
-                                "samples": p.samples} for p in c.points],
-                },
-                "sync_seconds": g["sync_seconds"],
-                "max_batch_size": g["max_batch_size"],
-                "memory_tried": g["tried"],
-                "oom_at": g["oom_at"],
-            })
-        self.advice_sync_seconds = None if spec.hardware.gpu else self.sync_seconds
-        if spec.hardware.gpu:
-            notes.append(f"the all-reduce time measured here ({self.sync_seconds:.3g} s) is not "
-                         f"used for {spec.hardware.gpu}: the advisor predicts it from "
-                         "hardware.interconnect")
+            self.timing_basis = wording.slowest_rank_basis(len(curve.points))
+        self.per_rank = [
+            dataclasses.replace(
+                info, per_device_batch_size=per_device, timing=c,
+                step_seconds=c.seconds(per_device) if c is not None else None,
+                sync_seconds=s, max_batch_size=m, memory_tried=tuple(tried), oom_at=oom)
+            for info, (c, s, m, tried, oom) in zip(self.per_rank, gathered, strict=True)
+        ]
         if progress is not None:
             progress("timing", 1.0, "timed")
-        return memory, curve, notes
+        return HardwareMeasurement(memory, curve, tuple(notes), sync_seconds=self.sync_seconds)
 
     def _agree_max_batch(
-        self, memory: MemoryModel, step: Callable[[int], None], clear: Callable[[], None],
+        self, memory: MemoryModel, step: Callable[[int], None], job: Workload,
         upper: int | None,
     ) -> tuple[MemoryModel, list[int]]:
         """The smallest rank's maximum, checked by real steps that all ranks take together.
@@ -938,7 +702,8 @@ class Parallel:
                 raise _RankOOM(f"out of memory at batch size {b} on rank "
                                f"{', '.join(map(str, ranks))}")
 
-        found, tried = mem.find_max_batch(try_step, top, None, clear)
+        found, tried = mem.find_max_batch(try_step, top, None,
+                                          lambda: mem.clear_cache(job.device))
         if found == top and top < start:
             agreed, verified = start, False
         else:
@@ -971,20 +736,24 @@ class Parallel:
         self.sync_seconds = float(times.min(dim=0).values.median())
         return float(times[self.coord.rank].median())
 
-    def summary(self) -> dict[str, Any]:
+    def finish(self, report: Report) -> Report:
+        """Rank 0's report, with the run's notes and the ``distributed`` summary, on every rank."""
+        if self.coord.rank == 0:
+            report = dataclasses.replace(report, warnings=report.warnings + tuple(self.notes),
+                                         distributed=self.summary())
+        return self.coord.broadcast_object(report)
+
+    def summary(self) -> DistributedSummary:
         """The report's ``distributed`` object."""
-        return {
-            "world_size": self.world_size,
-            "backend": self.coord.ctx.backend,
-            "sync_seconds": self.sync_seconds,
-            "sync_bytes": self.sync_bytes,
-            "sync_source": None if self.sync_seconds is None else (
-                f"measured: median of {SYNC_REPEATS} barrier-synchronised all-reduces of "
-                "the gradients' bytes, each the time of the last rank to arrive"),
-            "per_device_batch_size": self.per_device_batch,
-            "timing_basis": self.timing_basis,
-            "per_rank": self.per_rank,
-        }
+        return DistributedSummary(
+            world_size=self.world_size, backend=self.coord.ctx.backend,
+            sync_seconds=self.sync_seconds, sync_bytes=self.sync_bytes,
+            sync_source=(None if self.sync_seconds is None
+                         else wording.sync_source(SYNC_REPEATS)),
+            per_device_batch_size=self.per_device_batch, timing_basis=self.timing_basis,
+            per_rank=tuple(self.per_rank),
+        )
+
 
 
 def combine_curves(curves: Sequence[TimingCurve | None]) -> TimingCurve | None:
@@ -1016,31 +785,34 @@ def combine_curves(curves: Sequence[TimingCurve | None]) -> TimingCurve | None:
         utilization_gpu_pct=statistics.fmean(utils) if utils else None,
     )
 
-
 # --------------------------------------------------------------------------- the run
 
 
-def run(spec: Spec, progress: ProgressFn | None, command: str, max_gpus: int | None) -> Report:
-    """``bsfind.api``'s run on one rank of a data-parallel launch.
+def execute(
+    spec: Spec, progress: ProgressFn | None,
+    body: Callable[[Spec, TorchrunRunner, ProgressFn | None], Report],
+) -> Report:
+    """Run ``body`` (the pipeline) on this rank of a data-parallel launch.
 
-    Returns rank 0's report on every rank (with its ``distributed`` object).
+    Joins the process group (unless the caller already did), points the spec
+    at this rank's device, and turns any rank's failure into the same error on
+    every rank. Only rank 0 gets ``progress``.
+
+    Returns:
+        Rank 0's report on every rank (``body`` ends with the runner's ``finish``).
 
     Raises:
         The failing rank's error on every rank (``RankError`` where it came from
         another rank), ``CollectiveError`` when a rank stopped answering.
     """
-    from bsfind import api
-
     ctx = context(spec.hardware.device)
     spec = dataclasses.replace(
         spec, hardware=dataclasses.replace(spec.hardware, device=str(ctx.device)))
     created = _init(ctx, spec.probe.max_seconds)
     coord = Coordinator(ctx)
-    par = Parallel(coord)
     try:
         try:
-            report = api._run(spec, progress if ctx.rank == 0 else None, command, max_gpus,
-                              par=par)
+            return body(spec, TorchrunRunner(coord), progress if ctx.rank == 0 else None)
         except (Interrupted, CollectiveError):
             raise
         except Exception as exc:
@@ -1050,10 +822,6 @@ def run(spec: Spec, progress: ProgressFn | None, command: str, max_gpus: int | N
             if err is exc:
                 raise
             raise err from None
-        if ctx.rank == 0:
-            report = dataclasses.replace(report, warnings=report.warnings + tuple(par.notes),
-                                         distributed=par.summary())
-        return coord.broadcast_object(report)
     finally:
         if created:
             with contextlib.suppress(Exception):

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from bsfind import __version__
 from bsfind.results import (
+    AbsolutePrediction,
     Candidate,
     DeviceInfo,
+    DistributedSummary,
+    FrontierRow,
     Interval,
     MemoryModel,
     NoiseEstimate,
@@ -28,7 +32,7 @@ class Report:
     """Everything one run measured and concluded."""
 
     command: str
-    spec: dict[str, Any]
+    spec: Mapping[str, Any]  # the spec document with defaults filled, echoed as given
     device: DeviceInfo
     dataset_size: int
     baseline_batch: int
@@ -44,35 +48,35 @@ class Report:
     predicted_timing: TimingCurve | None = None
     recommendation: Recommendation | None = None
     candidates: tuple[Candidate, ...] = ()
-    frontier: tuple[Any, ...] = ()
-    absolute: dict[str, Any] | None = None
+    frontier: tuple[FrontierRow, ...] = ()
+    absolute: AbsolutePrediction | None = None
     warnings: tuple[str, ...] = field(default_factory=tuple)
     seconds: float = 0.0
     cached: bool = False
     version: str = __version__
-    distributed: dict[str, Any] | None = None  # torchrun: world size, all-reduce, per-rank timings
+    distributed: DistributedSummary | None = None  # torchrun: world size, all-reduce, per rank
 
 
-def _clean(value: Any) -> Any:
+def clean(value: Any) -> Any:
     """JSON-safe: dataclasses -> dicts, intervals -> [low, high], inf/nan -> None."""
     if isinstance(value, Interval):
         return value.as_list()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _clean(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {f.name: clean(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [clean(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
 
 
 def noise_dict(est: NoiseEstimate) -> dict[str, Any]:
-    d = _clean(est)
+    d = clean(est)
     d["ci95"] = est.ci95.as_list()
     d["resolved"] = est.b_simple is not None
-    d["rel_half_width"] = _clean(est.rel_half_width)
+    d["rel_half_width"] = clean(est.rel_half_width)
     return d
 
 
@@ -83,7 +87,7 @@ def to_dict(report: Report) -> dict[str, Any]:
         "command": report.command,
         "status": report.status,
         "cached": report.cached,
-        "device": _clean(report.device),
+        "device": clean(report.device),
         "dataset": {"size": report.dataset_size},
         "baseline": {
             "batch_size": report.baseline_batch,
@@ -94,8 +98,8 @@ def to_dict(report: Report) -> dict[str, Any]:
         "noise_scale_by_step": [noise_dict(n) for n in report.noise],
     }
     if report.command != "noise":
-        doc["memory"] = _clean(report.memory)
-        doc["timing"] = _clean(report.timing)
+        doc["memory"] = clean(report.memory)
+        doc["timing"] = clean(report.timing)
         if report.timing is not None:
             doc["timing"]["points"] = [
                 {"batch_size": p.batch_size, "seconds": p.seconds, "samples": p.samples}
@@ -104,20 +108,20 @@ def to_dict(report: Report) -> dict[str, Any]:
         doc["predicted"] = (
             {
                 "gpu": report.predicted_gpu,
-                "memory": _clean(report.predicted_memory),
-                "timing": _clean(report.predicted_timing),
+                "memory": clean(report.predicted_memory),
+                "timing": clean(report.predicted_timing),
                 "label": "predicted: not measured on this machine",
             }
             if report.predicted_gpu
             else None
         )
-        doc["recommendation"] = _clean(report.recommendation)
-        doc["candidates"] = _clean(report.candidates)
-        doc["frontier"] = _clean(report.frontier)
-        doc["absolute"] = _clean(report.absolute)
+        doc["recommendation"] = clean(report.recommendation)
+        doc["candidates"] = clean(report.candidates)
+        doc["frontier"] = clean(report.frontier)
+        doc["absolute"] = clean(report.absolute)
     if report.distributed is not None:
-        doc["distributed"] = _clean(report.distributed)
+        doc["distributed"] = clean(report.distributed)
     doc["warnings"] = list(report.warnings)
     doc["seconds"] = report.seconds
-    doc["spec"] = _clean(report.spec)
+    doc["spec"] = clean(report.spec)
     return doc

@@ -1,4 +1,4 @@
-"""Typed results passed between the probes, the advisor and the report.
+"""Typed results passed between the probes, the runners, the advisor and the report.
 
 Every arrow of the pipeline (DESIGN §1) is one of these dataclasses; nothing
 here computes or prints. ``report.py`` turns them into the JSON document.
@@ -82,6 +82,26 @@ class NoiseEstimate:
         if self.b_simple is None or not self.ci95.bounded or self.b_simple <= 0:
             return math.inf
         return (self.ci95.high - self.ci95.low) / 2.0 / self.b_simple
+
+
+@dataclass(frozen=True)
+class CurvatureResult:
+    """B_noise = tr(HΣ)/(GᵀHG) measured at one set of weights (``noise/curvature.py``).
+
+    Attributes:
+        b_noise: the ratio of the summed estimates, or None when GᵀHG is not
+            resolved (or no round finished).
+        ci95: its Fieller interval.
+        rounds / seconds: how long it took.
+        trace_h_sigma / gthg: the unbiased means behind the ratio (NaN without rounds).
+    """
+
+    b_noise: float | None
+    ci95: Interval
+    rounds: int
+    seconds: float
+    trace_h_sigma: float = math.nan
+    gthg: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -183,3 +203,80 @@ class Recommendation:
     warmup: str | None = None
     noise_step: int = 0  # which probe point (training step) drove it
     notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class HardwareMeasurement:
+    """What a runner measured about its device(s): memory, step time and, on several
+    devices, the all-reduce time the advisor uses (None: predicted from the link)."""
+
+    memory: MemoryModel | None
+    timing: TimingCurve | None
+    notes: tuple[str, ...] = ()
+    sync_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class FrontierRow:
+    """The optimum on ``gpus`` devices against the baseline (B0 on the input's N)."""
+
+    gpus: int
+    batch_size: int
+    per_device_batch_size: int
+    grad_accumulation: int
+    step_seconds: float
+    time_ratio: float  # S(B)·t(B) on `gpus` / S(B0)·t(B0) on the baseline's devices
+    cost_ratio: float  # time_ratio × gpus / baseline devices
+    sync_seconds: float
+
+
+@dataclass(frozen=True)
+class AbsolutePrediction:
+    """Hours and money for the planned training, at the recommendation and the baseline.
+
+    The planned examples E run at the baseline batch in E/B0 steps; at batch B
+    the steps scale by S(B)/S(B0): hours(B) = (E/B0)·steps_ratio(B)·t(B)/3600,
+    cost = hours × devices × price per device-hour. All predicted.
+    """
+
+    training_examples: int
+    hours: float
+    baseline_hours: float
+    cost: float | None
+    baseline_cost: float | None
+    price_per_hour: float | None
+    label: str = "predicted"
+    text: str = ""  # one line for people, written by bsfind.wording
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """One rank of a data-parallel run, as the report's ``distributed.per_rank[]`` shows it."""
+
+    rank: int
+    local_rank: int
+    host: str
+    device: str
+    device_name: str
+    examples: int
+    per_device_batch_size: int | None = None
+    step_seconds: float | None = None  # its fitted step time at the per-device baseline batch
+    timing: TimingCurve | None = None
+    sync_seconds: float | None = None
+    max_batch_size: int | None = None
+    memory_tried: tuple[int, ...] = ()
+    oom_at: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class DistributedSummary:
+    """The report's ``distributed`` object: the launch, the all-reduce and every rank."""
+
+    world_size: int
+    backend: str
+    sync_seconds: float | None
+    sync_bytes: int | None
+    sync_source: str | None
+    per_device_batch_size: int | None
+    timing_basis: str | None
+    per_rank: tuple[RankInfo, ...]

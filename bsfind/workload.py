@@ -11,6 +11,7 @@ factory string.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib
 import importlib.util
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bsfind.errors import HardwareError, ResolutionError, UserCodeError
+from bsfind.seeds import Seeds
 from bsfind.spec import Spec
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -149,17 +151,23 @@ def call_factory(ref: str, kwargs: dict[str, Any], base_dir: Path, section: str)
 
 @dataclass
 class Workload:
-    """Everything a probe needs, built from a Spec."""
+    """Everything a probe needs: the live model, data, loss and optimizer class.
 
-    spec: Spec
+    Built from a spec by :func:`build`, or from live objects by :meth:`from_objects`.
+    It holds no spec: probes get their settings as arguments.
+    """
+
     model: nn.Module
     dataset: Any
     loss_fn: LossFn
     optimizer_cls: type[torch.optim.Optimizer]
     optimizer_kwargs: dict[str, Any]
     device: torch.device
+    optimizer_name: str = "adam"
     source_files: list[Path] = field(default_factory=list)
-    _tensors: tuple[torch.Tensor, ...] | None = None
+    # The dataset's (inputs, targets) tensors when it is a TensorDataset: batches
+    # are then gathered by indexing instead of collating items one by one.
+    tensors: tuple[torch.Tensor, ...] | None = None
     model_name: str = "model"
     loss_name: str = "loss"
     # hardware.precision bf16/fp16: forward under autocast (the loss in fp32).
@@ -174,28 +182,43 @@ class Workload:
         dataset: Any,
         loss_fn: LossFn,
         *,
-        spec: Spec,
+        optimizer: str | type[torch.optim.Optimizer] = "adam",
+        optimizer_kwargs: dict[str, Any] | None = None,
         device: torch.device | None = None,
     ) -> Workload:
-        """Wrap live objects (the notebook API); ``spec`` supplies the optimizer and probe."""
+        """Wrap live objects (the notebook API and the evidence scripts).
+
+        Args:
+            optimizer: a name of :data:`OPTIMIZERS` or an optimizer class (the
+                optimizer of warm-up training and of the hardware measurement).
+            device: where to run; default the model's.
+        """
         dev = device or next(model.parameters()).device
+        if isinstance(optimizer, str):
+            opt_cls, opt_name = OPTIMIZERS.get(optimizer.lower(), torch.optim.Adam), optimizer
+        else:
+            opt_cls, opt_name = optimizer, optimizer.__name__
         return cls(
-            spec=spec, model=model.to(dev), dataset=dataset, loss_fn=loss_fn,
-            optimizer_cls=OPTIMIZERS.get(spec.optimizer.name.lower(), torch.optim.Adam),
-            optimizer_kwargs=dict(spec.optimizer.kwargs), device=dev,
-            _tensors=_check_dataset(dataset, "dataset"),
+            model=model.to(dev), dataset=dataset, loss_fn=loss_fn,
+            optimizer_cls=opt_cls, optimizer_kwargs=dict(optimizer_kwargs or {}), device=dev,
+            optimizer_name=opt_name, tensors=_check_dataset(dataset, "dataset"),
             model_name=type(model).__name__, loss_name=getattr(loss_fn, "__name__", "loss"),
         )
 
-    def make_optimizer(self, lr: float | None = None) -> torch.optim.Optimizer:
-        lr = self.spec.optimizer.lr if lr is None else lr
+    def with_dataset(self, dataset: Any) -> Workload:
+        """The same model, loss and optimizer over another dataset (a split of this one)."""
+        return dataclasses.replace(self, dataset=dataset,
+                                   tensors=_check_dataset(dataset, "dataset"))
+
+    def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        """A fresh optimizer over the trainable parameters at learning rate ``lr``."""
         try:
             return self.optimizer_cls(  # type: ignore[call-arg]
                 self.trainable(), lr=lr, **self.optimizer_kwargs
             )
         except Exception as exc:
             raise UserCodeError(
-                f"optimizer {self.spec.optimizer.name!r} could not be built: "
+                f"optimizer {self.optimizer_name!r} could not be built: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
 
@@ -207,9 +230,9 @@ class Workload:
 
     def batch(self, indices: torch.Tensor) -> tuple[Any, torch.Tensor]:
         """Collate the examples at ``indices`` and move them to the device."""
-        if self._tensors is not None:
-            idx = indices.to(self._tensors[0].device)
-            x, y = (t[idx] for t in self._tensors)
+        if self.tensors is not None:
+            idx = indices.to(self.tensors[0].device)
+            x, y = (t[idx] for t in self.tensors)
         else:
             items = [self.dataset[int(i)] for i in indices]
             x, y = torch.utils.data.default_collate(items)
@@ -304,29 +327,32 @@ def _check_dataset(ds: Any, ref: str) -> tuple[torch.Tensor, ...] | None:
     return None
 
 
-def _load_checkpoint(model: nn.Module, path_str: str, base_dir: Path) -> None:
+def load_checkpoint(
+    model: nn.Module, path_str: str, base_dir: Path, key: str = "model.checkpoint"
+) -> None:
+    """Load a state_dict file (relative to ``base_dir``) into ``model``; errors name ``key``."""
     path = (base_dir / path_str).resolve()
     if not path.is_file():
-        raise ResolutionError(f"model.checkpoint: file not found: {path}")
+        raise ResolutionError(f"{key}: file not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ResolutionError(
-            f"model.checkpoint {path.name}: cannot be read as a state_dict ({exc})"
+            f"{key} {path.name}: cannot be read as a state_dict ({exc})"
         ) from None
     if isinstance(state, dict):
-        for key in ("state_dict", "model", "model_state_dict"):
-            if key in state and isinstance(state[key], dict):
-                state = state[key]
+        for inner in ("state_dict", "model", "model_state_dict"):
+            if inner in state and isinstance(state[inner], dict):
+                state = state[inner]
                 break
     if not isinstance(state, dict):
-        raise ResolutionError(f"model.checkpoint {path.name}: expected a state_dict mapping")
+        raise ResolutionError(f"{key} {path.name}: expected a state_dict mapping")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0:3]
         raise ResolutionError(
-            f"model.checkpoint {path.name} does not match the model: {' '.join(first)}"
+            f"{key} {path.name} does not match the model: {' '.join(first)}"
         ) from None
 
 
@@ -347,11 +373,52 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def build(spec: Spec) -> Workload:
-    """Build every object the spec names, on the requested device."""
-    device = resolve_device(spec.hardware.device)
-    torch.manual_seed(spec.probe.seed)
-    sources: list[Path] = []
+    """Build every object the spec names, on the requested device.
 
+    The factories run with torch's random generators seeded by ``probe.seed``
+    (so the same spec builds the same weights) and restored afterwards, so the
+    caller's own random state is left as it was.
+    """
+    device = resolve_device(spec.hardware.device)
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(Seeds(spec.probe.seed).weights)
+        job = _build(spec, device)
+    if spec.hardware.precision != "fp32":
+        job.autocast_dtype = _autocast_dtype(spec.hardware.precision, device)
+    # Build the optimizer once now: a bad kwarg fails before any probing, and
+    # torch.optim's lazy imports are paid here rather than inside a timed phase.
+    job.make_optimizer(spec.optimizer.lr)
+    return job
+
+
+def _build(spec: Spec, device: torch.device) -> Workload:
+    sources: list[Path] = []
+    model = _build_model(spec, sources)
+    d = call_factory(spec.data.factory, spec.data.kwargs, spec.base_dir, "data")
+    tensors = _check_dataset(d.obj, spec.data.factory)
+    if d.source_file:
+        sources.append(d.source_file)
+    loss_fn = _resolve_loss(spec, sources)
+    opt_cls = _resolve_optimizer(spec, sources)
+    model.to(device)
+    model.train()
+    return Workload(
+        model=model,
+        dataset=d.obj,
+        loss_fn=loss_fn,
+        optimizer_cls=opt_cls,
+        optimizer_kwargs=dict(spec.optimizer.kwargs),
+        device=device,
+        optimizer_name=spec.optimizer.name,
+        source_files=sources,
+        tensors=tensors,
+        model_name=spec.model.factory,
+        loss_name=spec.loss,
+    )
+
+
+def _build_model(spec: Spec, sources: list[Path]) -> nn.Module:
     m = call_factory(spec.model.factory, spec.model.kwargs, spec.base_dir, "model")
     if not isinstance(m.obj, nn.Module):
         raise ResolutionError(
@@ -362,33 +429,32 @@ def build(spec: Spec) -> Workload:
     if m.source_file:
         sources.append(m.source_file)
     if spec.model.checkpoint:
-        _load_checkpoint(model, spec.model.checkpoint, spec.base_dir)
+        load_checkpoint(model, spec.model.checkpoint, spec.base_dir)
         sources.append((spec.base_dir / spec.model.checkpoint).resolve())
     if not any(p.requires_grad for p in model.parameters()):
         raise UserCodeError(
             f"model {spec.model.factory!r} has no trainable parameters "
             "(none with requires_grad=True)"
         )
+    return model
 
-    d = call_factory(spec.data.factory, spec.data.kwargs, spec.base_dir, "data")
-    tensors = _check_dataset(d.obj, spec.data.factory)
-    if d.source_file:
-        sources.append(d.source_file)
 
+def _resolve_loss(spec: Spec, sources: list[Path]) -> LossFn:
     if spec.loss in LOSSES:
-        loss_fn = LOSSES[spec.loss]
-    elif ":" in spec.loss:
+        return LOSSES[spec.loss]
+    if ":" in spec.loss:
         r = resolve(spec.loss, spec.base_dir, "loss")
         if not callable(r.obj):
             raise ResolutionError(f"loss {spec.loss!r} is not callable")
-        loss_fn = r.obj
         if r.source_file:
             sources.append(r.source_file)
-    else:
-        raise ResolutionError(
-            f"loss: unknown loss {spec.loss!r} (expected cross_entropy, mse or 'module:attr')"
-        )
+        return r.obj  # type: ignore[no-any-return]
+    raise ResolutionError(
+        f"loss: unknown loss {spec.loss!r} (expected cross_entropy, mse or 'module:attr')"
+    )
 
+
+def _resolve_optimizer(spec: Spec, sources: list[Path]) -> type[torch.optim.Optimizer]:
     name = spec.optimizer.name
     if name.lower() in OPTIMIZERS:
         opt_cls = OPTIMIZERS[name.lower()]
@@ -408,25 +474,4 @@ def build(spec: Spec) -> Workload:
         )
     check_kwargs(opt_cls, {"lr": spec.optimizer.lr, **spec.optimizer.kwargs},
                  "optimizer.kwargs", name, [])
-
-    model.to(device)
-    model.train()
-    job = Workload(
-        spec=spec,
-        model=model,
-        dataset=d.obj,
-        loss_fn=loss_fn,
-        optimizer_cls=opt_cls,
-        optimizer_kwargs=dict(spec.optimizer.kwargs),
-        device=device,
-        source_files=sources,
-        _tensors=tensors,
-        model_name=spec.model.factory,
-        loss_name=spec.loss,
-    )
-    if spec.hardware.precision != "fp32":
-        job.autocast_dtype = _autocast_dtype(spec.hardware.precision, device)
-    # Build the optimizer once now: a bad kwarg fails before any probing, and
-    # torch.optim's lazy imports are paid here rather than inside a timed phase.
-    job.make_optimizer()
-    return job
+    return opt_cls

@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from bsfind.advisor import optimizer_family
 from bsfind.spec import Spec, load_spec
+from bsfind.training import EpochSampler, training_step
 from bsfind.workload import Workload, build
 
 State = dict[str, torch.Tensor]
@@ -30,9 +32,6 @@ DIVERGED_FACTOR = 3.0
 # tenth of its budget, whichever is larger) is stuck (dead units): stop it too.
 STALL_FRACTION = 0.95
 STALL_STEPS = 50
-# Adam-family optimizers scale the learning rate with sqrt(B) for the LR grid's
-# centre (Malladi et al. 2022); the SGD family linearly (Goyal et al. 2017).
-ADAM_FAMILY = ("adam", "adamw", "rmsprop", "lamb")
 
 
 def load_job(path: str, overrides: Sequence[str] = ()) -> tuple[Spec, Workload]:
@@ -51,8 +50,9 @@ def restore(model: torch.nn.Module, state: State) -> None:
 
 
 def lr_exponent(optimizer_name: str) -> float:
-    """0.5 (square-root rule) for the Adam family, 1.0 (linear rule) otherwise."""
-    return 0.5 if optimizer_name.lower() in ADAM_FAMILY else 1.0
+    """The LR grid's centre scales with B^0.5 for the Adam family (Malladi et al. 2022)
+    and linearly for the SGD family (Goyal et al. 2017); the family is the advisor's."""
+    return 0.5 if optimizer_family(optimizer_name) == "adam" else 1.0
 
 
 def scaled_lr(lr0: float, b0: int, b: int, exponent: float) -> float:
@@ -100,28 +100,19 @@ class Trainer:
         job.model.train()
         self.job = job
         self.n = len(job)
-        self.batch_size = min(batch_size, self.n)
+        self.sampler = EpochSampler(self.n, batch_size, torch.Generator().manual_seed(seed))
+        self.batch_size = self.sampler.batch_size
         self.lr = lr
         self.optimizer = job.make_optimizer(lr)
-        self.gen = torch.Generator().manual_seed(seed)
-        self.order = torch.randperm(self.n, generator=self.gen)
-        self.pos = 0
         self.steps = 0
         self.train_seconds = 0.0
         self.step_times: list[float] = []
 
     def step(self) -> float:
         start = time.perf_counter()
-        b = self.batch_size
-        if self.pos + b > self.n:
-            self.order, self.pos = torch.randperm(self.n, generator=self.gen), 0
-        idx = self.order[self.pos : self.pos + b]
-        self.pos += b
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.job.loss(idx)
-        loss.backward()
-        self.optimizer.step()
-        value = float(loss.detach())  # also synchronizes on CUDA before the clock is read
+        # Unchecked: a diverging run is detected (and stopped) by its evaluations.
+        loss = training_step(self.job, self.optimizer, self.sampler.next(), check=False)
+        value = float(loss)  # also synchronizes on CUDA before the clock is read
         elapsed = time.perf_counter() - start
         self.train_seconds += elapsed
         self.step_times.append(elapsed)

@@ -40,11 +40,13 @@ import _train
 import numpy as np
 import torch
 from _train import CriticalFit, TargetRun, fit_critical, fmt_num
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from bsfind.api import noise_scale_at
+from bsfind.budget import Deadline
 from bsfind.noise.curvature import CurvatureProbe
 from bsfind.noise.estimators import RatioAccumulator
-from bsfind.noise.probe import Deadline, NoiseProbe
+from bsfind.pipeline import probe_options
+from bsfind.seeds import Seeds
 from bsfind.spec import Spec
 from bsfind.workload import Workload
 
@@ -256,27 +258,19 @@ def probe_at(
     """bsfind's B_simple (and B_noise) at saved weights, as ``bsfind noise`` measures them."""
     _train.restore(job.model, state)
     start = time.perf_counter()
-    probe = NoiseProbe(
-        job, method=spec.probe.method, batch_size=spec.optimizer.batch_size,
-        microbatch_size=spec.probe.microbatch_size,
-        target_rel_error=spec.probe.target_rel_error, seed=spec.probe.seed + 1000 + step,
-        step=step,
-    )
-    est = probe.run(Deadline.after(seconds))
+    est = noise_scale_at(job, probe_options(spec), seed=spec.probe.seed, step=step,
+                         max_seconds=seconds)
     b_noise, b_noise_ci, b_noise_rounds = None, None, 0
     trace_h_sigma = gthg = math.nan
     if curvature:
-        cp = CurvatureProbe(job, batch_size=curv_batch, seed=spec.probe.seed + 77 + step,
+        # B_noise at its own batch (curv_batch) rather than the spec's: seeded as
+        # ``bsfind noise`` seeds it at this step.
+        cp = CurvatureProbe(job, batch_size=curv_batch, seed=Seeds(spec.probe.seed).curvature(step),
                             target_rel_error=spec.probe.target_rel_error, step=step)
-        # Hessian-vector products need a double backward, which the fused CPU/flash
-        # scaled_dot_product_attention kernels lack ("derivative for
-        # aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
-        # implemented"): force the math kernel for the curvature probe.
-        with sdpa_kernel(SDPBackend.MATH):
-            value, ci, b_noise_rounds, _ = cp.run(Deadline.after(seconds))
-        b_noise, b_noise_ci = value, (ci.low, ci.high)
-        if len(cp.acc):
-            trace_h_sigma, gthg = cp.acc.moments()[:2]
+        res = cp.run(Deadline.after(seconds))
+        b_noise, b_noise_rounds = res.b_noise, res.rounds
+        b_noise_ci = (res.ci95.low, res.ci95.high)
+        trace_h_sigma, gthg = res.trace_h_sigma, res.gthg
     return ProbePoint(
         target=target, seed=seed, step=step, b_simple=est.b_simple,
         b_simple_ci=(est.ci95.low, est.ci95.high), b_simple_rounds=est.rounds,
@@ -356,7 +350,7 @@ def gather(
     targets = sorted(targets, reverse=True)
     init_state = _train.snapshot(job.model)
     n = len(job)
-    gen = torch.Generator().manual_seed(spec.probe.seed + 12345)
+    gen = torch.Generator().manual_seed(Seeds(spec.probe.seed).evaluation_subset)
     eval_idx = torch.randperm(n, generator=gen)[: min(eval_examples, n)].sort().values
     b0, lr0 = spec.optimizer.batch_size, spec.optimizer.lr
     expo = _train.lr_exponent(spec.optimizer.name)

@@ -40,6 +40,7 @@ import torch
 from _train import fmt_num
 from torch.utils.data import Subset, TensorDataset
 
+from bsfind.seeds import Seeds
 from bsfind.spec import Spec
 from bsfind.workload import Workload
 
@@ -162,9 +163,7 @@ def split(job: Workload, holdout: float, seed: int) -> tuple[Workload, torch.Ten
         sub: Any = TensorDataset(*(t[train] for t in ds.tensors))
     else:
         sub = Subset(ds, train.tolist())
-    train_job = Workload.from_objects(job.model, sub, job.loss_fn, spec=job.spec,
-                                      device=job.device)
-    return train_job, held
+    return job.with_dataset(sub), held
 
 
 def smooth(points: Sequence[Point], k: int = SMOOTH_EVALS) -> list[Point]:
@@ -276,9 +275,10 @@ def gather(
     """Both runs per seed, from the same initial weights; numbers only."""
     start = time.perf_counter()
     init_state = _train.snapshot(job.model)
-    train_job, held = split(job, holdout, spec.probe.seed + 4242)
+    streams = Seeds(spec.probe.seed)
+    train_job, held = split(job, holdout, streams.holdout_split)
     n_train = len(train_job)
-    gen = torch.Generator().manual_seed(spec.probe.seed + 12345)
+    gen = torch.Generator().manual_seed(streams.evaluation_subset)
     train_eval_idx = torch.randperm(n_train, generator=gen)[: min(eval_examples, n_train)]
     heldout_idx = held[: max(eval_examples, 1) * 4]  # all of it unless the split is large
     b0, lr0 = spec.optimizer.batch_size, spec.optimizer.lr

@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 
 from bsfind.advisor import (
     INTERCONNECTS,
+    Advice,
     AdvisorInputs,
     accumulation_steps,
-    advise,
     ceil_allowed,
     floor_allowed,
     interconnect,
@@ -29,10 +29,17 @@ from bsfind.advisor import (
     steps_ratio,
     sync_seconds,
 )
+from bsfind.advisor import advise as advise_numbers
 from bsfind.errors import UsageError
 from bsfind.results import Interval, MemoryModel, TimingCurve
+from bsfind.wording import describe_advice
 
 T0, C, BN, B0 = 0.02, 1e-4, 2000.0, 64
+
+
+def advise(inp: AdvisorInputs, max_gpus: int | None = None) -> Advice:
+    """The advice with its words written, as the pipeline produces it."""
+    return describe_advice(advise_numbers(inp, max_gpus=max_gpus), inp)
 
 
 def curve(t0: float = T0, c: float = C, source: str = "measured") -> TimingCurve:
@@ -100,6 +107,10 @@ def test_clipped_to_dataset_size() -> None:
     assert adv.recommendation.batch_size == 296
     assert all(c.batch_size <= 300 for c in adv.candidates)
     assert any("dataset size" in n for n in adv.recommendation.notes)
+    # The advisor itself returns the fact; the words come from bsfind.wording.
+    bare = advise_numbers(inputs(dataset_size=300))
+    assert bare.facts.optimum_clipped and bare.recommendation.notes == ()
+    assert bare.recommendation.basis == "" and bare.recommendation.warmup is None
 
 
 def test_never_below_one_for_tiny_noise_scale() -> None:
@@ -197,6 +208,7 @@ def test_sync_seconds_ring_allreduce() -> None:
     adv = advise(inputs(gpus=2, grad_bytes=4 * 10**8, interconnect="pcie4"))
     assert adv.sync_seconds == pytest.approx(4e8 / 31.5e9 + 30e-6)
     assert any("predicted" in n for n in adv.recommendation.notes)
+    assert adv.facts.sync_source == "predicted" and "PCIe 4.0" in (adv.facts.sync_link or "")
 
 
 def test_frontier_for_four_devices() -> None:
@@ -323,22 +335,22 @@ def test_predicted_hours_and_money() -> None:
     baseline: 1e5 · 0.0264 s = 2640 s = 0.73333 h; at $2.50/h: $1.83333.
     batch 632: 1e5 · 0.12913355 · 0.0832 s = 1074.39 s = 0.298442 h: $0.746105.
     """
-    adv = advise(inputs(training_examples=6_400_000, price_per_hour=2.5))
-    assert adv.baseline_hours == pytest.approx(0.733333, rel=1e-5)
-    assert adv.baseline_cost == pytest.approx(1.833333, rel=1e-5)
-    assert adv.predicted_hours == pytest.approx(0.298442, rel=1e-5)
-    assert adv.predicted_cost == pytest.approx(0.746105, rel=1e-5)
-    ab = adv.absolute
-    assert ab is not None and ab["label"] == "predicted" and "6,400,000" in ab["text"]
+    ab = advise(inputs(training_examples=6_400_000, price_per_hour=2.5)).absolute
+    assert ab is not None
+    assert ab.baseline_hours == pytest.approx(0.733333, rel=1e-5)
+    assert ab.baseline_cost == pytest.approx(1.833333, rel=1e-5)
+    assert ab.hours == pytest.approx(0.298442, rel=1e-5)
+    assert ab.cost == pytest.approx(0.746105, rel=1e-5)
+    assert ab.label == "predicted" and "6,400,000" in ab.text and "0.746" in ab.text
     # Two devices: hours from the 2-device step time, money × 2.
     two = advise(inputs(training_examples=6_400_000, price_per_hour=2.5, gpus=2,
-                        sync_seconds=0.0))
+                        sync_seconds=0.0)).absolute
     hours_2 = 1e5 * (0.02 + 1e-4 * 32) / 3600  # 0.6444 h: per-device batch 32
-    assert two.baseline_hours == pytest.approx(hours_2)
+    assert two is not None and two.baseline_hours == pytest.approx(hours_2)
     assert two.baseline_cost == pytest.approx(hours_2 * 2 * 2.5)
     # Unknown without planned examples or without timing.
-    assert advise(inputs()).predicted_hours is None
-    assert advise(inputs(timing=None, training_examples=10**6)).predicted_hours is None
+    assert advise(inputs()).absolute is None
+    assert advise(inputs(timing=None, training_examples=10**6)).absolute is None
 
 
 # ----------------------------------------------------------- no timing, range

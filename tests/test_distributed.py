@@ -166,7 +166,7 @@ def test_out_of_memory_on_one_rank_backs_off_on_every_rank() -> None:
     per_rank = doc["distributed"]["per_rank"]
     # Both ranks stepped the same sizes in the same order ...
     assert per_rank[0]["memory_tried"] == per_rank[1]["memory_tried"] == memory["tried"]
-    from bsfind.api import TIMING_MAX_BATCH
+    from bsfind.hardware.measure import TIMING_MAX_BATCH
 
     tried = memory["tried"]
     assert tried[:4] == [TIMING_MAX_BATCH, TIMING_MAX_BATCH // 2, TIMING_MAX_BATCH // 4,
@@ -219,3 +219,20 @@ def test_microbatch_form_across_ranks() -> None:
     assert noise["method"] == "distributed+microbatch"
     assert noise["b_simple"] is not None and noise["ci95"][0] <= noise["b_simple"]
     assert noise["b_big"] == noise["b_small"] * (noise["b_big"] // noise["b_small"])
+
+
+@pytest.mark.parametrize(("method", "rel"), [("per-example", 0.10), ("microbatch", 0.15)])
+def test_distributed_estimate_matches_the_exact_value(method: str, rel: float) -> None:
+    """Both data-parallel forms against tr(Σ)/|G|² from every example's gradient, at the
+    spec's initial weights (rank 0's, which every rank copies)."""
+    from bsfind.spec import load_spec
+    from bsfind.workload import build
+    from tests.exact import exact_noise
+
+    exact = exact_noise(build(load_spec(SPEC))).b_simple
+    proc, _ = _torchrun("noise", SPEC, "--json", "--set", f"probe.method={method}",
+                        "--set", "probe.target_rel_error=0.05", "--set", "probe.max_seconds=60")
+    assert proc.returncode == 0, proc.stderr
+    noise = _one_document(proc.stdout)["noise_scale"]
+    assert noise["method"] == f"distributed+{method}" and noise["stopped"] == "converged"
+    assert noise["b_simple"] == pytest.approx(exact, rel=rel), (noise, exact)

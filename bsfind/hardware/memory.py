@@ -301,6 +301,37 @@ def _probe_state_bytes(
     return None
 
 
+def _optimizer_groups(
+    optimizer: str | torch.optim.Optimizer | type[torch.optim.Optimizer],
+    kwargs: dict[str, Any],
+    trainable: list[torch.Tensor],
+) -> tuple[type[torch.optim.Optimizer], dict[str, Any],
+           list[tuple[Mapping[str, Any], list[torch.Tensor]]]]:
+    """(class, hyperparameters, [(group settings, group parameters)]) of an optimizer
+    given as an instance, a class or a name."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        groups: list[tuple[Mapping[str, Any], list[torch.Tensor]]] = [
+            (g, list(g["params"])) for g in optimizer.param_groups
+        ]
+        return type(optimizer), dict(optimizer.defaults), groups
+    if isinstance(optimizer, str):
+        key = optimizer.strip().lower()
+        if key in _KNOWN:
+            cls = _KNOWN[key]
+        else:
+            found = {n.lower(): getattr(torch.optim, n) for n in dir(torch.optim)}.get(key)
+            if not (isinstance(found, type) and issubclass(found, torch.optim.Optimizer)):
+                raise ValueError(
+                    f"unknown optimizer {optimizer!r}; known: {', '.join(sorted(_KNOWN))} "
+                    "or any torch.optim class name"
+                )
+            cls = found
+        kwargs = {**_NAME_DEFAULTS.get(cls.__name__.lower(), {}), **kwargs}
+    else:
+        cls = optimizer
+    return cls, kwargs, [({**_defaults_of(cls), **kwargs}, trainable)]
+
+
 def state_bytes(
     model: nn.Module,
     optimizer: str | torch.optim.Optimizer | type[torch.optim.Optimizer],
@@ -338,36 +369,11 @@ def state_bytes(
     param_bytes = sum(_tensor_bytes(p) for p in params) + sum(_tensor_bytes(b) for b in buffers)
     trainable = [p for p in params if p.requires_grad]
     grad_bytes = sum(_tensor_bytes(p) for p in trainable)
-
-    kwargs: dict[str, Any] = dict(optimizer_kwargs or {})
     if isinstance(optimizer, torch.optim.Optimizer):
-        cls: type[torch.optim.Optimizer] = type(optimizer)
         opt_params = _unique(p for g in optimizer.param_groups for p in g["params"])
         if optimizer.state and all(p in optimizer.state for p in opt_params):
             return param_bytes, grad_bytes, _state_tensor_bytes(optimizer)
-        groups: list[tuple[Mapping[str, Any], list[torch.Tensor]]] = [
-            (g, list(g["params"])) for g in optimizer.param_groups
-        ]
-        kwargs = dict(optimizer.defaults)
-    else:
-        if isinstance(optimizer, str):
-            key = optimizer.strip().lower()
-            if key in _KNOWN:
-                cls = _KNOWN[key]
-            else:
-                found = {n.lower(): getattr(torch.optim, n) for n in dir(torch.optim)}.get(key)
-                if not (isinstance(found, type) and issubclass(found, torch.optim.Optimizer)):
-                    raise ValueError(
-                        f"unknown optimizer {optimizer!r}; known: {', '.join(sorted(_KNOWN))} "
-                        "or any torch.optim class name"
-                    )
-                cls = found
-            kwargs = {**_NAME_DEFAULTS.get(cls.__name__.lower(), {}), **kwargs}
-        else:
-            cls = optimizer
-        merged = {**_defaults_of(cls), **kwargs}
-        groups = [(merged, trainable)]
-
+    cls, kwargs, groups = _optimizer_groups(optimizer, dict(optimizer_kwargs or {}), trainable)
     name = cls.__name__.lower()
     step_bytes = _scalar_step_bytes()
     opt_bytes = 0

@@ -170,6 +170,8 @@ def time_ladder(
 ) -> TimingCurve:
     """Time one training step at each batch size of a ladder (``source="measured"``).
 
+    Long because: (to be split with the load-robust ladder of issue #14).
+
     Rungs run in increasing order (sizes above ``max_batch`` are dropped).
     Before every step, warm-up or timed, the budget is checked: once
     ``max_seconds`` have passed since the start no further step begins, so

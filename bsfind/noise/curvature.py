@@ -25,9 +25,9 @@ import time
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from bsfind.budget import Deadline, ProgressFn
 from bsfind.noise.estimators import RatioAccumulator, two_batch
-from bsfind.noise.probe import Deadline, ProgressFn
-from bsfind.results import Interval
+from bsfind.results import CurvatureResult, Interval
 from bsfind.workload import Workload
 
 # Micro-batches per round: k HVPs each. 8 balances the variance of the
@@ -96,8 +96,8 @@ class CurvatureProbe:
         gthg, tr_hs = two_batch(self.b, q_small / self.k, self.k * self.b, q_big)
         return tr_hs, gthg
 
-    def run(self, deadline: Deadline) -> tuple[float | None, Interval, int, float]:
-        """Returns (B_noise or None, 95% interval, rounds, seconds)."""
+    def run(self, deadline: Deadline) -> CurvatureResult:
+        """Rounds until the interval is within the target or the deadline passes."""
         start = time.perf_counter()
         while not deadline.passed():
             tr_hs, gthg = self.one_round()
@@ -113,7 +113,9 @@ class CurvatureProbe:
             if len(self.acc) >= MIN_CURVATURE_ROUNDS and rel <= self.target:
                 break
         self.job.model.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - start
         if not len(self.acc):
-            return None, Interval(0.0, math.inf), 0, time.perf_counter() - start
+            return CurvatureResult(None, Interval(0.0, math.inf), 0, seconds)
         value, ci, _, _ = self.acc.ratio()
-        return value, ci, len(self.acc), time.perf_counter() - start
+        tr_hs, gthg = self.acc.moments()[:2]
+        return CurvatureResult(value, ci, len(self.acc), seconds, trace_h_sigma=tr_hs, gthg=gthg)

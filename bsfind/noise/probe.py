@@ -6,7 +6,7 @@ permutation would bias |G_B|² by the finite-population factor (n−B)/(n−1)),
 and measures
 
 - per-example form (b = 1): one forward/backward of B examples with hooks
-  that give every example's gradient norm (``per_example.py``); |G_B|² is the
+  that give every example's gradient norm (``per_example/``); |G_B|² is the
   norm of the ordinary batch gradient. Lowest variance (Gray et al. 2024).
 - micro-batch form: k micro-batches of b examples, one backward each; |G_b|²
   is the mean of their norms, |G_B|² (B = k·b) the norm of their mean. Works
@@ -16,25 +16,30 @@ Rounds repeat until the 95% interval of B_simple is within
 ``target_rel_error`` of the estimate or the deadline passes. While |G|² is
 unresolved (its interval includes 0) B_big doubles: more rounds at a batch
 far below B_simple barely help (DESIGN §2). No optimizer step happens here.
+
+Where the rounds run is the probe's one extension point, :class:`ProbeComm`:
+the default runs them in this process; the data-parallel runner
+(``distributed.py``) supplies one whose ranks each draw their own examples,
+reduce the norms across ranks and follow rank 0's decisions. The rounds
+themselves are written once, for any number of ranks.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from bsfind.budget import Deadline, ProgressFn
 from bsfind.errors import BudgetError, HardwareError, Interrupted, UserCodeError
 from bsfind.hardware.memory import clear_cache, is_oom
 from bsfind.noise.estimators import Round, Summary, summarize
 from bsfind.results import NoiseEstimate
+from bsfind.training import ReplacementSampler, check_grad, check_loss
 from bsfind.workload import Workload
-
-# Progress callback: (phase, fraction done in [0, 1], message). The CLI draws it.
-ProgressFn = Callable[[str, float, str], None]
 
 # Rounds before the interval is trusted for stopping or growing: the t-based
 # variance of a handful of rounds is itself too noisy to stop on.
@@ -45,23 +50,76 @@ DEFAULT_MICROBATCHES = 8
 # so B_big may exceed the dataset; beyond this the recommendation is clipped anyway).
 MAX_BIG_OVER_DATASET = 4
 
+# Decisions after each round (made on rank 0 under torchrun, then shared).
+_CONTINUE, _CONVERGED, _BUDGET = 0, 1, 2
+_STOPPED = {_CONTINUE: "", _CONVERGED: "converged", _BUDGET: "budget"}
+
 
 @dataclass(frozen=True)
-class Deadline:
-    """A wall-clock budget shared by the phases of one run."""
+class ProbeOptions:
+    """How to probe (the spec's ``probe`` section and baseline batch, as plain values).
 
-    end: float
-    clock: Callable[[], float] = time.perf_counter
+    Attributes:
+        method: "auto", "per-example" or "microbatch".
+        batch_size: the baseline batch: the first B_big (per-example form) or
+            the source of the default micro-batch size (baseline/8).
+        microbatch_size: b of the micro-batch form (None: batch_size/8).
+        target_rel_error: stop once the 95% CI half-width is within this
+            fraction of B_simple.
+        min_rounds: rounds before the interval is trusted.
+    """
 
-    @classmethod
-    def after(cls, seconds: float, clock: Callable[[], float] = time.perf_counter) -> Deadline:
-        return cls(clock() + seconds, clock)
+    method: str = "auto"
+    batch_size: int = 64
+    microbatch_size: int | None = None
+    target_rel_error: float = 0.1
+    min_rounds: int = MIN_ROUNDS
 
-    def left(self) -> float:
-        return self.end - self.clock()
 
-    def passed(self) -> bool:
-        return self.left() <= 0
+class ProbeComm:
+    """Where a probe's rounds run: this process alone (the default).
+
+    The data-parallel runner subclasses it; each method is one point where
+    ranks differ from a single process. ``world`` ranks each take a share of
+    every round; sums are over ranks.
+    """
+
+    world: int = 1
+    rank: int = 0
+
+    def sampling_seed(self, seed: int) -> int:
+        """The seed of this rank's sampling stream."""
+        return seed
+
+    def agree(self, local: Callable[[], float],
+              unsupported: type[Exception] | None = None) -> float:
+        """Run this rank's part of a round and return ``local()`` summed over ranks.
+
+        A failure on any rank must raise on every rank (an out-of-memory as an
+        exception :meth:`is_round_oom` accepts; ``unsupported`` as itself).
+        """
+        return local()
+
+    def sq_norm_of_mean(self, tensors: Sequence[torch.Tensor | None], count: int) -> float:
+        """|mean over ranks of Σ tensors / count|²: the big batch's squared gradient norm."""
+        total = torch.zeros((), dtype=torch.float64,
+                            device=next(t for t in tensors if t is not None).device)
+        for t in tensors:
+            if t is not None:
+                total += (t.detach().double() / count).pow(2).sum()
+        return float(total)
+
+    def decide(self, fn: Callable[[], list[float]], width: int) -> list[float]:
+        """``fn()`` as decided on rank 0, seen by every rank."""
+        return fn()
+
+    def is_round_oom(self, exc: BaseException) -> bool:
+        """Whether ``exc`` (raised by a round) means "out of memory on some rank"."""
+        return is_oom(exc)
+
+    def describe(self, probe: NoiseProbe) -> tuple[str, str]:
+        """(method, method_reason) as the report shows them."""
+        return probe.method, probe.reason
 
 
 def choose_method(model: torch.nn.Module, requested: str) -> tuple[str, str]:
@@ -82,78 +140,79 @@ def choose_method(model: torch.nn.Module, requested: str) -> tuple[str, str]:
     return "microbatch", f"auto: per-example norms unavailable ({p.reason})"
 
 
-def _grad_sq(params: list[torch.nn.Parameter]) -> float:
-    total = torch.zeros((), dtype=torch.float64, device=params[0].device)
-    for p in params:
-        if p.grad is not None:
-            total += p.grad.detach().double().pow(2).sum()
-    return float(total)
-
-
-def _check_loss(loss: torch.Tensor, where: str) -> None:
-    if not torch.isfinite(loss.detach()):
-        raise UserCodeError(
-            f"loss is {float(loss.detach())} {where}",
-            hint="check the data for NaN/inf, lower the learning rate, or use a checkpoint",
-        )
-
-
-def _check_grad(value: float, where: str) -> None:
-    if not math.isfinite(value):
-        raise UserCodeError(f"gradients are NaN or inf {where}",
-                            hint="check the model and loss for overflow")
-
-
 class NoiseProbe:
-    """Measures B_simple of a workload's model at its current weights."""
+    """Measures B_simple of a workload's model at its current weights.
+
+    Sizes are global: ``b_big`` is the big batch over all ranks, and in the
+    micro-batch form ``k`` counts the micro-batches of all ranks (a multiple
+    of the world size), so the growth rule is the same for any ``comm``.
+    """
 
     def __init__(
         self,
         job: Workload,
+        options: ProbeOptions | None = None,
         *,
-        method: str = "auto",
-        batch_size: int = 64,
-        microbatch_size: int | None = None,
-        target_rel_error: float = 0.1,
         seed: int = 0,
         step: int = 0,
         progress: ProgressFn | None = None,
-        min_rounds: int = MIN_ROUNDS,
+        comm: ProbeComm | None = None,
     ) -> None:
+        opts = options or ProbeOptions()
         self.job = job
-        self.method, self.reason = choose_method(job.model, method)
-        self.target = target_rel_error
+        self.comm = comm or ProbeComm()
+        self.method, self.reason = choose_method(job.model, opts.method)
+        self.target = opts.target_rel_error
+        self.min_rounds = opts.min_rounds
         self.step = step
         self.progress = progress
-        self.min_rounds = min_rounds
         self.n = len(job)
-        self.gen = torch.Generator().manual_seed(seed)
+        self.sampler = ReplacementSampler(
+            self.n, torch.Generator().manual_seed(self.comm.sampling_seed(seed)))
         self.params = job.trainable()
         self.max_big = max(2, MAX_BIG_OVER_DATASET * self.n)
+        self.k = 1
         if self.method == "per-example":
             self.b_small = 1
-            self.b_big = max(2, min(batch_size, self.max_big))
+            self.b_big = max(2, min(opts.batch_size, self.max_big))
         else:
-            b = microbatch_size or max(2, batch_size // DEFAULT_MICROBATCHES)
-            self.b_small = b
-            self.k = DEFAULT_MICROBATCHES
-            self.b_big = b * self.k
+            self.b_small = opts.microbatch_size or max(2, opts.batch_size // DEFAULT_MICROBATCHES)
+        self._fit_to_ranks()
         self.rounds: list[Round] = []
         self._rounds_at_size = 0
+
+    def _fit_to_ranks(self) -> None:
+        """Whole examples (per-example) or micro-batches (micro-batch form) per rank."""
+        n = self.comm.world
+        if self.method == "per-example":
+            self.b_big = n * max(1, self.b_big // n)
+        else:
+            self.k = n * max(1, math.ceil(DEFAULT_MICROBATCHES / n))
+            self.b_big = self.b_small * self.k
 
     def _shrink_after_oom(self) -> None:
         """Halve the batch that ran out of memory and never grow past it again."""
         self.job.model.zero_grad(set_to_none=True)
         clear_cache(self.job.device)
-        if self.method == "per-example" and self.b_big > 2:
-            self.b_big //= 2
-        elif self.method == "microbatch" and self.b_small > 1:
+        n = self.comm.world
+        if self.method == "per-example":
+            smaller = n * max(1, (self.b_big // 2) // n)
+            if self.b_big <= 2 or smaller >= self.b_big:
+                per_rank = f"{self.b_big // n} example(s) per rank" if n > 1 else (
+                    f"batch size {self.b_big}")
+                raise HardwareError(
+                    f"out of memory in the noise probe even at {per_rank} (per-example form)",
+                    hint="use a device with more memory, a smaller model, or "
+                    "hardware.precision: bf16",
+                )
+            self.b_big = smaller
+        elif self.b_small > 1:
             self.b_small //= 2
             self.b_big = self.b_small * self.k
         else:
             raise HardwareError(
                 f"out of memory in the noise probe even at batch size {self.b_big} "
-                f"({self.method} form)",
+                "(microbatch form)",
                 hint="use a device with more memory, a smaller model, or "
                 "hardware.precision: bf16",
             )
@@ -163,53 +222,67 @@ class NoiseProbe:
     def _switch_to_microbatch(self, reason: str) -> None:
         self.method, self.reason = "microbatch", reason
         self.b_small = max(2, self.b_big // DEFAULT_MICROBATCHES)
-        self.k = DEFAULT_MICROBATCHES
-        self.b_big = self.b_small * self.k
+        self._fit_to_ranks()
         self.rounds.clear()
         self._rounds_at_size = 0
 
     # -- one round -------------------------------------------------------------------
-    def _draw(self, size: int) -> torch.Tensor:
-        return torch.randint(self.n, (size,), generator=self.gen)
+    def _where(self) -> str:
+        return f"at training step {self.step} (probe round {len(self.rounds) + 1})"
 
     def _round_per_example(self, norms: object) -> Round:
-        b = self.b_big
-        idx = self._draw(b)
-        self.job.model.zero_grad(set_to_none=True)
-        loss = self.job.loss(idx)
-        where = f"at training step {self.step} (probe round {len(self.rounds) + 1})"
-        _check_loss(loss, where)
-        loss.backward()
-        # Hooks give each example's contribution to .grad: (1/B)·∇L_i for a mean loss.
-        per_ex = norms.sq_norms().double() * float(b * b)  # type: ignore[attr-defined]
-        sq_small = float(per_ex.mean())
-        sq_big = _grad_sq(self.params)
-        _check_grad(sq_small + sq_big, where)
-        return Round(1, sq_small, b, sq_big, b)
+        from bsfind.noise.per_example import PerExampleUnsupported
+
+        n = self.comm.world
+        b = self.b_big // n
+        where = self._where()
+
+        def local() -> float:
+            idx = self.sampler.draw(b)
+            self.job.model.zero_grad(set_to_none=True)
+            loss = self.job.loss(idx)
+            check_loss(loss, where)
+            loss.backward()
+            # Hooks give each example's contribution to .grad: (1/b)·∇L_i for a mean loss.
+            per_ex = norms.sq_norms().double()  # type: ignore[attr-defined]
+            return float(per_ex.sum()) * float(b * b)
+
+        sq_sum = self.comm.agree(local, PerExampleUnsupported)
+        sq_big = self.comm.sq_norm_of_mean([p.grad for p in self.params], 1)
+        sq_small = sq_sum / (n * b)
+        check_grad(sq_small + sq_big, where)
+        return Round(1, sq_small, n * b, sq_big, n * b)
 
     def _microbatches(self, idx: torch.Tensor, total: list[torch.Tensor], where: str) -> float:
         """One backward per row of ``idx``: add each gradient to ``total``, return Σ|g_j|²."""
+        from bsfind.training import grad_sq
+
         sq_sum = 0.0
         for j in range(idx.shape[0]):
             self.job.model.zero_grad(set_to_none=True)
             loss = self.job.loss(idx[j])
-            _check_loss(loss, where)
+            check_loss(loss, where)
             loss.backward()
-            sq_sum += _grad_sq(self.params)
+            sq_sum += grad_sq(self.params)
             for acc, p in zip(total, self.params, strict=True):
                 if p.grad is not None:
                     acc += p.grad.detach().double()
         return sq_sum
 
     def _round_microbatch(self) -> Round:
-        b, k = self.b_small, self.k
-        idx = self._draw(b * k).view(k, b)
+        n = self.comm.world
+        b, k = self.b_small, self.k // n  # k micro-batches on this rank
+        where = self._where()
         total = [torch.zeros_like(p, dtype=torch.float64) for p in self.params]
-        where = f"at training step {self.step} (probe round {len(self.rounds) + 1})"
-        sq_sum = self._microbatches(idx, total, where)
-        sq_big = float(sum((acc / k).pow(2).sum() for acc in total))
-        _check_grad(sq_sum + sq_big, where)
-        return Round(b, sq_sum / k, b * k, sq_big, b * k)
+
+        def local() -> float:
+            return self._microbatches(self.sampler.draw(b * k).view(k, b), total, where)
+
+        sq_sum = self.comm.agree(local)
+        sq_big = self.comm.sq_norm_of_mean(total, k)
+        sq_small = sq_sum / (n * k)
+        check_grad(sq_small + sq_big, where)
+        return Round(b, sq_small, n * k * b, sq_big, n * k * b)
 
     # -- the loop ----------------------------------------------------------------------
     def _grow(self, s: Summary) -> None:
@@ -235,24 +308,8 @@ class NoiseProbe:
     def run(self, deadline: Deadline) -> NoiseEstimate:
         """Rounds until converged or the deadline; raise BudgetError if no round fit."""
         start = time.perf_counter()
-        stopped = "budget"
-        all_zero = True
         try:
-            if self.method == "per-example":
-                from bsfind.noise.per_example import PerExampleGradNorms, PerExampleUnsupported
-
-                try:
-                    with PerExampleGradNorms(self.job.model) as norms:
-                        stopped, all_zero = self._loop(
-                            deadline, lambda: self._round_per_example(norms))
-                except PerExampleUnsupported as exc:
-                    # Found only at run time (a module called twice, ...): start
-                    # over with micro-batches, whose estimate is always exact.
-                    self._switch_to_microbatch(f"per-example norms failed at run time "
-                                               f"({exc.message})")
-                    stopped, all_zero = self._loop(deadline, self._round_microbatch)
-            else:
-                stopped, all_zero = self._loop(deadline, self._round_microbatch)
+            stopped, all_zero = self._run_rounds(deadline)
         except KeyboardInterrupt:
             est = self.estimate(time.perf_counter() - start, "interrupted") if self.rounds else None
             raise Interrupted("interrupted during the noise probe", partial=est) from None
@@ -270,28 +327,56 @@ class NoiseProbe:
             )
         return self.estimate(time.perf_counter() - start, stopped)
 
+    def _run_rounds(self, deadline: Deadline) -> tuple[str, bool]:
+        if self.method != "per-example":
+            return self._loop(deadline, self._round_microbatch)
+        from bsfind.noise.per_example import PerExampleGradNorms, PerExampleUnsupported
+
+        try:
+            with PerExampleGradNorms(self.job.model) as norms:
+                return self._loop(deadline, lambda: self._round_per_example(norms))
+        except PerExampleUnsupported as exc:
+            # Found only at run time (a module called twice, ...): start over
+            # with micro-batches, whose estimate is always exact.
+            self._switch_to_microbatch(f"per-example norms failed at run time ({exc.message})")
+            return self._loop(deadline, self._round_microbatch)
+
     def _loop(self, deadline: Deadline, one_round: Callable[[], Round]) -> tuple[str, bool]:
         all_zero = True
-        while True:
-            if deadline.passed():
-                return "budget", all_zero
+        stopped = self._decide(deadline, None, all_zero)
+        while not stopped:
             try:
-                r = one_round()
+                r: Round | None = one_round()
             except Exception as exc:
-                if not is_oom(exc):
+                if not self.comm.is_round_oom(exc):
                     raise
-                oom = True
-            else:
-                oom = False
-            if oom:  # outside the except block, so the failed round's tensors are freed
+                r = None
+            if r is None:  # outside the except block, so the failed round's tensors are freed
                 self._shrink_after_oom()
+                stopped = self._decide(deadline, None, all_zero)
                 continue
             s, all_zero = self._record(r, all_zero)
-            if all_zero and len(self.rounds) >= 2:
-                return "converged", all_zero
-            if len(self.rounds) >= self.min_rounds and s.rel_half_width <= self.target:
-                return "converged", all_zero
-            self._grow(s)
+            stopped = self._decide(deadline, s, all_zero)
+        return stopped, all_zero
+
+    def _decide(self, deadline: Deadline, s: Summary | None, all_zero: bool) -> str:
+        """Stop, grow or go on after a round (or before the first): rank 0 decides."""
+
+        def on_rank0() -> list[float]:
+            code = _CONTINUE
+            if s is not None:
+                if (all_zero and len(self.rounds) >= 2) or (
+                        len(self.rounds) >= self.min_rounds and s.rel_half_width <= self.target):
+                    code = _CONVERGED
+                else:
+                    self._grow(s)
+            if code == _CONTINUE and deadline.passed():
+                code = _BUDGET
+            return [code, self.b_big, self.k, self._rounds_at_size]
+
+        code, b_big, k, at_size = self.comm.decide(on_rank0, 4)
+        self.b_big, self.k, self._rounds_at_size = int(b_big), int(k), int(at_size)
+        return _STOPPED[int(code)]
 
     def _record(self, r: Round, all_zero: bool) -> tuple[Summary, bool]:
         """Keep a finished round, report progress; returns (summary, still all zero)."""
@@ -303,16 +388,14 @@ class NoiseProbe:
             rel = s.rel_half_width
             frac = 0.0 if not math.isfinite(rel) else min(1.0, self.target / rel)
             shown = f"B_simple≈{s.b_simple:.0f} ±{rel:.0%}" if s.b_simple else "|G|² unresolved"
-            self.progress("noise", frac,
-                          f"step {self.step}: {shown}, B_big={self.b_big}{self._where()}")
+            ranks = f" over {self.comm.world} ranks" if self.comm.world > 1 else ""
+            self.progress("noise", frac, f"step {self.step}: {shown}, B_big={self.b_big}{ranks}")
         return s, all_zero
 
-    def _where(self) -> str:
-        """Suffix of the progress message (the distributed probe names its ranks)."""
-        return ""
-
     def estimate(self, seconds: float, stopped: str) -> NoiseEstimate:
+        """The rounds so far as a :class:`NoiseEstimate`."""
         s = summarize(self.rounds)
+        method, reason = self.comm.describe(self)
         return NoiseEstimate(
             b_simple=s.b_simple,
             ci95=s.ci95,
@@ -320,8 +403,8 @@ class NoiseProbe:
             grad_norm_sq_ci95=s.grad_norm_sq_ci95,
             trace_sigma=s.trace_sigma,
             trace_sigma_ci95=s.trace_sigma_ci95,
-            method=self.method,
-            method_reason=self.reason,
+            method=method,
+            method_reason=reason,
             b_small=self.b_small,
             b_big=self.b_big,
             examples=s.examples,
@@ -331,42 +414,3 @@ class NoiseProbe:
             step=self.step,
         )
 
-
-def train_steps(
-    job: Workload,
-    optimizer: torch.optim.Optimizer,
-    steps: int,
-    batch_size: int,
-    gen: torch.Generator,
-    start_step: int = 0,
-    progress: ProgressFn | None = None,
-    deadline: Deadline | None = None,
-) -> int:
-    """Train ``steps`` optimizer steps at the baseline batch; return the step reached.
-
-    Batches are drawn from a fresh permutation each epoch (ordinary training).
-    Stops early (returning the step reached) when the deadline passes.
-    """
-    n = len(job)
-    b = min(batch_size, n)
-    order = torch.randperm(n, generator=gen)
-    pos = 0
-    step = start_step
-    for i in range(steps):
-        if deadline is not None and deadline.passed():
-            break
-        if pos + b > n:
-            order, pos = torch.randperm(n, generator=gen), 0
-        idx = order[pos : pos + b]
-        pos += b
-        optimizer.zero_grad(set_to_none=True)
-        loss = job.loss(idx)
-        step = start_step + i + 1
-        _check_loss(loss, f"at warm-up training step {step}")
-        loss.backward()
-        _check_grad(_grad_sq(job.trainable()), f"at warm-up training step {step}")
-        optimizer.step()
-        if progress is not None and (i % 10 == 0 or i == steps - 1):
-            progress("train", (i + 1) / steps, f"training step {step} (loss {loss.item():.3f})")
-    optimizer.zero_grad(set_to_none=True)
-    return step

@@ -14,12 +14,12 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from bsfind import models
-from bsfind.noise.per_example import rules
 from bsfind.noise.per_example import (
     PerExampleGradNorms,
     PerExamplePlan,
     PerExampleUnsupported,
     plan,
+    rules,
 )
 
 pytestmark = [

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from bsfind.noise.probe import Deadline, NoiseProbe
+from bsfind.budget import Deadline
+from bsfind.noise.probe import NoiseProbe, ProbeOptions
 from bsfind.workload import build
 from tests.exact import exact_noise
+
+# The digits-mlp config's probe settings, micro-batch form.
+MICRO = ProbeOptions(method="microbatch", batch_size=64)
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +41,7 @@ def test_exact_reference_is_consistent(digits_job, digits_exact) -> None:
 
 
 def test_microbatch_probe_within_15_percent(digits_job, digits_exact) -> None:
-    est = NoiseProbe(digits_job, method="microbatch", batch_size=64, seed=0).run(
-        Deadline.after(60))
+    est = NoiseProbe(digits_job, MICRO, seed=0).run(Deadline.after(60))
     assert est.stopped == "converged"
     assert est.b_simple == pytest.approx(digits_exact.b_simple, rel=0.15)
     assert est.method == "microbatch" and est.examples > 0
@@ -45,14 +50,14 @@ def test_microbatch_probe_within_15_percent(digits_job, digits_exact) -> None:
 
 def test_probe_does_not_change_weights(digits_job) -> None:
     before = [p.detach().clone() for p in digits_job.model.parameters()]
-    NoiseProbe(digits_job, method="microbatch", batch_size=64, seed=1).run(Deadline.after(5))
+    NoiseProbe(digits_job, MICRO, seed=1).run(Deadline.after(5))
     for a, b in zip(before, digits_job.model.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
 def test_same_seed_same_estimate(digits_job) -> None:
-    a = NoiseProbe(digits_job, method="microbatch", batch_size=64, seed=7).run(Deadline.after(60))
-    b = NoiseProbe(digits_job, method="microbatch", batch_size=64, seed=7).run(Deadline.after(60))
+    a = NoiseProbe(digits_job, MICRO, seed=7).run(Deadline.after(60))
+    b = NoiseProbe(digits_job, MICRO, seed=7).run(Deadline.after(60))
     assert a.b_simple == b.b_simple and a.rounds == b.rounds
 
 
@@ -61,37 +66,42 @@ def test_interval_covers_exact_value_19_in_20(digits_job, digits_exact) -> None:
     """The 95% interval is honest: it covers the exact value in >= 16 of 20 seeded runs."""
     covered = 0
     for seed in range(20):
-        est = NoiseProbe(digits_job, method="microbatch", batch_size=64, seed=100 + seed).run(
-            Deadline.after(60))
+        est = NoiseProbe(digits_job, MICRO, seed=100 + seed).run(Deadline.after(60))
         covered += est.ci95.low <= digits_exact.b_simple <= est.ci95.high
     assert covered >= 16, f"covered {covered}/20"
 
 
 def test_budget_stops_the_probe_and_marks_it(digits_job) -> None:
-    est = NoiseProbe(digits_job, method="microbatch", batch_size=64, seed=2,
-                     target_rel_error=0.001).run(Deadline.after(0.5))
+    opts = ProbeOptions(method="microbatch", batch_size=64, target_rel_error=0.001)
+    est = NoiseProbe(digits_job, opts, seed=2).run(Deadline.after(0.5))
     assert est.stopped == "budget" and est.rounds > 0
 
 
 def test_unresolved_signal_grows_the_big_batch() -> None:
-    """Pure noise around a zero mean: |G|² stays unresolved, B_big grows, result says so."""
-    from bsfind.spec import spec_from_dict
+    """|G| = 0 exactly (targets orthogonal to the inputs, weights at 0): B_simple is
+    infinite, so |G|² can never be resolved. The probe must say so (no number, an
+    interval unbounded above) and keep doubling B_big instead of running more rounds
+    at a batch far below the noise scale."""
     from bsfind.workload import Workload
+    from tests.exact import exact_noise
 
-    torch.manual_seed(0)
-    x = torch.randn(512, 4)
-    y = torch.randn(512, 1)
-    y = y - y.mean()
-    x = x - x.mean(0)
-    model = torch.nn.Linear(4, 1, bias=False)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 4, generator=gen, dtype=torch.float64)
+    y = torch.randn(512, 1, generator=gen, dtype=torch.float64)
+    y = y - x @ torch.linalg.lstsq(x, y).solution  # Σ x_i y_i = 0: the mean gradient is 0
+    model = torch.nn.Linear(4, 1, bias=False).double()
     torch.nn.init.zeros_(model.weight)
     ds = torch.utils.data.TensorDataset(x, y)
-    spec = spec_from_dict({"model": {"factory": "m:f"}, "data": {"factory": "d:f"},
-                           "optimizer": {"lr": 0.1, "batch_size": 8}})
-    job = Workload.from_objects(model, ds, torch.nn.functional.mse_loss, spec=spec)
-    probe = NoiseProbe(job, method="microbatch", batch_size=8, microbatch_size=2, seed=0)
+    job = Workload.from_objects(model, ds, torch.nn.functional.mse_loss)
+    exact = exact_noise(job)
+    assert exact.g2 < 1e-20 < exact.trace
+    probe = NoiseProbe(job, ProbeOptions(method="microbatch", batch_size=8, microbatch_size=2),
+                       seed=0)
     est = probe.run(Deadline.after(3))
-    assert est.b_big > 8
+    assert est.b_simple is None and math.isinf(est.ci95.high)
+    assert est.stopped == "budget"
+    # B_big started at 8 micro-batches of 2 and doubled at least three times.
+    assert est.b_big >= 16 * 2**3 and (est.b_big // 16) & (est.b_big // 16 - 1) == 0
 
 
 def _job(config: str, **overrides: object):
@@ -101,6 +111,7 @@ def _job(config: str, **overrides: object):
     return build(load_spec(CONFIGS / config, [f"{k}={v}" for k, v in overrides.items()]))
 
 
+BATCH = {"mlp": 64, "cnn": 32, "transformer": 32}  # each config's optimizer.batch_size
 PROBLEMS = {
     "mlp": lambda: _job("digits-mlp.yaml"),
     "cnn": lambda: _job("digits-cnn.yaml"),
@@ -115,15 +126,15 @@ def test_per_example_probe_within_10_percent_of_exact(problem: str) -> None:
     """Per-example hooks (b = 1) against tr(Σ)/|G|² from every example's gradient."""
     job = PROBLEMS[problem]()
     exact = exact_noise(job, chunk=128)
-    est = NoiseProbe(job, method="per-example", batch_size=job.spec.optimizer.batch_size,
-                     target_rel_error=0.05, seed=3).run(Deadline.after(120))
+    opts = ProbeOptions(method="per-example", batch_size=BATCH[problem], target_rel_error=0.05)
+    est = NoiseProbe(job, opts, seed=3).run(Deadline.after(120))
     assert est.method == "per-example"
     assert est.b_simple == pytest.approx(exact.b_simple, rel=0.10), (est, exact.b_simple)
 
 
 def test_auto_falls_back_to_microbatch_for_batchnorm() -> None:
     job = _job("digits-cnn.yaml", **{"model.kwargs.norm": "batch"})
-    probe = NoiseProbe(job, method="auto", batch_size=32)
+    probe = NoiseProbe(job, ProbeOptions(method="auto", batch_size=32))
     assert probe.method == "microbatch" and "BatchNorm" in probe.reason
 
 
@@ -131,7 +142,6 @@ def test_weight_reuse_found_at_run_time_falls_back_to_microbatch() -> None:
     """A layer called twice in one forward: per-example norms would be wrong."""
     from torch import nn
 
-    from bsfind.spec import spec_from_dict
     from bsfind.workload import Workload, cross_entropy
 
     class Twice(nn.Module):
@@ -145,10 +155,8 @@ def test_weight_reuse_found_at_run_time_falls_back_to_microbatch() -> None:
 
     torch.manual_seed(0)
     ds = torch.utils.data.TensorDataset(torch.randn(256, 8), torch.randint(3, (256,)))
-    spec = spec_from_dict({"model": {"factory": "m:f"}, "data": {"factory": "d:f"},
-                           "optimizer": {"lr": 0.1, "batch_size": 32}})
-    job = Workload.from_objects(Twice(), ds, cross_entropy, spec=spec)
-    probe = NoiseProbe(job, method="auto", batch_size=32, seed=0)
+    job = Workload.from_objects(Twice(), ds, cross_entropy)
+    probe = NoiseProbe(job, ProbeOptions(method="auto", batch_size=32), seed=0)
     assert probe.method == "per-example"  # the plan cannot see the reuse
     est = probe.run(Deadline.after(10))
     assert est.method == "microbatch" and "run time" in est.method_reason

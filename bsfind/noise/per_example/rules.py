@@ -175,7 +175,13 @@ def conv_rule(
     scratch: Scratch,
 ) -> tuple[Tensor, str]:
     """Conv rule; with ``acc`` (the weight's shape) also fill it with the weight gradient,
-    summed from the per-example products."""
+    summed from the per-example products.
+
+    Long because: the padding, the im2col view, its chunked copy and the copy of the
+    fused weight gradient back to the kernel's layout all depend on one choice of
+    memory layout (channels-last or channel-major); split apart, every piece would
+    need that choice and the strides passed to it.
+    """
     conv: Any = module
     w_on = conv.weight.requires_grad
     b_on = conv.bias is not None and conv.bias.requires_grad

@@ -1,0 +1,139 @@
+"""Memory and step time of a workload on its own device, and on a GPU that is not here.
+
+The pieces every runner composes (the local one in ``runner.py``, the
+data-parallel one in ``distributed.py``): a timed training step, the memory
+line (measured on CUDA, predicted elsewhere), the batch sizes of the
+step-time ladder and the ladder itself; and :func:`predict_on_gpu` for
+``hardware.gpu``. Every timed step trains the live model: callers wrap them in
+:func:`bsfind.training.restored_weights`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from bsfind import torch_compat
+from bsfind.budget import Deadline
+from bsfind.errors import BudgetError, UsageError
+from bsfind.hardware import memory as mem
+from bsfind.hardware import nvml, timing
+from bsfind.results import MemoryModel, TimingCurve
+from bsfind.training import ReplacementSampler, training_step
+from bsfind.workload import Workload
+
+# Largest batch the step-time ladder tries; beyond it the linear fit extrapolates.
+TIMING_MAX_BATCH = 4096
+# Batch sizes at which CUDA memory is measured (two or more, small enough to fit).
+CUDA_MEMORY_SIZES = (2, 8, 32)
+
+
+@dataclass(frozen=True)
+class HardwareOptions:
+    """How to measure the hardware (from the spec's optimizer and hardware sections).
+
+    Attributes:
+        lr: the learning rate of the timed optimizer steps (the baseline's).
+        baseline_batch: the batch trained today (the data-parallel runner reports
+            each rank's step time at its share of it).
+        memory_fraction: share of device memory (or available RAM) a batch may use.
+        seed: the timed steps' sampling seed.
+    """
+
+    lr: float
+    baseline_batch: int = 1
+    memory_fraction: float = 0.9
+    seed: int = 0
+
+
+def step_function(job: Workload, lr: float, seed: int) -> Callable[[int], None]:
+    """One full training step (forward, backward, optimizer) at batch B, on the live model."""
+    optimizer = job.make_optimizer(lr)
+    sampler = ReplacementSampler(len(job), torch.Generator().manual_seed(seed))
+
+    def step(b: int) -> None:
+        training_step(job, optimizer, sampler.draw(b), check=False)
+
+    return step
+
+
+def batch_maker(job: Workload, seed: int) -> Callable[[int], tuple[Any, torch.Tensor]]:
+    """``make_batch(B) -> (inputs, targets)``: B examples drawn with replacement."""
+    sampler = ReplacementSampler(len(job), torch.Generator().manual_seed(seed))
+    return lambda b: job.batch(sampler.draw(b))
+
+
+def ladder_start(model: torch.nn.Module) -> int:
+    """Smallest batch to time: 2 when BatchNorm (training mode) needs > 1 value per channel."""
+    return 2 if torch_compat.has_batchnorm_in_training(model) else 1
+
+
+def memory_model(job: Workload, step: Callable[[int], None], opts: HardwareOptions,
+                 ram_share: int = 1) -> MemoryModel:
+    """The memory line of one device: measured on CUDA, predicted (counted bytes) elsewhere.
+
+    ``ram_share``: processes sharing this machine's RAM (the ranks of one node).
+    Not yet verified by real steps (see :func:`bsfind.hardware.memory.find_max_batch`).
+    """
+    if job.device.type == "cuda":
+        return mem.measure_memory_cuda(step, CUDA_MEMORY_SIZES, job.device,
+                                       memory_fraction=opts.memory_fraction)
+    return mem.predict_memory(
+        job.model, batch_maker(job, opts.seed), job.loss_fn, job.optimizer_cls,
+        limit_bytes=mem.cpu_memory_limit(opts.memory_fraction) // max(1, ram_share),
+        optimizer_kwargs={"lr": opts.lr, **job.optimizer_kwargs},
+    )
+
+
+def ladder_sizes(job: Workload, memory: MemoryModel) -> list[int]:
+    """The batch sizes of the step-time ladder: powers of two up to what fits."""
+    first = ladder_start(job.model)
+    top = min(memory.max_batch_size, TIMING_MAX_BATCH)
+    return timing.geometric_ladder(first, max(first, top))
+
+
+def time_steps(job: Workload, step: Callable[[int], None], sizes: list[int],
+               deadline: Deadline, memory: MemoryModel) -> TimingCurve | None:
+    """The step-time ladder on ``job``'s device; None when the budget ran out first."""
+    util = None
+    if job.device.type == "cuda" and nvml.available():
+        index = job.device.index or 0
+
+        def util() -> float | None:
+            return nvml.sample_utilization(index)
+
+    try:
+        return timing.time_ladder(step, sizes, device=job.device,
+                                  max_seconds=max(0.0, deadline.left()),
+                                  max_batch=memory.max_batch_size, sample_util=util)
+    except BudgetError:
+        return None
+
+
+def predict_on_gpu(
+    job: Workload, memory: MemoryModel | None, gpu_name: str, *, precision: str,
+    opts: HardwareOptions,
+) -> tuple[MemoryModel, TimingCurve, float | None]:
+    """(memory line, t(B), indicative price) predicted for a GPU that is not present."""
+    from bsfind.hardware import gpus
+    from bsfind.training import restored_weights
+
+    try:
+        gpu = gpus.get_gpu(gpu_name)
+    except KeyError as exc:
+        raise UsageError(f"hardware.gpu: {exc.args[0]}") from None
+    make_batch = batch_maker(job, opts.seed)
+    with restored_weights(job.model):
+        if memory is None or memory.source != "predicted":
+            memory = mem.predict_memory(
+                job.model, make_batch, job.loss_fn, job.optimizer_cls,
+                limit_bytes=gpu.memory_bytes,
+                optimizer_kwargs={"lr": opts.lr, **job.optimizer_kwargs},
+            )
+        flops = gpus.flops_per_example(job.model, make_batch, job.loss_fn)
+    pred_time = gpus.predict_timing(flops, gpu, precision)
+    pred_mem = gpus.predict_memory_on(gpu, memory, opts.memory_fraction)
+    return pred_mem, pred_time, gpu.price_per_hour

@@ -1,0 +1,147 @@
+"""The runner seam: what the pipeline asks of "where the measurements run".
+
+:class:`Runner` is everything ``pipeline.run`` needs beyond pure computation:
+building the workload, training along the probe points, the noise and
+curvature probes, the hardware measurement and the deadline. The pipeline
+takes one and never asks which one it has. :class:`LocalRunner` runs in this
+process; ``distributed.TorchrunRunner`` runs on every rank of a data-parallel
+launch. Adding another launcher (FSDP, a cluster scheduler) means adding a
+runner, not touching the pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from bsfind import wording
+from bsfind.budget import Deadline, ProgressFn
+from bsfind.errors import Interrupted
+from bsfind.hardware import measure
+from bsfind.hardware.measure import HardwareOptions
+from bsfind.noise.probe import NoiseProbe, ProbeOptions
+from bsfind.report import Report
+from bsfind.results import HardwareMeasurement, NoiseEstimate
+from bsfind.spec import Spec
+from bsfind.training import EpochSampler, restored_weights, train_steps
+from bsfind.workload import Workload, build
+
+
+class Runner(Protocol):
+    """Where a run's measurements happen (see the module docstring)."""
+
+    @property
+    def world_size(self) -> int:
+        """Data-parallel devices the measurements ran on (the advice is for this many
+        when greater than 1)."""
+
+    def deadline(self, seconds: float) -> Deadline:
+        """The run's budget, starting now."""
+
+    def build(self, spec: Spec) -> Workload:
+        """Build the spec's model, data, loss and optimizer."""
+
+    def sampler(self, job: Workload, batch_size: int, seed: int) -> EpochSampler:
+        """The training order of the run along the probe points."""
+
+    def train(
+        self, job: Workload, optimizer: torch.optim.Optimizer, steps: int,
+        sampler: EpochSampler, *, start_step: int, progress: ProgressFn | None,
+        deadline: Deadline, on_step: Callable[[int, float], None] | None = None,
+    ) -> int:
+        """Train up to ``steps`` steps at the sampler's batch; return the step reached."""
+
+    def noise_probe(self, job: Workload, options: ProbeOptions, *, seed: int, step: int,
+                    progress: ProgressFn | None) -> NoiseProbe:
+        """A noise probe at the current weights."""
+
+    def curvature(self, job: Workload, est: NoiseEstimate, options: ProbeOptions, *,
+                  seed: int, deadline: Deadline, progress: ProgressFn | None
+                  ) -> NoiseEstimate:
+        """``est`` with B_noise measured at the same weights."""
+
+    def measure_hardware(self, job: Workload, options: HardwareOptions, deadline: Deadline,
+                         progress: ProgressFn | None) -> HardwareMeasurement:
+        """Memory line and step times of the device(s)."""
+
+    def finish(self, report: Report) -> Report:
+        """The report as every caller sees it (the distributed runner adds its summary)."""
+
+
+def measure_curvature(job: Workload, est: NoiseEstimate, options: ProbeOptions, *, seed: int,
+                      deadline: Deadline, progress: ProgressFn | None) -> NoiseEstimate:
+    """B_noise (tr(HΣ)/GᵀHG) in this process, at ``est``'s weights, added to ``est``."""
+    from bsfind.noise.curvature import CurvatureProbe
+
+    cp = CurvatureProbe(job, batch_size=options.batch_size,
+                        microbatch_size=options.microbatch_size, seed=seed,
+                        target_rel_error=options.target_rel_error,
+                        progress=progress, step=est.step)
+    try:
+        res = cp.run(deadline)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted during the curvature probe", partial=est) from None
+    return dataclasses.replace(est, b_noise=res.b_noise, b_noise_ci95=res.ci95,
+                               seconds=est.seconds + res.seconds)
+
+
+class LocalRunner:
+    """Everything in this process, on the spec's device."""
+
+    world_size = 1
+
+    def deadline(self, seconds: float) -> Deadline:
+        return Deadline.after(seconds)
+
+    def build(self, spec: Spec) -> Workload:
+        return build(spec)
+
+    def sampler(self, job: Workload, batch_size: int, seed: int) -> EpochSampler:
+        return EpochSampler(len(job), batch_size, torch.Generator().manual_seed(seed))
+
+    def train(
+        self, job: Workload, optimizer: torch.optim.Optimizer, steps: int,
+        sampler: EpochSampler, *, start_step: int, progress: ProgressFn | None,
+        deadline: Deadline, on_step: Callable[[int, float], None] | None = None,
+    ) -> int:
+        return train_steps(job, optimizer, steps, sampler, start_step=start_step,
+                           progress=progress, should_stop=deadline.passed, on_step=on_step)
+
+    def noise_probe(self, job: Workload, options: ProbeOptions, *, seed: int, step: int,
+                    progress: ProgressFn | None) -> NoiseProbe:
+        return NoiseProbe(job, options, seed=seed, step=step, progress=progress)
+
+    def curvature(self, job: Workload, est: NoiseEstimate, options: ProbeOptions, *,
+                  seed: int, deadline: Deadline, progress: ProgressFn | None
+                  ) -> NoiseEstimate:
+        return measure_curvature(job, est, options, seed=seed, deadline=deadline,
+                                 progress=progress)
+
+    def measure_hardware(self, job: Workload, options: HardwareOptions, deadline: Deadline,
+                         progress: ProgressFn | None) -> HardwareMeasurement:
+        """Memory line (verified by real steps on CUDA), then the step-time ladder."""
+        from bsfind.hardware import memory as mem
+
+        with restored_weights(job.model):
+            step = measure.step_function(job, options.lr, options.seed)
+            if progress is not None:
+                progress("memory", 0.0, "memory model")
+            memory = measure.memory_model(job, step, options)
+            if job.device.type == "cuda":
+                memory = mem.verify_max_batch(memory, step, lambda: mem.clear_cache(job.device))
+            if progress is not None:
+                progress("memory", 1.0, f"max batch {memory.max_batch_size:,} ({memory.source})")
+                progress("timing", 0.0, "timing steps")
+            curve = measure.time_steps(job, step, measure.ladder_sizes(job, memory), deadline,
+                                       memory)
+            if progress is not None:
+                progress("timing", 1.0, "timed")
+        notes = () if curve is not None else (wording.NO_TIMING,)
+        return HardwareMeasurement(memory, curve, notes)
+
+    def finish(self, report: Report) -> Report:
+        return report
+

@@ -1,0 +1,65 @@
+"""Every random seed bsfind uses, derived from ``probe.seed`` in this one place.
+
+Each stream has a name and its own offset, so that two phases never share
+random numbers and a change to one phase never moves another's. The offsets
+are part of the results' reproducibility: changing one changes the numbers a
+spec gives for the same seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Rank r of a data-parallel launch draws from seed + r·RANK_STRIDE: independent
+# streams per rank, and rank 0 draws what a single process would.
+RANK_STRIDE = 1_000_003
+
+
+@dataclass(frozen=True)
+class Seeds:
+    """The named seed streams of one run, from the spec's ``probe.seed``."""
+
+    base: int
+
+    @property
+    def weights(self) -> int:
+        """Initial weights: torch's generator while the model factory runs."""
+        return self.base
+
+    @property
+    def training_order(self) -> int:
+        """The data order of training along the probe points (warm-up)."""
+        return self.base + 1
+
+    @property
+    def hardware(self) -> int:
+        """The examples of the memory and step-time measurements."""
+        return self.base + 5
+
+    def probe(self, step: int) -> int:
+        """The noise probe's sampling at training step ``step``: the same weights get
+        the same sampling however they were reached."""
+        return self.base + 1000 + step
+
+    def curvature(self, step: int) -> int:
+        """The curvature (B_noise) probe's sampling at training step ``step``."""
+        return self.base + 77 + step
+
+    def branch(self, step: int) -> int:
+        """The data order of the branched runs started at training step ``step``."""
+        return self.base + 2000 + step
+
+    @property
+    def holdout_split(self) -> int:
+        """Which examples the evidence scripts hold out."""
+        return self.base + 4242
+
+    @property
+    def evaluation_subset(self) -> int:
+        """The fixed subset the evidence scripts and branches evaluate the loss on."""
+        return self.base + 12345
+
+
+def for_rank(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s own stream (rank 0 keeps ``seed``)."""
+    return seed + RANK_STRIDE * rank

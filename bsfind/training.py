@@ -1,0 +1,187 @@
+"""One training step, two batch samplers and one training loop, for every phase.
+
+Training along the probe points (warm-up), the hardware measurement's timed
+steps, the data-parallel runner, the branched runs and the evidence scripts
+all train through :func:`training_step` and draw examples from
+:class:`EpochSampler` (ordinary training order) or :class:`ReplacementSampler`
+(uniform with replacement: the probes' sampling). The data-parallel runner
+adds its collectives through the ``guard`` and ``reduce`` arguments instead of
+a second implementation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+from bsfind.budget import ProgressFn
+from bsfind.errors import UserCodeError
+from bsfind.workload import Workload
+
+T = TypeVar("T")
+
+
+def grad_sq(params: Sequence[nn.Parameter]) -> float:
+    """|∇|² summed over the parameters' ``.grad`` (float64; parameters without one count 0)."""
+    total = torch.zeros((), dtype=torch.float64, device=params[0].device)
+    for p in params:
+        if p.grad is not None:
+            total += p.grad.detach().double().pow(2).sum()
+    return float(total)
+
+
+def check_loss(loss: torch.Tensor, where: str) -> None:
+    """Raise a user error naming ``where`` when the loss is NaN or infinite."""
+    if not torch.isfinite(loss.detach()):
+        raise UserCodeError(
+            f"loss is {float(loss.detach())} {where}",
+            hint="check the data for NaN/inf, lower the learning rate, or use a checkpoint",
+        )
+
+
+def check_grad(value: float, where: str) -> None:
+    """Raise a user error naming ``where`` when a squared gradient norm is not finite."""
+    if not math.isfinite(value):
+        raise UserCodeError(f"gradients are NaN or inf {where}",
+                            hint="check the model and loss for overflow")
+
+
+class EpochSampler:
+    """Ordinary training order: a fresh permutation of the dataset every epoch.
+
+    Batches are consecutive slices of the permutation; a batch that would run
+    past its end starts the next permutation. With ``world`` ranks (the
+    data-parallel runner), every rank walks the same permutations (the same
+    ``gen`` seed) and takes its own slice of each global batch, as
+    DistributedSampler does; the global batch is then ``world`` × the per-rank
+    batch ``batch_size // world``.
+    """
+
+    def __init__(self, n: int, batch_size: int, gen: torch.Generator, world: int = 1,
+                 rank: int = 0) -> None:
+        if n < 1 or batch_size < 1:
+            raise ValueError(f"need n >= 1 and batch_size >= 1, got {n}, {batch_size}")
+        self.n = n
+        self.gen = gen
+        self.local = max(1, min(batch_size, n) // world)
+        self.batch_size = self.local * world  # the global batch
+        self.rank = rank
+        self.order = torch.empty(0, dtype=torch.long)
+        self.pos = 0
+
+    def next(self) -> torch.Tensor:
+        """This rank's indices of the next batch."""
+        if self.pos + self.batch_size > self.order.numel():
+            self.order = torch.cat([torch.randperm(self.n, generator=self.gen)
+                                    for _ in range(math.ceil(self.batch_size / self.n))])
+            self.pos = 0
+        start = self.pos + self.rank * self.local
+        self.pos += self.batch_size
+        return self.order[start:start + self.local]
+
+
+class ReplacementSampler:
+    """Examples drawn uniformly with replacement (so the two-batch estimators of
+    ``noise/estimators.py`` are unbiased for the dataset's population covariance)."""
+
+    def __init__(self, n: int, gen: torch.Generator) -> None:
+        self.n = n
+        self.gen = gen
+
+    def draw(self, size: int) -> torch.Tensor:
+        return torch.randint(self.n, (size,), generator=self.gen)
+
+
+def _call(fn: Callable[[], T]) -> T:
+    return fn()
+
+
+def training_step(
+    job: Workload,
+    optimizer: torch.optim.Optimizer,
+    idx: torch.Tensor,
+    *,
+    where: str = "",
+    check: bool = True,
+    guard: Callable[[Callable[[], object]], object] = _call,
+    reduce: Callable[[list[nn.Parameter]], None] | None = None,
+) -> torch.Tensor:
+    """One optimizer step on the examples ``idx``; returns the (detached) loss.
+
+    Args:
+        where: names the step in error messages ("at warm-up training step 3").
+        check: raise a user error on a NaN/inf loss or gradient (off for timing,
+            where it would add a device synchronisation).
+        guard: runs the step's two fallible parts (forward + backward, and the
+            optimizer step); the data-parallel runner agrees across ranks there.
+        reduce: called on the trainable parameters between backward and the
+            optimizer step (the data-parallel runner averages gradients there).
+    """
+    params = job.trainable()
+
+    def forward_backward() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = job.loss(idx)
+        if check:
+            check_loss(loss, where)
+        loss.backward()
+        return loss.detach()
+
+    loss = guard(forward_backward)
+    if reduce is not None:
+        reduce(params)
+    if check:
+        check_grad(grad_sq(params), where)
+    guard(optimizer.step)
+    assert isinstance(loss, torch.Tensor)
+    return loss
+
+
+def train_steps(
+    job: Workload,
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    sampler: EpochSampler,
+    *,
+    start_step: int = 0,
+    progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    guard: Callable[[Callable[[], object]], object] = _call,
+    reduce: Callable[[list[nn.Parameter]], None] | None = None,
+) -> int:
+    """Train up to ``steps`` optimizer steps; return the training step reached.
+
+    Stops early when ``should_stop()`` says so before a step (the deadline).
+    ``on_step(step, loss)`` sees every step's training loss.
+    """
+    step = start_step
+    for i in range(steps):
+        if should_stop is not None and should_stop():
+            break
+        idx = sampler.next()
+        step = start_step + i + 1
+        loss = training_step(job, optimizer, idx, where=f"at warm-up training step {step}",
+                             guard=guard, reduce=reduce)
+        if on_step is not None:
+            on_step(step, float(loss))
+        if progress is not None and (i % 10 == 0 or i == steps - 1):
+            progress("train", (i + 1) / steps, f"training step {step} (loss {float(loss):.3f})")
+    optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+@contextlib.contextmanager
+def restored_weights(model: nn.Module) -> Iterator[None]:
+    """Let a measurement train freely, then restore weights and buffers (and clear grads)."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        yield
+    finally:
+        model.load_state_dict(saved)
+        model.zero_grad(set_to_none=True)

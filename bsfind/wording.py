@@ -1,0 +1,220 @@
+"""Every sentence bsfind says to people about a result, written in one place.
+
+The probes, the runners and the advisor return numbers and flags; on the way
+to the report, this module turns them into the ``basis``, ``notes``,
+``warmup`` and ``warnings`` texts of the JSON document and the table. No
+torch here, and nothing here decides anything: a sentence is chosen from
+facts computed elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bsfind.advisor import Advice, AdvisorInputs
+    from bsfind.results import AbsolutePrediction, NoiseEstimate
+
+NO_TIMING = ("the time budget ran out before any step was timed: no step-time curve; "
+             "the advice uses the noise scale only")
+NO_TIMING_ON_EVERY_RANK = ("the time budget ran out before every rank timed a step: no "
+                           "step-time curve; the advice uses the noise scale only")
+MEASURED_AT_INIT = (
+    "measured at initialisation: the noise scale changes as training proceeds "
+    "(it usually grows, often 10x, but can also start high), so a step-0 value may "
+    "misrepresent the run; use probe.warmup_steps, probe.at_steps or model.checkpoint"
+)
+UNRESOLVED = ("|G|² was not resolved: the noise scale exceeds the largest batch probed; "
+              "the recommendation is the largest batch considered")
+BUDGET_RAN_OUT = "the time budget ran out: results are partial"
+
+
+def num(x: float) -> str:
+    """A count-like number: thousands separators from 10 up, 3 significant digits below."""
+    if math.isinf(x):
+        return "∞"
+    return f"{x:,.0f}" if abs(x) >= 10 else f"{x:.3g}"
+
+
+def secs(s: float) -> str:
+    return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"
+
+
+def money(x: float) -> str:
+    """2 decimals, or 3 significant digits for amounts under one unit."""
+    return f"{x:,.2f}" if abs(x) >= 1 or x == 0 else f"{x:.3g}"
+
+
+# --------------------------------------------------------------------------- the noise scale
+
+
+def noise_warnings(used: NoiseEstimate, *, dataset_size: int, baseline_batch: int,
+                   from_checkpoint: bool) -> list[str]:
+    """Warnings about the noise measurement that drove the advice."""
+    out = []
+    if used.b_simple is None:
+        out.append(UNRESOLVED)
+    if dataset_size < baseline_batch:
+        out.append(
+            f"the dataset has only {dataset_size} examples, fewer than the baseline batch "
+            f"{baseline_batch}: the probe samples with replacement, so the estimate "
+            f"is still sound, but no recommendation exceeds {dataset_size}"
+        )
+    if used.step == 0 and not from_checkpoint:
+        out.append(MEASURED_AT_INIT)
+    return out
+
+
+# --------------------------------------------------------------------------- the advice
+
+
+def _sync_note(advice: Advice, inputs: AdvisorInputs) -> str | None:
+    f, n, t = advice.facts, inputs.gpus, advice.sync_seconds
+    if f.sync_source == "scaled":
+        return (f"all-reduce time on {n} devices scaled from the one measured on "
+                f"{inputs.gpus} by the ring volume 2(N-1)/N")
+    if f.sync_source == "predicted":
+        return (f"all-reduce time predicted for {f.sync_link}: {secs(t)} per step on {n} "
+                "devices, assuming no overlap with the backward pass")
+    if f.sync_source == "unknown":
+        return ("no gradient size or sync measurement: the all-reduce time between devices "
+                "is taken as 0, which favours more devices")
+    return None
+
+
+def _basis(advice: Advice, inputs: AdvisorInputs) -> str:
+    name = "B_noise" if inputs.basis == "b_noise" else "B_simple"
+    ci = inputs.b_n_ci
+    noise = (f"{name} = {num(inputs.b_n)} (95% CI {num(ci.low)}–{num(ci.high)}) measured "
+             f"at training step {inputs.noise_step}")
+    if math.isinf(inputs.b_n):
+        noise = (f"{name} unresolved (above the largest batch probed) at training step "
+                 f"{inputs.noise_step}")
+    if advice.facts.timing_state in ("ok", "clamped") and inputs.timing is not None:
+        t0, c = max(inputs.timing.t0, 0.0), max(inputs.timing.per_example, 0.0)
+        return (f"{noise}; step time t(B) = {secs(t0)} + {secs(c)}·B per device "
+                f"({inputs.timing.source}); the batch minimising predicted wall-clock "
+                f"S(B)·t(B) on {inputs.gpus} device(s)")
+    return f"noise scale only: no step-time measurement; batch ≈ {noise}"
+
+
+def _notes(advice: Advice, inputs: AdvisorInputs) -> list[str]:
+    from bsfind.advisor import MAX_PIECES
+
+    f, rec = advice.facts, advice.recommendation
+    notes = [s for s in (_sync_note(advice, inputs),) if s]
+    if f.timing_state == "degenerate":
+        notes.append("the step-time fit is degenerate (t0 <= 0 and slope <= 0): ignored")
+    elif f.timing_state == "clamped":
+        notes.append("the step-time fit had a negative term; it was clamped at 0")
+    if f.search_truncated:
+        notes.append(f"the search stopped after {MAX_PIECES:,} gradient-accumulation "
+                     "steps per optimizer step; larger batches were not considered")
+    if rec.batch_range is not None:
+        if f.ci_low_at_zero:
+            notes.append("the noise scale's interval reaches 0: the range starts at the "
+                         "smallest batch")
+        if f.ci_unbounded:
+            notes.append(f"the noise scale's interval is unbounded above: the range's upper "
+                         f"end is clipped at the dataset size ({inputs.dataset_size:,})")
+    if math.isinf(inputs.b_n):
+        notes.append("an unresolved noise scale is treated as perfect scaling: the largest "
+                     "batch wins, limited only by the dataset size")
+    if f.optimum_clipped:
+        notes.append(f"the optimum reaches the dataset size ({inputs.dataset_size:,}): clipped")
+    if inputs.basis == "b_simple":
+        notes.append("B_simple exceeded the measured critical batch 1.5–8x on supervised tasks "
+                     "(McCandlish et al. 2018); B_noise (probe.curvature) tracks it better")
+    if rec.grad_accumulation > 1:
+        notes.append(f"batch {rec.batch_size} does not fit in memory on {rec.gpus} device(s): "
+                     f"{rec.per_device_batch_size} per device × "
+                     f"{rec.grad_accumulation} accumulation steps")
+    return notes
+
+
+def _warmup(advice: Advice, inputs: AdvisorInputs) -> str | None:
+    from bsfind.advisor import WARMUP_EPOCHS
+
+    rec, steps = advice.recommendation, advice.facts.warmup_steps
+    if steps is None:
+        return None
+    b0 = inputs.baseline_batch
+    return (f"the batch grows {rec.batch_size / b0:.0f}x: ramp the learning rate linearly from "
+            f"{inputs.baseline_lr:.3g} to {rec.learning_rate:.3g} over the first "
+            f"~{WARMUP_EPOCHS} epochs (≈{steps:,} steps at batch {rec.batch_size}) or a few "
+            "hundred steps (Goyal et al. 2017)")
+
+
+def absolute_text(a: AbsolutePrediction) -> str:
+    """One line: the planned training's predicted hours (and cost) against the baseline's."""
+    text = (f"{a.training_examples:,} planned examples: predicted "
+            f"{a.hours:.3g} h (baseline {a.baseline_hours:.3g} h)")
+    if a.cost is not None and a.baseline_cost is not None:
+        text += (f", {money(a.cost)} (baseline {money(a.baseline_cost)}) at "
+                 f"{a.price_per_hour:g} per device-hour")
+    return text
+
+
+def describe_advice(advice: Advice, inputs: AdvisorInputs) -> Advice:
+    """``advice`` with its texts written: basis, notes, warm-up and the absolute line."""
+    import dataclasses
+
+    rec = dataclasses.replace(
+        advice.recommendation, basis=_basis(advice, inputs),
+        notes=tuple(_notes(advice, inputs)), warmup=_warmup(advice, inputs))
+    absolute = advice.absolute
+    if absolute is not None:
+        absolute = dataclasses.replace(absolute, text=absolute_text(absolute))
+    return dataclasses.replace(advice, recommendation=rec, absolute=absolute)
+
+
+# --------------------------------------------------------------------------- CI preflight
+
+
+def check_message(*, within: bool, baseline: int, recommended: int, ratio: float,
+                  tolerance: float, time_ratio: float | None, cost_ratio: float | None,
+                  learning_rate: float, lr_rule: str) -> str:
+    """``bsfind check``'s one-line verdict."""
+    if within:
+        return (f"ok: baseline batch {baseline} is within {tolerance:g}x of the recommended "
+                f"{recommended} ({ratio:.2f}x)")
+    direction = "below" if baseline < recommended else "above"
+    what = (f"; the recommendation is predicted to take {time_ratio:.2f}x the baseline's time"
+            f" and {cost_ratio:.2f}x its cost" if time_ratio is not None
+            and cost_ratio is not None else "")
+    return (f"baseline batch {baseline} is {ratio:.1f}x {direction} the recommended "
+            f"{recommended} (tolerance {tolerance:g}x){what}; learning rate at {recommended}: "
+            f"{learning_rate:.3g} ({lr_rule})")
+
+
+# --------------------------------------------------------------------------- torchrun
+
+
+def gpus_ignored_under_torchrun(gpus: int, world: int) -> str:
+    return (f"hardware.gpus: {gpus} is not used under torchrun: the advice is for the {world} "
+            "ranks measured (--max-gpus shows other device counts)")
+
+
+def shards_differ(sizes: list[int]) -> str:
+    return (f"the dataset has {', '.join(map(str, sizes))} examples on different ranks "
+            "(per-rank shards?): each rank samples its own; the report shows rank 0's size")
+
+
+B_NOISE_ON_RANK0 = ("B_noise was measured on rank 0 alone (single-device form); B_simple on "
+                    "all ranks")
+
+
+def measured_sync_unused(seconds: float, gpu: str) -> str:
+    return (f"the all-reduce time measured here ({seconds:.3g} s) is not used for {gpu}: the "
+            "advisor predicts it from hardware.interconnect")
+
+
+def slowest_rank_basis(points: int) -> str:
+    return (f"at each of the {points} batch sizes every rank timed, the slowest rank's median "
+            "step time")
+
+
+def sync_source(repeats: int) -> str:
+    return (f"measured: median of {repeats} barrier-synchronised all-reduces of the gradients' "
+            "bytes, each the time of the last rank to arrive")
