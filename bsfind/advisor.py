@@ -54,6 +54,7 @@ from bsfind.results import (
     Interval,
     MemoryModel,
     Recommendation,
+    Segment,
     TimingCurve,
 )
 
@@ -285,22 +286,24 @@ def step_seconds(
     max_batch_size: int | None = None,
     sync: float = 0.0,
 ) -> float:
-    """t(B) = a·t_dev(B/(a·N)) + t_sync = a·t0 + c·B/N + t_sync.
-
-    A negative t0 or slope from a noisy fit is clamped at 0.
+    """t(B) = a·t_dev(B/(a·N)) + t_sync, with t_dev the curve as the advisor reads it
+    (``TimingCurve.segments``: measured points within the timed range); for a line,
+    a·t0 + c·B/N + t_sync. A negative fitted t0 or slope counts as 0.
     """
     a = accumulation_steps(batch, gpus, max_batch_size)
-    t0, c = max(timing.t0, 0.0), max(timing.per_example, 0.0)
-    return a * t0 + c * batch / gpus + sync
+    return a * timing.seconds(batch / (a * gpus)) + sync
 
 
 @dataclass(frozen=True)
 class _Model:
-    """Wall-clock model of one configuration (devices, memory, sync)."""
+    """Wall-clock model of one configuration (devices, memory, sync).
+
+    One device's step time t_dev(b) is piecewise linear in the per-device
+    micro-batch b (``segments``; one piece for a fitted or predicted line).
+    """
 
     b_n: float  # inf: unresolved (perfect scaling)
-    t0: float  # >= 0, fixed time of one micro-step on one device
-    c: float  # >= 0, seconds per example on one device
+    segments: tuple[Segment, ...]  # t_dev(b) >= 0, non-decreasing, continuous
     gpus: int
     max_micro: float  # per-device micro-batch limit; inf = unlimited
     sync: float  # seconds per optimizer step
@@ -311,13 +314,29 @@ class _Model:
     def per_step(self) -> float:
         return self.gpus * self.max_micro
 
+    @property
+    def _line(self) -> bool:
+        return len(self.segments) == 1
+
+    @property
+    def _free_accumulation(self) -> bool:
+        """Micro-steps cost nothing fixed: accumulating never adds time."""
+        return self._line and self.segments[0].alpha == 0.0
+
+    def t_dev(self, b: float) -> float:
+        for s in self.segments:
+            if b <= s.hi:
+                return s.alpha + s.beta * b
+        raise AssertionError("the last segment is unbounded")  # pragma: no cover
+
     def accumulation(self, b: float) -> int:
         if math.isinf(self.max_micro):
             return 1
         return max(1, math.ceil(b / self.per_step - 1e-9))
 
     def step_time(self, b: float) -> float:
-        return self.accumulation(b) * self.t0 + self.c * b / self.gpus + self.sync
+        a = self.accumulation(b)
+        return a * self.t_dev(b / (a * self.gpus)) + self.sync
 
     def _weights(self) -> tuple[float, float]:
         # Objective ∝ (w + bn/B)·t(B): (1, B_n) normally, (0, 1) when B_n = inf.
@@ -328,8 +347,8 @@ class _Model:
         return (w + bn / b) * self.step_time(b)
 
     def _pieces(self) -> Iterator[int]:
-        if math.isinf(self.max_micro) or self.t0 == 0.0:
-            yield 1  # accumulation costs nothing extra: one convex piece
+        if math.isinf(self.max_micro) or self._free_accumulation:
+            yield 1  # accumulation costs nothing extra: one piece
             return
         first = self.accumulation(self.lo)
         last = self.accumulation(self.hi)
@@ -345,16 +364,25 @@ class _Model:
         yield from range(first, min(last, first + MAX_PIECES) + 1)
 
     def _piece_bounds(self, a: int) -> tuple[float, float]:
-        if math.isinf(self.max_micro) or self.t0 == 0.0:
+        if math.isinf(self.max_micro) or self._free_accumulation:
             return self.lo, self.hi
         return max(self.lo, (a - 1) * self.per_step), min(self.hi, a * self.per_step)
 
-    def _piece_argmin(self, a: int, left: float, right: float) -> float:
+    def _sub_pieces(self, a: int, left: float, right: float
+                    ) -> Iterator[tuple[float, float, float, float]]:
+        """(left, right, K, k) of each piece of accumulation piece ``a`` where
+        t(B) = K + k·B: one per segment of t_dev the micro-batch B/(a·N) crosses."""
+        scale = a * self.gpus
+        for s in self.segments:
+            lo, hi = max(left, s.lo * scale), min(right, s.hi * scale)
+            if lo <= hi:
+                yield lo, hi, a * s.alpha + self.sync, s.beta / self.gpus
+
+    def _argmin(self, big_k: float, k: float, left: float, right: float) -> float:
+        """Minimiser of (w + bn/B)·(K + k·B) on [left, right] (convex for K >= 0)."""
         w, bn = self._weights()
-        big_k = a * self.t0 + self.sync
-        k = self.c / self.gpus
         if big_k <= 0.0:
-            x = left  # (w + bn/B)·k·B is non-decreasing
+            x = left  # (w + bn/B)·(K + k·B) is non-decreasing
         elif w * k <= 0.0:
             x = right  # (w + bn/B)·K is decreasing
         else:
@@ -364,20 +392,30 @@ class _Model:
     def _lower_bound(self, a: int, left: float) -> float:
         """A lower bound of the objective on piece a and on every later piece.
 
-        On piece a' >= a, f = w·K' + w·k·B + bn·K'/B + bn·k with K' = a'·t0 + ts
-        >= K_a, B >= left and B <= a'·N·M, so bn·K'/B >= bn·t0/(N·M); and
-        f >= (sqrt(w·K') + sqrt(bn·k))², the unconstrained minimum.
+        One line (t0, c): on piece a' >= a, f = w·K' + w·k·B + bn·K'/B + bn·k
+        with K' = a'·t0 + ts >= K_a, B >= left and B <= a'·N·M, so bn·K'/B >=
+        bn·t0/(N·M); and f >= (sqrt(w·K') + sqrt(bn·k))², the unconstrained
+        minimum. Measured points (a ≥ 2): every micro-batch of piece a' exceeds
+        (a'-1)/a'·M, so t(B) >= a'·t_dev((a'-1)/a'·M) + ts, growing with a';
+        and bn·t(B)/B >= bn·t_dev(M)/(N·M), t_dev(b)/b falling with b.
         """
         w, bn = self._weights()
-        big_k = a * self.t0 + self.sync
-        k = self.c / self.gpus
+        if not self._line:
+            if a < 2:
+                return 0.0
+            m = self.max_micro
+            return (w * (a * self.t_dev((a - 1) / a * m) + self.sync)
+                    + bn * self.t_dev(m) / (self.gpus * m))
+        t0, c = self.segments[0].alpha, self.segments[0].beta
+        big_k = a * t0 + self.sync
+        k = c / self.gpus
         unconstrained = (math.sqrt(w * big_k) + math.sqrt(bn * k)) ** 2
-        per_micro = bn * self.t0 / self.per_step if math.isfinite(self.per_step) else 0.0
+        per_micro = bn * t0 / self.per_step if math.isfinite(self.per_step) else 0.0
         return max(unconstrained, w * (big_k + k * left) + bn * k + per_micro)
 
     def truncated(self) -> bool:
         """Whether ``_pieces`` stops before the last accumulation piece."""
-        if math.isinf(self.max_micro) or self.t0 == 0.0 or math.isinf(self.b_n):
+        if math.isinf(self.max_micro) or self._free_accumulation or math.isinf(self.b_n):
             return False
         return self.accumulation(self.hi) > self.accumulation(self.lo) + MAX_PIECES
 
@@ -399,24 +437,25 @@ class _Model:
             if self._lower_bound(a, left) >= max(best_c, best_d):
                 complete = True
                 break  # no later piece can beat either optimum
-            x = self._piece_argmin(a, left, right)
-            fx = self.objective(x)
-            if fx < best_c:
-                best_c, arg_c = fx, x
-            # The best allowed batch of this convex piece is the largest one
-            # <= x or the smallest one >= x that lies in the piece. When x sits
-            # on the piece's open left end, the ceiling belongs to the previous
-            # piece and the next allowed batch is the piece's first.
-            up = ceil_allowed(x)
-            tries = [floor_allowed(x), up]
-            if self.accumulation(up) < a:
-                tries.append(next_allowed(up))
-            for t in tries:
-                if t is None or not (self.lo <= t <= self.hi):
-                    continue
-                ft = self.objective(t)
-                if ft < best_d:
-                    best_d, arg_d = ft, float(t)
+            for sub_left, sub_right, big_k, k in self._sub_pieces(a, left, right):
+                x = self._argmin(big_k, k, sub_left, sub_right)
+                fx = self.objective(x)
+                if fx < best_c:
+                    best_c, arg_c = fx, x
+                # The best allowed batch of this convex piece is the largest one
+                # <= x or the smallest one >= x that lies in the piece. When x sits
+                # on the piece's open left end, the ceiling belongs to the previous
+                # piece and the next allowed batch is the piece's first.
+                up = ceil_allowed(x)
+                tries = [floor_allowed(x), up]
+                if self.accumulation(up) < a:
+                    tries.append(next_allowed(up))
+                for t in tries:
+                    if t is None or not (self.lo <= t <= self.hi):
+                        continue
+                    ft = self.objective(t)
+                    if ft < best_d:
+                        best_d, arg_d = ft, float(t)
         if math.isnan(arg_d):  # no allowed batch in [lo, hi] (e.g. 5 devices, 7 examples)
             arg_d = float(max(1, math.floor(self.hi)))
         return arg_c, arg_d, not complete and self.truncated()
@@ -529,7 +568,7 @@ class AdvisorInputs:
 
 
 SyncSource = Literal["one device", "measured", "scaled", "predicted", "unknown"]
-TimingState = Literal["ok", "clamped", "degenerate", "absent"]
+TimingState = Literal["ok", "points", "untrusted", "clamped", "degenerate", "absent"]
 
 
 @dataclass(frozen=True)
@@ -542,8 +581,13 @@ class Facts:
             "scaled" (from a measurement at another count), "predicted" (from
             the gradient bytes and the interconnect) or "unknown" (taken as 0).
         sync_link: the interconnect's description when predicted.
-        timing_state: "ok", "clamped" (a negative fitted term set to 0),
-            "degenerate" (t0 <= 0 and slope <= 0: ignored) or "absent".
+        timing_state: "ok", "points" (no line fits the timed points even after
+            re-measuring, but they are clean: they are read directly, and time
+            past the last rung grows in proportion to B), "untrusted" (neither:
+            the step time is not used), "clamped" (a negative fitted term set to
+            0), "degenerate" (no time at all: ignored) or "absent".
+        range_from_timing: the timing's own uncertainty (the rungs' 25th
+            percentiles instead of their minima) widened the plausible range.
         search_truncated: the search stopped after MAX_PIECES accumulation pieces.
         ci_low_at_zero / ci_unbounded: the noise scale's interval reaches 0 /
             is unbounded above (the plausible range is clipped there).
@@ -560,6 +604,7 @@ class Facts:
     ci_unbounded: bool = False
     optimum_clipped: bool = False
     warmup_steps: int | None = None
+    range_from_timing: bool = False
 
 
 @dataclass(frozen=True)
@@ -602,17 +647,21 @@ def _timing_state(inputs: AdvisorInputs) -> TimingState:
     t = inputs.timing
     if t is None:
         return "absent"
+    if t.quality == "untrusted":
+        return "untrusted"
     if not _timing_usable(inputs):
         return "degenerate"
+    if t.quality == "points" and len(t.points) >= 2:
+        return "points"
     return "clamped" if t.t0 < 0 or t.per_example < 0 else "ok"
 
 
-def _model(inputs: AdvisorInputs, b_n: float, gpus: int, sync: float) -> _Model:
+def _model(inputs: AdvisorInputs, b_n: float, gpus: int, sync: float,
+           upper: bool = False) -> _Model:
     assert inputs.timing is not None
     return _Model(
         b_n=b_n,
-        t0=max(inputs.timing.t0, 0.0),
-        c=max(inputs.timing.per_example, 0.0),
+        segments=inputs.timing.segments(upper),
         gpus=gpus,
         max_micro=(math.inf if inputs.memory is None
                    else float(max(1, inputs.memory.max_batch_size))),
@@ -624,7 +673,8 @@ def _model(inputs: AdvisorInputs, b_n: float, gpus: int, sync: float) -> _Model:
 
 def _timing_usable(inputs: AdvisorInputs) -> bool:
     t = inputs.timing
-    return t is not None and (max(t.t0, 0.0) > 0 or max(t.per_example, 0.0) > 0)
+    return (t is not None and t.quality != "untrusted"
+            and any(s.alpha > 0 or s.beta > 0 for s in t.segments()))
 
 
 def _candidate_grid(inputs: AdvisorInputs, recommended: int) -> list[int]:
@@ -652,11 +702,12 @@ def _candidate_grid(inputs: AdvisorInputs, recommended: int) -> list[int]:
 
 
 def _recommend_batch(
-    inputs: AdvisorInputs, b_n: float, gpus: int, sync: float
+    inputs: AdvisorInputs, b_n: float, gpus: int, sync: float, upper: bool = False
 ) -> tuple[float | None, int, bool]:
-    """(continuous optimum or None, recommended batch, search truncated) for one noise scale."""
+    """(continuous optimum or None, recommended batch, search truncated) for one noise
+    scale; ``upper``: on the step-time curve of the rungs' 25th percentiles."""
     if _timing_usable(inputs):
-        m = _model(inputs, b_n, gpus, sync)
+        m = _model(inputs, b_n, gpus, sync, upper)
         extra = (float(inputs.baseline_batch),)
         opt, best, truncated = m.optimise(extra)
         return opt, int(round(best)), truncated
@@ -691,15 +742,24 @@ def candidates_table(inputs: AdvisorInputs, batch: int, model: _Model | None
     return tuple(row(b) for b in sorted({*_candidate_grid(inputs, batch), b0, batch}))
 
 
-def plausible_range(inputs: AdvisorInputs, sync: float) -> tuple[int, int] | None:
-    """The recommendations at the two ends of the noise scale's interval."""
+def plausible_range(inputs: AdvisorInputs, sync: float
+                    ) -> tuple[tuple[int, int] | None, bool]:
+    """The recommendations at the ends of the noise scale's interval and, with timed
+    points, on both step-time curves (minima and 25th percentiles of the rungs).
+
+    Returns:
+        (the range, whether the timing's uncertainty widened it).
+    """
     ci = inputs.b_n_ci
     if math.isnan(ci.low) or math.isnan(ci.high):
-        return None
-    low_bn = ci.low if ci.low > 0 else 1e-9
-    lo_b = _recommend_batch(inputs, low_bn, inputs.gpus, sync)[1]
-    hi_b = _recommend_batch(inputs, ci.high, inputs.gpus, sync)[1]
-    return min(lo_b, hi_b), max(lo_b, hi_b)
+        return None, False
+    ends = (ci.low if ci.low > 0 else 1e-9, ci.high)
+    by_noise = [_recommend_batch(inputs, b, inputs.gpus, sync)[1] for b in ends]
+    both = list(by_noise)
+    if inputs.timing is not None and inputs.timing.points and _timing_usable(inputs):
+        both += [_recommend_batch(inputs, b, inputs.gpus, sync, upper=True)[1] for b in ends]
+    widened = (min(both), max(both)) != (min(by_noise), max(by_noise))
+    return (min(both), max(both)), widened
 
 
 def frontier(inputs: AdvisorInputs, model: _Model, max_gpus: int, sync: float
@@ -754,7 +814,7 @@ def advise(inputs: AdvisorInputs, max_gpus: int | None = None) -> Advice:
     """
     n, b0, cap = inputs.gpus, inputs.baseline_batch, inputs.dataset_size
     state = _timing_state(inputs)
-    timed = state in ("ok", "clamped")
+    timed = state in ("ok", "points", "clamped")
     sync, source = _sync_for(inputs, n) if timed else (0.0, "one device")
     optimum, batch, truncated = _recommend_batch(inputs, inputs.b_n, n, sync)
     model = _model(inputs, inputs.b_n, n, sync) if timed else None
@@ -763,6 +823,7 @@ def advise(inputs: AdvisorInputs, max_gpus: int | None = None) -> Advice:
     lr, rule = scaled_lr(inputs.baseline_lr, b0, batch, inputs.b_n, inputs.optimizer_family,
                          inputs.lr_rule)
     ci = inputs.b_n_ci
+    batch_range, widened = plausible_range(inputs, sync)
     facts = Facts(
         sync_source=source,
         sync_link=interconnect(inputs.interconnect).note if source == "predicted" else None,
@@ -774,6 +835,7 @@ def advise(inputs: AdvisorInputs, max_gpus: int | None = None) -> Advice:
                          and inputs.b_n < math.inf),
         warmup_steps=(WARMUP_EPOCHS * math.ceil(cap / batch)
                       if batch > WARMUP_GROWTH * b0 else None),
+        range_from_timing=widened,
     )
     time_ratio = rec_row.time_ratio if model is not None else None
     recommendation = Recommendation(
@@ -782,7 +844,7 @@ def advise(inputs: AdvisorInputs, max_gpus: int | None = None) -> Advice:
         per_device_batch_size=rec_row.per_device_batch_size, gpus=n, basis="",
         predicted_time_ratio=time_ratio,
         predicted_cost_ratio=time_ratio,  # baseline on the same devices
-        batch_range=plausible_range(inputs, sync), noise_step=inputs.noise_step,
+        batch_range=batch_range, noise_step=inputs.noise_step,
     )
     return Advice(
         recommendation=recommendation,

@@ -1,6 +1,7 @@
 """Offline datasets for demos and tests: nothing here downloads anything.
 
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images).
+- ``breast_cancer``: scikit-learn's bundled breast-cancer data (569 × 30 features).
 - ``text``: byte windows of Python's own standard-library source code, real
   text that ships with every Python.
 - ``synthetic``: Gaussian-cluster classification or teacher-network regression,
@@ -37,6 +38,21 @@ def digits(image: bool = False) -> TensorDataset:
         x = x.view(-1, 1, 8, 8)
     y = torch.tensor(bunch.target, dtype=torch.long)
     return TensorDataset(x, y)
+
+
+def breast_cancer() -> TensorDataset:
+    """scikit-learn's bundled breast-cancer data: 569 examples of 30 standardised
+    features, 2 classes (a logistic-regression problem)."""
+    try:
+        from sklearn.datasets import load_breast_cancer
+    except ImportError as exc:  # pragma: no cover - exercised only without the extra
+        raise ImportError(
+            "bsfind.data:breast_cancer needs scikit-learn: pip install 'bsfind[examples]'"
+        ) from exc
+    bunch = load_breast_cancer()
+    x = torch.tensor(bunch.data, dtype=torch.float32)
+    x = (x - x.mean(0)) / x.std(0)
+    return TensorDataset(x, torch.tensor(bunch.target, dtype=torch.long))
 
 
 def _stdlib_files() -> list[Path]:

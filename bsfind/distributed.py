@@ -641,7 +641,7 @@ class TorchrunRunner:
                 progress("timing", 0.0, "timing steps on every rank")
             sizes = measure.ladder_sizes(job, memory)
             own_curve = coord.checked(functools.partial(
-                measure.time_steps, job, step, sizes, deadline, memory))
+                measure.time_steps, job, step, sizes, deadline, memory, options))
         gathered = coord.gather((own_curve, own_sync, local_max, memory.tried, tuple(oom_at)))
         curve = combine_curves([g[0] for g in gathered])
         notes = []
@@ -759,11 +759,11 @@ class TorchrunRunner:
 def combine_curves(curves: Sequence[TimingCurve | None]) -> TimingCurve | None:
     """One device's t(B) for a synchronous data-parallel step from every rank's curve.
 
-    At each batch size that every rank timed, the slowest rank's median (a
+    At each batch size that every rank timed, the slowest rank's time (a
     synchronous step waits for it), refitted; None when a rank has no curve
     or the ranks share no batch size.
     """
-    from bsfind.hardware.timing import fit_linear
+    from bsfind.hardware.timing import curve_from_points
 
     if not curves or any(c is None for c in curves):
         return None
@@ -771,19 +771,21 @@ def combine_curves(curves: Sequence[TimingCurve | None]) -> TimingCurve | None:
     common = sorted(set.intersection(*(set(t) for t in tables)))
     if not common:
         return None
-    points = tuple(
-        TimingPoint(b, max(t[b].seconds for t in tables), min(t[b].samples for t in tables))
+    points = [
+        TimingPoint(b, max(t[b].seconds for t in tables), min(t[b].samples for t in tables),
+                    max(t[b].seconds_q25 or t[b].seconds for t in tables))
         for b in common
-    )
-    t0, c, r2 = fit_linear(points)
+    ]
     saturated = [cv.saturated_at for cv in curves if cv is not None]
     utils = [cv.utilization_gpu_pct for cv in curves
              if cv is not None and cv.utilization_gpu_pct is not None]
-    return TimingCurve(
-        points=points, t0=t0, per_example=c, r2=r2, source="measured",
+    return curve_from_points(
+        points,
         saturated_at=None if None in saturated else max(s for s in saturated if s is not None),
-        utilization_gpu_pct=statistics.fmean(utils) if utils else None,
+        utilization=statistics.fmean(utils) if utils else None,
+        passes=min(cv.passes for cv in curves if cv is not None),
     )
+
 
 # --------------------------------------------------------------------------- the run
 

@@ -100,11 +100,6 @@ def to_dict(report: Report) -> dict[str, Any]:
     if report.command != "noise":
         doc["memory"] = clean(report.memory)
         doc["timing"] = clean(report.timing)
-        if report.timing is not None:
-            doc["timing"]["points"] = [
-                {"batch_size": p.batch_size, "seconds": p.seconds, "samples": p.samples}
-                for p in report.timing.points
-            ]
         doc["predicted"] = (
             {
                 "gpu": report.predicted_gpu,

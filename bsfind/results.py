@@ -1,7 +1,8 @@
 """Typed results passed between the probes, the runners, the advisor and the report.
 
 Every arrow of the pipeline (DESIGN §1) is one of these dataclasses; nothing
-here computes or prints. ``report.py`` turns them into the JSON document.
+here prints, and the only computing is a result reading its own numbers
+(a timing curve evaluated at a batch size). ``report.py`` turns them into the JSON document.
 Each measured number says where it came from (``source``: "measured" or
 "predicted") so that a prediction is never shown as a measurement.
 """
@@ -150,14 +151,67 @@ class MemoryModel:
 
 @dataclass(frozen=True)
 class TimingPoint:
+    """One rung of the step-time ladder.
+
+    ``seconds`` is the step's own time: the lowest of the rung's timed steps,
+    since load from other processes only ever adds time. ``seconds_q25``, the
+    25th percentile of the same steps, bounds how much of what was timed may
+    have been load: the gap between the two is the timing's uncertainty.
+    """
+
     batch_size: int
-    seconds: float  # median step time
+    seconds: float
     samples: int
+    seconds_q25: float | None = None  # None: as ``seconds``
+
+
+@dataclass(frozen=True)
+class Segment:
+    """t(b) = alpha + beta·b for per-device batches b in [lo, hi] (beta >= 0, t(b) >= 0)."""
+
+    lo: float
+    hi: float
+    alpha: float
+    beta: float
+
+
+def _isotonic(values: list[float]) -> list[float]:
+    """The non-decreasing sequence closest to ``values`` in least squares (pool adjacent
+    violators): a step of more examples cannot take less time."""
+    blocks: list[list[float]] = []  # [sum, count]
+    for v in values:
+        blocks.append([v, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            s, n = blocks.pop()
+            blocks[-1][0] += s
+            blocks[-1][1] += n
+    out: list[float] = []
+    for s, n in blocks:
+        out += [s / n] * int(n)
+    return out
 
 
 @dataclass(frozen=True)
 class TimingCurve:
-    """Step time t(B) ≈ t0 + per_example·B fitted to measured points."""
+    """Step time t(B) of one device: the timed points, and a line t0 + per_example·B.
+
+    ``quality`` says how the advisor may read it (``hardware/timing.py`` decides):
+
+    - "line": the line t0 + per_example·B, fitted to all the timed points, is
+      physical (t0 > 0, per_example >= 0) and fits them (R² >= MIN_R2, or
+      residuals within the rungs' own measured noise). A line through a dozen
+      rungs averages out the noise of each one.
+    - "points": no line fits, but the points are clean (a genuinely curved
+      t(B), e.g. a GPU filling up): the points themselves, made non-decreasing
+      and interpolated; past the last rung, time in proportion to B (no
+      further gain in throughput assumed).
+    - "untrusted": neither, even after re-measuring (a machine too busy to
+      time): the advice does not use the step time at all.
+
+    A predicted curve (no points) is the line alone. ``t0_upper`` /
+    ``per_example_upper``: the line through the rungs' 25th percentiles, the
+    timing's uncertainty (None: as the line).
+    """
 
     points: tuple[TimingPoint, ...]
     t0: float
@@ -166,9 +220,45 @@ class TimingCurve:
     source: Source
     saturated_at: int | None = None  # batch where throughput stopped growing
     utilization_gpu_pct: float | None = None  # mean NVML utilisation while timing
+    quality: Literal["line", "points", "untrusted"] = "line"
+    passes: int = 0  # interleaved passes over the rungs after the first climb
+    t0_upper: float | None = None
+    per_example_upper: float | None = None
 
-    def seconds(self, batch_size: float) -> float:
-        return self.t0 + self.per_example * batch_size
+    @property
+    def fit_ok(self) -> bool:
+        """Whether the fitted line is the curve (``quality == "line"``)."""
+        return self.quality == "line"
+
+    def segments(self, upper: bool = False) -> tuple[Segment, ...]:
+        """t(b) as linear pieces; ``upper``: from the rungs' 25th percentiles instead."""
+        if self.quality != "points" or len(self.points) < 2:
+            t0, c = self.t0, self.per_example
+            if upper and self.t0_upper is not None and self.per_example_upper is not None:
+                t0, c = self.t0_upper, self.per_example_upper
+            return (Segment(0.0, math.inf, max(t0, 0.0), max(c, 0.0)),)
+        pts = sorted(self.points, key=lambda p: p.batch_size)
+        bs = [float(p.batch_size) for p in pts]
+        ts = _isotonic([max(0.0, p.seconds_q25 if upper and p.seconds_q25 is not None
+                            else p.seconds) for p in pts])
+        out = []
+        for i in range(len(bs) - 1):
+            beta = (ts[i + 1] - ts[i]) / (bs[i + 1] - bs[i])
+            alpha = ts[i] - beta * bs[i]
+            if i == 0 and alpha >= 0.0:
+                out.append(Segment(0.0, bs[1], alpha, beta))  # the first piece reaches b = 0
+                continue
+            if i == 0:  # a negative intercept: below the first rung, its time
+                out.append(Segment(0.0, bs[0], ts[0], 0.0))
+            out.append(Segment(bs[i], bs[i + 1], alpha, beta))
+        out.append(Segment(bs[-1], math.inf, 0.0, ts[-1] / bs[-1]))
+        return tuple(out)
+
+    def seconds(self, batch_size: float, upper: bool = False) -> float:
+        for s in self.segments(upper):
+            if batch_size <= s.hi:
+                return s.alpha + s.beta * batch_size
+        raise AssertionError("the last segment is unbounded")  # pragma: no cover
 
 
 @dataclass(frozen=True)

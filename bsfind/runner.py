@@ -136,7 +136,7 @@ class LocalRunner:
                 progress("memory", 1.0, f"max batch {memory.max_batch_size:,} ({memory.source})")
                 progress("timing", 0.0, "timing steps")
             curve = measure.time_steps(job, step, measure.ladder_sizes(job, memory), deadline,
-                                       memory)
+                                       memory, options)
             if progress is not None:
                 progress("timing", 1.0, "timed")
         notes = () if curve is not None else (wording.NO_TIMING,)

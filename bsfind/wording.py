@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from bsfind.advisor import Advice, AdvisorInputs
-    from bsfind.results import AbsolutePrediction, NoiseEstimate
+    from bsfind.results import AbsolutePrediction, NoiseEstimate, TimingCurve
 
 NO_TIMING = ("the time budget ran out before any step was timed: no step-time curve; "
              "the advice uses the noise scale only")
@@ -91,12 +91,25 @@ def _basis(advice: Advice, inputs: AdvisorInputs) -> str:
     if math.isinf(inputs.b_n):
         noise = (f"{name} unresolved (above the largest batch probed) at training step "
                  f"{inputs.noise_step}")
-    if advice.facts.timing_state in ("ok", "clamped") and inputs.timing is not None:
-        t0, c = max(inputs.timing.t0, 0.0), max(inputs.timing.per_example, 0.0)
-        return (f"{noise}; step time t(B) = {secs(t0)} + {secs(c)}·B per device "
-                f"({inputs.timing.source}); the batch minimising predicted wall-clock "
+    timing = inputs.timing
+    if advice.facts.timing_state in ("ok", "points", "clamped") and timing is not None:
+        return (f"{noise}; step time {step_time_words(timing)} per device "
+                f"({timing.source}); the batch minimising predicted wall-clock "
                 f"S(B)·t(B) on {inputs.gpus} device(s)")
     return f"noise scale only: no step-time measurement; batch ≈ {noise}"
+
+
+def step_time_words(timing: TimingCurve) -> str:
+    """How the advisor reads a step-time curve, in a few words."""
+    t0, c = max(timing.t0, 0.0), max(timing.per_example, 0.0)
+    line = f"t(B) = {secs(t0)} + {secs(c)}·B"
+    if len(timing.points) < 2:
+        return line
+    bs = sorted(p.batch_size for p in timing.points)
+    if timing.fit_ok:
+        return f"{line}, fitted to {len(bs)} timed batch sizes ({num(bs[0])}–{num(bs[-1])})"
+    return (f"from {len(bs)} timed batch sizes ({num(bs[0])}–{num(bs[-1])}), interpolated "
+            f"(no line fits them); past {num(bs[-1])}, time in proportion to B")
 
 
 def _notes(advice: Advice, inputs: AdvisorInputs) -> list[str]:
@@ -106,6 +119,19 @@ def _notes(advice: Advice, inputs: AdvisorInputs) -> list[str]:
     notes = [s for s in (_sync_note(advice, inputs),) if s]
     if f.timing_state == "degenerate":
         notes.append("the step-time fit is degenerate (t0 <= 0 and slope <= 0): ignored")
+    elif f.timing_state == "points" and inputs.timing is not None:
+        t = inputs.timing
+        notes.append(
+            f"no line t0 + c·B fits the step times even after re-measuring (R² {t.r2:.2f}), "
+            "but they are clean: within the timed range the advice reads the timed points "
+            "themselves, and past the last one it assumes no further gain in throughput")
+    elif f.timing_state == "untrusted" and inputs.timing is not None:
+        t = inputs.timing
+        notes.append(
+            f"the step times were too noisy to use even after re-measuring (R² {t.r2:.2f}, "
+            f"t0 {secs(t.t0)}, c {secs(t.per_example)}; is something else running on this "
+            "machine?): the advice is from the noise scale alone, the batch where extra "
+            "examples stop paying off")
     elif f.timing_state == "clamped":
         notes.append("the step-time fit had a negative term; it was clamped at 0")
     if f.search_truncated:
@@ -118,6 +144,9 @@ def _notes(advice: Advice, inputs: AdvisorInputs) -> list[str]:
         if f.ci_unbounded:
             notes.append(f"the noise scale's interval is unbounded above: the range's upper "
                          f"end is clipped at the dataset size ({inputs.dataset_size:,})")
+        if f.range_from_timing:
+            notes.append("the plausible range includes the step-time uncertainty (each timed "
+                         "batch's 25th-percentile step time instead of its fastest)")
     if math.isinf(inputs.b_n):
         notes.append("an unresolved noise scale is treated as perfect scaling: the largest "
                      "batch wins, limited only by the dataset size")

@@ -484,3 +484,87 @@ def test_recommendation_matches_brute_force(inp: AdvisorInputs) -> None:
 def test_dataclass_replace_keeps_validation() -> None:
     with pytest.raises(ValueError):
         replace(inputs(), gpus=0)
+
+
+# ------------------------------------------------------------ measured step-time points
+
+
+def measured(times: dict[int, float], q25: dict[int, float] | None = None) -> TimingCurve:
+    from bsfind.hardware.timing import curve_from_points
+    from bsfind.results import TimingPoint
+
+    return curve_from_points([TimingPoint(b, s, 5, (q25 or {}).get(b))
+                              for b, s in sorted(times.items())])
+
+
+def test_optimum_is_found_on_the_timed_points() -> None:
+    """t = 1 s up to B = 4 (the device is not yet busy), then B/4 s; B_n = 8.
+
+    Objective (1 + 8/B)·t(B): 1 + 8/B falls to 3 at B = 4; beyond, (1 + 8/B)·B/4 =
+    B/4 + 2 rises. So 4, where a line through the same points (t0 + c·B, fitted)
+    would put the optimum elsewhere.
+    """
+    curve = measured({1: 1.0, 2: 1.0, 4: 1.0, 8: 2.0, 16: 4.0})
+    assert not curve.fit_ok  # R² 0.79: no line through these
+    adv = advise(inputs(b_n=8.0, b_n_ci=Interval(8.0, 8.0), timing=curve, baseline_batch=16,
+                        dataset_size=1000))
+    assert adv.optimum == pytest.approx(4.0)
+    assert adv.recommendation.batch_size == 4
+    row = {c.batch_size: c for c in adv.candidates}
+    assert row[8].step_seconds == pytest.approx(2.0)  # a timed point, not the line
+    assert row[32].step_seconds == pytest.approx(8.0)  # past the last rung: proportional
+    line_only = replace(curve, quality="line")  # the line fitted to the same points
+    by_line = advise(inputs(b_n=8.0, b_n_ci=Interval(8.0, 8.0), timing=line_only,
+                            baseline_batch=16, dataset_size=1000))
+    assert by_line.optimum == pytest.approx(math.sqrt(8.0 * curve.t0 / curve.per_example))
+    assert by_line.optimum != pytest.approx(4.0, rel=0.1)
+    assert curve.quality == "points" and adv.facts.timing_state == "points"
+    assert any("reads the timed points themselves" in n for n in adv.recommendation.notes)
+    assert "5 timed batch sizes (1–16), interpolated" in adv.recommendation.basis
+
+
+def test_untrusted_step_times_are_not_acted_on() -> None:
+    """Times that no line fits and that are themselves noisy (a busy machine): the
+    advice is the noise scale's, as without any timing, and says why."""
+    from bsfind.results import TimingPoint
+
+    # times that fall with the batch (a step of more examples cannot be faster: load)
+    noisy = {1: 0.33, 2: 0.24, 4: 0.31, 8: 0.22, 16: 0.27, 32: 0.20, 64: 0.23}
+    curve = measured(noisy, q25={b: 1.4 * t for b, t in noisy.items()})
+    assert curve.quality == "untrusted"
+    adv = advise(inputs(timing=curve))
+    rec = adv.recommendation
+    assert adv.facts.timing_state == "untrusted" and adv.optimum is None
+    assert rec.batch_size == round_batch(BN) and rec.predicted_time_ratio is None
+    assert any("too noisy" in n for n in rec.notes)
+    assert rec.basis.startswith("noise scale only")
+    # The same times, clean (no spread between the lowest and the 25th percentile),
+    # are read directly.
+    assert measured(noisy).quality == "points"
+    assert TimingPoint(1, 0.3, 5).seconds_q25 is None
+
+
+def test_measured_points_on_a_line_agree_with_the_line() -> None:
+    times = {b: T0 + C * b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)}
+    curve = measured(times)
+    assert curve.fit_ok
+    adv = advise(inputs(timing=curve))
+    assert adv.optimum == pytest.approx(632.46, rel=1e-4)
+    assert adv.recommendation.batch_size == advise(inputs()).recommendation.batch_size
+    assert "fitted to 12 timed batch sizes (1–2,048)" in adv.recommendation.basis
+
+
+def test_timing_uncertainty_widens_the_plausible_range() -> None:
+    # The lowest times are the running example's line; the 25th percentiles carry 10 ms
+    # of load: an upper curve with t0 = 30 ms, whose optima at the interval's ends are
+    # sqrt(800·300) = 490 and sqrt(1152·300) = 588.
+    times = {b: T0 + C * b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)}
+    q25 = {b: t + 0.01 for b, t in times.items()}
+    quiet = advise(inputs(timing=measured(times))).recommendation
+    loaded = advise(inputs(timing=measured(times, q25)))
+    assert quiet.batch_range == (400, 480)  # the noise scale's interval alone
+    assert loaded.recommendation.batch_size == quiet.batch_size
+    assert loaded.recommendation.batch_range is not None
+    assert loaded.recommendation.batch_range == (400, 584)
+    assert loaded.facts.range_from_timing
+    assert any("step-time uncertainty" in n for n in loaded.recommendation.notes)

@@ -29,6 +29,12 @@ from bsfind.workload import Workload
 TIMING_MAX_BATCH = 4096
 # Batch sizes at which CUDA memory is measured (two or more, small enough to fit).
 CUDA_MEMORY_SIZES = (2, 8, 32)
+# The step-time ladder may call saturation only at or above this many times the
+# baseline batch, and this many examples: a rung or two slowed by load from other
+# processes must not end it (issue #14: on a busy 2-core runner the old ladder
+# stopped at batch 4 and the advice collapsed to batch 1).
+SATURATION_FLOOR_FACTOR = 4
+SATURATION_FLOOR_EXAMPLES = 256
 
 
 @dataclass(frozen=True)
@@ -96,7 +102,8 @@ def ladder_sizes(job: Workload, memory: MemoryModel) -> list[int]:
 
 
 def time_steps(job: Workload, step: Callable[[int], None], sizes: list[int],
-               deadline: Deadline, memory: MemoryModel) -> TimingCurve | None:
+               deadline: Deadline, memory: MemoryModel, opts: HardwareOptions
+               ) -> TimingCurve | None:
     """The step-time ladder on ``job``'s device; None when the budget ran out first."""
     util = None
     if job.device.type == "cuda" and nvml.available():
@@ -106,9 +113,11 @@ def time_steps(job: Workload, step: Callable[[int], None], sizes: list[int],
             return nvml.sample_utilization(index)
 
     try:
+        floor = max(SATURATION_FLOOR_FACTOR * opts.baseline_batch, SATURATION_FLOOR_EXAMPLES)
         return timing.time_ladder(step, sizes, device=job.device,
                                   max_seconds=max(0.0, deadline.left()),
-                                  max_batch=memory.max_batch_size, sample_util=util)
+                                  max_batch=memory.max_batch_size, sample_util=util,
+                                  min_top=floor, seed=opts.seed)
     except BudgetError:
         return None
 

@@ -1,24 +1,37 @@
-"""Step time t(B) ≈ t0 + c·B, measured on a geometric ladder of batch sizes.
+"""Step time of one device, measured on a geometric ladder of batch sizes.
 
     from bsfind.hardware.timing import geometric_ladder, time_ladder
     curve = time_ladder(step, geometric_ladder(8, 1024), device=device,
                         max_seconds=30.0, max_batch=mm.max_batch_size)
-    curve.t0, curve.per_example, curve.saturated_at
+    curve.points, curve.t0, curve.per_example, curve.quality, curve.saturated_at
 
-Each rung runs ``warmup`` discarded steps (new shapes: cuDNN autotuning,
-allocator growth), then ``repeats`` timed steps; its time is their median.
-On CUDA the clock is read only after ``torch.cuda.synchronize``, since kernels
-run asynchronously. The ladder stops when throughput B/t stops growing
-(the device is saturated), when the time budget is spent, or at the first
-out-of-memory (the rungs before it are kept).
+Built to survive a shared machine (DESIGN §9): other processes only ever add
+time, so a rung's step time is the LOWEST of its timed steps, not their median.
+The ladder climbs (``warmup`` discarded steps, then ``repeats`` timed steps per
+rung), then re-times every rung in interleaved passes, in a shuffled order,
+until no rung's lowest time has improved for STABLE_PASSES passes (or the
+budget ends), so a burst of load lands on every batch size alike. Saturation
+(throughput B/t no longer growing) ends the climb only on clear evidence:
+SATURATION_RUNGS rungs in a row without a gain larger than both 5% and the
+rungs' own measured noise, and never below ``min_top`` (e.g. 4× the baseline
+batch). The line t0 + c·B is fitted to the lowest times; a line that is not
+physical (t0 <= 0 or c < 0) or fits badly (R² < MIN_R2) is re-measured once
+more, and if it is still bad the curve says so (``quality``): the advisor then
+reads the timed points themselves if they are clean, and otherwise does not use
+the step time at all (see ``TimingCurve``).
+On CUDA the clock is read only after ``torch.cuda.synchronize``. An
+out-of-memory ends the climb at the previous rung.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -26,14 +39,32 @@ from bsfind.errors import BudgetError, HardwareError
 from bsfind.hardware.memory import clear_cache, is_oom
 from bsfind.results import TimingCurve, TimingPoint
 
-# A rung whose throughput B/t is less than this much above the previous
-# rung's means the device is saturated: doubling the batch no longer buys
-# examples per second. 5% is above the run-to-run noise of a median of 5
-# steps on an idle GPU (typically 1-2%), so noise alone rarely stops a ladder.
+# A rung's throughput B/t must beat the best so far by more than this (and by
+# more than the rungs' own measured noise) to count as a gain.
 SATURATION_MIN_GAIN = 0.05
-# Consecutive rungs without that gain before the ladder stops: one slow rung
-# (a burst of load from another process) must not end the ladder early.
-SATURATION_RUNGS = 2
+# Consecutive rungs without a gain before the climb stops: a burst of load
+# from another process can make one or two rungs look slow.
+SATURATION_RUNGS = 3
+# Interleaved passes over the rungs after the climb: at least MIN_PASSES, then
+# until no rung's lowest time improved by more than STABLE_TOL for STABLE_PASSES
+# passes in a row, at most MAX_PASSES.
+MIN_PASSES = 3
+STABLE_PASSES = 2
+STABLE_TOL = 0.02
+MAX_PASSES = 30
+# How the fitted line may be read (``line_fit``): it fits when R² >= MIN_R2, or when
+# its residuals are within MAX_NOISE_RATIO times the rungs' measured noise (each
+# rung's 25th-percentile time over its lowest, at least NOISE_FLOOR); points whose
+# median noise is at most CLEAN_NOISE are clean enough to be read directly.
+MIN_R2 = 0.9
+MAX_NOISE_RATIO = 2.0
+NOISE_FLOOR = 0.01
+CLEAN_NOISE = 0.05
+# The quantile of a rung's timed steps that bounds its step time from above.
+UPPER_QUANTILE = 0.25
+# The climb resumes after the passes at most this often (when they show the rungs
+# that looked saturated were slowed by load).
+MAX_RESUMES = 2
 
 
 def geometric_ladder(start: int, stop: int, factor: float = 2) -> list[int]:
@@ -122,38 +153,195 @@ def _synchronizer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-# Extra passes over the kept rungs, one step per rung per pass, interleaved so
-# that a burst of load from other processes lands on every batch size alike
-# rather than on one rung (which would bend the fitted line).
-INTERLEAVED_PASSES = 5
+@dataclass
+class _Rung:
+    batch: int
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def low(self) -> float:
+        return min(self.samples)
+
+    @property
+    def noise(self) -> float:
+        """Relative spread of the rung's times: how much load (or jitter) it saw."""
+        low = self.low
+        return (statistics.median(self.samples) - low) / low if low > 0 else 0.0
+
+    def point(self) -> TimingPoint:
+        s = sorted(self.samples)
+        q = s[min(len(s) - 1, int(UPPER_QUANTILE * (len(s) - 1) + 0.5))]
+        return TimingPoint(self.batch, s[0], len(s), q)
 
 
-def _interleaved(
-    step: Callable[[int], None],
-    sync: Callable[[], None],
-    by_size: dict[int, list[float]],
-    budget_left: Callable[[], bool],
-    clock: Callable[[], float],
-) -> list[TimingPoint]:
-    """Time every rung again, interleaved, and return the new medians.
+class _Timer:
+    """Runs and times steps within the budget; samples utilisation after each."""
 
-    When every rung got at least 3 interleaved samples, the median is taken
-    over those alone (the first pass ran each rung in one block, exposed to
-    whatever load was running then); otherwise over all samples.
+    def __init__(self, step: Callable[[int], None], device: torch.device, max_seconds: float,
+                 clock: Callable[[], float],
+                 sample_util: Callable[[], float | None] | None) -> None:
+        self.step, self.sync, self.clock = step, _synchronizer(device), clock
+        self.sample_util = sample_util
+        self.end = clock() + max_seconds
+        self.utils: list[float] = []
+
+    def left(self) -> bool:
+        return self.clock() < self.end
+
+    def warm(self, b: int, n: int) -> bool:
+        """``n`` untimed steps; False when the budget ended first."""
+        for _ in range(n):
+            if not self.left():
+                return False
+            self.step(b)
+        self.sync()
+        return True
+
+    def time(self, b: int) -> float | None:
+        """One timed step, or None when the budget has ended."""
+        if not self.left():
+            return None
+        t_begin = self.clock()
+        self.step(b)
+        self.sync()
+        elapsed = self.clock() - t_begin
+        if self.sample_util is not None:
+            u = self.sample_util()
+            if u is not None:
+                self.utils.append(float(u))
+        return elapsed
+
+
+def saturation(rungs: Sequence[_Rung], min_top: int) -> int | None:
+    """The batch where throughput stopped growing, on clear evidence only, else None.
+
+    Walking up the rungs, a gain is a throughput more than max(5%, the two rungs'
+    measured noise) above the best so far; SATURATION_RUNGS rungs in a row without
+    one, ending at or above ``min_top``, call saturation at the last gain.
     """
-    extra: dict[int, list[float]] = {b: [] for b in by_size}
-    for _ in range(INTERLEAVED_PASSES):
-        for b in by_size:
-            if not budget_left():
-                break
-            t_begin = clock()
-            step(b)
-            sync()
-            extra[b].append(clock() - t_begin)
-    if all(len(e) >= 3 for e in extra.values()):
-        return [TimingPoint(b, statistics.median(e), len(e)) for b, e in extra.items()]
-    return [TimingPoint(b, statistics.median(s + extra[b]), len(s) + len(extra[b]))
-            for b, s in by_size.items()]
+    best: _Rung | None = None
+    flat = 0
+    for r in rungs:
+        if r.low <= 0:
+            continue
+        if best is None:
+            best = r
+            continue
+        margin = max(SATURATION_MIN_GAIN, r.noise, best.noise)
+        if r.batch / r.low > (1 + margin) * best.batch / best.low:
+            best, flat = r, 0
+        else:
+            flat += 1
+            if flat >= SATURATION_RUNGS and r.batch >= min_top:
+                return best.batch
+    return None
+
+
+def _climb(timer: _Timer, ladder: Sequence[int], rungs: list[_Rung], warmup: int,
+           repeats: int, min_top: int, device: torch.device) -> str:
+    """Time the rungs of ``ladder`` in increasing order, appending to ``rungs``.
+
+    Returns why it stopped: "top", "saturated", "memory" or "budget".
+    """
+    for b in ladder:
+        rung = _Rung(b)
+        oom = False
+        try:
+            if timer.warm(b, warmup):
+                while len(rung.samples) < repeats:
+                    t = timer.time(b)
+                    if t is None:
+                        break
+                    rung.samples.append(t)
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            oom = True
+        if oom:
+            clear_cache(device)
+            if not rungs:
+                raise HardwareError(
+                    f"out of memory at batch size {b}, the smallest rung of the timing ladder",
+                    hint="lower the batch sizes to time, or use a device with more memory",
+                )
+            return "memory"
+        if rung.samples:
+            rungs.append(rung)
+        if not timer.left():
+            return "budget"
+        if saturation(rungs, min_top) is not None:
+            return "saturated"
+    return "top"
+
+
+def _passes(timer: _Timer, rungs: list[_Rung], rng: random.Random) -> int:
+    """Interleaved re-timing of every rung until the lowest times are stable."""
+    done = stable = 0
+    while done < MAX_PASSES and timer.left():
+        before = [r.low for r in rungs]
+        order = list(range(len(rungs)))
+        rng.shuffle(order)
+        for i in order:
+            t = timer.time(rungs[i].batch)
+            if t is None:
+                return done
+            rungs[i].samples.append(t)
+        done += 1
+        improved = any(r.low < (1 - STABLE_TOL) * b for r, b in zip(rungs, before, strict=True))
+        stable = 0 if improved else stable + 1
+        if done >= MIN_PASSES and stable >= STABLE_PASSES:
+            break
+    return done
+
+
+Quality = Literal["line", "points", "untrusted"]
+
+
+def line_fit(points: Sequence[TimingPoint]) -> tuple[float, float, float, Quality]:
+    """(t0, c, R², quality) of the line through the points' lowest times.
+
+    quality (see ``TimingCurve``): "line" when the unconstrained fit is physical
+    (t0 > 0, c >= 0) and either R² >= MIN_R2 or the residuals are within the
+    rungs' measured noise (RMS of residual / noise <= MAX_NOISE_RATIO, where a
+    rung's noise is its 25th-percentile time over its lowest, at least
+    NOISE_FLOOR): a tiny model whose step time barely grows has a low R² only
+    because there is little to explain. Otherwise "points" when the points are
+    clean (median noise <= CLEAN_NOISE) and "untrusted" when they are not. t0
+    and c are those of :func:`fit_linear` (clipped at 0).
+    """
+    t0, c, r2 = fit_linear(points)
+    if len(points) < 2:
+        return t0, c, r2, "untrusted"
+    rows = [(1.0 / (p.seconds * p.seconds) if p.seconds > 0 else 1.0, float(p.batch_size),
+             p.seconds) for p in points]
+    sw = sum(w for w, _, _ in rows)
+    mx = sum(w * x for w, x, _ in rows) / sw
+    my = sum(w * y for w, _, y in rows) / sw
+    sxx = sum(w * (x - mx) ** 2 for w, x, _ in rows)
+    raw_c = sum(w * (x - mx) * (y - my) for w, x, y in rows) / sxx if sxx > 0 else 0.0
+    raw_t0 = my - raw_c * mx
+    noise = [max(NOISE_FLOOR, ((p.seconds_q25 or p.seconds) - p.seconds) / p.seconds)
+             if p.seconds > 0 else NOISE_FLOOR for p in points]
+    ratio = math.sqrt(statistics.fmean(
+        ((p.seconds - t0 - c * p.batch_size) / (p.seconds * n)) ** 2
+        for p, n in zip(points, noise, strict=True) if p.seconds > 0))
+    fits = (not math.isnan(r2) and r2 >= MIN_R2) or ratio <= MAX_NOISE_RATIO
+    if raw_t0 > 0 and raw_c >= 0 and fits:
+        return t0, c, r2, "line"
+    return t0, c, r2, "points" if statistics.median(noise) <= CLEAN_NOISE else "untrusted"
+
+
+def curve_from_points(points: Sequence[TimingPoint], *, saturated_at: int | None = None,
+                      utilization: float | None = None, passes: int = 0) -> TimingCurve:
+    """A measured :class:`TimingCurve` from timed points: the line through their lowest
+    times, and the line through their 25th percentiles (the timing's uncertainty)."""
+    t0, c, r2, quality = line_fit(points)
+    upper = [TimingPoint(p.batch_size, p.seconds_q25 if p.seconds_q25 is not None
+                         else p.seconds, p.samples) for p in points]
+    t0_up, c_up, _ = fit_linear(upper)
+    return TimingCurve(points=tuple(points), t0=t0, per_example=c, r2=r2, source="measured",
+                       saturated_at=saturated_at, utilization_gpu_pct=utilization,
+                       quality=quality, passes=passes, t0_upper=t0_up, per_example_upper=c_up)
 
 
 def time_ladder(
@@ -162,37 +350,30 @@ def time_ladder(
     *,
     device: torch.device,
     warmup: int = 2,
-    repeats: int = 5,
+    repeats: int = 3,
     max_seconds: float,
     max_batch: int | None,
+    min_top: int = 1,
     sample_util: Callable[[], float | None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    seed: int = 0,
 ) -> TimingCurve:
     """Time one training step at each batch size of a ladder (``source="measured"``).
 
-    Long because: (to be split with the load-robust ladder of issue #14).
-
-    Rungs run in increasing order (sizes above ``max_batch`` are dropped).
-    Before every step, warm-up or timed, the budget is checked: once
-    ``max_seconds`` have passed since the start no further step begins, so
-    the ladder overruns the budget by at most one step. A rung cut short
-    keeps the timed steps it has (``samples`` says how many).
-
-    Stops early, keeping the rungs that triggered it, when
-    :data:`SATURATION_RUNGS` consecutive rungs fail to raise the best
-    throughput B/t so far by :data:`SATURATION_MIN_GAIN`; ``saturated_at``
-    is then the rung of that best throughput, the smallest batch already
-    within that margin of the peak.
-    An out-of-memory error (:func:`~bsfind.hardware.memory.is_oom`) ends the
-    ladder at the previous rung; the failed rung is discarded and the cache
-    cleared. Other exceptions propagate.
+    Climbs the rungs (sizes above ``max_batch`` dropped), re-times them in
+    interleaved passes, resumes the climb if the passes show that saturation
+    was load, re-measures once more if the fitted line is unphysical or poor;
+    see the module docstring. Before every step the budget is checked, so the
+    ladder overruns ``max_seconds`` by at most one step.
 
     Args:
         step: runs one full training step (forward, backward, optimizer) at B.
-        sample_util: called after each timed step (e.g.
-            ``lambda: nvml.sample_utilization(i)``); the mean of the numbers
-            it returns becomes ``utilization_gpu_pct``.
+        min_top: saturation is never called below this batch (memory may stop
+            the climb earlier).
+        sample_util: called after each timed step (e.g. NVML utilisation); the
+            mean of its numbers becomes ``utilization_gpu_pct``.
         clock: seconds as a float; tests inject a fake.
+        seed: the order of the interleaved passes.
 
     Raises:
         BudgetError: the budget ran out before any step was timed.
@@ -209,82 +390,25 @@ def time_ladder(
             f"timing: no batch size in {list(sizes)} fits in memory (max batch {max_batch})",
             hint="use a smaller model, or a device with more memory",
         )
-    sync = _synchronizer(device)
-    start = clock()
-
-    def budget_left() -> bool:
-        return clock() - start < max_seconds
-
-    points: list[TimingPoint] = []
-    by_size: dict[int, list[float]] = {}
-    utils: list[float] = []
-    saturated_at: int | None = None
-    best: tuple[int, float] | None = None  # (batch, throughput) of the last real gain
-    flat = 0  # rungs since then that gained less than SATURATION_MIN_GAIN
-    out_of_budget = False
-    for b in ladder:
-        samples: list[float] = []
-        oom = False
-        try:
-            for _ in range(warmup):
-                if not budget_left():
-                    out_of_budget = True
-                    break
-                step(b)
-            sync()
-            while not out_of_budget and len(samples) < repeats:
-                if not budget_left():
-                    out_of_budget = True
-                    break
-                t_begin = clock()
-                step(b)
-                sync()
-                samples.append(clock() - t_begin)
-                if sample_util is not None:
-                    u = sample_util()
-                    if u is not None:
-                        utils.append(float(u))
-        except Exception as exc:
-            if not is_oom(exc):
-                raise
-            oom = True
-        if oom:
-            clear_cache(device)
-            if not points:
-                raise HardwareError(
-                    f"out of memory at batch size {b}, the smallest rung of the timing ladder",
-                    hint="lower the batch sizes to time, or use a device with more memory",
-                )
+    timer = _Timer(step, device, max_seconds, clock, sample_util)
+    rng = random.Random(seed)
+    rungs: list[_Rung] = []
+    passes, stopped = 0, _climb(timer, ladder, rungs, warmup, repeats, min_top, device)
+    for _ in range(MAX_RESUMES + 1):
+        if len(rungs) < 2 or stopped == "budget":
             break
-        if samples:
-            by_size[b] = samples
-            points.append(TimingPoint(b, statistics.median(samples), len(samples)))
-        if out_of_budget:
+        passes += _passes(timer, rungs, rng)
+        rest = [b for b in ladder if b > rungs[-1].batch]
+        if stopped != "saturated" or saturation(rungs, min_top) is not None or not rest:
             break
-        cur = points[-1]
-        if cur.seconds > 0:
-            throughput = cur.batch_size / cur.seconds
-            if best is None or throughput >= (1 + SATURATION_MIN_GAIN) * best[1]:
-                best, flat = (cur.batch_size, throughput), 0
-            else:
-                flat += 1
-            if flat >= SATURATION_RUNGS:
-                saturated_at = best[0]
-                break
-    if not points:
+        stopped = _climb(timer, rest, rungs, warmup, repeats, min_top, device)
+    if not rungs:
         raise BudgetError(
             f"timing: {max_seconds:g} s ran out before any step was timed",
             hint="raise probe.max_seconds or set probe.timing: false",
         )
-    if len(points) >= 2 and not out_of_budget:
-        points = _interleaved(step, sync, by_size, budget_left, clock)
-    t0, c, r2 = fit_linear(points)
-    return TimingCurve(
-        points=tuple(points),
-        t0=t0,
-        per_example=c,
-        r2=r2,
-        source="measured",
-        saturated_at=saturated_at,
-        utilization_gpu_pct=statistics.fmean(utils) if utils else None,
-    )
+    if len(rungs) >= 2 and line_fit([r.point() for r in rungs])[3] != "line":
+        passes += _passes(timer, rungs, rng)  # once more before giving up on the line
+    return curve_from_points(
+        [r.point() for r in rungs], saturated_at=saturation(rungs, min_top),
+        utilization=statistics.fmean(timer.utils) if timer.utils else None, passes=passes)
