@@ -295,8 +295,9 @@ def step_seconds(
 
 
 @dataclass(frozen=True)
-class _Model:
-    """Wall-clock model of one configuration (devices, memory, sync).
+class WallClock:
+    """Wall-clock model of one configuration (devices, memory, sync): S(B)·t(B) up
+    to the constant S_min, ``objective``; one optimizer step's time, ``step_time``.
 
     One device's step time t_dev(b) is piecewise linear in the per-device
     micro-batch b (``segments``; one piece for a fitted or predicted line).
@@ -518,6 +519,7 @@ class AdvisorInputs:
         b_n_ci: its 95% interval (``high`` may be inf).
         basis: which noise scale ``b_n`` is.
         noise_step: training step of the probe point that gave ``b_n``.
+        noise_summary_of: when ``b_n`` is a median over several points, their steps.
         baseline_batch / baseline_lr: B0 and the learning rate tuned there.
         optimizer_family: "sgd" or "adam" (see ``optimizer_family``).
         lr_rule: "auto" | "linear" | "sqrt" | "none".
@@ -543,6 +545,7 @@ class AdvisorInputs:
     dataset_size: int
     basis: Basis = "b_simple"
     noise_step: int = 0
+    noise_summary_of: tuple[int, ...] = ()
     lr_rule: str = "auto"
     timing: TimingCurve | None = None
     memory: MemoryModel | None = None
@@ -656,10 +659,18 @@ def _timing_state(inputs: AdvisorInputs) -> TimingState:
     return "clamped" if t.t0 < 0 or t.per_example < 0 else "ok"
 
 
+def wall_clock(inputs: AdvisorInputs, b_n: float, gpus: int | None = None,
+               sync: float | None = None, upper: bool = False) -> WallClock:
+    """The wall-clock model of ``inputs`` at noise scale ``b_n`` (on ``gpus`` devices,
+    default the input's, with ``sync`` seconds per step, default the input's)."""
+    n = inputs.gpus if gpus is None else gpus
+    return _model(inputs, b_n, n, _sync_for(inputs, n)[0] if sync is None else sync, upper)
+
+
 def _model(inputs: AdvisorInputs, b_n: float, gpus: int, sync: float,
-           upper: bool = False) -> _Model:
+           upper: bool = False) -> WallClock:
     assert inputs.timing is not None
-    return _Model(
+    return WallClock(
         b_n=b_n,
         segments=inputs.timing.segments(upper),
         gpus=gpus,
@@ -669,6 +680,11 @@ def _model(inputs: AdvisorInputs, b_n: float, gpus: int, sync: float,
         lo=float(min(gpus, inputs.dataset_size)),
         hi=float(inputs.dataset_size),
     )
+
+
+def timing_usable(inputs: AdvisorInputs) -> bool:
+    """Whether the inputs carry a step-time curve the advice may act on."""
+    return _timing_usable(inputs)
 
 
 def _timing_usable(inputs: AdvisorInputs) -> bool:
@@ -717,7 +733,7 @@ def _recommend_batch(
     return None, round_batch(target, cap=inputs.dataset_size), False
 
 
-def candidates_table(inputs: AdvisorInputs, batch: int, model: _Model | None
+def candidates_table(inputs: AdvisorInputs, batch: int, model: WallClock | None
                      ) -> tuple[Candidate, ...]:
     """The table's rows: a grid of batches plus the baseline and the recommendation."""
     n, b0 = inputs.gpus, inputs.baseline_batch
@@ -762,7 +778,7 @@ def plausible_range(inputs: AdvisorInputs, sync: float
     return (min(both), max(both)), widened
 
 
-def frontier(inputs: AdvisorInputs, model: _Model, max_gpus: int, sync: float
+def frontier(inputs: AdvisorInputs, model: WallClock, max_gpus: int, sync: float
              ) -> tuple[FrontierRow, ...]:
     """The optimum on 1..max_gpus devices, each against the baseline on the input's N."""
     rows = []
@@ -781,7 +797,7 @@ def frontier(inputs: AdvisorInputs, model: _Model, max_gpus: int, sync: float
     return tuple(rows)
 
 
-def absolute_prediction(inputs: AdvisorInputs, model: _Model, rec: Candidate
+def absolute_prediction(inputs: AdvisorInputs, model: WallClock, rec: Candidate
                         ) -> AbsolutePrediction | None:
     """Hours and cost of the planned examples at the recommendation and at the baseline."""
     e = inputs.training_examples

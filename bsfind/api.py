@@ -96,16 +96,10 @@ def noise_scale_at(
     exactly as ``bsfind noise`` would at that step, so the evidence scripts
     measure what the CLI measures.
     """
-    opts = options or ProbeOptions()
-    seeds = Seeds(seed)
-    runner = LocalRunner()
-    deadline = Deadline.after(max_seconds)
-    probe = runner.noise_probe(job, opts, seed=seeds.probe(step), step=step, progress=progress)
-    if not curvature:
-        return probe.run(deadline)
-    est = probe.run(deadline.within(max_seconds / 2))
-    return runner.curvature(job, est, opts, seed=seeds.curvature(step), deadline=deadline,
-                            progress=progress)
+    from bsfind.trajectory import measure_point
+
+    return measure_point(job, LocalRunner(), options or ProbeOptions(), Seeds(seed), step,
+                         Deadline.after(max_seconds), curvature, progress)
 
 
 def measure_noise_scale(

@@ -206,9 +206,9 @@ def _fmt_bytes(n: float | None) -> str:
 def _fmt_seconds(s: float | None) -> str:
     if s is None:
         return "N/A"
-    if s < 1e-6:
+    if s < 0.9995e-6:
         return f"{s * 1e9:.3g} ns"
-    if s < 1e-3:
+    if s < 0.9995e-3:
         return f"{s * 1e6:.3g} µs"
     if s < 1:
         return f"{s * 1e3:.2f} ms"
@@ -224,14 +224,17 @@ def _ci(ci: list[float | None] | None) -> str:
 
 def render_noise(doc: dict[str, Any]) -> Table:
     t = Table(title="Gradient noise scale (measured)", title_justify="left")
-    for col in ("step", "B_simple", "95% CI", "|G|²", "tr(Σ)", "B_noise", "method",
-                "examples", "seconds", "stopped"):
+    for col in ("step", "examples seen", "loss", "B_simple", "95% CI", "|G|²", "tr(Σ)",
+                "B_noise", "method", "probe examples", "seconds", "stopped"):
         t.add_column(col, justify="right" if col not in ("method", "stopped") else "left")
-    used = (doc.get("noise_scale") or {}).get("step")
+    used = doc.get("noise_scale") or {}
+    marked = set(used.get("summary_of") or ([used.get("step")] if used else []))
     for n in doc["noise_scale_by_step"]:
-        mark = " ◀" if n["step"] == used and len(doc["noise_scale_by_step"]) > 1 else ""
+        mark = " ◀" if n["step"] in marked and len(doc["noise_scale_by_step"]) > 1 else ""
         t.add_row(
-            f"{n['step']}{mark}",
+            f"{n['step']:,}{mark}",
+            _fmt(n.get("examples_seen")),
+            _fmt(n.get("loss")),
             _fmt(n["b_simple"]) if n["b_simple"] is not None else "unresolved",
             _ci(n["ci95"]),
             _fmt(n["grad_norm_sq"]),
@@ -246,9 +249,47 @@ def render_noise(doc: dict[str, Any]) -> Table:
     return t
 
 
+def render_schedule(doc: dict[str, Any]) -> None:
+    """The batch-size schedule: a table, then the forms frameworks' ramps take."""
+    s = doc.get("schedule")
+    if not s:
+        return
+    t = Table(title=f"Batch-size schedule (predicted; {s['lr_rule']} learning rate per phase)",
+              title_justify="left")
+    for col in ("from step", "from examples", "batch", "per device × accum", "learning rate",
+                "B_n there", "steps", ""):
+        t.add_column(col, justify="right" if col else "left")
+    for p in s["phases"]:
+        t.add_row(f"{p['start_step']:,}", f"{p['start_examples']:,}", f"{p['batch_size']:,}",
+                  f"{p['per_device_batch_size']} × {p['grad_accumulation']}",
+                  f"{p['learning_rate']:.3g}", _fmt(p["b_n"]), f"{p['steps']:,}",
+                  "extrapolated" if p["extrapolated"] else "")
+    stdout.print(t)
+    ramp = ", ".join(f"({r['from_step']}, {r['batch_size']}, {r['learning_rate']:.3g})"
+                     for r in s["ramp"])
+    acc = ", ".join(f"({r['from_step']}, {r['grad_accumulation']})" for r in s["accumulation"])
+    micro = s["accumulation"][0]["per_device_batch_size"]
+    horizon = ("the planned run" if s["horizon_source"] == "training"
+               else f"{s['horizon_examples']:,} examples (no training length given: the "
+                    "extrapolation limit)")
+    stdout.print(
+        f"  over {horizon}: predicted {s['predicted_seconds'] / s['baseline_seconds']:.2f}× "
+        f"the baseline's time, against {s['best_constant_seconds'] / s['baseline_seconds']:.2f}×"
+        f" for the best constant batch ({s['best_constant_batch']:,})\n"
+        f"  ramp as (from_step, batch, lr): [{ramp}]\n"
+        f"  or as gradient accumulation over {micro} per device, (from_step, steps): [{acc}]\n"
+        f"  the noise scale was measured up to {s['measured_examples']:,.0f} examples; phases "
+        "past it follow the fitted growth (held beyond "
+        f"{s['growth']['extrapolation_limit_examples']:,.0f})",
+        markup=False,
+    )
+
+
 def render_candidates(doc: dict[str, Any]) -> Table:
     timing = doc.get("timing") or (doc.get("predicted") or {}).get("timing") or {}
     src = timing.get("source", "no timing")
+    if timing.get("quality") == "untrusted":
+        src += ", too noisy to use"
     t = Table(title=f"Candidates (step time: {src})", title_justify="left")
     for col in ("batch", "per device × accum", "steps ratio", "time/step", "total time",
                 "cost", "memory", "fits"):
@@ -259,9 +300,9 @@ def render_candidates(doc: dict[str, Any]) -> Table:
             f"{c['batch_size']}{mark}",
             f"{c['per_device_batch_size']} × {c['grad_accumulation']}",
             f"{c['steps_ratio']:.2f}",
-            _fmt_seconds(c["step_seconds"]) if timing else "—",
-            f"{c['time_ratio']:.2f}×" if timing else "—",
-            f"{c['cost_ratio']:.2f}×" if timing else "—",
+            _fmt_seconds(c["step_seconds"]) if c["step_seconds"] is not None else "—",
+            f"{c['time_ratio']:.2f}×" if c["time_ratio"] is not None else "—",
+            f"{c['cost_ratio']:.2f}×" if c["cost_ratio"] is not None else "—",
             _fmt_bytes(c["memory_bytes"]),
             "yes" if c["fits"] else "accumulate",
         )
@@ -279,6 +320,11 @@ def render_report(doc: dict[str, Any]) -> None:
         markup=False,
     )
     stdout.print(render_noise(doc))
+    if doc.get("trajectory"):
+        from bsfind.wording import trajectory_line
+
+        stdout.print(f"Probe run: {trajectory_line(_trajectory(doc['trajectory']))}",
+                     markup=False)
     if doc["command"] == "noise":
         return
     for line in hardware_lines(doc):
@@ -293,6 +339,13 @@ def render_report(doc: dict[str, Any]) -> None:
         )
     if doc.get("recommendation"):
         render_recommendation(doc)
+    render_schedule(doc)
+
+
+def _trajectory(d: dict[str, Any]) -> Any:
+    from bsfind.results import Trajectory
+
+    return Trajectory(**{k: v for k, v in d.items() if k != "growth"})
 
 
 def hardware_lines(doc: dict[str, Any]) -> list[str]:
@@ -307,8 +360,10 @@ def hardware_lines(doc: dict[str, Any]) -> list[str]:
     if tim:
         lines.append(
             f"Step time ({tim['source']}): t(B) = {_fmt_seconds(tim['t0'])} + "
-            f"{_fmt_seconds(tim['per_example'])}·B (R² {tim['r2']:.3f}, "
-            f"{len(tim['points'])} batch sizes"
+            f"{_fmt_seconds(tim['per_example'])}·B (R² {_fmt(tim['r2'])}, "
+            + {"line": "", "points": "read from the timed points, ",
+               "untrusted": "too noisy to use, "}.get(tim.get("quality") or "line", "")
+            + f"{len(tim['points'])} batch sizes"
             + (f", saturates near batch {tim['saturated_at']:,}" if tim.get("saturated_at") else "")
             + (f", GPU utilisation {tim['utilization_gpu_pct']:.0f}% while timing"
                if tim.get("utilization_gpu_pct") is not None else "")

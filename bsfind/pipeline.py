@@ -12,11 +12,9 @@ import dataclasses
 import math
 import time
 
-import torch
-
-from bsfind import advisor, wording
-from bsfind.budget import Deadline, ProgressFn
-from bsfind.errors import BudgetError, Interrupted
+from bsfind import advisor, schedule, trajectory, wording
+from bsfind.budget import ProgressFn
+from bsfind.errors import Interrupted
 from bsfind.hardware.measure import HardwareOptions, predict_on_gpu
 from bsfind.noise.probe import ProbeOptions
 from bsfind.report import Report
@@ -24,7 +22,6 @@ from bsfind.results import HardwareMeasurement, MemoryModel, NoiseEstimate, Timi
 from bsfind.runner import Runner
 from bsfind.seeds import Seeds
 from bsfind.spec import Spec
-from bsfind.training import EpochSampler
 from bsfind.workload import Workload
 
 # Share of probe.max_seconds reserved for the hardware measurements (memory and
@@ -60,17 +57,18 @@ def run(spec: Spec, runner: Runner, command: str, progress: ProgressFn | None = 
     deadline = runner.deadline(spec.probe.max_seconds)
     job = runner.build(spec)
     hardware = command == "recommend" and spec.probe.timing
-    estimates, status = probe_points(spec, job, runner, deadline, progress,
-                                     1.0 - HARDWARE_SHARE if hardware else 1.0)
-    used = estimates[-1]
+    points = trajectory.measure(spec, job, runner, deadline, progress,
+                                1.0 - HARDWARE_SHARE if hardware else 1.0, probe_options(spec))
     report = Report(
         command=command, spec=spec.document, device=describe_device(job.device),
         dataset_size=len(job), baseline_batch=spec.optimizer.batch_size,
         baseline_lr=spec.optimizer.lr, optimizer=spec.optimizer.name,
-        noise=tuple(estimates), used=used, status=status,
+        noise=points.estimates, used=points.used, status=points.status,
+        trajectory=points.trajectory,
         warnings=tuple(wording.noise_warnings(
-            used, dataset_size=len(job), baseline_batch=spec.optimizer.batch_size,
-            from_checkpoint=bool(spec.model.checkpoint))),
+            points.used, points.trajectory, dataset_size=len(job),
+            baseline_batch=spec.optimizer.batch_size,
+            from_checkpoint=bool(spec.model.checkpoint))) + points.notes,
     )
     if command == "recommend":
         try:
@@ -79,88 +77,8 @@ def run(spec: Spec, runner: Runner, command: str, progress: ProgressFn | None = 
             report = advise(report, spec, job, runner, hw, max_gpus)
         except KeyboardInterrupt:
             raise Interrupted("interrupted during the hardware analysis",
-                              partial=tuple(estimates)) from None
+                              partial=points.estimates) from None
     return runner.finish(dataclasses.replace(report, seconds=time.perf_counter() - start))
-
-
-def probe_points(
-    spec: Spec, job: Workload, runner: Runner, deadline: Deadline,
-    progress: ProgressFn | None, noise_share: float,
-) -> tuple[list[NoiseEstimate], str]:
-    """Train to each probe point and measure there. Returns (estimates, status)."""
-    seeds = Seeds(spec.probe.seed)
-    options = probe_options(spec)
-    steps = spec.probe_steps()
-    sampler = runner.sampler(job, spec.optimizer.batch_size, seeds.training_order)
-    optimizer = job.make_optimizer(spec.optimizer.lr) if steps[-1] > 0 else None
-    estimates: list[NoiseEstimate] = []
-    status, at = "ok", 0
-    start, total = time.perf_counter(), deadline.left()
-    for i, target in enumerate(steps):
-        if target > at:
-            assert optimizer is not None
-            at = _train_to(job, runner, optimizer, sampler, at, target, deadline, progress,
-                           estimates)
-            if at < target:
-                status = "partial"
-                break
-        # Budget for this point: an equal share of what is left for noise probing.
-        share = max(0.0, total * noise_share - (time.perf_counter() - start)) / (len(steps) - i)
-        try:
-            est = _measure_point(job, runner, options, seeds, at, deadline.within(share),
-                                 spec.probe.curvature, progress)
-        except Interrupted as exc:
-            part = exc.partial
-            raise Interrupted(
-                exc.message,
-                partial=tuple(estimates) + ((part,) if isinstance(part, NoiseEstimate) else ()),
-            ) from None
-        except BudgetError:
-            if estimates:
-                status = "partial"
-                break
-            raise
-        if est.stopped == "budget":
-            status = "partial"
-        estimates.append(est)
-    return estimates, status
-
-
-def _train_to(
-    job: Workload, runner: Runner, optimizer: torch.optim.Optimizer, sampler: EpochSampler,
-    at: int, target: int, deadline: Deadline, progress: ProgressFn | None,
-    estimates: list[NoiseEstimate],
-) -> int:
-    """Train from step ``at`` to ``target``; returns the step reached (less on budget)."""
-    try:
-        reached = runner.train(job, optimizer, target - at, sampler, start_step=at,
-                               progress=progress, deadline=deadline)
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted while training to step {target}",
-                          partial=tuple(estimates) or None) from None
-    if reached < target and not estimates:
-        raise BudgetError(
-            f"probe.max_seconds ran out while training to step {target} "
-            f"(reached {reached}) before any measurement",
-            hint="raise probe.max_seconds or lower probe.warmup_steps/at_steps",
-        )
-    return reached
-
-
-def _measure_point(job: Workload, runner: Runner, options: ProbeOptions, seeds: Seeds,
-                   step: int, deadline: Deadline, curvature: bool,
-                   progress: ProgressFn | None) -> NoiseEstimate:
-    """B_simple (and B_noise) at the current weights, the noise scale of training step ``step``."""
-    # Seeded by the training step, so the same weights get the same sampling
-    # whether reached by warmup_steps or by at_steps.
-    probe = runner.noise_probe(job, options, seed=seeds.probe(step), step=step,
-                               progress=progress)
-    if not curvature:
-        return probe.run(deadline)
-    # B_simple first on half of this point's share, then B_noise on the rest.
-    est = probe.run(deadline.within(deadline.left() / 2))
-    return runner.curvature(job, est, options, seed=seeds.curvature(step), deadline=deadline,
-                            progress=progress)
 
 
 def advise(report: Report, spec: Spec, job: Workload, runner: Runner, hw: HardwareMeasurement,
@@ -191,8 +109,34 @@ def advise(report: Report, spec: Spec, job: Workload, runner: Runner, hw: Hardwa
         predicted_memory=pred_mem, predicted_timing=pred_time,
         recommendation=advice.recommendation, candidates=advice.candidates,
         frontier=advice.frontier, absolute=advice.absolute,
+        schedule=batch_schedule(report.noise, inputs, spec.planned_examples(len(job))),
         warnings=report.warnings + tuple(notes),
     )
+
+
+def batch_schedule(points: tuple[NoiseEstimate, ...], inputs: advisor.AdvisorInputs,
+                   planned: int | None) -> schedule.Schedule | None:
+    """The doubling schedule from the noise scale along training (``schedule.py``); None
+    without a usable step time or with fewer than two points after initialisation."""
+    if not advisor.timing_usable(inputs):
+        return None
+    pairs = [(p.examples_seen, p.b_noise if inputs.basis == "b_noise" else p.b_simple)
+             for p in points if p.examples_seen]
+    if len(pairs) < 2:
+        return None
+    growth = schedule.fit_growth(pairs)  # type: ignore[arg-type]
+    return None if growth is None else schedule.build(inputs, growth, planned)
+
+
+def basis_for(job: Workload, used: NoiseEstimate) -> advisor.Basis:
+    """Which noise scale the advice rests on, per optimizer family (docs/validation.md).
+
+    SGD family: B_noise when it was measured (it tracked the fitted B_crit to
+    0.83-1.10× on the CNN). Adam family: always B_simple (within 0.34-2.4× of
+    B_crit, while B_noise read about 3× low late in training under Adam/AdamW).
+    """
+    family = advisor.optimizer_family(job.optimizer_cls)
+    return "b_noise" if used.b_noise is not None and family == "sgd" else "b_simple"
 
 
 def advisor_inputs(
@@ -204,18 +148,20 @@ def advisor_inputs(
 
     ``world`` > 1 (a data-parallel run) replaces ``hardware.gpus``.
     """
-    basis: advisor.Basis
-    if used.b_noise is not None:
-        b_n, ci, basis = used.b_noise, used.b_noise_ci95 or used.ci95, "b_noise"
+    basis: advisor.Basis = basis_for(job, used)
+    if basis == "b_noise":
+        assert used.b_noise is not None
+        b_n, ci = used.b_noise, used.b_noise_ci95 or used.ci95
     elif used.b_simple is not None:
-        b_n, ci, basis = used.b_simple, used.ci95, "b_simple"
+        b_n, ci = used.b_simple, used.ci95
     else:
-        b_n, ci, basis = math.inf, used.ci95, "b_simple"
+        b_n, ci = math.inf, used.ci95
     examples = spec.training.examples
     if examples is None and spec.training.epochs is not None:
         examples = int(round(spec.training.epochs * len(job)))
     return advisor.AdvisorInputs(
         b_n=max(b_n, 1e-9), b_n_ci=ci, basis=basis, noise_step=used.step,
+        noise_summary_of=used.summary_of,
         baseline_batch=spec.optimizer.batch_size, baseline_lr=spec.optimizer.lr,
         optimizer_family=advisor.optimizer_family(job.optimizer_cls),
         lr_rule=spec.optimizer.lr_rule, dataset_size=len(job),

@@ -24,7 +24,9 @@ from bsfind.results import (
     NoiseEstimate,
     Recommendation,
     TimingCurve,
+    Trajectory,
 )
+from bsfind.schedule import Schedule
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class Report:
     cached: bool = False
     version: str = __version__
     distributed: DistributedSummary | None = None  # torchrun: world size, all-reduce, per rank
+    trajectory: Trajectory | None = None  # how far the probe run along training got
+    schedule: Schedule | None = None  # the batch-size schedule (recommend)
 
 
 def clean(value: Any) -> Any:
@@ -78,6 +82,31 @@ def noise_dict(est: NoiseEstimate) -> dict[str, Any]:
     d["resolved"] = est.b_simple is not None
     d["rel_half_width"] = clean(est.rel_half_width)
     return d
+
+
+def schedule_dict(s: Schedule | None) -> dict[str, Any] | None:
+    """The schedule's phases, its ready-to-paste forms and its predicted times."""
+    if s is None:
+        return None
+    return {
+        "phases": clean(s.phases),
+        "ramp": [{"from_step": a, "batch_size": b, "learning_rate": lr} for a, b, lr in s.ramp],
+        "accumulation": [{"from_step": a, "per_device_batch_size": m, "grad_accumulation": k}
+                         for a, m, k in s.accumulation],
+        "growth": {"a": s.growth.a, "p": s.growth.p, "examples_from": s.growth.e_lo,
+                   "examples_to": s.growth.e_hi, "r2": clean(s.growth.r2),
+                   "extrapolation_limit_examples": s.growth.e_cap},
+        "horizon_examples": s.horizon_examples,
+        "horizon_source": s.horizon_source,
+        "measured_examples": s.measured_examples,
+        "lr_rule": s.lr_rule,
+        "predicted_seconds": s.seconds,
+        "baseline_seconds": s.baseline_seconds,
+        "best_constant_batch": s.best_constant_batch,
+        "best_constant_seconds": s.best_constant_seconds,
+        "predicted_time_ratio": s.seconds / s.baseline_seconds if s.baseline_seconds else None,
+        "label": "predicted; phases marked extrapolated start past the last measured point",
+    }
 
 
 def to_dict(report: Report) -> dict[str, Any]:
@@ -114,6 +143,9 @@ def to_dict(report: Report) -> dict[str, Any]:
         doc["candidates"] = clean(report.candidates)
         doc["frontier"] = clean(report.frontier)
         doc["absolute"] = clean(report.absolute)
+    doc["trajectory"] = clean(report.trajectory)
+    if report.command != "noise":
+        doc["schedule"] = schedule_dict(report.schedule)
     if report.distributed is not None:
         doc["distributed"] = clean(report.distributed)
     doc["warnings"] = list(report.warnings)

@@ -57,6 +57,11 @@ class NoiseEstimate:
         step: optimizer steps trained before this measurement (0 = as loaded).
         b_noise: tr(HΣ)/(GᵀHG) when curvature was measured, else ``None``.
         b_noise_ci95: its interval.
+        examples_seen: training examples before this point (steps × baseline batch
+            for bsfind's own training; a checkpoint's own count).
+        loss: the training loss around this point (bsfind's own training only).
+        summary_of: set when this estimate summarises several points (the median
+            over the last points of a run): their training steps.
     """
 
     b_simple: float | None
@@ -76,6 +81,9 @@ class NoiseEstimate:
     step: int = 0
     b_noise: float | None = None
     b_noise_ci95: Interval | None = None
+    examples_seen: int | None = None  # training examples before this point (None: unknown)
+    loss: float | None = None  # training loss around this point (mean of the last steps)
+    summary_of: tuple[int, ...] = ()  # a summary: the steps of the points it summarises
 
     @property
     def rel_half_width(self) -> float:
@@ -370,3 +378,39 @@ class DistributedSummary:
     per_device_batch_size: int | None
     timing_basis: str | None
     per_rank: tuple[RankInfo, ...]
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """How far the probe run along training got, and what the noise scale did there.
+
+    Attributes:
+        mode: "along" (bsfind trained at the baseline batch and learning rate),
+            "checkpoints" (``model.checkpoints``) or "pinned" (``at_steps``,
+            ``warmup_steps``, ``model.checkpoint``).
+        steps / examples: the last point's training step and examples seen.
+        epochs: examples over the dataset size.
+        loss_from / loss_to: the training loss at the start and at the end.
+        b_simple_first / b_simple_last: the noise scale at the first and the last
+            point (None when unresolved there); ``growth`` is their ratio.
+        moved: whether training got far enough to stand for the run (the loss
+            fell by at least MOVED_LOSS_DROP, or the planned run was reached).
+        planned_examples: the run the spec plans (``training``), when given.
+    """
+
+    mode: str
+    steps: int
+    examples: int | None
+    epochs: float | None
+    loss_from: float | None
+    loss_to: float | None
+    b_simple_first: float | None
+    b_simple_last: float | None
+    moved: bool
+    planned_examples: int | None = None
+
+    @property
+    def growth(self) -> float | None:
+        if not self.b_simple_first or not self.b_simple_last:
+            return None
+        return self.b_simple_last / self.b_simple_first

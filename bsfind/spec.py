@@ -29,6 +29,7 @@ class Field:
     """One spec key: its type, default and the one place it is documented."""
 
     kind: str  # "str" | "int" | "float" | "bool" | "mapping" | "int_list" | "choice"
+    #          | "checkpoint_list"
     doc: str
     default: Any = None
     required: bool = False
@@ -91,6 +92,13 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "checkpoint": Field(
             "str", "optional state_dict file (relative to the spec) loaded after construction",
             nullable=True,
+        ),
+        "checkpoints": Field(
+            "checkpoint_list",
+            "measure at each of a run's checkpoints, no training: a list of {path, step} or "
+            "{path, examples} (paths relative to the spec)",
+            nullable=True,
+            example=None,
         ),
     },
     "data": {
@@ -183,10 +191,20 @@ REQUIRED_SECTIONS = ("model", "data", "optimizer")
 
 
 @dataclass(frozen=True)
+class CheckpointSpec:
+    """One entry of ``model.checkpoints``: a state_dict and where in training it was saved."""
+
+    path: str
+    step: int | None = None
+    examples: int | None = None
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     factory: str
     kwargs: dict[str, Any]
     checkpoint: str | None
+    checkpoints: tuple[CheckpointSpec, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -252,10 +270,33 @@ class Spec:
     source: str = "spec"
 
     def probe_steps(self) -> tuple[int, ...]:
-        """Training steps at which the noise scale is measured."""
+        """Training steps at which the noise scale is measured (when pinned)."""
         if self.probe.at_steps:
             return self.probe.at_steps
         return (self.probe.warmup_steps,)
+
+    @property
+    def probe_mode(self) -> str:
+        """Where the noise scale is measured.
+
+        "checkpoints": at each of ``model.checkpoints``; "pinned": at
+        ``probe.at_steps``, after ``probe.warmup_steps``, or at the weights of
+        ``model.checkpoint``; "along": the default, along a short run of
+        training at the baseline batch and learning rate.
+        """
+        if self.model.checkpoints:
+            return "checkpoints"
+        if self.probe.at_steps or self.probe.warmup_steps or self.model.checkpoint:
+            return "pinned"
+        return "along"
+
+    def planned_examples(self, dataset_size: int) -> int | None:
+        """``training.examples``, or ``training.epochs`` × the dataset; None if neither."""
+        if self.training.examples is not None:
+            return self.training.examples
+        if self.training.epochs is not None:
+            return int(round(self.training.epochs * dataset_size))
+        return None
 
 
 # --------------------------------------------------------------------------- parsing
@@ -314,6 +355,8 @@ def _coerce(f: Field, value: Any, path: str, problems: list[str]) -> Any:
             isinstance(v, int) and not isinstance(v, bool) for v in value
         ):
             out = tuple(value)
+    elif f.kind == "checkpoint_list":
+        return _checkpoints(value, path, problems)
     if out is _MISSING:
         problems.append(f"{path}: expected {_expected(f)}, got {_type_name(value)} {value!r}")
         return _MISSING
@@ -323,6 +366,44 @@ def _coerce(f: Field, value: Any, path: str, problems: list[str]) -> Any:
             problems.append(f"{path}: {problem}")
             return _MISSING
     return out
+
+
+def _checkpoints(value: Any, path: str, problems: list[str]) -> Any:
+    """``model.checkpoints``: a non-empty list of {path, step} / {path, examples}."""
+    if not isinstance(value, (list, tuple)) or not value:
+        problems.append(f"{path}: expected a non-empty list of {{path, step}} or "
+                        f"{{path, examples}} mappings, got {_type_name(value)} {value!r}")
+        return _MISSING
+    out: list[CheckpointSpec] = []
+    before = len(problems)
+    for i, item in enumerate(value):
+        where = f"{path}[{i}]"
+        if not isinstance(item, Mapping):
+            problems.append(f"{where}: expected a mapping with path and step (or examples), "
+                            f"got {_type_name(item)} {item!r}")
+            continue
+        unknown = sorted(set(item) - {"path", "step", "examples"})
+        if unknown:
+            problems.append(f"{where}.{unknown[0]}: unknown key (expected path, step, examples)")
+        if not isinstance(item.get("path"), str) or not item.get("path"):
+            problems.append(f"{where}.path: expected a file path (relative to the spec)")
+        counts = [k for k in ("step", "examples") if item.get(k) is not None]
+        if len(counts) != 1:
+            problems.append(f"{where}: give exactly one of step or examples")
+        for k in counts:
+            v = item[k]
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                problems.append(f"{where}.{k}: expected an integer >= 0, got {v!r}")
+        if len(problems) == before:
+            out.append(CheckpointSpec(item["path"], item.get("step"), item.get("examples")))
+    if len(problems) > before:
+        return _MISSING
+    order = [c.step if c.step is not None else c.examples for c in out]
+    kinds = {c.step is None for c in out}
+    if len(kinds) == 1 and order != sorted(set(order)):  # type: ignore[type-var]
+        problems.append(f"{path}: checkpoints must be in training order, without repeats")
+        return _MISSING
+    return tuple(out)
 
 
 def _expected(f: Field) -> str:
@@ -378,11 +459,17 @@ def validate(document: Any, base_dir: Path, source: str = "spec") -> Spec:
             else:
                 out[name] = copy.deepcopy(f.default)
         values[section] = out
-        filled[section] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
+        filled[section] = {k: _plain(v) for k, v in out.items()}
     p_, t_ = values["probe"], values["training"]
     if p_.get("at_steps") and p_.get("warmup_steps"):
         problems.append("probe.at_steps: set either at_steps or warmup_steps, not both "
                         "(at_steps counts from the loaded weights: add the warm-up to them)")
+    m_ = values["model"]
+    if m_.get("checkpoints") and (m_.get("checkpoint") or p_.get("at_steps")
+                                  or p_.get("warmup_steps")):
+        problems.append("model.checkpoints: measures at each checkpoint without training; it "
+                        "cannot be combined with model.checkpoint, probe.at_steps or "
+                        "probe.warmup_steps")
     if t_.get("examples") is not None and t_.get("epochs") is not None:
         problems.append("training.epochs: set either training.examples or training.epochs, "
                         "not both")
@@ -402,6 +489,16 @@ def validate(document: Any, base_dir: Path, source: str = "spec") -> Spec:
         document=filled,
         source=source,
     )
+
+
+def _plain(v: Any) -> Any:
+    """A value as the spec document (JSON, cache key) holds it."""
+    if isinstance(v, CheckpointSpec):
+        return {k: x for k, x in (("path", v.path), ("step", v.step), ("examples", v.examples))
+                if x is not None}
+    if isinstance(v, tuple):
+        return [_plain(x) for x in v]
+    return v
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -185,3 +185,37 @@ def restored_weights(model: nn.Module) -> Iterator[None]:
     finally:
         model.load_state_dict(saved)
         model.zero_grad(set_to_none=True)
+
+
+def evaluation_subset(n: int, seed: int, size: int = 512) -> torch.Tensor:
+    """A fixed random subset of at most ``size`` of the ``n`` examples (sorted)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
+
+
+@torch.no_grad()
+def evaluate_loss(job: Workload, idx: torch.Tensor, chunk: int = 512) -> float | None:
+    """The mean training loss on the examples ``idx``, without a trace on the model.
+
+    The model stays in its mode (the training loss is the quantity S(B) models);
+    buffers (BatchNorm statistics) and the random generators are left as they were.
+    Chunks of at most ``chunk`` examples, halved on out-of-memory; None when not
+    even one example fits (the loss is then not reported).
+    """
+    from bsfind.hardware.memory import clear_cache, is_oom, preserved_state
+
+    while chunk >= 1:
+        total, oom = 0.0, False
+        try:
+            with preserved_state(job.model):
+                for start in range(0, len(idx), chunk):
+                    part = idx[start:start + chunk]
+                    total += float(job.loss(part)) * len(part)
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            oom = True
+        if not oom:
+            return total / max(1, len(idx))
+        clear_cache(job.device)  # outside the except block: the failed chunk is freed
+        chunk //= 2
+    return None

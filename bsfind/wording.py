@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from bsfind.advisor import Advice, AdvisorInputs
-    from bsfind.results import AbsolutePrediction, NoiseEstimate, TimingCurve
+    from bsfind.results import AbsolutePrediction, NoiseEstimate, TimingCurve, Trajectory
 
 NO_TIMING = ("the time budget ran out before any step was timed: no step-time curve; "
              "the advice uses the noise scale only")
@@ -49,8 +49,8 @@ def money(x: float) -> str:
 # --------------------------------------------------------------------------- the noise scale
 
 
-def noise_warnings(used: NoiseEstimate, *, dataset_size: int, baseline_batch: int,
-                   from_checkpoint: bool) -> list[str]:
+def noise_warnings(used: NoiseEstimate, trajectory: Trajectory | None, *, dataset_size: int,
+                   baseline_batch: int, from_checkpoint: bool) -> list[str]:
     """Warnings about the noise measurement that drove the advice."""
     out = []
     if used.b_simple is None:
@@ -61,9 +61,45 @@ def noise_warnings(used: NoiseEstimate, *, dataset_size: int, baseline_batch: in
             f"{baseline_batch}: the probe samples with replacement, so the estimate "
             f"is still sound, but no recommendation exceeds {dataset_size}"
         )
-    if used.step == 0 and not from_checkpoint:
+    if trajectory is not None and trajectory.mode == "along":
+        if not trajectory.moved:
+            out.append(did_not_move(trajectory))
+    elif used.step == 0 and not from_checkpoint and (trajectory is None
+                                                     or trajectory.mode == "pinned"):
         out.append(MEASURED_AT_INIT)
     return out
+
+
+def training_out_of_memory(batch: int, step: int) -> str:
+    return (f"training along the run at the baseline batch {batch} ran out of memory after step "
+            f"{step:,}: the noise scale is from the points measured before; measure at a "
+            "real run's checkpoints (model.checkpoints) for later phases")
+
+
+def did_not_move(t: Trajectory) -> str:
+    """The default run along training stopped before training changed much."""
+    loss = (f" (training loss {t.loss_from:.3g} → {t.loss_to:.3g})"
+            if t.loss_from is not None and t.loss_to is not None else "")
+    return (f"the probe trained only {t.steps:,} steps{loss} before its budget ran out: the "
+            "noise scale changes as training proceeds (it usually grows, often 10x), so this "
+            "may misrepresent the run; raise probe.max_seconds, or measure at points of a "
+            "real run (model.checkpoints, probe.at_steps)")
+
+
+def trajectory_line(t: Trajectory) -> str:
+    """One line: how far the probe run got, the loss, and the noise scale's growth."""
+    where = {"along": "trained along", "checkpoints": "measured at checkpoints up to",
+             "pinned": "measured at"}[t.mode]
+    examples = f", {t.examples:,} examples ({t.epochs:.2g} epochs)" if (
+        t.examples is not None and t.epochs is not None) else ""
+    loss = (f"; training loss {t.loss_from:.3g} → {t.loss_to:.3g}"
+            if t.loss_from is not None and t.loss_to is not None else "")
+    growth = ""
+    if t.b_simple_first and t.b_simple_last:
+        growth = (f"; B_simple {num(t.b_simple_first)} → {num(t.b_simple_last)} "
+                  f"({t.b_simple_last / t.b_simple_first:.2g}x)")
+    plan = (f"; planned run {t.planned_examples:,} examples" if t.planned_examples else "")
+    return f"{where} step {t.steps:,}{examples}{loss}{growth}{plan}"
 
 
 # --------------------------------------------------------------------------- the advice
@@ -88,6 +124,10 @@ def _basis(advice: Advice, inputs: AdvisorInputs) -> str:
     ci = inputs.b_n_ci
     noise = (f"{name} = {num(inputs.b_n)} (95% CI {num(ci.low)}–{num(ci.high)}) measured "
              f"at training step {inputs.noise_step}")
+    if len(inputs.noise_summary_of) > 1:
+        steps = ", ".join(f"{s:,}" for s in inputs.noise_summary_of)
+        noise = (f"{name} = {num(inputs.b_n)}, the median at training steps {steps} (their "
+                 f"intervals span {num(ci.low)}–{num(ci.high)})")
     if math.isinf(inputs.b_n):
         noise = (f"{name} unresolved (above the largest batch probed) at training step "
                  f"{inputs.noise_step}")
@@ -152,9 +192,14 @@ def _notes(advice: Advice, inputs: AdvisorInputs) -> list[str]:
                      "batch wins, limited only by the dataset size")
     if f.optimum_clipped:
         notes.append(f"the optimum reaches the dataset size ({inputs.dataset_size:,}): clipped")
-    if inputs.basis == "b_simple":
+    if inputs.basis == "b_simple" and inputs.optimizer_family == "adam":
+        notes.append("the Adam family's advice rests on B_simple: in docs/validation.md it "
+                     "stayed within 0.34–2.4x of the critical batch fitted from full sweeps, "
+                     "while B_noise read about 3x low late in training under Adam/AdamW")
+    elif inputs.basis == "b_simple":
         notes.append("B_simple exceeded the measured critical batch 1.5–8x on supervised tasks "
-                     "(McCandlish et al. 2018); B_noise (probe.curvature) tracks it better")
+                     "(McCandlish et al. 2018); under SGD, B_noise (probe.curvature) tracked "
+                     "it to 0.83–1.10x in docs/validation.md")
     if rec.grad_accumulation > 1:
         notes.append(f"batch {rec.batch_size} does not fit in memory on {rec.gpus} device(s): "
                      f"{rec.per_device_batch_size} per device × "

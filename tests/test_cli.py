@@ -202,5 +202,5 @@ def test_same_training_step_same_estimate_by_warmup_or_at_steps() -> None:
     assert by_warmup.stopped == by_points.stopped == "converged"
     for field in ("b_simple", "ci95", "grad_norm_sq", "trace_sigma", "rounds", "examples"):
         assert getattr(by_warmup, field) == getattr(by_points, field), field
-    at_zero = measure(load_spec(GOOD, common)).used  # other weights: another estimate
+    at_zero = measure(load_spec(GOOD, [*common, "probe.at_steps=[0]"])).used  # other weights
     assert at_zero is not None and at_zero.b_simple != by_warmup.b_simple

@@ -120,7 +120,7 @@ def test_torchrun_reports_once_and_agrees_with_a_single_process() -> None:
     from bsfind.api import measure
     from bsfind.spec import load_spec
 
-    proc, _ = _torchrun("recommend", SPEC, "--json")
+    proc, _ = _torchrun("recommend", SPEC, "--json", "--set", "probe.at_steps=[0]")
     assert proc.returncode == 0, proc.stderr
     doc = _one_document(proc.stdout)
     # Only rank 0 wrote: one copy of each warning.
@@ -143,7 +143,7 @@ def test_torchrun_reports_once_and_agrees_with_a_single_process() -> None:
     # One process, same spec: the same weights (seeded before the factory),
     # drawing its own examples. The two 95% intervals must overlap.
     torch.set_num_threads(1)  # as each rank ran
-    single = measure(load_spec(SPEC)).used
+    single = measure(load_spec(SPEC, ["probe.at_steps=[0]"])).used
     assert single is not None and single.b_simple is not None
     lo, hi = noise["ci95"]
     hi = math.inf if hi is None else hi
@@ -231,7 +231,8 @@ def test_distributed_estimate_matches_the_exact_value(method: str, rel: float) -
 
     exact = exact_noise(build(load_spec(SPEC))).b_simple
     proc, _ = _torchrun("noise", SPEC, "--json", "--set", f"probe.method={method}",
-                        "--set", "probe.target_rel_error=0.05", "--set", "probe.max_seconds=60")
+                        "--set", "probe.target_rel_error=0.05", "--set", "probe.max_seconds=60",
+                        "--set", "probe.at_steps=[0]")
     assert proc.returncode == 0, proc.stderr
     noise = _one_document(proc.stdout)["noise_scale"]
     assert noise["method"] == f"distributed+{method}" and noise["stopped"] == "converged"

@@ -54,7 +54,7 @@ def one_thread() -> None:
 def test_critical_batch_runs_end_to_end(tmp_path: Path) -> None:
     spec, job = _train.load_job(str(ROOT / "configs" / "digits-mlp.yaml"))
     res = critical_batch.gather(
-        spec, job, batches=[16, 64, 256], lr_mults=[4.0], seeds=1, targets=[1.5, 1.0],
+        spec, job, batches=[16, 64, 256], lr_mults=[0.5], seeds=1, targets=[1.5, 1.0],
         max_steps=150, extend=0, eval_examples=256, probe_seconds=0.25, curv_batch=64,
         window_points=2, window_seconds=0.1,
     )

@@ -1,0 +1,307 @@
+"""A batch-size schedule from the noise scale measured along training (DESIGN §10).
+
+Pure math, like the advisor: numbers in, numbers out.
+
+    .venv/bin/python -m pytest tests/test_schedule.py -q
+
+The noise scale grows during training, so the time-optimal batch grows too.
+From the noise scale B_n measured at several points of a run at the baseline
+batch B0, indexed by the examples E that run had seen:
+
+1. **Growth.** :func:`fit_growth` fits B_n(E) = a·E^p by least squares in
+   log-log, over the points from the lowest noise scale on (the first steps
+   of training often start high and dip before the growth sets in; Bergsma et
+   al. 2025 find B_crit growing as a power of the data seen). Before the first
+   fitted point B_n is held at its value there; past the last measured point
+   the power law is an extrapolation, held constant beyond
+   EXTRAPOLATION_LIMIT × the examples measured.
+2. **Progress.** S(B) = S_min(1 + B_n/B) (McCandlish eq. 2.11) holds at each
+   moment: a step of B examples makes 1/(1 + B_n/B) of the progress of an
+   infinitely large batch. Measuring progress by the baseline run's own
+   examples e, a run at batch B needs (1 + B_n(e)/B)/(1 + B_n(e)/B0) of the
+   baseline's steps over de, each taking t(B).
+3. **Doublings.** Frameworks ramp by integer factors, so the schedule
+   doubles. Going from B to 2B pays exactly when (1 + B_n/2B)·t(2B) <
+   (1 + B_n/B)·t(B), i.e. B_n > (t(2B) − t(B)) / (t(B)/B − t(2B)/2B); for
+   t = t0 + c·B that is B < B*/√2 with B* = sqrt(B_n·t0/c). The schedule
+   starts at the time-optimal batch for the start of the run and doubles
+   where the fitted B_n(e) crosses that threshold, up to the dataset size.
+   Each phase's learning rate comes from the advisor's rule at the phase's
+   noise scale (so ×√2 per doubling for the Adam family while B ≪ B_n, as in
+   OLMo's ramp; the McCandlish ratio for SGD).
+
+The horizon is the planned training (``training.examples`` / ``epochs``) when
+given, else EXTRAPOLATION_LIMIT × the examples measured.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from bsfind.advisor import (
+    AdvisorInputs,
+    WallClock,
+    scaled_lr,
+    wall_clock,
+)
+
+# The power law is followed at most this far past the last measured point (in
+# examples seen); beyond, the noise scale is held there. Two doublings of the
+# run: far enough to plan the next run's ramp, near enough that a power law
+# fitted over one or two decades of examples still means something.
+EXTRAPOLATION_LIMIT = 4.0
+# Points per phase of the numerical integral of the steps (log-spaced trapezoids).
+INTEGRATION_POINTS = 256
+
+
+@dataclass(frozen=True)
+class Growth:
+    """B_n(E) = a·E^p, measured over [e_lo, e_hi] examples seen (see the module docstring).
+
+    Attributes:
+        points: the (examples, B_n) pairs fitted.
+        r2: of log B_n on log E (NaN with two points).
+    """
+
+    a: float
+    p: float
+    e_lo: float
+    e_hi: float
+    r2: float
+    points: tuple[tuple[float, float], ...]
+
+    @property
+    def e_cap(self) -> float:
+        return EXTRAPOLATION_LIMIT * self.e_hi
+
+    def at(self, e: float) -> float:
+        """B_n after ``e`` examples: held below e_lo and above e_cap."""
+        e = min(max(e, self.e_lo), self.e_cap)
+        return self.a * e**self.p
+
+    def examples_where(self, b_n: float) -> float | None:
+        """The examples at which B_n(E) reaches ``b_n`` (None: not within [e_lo, e_cap])."""
+        if self.p <= 0 or b_n <= self.at(self.e_lo):
+            return None if b_n > self.at(self.e_lo) else self.e_lo
+        e = (b_n / self.a) ** (1.0 / self.p)
+        return e if e <= self.e_cap else None
+
+
+def fit_growth(points: Sequence[tuple[float, float]]) -> Growth | None:
+    """Fit B_n(E) = a·E^p to (examples seen, noise scale) points.
+
+    Points with E <= 0 or a non-positive or unresolved noise scale are left
+    out; so are the points before the lowest noise scale (the early dip). A
+    decreasing fit (p < 0) becomes p = 0: a flat noise scale, no doublings.
+
+    Returns:
+        The growth, or None with no usable point. One point gives p = 0.
+    """
+    pts = sorted((float(e), float(b)) for e, b in points
+                 if e > 0 and b is not None and math.isfinite(b) and b > 0)
+    if not pts:
+        return None
+    low = min(range(len(pts)), key=lambda i: pts[i][1])
+    pts = pts[low:]
+    if len(pts) == 1:
+        e, b = pts[0]
+        return Growth(b, 0.0, e, e, math.nan, tuple(pts))
+    xs = [math.log(e) for e, _ in pts]
+    ys = [math.log(b) for _, b in pts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    p = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    r2 = math.nan
+    if len(pts) > 2 and ss_tot > 0:
+        r2 = 1 - sum((y - my - p * (x - mx)) ** 2
+                     for x, y in zip(xs, ys, strict=True)) / ss_tot
+    if p < 0:
+        p, my = 0.0, math.log(sorted(b for _, b in pts)[len(pts) // 2])
+        mx = 0.0
+    a = math.exp(my - p * mx)
+    return Growth(a, p, pts[0][0], pts[-1][0], r2, tuple(pts))
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One constant-batch stretch of the schedule, counted in the NEW run's steps.
+
+    Attributes:
+        batch_size: the global batch (per device × devices × accumulation).
+        start_step / start_examples: where the phase starts in the new run.
+        steps: its predicted steps.
+        learning_rate: the advisor's rule at ``b_n``.
+        grad_accumulation / per_device_batch_size: how the batch fits in memory.
+        b_n: the noise scale (fitted) where the phase starts.
+        baseline_examples: where it starts on the measured run's axis.
+        extrapolated: it starts past the last measured point.
+    """
+
+    batch_size: int
+    start_step: int
+    start_examples: int
+    steps: int
+    learning_rate: float
+    grad_accumulation: int
+    per_device_batch_size: int
+    b_n: float
+    baseline_examples: float
+    extrapolated: bool
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The doubling schedule and its predicted time against constant batches.
+
+    Attributes:
+        horizon_examples: the baseline run's examples the schedule covers.
+        horizon_source: "training" (the spec's plan) or "extrapolation limit".
+        measured_examples: examples of the last measured point (beyond it,
+            the noise scale is extrapolated; beyond EXTRAPOLATION_LIMIT × it, held).
+        seconds / baseline_seconds / best_constant_seconds: predicted times of
+            the schedule, the baseline batch and the best constant batch.
+        best_constant_batch: the constant batch with the least predicted time.
+        lr_rule: the learning-rate rule's name.
+    """
+
+    phases: tuple[Phase, ...]
+    growth: Growth
+    horizon_examples: int
+    horizon_source: str
+    measured_examples: float
+    seconds: float
+    baseline_seconds: float
+    best_constant_batch: int
+    best_constant_seconds: float
+    lr_rule: str
+
+    @property
+    def ramp(self) -> list[tuple[int, int, float]]:
+        """(from_step, batch, learning rate) per phase: the form frameworks' ramps take."""
+        return [(p.start_step, p.batch_size, p.learning_rate) for p in self.phases]
+
+    @property
+    def accumulation(self) -> list[tuple[int, int, int]]:
+        """(from_step, per-device micro-batch, accumulation steps) keeping the first phase's
+        per-device batch and growing the gradient accumulation instead."""
+        first = self.phases[0]
+        micro = first.per_device_batch_size
+        per_step = max(1, first.batch_size // max(1, first.grad_accumulation))
+        return [(p.start_step, micro, max(1, round(p.batch_size / per_step)))
+                for p in self.phases]
+
+
+def _steps(growth: Growth, b: float, b0: float, e_from: float, e_to: float) -> float:
+    """New-run steps at batch ``b`` for the baseline's progress from e_from to e_to examples:
+    ∫ (1 + B_n(e)/b)/(1 + B_n(e)/b0) de / b0; exact where B_n is held (below e_lo, past
+    e_cap), trapezoids on a log grid where it follows the power law."""
+    if e_to <= e_from:
+        return 0.0
+
+    def f(e: float) -> float:
+        bn = growth.at(e)
+        return (1 + bn / b) / (1 + bn / b0)
+
+    knots = sorted({e_from, e_to, *(x for x in (growth.e_lo, growth.e_cap) if e_from < x < e_to)})
+    total = 0.0
+    for lo, hi in zip(knots, knots[1:], strict=False):
+        if hi <= growth.e_lo or lo >= growth.e_cap or growth.p == 0:
+            total += (hi - lo) * f((lo + hi) / 2)  # constant there
+            continue
+        n = INTEGRATION_POINTS
+        grid = [lo * (hi / lo) ** (i / n) for i in range(n + 1)]
+        total += sum((grid[i + 1] - grid[i]) * (f(grid[i]) + f(grid[i + 1])) / 2
+                     for i in range(n))
+    return total / b0
+
+
+def _doubling_threshold(model: WallClock, b: float) -> float | None:
+    """The noise scale above which batch 2b beats b: (t(2b) − t(b)) / (t(b)/b − t(2b)/2b)."""
+    t1, t2 = model.step_time(b), model.step_time(2 * b)
+    denominator = t1 / b - t2 / (2 * b)
+    if denominator <= 0:
+        return None  # doubling never buys throughput (saturated, or accumulating)
+    return max(0.0, (t2 - t1) / denominator)
+
+
+def best_constant(inputs: AdvisorInputs, growth: Growth, horizon: float) -> tuple[int, float]:
+    """(batch, predicted seconds) of the constant batch fastest over the whole horizon.
+
+    Powers of two (and 1.5× them) up to the dataset, then every allowed batch
+    (multiples of 8) between the best one's neighbours on that grid.
+    """
+    model = wall_clock(inputs, growth.at(growth.e_hi))
+    b0 = inputs.baseline_batch
+
+    def seconds(b: int) -> float:
+        return _steps(growth, b, b0, 0.0, horizon) * model.step_time(b)
+
+    cap = inputs.dataset_size
+    grid = sorted({b for k in range(40) for b in (2**k, 3 * 2**k // 2)
+                   if max(1, inputs.gpus) <= b <= cap} | {b0})
+    best = min(grid, key=seconds)
+    i = grid.index(best)
+    lo, hi = grid[max(0, i - 1)], grid[min(len(grid) - 1, i + 1)]
+    near = set(range(8 * math.ceil(lo / 8), hi + 1, 8)) - {0}
+    best = min({best, *near}, key=seconds)
+    return best, seconds(best)
+
+
+def build(inputs: AdvisorInputs, growth: Growth, planned_examples: int | None) -> Schedule:
+    """The doubling schedule for the measured growth (see the module docstring).
+
+    Args:
+        inputs: the advisor's inputs (timing required; ``b_n`` is ignored: the
+            growth gives the noise scale along the run).
+        growth: B_n as a function of the baseline run's examples.
+        planned_examples: the run's length at the baseline batch, if known.
+    """
+    b0 = inputs.baseline_batch
+    if planned_examples is not None:
+        horizon, source = float(planned_examples), "training"
+    else:
+        horizon, source = growth.e_cap, "extrapolation limit"
+    start_bn = growth.at(0.0)
+    model = wall_clock(inputs, start_bn)
+    _, first, _ = model.optimise((float(b0),))
+    batch = int(round(first))
+    # (batch, where it starts on the baseline's axis)
+    bounds: list[tuple[int, float]] = [(batch, 0.0)]
+    while 2 * batch <= inputs.dataset_size:
+        threshold = _doubling_threshold(model, batch)
+        e = None if threshold is None else growth.examples_where(threshold)
+        if e is None or e >= horizon:
+            break
+        batch *= 2
+        bounds.append((batch, max(e, bounds[-1][1])))
+    phases: list[Phase] = []
+    step = examples = 0
+    total = 0.0
+    rule = "none"
+    for i, (b, e_start) in enumerate(bounds):
+        e_end = bounds[i + 1][1] if i + 1 < len(bounds) else horizon
+        n = _steps(growth, b, b0, e_start, e_end)
+        a = model.accumulation(b)
+        bn = growth.at(e_start)
+        lr, rule = scaled_lr(inputs.baseline_lr, b0, b, bn, inputs.optimizer_family,
+                             inputs.lr_rule)
+        phases.append(Phase(
+            batch_size=b, start_step=step, start_examples=examples, steps=round(n),
+            learning_rate=lr, grad_accumulation=a,
+            per_device_batch_size=math.ceil(b / (a * inputs.gpus)), b_n=bn,
+            baseline_examples=e_start, extrapolated=e_start > growth.e_hi,
+        ))
+        step += round(n)
+        examples += round(n) * b
+        total += n * model.step_time(b)
+    best_b, best_s = best_constant(inputs, growth, horizon)
+    return Schedule(
+        phases=tuple(phases), growth=growth, horizon_examples=int(horizon),
+        horizon_source=source, measured_examples=growth.e_hi, seconds=total,
+        baseline_seconds=horizon / b0 * model.step_time(b0),
+        best_constant_batch=best_b, best_constant_seconds=best_s, lr_rule=rule,
+    )
+

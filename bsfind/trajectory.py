@@ -1,0 +1,290 @@
+"""Where along training the noise scale is measured, and what it says for the run.
+
+Three ways, chosen by the spec (``Spec.probe_mode``):
+
+- **along** (the default): bsfind trains at the baseline batch and learning
+  rate for a share of the budget and measures at points spaced geometrically
+  in steps (0, FIRST_STEP, 2·FIRST_STEP, ...), never past the planned run
+  (``training``). The noise scale at initialisation says little about a run
+  (docs/validation.md: B_crit grew 6-13× over training on all three shipped
+  problems), and single checkpoints are noisy (2-24× apart within ±25% of the
+  same step) while the median over nearby ones is stable; so the advice for
+  "now" is the median over the last SUMMARY_POINTS points.
+- **checkpoints**: at each of ``model.checkpoints``, no training.
+- **pinned**: at ``probe.at_steps``, after ``probe.warmup_steps``, or at the
+  weights of ``model.checkpoint``; the last point drives the advice.
+
+Every point also records the training loss on a fixed subset of the data, so
+the report can say how far training got.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Sequence
+
+import torch
+
+from bsfind.budget import Deadline, ProgressFn
+from bsfind.errors import BudgetError, Interrupted
+from bsfind.noise.probe import ProbeOptions
+from bsfind.results import Interval, NoiseEstimate, Trajectory
+from bsfind.runner import Runner
+from bsfind.seeds import Seeds
+from bsfind.spec import Spec
+from bsfind.training import EpochSampler, evaluate_loss, evaluation_subset
+from bsfind.workload import Workload, load_checkpoint
+
+# The first training step measured after step 0; later points double it.
+FIRST_STEP = 8
+# Share of the noise budget that training along the run may take; the probes
+# at the points get the rest.
+TRAIN_SHARE = 0.5
+# Points the median for "now" is taken over (the last ones).
+SUMMARY_POINTS = 3
+# Training "moved" when the loss fell by at least this fraction (or the planned
+# run was reached): only then does the run stand for training beyond initialisation.
+MOVED_LOSS_DROP = 0.3
+# Each point's probe may take at most this share of the noise budget.
+POINT_SHARE = 0.2
+
+
+@dataclasses.dataclass(frozen=True)
+class Points:
+    """What the probe points gave: every estimate, the run's summary, the status."""
+
+    estimates: tuple[NoiseEstimate, ...]
+    used: NoiseEstimate
+    trajectory: Trajectory
+    status: str
+    notes: tuple[str, ...] = ()
+
+
+def measure(spec: Spec, job: Workload, runner: Runner, deadline: Deadline,
+            progress: ProgressFn | None, noise_share: float, options: ProbeOptions) -> Points:
+    """Measure the noise scale where ``spec.probe_mode`` says; see the module docstring."""
+    walk = _Walk(spec, job, runner, deadline, progress, noise_share, options)
+    if spec.probe_mode == "checkpoints":
+        walk.checkpoints()
+    elif spec.probe_mode == "pinned":
+        walk.pinned()
+    else:
+        walk.along()
+    if not walk.estimates:
+        raise BudgetError("probe.max_seconds ran out before one probe round finished",
+                          hint="raise probe.max_seconds")
+    return walk.result()
+
+
+class _Walk:
+    """One walk along training: trains, measures at points, keeps the losses."""
+
+    def __init__(self, spec: Spec, job: Workload, runner: Runner, deadline: Deadline,
+                 progress: ProgressFn | None, noise_share: float,
+                 options: ProbeOptions) -> None:
+        self.spec, self.job, self.runner = spec, job, runner
+        self.deadline, self.progress, self.options = deadline, progress, options
+        self.seeds = Seeds(spec.probe.seed)
+        self.b0 = spec.optimizer.batch_size
+        self.start = time.perf_counter()
+        self.noise_seconds = max(0.0, deadline.left()) * noise_share
+        self.eval_idx = evaluation_subset(len(job), self.seeds.evaluation_subset)
+        self.estimates: list[NoiseEstimate] = []
+        self.status = "ok"
+        self.step = 0
+        self.train_seconds = 0.0
+        self.planned = spec.planned_examples(len(job))
+        self.notes: list[str] = []
+
+    # -- the three modes -------------------------------------------------------------
+    def pinned(self) -> None:
+        steps = self.spec.probe_steps()
+        trainer = self._trainer() if steps[-1] > 0 else None
+        for i, target in enumerate(steps):
+            if target > self.step:
+                assert trainer is not None
+                if not self._train_to(trainer, target):
+                    return
+            used = time.perf_counter() - self.start
+            share = max(0.0, self.noise_seconds - used) / (len(steps) - i)
+            if not self._measure(self.deadline.within(share), self.step * self.b0):
+                return
+
+    def checkpoints(self) -> None:
+        entries = self.spec.model.checkpoints or ()
+        for i, c in enumerate(entries):
+            load_checkpoint(self.job.model, c.path, self.spec.base_dir,
+                            key=f"model.checkpoints[{i}].path")
+            examples = c.examples if c.examples is not None else (c.step or 0) * self.b0
+            self.step = c.step if c.step is not None else round(examples / self.b0)
+            used = time.perf_counter() - self.start
+            share = max(0.0, self.noise_seconds - used) / (len(entries) - i)
+            if not self._measure(self.deadline.within(share), examples):
+                return
+
+    def along(self) -> None:
+        """Measure at step 0, then train and measure at doubling steps while the budget
+        (and the planned run) allows."""
+        trainer = self._trainer()
+        probe_cap = POINT_SHARE * self.noise_seconds
+        if not self._measure(self.deadline.within(probe_cap), 0):
+            return
+        last_probe = self.estimates[-1].seconds
+        target = FIRST_STEP
+        while True:
+            if self.planned is not None:
+                target = min(target, max(1, self.planned // self.b0))
+            if target <= self.step:
+                return
+            per_step = self.train_seconds / self.step if self.step else 0.0
+            need = (target - self.step) * per_step
+            left = self.noise_seconds - (time.perf_counter() - self.start)
+            if self.train_seconds + need > TRAIN_SHARE * self.noise_seconds or (
+                    need + min(last_probe, probe_cap) > left):
+                return
+            if not self._train_to(trainer, target):
+                return
+            if not self._measure(self.deadline.within(min(probe_cap, max(0.0, left - need))),
+                                 self.step * self.b0, partial_ok=True):
+                return
+            last_probe = self.estimates[-1].seconds
+            target = 2 * self.step
+
+    # -- pieces ----------------------------------------------------------------------
+    def _trainer(self) -> tuple[torch.optim.Optimizer, EpochSampler]:
+        return (self.job.make_optimizer(self.spec.optimizer.lr),
+                self.runner.sampler(self.job, self.b0, self.seeds.training_order))
+
+    def _train_to(self, trainer: tuple[torch.optim.Optimizer, EpochSampler], target: int
+                  ) -> bool:
+        """Train to step ``target``; False (status partial) when the budget stopped it."""
+        from bsfind import wording
+        from bsfind.hardware.memory import clear_cache, is_oom
+
+        optimizer, sampler = trainer
+        begin = time.perf_counter()
+        oom = False
+        try:
+            reached = self.runner.train(self.job, optimizer, target - self.step, sampler,
+                                        start_step=self.step, progress=self.progress,
+                                        deadline=self.deadline)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted while training to step {target}",
+                              partial=tuple(self.estimates) or None) from None
+        except Exception as exc:
+            if not (is_oom(exc) and self.estimates and self.spec.probe_mode == "along"):
+                raise
+            oom = True
+        if oom:  # the default run along training is an extra: keep what was measured
+            self.job.model.zero_grad(set_to_none=True)
+            clear_cache(self.job.device)
+            self.notes.append(wording.training_out_of_memory(self.b0, self.step))
+            self.status = "partial"
+            return False
+        self.train_seconds += time.perf_counter() - begin
+        self.step = reached
+        if reached < target:
+            if not self.estimates:
+                raise BudgetError(
+                    f"probe.max_seconds ran out while training to step {target} "
+                    f"(reached {reached}) before any measurement",
+                    hint="raise probe.max_seconds or lower probe.warmup_steps/at_steps",
+                )
+            self.status = "partial"
+            return False
+        return True
+
+    def _measure(self, deadline: Deadline, examples: int, partial_ok: bool = False) -> bool:
+        """Measure at the current weights; False when the budget ended the walk."""
+        try:
+            est = measure_point(self.job, self.runner, self.options, self.seeds, self.step,
+                                deadline, self.spec.probe.curvature, self.progress)
+        except Interrupted as exc:
+            part = exc.partial
+            raise Interrupted(
+                exc.message, partial=tuple(self.estimates) + (
+                    (part,) if isinstance(part, NoiseEstimate) else ()),
+            ) from None
+        except BudgetError:
+            if self.estimates:
+                self.status = "partial"
+                return False
+            raise
+        loss = evaluate_loss(self.job, self.eval_idx, chunk=self.b0)
+        self.estimates.append(dataclasses.replace(est, examples_seen=examples, loss=loss))
+        if est.stopped == "budget" and not partial_ok:
+            self.status = "partial"
+        return True
+
+    # -- the result ------------------------------------------------------------------
+    def result(self) -> Points:
+        mode = self.spec.probe_mode
+        used = (summarize(self.estimates) if mode != "pinned" and len(self.estimates) > 1
+                else self.estimates[-1])
+        first, last = self.estimates[0], self.estimates[-1]
+        reached = (self.planned is not None and last.examples_seen is not None
+                   and last.examples_seen >= self.planned)
+        moved = mode != "along" or reached or (
+            first.loss is not None and last.loss is not None
+            and last.loss <= (1 - MOVED_LOSS_DROP) * first.loss)
+        examples = last.examples_seen
+        trajectory = Trajectory(
+            mode=mode, steps=last.step, examples=examples,
+            epochs=None if examples is None else examples / len(self.job),
+            loss_from=first.loss, loss_to=last.loss,
+            b_simple_first=first.b_simple, b_simple_last=used.b_simple, moved=moved,
+            planned_examples=self.planned,
+        )
+        return Points(tuple(self.estimates), used, trajectory, self.status, tuple(self.notes))
+
+
+def summarize(points: Sequence[NoiseEstimate], k: int = SUMMARY_POINTS) -> NoiseEstimate:
+    """The median over the last ``k`` points measured after initialisation.
+
+    An unresolved point counts as larger than every resolved one (its noise scale
+    exceeds what was probed), so the median is unresolved when most are. The
+    interval spans the points' own intervals: it says how far the noise scale
+    moved between them, not only how precisely each was measured.
+    """
+    later = [p for p in points if p.step > 0 or p.examples_seen] or list(points)
+    last = later[-k:]
+    values = sorted(p.b_simple if p.b_simple is not None else float("inf") for p in last)
+    mid = statistics.median(values)
+    b_simple = None if mid == float("inf") else mid
+    noise = [p.b_noise for p in last]
+    b_noise = statistics.median(noise) if all(v is not None for v in noise) else None  # type: ignore[type-var]
+    noise_cis = [p.b_noise_ci95 for p in last]
+    return dataclasses.replace(
+        last[-1],
+        b_simple=b_simple,
+        ci95=Interval(min(p.ci95.low for p in last), max(p.ci95.high for p in last)),
+        grad_norm_sq=statistics.median(p.grad_norm_sq for p in last),
+        trace_sigma=statistics.median(p.trace_sigma for p in last),
+        b_noise=b_noise,
+        b_noise_ci95=(Interval(min(c.low for c in noise_cis if c is not None),
+                               max(c.high for c in noise_cis if c is not None))
+                      if b_noise is not None and all(c is not None for c in noise_cis)
+                      else None),
+        examples=sum(p.examples for p in last),
+        rounds=sum(p.rounds for p in last),
+        seconds=sum(p.seconds for p in last),
+        summary_of=tuple(p.step for p in last),
+    )
+
+
+def measure_point(job: Workload, runner: Runner, options: ProbeOptions, seeds: Seeds,
+                   step: int, deadline: Deadline, curvature: bool,
+                   progress: ProgressFn | None) -> NoiseEstimate:
+    """B_simple (and B_noise) at the current weights, the noise scale of training step ``step``."""
+    # Seeded by the training step, so the same weights get the same sampling
+    # whether reached by warmup_steps or by at_steps.
+    probe = runner.noise_probe(job, options, seed=seeds.probe(step), step=step,
+                               progress=progress)
+    if not curvature:
+        return probe.run(deadline)
+    # B_simple first on half of this point's share, then B_noise on the rest.
+    est = probe.run(deadline.within(deadline.left() / 2))
+    return runner.curvature(job, est, options, seed=seeds.curvature(step), deadline=deadline,
+                            progress=progress)

@@ -1,0 +1,156 @@
+"""The batch-size schedule against hand-computed cases (pure functions, no torch runs).
+
+Running example: t(B) = 20 ms + 0.1 ms·B on one device (t0/c = 200 examples) and a
+noise scale growing as B_n(E) = E/100, measured from 1,000 to 64,000 examples.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bsfind.advisor import AdvisorInputs
+from bsfind.results import Interval, TimingCurve
+from bsfind.schedule import EXTRAPOLATION_LIMIT, Growth, build, fit_growth
+
+T0, C = 0.02, 1e-4
+
+
+def inputs(**kw: object) -> AdvisorInputs:
+    base: dict[str, object] = dict(
+        b_n=100.0, b_n_ci=Interval(90.0, 110.0), baseline_batch=64, baseline_lr=1e-3,
+        optimizer_family="adam", dataset_size=10**6,
+        timing=TimingCurve(points=(), t0=T0, per_example=C, r2=1.0, source="measured"),
+    )
+    base.update(kw)
+    return AdvisorInputs(**base)  # type: ignore[arg-type]
+
+
+LINEAR = Growth(a=0.01, p=1.0, e_lo=1000.0, e_hi=64000.0, r2=1.0, points=())
+
+
+# --------------------------------------------------------------------------- growth
+
+
+def test_fit_recovers_a_power_law() -> None:
+    pts = [(e, 3.0 * e**0.5) for e in (100, 400, 1600, 6400)]
+    g = fit_growth(pts)
+    assert g is not None
+    assert g.p == pytest.approx(0.5) and g.a == pytest.approx(3.0) and g.r2 == pytest.approx(1)
+    assert (g.e_lo, g.e_hi) == (100, 6400)
+    assert g.at(1600) == pytest.approx(120.0)
+    assert g.at(10.0) == pytest.approx(30.0)  # held before the first point
+    assert g.at(1e9) == pytest.approx(3.0 * (EXTRAPOLATION_LIMIT * 6400) ** 0.5)  # held past
+    assert g.examples_where(120.0) == pytest.approx(1600.0)
+    assert g.examples_where(1e6) is None  # beyond the extrapolation limit
+
+
+def test_fit_drops_the_early_dip_and_unusable_points() -> None:
+    # Step 0 is not on the axis; the noise scale first falls (113 -> 35), then grows.
+    pts = [(0, 113.0), (256, 52.0), (512, 42.0), (1024, 35.0), (2048, 70.0), (4096, 140.0),
+           (8192, None), (16384, float("inf"))]
+    g = fit_growth(pts)  # type: ignore[arg-type]
+    assert g is not None
+    assert g.points == ((1024.0, 35.0), (2048.0, 70.0), (4096.0, 140.0))
+    assert g.p == pytest.approx(1.0) and g.at(2048) == pytest.approx(70.0)
+
+
+def test_a_falling_noise_scale_is_flat_and_one_point_is_flat() -> None:
+    # From the lowest point on (20 at 100 examples), the noise scale mostly falls: the
+    # log-log slope is -0.023, so flat, at the median of the points.
+    g = fit_growth([(100, 20.0), (200, 200.0), (400, 150.0), (800, 100.0), (1600, 60.0),
+                    (3200, 40.0)])
+    assert g is not None and g.p == 0.0 and g.at(1e6) == pytest.approx(100.0)
+    one = fit_growth([(100, 50.0)])
+    assert one is not None and one.p == 0.0 and one.at(1.0) == 50.0
+    assert fit_growth([(0, 10.0)]) is None
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def test_doublings_where_the_fitted_noise_scale_crosses_2cB2_over_t0() -> None:
+    """Start: B_n = 10 (held below 1,000 examples): (1 + 10/B)(0.02 + 1e-4·B) is 0.030
+    at 40 and 0.029967 at 48, so 48. Doubling B pays once B_n > 2cB²/t0 = B²/100:
+    23.04 -> 2,304 examples for 48; 92.16 -> 9,216 for 96; 368.64 -> 36,864 for 192;
+    384 would double at 147,456 examples, past the planned 100,000."""
+    s = build(inputs(), LINEAR, planned_examples=100_000)
+    assert [p.batch_size for p in s.phases] == [48, 96, 192, 384]
+    assert [p.baseline_examples for p in s.phases] == pytest.approx([0, 2304, 9216, 36864])
+    assert [p.b_n for p in s.phases] == pytest.approx([10, 23.04, 92.16, 368.64])
+    assert s.horizon_source == "training" and s.horizon_examples == 100_000
+    assert not any(p.extrapolated for p in s.phases)
+    # Adam family, the McCandlish rule's square root at each phase's own B_n.
+    for p in s.phases:
+        ratio = (1 + p.b_n / 64) / (1 + p.b_n / p.batch_size)
+        assert p.learning_rate == pytest.approx(1e-3 * math.sqrt(ratio))
+    assert s.lr_rule == "mccandlish-sqrt"
+
+
+def _steps_by_hand(b: float, e_from: float, e_to: float, n: int = 200_000) -> float:
+    """∫ (1 + B_n/b)/(1 + B_n/64) de / 64 by the midpoint rule, B_n(e) = max(10, e/100)."""
+    h = (e_to - e_from) / n
+    total = 0.0
+    for i in range(n):
+        bn = max(10.0, min((e_from + (i + 0.5) * h), 256_000.0) / 100)
+        total += (1 + bn / b) / (1 + bn / 64)
+    return total * h / 64
+
+
+def test_phase_steps_and_predicted_times() -> None:
+    s = build(inputs(), LINEAR, planned_examples=100_000)
+    bounds = [0, 2304, 9216, 36864, 100_000]
+    for p, lo, hi in zip(s.phases, bounds, bounds[1:], strict=False):
+        assert p.steps == pytest.approx(_steps_by_hand(p.batch_size, lo, hi), abs=1)
+    assert [p.start_step for p in s.phases] == [0, *[
+        sum(q.steps for q in s.phases[:i]) for i in range(1, len(s.phases))]]
+    assert s.phases[1].start_examples == s.phases[0].steps * 48
+    expected = sum(_steps_by_hand(p.batch_size, lo, hi) * (T0 + C * p.batch_size)
+                   for p, lo, hi in zip(s.phases, bounds, bounds[1:], strict=False))
+    assert s.seconds == pytest.approx(expected, rel=1e-3)
+    assert s.baseline_seconds == pytest.approx(100_000 / 64 * (T0 + C * 64))
+    # The best constant batch, by brute force over every multiple of 8 up to 2,048.
+    brute = min(range(8, 2049, 8),
+                key=lambda b: _steps_by_hand(b, 0, 100_000, 2000) * (T0 + C * b))
+    assert abs(s.best_constant_batch - brute) <= 8
+    assert s.seconds < s.best_constant_seconds < s.baseline_seconds
+
+
+def test_extrapolation_is_labelled_and_capped() -> None:
+    # No planned length: the horizon is EXTRAPOLATION_LIMIT x the last measured point.
+    short = Growth(a=0.01, p=1.0, e_lo=1000.0, e_hi=10_000.0, r2=1.0, points=())
+    s = build(inputs(), short, planned_examples=None)
+    assert s.horizon_source == "extrapolation limit"
+    assert s.horizon_examples == int(EXTRAPOLATION_LIMIT * 10_000)
+    assert [p.batch_size for p in s.phases] == [48, 96, 192, 384]
+    # measured up to 10,000 examples: the phases from 36,864 on are extrapolated
+    assert [p.extrapolated for p in s.phases] == [False, False, False, True]
+    # A long planned run: no doubling past the cap (B_n held at 400 beyond 40,000, and
+    # 384 -> 768 needs 1,474).
+    long = build(inputs(), short, planned_examples=10**7)
+    assert long.phases[-1].batch_size == 384
+    assert long.horizon_source == "training"
+
+
+def test_memory_limit_and_dataset_cap() -> None:
+    from bsfind.results import MemoryModel
+
+    # 100 examples fit: 192 would take two micro-steps, 2·t(96), no gain in throughput
+    # on one device, so the doubling past 96 never pays.
+    mem = MemoryModel(fixed_bytes=0, bytes_per_example=1.0, max_batch_size=100,
+                      limit_bytes=100, source="measured")
+    s = build(inputs(memory=mem), LINEAR, planned_examples=100_000)
+    assert [p.batch_size for p in s.phases] == [48, 96]
+    assert all(p.grad_accumulation == 1 for p in s.phases)
+    # The same ramp as accumulation over the first phase's per-device batch.
+    assert s.accumulation == [(0, 48, 1), (s.phases[1].start_step, 48, 2)]
+    # Two devices (c halves: B* = sqrt(10·400) = 63 -> 64) with 100 examples each:
+    # 128 = 2 × 64 fits, 256 would need two micro-steps per device.
+    two = build(inputs(memory=mem, gpus=2, sync_seconds=0.0), LINEAR,
+                planned_examples=100_000)
+    assert [(p.batch_size, p.per_device_batch_size) for p in two.phases] == [(64, 32),
+                                                                             (128, 64)]
+    capped = build(inputs(dataset_size=150), LINEAR, planned_examples=100_000)
+    assert all(p.batch_size <= 150 for p in capped.phases)
+    assert s.ramp[0] == (0, s.phases[0].batch_size, s.phases[0].learning_rate)
