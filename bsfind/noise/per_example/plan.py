@@ -113,7 +113,7 @@ def plan(model: nn.Module) -> PerExamplePlan:
             owning.add(name)
     # first descendant that owns trainable parameters, for every ancestor of one
     owning_below: dict[str, str] = {}
-    for name in owning:
+    for name in (n for n, _ in modules if n in owning):  # model order, not set order
         parts = name.split(".") if name else []
         for depth in range(len(parts)):
             owning_below.setdefault(".".join(parts[:depth]), name)
