@@ -374,3 +374,11 @@ def test_a_loop_over_examples_is_not_expanded() -> None:
         model(torch.randn(3, 4)).sum().backward()
         with pytest.raises(PerExampleUnsupported, match="called more than once"):
             norms.sq_norms()
+
+
+def test_attention_with_frozen_in_projection() -> None:
+    model = Attend("self")
+    model.attn.in_proj_weight.requires_grad_(False)
+    model.attn.in_proj_bias.requires_grad_(False)
+    paths = check(model, torch.randn(4, 6, 8))
+    assert set(paths) == {"attn.out_proj"}

@@ -91,7 +91,7 @@ def crossing_rows(outputs: list[Tensor], tensors: list[Tensor], batch: int) -> l
         for i, g in enumerate(grads):
             if g is None or found[i] is not None:
                 continue
-            rows = torch.linalg.vector_norm(g.detach().double().reshape(batch, -1), dim=1)
+            rows = torch.linalg.vector_norm(g.detach().float().reshape(batch, -1), dim=1)
             own = rows[k]
             others = torch.linalg.vector_norm(torch.cat([rows[:k], rows[k + 1 :]]))
             if others > CROSSING_RTOL * own:

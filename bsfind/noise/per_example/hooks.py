@@ -507,6 +507,8 @@ class PerExampleGradNorms:
                  bias: Tensor | None) -> Tensor:
         """One projection of an attention layer, x (B, T, d_in): F.linear, captured."""
         y = F.linear(x, weight, bias)
+        if not (weight.requires_grad or (bias is not None and bias.requires_grad)):
+            return y  # a frozen projection has no per-example gradient
         own = self._capture_product(f"{name}.{label}", "linear",
                                     ProjectionWeights(weight, bias), x, y)
         return y if own is None else own

@@ -8,6 +8,7 @@ model order (``named_modules()``), so the first obstacle named is the same on ev
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -300,7 +301,7 @@ def plan(model: nn.Module) -> PerExamplePlan:
 def _sharing_problem(
     modules: dict[str, nn.Module],
     users: list[tuple[str, str]],
-    in_attention: Any,
+    in_attention: Callable[[str], str | None],
 ) -> str | None:
     """Why a parameter used by the modules ``users`` (module, parameter name) is not
     covered; None for Embedding layers that share their weight with at most one Linear."""
