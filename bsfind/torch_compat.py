@@ -27,6 +27,13 @@ def current_graph_task_id() -> int | None:
     return None if _TASK_ID is None else int(_TASK_ID())
 
 
+def in_backward() -> bool:
+    """Whether a backward pass is running in this thread (activation checkpointing then
+    recomputes forwards). Fallback: False."""
+    task = current_graph_task_id()
+    return task is not None and task >= 0
+
+
 def has_graph_task_id() -> bool:
     """Whether :func:`current_graph_task_id` can tell backward passes apart."""
     return _TASK_ID is not None

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bsfind.noise.per_example import PerExampleGradNorms, PerExampleUnsupported, plan
-from tests.noise.test_per_example import RTOL, check, hooked_sq_norms, token_ce
+from tests.noise.test_per_example import RTOL, check, exact_sq_norms, hooked_sq_norms, token_ce
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 
@@ -382,3 +382,26 @@ def test_attention_with_frozen_in_projection() -> None:
     model.attn.in_proj_bias.requires_grad_(False)
     paths = check(model, torch.randn(4, 6, 8))
     assert set(paths) == {"attn.out_proj"}
+
+
+def test_position_ids_inside_activation_checkpointing() -> None:
+    # the checkpointed segment is recomputed during the backward, outside the root's
+    # forward: its batch-1 input is expanded to the last forward's batch again
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(PositionIds):
+        checkpointing = True
+
+        def forward(self, x: Tensor) -> Tensor:
+            if not self.checkpointing:
+                return super().forward(x)
+            return self.head(self.ln(checkpoint(self.embed, x, use_reentrant=False)))
+
+        def embed(self, x: Tensor) -> Tensor:
+            return self.wte(x) + self.wpe(torch.arange(x.shape[1]).unsqueeze(0))
+
+    model = Checkpointed()
+    x, y = torch.randint(0, 11, (5, 6)), torch.randint(0, 11, (5, 6))
+    got, _ = hooked_sq_norms(model, x, y, token_ce)
+    model.checkpointing = False  # torch.func cannot trace through the checkpoint
+    torch.testing.assert_close(got, exact_sq_norms(model, x, y, token_ce), rtol=RTOL, atol=0)

@@ -354,8 +354,13 @@ class PerExampleGradNorms:
         module again on it expanded to the batch. Returns (input, output, expanded).
 
         Not for a slice of a batch-sized tensor (``x[i:i+1]`` in a loop over examples):
-        that module is called once per example, which the backward refuses."""
-        batch = self._batch[-1] if self._batch else None
+        that module is called once per example, which the backward refuses. A forward
+        recomputed during the backward (activation checkpointing) is expanded to the
+        batch of the last root forward, as the original was."""
+        if self._batch:
+            batch, check = self._batch[-1], True
+        else:
+            batch, check = (self._last_batch if compat.in_backward() else None), False
         if (batch is None or batch == 1 or not isinstance(x, Tensor) or x.dim() == 0
                 or x.shape[0] != 1 or not isinstance(output, Tensor)
                 or not output.requires_grad):
@@ -366,9 +371,10 @@ class PerExampleGradNorms:
         x = x.expand(batch, *x.shape[1:])
         output = module.forward(x)  # the same values, one row per example
         assert isinstance(output, Tensor)
-        self._expanded.append((
-            f"the batch-1 input of module {name!r} (e.g. position ids of shape (1, T); "
-            "pass it with the batch size if this cannot be fixed)", output))
+        if check:  # (a recomputation's graph is checked through the original's)
+            self._expanded.append((
+                f"the batch-1 input of module {name!r} (e.g. position ids of shape (1, T); "
+                "pass it with the batch size if this cannot be fixed)", output))
         return x, output, True
 
     # -- forward hooks ---------------------------------------------------------------
