@@ -43,6 +43,13 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(_threads: None) -> None:
+    # Tiny models: one thread is faster, and immune to OpenMP threads spinning while other
+    # work holds the second core (the ViT probe: 1 s on one thread, 35 s on two, then).
+    torch.set_num_threads(1)
+
+
 class Logits(nn.Module):
     """A transformers model returning only ``.logits`` (the loss functions take tensors)."""
 
