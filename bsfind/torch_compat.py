@@ -27,6 +27,13 @@ def current_graph_task_id() -> int | None:
     return None if _TASK_ID is None else int(_TASK_ID())
 
 
+def in_backward() -> bool:
+    """Whether a backward pass is running in this thread (activation checkpointing then
+    recomputes forwards). Fallback: False."""
+    task = current_graph_task_id()
+    return task is not None and task >= 0
+
+
 def has_graph_task_id() -> bool:
     """Whether :func:`current_graph_task_id` can tell backward passes apart."""
     return _TASK_ID is not None
@@ -91,3 +98,20 @@ def is_batchnorm(module: nn.Module) -> bool:
 def has_batchnorm_in_training(model: nn.Module) -> bool:
     """Whether some BatchNorm layer of ``model`` normalises over the batch (training mode)."""
     return any(is_batchnorm(m) and m.training for m in model.modules())
+
+
+def swap_parameter(module: nn.Module, name: str, value: torch.Tensor) -> torch.Tensor | None:
+    """Make ``module.<name>`` return ``value`` (any tensor, not only a Parameter) until
+    swapped back; returns what was there, or None where this torch keeps parameters
+    elsewhere (the caller then cannot swap).
+
+    ``nn.Module.__setattr__`` accepts only Parameters under a parameter's name; its
+    ``_parameters`` dict is where ``__getattr__`` looks, and where
+    ``torch.func.functional_call`` swaps tensors in the same way.
+    """
+    params = getattr(module, "_parameters", None)
+    if not isinstance(params, dict) or name not in params:
+        return None
+    old = params[name]
+    params[name] = value
+    return old

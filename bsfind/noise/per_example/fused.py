@@ -12,10 +12,10 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from bsfind import torch_compat as compat
-from bsfind.noise.per_example.rules import LinearPath, explicit_padding, use_gram
+from bsfind.noise.per_example.rules import LINEAR_RULES, LinearPath, explicit_padding, use_gram
 
 if TYPE_CHECKING:
     from bsfind.noise.per_example.hooks import Capture
@@ -39,15 +39,17 @@ def conv_padding(conv: Any) -> tuple[int, ...] | None:
     return tuple(reversed(pads[::2]))
 
 
-def fusable(rule: str, module: nn.Module, x: Tensor, path: LinearPath) -> bool:
-    """Whether the direct form will run for this call, so its products can give ∇W."""
-    weight: Tensor = module.weight  # type: ignore[assignment]
+def fusable(rule: str, module: Any, x: Tensor, path: LinearPath) -> bool:
+    """Whether the direct form will run for this call, so its products can give ∇W.
+
+    ``module`` needs ``weight`` (and, for convolutions, their settings)."""
+    weight: Tensor = module.weight
     if not weight.requires_grad or not x.is_floating_point():
         return False
-    if rule == "linear":
+    if rule in LINEAR_RULES:
         if x.dim() < 3:
             return False  # the rank-one rule needs no product at all
-        d_out, d_in = weight.shape
+        d_out, d_in = weight.shape if rule == "linear" else weight.shape[::-1]
         return not use_gram(math.prod(x.shape[1:-1]), d_in, d_out, path)
     conv: Any = module
     pads = conv_padding(conv)
@@ -79,22 +81,26 @@ def conv_backward(
     return grads[0] if input_grad else grads[1]
 
 
-def input_grad(module: nn.Module, rule: str, x: Tensor, weight: Tensor, d: Tensor) -> Tensor:
+def input_grad(module: Any, rule: str, x: Tensor, weight: Tensor, d: Tensor) -> Tensor:
     # autocast: the product ran in δ's dtype; autograd casts the result back to x's
     if rule == "linear":
         return d.matmul(weight.to(d.dtype))
+    if rule == "transposed_linear":
+        return d.matmul(weight.to(d.dtype).T)
     return conv_backward(module, x, weight, d, input_grad=True)
 
 
-def weight_grad(module: nn.Module, rule: str, x: Tensor, weight: Tensor, d: Tensor) -> Tensor:
+def weight_grad(module: Any, rule: str, x: Tensor, weight: Tensor, d: Tensor) -> Tensor:
     """Autograd's own weight gradient (differentiable; for the unfused cases)."""
-    if rule == "linear":
-        return d.reshape(-1, d.shape[-1]).T.matmul(x.to(d.dtype).reshape(-1, x.shape[-1]))
+    if rule in LINEAR_RULES:
+        dw = d.reshape(-1, d.shape[-1]).T.matmul(x.to(d.dtype).reshape(-1, x.shape[-1]))
+        return dw if rule == "linear" else dw.T
     return conv_backward(module, x, weight, d, input_grad=False)
 
 
 class FusedProduct(torch.autograd.Function):
-    """A Linear or zero-padded convolution whose backward also gives per-example norms.
+    """A Linear (either weight layout) or zero-padded convolution whose backward also gives
+    per-example norms.
 
     Forward: the output the module computed. Backward: the input gradient as autograd
     would form it, the bias gradient, and the weight gradient as the sum of the
@@ -110,7 +116,7 @@ class FusedProduct(torch.autograd.Function):
         ctx.cap = cap  # the graph node owns the capture, as with the hooks
         # As autograd does: a Linear needs its weight only for the input gradient (so an
         # in-place change of the weight before backward is allowed when there is none).
-        keep_weight = cap.rule != "linear" or ctx.needs_input_grad[0]
+        keep_weight = cap.rule not in LINEAR_RULES or ctx.needs_input_grad[0]
         ctx.save_for_backward(x, weight if keep_weight else None)
         # The output the module itself computed (the forward hook passes it in the
         # capture): an alias of it, not recomputed, and not a view, so that in-place ops
@@ -128,7 +134,7 @@ class FusedProduct(torch.autograd.Function):
         dx = input_grad(cap.module, cap.rule, x, weight, d) if need_x else None
         db = None
         if need_b:
-            channel = d.dim() - 1 if cap.rule == "linear" else 1
+            channel = d.dim() - 1 if cap.rule in LINEAR_RULES else 1
             db = d.sum([i for i in range(d.dim()) if i != channel])
         dw = None
         if cap.owner is not None:

@@ -2,7 +2,11 @@
 
 Forward hooks on every planned module keep what the module's rule needs and put a
 pre-hook on the autograd node of the module's output; that pre-hook computes the
-module's per-example squared norms during the ordinary backward pass.
+module's per-example squared norms during the ordinary backward pass. Around that:
+the root module's hooks learn the batch size (:mod:`.broadcast`), nn.MultiheadAttention
+runs its projections through capturing Linear calls (:mod:`.attention`), tied weights
+add their cross terms (:mod:`.tied`), and parameters of shape (1, ...) owned by a module
+with children are expanded over the batch for the forward.
 """
 
 from __future__ import annotations
@@ -12,12 +16,20 @@ import weakref
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bsfind import torch_compat as compat
+from bsfind.noise.per_example.attention import AttentionProjections, ProjectionWeights
+from bsfind.noise.per_example.broadcast import crossing_rows, first_tensor, output_tensors
 from bsfind.noise.per_example.func_fallback import func_sq
 from bsfind.noise.per_example.fused import FusedProduct, fusable
-from bsfind.noise.per_example.plan import PerExamplePlan, PerExampleUnsupported, plan
+from bsfind.noise.per_example.plan import (
+    PerExamplePlan,
+    PerExampleUnsupported,
+    TiedWeight,
+    plan,
+)
 from bsfind.noise.per_example.rules import (
     MAX_RANK,
     MIN_RANK,
@@ -25,15 +37,15 @@ from bsfind.noise.per_example.rules import (
     RULES,
     LinearPath,
     Scratch,
+    embedding_delta,
     upcast,
 )
+from bsfind.noise.per_example.tied import embeddings_dot, head_rows, rows_dot
 
 _plan = plan  # PerExampleGradNorms.__init__ has a parameter named `plan`
 
 
 # -- the hooks ----------------------------------------------------------------------------
-
-
 
 
 class Capture:
@@ -45,13 +57,13 @@ class Capture:
     """
 
     __slots__ = ("owner", "name", "rule", "module", "x", "args", "kwargs", "out", "version",
-                 "nr", "shape", "__weakref__")
+                 "nr", "shape", "tied", "task", "cross_rows", "__weakref__")
 
-    def __init__(self, owner: PerExampleGradNorms, name: str, rule: str, module: nn.Module) -> None:
+    def __init__(self, owner: PerExampleGradNorms, name: str, rule: str, module: Any) -> None:
         self.owner: PerExampleGradNorms | None = owner
         self.name = name
         self.rule = rule
-        self.module = module
+        self.module = module  # an nn.Module, or the ProjectionWeights of an attention slice
         self.x: Tensor | None = None
         self.args: tuple[Any, ...] = ()
         self.kwargs: dict[str, Any] = {}
@@ -59,6 +71,9 @@ class Capture:
         self.version = 0  # of out when captured (func)
         self.nr = 0  # which output of the node is the module's output
         self.shape: torch.Size | None = None  # reshape the node's gradient to the output's
+        self.tied: TiedState | None = None  # the tied weight this Embedding / head uses
+        self.task: int | None = None  # the backward it fired in
+        self.cross_rows: tuple[int | None, Tensor] | None = None  # (task, R) from the head
 
     def __call__(self, grad_outputs: tuple[Tensor | None, ...]) -> None:
         grad = grad_outputs[self.nr]
@@ -66,10 +81,31 @@ class Capture:
             g = grad if self.shape is None else grad.reshape(self.shape)
             self.owner.record_backward(self, g)
 
+    def tensor_hook(self, grad: Tensor) -> None:
+        """As a hook on a tensor (an expanded parameter) rather than on a node."""
+        self((grad,))
+
     def drop(self) -> None:
         self.owner = None
         self.x = self.out = None
         self.args, self.kwargs = (), {}
+        self.tied = None
+        self.cross_rows = None
+
+
+class TiedState:
+    """A tied weight during the context: its Embedding calls whose graphs may still be
+    back-propagated, and the ones whose gradient arrived in the current backward."""
+
+    def __init__(self, spec: TiedWeight) -> None:
+        self.spec = spec
+        self.calls: list[weakref.ref[Capture]] = []
+        # (backward task, Embedding call, its indices, its effective output gradient)
+        self.fired: list[tuple[int | None, str, Tensor, Tensor]] = []
+
+    def add_call(self, cap: Capture) -> None:
+        self.calls = [r for r in self.calls if r() is not None]
+        self.calls.append(weakref.ref(cap))
 
 
 def attach(cap: Capture, out: Tensor) -> Tensor | None:
@@ -124,8 +160,10 @@ class PerExampleGradNorms:
     Each covered module gets a forward hook that keeps its input (autograd keeps it
     too) and puts a pre-hook on the autograd node of its output; that pre-hook
     computes the module's (B,) squared norms from input and output gradient and
-    drops both. Inputs and outputs are never modified (except that a module
-    returning an irregular view returns a copy of it instead).
+    drops both. Inputs and outputs keep their values; a module returning an irregular
+    view returns a copy of it instead, and a module given a batch-1 input that the
+    forward broadcasts returns its output expanded to the batch. The root module's
+    first tensor argument gives the batch size.
 
     Args:
         model: the model; its modules must be called through ``__call__``.
@@ -167,31 +205,66 @@ class PerExampleGradNorms:
         self._errors: list[str] = []
         self._active = False
         self._recomputing = False
+        self._checking = False  # inside crossing_rows' extra backward passes
+        self._batch: list[int | None] = []  # the root's batch size, per active root call
+        self._last_batch: int | None = None
+        self._tied: dict[str, TiedState] = {}  # Embedding / head module -> its tied weight
+        self._swapped: dict[str, list[list[tuple[str, Tensor]]]] = {}
+        self._modes: dict[str, list[AttentionProjections | None]] = {}
+        # batch-expanded tensors of the current forward, checked once per context
+        self._expanded: list[tuple[str, Tensor]] = []
+        self._checked: set[str] = set()
+        self._crossing: dict[str, str] = {}  # expanded tensor -> why it is refused
 
     # -- context ---------------------------------------------------------------------
     def __enter__(self) -> PerExampleGradNorms:
         if self._active:
             raise RuntimeError("PerExampleGradNorms is already active")
         modules = dict(self.model.named_modules())
-        missing = [name for name in self.plan.rules if name not in modules]
+        aliased = {split_qualified(a)[0] for a in self.plan.aliases}
+        missing = [name for name in [*self.plan.rules, *aliased] if name not in modules]
         if missing:
             raise ValueError(f"the plan does not match the model: no module {missing[0]!r}")
+        add = self._handles.append
+        add(self.model.register_forward_pre_hook(self._on_root_start, with_kwargs=True,
+                                                 prepend=True))
+        for tied in self.plan.tied:
+            state = TiedState(tied)
+            for name in [*tied.embeddings, *([tied.head] if tied.head else [])]:
+                self._tied[name] = state
+        owners: set[str] = set(aliased)
         for name, rule in self.plan.rules.items():
             module = modules[name]
             if rule in PRODUCT_RULES:
                 hook = functools.partial(self._on_forward_product, name, rule)
-                self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+                add(module.register_forward_hook(hook, with_kwargs=True))
             elif rule == "func":
                 hook = functools.partial(self._on_forward_func, name)
-                self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+                add(module.register_forward_hook(hook, with_kwargs=True))
+            elif rule == "attention":
+                start = functools.partial(self._on_attention_start, name)
+                end = functools.partial(self._on_attention_end, name)
+                add(module.register_forward_pre_hook(start))
+                add(module.register_forward_hook(end, always_call=True))
+            elif rule == "broadcast":
+                owners.add(name)
             else:
                 hook = functools.partial(self._on_forward, name, rule)
-                self._handles.append(module.register_forward_hook(hook))
+                add(module.register_forward_hook(hook))
+        for name in sorted(owners):
+            start = functools.partial(self._on_owner_start, name)
+            end = functools.partial(self._on_owner_end, name)
+            add(modules[name].register_forward_pre_hook(start, with_kwargs=True))
+            add(modules[name].register_forward_hook(end, always_call=True))
         for name, module in modules.items():
             if compat.is_batchnorm(module):
                 check = functools.partial(self._on_batchnorm, name)
-                self._handles.append(module.register_forward_pre_hook(check))
+                add(module.register_forward_pre_hook(check))
+        # last, so that it sees the root's output as the other hooks leave it
+        add(self.model.register_forward_hook(self._on_root_end, with_kwargs=True,
+                                             always_call=True))
         self._active = True
+        self._checked, self._crossing = set(), {}
         self._reset()
         return self
 
@@ -205,6 +278,9 @@ class PerExampleGradNorms:
             if cap is not None:
                 cap.drop()  # a graph still alive keeps only an inert hook
         self._captures = []
+        self._tied.clear()
+        self._batch.clear()
+        self._expanded.clear()
         self._active = False
         self._reset()
         self._errors.clear()
@@ -212,6 +288,94 @@ class PerExampleGradNorms:
     def _reset(self) -> None:
         self._terms = []
         self._fired = {}
+        for state in self._tied.values():
+            state.fired.clear()
+
+    def _hooking(self) -> bool:
+        """Whether a forward now should be captured (not our own recomputation or check,
+        not inside a torch.func transform)."""
+        return not (self._recomputing or self._checking
+                    or compat.functorch_transforms_active())
+
+    # -- the root: batch size, and the check of batch-expanded tensors ---------------------
+    def _on_root_start(self, module: nn.Module, args: tuple[Any, ...],
+                       kwargs: dict[str, Any]) -> None:
+        x = first_tensor(args, kwargs)
+        batch = int(x.shape[0]) if x is not None and x.dim() > 0 else None
+        self._batch.append(batch)
+        if batch is not None and self._hooking():
+            self._last_batch = batch
+
+    def _on_root_end(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     output: object) -> None:
+        batch = self._batch.pop() if self._batch else None
+        if not self._batch and self._expanded:
+            expanded, self._expanded = self._expanded, []
+            if batch is not None and torch.is_grad_enabled() and self._hooking():
+                self._check_expanded(expanded, output_tensors(output), batch)
+
+    def _check_expanded(self, expanded: list[tuple[str, Tensor]], outputs: list[Tensor],
+                        batch: int) -> None:
+        """Once per context and tensor: example i's outputs depend on row i alone (a
+        tensor found otherwise is refused on every later forward too)."""
+        todo = []
+        for label, t in expanded:
+            if label in self._crossing:
+                self._errors.append(self._crossing[label])
+            elif label not in self._checked and t.requires_grad:
+                todo.append((label, t))
+        outputs = [o for o in outputs if o.requires_grad and o.dim() > 0 and o.shape[0] == batch]
+        if not todo or not outputs:  # (nothing to check against: a later forward may have)
+            return
+        self._checked.update(label for label, _ in todo)
+        self._checking = True
+        try:
+            found = crossing_rows(outputs, [t for _, t in todo], batch)
+        except RuntimeError as e:  # e.g. a graph that cannot be walked twice
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            found = [None] * len(todo)
+            self._errors.append(f"could not check that {todo[0][0]} is broadcast over the "
+                                f"batch: {first}")
+        finally:
+            self._checking = False
+        for (label, _), k in zip(todo, found, strict=True):
+            if k is not None:
+                self._crossing[label] = (
+                    f"{label} is expanded over the batch for per-example norms, but example "
+                    f"{k}'s outputs depend on other examples' rows of it: the forward indexes "
+                    "it along dim 0 (p[0]), reduces or multiplies across that dim instead of "
+                    "broadcasting it (x + p, p.expand(B, ...))"
+                )
+                self._errors.append(self._crossing[label])
+
+    def _expand_input(self, name: str, module: nn.Module, x: object,
+                      output: object) -> tuple[object, object, bool]:
+        """A batch-1 input of a model with a larger batch (position ids (1, T)): run the
+        module again on it expanded to the batch. Returns (input, output, expanded).
+
+        Not for a slice of a batch-sized tensor (``x[i:i+1]`` in a loop over examples):
+        that module is called once per example, which the backward refuses. A forward
+        recomputed during the backward (activation checkpointing) is expanded to the
+        batch of the last root forward, as the original was."""
+        if self._batch:
+            batch, check = self._batch[-1], True
+        else:
+            batch, check = (self._last_batch if compat.in_backward() else None), False
+        if (batch is None or batch == 1 or not isinstance(x, Tensor) or x.dim() == 0
+                or x.shape[0] != 1 or not isinstance(output, Tensor)
+                or not output.requires_grad):
+            return x, output, False
+        base = compat.view_base(x)
+        if base is not None and base.dim() > 0 and base.shape[0] == batch:
+            return x, output, False
+        x = x.expand(batch, *x.shape[1:])
+        output = module.forward(x)  # the same values, one row per example
+        assert isinstance(output, Tensor)
+        if check:  # (a recomputation's graph is checked through the original's)
+            self._expanded.append((
+                f"the batch-1 input of module {name!r} (e.g. position ids of shape (1, T); "
+                "pass it with the batch size if this cannot be fixed)", output))
+        return x, output, True
 
     # -- forward hooks ---------------------------------------------------------------
     def _on_forward_product(
@@ -225,35 +389,46 @@ class PerExampleGradNorms:
     ) -> Tensor | None:
         """Linear / Conv: where the direct form will run, replace the output by the same
         values coming out of the fused Function; else the usual hook."""
+        if not self._hooking():
+            return None
         x = args[0] if args else kwargs.get("input")
+        x, output, expanded = self._expand_input(name, module, x, output)
+        own = self._capture_product(name, rule, module, x, output)
+        return own if own is not None or not expanded else output  # type: ignore[return-value]
+
+    def _capture_product(self, name: str, rule: str, module: Any, x: object,
+                         output: object) -> Tensor | None:
         if (
             self.fuse
             and isinstance(x, Tensor)
             and isinstance(output, Tensor)
             and output.requires_grad
-            and not self._recomputing
-            and not compat.functorch_transforms_active()
             and not compat.forward_ad_active()
             and fusable(rule, module, x, self.linear_path)
         ):
-            cap = Capture(self, name, rule, module)
+            cap = self._new_capture(name, rule, module)
             cap.out = output.detach()
-            self._captures.append(weakref.ref(cap))
             out: Tensor = FusedProduct.apply(x, module.weight, module.bias, cap)
             return out
-        return self._on_forward(name, rule, module, (x,) if x is not None else (), output)
+        return self._capture(name, rule, module, x, output)
 
     def _on_forward(
         self, name: str, rule: str, module: nn.Module, args: tuple[Any, ...], output: object
     ) -> Tensor | None:
-        if self._recomputing or compat.functorch_transforms_active():
+        if not self._hooking():
             return None
+        x = args[0] if args else None
+        x, output, expanded = self._expand_input(name, module, x, output)
+        own = self._capture(name, rule, module, x, output)
+        return own if own is not None or not expanded else output  # type: ignore[return-value]
+
+    def _capture(self, name: str, rule: str, module: Any, x: object,
+                 output: object) -> Tensor | None:
         if not isinstance(output, Tensor):
             self._not_a_tensor(name, output)
             return None
         if not output.requires_grad:
             return None
-        x = args[0] if args else None
         if not isinstance(x, Tensor):
             self._errors.append(f"module {name!r} was called without a tensor input")
             return None
@@ -263,10 +438,17 @@ class PerExampleGradNorms:
                 f"module {name!r} got a {rank}-D input; dim 0 must be the batch axis"
             )
             return None
-        cap = Capture(self, name, rule, module)
+        cap = self._new_capture(name, rule, module)
         cap.x = x.detach()  # autograd saved it too, and refuses a backward if it changes
-        self._captures.append(weakref.ref(cap))
+        if cap.tied is not None and rule == "embedding":
+            cap.tied.add_call(cap)
         return attach(cap, output)
+
+    def _new_capture(self, name: str, rule: str, module: Any) -> Capture:
+        cap = Capture(self, name, rule, module)
+        cap.tied = self._tied.get(name)
+        self._captures.append(weakref.ref(cap))
+        return cap
 
     def _on_forward_func(
         self,
@@ -276,17 +458,16 @@ class PerExampleGradNorms:
         kwargs: dict[str, Any],
         output: object,
     ) -> Tensor | None:
-        if self._recomputing or compat.functorch_transforms_active():
+        if not self._hooking():
             return None
         if not isinstance(output, Tensor):
             self._not_a_tensor(name, output)
             return None
         if not output.requires_grad:
             return None
-        cap = Capture(self, name, "func", module)
+        cap = self._new_capture(name, "func", module)
         cap.args = args
         cap.kwargs = dict(kwargs)
-        self._captures.append(weakref.ref(cap))
         own = attach(cap, output)
         out = output if own is None else own
         cap.out = out.detach()
@@ -303,6 +484,97 @@ class PerExampleGradNorms:
                 f"{type(module).__name__} at {name!r} mixes examples in training mode"
             )
 
+    # -- nn.MultiheadAttention -------------------------------------------------------------
+    def _on_attention_start(self, name: str, module: nn.Module, args: tuple[Any, ...]) -> None:
+        mode = None
+        if torch.is_grad_enabled() and self._hooking():
+            mode = AttentionProjections(functools.partial(self._project, name),
+                                        functools.partial(self._refuse_attention, name))
+            mode.__enter__()
+        self._modes.setdefault(name, []).append(mode)
+
+    def _on_attention_end(self, name: str, module: nn.Module, args: tuple[Any, ...],
+                          output: object) -> None:
+        stack = self._modes.get(name)
+        mode = stack.pop() if stack else None
+        if mode is None:
+            return
+        mode.__exit__(None, None, None)
+        if mode.calls == 0:
+            out = output[0] if isinstance(output, tuple) and output else output
+            if isinstance(out, Tensor) and out.requires_grad:
+                self._refuse_attention(name, "did not call F.multi_head_attention_forward")
+
+    def _refuse_attention(self, name: str, why: str) -> None:
+        self._errors.append(f"MultiheadAttention at {name!r} {why}; its per-example norms "
+                            "are not covered")
+
+    def _project(self, name: str, label: str, x: Tensor, weight: Tensor,
+                 bias: Tensor | None) -> Tensor:
+        """One projection of an attention layer, x (B, T, d_in): F.linear, captured."""
+        y = F.linear(x, weight, bias)
+        if not (weight.requires_grad or (bias is not None and bias.requires_grad)):
+            return y  # a frozen projection has no per-example gradient
+        own = self._capture_product(f"{name}.{label}", "linear",
+                                    ProjectionWeights(weight, bias), x, y)
+        return y if own is None else own
+
+    # -- parameters used by a module's own forward (next to its children) -------------------
+    def _on_owner_start(self, name: str, module: nn.Module, args: tuple[Any, ...],
+                        kwargs: dict[str, Any]) -> None:
+        swapped: list[tuple[str, Tensor]] = []
+        self._swapped.setdefault(name, []).append(swapped)
+        if not (torch.is_grad_enabled() and self._hooking()):
+            return
+        where = f"{name!r}" if name else "the root"
+        prefix = f"{name}." if name else ""
+        x = first_tensor(args, kwargs)
+        batch = int(x.shape[0]) if x is not None and x.dim() > 0 else None
+        for pname, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            covered_by = self.plan.aliases.get(prefix + pname)
+            if covered_by is not None:  # must stay unused here: a view that reports use
+                value = param.view_as(param)
+                value.register_hook(functools.partial(self._alias_used, where, pname,
+                                                      covered_by))
+            elif self.plan.rules.get(name) == "broadcast":
+                if batch is None:
+                    self._errors.append(f"{where} was called without a tensor input, so the "
+                                        f"batch size for its parameter {pname!r} is unknown")
+                    continue
+                value = param.expand(batch, *param.shape[1:])
+                cap = self._new_capture(prefix + pname, "broadcast", module)
+                value.register_hook(cap.tensor_hook)
+                self._expanded.append((f"parameter {pname!r} of {where}", value))
+            else:
+                continue
+            old = compat.swap_parameter(module, pname, value)
+            if old is None:
+                self._errors.append(f"cannot swap parameter {pname!r} of {where} in this "
+                                    "version of torch")
+                continue
+            swapped.append((pname, old))
+
+    def _on_owner_end(self, name: str, module: nn.Module, args: tuple[Any, ...],
+                      output: object) -> None:
+        stack = self._swapped.get(name)
+        for pname, old in reversed(stack.pop() if stack else []):
+            compat.swap_parameter(module, pname, old)
+        if not self._batch and self._expanded:  # called outside a root forward
+            expanded, self._expanded = self._expanded, []
+            x = next(iter(output_tensors(output)), None)
+            if x is not None and x.dim() > 0 and torch.is_grad_enabled():
+                self._check_expanded(expanded, output_tensors(output), int(x.shape[0]))
+
+    def _alias_used(self, where: str, pname: str, covered_by: str, grad: Tensor) -> None:
+        if not self._checking:
+            self._errors.append(
+                f"{where} uses parameter {pname!r} in its own forward, but it is also the "
+                f"parameter of its submodule {covered_by!r}, whose rule covers it; a "
+                "parameter used by both is not covered: register it on one module only"
+            )
+
     # -- backward hook ---------------------------------------------------------------
     def record_backward(
         self, cap: Capture, grad: Tensor, x: Tensor | None = None, weight_grad: bool = False
@@ -313,6 +585,8 @@ class PerExampleGradNorms:
         else ``cap.x``. Returns None when no weight gradient was formed (not asked, or
         this call's norms are refused).
         """
+        if self._checking:
+            return None
         task = compat.current_graph_task_id()
         if cap.name in self._fired:
             if task is None or self._fired[cap.name] == task:
@@ -329,18 +603,23 @@ class PerExampleGradNorms:
             self._terms = [(t, n, v) for t, n, v in self._terms if t == task]
             self._fired = {n: t for t, n, _ in self._terms}
         self._fired[cap.name] = task
+        cap.task = task
         acc = None
         if cap.rule == "func":
             sq = self._func(cap, grad)
             if sq is None:
                 return None
+        elif cap.rule == "broadcast":  # an expanded (1, ...) parameter: row i is example i's
+            g = upcast(grad.detach())
+            sq = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1).square()
+            self.paths[cap.name] = "broadcast"
         else:
             x = cap.x if x is None else x
             assert x is not None
             if grad.requires_grad:  # backward(create_graph=True): do not extend the graph
                 grad = grad.detach()
             if cap.rule in PRODUCT_RULES:
-                weight: Tensor = cap.module.weight  # type: ignore[assignment]
+                weight: Tensor = cap.module.weight
                 if weight_grad and weight.requires_grad:  # (not frozen since the forward)
                     acc = upcast(x).new_empty(weight.shape)
                 sq, used = PRODUCT_RULES[cap.rule](
@@ -348,8 +627,40 @@ class PerExampleGradNorms:
             else:
                 sq, used = RULES[cap.rule](cap.module, x.detach(), grad, self.linear_path)
             self.paths[cap.name] = f"{cap.rule}-{used}"
+            if cap.tied is not None:
+                self._tied_cross(cap, x.detach(), grad, task)
         self._terms.append((task, cap.name, sq))
         return acc
+
+    def _tied_cross(self, cap: Capture, x: Tensor, grad: Tensor, task: int | None) -> None:
+        """The cross terms of a tied weight (see :mod:`.tied`) that ``cap`` completes."""
+        state = cap.tied
+        assert state is not None
+        label = f"{state.spec.param} (tied)"
+        cross: list[Tensor] = []
+        if cap.rule == "embedding":
+            idx, d = embedding_delta(cap.module, x, grad)
+            if cap.cross_rows is not None and cap.cross_rows[0] == task:
+                cross.append(rows_dot(d, cap.cross_rows[1]))
+            cap.cross_rows = None
+            for t, _, idx2, d2 in state.fired:
+                if t == task and idx2.shape[0] == idx.shape[0]:
+                    cross.append(embeddings_dot(idx, d, idx2, d2))
+            state.fired = [f for f in state.fired if f[0] == task]
+            state.fired.append((task, cap.name, idx, d))
+        else:  # the head: its gradient rows at each Embedding call's indices
+            for ref in state.calls:
+                emb = ref()
+                if emb is None or emb.x is None or emb.x.shape[0] != x.shape[0]:
+                    continue
+                if emb.task != task:  # not reached yet in this backward: leave R with it
+                    emb.cross_rows = (task, head_rows(x, grad, emb.x))
+                else:  # already reached (it ran after the head in the forward)
+                    for t, name, idx, d in state.fired:
+                        if t == task and name == emb.name:
+                            cross.append(rows_dot(d, head_rows(x, grad, idx)))
+        for c in cross:
+            self._terms.append((task, label, 2.0 * c))
 
     def _func(self, cap: Capture, grad: Tensor) -> Tensor | None:
         params = {n: p.detach() for n, p in cap.module.named_parameters() if p.requires_grad}
@@ -399,8 +710,33 @@ class PerExampleGradNorms:
         values = [v for _, _, v in terms]
         sizes = {v.shape[0] for v in values}
         if len(sizes) > 1:
-            raise PerExampleUnsupported(
-                f"modules saw different batch sizes {sorted(sizes)} in one backward"
-            )
+            raise PerExampleUnsupported(self._batch_mismatch([(n, v.shape[0])
+                                                              for _, n, v in terms]))
         dtype = torch.float32 if values[0].device.type == "mps" else torch.float64
         return torch.stack(values).to(dtype).sum(0)
+
+    def _batch_mismatch(self, sizes: list[tuple[str, int]]) -> str:
+        """Which module saw a batch size other than the model's, and what to do."""
+        counts: dict[int, int] = {}
+        for _, s in sizes:
+            counts[s] = counts.get(s, 0) + 1
+        want = (self._last_batch if self._last_batch in counts
+                else max(counts, key=lambda s: counts[s]))
+        odd = [(n, s) for n, s in sizes if s != want]
+        name, size = odd[0]
+        more = f" (and {len(odd) - 1} more)" if len(odd) > 1 else ""
+        if size == 1:
+            fix = ("it got a tensor of batch size 1 that the forward broadcasts over the batch "
+                   "(position ids of shape (1, T)?); that is expanded automatically only for "
+                   "Linear, Embedding, convolution and normalisation layers: pass the tensor "
+                   "with the batch size (e.g. position_ids of shape (B, T))")
+        else:
+            fix = "dim 0 of every module's input must be the batch axis"
+        return (f"module {name!r} saw a batch of {size} where the model's batch is "
+                f"{want}{more}: {fix}")
+
+
+def split_qualified(qualified: str) -> tuple[str, str]:
+    """("module", "param") from "module.param" ("" for the root's own parameter)."""
+    module, _, param = qualified.rpartition(".")
+    return module, param

@@ -2,15 +2,17 @@
 
 :func:`plan` inspects a model's modules and decides, per module that owns trainable
 parameters, which rule of :mod:`.rules` computes its per-example norms, or the
-torch.func fallback (:mod:`.func_fallback`), or why none can.
+torch.func fallback (:mod:`.func_fallback`), or why none can. Modules are visited in
+model order (``named_modules()``), so the first obstacle named is the same on every run.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from bsfind import torch_compat as compat
@@ -29,6 +31,22 @@ class PerExampleUnsupported(UserCodeError, RuntimeError):
 
 
 @dataclass(frozen=True)
+class TiedWeight:
+    """One weight shared by Embedding layers and at most one Linear head (tied input and
+    output embeddings: GPT-2's ``wte``/``lm_head``, BERT's MLM decoder, T5).
+
+    Attributes:
+        param: the weight's qualified name at its first use, e.g. "transformer.wte.weight".
+        embeddings: the Embedding modules that use it, in model order.
+        head: the Linear module that uses it as its weight, or None.
+    """
+
+    param: str
+    embeddings: tuple[str, ...]
+    head: str | None
+
+
+@dataclass(frozen=True)
 class PerExamplePlan:
     """What :func:`plan` found: whether every trainable parameter has a per-example rule.
 
@@ -36,14 +54,26 @@ class PerExamplePlan:
         ok: True if every trainable parameter is covered by a rule or by the torch.func
             fallback.
         reason: one line saying why (or why not).
-        rules: module qualified name -> rule name ("linear", "conv1d", "conv2d",
-            "embedding", "layernorm", "groupnorm", "rmsnorm", "func"). For "linear" the
-            direct or Gram form is chosen per call from the input shape.
+        rules: module qualified name -> rule name ("linear", "transposed_linear" (a
+            Linear with weight (in, out): transformers' Conv1D), "conv1d", "conv2d",
+            "embedding", "layernorm", "groupnorm", "rmsnorm", "attention"
+            (nn.MultiheadAttention, its out_proj included), "broadcast" (parameters of
+            shape (1, ...) used by a module that also has parameterised children),
+            "func"). For "linear" the direct or Gram form is chosen per call from the
+            input shape.
+        tied: weights shared by Embedding layers and a Linear head; their modules also
+            have their own rules above, and the cross terms are added.
+        aliases: "module.param" -> the module whose rule covers it, for a parameter
+            registered both on a module and on one of its descendants (transformers'
+            BERT registers the MLM decoder's bias on the prediction head too). The
+            ancestor must not use it itself; that is checked at run time.
     """
 
     ok: bool
     reason: str
     rules: dict[str, str] = field(default_factory=dict)
+    tied: tuple[TiedWeight, ...] = ()
+    aliases: dict[str, str] = field(default_factory=dict)
 
 
 # -- planning -----------------------------------------------------------------------------
@@ -56,12 +86,30 @@ def _uses_forward_of(module: nn.Module, cls: type[nn.Module]) -> bool:
             and "forward" not in vars(module))
 
 
+def is_transposed_linear(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2, GPT): ``x @ weight + bias`` with weight (in, out).
+
+    Recognised by class name and module, its ``nf`` attribute and shapes, and an
+    unchanged forward, so that bsfind never imports transformers.
+    """
+    base: Any = next((c for c in type(module).__mro__ if c.__name__ == "Conv1D"
+                      and c.__module__.startswith("transformers.")), None)
+    if base is None or type(module).forward is not base.forward or "forward" in vars(module):
+        return False
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    return (isinstance(weight, Tensor) and weight.dim() == 2
+            and getattr(module, "nf", None) == weight.shape[1]
+            and (bias is None or (isinstance(bias, Tensor) and bias.shape == weight.shape[1:])))
+
+
 def _rule_for(module: nn.Module, trainable: list[str]) -> str:
     """The rule name for a leaf module that owns the trainable parameters ``trainable``."""
     if not set(trainable) <= {"weight", "bias"}:
         return "func"  # e.g. the old weight_norm: weight_g/weight_v, weight computed
     if _uses_forward_of(module, nn.Linear):
         return "linear"
+    if is_transposed_linear(module):
+        return "transposed_linear"
     if _uses_forward_of(module, nn.Conv1d):
         return "conv1d"
     if _uses_forward_of(module, nn.Conv2d):
@@ -84,78 +132,159 @@ def _func_infeasible(module: nn.Module) -> str | None:
     return None
 
 
+def _attention_problem(attn: Any) -> str | None:
+    """Why an nn.MultiheadAttention is not covered (None if it is)."""
+    if not attn.batch_first:
+        return ("has batch_first=False: dim 0 of its input is the sequence, not the batch; "
+                "build it (or the nn.TransformerEncoderLayer / nn.TransformerDecoderLayer / "
+                "nn.Transformer that creates it) with batch_first=True")
+    if attn.bias_k is not None:
+        return ("has add_bias_kv=True (parameters 'bias_k', 'bias_v'), which the per-example "
+                "rule does not cover; build it with add_bias_kv=False")
+    if attn.add_zero_attn:
+        return ("has add_zero_attn=True, which the per-example rule does not cover; build it "
+                "with add_zero_attn=False")
+    return None
+
+
+def _is_ancestor(a: str, b: str) -> bool:
+    """Whether module ``a`` contains module ``b`` (qualified names, "" the root)."""
+    return a != b and (a == "" or b.startswith(a + "."))
+
+
+def _where(name: str) -> str:
+    return f"'{name}'" if name else "the root"
+
+
+def _qualified(module: str, param: str) -> str:
+    return f"{module}.{param}" if module else param
+
+
 def plan(model: nn.Module) -> PerExamplePlan:
     """Inspect ``model`` (without running it) for per-example gradient rules.
 
     A module that owns trainable parameters gets a rule by type, or the torch.func
     fallback ("func") when it has none. A module with parameters of its own and
     parameter-free children (a custom activation holding a learned scale) is handled
-    by the fallback as a whole. Not ok: BatchNorm in training mode, a trainable
-    parameter on a module whose children also own trainable parameters, a trainable
-    parameter shared by two modules (tied weights), a module the fallback cannot run.
+    by the fallback as a whole. A module with parameterised children may own parameters
+    of shape (1, ...) that its forward broadcasts over the batch (a ViT's cls_token and
+    pos_embed): rule "broadcast". Embedding layers and one Linear head may share their
+    weight (tied embeddings). Not ok: BatchNorm in training mode, any other parameter on
+    a module whose children own trainable parameters, any other sharing of a parameter,
+    an nn.MultiheadAttention with batch_first=False, add_bias_kv or add_zero_attn, a
+    module the fallback cannot run.
 
     Args:
         model: the model as it will be trained (its train/eval mode matters).
 
     Returns:
-        The plan; ``reason`` is one line naming the first obstacle and how many more.
+        The plan; ``reason`` is one line naming the first obstacle in model order and how
+        many more.
     """
-    problems: list[str] = []
-    rules: dict[str, str] = {}
-    owners: dict[int, list[str]] = {}
     modules = list(model.named_modules())
-    owning: set[str] = set()
+    by_name = dict(modules)
+    order = {name: i for i, (name, _) in enumerate(modules)}
+    problems: list[tuple[int, str]] = []
+    owned: dict[str, list[str]] = {}  # module -> its own trainable parameters
     for name, module in modules:
-        where = f"'{name}'" if name else "the root"
         if compat.is_batchnorm(module) and module.training:
-            problems.append(f"{type(module).__name__} at {where} mixes examples in training mode")
-        if any(p.requires_grad for p in module.parameters(recurse=False)):
-            owning.add(name)
+            problems.append((order[name], f"{type(module).__name__} at {_where(name)} mixes "
+                             "examples in training mode"))
+        trainable = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if trainable:
+            owned[name] = trainable
+    attention = [n for n, m in modules if _uses_forward_of(m, nn.MultiheadAttention)]
+
+    def in_attention(name: str) -> str | None:
+        return next((a for a in attention if a == name or _is_ancestor(a, name)), None)
+
     # first descendant that owns trainable parameters, for every ancestor of one
     owning_below: dict[str, str] = {}
-    for name in owning:
+    for name in owned:  # model order
         parts = name.split(".") if name else []
         for depth in range(len(parts)):
             owning_below.setdefault(".".join(parts[:depth]), name)
-    for name, module in modules:
-        if name not in owning:
+
+    # -- parameters registered on more than one module -----------------------------------
+    uses: dict[int, list[tuple[str, str]]] = {}
+    for name, pnames in owned.items():
+        for pname in pnames:
+            uses.setdefault(id(getattr(by_name[name], pname)), []).append((name, pname))
+    aliases: dict[str, str] = {}
+    tied: list[TiedWeight] = []
+    for group in uses.values():
+        if len(group) < 2:
             continue
-        where = f"'{name}'" if name else "the root"
-        trainable = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        for pname in trainable:
-            owners.setdefault(id(getattr(module, pname)), []).append(
-                f"{name}.{pname}" if name else pname
-            )
+        # a registration on an ancestor of another user is an alias of the descendant's
+        users = [(m, p) for m, p in group if not any(_is_ancestor(m, o) for o, _ in group)]
+        for m, p in group:
+            if (m, p) not in users:
+                aliases[_qualified(m, p)] = next(o for o, _ in users if _is_ancestor(m, o))
+        if len(users) < 2:
+            continue
+        problem = _sharing_problem(by_name, users, in_attention)
+        if problem is None:
+            embeddings = tuple(m for m, _ in users
+                               if _uses_forward_of(by_name[m], nn.Embedding))
+            head = next((m for m, _ in users if m not in embeddings), None)
+            tied.append(TiedWeight(_qualified(*users[0]), embeddings, head))
+        else:
+            problems.append((order[users[0][0]], problem))
+
+    # -- one rule per module -------------------------------------------------------------
+    rules: dict[str, str] = {}
+    for name, module in modules:
+        attn = in_attention(name)
+        if attn is not None:
+            if attn == name and any(p.requires_grad for p in module.parameters()):
+                why = _attention_problem(module)
+                if why is None:
+                    rules[name] = "attention"
+                else:
+                    first = next(n for n, p in module.named_parameters() if p.requires_grad)
+                    problems.append((order[name], f"MultiheadAttention at {_where(name)} "
+                                     f"(parameter {first!r}) {why}"))
+            continue
+        own = [p for p in owned.get(name, []) if _qualified(name, p) not in aliases]
+        if not own:
+            continue
+        where = _where(name)
         if name in owning_below:
-            problems.append(
-                f"{type(module).__name__} at {where} owns parameter '{trainable[0]}' and has "
-                f"children with parameters ({owning_below[name]!r}); no per-example rule"
-            )
+            wide = [p for p in own if getattr(module, p).dim() == 0
+                    or getattr(module, p).shape[0] != 1]
+            if wide:
+                shape = tuple(getattr(module, wide[0]).shape)
+                problems.append((order[name], (
+                    f"{type(module).__name__} at {where} owns parameter {wide[0]!r} of shape "
+                    f"{shape} and has children with parameters ({owning_below[name]!r}); a "
+                    "parameter used by such a module's own forward is covered only if it has "
+                    "a leading dimension of 1 broadcast over the batch (like a ViT's "
+                    "cls_token of shape (1, 1, d)): give it that shape, or move it into a "
+                    "submodule without parameterised children (the torch.func fallback "
+                    "handles that)")))
+                continue
+            rules[name] = "broadcast"
             continue
         lazy: Any = module
         if isinstance(module, LazyModuleMixin) and lazy.has_uninitialized_params():
-            problems.append(
-                f"{type(module).__name__} at {where} has uninitialised (lazy) parameters; "
-                "run one batch through the model first"
-            )
+            problems.append((order[name], (
+                f"{type(module).__name__} at {where} has uninitialised (lazy) parameter "
+                f"{own[0]!r}; run one batch through the model first")))
             continue
         is_leaf = next(iter(module.children()), None) is None
-        rule = _rule_for(module, trainable) if is_leaf else "func"
+        rule = _rule_for(module, own) if is_leaf else "func"
         if rule == "func":
             why = _func_infeasible(module)
             if why is not None:
-                problems.append(f"{type(module).__name__} at {where} {why}")
+                problems.append((order[name], (
+                    f"{type(module).__name__} at {where} (parameter {own[0]!r}) {why}, "
+                    "which the torch.func fallback cannot differentiate")))
                 continue
         rules[name] = rule
-    for names in owners.values():
-        if len(names) > 1:
-            problems.append(
-                f"parameter shared by {names[0]!r} and {names[1]!r} (tied weights): "
-                "per-example norms of a sum are not sums of norms"
-            )
     if problems:
+        problems.sort(key=lambda p: p[0])  # stable: model order, then the order found
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        return PerExamplePlan(False, problems[0] + more, rules)
+        return PerExamplePlan(False, problems[0][1] + more, rules, tuple(tied), aliases)
     if not rules:
         return PerExamplePlan(False, "the model has no trainable parameters", rules)
     n_func = sum(r == "func" for r in rules.values())
@@ -163,4 +292,34 @@ def plan(model: nn.Module) -> PerExamplePlan:
     if n_func:
         first = next(n for n, r in rules.items() if r == "func")
         reason += f" ({n_func} through the torch.func fallback, e.g. {first!r})"
-    return PerExamplePlan(True, reason, rules)
+    for t in tied:
+        sharing = [*t.embeddings, *([t.head] if t.head else [])]
+        reason += f"; {t.param!r} tied across " + ", ".join(repr(u) for u in sharing)
+    return PerExamplePlan(True, reason, rules, tuple(tied), aliases)
+
+
+def _sharing_problem(
+    modules: dict[str, nn.Module],
+    users: list[tuple[str, str]],
+    in_attention: Callable[[str], str | None],
+) -> str | None:
+    """Why a parameter used by the modules ``users`` (module, parameter name) is not
+    covered; None for Embedding layers that share their weight with at most one Linear."""
+    covered = (
+        all(p == "weight" and in_attention(m) is None for m, p in users)
+        and sum(_uses_forward_of(modules[m], nn.Linear) for m, _ in users) <= 1
+        and all(_uses_forward_of(modules[m], nn.Embedding)
+                or _uses_forward_of(modules[m], nn.Linear) for m, _ in users)
+        and any(_uses_forward_of(modules[m], nn.Embedding) for m, _ in users)
+    )
+    if covered:
+        return None
+    (a, pa), (b, pb) = users[0], users[1]
+    more = f" and {len(users) - 2} more" if len(users) > 2 else ""
+    return (
+        f"parameter {_qualified(a, pa)!r} is shared by {_where(a)} "
+        f"({type(modules[a]).__name__}) and {_where(b)} ({type(modules[b]).__name__}, as "
+        f"{pb!r}){more}: the per-example norm of a shared parameter needs the cross terms "
+        "between its uses, implemented only for Embedding layers tied to one Linear head "
+        "(input/output embeddings); untie it (give each module its own copy)"
+    )

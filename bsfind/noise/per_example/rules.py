@@ -130,7 +130,7 @@ def seq_sq(
 
 
 def linear_rule(
-    module: nn.Module,
+    module: Any,
     x: Tensor,
     d: Tensor,
     path: LinearPath,
@@ -138,7 +138,35 @@ def linear_rule(
     scratch: Scratch,
 ) -> tuple[Tensor, str]:
     """Linear rule; with ``acc`` (the weight's shape) also fill it with the weight gradient
-    Σ_i δ_iᵀ x_i, summed from the per-example products (only for inputs with middle axes)."""
+    Σ_i δ_iᵀ x_i, summed from the per-example products (only for inputs with middle axes).
+
+    ``module`` needs only ``weight`` and ``bias`` (an nn.Linear, or a slice of
+    nn.MultiheadAttention's packed in-projection)."""
+    return _linear_sq(module, x, d, path, acc, scratch, transposed=False)
+
+
+def transposed_linear_rule(
+    module: Any,
+    x: Tensor,
+    d: Tensor,
+    path: LinearPath,
+    acc: Tensor | None,
+    scratch: Scratch,
+) -> tuple[Tensor, str]:
+    """The linear rule for ``x @ weight + bias`` with weight (in, out) (transformers'
+    Conv1D): the same norms (a transpose keeps the Frobenius norm); ``acc`` is (in, out)."""
+    return _linear_sq(module, x, d, path, acc, scratch, transposed=True)
+
+
+def _linear_sq(
+    module: Any,
+    x: Tensor,
+    d: Tensor,
+    path: LinearPath,
+    acc: Tensor | None,
+    scratch: Scratch,
+    transposed: bool,
+) -> tuple[Tensor, str]:
     w_on = module.weight.requires_grad
     b_on = module.bias is not None and module.bias.requires_grad
     x, d = upcast(x), upcast(d)
@@ -159,7 +187,7 @@ def linear_rule(
         total = None if acc is None else x.new_zeros(1, x.shape[2], d.shape[2])
         sq, used = seq_sq(x, d, path, total, scratch)
         if acc is not None and total is not None:
-            acc.copy_(total[0].T)
+            acc.copy_(total[0] if transposed else total[0].T)
     if b_on:
         db = d.sum(1)
         sq = sq + torch.linalg.vecdot(db, db)
@@ -280,19 +308,29 @@ def explicit_padding(conv: Any, one_d: bool) -> tuple[int, ...]:
     return tuple(out)
 
 
+def embedding_delta(module: nn.Module, idx: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """Indices (B, T) and the output gradient (B, T, dim) as the weight gradient uses it:
+    zero at padding_idx, divided by the index's count in the batch with
+    scale_grad_by_freq. Example i's weight gradient is the scatter-sum of its rows."""
+    emb: Any = module
+    b = idx.shape[0]
+    idx = idx.reshape(b, -1)
+    d = upcast(d).reshape(b, -1, d.shape[-1])
+    if emb.padding_idx is not None:
+        d = d * (idx != emb.padding_idx).unsqueeze(-1).to(d.dtype)
+    if emb.scale_grad_by_freq:  # torch divides each row's gradient by its count in the batch
+        counts = torch.bincount(idx.flatten(), minlength=emb.num_embeddings).to(d.dtype)
+        d = d / counts[idx].unsqueeze(-1)
+    return idx, d
+
+
 def embedding_rule(
     module: nn.Module, idx: Tensor, d: Tensor, path: LinearPath
 ) -> tuple[Tensor, str]:
     emb: Any = module
     b = idx.shape[0]
     dim = d.shape[-1]
-    idx = idx.reshape(b, -1)
-    d = upcast(d).reshape(b, -1, dim)
-    if emb.padding_idx is not None:
-        d = d * (idx != emb.padding_idx).unsqueeze(-1).to(d.dtype)
-    if emb.scale_grad_by_freq:  # torch divides each row's gradient by its count in the batch
-        counts = torch.bincount(idx.flatten(), minlength=emb.num_embeddings).to(d.dtype)
-        d = d / counts[idx].unsqueeze(-1)
+    idx, d = embedding_delta(module, idx, d)
     # Sum δ over equal (example, index) pairs: sort the keys i·V + idx and number each run of
     # equal keys (no data-dependent sizes, so no device sync on CUDA); then scatter-add the
     # rows of δ, in their own order, into their run's slot.
@@ -374,9 +412,12 @@ ProductRule = Callable[
     [nn.Module, Tensor, Tensor, LinearPath, "Tensor | None", Scratch], tuple[Tensor, str]
 ]
 PRODUCT_RULES: dict[str, ProductRule] = {
-    "linear": linear_rule, "conv1d": conv_rule, "conv2d": conv_rule,
+    "linear": linear_rule, "transposed_linear": transposed_linear_rule,
+    "conv1d": conv_rule, "conv2d": conv_rule,
 }
+# Product rules whose weight multiplies the input's last axis (no unfolding).
+LINEAR_RULES = ("linear", "transposed_linear")
 # Input rank each rule accepts (batch axis included); anything else is unbatched or exotic.
-MIN_RANK = {"linear": 2, "conv1d": 3, "conv2d": 4, "embedding": 1, "layernorm": 2,
-             "groupnorm": 2, "rmsnorm": 2}
+MIN_RANK = {"linear": 2, "transposed_linear": 2, "conv1d": 3, "conv2d": 4, "embedding": 1,
+            "layernorm": 2, "groupnorm": 2, "rmsnorm": 2}
 MAX_RANK = {"conv1d": 3, "conv2d": 4}

@@ -1,0 +1,99 @@
+"""Tensors of batch size 1 that the forward broadcasts over the batch.
+
+Two constructs put one tensor into every example's computation:
+
+- a module input of batch size 1 broadcast later: GPT-2 and BERT build position ids of
+  shape (1, T), and the position embedding's (1, T, d) output is added to the (B, T, d)
+  token embeddings. Such a module (Linear, Embedding, convolution, normalisation) is run
+  again on its input expanded to the model's batch size (read from the root module's
+  input): the same values, one row per example, so its rule sees every example's output
+  gradient.
+- a parameter of shape (1, ...) used by the forward of a module that also has
+  parameterised children (a ViT's cls_token and pos_embed on the root): for the forward
+  it is swapped for its ``expand(B, ...)``, whose gradient row i is example i's gradient.
+
+Both are exact only if the rest of the forward broadcasts that tensor: example i's
+outputs must depend on its row i alone. :func:`crossing_rows` checks that once per
+context, on the first forward: two more backward passes through the retained graph, with
+a random cotangent on example 0's outputs, then on example 1's; gradient reaching any
+other row means the tensor was indexed along dim 0 (``pos_embed[0]``), reduced or
+multiplied across it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# Gradient on rows other than the cotangent's example, relative to its own row's, above
+# which the tensor counts as shared across examples. Independent rows get exact zeros
+# (a zero cotangent times finite local derivatives); the margin only absorbs denormals.
+CROSSING_RTOL = 1e-6
+
+
+def first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> Tensor | None:
+    """The first tensor among a call's arguments (positional first, then keyword, looking
+    into dicts, lists and tuples)."""
+    found = _tensors(args, 3, first=True) or _tensors(list((kwargs or {}).values()), 3,
+                                                      first=True)
+    return found[0] if found else None
+
+
+def output_tensors(output: object) -> list[Tensor]:
+    """The tensors in a module's output (a tensor, or dicts / lists / tuples of them, e.g. a
+    transformers ModelOutput)."""
+    return _tensors(output, 3, first=False)
+
+
+def _tensors(obj: object, depth: int, first: bool) -> list[Tensor]:
+    if isinstance(obj, Tensor):
+        return [obj]
+    if depth == 0:
+        return []
+    items: list[object] = []
+    if isinstance(obj, Mapping):
+        items = list(obj.values())
+    elif isinstance(obj, (list, tuple)):
+        items = list(obj)
+    out: list[Tensor] = []
+    for item in items:
+        out += _tensors(item, depth - 1, first)
+        if first and out:
+            break
+    return out
+
+
+def crossing_rows(outputs: list[Tensor], tensors: list[Tensor], batch: int) -> list[int | None]:
+    """For each of ``tensors`` (batch-expanded, rows = examples), the example k whose
+    outputs depend on rows other than k (None where no such dependence was found).
+
+    Args:
+        outputs: the forward's outputs with the batch on dim 0 (others are ignored).
+        tensors: tensors of the graph with ``batch`` rows.
+        batch: the batch size.
+    """
+    outs = [o for o in outputs if o.requires_grad and o.dim() >= 1 and o.shape[0] == batch]
+    found: list[int | None] = [None] * len(tensors)
+    if not outs or batch < 2:
+        return found
+    gen = torch.Generator(device=outs[0].device).manual_seed(0)  # not the user's RNG
+    for k in (0, 1):
+        cotangents = []
+        for o in outs:
+            c = torch.zeros_like(o)
+            c[k] = torch.randn(o.shape[1:], generator=gen, device=o.device).to(o.dtype)
+            cotangents.append(c)
+        grads = torch.autograd.grad(outs, tensors, cotangents, retain_graph=True,
+                                    allow_unused=True)
+        for i, g in enumerate(grads):
+            if g is None or found[i] is not None:
+                continue
+            rows = torch.linalg.vector_norm(g.detach().float().reshape(batch, -1), dim=1)
+            own = rows[k]
+            others = torch.linalg.vector_norm(torch.cat([rows[:k], rows[k + 1 :]]))
+            if others > CROSSING_RTOL * own:
+                found[i] = k
+    return found

@@ -1,0 +1,414 @@
+"""Per-example norms of the constructs real models are built from: tied input/output
+embeddings, tensors of batch size 1 broadcast over the batch (position ids, a ViT's
+cls_token), nn.MultiheadAttention (incl. dropout), a parameter registered on a module
+and its child. Each against exact values; the misuses are refused, never answered.
+
+Run: .venv/bin/python -m pytest tests/noise/test_per_example_constructs.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bsfind.noise.per_example import PerExampleGradNorms, PerExampleUnsupported, plan
+from tests.noise.test_per_example import RTOL, check, exact_sq_norms, hooked_sq_norms, token_ce
+
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(_threads: None) -> None:
+    # Tiny models: one thread is faster, and immune to OpenMP threads spinning while other
+    # work holds the second core (the ViT probe: 1 s on one thread, 35 s on two, then).
+    torch.set_num_threads(1)
+
+
+def same_forward_sq_norms(
+    model: nn.Module, x: Tensor, y: Tensor, **kwargs: object
+) -> tuple[Tensor, Tensor]:
+    """(hooks, exact) per-example squared norms of one forward with token cross-entropy.
+
+    The exact ones are each example's own gradient back-propagated through the SAME
+    forward (so random ops such as dropout are the same for both); and the gradients the
+    context leaves equal those of a plain step from the same random state.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(5)
+    model.zero_grad(set_to_none=True)
+    token_ce(model(x), y).backward()
+    plain = [p.grad.clone() for p in params if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)
+    with PerExampleGradNorms(model, **kwargs) as norms:  # type: ignore[arg-type]
+        out = model(x)
+        tokens = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+        want = []
+        for i in range(x.shape[0]):
+            g = torch.autograd.grad(tokens[i].sum() / y.numel(), params, retain_graph=True)
+            want.append(sum(v.double().square().sum() for v in g))
+        (tokens.sum() / y.numel()).backward()
+        got = norms.sq_norms()
+    for p, q in zip(params, plain, strict=True):
+        torch.testing.assert_close(p.grad, q, rtol=1e-5, atol=1e-6 * float(q.abs().max()))
+    return got, torch.stack(want)
+
+
+# -- tied input/output embeddings ------------------------------------------------------------
+
+
+class TiedLM(nn.Module):
+    """Embedding -> tanh -> Linear head sharing the embedding's weight."""
+
+    def __init__(self, vocab: int = 7, dim: int = 5, **emb: object) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim, **emb)  # type: ignore[arg-type]
+        self.head = nn.Linear(dim, vocab)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.emb(x)))
+
+
+@pytest.mark.parametrize("path", ["direct", "gram"])
+@pytest.mark.parametrize("emb", [{}, {"padding_idx": 3}])
+def test_tied_embedding_and_head(emb: dict[str, object], path: str) -> None:
+    model = TiedLM(**emb)
+    p = plan(model)
+    assert p.ok and "'emb.weight' tied across 'emb', 'head'" in p.reason
+    x, y = torch.randint(0, 7, (6, 9)), torch.randint(0, 7, (6, 9))
+    paths = check(model, x, token_ce, y, linear_path=path)
+    assert paths["head"] == ("linear-fused" if path == "direct" else "linear-gram")
+
+
+def test_tied_cross_term_chunked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bsfind.noise.per_example import rules
+
+    monkeypatch.setattr(rules, "MAX_TEMP_ELEMENTS", 20)  # T·T' = 81 per example: 1 a chunk
+    check(TiedLM(), torch.randint(0, 7, (6, 9)), token_ce, torch.randint(0, 7, (6, 9)))
+
+
+def test_tied_scale_grad_by_freq() -> None:
+    # torch divides each row's gradient by the index's count in the whole batch, so the
+    # example's contribution is not its own loss's gradient: build it by hand
+    model = TiedLM(scale_grad_by_freq=True)
+    x, y = torch.randint(0, 7, (6, 9)), torch.randint(0, 7, (6, 9))
+    got, _ = hooked_sq_norms(model, x, y, token_ce)
+    h = torch.tanh(model.emb(x))
+    logits = model.head(h)
+    dlogits, dh = torch.autograd.grad(token_ce(logits, y), [logits, h])
+    de = (dh * (1 - h.square())).double()  # through the tanh
+    counts = torch.bincount(x.flatten(), minlength=7).double()
+    want = torch.zeros(6, dtype=torch.float64)
+    for i in range(6):
+        g = dlogits[i].double().T @ h[i].double()  # the head's (V, d) gradient
+        g.index_add_(0, x[i], de[i] / counts[x[i]].unsqueeze(-1))
+        want[i] = g.square().sum() + dlogits[i].double().sum(0).square().sum()  # + bias
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=0)
+
+
+class TwoEmbeddingsAndHead(nn.Module):
+    """T5's layout: encoder and decoder embeddings and the head share one weight; the
+    decoder's embedding is called after the head's input is known, another after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Embedding(7, 5)
+        self.dec = nn.Embedding(7, 5)
+        self.head = nn.Linear(5, 7, bias=False)
+        self.dec.weight = self.head.weight = self.enc.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        context = torch.tanh(self.enc(x)).mean(1, keepdim=True)
+        return self.head(context + self.dec(x.flip(1)))
+
+
+def test_two_embeddings_tied_to_a_head() -> None:
+    assert plan(TwoEmbeddingsAndHead()).tied[0].embeddings == ("enc", "dec")
+    check(TwoEmbeddingsAndHead(), torch.randint(0, 7, (6, 4)), token_ce,
+          torch.randint(0, 7, (6, 4)))
+
+
+def test_embedding_called_after_its_tied_head() -> None:
+    class HeadFirst(TiedLM):
+        def forward(self, x: Tensor) -> Tensor:
+            logits = self.head(torch.ones(x.shape[0], 1, 5))
+            return logits + self.emb(x).sum(-1, keepdim=True)
+
+    check(HeadFirst(), torch.randint(0, 7, (6, 4)), token_ce, torch.randint(0, 7, (6, 4)))
+
+
+# -- tensors of batch size 1 broadcast over the batch ----------------------------------------
+
+
+class PositionIds(nn.Module):
+    """GPT-2's embedding: token embeddings plus position embeddings of ids (1, T)."""
+
+    def __init__(self, misuse: bool = False) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(11, 8)
+        self.wpe = nn.Embedding(6, 8)
+        self.ln = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 11)
+        self.misuse = misuse
+
+    def forward(self, x: Tensor) -> Tensor:
+        pos = self.wpe(torch.arange(x.shape[1]).unsqueeze(0))  # (1, T, d)
+        if self.misuse:
+            pos = pos[0]  # the same values, but a per-example gradient no longer exists
+        return self.head(self.ln(self.wte(x) + pos))
+
+
+def test_position_ids_of_batch_one() -> None:
+    model = PositionIds()
+    x, y = torch.randint(0, 11, (5, 6)), torch.randint(0, 11, (5, 6))
+    assert check(model, x, token_ce, y)["wpe"] == "embedding-scatter"
+    with PerExampleGradNorms(model) as norms:  # a batch of one stays one
+        token_ce(model(x[:1]), y[:1]).backward()
+        assert norms.sq_norms().shape == (1,)
+
+
+def test_batch_one_input_that_is_not_broadcast_is_refused() -> None:
+    model = PositionIds(misuse=True)
+    x, y = torch.randint(0, 11, (5, 6)), torch.randint(0, 11, (5, 6))
+    with PerExampleGradNorms(model) as norms:
+        token_ce(model(x), y).backward()
+        with pytest.raises(PerExampleUnsupported, match="batch-1 input of module 'wpe'"):
+            norms.sq_norms()
+        # checked on the first forward only, and refused on every later one
+        token_ce(model(x), y).backward()
+        with pytest.raises(PerExampleUnsupported, match="batch-1 input of module 'wpe'"):
+            norms.sq_norms()
+
+
+def test_batch_one_input_of_a_fallback_module_names_it_and_the_fix() -> None:
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.randn(8))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return x * self.scale
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos = Scale()
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(x + self.pos(torch.ones(1, 8)))
+
+    model = Model()
+    with PerExampleGradNorms(model) as norms:
+        model(torch.randn(4, 8)).sum().backward()
+        with pytest.raises(PerExampleUnsupported) as info:
+            norms.sq_norms()
+    assert info.value.message.startswith("module 'pos' saw a batch of 1 where the model's "
+                                         "batch is 4")
+    assert "pass the tensor with the batch size" in info.value.message
+
+
+def test_root_parameters_broadcast_over_the_batch() -> None:
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cls = nn.Parameter(torch.randn(1, 1, 4))
+            self.scale = nn.Parameter(torch.randn(1, 4))  # (1, d) against (B, d)
+            self.body = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.body(x)], dim=1)
+            return self.head(h[:, 0] * self.scale + h[:, 1:].mean(1))
+
+    model = Tokens()
+    assert plan(model).rules[""] == "broadcast"
+    paths = check(model, torch.randn(5, 3, 4))
+    assert paths["cls"] == paths["scale"] == "broadcast"
+
+
+def test_root_parameter_indexed_along_the_batch_is_refused() -> None:
+    class Indexed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bias = nn.Parameter(torch.randn(1, 4))
+            self.body = nn.Linear(4, 4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.body(x) + self.bias[0]
+
+    model = Indexed()
+    with PerExampleGradNorms(model) as norms:
+        model(torch.randn(3, 4)).square().sum().backward()
+        with pytest.raises(PerExampleUnsupported, match="parameter 'bias' of the root is "
+                           "expanded over the batch"):
+            norms.sq_norms()
+
+
+def test_parameter_registered_on_a_module_and_its_child() -> None:
+    # transformers' BERT: the MLM head registers its decoder's bias as its own too
+    class Head(nn.Module):
+        def __init__(self, use_it: bool) -> None:
+            super().__init__()
+            self.decoder = nn.Linear(4, 3)
+            self.bias = self.decoder.bias
+            self.use_it = use_it
+
+        def forward(self, x: Tensor) -> Tensor:
+            out = self.decoder(x)
+            return out + self.bias if self.use_it else out
+
+    p = plan(Head(use_it=False))
+    assert p.ok and p.aliases == {"bias": "decoder"}
+    check(Head(use_it=False), torch.randn(5, 4))
+    model = Head(use_it=True)
+    with PerExampleGradNorms(model) as norms:
+        model(torch.randn(5, 4)).sum().backward()
+        with pytest.raises(PerExampleUnsupported, match="the root uses parameter 'bias' in "
+                           "its own forward, but it is also the parameter of its submodule "
+                           "'decoder'"):
+            norms.sq_norms()
+    assert isinstance(model.bias, nn.Parameter)  # swapped back
+
+
+# -- nn.MultiheadAttention ---------------------------------------------------------------------
+
+
+class Attend(nn.Module):
+    """One nn.MultiheadAttention called in one of several ways."""
+
+    def __init__(self, how: str, dropout: float = 0.0) -> None:
+        super().__init__()
+        extra = {"kdim": 5, "vdim": 3} if how == "kdim" else {}
+        self.attn = nn.MultiheadAttention(8, 2, dropout=dropout, batch_first=True,
+                                          bias=how != "no_bias", **extra)  # type: ignore[arg-type]
+        self.how = how
+        self.register_buffer("mask3d", torch.randn(1, 6, 6))
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = x.shape[1]
+        causal = nn.Transformer.generate_square_subsequent_mask(t)
+        pad = torch.zeros(x.shape[0], t, dtype=torch.bool)
+        pad[:, -2:] = True
+        if self.how == "cross":  # query from part of the sequence, keys and values all of it
+            out, w = self.attn(x[:, :3], x, x, average_attn_weights=False)
+            assert w is not None
+            return out + w.sum(1).mean(-1, keepdim=True)
+        if self.how == "kdim":
+            return self.attn(x, x[..., :5], x[..., 5:], attn_mask=causal.bool(),
+                             need_weights=False)[0]
+        if self.how == "qkv":  # three different tensors: three slices of in_proj
+            return self.attn(x, x.flip(1), torch.tanh(x), key_padding_mask=pad)[0]
+        if self.how == "causal":
+            return self.attn(x, x, x, attn_mask=causal, is_causal=True, need_weights=False)[0]
+        if self.how == "mask3d":  # one float mask per (example, head)
+            mask = self.mask3d.expand(x.shape[0] * 2, t, t)
+            return self.attn(x, x, x, attn_mask=mask, key_padding_mask=pad)[0]
+        return self.attn(x, x, x)[0]
+
+
+@pytest.mark.parametrize("how", ["self", "no_bias", "cross", "kdim", "qkv", "causal", "mask3d"])
+def test_multihead_attention(how: str) -> None:
+    model = Attend(how)
+    assert plan(model).rules == {"attn": "attention"}
+    paths = check(model, torch.randn(4, 6, 8))
+    assert "attn.out_proj" in paths
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_multihead_attention_dropout_in_training(need_weights: bool) -> None:
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(11, 8)
+            self.attn = nn.MultiheadAttention(8, 2, dropout=0.3, batch_first=True)
+            self.head = nn.Linear(8, 11)
+
+        def forward(self, x: Tensor) -> Tensor:
+            e = self.emb(x)
+            return self.head(self.attn(e, e, e, need_weights=need_weights)[0])
+
+    x, y = torch.randint(0, 11, (5, 7)), torch.randint(0, 11, (5, 7))
+    got, want = same_forward_sq_norms(Model().train(), x, y)
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "problem"),
+    [
+        ({"batch_first": False}, "has batch_first=False"),
+        ({"batch_first": True, "add_bias_kv": True}, "has add_bias_kv=True"),
+        ({"batch_first": True, "add_zero_attn": True}, "has add_zero_attn=True"),
+    ],
+)
+def test_multihead_attention_refused(kwargs: dict[str, bool], problem: str) -> None:
+    p = plan(nn.Sequential(nn.Linear(8, 8), nn.MultiheadAttention(8, 2, **kwargs)))
+    assert not p.ok
+    assert p.reason.startswith(f"MultiheadAttention at '1' (parameter 'in_proj_weight') "
+                               f"{problem}")
+
+
+def test_unbatched_attention_input_is_refused_at_run_time() -> None:
+    model = Attend("self")
+    with PerExampleGradNorms(model) as norms:
+        model(torch.randn(6, 8)).sum().backward()
+        with pytest.raises(PerExampleUnsupported, match="MultiheadAttention at 'attn' got an "
+                           "unbatched"):
+            norms.sq_norms()
+
+
+def test_a_loop_over_examples_is_not_expanded() -> None:
+    # x[i:i+1] is a slice of the batch, not a tensor broadcast over it: the layer is
+    # called once per example, which is refused (as before), not expanded
+    class Loop(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return torch.cat([self.lin(x[i : i + 1]) for i in range(x.shape[0])])
+
+    model = Loop()
+    with PerExampleGradNorms(model) as norms:
+        model(torch.randn(3, 4)).sum().backward()
+        with pytest.raises(PerExampleUnsupported, match="called more than once"):
+            norms.sq_norms()
+
+
+def test_attention_with_frozen_in_projection() -> None:
+    model = Attend("self")
+    model.attn.in_proj_weight.requires_grad_(False)
+    model.attn.in_proj_bias.requires_grad_(False)
+    paths = check(model, torch.randn(4, 6, 8))
+    assert set(paths) == {"attn.out_proj"}
+
+
+def test_position_ids_inside_activation_checkpointing() -> None:
+    # the checkpointed segment is recomputed during the backward, outside the root's
+    # forward: its batch-1 input is expanded to the last forward's batch again
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(PositionIds):
+        checkpointing = True
+
+        def forward(self, x: Tensor) -> Tensor:
+            if not self.checkpointing:
+                return super().forward(x)
+            return self.head(self.ln(checkpoint(self.embed, x, use_reentrant=False)))
+
+        def embed(self, x: Tensor) -> Tensor:
+            return self.wte(x) + self.wpe(torch.arange(x.shape[1]).unsqueeze(0))
+
+    model = Checkpointed()
+    x, y = torch.randint(0, 11, (5, 6)), torch.randint(0, 11, (5, 6))
+    got, _ = hooked_sq_norms(model, x, y, token_ce)
+    model.checkpointing = False  # torch.func cannot trace through the checkpoint
+    torch.testing.assert_close(got, exact_sq_norms(model, x, y, token_ce), rtol=RTOL, atol=0)
