@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bsfind.budget import Deadline
 from bsfind.noise.per_example import plan
-from bsfind.noise.probe import Deadline, NoiseProbe
-from bsfind.spec import spec_from_dict
+from bsfind.noise.probe import NoiseProbe, ProbeOptions
 from bsfind.workload import Workload
 from tests.assets.vit import VisionTransformer
 from tests.exact import exact_noise
@@ -182,8 +182,8 @@ def test_vit(path: str) -> None:
 def probe_b_simple(job: Workload, batch_size: int, seed: int = 3) -> float:
     """B_simple from the per-example probe (the one call to adapt when the probe's
     constructor changes)."""
-    est = NoiseProbe(job, method="per-example", batch_size=batch_size, target_rel_error=0.05,
-                     seed=seed).run(Deadline.after(60))
+    opts = ProbeOptions(method="per-example", batch_size=batch_size, target_rel_error=0.05)
+    est = NoiseProbe(job, opts, seed=seed).run(Deadline.after(60))
     assert est.method == "per-example", est
     return est.b_simple
 
@@ -201,10 +201,7 @@ PROBLEMS: dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[Tensor, Te
 def test_probe_within_10_percent_of_exact(problem: str) -> None:
     build, data, loss_fn, batch_size = PROBLEMS[problem]
     model = build()
-    spec = spec_from_dict({"model": {"factory": "m:f"}, "data": {"factory": "d:f"},
-                           "optimizer": {"lr": 0.1, "batch_size": batch_size}})
-    job = Workload.from_objects(model, torch.utils.data.TensorDataset(*data()), loss_fn,
-                                spec=spec)
+    job = Workload.from_objects(model, torch.utils.data.TensorDataset(*data()), loss_fn)
     exact = exact_noise(job, chunk=128)
     assert probe_b_simple(job, batch_size) == pytest.approx(exact.b_simple, rel=0.10)
 

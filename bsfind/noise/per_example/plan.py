@@ -181,121 +181,137 @@ def plan(model: nn.Module) -> PerExamplePlan:
         The plan; ``reason`` is one line naming the first obstacle in model order and how
         many more.
     """
-    modules = list(model.named_modules())
-    by_name = dict(modules)
-    order = {name: i for i, (name, _) in enumerate(modules)}
-    problems: list[tuple[int, str]] = []
-    owned: dict[str, list[str]] = {}  # module -> its own trainable parameters
-    for name, module in modules:
-        if compat.is_batchnorm(module) and module.training:
-            problems.append((order[name], f"{type(module).__name__} at {_where(name)} mixes "
-                             "examples in training mode"))
-        trainable = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        if trainable:
-            owned[name] = trainable
-    attention = [n for n, m in modules if _uses_forward_of(m, nn.MultiheadAttention)]
+    return _Planner(model).result()
 
-    def in_attention(name: str) -> str | None:
-        return next((a for a in attention if a == name or _is_ancestor(a, name)), None)
 
-    # first descendant that owns trainable parameters, for every ancestor of one
-    owning_below: dict[str, str] = {}
-    for name in owned:  # model order
-        parts = name.split(".") if name else []
-        for depth in range(len(parts)):
-            owning_below.setdefault(".".join(parts[:depth]), name)
+class _Planner:
+    """The walk behind :func:`plan`: problems are kept with their module's position, so
+    the reason names the first obstacle in model order."""
 
-    # -- parameters registered on more than one module -----------------------------------
-    uses: dict[int, list[tuple[str, str]]] = {}
-    for name, pnames in owned.items():
-        for pname in pnames:
-            uses.setdefault(id(getattr(by_name[name], pname)), []).append((name, pname))
-    aliases: dict[str, str] = {}
-    tied: list[TiedWeight] = []
-    for group in uses.values():
-        if len(group) < 2:
-            continue
-        # a registration on an ancestor of another user is an alias of the descendant's
-        users = [(m, p) for m, p in group if not any(_is_ancestor(m, o) for o, _ in group)]
-        for m, p in group:
-            if (m, p) not in users:
-                aliases[_qualified(m, p)] = next(o for o, _ in users if _is_ancestor(m, o))
-        if len(users) < 2:
-            continue
-        problem = _sharing_problem(by_name, users, in_attention)
-        if problem is None:
-            embeddings = tuple(m for m, _ in users
-                               if _uses_forward_of(by_name[m], nn.Embedding))
-            head = next((m for m, _ in users if m not in embeddings), None)
-            tied.append(TiedWeight(_qualified(*users[0]), embeddings, head))
-        else:
-            problems.append((order[users[0][0]], problem))
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = list(model.named_modules())
+        self.by_name = dict(self.modules)
+        self.order = {name: i for i, (name, _) in enumerate(self.modules)}
+        self.problems: list[tuple[int, str]] = []
+        self.owned: dict[str, list[str]] = {}  # module -> its own trainable parameters
+        for name, module in self.modules:
+            if compat.is_batchnorm(module) and module.training:
+                self.problems.append((self.order[name], f"{type(module).__name__} at "
+                                      f"{_where(name)} mixes examples in training mode"))
+            trainable = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if trainable:
+                self.owned[name] = trainable
+        self.attention = [n for n, m in self.modules
+                          if _uses_forward_of(m, nn.MultiheadAttention)]
+        # first descendant that owns trainable parameters, for every ancestor of one
+        self.owning_below: dict[str, str] = {}
+        for name in self.owned:  # model order
+            parts = name.split(".") if name else []
+            for depth in range(len(parts)):
+                self.owning_below.setdefault(".".join(parts[:depth]), name)
+        self.aliases: dict[str, str] = {}
+        self.tied: list[TiedWeight] = []
+        self.rules: dict[str, str] = {}
+        self._sharing()
+        for name, module in self.modules:
+            self._module(name, module)
 
-    # -- one rule per module -------------------------------------------------------------
-    rules: dict[str, str] = {}
-    for name, module in modules:
-        attn = in_attention(name)
+    def in_attention(self, name: str) -> str | None:
+        return next((a for a in self.attention if a == name or _is_ancestor(a, name)), None)
+
+    def _sharing(self) -> None:
+        """Parameters registered on more than one module: aliases, tied weights, refusals."""
+        uses: dict[int, list[tuple[str, str]]] = {}
+        for name, pnames in self.owned.items():
+            for pname in pnames:
+                uses.setdefault(id(getattr(self.by_name[name], pname)), []).append(
+                    (name, pname))
+        for group in uses.values():
+            if len(group) < 2:
+                continue
+            # a registration on an ancestor of another user is an alias of the descendant's
+            users = [(m, p) for m, p in group if not any(_is_ancestor(m, o) for o, _ in group)]
+            for m, p in group:
+                if (m, p) not in users:
+                    self.aliases[_qualified(m, p)] = next(o for o, _ in users
+                                                          if _is_ancestor(m, o))
+            if len(users) < 2:
+                continue
+            problem = _sharing_problem(self.by_name, users, self.in_attention)
+            if problem is None:
+                embeddings = tuple(m for m, _ in users
+                                   if _uses_forward_of(self.by_name[m], nn.Embedding))
+                head = next((m for m, _ in users if m not in embeddings), None)
+                self.tied.append(TiedWeight(_qualified(*users[0]), embeddings, head))
+            else:
+                self.problems.append((self.order[users[0][0]], problem))
+
+    def _module(self, name: str, module: nn.Module) -> None:
+        """The rule of one module (or a problem)."""
+        attn = self.in_attention(name)
         if attn is not None:
             if attn == name and any(p.requires_grad for p in module.parameters()):
                 why = _attention_problem(module)
                 if why is None:
-                    rules[name] = "attention"
+                    self.rules[name] = "attention"
                 else:
                     first = next(n for n, p in module.named_parameters() if p.requires_grad)
-                    problems.append((order[name], f"MultiheadAttention at {_where(name)} "
-                                     f"(parameter {first!r}) {why}"))
-            continue
-        own = [p for p in owned.get(name, []) if _qualified(name, p) not in aliases]
+                    self.problems.append((self.order[name], f"MultiheadAttention at "
+                                          f"{_where(name)} (parameter {first!r}) {why}"))
+            return
+        own = [p for p in self.owned.get(name, []) if _qualified(name, p) not in self.aliases]
         if not own:
-            continue
+            return
         where = _where(name)
-        if name in owning_below:
+        if name in self.owning_below:
             wide = [p for p in own if getattr(module, p).dim() == 0
                     or getattr(module, p).shape[0] != 1]
-            if wide:
-                shape = tuple(getattr(module, wide[0]).shape)
-                problems.append((order[name], (
-                    f"{type(module).__name__} at {where} owns parameter {wide[0]!r} of shape "
-                    f"{shape} and has children with parameters ({owning_below[name]!r}); a "
-                    "parameter used by such a module's own forward is covered only if it has "
-                    "a leading dimension of 1 broadcast over the batch (like a ViT's "
-                    "cls_token of shape (1, 1, d)): give it that shape, or move it into a "
-                    "submodule without parameterised children (the torch.func fallback "
-                    "handles that)")))
-                continue
-            rules[name] = "broadcast"
-            continue
+            if not wide:
+                self.rules[name] = "broadcast"
+                return
+            shape = tuple(getattr(module, wide[0]).shape)
+            self.problems.append((self.order[name], (
+                f"{type(module).__name__} at {where} owns parameter {wide[0]!r} of shape "
+                f"{shape} and has children with parameters ({self.owning_below[name]!r}); a "
+                "parameter used by such a module's own forward is covered only if it has "
+                "a leading dimension of 1 broadcast over the batch (like a ViT's "
+                "cls_token of shape (1, 1, d)): give it that shape, or move it into a "
+                "submodule without parameterised children (the torch.func fallback "
+                "handles that)")))
+            return
         lazy: Any = module
         if isinstance(module, LazyModuleMixin) and lazy.has_uninitialized_params():
-            problems.append((order[name], (
+            self.problems.append((self.order[name], (
                 f"{type(module).__name__} at {where} has uninitialised (lazy) parameter "
                 f"{own[0]!r}; run one batch through the model first")))
-            continue
+            return
         is_leaf = next(iter(module.children()), None) is None
         rule = _rule_for(module, own) if is_leaf else "func"
-        if rule == "func":
-            why = _func_infeasible(module)
-            if why is not None:
-                problems.append((order[name], (
-                    f"{type(module).__name__} at {where} (parameter {own[0]!r}) {why}, "
-                    "which the torch.func fallback cannot differentiate")))
-                continue
-        rules[name] = rule
-    if problems:
-        problems.sort(key=lambda p: p[0])  # stable: model order, then the order found
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        return PerExamplePlan(False, problems[0][1] + more, rules, tuple(tied), aliases)
-    if not rules:
-        return PerExamplePlan(False, "the model has no trainable parameters", rules)
-    n_func = sum(r == "func" for r in rules.values())
-    reason = f"all {len(rules)} parameterised modules have per-example rules"
-    if n_func:
-        first = next(n for n, r in rules.items() if r == "func")
-        reason += f" ({n_func} through the torch.func fallback, e.g. {first!r})"
-    for t in tied:
-        sharing = [*t.embeddings, *([t.head] if t.head else [])]
-        reason += f"; {t.param!r} tied across " + ", ".join(repr(u) for u in sharing)
-    return PerExamplePlan(True, reason, rules, tuple(tied), aliases)
+        why = _func_infeasible(module) if rule == "func" else None
+        if why is not None:
+            self.problems.append((self.order[name], (
+                f"{type(module).__name__} at {where} (parameter {own[0]!r}) {why}, "
+                "which the torch.func fallback cannot differentiate")))
+            return
+        self.rules[name] = rule
+
+    def result(self) -> PerExamplePlan:
+        rules, tied, aliases = self.rules, tuple(self.tied), self.aliases
+        if self.problems:
+            problems = sorted(self.problems, key=lambda p: p[0])  # stable: model order
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            return PerExamplePlan(False, problems[0][1] + more, rules, tied, aliases)
+        if not rules:
+            return PerExamplePlan(False, "the model has no trainable parameters", rules)
+        n_func = sum(r == "func" for r in rules.values())
+        reason = f"all {len(rules)} parameterised modules have per-example rules"
+        if n_func:
+            first = next(n for n, r in rules.items() if r == "func")
+            reason += f" ({n_func} through the torch.func fallback, e.g. {first!r})"
+        for tw in tied:
+            sharing = [*tw.embeddings, *([tw.head] if tw.head else [])]
+            reason += f"; {tw.param!r} tied across " + ", ".join(repr(u) for u in sharing)
+        return PerExamplePlan(True, reason, rules, tied, aliases)
 
 
 def _sharing_problem(
