@@ -101,6 +101,9 @@ class Sizes:
     large: tuple[str, ...]  # the large spec (out-of-memory and h200 runs), on digits-mlp
     oom_model: tuple[str, ...]  # what turns the large spec into the out-of-memory run
     per_example: tuple[str, ...] = ()  # pytest selection of the per-example tests
+    # tracker_overhead.py's options (being written on another branch): each group is
+    # passed when the script mentions its flag
+    tracker: tuple[tuple[str, ...], ...] = ()
     env: tuple[tuple[str, str], ...] = ()
 
 
@@ -118,7 +121,7 @@ HALF = _sets("hardware.memory_fraction=0.5")
 GPU = Sizes(
     device="cuda",
     bench=("--device", "cuda", "--batch-scale", "16", "--precision", "fp32", "bf16",
-           "--models", "mlp", "cnn", "cnn32", "transformer", "--reps", "30"),
+           "--models", "mlp", "cnn", "cnn32", "transformer", "--reps", "20"),
     gpt2=("--device", "cuda", "--models", "gpt2", "--precision", "fp32", "bf16",
           "--reps", "10"),
     probe=_sets("hardware.device=cuda", "probe.max_seconds=30"),
@@ -129,6 +132,7 @@ GPU = Sizes(
                 "data.kwargs={n: 8192, features: 256, classes: 10}",
                 "optimizer.batch_size=256", "probe.target_rel_error=0.3") + HALF,
     oom_model=(),
+    tracker=(("--device", "cuda"),),
 )
 DRY = Sizes(
     device="cpu",
@@ -151,6 +155,7 @@ DRY = Sizes(
                     "depth: 2, classes: 10}"),
     # the suite runs them all on the CPU anyway: here only the plumbing and a few
     per_example=("-k", "autocast or double_backward or test_mlp or chunked"),
+    tracker=(("--device", "cpu"), ("--models", "mlp"), ("--reps", "1"), ("--threads", "1")),
     env=(("OMP_NUM_THREADS", "1"),),  # 2 shared cores: no oversubscription
 )
 
@@ -235,7 +240,11 @@ def run_boxed(cmd: Sequence[str], box: float, env: dict[str, str], scratch: Path
     Output goes through files, not pipes: a grandchild that outlives the kill (a
     torchrun rank in its own session) cannot block the read.
     """
-    out_path, err_path = scratch / "stdout", scratch / "stderr"
+    # files of their own: an orphan of a killed substep must not write into the next one's
+    fd, out_name = tempfile.mkstemp(prefix="stdout-", dir=scratch)
+    os.close(fd)
+    out_path = Path(out_name)
+    err_path = out_path.with_name(out_path.name.replace("stdout-", "stderr-"))
     start = time.monotonic()
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         proc = subprocess.Popen(list(cmd), cwd=ROOT, env=env, stdout=out, stderr=err,
@@ -413,14 +422,23 @@ def ratio(a: float | None, b: float | None) -> str:
 PYTEST_COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?|deselected|xfailed|xpassed)")
 
 
+PYTEST_VERBOSE = re.compile(r"^\S+::\S.*? (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b")
+
+
 def pytest_counts(output: str) -> dict[str, int]:
-    """{'passed': 96, 'skipped': 3, ...} from pytest's last summary line."""
+    """{'passed': 96, 'skipped': 3, ...} from pytest's last summary line; without one (a
+    run killed at its box), counted from the verbose per-test lines, with 'killed': 1."""
     for line in reversed(output.strip().splitlines()):
         found = PYTEST_COUNT.findall(line)
         if found and (" in " in line or line.startswith("=")):
-            counts = {k.rstrip("s") if k.startswith("error") else k: int(n) for n, k in found}
-            return counts
-    return {}
+            return {k.rstrip("s") if k.startswith("error") else k: int(n) for n, k in found}
+    counts: dict[str, int] = {}
+    for line in output.splitlines():
+        m = PYTEST_VERBOSE.match(line)
+        if m:
+            key = m[1].lower()
+            counts[key] = counts.get(key, 0) + 1
+    return {**counts, "killed": 1} if counts else {}
 
 
 def pytest_failures(output: str, limit: int = 5) -> list[str]:
@@ -557,7 +575,10 @@ def step_tests(c: Check) -> Step:
                     if "mark.cuda" in p.read_text(encoding="utf-8", errors="replace"))
     per_example = sorted(str(p.relative_to(ROOT))
                          for p in (tests / "noise").glob("test_per_example*.py"))
-    pytest = [c.py, "-m", "pytest", "-p", "no:cacheprovider", "-rfEs", "--tb=short"]
+    # -v twice against the -q of pyproject's addopts: a line per test, so that a run killed
+    # at its box still shows what ran (pytest_counts reads those lines then)
+    pytest = [c.py, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-v", "-rfEs",
+              "--tb=short"]
     parts = []
     for name, args, label in (
         ("tests.cuda-marked", ["-m", "cuda", *marked], "cuda-marked"),
@@ -623,9 +644,11 @@ def step_bench(c: Check) -> Step:
         st.subs.append(sub)
     if TRACKER_BENCH.is_file():
         text = TRACKER_BENCH.read_text(encoding="utf-8", errors="replace")
-        args = ["--device", c.sizes.device] if "--device" in text else []
+        args = [a for group in c.sizes.tracker if f'"{group[0]}"' in text for a in group]
         sub, res = c.run("bench.tracker", [c.py, str(TRACKER_BENCH), *args])
-        sub.detail = f"tracker_overhead: {last_line(res.stdout) if res else sub.reason}"
+        where = "" if "--device" in args else " (on the CPU: the script has no --device)"
+        tail = [ln.strip() for ln in (res.stdout if res else "").splitlines() if ln.strip()]
+        sub.detail = f"tracker_overhead{where}: " + (" | ".join(tail[-6:]) or sub.reason)
         parts.append(f"tracker_overhead {sub.status}")
     else:
         sub = Sub("bench.tracker", "skipped",
@@ -865,31 +888,38 @@ STEP_FUNCTIONS: dict[str, Callable[[Check], Step]] = {
 }
 
 
-def summary_lines(c: Check, note: str | None) -> list[str]:
+def summary_parts(c: Check, note: str | None) -> tuple[list[str], list[str], list[str]]:
+    """(the header and one line per step, the figures, the substeps with their commands)."""
     mode = ("dry run: every step on the CPU at tiny sizes, no GPU figures" if c.dry_run
             else "GPU run")
     used = time.monotonic() - c.start
-    lines = [f"bsfind GPU check (issue #18), {mode}; {used:.0f} s of the {c.budget:.0f} s "
-             f"budget; python {c.py}" + (f"; {note}" if note else "")]
+    head = [f"bsfind GPU check (issue #18), {mode}; {used:.0f} s of the {c.budget:.0f} s "
+            f"budget; python {c.py}" + (f"; {note}" if note else "")]
     done = {s.name for s in c.results}
     steps = c.results + [Step(STEPS.index(n) + 1, n, "skipped", note or "not run")
                          for n in c.steps if n not in done]
-    for s in steps:
-        lines.append(f"{s.number} {s.name:<10}{s.status:<8}{s.seconds:>5.0f} s  {s.headline}")
-    lines += ["", "figures:"]
-    lines += [f"  {sub.name}: {sub.detail}" for s in c.results for sub in s.subs if sub.detail]
-    lines += ["", "substeps (status, seconds / box, command):"]
+    head += [f"{s.number} {s.name:<10}{s.status:<8}{s.seconds:>5.0f} s  {s.headline}"
+             for s in steps]
+    figures = ["figures:"] + [f"  {sub.name}: {sub.detail}" for s in c.results
+                              for sub in s.subs if sub.detail]
+    subs = ["substeps (status, seconds / box, command):"]
     for s in c.results:
         for sub in s.subs:
-            lines.append(f"  {sub.name:<28}{sub.status:<8}{sub.seconds:>6.1f} s"
-                         + (f" / {sub.box} s" if sub.box is not None else "")
-                         + (f"  [{sub.reason}]" if sub.reason else "")
-                         + (f"\n      $ {sub.command}" if sub.command else ""))
-    return lines
+            subs.append(f"  {sub.name:<28}{sub.status:<8}{sub.seconds:>6.1f} s"
+                        + (f" / {sub.box} s" if sub.box is not None else "")
+                        + (f"  [{sub.reason}]" if sub.reason else "")
+                        + (f"\n      $ {sub.command}" if sub.command else ""))
+    return head, figures, subs
 
 
 def write_summary(c: Check, note: str | None = None) -> str:
-    text = "\n".join(summary_lines(c, note)) + "\n"
+    """Write summary.txt, summary.json and reports.json; return what to print.
+
+    The printed text ends with the step lines: a tool that keeps only the tail of the
+    output (the GPU machine's) keeps them.
+    """
+    head, figures, subs = summary_parts(c, note)
+    text = "\n".join([*head, "", *figures, "", *subs]) + "\n"
     (c.out / "summary.txt").write_text(text, encoding="utf-8")
     write_json(c.out / "summary.json", {
         "mode": "dry-run" if c.dry_run else "gpu", "budget_s": c.budget,
@@ -900,7 +930,7 @@ def write_summary(c: Check, note: str | None = None) -> str:
                    "substeps": [vars(sub) for sub in s.subs]} for s in c.results],
     })
     write_json(c.out / "reports.json", c.reports)
-    return text
+    return "\n".join([*figures, "", *head]) + "\n"
 
 
 # --------------------------------------------------------------------------- main
@@ -939,6 +969,9 @@ def _stop(signum: int, frame: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # "µs" and "×" on a terminal that is not UTF-8
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     out = Path(args.outdir or tempfile.mkdtemp(prefix="bsfind-gpu-check-out-")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     for name in FILES:  # a rerun into the same folder starts clean
@@ -968,7 +1001,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         text = write_summary(c, note)
         shutil.rmtree(c.scratch, ignore_errors=True)
-    print("\n" + text + f"\ngpu_check: results in {out}", flush=True)
+    print(f"\n{text}gpu_check: results in {out} (summary.txt has the commands too)",
+          flush=True)
     failed = note is not None or any(s.status == "failed" for s in c.results)
     return 1 if failed else 0
 

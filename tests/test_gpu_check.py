@@ -68,7 +68,9 @@ def test_dry_run_summary_has_a_line_per_step_and_the_key_figures(
         dry_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
     proc, out = dry_run
     text = (out / "summary.txt").read_text(encoding="utf-8")
-    assert text in proc.stdout  # printed too: the device tool's output keeps it
+    # printed last, so that a tool keeping only the tail of the output keeps them
+    tail = proc.stdout.rstrip().splitlines()[-len(STEPS) - 1:-1]
+    assert tail == [ln for ln in text.splitlines() if ln[:1].isdigit()]
     step_lines = [ln.split()[:3] for ln in text.splitlines() if ln[:1].isdigit()]
     assert step_lines == [[str(i), n, s] for i, (n, s) in enumerate(STEPS.items(), 1)]
     for words in ("B_simple->batch", "(b)/(a)", "OOM (simulated)", "h200/measured",
@@ -122,6 +124,10 @@ def test_parsers() -> None:
         "failed": 2, "passed": 94, "skipped": 3}
     assert gpu_check.pytest_counts("===== 1 error, 5 deselected in 0.5s =====") == {
         "error": 1, "deselected": 5}
+    killed = ("tests/noise/test_per_example.py::test_linear_2d[True] PASSED   [  1%]\n"
+              "tests/noise/test_per_example.py::test_mlp FAILED                [  2%]\n"
+              "tests/noise/test_per_example.py::test_cnn_groupnorm PASSED      [  3%]\n")
+    assert gpu_check.pytest_counts(killed) == {"passed": 2, "failed": 1, "killed": 1}
     table = ("model        (a) ms   (b) ms   (u) ms   (c) ms  (b)/(a)  (u)/(a)  (c)/(a)\n"
              "-----\n"
              "mlp  B=4096 (64-128-128-10) bf16   1.00   1.10   1.20   9.00   1.10   1.20   9.00\n"
@@ -235,7 +241,12 @@ class CannedGpu(gpu_check.Check):
 
 def test_the_gpu_run_on_canned_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gpu_check.shutil, "which", lambda name: f"/usr/bin/{name}")
-    c = CannedGpu(tmp_path)
+    tracker = tmp_path / "tracker_overhead.py"  # the other branch's benchmark, once merged
+    tracker.write_text('p.add_argument("--reps")\np.add_argument("--device")\n')
+    monkeypatch.setattr(gpu_check, "TRACKER_BENCH", tracker)
+    out = tmp_path / "out"
+    out.mkdir()
+    c = CannedGpu(out)
     steps = {name: gpu_check.STEP_FUNCTIONS[name](c) for name in gpu_check.STEPS}
     c.results = list(steps.values())
     text = gpu_check.write_summary(c)
@@ -272,4 +283,5 @@ def test_the_gpu_run_on_canned_outputs(tmp_path: Path, monkeypatch: pytest.Monke
     assert "--device cuda" in cmd["bench.overhead"] and "--batch-scale 16" in cmd["bench.overhead"]
     assert "-m cuda" in cmd["tests.cuda-marked"]
     assert cmd["env.nvidia-smi"] == "/usr/bin/nvidia-smi"
-    assert len({p.name for p in tmp_path.iterdir()}) <= 8
+    assert cmd["bench.tracker"].endswith("tracker_overhead.py --device cuda")
+    assert len({p.name for p in out.iterdir()}) <= 8
