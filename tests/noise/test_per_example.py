@@ -1,6 +1,8 @@
 """Per-example gradient norms from hooks against exact torch.func values.
 
 Run: .venv/bin/python -m pytest tests/noise/test_per_example.py
+On a GPU: BSFIND_TEST_DEVICE=cuda python3 -m pytest tests/noise/test_per_example.py
+(``check``, the autocast and the double-backward tests then run there; tests/device.py)
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from bsfind.noise.per_example import (
     plan,
     rules,
 )
+from tests.device import DEVICE, on_device
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning"),  # vmap of SDPA
@@ -83,6 +86,7 @@ def check(
 ) -> dict[str, str]:
     """Compare hooks with exact values, and the gradients with plain autograd's; return
     the forms the hooks used."""
+    model, x, y = on_device(model, x, y)  # $BSFIND_TEST_DEVICE; the CPU by default
     if y is None:
         with torch.no_grad():
             y = torch.randn_like(model(x))
@@ -415,11 +419,12 @@ def test_instance_with_its_own_forward_goes_through_func() -> None:
 def test_fused_layers_under_autocast() -> None:
     model = models.transformer(vocab=11, context=8, d_model=16, heads=2, layers=1)
     idx, target = torch.randint(0, 11, (5, 8)), torch.randint(0, 11, (5, 8))
+    model, idx, target = on_device(model, idx, target)
 
     def run(**kwargs: object) -> tuple[list[Tensor], Tensor, dict[str, str]]:
         model.zero_grad(set_to_none=True)
         with PerExampleGradNorms(model, linear_path="direct", **kwargs) as norms:  # type: ignore[arg-type]
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
                 loss = token_ce(model(idx), target)
             loss.backward()
             sq = norms.sq_norms()
@@ -427,7 +432,7 @@ def test_fused_layers_under_autocast() -> None:
         return [p.grad.clone() for p in model.parameters() if p.grad is not None], sq, paths
 
     model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         loss = token_ce(model(idx), target)
     loss.backward()
     plain = [p.grad.clone() for p in model.parameters() if p.grad is not None]
@@ -477,6 +482,7 @@ def test_double_backward_through_fused_layers() -> None:
     model = nn.Sequential(nn.Conv1d(3, 4, 3, padding=1), nn.Tanh(), nn.Flatten(1),
                           nn.Unflatten(1, (4, 6)), nn.Linear(6, 2))
     x, y = torch.randn(5, 3, 6), torch.randn(5, 4, 2)
+    model, x, y = on_device(model, x, y)
     params = list(model.parameters())
     vs = [torch.randn_like(p) for p in params]
 
