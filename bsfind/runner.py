@@ -131,7 +131,8 @@ class LocalRunner:
                 progress("memory", 0.0, "memory model")
             memory = measure.memory_model(job, step, options)
             if job.device.type == "cuda":
-                memory = mem.verify_max_batch(memory, step, lambda: mem.clear_cache(job.device))
+                memory = mem.verify_max_batch(memory, step, lambda: mem.clear_cache(job.device),
+                                              step_limit=measure.TIMING_MAX_BATCH)
             if progress is not None:
                 progress("memory", 1.0, f"max batch {memory.max_batch_size:,} ({memory.source})")
                 progress("timing", 0.0, "timing steps")

@@ -601,11 +601,19 @@ def verify_max_batch(
     try_step: Callable[[int], None],
     clear: Callable[[], None],
     upper: int | None = None,
+    step_limit: int | None = None,
 ) -> MemoryModel:
     """Check ``memory.max_batch_size`` with real steps, backing off on OOM.
 
     Returns the model with ``max_batch_size`` replaced by what ran,
     ``verified=True`` and ``tried`` extended by the sizes stepped.
+
+    Args:
+        upper: the largest batch worth having (e.g. the dataset size).
+        step_limit: the largest batch worth stepping: a line whose maximum is
+            above it is checked there, and its maximum then stands, unverified
+            beyond it (``verified=False``), instead of gathering a batch of
+            millions and bisecting down from it.
 
     Raises:
         OutOfMemoryAtBatchOne: when not even one example fits.
@@ -613,6 +621,10 @@ def verify_max_batch(
     import dataclasses
 
     start = max(1, memory.max_batch_size)
-    found, tried = find_max_batch(try_step, start, upper, clear)
-    return dataclasses.replace(memory, max_batch_size=found, verified=True,
-                               tried=memory.tried + tried)
+    if upper is not None:
+        start = min(start, upper)
+    top = start if step_limit is None else min(start, step_limit)
+    found, tried = find_max_batch(try_step, top, None, clear)
+    clipped = found == top and top < start
+    return dataclasses.replace(memory, max_batch_size=start if clipped else found,
+                               verified=not clipped, tried=memory.tried + tried)

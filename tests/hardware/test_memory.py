@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -495,3 +496,17 @@ def test_real_oom_backoff() -> None:
     best, tried = find_max_batch(try_step, start, None, lambda: memory.clear_cache(device))
     assert tried[0] == start and 1 <= best < total // gib + 1
     assert len(tried) > 1
+
+
+def test_verify_steps_at_most_the_step_limit() -> None:
+    """A line allowing millions of examples is stepped at the limit, not at its maximum;
+    the maximum then stands unverified beyond it."""
+    stepped: list[int] = []
+    line = MemoryModel(fixed_bytes=0, bytes_per_example=1.0, max_batch_size=5_000_000,
+                       limit_bytes=5_000_000, source="measured")
+    checked = verify_max_batch(line, stepped.append, lambda: None, step_limit=4096)
+    assert stepped == [4096] and checked.tried == (4096,)
+    assert checked.max_batch_size == 5_000_000 and not checked.verified
+    # Below the limit the check is the exact search, as before.
+    small = dataclasses.replace(line, max_batch_size=1000)
+    assert verify_max_batch(small, stepped.append, lambda: None, step_limit=4096).verified
