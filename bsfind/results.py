@@ -414,3 +414,106 @@ class Trajectory:
         if not self.b_simple_first or not self.b_simple_last:
             return None
         return self.b_simple_last / self.b_simple_first
+
+
+@dataclass(frozen=True)
+class BranchRung:
+    """One rung of the branch ladder: R branches at one batch size (``bsfind.branches``).
+
+    Attributes:
+        batch_size: k·B0.
+        learning_rate: the advisor's rule at this batch (``lr_rule`` of the result).
+        steps: optimizer steps of each branch (Δ / batch_size).
+        repeats: branches run to the end (data orders); their losses are averaged.
+        loss: the smoothed loss after Δ examples, the mean over the repeats (inf:
+            a branch diverged).
+        reference: the next smaller rung's smoothed loss after Δ/tolerance examples
+            (None for the first rung): this rung passes when ``loss`` is not above it.
+        passed: True / False by the rule; None for the first rung (the reference).
+        losses: each repeat's smoothed loss after Δ.
+        curve: (examples, loss) evaluations, averaged over the repeats.
+        seconds: wall-clock of the rung's branches (training and evaluations).
+    """
+
+    batch_size: int
+    learning_rate: float
+    steps: int
+    repeats: int
+    loss: float
+    reference: float | None
+    passed: bool | None
+    losses: tuple[float, ...] = ()
+    curve: tuple[tuple[int, float], ...] = ()
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class BranchResult:
+    """The local critical batch measured by short branched runs from one point of training.
+
+    Attributes:
+        step / examples_seen: where the branches start (the probe point).
+        critical_batch: the largest rung that passed (every smaller one passed too),
+            or None when fewer than two rungs finished.
+        bound: "bracketed" (a larger rung failed: under S(B) = S_min(1 + B_crit/B),
+            B_crit lies within ``interval``), "at most" (already 2·B0 failed: B_crit is
+            below √2·B0, how far the ladder cannot see) or "at least" (no rung failed
+            before the ladder ended: B_crit is above ``interval.low``).
+        interval: where B_crit lies by the rule (see ``bound``).
+        baseline_batch: B0, the first rung.
+        delta_examples: Δ, the examples every branch trains on.
+        tolerance / smoothing / repeats: the rule's constants (``bsfind.branches``).
+        lr_rule: the learning-rate rule of the rungs; ``lr_noise_scale`` the B_n it used.
+        optimizer_state: "carried" (the run's own optimizer state) or "fresh" (none
+            was available: a checkpoint holds weights only).
+        b_simple / b_noise: the noise scales measured at the same weights.
+        examples: training examples all branches took; ``seconds`` their wall-clock.
+        stopped: why the ladder ended: "failed" (a rung failed: the normal end), "top"
+            (the largest factor, or the dataset), "out of memory", "budget" or
+            "interrupted".
+        notes: sentences for people (written by ``bsfind.wording``).
+    """
+
+    step: int
+    examples_seen: int | None
+    critical_batch: int | None
+    bound: str
+    interval: Interval
+    baseline_batch: int
+    delta_examples: int
+    tolerance: float
+    smoothing: float
+    repeats: int
+    lr_rule: str
+    lr_noise_scale: float | None
+    optimizer_state: str
+    rungs: tuple[BranchRung, ...]
+    b_simple: float | None
+    b_noise: float | None
+    examples: int
+    seconds: float
+    stopped: str
+    notes: tuple[str, ...] = ()
+
+    @property
+    def ratio_simple(self) -> float | None:
+        """Local critical batch / B_simple at the same weights."""
+        if self.critical_batch is None or not self.b_simple:
+            return None
+        return self.critical_batch / self.b_simple
+
+    @property
+    def ratio_noise(self) -> float | None:
+        """Local critical batch / B_noise at the same weights (None: not measured)."""
+        if self.critical_batch is None or not self.b_noise:
+            return None
+        return self.critical_batch / self.b_noise
+
+
+@dataclass(frozen=True)
+class BranchPartial:
+    """What a run interrupted during its branches had measured: the noise points and the
+    branch results so far (the last one marked ``stopped="interrupted"``)."""
+
+    noise: tuple[NoiseEstimate, ...]
+    branches: tuple[BranchResult, ...]

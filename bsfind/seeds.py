@@ -13,6 +13,9 @@ from dataclasses import dataclass
 # Rank r of a data-parallel launch draws from seed + r·RANK_STRIDE: independent
 # streams per rank, and rank 0 draws what a single process would.
 RANK_STRIDE = 1_000_003
+# Repeat r of the branched runs (a second data order at the same rung) draws from
+# branch(step) + r·BRANCH_REPEAT_STRIDE.
+BRANCH_REPEAT_STRIDE = 100_003
 
 
 @dataclass(frozen=True)
@@ -45,9 +48,11 @@ class Seeds:
         """The curvature (B_noise) probe's sampling at training step ``step``."""
         return self.base + 77 + step
 
-    def branch(self, step: int) -> int:
-        """The data order of the branched runs started at training step ``step``."""
-        return self.base + 2000 + step
+    def branch(self, step: int, repeat: int = 0) -> int:
+        """The data order of the branched runs started at training step ``step`` (every
+        rung the same, so that the rungs differ in batch size and learning rate only);
+        ``repeat`` > 0: the further data orders averaged at each rung."""
+        return self.base + 2000 + step + BRANCH_REPEAT_STRIDE * repeat
 
     @property
     def holdout_split(self) -> int:

@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from bsfind.advisor import Advice, AdvisorInputs
-    from bsfind.results import AbsolutePrediction, NoiseEstimate, TimingCurve, Trajectory
+    from bsfind.results import (
+        AbsolutePrediction,
+        BranchResult,
+        NoiseEstimate,
+        TimingCurve,
+        Trajectory,
+    )
 
 NO_TIMING = ("the time budget ran out before any step was timed: no step-time curve; "
              "the advice uses the noise scale only")
@@ -292,3 +298,102 @@ def slowest_rank_basis(points: int) -> str:
 def sync_source(repeats: int) -> str:
     return (f"measured: median of {repeats} barrier-synchronised all-reduces of the gradients' "
             "bytes, each the time of the last rank to arrive")
+
+
+# --------------------------------------------------------------------------- branches
+
+
+BRANCHES_UNDER_TORCHRUN = ("probe.branches: the branched runs are measured in a single "
+                           "process only; skipped under torchrun")
+
+
+def describe_branches(r: BranchResult, oom_at: int | None = None) -> BranchResult:
+    """``r`` with its notes written: how the ladder ended and what the bound means."""
+    import dataclasses
+
+    notes = []
+    if r.optimizer_state == "fresh":
+        notes.append("the branches started from a fresh optimizer state (a checkpoint holds "
+                     "weights only): momentum and Adam's moments rebuilt during the branches, "
+                     "not carried over from the run")
+    for rung in r.rungs:
+        if not math.isfinite(rung.loss):
+            notes.append(f"batch {rung.batch_size:,} diverged at learning rate "
+                         f"{rung.learning_rate:.3g} ({r.lr_rule})")
+    last = r.rungs[-1].batch_size if r.rungs else None
+    if r.stopped == "out of memory" and oom_at is not None:
+        notes.append(f"batch {oom_at:,} ran out of memory: the ladder ended at "
+                     f"{last if last is not None else 'no batch'}")
+    elif r.stopped == "budget":
+        notes.append("the time budget ended the ladder" + (f" after batch {last:,}" if last
+                                                           else " before any rung finished"))
+    elif r.stopped == "interrupted":
+        notes.append("interrupted: the rungs measured so far")
+    if r.bound == "at most":
+        notes.append(f"already batch {2 * r.baseline_batch:,} needed more than {r.tolerance:.3g}x "
+                     f"the examples of {r.baseline_batch:,}: the local critical batch is "
+                     f"{r.baseline_batch:,} or below, and the ladder does not go below the "
+                     "baseline batch")
+    elif r.bound == "at least" and r.stopped == "top":
+        notes.append(f"every rung up to batch {last:,} kept up (the ladder's largest batch): "
+                     f"the local critical batch is at least {last:,}")
+    elif r.bound == "none":
+        notes.append("fewer than two rungs finished: no local critical batch")
+    return dataclasses.replace(r, notes=tuple(notes))
+
+
+def branch_rule(r: BranchResult) -> str:
+    """The rule and its constants in one sentence."""
+    return (f"each branch trains on {r.delta_examples:,} examples (Δ = "
+            f"{r.delta_examples // r.baseline_batch} steps at batch {r.baseline_batch:,}) "
+            f"from the same weights and optimizer state; its loss is the mean of its "
+            f"evaluations over the last {r.smoothing:.0%} of them, averaged over "
+            f"{r.repeats} data order(s); batch B passes when that loss is no higher than "
+            f"B/2's after Δ/{r.tolerance:.3g} examples (a doubling costs at most "
+            f"{r.tolerance:.3g}x the examples)")
+
+
+def branch_line(r: BranchResult) -> str:
+    """One line: the local critical batch, its bracket, the ratios, the cost."""
+    if r.critical_batch is None:
+        head = "no local critical batch"
+    else:
+        lo, hi = r.interval.low, r.interval.high
+        where = {"bracketed": f"B_crit {num(lo)}–{num(hi)} by the rule",
+                 "at most": f"B_crit below {num(hi)}",
+                 "at least": f"B_crit above {num(lo)}"}.get(r.bound, "")
+        head = (f"local critical batch {'≥ ' if r.bound == 'at least' else ''}"
+                f"{'≤ ' if r.bound == 'at most' else ''}{r.critical_batch:,} ({where})")
+    ratios = []
+    if r.ratio_simple is not None and r.b_simple is not None:
+        ratios.append(f"{r.ratio_simple:.2g}x B_simple ({num(r.b_simple)})")
+    if r.ratio_noise is not None and r.b_noise is not None:
+        ratios.append(f"{r.ratio_noise:.2g}x B_noise ({num(r.b_noise)})")
+    same = f"; {' and '.join(ratios)} at the same weights" if ratios else ""
+    return (f"{head}{same}; cost {r.examples:,} training examples, {secs(r.seconds)}, "
+            f"from step {r.step:,}")
+
+
+def with_branches(advice: Advice, inputs: AdvisorInputs, r: BranchResult,
+                  measured_b_n: float, measured_name: str) -> Advice:
+    """``advice`` (already described) with its basis saying that branches set B_n, and a
+    note on the noise scale they replaced."""
+    import dataclasses
+
+    rec = advice.recommendation
+    ci = inputs.b_n_ci
+    basis = (f"the local critical batch {num(inputs.b_n)} (B_crit {num(ci.low)}–{num(ci.high)}) "
+             f"measured by branched runs at training step {r.step:,}, in place of "
+             f"{measured_name} = {num(measured_b_n)}")
+    timing = inputs.timing
+    if advice.facts.timing_state in ("ok", "points", "clamped") and timing is not None:
+        basis += (f"; step time {step_time_words(timing)} per device ({timing.source}); the "
+                  f"batch minimising predicted wall-clock S(B)·t(B) on {inputs.gpus} device(s)")
+    else:
+        basis = f"noise scale only: no step-time measurement; batch ≈ {basis}"
+    note = ("the branches measure the critical batch directly, in training (Merrill et al. "
+            "2025); in docs/validation.md they read 0.5–2x the critical batch fitted from "
+            "full sweeps, with the largest misses at the first target of each problem and "
+            "late under Adam")
+    return dataclasses.replace(advice, recommendation=dataclasses.replace(
+        rec, basis=basis, notes=(*rec.notes, note, branch_line(r))))

@@ -1,0 +1,424 @@
+"""The critical batch measured directly: short branched runs from one point (DESIGN §11).
+
+    bsfind branch configs/digits-mlp.yaml        # the ladder's table
+    .venv/bin/python -m pytest tests/test_branches.py -q
+
+Merrill et al. 2025 (arXiv:2505.23971): from one point of training, weights and
+optimizer state, run short branches at k·B0 for k = 1, 2, 4, ... over the same number
+of examples Δ, with the learning rate the optimizer's scaling rule gives, and call the
+local critical batch the largest k·B0 whose smoothed loss is still within a tolerance
+of the smaller batches'. Here:
+
+- **The rule.** Rung B passes when its smoothed loss after Δ examples is no higher
+  than the next smaller rung's (B/2) after Δ/TOLERANCE: doubling the batch cost at
+  most TOLERANCE times the examples for the same loss. The ladder stops at the first
+  rung that fails; the local critical batch is the last rung that passed (B0 when 2·B0
+  already failed). Why TOLERANCE = √2: under S(B) = S_min(1 + B_crit/B) (McCandlish et
+  al. 2018, eq. 2.11) a run at batch B needs E_min(1 + B/B_crit) examples, so B needs
+  (1 + B/B_crit)/(1 + B/(2·B_crit)) times the examples of B/2, which is √2 exactly at
+  B = √2·B_crit. The last rung that passes is then within √2 of B_crit
+  (:func:`bracket`), and the tolerance is stated in examples, so it is the same for
+  every loss scale.
+- **Δ** = BRANCH_STEPS baseline steps' worth of examples. The ladder stops at
+  MAX_FACTOR·B0, whose branches still take BRANCH_STEPS/MAX_FACTOR = 4 steps.
+- **Smoothing.** A branch's loss after e examples is the mean of its evaluations over
+  the last SMOOTHING of them, [(1 − SMOOTHING)·e, e], averaged over REPEATS data orders.
+  At the learning rates the shipped problems are tuned to, the training loss of one
+  step swings ±30-50% (docs/validation.md); a single evaluation, or a single data
+  order, decided rungs by chance.
+- **Loss** on the fixed evaluation subset of the training data that the points along
+  training report their loss on (``Seeds.evaluation_subset``, 512 examples). S(B)
+  models the training loss, and so does the fitted B_crit the branches are checked
+  against; a held-out split would measure generalisation, which on the memorising
+  stretches of the shipped digits problems stands still or rises while the training
+  loss falls.
+- **Isolation.** Every branch starts from the same weights and optimizer state (copies
+  taken before the first branch, restored before each and at the end) and, per repeat,
+  the same data order (``Seeds.branch``): the batches of 2B are the unions of two
+  consecutive batches of B, so rungs differ in batch size and learning rate only.
+- **Limits.** The ladder also stops before a batch larger than the dataset, at an
+  out-of-memory error (the previous rung stands), and when the time budget runs out
+  (a rung cut short is dropped). Ctrl-C raises ``Interrupted`` carrying what was
+  measured, with the weights and optimizer state restored.
+
+Defaults and their cost (docs/validation.md): REPEATS × rungs × Δ training examples,
+at most 3 × 5 × 64·B0 = 960·B0; 12-61k examples and 1-4 s per point on the shipped
+digits problems, 18-31k examples and 10-25 s on the transformer, on one CPU thread.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from bsfind import wording
+from bsfind.advisor import Family, scaled_lr
+from bsfind.budget import Deadline, ProgressFn
+from bsfind.errors import Interrupted
+from bsfind.results import BranchResult, BranchRung, Interval
+from bsfind.seeds import Seeds
+from bsfind.training import EpochSampler, evaluate_loss, evaluation_subset, training_step
+from bsfind.workload import Workload
+
+# Δ, in baseline steps: every branch trains on BRANCH_STEPS·B0 examples. 64 made two
+# probe runs' checkpoints agree within one doubling on 13 of 14 targets of the shipped
+# problems (docs/validation.md); 32 left the digits rungs too close to call.
+BRANCH_STEPS = 64
+# The largest rung is MAX_FACTOR·B0; its branches take BRANCH_STEPS/MAX_FACTOR steps.
+MAX_FACTOR = 16
+# A doubling passes when it needs at most this factor more examples for the same loss;
+# √2 puts the last passing rung within √2 of B_crit under McCandlish eq. 2.11 (above).
+TOLERANCE = math.sqrt(2)
+# The smoothed loss after e examples: the mean of the evaluations in [(1 - SMOOTHING)·e, e].
+SMOOTHING = 0.5
+# Data orders per rung, averaged: three kept the late digits rungs from flipping
+# between runs (docs/validation.md).
+REPEATS = 3
+# Evaluations per branch, spread over the examples the rule reads:
+# [(1 - SMOOTHING)·Δ/TOLERANCE, Δ].
+EVALUATIONS = 12
+
+Curve = Sequence[tuple[int, float]]  # (examples trained, loss on the evaluation subset)
+
+
+@dataclass(frozen=True)
+class BranchOptions:
+    """Where the branches start and how their learning rates are set.
+
+    Attributes:
+        baseline_batch / lr: B0 and the learning rate lr0 tuned there.
+        family / lr_rule / b_n: the advisor's learning-rate rule
+            (``advisor.scaled_lr``): the optimizer family, the spec's
+            ``optimizer.lr_rule`` and the noise scale B_n it reads (inf: none).
+        seed / step / examples_seen: ``probe.seed`` and the point the branches start at.
+        b_simple / b_noise: the noise scales measured at the same weights (reported
+            beside the result).
+        branch_steps / max_factor / repeats: the constants above (tests shrink them).
+    """
+
+    baseline_batch: int
+    lr: float
+    family: Family
+    lr_rule: str = "auto"
+    b_n: float = math.inf
+    seed: int = 0
+    step: int = 0
+    examples_seen: int | None = None
+    b_simple: float | None = None
+    b_noise: float | None = None
+    branch_steps: int = BRANCH_STEPS
+    max_factor: int = MAX_FACTOR
+    repeats: int = REPEATS
+
+    def __post_init__(self) -> None:
+        if self.baseline_batch < 1 or self.repeats < 1 or self.max_factor < 2:
+            raise ValueError("baseline_batch, repeats >= 1 and max_factor >= 2 needed")
+        if self.branch_steps % self.max_factor:
+            raise ValueError(f"branch_steps ({self.branch_steps}) must be a multiple of "
+                             f"max_factor ({self.max_factor})")
+
+    @property
+    def delta(self) -> int:
+        """Δ: the examples every branch trains on."""
+        return self.branch_steps * self.baseline_batch
+
+
+@dataclass(frozen=True)
+class BranchStart:
+    """What ``on_branch_start`` sees: the rung and repeat about to train (from restored state)."""
+
+    batch_size: int
+    repeat: int
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+class Verdict(NamedTuple):
+    """The rule at one rung: its smoothed loss, the reference it is held to, the outcome."""
+
+    loss: float
+    reference: float | None
+    passed: bool | None  # None: the first rung, the reference of the second
+
+
+# --------------------------------------------------------------------------- the rule
+
+
+def smoothed_loss(curve: Curve, at: float, smoothing: float = SMOOTHING) -> float:
+    """The mean of a branch's evaluations in [(1 - smoothing)·at, at] (the last one at or
+    before ``at`` when none falls inside); inf when there is none, or one is not finite."""
+    inside = [loss for e, loss in curve if (1 - smoothing) * at - 1e-9 <= e <= at + 1e-9]
+    if not inside:
+        inside = [loss for e, loss in curve if e <= at + 1e-9][-1:]
+    if not inside or not all(math.isfinite(v) for v in inside):
+        return math.inf
+    return statistics.fmean(inside)
+
+
+def mean_smoothed(curves: Sequence[Curve], at: float, smoothing: float = SMOOTHING) -> float:
+    """:func:`smoothed_loss` averaged over the repeats of one rung."""
+    return statistics.fmean(smoothed_loss(c, at, smoothing) for c in curves)
+
+
+def verdicts(rungs: Sequence[Sequence[Curve]], delta: float, tolerance: float = TOLERANCE,
+             smoothing: float = SMOOTHING) -> list[Verdict]:
+    """The rule along the ladder (rungs in doubling order, each a list of repeats' curves).
+
+    Rung i passes when its smoothed loss after ``delta`` is not above rung i-1's after
+    ``delta / tolerance``. The list ends at the first rung that fails.
+    """
+    out: list[Verdict] = []
+    for i, curves in enumerate(rungs):
+        loss = mean_smoothed(curves, delta, smoothing)
+        if i == 0:
+            out.append(Verdict(loss, None, None))
+            continue
+        reference = mean_smoothed(rungs[i - 1], delta / tolerance, smoothing)
+        passed = loss <= reference
+        out.append(Verdict(loss, reference, passed))
+        if not passed:
+            break
+    return out
+
+
+def crossing(tolerance: float = TOLERANCE) -> float:
+    """x* = B/B_crit where a doubling to B needs exactly ``tolerance`` times the examples
+    of B/2 under S(B) = S_min(1 + B_crit/B): (1 + x)/(1 + x/2) = tolerance."""
+    if not 1.0 < tolerance < 2.0:
+        raise ValueError(f"tolerance must be in (1, 2), got {tolerance}")
+    return 2.0 * (tolerance - 1.0) / (2.0 - tolerance)
+
+
+def bracket(batches: Sequence[int], found: Sequence[Verdict], tolerance: float = TOLERANCE
+            ) -> tuple[int | None, str, Interval]:
+    """The local critical batch, its bound and where B_crit lies by the rule.
+
+    A rung B passes exactly when B_crit >= B/x* (x* = :func:`crossing`, √2 for the
+    default tolerance), so the last passing rung B and a failing 2B put B_crit in
+    [B/x*, 2B/x*): "bracketed". When 2·B0 already failed, B_crit < 2·B0/x*: "at most"
+    B0. When no rung failed before the ladder ended, B_crit >= B/x*: "at least".
+    """
+    x = crossing(tolerance)
+    if len(found) < 2 or not math.isfinite(found[0].loss):
+        return None, "none", Interval(math.nan, math.nan)
+    last = max(i for i, v in enumerate(found) if v.passed is not False)
+    b = batches[last]
+    if found[-1].passed is not False:
+        return b, "at least", Interval(b / x, math.inf)
+    if last == 0:
+        return b, "at most", Interval(0.0, 2 * b / x)
+    return b, "bracketed", Interval(b / x, 2 * b / x)
+
+
+def ladder(baseline_batch: int, dataset_size: int, max_factor: int = MAX_FACTOR) -> list[int]:
+    """k·B0 for k = 1, 2, 4, ... up to ``max_factor`` and the dataset size."""
+    out, k = [], 1
+    while k <= max_factor and k * baseline_batch <= max(dataset_size, baseline_batch):
+        out.append(k * baseline_batch)
+        k *= 2
+    return out
+
+
+def evaluation_steps(steps: int, batch: int, delta: int, count: int = EVALUATIONS) -> list[int]:
+    """The steps after which a branch is evaluated: up to ``count``, spread evenly over
+    the examples the rule reads, [(1 - SMOOTHING)·Δ/TOLERANCE, Δ]; the last step always."""
+    first = max(1, math.ceil((1 - SMOOTHING) * delta / TOLERANCE / batch - 1e-9))
+    span = list(range(first, steps + 1))
+    if len(span) <= count:
+        return span
+    pick = {span[round(i * (len(span) - 1) / (count - 1))] for i in range(count)}
+    return sorted(pick)
+
+
+# --------------------------------------------------------------------------- the runs
+
+
+class _OutOfTime(Exception):
+    """The deadline passed inside a rung: the rung is dropped."""
+
+
+def measure(job: Workload, options: BranchOptions, deadline: Deadline, *,
+            optimizer: torch.optim.Optimizer | None = None,
+            progress: ProgressFn | None = None,
+            on_branch_start: Callable[[BranchStart], None] | None = None) -> BranchResult:
+    """Run the ladder from the model's current weights and ``optimizer``'s state.
+
+    Args:
+        optimizer: the run's optimizer at this point (its state is carried into every
+            branch and restored afterwards); None: a fresh one (a checkpoint holds
+            weights only), which the result says.
+        on_branch_start: called before each branch trains, after the state is restored
+            (the tests check that every branch starts from the same state).
+
+    Raises:
+        Interrupted: Ctrl-C, carrying the result so far (``stopped="interrupted"``).
+    """
+    from bsfind.hardware.memory import clear_cache, is_oom
+
+    start = time.perf_counter()
+    opt = optimizer if optimizer is not None else job.make_optimizer(options.lr)
+    saved_model = {k: v.detach().clone() for k, v in job.model.state_dict().items()}
+    saved_opt = copy.deepcopy(opt.state_dict())
+    eval_idx = evaluation_subset(len(job), Seeds(options.seed).evaluation_subset)
+    batches = ladder(options.baseline_batch, len(job), options.max_factor)
+    run = _Ladder(job, options, opt, saved_model, saved_opt, eval_idx, deadline, progress,
+                  on_branch_start, len(batches))
+    stopped = "top"
+    try:
+        for batch in batches:
+            try:
+                run.rung(batch)
+            except _OutOfTime:
+                stopped = "budget"
+                break
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                job.model.zero_grad(set_to_none=True)
+                clear_cache(job.device)
+                run.oom_at = batch
+                stopped = "out of memory"
+                break
+            if run.verdicts()[-1].passed is False:
+                stopped = "failed"
+                break
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted during the branches at batch {run.current}",
+                          partial=run.result("interrupted", time.perf_counter() - start)
+                          ) from None
+    finally:
+        job.model.load_state_dict(saved_model)
+        opt.load_state_dict(copy.deepcopy(saved_opt))
+        job.model.zero_grad(set_to_none=True)
+    return run.result(stopped, time.perf_counter() - start)
+
+
+class _Ladder:
+    """The rungs run so far and how to run the next one."""
+
+    def __init__(self, job: Workload, options: BranchOptions, opt: torch.optim.Optimizer,
+                 saved_model: dict[str, torch.Tensor], saved_opt: dict[str, object],
+                 eval_idx: torch.Tensor, deadline: Deadline, progress: ProgressFn | None,
+                 on_branch_start: Callable[[BranchStart], None] | None, planned: int) -> None:
+        self.job, self.options, self.opt = job, options, opt
+        self.saved_model, self.saved_opt = saved_model, saved_opt
+        self.eval_idx, self.deadline, self.progress = eval_idx, deadline, progress
+        self.on_branch_start, self.planned = on_branch_start, planned
+        self.base_lrs = [g["lr"] for g in opt.param_groups]
+        self.batches: list[int] = []
+        self.curves: list[list[list[tuple[int, float]]]] = []
+        self.lrs: list[float] = []
+        self.seconds: list[float] = []
+        self.examples = 0
+        self.current = options.baseline_batch
+        self.oom_at: int | None = None
+        self.rule = "none"
+
+    def rung(self, batch: int) -> None:
+        """R branches at ``batch`` (kept only when every one finished)."""
+        o = self.options
+        self.current = batch
+        lr, self.rule = scaled_lr(o.lr, o.baseline_batch, batch, o.b_n, o.family, o.lr_rule)
+        began = time.perf_counter()
+        curves = [self._branch(batch, lr, r) for r in range(o.repeats)]
+        self.batches.append(batch)
+        self.curves.append(curves)
+        self.lrs.append(lr)
+        self.seconds.append(time.perf_counter() - began)
+
+    def _branch(self, batch: int, lr: float, repeat: int) -> list[tuple[int, float]]:
+        o, job, opt = self.options, self.job, self.opt
+        job.model.load_state_dict(self.saved_model)
+        opt.load_state_dict(copy.deepcopy(self.saved_opt))  # deep: steps must not touch it
+        for group, base in zip(opt.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * lr / o.lr
+        job.model.zero_grad(set_to_none=True)
+        if self.on_branch_start is not None:
+            self.on_branch_start(BranchStart(batch, repeat, job.model, opt))
+        seed = Seeds(o.seed).branch(o.step, repeat)
+        sampler = EpochSampler(len(job), batch, torch.Generator().manual_seed(seed))
+        steps = o.delta // batch
+        at = set(evaluation_steps(steps, batch, o.delta))
+        curve: list[tuple[int, float]] = []
+        diverged = False
+        for s in range(1, steps + 1):
+            if self.deadline.passed():
+                raise _OutOfTime
+            if not diverged:
+                loss = training_step(job, opt, sampler.next(), check=False,
+                                     where=f"in the branch at batch {batch}, step {s}")
+                diverged = not math.isfinite(float(loss))
+                self.examples += batch
+            if s in at:
+                # In chunks of the rung's batch: its training step fitted in memory.
+                value = math.inf if diverged else evaluate_loss(job, self.eval_idx,
+                                                                chunk=batch)
+                if value is None:  # not even one example fits: an out-of-memory error
+                    raise MemoryError("evaluation out of memory even at one example")
+                curve.append((s * batch, value if math.isfinite(value) else math.inf))
+        opt.zero_grad(set_to_none=True)
+        if self.progress is not None:
+            done = (len(self.batches) + (repeat + 1) / o.repeats) / max(1, self.planned)
+            self.progress("branch", min(1.0, done),
+                          f"batch {batch:,}: data order {repeat + 1} of {o.repeats}")
+        return curve
+
+    def verdicts(self) -> list[Verdict]:
+        return verdicts(self.curves, self.options.delta)
+
+    def result(self, stopped: str, seconds: float) -> BranchResult:
+        o = self.options
+        found = self.verdicts()
+        critical, bound, interval = bracket(self.batches, found)
+        rungs = []
+        for i, v in enumerate(found):
+            reps = self.curves[i]
+            mean_curve = tuple((e, statistics.fmean(c[j][1] for c in reps))
+                               for j, (e, _) in enumerate(reps[0]))
+            rungs.append(BranchRung(
+                batch_size=self.batches[i], learning_rate=self.lrs[i],
+                steps=o.delta // self.batches[i], repeats=len(reps), loss=v.loss,
+                reference=v.reference, passed=v.passed,
+                losses=tuple(smoothed_loss(c, o.delta) for c in reps), curve=mean_curve,
+                seconds=self.seconds[i]))
+        result = BranchResult(
+            step=o.step, examples_seen=o.examples_seen, critical_batch=critical, bound=bound,
+            interval=interval, baseline_batch=o.baseline_batch, delta_examples=o.delta,
+            tolerance=TOLERANCE, smoothing=SMOOTHING, repeats=o.repeats, lr_rule=self.rule,
+            lr_noise_scale=o.b_n if math.isfinite(o.b_n) else None,
+            optimizer_state="carried" if self.saved_opt.get("state") else "fresh",
+            rungs=tuple(rungs), b_simple=o.b_simple, b_noise=o.b_noise,
+            examples=self.examples, seconds=seconds, stopped=stopped,
+        )
+        return wording.describe_branches(result, oom_at=self.oom_at)
+
+
+def calibrated(result: BranchResult, b_n: float) -> tuple[float, Interval] | None:
+    """The noise scale the advisor uses once branches ran, and its interval; None when
+    they gave no local critical batch.
+
+    The local critical batch itself, not B_n scaled by the ratio measured at one point:
+    the branches average over Δ examples of training, while the noise scale at one
+    checkpoint moved 2-24x between neighbouring checkpoints (docs/validation.md), and
+    on the shipped problems the branches were the closer of the two to the fitted
+    B_crit. A one-sided bound is combined with B_n: "at most" B0 takes B_n when it is
+    below B0, "at least" the ladder's top takes B_n when it is above.
+    """
+    b = result.critical_batch
+    if b is None:
+        return None
+    if result.bound == "at most":
+        value = min(b_n, float(b))
+    elif result.bound == "at least":
+        value = max(b_n, float(b))
+    else:
+        value = float(b)
+    low, high = result.interval.low, result.interval.high
+    return value, Interval(min(low, value), max(high, value))
