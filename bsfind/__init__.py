@@ -16,12 +16,14 @@ __version__ = "0.1.0"
 
 # name -> the module that defines it
 _EXPORTS = {
+    "branch": "bsfind.api",
     "measure": "bsfind.api",
     "measure_noise_scale": "bsfind.api",
     "noise_scale_at": "bsfind.api",
     "recommend": "bsfind.api",
     "Report": "bsfind.report",
     "to_dict": "bsfind.report",
+    "BranchResult": "bsfind.results",
     "NoiseEstimate": "bsfind.results",
     "Recommendation": "bsfind.results",
     "load_spec": "bsfind.spec",
@@ -31,12 +33,14 @@ _EXPORTS = {
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 if TYPE_CHECKING:
+    from bsfind.api import branch as branch
     from bsfind.api import measure as measure
     from bsfind.api import measure_noise_scale as measure_noise_scale
     from bsfind.api import noise_scale_at as noise_scale_at
     from bsfind.api import recommend as recommend
     from bsfind.report import Report as Report
     from bsfind.report import to_dict as to_dict
+    from bsfind.results import BranchResult as BranchResult
     from bsfind.results import NoiseEstimate as NoiseEstimate
     from bsfind.results import Recommendation as Recommendation
     from bsfind.spec import load_spec as load_spec

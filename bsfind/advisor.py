@@ -60,7 +60,8 @@ from bsfind.results import (
 
 Family = Literal["sgd", "adam"]
 LrRule = Literal["auto", "linear", "sqrt", "none"]
-Basis = Literal["b_noise", "b_simple"]
+# "branches": the local critical batch measured by branched runs (bsfind.branches).
+Basis = Literal["b_noise", "b_simple", "branches"]
 
 LR_RULES: tuple[str, ...] = ("auto", "linear", "sqrt", "none")
 

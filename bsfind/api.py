@@ -50,6 +50,12 @@ def measure(spec: Spec, progress: ProgressFn | None = None) -> Report:
     return _execute(spec, "noise", progress)
 
 
+def branch(spec: Spec, progress: ProgressFn | None = None) -> Report:
+    """The noise probe(s), then the critical batch by branched runs from the probe point:
+    the ``bsfind branch`` command (``bsfind.branches``)."""
+    return _execute(spec, "branch", progress)
+
+
 def recommend(
     spec: Spec, progress: ProgressFn | None = None, max_gpus: int | None = None
 ) -> Report:

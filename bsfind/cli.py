@@ -3,6 +3,7 @@
     bsfind recommend configs/digits-mlp.yaml          # table on stdout
     bsfind recommend configs/digits-mlp.yaml --json   # one JSON document on stdout
     bsfind noise configs/digits-mlp.yaml --set probe.seed=3
+    bsfind branch configs/digits-mlp.yaml --json      # the critical batch by branched runs
     bsfind check configs/digits-mlp.yaml --tolerance 2 --output report.json
     bsfind validate configs/digits-mlp.yaml
     bsfind init spec.yaml
@@ -249,6 +250,28 @@ def render_noise(doc: dict[str, Any]) -> Table:
     return t
 
 
+def render_branches(doc: dict[str, Any]) -> None:
+    """One table per branch measurement (the ladder), then its summary, rule and notes."""
+    for b in doc.get("branches") or []:
+        t = Table(title=f"Branched runs from step {b['step']:,} (measured; "
+                  f"Δ = {b['delta_examples']:,} examples, {b['repeats']} data order(s))",
+                  title_justify="left")
+        for col in ("batch", "learning rate", "steps", "smoothed loss", "B/2 after Δ/"
+                    f"{b['tolerance']:.3g}", "per data order", "seconds", ""):
+            t.add_column(col, justify="left" if col == "" else "right")
+        for r in b["rungs"]:
+            verdict = {None: "reference", True: "kept up"}.get(r["passed"], "fell behind")
+            t.add_row(f"{r['batch_size']:,}", f"{r['learning_rate']:.3g}", f"{r['steps']:,}",
+                      _fmt(r["loss"], 4), _fmt(r["reference"], 4) if r["reference"] else "—",
+                      " / ".join(_fmt(v, 3) for v in r["losses"]), f"{r['seconds']:.2f}",
+                      verdict)
+        stdout.print(t)
+        stdout.print(f"  {b['summary']}", markup=False)
+        stdout.print(f"  rule: {b['rule']} ({b['lr_rule']} learning rate)", markup=False)
+        for note in b.get("notes") or []:
+            stdout.print(f"  note: {note}", markup=False)
+
+
 def render_schedule(doc: dict[str, Any]) -> None:
     """The batch-size schedule: a table, then the forms frameworks' ramps take."""
     s = doc.get("schedule")
@@ -325,7 +348,8 @@ def render_report(doc: dict[str, Any]) -> None:
 
         stdout.print(f"Probe run: {trajectory_line(_trajectory(doc['trajectory']))}",
                      markup=False)
-    if doc["command"] == "noise":
+    render_branches(doc)
+    if doc["command"] in ("noise", "branch"):
         return
     for line in hardware_lines(doc):
         stdout.print(line, markup=False)
@@ -446,8 +470,12 @@ def _load(spec: Path, overrides: list[str] | None) -> Any:
 def _partial_noise(as_json: bool) -> Callable[[Any], None]:
     """On Ctrl-C, print what was measured so far, marked interrupted."""
     def show(partial: Any) -> None:
-        from bsfind.report import noise_dict
+        from bsfind.report import branch_dict, noise_dict
+        from bsfind.results import BranchPartial, BranchResult
 
+        branched: tuple[BranchResult, ...] = ()
+        if isinstance(partial, BranchPartial):
+            partial, branched = partial.noise, partial.branches
         items = partial if isinstance(partial, tuple) else (partial,)
         doc: dict[str, Any] = {
             "version": __version__,
@@ -455,9 +483,13 @@ def _partial_noise(as_json: bool) -> Callable[[Any], None]:
             "noise_scale": noise_dict(items[-1]) if items else None,
             "noise_scale_by_step": [noise_dict(n) for n in items],
         }
+        if branched:
+            doc["branches"] = [branch_dict(b) for b in branched]
         if as_json:
             sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
         else:
+            for b in doc.get("branches") or []:
+                stdout.print(f"interrupted during the branches: {b['summary']}", markup=False)
             for n in doc["noise_scale_by_step"]:
                 stdout.print(
                     f"interrupted at step {n['step']}: B_simple "
@@ -577,6 +609,26 @@ def noise(spec: SpecArg, json_out: JsonOpt = False, set_: SetOpt = None,
         doc = {k: doc[k] for k in ("version", "command", "status", "device", "dataset",
                                    "baseline", "noise_scale", "noise_scale_by_step",
                                    "warnings", "seconds")}
+    _emit(doc, json_out)
+
+
+@app.command()
+def branch(spec: SpecArg, json_out: JsonOpt = False, set_: SetOpt = None,
+           debug: DebugOpt = False) -> None:
+    """Measure the critical batch directly: short branched runs at 1, 2, 4, ... x the
+    baseline batch from the probe point (after the noise probe, as `noise` runs it)."""
+    from bsfind import api, report
+
+    def run() -> dict[str, Any]:
+        s = _load(spec, list(set_ or []))
+        with _sigterm_as_interrupt(), _progress(True) as progress:
+            return report.to_dict(api.branch(s, progress=progress))
+
+    doc = _guard(debug, run, on_interrupt=_partial_noise(json_out))
+    if json_out:
+        doc = {k: doc[k] for k in ("version", "command", "status", "device", "dataset",
+                                   "baseline", "noise_scale", "noise_scale_by_step",
+                                   "branches", "trajectory", "warnings", "seconds")}
     _emit(doc, json_out)
 
 

@@ -13,12 +13,19 @@ import math
 import time
 
 from bsfind import advisor, schedule, trajectory, wording
-from bsfind.budget import ProgressFn
+from bsfind.budget import Deadline, ProgressFn
 from bsfind.errors import Interrupted
 from bsfind.hardware.measure import HardwareOptions, predict_on_gpu
 from bsfind.noise.probe import ProbeOptions
 from bsfind.report import Report
-from bsfind.results import HardwareMeasurement, MemoryModel, NoiseEstimate, TimingCurve
+from bsfind.results import (
+    BranchPartial,
+    BranchResult,
+    HardwareMeasurement,
+    MemoryModel,
+    NoiseEstimate,
+    TimingCurve,
+)
 from bsfind.runner import Runner
 from bsfind.seeds import Seeds
 from bsfind.spec import Spec
@@ -27,6 +34,11 @@ from bsfind.workload import Workload
 # Share of probe.max_seconds reserved for the hardware measurements (memory and
 # the step-time ladder) when they run; the noise probe gets the rest.
 HARDWARE_SHARE = 0.25
+# Share of probe.max_seconds the branched runs get when they run (probe.branches, or
+# `bsfind branch`): the points along training then get 1 - BRANCH_SHARE (less the
+# hardware's share), and the branches whatever of the budget is left before the
+# hardware's reserve.
+BRANCH_SHARE = 0.4
 
 
 def probe_options(spec: Spec) -> ProbeOptions:
@@ -58,17 +70,23 @@ def run(spec: Spec, runner: Runner, command: str, progress: ProgressFn | None = 
     job = runner.build(spec)
     hardware = command == "recommend" and spec.probe.timing
     points = trajectory.measure(spec, job, runner, deadline, progress,
-                                1.0 - HARDWARE_SHARE if hardware else 1.0, probe_options(spec))
+                                noise_share(spec, command, hardware), probe_options(spec))
+    branched, branch_notes = (
+        branch_points(spec, job, runner, points, deadline, progress,
+                      reserve=HARDWARE_SHARE * spec.probe.max_seconds if hardware else 0.0)
+        if branching(spec, command) else ((), ()))
     report = Report(
         command=command, spec=spec.document, device=describe_device(job.device),
         dataset_size=len(job), baseline_batch=spec.optimizer.batch_size,
         baseline_lr=spec.optimizer.lr, optimizer=spec.optimizer.name,
-        noise=points.estimates, used=points.used, status=points.status,
+        noise=points.estimates, used=points.used,
+        status="partial" if any(b.stopped == "budget" for b in branched) else points.status,
         trajectory=points.trajectory,
         warnings=tuple(wording.noise_warnings(
             points.used, points.trajectory, dataset_size=len(job),
             baseline_batch=spec.optimizer.batch_size,
-            from_checkpoint=bool(spec.model.checkpoint))) + points.notes,
+            from_checkpoint=bool(spec.model.checkpoint))) + points.notes + branch_notes,
+        branches=branched,
     )
     if command == "recommend":
         try:
@@ -103,13 +121,19 @@ def advise(report: Report, spec: Spec, job: Workload, runner: Runner, hw: Hardwa
     inputs = advisor_inputs(report.used, spec, job, world=world,
                             timing=pred_time or hw.timing, memory=pred_mem or hw.memory,
                             sync_seconds=sync, price=price)
+    measured = inputs
+    inputs = calibrated_inputs(inputs, report.branches)
     advice = wording.describe_advice(advisor.advise(inputs, max_gpus=max_gpus), inputs)
+    if inputs is not measured:
+        advice = wording.with_branches(advice, inputs, report.branches[-1], measured.b_n,
+                                       "B_noise" if measured.basis == "b_noise" else "B_simple")
     return dataclasses.replace(
         report, memory=hw.memory, timing=hw.timing, predicted_gpu=spec.hardware.gpu,
         predicted_memory=pred_mem, predicted_timing=pred_time,
         recommendation=advice.recommendation, candidates=advice.candidates,
         frontier=advice.frontier, absolute=advice.absolute,
-        schedule=batch_schedule(report.noise, inputs, spec.planned_examples(len(job))),
+        schedule=batch_schedule(calibrated_points(report.noise, measured, inputs), inputs,
+                                spec.planned_examples(len(job))),
         warnings=report.warnings + tuple(notes),
     )
 
@@ -171,3 +195,101 @@ def advisor_inputs(
         interconnect=spec.hardware.interconnect, price_per_hour=price,
         training_examples=examples,
     )
+
+
+# --------------------------------------------------------------------------- branches
+
+
+def branching(spec: Spec, command: str) -> bool:
+    """Whether this run measures the critical batch by branched runs (``bsfind.branches``)."""
+    return command == "branch" or (command == "recommend" and spec.probe.branches)
+
+
+def noise_share(spec: Spec, command: str, hardware: bool) -> float:
+    """The share of the budget the points along training may take."""
+    share = 1.0 - HARDWARE_SHARE if hardware else 1.0
+    return share - BRANCH_SHARE if branching(spec, command) else share
+
+
+def lr_noise_scale(job: Workload, used: NoiseEstimate) -> float:
+    """The B_n the branches' learning-rate rule reads: the advisor's basis (inf: unresolved)."""
+    value = used.b_noise if basis_for(job, used) == "b_noise" else used.b_simple
+    return math.inf if value is None else value
+
+
+def branch_points(spec: Spec, job: Workload, runner: Runner, points: trajectory.Points,
+                  deadline: Deadline, progress: ProgressFn | None, *, reserve: float
+                  ) -> tuple[tuple[BranchResult, ...], tuple[str, ...]]:
+    """The branched runs from the probe point: the last point of the run along training
+    (its optimizer state carried), or each of ``model.checkpoints`` (a fresh one).
+
+    They get what is left of the budget before ``reserve`` (the hardware's share),
+    split evenly over the checkpoints. Returns the results and warnings.
+
+    Raises:
+        Interrupted: Ctrl-C, with a :class:`BranchPartial` of what was measured.
+    """
+    from bsfind import branches
+    from bsfind.workload import load_checkpoint
+
+    if runner.world_size > 1:
+        return (), (wording.BRANCHES_UNDER_TORCHRUN,)
+    b0 = spec.optimizer.batch_size
+    base = branches.BranchOptions(
+        baseline_batch=b0, lr=spec.optimizer.lr,
+        family=advisor.optimizer_family(job.optimizer_cls), lr_rule=spec.optimizer.lr_rule,
+        b_n=lr_noise_scale(job, points.used), seed=spec.probe.seed)
+    starts: list[tuple[NoiseEstimate | None, str | None, int]]
+    if spec.probe_mode == "checkpoints":
+        entries = spec.model.checkpoints or ()
+        starts = [(est, entries[i].path, i) for i, est in enumerate(points.estimates)]
+    else:
+        last = points.estimates[-1]
+        starts = [(last if last.step == points.weights_step else None, None, 0)]
+    done: list[BranchResult] = []
+    for n, (est, path, i) in enumerate(starts):
+        if path is not None:
+            load_checkpoint(job.model, path, spec.base_dir, key=f"model.checkpoints[{i}].path")
+        step = est.step if est is not None else points.weights_step
+        options = dataclasses.replace(
+            base, step=step,
+            examples_seen=est.examples_seen if est is not None else step * b0,
+            b_simple=est.b_simple if est is not None else None,
+            b_noise=est.b_noise if est is not None else None)
+        share = max(0.0, deadline.left() - reserve) / (len(starts) - n)
+        try:
+            done.append(branches.measure(job, options, deadline.within(share),
+                                         optimizer=points.optimizer if path is None else None,
+                                         progress=progress))
+        except Interrupted as exc:
+            part = exc.partial if isinstance(exc.partial, BranchResult) else None
+            raise Interrupted(exc.message, partial=BranchPartial(
+                points.estimates, (*done, *((part,) if part else ())))) from None
+    return tuple(done), ()
+
+
+def calibrated_inputs(inputs: advisor.AdvisorInputs, results: tuple[BranchResult, ...]
+                      ) -> advisor.AdvisorInputs:
+    """``inputs`` with B_n set by the branches at the latest point (``branches.calibrated``);
+    unchanged when none gave a local critical batch."""
+    from bsfind import branches
+
+    value = branches.calibrated(results[-1], inputs.b_n) if results else None
+    if value is None:
+        return inputs
+    b_n, ci = value
+    return dataclasses.replace(inputs, b_n=b_n, b_n_ci=ci, basis="branches",
+                               noise_step=results[-1].step, noise_summary_of=())
+
+
+def calibrated_points(points: tuple[NoiseEstimate, ...], measured: advisor.AdvisorInputs,
+                      inputs: advisor.AdvisorInputs) -> tuple[NoiseEstimate, ...]:
+    """The points along training for the schedule: when branches set B_n, each point's
+    noise scale (the measured basis) times the ratio the branches found at the latest
+    point, so that the schedule's growth curve passes through the calibrated value."""
+    if inputs is measured or not math.isfinite(measured.b_n):
+        return points
+    factor = inputs.b_n / measured.b_n
+    key = "b_noise" if measured.basis == "b_noise" else "b_simple"
+    return tuple(dataclasses.replace(p, b_simple=None if getattr(p, key) is None
+                                     else getattr(p, key) * factor) for p in points)

@@ -15,6 +15,7 @@ from typing import Any
 from bsfind import __version__
 from bsfind.results import (
     AbsolutePrediction,
+    BranchResult,
     Candidate,
     DeviceInfo,
     DistributedSummary,
@@ -59,6 +60,7 @@ class Report:
     distributed: DistributedSummary | None = None  # torchrun: world size, all-reduce, per rank
     trajectory: Trajectory | None = None  # how far the probe run along training got
     schedule: Schedule | None = None  # the batch-size schedule (recommend)
+    branches: tuple[BranchResult, ...] = ()  # branched runs (probe.branches, `bsfind branch`)
 
 
 def clean(value: Any) -> Any:
@@ -109,6 +111,18 @@ def schedule_dict(s: Schedule | None) -> dict[str, Any] | None:
     }
 
 
+def branch_dict(r: BranchResult) -> dict[str, Any]:
+    """One branch measurement: the result's fields, its ratios and the rule in words."""
+    from bsfind.wording import branch_line, branch_rule
+
+    d = clean(r)
+    d["ratio_to_b_simple"] = clean(r.ratio_simple)
+    d["ratio_to_b_noise"] = clean(r.ratio_noise)
+    d["rule"] = branch_rule(r)
+    d["summary"] = branch_line(r)
+    return d
+
+
 def to_dict(report: Report) -> dict[str, Any]:
     """The JSON document (see README: "JSON fields")."""
     doc: dict[str, Any] = {
@@ -126,7 +140,7 @@ def to_dict(report: Report) -> dict[str, Any]:
         "noise_scale": noise_dict(report.used) if report.used else None,
         "noise_scale_by_step": [noise_dict(n) for n in report.noise],
     }
-    if report.command != "noise":
+    if report.command not in ("noise", "branch"):
         doc["memory"] = clean(report.memory)
         doc["timing"] = clean(report.timing)
         doc["predicted"] = (
@@ -144,8 +158,10 @@ def to_dict(report: Report) -> dict[str, Any]:
         doc["frontier"] = clean(report.frontier)
         doc["absolute"] = clean(report.absolute)
     doc["trajectory"] = clean(report.trajectory)
-    if report.command != "noise":
+    if report.command not in ("noise", "branch"):
         doc["schedule"] = schedule_dict(report.schedule)
+    if report.branches or report.command == "branch":
+        doc["branches"] = [branch_dict(b) for b in report.branches]
     if report.distributed is not None:
         doc["distributed"] = clean(report.distributed)
     doc["warnings"] = list(report.warnings)

@@ -161,6 +161,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "curvature": Field("bool", "also measure B_noise = tr(HΣ)/(GᵀHG) with Hessian-vector "
                            "products (slower)", False),
         "timing": Field("bool", "time optimizer steps at a ladder of batch sizes", True),
+        "branches": Field(
+            "bool", "recommend also measures the critical batch directly: short branched runs "
+            "at 1, 2, 4, ... x the baseline batch from the probe point (about 960 baseline "
+            "batches of examples; `bsfind branch` runs them alone)", False),
     },
     "hardware": {
         "device": Field("str", "auto | cpu | cuda | cuda:N", "auto", check=_device),
@@ -233,6 +237,7 @@ class ProbeSpec:
     microbatch_size: int | None
     curvature: bool
     timing: bool
+    branches: bool = False
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,12 @@ class Points:
     trajectory: Trajectory
     status: str
     notes: tuple[str, ...] = ()
+    # The optimizer of the run along training, at the last point (None: no training ran,
+    # e.g. at checkpoints): the branched runs carry its state (``bsfind.branches``).
+    optimizer: torch.optim.Optimizer | None = None
+    # The training step of the model's weights now: the last point's, unless the budget
+    # (or an out-of-memory error) stopped the run after it trained on.
+    weights_step: int = 0
 
 
 def measure(spec: Spec, job: Workload, runner: Runner, deadline: Deadline,
@@ -97,6 +103,7 @@ class _Walk:
         self.train_seconds = 0.0
         self.planned = spec.planned_examples(len(job))
         self.notes: list[str] = []
+        self.optimizer: torch.optim.Optimizer | None = None
 
     # -- the three modes -------------------------------------------------------------
     def pinned(self) -> None:
@@ -154,8 +161,8 @@ class _Walk:
 
     # -- pieces ----------------------------------------------------------------------
     def _trainer(self) -> tuple[torch.optim.Optimizer, EpochSampler]:
-        return (self.job.make_optimizer(self.spec.optimizer.lr),
-                self.runner.sampler(self.job, self.b0, self.seeds.training_order))
+        self.optimizer = self.job.make_optimizer(self.spec.optimizer.lr)
+        return self.optimizer, self.runner.sampler(self.job, self.b0, self.seeds.training_order)
 
     def _train_to(self, trainer: tuple[torch.optim.Optimizer, EpochSampler], target: int
                   ) -> bool:
@@ -237,7 +244,8 @@ class _Walk:
             b_simple_first=first.b_simple, b_simple_last=used.b_simple, moved=moved,
             planned_examples=self.planned,
         )
-        return Points(tuple(self.estimates), used, trajectory, self.status, tuple(self.notes))
+        return Points(tuple(self.estimates), used, trajectory, self.status, tuple(self.notes),
+                      self.optimizer, self.step)
 
 
 def summarize(points: Sequence[NoiseEstimate], k: int = SUMMARY_POINTS) -> NoiseEstimate:
