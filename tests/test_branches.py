@@ -1,0 +1,454 @@
+"""Branched runs (bsfind/branches.py): the rule on hand-computed curves, isolation of the
+branches, the budget, Ctrl-C and out-of-memory.
+
+    .venv/bin/python -m pytest tests/test_branches.py -q
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bsfind import branches
+from bsfind.budget import Deadline
+from bsfind.errors import Interrupted
+from bsfind.results import BranchResult, Interval
+from bsfind.workload import Workload
+from tests.conftest import CONFIGS, ROOT
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> None:
+    # Tiny models: a second thread only spins while other work holds the other core.
+    torch.set_num_threads(1)
+
+# --------------------------------------------------------------------------- the rule
+
+
+def test_smoothed_loss_is_the_mean_over_the_window() -> None:
+    curve = [(10, 1.0), (20, 0.8), (30, 0.6), (40, 0.4)]
+    # [20, 40]: 0.8, 0.6, 0.4
+    assert branches.smoothed_loss(curve, 40, 0.5) == pytest.approx(0.6)
+    # [15, 30]: 0.8, 0.6
+    assert branches.smoothed_loss(curve, 30, 0.5) == pytest.approx(0.7)
+    # nothing inside [12, 15]: the last evaluation before, 10 -> 1.0
+    assert branches.smoothed_loss(curve, 15, 0.2) == pytest.approx(1.0)
+    assert branches.smoothed_loss(curve, 5, 0.5) == math.inf  # nothing yet
+    assert branches.smoothed_loss([(10, 1.0), (20, math.nan)], 20, 0.5) == math.inf
+
+
+def test_rule_on_hand_computed_curves() -> None:
+    """Δ = 16; B/2 is read after 16/√2 = 11.31 examples, over [5.66, 11.31]."""
+    r0 = [[(4, 1.0), (8, 0.9), (12, 0.8), (16, 0.7)]]  # at 16: [8, 16] -> 0.8
+    r1 = [[(8, 0.94), (16, 0.84)]]  # at 16: 0.89; r0 at 11.31: (8, 0.9) -> 0.9: passes
+    r2 = [[(8, 0.99), (16, 0.97)]]  # at 16: 0.98; r1 at 11.31: (8, 0.94) -> 0.94: fails
+    r3 = [[(16, 0.1)]]  # never looked at: the ladder ended at r2
+    out = branches.verdicts([r0, r1, r2, r3], 16, tolerance=math.sqrt(2), smoothing=0.5)
+    assert [v.passed for v in out] == [None, True, False]
+    assert out[0].loss == pytest.approx(0.8)
+    assert out[1].loss == pytest.approx(0.89)
+    assert out[1].reference == pytest.approx(0.9)
+    assert out[2].loss == pytest.approx(0.98)
+    assert out[2].reference == pytest.approx(0.94)
+    b, bound, interval = branches.bracket([4, 8, 16, 32], out)
+    assert (b, bound) == (8, "bracketed")
+    assert interval.low == pytest.approx(8 / math.sqrt(2))
+    assert interval.high == pytest.approx(8 * math.sqrt(2))
+
+
+def test_repeats_are_averaged_before_the_rule() -> None:
+    r0 = [[(8, 1.0), (16, 1.0)], [(8, 0.6), (16, 0.6)]]  # 1.0 and 0.6 -> 0.8
+    r1 = [[(16, 0.9)], [(16, 0.7)]]  # 0.8 <= 0.8: passes (equal keeps up)
+    out = branches.verdicts([r0, r1], 16, tolerance=math.sqrt(2), smoothing=0.5)
+    assert out[0].loss == pytest.approx(0.8)
+    assert out[1].loss == pytest.approx(0.8)
+    assert out[1].passed is True
+
+
+def test_bounds_when_the_ladder_cannot_bracket() -> None:
+    first_fails = [branches.Verdict(1.0, None, None), branches.Verdict(2.0, 1.5, False)]
+    b, bound, interval = branches.bracket([32, 64], first_fails)
+    assert (b, bound) == (32, "at most")
+    assert interval.low == 0.0 and interval.high == pytest.approx(32 * math.sqrt(2))
+    all_pass = [branches.Verdict(1.0, None, None), branches.Verdict(0.9, 1.0, True),
+                branches.Verdict(0.8, 1.0, True)]
+    b, bound, interval = branches.bracket([32, 64, 128], all_pass)
+    assert (b, bound) == (128, "at least")
+    assert interval.low == pytest.approx(128 / math.sqrt(2)) and math.isinf(interval.high)
+    assert branches.bracket([32], all_pass[:1])[:2] == (None, "none")
+    diverged_b0 = [branches.Verdict(math.inf, None, None), branches.Verdict(1.0, 2.0, True)]
+    assert branches.bracket([32, 64], diverged_b0)[:2] == (None, "none")
+
+
+def test_crossing_is_sqrt2_at_the_default_tolerance() -> None:
+    x = branches.crossing(math.sqrt(2))
+    assert x == pytest.approx(math.sqrt(2))
+    # by definition: (1 + x)/(1 + x/2) equals the tolerance
+    for tol in (1.2, 1.5, 1.8):
+        x = branches.crossing(tol)
+        assert (1 + x) / (1 + x / 2) == pytest.approx(tol)
+    with pytest.raises(ValueError):
+        branches.crossing(2.0)
+
+
+@pytest.mark.parametrize("b_crit", [20.0, 100.0, 300.0])
+def test_rule_recovers_b_crit_within_sqrt2_on_the_model(b_crit: float) -> None:
+    """Curves from S(B) = S_min(1 + B_crit/B): after e examples at batch B the loss is
+    f(e / (1 + B/B_crit)), f decreasing; evaluated after every step."""
+    b0, delta = 16, 64 * 16
+
+    def curve(b: int) -> list[tuple[int, float]]:
+        return [(s * b, math.exp(-(s * b) / (1 + b / b_crit) / 500.0))
+                for s in range(1, delta // b + 1)]
+
+    batches = branches.ladder(b0, 10**6, max_factor=32)
+    found = branches.verdicts([[curve(b)] for b in batches], delta)
+    b, bound, interval = branches.bracket(batches, found)
+    assert b is not None and interval.low <= b_crit < interval.high
+    if b_crit < b0 * math.sqrt(2):  # the first doubling already fails
+        assert (b, bound) == (b0, "at most")
+    else:
+        assert bound == "bracketed" and b / math.sqrt(2) <= b_crit < b * math.sqrt(2)
+
+
+def test_ladder_and_evaluation_steps() -> None:
+    assert branches.ladder(64, 1797) == [64, 128, 256, 512, 1024]
+    assert branches.ladder(32, 10**6) == [32, 64, 128, 256, 512]
+    assert branches.ladder(32, 100) == [32, 64]
+    assert branches.ladder(256, 100) == [256]  # the baseline itself even above the dataset
+    # 64 steps: from ceil(0.5·Δ/√2 / B) = 23 to 64, 12 of them, the last included
+    steps = branches.evaluation_steps(64, 32, 64 * 32)
+    assert len(steps) == 12 and steps[0] == 23 and steps[-1] == 64
+    assert branches.evaluation_steps(4, 512, 64 * 32) == [2, 3, 4]
+
+
+def test_calibrated_value_and_its_bounds() -> None:
+    def result(b: int | None, bound: str, low: float, high: float) -> BranchResult:
+        return BranchResult(step=10, examples_seen=640, critical_batch=b, bound=bound,
+                            interval=Interval(low, high), baseline_batch=64,
+                            delta_examples=4096, tolerance=math.sqrt(2), smoothing=0.5,
+                            repeats=3, lr_rule="mccandlish-sqrt", lr_noise_scale=100.0,
+                            optimizer_state="carried", rungs=(), b_simple=100.0, b_noise=None,
+                            examples=1, seconds=1.0, stopped="failed")
+
+    assert branches.calibrated(result(256, "bracketed", 181, 362), 100.0) == (
+        256.0, Interval(181, 362))
+    assert branches.calibrated(result(64, "at most", 0, 90.5), 40.0)[0] == 40.0  # type: ignore[index]
+    assert branches.calibrated(result(64, "at most", 0, 90.5), 400.0)[0] == 64.0  # type: ignore[index]
+    assert branches.calibrated(result(1024, "at least", 724, math.inf), 3000.0)[0] == 3000.0  # type: ignore[index]
+    assert branches.calibrated(result(None, "none", math.nan, math.nan), 100.0) is None
+    r = result(128, "bracketed", 90.5, 181)
+    assert r.ratio_simple == pytest.approx(1.28) and r.ratio_noise is None
+
+
+# --------------------------------------------------------------------------- the runs
+
+
+class OomAbove(nn.Module):
+    """A small MLP whose training forward raises CUDA's out-of-memory error above a batch."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        self.limit = limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.shape[0] > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.net(x)  # type: ignore[no-any-return]
+
+
+def tiny_job(limit: int = 10**9) -> Workload:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 8, generator=gen)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    torch.manual_seed(0)
+    model = OomAbove(limit)
+    return Workload.from_objects(model, torch.utils.data.TensorDataset(x, y),
+                                 nn.functional.cross_entropy, optimizer="adam")
+
+
+def trained(job: Workload, steps: int = 5) -> torch.optim.Optimizer:
+    """An Adam with state, as the run along training leaves it."""
+    from bsfind.training import EpochSampler, training_step
+
+    opt = job.make_optimizer(1e-2)
+    sampler = EpochSampler(len(job), 8, torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        training_step(job, opt, sampler.next())
+    return opt
+
+
+def digest(model: nn.Module, opt: torch.optim.Optimizer) -> str:
+    """A hash of the weights and of the optimizer's state (not its learning rate)."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    for pid, state in sorted(opt.state_dict()["state"].items()):
+        for k, v in sorted(state.items()):
+            h.update(f"{pid}.{k}".encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes() if torch.is_tensor(v)
+                     else repr(v).encode())
+    return h.hexdigest()
+
+
+OPTIONS = branches.BranchOptions(baseline_batch=8, lr=1e-2, family="adam", b_n=50.0,
+                                 step=5, examples_seen=40, b_simple=50.0, branch_steps=8,
+                                 max_factor=4, repeats=2)
+
+
+def test_every_branch_starts_from_the_same_weights_and_optimizer_state() -> None:
+    job = tiny_job()
+    opt = trained(job)
+    before = digest(job.model, opt)
+    lr_before = opt.param_groups[0]["lr"]
+    seen: list[tuple[int, int, str, float]] = []
+
+    def check(start: branches.BranchStart) -> None:
+        seen.append((start.batch_size, start.repeat, digest(start.model, start.optimizer),
+                     start.optimizer.param_groups[0]["lr"]))
+
+    r = branches.measure(job, OPTIONS, Deadline.after(60), optimizer=opt, on_branch_start=check)
+    assert [(b, rep) for b, rep, _, _ in seen] == [(8, 0), (8, 1), (16, 0), (16, 1),
+                                                   (32, 0), (32, 1)][:len(seen)]
+    assert len(seen) == 2 * len(r.rungs) and len(r.rungs) >= 2
+    assert {d for _, _, d, _ in seen} == {before}  # the same state before every branch
+    # the learning rate is the advisor's rule at each rung
+    from bsfind.advisor import scaled_lr
+
+    for b, _, _, lr in seen:
+        assert lr == pytest.approx(scaled_lr(1e-2, 8, b, 50.0, "adam")[0])
+    # restored afterwards: weights, optimizer state and learning rate
+    assert digest(job.model, opt) == before
+    assert opt.param_groups[0]["lr"] == lr_before
+    assert r.optimizer_state == "carried" and r.examples == 2 * 64 * len(r.rungs)
+    assert r.rungs[0].repeats == 2 and len(r.rungs[0].losses) == 2
+    assert r.b_simple == 50.0 and r.step == 5
+
+
+def test_a_fresh_optimizer_is_said() -> None:
+    job = tiny_job()
+    r = branches.measure(job, OPTIONS, Deadline.after(60))
+    assert r.optimizer_state == "fresh"
+    assert any("fresh optimizer state" in n for n in r.notes)
+
+
+def test_the_same_data_order_at_every_rung() -> None:
+    """Rung 2B's batches are the unions of two consecutive batches of B (one seed)."""
+    job = tiny_job()
+    seen: dict[int, list[torch.Tensor]] = {}
+    original = job.loss
+
+    def spy(idx: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            seen.setdefault(len(idx), []).append(idx.clone())
+        return original(idx)
+
+    job.loss = spy  # type: ignore[method-assign]
+    opts = branches.BranchOptions(baseline_batch=8, lr=1e-2, family="adam", branch_steps=8,
+                                  max_factor=2, repeats=1)
+    branches.measure(job, opts, Deadline.after(60))
+    small, big = torch.cat(seen[8]), torch.cat(seen[16])
+    assert torch.equal(small, big)
+
+
+def test_budget_ends_the_ladder_and_drops_the_cut_rung() -> None:
+    """A fake clock that advances one second per branch: the deadline lets two rungs of two
+    branches finish, and passes in the third rung's first branch."""
+    job = tiny_job()
+    opt = trained(job)
+    before = digest(job.model, opt)
+    now = [0.0]
+
+    def tick(start: branches.BranchStart) -> None:
+        now[0] += 1.0
+
+    deadline = Deadline(4.5, clock=lambda: now[0])
+    r = branches.measure(job, OPTIONS, deadline, optimizer=opt, on_branch_start=tick)
+    assert r.stopped == "budget"
+    assert [g.batch_size for g in r.rungs] == [8, 16]
+    assert all(g.repeats == 2 for g in r.rungs)
+    assert any("time budget" in n for n in r.notes)
+    assert digest(job.model, opt) == before
+    none = branches.measure(job, OPTIONS, Deadline(0.0, clock=lambda: 1.0), optimizer=opt)
+    assert none.critical_batch is None and none.rungs == () and none.stopped == "budget"
+
+
+def test_ctrl_c_gives_what_was_measured_marked_interrupted() -> None:
+    job = tiny_job()
+    opt = trained(job)
+    before = digest(job.model, opt)
+
+    def interrupt_at_32(start: branches.BranchStart) -> None:
+        if start.batch_size == 32:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted) as info:
+        branches.measure(job, OPTIONS, Deadline.after(60), optimizer=opt,
+                         on_branch_start=interrupt_at_32)
+    partial = info.value.partial
+    assert isinstance(partial, BranchResult)
+    assert partial.stopped == "interrupted"
+    assert [g.batch_size for g in partial.rungs] == [8, 16]
+    assert "batch 32" in info.value.message
+    assert digest(job.model, opt) == before
+
+
+def test_out_of_memory_ends_the_ladder_at_the_previous_rung() -> None:
+    job = tiny_job(limit=8)
+    opt = trained(job)
+    before = digest(job.model, opt)
+    r = branches.measure(job, OPTIONS, Deadline.after(60), optimizer=opt)
+    assert r.stopped == "out of memory"
+    assert [g.batch_size for g in r.rungs] == [8]
+    assert r.critical_batch is None and r.bound == "none"
+    assert any("batch 16 ran out of memory: the ladder ended at 8" in n for n in r.notes)
+    assert digest(job.model, opt) == before
+
+
+def test_a_diverging_rung_fails() -> None:
+    job = tiny_job()
+    opts = branches.BranchOptions(baseline_batch=8, lr=1e-2, family="sgd", lr_rule="linear",
+                                  branch_steps=8, max_factor=4, repeats=1)
+    original = job.loss
+
+    def nan_above_8(idx: torch.Tensor) -> torch.Tensor:
+        loss = original(idx)
+        return loss * math.nan if len(idx) > 8 and torch.is_grad_enabled() else loss
+
+    job.loss = nan_above_8  # type: ignore[method-assign]
+    r = branches.measure(job, opts, Deadline.after(60))
+    assert [g.passed for g in r.rungs] == [None, False]
+    assert math.isinf(r.rungs[1].loss)
+    assert (r.critical_batch, r.bound) == (8, "at most")
+    assert any("diverged" in n for n in r.notes)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+# One thread: the machine is shared, and tiny models only spin a second one.
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _start(*args: str) -> subprocess.Popen[str]:
+    env = ENV
+    return subprocess.Popen([sys.executable, "-m", "bsfind", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(proc: subprocess.Popen[str], needle: str, timeout: float = 60.0) -> str:
+    assert proc.stderr is not None
+    seen = ""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        line = proc.stderr.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen += line
+        if needle in line:
+            return seen
+    proc.kill()
+    raise AssertionError(f"{needle!r} never appeared on stderr: {seen!r}")
+
+
+# One probe point after 5 steps, then the branches of a wide MLP: seconds, long enough
+# to be interrupted.
+SLOW_BRANCHES = ["--set", "model.kwargs.hidden=1024", "--set", "probe.warmup_steps=5",
+                 "--set", "probe.max_seconds=120"]
+# One probe point after 20 steps (fast), then the branches with most of the budget.
+QUICK = ["probe.warmup_steps=20", "probe.max_seconds=60"]
+
+
+def test_sigint_during_the_branches_prints_them_and_exits_130() -> None:
+    pytest.importorskip("sklearn")
+    proc = _start("branch", str(CONFIGS / "digits-mlp.yaml"), "--json", *SLOW_BRANCHES)
+    _wait_for(proc, "bsfind: branch:")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    doc = json.loads(out)
+    assert doc["status"] == "interrupted"
+    assert doc["noise_scale"]["examples"] > 0
+    assert doc["branches"][-1]["stopped"] == "interrupted"
+
+
+def test_branch_command_json_and_table() -> None:
+    pytest.importorskip("sklearn")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bsfind", "branch", str(CONFIGS / "digits-mlp.yaml"), "--json",
+         *(a for kv in QUICK for a in ("--set", kv))],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["command"] == "branch" and len(doc["branches"]) == 1
+    b = doc["branches"][0]
+    assert b["critical_batch"] in (64, 128, 256, 512, 1024)
+    assert b["bound"] in ("bracketed", "at most", "at least")
+    assert b["delta_examples"] == 64 * 64 and b["repeats"] == 3
+    assert b["tolerance"] == pytest.approx(math.sqrt(2)) and b["smoothing"] == 0.5
+    assert b["ratio_to_b_simple"] == pytest.approx(b["critical_batch"] / b["b_simple"])
+    assert "Δ/1.41" in b["rule"] and "local critical batch" in b["summary"]
+    assert b["optimizer_state"] == "carried"
+    assert b["rungs"][0]["passed"] is None and b["rungs"][0]["learning_rate"] == 8e-3
+    assert "recommendation" not in doc
+
+
+def _recommend(extra: list[str]) -> Callable[[], dict]:  # type: ignore[type-arg]
+    from bsfind.api import recommend
+    from bsfind.report import to_dict
+    from bsfind.spec import load_spec
+
+    return lambda: to_dict(recommend(load_spec(CONFIGS / "digits-mlp.yaml", extra)))
+
+
+def test_recommend_with_branches_uses_the_local_critical_batch() -> None:
+    pytest.importorskip("sklearn")
+    doc = _recommend(["probe.branches=true", *QUICK])()
+    b = doc["branches"][0]
+    rec = doc["recommendation"]
+    assert "measured by branched runs" in rec["basis"]
+    assert any("local critical batch" in n for n in rec["notes"])
+    assert b["critical_batch"] is not None
+    assert doc["spec"]["probe"]["branches"] is True
+    assert doc["seconds"] <= 60 * 1.1
+    assert b["step"] == 20 and doc["recommendation"]["noise_step"] == 20
+
+
+def test_branches_at_each_checkpoint(tmp_path: Path) -> None:
+    """model.checkpoints: a ladder from each, with a fresh optimizer state."""
+    pytest.importorskip("sklearn")
+    from bsfind.api import branch
+    from bsfind.spec import load_spec
+    from bsfind.training import EpochSampler, train_steps
+    from bsfind.workload import build
+
+    spec = load_spec(CONFIGS / "digits-mlp.yaml")
+    job = build(spec)
+    torch.save(job.model.state_dict(), tmp_path / "a.pt")
+    train_steps(job, job.make_optimizer(8e-3), 20,
+                EpochSampler(len(job), 64, torch.Generator().manual_seed(0)))
+    torch.save(job.model.state_dict(), tmp_path / "b.pt")
+    (tmp_path / "spec.yaml").write_text((CONFIGS / "digits-mlp.yaml").read_text())
+    spec = load_spec(tmp_path / "spec.yaml", [
+        "model.checkpoints=[{path: a.pt, step: 0}, {path: b.pt, step: 20}]",
+        "probe.max_seconds=60", "training.epochs=null"])
+    report = branch(spec)
+    assert [b.step for b in report.branches] == [0, 20]
+    assert all(b.optimizer_state == "fresh" for b in report.branches)
+    assert [b.b_simple for b in report.branches] == [n.b_simple for n in report.noise]
