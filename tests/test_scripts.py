@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import _train  # noqa: E402
+import branch_eval  # noqa: E402
 import critical_batch  # noqa: E402
 import equal_time  # noqa: E402
 
@@ -90,3 +91,29 @@ def test_equal_time_runs_end_to_end(tmp_path: Path) -> None:
     assert "manual (--batch/--lr)" in md and "recommended, same budget" in md
     doc = out.with_suffix(".json").read_text()
     assert '"measured"' in doc
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_branch_eval_runs_end_to_end(tmp_path: Path) -> None:
+    """A tiny sweep's JSON, then the branches from its probe runs' crossings."""
+    import json
+
+    spec, job = _train.load_job(str(ROOT / "configs" / "digits-mlp.yaml"))
+    res = critical_batch.gather(
+        spec, job, batches=[16, 64, 256], lr_mults=[1.0], seeds=1, targets=[1.0],
+        max_steps=150, extend=0, eval_examples=256, probe_seconds=0.25, curv_batch=64,
+        window_points=1, probe_seeds=1)
+    crit = tmp_path / "crit.json"
+    crit.write_text(json.dumps(critical_batch.to_json(res)))
+    out = tmp_path / "branch"
+    rc = branch_eval.main([str(ROOT / "configs" / "digits-mlp.yaml"), "--crit", str(crit),
+                           "--seeds", "0", "--threads", "1", "--out", str(out)])
+    assert rc == 0
+    md = out.with_suffix(".md").read_text()
+    assert "branch critical batch" in md and "% of sweep" in md
+    doc = json.loads(out.with_suffix(".json").read_text())
+    row = doc["summary"][0]
+    assert row["target"] == 1.0 and row["critical_batch"][0] in (64, 128, 256, 512, 1024)
+    assert row["sweep_examples"] == sum(r.steps * r.batch_size
+                                        for b in res.batches for r in b.runs)
+    assert doc["measurements"][0]["branches"]["optimizer_state"] == "carried"
