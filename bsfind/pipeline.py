@@ -270,11 +270,12 @@ def branch_points(spec: Spec, job: Workload, runner: Runner, points: trajectory.
 
 def calibrated_inputs(inputs: advisor.AdvisorInputs, results: tuple[BranchResult, ...]
                       ) -> advisor.AdvisorInputs:
-    """``inputs`` with B_n set by the branches at the latest point (``branches.calibrated``);
-    unchanged when none gave a local critical batch."""
+    """``inputs`` with B_n calibrated by the branches at the latest point: √(B_n · local
+    critical batch) (``branches.calibrated`` says why); unchanged when none gave a local
+    critical batch."""
     from bsfind import branches
 
-    value = branches.calibrated(results[-1], inputs.b_n) if results else None
+    value = branches.calibrated(results[-1], inputs.b_n, inputs.b_n_ci) if results else None
     if value is None:
         return inputs
     b_n, ci = value
@@ -284,9 +285,9 @@ def calibrated_inputs(inputs: advisor.AdvisorInputs, results: tuple[BranchResult
 
 def calibrated_points(points: tuple[NoiseEstimate, ...], measured: advisor.AdvisorInputs,
                       inputs: advisor.AdvisorInputs) -> tuple[NoiseEstimate, ...]:
-    """The points along training for the schedule: when branches set B_n, each point's
-    noise scale (the measured basis) times the ratio the branches found at the latest
-    point, so that the schedule's growth curve passes through the calibrated value."""
+    """The points along training for the schedule: when branches calibrated B_n, each
+    point's noise scale (the measured basis) times the same factor, so that the
+    schedule's growth curve passes through the calibrated value."""
     if inputs is measured or not math.isfinite(measured.b_n):
         return points
     factor = inputs.b_n / measured.b_n

@@ -45,7 +45,7 @@ from bsfind import branches
 from bsfind.advisor import optimizer_family
 from bsfind.budget import Deadline
 from bsfind.report import branch_dict
-from bsfind.results import BranchResult
+from bsfind.results import BranchResult, Interval
 
 
 def sweep_examples(crit: dict[str, Any]) -> int:
@@ -164,6 +164,13 @@ def summary(res: dict[str, Any], crit: dict[str, Any]) -> list[dict[str, Any]]:
         # at the crossing (branch / B_simple there)
         scaled = [None if pooled is None or r.ratio_simple is None
                   else pooled["b_simple"] * r.ratio_simple for r in results]
+        # what the advisor uses (branches.calibrated), from the B_n of the learning-rate
+        # rule there (the advisor's basis at these weights)
+        calibrated = []
+        for r in results:
+            b_n = r.lr_noise_scale if r.lr_noise_scale is not None else math.inf
+            c = branches.calibrated(r, b_n, Interval(b_n, b_n))
+            calibrated.append(None if c is None else c[0])
         agree = (None if None in cbs or len(cbs) < 2
                  else max(cbs) / min(cbs) <= 2)  # type: ignore[type-var,operator]
         out.append({
@@ -182,6 +189,10 @@ def summary(res: dict[str, Any], crit: dict[str, Any]) -> list[dict[str, Any]]:
             "b_simple_median_ratio": _ratio(pooled["b_simple"], b_crit) if pooled else None,
             "b_noise_median_ratio": _ratio(pooled["b_noise"], b_crit) if pooled else None,
             "scaled_ratio": [_ratio(s, b_crit) for s in scaled],
+            "basis": [r.lr_noise_scale for r in results],
+            "basis_ratio": [_ratio(r.lr_noise_scale, b_crit) for r in results],
+            "calibrated": calibrated,
+            "calibrated_ratio": [_ratio(c, b_crit) for c in calibrated],
             "examples": [r.examples for r in results],
             "seconds": [r.seconds for r in results],
             "sweep_examples": sweep,
@@ -218,6 +229,8 @@ def render_markdown(res: dict[str, Any], crit: dict[str, Any], rows: list[dict[s
             + f" ({fmt_num(r['b_simple_median_ratio'])})",
             "B_noise / B_crit (median)": _pair(r["b_noise_ratio"], lambda v: f"{v:.2f}")
             + f" ({fmt_num(r['b_noise_median_ratio'])})",
+            "advisor's B_n = √(basis · branch) / B_crit": _pair(r["calibrated_ratio"],
+                                                                lambda v: f"{v:.2f}"),
             "B_simple median × ratio / B_crit": _pair(r["scaled_ratio"], lambda v: f"{v:.2f}"),
             "branch examples (% of sweep)": " / ".join(
                 f"{e:,} ({100 * s:.1f}%)" for e, s in zip(r["examples"], r["share_of_sweep"],
@@ -226,6 +239,11 @@ def render_markdown(res: dict[str, Any], crit: dict[str, Any], rows: list[dict[s
         })
     ratios = [v for r in rows for v in r["ratio"] if v is not None]
     within = sum(0.5 <= v <= 2.0 for v in ratios)
+
+    def hits(key: str) -> str:
+        values = [v for r in rows for v in r[key] if v is not None]
+        return f"{sum(0.5 <= v <= 2.0 for v in values)} of {len(values)}"
+
     agree = [r["seeds_agree"] for r in rows if r["seeds_agree"] is not None]
     per_seed_total = {s: sum(r["examples"][i] for r in rows for i, sd in enumerate(r["seeds"])
                              if sd == s) for s in {s for r in rows for s in r["seeds"]}}
@@ -263,7 +281,11 @@ def render_markdown(res: dict[str, Any], crit: dict[str, Any], rows: list[dict[s
         "",
         _table(table),
         "",
-        f"Within 2× of the fitted B_crit: {within} of {len(ratios)}. Two seeds within one "
+        f"Within 2× of the fitted B_crit: the branches {within} of {len(ratios)}; B_simple "
+        f"at the same weights {hits('b_simple_ratio')}; the advisor's basis there (B_noise "
+        f"for SGD, else B_simple) {hits('basis_ratio')}; their geometric mean with the "
+        f"branches, which the advisor uses, {hits('calibrated_ratio')}; the sweep's B_simple "
+        f"median times the branches' ratio {hits('scaled_ratio')}. Two seeds within one "
         f"doubling: {sum(agree)} of {len(agree)}. All targets of one seed together: "
         + ", ".join(f"seed {s} {e:,} examples ({100 * e / sweep:.1f}% of the sweep)"
                     for s, e in sorted(per_seed_total.items())) + ".",

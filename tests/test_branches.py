@@ -143,12 +143,27 @@ def test_calibrated_value_and_its_bounds() -> None:
                             optimizer_state="carried", rungs=(), b_simple=100.0, b_noise=None,
                             examples=1, seconds=1.0, stopped="failed")
 
-    assert branches.calibrated(result(256, "bracketed", 181, 362), 100.0) == (
+    ci = Interval(50.0, 200.0)
+
+    def value(r: BranchResult, b_n: float) -> float:
+        out = branches.calibrated(r, b_n, ci)
+        assert out is not None
+        return out[0]
+
+    out = branches.calibrated(result(256, "bracketed", 181, 362), 100.0, ci)
+    assert out is not None
+    assert out[0] == pytest.approx(160.0)  # √(100 · 256)
+    assert out[1].low == pytest.approx(math.sqrt(50 * 181))
+    assert out[1].high == pytest.approx(math.sqrt(200 * 362))
+    # one-sided bounds meet B_n first
+    assert value(result(64, "at most", 0, 90.5), 40.0) == 40.0
+    assert value(result(64, "at most", 0, 90.5), 400.0) == pytest.approx(160.0)
+    assert value(result(1024, "at least", 724, math.inf), 3000.0) == 3000.0
+    assert value(result(1024, "at least", 724, math.inf), 256.0) == pytest.approx(512.0)
+    # an unresolved noise scale leaves the branches' value
+    assert branches.calibrated(result(256, "bracketed", 181, 362), math.inf, ci) == (
         256.0, Interval(181, 362))
-    assert branches.calibrated(result(64, "at most", 0, 90.5), 40.0)[0] == 40.0  # type: ignore[index]
-    assert branches.calibrated(result(64, "at most", 0, 90.5), 400.0)[0] == 64.0  # type: ignore[index]
-    assert branches.calibrated(result(1024, "at least", 724, math.inf), 3000.0)[0] == 3000.0  # type: ignore[index]
-    assert branches.calibrated(result(None, "none", math.nan, math.nan), 100.0) is None
+    assert branches.calibrated(result(None, "none", math.nan, math.nan), 100.0, ci) is None
     r = result(128, "bracketed", 90.5, 181)
     assert r.ratio_simple == pytest.approx(1.28) and r.ratio_noise is None
 
@@ -422,7 +437,7 @@ def test_recommend_with_branches_uses_the_local_critical_batch() -> None:
     doc = _recommend(["probe.branches=true", *QUICK])()
     b = doc["branches"][0]
     rec = doc["recommendation"]
-    assert "measured by branched runs" in rec["basis"]
+    assert "measured by branched runs" in rec["basis"] and "geometric mean" in rec["basis"]
     assert any("local critical batch" in n for n in rec["notes"])
     assert b["critical_batch"] is not None
     assert doc["spec"]["probe"]["branches"] is True
