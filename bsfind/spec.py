@@ -163,7 +163,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "timing": Field("bool", "time optimizer steps at a ladder of batch sizes", True),
         "branches": Field(
             "bool", "recommend also measures the critical batch directly: short branched runs "
-            "at 1, 2, 4, ... x the baseline batch from the probe point (about 960 baseline "
+            "at 1, 2, 4, ... x the baseline batch from the probe point (at most 960 baseline "
             "batches of examples; `bsfind branch` runs them alone)", False),
     },
     "hardware": {
