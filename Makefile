@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install lint bench critical-batch equal-time clean
+.PHONY: demo test install lint bench critical-batch branch-eval equal-time clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,11 @@ critical-batch: $(STAMP)
 	$(BIN)/python scripts/critical_batch.py configs/digits-mlp.yaml --targets 1.0,0.3,0.1,0.03,0.01 --max-steps 6000 --probe-seconds 8 --window-seconds 2
 	$(BIN)/python scripts/critical_batch.py configs/digits-cnn.yaml --targets 1.0,0.3,0.1,0.03,0.01 --max-steps 6000 --probe-seconds 8 --window-seconds 2
 	$(BIN)/python scripts/critical_batch.py configs/text-transformer.yaml --set data.kwargs.context=32 --set data.kwargs.max_chars=100000 --set optimizer.lr=6e-3 --batches 8,16,32,64,128,256 --targets 2.8,2.4,2.2,2.0 --max-steps 3000 --eval-examples 128 --probe-seconds 8 --window-points 3 --window-seconds 4 --curv-batch 128
+
+branch-eval: $(STAMP)
+	$(BIN)/python scripts/branch_eval.py configs/digits-mlp.yaml
+	$(BIN)/python scripts/branch_eval.py configs/digits-cnn.yaml
+	$(BIN)/python scripts/branch_eval.py configs/text-transformer.yaml --set model.kwargs.context=64
 
 equal-time: $(STAMP)
 	$(BIN)/python scripts/equal_time.py configs/digits-mlp.yaml --seconds 0.3 --seeds 5
