@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from bsfind.advisor import (
     AdvisorInputs,
     WallClock,
+    batch_unit,
     scaled_lr,
     wall_clock,
 )
@@ -240,12 +241,14 @@ def best_constant(inputs: AdvisorInputs, growth: Growth, horizon: float) -> tupl
         return _steps(growth, b, b0, 0.0, horizon) * model.step_time(b)
 
     cap = inputs.dataset_size
-    grid = sorted({b for k in range(40) for b in (2**k, 3 * 2**k // 2)
-                   if max(1, inputs.gpus) <= b <= cap} | {b0})
+    unit = batch_unit(inputs)
+    step = unit if unit > 1 else 8
+    grid = sorted({b for k in range(40) for b in (unit * 2**k, unit * 3 * 2**k // 2)
+                   if max(1, inputs.gpus) <= b <= cap and b % unit == 0} | {b0})
     best = min(grid, key=seconds)
     i = grid.index(best)
     lo, hi = grid[max(0, i - 1)], grid[min(len(grid) - 1, i + 1)]
-    near = set(range(8 * math.ceil(lo / 8), hi + 1, 8)) - {0}
+    near = set(range(step * math.ceil(lo / step), hi + 1, step)) - {0}
     best = min({best, *near}, key=seconds)
     return best, seconds(best)
 
