@@ -116,3 +116,13 @@ def test_check_cache_reuses_and_invalidates(project: Path, monkeypatch: pytest.M
     src.write_text(src.read_text() + "\n# edited\n")
     third = runner.invoke(app, ["check", spec, "--tolerance", "1000000"])
     assert third.exit_code != 0 and "a cached run must not probe" in third.output
+
+
+def test_check_outside_the_tolerance_still_prints_json(project: Path) -> None:
+    """Exit 1 (the baseline is off) is a verdict, not an error: the full report, with its
+    ``check`` object, is the JSON document."""
+    r = runner.invoke(app, ["check", str(project / "good.yaml"), "--json", "--no-cache",
+                            "--set", "optimizer.batch_size=4096", "--tolerance", "2"])
+    assert r.exit_code == 1, r.output
+    doc = json.loads(r.stdout)
+    assert doc["check"]["within"] is False and doc["recommendation"]["batch_size"] < 4096
