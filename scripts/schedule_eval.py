@@ -68,11 +68,11 @@ LABELS = {"baseline": "baseline (spec)", "bsfind": "bsfind recommend",
 # batch's wall-clock to the target.
 REGRET_LIMIT = 1.25
 # The step time the best constant batch is picked with: this quantile of each batch's
-# timed steps. Other processes only add time, and on 2 cores shared by 3-4 busy
-# processes a burst covered half of one batch's 40 samples (its median 2.4x its
-# quartile, which moved the pick from 512 to 256 on digits-mlp between two runs);
-# bsfind's own timing reads the lowest and 25th-percentile times for the same reason.
-LADDER_QUANTILE = 0.25
+# timed steps (0: the fastest). Other processes only add time; on 2 cores shared by 3-4
+# busy processes, bursts covered most of one batch's 40 samples (digits-cnn, B=128: the
+# 25th percentile read 10.2 ms, the runs' median 5.8 ms), so the fastest step is read,
+# as bsfind's own timing does.
+LADDER_QUANTILE = 0.0
 # The sweep's step counts carry ±10-20% noise (2 seeds, a factor-2 LR grid), so every
 # batch predicted within this fraction of the least time is trained as a candidate,
 # at most MAX_CANDIDATES of them; the best constant batch is the measured fastest.
@@ -392,9 +392,25 @@ def candidate_batches(sweep: Sweep, ladder: dict[int, float]
     return near[:MAX_CANDIDATES], predicted
 
 
-def plan_ways(spec: Spec, advice: Advice, sweep: Sweep, batches: list[int]
-              ) -> tuple[dict[str, Way], dict[str, str], list[str]]:
-    """The distinct ways to train, aliases for duplicates, and the best-constant candidates."""
+def parse_way(text: str) -> Way:
+    """``NAME=STEP:BATCH:LR[,STEP:BATCH:LR...]`` (``--way``) -> the way ``extra-NAME``."""
+    name, _, body = text.partition("=")
+    try:
+        phases = tuple(Phase(int(a), int(b), float(c)) for a, b, c in
+                       (part.split(":") for part in body.split(",")))
+    except ValueError:
+        raise ValueError(f"--way {text!r}: expected NAME=STEP:BATCH:LR[,...]") from None
+    if not name or not phases or phases[0].start_step != 0 or any(
+            q.start_step <= p.start_step for p, q in zip(phases, phases[1:], strict=False)):
+        raise ValueError(f"--way {text!r}: a name, and phases from step 0 in step order")
+    return Way(f"extra-{name}", phases)
+
+
+def plan_ways(spec: Spec, advice: Advice, sweep: Sweep, batches: list[int],
+              extra: Sequence[Way] = ()) -> tuple[dict[str, Way], dict[str, str], list[str]]:
+    """The distinct ways to train, aliases for duplicates, and the best-constant candidates.
+
+    ``extra``: ways given by hand (``--way``), trained and shown, never candidates."""
     b0, lr0 = spec.optimizer.batch_size, spec.optimizer.lr
     wanted: list[Way] = [Way("baseline", (Phase(0, b0, lr0),))]
     for b in batches:
@@ -410,6 +426,7 @@ def plan_ways(spec: Spec, advice: Advice, sweep: Sweep, batches: list[int]
     tuned = sweep.lr_at(advice.batch_size)
     if tuned is not None:
         wanted.append(Way("bsfind_sweep_lr", (Phase(0, advice.batch_size, tuned),)))
+    wanted += extra
     ways: dict[str, Way] = {}
     aliases: dict[str, str] = {}
     for w in wanted:
@@ -445,8 +462,9 @@ def gather(
     max_steps: int = 6000,
     eval_examples: int | None = None,
     eval_frac: float | None = None,
-    ladder_passes: int = 5,
+    ladder_passes: int = 8,
     ladder_steps: int = 8,
+    extra: Sequence[Way] = (),
     name: str = "problem",
     log: Log | None = None,
 ) -> Result:
@@ -472,7 +490,7 @@ def gather(
                          seed=spec.probe.seed)
     ladder = {b: float(np.quantile(v, LADDER_QUANTILE)) for b, v in sorted(times.items())}
     batches, predicted = candidate_batches(sweep, ladder)
-    ways, aliases, candidates = plan_ways(spec, advice, sweep, batches)
+    ways, aliases, candidates = plan_ways(spec, advice, sweep, batches, extra)
     if log:
         log("step times (ms): " + ", ".join(f"{b}: {1e3 * t:.3g}" for b, t in ladder.items()))
         log("best constant batch candidates (predicted s): "
@@ -677,7 +695,8 @@ def _lrs(way: Way) -> str:
 
 
 def _label(res: Result, key: str, best: str | None) -> str:
-    names = [LABELS.get(k, "constant (sweep candidate)") for k in
+    names = [LABELS.get(k, f"extra: {k[6:]}" if k.startswith("extra-") else
+                        "constant (sweep candidate)") for k in
              [key, *(a for a, k in res.aliases.items() if k == key)]]
     text = " = ".join(dict.fromkeys(names))
     return f"**{text}, best constant**" if key == best else text
@@ -726,7 +745,7 @@ def _sweep_lines(res: Result, med: dict[int, float]) -> list[str]:
     out = [
         f"The sweep ({Path(sw.path).name}, {sw.seeds} seeds, best LR per batch) × step times "
         f"measured here before the runs ({st['ladder_passes']} shuffled passes of "
-        f"{st['ladder_steps']} steps; {LADDER_QUANTILE:.0%} quantile). `*`: a candidate for "
+        f"{st['ladder_steps']} steps; the fastest). `*`: a candidate for "
         f"the best constant batch (the least predicted time, those within {NEAR_BEST:.0%} "
         "of it, and B0 when lr0 is the sweep's best LR there). "
         f"S_fit = S_min(1 + B_crit/B) with S_min={fmt_num(sw.s_min)}, "
@@ -907,8 +926,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="evaluation subset (default: the sweep's)")
     ap.add_argument("--eval-frac", type=float, default=None,
                     help="evaluation spacing as a fraction of the step (default: the sweep's)")
-    ap.add_argument("--ladder-passes", type=int, default=5)
+    ap.add_argument("--ladder-passes", type=int, default=8)
     ap.add_argument("--ladder-steps", type=int, default=8)
+    ap.add_argument("--way", action="append", default=[], metavar="NAME=STEP:BATCH:LR,...",
+                    help="also train this schedule (phases from step 0), e.g. "
+                         "floor=0:32:0.05,69:64:0.078 (repeatable; never a candidate)")
     ap.add_argument("--report", default=None,
                     help="a saved `bsfind recommend --json` document (or this script's JSON) "
                          "instead of calling recommend")
@@ -916,6 +938,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", default=None,
                     help="output prefix (default docs/img/schedule-eval-<spec name>)")
     args = ap.parse_args(argv)
+    try:
+        extra = [parse_way(w) for w in args.way]
+    except ValueError as exc:
+        ap.error(str(exc))
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -932,7 +958,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     res = gather(spec, job, advice, sweep, seeds=args.seeds, reps=args.reps,
                  max_steps=args.max_steps, eval_examples=args.eval_examples,
                  eval_frac=args.eval_frac, ladder_passes=args.ladder_passes,
-                 ladder_steps=args.ladder_steps, name=name, log=log)
+                 ladder_steps=args.ladder_steps, extra=extra, name=name, log=log)
     res.settings["command"] = " ".join(["scripts/schedule_eval.py", *(
         sys.argv[1:] if argv is None else argv)])
     md = render_markdown(res)

@@ -124,6 +124,10 @@ def test_schedule_eval_switches_at_the_phase_steps() -> None:
     assert {b: len(t) for b, t in run.step_times.items()} == {16: 5, 64: 7}
     run.steps = 9.5  # as if the target were reached there
     assert run.steps_by_batch() == {16: 5, 64: 4.5}
+    assert schedule_eval.parse_way("r=0:16:0.008,5:64:0.016") == schedule_eval.Way(
+        "extra-r", way.phases)
+    with pytest.raises(ValueError, match="step order"):
+        schedule_eval.parse_way("r=0:16:0.008,0:64:0.016")
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -134,10 +138,12 @@ def test_schedule_eval_runs_end_to_end(tmp_path: Path) -> None:
         str(ROOT / "configs" / "digits-mlp.yaml"), "--set", "probe.max_seconds=2",
         "--sweep", str(ROOT / "docs" / "img" / "critical-batch-digits-mlp.json"),
         "--target", "1.0", "--seeds", "1", "--reps", "1", "--eval-examples", "128",
-        "--ladder-passes", "1", "--ladder-steps", "2", "--threads", "1", "--out", str(out)])
+        "--ladder-passes", "1", "--ladder-steps", "2", "--threads", "1", "--out", str(out),
+        "--way", "ramp=0:32:0.008,3:64:0.011"])
     assert rc == 0
     md = out.with_suffix(".md").read_text()
     assert "bsfind recommend" in md and "best constant" in md and "Regret ≤ 1.25" in md
+    assert "| extra: ramp | 32@0 → 64@3 |" in md
     doc = json.loads(out.with_suffix(".json").read_text())
     assert doc["report"]["recommendation"]["batch_size"] == doc["advice"]["batch_size"]
     assert doc["summary"]["best"]["seconds"] in doc["candidates"]
