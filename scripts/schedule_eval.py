@@ -194,7 +194,7 @@ class Advice:
     report: dict[str, Any] = field(default_factory=dict)
 
     def predicted_step_time(self, b: int) -> float | None:
-        if self.t0 is None or self.c is None:
+        if self.t0 is None or self.c is None or self.timing_quality == "untrusted":
             return None
         return self.t0 + self.c * b
 
@@ -208,7 +208,9 @@ def advice_from_report(doc: dict[str, Any], source: str) -> Advice:
     base = next((c for c in cands if c["is_baseline"]), None)
     best = next((c for c in cands if c["is_recommended"]), None)
     steps_ratio = step_time_ratio = None
-    if base and best and base["step_seconds"] > 0 and base["steps_ratio"]:
+    # A timing bsfind did not trust has no step seconds (null in the JSON).
+    if base and best and base["step_seconds"] and best["step_seconds"] \
+            and base["steps_ratio"]:
         steps_ratio = best["steps_ratio"] / base["steps_ratio"]
         step_time_ratio = best["step_seconds"] / base["step_seconds"]
     used = doc.get("noise_scale") or {}
@@ -953,6 +955,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         advice = get_advice(spec, args.report, log)
     except Exception as exc:
+        import traceback
+
+        traceback.print_exc()
         log(f"bsfind.api.recommend failed: {type(exc).__name__}: {exc}")
         return 1
     res = gather(spec, job, advice, sweep, seeds=args.seeds, reps=args.reps,

@@ -148,6 +148,15 @@ def test_schedule_eval_runs_end_to_end(tmp_path: Path) -> None:
     assert doc["report"]["recommendation"]["batch_size"] == doc["advice"]["batch_size"]
     assert doc["summary"]["best"]["seconds"] in doc["candidates"]
     assert all(c["steps"] is not None for c in doc["cells"])
+    # A timing bsfind did not trust: no step seconds, no schedule (a crash, once, under load).
+    report = doc["report"]
+    report["timing"]["quality"] = "untrusted"
+    for c in report["candidates"]:
+        c["step_seconds"] = c["time_ratio"] = None
+    report["schedule"] = None
+    adv = schedule_eval.advice_from_report(report, "test")
+    assert adv.predicted_step_time(64) is None and adv.predicted_steps_ratio is None
+    assert schedule_eval.schedule_phases(adv) == []
     # The saved report is read back instead of probing again.
     rc = schedule_eval.main([
         str(ROOT / "configs" / "digits-mlp.yaml"), "--report", str(out.with_suffix(".json")),
