@@ -902,6 +902,8 @@ def to_json(res: Result) -> dict[str, Any]:
         times = r.pop("step_times")
         r["step_time_median"] = {b: float(np.median(v)) for b, v in times.items()}
         r["step_count"] = {b: len(v) for b, v in times.items()}
+        if r["rep"] > 0:  # the same steps and losses as repetition 0; only the clock differs
+            del r["curve"]
     doc["report"] = doc["advice"].pop("report")
     doc["cells"] = [asdict(v) for v in cells(res).values()]
     doc["summary"] = summary(res)
