@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install lint bench critical-batch branch-eval equal-time clean
+.PHONY: demo test install lint bench critical-batch branch-eval equal-time schedule-eval clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -48,6 +48,12 @@ equal-time: $(STAMP)
 	$(BIN)/python scripts/equal_time.py configs/digits-mlp.yaml --seconds 0.3 --seeds 5
 	$(BIN)/python scripts/equal_time.py configs/digits-cnn.yaml --seconds 0.3 --seeds 5
 	$(BIN)/python scripts/equal_time.py configs/text-transformer.yaml --set data.kwargs.context=32 --set data.kwargs.max_chars=100000 --seconds 20 --seeds 2 --eval-examples 128
+
+# Needs the critical-batch JSONs (docs/img/critical-batch-<name>.json); minutes per problem.
+schedule-eval: $(STAMP)
+	$(BIN)/python scripts/schedule_eval.py configs/digits-mlp.yaml --target 0.01
+	$(BIN)/python scripts/schedule_eval.py configs/digits-cnn.yaml --target 0.01
+	$(BIN)/python scripts/schedule_eval.py configs/text-transformer.yaml --target 2.0
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

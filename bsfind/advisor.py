@@ -311,6 +311,7 @@ class WallClock:
     sync: float  # seconds per optimizer step
     lo: float  # smallest batch considered (one example per device)
     hi: float  # largest batch considered (the dataset)
+    unit: int = 1  # batches are multiples of this (a BatchNorm batch), or 1: the usual rule
 
     @property
     def per_step(self) -> float:
@@ -448,10 +449,10 @@ class WallClock:
                 # <= x or the smallest one >= x that lies in the piece. When x sits
                 # on the piece's open left end, the ceiling belongs to the previous
                 # piece and the next allowed batch is the piece's first.
-                up = ceil_allowed(x)
-                tries = [floor_allowed(x), up]
+                up = ceil_allowed(x, self.unit)
+                tries = [floor_allowed(x, self.unit), up]
                 if self.accumulation(up) < a:
-                    tries.append(next_allowed(up))
+                    tries.append(next_allowed(up, self.unit))
                 for t in tries:
                     if t is None or not (self.lo <= t <= self.hi):
                         continue
@@ -459,15 +460,18 @@ class WallClock:
                     if ft < best_d:
                         best_d, arg_d = ft, float(t)
         if math.isnan(arg_d):  # no allowed batch in [lo, hi] (e.g. 5 devices, 7 examples)
-            arg_d = float(max(1, math.floor(self.hi)))
+            arg_d = float(max(1, floor_allowed(self.hi, self.unit) or math.floor(self.hi)))
         return arg_c, arg_d, not complete and self.truncated()
 
 
 # ------------------------------------------------------------------- rounding
 
 
-def floor_allowed(x: float) -> int | None:
-    """Largest allowed batch <= x: a multiple of 8, or 1, 2, 4 below 8."""
+def floor_allowed(x: float, unit: int = 1) -> int | None:
+    """Largest allowed batch <= x: a multiple of 8, or 1, 2, 4 below 8; with ``unit``
+    > 1 (a BatchNorm batch), a multiple of ``unit``."""
+    if unit > 1:
+        return unit * math.floor(x / unit + 1e-12) if x >= unit else None
     if x >= BATCH_MULTIPLE:
         return BATCH_MULTIPLE * math.floor(x / BATCH_MULTIPLE + 1e-12)
     if x < 1:
@@ -478,8 +482,10 @@ def floor_allowed(x: float) -> int | None:
     return p
 
 
-def ceil_allowed(x: float) -> int:
+def ceil_allowed(x: float, unit: int = 1) -> int:
     """Smallest allowed batch >= x."""
+    if unit > 1:
+        return unit * max(1, math.ceil(x / unit - 1e-12))
     if x > BATCH_MULTIPLE:
         return BATCH_MULTIPLE * math.ceil(x / BATCH_MULTIPLE - 1e-12)
     p = 1
@@ -488,22 +494,25 @@ def ceil_allowed(x: float) -> int:
     return p
 
 
-def next_allowed(b: float) -> int:
+def next_allowed(b: float, unit: int = 1) -> int:
     """Smallest allowed batch strictly greater than b."""
-    return ceil_allowed(math.floor(b) + 1)
+    return ceil_allowed(math.floor(b) + 1, unit)
 
 
-def round_batch(x: float, cap: float | None = None) -> int:
+def round_batch(x: float, cap: float | None = None, unit: int = 1) -> int:
     """Round to an allowed batch: the nearest multiple of 8 (ties up), or the
-    log-nearest of 1, 2, 4, 8 below 8; then clipped to [1, cap]."""
-    if x >= BATCH_MULTIPLE:
+    log-nearest of 1, 2, 4, 8 below 8 (with ``unit`` > 1: the nearest multiple of it,
+    at least one); then clipped to [1, cap]."""
+    if unit > 1:
+        r = unit * max(1, math.floor(x / unit + 0.5))
+    elif x >= BATCH_MULTIPLE:
         r = BATCH_MULTIPLE * math.floor(x / BATCH_MULTIPLE + 0.5)
     elif x <= 1:
         r = 1
     else:
         r = 2 ** round(math.log2(x))
     if cap is not None and r > cap:
-        r = floor_allowed(cap) or 1
+        r = floor_allowed(cap, unit) or unit
     return max(1, int(r))
 
 
@@ -521,6 +530,10 @@ class AdvisorInputs:
         basis: which noise scale ``b_n`` is.
         noise_step: training step of the probe point that gave ``b_n``.
         noise_summary_of: when ``b_n`` is a median over several points, their steps.
+        b_n_lower_bound: the noise scale was not resolved; ``b_n`` is its lower bound
+            (the largest batch probed), not an estimate.
+        norm_batch: the per-device BatchNorm batch the noise scale was measured with
+            (DESIGN §8): batches are then multiples of it on every device.
         baseline_batch / baseline_lr: B0 and the learning rate tuned there.
         optimizer_family: "sgd" or "adam" (see ``optimizer_family``).
         lr_rule: "auto" | "linear" | "sqrt" | "none".
@@ -547,6 +560,8 @@ class AdvisorInputs:
     basis: Basis = "b_simple"
     noise_step: int = 0
     noise_summary_of: tuple[int, ...] = ()
+    b_n_lower_bound: bool = False
+    norm_batch: int | None = None
     lr_rule: str = "auto"
     timing: TimingCurve | None = None
     memory: MemoryModel | None = None
@@ -671,6 +686,7 @@ def wall_clock(inputs: AdvisorInputs, b_n: float, gpus: int | None = None,
 def _model(inputs: AdvisorInputs, b_n: float, gpus: int, sync: float,
            upper: bool = False) -> WallClock:
     assert inputs.timing is not None
+    unit = batch_unit(inputs, gpus)
     return WallClock(
         b_n=b_n,
         segments=inputs.timing.segments(upper),
@@ -678,14 +694,21 @@ def _model(inputs: AdvisorInputs, b_n: float, gpus: int, sync: float,
         max_micro=(math.inf if inputs.memory is None
                    else float(max(1, inputs.memory.max_batch_size))),
         sync=sync,
-        lo=float(min(gpus, inputs.dataset_size)),
+        lo=float(min(max(gpus, unit), inputs.dataset_size)),
         hi=float(inputs.dataset_size),
+        unit=unit,
     )
 
 
 def timing_usable(inputs: AdvisorInputs) -> bool:
     """Whether the inputs carry a step-time curve the advice may act on."""
     return _timing_usable(inputs)
+
+
+def batch_unit(inputs: AdvisorInputs, gpus: int | None = None) -> int:
+    """Global batches are multiples of this: a BatchNorm batch on each device, or 1
+    (the usual multiples of 8)."""
+    return inputs.norm_batch * (inputs.gpus if gpus is None else gpus) if inputs.norm_batch else 1
 
 
 def _timing_usable(inputs: AdvisorInputs) -> bool:
@@ -702,6 +725,9 @@ def _candidate_grid(inputs: AdvisorInputs, recommended: int) -> list[int]:
     the caller."""
     upper = min(float(inputs.dataset_size), CANDIDATE_SPAN * inputs.b_n,
                 16.0 * max(recommended, inputs.baseline_batch))
+    unit = batch_unit(inputs)
+    if unit > 1:  # BatchNorm: multiples of its batch
+        return [unit * 2**k for k in range(40) if unit * 2**k <= max(upper, unit)]
     start = 1 if min(inputs.dataset_size, inputs.b_n) < SMALL_PROBLEM else BATCH_MULTIPLE
     grid: set[int] = set()
     p = start
@@ -731,7 +757,7 @@ def _recommend_batch(
     # Noise scale only: B_n is the knee of the time/compute trade-off
     # (McCandlish sec. 2.2: B_crit ≈ B_noise).
     target = float(inputs.dataset_size) if math.isinf(b_n) else b_n
-    return None, round_batch(target, cap=inputs.dataset_size), False
+    return None, round_batch(target, cap=inputs.dataset_size, unit=batch_unit(inputs, gpus)), False
 
 
 def candidates_table(inputs: AdvisorInputs, batch: int, model: WallClock | None
@@ -739,6 +765,15 @@ def candidates_table(inputs: AdvisorInputs, batch: int, model: WallClock | None
     """The table's rows: a grid of batches plus the baseline and the recommendation."""
     n, b0 = inputs.gpus, inputs.baseline_batch
     max_micro = inputs.memory.max_batch_size if inputs.memory is not None else None
+    timing = inputs.timing
+    timed_top = max((p.batch_size for p in timing.points), default=0) if timing else 0
+
+    def source(micro: int) -> str | None:
+        if model is None or timing is None:
+            return None
+        if timing.source == "predicted":
+            return "predicted"
+        return "measured" if micro <= timed_top else "extrapolated"
 
     def row(b: int) -> Candidate:
         a = accumulation_steps(b, n, max_micro)
@@ -754,6 +789,7 @@ def candidates_table(inputs: AdvisorInputs, batch: int, model: WallClock | None
             steps_ratio=steps_ratio(b, b0, inputs.b_n), step_seconds=t, time_ratio=ratio,
             cost_ratio=ratio,  # same devices as the baseline
             memory_bytes=mem, fits=a == 1, is_baseline=b == b0, is_recommended=b == batch,
+            step_time_source=source(micro),
         )
 
     return tuple(row(b) for b in sorted({*_candidate_grid(inputs, batch), b0, batch}))

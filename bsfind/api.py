@@ -136,6 +136,69 @@ def measure_noise_scale(
     return noise_scale_at(job, opts, seed=seed, max_seconds=max_seconds, progress=progress)
 
 
+@dataclasses.dataclass(frozen=True)
+class Validation:
+    """``bsfind validate``: the spec builds, one tiny training step runs, and how it probes."""
+
+    model: str
+    data: str
+    loss: str
+    optimizer: str
+    device: str
+    trainable_parameters: int
+    dataset_size: int
+    batch_size: int
+    loss_value: float
+    grad_norm_sq: float
+    method: str
+    method_reason: str
+    probe_points: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Examples of validate's one forward and backward (at most the baseline batch and the
+# dataset; 2 at least, so that a BatchNorm layer in training mode can normalise).
+VALIDATE_BATCH = 4
+
+
+def validate(spec: Spec) -> Validation:
+    """Build the spec's objects and run one forward and backward of a few examples on
+    the chosen device (no optimizer step): a loss that cannot take the model's output,
+    a shape error or a NaN shows up in seconds instead of a minute into a probe.
+
+    Raises:
+        BsfindError: what a probe would raise, for the same cause.
+    """
+    from bsfind import wording
+    from bsfind.noise.probe import choose_method
+    from bsfind.training import check_grad, check_loss, grad_sq
+    from bsfind.workload import build
+
+    job = build(spec)
+    n = min(len(job), spec.optimizer.batch_size, VALIDATE_BATCH)
+    n = min(len(job), max(n, 2))
+    idx = torch.arange(n)
+    job.model.zero_grad(set_to_none=True)
+    try:
+        loss = job.loss(idx)
+        check_loss(loss, "in validate's one step")
+        loss.backward()
+        g2 = grad_sq(job.trainable())
+        check_grad(g2, "in validate's one step")
+    finally:
+        job.model.zero_grad(set_to_none=True)
+    method, reason = choose_method(job.model, spec.probe.method)
+    return Validation(
+        model=spec.model.factory, data=spec.data.factory, loss=spec.loss,
+        optimizer=spec.optimizer.name, device=str(job.device),
+        trainable_parameters=sum(p.numel() for p in job.trainable()), dataset_size=len(job),
+        batch_size=n, loss_value=float(loss.detach()), grad_norm_sq=g2, method=method,
+        method_reason=reason, probe_points=wording.probe_plan(spec),
+    )
+
+
 # --------------------------------------------------------------------------- CI preflight
 
 

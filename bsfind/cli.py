@@ -100,20 +100,33 @@ def _fail(exc: BsfindError, debug: bool) -> None:
 
 
 def _guard(
-    debug: bool, fn: Callable[[], T], on_interrupt: Callable[[Any], None] | None = None
+    debug: bool, fn: Callable[[], T], on_interrupt: Callable[[Any], None] | None = None,
+    as_json: bool = False,
 ) -> T:
-    """Run ``fn``; map bsfind errors to their exit codes, Ctrl-C to 130."""
+    """Run ``fn``; map bsfind errors to their exit codes, Ctrl-C to 130.
+
+    With ``as_json`` an error also writes one JSON document to stdout (``status``
+    "error" or "interrupted", ``error``, ``hint``, ``exit_code``), so a pipeline
+    reading stdout always gets JSON.
+    """
     try:
         return fn()
     except Interrupted as exc:
         if on_interrupt is not None and exc.partial is not None:
             on_interrupt(exc.partial)
+        elif as_json:
+            _json_error("interrupted", exc.message, None, EXIT_INTERRUPTED)
         stderr.print(f"interrupted: {exc.message}", markup=False)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except KeyboardInterrupt:
+        if as_json:
+            _json_error("interrupted", "interrupted", None, EXIT_INTERRUPTED)
         stderr.print("interrupted", markup=False)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except BsfindError as exc:
+        if as_json:
+            problems = exc.problems if isinstance(exc, SpecError) else None
+            _json_error("error", exc.message, exc.hint, exc.exit_code, problems)
         _fail(exc, debug)
         raise typer.Exit(exc.exit_code) from None
     except typer.Exit:
@@ -121,9 +134,25 @@ def _guard(
     except Exception as exc:
         if debug:
             stderr.print_exception()
+        message = f"internal error: {type(exc).__name__}: {exc}"
+        hint = "rerun with --debug and report the traceback"
+        if as_json:
+            _json_error("error", message, hint, EXIT_INTERNAL)
         stderr.print(f"[red]internal error:[/] {type(exc).__name__}: {exc}", markup=True)
-        stderr.print("  hint: rerun with --debug and report the traceback", markup=False)
+        stderr.print(f"  hint: {hint}", markup=False)
         raise typer.Exit(EXIT_INTERNAL) from None
+
+
+def _json_error(status: str, message: str, hint: str | None, code: int,
+                problems: list[str] | None = None) -> None:
+    if _secondary_rank():
+        return
+    doc: dict[str, Any] = {"version": __version__, "status": status, "error": message,
+                           "hint": hint, "exit_code": code}
+    if problems is not None:
+        doc["problems"] = problems
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    sys.stdout.flush()
 
 
 @contextmanager
@@ -315,8 +344,8 @@ def render_candidates(doc: dict[str, Any]) -> Table:
         src += ", too noisy to use"
     t = Table(title=f"Candidates (step time: {src})", title_justify="left")
     for col in ("batch", "per device × accum", "steps ratio", "time/step", "total time",
-                "cost", "memory", "fits"):
-        t.add_column(col, justify="right" if col != "fits" else "left")
+                "cost", "memory", "fits", "step time"):
+        t.add_column(col, justify="right" if col not in ("fits", "step time") else "left")
     for c in doc.get("candidates") or []:
         mark = " ★" if c["is_recommended"] else (" ◆" if c["is_baseline"] else "")
         t.add_row(
@@ -328,6 +357,7 @@ def render_candidates(doc: dict[str, Any]) -> Table:
             f"{c['cost_ratio']:.2f}×" if c["cost_ratio"] is not None else "—",
             _fmt_bytes(c["memory_bytes"]),
             "yes" if c["fits"] else "accumulate",
+            c.get("step_time_source") or "—",
         )
     return t
 
@@ -442,11 +472,10 @@ def render_recommendation(doc: dict[str, Any]) -> None:
 
 
 def _warn(doc: dict[str, Any]) -> None:
+    """Every warning of the report (the same list as the JSON's ``warnings``) on stderr."""
     for w in doc.get("warnings", []):
-        stderr.print(f"[yellow]warning:[/] {w}", markup=True, highlight=False)
-    if doc.get("status") == "partial":
-        stderr.print("[yellow]warning:[/] the time budget ran out: results are partial "
-                     "(marked in the table and JSON)", markup=True)
+        stderr.print("[yellow]warning:[/] ", end="", markup=True)
+        stderr.print(w, markup=False, highlight=False)
 
 
 def _emit(doc: dict[str, Any], as_json: bool) -> None:
@@ -480,6 +509,7 @@ def _partial_noise(as_json: bool) -> Callable[[Any], None]:
         doc: dict[str, Any] = {
             "version": __version__,
             "status": "interrupted",
+            "exit_code": EXIT_INTERRUPTED,
             "noise_scale": noise_dict(items[-1]) if items else None,
             "noise_scale_by_step": [noise_dict(n) for n in items],
         }
@@ -538,7 +568,7 @@ def recommend(
             api.write_plot(r, plot)
         return report.to_dict(r)
 
-    doc = _guard(debug, run, on_interrupt=_partial_noise(json_out))
+    doc = _guard(debug, run, on_interrupt=_partial_noise(json_out), as_json=json_out)
     _emit(doc, json_out)
 
 
@@ -583,7 +613,7 @@ def check(
                 raise UsageError(f"--output {output}: cannot write ({exc})") from None
         return result
 
-    result = _guard(debug, run, on_interrupt=_partial_noise(json_out))
+    result = _guard(debug, run, on_interrupt=_partial_noise(json_out), as_json=json_out)
     if json_out:
         sys.stdout.write(json.dumps(result.document, indent=2, allow_nan=False) + "\n")
     else:
@@ -604,11 +634,11 @@ def noise(spec: SpecArg, json_out: JsonOpt = False, set_: SetOpt = None,
         with _sigterm_as_interrupt(), _progress(True) as progress:
             return report.to_dict(api.measure(s, progress=progress))
 
-    doc = _guard(debug, run, on_interrupt=_partial_noise(json_out))
+    doc = _guard(debug, run, on_interrupt=_partial_noise(json_out), as_json=json_out)
     if json_out:
         doc = {k: doc[k] for k in ("version", "command", "status", "device", "dataset",
                                    "baseline", "noise_scale", "noise_scale_by_step",
-                                   "warnings", "seconds")}
+                                   "trajectory", "warnings", "seconds")}
     _emit(doc, json_out)
 
 
@@ -624,7 +654,7 @@ def branch(spec: SpecArg, json_out: JsonOpt = False, set_: SetOpt = None,
         with _sigterm_as_interrupt(), _progress(True) as progress:
             return report.to_dict(api.branch(s, progress=progress))
 
-    doc = _guard(debug, run, on_interrupt=_partial_noise(json_out))
+    doc = _guard(debug, run, on_interrupt=_partial_noise(json_out), as_json=json_out)
     if json_out:
         doc = {k: doc[k] for k in ("version", "command", "status", "device", "dataset",
                                    "baseline", "noise_scale", "noise_scale_by_step",
@@ -633,19 +663,28 @@ def branch(spec: SpecArg, json_out: JsonOpt = False, set_: SetOpt = None,
 
 
 @app.command()
-def validate(spec: SpecArg, set_: SetOpt = None, debug: DebugOpt = False) -> None:
-    """Parse the spec and build its model, data, loss and optimizer; no probe."""
-    from bsfind.workload import build
+def validate(spec: SpecArg, json_out: JsonOpt = False, set_: SetOpt = None,
+             debug: DebugOpt = False) -> None:
+    """Check the spec: build it, run one tiny forward and backward, say which method runs."""
+    from bsfind import api
 
-    def run() -> str:
-        s = _load(spec, list(set_ or []))
-        job = build(s)
-        n_params = sum(p.numel() for p in job.trainable())
-        return (f"{spec}: ok · model {s.model.factory} ({n_params:,} trainable parameters) · "
-                f"data {s.data.factory} ({len(job):,} examples) · loss {s.loss} · "
-                f"optimizer {s.optimizer.name} · device {job.device}")
+    def run() -> dict[str, Any]:
+        return api.validate(_load(spec, list(set_ or []))).as_dict()
 
-    stdout.print(_guard(debug, run), markup=False)
+    doc = _guard(debug, run, as_json=json_out)
+    if json_out:
+        sys.stdout.write(json.dumps({"version": __version__, "status": "ok", **doc}, indent=2)
+                         + "\n")
+        return
+    stdout.print(
+        f"{spec}: ok · model {doc['model']} ({doc['trainable_parameters']:,} trainable "
+        f"parameters) · data {doc['data']} ({doc['dataset_size']:,} examples) · loss "
+        f"{doc['loss']} · optimizer {doc['optimizer']} · device {doc['device']}",
+        markup=False)
+    stdout.print(f"  one step of {doc['batch_size']} examples: loss {doc['loss_value']:.4g}, "
+                 f"|gradient|² {doc['grad_norm_sq']:.4g}", markup=False)
+    stdout.print(f"  noise probe: {doc['method']} ({doc['method_reason']})", markup=False)
+    stdout.print(f"  probe points: {doc['probe_points']}", markup=False)
 
 
 @app.command()
@@ -703,7 +742,7 @@ def env(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
             "devices": [clean(d) for d in devices],
         }
 
-    doc = _guard(debug, run)
+    doc = _guard(debug, run, as_json=json_out)
     if json_out:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
         return

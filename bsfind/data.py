@@ -15,9 +15,21 @@ from __future__ import annotations
 
 import sysconfig
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import TensorDataset
+
+
+def _sklearn(name: str) -> Any:
+    """One of scikit-learn's bundled data sets (``sklearn.datasets.load_<name>``)."""
+    try:
+        import sklearn.datasets
+    except ImportError as exc:  # pragma: no cover - exercised only without the extra
+        raise ImportError(
+            f"bsfind.data:{name} needs scikit-learn: pip install 'bsfind[examples]'"
+        ) from exc
+    return getattr(sklearn.datasets, f"load_{name}")()
 
 
 def digits(image: bool = False) -> TensorDataset:
@@ -26,13 +38,7 @@ def digits(image: bool = False) -> TensorDataset:
     Args:
         image: return inputs of shape (1, 8, 8) for a CNN instead of flat (64,).
     """
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:  # pragma: no cover - exercised only without the extra
-        raise ImportError(
-            "bsfind.data:digits needs scikit-learn: pip install 'bsfind[examples]'"
-        ) from exc
-    bunch = load_digits()
+    bunch = _sklearn("digits")
     x = torch.tensor(bunch.data, dtype=torch.float32) / 16.0
     if image:
         x = x.view(-1, 1, 8, 8)
@@ -43,13 +49,7 @@ def digits(image: bool = False) -> TensorDataset:
 def breast_cancer() -> TensorDataset:
     """scikit-learn's bundled breast-cancer data: 569 examples of 30 standardised
     features, 2 classes (a logistic-regression problem)."""
-    try:
-        from sklearn.datasets import load_breast_cancer
-    except ImportError as exc:  # pragma: no cover - exercised only without the extra
-        raise ImportError(
-            "bsfind.data:breast_cancer needs scikit-learn: pip install 'bsfind[examples]'"
-        ) from exc
-    bunch = load_breast_cancer()
+    bunch = _sklearn("breast_cancer")
     x = torch.tensor(bunch.data, dtype=torch.float32)
     x = (x - x.mean(0)) / x.std(0)
     return TensorDataset(x, torch.tensor(bunch.target, dtype=torch.long))

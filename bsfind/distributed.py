@@ -743,6 +743,10 @@ class TorchrunRunner:
                                          distributed=self.summary())
         return self.coord.broadcast_object(report)
 
+    def agree(self, go: bool) -> bool:
+        """Rank 0's ``go`` on every rank (decisions from each rank's own clock differ)."""
+        return bool(self.coord.decide(lambda: [1.0 if go else 0.0], 1)[0])
+
     def summary(self) -> DistributedSummary:
         """The report's ``distributed`` object."""
         return DistributedSummary(

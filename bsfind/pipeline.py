@@ -22,6 +22,7 @@ from bsfind.results import (
     BranchPartial,
     BranchResult,
     HardwareMeasurement,
+    Interval,
     MemoryModel,
     NoiseEstimate,
     TimingCurve,
@@ -41,11 +42,24 @@ HARDWARE_SHARE = 0.25
 BRANCH_SHARE = 0.4
 
 
-def probe_options(spec: Spec) -> ProbeOptions:
-    """The noise probe's settings from the spec."""
+def probe_options(spec: Spec, job: Workload | None = None, world: int = 1) -> ProbeOptions:
+    """The noise probe's settings from the spec (and, with ``job``, its BatchNorm batch)."""
     return ProbeOptions(method=spec.probe.method, batch_size=spec.optimizer.batch_size,
                         microbatch_size=spec.probe.microbatch_size,
-                        target_rel_error=spec.probe.target_rel_error)
+                        target_rel_error=spec.probe.target_rel_error,
+                        norm_batch=norm_batch(spec, job, world) if job is not None else None)
+
+
+def norm_batch(spec: Spec, job: Workload, world: int = 1) -> int | None:
+    """The per-device BatchNorm batch of a model with BatchNorm in training mode, else None:
+    the baseline batch over the devices it is trained on (the ranks of a data-parallel
+    run, else ``hardware.gpus``), at least 2."""
+    from bsfind.torch_compat import has_batchnorm_in_training
+
+    if not has_batchnorm_in_training(job.model):
+        return None
+    devices = world if world > 1 else spec.hardware.gpus
+    return max(2, spec.optimizer.batch_size // max(1, devices))
 
 
 def hardware_options(spec: Spec) -> HardwareOptions:
@@ -70,7 +84,8 @@ def run(spec: Spec, runner: Runner, command: str, progress: ProgressFn | None = 
     job = runner.build(spec)
     hardware = command == "recommend" and spec.probe.timing
     points = trajectory.measure(spec, job, runner, deadline, progress,
-                                noise_share(spec, command, hardware), probe_options(spec))
+                                noise_share(spec, command, hardware),
+                                probe_options(spec, job, runner.world_size))
     branched, branch_notes = (
         branch_points(spec, job, runner, points, deadline, progress,
                       reserve=HARDWARE_SHARE * spec.probe.max_seconds if hardware else 0.0)
@@ -85,7 +100,11 @@ def run(spec: Spec, runner: Runner, command: str, progress: ProgressFn | None = 
         warnings=tuple(wording.noise_warnings(
             points.used, points.trajectory, dataset_size=len(job),
             baseline_batch=spec.optimizer.batch_size,
-            from_checkpoint=bool(spec.model.checkpoint))) + points.notes + branch_notes,
+            from_checkpoint=bool(spec.model.checkpoint), advice=command == "recommend",
+            partial=points.status == "partial",
+            norm_batch=(norm_batch(spec, job, runner.world_size)
+                        if points.used.method.endswith("microbatch") else None))) + points.notes
+        + branch_notes,
         branches=branched,
     )
     if command == "recommend":
@@ -178,13 +197,17 @@ def advisor_inputs(
         b_n, ci = used.b_noise, used.b_noise_ci95 or used.ci95
     elif used.b_simple is not None:
         b_n, ci = used.b_simple, used.ci95
-    else:
-        b_n, ci = math.inf, used.ci95
+    else:  # unresolved: at least the largest batch probed (and the interval's low end)
+        b_n = max(used.b_big, used.ci95.low if math.isfinite(used.ci95.low) else 0.0)
+        ci = Interval(b_n, math.inf)
     examples = spec.training.examples
     if examples is None and spec.training.epochs is not None:
         examples = int(round(spec.training.epochs * len(job)))
     return advisor.AdvisorInputs(
         b_n=max(b_n, 1e-9), b_n_ci=ci, basis=basis, noise_step=used.step,
+        b_n_lower_bound=used.b_simple is None and basis == "b_simple",
+        norm_batch=(norm_batch(spec, job, world) if used.method.endswith("microbatch")
+                    else None),
         noise_summary_of=used.summary_of,
         baseline_batch=spec.optimizer.batch_size, baseline_lr=spec.optimizer.lr,
         optimizer_family=advisor.optimizer_family(job.optimizer_cls),

@@ -284,6 +284,10 @@ class Candidate:
     fits: bool
     is_baseline: bool = False
     is_recommended: bool = False
+    # where its step time comes from: "measured" (within the timed batch sizes),
+    # "extrapolated" (per-device batch past the largest one timed), "predicted"
+    # (a GPU that is not here) or None (no step time)
+    step_time_source: str | None = None
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,9 @@ class Runner(Protocol):
     def finish(self, report: Report) -> Report:
         """The report as every caller sees it (the distributed runner adds its summary)."""
 
+    def agree(self, go: bool) -> bool:
+        """One decision for every rank (rank 0's): whether to go on."""
+
 
 def measure_curvature(job: Workload, est: NoiseEstimate, options: ProbeOptions, *, seed: int,
                       deadline: Deadline, progress: ProgressFn | None) -> NoiseEstimate:
@@ -145,4 +148,7 @@ class LocalRunner:
 
     def finish(self, report: Report) -> Report:
         return report
+
+    def agree(self, go: bool) -> bool:
+        return go
 

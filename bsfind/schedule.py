@@ -8,10 +8,11 @@ The noise scale grows during training, so the time-optimal batch grows too.
 From the noise scale B_n measured at several points of a run at the baseline
 batch B0, indexed by the examples E that run had seen:
 
-1. **Growth.** :func:`fit_growth` fits B_n(E) = a·E^p by least squares in
-   log-log, over the points from the lowest noise scale on (the first steps
-   of training often start high and dip before the growth sets in; Bergsma et
-   al. 2025 find B_crit growing as a power of the data seen). Before the first
+1. **Growth.** :func:`fit_growth` fits B_n(E) = a·E^p in log-log (Theil-Sen,
+   robust to a checkpoint far off), over the points from the lowest noise
+   scale on (the first steps of training often start high and dip before the
+   growth sets in; Bergsma et al. 2025 find B_crit growing as a power of the
+   data seen). Before the first
    fitted point B_n is held at its value there; past the last measured point
    the power law is an extrapolation, held constant beyond
    EXTRAPOLATION_LIMIT × the examples measured.
@@ -37,12 +38,14 @@ given, else EXTRAPOLATION_LIMIT × the examples measured.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bsfind.advisor import (
     AdvisorInputs,
     WallClock,
+    batch_unit,
     scaled_lr,
     wall_clock,
 )
@@ -93,8 +96,12 @@ def fit_growth(points: Sequence[tuple[float, float]]) -> Growth | None:
     """Fit B_n(E) = a·E^p to (examples seen, noise scale) points.
 
     Points with E <= 0 or a non-positive or unresolved noise scale are left
-    out; so are the points before the lowest noise scale (the early dip). A
-    decreasing fit (p < 0) becomes p = 0: a flat noise scale, no doublings.
+    out; so are the points before the lowest noise scale (the early dip), found
+    on a running median of three so that one low outlier does not decide it.
+    The slope is Theil-Sen's (the median of the pairwise log-log slopes) and the
+    intercept the median residual: robust to one checkpoint far off, which
+    single checkpoints often are (docs/validation.md). A decreasing fit (p < 0)
+    becomes p = 0: a flat noise scale, no doublings.
 
     Returns:
         The growth, or None with no usable point. One point gives p = 0.
@@ -103,26 +110,27 @@ def fit_growth(points: Sequence[tuple[float, float]]) -> Growth | None:
                  if e > 0 and b is not None and math.isfinite(b) and b > 0)
     if not pts:
         return None
-    low = min(range(len(pts)), key=lambda i: pts[i][1])
+    values = [b for _, b in pts]
+    smooth = [statistics.median(values[max(0, i - 1):i + 2]) if 0 < i < len(values) - 1
+              else values[i] for i in range(len(values))]
+    low = max(i for i, v in enumerate(smooth) if v == min(smooth))
     pts = pts[low:]
     if len(pts) == 1:
         e, b = pts[0]
         return Growth(b, 0.0, e, e, math.nan, tuple(pts))
     xs = [math.log(e) for e, _ in pts]
     ys = [math.log(b) for _, b in pts]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    p = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+    p = statistics.median((ys[j] - ys[i]) / (xs[j] - xs[i])
+                          for i in range(len(xs)) for j in range(i + 1, len(xs)))
+    if p < 0:
+        p = 0.0
+    c = statistics.median(y - p * x for x, y in zip(xs, ys, strict=True))
+    my = sum(ys) / len(ys)
     ss_tot = sum((y - my) ** 2 for y in ys)
     r2 = math.nan
     if len(pts) > 2 and ss_tot > 0:
-        r2 = 1 - sum((y - my - p * (x - mx)) ** 2
-                     for x, y in zip(xs, ys, strict=True)) / ss_tot
-    if p < 0:
-        p, my = 0.0, math.log(sorted(b for _, b in pts)[len(pts) // 2])
-        mx = 0.0
-    a = math.exp(my - p * mx)
-    return Growth(a, p, pts[0][0], pts[-1][0], r2, tuple(pts))
+        r2 = 1 - sum((y - c - p * x) ** 2 for x, y in zip(xs, ys, strict=True)) / ss_tot
+    return Growth(math.exp(c), p, pts[0][0], pts[-1][0], r2, tuple(pts))
 
 
 @dataclass(frozen=True)
@@ -240,12 +248,14 @@ def best_constant(inputs: AdvisorInputs, growth: Growth, horizon: float) -> tupl
         return _steps(growth, b, b0, 0.0, horizon) * model.step_time(b)
 
     cap = inputs.dataset_size
-    grid = sorted({b for k in range(40) for b in (2**k, 3 * 2**k // 2)
-                   if max(1, inputs.gpus) <= b <= cap} | {b0})
+    unit = batch_unit(inputs)
+    step = unit if unit > 1 else 8
+    grid = sorted({b for k in range(40) for b in (unit * 2**k, unit * 3 * 2**k // 2)
+                   if max(1, inputs.gpus) <= b <= cap and b % unit == 0} | {b0})
     best = min(grid, key=seconds)
     i = grid.index(best)
     lo, hi = grid[max(0, i - 1)], grid[min(len(grid) - 1, i + 1)]
-    near = set(range(8 * math.ceil(lo / 8), hi + 1, 8)) - {0}
+    near = set(range(step * math.ceil(lo / step), hi + 1, step)) - {0}
     best = min({best, *near}, key=seconds)
     return best, seconds(best)
 

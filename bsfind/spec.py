@@ -114,7 +114,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
     "loss": {
         "": Field(
             "str",
-            'cross_entropy | mse | "module:attr" / "file.py:attr": '
+            'cross_entropy | mse | model (the model\'s own loss: called with labels=targets, '
+            'it returns .loss, as Hugging Face models do) | "module:attr" / "file.py:attr": '
             "fn(outputs, targets) -> mean loss",
             "cross_entropy",
         ),

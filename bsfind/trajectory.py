@@ -148,8 +148,9 @@ class _Walk:
             per_step = self.train_seconds / self.step if self.step else 0.0
             need = (target - self.step) * per_step
             left = self.noise_seconds - (time.perf_counter() - self.start)
-            if self.train_seconds + need > TRAIN_SHARE * self.noise_seconds or (
-                    need + min(last_probe, probe_cap) > left):
+            go = (self.train_seconds + need <= TRAIN_SHARE * self.noise_seconds
+                  and need + min(last_probe, probe_cap) <= left)
+            if not self.runner.agree(go):  # rank 0 decides for every rank
                 return
             if not self._train_to(trainer, target):
                 return

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
         TimingCurve,
         Trajectory,
     )
+    from bsfind.spec import Spec
 
 NO_TIMING = ("the time budget ran out before any step was timed: no step-time curve; "
              "the advice uses the noise scale only")
@@ -31,9 +32,12 @@ MEASURED_AT_INIT = (
     "(it usually grows, often 10x, but can also start high), so a step-0 value may "
     "misrepresent the run; use probe.warmup_steps, probe.at_steps or model.checkpoint"
 )
-UNRESOLVED = ("|G|² was not resolved: the noise scale exceeds the largest batch probed; "
-              "the recommendation is the largest batch considered")
-BUDGET_RAN_OUT = "the time budget ran out: results are partial"
+UNRESOLVED = ("|G|² was not resolved: the noise scale exceeds the largest batch probed, "
+              "which is all that is known of it")
+UNRESOLVED_ADVICE = ("the noise scale was not resolved: the advice takes its lower bound, "
+                     "the largest batch probed")
+BUDGET_RAN_OUT = ("the time budget ran out: results are partial (marked in the table and "
+                  "JSON); raise probe.max_seconds for a complete run")
 
 
 def num(x: float) -> str:
@@ -56,16 +60,22 @@ def money(x: float) -> str:
 
 
 def noise_warnings(used: NoiseEstimate, trajectory: Trajectory | None, *, dataset_size: int,
-                   baseline_batch: int, from_checkpoint: bool) -> list[str]:
-    """Warnings about the noise measurement that drove the advice."""
+                   baseline_batch: int, from_checkpoint: bool, advice: bool = True,
+                   partial: bool = False, norm_batch: int | None = None) -> list[str]:
+    """Warnings about the noise measurement (and, with ``advice``, what it means for the
+    recommendation), in the order stderr prints them."""
     out = []
+    if partial:
+        out.append(BUDGET_RAN_OUT)
+    if norm_batch:
+        out.append(batchnorm(norm_batch, advice))
     if used.b_simple is None:
-        out.append(UNRESOLVED)
+        out.append(UNRESOLVED_ADVICE if advice else UNRESOLVED)
     if dataset_size < baseline_batch:
         out.append(
             f"the dataset has only {dataset_size} examples, fewer than the baseline batch "
-            f"{baseline_batch}: the probe samples with replacement, so the estimate "
-            f"is still sound, but no recommendation exceeds {dataset_size}"
+            f"{baseline_batch}: the probe samples with replacement, so the estimate is still "
+            "sound" + (f", but no recommendation exceeds {dataset_size}" if advice else "")
         )
     if trajectory is not None and trajectory.mode == "along":
         if not trajectory.moved:
@@ -74,6 +84,33 @@ def noise_warnings(used: NoiseEstimate, trajectory: Trajectory | None, *, datase
                                                      or trajectory.mode == "pinned"):
         out.append(MEASURED_AT_INIT)
     return out
+
+
+def batchnorm(norm_batch: int, advice: bool = True) -> str:
+    """The noise scale of a BatchNorm model is that of its BatchNorm batch (DESIGN §8)."""
+    return (f"the model has BatchNorm in training mode: its noise scale depends on the "
+            f"BatchNorm batch, and was measured with the one it trains with ({norm_batch} "
+            "per device)" + (f"; the advice keeps batches at multiples of {norm_batch} per "
+                             "device: grow the batch with more devices or gradient "
+                             f"accumulation over batches of {norm_batch}" if advice else ""))
+
+
+def probe_plan(spec: Spec) -> str:
+    """Where the noise scale will be measured, in words (``bsfind validate``)."""
+    mode = spec.probe_mode
+    if mode == "checkpoints":
+        return f"at each of the {len(spec.model.checkpoints or ())} model.checkpoints"
+    if mode == "pinned":
+        if spec.probe.at_steps:
+            return f"at training steps {', '.join(map(str, spec.probe.at_steps))}"
+        if spec.probe.warmup_steps:
+            return f"after {spec.probe.warmup_steps:,} warm-up training steps"
+        return "at the weights of model.checkpoint"
+    plan = ("up to the planned run (training)" if spec.training.examples is not None
+            or spec.training.epochs is not None else "for up to half the noise budget")
+    return (f"along training at batch {spec.optimizer.batch_size} and learning rate "
+            f"{spec.optimizer.lr:g}, {plan}, at steps 0, 8, 16, 32, ...; the advice from the "
+            "median of the last three")
 
 
 def training_out_of_memory(batch: int, step: int) -> str:
@@ -137,6 +174,9 @@ def _basis(advice: Advice, inputs: AdvisorInputs) -> str:
     if math.isinf(inputs.b_n):
         noise = (f"{name} unresolved (above the largest batch probed) at training step "
                  f"{inputs.noise_step}")
+    elif inputs.b_n_lower_bound:
+        noise = (f"{name} unresolved at training step {inputs.noise_step}: at least "
+                 f"{num(inputs.b_n)} (the largest batch probed), taken as that")
     timing = inputs.timing
     if advice.facts.timing_state in ("ok", "points", "clamped") and timing is not None:
         return (f"{noise}; step time {step_time_words(timing)} per device "
@@ -196,6 +236,10 @@ def _notes(advice: Advice, inputs: AdvisorInputs) -> list[str]:
     if math.isinf(inputs.b_n):
         notes.append("an unresolved noise scale is treated as perfect scaling: the largest "
                      "batch wins, limited only by the dataset size")
+    elif inputs.b_n_lower_bound:
+        notes.append("the noise scale was not resolved, so the advice uses its lower bound: "
+                     "the time-optimal batch may be larger still; a longer probe "
+                     "(probe.max_seconds) or a larger probe batch can resolve it")
     if f.optimum_clipped:
         notes.append(f"the optimum reaches the dataset size ({inputs.dataset_size:,}): clipped")
     if inputs.basis == "b_simple" and inputs.optimizer_family == "adam":
@@ -221,9 +265,8 @@ def _warmup(advice: Advice, inputs: AdvisorInputs) -> str | None:
         return None
     b0 = inputs.baseline_batch
     return (f"the batch grows {rec.batch_size / b0:.0f}x: ramp the learning rate linearly from "
-            f"{inputs.baseline_lr:.3g} to {rec.learning_rate:.3g} over the first "
-            f"~{WARMUP_EPOCHS} epochs (≈{steps:,} steps at batch {rec.batch_size}) or a few "
-            "hundred steps (Goyal et al. 2017)")
+            f"{inputs.baseline_lr:.3g} to {rec.learning_rate:.3g} over the first {steps:,} "
+            f"steps at batch {rec.batch_size} ({WARMUP_EPOCHS} epochs; Goyal et al. 2017)")
 
 
 def absolute_text(a: AbsolutePrediction) -> str:

@@ -17,7 +17,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,21 @@ def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(outputs, targets.to(outputs.dtype).reshape(outputs.shape))
 
 
-LOSSES: dict[str, LossFn] = {"cross_entropy": cross_entropy, "mse": mse}
+def model_loss(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+    """``loss: model``: the loss the model returned (it was called with labels=targets):
+    ``outputs.loss`` (Hugging Face), ``outputs["loss"]``, or the first of a tuple."""
+    for get in (lambda o: o.loss, lambda o: o["loss"], lambda o: o[0]):
+        try:
+            value = get(outputs)
+        except (AttributeError, KeyError, TypeError, IndexError):
+            continue
+        if isinstance(value, torch.Tensor):
+            return value
+    raise TypeError(f"the model returned {type(outputs).__name__} without a loss "
+                    "(.loss, ['loss'] or a tuple starting with it)")
+
+
+LOSSES: dict[str, LossFn] = {"cross_entropy": cross_entropy, "mse": mse, "model": model_loss}
 
 
 # --------------------------------------------------------------------------- resolution
@@ -246,13 +260,29 @@ class Workload:
     def loss_on(self, x: Any, y: torch.Tensor) -> torch.Tensor:
         ctx = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
                if self.autocast_dtype is not None else contextlib.nullcontext())
+        own = self.loss_fn is model_loss
         with ctx:
             try:
-                out = self.model(x)
+                if not own:
+                    out = self.model(x)
+                elif isinstance(x, Mapping):
+                    out = self.model(**x, labels=y)
+                else:
+                    out = self.model(x, labels=y)
             except Exception as exc:
                 raise UserCodeError(
-                    f"model {self.model_name!r} raised {type(exc).__name__} in forward: {exc}"
+                    f"model {self.model_name!r} raised {type(exc).__name__} in forward: {exc}",
+                    hint=("loss: model calls the model with labels=targets and reads the "
+                          "loss it returns" if own else None),
                 ) from exc
+        if not isinstance(out, torch.Tensor) and self.loss_name in LOSSES and not own:
+            raise UserCodeError(
+                f"loss {self.loss_name!r} got a {type(out).__name__} from the model, not a "
+                "tensor of outputs",
+                hint=("use loss: model (the model's own loss: it is called with "
+                      "labels=targets), or a loss function 'file.py:fn' that reads "
+                      + ("outputs.logits" if hasattr(out, "logits") else "the outputs")),
+            )
         try:
             loss = self.loss_fn(out.float() if isinstance(out, torch.Tensor) else out, y)
         except Exception as exc:

@@ -105,6 +105,7 @@ class Trainer:
         self.lr = lr
         self.optimizer = job.make_optimizer(lr)
         self.steps = 0
+        self.examples = 0  # examples trained on (batch sizes may change: ``switch``)
         self.train_seconds = 0.0
         self.step_times: list[float] = []
 
@@ -117,11 +118,30 @@ class Trainer:
         self.train_seconds += elapsed
         self.step_times.append(elapsed)
         self.steps += 1
+        self.examples += self.batch_size
         return value
+
+    def switch(self, batch_size: int, lr: float) -> None:
+        """Change batch size and learning rate between steps, as a framework's ramp does.
+
+        The optimizer (and its state: momentum, Adam's moments) is kept; only the
+        param groups' ``lr`` changes. The sampler is rebuilt at the new batch size
+        on the same generator and carries on through the current epoch's
+        permutation (the data order a run without the switch would see, cut into
+        batches of the new size; as at any epoch's end, a tail shorter than a
+        batch is dropped).
+        """
+        old = self.sampler
+        self.sampler = EpochSampler(self.n, batch_size, old.gen)
+        self.sampler.order, self.sampler.pos = old.order, old.pos
+        self.batch_size = self.sampler.batch_size
+        self.lr = lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     @property
     def epochs(self) -> float:
-        return self.steps * self.batch_size / self.n
+        return self.examples / self.n
 
 
 # --------------------------------------------------------------------------- steps to target

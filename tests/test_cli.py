@@ -176,6 +176,12 @@ def test_batchnorm_model_recommends_with_microbatches() -> None:
     assert doc["noise_scale"]["method"] == "microbatch"
     assert "BatchNorm" in doc["noise_scale"]["method_reason"]
     assert min(p["batch_size"] for p in doc["timing"]["points"]) == 2
+    # The note: the noise scale is that of the BatchNorm batch (16 here), and the
+    # advice keeps batches at multiples of it.
+    assert doc["noise_scale"]["b_small"] == 16
+    assert any("BatchNorm batch" in w and "multiples of 16" in w for w in doc["warnings"])
+    assert doc["recommendation"]["batch_size"] % 16 == 0
+    assert all(c["batch_size"] % 16 == 0 for c in doc["candidates"])
 
 
 def test_init_into_a_missing_folder_is_a_usage_error(tmp_path: Path) -> None:
@@ -204,3 +210,60 @@ def test_same_training_step_same_estimate_by_warmup_or_at_steps() -> None:
         assert getattr(by_warmup, field) == getattr(by_points, field), field
     at_zero = measure(load_spec(GOOD, [*common, "probe.at_steps=[0]"])).used  # other weights
     assert at_zero is not None and at_zero.b_simple != by_warmup.b_simple
+
+
+@pytest.mark.parametrize("overrides, code, needle", FAULTS,
+                         ids=[f[2][:30] for f in FAULTS])
+def test_faults_with_json_print_a_json_error(overrides: list[str], code: int,
+                                             needle: str) -> None:
+    """With --json a failure still leaves one JSON document on stdout (a pipeline running
+    `json.load` on it gets the error), and the message on stderr."""
+    args = ["noise", GOOD, "--json"]
+    for o in overrides:
+        args += ["--set", o]
+    r = run(*args)
+    assert r.exit_code == code
+    doc = json.loads(r.stdout)
+    assert doc["status"] == "error" and doc["exit_code"] == code
+    assert needle in doc["error"] or any(needle in p for p in doc.get("problems", []))
+    assert needle in r.stderr
+
+
+def test_internal_error_with_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bsfind import api
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(api, "measure", broken)
+    r = run("noise", GOOD, "--json")
+    assert r.exit_code == 70
+    doc = json.loads(r.stdout)
+    assert doc == {"version": doc["version"], "status": "error",
+                   "error": "internal error: ZeroDivisionError: a bug",
+                   "hint": "rerun with --debug and report the traceback", "exit_code": 70}
+
+
+def test_validate_catches_a_loss_that_cannot_take_the_output() -> None:
+    """A loss for tensors on a model that returns an object: exit 3 at validate, in one
+    small step, with the hint to use the model's own loss or its logits."""
+    r = run("validate", GOOD, "--set", "model.factory=user_code.py:object_output_model")
+    assert_clean_failure(r, 3, "got a Output from the model", "loss: model", "outputs.logits")
+    ok = run("validate", GOOD, "--set", "model.factory=user_code.py:object_output_model",
+             "--set", "loss=model")
+    assert ok.exit_code == 0, ok.output
+    assert "noise probe: per-example" in ok.output
+    j = run("validate", GOOD, "--json", "--set",
+            "model.factory=user_code.py:object_output_model")
+    assert json.loads(j.stdout)["exit_code"] == 3
+
+
+def test_validate_says_which_method_and_where() -> None:
+    r = run("validate", GOOD, "--json")
+    doc = json.loads(r.stdout)
+    assert doc["status"] == "ok" and doc["method"] == "per-example"
+    assert "cheapest exact method" in doc["method_reason"]
+    assert doc["probe_points"].startswith("along training at batch 16")
+    bn = json.loads(run("validate", str(ROOT / "configs" / "digits-cnn.yaml"), "--json",
+                        "--set", "model.kwargs.norm=batch").stdout)
+    assert bn["method"] == "microbatch" and "BatchNorm" in bn["method_reason"]

@@ -237,3 +237,15 @@ def test_distributed_estimate_matches_the_exact_value(method: str, rel: float) -
     noise = _one_document(proc.stdout)["noise_scale"]
     assert noise["method"] == f"distributed+{method}" and noise["stopped"] == "converged"
     assert noise["b_simple"] == pytest.approx(exact, rel=rel), (noise, exact)
+
+
+def test_the_default_probe_along_training_runs_on_every_rank() -> None:
+    """The default: data-parallel training along the run, the ranks following rank 0's
+    decisions on when to stop (their own clocks differ), then the median."""
+    proc, seconds = _torchrun("noise", SPEC, "--json", "--set", "probe.max_seconds=10")
+    assert proc.returncode == 0, proc.stderr
+    doc = _one_document(proc.stdout)
+    steps = [p["step"] for p in doc["noise_scale_by_step"]]
+    assert steps[0] == 0 and len(steps) >= 3 and doc["trajectory"]["mode"] == "along"
+    assert doc["noise_scale"]["summary_of"] == steps[1:][-3:]
+    assert seconds < 60

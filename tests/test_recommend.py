@@ -58,8 +58,9 @@ def test_recommend_measures_memory_and_timing(digits_cnn_doc: dict) -> None:
 
 
 def test_table_output(tmp_path: Path) -> None:
+    # --gpu: a predicted step time, which no load on this machine can make untrustworthy
     r = runner.invoke(app, ["recommend", str(ASSETS / "good.yaml"), "--max-gpus", "2",
-                            "--plot", str(tmp_path / "p.png")])
+                            "--gpu", "a100-80gb", "--plot", str(tmp_path / "p.png")])
     assert r.exit_code == 0, r.output
     assert "Recommendation: batch size" in r.output and "Candidates" in r.output
     assert "device(s)" in r.output  # the frontier
@@ -115,3 +116,13 @@ def test_check_cache_reuses_and_invalidates(project: Path, monkeypatch: pytest.M
     src.write_text(src.read_text() + "\n# edited\n")
     third = runner.invoke(app, ["check", spec, "--tolerance", "1000000"])
     assert third.exit_code != 0 and "a cached run must not probe" in third.output
+
+
+def test_check_outside_the_tolerance_still_prints_json(project: Path) -> None:
+    """Exit 1 (the baseline is off) is a verdict, not an error: the full report, with its
+    ``check`` object, is the JSON document."""
+    r = runner.invoke(app, ["check", str(project / "good.yaml"), "--json", "--no-cache",
+                            "--set", "optimizer.batch_size=4096", "--tolerance", "2"])
+    assert r.exit_code == 1, r.output
+    doc = json.loads(r.stdout)
+    assert doc["check"]["within"] is False and doc["recommendation"]["batch_size"] < 4096

@@ -1,4 +1,4 @@
-"""The validation scripts (scripts/critical_batch.py, scripts/equal_time.py) on a tiny setting.
+"""The validation scripts (critical_batch.py, equal_time.py, schedule_eval.py) on a tiny setting.
 
 Not a check of the evidence (docs/validation.md has that), only that the
 scripts still run end to end against the current bsfind API, in a few seconds.
@@ -6,6 +6,7 @@ scripts still run end to end against the current bsfind API, in a few seconds.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ import _train  # noqa: E402
 import branch_eval  # noqa: E402
 import critical_batch  # noqa: E402
 import equal_time  # noqa: E402
+import schedule_eval  # noqa: E402
 
 pytest.importorskip("sklearn")  # the digits dataset
 pytest.importorskip("matplotlib")
@@ -117,3 +119,74 @@ def test_branch_eval_runs_end_to_end(tmp_path: Path) -> None:
     assert row["sweep_examples"] == sum(r.steps * r.batch_size
                                         for b in res.batches for r in b.runs)
     assert doc["measurements"][0]["branches"]["optimizer_state"] == "carried"
+
+
+def test_trainer_switch_keeps_optimizer_and_data_order() -> None:
+    spec, job = _train.load_job(str(ROOT / "configs" / "digits-mlp.yaml"))
+    init = _train.snapshot(job.model)
+    trainer = _train.Trainer(job, init, 16, 0.01, seed=0)
+    for _ in range(3):
+        trainer.step()
+    order = trainer.sampler.order.clone()
+    state = trainer.optimizer.state_dict()["state"]
+    trainer.switch(64, 0.02)
+    # The same permutation, carried on at the new batch size; Adam's moments kept.
+    assert torch.equal(trainer.sampler.next(), order[48:112])
+    assert trainer.optimizer.state_dict()["state"].keys() == state.keys()
+    assert all(g["lr"] == 0.02 for g in trainer.optimizer.param_groups)
+    trainer.step()
+    assert trainer.examples == 3 * 16 + 64 and trainer.batch_size == 64
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_schedule_eval_switches_at_the_phase_steps() -> None:
+    spec, job = _train.load_job(str(ROOT / "configs" / "digits-mlp.yaml"))
+    init = _train.snapshot(job.model)
+    way = schedule_eval.Way("schedule", (schedule_eval.Phase(0, 16, 0.008),
+                                         schedule_eval.Phase(5, 64, 0.016)))
+    run = schedule_eval.run_way(job, init, way, seed=0, rep=0, target=1e-9, max_steps=12,
+                                eval_idx=torch.arange(64), eval_frac=0.03, loss0=2.3)
+    assert run.steps is None and run.steps_run == 12
+    assert {b: len(t) for b, t in run.step_times.items()} == {16: 5, 64: 7}
+    run.steps = 9.5  # as if the target were reached there
+    assert run.steps_by_batch() == {16: 5, 64: 4.5}
+    assert schedule_eval.parse_way("r=0:16:0.008,5:64:0.016") == schedule_eval.Way(
+        "extra-r", way.phases)
+    with pytest.raises(ValueError, match="step order"):
+        schedule_eval.parse_way("r=0:16:0.008,0:64:0.016")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_schedule_eval_runs_end_to_end(tmp_path: Path) -> None:
+    # bsfind.api.recommend on a 2-second budget, the shipped sweep at its first target.
+    out = tmp_path / "se"
+    rc = schedule_eval.main([
+        str(ROOT / "configs" / "digits-mlp.yaml"), "--set", "probe.max_seconds=2",
+        "--sweep", str(ROOT / "docs" / "img" / "critical-batch-digits-mlp.json"),
+        "--target", "1.0", "--seeds", "1", "--reps", "1", "--eval-examples", "128",
+        "--ladder-passes", "1", "--ladder-steps", "2", "--threads", "1", "--out", str(out),
+        "--way", "ramp=0:32:0.008,3:64:0.011"])
+    assert rc == 0
+    md = out.with_suffix(".md").read_text()
+    assert "bsfind recommend" in md and "best constant" in md and "Regret ≤ 1.25" in md
+    assert "| extra: ramp | 32@0 → 64@3 |" in md
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert doc["report"]["recommendation"]["batch_size"] == doc["advice"]["batch_size"]
+    assert doc["summary"]["best"]["seconds"] in doc["candidates"]
+    assert all(c["steps"] is not None for c in doc["cells"])
+    # A timing bsfind did not trust: no step seconds, no schedule (a crash, once, under load).
+    report = doc["report"]
+    report["timing"]["quality"] = "untrusted"
+    for c in report["candidates"]:
+        c["step_seconds"] = c["time_ratio"] = None
+    report["schedule"] = None
+    adv = schedule_eval.advice_from_report(report, "test")
+    assert adv.predicted_step_time(64) is None and adv.predicted_steps_ratio is None
+    assert schedule_eval.schedule_phases(adv) == []
+    # The saved report is read back instead of probing again.
+    rc = schedule_eval.main([
+        str(ROOT / "configs" / "digits-mlp.yaml"), "--report", str(out.with_suffix(".json")),
+        "--sweep", str(ROOT / "docs" / "img" / "critical-batch-digits-mlp.json"),
+        "--target", "1.0", "--seeds", "1", "--reps", "1", "--eval-examples", "128",
+        "--ladder-passes", "1", "--ladder-steps", "2", "--out", str(tmp_path / "again")])
+    assert rc == 0

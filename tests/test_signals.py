@@ -47,7 +47,7 @@ def test_sigint_during_probe_prints_partial_and_exits_130(command: str) -> None:
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     doc = json.loads(out)
-    assert doc["status"] == "interrupted"
+    assert doc["status"] == "interrupted" and doc["exit_code"] == 130
     assert doc["noise_scale"]["stopped"] == "interrupted"
     assert doc["noise_scale"]["examples"] > 0
 

@@ -301,8 +301,9 @@ def line_fit(points: Sequence[TimingPoint]) -> tuple[float, float, float, Qualit
     """(t0, c, R², quality) of the line through the points' lowest times.
 
     quality (see ``TimingCurve``): "line" when the unconstrained fit is physical
-    (t0 > 0, c >= 0) and either R² >= MIN_R2 or the residuals are within the
-    rungs' measured noise (RMS of residual / noise <= MAX_NOISE_RATIO, where a
+    (t0 > 0, c >= 0, or c < 0 by less than the noise over the ladder: a flat
+    curve) and either R² >= MIN_R2 or the residuals are within the rungs' measured
+    noise (RMS of residual / noise <= MAX_NOISE_RATIO, where a
     rung's noise is its 25th-percentile time over its lowest, at least
     NOISE_FLOOR): a tiny model whose step time barely grows has a low R² only
     because there is little to explain. Otherwise "points" when the points are
@@ -326,7 +327,11 @@ def line_fit(points: Sequence[TimingPoint]) -> tuple[float, float, float, Qualit
         ((p.seconds - t0 - c * p.batch_size) / (p.seconds * n)) ** 2
         for p, n in zip(points, noise, strict=True) if p.seconds > 0))
     fits = (not math.isnan(r2) and r2 >= MIN_R2) or ratio <= MAX_NOISE_RATIO
-    if raw_t0 > 0 and raw_c >= 0 and fits:
+    # A slope below 0 by less than the noise over the ladder is a flat curve (no
+    # measurable cost per example), not an unphysical one: the clipped line stands.
+    top = max(p.batch_size for p in points)
+    flat = raw_c < 0 and -raw_c * top <= MAX_NOISE_RATIO * statistics.median(noise) * my
+    if raw_t0 > 0 and (raw_c >= 0 or flat) and fits:
         return t0, c, r2, "line"
     return t0, c, r2, "points" if statistics.median(noise) <= CLEAN_NOISE else "untrusted"
 

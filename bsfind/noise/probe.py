@@ -67,6 +67,12 @@ class ProbeOptions:
         target_rel_error: stop once the 95% CI half-width is within this
             fraction of B_simple.
         min_rounds: rounds before the interval is trusted.
+        norm_batch: the per-device BatchNorm batch the model trains with, when it
+            has BatchNorm in training mode: every micro-batch is then one such batch,
+            so the normalisation statistics are those of training (DESIGN §8);
+            ``microbatch_size`` does not apply.
+        microbatches: micro-batches per round to start with (the big batch's size in
+            micro-batches; it doubles while |G|² is unresolved).
     """
 
     method: str = "auto"
@@ -74,6 +80,8 @@ class ProbeOptions:
     microbatch_size: int | None = None
     target_rel_error: float = 0.1
     min_rounds: int = MIN_ROUNDS
+    norm_batch: int | None = None
+    microbatches: int = DEFAULT_MICROBATCHES
 
 
 class ProbeComm:
@@ -172,9 +180,16 @@ class NoiseProbe:
         self.params = job.trainable()
         self.max_big = max(2, MAX_BIG_OVER_DATASET * self.n)
         self.k = 1
+        self.microbatches = opts.microbatches
+        self.norm_batch = opts.norm_batch if self.method == "microbatch" else None
         if self.method == "per-example":
             self.b_small = 1
             self.b_big = max(2, min(opts.batch_size, self.max_big))
+        elif self.norm_batch:
+            self.b_small = self.norm_batch
+            self.reason += (f"; BatchNorm in training mode: each micro-batch is one BatchNorm "
+                            f"batch of {self.norm_batch}, as in training, so the noise scale "
+                            "is that of this BatchNorm batch")
         else:
             self.b_small = opts.microbatch_size or max(2, opts.batch_size // DEFAULT_MICROBATCHES)
         self._fit_to_ranks()
@@ -187,7 +202,7 @@ class NoiseProbe:
         if self.method == "per-example":
             self.b_big = n * max(1, self.b_big // n)
         else:
-            self.k = n * max(1, math.ceil(DEFAULT_MICROBATCHES / n))
+            self.k = n * max(1, math.ceil(self.microbatches / n))
             self.b_big = self.b_small * self.k
 
     def _shrink_after_oom(self) -> None:
@@ -206,6 +221,13 @@ class NoiseProbe:
                     "hardware.precision: bf16",
                 )
             self.b_big = smaller
+        elif self.norm_batch:
+            raise HardwareError(
+                f"out of memory in the noise probe at one BatchNorm batch of {self.b_small} "
+                "examples, the batch the model trains with on each device",
+                hint="use a device with more memory or hardware.precision: bf16 (a smaller "
+                "BatchNorm batch would measure another noise scale)",
+            )
         elif self.b_small > 1:
             self.b_small //= 2
             self.b_big = self.b_small * self.k

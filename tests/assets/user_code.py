@@ -124,3 +124,26 @@ def bn_model(features: int = 8, classes: int = 3) -> nn.Module:
     """BatchNorm1d: cannot train at batch 1, forces the micro-batch probe."""
     return nn.Sequential(nn.Linear(features, 16), nn.BatchNorm1d(16), nn.ReLU(),
                          nn.Linear(16, classes))
+
+
+class Output:
+    """What a Hugging Face model returns: an object with logits and, given labels, a loss."""
+
+    def __init__(self, logits: torch.Tensor, loss: torch.Tensor | None) -> None:
+        self.logits = logits
+        self.loss = loss
+
+
+class ObjectOutputModel(nn.Module):
+    def __init__(self, features: int = 8, classes: int = 3) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(features, 16), nn.ReLU(), nn.Linear(16, classes))
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> Output:
+        logits = self.net(x)
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return Output(logits, loss)
+
+
+def object_output_model() -> nn.Module:
+    return ObjectOutputModel()

@@ -175,6 +175,14 @@ def test_position_ids_of_batch_one() -> None:
         assert norms.sq_norms().shape == (1,)
 
 
+def test_position_ids_when_the_sequence_is_as_long_as_the_batch() -> None:
+    # arange(T).unsqueeze(0) is a view of a tensor of T elements: with T == B it must not
+    # be taken for a row of a batch-sized tensor (found with GPT-2 at batch 32, context 32)
+    model = PositionIds()
+    x, y = torch.randint(0, 11, (6, 6)), torch.randint(0, 11, (6, 6))
+    assert check(model, x, token_ce, y)["wpe"] == "embedding-scatter"
+
+
 def test_batch_one_input_that_is_not_broadcast_is_refused() -> None:
     model = PositionIds(misuse=True)
     x, y = torch.randint(0, 11, (5, 6)), torch.randint(0, 11, (5, 6))

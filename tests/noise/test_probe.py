@@ -162,3 +162,36 @@ def test_weight_reuse_found_at_run_time_falls_back_to_microbatch() -> None:
     assert est.method == "microbatch" and "run time" in est.method_reason
     exact = exact_noise(job)
     assert est.ci95.low * 0.8 <= exact.b_simple <= est.ci95.high * 1.2
+
+
+def _batchnorm_job():
+    from torch import nn
+
+    from bsfind.data import synthetic
+    from bsfind.workload import Workload, cross_entropy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 4))
+    return Workload.from_objects(model, synthetic(n=2048, features=16, classes=4, noise=2.0),
+                                 cross_entropy)
+
+
+def test_batchnorm_noise_scale_does_not_move_with_the_micro_batch() -> None:
+    """With BatchNorm in training mode the micro-batch is the model's BatchNorm batch (32),
+    so neither the micro-batch size asked for nor the number of micro-batches per round
+    moves the estimate; an arbitrary micro-batch (the old form) did: 2x apart here."""
+    job = _batchnorm_job()
+
+    def probe(**kw: object) -> NoiseProbe:
+        return NoiseProbe(job, ProbeOptions(method="microbatch", batch_size=32, **kw), seed=1)
+
+    old_small = probe(microbatch_size=4).run(Deadline.after(60))
+    old_large = probe(microbatch_size=32).run(Deadline.after(60))
+    assert old_small.ci95.low > old_large.ci95.high  # the bias the BatchNorm batch removes
+    few = probe(norm_batch=32, microbatches=4, microbatch_size=4).run(Deadline.after(60))
+    many = probe(norm_batch=32, microbatches=16, microbatch_size=4).run(Deadline.after(60))
+    assert few.b_small == many.b_small == 32 and (few.b_big, many.b_big) == (128, 512)
+    assert max(few.ci95.low, many.ci95.low) <= min(few.ci95.high, many.ci95.high)
+    assert "BatchNorm batch of 32" in few.method_reason
+    assert probe(norm_batch=32, microbatch_size=8).run(Deadline.after(60)).b_simple == (
+        probe(norm_batch=32, microbatch_size=2).run(Deadline.after(60)).b_simple)

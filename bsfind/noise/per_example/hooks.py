@@ -366,7 +366,8 @@ class PerExampleGradNorms:
                 or not output.requires_grad):
             return x, output, False
         base = compat.view_base(x)
-        if base is not None and base.dim() > 0 and base.shape[0] == batch:
+        if (base is not None and base.dim() == x.dim() and base.shape[0] == batch
+                and base.shape[1:] == x.shape[1:]):  # a row of a batch-sized tensor
             return x, output, False
         x = x.expand(batch, *x.shape[1:])
         output = module.forward(x)  # the same values, one row per example

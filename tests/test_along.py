@@ -1,0 +1,161 @@
+"""Where the noise scale is measured: along training by default, at a run's checkpoints,
+or pinned; the trajectory, the median for "now" and the schedule in the report.
+
+    .venv/bin/python -m pytest tests/test_along.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from bsfind.cli import app
+from tests.conftest import ROOT
+
+ASSETS = ROOT / "tests" / "assets"
+GOOD = str(ASSETS / "good.yaml")  # 256 examples, batch 16, training.epochs 20
+runner = CliRunner()
+
+
+def run_json(*args: str) -> dict:
+    r = runner.invoke(app, [*args, "--json"])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def test_default_probes_along_the_planned_run() -> None:
+    # a budget well above what the planned run needs here, so that it is what stops it
+    doc = run_json("noise", GOOD, "--set", "probe.max_seconds=60")
+    points = doc["noise_scale_by_step"]
+    # Step 0, then doubling steps, ending at the planned run: 20 epochs × 256 / 16 = 320.
+    steps = [p["step"] for p in points]
+    assert steps[:5] == [0, 8, 16, 32, 64] and steps[-1] == 320
+    assert all(b == 2 * a for a, b in zip(steps[1:-2], steps[2:-1], strict=True))
+    assert [p["examples_seen"] for p in points] == [16 * s for s in steps]
+    assert all(p["loss"] is not None for p in points)
+    # "Now" is the median of the last three points, each resolved here.
+    used = doc["noise_scale"]
+    assert used["summary_of"] == steps[-3:]
+    values = sorted(p["b_simple"] for p in points[-3:])
+    assert used["b_simple"] == pytest.approx(values[1])
+    assert used["ci95"][0] == min(p["ci95"][0] for p in points[-3:])
+    t = doc["trajectory"]
+    assert t["mode"] == "along" and t["steps"] == 320 and t["examples"] == 5120
+    assert t["planned_examples"] == 5120 and t["moved"] is True
+    assert t["loss_from"] == points[0]["loss"] and t["loss_to"] == points[-1]["loss"]
+    assert not any("initialisation" in w for w in doc["warnings"])
+
+
+def test_a_run_that_does_not_move_says_so() -> None:
+    """A learning rate too small to move anything and no planned run: the probe trains for
+    its share of the budget, the loss stays, and the warning says the run did not move."""
+    doc = run_json("noise", GOOD, "--set", "optimizer.lr=1e-9", "--set", "training.epochs=null",
+                   "--set", "probe.max_seconds=3")
+    t = doc["trajectory"]
+    assert t["moved"] is False and t["steps"] > 0
+    assert t["loss_to"] == pytest.approx(t["loss_from"], rel=0.01)
+    assert any(w.startswith(f"the probe trained only {t['steps']:,} steps")
+               for w in doc["warnings"])
+
+
+def test_pinned_points_keep_the_step_0_warning() -> None:
+    doc = run_json("noise", GOOD, "--set", "probe.at_steps=[0]")
+    assert doc["trajectory"]["mode"] == "pinned"
+    assert any("measured at initialisation" in w for w in doc["warnings"])
+
+
+def _train_and_save(tmp_path: Path) -> list[tuple[int, Path]]:
+    """Checkpoints of the good spec's model at steps 0, 20 and 40 of its own training."""
+    from bsfind.seeds import Seeds
+    from bsfind.spec import load_spec
+    from bsfind.training import EpochSampler, training_step
+    from bsfind.workload import build
+
+    spec = load_spec(GOOD)
+    job = build(spec)
+    opt = job.make_optimizer(spec.optimizer.lr)
+    sampler = EpochSampler(len(job), 16, torch.Generator().manual_seed(Seeds(0).training_order))
+    saved = []
+    for step in range(41):
+        if step in (0, 20, 40):
+            path = tmp_path / f"ck{step}.pt"
+            torch.save(job.model.state_dict(), path)
+            saved.append((step, path))
+        if step < 40:
+            training_step(job, opt, sampler.next())
+    return saved
+
+
+def test_model_checkpoints_measures_at_each_without_training(tmp_path: Path) -> None:
+    from bsfind.api import noise_scale_at
+    from bsfind.pipeline import probe_options
+    from bsfind.spec import load_spec
+    from bsfind.workload import build, load_checkpoint
+
+    saved = _train_and_save(tmp_path)
+    shutil.copy(ASSETS / "user_code.py", tmp_path / "user_code.py")
+    doc = yaml.safe_load(Path(GOOD).read_text())
+    doc["model"]["checkpoints"] = [{"path": "ck0.pt", "step": 0}, {"path": "ck20.pt", "step": 20},
+                                   {"path": "ck40.pt", "examples": 640}]
+    spec_path = tmp_path / "run.yaml"
+    spec_path.write_text(yaml.safe_dump(doc))
+    out = run_json("noise", str(spec_path))
+    points = out["noise_scale_by_step"]
+    assert [p["step"] for p in points] == [0, 20, 40]
+    assert [p["examples_seen"] for p in points] == [0, 320, 640]
+    assert out["trajectory"]["mode"] == "checkpoints"
+    assert out["noise_scale"]["summary_of"] == [20, 40]  # the points after initialisation
+    # Each point is exactly what measuring those weights gives (same seeds, same sampling).
+    spec = load_spec(spec_path)
+    job = build(spec)
+    for (step, path), p in zip(saved, points, strict=True):
+        load_checkpoint(job.model, str(path), tmp_path)
+        est = noise_scale_at(job, probe_options(spec, job), seed=spec.probe.seed, step=step)
+        assert est.b_simple == p["b_simple"] and est.rounds == p["rounds"]
+
+
+@pytest.mark.parametrize("entries, problem", [
+    ([{"path": "a.pt"}], "give exactly one of step or examples"),
+    ([{"path": "a.pt", "step": 5, "examples": 80}], "give exactly one of step or examples"),
+    ([{"path": "a.pt", "step": 9}, {"path": "b.pt", "step": 3}], "training order"),
+    ([{"path": "a.pt", "step": -1}], "expected an integer >= 0"),
+    ([{"step": 1}], "checkpoints[0].path"),
+    ("a.pt", "expected a non-empty list"),
+])
+def test_checkpoints_spec_errors(entries: object, problem: str) -> None:
+    r = runner.invoke(app, ["noise", GOOD, "--set", f"model.checkpoints={json.dumps(entries)}"])
+    assert r.exit_code == 2 and problem in r.output, r.output
+
+
+def test_checkpoints_exclude_other_probe_points() -> None:
+    r = runner.invoke(app, ["validate", GOOD, "--set",
+                            'model.checkpoints=[{"path": "a.pt", "step": 1}]',
+                            "--set", "probe.warmup_steps=5"])
+    assert r.exit_code == 2 and "cannot be combined" in r.output
+
+
+def test_recommend_reports_the_schedule() -> None:
+    doc = run_json("recommend", GOOD, "--set", "probe.max_seconds=8")
+    s = doc["schedule"]
+    assert s is not None, doc["recommendation"]["notes"]
+    phases = s["phases"]
+    assert phases[0]["start_step"] == 0 and phases[0]["start_examples"] == 0
+    for a, b in zip(phases, phases[1:], strict=False):
+        assert b["batch_size"] == 2 * a["batch_size"]
+        assert b["start_step"] == a["start_step"] + a["steps"]
+        assert b["start_examples"] == a["start_examples"] + a["steps"] * a["batch_size"]
+    for key in ("batch_size", "start_step", "start_examples", "steps", "learning_rate",
+                "grad_accumulation", "per_device_batch_size", "b_n", "baseline_examples",
+                "extrapolated"):
+        assert all(key in p for p in phases), key
+    assert [r["batch_size"] for r in s["ramp"]] == [p["batch_size"] for p in phases]
+    assert [r["from_step"] for r in s["accumulation"]] == [p["start_step"] for p in phases]
+    assert s["horizon_source"] == "training" and s["horizon_examples"] == 5120
+    assert s["predicted_seconds"] > 0 and s["baseline_seconds"] > 0
+    assert s["best_constant_batch"] >= 1 and s["growth"]["examples_from"] > 0
