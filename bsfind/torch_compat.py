@@ -154,6 +154,12 @@ def scaler_unscaled(scaler: object | None) -> bool:
     return any(getattr(s.get("stage"), "name", "") == "UNSCALED" for s in states.values())
 
 
+def can_queue_backward_callback() -> bool:
+    """Whether :func:`queue_backward_callback` is available in this torch."""
+    engine = getattr(torch.autograd.Variable, "_execution_engine", None)
+    return getattr(engine, "queue_callback", None) is not None
+
+
 def queue_backward_callback(fn: Callable[[], None]) -> bool:
     """Run ``fn`` once the backward pass now running has finished (and before
     ``backward()`` returns); DDP and FSDP use the same engine call. Must be called

@@ -146,6 +146,18 @@ class TrackRecord:
     window: int = 0
     seconds: float = math.nan
 
+    def metrics(self, prefix: str = "bsfind/") -> dict[str, float]:
+        """The record as flat float metrics for a logger (what the integrations log):
+        ``b_simple`` and its interval's ends only when they are finite."""
+        out = {"grad_norm_sq": self.grad_norm_sq, "trace_sigma": self.trace_sigma,
+               "b_big": float(self.b_big), "examples": float(self.examples)}
+        if self.b_simple is not None:
+            out["b_simple"] = self.b_simple
+        for key, value in (("b_simple_low", self.ci95.low), ("b_simple_high", self.ci95.high)):
+            if math.isfinite(value):
+                out[key] = value
+        return {prefix + k: float(v) for k, v in out.items()}
+
     def to_json(self) -> dict[str, Any]:
         """The JSON-lines object (the keys of the format, then the extras)."""
         return {
@@ -345,20 +357,75 @@ def doubling_advice(
 
 
 def scale_learning_rate(
-    optimizer: torch.optim.Optimizer, factor: float, schedulers: Iterable[Any] = ()
+    optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer],
+    factor: float,
+    schedulers: Iterable[Any] = (),
 ) -> None:
     """Multiply every parameter group's learning rate by ``factor``, and the base rates
     the given LR schedulers recompute it from (``base_lrs``, and the groups'
     ``initial_lr``), so that a schedule continues from the scaled rate."""
-    for group in optimizer.param_groups:
-        lr = group["lr"]
-        group["lr"] = lr * factor if not isinstance(lr, torch.Tensor) else lr.mul_(factor)
-        if "initial_lr" in group:
-            group["initial_lr"] = group["initial_lr"] * factor
+    opts = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
+    for opt in opts:
+        for group in opt.param_groups:
+            lr = group["lr"]
+            group["lr"] = lr.mul_(factor) if isinstance(lr, torch.Tensor) else lr * factor
+            if "initial_lr" in group:
+                group["initial_lr"] = group["initial_lr"] * factor
     for sched in schedulers:
         base = getattr(sched, "base_lrs", None)
         if isinstance(base, list):
             sched.base_lrs = [b * factor for b in base]
+
+
+@dataclass(frozen=True)
+class Doubling:
+    """One doubling of gradient accumulation that an integration made.
+
+    Attributes:
+        step / epoch: where (optimizer steps, epoch) it took effect.
+        accumulation: micro-batches per optimizer step from then on.
+        batch_size: the global batch from then on.
+        lr_factor: what every learning rate was multiplied by.
+        basis / b_simple / ci95: the advice it followed.
+    """
+
+    step: int
+    epoch: int
+    accumulation: int
+    batch_size: int
+    lr_factor: float
+    basis: AdviceBasis
+    b_simple: float | None
+    ci95: Interval
+
+
+def check_doubling_options(max_accumulation: int | None, lr_rule: str) -> None:
+    """Validate the integrations' doubling arguments (the message names the argument)."""
+    from bsfind.advisor import LR_RULES
+
+    if max_accumulation is not None and max_accumulation < 1:
+        raise ValueError(f"max_accumulation must be >= 1, got {max_accumulation}")
+    if lr_rule not in LR_RULES:
+        raise ValueError(f"lr_rule must be one of {', '.join(LR_RULES)}, got {lr_rule!r}")
+
+
+def doubling_now(
+    tracker: Tracker,
+    accumulation: int,
+    *,
+    max_accumulation: int | None,
+    optimizer: Any,
+    timing: TimingCurve | tuple[float, float] | None,
+    lr_rule: str,
+) -> tuple[TrackerAdvice, float] | None:
+    """(advice, learning-rate factor) when doubling the accumulation from ``accumulation``
+    pays now and stays within ``max_accumulation``; else None."""
+    if max_accumulation is not None and 2 * accumulation > max_accumulation:
+        return None
+    adv = tracker.advice(timing=timing, lr=1.0, optimizer=optimizer, lr_rule=lr_rule)
+    if adv is None or not adv.double or adv.learning_rate is None:
+        return None
+    return adv, adv.learning_rate
 
 
 # ------------------------------------------------------------------------------ pieces
