@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsfind import data, models
+from bsfind import models
 from bsfind.errors import UsageError
 from bsfind.results import Interval, TimingCurve
 from bsfind.tracker import (
@@ -36,28 +36,16 @@ from bsfind.tracker import (
     scale_learning_rate,
     track,
 )
-from bsfind.workload import Workload
+from tests import tracking
 from tests.conftest import ROOT
-from tests.exact import exact_noise
+from tests.tracking import REL
 
-REL = 0.10  # the acceptance tolerance against the exact value
-
-
-def _problem() -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = data.synthetic(n=2048, features=16, classes=4, noise=2.0).tensors
-    return x, y
-
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return models.mlp(16, 32, 1, 4)
+_problem, _model = tracking.problem, tracking.model
 
 
 @pytest.fixture(scope="module")
 def exact() -> float:
-    x, y = _problem()
-    job = Workload.from_objects(_model(), torch.utils.data.TensorDataset(x, y), F.cross_entropy)
-    return exact_noise(job).b_simple
+    return tracking.exact_b_simple()
 
 
 def _train(tracker: Tracker, model: nn.Module, steps: int, batch: int, accumulate: int = 1,
@@ -88,7 +76,7 @@ def _one_thread() -> Iterator[None]:
 def test_per_example_pairing_matches_the_exact_value(exact: float) -> None:
     model = _model()
     tracker = track(model, every=1, window=10_000)
-    _train(tracker, model, steps=300, batch=64)
+    _train(tracker, model, steps=200, batch=64)
     rec = tracker.records[-1]
     assert rec.method == "per-example" and (rec.b_small, rec.b_big) == (1, 64)
     assert rec.b_simple == pytest.approx(exact, rel=REL)
@@ -98,10 +86,10 @@ def test_per_example_pairing_matches_the_exact_value(exact: float) -> None:
 def test_accumulation_pairing_matches_the_exact_value(exact: float) -> None:
     model = _model()
     tracker = track(model, window=10_000)
-    _train(tracker, model, steps=250, batch=16, accumulate=4)
+    _train(tracker, model, steps=200, batch=16, accumulate=4)
     rec = tracker.records[-1]
     assert rec.method == "accumulation" and (rec.b_small, rec.b_big) == (16, 64)
-    assert tracker.every == 1 and len(tracker.records) == 250  # every step measured
+    assert tracker.every == 1 and len(tracker.records) == 200  # every step measured
     assert rec.b_simple == pytest.approx(exact, rel=REL)
 
 
