@@ -104,11 +104,9 @@ _FOREACH_COPY_: Callable[..., None] | None = getattr(torch, "_foreach_copy_", No
 
 def sq_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Σ |t|² over ``tensors`` as a float64 scalar on their device (no host sync)."""
-    if _FOREACH_NORM is not None:
-        norms = _FOREACH_NORM(tensors)
-    else:
-        norms = [t.norm() for t in tensors]
-    return torch.stack([n.double() for n in norms]).pow(2).sum()
+    norms = _FOREACH_NORM(tensors) if _FOREACH_NORM is not None else [t.norm() for t in tensors]
+    n = torch.stack(norms).double()  # each norm in its tensor's dtype, the sum in float64
+    return n.dot(n)
 
 
 def sq_diff_and_copy(prev: list[torch.Tensor], current: list[torch.Tensor]) -> torch.Tensor:

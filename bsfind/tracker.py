@@ -87,9 +87,10 @@ TimingSource = Literal["given", "measured", "none"]
 AdviceBasis = Literal["time", "noise"]
 
 # One step in this many is measured with per-example norms. A measured step costs
-# 1.2-1.5x a plain one on the reference models (README, per-example benchmark), so
-# 1/16 of that is 1-3% on average (benchmarks/tracker_overhead.py measures it).
-DEFAULT_EVERY = 16
+# 1.2-1.6x a plain one on the reference models (the hooks, plus about 0.4 ms of Python
+# that matters only for millisecond steps), so 1/32 of that is 1-2% on average
+# (benchmarks/tracker_overhead.py measures it: at 16 the 1 ms MLP step lost 5.6%).
+DEFAULT_EVERY = 32
 # The DDP and accumulation pairings cost a few passes over the gradients, far less
 # than a forward and backward: every step is measured.
 DEFAULT_EVERY_CHEAP = 1
@@ -442,10 +443,11 @@ class _Window:
 
     def summary(self) -> tuple[float, float, float | None, Interval]:
         """(smoothed |G|², smoothed tr(Σ), B_simple or None, its interval)."""
-        acc = RatioAccumulator([r[0] for r in self.rows], [r[1] for r in self.rows],
-                               [r[2] for r in self.rows])
-        value, ci, _, _ = acc.ratio()
-        mean_trace, mean_g2 = acc.moments()[:2]
+        traces, g2s, weights = (list(c) for c in zip(*self.rows, strict=True))
+        value, ci, _, _ = RatioAccumulator(traces, g2s, weights).ratio()
+        total = sum(weights)
+        mean_trace = sum(w * t for w, t in zip(weights, traces, strict=True)) / total
+        mean_g2 = sum(w * g for w, g in zip(weights, g2s, strict=True)) / total
         return mean_g2, mean_trace, value, ci
 
 
@@ -599,12 +601,14 @@ class Tracker:
     Args:
         model: the model the loop trains, or its DistributedDataParallel wrapper
             (required for the ddp pairing under several processes).
-        every: measure one step in ``every`` (default 16 with per-example norms, 1 for
+        every: measure one step in ``every`` (default 32 with per-example norms, 1 for
             the accumulation and ddp pairings).
         window: measurements the smoothed values and the interval are taken over.
         batch_size: examples per micro-batch on this rank; None reads it from the
-            model's input (dim 0 of the first tensor its forward receives, through a
-            forward pre-hook that only records that size).
+            model's input on measured steps (dim 0 of the first tensor its forward
+            receives, through a forward pre-hook that only records that size), and
+            counts the size last seen on the other steps: pass ``batch_size`` to
+            ``update()`` for exact example counts when batch sizes vary.
         scaler: a ``torch.amp.GradScaler`` whose scale the gradients carry when
             ``update()`` runs (call it before ``scaler.unscale_``).
         log: path of a JSON-lines file for the records (rank 0 writes; overwritten).
@@ -670,14 +674,11 @@ class Tracker:
         self._prev: list[torch.Tensor | None] | None = None  # .grad at the last boundary
         self._micro: list[int] = []
         self._micro_sq: list[torch.Tensor] = []
-        self._loss_sum: torch.Tensor | None = None
-        self._loss_count = 0
+        self._losses: list[torch.Tensor | float] = []  # since the last measurement
         self._seen_batch: int | None = None
         self._closed = False
         self._start = time.perf_counter()
-        self._size_hook = (None if batch_size is not None else
-                           self.module.register_forward_pre_hook(self._on_forward,
-                                                                 with_kwargs=True))
+        self._size_hook: Any = None
         self._begin_step()
 
     # -- the loop's calls ---------------------------------------------------------------
@@ -733,11 +734,7 @@ class Tracker:
 
     def record_loss(self, loss: torch.Tensor | float) -> None:
         """Add a training loss to the mean the next record reports (no host sync)."""
-        t = loss.detach().double() if isinstance(loss, torch.Tensor) else torch.tensor(
-            float(loss), dtype=torch.float64)
-        self._loss_sum = t.clone() if self._loss_sum is None else self._loss_sum + t.to(
-            self._loss_sum.device)
-        self._loss_count += 1
+        self._losses.append(loss.detach() if isinstance(loss, torch.Tensor) else float(loss))
 
     # -- reading ------------------------------------------------------------------------
     @property
@@ -805,8 +802,7 @@ class Tracker:
             return
         self._poll(force=True)
         self._detach()
-        if self._size_hook is not None:
-            self._size_hook.remove()
+        self._watch_batch(False)
         if self._ddp is not None:
             self._ddp.active = False  # DDP cannot unregister a comm hook: it stays a plain one
         if self._log is not None:
@@ -834,6 +830,7 @@ class Tracker:
         self._micro_sq = []
         self._prev = None
         self._measuring = self.step % self.every == 0
+        self._watch_batch(self._measuring and self.batch_size is None)
         if self._ddp is not None:
             self._ddp.active = self._measuring
         elif self._measuring and not self._accumulating and self._per_example_ok():
@@ -862,10 +859,10 @@ class Tracker:
                 self._per_example_failed(str(exc))
                 return
             b = int(per.shape[0])
-            self._micro[-1] = b
+            self._micro[-1] = self._seen_batch = b
             # Each hooked term is example i's share of .grad, (1/b)·∇L_i for a mean loss:
-            # mean_i |∇L_i|² = b²·Σ|share_i|²/b.
-            self._queue("per-example", compat.sq_norm(grads), [per.sum() * b])
+            # mean_i |∇L_i|² = b²·Σ|share_i|²/b (the factor b is applied on the host).
+            self._queue("per-example", compat.sq_norm(grads), [per.sum()])
         else:
             self._warn_once("nothing", "bsfind tracker: nothing measured: " + (
                 self.reason or "no pairing available") + "; accumulate gradients (micro_step) "
@@ -890,25 +887,24 @@ class Tracker:
 
     def _values(self, sq_big: torch.Tensor, small: Sequence[torch.Tensor]) -> torch.Tensor:
         dev = sq_big.device
-        loss = (self._loss_sum.to(dev) if self._loss_sum is not None
-                else torch.zeros((), dtype=torch.float64, device=dev))
-        vec = torch.stack([sq_big.double(), loss, *(s.double().to(dev) for s in small)])
         scale = compat.loss_scale(self.scaler)
-        if scale is not None:  # the loss scale squared: on sq values, not on the loss
+        if scale is not None:  # the gradients carry the loss scale: divide its square out
             s2 = (scale.to(dev, torch.float64) if isinstance(scale, torch.Tensor)
                   else torch.tensor(float(scale), dtype=torch.float64, device=dev)) ** 2
-            factor = torch.ones_like(vec)
-            factor[0] = s2
-            factor[2:] = s2
-            vec = vec / factor
-        return vec
+            sq_big = sq_big / s2
+            small = [t / s2 for t in small]
+        tensors = [x for x in self._losses if isinstance(x, torch.Tensor)]
+        floats = sum(float(x) for x in self._losses if not isinstance(x, torch.Tensor))
+        loss = (torch.stack(tensors).to(dev, torch.float64).sum() + floats if tensors
+                else torch.tensor(floats, dtype=torch.float64, device=dev))
+        return torch.stack([sq_big, loss, *small])
 
     def _push(self, vec: torch.Tensor, method: Method, work: Any) -> None:
         examples = self.examples + self.world * sum(self._micro)  # through this step
         meta = _Meta(self.step, examples, method, list(self._micro), self.world,
-                     self._loss_count, time.perf_counter() - self._start)
+                     len(self._losses), time.perf_counter() - self._start)
         self._pending.append(_Pending(vec, meta, work))
-        self._loss_sum, self._loss_count = None, 0
+        self._losses = []
 
     # -- resolution -----------------------------------------------------------------------
     def _poll(self, force: bool) -> list[TrackRecord]:
@@ -927,7 +923,7 @@ class Tracker:
             v = [x / m.world for x in v]  # summed over ranks: the mean (sq_big is the same on all)
         sq_big, loss_sum, small = v[0], v[1], v[2:]
         if m.method == "per-example":
-            b_small, sq_small, b_big = 1.0, small[0], float(m.micro[0])
+            b_small, sq_small, b_big = 1.0, small[0] * m.micro[0], float(m.micro[0])
         elif m.method == "accumulation":
             kept = [(s, b) for s, b in zip(small, m.micro, strict=True) if s != 0.0]
             if len(kept) < 2:
@@ -1046,8 +1042,20 @@ class Tracker:
                 self._seen_batch = int(a.shape[0])
                 return
 
+    def _watch_batch(self, on: bool) -> None:
+        """A forward pre-hook that reads the batch size, on measured steps only: any hook
+        takes the model's __call__ off its fast path (about 20 µs a step on the MLP).
+        Other steps count the size last seen."""
+        if on and self._size_hook is None:
+            self._size_hook = self.module.register_forward_pre_hook(self._on_forward,
+                                                                    with_kwargs=True)
+        elif not on and self._size_hook is not None:
+            self._size_hook.remove()
+            self._size_hook = None
+
     def _batch(self, given: int | None) -> int:
         b = given or self.batch_size or self._seen_batch
+        self._seen_batch = b  # the size last seen, for steps that do not watch the input
         if b is None:
             raise ValueError("bsfind tracker: batch size unknown: pass batch_size= to track() "
                              "or update() (no tensor input reached the model's forward)")

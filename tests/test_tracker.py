@@ -200,18 +200,18 @@ def _hooked(model: nn.Module) -> int:
 def test_per_example_hooks_are_attached_only_for_measured_steps() -> None:
     model = _model()
     x, y = _problem()
-    tracker = track(model, batch_size=16)  # default every: 16
-    assert tracker.every == 16
+    tracker = track(model, batch_size=16)  # default every: 32
+    assert tracker.every == 32
     seen = []
-    for _ in range(34):
+    for _ in range(66):
         seen.append((tracker.measuring, _hooked(model)))
         F.cross_entropy(model(x[:16]), y[:16]).backward()
         tracker.update()
         model.zero_grad()
     tracker.close()
-    assert [s for s, (m, _) in enumerate(seen) if m] == [0, 16, 32]
+    assert [s for s, (m, _) in enumerate(seen) if m] == [0, 32, 64]
     assert all((h > 0) == m for m, h in seen)
-    assert _hooked(model) == 0 and [r.step for r in tracker.records] == [0, 16, 32]
+    assert _hooked(model) == 0 and [r.step for r in tracker.records] == [0, 32, 64]
 
 
 def test_grad_scaler_is_undone() -> None:
