@@ -78,10 +78,11 @@ from torch import nn
 from bsfind import torch_compat as compat
 from bsfind.advisor import AdvisorInputs, advise, optimizer_family, scaled_lr, steps_ratio
 from bsfind.errors import UsageError
-from bsfind.noise.estimators import RatioAccumulator, two_batch
-from bsfind.results import Interval, TimingCurve, TimingPoint
+from bsfind.noise import in_training
+from bsfind.noise.estimators import two_batch
+from bsfind.noise.in_training import Method
+from bsfind.results import Interval, TimingCurve
 
-Method = Literal["per-example", "accumulation", "ddp"]
 METHODS: tuple[str, ...] = ("per-example", "accumulation", "ddp")
 TimingSource = Literal["given", "measured", "none"]
 AdviceBasis = Literal["time", "noise"]
@@ -97,14 +98,8 @@ DEFAULT_EVERY_CHEAP = 1
 # Measurements smoothed into one value: enough rounds for the t-based interval
 # (df = window - 1) to be close to its normal limit.
 DEFAULT_WINDOW = 64
-# Step periods kept per batch size, and needed before a size enters the fitted curve.
-TIMED_STEPS = 64
-MIN_TIMED_STEPS = 8
-# The quantile of step periods that stands for a batch size's step time: other
-# processes only ever add time, so a low quantile estimates the step's own cost
-# (DESIGN §9); a low quantile rather than the minimum, because on CUDA host-side
-# periods jitter around the device's.
-TIMING_QUANTILE = 0.25
+# Losses kept one by one between measurements before they are folded into their sum.
+LOSSES_KEPT = 64
 # dataset size the advisor is given when the caller does not know it
 UNKNOWN_DATASET = 2**40
 JSON_KEYS = ("step", "examples", "loss", "grad_norm_sq", "trace_sigma", "b_simple",
@@ -269,8 +264,8 @@ class TrackerAdvice:
         batch_size: the global batch of the last step (examples per optimizer step).
         b_simple / ci95: the latest smoothed noise scale and its interval.
         recommended_batch: the advisor's batch for this phase (:func:`bsfind.advisor.advise`
-            with the current batch as baseline), None while B_simple is unresolved
-            and no step-time curve is known.
+            with the current batch as baseline; ≈ B_simple without a step-time curve),
+            None while B_simple is unresolved.
         double: doubling now pays, at the interval's low end.
         basis: "time" (a step-time curve) or "noise" (B_simple alone).
         threshold: the B_n above which doubling pays (2·c·B²/t0, or 2B).
@@ -339,7 +334,7 @@ def doubling_advice(
     else:
         threshold, basis, t_ratio = 2.0 * batch, "noise", None
     recommended = None
-    if b_simple is not None or timed:
+    if b_simple is not None:
         inputs = AdvisorInputs(
             b_n=b_n, b_n_ci=ci95, baseline_batch=batch, baseline_lr=lr or 1.0,
             optimizer_family=family, dataset_size=dataset_size or UNKNOWN_DATASET,
@@ -429,153 +424,6 @@ def doubling_now(
     return adv, adv.learning_rate
 
 
-# ------------------------------------------------------------------------------ pieces
-
-
-class _Window:
-    """The last ``size`` per-step estimates, combined as a ratio of weighted means."""
-
-    def __init__(self, size: int) -> None:
-        self.rows: deque[tuple[float, float, float]] = deque(maxlen=size)
-
-    def add(self, trace: float, g2: float, weight: float) -> None:
-        self.rows.append((trace, g2, weight))
-
-    def summary(self) -> tuple[float, float, float | None, Interval]:
-        """(smoothed |G|², smoothed tr(Σ), B_simple or None, its interval)."""
-        traces, g2s, weights = (list(c) for c in zip(*self.rows, strict=True))
-        value, ci, _, _ = RatioAccumulator(traces, g2s, weights).ratio()
-        total = sum(weights)
-        mean_trace = sum(w * t for w, t in zip(weights, traces, strict=True)) / total
-        mean_g2 = sum(w * g for w, g in zip(weights, g2s, strict=True)) / total
-        return mean_g2, mean_trace, value, ci
-
-
-class _StepTimes:
-    """Host time between consecutive ``update()`` calls, per global batch size."""
-
-    def __init__(self) -> None:
-        self.periods: dict[int, deque[float]] = {}
-        self.last: float | None = None
-
-    def tick(self, batch: int, keep: bool) -> None:
-        now = time.perf_counter()
-        if self.last is not None and keep:
-            self.periods.setdefault(batch, deque(maxlen=TIMED_STEPS)).append(now - self.last)
-        self.last = now
-
-    def curve(self) -> TimingCurve | None:
-        """t(B) = t0 + c·B through each batch size's low quantile, once two sizes have
-        MIN_TIMED_STEPS periods each (one size cannot separate t0 from c)."""
-        pts = []
-        for b, ps in sorted(self.periods.items()):
-            if len(ps) >= MIN_TIMED_STEPS:
-                s = sorted(ps)
-                pts.append(TimingPoint(b, s[int(TIMING_QUANTILE * (len(s) - 1))], len(s)))
-        if len(pts) < 2:
-            return None
-        xs = [float(p.batch_size) for p in pts]
-        ys = [p.seconds for p in pts]
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        sxx = sum((x - mx) ** 2 for x in xs)
-        c = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
-        t0 = my - c * mx
-        ss = sum((y - my) ** 2 for y in ys)
-        res = sum((y - t0 - c * x) ** 2 for x, y in zip(xs, ys, strict=True))
-        r2 = 1.0 - res / ss if ss > 0 else 1.0
-        return TimingCurve(points=tuple(pts), t0=t0, per_example=c, r2=r2, source="measured")
-
-
-@dataclass
-class _Meta:
-    """What a measured step knows on the host; the numbers wait on the device."""
-
-    step: int
-    examples: int
-    method: Method
-    micro: list[int]  # batch size of each micro-batch on this rank
-    world: int
-    loss_count: int
-    seconds: float
-
-
-class _Pending:
-    """A measured step's values on their way to the host, without a synchronisation.
-
-    ``values``: float64 device vector [sq_big, loss_sum, sq_small terms...]; ``work``:
-    an async all-reduce still summing it over ranks.
-    """
-
-    def __init__(self, values: torch.Tensor, meta: _Meta, work: Any = None) -> None:
-        self.values = values
-        self.meta = meta
-        self.work = work
-        self.host: torch.Tensor | None = None
-        self.event: Any = None
-
-    def ready(self, force: bool) -> bool:
-        if self.work is not None:
-            if not force and not self.work.is_completed():
-                return False
-            self.work.wait()
-            self.work = None
-        if self.host is None:
-            if self.values.device.type == "cuda":
-                self.host = torch.empty(self.values.shape, dtype=self.values.dtype,
-                                        pin_memory=True)
-                self.host.copy_(self.values, non_blocking=True)
-                self.event = torch.cuda.Event()
-                self.event.record()
-            else:
-                self.host = self.values.to("cpu")
-        if self.event is not None:
-            if not force and not self.event.query():
-                return False
-            self.event.synchronize()
-        return True
-
-
-class _DDPNorms:
-    """A DDP communication hook that also measures each bucket before and after its
-    all-reduce (the small and the big batch of the ddp pairing)."""
-
-    def __init__(self, ddp: Any, hook: Any = None, state: Any = None) -> None:
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-        self.active = False
-        self.local: list[torch.Tensor] = []
-        self.reduced: list[torch.Tensor] = []
-        self.group = ddp.process_group
-        self.inner = hook or default_hooks.allreduce_hook
-        self.inner_state = state if hook is not None else self.group
-        ddp.register_comm_hook(self, _ddp_comm_hook)
-
-    def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(Σ |local bucket|², Σ |reduced bucket|²) since the last call, or None."""
-        local, reduced = self.local, self.reduced
-        self.local, self.reduced = [], []
-        if not local or len(reduced) != len(local):
-            return None
-        return torch.stack(local).sum(), torch.stack(reduced).sum()
-
-
-def _ddp_comm_hook(norms, bucket):  # type: ignore[no-untyped-def]
-    # No annotations: DDP compares them with dist.GradBucket / Future[Tensor] at
-    # registration, and this module's postponed (string) annotations never match.
-    if not norms.active:
-        return norms.inner(norms.inner_state, bucket)
-    norms.local.append(compat.sq_norm([bucket.buffer()]))
-    fut = norms.inner(norms.inner_state, bucket)
-
-    def after(f: Any) -> torch.Tensor:
-        t = f.value()
-        t = t[0] if isinstance(t, list) else t
-        norms.reduced.append(compat.sq_norm([t]))  # list.append: safe from the comm thread
-        return t
-
-    return fut.then(after)
-
-
 # ----------------------------------------------------------------------------- tracker
 
 
@@ -641,7 +489,7 @@ class Tracker:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         ddp = _ddp_of(model)
-        self.world = _world() if ddp is not None else 1
+        self.world = ddp.process_group.size() if ddp is not None and _world() > 1 else 1
         if ddp is None and _world() > 1:
             raise ValueError(
                 "several processes but the model is not a DistributedDataParallel: pass the "
@@ -659,13 +507,13 @@ class Tracker:
         self.skipped = 0  # measured steps dropped (non-finite: an AMP overflow)
         self.method: Method | None = None  # of the last measurement
         self.reason: str | None = None  # why per-example norms are unavailable
-        self._window = _Window(window)
-        self._times = _StepTimes()
+        self._window = in_training.Window(window)
+        self._times = in_training.StepTimes()
         self._records: list[TrackRecord] = []
-        self._pending: deque[_Pending] = deque()
+        self._pending: deque[in_training.Pending] = deque()
         self._log_path = Path(log) if log is not None and _rank() == 0 else None
         self._log: IO[str] | None = None
-        self._ddp = (_DDPNorms(ddp, *(ddp_comm_hook or (None, None)))
+        self._ddp = (in_training.DDPNorms(ddp, *(ddp_comm_hook or (None, None)))
                      if ddp is not None and self.world > 1 else None)
         self._norms: Any = None  # PerExampleGradNorms, built on first use
         self._hooked = False
@@ -675,6 +523,7 @@ class Tracker:
         self._micro: list[int] = []
         self._micro_sq: list[torch.Tensor] = []
         self._losses: list[torch.Tensor | float] = []  # since the last measurement
+        self._loss_count = 0
         self._seen_batch: int | None = None
         self._closed = False
         self._start = time.perf_counter()
@@ -714,6 +563,7 @@ class Tracker:
                 to the constructor, or read from the model's input).
         """
         self._check_open()
+        start = time.perf_counter()
         self._micro.append(self._batch(batch_size))
         if loss is not None:
             self.record_loss(loss)
@@ -723,18 +573,31 @@ class Tracker:
             self._measure()  # per-example: the batch size comes from the norms
         batch = self.world * sum(self._micro)
         self.examples += batch
-        self._times.tick(batch, keep=not hooked)  # a hooked step is slower: not timed
+        self._times.tick(batch, start, keep=not hooked)  # a hooked step is slower: not timed
         if self._ddp is None:
             self._accumulating = len(self._micro) > 1
         new = self._poll(force=False)
         self.step += 1
         self._last_batch = batch
         self._begin_step()
+        self._times.last = time.perf_counter()  # the next period starts after this call's work
         return new[-1] if new else None
 
     def record_loss(self, loss: torch.Tensor | float) -> None:
         """Add a training loss to the mean the next record reports (no host sync)."""
         self._losses.append(loss.detach() if isinstance(loss, torch.Tensor) else float(loss))
+        self._loss_count += 1
+        if len(self._losses) > LOSSES_KEPT:  # long gaps between measurements: fold them
+            self._losses = [self._loss_sum(self._losses[0])]
+
+    def _loss_sum(self, like: torch.Tensor | float) -> torch.Tensor:
+        """Σ of the kept losses, a float64 scalar on the device of ``like``."""
+        dev = like.device if isinstance(like, torch.Tensor) else torch.device("cpu")
+        tensors = [x for x in self._losses if isinstance(x, torch.Tensor)]
+        floats = sum(float(x) for x in self._losses if not isinstance(x, torch.Tensor))
+        if not tensors:
+            return torch.tensor(floats, dtype=torch.float64, device=dev)
+        return torch.stack(tensors).to(dev, torch.float64).sum() + floats
 
     # -- reading ------------------------------------------------------------------------
     @property
@@ -893,18 +756,14 @@ class Tracker:
                   else torch.tensor(float(scale), dtype=torch.float64, device=dev)) ** 2
             sq_big = sq_big / s2
             small = [t / s2 for t in small]
-        tensors = [x for x in self._losses if isinstance(x, torch.Tensor)]
-        floats = sum(float(x) for x in self._losses if not isinstance(x, torch.Tensor))
-        loss = (torch.stack(tensors).to(dev, torch.float64).sum() + floats if tensors
-                else torch.tensor(floats, dtype=torch.float64, device=dev))
-        return torch.stack([sq_big, loss, *small])
+        return torch.stack([sq_big, self._loss_sum(sq_big).to(dev), *small])
 
     def _push(self, vec: torch.Tensor, method: Method, work: Any) -> None:
         examples = self.examples + self.world * sum(self._micro)  # through this step
-        meta = _Meta(self.step, examples, method, list(self._micro), self.world,
-                     len(self._losses), time.perf_counter() - self._start)
-        self._pending.append(_Pending(vec, meta, work))
-        self._losses = []
+        meta = in_training.StepMeta(self.step, examples, method, list(self._micro), self.world,
+                     self._loss_count, time.perf_counter() - self._start)
+        self._pending.append(in_training.Pending(vec, meta, work))
+        self._losses, self._loss_count = [], 0
 
     # -- resolution -----------------------------------------------------------------------
     def _poll(self, force: bool) -> list[TrackRecord]:
@@ -917,7 +776,7 @@ class Tracker:
                 new.append(rec)
         return new
 
-    def _resolve(self, v: list[float], m: _Meta) -> TrackRecord | None:
+    def _resolve(self, v: list[float], m: in_training.StepMeta) -> TrackRecord | None:
         """Host numbers of one measured step -> its estimates, the window, a record."""
         if m.method == "ddp":
             v = [x / m.world for x in v]  # summed over ranks: the mean (sq_big is the same on all)

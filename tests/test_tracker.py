@@ -401,3 +401,15 @@ def test_record_json_keys_are_the_format() -> None:
     doc = rec.to_json()
     assert tuple(doc)[:len(JSON_KEYS)] == JSON_KEYS and doc["b_simple_ci95"] == [0.5, None]
     json.dumps(doc, allow_nan=False)  # strict JSON: no NaN in the file
+
+
+def test_a_record_reports_the_mean_loss_since_the_previous_one() -> None:
+    """Losses are kept (and past 64 folded into their sum) until a measurement."""
+    model = _model()
+    x, y = _problem()
+    tracker = track(model, every=100, batch_size=8)
+    for step in range(101):
+        F.cross_entropy(model(x[:8]), y[:8]).backward()
+        tracker.update(torch.tensor(float(step)) if step % 2 else float(step))
+        model.zero_grad()
+    assert [(r.step, r.loss) for r in tracker.records] == [(0, 0.0), (100, 50.5)]
