@@ -7,14 +7,14 @@
     trainer.fit(module, loader)
 
 Metrics (``bsfind/b_simple``, ``bsfind/b_simple_low``/``_high``, ``bsfind/grad_norm_sq``,
-``bsfind/trace_sigma``, ``bsfind/b_big``, ``bsfind/examples``) go through
-``pl_module.log_dict`` at every training batch, so every logger of the Trainer
-gets them at its ``log_every_n_steps``. ``accumulate_grad_batches`` and DDP are
-handled: the callback feeds the tracker (:mod:`bsfind.tracker`) from
-``on_after_backward`` (after each micro-batch's backward, before Lightning
-unscales AMP gradients and clips), pairing micro-batches under accumulation and
-each rank's gradient with the all-reduced one under DDP (a comm hook on the
-strategy's DistributedDataParallel).
+``bsfind/trace_sigma``, ``bsfind/b_big``, ``bsfind/examples``: the latest record) go
+through ``pl_module.log_dict`` at the steps where the Trainer writes step metrics
+(every ``log_every_n_steps`` optimizer steps), so every logger of the Trainer gets them.
+``accumulate_grad_batches`` and DDP are handled: the callback feeds the tracker
+(:mod:`bsfind.tracker`) from ``on_after_backward`` (after each micro-batch's
+backward, before Lightning unscales AMP gradients and clips), pairing micro-batches
+under accumulation and each rank's gradient with the all-reduced one under DDP (a
+comm hook on the strategy's DistributedDataParallel).
 
 With ``double=True`` it acts on :meth:`~bsfind.tracker.Tracker.advice`: at the
 start of an epoch, the only point where Lightning lets accumulation change (as its
@@ -107,6 +107,7 @@ class NoiseScaleMonitor(Callback):
         self._batch: int | None = None
         self._batch_idx = 0
         self._loss: torch.Tensor | None = None
+        self._stepped = False  # the last backward was an optimizer step's last
 
     # -- set-up ---------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -160,6 +161,7 @@ class NoiseScaleMonitor(Callback):
         # Lightning steps after every acc-th batch of an epoch and after its last batch.
         last = (self._batch_idx + 1) % acc == 0 or (
             math.isfinite(n) and self._batch_idx + 1 >= n)
+        self._stepped = last
         if last:
             self.tracker.update(self._loss, batch_size=self._batch)
             self._loss = None
@@ -169,7 +171,11 @@ class NoiseScaleMonitor(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         rec = self.tracker.latest if self.tracker is not None else None
-        if rec is not None:
+        every = int(getattr(trainer, "log_every_n_steps", 50))  # set at run time, not declared
+        # Only where Lightning writes step metrics (a batch that stepped, at its
+        # log_every_n_steps); log_dict costs about 2 ms a call.
+        if (rec is not None and every > 0 and self._stepped
+                and trainer.global_step % every == 0):
             pl_module.log_dict(rec.metrics(self.prefix), on_step=True, on_epoch=False)
 
     # -- acting on the advice -----------------------------------------------------------------
