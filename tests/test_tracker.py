@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -93,36 +91,17 @@ def test_accumulation_pairing_matches_the_exact_value(exact: float) -> None:
     assert rec.b_simple == pytest.approx(exact, rel=REL)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.skipif(not (torch.distributed.is_available()
                          and torch.distributed.is_gloo_available()), reason="needs gloo")
 def test_ddp_pairing_matches_the_exact_value(exact: float, tmp_path: Path) -> None:
     """Two gloo ranks, 32 examples each per micro-batch, two micro-batches (no_sync on
     the first): the comm hook pairs each rank's 64 with the all-reduced 128."""
-    port = str(_free_port())
     log = tmp_path / "ddp.jsonl"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", OMP_NUM_THREADS="1",
-               TRACKER_STEPS="300", TRACKER_ACCUMULATE="2", PYTHONPATH=str(ROOT))
-    script = str(ROOT / "tests" / "assets" / "tracker_ddp.py")
-    procs = [subprocess.Popen([sys.executable, script, str(log)], cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
-             for r in range(2)]
-    try:
-        outs = [p.communicate(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
-    assert outs[1][0] == ""  # only rank 0 reports
-    rec = json.loads(outs[0][0])
+    ranks = tracking.two_ranks(ROOT / "tests" / "assets" / "tracker_ddp.py", str(log),
+                               TRACKER_STEPS="300", TRACKER_ACCUMULATE="2")
+    assert [code for code, _, _ in ranks] == [0, 0], ranks[0][2][-2000:] + ranks[1][2][-2000:]
+    assert ranks[1][1] == ""  # only rank 0 reports
+    rec = json.loads(ranks[0][1])
     assert rec["method"] == "ddp" and (rec["b_small"], rec["b_big"]) == (64, 128)
     assert rec["b_simple"] == pytest.approx(exact, rel=REL)
     assert len(read_log(log)) == 300  # rank 0 wrote every measured step

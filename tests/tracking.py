@@ -8,6 +8,11 @@ percent. The exact value comes from every example's gradient (tests/exact.py).
 from __future__ import annotations
 
 import functools
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +20,7 @@ from torch import nn
 
 from bsfind import data, models
 from bsfind.workload import Workload
+from tests.conftest import ROOT
 from tests.exact import exact_noise
 
 REL = 0.10  # the acceptance tolerance against the exact value
@@ -38,3 +44,29 @@ def exact_b_simple() -> float:
     x, y = problem()
     job = Workload.from_objects(model(), torch.utils.data.TensorDataset(x, y), F.cross_entropy)
     return exact_noise(job).b_simple
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def two_ranks(script: Path, *args: str, timeout: float = 120, **env: str
+              ) -> list[tuple[int, str, str]]:
+    """Run ``script`` as ranks 0 and 1 of a gloo launch (the torch.distributed environment
+    set by hand); returns each rank's (exit code, stdout, stderr)."""
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
+                OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **env)
+    procs = [subprocess.Popen([sys.executable, str(script), *args], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs, strict=True)]

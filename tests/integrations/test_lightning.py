@@ -10,6 +10,7 @@ double=True accumulation and the learning rate change as the rule says.
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from bsfind.advisor import scaled_lr
 from tests import tracking
+from tests.conftest import ROOT
 from tests.tracking import REL
 
 L = pytest.importorskip("lightning")
@@ -156,3 +158,15 @@ def test_bad_arguments_name_themselves() -> None:
         NoiseScaleMonitor(max_accumulation=0)
     with pytest.raises(ValueError, match="lr_rule must be one of"):
         NoiseScaleMonitor(lr_rule="cubic")
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available()
+                         and torch.distributed.is_gloo_available()), reason="needs gloo")
+def test_ddp_strategy_pairs_each_rank_with_the_all_reduced_gradient() -> None:
+    """Two gloo ranks launched by hand (Lightning's DDP strategy joins them), two
+    micro-batches of 32 per rank and step: the comm hook pairs 64 with 128."""
+    ranks = tracking.two_ranks(ROOT / "tests" / "assets" / "tracker_lightning_ddp.py")
+    assert [code for code, _, _ in ranks] == [0, 0], ranks[0][2][-2000:] + ranks[1][2][-2000:]
+    rec = json.loads(ranks[0][1].strip().splitlines()[-1])
+    assert rec["method"] == "ddp" and (rec["b_small"], rec["b_big"]) == (64, 128)
+    assert rec["b_simple"] == pytest.approx(tracking.exact_b_simple(), rel=REL)
