@@ -56,7 +56,7 @@ def _step(case: Case, model: torch.nn.Module, opt: torch.optim.Optimizer,
     opt.zero_grad(set_to_none=True)
 
 
-def measure(case: Case, reps: int, clock: Callable[[], float]
+def measure(case: Case, reps: int, clock: Callable[[], float], warmup: int = WARMUP
             ) -> tuple[list[float], float, float]:
     """([plain ms/step, tracked ms/step, plain measured-step ms, tracked measured-step ms],
     throughput ratio, measured-step throughput ratio)."""
@@ -67,7 +67,7 @@ def measure(case: Case, reps: int, clock: Callable[[], float]
     blocks: list[list[float]] = [[], []]
     firsts: list[list[float]] = [[], []]
     order = random.Random(0)
-    for r in range(WARMUP + reps):
+    for r in range(warmup + reps):
         for v in order.sample(range(2), 2):
             t_block = clock()
             first = 0.0
@@ -76,7 +76,7 @@ def measure(case: Case, reps: int, clock: Callable[[], float]
                 _step(case, models_[v], opts[v], tracker if v == 1 else None)
                 if i == 0:
                     first = clock() - t0
-            if r >= WARMUP:
+            if r >= warmup:
                 blocks[v].append(clock() - t_block)
                 firsts[v].append(first)
     tracker.close()
