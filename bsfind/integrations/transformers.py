@@ -179,11 +179,13 @@ class NoiseScaleCallback(TrainerCallback):
             self._losses.append(loss.detach())
         last = GradientState().sync_gradients  # the Trainer sets it before each micro-batch
         nodes = {t.grad_fn for t in _tensors(output) if t.grad_fn is not None}
+        fired = [False]
 
         def at_start_of_backward(grad_outputs: Any) -> None:
             task = compat.current_graph_task_id()
-            if task is not None and task == self._last_task:
-                return  # another output of this forward, same backward
+            if fired[0] or (task is not None and task == self._last_task):
+                return  # another output of this forward, or of another forward, same backward
+            fired[0] = True
             self._last_task = task
             # Queued from a final callback, it runs after those queued during the
             # backward: DDP's, which waits for the all-reduce.
