@@ -535,8 +535,9 @@ class Tracker:
         """Call after the backward of each micro-batch but the last (gradient accumulation).
 
         The last micro-batch's backward is followed by :meth:`update` instead. A call
-        after the last backward too is harmless: a micro-batch whose gradient is exactly
-        zero is dropped.
+        after the last backward too leaves the estimate right (a micro-batch whose
+        gradient difference is exactly zero is dropped) but counts that micro-batch's
+        examples twice.
         """
         self._check_open()
         self._micro.append(self._batch(batch_size))
