@@ -55,7 +55,20 @@ def free_port() -> int:
 def two_ranks(script: Path, *args: str, timeout: float = 120, **env: str
               ) -> list[tuple[int, str, str]]:
     """Run ``script`` as ranks 0 and 1 of a gloo launch (the torch.distributed environment
-    set by hand); returns each rank's (exit code, stdout, stderr)."""
+    set by hand); returns each rank's (exit code, stdout, stderr).
+
+    The free port is found by binding port 0 and closing it, so another process on this
+    shared machine can take it before rank 0 does: such a launch is retried on a new port.
+    """
+    for _ in range(3):
+        ranks = _launch_two(script, args, timeout, env)
+        if not any("address already in use" in err.lower() for _, _, err in ranks):
+            break
+    return ranks
+
+
+def _launch_two(script: Path, args: tuple[str, ...], timeout: float, env: dict[str, str]
+                ) -> list[tuple[int, str, str]]:
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
                 OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **env)
