@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check bsfind tests benchmarks scripts
+	$(BIN)/ruff check bsfind tests benchmarks scripts examples
 	$(BIN)/mypy bsfind
 
 bench: $(STAMP)

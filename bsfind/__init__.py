@@ -3,6 +3,8 @@
     from bsfind import load_spec, recommend
     report = recommend(load_spec("configs/digits-mlp.yaml"))
 
+    tracker = bsfind.track(model)      # in a training loop: tracker.update() after backward
+
 The public names below load on first use (PEP 562), so ``import bsfind`` and
 ``bsfind --version`` do not import torch.
 """
@@ -28,6 +30,8 @@ _EXPORTS = {
     "Recommendation": "bsfind.results",
     "load_spec": "bsfind.spec",
     "spec_from_dict": "bsfind.spec",
+    "read_log": "bsfind.tracker",
+    "track": "bsfind.tracker",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -45,6 +49,8 @@ if TYPE_CHECKING:
     from bsfind.results import Recommendation as Recommendation
     from bsfind.spec import load_spec as load_spec
     from bsfind.spec import spec_from_dict as spec_from_dict
+    from bsfind.tracker import read_log as read_log
+    from bsfind.tracker import track as track
 
 
 def __getattr__(name: str) -> Any:

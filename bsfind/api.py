@@ -67,6 +67,29 @@ def recommend(
     return _execute(spec, "recommend", progress, max_gpus)
 
 
+def schedule_from_log(spec: Spec, log: str | Path, progress: ProgressFn | None = None,
+                      max_gpus: int | None = None) -> Report:
+    """Plan the next run from the last: the ``bsfind schedule SPEC LOG`` command.
+
+    The noise scale along training comes from a tracker's JSON-lines ``log``
+    (``bsfind.track(model, log=path)``); the spec gives the model, the baseline and
+    the planned run, and its hardware is measured here (or predicted for
+    ``hardware.gpu``). The report carries the recommendation for the end of the
+    logged run and the batch-size schedule fitted to the whole log.
+
+    Raises:
+        UsageError: the log is missing or not a tracker's, or bsfind runs under torchrun.
+    """
+    from bsfind.errors import UsageError
+    from bsfind.tracker import read_log
+
+    if launch.requested():
+        raise UsageError("bsfind schedule plans from a log on one process",
+                         hint="run it without torchrun")
+    records = read_log(log)
+    return pipeline.plan_from_log(spec, LocalRunner(), records, str(log), progress, max_gpus)
+
+
 def write_plot(report: Report, path: str | Path) -> Path:
     """Write the candidates' predicted time and cost against batch size (PNG/SVG)."""
     from bsfind.errors import UsageError

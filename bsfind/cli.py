@@ -376,7 +376,8 @@ def render_report(doc: dict[str, Any]) -> None:
     if doc.get("trajectory"):
         from bsfind.wording import trajectory_line
 
-        stdout.print(f"Probe run: {trajectory_line(_trajectory(doc['trajectory']))}",
+        label = "Logged run" if doc["trajectory"]["mode"] == "log" else "Probe run"
+        stdout.print(f"{label}: {trajectory_line(_trajectory(doc['trajectory']))}",
                      markup=False)
     render_branches(doc)
     if doc["command"] in ("noise", "branch"):
@@ -569,6 +570,34 @@ def recommend(
         return report.to_dict(r)
 
     doc = _guard(debug, run, on_interrupt=_partial_noise(json_out), as_json=json_out)
+    _emit(doc, json_out)
+
+
+@app.command()
+def schedule(
+    spec: SpecArg,
+    log: Annotated[Path, typer.Argument(help="A tracker's JSON-lines log: "
+                                        "bsfind.track(model, log=path) in the last run.")],
+    json_out: JsonOpt = False,
+    set_: SetOpt = None,
+    gpu: Annotated[str | None, typer.Option("--gpu", help="Plan for a GPU that is not "
+                                             "present, e.g. a100-80gb (predicted).")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Plan the next run's batch-size schedule from the noise scale a tracker logged
+    in the last one, with this machine's step time (no noise probe)."""
+    from bsfind import api, report
+
+    overrides = list(set_ or [])
+    if gpu:
+        overrides.append(f"hardware.gpu={gpu}")
+
+    def run() -> dict[str, Any]:
+        s = _load(spec, overrides)
+        with _sigterm_as_interrupt(), _progress(True) as progress:
+            return report.to_dict(api.schedule_from_log(s, log, progress=progress))
+
+    doc = _guard(debug, run, as_json=json_out)
     _emit(doc, json_out)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from bsfind import advisor, schedule, trajectory, wording
 from bsfind.budget import Deadline, ProgressFn
@@ -31,6 +33,9 @@ from bsfind.runner import Runner
 from bsfind.seeds import Seeds
 from bsfind.spec import Spec
 from bsfind.workload import Workload
+
+if TYPE_CHECKING:
+    from bsfind.tracker import TrackRecord
 
 # Share of probe.max_seconds reserved for the hardware measurements (memory and
 # the step-time ladder) when they run; the noise probe gets the rest.
@@ -115,6 +120,46 @@ def run(spec: Spec, runner: Runner, command: str, progress: ProgressFn | None = 
         except KeyboardInterrupt:
             raise Interrupted("interrupted during the hardware analysis",
                               partial=points.estimates) from None
+    return runner.finish(dataclasses.replace(report, seconds=time.perf_counter() - start))
+
+
+def plan_from_log(spec: Spec, runner: Runner, records: Sequence[TrackRecord], source: str,
+                  progress: ProgressFn | None = None, max_gpus: int | None = None) -> Report:
+    """``bsfind schedule``: the advice and the batch-size schedule from the noise scale a
+    tracker logged along the user's own run, with this machine's hardware measured
+    (or ``hardware.gpu`` predicted) as ``recommend`` measures it. No noise probe runs:
+    the hardware gets the whole of ``probe.max_seconds``.
+
+    Raises:
+        BsfindError: a user-caused failure (an empty log, a spec that does not build).
+    """
+    from bsfind.hardware.nvml import describe_device
+
+    start = time.perf_counter()
+    deadline = runner.deadline(spec.probe.max_seconds)
+    job = runner.build(spec)
+    points = trajectory.from_log(records, dataset_size=len(job),
+                                 planned=spec.planned_examples(len(job)), source=source)
+    logged = {r.b_big for r in records}
+    notes = [wording.log_batch_differs(sorted(logged), spec.optimizer.batch_size)] if (
+        logged and logged != {spec.optimizer.batch_size}) else []
+    report = Report(
+        command="schedule", spec=spec.document, device=describe_device(job.device),
+        dataset_size=len(job), baseline_batch=spec.optimizer.batch_size,
+        baseline_lr=spec.optimizer.lr, optimizer=spec.optimizer.name,
+        noise=points.estimates, used=points.used, status=points.status,
+        trajectory=points.trajectory,
+        warnings=tuple(wording.noise_warnings(
+            points.used, points.trajectory, dataset_size=len(job),
+            baseline_batch=spec.optimizer.batch_size, from_checkpoint=False)) + tuple(notes),
+    )
+    hw = (runner.measure_hardware(job, hardware_options(spec), deadline, progress)
+          if spec.probe.timing else HardwareMeasurement(None, None))
+    report = advise(report, spec, job, runner, hw, max_gpus)
+    if report.schedule is None:
+        timed = any(c.step_seconds is not None for c in report.candidates)
+        report = dataclasses.replace(report, warnings=report.warnings + (
+            wording.no_schedule(len(points.estimates), timed),))
     return runner.finish(dataclasses.replace(report, seconds=time.perf_counter() - start))
 
 

@@ -390,7 +390,8 @@ class Trajectory:
 
     Attributes:
         mode: "along" (bsfind trained at the baseline batch and learning rate),
-            "checkpoints" (``model.checkpoints``) or "pinned" (``at_steps``,
+            "checkpoints" (``model.checkpoints``), "log" (a tracker's log, ``bsfind
+            schedule``) or "pinned" (``at_steps``,
             ``warmup_steps``, ``model.checkpoint``).
         steps / examples: the last point's training step and examples seen.
         epochs: examples over the dataset size.

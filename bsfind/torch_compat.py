@@ -115,3 +115,80 @@ def swap_parameter(module: nn.Module, name: str, value: torch.Tensor) -> torch.T
     old = params[name]
     params[name] = value
     return old
+
+
+# -- the tracker (bsfind/tracker.py) --------------------------------------------------------
+
+# torch._foreach_* run one kernel per group of tensors instead of one per tensor (what
+# clip_grad_norm_ uses). Fallback: a Python loop over the tensors.
+_FOREACH_NORM: Callable[..., list[torch.Tensor]] | None = getattr(torch, "_foreach_norm", None)
+_FOREACH_SUB_: Callable[..., None] | None = getattr(torch, "_foreach_sub_", None)
+_FOREACH_COPY_: Callable[..., None] | None = getattr(torch, "_foreach_copy_", None)
+
+
+def sq_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Σ |t|² over ``tensors`` as a float64 scalar on their device (no host sync)."""
+    norms = _FOREACH_NORM(tensors) if _FOREACH_NORM is not None else [t.norm() for t in tensors]
+    n = torch.stack(norms).double()  # each norm in its tensor's dtype, the sum in float64
+    return n.dot(n)
+
+
+def sq_diff_and_copy(prev: list[torch.Tensor], current: list[torch.Tensor]) -> torch.Tensor:
+    """Σ |current − prev|², then ``prev`` becomes a copy of ``current`` (in place, no temporary
+    the size of the tensors)."""
+    if _FOREACH_SUB_ is not None and _FOREACH_COPY_ is not None:
+        _FOREACH_SUB_(prev, current)
+        sq = sq_norm(prev)
+        _FOREACH_COPY_(prev, current)
+        return sq
+    for p, c in zip(prev, current, strict=True):
+        p.sub_(c)
+    sq = sq_norm(prev)
+    for p, c in zip(prev, current, strict=True):
+        p.copy_(c)
+    return sq
+
+
+def loss_scale(scaler: object | None) -> torch.Tensor | float | None:
+    """The loss scale a GradScaler's gradients carry now, or None (no scaler, or disabled).
+
+    The scale tensor (``GradScaler._scale``) is read without a host sync; the fallback is
+    ``get_scale()`` (a float, one sync).
+    """
+    if scaler is None:
+        return None
+    enabled = getattr(scaler, "is_enabled", None)
+    if callable(enabled) and not enabled():
+        return None
+    scale = getattr(scaler, "_scale", None)
+    if isinstance(scale, torch.Tensor):
+        return scale
+    get = getattr(scaler, "get_scale", None)
+    return float(get()) if callable(get) else None
+
+
+def scaler_unscaled(scaler: object | None) -> bool:
+    """Whether ``scaler.unscale_(optimizer)`` already ran this step (its per-optimizer
+    stage, ``GradScaler._per_optimizer_states``). Fallback: False (cannot tell)."""
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if not isinstance(states, dict):
+        return False
+    return any(getattr(s.get("stage"), "name", "") == "UNSCALED" for s in states.values())
+
+
+def can_queue_backward_callback() -> bool:
+    """Whether :func:`queue_backward_callback` is available in this torch."""
+    engine = getattr(torch.autograd.Variable, "_execution_engine", None)
+    return getattr(engine, "queue_callback", None) is not None
+
+
+def queue_backward_callback(fn: Callable[[], None]) -> bool:
+    """Run ``fn`` once the backward pass now running has finished (and before
+    ``backward()`` returns); DDP and FSDP use the same engine call. Must be called
+    from inside a backward (a hook). Returns False where torch has no such call."""
+    engine = getattr(torch.autograd.Variable, "_execution_engine", None)
+    queue = getattr(engine, "queue_callback", None)
+    if queue is None:
+        return False
+    queue(fn)
+    return True

@@ -13,6 +13,8 @@ Three ways, chosen by the spec (``Spec.probe_mode``):
 - **checkpoints**: at each of ``model.checkpoints``, no training.
 - **pinned**: at ``probe.at_steps``, after ``probe.warmup_steps``, or at the
   weights of ``model.checkpoint``; the last point drives the advice.
+- **log**: read from a tracker's JSON-lines log (``bsfind schedule SPEC LOG``,
+  :func:`from_log`): the user's own run measured itself, nothing is probed.
 
 Every point also records the training loss on a fixed subset of the data, so
 the report can say how far training got.
@@ -21,14 +23,16 @@ the report can say how far training got.
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from bsfind.budget import Deadline, ProgressFn
-from bsfind.errors import BudgetError, Interrupted
+from bsfind.errors import BudgetError, Interrupted, UsageError
 from bsfind.noise.probe import ProbeOptions
 from bsfind.results import Interval, NoiseEstimate, Trajectory
 from bsfind.runner import Runner
@@ -36,6 +40,9 @@ from bsfind.seeds import Seeds
 from bsfind.spec import Spec
 from bsfind.training import EpochSampler, evaluate_loss, evaluation_subset
 from bsfind.workload import Workload, load_checkpoint
+
+if TYPE_CHECKING:
+    from bsfind.tracker import TrackRecord
 
 # The first training step measured after step 0; later points double it.
 FIRST_STEP = 8
@@ -49,6 +56,10 @@ SUMMARY_POINTS = 3
 MOVED_LOSS_DROP = 0.3
 # Each point's probe may take at most this share of the noise budget.
 POINT_SHARE = 0.2
+# A tracker log holds a record every few steps; the growth fit sees at most this
+# many points, each the median over a stretch of equal width in log(examples)
+# (the geometric spacing of the probe's own points).
+LOG_POINTS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,3 +308,74 @@ def measure_point(job: Workload, runner: Runner, options: ProbeOptions, seeds: S
     est = probe.run(deadline.within(deadline.left() / 2))
     return runner.curvature(job, est, options, seed=seeds.curvature(step), deadline=deadline,
                             progress=progress)
+
+
+# ------------------------------------------------------------------- a tracker's log
+
+
+def from_log(records: Sequence[TrackRecord], *, dataset_size: int, planned: int | None,
+             source: str) -> Points:
+    """The points of a tracker log (``bsfind.track(..., log=path)``), as the probe's.
+
+    The estimates are at most LOG_POINTS medians over stretches of equal width in
+    log(examples seen), for the growth fit and the table; "now" is the median over
+    the last SUMMARY_POINTS records (each already smoothed over the tracker's window).
+
+    Raises:
+        UsageError: the log has no record after the first training examples.
+    """
+    later = [r for r in records if r.examples > 0]
+    if not later:
+        raise UsageError(f"{source}: the tracker log has no measured step",
+                         hint="let the run log a few records (tracker.update() after "
+                              "each backward) before planning from it")
+    each = [_record_estimate(r) for r in later]
+    points = tuple(_median_point(g) for g in _log_stretches(each, LOG_POINTS))
+    used = summarize(each) if len(each) > 1 else each[-1]
+    first, last = later[0], later[-1]
+    return Points(points, used, Trajectory(
+        mode="log", steps=last.step, examples=last.examples,
+        epochs=last.examples / dataset_size if dataset_size else None,
+        loss_from=first.loss, loss_to=last.loss,
+        b_simple_first=next((p.b_simple for p in points if p.b_simple is not None), None),
+        b_simple_last=used.b_simple, moved=True,
+        planned_examples=planned,
+    ), "ok")
+
+
+def _record_estimate(r: TrackRecord) -> NoiseEstimate:
+    unknown = Interval(math.nan, math.nan)  # the tracker logs the ratio's interval only
+    return NoiseEstimate(
+        b_simple=r.b_simple, ci95=r.ci95, grad_norm_sq=r.grad_norm_sq,
+        grad_norm_sq_ci95=unknown, trace_sigma=r.trace_sigma, trace_sigma_ci95=unknown,
+        method=r.method, method_reason="read from a tracker log",
+        b_small=r.b_small, b_big=r.b_big, examples=max(r.window, 1) * r.b_big,
+        rounds=max(r.window, 1), seconds=0.0, stopped="logged", step=r.step,
+        examples_seen=r.examples, loss=r.loss)
+
+
+def _log_stretches(points: list[NoiseEstimate], n: int) -> list[list[NoiseEstimate]]:
+    """``points`` (ascending examples) in at most ``n`` groups of equal log-width."""
+    lo = math.log(points[0].examples_seen or 1)
+    width = (math.log(points[-1].examples_seen or 1) - lo) / n
+    groups: dict[int, list[NoiseEstimate]] = {}
+    for p in points:
+        k = 0 if width <= 0 else min(int((math.log(p.examples_seen or 1) - lo) / width), n - 1)
+        groups.setdefault(k, []).append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def _median_point(group: list[NoiseEstimate]) -> NoiseEstimate:
+    """One point for a stretch: its middle record, with the median noise scale (an
+    unresolved record counting as the largest) and the interval of them all."""
+    values = sorted(p.b_simple if p.b_simple is not None else math.inf for p in group)
+    mid = statistics.median(values)
+    losses = [p.loss for p in group if p.loss is not None]
+    return dataclasses.replace(
+        group[len(group) // 2],
+        b_simple=None if mid == math.inf else mid,
+        ci95=Interval(min(p.ci95.low for p in group), max(p.ci95.high for p in group)),
+        grad_norm_sq=statistics.median(p.grad_norm_sq for p in group),
+        trace_sigma=statistics.median(p.trace_sigma for p in group),
+        loss=statistics.median(losses) if losses else None,
+    )

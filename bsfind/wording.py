@@ -86,6 +86,23 @@ def noise_warnings(used: NoiseEstimate, trajectory: Trajectory | None, *, datase
     return out
 
 
+def log_batch_differs(logged: list[int], baseline: int) -> str:
+    """``bsfind schedule``: the logged run's batch is not the spec's baseline."""
+    sizes = ", ".join(f"{b:,}" for b in logged)
+    return (f"the tracker log's run used batch {sizes}, the spec's baseline is {baseline:,}: "
+            "the noise scale does not depend on the batch, but the predicted times and the "
+            "schedule's first phase are for the spec's baseline")
+
+
+def no_schedule(points: int, timed: bool) -> str:
+    """``bsfind schedule`` could not build a schedule: why, and what to do."""
+    if not timed:
+        return ("no batch-size schedule: no step time bsfind can act on (probe.timing off, "
+                "or the timing was too noisy); set hardware.gpu to plan from a predicted one")
+    return (f"no batch-size schedule: the log gives {points} point(s) along the run with a "
+            "resolved noise scale to fit its growth; log a longer stretch of training")
+
+
 def batchnorm(norm_batch: int, advice: bool = True) -> str:
     """The noise scale of a BatchNorm model is that of its BatchNorm batch (DESIGN §8)."""
     return (f"the model has BatchNorm in training mode: its noise scale depends on the "
@@ -132,7 +149,7 @@ def did_not_move(t: Trajectory) -> str:
 def trajectory_line(t: Trajectory) -> str:
     """One line: how far the probe run got, the loss, and the noise scale's growth."""
     where = {"along": "trained along", "checkpoints": "measured at checkpoints up to",
-             "pinned": "measured at"}[t.mode]
+             "pinned": "measured at", "log": "tracked up to"}[t.mode]
     examples = f", {t.examples:,} examples ({t.epochs:.2g} epochs)" if (
         t.examples is not None and t.epochs is not None) else ""
     loss = (f"; training loss {t.loss_from:.3g} → {t.loss_to:.3g}"

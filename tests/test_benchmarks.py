@@ -1,4 +1,5 @@
-"""The overhead benchmark's four steps do the same training work, and the script runs.
+"""The overhead benchmarks: per_example_overhead.py's four steps do the same training work,
+and both scripts run.
 
 Not a timing check (timings are never asserted): that (a) plain, (b) fused hooks,
 (u) unfused hooks and (c) torch.func form the same gradient for the same batch, so
@@ -51,3 +52,12 @@ def test_measure_and_rates_run() -> None:
     assert len(ms) == 4 and len(ratios) == 3 and min(ms) > 0
     conv_rate, bmm_rate = bench.gemm_rates(reps=1)
     assert conv_rate > 0 and bmm_rate > 0
+
+
+def test_tracker_overhead_runs() -> None:
+    import tracker_overhead
+
+    torch.set_num_threads(1)  # two blocks of 32 small steps: one thread is quicker on 2 cores
+    ms, ratio, measured = tracker_overhead.measure(bench.cases(["mlp"])[0], reps=1,
+                                                   clock=time.perf_counter, warmup=0)
+    assert len(ms) == 4 and min(ms) > 0 and ratio > 0 and measured > 0

@@ -1,0 +1,198 @@
+"""The tracker as a Lightning Callback: the noise scale in your loggers.
+
+    import lightning as L
+    from bsfind.integrations.lightning import NoiseScaleMonitor
+
+    trainer = L.Trainer(callbacks=[NoiseScaleMonitor(log_path="noise.jsonl")])
+    trainer.fit(module, loader)
+
+Metrics (``bsfind/b_simple``, ``bsfind/b_simple_low``/``_high``, ``bsfind/grad_norm_sq``,
+``bsfind/trace_sigma``, ``bsfind/b_big``, ``bsfind/examples``: the latest record) go
+through ``pl_module.log_dict`` at the steps where the Trainer writes step metrics
+(every ``log_every_n_steps`` optimizer steps), so every logger of the Trainer gets them.
+``accumulate_grad_batches`` and DDP are handled: the callback feeds the tracker
+(:mod:`bsfind.tracker`) from ``on_after_backward`` (after each micro-batch's
+backward, before Lightning unscales AMP gradients and clips), pairing micro-batches
+under accumulation and each rank's gradient with the all-reduced one under DDP (a
+comm hook on the strategy's DistributedDataParallel).
+
+With ``double=True`` it acts on :meth:`~bsfind.tracker.Tracker.advice`: at the
+start of an epoch, the only point where Lightning lets accumulation change (as its
+own ``GradientAccumulationScheduler`` does), it doubles
+``trainer.accumulate_grad_batches`` when doubling the batch pays, and multiplies
+every learning rate (and the LR schedulers' base rates) by the rule of
+:func:`bsfind.advisor.scaled_lr` for the optimizer's family. Without ``timing``
+the step-time curve is the one the tracker measures from its step times once two
+batch sizes were seen, and before that the noise scale alone decides (see
+:class:`~bsfind.tracker.TrackerAdvice`). On one device, doubling through
+accumulation does not make a step cheaper per example: pass the step-time curve
+of your setup when you have one.
+
+Needs ``pip install 'bsfind[lightning]'`` (``lightning.pytorch``) and automatic
+optimization; with manual optimization, call :func:`bsfind.track` in ``training_step``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bsfind.tracker import (
+    DEFAULT_WINDOW,
+    Doubling,
+    Tracker,
+    check_doubling_options,
+    doubling_now,
+    scale_learning_rate,
+)
+
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
+    from lightning.pytorch.utilities.data import extract_batch_size
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "bsfind.integrations.lightning needs Lightning: pip install 'bsfind[lightning]'"
+    ) from exc
+
+
+class NoiseScaleMonitor(Callback):
+    """Track the gradient noise scale during ``Trainer.fit`` and log it.
+
+    Args:
+        every, window, timing, ddp_comm_hook: as for :class:`bsfind.tracker.Tracker`.
+        log_path: also write the records as JSON lines there (rank 0).
+        double: double ``accumulate_grad_batches`` at an epoch start when the advice
+            says doubling the batch pays, with the learning-rate rule.
+        max_accumulation: never accumulate more micro-batches than this.
+        lr_rule: "auto" (the optimizer family's rule), "linear", "sqrt" or "none".
+        prefix: of the logged metric names.
+
+    Attributes:
+        tracker: the :class:`~bsfind.tracker.Tracker` (from ``on_train_start``).
+        doublings: every doubling made, in order.
+    """
+
+    def __init__(
+        self,
+        *,
+        every: int | None = None,
+        window: int = DEFAULT_WINDOW,
+        log_path: str | Path | None = None,
+        timing: Any = None,
+        double: bool = False,
+        max_accumulation: int | None = None,
+        lr_rule: str = "auto",
+        prefix: str = "bsfind/",
+        ddp_comm_hook: tuple[Any, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if every is not None and every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        if window < 2:
+            raise ValueError(f"window must be >= 2, got {window}")
+        check_doubling_options(max_accumulation, lr_rule)
+        self.options: dict[str, Any] = dict(every=every, window=window, log=log_path,
+                                            timing=timing, ddp_comm_hook=ddp_comm_hook)
+        self.timing = timing
+        self.double = double
+        self.max_accumulation = max_accumulation
+        self.lr_rule = lr_rule
+        self.prefix = prefix
+        self.tracker: Tracker | None = None
+        self.doublings: list[Doubling] = []
+        self._batch: int | None = None
+        self._batch_idx = 0
+        self._loss: torch.Tensor | None = None
+        self._stepped = False  # the last backward was an optimizer step's last
+
+    # -- set-up ---------------------------------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not pl_module.automatic_optimization:
+            raise RuntimeError(
+                "NoiseScaleMonitor needs automatic optimization; with manual optimization "
+                "call bsfind.track(model) and tracker.update() in training_step")
+        if self.double and any(isinstance(cb, GradientAccumulationScheduler)
+                               for cb in trainer.callbacks):  # type: ignore[attr-defined]
+            raise ValueError("NoiseScaleMonitor(double=True) changes accumulate_grad_batches "
+                             "itself: remove the GradientAccumulationScheduler callback")
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = trainer.strategy.model
+        model = wrapped if isinstance(wrapped, DistributedDataParallel) else pl_module
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        try:
+            self.tracker = Tracker(model, scaler=scaler, **self.options)
+        except RuntimeError as exc:  # DDP allows one comm hook
+            if "comm_hook" in str(exc) or "communication hook" in str(exc).lower():
+                raise RuntimeError(
+                    "the DDP strategy already has a comm hook: pass it to "
+                    "NoiseScaleMonitor(ddp_comm_hook=(state, hook)) instead, which wraps it"
+                ) from exc
+            raise
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+
+    # -- every micro-batch --------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        try:
+            self._batch = extract_batch_size(batch)
+        except Exception:  # a batch Lightning cannot size: the tracker reads the forward's input
+            self._batch = None
+        self._batch_idx = batch_idx
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           loss: torch.Tensor) -> None:
+        # Lightning backpropagates loss / accumulate_grad_batches: their sum is the step's mean.
+        d = loss.detach()
+        self._loss = d if self._loss is None else self._loss + d
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.tracker is None:
+            return
+        acc = trainer.accumulate_grad_batches
+        n = trainer.num_training_batches
+        # Lightning steps after every acc-th batch of an epoch and after its last batch.
+        last = (self._batch_idx + 1) % acc == 0 or (
+            math.isfinite(n) and self._batch_idx + 1 >= n)
+        self._stepped = last
+        if last:
+            self.tracker.update(self._loss, batch_size=self._batch)
+            self._loss = None
+        else:
+            self.tracker.micro_step(batch_size=self._batch)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        rec = self.tracker.latest if self.tracker is not None else None
+        every = int(getattr(trainer, "log_every_n_steps", 50))  # set at run time, not declared
+        # Only where Lightning writes step metrics (a batch that stepped, at its
+        # log_every_n_steps); log_dict costs about 2 ms a call.
+        if (rec is not None and every > 0 and self._stepped
+                and trainer.global_step % every == 0):
+            pl_module.log_dict(rec.metrics(self.prefix), on_step=True, on_epoch=False)
+
+    # -- acting on the advice -----------------------------------------------------------------
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.double or self.tracker is None or not trainer.optimizers:
+            return
+        acc = trainer.accumulate_grad_batches
+        decided = doubling_now(self.tracker, acc, max_accumulation=self.max_accumulation,
+                               optimizer=trainer.optimizers[0], timing=self.timing,
+                               lr_rule=self.lr_rule)
+        if decided is None:
+            return
+        adv, factor = decided
+        trainer.accumulate_grad_batches = 2 * acc
+        scale_learning_rate(trainer.optimizers, factor,
+                            [cfg.scheduler for cfg in trainer.lr_scheduler_configs])
+        self.doublings.append(Doubling(
+            step=trainer.global_step, epoch=trainer.current_epoch, accumulation=2 * acc,
+            batch_size=2 * adv.batch_size, lr_factor=factor, basis=adv.basis,
+            b_simple=adv.b_simple, ci95=adv.ci95))

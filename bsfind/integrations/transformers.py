@@ -1,0 +1,240 @@
+"""The tracker as a Hugging Face TrainerCallback: the noise scale in the Trainer's logs.
+
+    from transformers import Trainer
+    from bsfind.integrations.transformers import NoiseScaleCallback
+
+    trainer = Trainer(model=model, args=args, train_dataset=train)
+    NoiseScaleCallback.attach(trainer, log_path="noise.jsonl")
+    trainer.train()
+
+At every logging step the latest values (``bsfind/b_simple``,
+``bsfind/b_simple_low``/``_high``, ``bsfind/grad_norm_sq``, ``bsfind/trace_sigma``,
+``bsfind/b_big``, ``bsfind/examples``) are put in the ``logs`` of ``on_log`` and in
+``state.log_history``. :meth:`NoiseScaleCallback.attach` puts the callback first in
+the Trainer's list, so that every ``report_to`` backend (TensorBoard, W&B, ...),
+which receives the same ``logs`` after it, logs them too; passed through
+``callbacks=[...]`` it comes after those backends and only ``state.log_history``
+and later callbacks see its values.
+
+The Trainer clips gradients (``max_grad_norm``, 1.0 by default) before any
+callback runs, so the gradients are read where the backward of each micro-batch
+ends: a forward hook on the model hooks the autograd graph of its output, which
+asks the autograd engine to run the tracker once that backward has finished (the
+engine's final callback, as DDP and FSDP use), before the Trainer unscales AMP
+gradients or clips them. Under data parallelism the tracker pairs each rank's
+gradient with the all-reduced one through a comm hook on the Trainer's
+DistributedDataParallel model, which needs ``attach``.
+
+With ``double=True``, at the start of an epoch (where the Trainer reads
+``args.gradient_accumulation_steps`` for the epoch) it doubles
+``gradient_accumulation_steps`` when the advice says doubling the batch pays, and
+scales the learning rate and the scheduler's base rates by the rule of
+:func:`bsfind.advisor.scaled_lr`. The scheduler keeps its planned number of steps.
+
+Needs ``pip install 'bsfind[transformers]'`` (transformers and accelerate).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bsfind import torch_compat as compat
+from bsfind.tracker import (
+    DEFAULT_WINDOW,
+    Doubling,
+    Tracker,
+    check_doubling_options,
+    doubling_now,
+    scale_learning_rate,
+)
+
+try:
+    from accelerate.state import GradientState
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "bsfind.integrations.transformers needs transformers and accelerate: "
+        "pip install 'bsfind[transformers]'"
+    ) from exc
+
+
+def _tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors of a model output (a tensor, a tuple/list, a dict or a ModelOutput)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):  # ModelOutput is an OrderedDict
+        output = list(output.values())
+    if isinstance(output, (list, tuple)):
+        return [t for item in output for t in _tensors(item)]
+    return []
+
+
+def _loss(output: Any) -> torch.Tensor | None:
+    loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+    return loss if isinstance(loss, torch.Tensor) and loss.dim() == 0 else None
+
+
+class NoiseScaleCallback(TrainerCallback):
+    """Track the gradient noise scale during ``Trainer.train`` and log it.
+
+    Args:
+        every, window, timing, ddp_comm_hook: as for :class:`bsfind.tracker.Tracker`.
+        log_path: also write the records as JSON lines there (rank 0).
+        double: double ``gradient_accumulation_steps`` at an epoch start when the
+            advice says doubling the batch pays, with the learning-rate rule.
+        max_accumulation: never accumulate more micro-batches than this.
+        lr_rule: "auto" (the optimizer family's rule), "linear", "sqrt" or "none".
+        prefix: of the logged metric names.
+
+    Attributes:
+        tracker: the :class:`~bsfind.tracker.Tracker` (from ``on_train_begin``).
+        doublings: every doubling made, in order.
+    """
+
+    def __init__(
+        self,
+        *,
+        every: int | None = None,
+        window: int = DEFAULT_WINDOW,
+        log_path: str | Path | None = None,
+        timing: Any = None,
+        double: bool = False,
+        max_accumulation: int | None = None,
+        lr_rule: str = "auto",
+        prefix: str = "bsfind/",
+        ddp_comm_hook: tuple[Any, Any] | None = None,
+    ) -> None:
+        if every is not None and every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        if window < 2:
+            raise ValueError(f"window must be >= 2, got {window}")
+        check_doubling_options(max_accumulation, lr_rule)
+        self.options: dict[str, Any] = dict(every=every, window=window, log=log_path,
+                                            timing=timing, ddp_comm_hook=ddp_comm_hook)
+        self.timing = timing
+        self.double = double
+        self.max_accumulation = max_accumulation
+        self.lr_rule = lr_rule
+        self.prefix = prefix
+        self.trainer: Any = None
+        self.tracker: Tracker | None = None
+        self.doublings: list[Doubling] = []
+        self._hook: Any = None
+        self._losses: list[torch.Tensor] = []
+        self._last_task: int | None = None
+
+    @classmethod
+    def attach(cls, trainer: Any, **options: Any) -> NoiseScaleCallback:
+        """Add a new callback in front of ``trainer``'s others (before the ``report_to``
+        backends, so they log its metrics) and let it find the DDP model; returns it."""
+        cb = cls(**options)
+        cb.trainer = trainer
+        trainer.callback_handler.callbacks.insert(0, cb)
+        return cb
+
+    # -- set-up ---------------------------------------------------------------------------
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState,
+                       control: TrainerControl, model: nn.Module | None = None,
+                       optimizer: Any = None, **kwargs: Any) -> None:
+        if model is None:
+            raise RuntimeError("the Trainer passed no model to NoiseScaleCallback")
+        if not compat.can_queue_backward_callback():
+            raise RuntimeError("NoiseScaleCallback needs torch's autograd engine callbacks "
+                               "(torch.autograd.Variable._execution_engine.queue_callback), "
+                               "which this torch lacks")
+        tracked: nn.Module = model
+        if args.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            wrapped = getattr(self.trainer, "model_wrapped", None)
+            if not isinstance(wrapped, DistributedDataParallel):
+                raise RuntimeError(
+                    "NoiseScaleCallback under data parallelism needs the Trainer's "
+                    "DistributedDataParallel model: add it with "
+                    "NoiseScaleCallback.attach(trainer) (FSDP and DeepSpeed are not supported)")
+            tracked = wrapped
+        # AcceleratedOptimizer holds the GradScaler of fp16 training.
+        scaler = getattr(optimizer, "scaler", None)
+        self.tracker = Tracker(tracked, scaler=scaler, **self.options)
+        self._hook = model.register_forward_hook(self._on_forward)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState,
+                     control: TrainerControl, **kwargs: Any) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self.tracker is not None:
+            self.tracker.close()
+
+    # -- every micro-batch --------------------------------------------------------------------
+    def _on_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not (torch.is_grad_enabled() and module.training):
+            return
+        loss = _loss(output)
+        if loss is not None:
+            self._losses.append(loss.detach())
+        last = GradientState().sync_gradients  # the Trainer sets it before each micro-batch
+        nodes = {t.grad_fn for t in _tensors(output) if t.grad_fn is not None}
+        fired = [False]
+
+        def at_start_of_backward(grad_outputs: Any) -> None:
+            task = compat.current_graph_task_id()
+            if fired[0] or (task is not None and task == self._last_task):
+                return  # another output of this forward, or of another forward, same backward
+            fired[0] = True
+            self._last_task = task
+            # Queued from a final callback, it runs after those queued during the
+            # backward: DDP's, which waits for the all-reduce.
+            def queue_again() -> None:
+                compat.queue_backward_callback(lambda: self._after_backward(last))
+
+            compat.queue_backward_callback(queue_again)
+
+        for node in nodes:
+            node.register_prehook(at_start_of_backward)
+
+    def _after_backward(self, last: bool) -> None:
+        if self.tracker is None:
+            return
+        if last:
+            loss = torch.stack(self._losses).mean() if self._losses else None
+            self._losses = []
+            self.tracker.update(loss)
+        else:
+            self.tracker.micro_step()
+
+    # -- logs ---------------------------------------------------------------------------------
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        rec = self.tracker.latest if self.tracker is not None else None
+        if rec is None or logs is None:
+            return
+        metrics = rec.metrics(self.prefix)
+        logs.update(metrics)
+        # The Trainer appended a copy of ``logs`` to the history just before on_log.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
+
+    # -- acting on the advice -----------------------------------------------------------------
+    def on_epoch_begin(self, args: TrainingArguments, state: TrainerState,
+                       control: TrainerControl, optimizer: Any = None,
+                       lr_scheduler: Any = None, **kwargs: Any) -> None:
+        if not self.double or self.tracker is None or optimizer is None:
+            return
+        acc = args.gradient_accumulation_steps
+        inner = getattr(optimizer, "optimizer", optimizer)  # AcceleratedOptimizer wraps it
+        decided = doubling_now(self.tracker, acc, max_accumulation=self.max_accumulation,
+                               optimizer=inner, timing=self.timing, lr_rule=self.lr_rule)
+        if decided is None:
+            return
+        adv, factor = decided
+        args.gradient_accumulation_steps = 2 * acc
+        scale_learning_rate(inner, factor, [lr_scheduler] if lr_scheduler is not None else [])
+        self.doublings.append(Doubling(
+            step=state.global_step, epoch=int(state.epoch or 0), accumulation=2 * acc,
+            batch_size=2 * adv.batch_size, lr_factor=factor, basis=adv.basis,
+            b_simple=adv.b_simple, ci95=adv.ci95))

@@ -1,0 +1,176 @@
+"""The pieces of the in-training tracker (``bsfind/tracker.py``) that are not its API.
+
+- :class:`Window`: the last measurements, combined as a ratio of weighted means with
+  Fieller's interval (McCandlish App. A.1: never a mean of ratios);
+- :class:`StepTimes`: step periods per batch size and the line t(B) = t0 + c·B;
+- :class:`Pending`: a measured step's numbers on their way from the device to the
+  host without a synchronisation (a non-blocking copy and an event on CUDA);
+- :class:`DDPNorms`: the DDP communication hook that measures each bucket before and
+  after its all-reduce.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from bsfind import torch_compat as compat
+from bsfind.noise.estimators import RatioAccumulator
+from bsfind.results import Interval, TimingCurve, TimingPoint
+
+Method = Literal["per-example", "accumulation", "ddp"]
+
+# Step periods kept per batch size, and needed before a size enters the fitted curve.
+TIMED_STEPS = 64
+MIN_TIMED_STEPS = 8
+# The quantile of step periods that stands for a batch size's step time: other
+# processes only ever add time, so a low quantile estimates the step's own cost
+# (DESIGN §9); a low quantile rather than the minimum, because on CUDA host-side
+# periods jitter around the device's.
+TIMING_QUANTILE = 0.25
+
+
+class Window:
+    """The last ``size`` per-step estimates, combined as a ratio of weighted means."""
+
+    def __init__(self, size: int) -> None:
+        self.rows: deque[tuple[float, float, float]] = deque(maxlen=size)
+
+    def add(self, trace: float, g2: float, weight: float) -> None:
+        self.rows.append((trace, g2, weight))
+
+    def summary(self) -> tuple[float, float, float | None, Interval]:
+        """(smoothed |G|², smoothed tr(Σ), B_simple or None, its interval)."""
+        traces, g2s, weights = (list(c) for c in zip(*self.rows, strict=True))
+        value, ci, _, _ = RatioAccumulator(traces, g2s, weights).ratio()
+        total = sum(weights)
+        mean_trace = sum(w * t for w, t in zip(weights, traces, strict=True)) / total
+        mean_g2 = sum(w * g for w, g in zip(weights, g2s, strict=True)) / total
+        return mean_g2, mean_trace, value, ci
+
+
+class StepTimes:
+    """Host time from the end of one ``update()`` call to the start of the next (a
+    training step without the tracker's own work), per global batch size."""
+
+    def __init__(self) -> None:
+        self.periods: dict[int, deque[float]] = {}
+        self.last: float | None = None
+
+    def tick(self, batch: int, now: float, keep: bool) -> None:
+        if self.last is not None and keep:
+            self.periods.setdefault(batch, deque(maxlen=TIMED_STEPS)).append(now - self.last)
+
+    def curve(self) -> TimingCurve | None:
+        """t(B) = t0 + c·B through each batch size's low quantile, once two sizes have
+        MIN_TIMED_STEPS periods each (one size cannot separate t0 from c)."""
+        pts = []
+        for b, ps in sorted(self.periods.items()):
+            if len(ps) >= MIN_TIMED_STEPS:
+                s = sorted(ps)
+                pts.append(TimingPoint(b, s[int(TIMING_QUANTILE * (len(s) - 1))], len(s)))
+        if len(pts) < 2:
+            return None
+        xs = [float(p.batch_size) for p in pts]
+        ys = [p.seconds for p in pts]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        sxx = sum((x - mx) ** 2 for x in xs)
+        c = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+        t0 = my - c * mx
+        ss = sum((y - my) ** 2 for y in ys)
+        res = sum((y - t0 - c * x) ** 2 for x, y in zip(xs, ys, strict=True))
+        r2 = 1.0 - res / ss if ss > 0 else 1.0
+        return TimingCurve(points=tuple(pts), t0=t0, per_example=c, r2=r2, source="measured")
+
+
+@dataclass
+class StepMeta:
+    """What a measured step knows on the host; the numbers wait on the device."""
+
+    step: int
+    examples: int
+    method: Method
+    micro: list[int]  # batch size of each micro-batch on this rank
+    world: int
+    loss_count: int
+    seconds: float
+
+
+class Pending:
+    """A measured step's values on their way to the host, without a synchronisation.
+
+    ``values``: float64 device vector [sq_big, loss_sum, sq_small terms...]; ``work``:
+    an async all-reduce still summing it over ranks.
+    """
+
+    def __init__(self, values: torch.Tensor, meta: StepMeta, work: Any = None) -> None:
+        self.values = values
+        self.meta = meta
+        self.work = work
+        self.host: torch.Tensor | None = None
+        self.event: Any = None
+
+    def ready(self, force: bool) -> bool:
+        if self.work is not None:
+            if not force and not self.work.is_completed():
+                return False
+            self.work.wait()
+            self.work = None
+        if self.host is None:
+            if self.values.device.type == "cuda":
+                self.host = torch.empty(self.values.shape, dtype=self.values.dtype,
+                                        pin_memory=True)
+                self.host.copy_(self.values, non_blocking=True)
+                self.event = torch.cuda.Event()
+                self.event.record()
+            else:
+                self.host = self.values.to("cpu")
+        if self.event is not None:
+            if not force and not self.event.query():
+                return False
+            self.event.synchronize()
+        return True
+
+
+class DDPNorms:
+    """A DDP communication hook that also measures each bucket before and after its
+    all-reduce (the small and the big batch of the ddp pairing)."""
+
+    def __init__(self, ddp: Any, hook: Any = None, state: Any = None) -> None:
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        self.active = False
+        self.local: list[torch.Tensor] = []
+        self.reduced: list[torch.Tensor] = []
+        self.group = ddp.process_group
+        self.inner = hook or default_hooks.allreduce_hook
+        self.inner_state = state if hook is not None else self.group
+        ddp.register_comm_hook(self, ddp_comm_hook)
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(Σ |local bucket|², Σ |reduced bucket|²) since the last call, or None."""
+        local, reduced = self.local, self.reduced
+        self.local, self.reduced = [], []
+        if not local or len(reduced) != len(local):
+            return None
+        return torch.stack(local).sum(), torch.stack(reduced).sum()
+
+
+def ddp_comm_hook(norms, bucket):  # type: ignore[no-untyped-def]
+    # No annotations: DDP compares them with dist.GradBucket / Future[Tensor] at
+    # registration, and this module's postponed (string) annotations never match.
+    if not norms.active:
+        return norms.inner(norms.inner_state, bucket)
+    norms.local.append(compat.sq_norm([bucket.buffer()]))
+    fut = norms.inner(norms.inner_state, bucket)
+
+    def after(f: Any) -> torch.Tensor:
+        t = f.value()
+        t = t[0] if isinstance(t, list) else t
+        norms.reduced.append(compat.sq_norm([t]))  # list.append: safe from the comm thread
+        return t
+
+    return fut.then(after)

@@ -1,0 +1,941 @@
+"""The noise scale inside training: a tracker for any loop (DESIGN §7).
+
+    tracker = bsfind.track(model, log="noise.jsonl")
+    for x, y in loader:
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        tracker.update(loss)        # after backward, before clipping and optimizer.step()
+        optimizer.step()
+        optimizer.zero_grad()
+
+Every training step already holds a small and a big batch. The tracker pairs
+them, cheapest first (McCandlish et al. 2018, App. A; the estimators of
+``noise/estimators.py``):
+
+- **ddp**: ``model`` is a DistributedDataParallel over N > 1 ranks. A DDP
+  communication hook takes each rank's local gradient (small, b = its examples
+  of the step) just before the all-reduce, and the all-reduced one (big, N·b)
+  just after. Cost: one squared norm per bucket on each side, and one extra
+  all-reduce of three scalars per measured step.
+- **accumulation**: the loop calls ``micro_step()`` after the backward of
+  each micro-batch but the last. The micro-batch gradient is the difference of
+  ``.grad`` before and after that micro-batch's backward; their sum is the big
+  batch. No hooks. Cost: one extra gradient buffer (the ``.grad`` of the
+  previous boundary) and three passes over the gradients per micro-batch.
+- **per-example**: otherwise, per-example gradient norms (b = 1) from
+  :class:`~bsfind.noise.per_example.PerExampleGradNorms` on one step in
+  ``every``. The hooks are attached at the end of the ``update()`` before a
+  measured step (the forward must run hooked) and detached by its own
+  ``update()``: other steps run the model untouched.
+
+Gradients are read where ``update()`` / ``micro_step()`` are called, so call
+them before clipping and before ``GradScaler.unscale_``; with ``scaler=`` the
+squared norms are divided by the loss scale squared.
+
+|G|² and tr(Σ) are smoothed separately, as weighted means over the last
+``window`` measurements (weights: the big batch), and B_simple is the ratio of
+the two means, never a mean of ratios (McCandlish App. A.1), with Fieller's 95%
+interval over the window (:class:`~bsfind.noise.estimators.RatioAccumulator`).
+The weights move between the steps of a window, so a tracked value is an
+average over that stretch of training, not a measurement at fixed weights
+(``bsfind noise`` measures at fixed weights).
+
+Values stay on the device until they are ready: on CUDA each measured step's
+numbers are copied to the host without a synchronisation and turned into a
+record at a later ``update()`` (``records`` waits for all of them).
+
+With ``log=path`` each record is one JSON line (rank 0 only)::
+
+    {"step": 40, "examples": 2624, "loss": 0.41, "grad_norm_sq": 0.012,
+     "trace_sigma": 1.7, "b_simple": 141.6, "b_simple_ci95": [118.2, 175.0],
+     "b_small": 1, "b_big": 64, "method": "per-example", ...}
+
+``step`` counts optimizer steps before the measured one (the weights it was
+measured at); ``examples`` the training examples through the measured step;
+``loss`` the mean of the losses given to ``update()`` since the previous
+record; ``grad_norm_sq`` / ``trace_sigma`` the smoothed values behind
+``b_simple`` (null when |G|² is not resolved; the interval's high end is then
+null). Extra keys: ``step_grad_norm_sq`` and ``step_trace_sigma`` (this step's
+own unbiased estimates), ``window`` (measurements smoothed) and ``seconds``
+(since the tracker started). :func:`read_log` parses the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import torch
+from torch import nn
+
+from bsfind import torch_compat as compat
+from bsfind.advisor import AdvisorInputs, advise, optimizer_family, scaled_lr, steps_ratio
+from bsfind.errors import UsageError
+from bsfind.noise import in_training
+from bsfind.noise.estimators import two_batch
+from bsfind.noise.in_training import Method
+from bsfind.results import Interval, TimingCurve
+
+METHODS: tuple[str, ...] = ("per-example", "accumulation", "ddp")
+TimingSource = Literal["given", "measured", "none"]
+AdviceBasis = Literal["time", "noise"]
+
+# One step in this many is measured with per-example norms. A measured step costs
+# 1.2-1.6x a plain one on the reference models (the hooks, plus about 0.4 ms of Python
+# that matters only for millisecond steps), so 1/32 of that is 1-2% on average
+# (benchmarks/tracker_overhead.py measures it: at 16 the 1 ms MLP step lost 5.6%).
+DEFAULT_EVERY = 32
+# The DDP and accumulation pairings cost a few passes over the gradients, far less
+# than a forward and backward: every step is measured.
+DEFAULT_EVERY_CHEAP = 1
+# Measurements smoothed into one value: enough rounds for the t-based interval
+# (df = window - 1) to be close to its normal limit.
+DEFAULT_WINDOW = 64
+# Losses kept one by one between measurements before they are folded into their sum.
+LOSSES_KEPT = 64
+# dataset size the advisor is given when the caller does not know it
+UNKNOWN_DATASET = 2**40
+JSON_KEYS = ("step", "examples", "loss", "grad_norm_sq", "trace_sigma", "b_simple",
+             "b_simple_ci95", "b_small", "b_big", "method")
+
+
+# ----------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class TrackRecord:
+    """One measured step and the smoothed noise scale after it (one JSON line).
+
+    Attributes:
+        step: optimizer steps taken before the measured step.
+        examples: training examples processed through the measured step (all ranks).
+        loss: mean of the losses given to ``update()`` since the previous record.
+        grad_norm_sq / trace_sigma: |G|² and tr(Σ) smoothed over the window.
+        b_simple: trace_sigma / grad_norm_sq, or None while |G|² is not resolved.
+        ci95: Fieller's 95% interval over the window (high end inf when unresolved).
+        b_small / b_big: the two batch sizes paired at this step.
+        method: "per-example", "accumulation" or "ddp".
+        step_grad_norm_sq / step_trace_sigma: this step's own unbiased estimates.
+        window: measurements in the smoothing window.
+        seconds: wall-clock seconds since the tracker started.
+    """
+
+    step: int
+    examples: int
+    loss: float | None
+    grad_norm_sq: float
+    trace_sigma: float
+    b_simple: float | None
+    ci95: Interval
+    b_small: int
+    b_big: int
+    method: str
+    step_grad_norm_sq: float = math.nan
+    step_trace_sigma: float = math.nan
+    window: int = 0
+    seconds: float = math.nan
+
+    def metrics(self, prefix: str = "bsfind/") -> dict[str, float]:
+        """The record as flat float metrics for a logger (what the integrations log):
+        ``b_simple`` and its interval's ends only when they are finite."""
+        out = {"grad_norm_sq": self.grad_norm_sq, "trace_sigma": self.trace_sigma,
+               "b_big": float(self.b_big), "examples": float(self.examples)}
+        if self.b_simple is not None:
+            out["b_simple"] = self.b_simple
+        for key, value in (("b_simple_low", self.ci95.low), ("b_simple_high", self.ci95.high)):
+            if math.isfinite(value):
+                out[key] = value
+        return {prefix + k: float(v) for k, v in out.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON-lines object (the keys of the format, then the extras)."""
+        return {
+            "step": self.step, "examples": self.examples, "loss": _finite_or_none(self.loss),
+            "grad_norm_sq": self.grad_norm_sq, "trace_sigma": self.trace_sigma,
+            "b_simple": self.b_simple, "b_simple_ci95": self.ci95.as_list(),
+            "b_small": self.b_small, "b_big": self.b_big, "method": self.method,
+            "step_grad_norm_sq": _finite_or_none(self.step_grad_norm_sq),
+            "step_trace_sigma": _finite_or_none(self.step_trace_sigma),
+            "window": self.window, "seconds": _finite_or_none(self.seconds),
+        }
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _number(obj: dict[str, Any], key: str, kind: type, nullable: bool = False) -> Any:
+    value = obj.get(key)
+    if value is None and nullable:
+        return None
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    want = {int: "an integer", float: "a number"}[kind] + (" or null" if nullable else "")
+    raise ValueError(f"{key}: expected {want}, got {value!r}")
+
+
+def record_from_json(obj: dict[str, Any]) -> TrackRecord:
+    """Parse one JSON-lines object (extra keys are ignored; missing extras are nan).
+
+    Raises:
+        ValueError: a key of the format is missing or has the wrong type.
+    """
+    missing = [k for k in JSON_KEYS if k not in obj]
+    if missing:
+        raise ValueError(f"missing key(s) {', '.join(missing)}")
+    ci = obj["b_simple_ci95"]
+    if not (isinstance(ci, list) and len(ci) == 2):
+        raise ValueError(f"b_simple_ci95: expected [low, high|null], got {ci!r}")
+    low = _number({"low": ci[0]}, "low", float, nullable=True)
+    high = _number({"high": ci[1]}, "high", float, nullable=True)
+    if obj["method"] not in METHODS:
+        raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {obj['method']!r}")
+    extras = {k: _number(obj, k, float, nullable=True) for k in
+              ("step_grad_norm_sq", "step_trace_sigma", "seconds") if k in obj}
+    return TrackRecord(
+        step=_number(obj, "step", int), examples=_number(obj, "examples", int),
+        loss=_number(obj, "loss", float, nullable=True),
+        grad_norm_sq=_number(obj, "grad_norm_sq", float),
+        trace_sigma=_number(obj, "trace_sigma", float),
+        b_simple=_number(obj, "b_simple", float, nullable=True),
+        ci95=Interval(-math.inf if low is None else low, math.inf if high is None else high),
+        b_small=_number(obj, "b_small", int), b_big=_number(obj, "b_big", int),
+        method=obj["method"],
+        step_grad_norm_sq=math.nan if extras.get("step_grad_norm_sq") is None
+        else extras["step_grad_norm_sq"],
+        step_trace_sigma=math.nan if extras.get("step_trace_sigma") is None
+        else extras["step_trace_sigma"],
+        window=_number(obj, "window", int) if "window" in obj else 0,
+        seconds=math.nan if extras.get("seconds") is None else extras["seconds"],
+    )
+
+
+def read_log(path: str | Path) -> list[TrackRecord]:
+    """The records of a tracker's JSON-lines log, in file order (blank lines skipped).
+
+    Raises:
+        UsageError: the file is missing, or a line is not a record (with its line number).
+    """
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise UsageError(f"{p}: cannot read the tracker log: {exc.strerror or exc}") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            if not isinstance(obj, dict):
+                raise ValueError("not a JSON object")
+            out.append(record_from_json(obj))
+        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            raise UsageError(f"{p}:{n}: not a tracker record: {exc}",
+                             hint="the file should come from bsfind.track(..., log=path)") from None
+    return out
+
+
+# ------------------------------------------------------------------------------ advice
+
+
+@dataclass(frozen=True)
+class TrackerAdvice:
+    """What the tracked noise scale says about the batch now (numbers only).
+
+    Doubling B → 2B pays when B_n > 2·c·B²/t0 for a step time t(B) = t0 + c·B
+    (DESIGN §10; S(B) = S_min(1 + B_n/B)). Without a step-time curve the basis is
+    the noise scale alone: double while 2B stays at or below B_n, the batch where
+    the steps saved and the examples spent balance (McCandlish sec. 2.2). Either
+    way ``double`` is judged at the low end of B_simple's 95% interval, so it is
+    only True when the whole interval agrees.
+
+    Attributes:
+        step: optimizer steps taken so far.
+        batch_size: the global batch of the last step (examples per optimizer step).
+        b_simple / ci95: the latest smoothed noise scale and its interval.
+        recommended_batch: the advisor's batch for this phase (:func:`bsfind.advisor.advise`
+            with the current batch as baseline; ≈ B_simple without a step-time curve),
+            None while B_simple is unresolved.
+        double: doubling now pays, at the interval's low end.
+        basis: "time" (a step-time curve) or "noise" (B_simple alone).
+        threshold: the B_n above which doubling pays (2·c·B²/t0, or 2B).
+        steps_ratio: S(2B)/S(B) at B_simple (None when unresolved).
+        time_ratio: S(2B)·t(2B) / (S(B)·t(B)) at B_simple (None without a curve).
+        timing / timing_source: the curve used and where it came from: "given"
+            by the caller, "measured" by the tracker from its step times at two or
+            more batch sizes, or "none".
+        learning_rate / lr_rule: the learning rate at 2B by the rule (when the
+            current one was given) and the rule's name.
+    """
+
+    step: int
+    batch_size: int
+    b_simple: float | None
+    ci95: Interval
+    recommended_batch: int | None
+    double: bool
+    basis: AdviceBasis
+    threshold: float
+    steps_ratio: float | None
+    time_ratio: float | None
+    timing: TimingCurve | None
+    timing_source: TimingSource
+    learning_rate: float | None = None
+    lr_rule: str | None = None
+
+
+def _curve(timing: TimingCurve | tuple[float, float]) -> TimingCurve:
+    if isinstance(timing, TimingCurve):
+        return timing
+    t0, c = (float(v) for v in timing)
+    return TimingCurve(points=(), t0=t0, per_example=c, r2=math.nan, source="measured")
+
+
+def _usable(curve: TimingCurve | None) -> bool:
+    return curve is not None and (curve.t0 > 0 or curve.per_example > 0)
+
+
+def doubling_advice(
+    step: int,
+    batch: int,
+    b_simple: float | None,
+    ci95: Interval,
+    curve: TimingCurve | None,
+    timing_source: TimingSource,
+    *,
+    lr: float | None = None,
+    optimizer: Any = None,
+    lr_rule: str = "auto",
+    dataset_size: int | None = None,
+) -> TrackerAdvice:
+    """:class:`TrackerAdvice` from a noise scale and a step-time curve (pure math)."""
+    b_n = math.inf if b_simple is None else b_simple
+    low = max(ci95.low, 0.0)
+    family = optimizer_family(optimizer) if optimizer is not None else "adam"
+    timed = _usable(curve)
+    s_ratio = steps_ratio(2 * batch, batch, b_n) if b_simple is not None else None
+    if timed:
+        assert curve is not None
+        t0, c = max(curve.t0, 0.0), max(curve.per_example, 0.0)
+        threshold = math.inf if t0 == 0 else 2.0 * c * batch * batch / t0
+        basis: AdviceBasis = "time"
+        t_ratio = (None if s_ratio is None
+                   else s_ratio * (t0 + 2 * c * batch) / (t0 + c * batch))
+    else:
+        threshold, basis, t_ratio = 2.0 * batch, "noise", None
+    recommended = None
+    if b_simple is not None:
+        inputs = AdvisorInputs(
+            b_n=b_n, b_n_ci=ci95, baseline_batch=batch, baseline_lr=lr or 1.0,
+            optimizer_family=family, dataset_size=dataset_size or UNKNOWN_DATASET,
+            lr_rule=lr_rule, timing=curve if timed else None)
+        recommended = advise(inputs).recommendation.batch_size
+    new_lr, rule = (scaled_lr(lr, batch, 2 * batch, b_n, family, lr_rule) if lr is not None
+                    else (None, None))
+    return TrackerAdvice(
+        step=step, batch_size=batch, b_simple=b_simple, ci95=ci95,
+        recommended_batch=recommended,
+        double=low > threshold if basis == "time" else low >= threshold,
+        basis=basis, threshold=threshold, steps_ratio=s_ratio, time_ratio=t_ratio,
+        timing=curve if timed else None, timing_source=timing_source if timed else "none",
+        learning_rate=new_lr, lr_rule=rule,
+    )
+
+
+def scale_learning_rate(
+    optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer],
+    factor: float,
+    schedulers: Iterable[Any] = (),
+) -> None:
+    """Multiply every parameter group's learning rate by ``factor``, and the base rates
+    the given LR schedulers recompute it from (``base_lrs``, and the groups'
+    ``initial_lr``), so that a schedule continues from the scaled rate."""
+    opts = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
+    for opt in opts:
+        for group in opt.param_groups:
+            lr = group["lr"]
+            group["lr"] = lr.mul_(factor) if isinstance(lr, torch.Tensor) else lr * factor
+            if "initial_lr" in group:
+                group["initial_lr"] = group["initial_lr"] * factor
+    for sched in schedulers:
+        base = getattr(sched, "base_lrs", None)
+        if isinstance(base, list):
+            sched.base_lrs = [b * factor for b in base]
+
+
+@dataclass(frozen=True)
+class Doubling:
+    """One doubling of gradient accumulation that an integration made.
+
+    Attributes:
+        step / epoch: where (optimizer steps, epoch) it took effect.
+        accumulation: micro-batches per optimizer step from then on.
+        batch_size: the global batch from then on.
+        lr_factor: what every learning rate was multiplied by.
+        basis / b_simple / ci95: the advice it followed.
+    """
+
+    step: int
+    epoch: int
+    accumulation: int
+    batch_size: int
+    lr_factor: float
+    basis: AdviceBasis
+    b_simple: float | None
+    ci95: Interval
+
+
+def check_doubling_options(max_accumulation: int | None, lr_rule: str) -> None:
+    """Validate the integrations' doubling arguments (the message names the argument)."""
+    from bsfind.advisor import LR_RULES
+
+    if max_accumulation is not None and max_accumulation < 1:
+        raise ValueError(f"max_accumulation must be >= 1, got {max_accumulation}")
+    if lr_rule not in LR_RULES:
+        raise ValueError(f"lr_rule must be one of {', '.join(LR_RULES)}, got {lr_rule!r}")
+
+
+def doubling_now(
+    tracker: Tracker,
+    accumulation: int,
+    *,
+    max_accumulation: int | None,
+    optimizer: Any,
+    timing: TimingCurve | tuple[float, float] | None,
+    lr_rule: str,
+) -> tuple[TrackerAdvice, float] | None:
+    """(advice, learning-rate factor) when doubling the accumulation from ``accumulation``
+    pays now and stays within ``max_accumulation``; else None."""
+    if max_accumulation is not None and 2 * accumulation > max_accumulation:
+        return None
+    adv = tracker.advice(timing=timing, lr=1.0, optimizer=optimizer, lr_rule=lr_rule)
+    if adv is None or not adv.double or adv.learning_rate is None:
+        return None
+    return adv, adv.learning_rate
+
+
+# ----------------------------------------------------------------------------- tracker
+
+
+def _ddp_of(model: nn.Module) -> Any:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model if isinstance(model, DistributedDataParallel) else None
+
+
+def _world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class Tracker:
+    """Tracks the gradient noise scale of a model while it trains (module docstring).
+
+    Args:
+        model: the model the loop trains, or its DistributedDataParallel wrapper
+            (required for the ddp pairing under several processes).
+        every: measure one step in ``every`` (default 32 with per-example norms, 1 for
+            the accumulation and ddp pairings).
+        window: measurements the smoothed values and the interval are taken over.
+        batch_size: examples per micro-batch on this rank; None reads it from the
+            model's input on measured steps (dim 0 of the first tensor its forward
+            receives, through a forward pre-hook that only records that size), and
+            counts the size last seen on the other steps: pass ``batch_size`` to
+            ``update()`` for exact example counts when batch sizes vary.
+        scaler: a ``torch.amp.GradScaler`` whose scale the gradients carry when
+            ``update()`` runs (call it before ``scaler.unscale_``).
+        log: path of a JSON-lines file for the records (rank 0 writes; overwritten).
+        timing: a step-time curve for :meth:`advice`: a TimingCurve or (t0, c) with
+            t(B) = t0 + c·B seconds per optimizer step at global batch B.
+        ddp_comm_hook: (state, hook) the DDP model should reduce with (a DDP comm
+            hook such as PowerSGD); the tracker wraps it. Default: the plain mean.
+
+    Raises:
+        ValueError: bad arguments, no trainable parameters, or several processes
+            without a DistributedDataParallel model.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        every: int | None = None,
+        window: int = DEFAULT_WINDOW,
+        batch_size: int | None = None,
+        scaler: Any = None,
+        log: str | Path | None = None,
+        timing: TimingCurve | tuple[float, float] | None = None,
+        ddp_comm_hook: tuple[Any, Any] | None = None,
+    ) -> None:
+        if every is not None and every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        if window < 2:
+            raise ValueError(f"window must be >= 2 measurements, got {window}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        ddp = _ddp_of(model)
+        self.world = ddp.process_group.size() if ddp is not None and _world() > 1 else 1
+        if ddp is None and _world() > 1:
+            raise ValueError(
+                "several processes but the model is not a DistributedDataParallel: pass the "
+                "DDP-wrapped model, so that each rank's gradient is seen before its all-reduce")
+        self.module: nn.Module = ddp.module if ddp is not None else model
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters")
+        self.every_arg = every
+        self.scaler = scaler
+        self.timing = _curve(timing) if timing is not None else None
+        self.batch_size = batch_size
+        self.step = 0
+        self.examples = 0
+        self.skipped = 0  # measured steps dropped (non-finite: an AMP overflow)
+        self.method: Method | None = None  # of the last measurement
+        self.reason: str | None = None  # why per-example norms are unavailable
+        self._window = in_training.Window(window)
+        self._times = in_training.StepTimes()
+        self._records: list[TrackRecord] = []
+        self._pending: deque[in_training.Pending] = deque()
+        self._log_path = Path(log) if log is not None and _rank() == 0 else None
+        self._log: IO[str] | None = None
+        self._ddp = (in_training.DDPNorms(ddp, *(ddp_comm_hook or (None, None)))
+                     if ddp is not None and self.world > 1 else None)
+        self._norms: Any = None  # PerExampleGradNorms, built on first use
+        self._hooked = False
+        self._warned: set[str] = set()
+        self._accumulating = False
+        self._prev: list[torch.Tensor | None] | None = None  # .grad at the last boundary
+        self._micro: list[int] = []
+        self._micro_sq: list[torch.Tensor] = []
+        self._losses: list[torch.Tensor | float] = []  # since the last measurement
+        self._loss_count = 0
+        self._seen_batch: int | None = None
+        self._closed = False
+        self._start = time.perf_counter()
+        self._size_hook: Any = None
+        self._begin_step()
+
+    # -- the loop's calls ---------------------------------------------------------------
+    def micro_step(self, batch_size: int | None = None) -> None:
+        """Call after the backward of each micro-batch but the last (gradient accumulation).
+
+        The last micro-batch's backward is followed by :meth:`update` instead. A call
+        after the last backward too leaves the estimate right (a micro-batch whose
+        gradient difference is exactly zero is dropped) but counts that micro-batch's
+        examples twice.
+        """
+        self._check_open()
+        self._micro.append(self._batch(batch_size))
+        if self._ddp is not None:
+            return
+        if self._hooked:  # the loop accumulates: micro-batch gradients, no hooks
+            self._detach()
+        self._accumulating = True
+        if len(self._micro) == 1 and not self._measuring:
+            # .grad holds exactly the first micro-batch's gradient: measuring can start now
+            self._measuring = self.step % self.every == 0
+        if self._measuring:
+            self._check_scaler()
+            self._micro_sq.append(self._boundary())
+
+    def update(self, loss: torch.Tensor | float | None = None,
+               batch_size: int | None = None) -> TrackRecord | None:
+        """Call once per optimizer step, after its last backward, before clipping and
+        ``optimizer.step()``. Returns the newest record that became ready, if any.
+
+        Args:
+            loss: the step's training loss (a tensor stays on its device), for the records.
+            batch_size: examples of the last micro-batch on this rank (default: as given
+                to the constructor, or read from the model's input).
+        """
+        self._check_open()
+        start = time.perf_counter()
+        self._micro.append(self._batch(batch_size))
+        if loss is not None:
+            self.record_loss(loss)
+        hooked = self._hooked
+        if self.measuring:
+            self._check_scaler()
+            self._measure()  # per-example: the batch size comes from the norms
+        batch = self.world * sum(self._micro)
+        self.examples += batch
+        self._times.tick(batch, start, keep=not hooked)  # a hooked step is slower: not timed
+        if self._ddp is None:
+            self._accumulating = len(self._micro) > 1
+        new = self._poll(force=False)
+        self.step += 1
+        self._last_batch = batch
+        self._begin_step()
+        self._times.last = time.perf_counter()  # the next period starts after this call's work
+        return new[-1] if new else None
+
+    def record_loss(self, loss: torch.Tensor | float) -> None:
+        """Add a training loss to the mean the next record reports (no host sync)."""
+        self._losses.append(loss.detach() if isinstance(loss, torch.Tensor) else float(loss))
+        self._loss_count += 1
+        if len(self._losses) > LOSSES_KEPT:  # long gaps between measurements: fold them
+            self._losses = [self._loss_sum(self._losses[0])]
+
+    def _loss_sum(self, like: torch.Tensor | float) -> torch.Tensor:
+        """Σ of the kept losses, a float64 scalar on the device of ``like``."""
+        dev = like.device if isinstance(like, torch.Tensor) else torch.device("cpu")
+        tensors = [x for x in self._losses if isinstance(x, torch.Tensor)]
+        floats = sum(float(x) for x in self._losses if not isinstance(x, torch.Tensor))
+        if not tensors:
+            return torch.tensor(floats, dtype=torch.float64, device=dev)
+        return torch.stack(tensors).to(dev, torch.float64).sum() + floats
+
+    # -- reading ------------------------------------------------------------------------
+    @property
+    def measuring(self) -> bool:
+        """Whether the step now running is measured (decided when the previous one ended)."""
+        return self._measuring
+
+    @property
+    def every(self) -> int:
+        """One step in this many is measured (for the pairing now in use)."""
+        if self.every_arg is not None:
+            return self.every_arg
+        cheap = self._ddp is not None or self._accumulating
+        return DEFAULT_EVERY_CHEAP if cheap else DEFAULT_EVERY
+
+    @property
+    def latest(self) -> TrackRecord | None:
+        """The newest record ready so far (no waiting)."""
+        return self._records[-1] if self._records else None
+
+    @property
+    def records(self) -> list[TrackRecord]:
+        """Every record so far, after waiting for the values still on their way."""
+        self._poll(force=True)
+        return list(self._records)
+
+    def step_times(self) -> TimingCurve | None:
+        """The step-time curve fitted to this run's step periods (two batch sizes needed)."""
+        return self._times.curve()
+
+    def advice(
+        self,
+        *,
+        timing: TimingCurve | tuple[float, float] | None = None,
+        lr: float | None = None,
+        optimizer: Any = None,
+        lr_rule: str = "auto",
+        dataset_size: int | None = None,
+    ) -> TrackerAdvice | None:
+        """The recommended batch for the current phase and whether doubling now pays.
+
+        Args:
+            timing: t(B) = t0 + c·B per optimizer step (a TimingCurve or (t0, c));
+                default: the constructor's, else the one measured from this run's step
+                times (:meth:`step_times`), else none (the noise-scale basis).
+            lr: the learning rate now, for the rate at 2B (:func:`bsfind.advisor.scaled_lr`).
+            optimizer: an optimizer (instance, class or name) for the rule's family.
+            lr_rule: "auto", "linear", "sqrt" or "none".
+            dataset_size: caps the recommendation.
+
+        Returns:
+            None before the first record.
+        """
+        rec = self.latest
+        if rec is None:
+            return None
+        curve, source = self._timing(timing)
+        return doubling_advice(
+            self.step, self._last_batch, rec.b_simple, rec.ci95, curve, source, lr=lr,
+            optimizer=optimizer, lr_rule=lr_rule, dataset_size=dataset_size)
+
+    def close(self) -> None:
+        """Wait for the last values, detach every hook, close the log."""
+        if self._closed:
+            return
+        self._poll(force=True)
+        self._detach()
+        self._watch_batch(False)
+        if self._ddp is not None:
+            self._ddp.active = False  # DDP cannot unregister a comm hook: it stays a plain one
+        if self._log is not None:
+            self._log.close()
+        self._closed = True
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- steps --------------------------------------------------------------------------
+    def _timing(self, timing: TimingCurve | tuple[float, float] | None
+                ) -> tuple[TimingCurve | None, TimingSource]:
+        if timing is not None:
+            return _curve(timing), "given"
+        if self.timing is not None:
+            return self.timing, "given"
+        measured = self.step_times()
+        return (measured, "measured") if measured is not None else (None, "none")
+
+    def _begin_step(self) -> None:
+        self._micro = []
+        self._micro_sq = []
+        self._prev = None
+        self._measuring = self.step % self.every == 0
+        self._watch_batch(self._measuring and self.batch_size is None)
+        if self._ddp is not None:
+            self._ddp.active = self._measuring
+        elif self._measuring and not self._accumulating and self._per_example_ok():
+            self._attach()  # before this step's forward; stays on if the last step had it
+        else:
+            self._detach()  # the model runs untouched between measured steps
+
+    def _measure(self) -> None:
+        """Queue this step's measurement (values stay on the device)."""
+        if self._ddp is not None:
+            self._measure_ddp()
+            return
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return
+        if len(self._micro) > 1:
+            last = self._boundary()
+            self._queue("accumulation", compat.sq_norm(grads),
+                        [*self._micro_sq, last])
+        elif self._hooked:
+            from bsfind.noise.per_example import PerExampleUnsupported
+
+            try:
+                per = self._norms.sq_norms()
+            except (PerExampleUnsupported, RuntimeError) as exc:
+                self._per_example_failed(str(exc))
+                return
+            b = int(per.shape[0])
+            self._micro[-1] = self._seen_batch = b
+            # Each hooked term is example i's share of .grad, (1/b)·∇L_i for a mean loss:
+            # mean_i |∇L_i|² = b²·Σ|share_i|²/b (the factor b is applied on the host).
+            self._queue("per-example", compat.sq_norm(grads), [per.sum()])
+        else:
+            self._warn_once("nothing", "bsfind tracker: nothing measured: " + (
+                self.reason or "no pairing available") + "; accumulate gradients (micro_step) "
+                "or run under DistributedDataParallel")
+
+    def _measure_ddp(self) -> None:
+        assert self._ddp is not None
+        taken = self._ddp.take()
+        if taken is None:
+            self._warn_once("ddp", "bsfind tracker: no DDP all-reduce ran in this step's "
+                            "backward (update() before backward, or no_sync on every "
+                            "micro-batch?)")
+            return
+        local, reduced = taken
+        vec = self._values(reduced, [local])
+        # the one extra all-reduce: [|G_big|², loss, |g_rank|²] summed over ranks
+        work = torch.distributed.all_reduce(vec, group=self._ddp.group, async_op=True)
+        self._push(vec, "ddp", work)
+
+    def _queue(self, method: Method, sq_big: torch.Tensor, small: list[torch.Tensor]) -> None:
+        self._push(self._values(sq_big, small), method, None)
+
+    def _values(self, sq_big: torch.Tensor, small: Sequence[torch.Tensor]) -> torch.Tensor:
+        dev = sq_big.device
+        scale = compat.loss_scale(self.scaler)
+        if scale is not None:  # the gradients carry the loss scale: divide its square out
+            s2 = (scale.to(dev, torch.float64) if isinstance(scale, torch.Tensor)
+                  else torch.tensor(float(scale), dtype=torch.float64, device=dev)) ** 2
+            sq_big = sq_big / s2
+            small = [t / s2 for t in small]
+        return torch.stack([sq_big, self._loss_sum(sq_big).to(dev), *small])
+
+    def _push(self, vec: torch.Tensor, method: Method, work: Any) -> None:
+        examples = self.examples + self.world * sum(self._micro)  # through this step
+        meta = in_training.StepMeta(self.step, examples, method, list(self._micro), self.world,
+                     self._loss_count, time.perf_counter() - self._start)
+        self._pending.append(in_training.Pending(vec, meta, work))
+        self._losses, self._loss_count = [], 0
+
+    # -- resolution -----------------------------------------------------------------------
+    def _poll(self, force: bool) -> list[TrackRecord]:
+        new = []
+        while self._pending and self._pending[0].ready(force):
+            p = self._pending.popleft()
+            assert p.host is not None
+            rec = self._resolve(p.host.tolist(), p.meta)
+            if rec is not None:
+                new.append(rec)
+        return new
+
+    def _resolve(self, v: list[float], m: in_training.StepMeta) -> TrackRecord | None:
+        """Host numbers of one measured step -> its estimates, the window, a record."""
+        if m.method == "ddp":
+            v = [x / m.world for x in v]  # summed over ranks: the mean (sq_big is the same on all)
+        sq_big, loss_sum, small = v[0], v[1], v[2:]
+        if m.method == "per-example":
+            b_small, sq_small, b_big = 1.0, small[0] * m.micro[0], float(m.micro[0])
+        elif m.method == "accumulation":
+            kept = [(s, b) for s, b in zip(small, m.micro, strict=True) if s != 0.0]
+            if len(kept) < 2:
+                return None
+            k = len(kept)  # each micro-batch's loss carried 1/k: G_b = k·g_j
+            b_small = k / sum(1.0 / b for _, b in kept)  # harmonic mean: unbiased for unequal b
+            sq_small = k * k * sum(s for s, _ in kept) / k  # mean of |G_b|² = k²·|g_j|²
+            b_big = k * b_small
+        else:
+            b_small = float(sum(m.micro))
+            sq_small, b_big = small[0], float(m.world * sum(m.micro))
+        if not all(math.isfinite(x) for x in (sq_big, sq_small)) or b_big <= b_small:
+            self.skipped += 1
+            return None
+        g2, trace = two_batch(b_small, sq_small, b_big, sq_big)
+        self._window.add(trace, g2, b_big)
+        mean_g2, mean_trace, value, ci = self._window.summary()
+        rec = TrackRecord(
+            step=m.step, examples=m.examples,
+            loss=loss_sum / m.loss_count if m.loss_count else None,
+            grad_norm_sq=mean_g2, trace_sigma=mean_trace, b_simple=value, ci95=ci,
+            b_small=round(b_small), b_big=round(b_big), method=m.method,
+            step_grad_norm_sq=g2, step_trace_sigma=trace, window=len(self._window.rows),
+            seconds=m.seconds)
+        self.method = m.method
+        self._records.append(rec)
+        self._write(rec)
+        return rec
+
+    def _write(self, rec: TrackRecord) -> None:
+        if self._log_path is None:
+            return
+        if self._log is None:
+            self._log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = self._log_path.open("w", encoding="utf-8")
+        self._log.write(json.dumps(rec.to_json()) + "\n")
+        self._log.flush()
+
+    # -- gradients ------------------------------------------------------------------------
+    def _boundary(self) -> torch.Tensor:
+        """|.grad − .grad at the last boundary|² (this micro-batch's gradient), and keep
+        .grad as the new boundary."""
+        if self._prev is None:
+            self._prev = [None] * len(self.params)
+        pairs_prev, pairs_now, fresh = [], [], []
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if g is None:
+                continue
+            prev = self._prev[i]
+            if prev is None:
+                self._prev[i] = g.detach().clone()
+                fresh.append(g.detach())
+            else:
+                pairs_prev.append(prev)
+                pairs_now.append(g.detach())
+        terms = []
+        if pairs_prev:
+            terms.append(compat.sq_diff_and_copy(pairs_prev, pairs_now))
+        if fresh:
+            terms.append(compat.sq_norm(fresh))
+        if not terms:
+            return torch.zeros((), dtype=torch.float64)
+        return torch.stack([t.to(terms[0].device) for t in terms]).sum()
+
+    def _check_scaler(self) -> None:
+        if compat.scaler_unscaled(self.scaler):
+            raise RuntimeError(
+                "bsfind tracker: the GradScaler has already unscaled the gradients: call "
+                "tracker.update() / micro_step() before scaler.unscale_(optimizer)")
+
+    # -- per-example hooks --------------------------------------------------------------------
+    def _per_example_ok(self) -> bool:
+        if self._norms is not None:
+            return True
+        if self.reason is not None:
+            return False
+        from bsfind.noise.per_example import PerExampleGradNorms, plan
+
+        p = plan(self.module)
+        if not p.ok:
+            self.reason = f"per-example norms unavailable: {p.reason}"
+            return False
+        self._norms = PerExampleGradNorms(self.module, p)
+        return True
+
+    def _attach(self) -> None:
+        if not self._hooked:
+            self._norms.__enter__()
+            self._hooked = True
+
+    def _detach(self) -> None:
+        if self._hooked:
+            self._norms.__exit__(None, None, None)
+            self._hooked = False
+
+    def _per_example_failed(self, why: str) -> None:
+        self._detach()
+        self._norms = None
+        self.reason = f"per-example norms failed at step {self.step}: {why}"
+        self._warn_once("per-example", "bsfind tracker: " + self.reason +
+                        "; the accumulation and ddp pairings still work")
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    # -- batch sizes ----------------------------------------------------------------------------
+    def _on_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                    ) -> None:
+        if not torch.is_grad_enabled():
+            return
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.Tensor) and a.dim() >= 1:
+                self._seen_batch = int(a.shape[0])
+                return
+
+    def _watch_batch(self, on: bool) -> None:
+        """A forward pre-hook that reads the batch size, on measured steps only: any hook
+        takes the model's __call__ off its fast path (about 20 µs a step on the MLP).
+        Other steps count the size last seen."""
+        if on and self._size_hook is None:
+            self._size_hook = self.module.register_forward_pre_hook(self._on_forward,
+                                                                    with_kwargs=True)
+        elif not on and self._size_hook is not None:
+            self._size_hook.remove()
+            self._size_hook = None
+
+    def _batch(self, given: int | None) -> int:
+        b = given or self.batch_size or self._seen_batch
+        self._seen_batch = b  # the size last seen, for steps that do not watch the input
+        if b is None:
+            raise ValueError("bsfind tracker: batch size unknown: pass batch_size= to track() "
+                             "or update() (no tensor input reached the model's forward)")
+        return int(b)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this tracker is closed")
+
+    _last_batch = 0
+    _measuring = False
+
+
+def track(model: nn.Module, **options: Any) -> Tracker:
+    """Start tracking the gradient noise scale of ``model`` in your training loop.
+
+    ``options`` are :class:`Tracker`'s (``every``, ``window``, ``batch_size``,
+    ``scaler``, ``log``, ``timing``, ``ddp_comm_hook``). Call ``tracker.update(loss)``
+    once per optimizer step after its last backward (before clipping), and
+    ``tracker.micro_step()`` after the backward of each other micro-batch when
+    accumulating gradients.
+    """
+    return Tracker(model, **options)

@@ -1,0 +1,58 @@
+"""One rank of the tracker's DDP test (tests/test_tracker.py): two gloo ranks on CPU.
+
+Every rank builds the same model (seeded), wraps it in DistributedDataParallel,
+draws its own examples with replacement and runs forward/backward at fixed weights
+(no optimizer step: learning rate 0). Rank 0 prints the last record as JSON.
+
+    RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 python tests/assets/tracker_ddp.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from bsfind import data, models
+from bsfind.tracker import track
+
+STEPS = int(os.environ.get("TRACKER_STEPS", "400"))
+ACCUMULATE = int(os.environ.get("TRACKER_ACCUMULATE", "1"))
+BATCH = 32  # per rank and micro-batch
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    ds = data.synthetic(n=2048, features=16, classes=4, noise=2.0)
+    x, y = ds.tensors
+    torch.manual_seed(0)
+    model = DistributedDataParallel(models.mlp(16, 32, 1, 4))
+    gen = torch.Generator().manual_seed(100 + rank)
+    tracker = track(model, every=1, window=100_000, log=sys.argv[1] if len(sys.argv) > 1 else None)
+    for _ in range(STEPS):
+        for j in range(ACCUMULATE):
+            idx = torch.randint(len(x), (BATCH,), generator=gen)
+            last = j == ACCUMULATE - 1
+            with model.no_sync() if not last else torch.enable_grad():
+                loss = F.cross_entropy(model(x[idx]), y[idx]) / ACCUMULATE
+                loss.backward()
+            if not last:
+                tracker.micro_step()
+        tracker.update(loss * ACCUMULATE)
+        model.zero_grad(set_to_none=True)
+    rec = tracker.records[-1]
+    tracker.close()
+    if rank == 0:
+        print(json.dumps(rec.to_json()))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""NoiseScaleMonitor in a real lightning.Trainer on CPU.
+
+    .venv/bin/python -m pytest tests/integrations/test_lightning.py -q
+
+The metrics reach the Trainer's loggers (an in-memory logger and a CSVLogger), their
+values at learning rate 0 match the exact noise scale (tests/tracking.py), and with
+double=True accumulation and the learning rate change as the rule says.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bsfind.advisor import scaled_lr
+from tests import tracking
+from tests.conftest import ROOT
+from tests.tracking import REL
+
+L = pytest.importorskip("lightning")
+from lightning.pytorch.loggers import CSVLogger, Logger  # noqa: E402
+
+from bsfind.integrations.lightning import NoiseScaleMonitor  # noqa: E402
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning"),
+    pytest.mark.filterwarnings("ignore:.*LeafSpec.*:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    torch.set_num_threads(1)
+    yield
+
+
+class MemoryLogger(Logger):
+    """Keeps what Lightning logs: (step, metrics) rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.rows.append((step, dict(metrics)))
+
+
+class Classifier(L.LightningModule):
+    def __init__(self, lr: float = 0.0, schedule: bool = False) -> None:
+        super().__init__()
+        self.net = tracking.model()
+        self.lr = lr
+        self.schedule = schedule
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+        if not self.schedule:
+            return opt
+        return [opt], [torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)]
+
+
+def _loader(batch: int, batches: int) -> torch.utils.data.DataLoader:
+    x, y = tracking.problem()
+    ds = torch.utils.data.TensorDataset(x, y)
+    sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=batch * batches,
+                                             generator=torch.Generator().manual_seed(0))
+    return torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler)
+
+
+def _trainer(callback: NoiseScaleMonitor, **kwargs: Any) -> Any:
+    return L.Trainer(accelerator="cpu", devices=1, callbacks=[callback],
+                     enable_progress_bar=False, enable_model_summary=False,
+                     enable_checkpointing=False, **kwargs)
+
+
+def test_metrics_reach_the_loggers_and_are_exact(tmp_path: Path) -> None:
+    memory = MemoryLogger()
+    monitor = NoiseScaleMonitor(every=1, window=10_000, log_path=tmp_path / "noise.jsonl")
+    trainer = _trainer(monitor, max_epochs=1, log_every_n_steps=10,
+                       logger=[memory, CSVLogger(tmp_path)])
+    trainer.fit(Classifier(), _loader(64, 200))
+    exact = tracking.exact_b_simple()
+    rec = monitor.tracker.records[-1] if monitor.tracker else None
+    assert rec is not None and rec.method == "per-example" and rec.b_big == 64
+    logged = [m for _, m in memory.rows if "bsfind/b_simple" in m]
+    assert len(logged) == 20  # one row per log_every_n_steps
+    assert {"bsfind/grad_norm_sq", "bsfind/trace_sigma", "bsfind/b_simple_low",
+            "bsfind/b_simple_high", "bsfind/examples"} <= set(logged[-1])
+    assert logged[-1]["bsfind/b_simple"] == pytest.approx(exact, rel=REL)
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("bsfind/b_simple")]
+    assert len(rows) == 20
+    assert float(rows[-1]["bsfind/b_simple"]) == pytest.approx(exact, rel=REL)
+    assert len((tmp_path / "noise.jsonl").read_text().splitlines()) == 200
+
+
+def test_accumulate_grad_batches_pairs_the_micro_batches() -> None:
+    monitor = NoiseScaleMonitor(window=10_000)
+    trainer = _trainer(monitor, max_epochs=1, logger=False, accumulate_grad_batches=4)
+    trainer.fit(Classifier(), _loader(16, 4 * 200))
+    assert monitor.tracker is not None
+    recs = monitor.tracker.records
+    assert len(recs) == 200 and recs[-1].method == "accumulation"
+    assert (recs[-1].b_small, recs[-1].b_big) == (16, 64)
+    assert recs[-1].b_simple == pytest.approx(tracking.exact_b_simple(), rel=REL)
+
+
+def test_doubling_changes_accumulation_and_learning_rate_by_the_rule() -> None:
+    """A step-time curve with a large fixed cost (t0 = 1 s, c = 1 µs) makes every
+    doubling pay: accumulation goes 1 -> 2 -> 4 (the cap) at the epoch starts, and the
+    learning rate by the SGD rule lr·(1 + B_n/B)/(1 + B_n/2B) at the B_n advised."""
+    monitor = NoiseScaleMonitor(every=1, double=True, timing=(1.0, 1e-6), max_accumulation=4)
+    trainer = _trainer(monitor, max_epochs=3, logger=False, limit_train_batches=24)
+    module = Classifier(lr=0.1, schedule=True)
+    trainer.fit(module, _loader(32, 200))
+    assert trainer.accumulate_grad_batches == 4
+    assert [(d.epoch, d.accumulation, d.batch_size) for d in monitor.doublings] == [
+        (1, 2, 64), (2, 4, 128)]
+    lr = 0.1
+    for d in monitor.doublings:
+        assert d.basis == "time" and d.b_simple is not None
+        rule, name = scaled_lr(1.0, d.batch_size // 2, d.batch_size, d.b_simple, "sgd")
+        assert d.lr_factor == pytest.approx(rule) and name == "mccandlish" and rule > 1
+        lr *= d.lr_factor
+    opt = trainer.optimizers[0]
+    assert opt.param_groups[0]["lr"] == pytest.approx(lr)  # the scheduler kept the scaling
+    assert trainer.lr_scheduler_configs[0].scheduler.base_lrs == [pytest.approx(lr)]
+    assert monitor.tracker is not None
+    bigs = [r.b_big for r in monitor.tracker.records]
+    assert bigs[:24] == [32] * 24 and set(bigs[24:36]) == {64} and set(bigs[36:]) == {128}
+
+
+def test_bad_arguments_name_themselves() -> None:
+    with pytest.raises(ValueError, match="max_accumulation must be >= 1"):
+        NoiseScaleMonitor(max_accumulation=0)
+    with pytest.raises(ValueError, match="lr_rule must be one of"):
+        NoiseScaleMonitor(lr_rule="cubic")
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available()
+                         and torch.distributed.is_gloo_available()), reason="needs gloo")
+def test_ddp_strategy_pairs_each_rank_with_the_all_reduced_gradient() -> None:
+    """Two gloo ranks launched by hand (Lightning's DDP strategy joins them), two
+    micro-batches of 32 per rank and step: the comm hook pairs 64 with 128."""
+    ranks = tracking.two_ranks(ROOT / "tests" / "assets" / "tracker_lightning_ddp.py")
+    assert [code for code, _, _ in ranks] == [0, 0], ranks[0][2][-2000:] + ranks[1][2][-2000:]
+    rec = json.loads(ranks[0][1].strip().splitlines()[-1])
+    assert rec["method"] == "ddp" and (rec["b_small"], rec["b_big"]) == (64, 128)
+    assert rec["b_simple"] == pytest.approx(tracking.exact_b_simple(), rel=REL)

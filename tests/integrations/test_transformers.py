@@ -1,0 +1,139 @@
+"""NoiseScaleCallback in a real transformers.Trainer on CPU.
+
+    .venv/bin/python -m pytest tests/integrations/test_transformers.py -q
+
+The metrics reach the ``logs`` every later callback (a report_to backend) receives in
+on_log and ``state.log_history``; their values at learning rate 0 match the exact
+noise scale although the Trainer clips gradients (tests/tracking.py); with
+double=True accumulation and the learning rate change as the rule says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bsfind.advisor import scaled_lr
+from tests import tracking
+from tests.tracking import REL
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from bsfind.integrations.transformers import NoiseScaleCallback  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    torch.set_num_threads(1)
+    yield
+
+
+class Classifier(nn.Module):
+    """Returns what a transformers model returns: a dict with the loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tracking.model()
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.net(x)
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+class Examples(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        self.x, self.y = tracking.problem()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+class Reporter(TrainerCallback):
+    """Stands for a report_to backend: keeps the logs it is given."""
+
+    def __init__(self) -> None:
+        self.logs: list[dict[str, Any]] = []
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+        self.logs.append(dict(logs or {}))
+
+
+def _args(tmp_path: Path, **kwargs: Any) -> TrainingArguments:
+    base: dict[str, Any] = dict(output_dir=str(tmp_path), learning_rate=0.0, report_to="none",
+                                use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
+                                logging_steps=10)
+    return TrainingArguments(**{**base, **kwargs})
+
+
+def test_metrics_reach_every_logger_and_are_exact(tmp_path: Path) -> None:
+    reporter = Reporter()
+    trainer = Trainer(model=Classifier(), args=_args(tmp_path, per_device_train_batch_size=64,
+                                                     max_steps=200),
+                      train_dataset=Examples(), callbacks=[reporter])
+    callback = NoiseScaleCallback.attach(trainer, every=1, window=10_000,
+                                         log_path=tmp_path / "noise.jsonl")
+    trainer.train()
+    exact = tracking.exact_b_simple()
+    assert callback.tracker is not None
+    rec = callback.tracker.records[-1]
+    assert rec.method == "per-example" and rec.b_big == 64 and rec.step == 199
+    assert rec.b_simple == pytest.approx(exact, rel=REL)  # read before the Trainer clipped
+    seen = [logs for logs in reporter.logs if "bsfind/b_simple" in logs]
+    assert len(seen) == 21  # 20 logging steps and the end of training
+    history = [h for h in trainer.state.log_history if "bsfind/b_simple" in h]
+    assert len(history) == 21 and history[-2]["step"] == 200
+    assert history[-2]["bsfind/b_simple"] == pytest.approx(exact, rel=REL)
+    assert {"bsfind/grad_norm_sq", "bsfind/trace_sigma", "bsfind/b_simple_low",
+            "bsfind/b_simple_high", "loss", "grad_norm"} <= set(seen[-2])
+    assert len((tmp_path / "noise.jsonl").read_text().splitlines()) == 200
+
+
+def test_gradient_accumulation_pairs_the_micro_batches(tmp_path: Path) -> None:
+    """Passed in callbacks=[...] it still fills state.log_history."""
+    callback = NoiseScaleCallback(window=10_000)
+    trainer = Trainer(model=Classifier(),
+                      args=_args(tmp_path, per_device_train_batch_size=16,
+                                 gradient_accumulation_steps=4, max_steps=200),
+                      train_dataset=Examples(), callbacks=[callback])
+    trainer.train()
+    assert callback.tracker is not None
+    recs = callback.tracker.records
+    assert len(recs) == 200 and recs[-1].method == "accumulation"
+    assert (recs[-1].b_small, recs[-1].b_big) == (16, 64)
+    assert recs[-1].b_simple == pytest.approx(tracking.exact_b_simple(), rel=REL)
+    assert sum("bsfind/b_simple" in h for h in trainer.state.log_history) == 21
+
+
+def test_doubling_changes_accumulation_and_learning_rate_by_the_rule(tmp_path: Path) -> None:
+    """As in the Lightning test: t0 = 1 s, c = 1 µs makes every doubling pay; accumulation
+    goes 1 -> 2 -> 4 (the cap) at the epoch starts, the learning rate by the SGD rule."""
+    callback = NoiseScaleCallback(every=1, double=True, timing=(1.0, 1e-6), max_accumulation=4)
+    args = _args(tmp_path, per_device_train_batch_size=64, num_train_epochs=3,
+                 learning_rate=0.1, optim="sgd", lr_scheduler_type="constant")
+    trainer = Trainer(model=Classifier(), args=args, train_dataset=Examples(),
+                      callbacks=[callback])
+    trainer.train()
+    assert args.gradient_accumulation_steps == 4
+    assert [(d.epoch, d.accumulation, d.batch_size) for d in callback.doublings] == [
+        (1, 2, 128), (2, 4, 256)]
+    lr = 0.1
+    for d in callback.doublings:
+        assert d.basis == "time" and d.b_simple is not None
+        rule, name = scaled_lr(1.0, d.batch_size // 2, d.batch_size, d.b_simple, "sgd")
+        assert d.lr_factor == pytest.approx(rule) and name == "mccandlish" and rule > 1
+        lr *= d.lr_factor
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr)
+    assert callback.tracker is not None
+    bigs = [r.b_big for r in callback.tracker.records]
+    assert bigs == [64] * 32 + [128] * 16 + [256] * 8  # 2048 examples an epoch

@@ -1,0 +1,122 @@
+"""`bsfind schedule SPEC LOG`: the advice and the schedule from a tracker's log (#16)."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import bsfind
+from bsfind import trajectory
+from bsfind.cli import app
+from bsfind.errors import UsageError
+from bsfind.results import Interval
+from bsfind.schedule import fit_growth
+from bsfind.tracker import TrackRecord, read_log
+from tests.conftest import CONFIGS
+
+runner = CliRunner()
+
+
+def record(step: int, examples: int, b: float | None, loss: float = 1.0) -> TrackRecord:
+    g2 = 0.5
+    return TrackRecord(
+        step=step, examples=examples, loss=loss, grad_norm_sq=g2,
+        trace_sigma=(b if b is not None else 1e3) * g2,
+        b_simple=b, ci95=Interval(0.8 * b, 1.3 * b) if b is not None else Interval(3.0, math.inf),
+        b_small=1, b_big=64, method="per-example", window=8)
+
+
+def test_points_of_a_log_recover_the_growth_and_the_last_median() -> None:
+    # B_simple = 2·E^0.4 on 400 records every 4 steps of batch 64: the growth fit on
+    # the log's (at most LOG_POINTS) points recovers it, "now" is the median of the last 3.
+    recs = [record(4 * i, 64 * (4 * i + 1), 2.0 * (64 * (4 * i + 1)) ** 0.4, loss=2.0 / (i + 1))
+            for i in range(400)]
+    pts = trajectory.from_log(recs, dataset_size=1000, planned=None, source="log")
+    assert 2 <= len(pts.estimates) <= trajectory.LOG_POINTS
+    growth = fit_growth([(p.examples_seen, p.b_simple) for p in pts.estimates])
+    assert growth is not None
+    assert growth.p == pytest.approx(0.4, abs=0.01) and growth.a == pytest.approx(2.0, rel=0.1)
+    assert pts.used.b_simple == pytest.approx(statistics.median(r.b_simple for r in recs[-3:]))
+    assert pts.used.ci95.low == pytest.approx(min(0.8 * r.b_simple for r in recs[-3:]))
+    t = pts.trajectory
+    assert t.mode == "log" and t.steps == recs[-1].step and t.examples == recs[-1].examples
+    assert t.loss_from == 2.0 and t.loss_to == recs[-1].loss
+    assert t.epochs == recs[-1].examples / 1000
+
+
+def test_unresolved_records_count_as_the_largest() -> None:
+    recs = [record(1, 64, 10.0), record(2, 128, None), record(3, 192, None)]
+    pts = trajectory.from_log(recs, dataset_size=100, planned=None, source="log")
+    assert pts.used.b_simple is None and pts.used.ci95.high == math.inf
+    recs[1] = record(2, 128, 20.0)
+    assert trajectory.from_log(recs, dataset_size=100, planned=None,
+                               source="log").used.b_simple == 20.0
+
+
+def test_a_log_without_a_measured_step_is_a_clear_error() -> None:
+    with pytest.raises(UsageError, match="no measured step"):
+        trajectory.from_log([], dataset_size=100, planned=None, source="empty.jsonl")
+
+
+@pytest.fixture(scope="module")
+def digits_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real tracker log: digits-mlp trained at its baseline for 4 epochs."""
+    from bsfind.spec import load_spec
+    from bsfind.workload import build
+
+    spec = load_spec(CONFIGS / "digits-mlp.yaml")
+    job = build(spec)
+    assert job.tensors is not None
+    x, y = job.tensors
+    opt = job.optimizer_cls(job.model.parameters(), lr=spec.optimizer.lr)
+    path = tmp_path_factory.mktemp("log") / "noise.jsonl"
+    gen = torch.Generator().manual_seed(0)
+    b = spec.optimizer.batch_size
+    with bsfind.track(job.model, every=2, log=path) as tracker:
+        for _ in range(4):
+            perm = torch.randperm(len(y), generator=gen)
+            for i in range(0, len(y) - b + 1, b):
+                idx = perm[i:i + b]
+                loss = job.loss_fn(job.model(x[idx]), y[idx])
+                loss.backward()
+                tracker.update(loss)
+                opt.step()
+                opt.zero_grad()
+    return path
+
+
+def test_schedule_command_plans_from_the_log(digits_log: Path) -> None:
+    # A predicted GPU's step time (no timing on this machine): deterministic advice.
+    r = runner.invoke(app, ["schedule", str(CONFIGS / "digits-mlp.yaml"), str(digits_log),
+                            "--json", "--gpu", "a100-80gb", "--set", "probe.timing=false"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    recs = read_log(digits_log)
+    assert doc["command"] == "schedule" and doc["trajectory"]["mode"] == "log"
+    assert doc["trajectory"]["examples"] == recs[-1].examples
+    last = sorted(v.b_simple if v.b_simple is not None else math.inf for v in recs[-3:])
+    assert doc["noise_scale"]["b_simple"] == pytest.approx(last[1])
+    assert doc["recommendation"]["batch_size"] >= 1
+    s = doc["schedule"]
+    assert s is not None and s["phases"][0]["start_step"] == 0
+    # The growth was fitted to the log's points: its span is inside the logged run.
+    assert s["growth"]["examples_to"] <= recs[-1].examples
+    assert s["measured_examples"] <= recs[-1].examples
+
+
+def test_schedule_command_errors_are_one_line(tmp_path: Path) -> None:
+    spec = str(CONFIGS / "digits-mlp.yaml")
+    r = runner.invoke(app, ["schedule", spec, str(tmp_path / "missing.jsonl")])
+    assert r.exit_code != 0 and "cannot read the tracker log" in r.output
+    assert "Traceback" not in r.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"step": 1}\n')
+    r = runner.invoke(app, ["schedule", spec, str(bad), "--json"])
+    assert r.exit_code != 0
+    assert json.loads(r.stdout)["status"] == "error" and "bad.jsonl:1" in r.output

@@ -1,0 +1,394 @@
+"""The tracker for any training loop (bsfind.tracker): exact at fixed weights, its
+records and log, its hooks, AMP, and the advice.
+
+    .venv/bin/python -m pytest tests/test_tracker.py -q      # about 20 s on 2 cores
+
+Exactness: at learning rate 0 (fixed weights) each pairing's B_simple, smoothed over
+the whole run, is within 10% of tr(Σ)/|G|² computed from every example's gradient
+(tests/exact.py). The problem is small (B_simple ≈ 32) so a few hundred steps suffice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bsfind import models
+from bsfind.errors import UsageError
+from bsfind.results import Interval, TimingCurve
+from bsfind.tracker import (
+    JSON_KEYS,
+    Tracker,
+    TrackRecord,
+    doubling_advice,
+    read_log,
+    scale_learning_rate,
+    track,
+)
+from tests import tracking
+from tests.conftest import ROOT
+from tests.tracking import REL
+
+_problem, _model = tracking.problem, tracking.model
+
+
+@pytest.fixture(scope="module")
+def exact() -> float:
+    return tracking.exact_b_simple()
+
+
+def _train(tracker: Tracker, model: nn.Module, steps: int, batch: int, accumulate: int = 1,
+           seed: int = 1) -> None:
+    """Forward/backward at fixed weights (learning rate 0), with replacement sampling."""
+    x, y = _problem()
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for j in range(accumulate):
+            idx = torch.randint(len(x), (batch,), generator=gen)
+            loss = F.cross_entropy(model(x[idx]), y[idx]) / accumulate
+            loss.backward()
+            if j < accumulate - 1:
+                tracker.micro_step()
+        tracker.update(loss * accumulate)
+        model.zero_grad(set_to_none=True)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    torch.set_num_threads(1)  # tiny models: one thread is faster and steadier on a busy host
+    yield
+
+
+# ---------------------------------------------------------------------------- exactness
+
+
+def test_per_example_pairing_matches_the_exact_value(exact: float) -> None:
+    model = _model()
+    tracker = track(model, every=1, window=10_000)
+    _train(tracker, model, steps=200, batch=64)
+    rec = tracker.records[-1]
+    assert rec.method == "per-example" and (rec.b_small, rec.b_big) == (1, 64)
+    assert rec.b_simple == pytest.approx(exact, rel=REL)
+    assert rec.ci95.low <= rec.b_simple <= rec.ci95.high
+
+
+def test_accumulation_pairing_matches_the_exact_value(exact: float) -> None:
+    model = _model()
+    tracker = track(model, window=10_000)
+    _train(tracker, model, steps=200, batch=16, accumulate=4)
+    rec = tracker.records[-1]
+    assert rec.method == "accumulation" and (rec.b_small, rec.b_big) == (16, 64)
+    assert tracker.every == 1 and len(tracker.records) == 200  # every step measured
+    assert rec.b_simple == pytest.approx(exact, rel=REL)
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available()
+                         and torch.distributed.is_gloo_available()), reason="needs gloo")
+def test_ddp_pairing_matches_the_exact_value(exact: float, tmp_path: Path) -> None:
+    """Two gloo ranks, 32 examples each per micro-batch, two micro-batches (no_sync on
+    the first): the comm hook pairs each rank's 64 with the all-reduced 128."""
+    log = tmp_path / "ddp.jsonl"
+    ranks = tracking.two_ranks(ROOT / "tests" / "assets" / "tracker_ddp.py", str(log),
+                               TRACKER_STEPS="300", TRACKER_ACCUMULATE="2")
+    assert [code for code, _, _ in ranks] == [0, 0], ranks[0][2][-2000:] + ranks[1][2][-2000:]
+    assert ranks[1][1] == ""  # only rank 0 reports
+    rec = json.loads(ranks[0][1])
+    assert rec["method"] == "ddp" and (rec["b_small"], rec["b_big"]) == (64, 128)
+    assert rec["b_simple"] == pytest.approx(exact, rel=REL)
+    assert len(read_log(log)) == 300  # rank 0 wrote every measured step
+
+
+# ------------------------------------------------------------------------ records, log
+
+
+def test_log_lines_are_the_records_and_read_back(tmp_path: Path) -> None:
+    model = _model()
+    path = tmp_path / "sub" / "noise.jsonl"
+    with track(model, every=5, log=path) as tracker:
+        _train(tracker, model, steps=40, batch=32)
+        recs = tracker.records
+    lines = path.read_text().splitlines()
+    assert len(lines) == len(recs) == 8
+    first = json.loads(lines[0])
+    assert list(first)[:len(JSON_KEYS)] == list(JSON_KEYS)
+    assert [r.step for r in recs] == list(range(0, 40, 5))
+    assert [r.examples for r in recs] == [32 * (s + 1) for s in range(0, 40, 5)]
+    back = read_log(path)
+    assert [r.to_json() for r in back] == [r.to_json() for r in recs]
+    assert recs[0].b_simple is None and first["b_simple_ci95"][1] is None  # one round: no CI
+    assert all(r.loss is not None and r.loss > 0 for r in recs)
+
+
+def test_smoothing_is_a_ratio_of_weighted_means_over_the_window() -> None:
+    model = _model()
+    tracker = track(model, every=1, window=5)
+    _train(tracker, model, steps=12, batch=8, accumulate=2)
+    recs = tracker.records
+    last, window = recs[-1], recs[-5:]
+    weights = [r.b_big for r in window]
+    g2 = sum(w * r.step_grad_norm_sq for w, r in zip(weights, window, strict=True)) / sum(weights)
+    trace = sum(w * r.step_trace_sigma for w, r in zip(weights, window, strict=True)) / sum(weights)
+    assert last.window == 5
+    assert last.grad_norm_sq == pytest.approx(g2) and last.trace_sigma == pytest.approx(trace)
+    if last.b_simple is not None:  # never a mean of the per-step ratios
+        assert last.b_simple == pytest.approx(trace / g2)
+
+
+@pytest.mark.parametrize(("text", "where"), [
+    ('{"step": 1}\n', "1: not a tracker record: missing key(s) examples"),
+    ("\n\nnot json\n", ":3: not a tracker record"),
+    ('{"step": 0, "examples": 1, "loss": null, "grad_norm_sq": 1, "trace_sigma": 1, '
+     '"b_simple": null, "b_simple_ci95": [0, null], "b_small": 1, "b_big": 2, '
+     '"method": "magic"}', "method: expected one of"),
+])
+def test_read_log_names_the_bad_line(tmp_path: Path, text: str, where: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(text)
+    with pytest.raises(UsageError, match="not a tracker record") as info:
+        read_log(path)
+    assert where in info.value.message
+    with pytest.raises(UsageError, match="cannot read"):
+        read_log(tmp_path / "missing.jsonl")
+
+
+def test_a_record_with_only_the_format_keys_parses() -> None:
+    from bsfind.tracker import record_from_json
+
+    rec = record_from_json({"step": 3, "examples": 96, "loss": None, "grad_norm_sq": 0.5,
+                            "trace_sigma": 20, "b_simple": 40.0, "b_simple_ci95": [30, 55.5],
+                            "b_small": 1, "b_big": 32, "method": "per-example"})
+    assert rec.ci95 == Interval(30.0, 55.5) and math.isnan(rec.step_trace_sigma)
+
+
+# --------------------------------------------------------------------- hooks, AMP, faults
+
+
+def _hooked(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_per_example_hooks_are_attached_only_for_measured_steps() -> None:
+    model = _model()
+    x, y = _problem()
+    tracker = track(model, batch_size=16)  # default every: 32
+    assert tracker.every == 32
+    seen = []
+    for _ in range(66):
+        seen.append((tracker.measuring, _hooked(model)))
+        F.cross_entropy(model(x[:16]), y[:16]).backward()
+        tracker.update()
+        model.zero_grad()
+    tracker.close()
+    assert [s for s, (m, _) in enumerate(seen) if m] == [0, 32, 64]
+    assert all((h > 0) == m for m, h in seen)
+    assert _hooked(model) == 0 and [r.step for r in tracker.records] == [0, 32, 64]
+
+
+def test_grad_scaler_is_undone() -> None:
+    """The same steps with and without a GradScaler give the same estimates."""
+    results = []
+    for scaled in (False, True):
+        model = _model()
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if scaled else None
+        tracker = track(model, every=1, scaler=scaler)
+        x, y = _problem()
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(6):
+            idx = torch.randint(len(x), (32,), generator=gen)
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            tracker.update(loss)
+            model.zero_grad()
+        results.append([v for r in tracker.records for v in (r.step_grad_norm_sq,
+                                                             r.step_trace_sigma)])
+    assert results[1] == pytest.approx(results[0], rel=1e-5)
+
+
+def test_update_after_unscale_is_refused() -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu")
+    tracker = track(model, every=1, scaler=scaler)
+    x, y = _problem()
+    scaler.scale(F.cross_entropy(model(x[:8]), y[:8])).backward()
+    scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match="before scaler.unscale_"):
+        tracker.update()
+
+
+class _Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lin(torch.relu(self.lin(x))))  # weight reuse
+
+
+def test_per_example_failure_warns_once_and_training_goes_on() -> None:
+    model = _Twice()
+    x, y = _problem()
+    tracker = track(model, every=1)
+    with pytest.warns(RuntimeWarning, match="per-example norms failed at step 0"):
+        for _ in range(3):
+            F.cross_entropy(model(x[:8]), y[:8]).backward()
+            tracker.update()
+            model.zero_grad()
+    assert tracker.records == [] and "called more than once" in (tracker.reason or "")
+    assert _hooked(model) == 0
+    # accumulation still works for the same model
+    _train(tracker, model, steps=3, batch=8, accumulate=2)
+    assert [r.method for r in tracker.records] == ["accumulation"] * 3
+
+
+def test_batchnorm_model_is_tracked_through_accumulation_only() -> None:
+    torch.manual_seed(0)
+    model = models.cnn(norm="batch")
+    x = torch.randn(64, 1, 8, 8)
+    y = torch.randint(0, 10, (64,))
+    tracker = track(model)
+    with pytest.warns(RuntimeWarning, match="nothing measured: per-example norms unavailable"):
+        F.cross_entropy(model(x[:16]), y[:16]).backward()
+        tracker.update()
+    model.zero_grad()
+    for j in range(2):
+        F.cross_entropy(model(x[16 * j:16 * j + 16]), y[16 * j:16 * j + 16]).backward()
+        if j == 0:
+            tracker.micro_step()
+    tracker.update()
+    assert [r.method for r in tracker.records] == ["accumulation"]
+
+
+def test_a_repeated_micro_step_after_the_last_backward_is_harmless() -> None:
+    model = _model()
+    x, y = _problem()
+    tracker = track(model, every=1)
+    for _ in range(3):
+        for j in range(2):
+            F.cross_entropy(model(x[8 * j:8 * j + 8]), y[8 * j:8 * j + 8]).backward()
+            tracker.micro_step()  # after the last backward too
+        tracker.update()
+        model.zero_grad()
+    assert [(r.b_small, r.b_big) for r in tracker.records] == [(8, 16)] * 3
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(ValueError, match="every must be >= 1"):
+        track(_model(), every=0)
+    with pytest.raises(ValueError, match="window must be >= 2"):
+        track(_model(), window=1)
+    frozen = _model().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        track(frozen)
+    tracker = track(_model())
+    with pytest.raises(ValueError, match="batch size unknown"):
+        tracker.update()
+
+
+# ------------------------------------------------------------------------------ advice
+
+
+def test_doubling_pays_exactly_above_the_threshold() -> None:
+    """DESIGN §10: B→2B pays iff B_n > 2·c·B²/t0, i.e. iff S(2B)t(2B) < S(B)t(B)."""
+    curve = TimingCurve((), t0=0.1, per_example=0.001, r2=1.0, source="measured")
+    batch = 64
+    threshold = 2 * 0.001 * batch**2 / 0.1  # 81.92
+    for b_n in (40.0, 81.0, 83.0, 400.0):
+        adv = doubling_advice(10, batch, b_n, Interval(b_n, b_n), curve, "given")
+        assert adv.basis == "time" and adv.threshold == pytest.approx(threshold)
+        assert adv.double == (b_n > threshold)
+        assert adv.time_ratio is not None and (adv.time_ratio < 1) == (b_n > threshold)
+    # judged at the interval's low end
+    wide = doubling_advice(10, batch, 200.0, Interval(50.0, 900.0), curve, "given")
+    assert not wide.double and wide.time_ratio is not None and wide.time_ratio < 1
+
+
+def test_advice_without_timing_uses_the_noise_scale_and_scales_the_lr() -> None:
+    adv = doubling_advice(3, 32, 150.0, Interval(80.0, 300.0), None, "none",
+                          lr=1e-3, optimizer=torch.optim.SGD)
+    assert adv.basis == "noise" and adv.timing_source == "none" and adv.double  # 80 >= 64
+    assert adv.threshold == 64 and adv.recommended_batch == 152  # ≈ B_n, a multiple of 8
+    assert adv.lr_rule == "mccandlish"
+    assert adv.learning_rate == pytest.approx(1e-3 * (1 + 150 / 32) / (1 + 150 / 64))
+    adam = doubling_advice(3, 32, 150.0, Interval(60.0, 300.0), None, "none", lr=1e-3,
+                           optimizer="adamw")
+    assert not adam.double and adam.lr_rule == "mccandlish-sqrt"
+
+
+def test_tracker_measures_its_step_time_curve(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Step periods at two batch sizes give t0 and c (the hooked steps are not timed)."""
+    import bsfind.tracker as tr
+
+    clock = [0.0]
+    monkeypatch.setattr(tr.time, "perf_counter", lambda: clock[0])
+    model = _model()
+    x, y = _problem()
+    tracker = track(model, every=4)
+    assert tracker.step_times() is None
+    for batch in [16] * 20 + [32] * 20:
+        clock[0] += 0.05 + 0.001 * batch
+        F.cross_entropy(model(x[:batch]), y[:batch]).backward()
+        tracker.update()
+        model.zero_grad()
+    curve = tracker.step_times()
+    assert curve is not None and curve.source == "measured"
+    assert curve.t0 == pytest.approx(0.05) and curve.per_example == pytest.approx(0.001)
+    adv = tracker.advice()
+    assert adv is not None and adv.timing_source == "measured" and adv.batch_size == 32
+    given = tracker.advice(timing=(0.2, 0.0001))
+    assert given is not None and given.timing_source == "given"
+    assert given.threshold == pytest.approx(2 * 0.0001 * 32**2 / 0.2)
+
+
+def test_scale_learning_rate_moves_the_schedule_too() -> None:
+    opt = torch.optim.SGD(_model().parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    opt.step()
+    sched.step()
+    scale_learning_rate(opt, 2.0, [sched])
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)  # 0.05 · 2
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.2 / 3)
+
+
+def test_importing_bsfind_imports_no_framework() -> None:
+    code = ("import sys, bsfind, bsfind.tracker\n"
+            "assert callable(bsfind.track) and callable(bsfind.read_log)\n"
+            "print(sorted(m for m in ('lightning', 'pytorch_lightning', 'transformers', "
+            "'accelerate') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_record_json_keys_are_the_format() -> None:
+    rec = TrackRecord(step=1, examples=2, loss=None, grad_norm_sq=1.0, trace_sigma=2.0,
+                      b_simple=None, ci95=Interval(0.5, math.inf), b_small=1, b_big=2,
+                      method="ddp")
+    doc = rec.to_json()
+    assert tuple(doc)[:len(JSON_KEYS)] == JSON_KEYS and doc["b_simple_ci95"] == [0.5, None]
+    json.dumps(doc, allow_nan=False)  # strict JSON: no NaN in the file
+
+
+def test_a_record_reports_the_mean_loss_since_the_previous_one() -> None:
+    """Losses are kept (and past 64 folded into their sum) until a measurement."""
+    model = _model()
+    x, y = _problem()
+    tracker = track(model, every=100, batch_size=8)
+    for step in range(101):
+        F.cross_entropy(model(x[:8]), y[:8]).backward()
+        tracker.update(torch.tensor(float(step)) if step % 2 else float(step))
+        model.zero_grad()
+    assert [(r.step, r.loss) for r in tracker.records] == [(0, 0.0), (100, 50.5)]
