@@ -147,7 +147,10 @@ class _Walk:
         (and the planned run) allows."""
         trainer = self._trainer()
         probe_cap = POINT_SHARE * self.noise_seconds
-        if not self._measure(self.deadline.within(probe_cap), 0):
+        first_cap = probe_cap if self.planned is None else paced_probe_seconds(
+            probe_cap, 1 + points_ahead(FIRST_STEP, max(1, self.planned // self.b0)),
+            self.noise_seconds, TRAIN_SHARE * self.noise_seconds)
+        if not self._measure(self.deadline.within(first_cap), 0):
             return
         last_probe = self.estimates[-1].seconds
         target = FIRST_STEP
@@ -159,17 +162,28 @@ class _Walk:
             per_step = self.train_seconds / self.step if self.step else 0.0
             need = (target - self.step) * per_step
             left = self.noise_seconds - (time.perf_counter() - self.start)
+            cap = self._paced_cap(probe_cap, target, per_step, left)
             go = (self.train_seconds + need <= TRAIN_SHARE * self.noise_seconds
-                  and need + min(last_probe, probe_cap) <= left)
+                  and need + min(last_probe, cap) <= left)
             if not self.runner.agree(go):  # rank 0 decides for every rank
                 return
             if not self._train_to(trainer, target):
                 return
-            if not self._measure(self.deadline.within(min(probe_cap, max(0.0, left - need))),
+            if not self._measure(self.deadline.within(min(cap, max(0.0, left - need))),
                                  self.step * self.b0, partial_ok=True):
                 return
             last_probe = self.estimates[-1].seconds
             target = 2 * self.step
+
+    def _paced_cap(self, cap: float, target: int, per_step: float, left: float) -> float:
+        """The probe's seconds at step ``target`` (see :func:`paced_probe_seconds`)."""
+        if self.planned is None:
+            return cap
+        end = max(1, self.planned // self.b0)
+        may_train = max(0.0, TRAIN_SHARE * self.noise_seconds - self.train_seconds)
+        train_left = (min(may_train, max(0, end - self.step) * per_step) if per_step > 0
+                      else may_train)
+        return paced_probe_seconds(cap, points_ahead(target, end), left, train_left)
 
     # -- pieces ----------------------------------------------------------------------
     def _trainer(self) -> tuple[torch.optim.Optimizer, EpochSampler]:
@@ -258,6 +272,25 @@ class _Walk:
         )
         return Points(tuple(self.estimates), used, trajectory, self.status, tuple(self.notes),
                       self.optimizer, self.step)
+
+
+def points_ahead(target: int, end: int) -> int:
+    """The points the walk along training measures from step ``target`` to step ``end``
+    (the planned run's last), both included: target, 2·target, ... capped at ``end``."""
+    n = 1
+    while target < end:
+        target, n = min(2 * target, end), n + 1
+    return n
+
+
+def paced_probe_seconds(cap: float, points: int, left: float, train_left: float) -> float:
+    """Seconds for the next probe point: at most ``cap``, and no more than an even share,
+    over the ``points`` still to measure, of the budget ``left`` after ``train_left``
+    seconds of training to the planned run's end. On a slow machine (a loaded CI runner)
+    each point is then less precise, but the walk still reaches the end of the run, where
+    the advice comes from (issue #14: under load the walk used to stop at a quarter of
+    the run and the advice fell 3×)."""
+    return min(cap, max(0.0, left - train_left) / max(points, 1))
 
 
 def summarize(points: Sequence[NoiseEstimate], k: int = SUMMARY_POINTS) -> NoiseEstimate:

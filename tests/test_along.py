@@ -159,3 +159,27 @@ def test_recommend_reports_the_schedule() -> None:
     assert s["horizon_source"] == "training" and s["horizon_examples"] == 5120
     assert s["predicted_seconds"] > 0 and s["baseline_seconds"] > 0
     assert s["best_constant_batch"] >= 1 and s["growth"]["examples_from"] > 0
+
+
+def test_points_ahead_and_paced_probe_seconds() -> None:
+    from bsfind.trajectory import paced_probe_seconds, points_ahead
+
+    assert points_ahead(8, 320) == 7  # 8, 16, 32, 64, 128, 256, 320
+    assert points_ahead(8, 256) == 6 and points_ahead(320, 320) == 1 and points_ahead(8, 5) == 1
+    # 20 s left, 8 s of training to the end, 4 points: 3 s each, under a 5 s cap.
+    assert paced_probe_seconds(5.0, 4, 20.0, 8.0) == 3.0
+    assert paced_probe_seconds(2.0, 4, 20.0, 8.0) == 2.0
+    assert paced_probe_seconds(5.0, 4, 6.0, 8.0) == 0.0
+
+
+def test_slow_probes_still_reach_the_planned_run() -> None:
+    """Probes that never reach their precision (as on a loaded machine, where every round
+    is slow) use their whole share; the shares are paced so that the walk still reaches
+    the planned run (320 steps), where "now" is measured, instead of stopping after the
+    first few points at 20% of the budget each."""
+    doc = run_json("noise", GOOD, "--set", "probe.max_seconds=8",
+                   "--set", "probe.target_rel_error=0.002")
+    steps = [p["step"] for p in doc["noise_scale_by_step"]]
+    assert steps[0] == 0 and steps[-1] == 320, steps
+    assert doc["trajectory"]["steps"] == 320
+    assert all(p["stopped"] == "budget" for p in doc["noise_scale_by_step"])
