@@ -139,11 +139,16 @@ class LocalRunner:
             if progress is not None:
                 progress("memory", 1.0, f"max batch {memory.max_batch_size:,} ({memory.source})")
                 progress("timing", 0.0, "timing steps")
+            use = measure.CpuUse()
+            use.start()
             curve = measure.time_steps(job, step, measure.ladder_sizes(job, memory), deadline,
                                        memory, options)
+            busy = use.share() if job.device.type == "cpu" else None
             if progress is not None:
                 progress("timing", 1.0, "timed")
-        notes = () if curve is not None else (wording.NO_TIMING,)
+        notes: tuple[str, ...] = () if curve is not None else (wording.NO_TIMING,)
+        if curve is not None and busy is not None and busy >= measure.BUSY_SHARE:
+            notes += (wording.busy_while_timing(busy),)
         return HardwareMeasurement(memory, curve, notes)
 
     def finish(self, report: Report) -> Report:

@@ -86,6 +86,14 @@ def noise_warnings(used: NoiseEstimate, trajectory: Trajectory | None, *, datase
     return out
 
 
+def busy_while_timing(share: float) -> str:
+    """Other processes used the CPUs while the step time was measured (issue #14)."""
+    return (f"other processes used {share:.0%} of this machine's CPUs while the step time "
+            "was measured: the step times, and the batch they favour, are those of a machine "
+            "that busy (each timed batch's fastest step discounts short bursts, not a steady "
+            "load); re-run on a quiet machine, or set hardware.gpu for the GPU you train on")
+
+
 def log_batch_differs(logged: list[int], baseline: int) -> str:
     """``bsfind schedule``: the logged run's batch is not the spec's baseline."""
     sizes = ", ".join(f"{b:,}" for b in logged)

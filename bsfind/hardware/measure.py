@@ -146,3 +146,62 @@ def predict_on_gpu(
     pred_time = gpus.predict_timing(flops, gpu, precision)
     pred_mem = gpus.predict_memory_on(gpu, memory, opts.memory_fraction)
     return pred_mem, pred_time, gpu.price_per_hour
+
+
+# ------------------------------------------------------------- other processes' CPU use
+
+# Other processes took at least this share of the machine's CPUs while the step time was
+# measured on the CPU: the report says the step times are those of a busy machine.
+BUSY_SHARE = 0.25
+
+
+def others_share(system_busy: float, own_cpu: float, wall: float, cpus: int) -> float:
+    """The share of the machine's ``cpus`` that other processes used over ``wall`` seconds:
+    the whole machine's busy CPU-seconds ``system_busy`` less this process's ``own_cpu``,
+    clipped to [0, 1]."""
+    if wall <= 0 or cpus <= 0:
+        return 0.0
+    return min(1.0, max(0.0, (system_busy - own_cpu) / (wall * cpus)))
+
+
+def _system_busy_seconds() -> float | None:
+    """The machine's busy CPU-seconds since boot, from /proc/stat (None off Linux)."""
+    import os
+
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [float(v) for v in f.readline().split()[1:]]
+        ticks = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    guest = sum(fields[8:10]) if len(fields) > 9 else 0.0  # already counted in user/nice
+    return (sum(fields) - idle - guest) / ticks
+
+
+class CpuUse:
+    """Other processes' share of the CPUs between ``start()`` and ``share()`` (Linux)."""
+
+    def __init__(self, read: Callable[[], float | None] | None = None,
+                 own: Callable[[], float] | None = None,
+                 clock: Callable[[], float] | None = None, cpus: int | None = None) -> None:
+        import os
+        import time
+
+        self._read = read or _system_busy_seconds
+        self._own = own or (lambda: sum(os.times()[:2]))
+        self._clock = clock or time.perf_counter
+        self._cpus = cpus or os.cpu_count() or 1
+        self._start: tuple[float, float, float] | None = None
+
+    def start(self) -> None:
+        busy = self._read()
+        self._start = None if busy is None else (busy, self._own(), self._clock())
+
+    def share(self) -> float | None:
+        """The share since ``start()``, or None where the machine's use cannot be read."""
+        busy = self._read()
+        if self._start is None or busy is None:
+            return None
+        b0, o0, w0 = self._start
+        return others_share(busy - b0, self._own() - o0, self._clock() - w0, self._cpus)
