@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from bsfind import advisor, schedule, trajectory, wording
 from bsfind.budget import Deadline, ProgressFn
 from bsfind.errors import Interrupted
-from bsfind.hardware.measure import HardwareOptions, predict_on_gpu
+from bsfind.hardware.measure import BUSY_SHARE, HardwareOptions, predict_on_gpu
 from bsfind.noise.probe import ProbeOptions
 from bsfind.report import Report
 from bsfind.results import (
@@ -151,15 +151,18 @@ def plan_from_log(spec: Spec, runner: Runner, records: Sequence[TrackRecord], so
         trajectory=points.trajectory,
         warnings=tuple(wording.noise_warnings(
             points.used, points.trajectory, dataset_size=len(job),
-            baseline_batch=spec.optimizer.batch_size, from_checkpoint=False)) + tuple(notes),
+            baseline_batch=spec.optimizer.batch_size, from_checkpoint=False))
+        + points.notes + tuple(notes),
     )
     hw = (runner.measure_hardware(job, hardware_options(spec), deadline, progress)
           if spec.probe.timing else HardwareMeasurement(None, None))
     report = advise(report, spec, job, runner, hw, max_gpus)
     if report.schedule is None:
-        timed = any(c.step_seconds is not None for c in report.candidates)
+        timed = any(c.step_seconds is not None and math.isfinite(c.step_seconds)
+                    for c in report.candidates)
+        resolved = sum(p.b_simple is not None for p in points.estimates)
         report = dataclasses.replace(report, warnings=report.warnings + (
-            wording.no_schedule(len(points.estimates), timed),))
+            wording.no_schedule(resolved, timed),))
     return runner.finish(dataclasses.replace(report, seconds=time.perf_counter() - start))
 
 
@@ -174,6 +177,9 @@ def advise(report: Report, spec: Spec, job: Workload, runner: Runner, hw: Hardwa
             opts=hardware_options(spec))
         price = price if price is not None else gpu_price
     notes = list(hw.notes)
+    if (not spec.hardware.gpu and hw.busy_share is not None
+            and hw.busy_share >= BUSY_SHARE):  # the measured step time is the one used
+        notes.append(wording.busy_while_timing(hw.busy_share))
     world, gpus = runner.world_size, spec.hardware.gpus
     if world > 1 and gpus not in (1, world):
         notes.insert(0, wording.gpus_ignored_under_torchrun(gpus, world))

@@ -316,6 +316,9 @@ class HardwareMeasurement:
     timing: TimingCurve | None
     notes: tuple[str, ...] = ()
     sync_seconds: float | None = None
+    # Other processes' share of the CPUs while a CPU step time was measured (None: not
+    # measured, e.g. on CUDA or off Linux).
+    busy_share: float | None = None
 
 
 @dataclass(frozen=True)

@@ -146,10 +146,9 @@ class LocalRunner:
             busy = use.share() if job.device.type == "cpu" else None
             if progress is not None:
                 progress("timing", 1.0, "timed")
-        notes: tuple[str, ...] = () if curve is not None else (wording.NO_TIMING,)
-        if curve is not None and busy is not None and busy >= measure.BUSY_SHARE:
-            notes += (wording.busy_while_timing(busy),)
-        return HardwareMeasurement(memory, curve, notes)
+        notes = () if curve is not None else (wording.NO_TIMING,)
+        return HardwareMeasurement(memory, curve, notes,
+                                   busy_share=busy if curve is not None else None)
 
     def finish(self, report: Report) -> Report:
         return report

@@ -147,10 +147,7 @@ class _Walk:
         (and the planned run) allows."""
         trainer = self._trainer()
         probe_cap = POINT_SHARE * self.noise_seconds
-        first_cap = probe_cap if self.planned is None else paced_probe_seconds(
-            probe_cap, 1 + points_ahead(FIRST_STEP, max(1, self.planned // self.b0)),
-            self.noise_seconds, TRAIN_SHARE * self.noise_seconds)
-        if not self._measure(self.deadline.within(first_cap), 0):
+        if not self._measure(self.deadline.within(probe_cap), 0):
             return
         last_probe = self.estimates[-1].seconds
         target = FIRST_STEP
@@ -357,14 +354,23 @@ def from_log(records: Sequence[TrackRecord], *, dataset_size: int, planned: int 
     Raises:
         UsageError: the log has no record after the first training examples.
     """
+    from bsfind import wording
+
     later = [r for r in records if r.examples > 0]
     if not later:
         raise UsageError(f"{source}: the tracker log has no measured step",
                          hint="let the run log a few records (tracker.update() after "
                               "each backward) before planning from it")
+    # Runs appended to one file: the examples count starts again; plan from the last run.
+    restart = max((i for i in range(1, len(later))
+                   if later[i].examples < later[i - 1].examples), default=0)
+    notes = (wording.log_restarted(source, restart, len(later)),) if restart else ()
+    later = later[restart:]
     each = [_record_estimate(r) for r in later]
     points = tuple(_median_point(g) for g in _log_stretches(each, LOG_POINTS))
     used = summarize(each) if len(each) > 1 else each[-1]
+    if points[-1].step != used.step:  # the stretch's middle: end the points at "now"
+        points += (used,)
     first, last = later[0], later[-1]
     return Points(points, used, Trajectory(
         mode="log", steps=last.step, examples=last.examples,
@@ -373,7 +379,7 @@ def from_log(records: Sequence[TrackRecord], *, dataset_size: int, planned: int 
         b_simple_first=next((p.b_simple for p in points if p.b_simple is not None), None),
         b_simple_last=used.b_simple, moved=True,
         planned_examples=planned,
-    ), "ok")
+    ), "ok", notes)
 
 
 def _record_estimate(r: TrackRecord) -> NoiseEstimate:

@@ -102,6 +102,13 @@ def log_batch_differs(logged: list[int], baseline: int) -> str:
             "schedule's first phase are for the spec's baseline")
 
 
+def log_restarted(source: str, at: int, records: int) -> str:
+    """``bsfind schedule``: the log holds more than one run (the examples count fell)."""
+    return (f"{source} holds more than one run (the examples seen start again at record "
+            f"{at + 1:,} of {records:,}): planning from the last one; split the file to plan "
+            "from another")
+
+
 def no_schedule(points: int, timed: bool) -> str:
     """``bsfind schedule`` could not build a schedule: why, and what to do."""
     if not timed:

@@ -59,6 +59,24 @@ def test_unresolved_records_count_as_the_largest() -> None:
                                source="log").used.b_simple == 20.0
 
 
+def test_the_points_end_at_the_last_record() -> None:
+    recs = [record(4 * i, 64 * (4 * i + 1), 10.0 + i) for i in range(40)]
+    pts = trajectory.from_log(recs, dataset_size=1000, planned=None, source="log")
+    assert pts.estimates[-1].step == recs[-1].step
+    assert pts.estimates[-1].examples_seen == recs[-1].examples
+    assert pts.estimates[-1].summary_of == tuple(r.step for r in recs[-3:])
+
+
+def test_runs_appended_to_one_log_plan_from_the_last() -> None:
+    first = [record(4 * i, 64 * (4 * i + 1), 50.0) for i in range(30)]
+    second = [record(4 * i, 64 * (4 * i + 1), 20.0) for i in range(10)]
+    pts = trajectory.from_log(first + second, dataset_size=1000, planned=None, source="r.jsonl")
+    assert pts.used.b_simple == 20.0 and pts.trajectory.examples == second[-1].examples
+    assert all(p.b_simple == 20.0 for p in pts.estimates)
+    assert len(pts.notes) == 1 and "r.jsonl holds more than one run" in pts.notes[0]
+    assert "record 31 of 40" in pts.notes[0]
+
+
 def test_a_log_without_a_measured_step_is_a_clear_error() -> None:
     with pytest.raises(UsageError, match="no measured step"):
         trajectory.from_log([], dataset_size=100, planned=None, source="empty.jsonl")
@@ -105,9 +123,19 @@ def test_schedule_command_plans_from_the_log(digits_log: Path) -> None:
     assert doc["recommendation"]["batch_size"] >= 1
     s = doc["schedule"]
     assert s is not None and s["phases"][0]["start_step"] == 0
-    # The growth was fitted to the log's points: its span is inside the logged run.
-    assert s["growth"]["examples_to"] <= recs[-1].examples
-    assert s["measured_examples"] <= recs[-1].examples
+    # The growth was fitted to the log's points, which end at its last record.
+    assert s["measured_examples"] == recs[-1].examples
+    assert doc["noise_scale_by_step"][-1]["step"] == recs[-1].step
+
+
+def test_without_a_step_time_the_command_says_why_there_is_no_schedule(
+        digits_log: Path) -> None:
+    r = runner.invoke(app, ["schedule", str(CONFIGS / "digits-mlp.yaml"), str(digits_log),
+                            "--json", "--set", "probe.timing=false"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["schedule"] is None
+    assert any(w.startswith("no batch-size schedule: no step time") for w in doc["warnings"])
 
 
 def test_schedule_command_errors_are_one_line(tmp_path: Path) -> None:

@@ -164,19 +164,25 @@ def others_share(system_busy: float, own_cpu: float, wall: float, cpus: int) -> 
     return min(1.0, max(0.0, (system_busy - own_cpu) / (wall * cpus)))
 
 
+def busy_seconds(cpu_line: str, ticks_per_second: float) -> float:
+    """Busy CPU-seconds from /proc/stat's first ("cpu") line: every field but idle and
+    iowait, less guest and guest_nice (already counted in user and nice); steal counts
+    as busy (another machine's work on these CPUs)."""
+    fields = [float(v) for v in cpu_line.split()[1:]]
+    idle = sum(fields[3:5])  # idle, iowait
+    guest = sum(fields[8:10])
+    return (sum(fields) - idle - guest) / ticks_per_second
+
+
 def _system_busy_seconds() -> float | None:
     """The machine's busy CPU-seconds since boot, from /proc/stat (None off Linux)."""
     import os
 
     try:
         with open("/proc/stat", encoding="ascii") as f:
-            fields = [float(v) for v in f.readline().split()[1:]]
-        ticks = os.sysconf("SC_CLK_TCK")
+            return busy_seconds(f.readline(), os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError):
         return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
-    guest = sum(fields[8:10]) if len(fields) > 9 else 0.0  # already counted in user/nice
-    return (sum(fields) - idle - guest) / ticks
 
 
 class CpuUse:

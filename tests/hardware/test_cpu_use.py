@@ -42,11 +42,12 @@ def test_cpu_use_reads_this_machine() -> None:
     assert share is not None and 0.0 <= share <= 1.0
 
 
-@pytest.mark.parametrize("share", [0.6, 0.1])
-def test_recommend_says_when_the_machine_was_busy(share: float,
+@pytest.mark.parametrize(("share", "gpu"), [(0.6, None), (0.1, None), (0.6, "a100-80gb")])
+def test_recommend_says_when_the_machine_was_busy(share: float, gpu: str | None,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Fake counters in which others use ``share`` of the CPUs while the ladder runs: the
-    warning appears exactly when the share reaches BUSY_SHARE."""
+    warning appears exactly when the share reaches BUSY_SHARE and the measured step time
+    is the one the advice uses (not with hardware.gpu, whose step time is predicted)."""
     from bsfind import api
     from bsfind.spec import load_spec
     from tests.conftest import CONFIGS
@@ -57,9 +58,20 @@ def test_recommend_says_when_the_machine_was_busy(share: float,
                       clock=lambda: next(clock), cpus=2)
 
     monkeypatch.setattr(measure, "CpuUse", fake)
-    spec = load_spec(CONFIGS / "digits-mlp.yaml", ["probe.max_seconds=6", "probe.at_steps=[0]"])
+    spec = load_spec(CONFIGS / "digits-mlp.yaml", ["probe.max_seconds=6", "probe.at_steps=[0]"]
+                     + ([f"hardware.gpu={gpu}"] if gpu else []))
     report = api.recommend(spec)
     busy = [w for w in report.warnings if w.startswith("other processes used")]
-    assert bool(busy) == (share >= BUSY_SHARE)
+    assert bool(busy) == (share >= BUSY_SHARE and gpu is None)
     if busy:
         assert busy[0].startswith(f"other processes used {share:.0%}")
+
+
+def test_busy_seconds_from_a_proc_stat_line() -> None:
+    from bsfind.hardware.measure import busy_seconds
+
+    # user nice system idle iowait irq softirq steal guest guest_nice, in ticks of 1/100 s
+    line = "cpu  1000 100 300 5000 200 10 20 30 400 50"
+    # busy = user + nice + system + irq + softirq + steal (guest time is inside user/nice)
+    assert busy_seconds(line, 100) == pytest.approx((1000 + 100 + 300 + 10 + 20 + 30) / 100)
+    assert busy_seconds("cpu  1000 100 300 5000", 100) == pytest.approx(14.0)  # old kernels
