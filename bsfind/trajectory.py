@@ -56,6 +56,9 @@ SUMMARY_POINTS = 3
 MOVED_LOSS_DROP = 0.3
 # Each point's probe may take at most this share of the noise budget.
 POINT_SHARE = 0.2
+# ... and, however the points are paced to reach the planned run, at least this share:
+# a probe needs a few rounds to resolve |G|² at all.
+POINT_FLOOR = 0.05
 # A tracker log holds a record every few steps; the growth fit sees at most this
 # many points, each the median over a stretch of equal width in log(examples)
 # (the geometric spacing of the probe's own points).
@@ -178,9 +181,13 @@ class _Walk:
             return cap
         end = max(1, self.planned // self.b0)
         may_train = max(0.0, TRAIN_SHARE * self.noise_seconds - self.train_seconds)
-        train_left = (min(may_train, max(0, end - self.step) * per_step) if per_step > 0
-                      else may_train)
-        return paced_probe_seconds(cap, points_ahead(target, end), left, train_left)
+        train_left = may_train
+        if per_step > 0:  # the end the training share can reach
+            end = min(end, self.step + int(may_train / per_step))
+            train_left = max(0, end - self.step) * per_step
+        paced = paced_probe_seconds(cap, points_ahead(target, max(end, target)), left,
+                                    train_left)
+        return min(cap, max(POINT_FLOOR * self.noise_seconds, paced))
 
     # -- pieces ----------------------------------------------------------------------
     def _trainer(self) -> tuple[torch.optim.Optimizer, EpochSampler]:

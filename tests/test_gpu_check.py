@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -79,7 +80,11 @@ def test_dry_run_summary_has_a_line_per_step_and_the_key_figures(
     steps = {s["name"]: s for s in _summary(out)["steps"]}
     rec = steps["recommend"]["figures"]
     for config in gpu_check.CONFIGS:
-        assert rec[config]["b_simple"] > 0 and rec[config]["batch"] >= 1
+        # 3 s of probing: a noise scale that outgrew the budget late in the walk is
+        # unresolved, which the summary must show as N/A, not crash on
+        b = rec[config]["b_simple"]
+        assert (b is None and re.search(rf"{config}\*? N/A->", text)) or b > 0
+        assert rec[config]["batch"] >= 1
         assert rec[config]["device_type"] == "cpu"
         assert rec[config]["timing"]["source"] == "measured"
     assert rec["oom"]["timing"]["largest_rung"] == gpu_check.DRY_OOM_LIMIT
