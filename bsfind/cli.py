@@ -548,9 +548,7 @@ def recommend(
     """Measure the noise scale and the hardware, then recommend a batch size and LR."""
     from bsfind import api, report
 
-    overrides = list(set_ or [])
-    if gpu:
-        overrides.append(f"hardware.gpu={gpu}")
+    overrides = list(set_ or []) + ([f"hardware.gpu={gpu}"] if gpu else [])
 
     def run() -> dict[str, Any]:
         s = _load(spec, overrides)
@@ -588,9 +586,7 @@ def schedule(
     in the last one, with this machine's step time (no noise probe)."""
     from bsfind import api, report
 
-    overrides = list(set_ or [])
-    if gpu:
-        overrides.append(f"hardware.gpu={gpu}")
+    overrides = list(set_ or []) + ([f"hardware.gpu={gpu}"] if gpu else [])
 
     def run() -> dict[str, Any]:
         s = _load(spec, overrides)
@@ -652,6 +648,13 @@ def check(
     raise typer.Exit(0 if result.within else 1)
 
 
+def _measurement_only(doc: dict[str, Any], *extra: str) -> dict[str, Any]:
+    """The JSON of a command that measures without advising: no hardware, no advice."""
+    keys = ("version", "command", "status", "device", "dataset", "baseline", "noise_scale",
+            "noise_scale_by_step", *extra, "trajectory", "warnings", "seconds")
+    return {k: doc[k] for k in keys}
+
+
 @app.command()
 def noise(spec: SpecArg, json_out: JsonOpt = False, set_: SetOpt = None,
           debug: DebugOpt = False) -> None:
@@ -664,11 +667,7 @@ def noise(spec: SpecArg, json_out: JsonOpt = False, set_: SetOpt = None,
             return report.to_dict(api.measure(s, progress=progress))
 
     doc = _guard(debug, run, on_interrupt=_partial_noise(json_out), as_json=json_out)
-    if json_out:
-        doc = {k: doc[k] for k in ("version", "command", "status", "device", "dataset",
-                                   "baseline", "noise_scale", "noise_scale_by_step",
-                                   "trajectory", "warnings", "seconds")}
-    _emit(doc, json_out)
+    _emit(_measurement_only(doc) if json_out else doc, json_out)
 
 
 @app.command()
@@ -684,11 +683,7 @@ def branch(spec: SpecArg, json_out: JsonOpt = False, set_: SetOpt = None,
             return report.to_dict(api.branch(s, progress=progress))
 
     doc = _guard(debug, run, on_interrupt=_partial_noise(json_out), as_json=json_out)
-    if json_out:
-        doc = {k: doc[k] for k in ("version", "command", "status", "device", "dataset",
-                                   "baseline", "noise_scale", "noise_scale_by_step",
-                                   "branches", "trajectory", "warnings", "seconds")}
-    _emit(doc, json_out)
+    _emit(_measurement_only(doc, "branches") if json_out else doc, json_out)
 
 
 @app.command()

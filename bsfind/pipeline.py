@@ -82,8 +82,6 @@ def run(spec: Spec, runner: Runner, command: str, progress: ProgressFn | None = 
         BsfindError: a user-caused failure (see ``bsfind.errors``), with a partial
             result inside ``Interrupted`` on Ctrl-C.
     """
-    from bsfind.hardware.nvml import describe_device
-
     start = time.perf_counter()
     deadline = runner.deadline(spec.probe.max_seconds)
     job = runner.build(spec)
@@ -95,23 +93,13 @@ def run(spec: Spec, runner: Runner, command: str, progress: ProgressFn | None = 
         branch_points(spec, job, runner, points, deadline, progress,
                       reserve=HARDWARE_SHARE * spec.probe.max_seconds if hardware else 0.0)
         if branching(spec, command) else ((), ()))
-    report = Report(
-        command=command, spec=spec.document, device=describe_device(job.device),
-        dataset_size=len(job), baseline_batch=spec.optimizer.batch_size,
-        baseline_lr=spec.optimizer.lr, optimizer=spec.optimizer.name,
-        noise=points.estimates, used=points.used,
+    report = dataclasses.replace(
+        points_report(spec, job, command, points,
+                      norm_batch=(norm_batch(spec, job, runner.world_size)
+                                  if points.used.method.endswith("microbatch") else None),
+                      notes=branch_notes),
         status="partial" if any(b.stopped == "budget" for b in branched) else points.status,
-        trajectory=points.trajectory,
-        warnings=tuple(wording.noise_warnings(
-            points.used, points.trajectory, dataset_size=len(job),
-            baseline_batch=spec.optimizer.batch_size,
-            from_checkpoint=bool(spec.model.checkpoint), advice=command == "recommend",
-            partial=points.status == "partial",
-            norm_batch=(norm_batch(spec, job, runner.world_size)
-                        if points.used.method.endswith("microbatch") else None))) + points.notes
-        + branch_notes,
-        branches=branched,
-    )
+        branches=branched)
     if command == "recommend":
         try:
             hw = (runner.measure_hardware(job, hardware_options(spec), deadline, progress)
@@ -121,6 +109,28 @@ def run(spec: Spec, runner: Runner, command: str, progress: ProgressFn | None = 
             raise Interrupted("interrupted during the hardware analysis",
                               partial=points.estimates) from None
     return runner.finish(dataclasses.replace(report, seconds=time.perf_counter() - start))
+
+
+def points_report(spec: Spec, job: Workload, command: str, points: trajectory.Points, *,
+                  norm_batch: int | None = None, notes: tuple[str, ...] = ()) -> Report:
+    """The report of the noise scale measured (or read) at ``points``, with its warnings;
+    no hardware and no advice yet."""
+    from bsfind.hardware.nvml import describe_device
+
+    return Report(
+        command=command, spec=spec.document, device=describe_device(job.device),
+        dataset_size=len(job), baseline_batch=spec.optimizer.batch_size,
+        baseline_lr=spec.optimizer.lr, optimizer=spec.optimizer.name,
+        noise=points.estimates, used=points.used, status=points.status,
+        trajectory=points.trajectory,
+        warnings=tuple(wording.noise_warnings(
+            points.used, points.trajectory, dataset_size=len(job),
+            baseline_batch=spec.optimizer.batch_size,
+            from_checkpoint=bool(spec.model.checkpoint),
+            advice=command in ("recommend", "schedule"),
+            partial=points.status == "partial", norm_batch=norm_batch))
+        + points.notes + notes,
+    )
 
 
 def plan_from_log(spec: Spec, runner: Runner, records: Sequence[TrackRecord], source: str,
@@ -133,7 +143,6 @@ def plan_from_log(spec: Spec, runner: Runner, records: Sequence[TrackRecord], so
     Raises:
         BsfindError: a user-caused failure (an empty log, a spec that does not build).
     """
-    from bsfind.hardware.nvml import describe_device
 
     start = time.perf_counter()
     deadline = runner.deadline(spec.probe.max_seconds)
@@ -143,17 +152,7 @@ def plan_from_log(spec: Spec, runner: Runner, records: Sequence[TrackRecord], so
     logged = {r.b_big for r in records}
     notes = [wording.log_batch_differs(sorted(logged), spec.optimizer.batch_size)] if (
         logged and logged != {spec.optimizer.batch_size}) else []
-    report = Report(
-        command="schedule", spec=spec.document, device=describe_device(job.device),
-        dataset_size=len(job), baseline_batch=spec.optimizer.batch_size,
-        baseline_lr=spec.optimizer.lr, optimizer=spec.optimizer.name,
-        noise=points.estimates, used=points.used, status=points.status,
-        trajectory=points.trajectory,
-        warnings=tuple(wording.noise_warnings(
-            points.used, points.trajectory, dataset_size=len(job),
-            baseline_batch=spec.optimizer.batch_size, from_checkpoint=False))
-        + points.notes + tuple(notes),
-    )
+    report = points_report(spec, job, "schedule", points, notes=tuple(notes))
     hw = (runner.measure_hardware(job, hardware_options(spec), deadline, progress)
           if spec.probe.timing else HardwareMeasurement(None, None))
     report = advise(report, spec, job, runner, hw, max_gpus)

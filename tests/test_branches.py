@@ -27,6 +27,7 @@ from bsfind.errors import Interrupted
 from bsfind.results import BranchResult, Interval
 from bsfind.workload import Workload
 from tests.conftest import CONFIGS, ROOT
+from tests.subprocesses import start_bsfind, wait_for_stderr
 
 
 @pytest.fixture(autouse=True)
@@ -360,24 +361,7 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
 def _start(*args: str) -> subprocess.Popen[str]:
-    env = ENV
-    return subprocess.Popen([sys.executable, "-m", "bsfind", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for(proc: subprocess.Popen[str], needle: str, timeout: float = 60.0) -> str:
-    assert proc.stderr is not None
-    seen = ""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        line = proc.stderr.readline()
-        if not line and proc.poll() is not None:
-            break
-        seen += line
-        if needle in line:
-            return seen
-    proc.kill()
-    raise AssertionError(f"{needle!r} never appeared on stderr: {seen!r}")
+    return start_bsfind(*args, env={"OMP_NUM_THREADS": "1"})
 
 
 # One probe point after 5 steps, then the branches of a wide MLP: seconds, long enough
@@ -391,7 +375,7 @@ QUICK = ["probe.warmup_steps=20", "probe.max_seconds=60"]
 def test_sigint_during_the_branches_prints_them_and_exits_130() -> None:
     pytest.importorskip("sklearn")
     proc = _start("branch", str(CONFIGS / "digits-mlp.yaml"), "--json", *SLOW_BRANCHES)
-    _wait_for(proc, "bsfind: branch:")
+    wait_for_stderr(proc, "bsfind: branch:")
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)

@@ -3,44 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.conftest import CONFIGS, ROOT
-
-
-def _start(*args: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "bsfind", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for(proc: subprocess.Popen[str], needle: str, timeout: float = 60.0) -> str:
-    """Read stderr lines until one contains ``needle``."""
-    assert proc.stderr is not None
-    seen = ""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        line = proc.stderr.readline()
-        if not line and proc.poll() is not None:
-            break
-        seen += line
-        if needle in line:
-            return seen
-    proc.kill()
-    raise AssertionError(f"{needle!r} never appeared on stderr: {seen!r}")
+from tests.conftest import CONFIGS
+from tests.subprocesses import start_bsfind, wait_for_stderr
 
 
 @pytest.mark.parametrize("command", ["noise", "recommend"])
 def test_sigint_during_probe_prints_partial_and_exits_130(command: str) -> None:
-    proc = _start(command, str(CONFIGS / "digits-mlp.yaml"), "--json",
+    proc = start_bsfind(command, str(CONFIGS / "digits-mlp.yaml"), "--json",
                   "--set", "probe.target_rel_error=0.0001", "--set", "probe.max_seconds=120")
-    _wait_for(proc, "bsfind: noise:")
+    wait_for_stderr(proc, "bsfind: noise:")
     time.sleep(1.0)  # let a few rounds run
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
@@ -53,9 +29,9 @@ def test_sigint_during_probe_prints_partial_and_exits_130(command: str) -> None:
 
 
 def test_sigterm_is_treated_like_ctrl_c() -> None:
-    proc = _start("noise", str(CONFIGS / "digits-mlp.yaml"),
+    proc = start_bsfind("noise", str(CONFIGS / "digits-mlp.yaml"),
                   "--set", "probe.target_rel_error=0.0001", "--set", "probe.max_seconds=120")
-    _wait_for(proc, "bsfind: noise:")
+    wait_for_stderr(proc, "bsfind: noise:")
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
