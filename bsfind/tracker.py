@@ -87,11 +87,19 @@ METHODS: tuple[str, ...] = ("per-example", "accumulation", "ddp")
 TimingSource = Literal["given", "measured", "none"]
 AdviceBasis = Literal["time", "noise"]
 
-# One step in this many is measured with per-example norms. A measured step costs
-# 1.2-1.6x a plain one on the reference models (the hooks, plus about 0.4 ms of Python
-# that matters only for millisecond steps), so 1/32 of that is 1-2% on average
+# One step in this many is measured with per-example norms, at least. A measured step
+# costs 1.5-1.9x a plain one on the reference models (the hooks, plus about 0.5 ms of
+# Python that matters only for millisecond steps), so 1/32 of that is 1.5-3% on average
 # (benchmarks/tracker_overhead.py measures it: at 16 the 1 ms MLP step lost 5.6%).
 DEFAULT_EVERY = 32
+# With the default ``every``, the tracker times its own measured steps against plain
+# ones (in_training.StepCost) and measures less often when one in DEFAULT_EVERY would
+# cost more than this share of training time (the 1 ms MLP step: about one in 45), up
+# to one in MAX_EVERY. Under half the 5% the tracker may cost (issue #16): the other
+# steps' bookkeeping (about 1.5% of a 1 ms step) and the noise in the estimate take
+# the rest.
+OVERHEAD_SHARE = 0.02
+MAX_EVERY = 256
 # The DDP and accumulation pairings cost a few passes over the gradients, far less
 # than a forward and backward: every step is measured.
 DEFAULT_EVERY_CHEAP = 1
@@ -449,8 +457,10 @@ class Tracker:
     Args:
         model: the model the loop trains, or its DistributedDataParallel wrapper
             (required for the ddp pairing under several processes).
-        every: measure one step in ``every`` (default 32 with per-example norms, 1 for
-            the accumulation and ddp pairings).
+        every: measure one step in ``every``. Default: 1 for the accumulation and ddp
+            pairings; with per-example norms 32, raised (up to 256) when the tracker's
+            own timing shows that measured steps would cost more than 2% of the
+            training time.
         window: measurements the smoothed values and the interval are taken over.
         batch_size: examples per micro-batch on this rank; None reads it from the
             model's input on measured steps (dim 0 of the first tensor its forward
@@ -509,6 +519,10 @@ class Tracker:
         self.reason: str | None = None  # why per-example norms are unavailable
         self._window = in_training.Window(window)
         self._times = in_training.StepTimes()
+        self._cost = in_training.StepCost()
+        self._auto_every = DEFAULT_EVERY
+        self._measured_at: int | None = None  # the last step measured
+        self._span_start: float | None = None  # of this step's whole span (StepCost)
         self._records: list[TrackRecord] = []
         self._pending: deque[in_training.Pending] = deque()
         self._log_path = Path(log) if log is not None and _rank() == 0 else None
@@ -548,7 +562,7 @@ class Tracker:
         self._accumulating = True
         if len(self._micro) == 1 and not self._measuring:
             # .grad holds exactly the first micro-batch's gradient: measuring can start now
-            self._measuring = self.step % self.every == 0
+            self._measuring = self._due()
         if self._measuring:
             self._check_scaler()
             self._micro_sq.append(self._boundary())
@@ -563,8 +577,12 @@ class Tracker:
             batch_size: examples of the last micro-batch on this rank (default: as given
                 to the constructor, or read from the model's input).
         """
-        self._check_open()
         start = time.perf_counter()
+        if self._quick > 0 and not self._micro:  # a plain step (see _end_step): count it
+            b = batch_size or self.batch_size or self._seen_batch
+            if b is not None:
+                return self._count(start, loss, int(b))
+        self._check_open()
         self._micro.append(self._batch(batch_size))
         if loss is not None:
             self.record_loss(loss)
@@ -572,6 +590,7 @@ class Tracker:
         if self.measuring:
             self._check_scaler()
             self._measure()  # per-example: the batch size comes from the norms
+            self._measured_at = self.step
         batch = self.world * sum(self._micro)
         self.examples += batch
         self._times.tick(batch, start, keep=not hooked)  # a hooked step is slower: not timed
@@ -580,9 +599,40 @@ class Tracker:
         new = self._poll(force=False)
         self.step += 1
         self._last_batch = batch
+        before = time.perf_counter()
+        self._span(batch, before, measured=hooked)
         self._begin_step()
-        self._times.last = time.perf_counter()  # the next period starts after this call's work
+        end = time.perf_counter()
+        self._times.last = end  # the next period starts after this call's work
+        self._span_start = before if self._hooked else end  # a measured span has the attach
         return new[-1] if new else None
+
+    def _count(self, start: float, loss: torch.Tensor | float | None, b: int
+               ) -> TrackRecord | None:
+        """The whole ``update()`` of a plain step: nothing measured now or next, no
+        micro-steps, no DDP hook to switch (:meth:`_begin_step` sets ``_quick``)."""
+        self._quick -= 1
+        self._seen_batch = self._last_batch = b
+        if loss is not None:
+            self.record_loss(loss)
+        self.examples += b
+        self._times.tick(b, start, keep=True)
+        new = self._poll(force=False) if self._pending else None
+        self.step += 1
+        end = time.perf_counter()
+        self._span(b, end, measured=False)
+        self._times.last = self._span_start = end
+        return new[-1] if new else None
+
+    def _span(self, batch: int, now: float, measured: bool) -> None:
+        """Add this step's whole span to the step costs; after a measured one, adapt
+        the default ``every`` (OVERHEAD_SHARE)."""
+        if self._span_start is None:
+            return
+        self._cost.add(batch, now - self._span_start, measured)
+        if measured and self.every_arg is None:
+            self._auto_every = self._cost.every(
+                batch, OVERHEAD_SHARE, DEFAULT_EVERY, MAX_EVERY) or self._auto_every
 
     def record_loss(self, loss: torch.Tensor | float) -> None:
         """Add a training loss to the mean the next record reports (no host sync)."""
@@ -612,7 +662,12 @@ class Tracker:
         if self.every_arg is not None:
             return self.every_arg
         cheap = self._ddp is not None or self._accumulating
-        return DEFAULT_EVERY_CHEAP if cheap else DEFAULT_EVERY
+        return DEFAULT_EVERY_CHEAP if cheap else self._auto_every
+
+    def _due(self, step: int | None = None) -> bool:
+        """Whether ``step`` (default: the one now running) is to be measured."""
+        step = self.step if step is None else step
+        return self._measured_at is None or step - self._measured_at >= self.every
 
     @property
     def latest(self) -> TrackRecord | None:
@@ -665,6 +720,7 @@ class Tracker:
         if self._closed:
             return
         self._poll(force=True)
+        self._quick = 0
         self._detach()
         self._watch_batch(False)
         if self._ddp is not None:
@@ -693,7 +749,12 @@ class Tracker:
         self._micro = []
         self._micro_sq = []
         self._prev = None
-        self._measuring = self.step % self.every == 0
+        self._measuring = self._due()
+        # the steps after this one that update() may only count: all before the next
+        # measured one, when the pairing is per-example (or none) on a single process
+        plain = self._ddp is None and not self._accumulating and not self._measuring
+        self._quick = (max(0, self._measured_at + self.every - self.step - 1)
+                       if plain and self._measured_at is not None else 0)
         self._watch_batch(self._measuring and self.batch_size is None)
         if self._ddp is not None:
             self._ddp.active = self._measuring
@@ -927,6 +988,7 @@ class Tracker:
 
     _last_batch = 0
     _measuring = False
+    _quick = 0  # plain steps left that update() only counts
 
 
 def track(model: nn.Module, **options: Any) -> Tracker:

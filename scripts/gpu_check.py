@@ -22,7 +22,7 @@ Steps:
                $BSFIND_TEST_DEVICE=cuda (the fused path and bf16 autocast included)
   3 bench      benchmarks/per_example_overhead.py at GPU-sized batches (fp32 and bf16)
                and on a GPT-2-small-sized transformer (B=8, T=1024);
-               benchmarks/tracker_overhead.py when the file exists
+               benchmarks/tracker_overhead.py on cuda
   4 recommend  the three shipped configs on cuda (memory measured, then verified by
                real steps); an out-of-memory forced by capping the CUDA allocator at 2%
                of the GPU (the back-off sequence); the same large spec uncapped with
@@ -60,7 +60,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "scripts" / "gpu_check_worker.py"
 FACTORIES = ROOT / "scripts" / "gpu_check_factories.py"
 OVERHEAD_BENCH = ROOT / "benchmarks" / "per_example_overhead.py"
-TRACKER_BENCH = ROOT / "benchmarks" / "tracker_overhead.py"  # on another branch for now
+TRACKER_BENCH = ROOT / "benchmarks" / "tracker_overhead.py"
 CONFIGS = ("digits-mlp", "digits-cnn", "text-transformer")
 STEPS = ("env", "tests", "bench", "recommend", "nccl")
 FILES = ("summary.txt", "summary.json", "env.log", "tests.log", "bench.log",
@@ -101,8 +101,8 @@ class Sizes:
     large: tuple[str, ...]  # the large spec (out-of-memory and h200 runs), on digits-mlp
     oom_model: tuple[str, ...]  # what turns the large spec into the out-of-memory run
     per_example: tuple[str, ...] = ()  # pytest selection of the per-example tests
-    # tracker_overhead.py's options (being written on another branch): each group is
-    # passed when the script mentions its flag
+    # tracker_overhead.py's options: each group is passed when the script mentions its
+    # flag (a copy of the tree with an older script still runs)
     tracker: tuple[tuple[str, ...], ...] = ()
     env: tuple[tuple[str, str], ...] = ()
 

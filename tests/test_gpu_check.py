@@ -246,7 +246,7 @@ class CannedGpu(gpu_check.Check):
 
 def test_the_gpu_run_on_canned_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gpu_check.shutil, "which", lambda name: f"/usr/bin/{name}")
-    tracker = tmp_path / "tracker_overhead.py"  # the other branch's benchmark, once merged
+    tracker = tmp_path / "tracker_overhead.py"  # a script with only these two flags
     tracker.write_text('p.add_argument("--reps")\np.add_argument("--device")\n')
     monkeypatch.setattr(gpu_check, "TRACKER_BENCH", tracker)
     out = tmp_path / "out"

@@ -392,3 +392,85 @@ def test_a_record_reports_the_mean_loss_since_the_previous_one() -> None:
         tracker.update(torch.tensor(float(step)) if step % 2 else float(step))
         model.zero_grad()
     assert [(r.step, r.loss) for r in tracker.records] == [(0, 0.0), (100, 50.5)]
+
+
+# ------------------------------------------------------------------ the tracker's own cost
+
+
+def test_step_cost_picks_the_smallest_every_within_the_share() -> None:
+    """extra / (every · t) <= share, hand-computed: t = 1 ms, a measured step 2 ms."""
+    from bsfind.noise.in_training import MIN_COST_SPANS, MIN_TIMED_STEPS, StepCost
+
+    cost = StepCost()
+    for _ in range(MIN_TIMED_STEPS):
+        cost.add(64, 0.001, measured=False)
+    for _ in range(MIN_COST_SPANS - 1):
+        cost.add(64, 0.002, measured=True)
+    assert cost.every(64, 0.025, 32, 256) is None  # too few measured spans yet
+    cost.add(64, 0.002, measured=True)
+    assert cost.every(64, 0.025, 32, 256) == 40  # 0.001 / (0.025 · 0.001)
+    assert cost.every(64, 0.05, 32, 256) == 32  # 20, raised to the floor
+    assert cost.every(64, 0.001, 32, 256) == 256  # 1000, capped
+    assert cost.every(128, 0.025, 32, 256) is None  # another batch size: nothing timed
+    cost.add(64, 0.009, measured=True)  # a burst of load: the low quantile ignores it
+    assert cost.every(64, 0.025, 32, 256) == 40
+
+
+def _fake_clock_run(monkeypatch: pytest.MonkeyPatch, steps: int, extra: float,
+                    **options: object) -> tuple[Tracker, list[int]]:
+    """Train with a fake clock: 1 ms a step, plus ``extra`` seconds on measured steps."""
+    import bsfind.tracker as tr
+
+    clock = [0.0]
+    monkeypatch.setattr(tr.time, "perf_counter", lambda: clock[0])
+    model = _model()
+    x, y = _problem()
+    tracker = track(model, batch_size=16, **options)  # type: ignore[arg-type]
+    measured = []
+    for step in range(steps):
+        if tracker.measuring:
+            measured.append(step)
+        clock[0] += 0.001 + (extra if tracker.measuring else 0.0)
+        F.cross_entropy(model(x[:16]), y[:16]).backward()
+        tracker.update()
+        model.zero_grad()
+    tracker.close()
+    return tracker, measured
+
+
+def test_default_every_rises_when_measured_steps_cost_more_than_the_share(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A measured step costs 2x a plain one: after three timed measured steps (32, 64,
+    96; step 0 has no span before it) the tracker measures one step in 50 (1 ms / (2% of
+    1 ms)); records and counts stay exact."""
+    tracker, measured = _fake_clock_run(monkeypatch, 200, extra=0.001)
+    assert measured == [0, 32, 64, 96, 146, 196]
+    assert tracker.every == 50
+    assert [r.step for r in tracker.records] == measured
+    assert tracker.step == 200 and tracker.examples == 200 * 16
+    assert [r.examples for r in tracker.records] == [16 * (s + 1) for s in measured]
+
+
+def test_cheap_measured_steps_keep_the_default_and_an_explicit_every_is_kept(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _, measured = _fake_clock_run(monkeypatch, 100, extra=0.0002)  # 8 -> floor 32
+    assert measured == [0, 32, 64, 96]
+    tracker, measured = _fake_clock_run(monkeypatch, 100, extra=0.01, every=10)
+    assert measured == list(range(0, 100, 10)) and tracker.every == 10
+
+
+def test_plain_steps_count_given_batch_sizes_and_losses_exactly() -> None:
+    """Steps between measurements take update()'s short path: the counts stay exact."""
+    model = _model()
+    x, y = _problem()
+    tracker = track(model, every=8)
+    sizes = [16, 8, 16, 4, 16, 16, 12, 16] * 3 + [16]
+    for step, b in enumerate(sizes):
+        F.cross_entropy(model(x[:b]), y[:b]).backward()
+        tracker.update(float(step), batch_size=b)
+        model.zero_grad()
+    recs = tracker.records
+    assert [r.step for r in recs] == [0, 8, 16, 24]
+    assert tracker.examples == sum(sizes)
+    assert [r.examples for r in recs] == [sum(sizes[:s + 1]) for s in (0, 8, 16, 24)]
+    assert [r.loss for r in recs] == [0.0, 4.5, 12.5, 20.5]  # mean of steps since the last

@@ -21,6 +21,7 @@ it becomes unbounded above when Ḡ's own interval reaches 0, which is exactly
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -151,27 +152,31 @@ class RatioAccumulator:
         n/(n-1) · Σ w²(x − x̄)² / (Σw)².
         """
         n = len(self.nums)
-        wsum = sum(self.weights)
-        mn = sum(w * x for w, x in zip(self.weights, self.nums, strict=True)) / wsum
-        md = sum(w * x for w, x in zip(self.weights, self.dens, strict=True)) / wsum
+        ws, xs, ys = self.weights, self.nums, self.dens
+        wsum = sum(ws)
+        # map(operator.mul) rather than generator expressions: the tracker summarises
+        # its window after every measured step, and this is most of that cost
+        mn = sum(map(operator.mul, ws, xs)) / wsum
+        md = sum(map(operator.mul, ws, ys)) / wsum
         if n < 2:
             return mn, md, math.inf, math.inf, 0.0
         k = n / (n - 1) / (wsum * wsum)
-        vn = k * sum(w * w * (x - mn) ** 2 for w, x in zip(self.weights, self.nums, strict=True))
-        vd = k * sum(w * w * (x - md) ** 2 for w, x in zip(self.weights, self.dens, strict=True))
-        cv = k * sum(
-            w * w * (x - mn) * (y - md)
-            for w, x, y in zip(self.weights, self.nums, self.dens, strict=True)
-        )
+        dx = [w * (x - mn) for w, x in zip(ws, xs, strict=True)]
+        dy = [w * (y - md) for w, y in zip(ws, ys, strict=True)]
+        vn = k * sum(map(operator.mul, dx, dx))
+        vd = k * sum(map(operator.mul, dy, dy))
+        cv = k * sum(map(operator.mul, dx, dy))
         return mn, md, vn, vd, cv
 
-    def ratio(self) -> tuple[float | None, Interval, Interval, Interval]:
-        """(ratio or None, ratio CI, numerator CI, denominator CI)."""
+    def ratio(self, moments: tuple[float, float, float, float, float] | None = None
+              ) -> tuple[float | None, Interval, Interval, Interval]:
+        """(ratio or None, ratio CI, numerator CI, denominator CI); ``moments``: those
+        of :meth:`moments`, when the caller has them already."""
         n = len(self.nums)
         if n == 0:
             inf = Interval(-math.inf, math.inf)
             return None, Interval(0.0, math.inf), inf, inf
-        mn, md, vn, vd, cv = self.moments()
+        mn, md, vn, vd, cv = moments or self.moments()
         t = t975(n - 1)
         if not math.isfinite(vn):
             inf = Interval(-math.inf, math.inf)

@@ -3,6 +3,8 @@
 - :class:`Window`: the last measurements, combined as a ratio of weighted means with
   Fieller's interval (McCandlish App. A.1: never a mean of ratios);
 - :class:`StepTimes`: step periods per batch size and the line t(B) = t0 + c·B;
+- :class:`StepCost`: what a measured step costs over a plain one, and the ``every``
+  that keeps that cost to a share of training time;
 - :class:`Pending`: a measured step's numbers on their way from the device to the
   host without a synchronisation (a non-blocking copy and an event on CUDA);
 - :class:`DDPNorms`: the DDP communication hook that measures each bucket before and
@@ -11,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -31,6 +34,9 @@ MIN_TIMED_STEPS = 8
 # (DESIGN §9); a low quantile rather than the minimum, because on CUDA host-side
 # periods jitter around the device's.
 TIMING_QUANTILE = 0.25
+# Measured-step spans kept per batch size, and needed before ``every`` is adapted.
+COST_SPANS = 8
+MIN_COST_SPANS = 3
 
 
 class Window:
@@ -45,10 +51,10 @@ class Window:
     def summary(self) -> tuple[float, float, float | None, Interval]:
         """(smoothed |G|², smoothed tr(Σ), B_simple or None, its interval)."""
         traces, g2s, weights = (list(c) for c in zip(*self.rows, strict=True))
-        value, ci, _, _ = RatioAccumulator(traces, g2s, weights).ratio()
-        total = sum(weights)
-        mean_trace = sum(w * t for w, t in zip(weights, traces, strict=True)) / total
-        mean_g2 = sum(w * g for w, g in zip(weights, g2s, strict=True)) / total
+        acc = RatioAccumulator(traces, g2s, weights)
+        moments = acc.moments()
+        value, ci, _, _ = acc.ratio(moments)
+        mean_trace, mean_g2 = moments[:2]  # the weighted means
         return mean_g2, mean_trace, value, ci
 
 
@@ -62,7 +68,10 @@ class StepTimes:
 
     def tick(self, batch: int, now: float, keep: bool) -> None:
         if self.last is not None and keep:
-            self.periods.setdefault(batch, deque(maxlen=TIMED_STEPS)).append(now - self.last)
+            got = self.periods.get(batch)  # (setdefault would build a deque every step)
+            if got is None:
+                got = self.periods[batch] = deque(maxlen=TIMED_STEPS)
+            got.append(now - self.last)
 
     def curve(self) -> TimingCurve | None:
         """t(B) = t0 + c·B through each batch size's low quantile, once two sizes have
@@ -70,8 +79,7 @@ class StepTimes:
         pts = []
         for b, ps in sorted(self.periods.items()):
             if len(ps) >= MIN_TIMED_STEPS:
-                s = sorted(ps)
-                pts.append(TimingPoint(b, s[int(TIMING_QUANTILE * (len(s) - 1))], len(s)))
+                pts.append(TimingPoint(b, _low(ps), len(ps)))
         if len(pts) < 2:
             return None
         xs = [float(p.batch_size) for p in pts]
@@ -84,6 +92,43 @@ class StepTimes:
         res = sum((y - t0 - c * x) ** 2 for x, y in zip(xs, ys, strict=True))
         r2 = 1.0 - res / ss if ss > 0 else 1.0
         return TimingCurve(points=tuple(pts), t0=t0, per_example=c, r2=r2, source="measured")
+
+
+def _low(values: deque[float]) -> float:
+    s = sorted(values)
+    return s[int(TIMING_QUANTILE * (len(s) - 1))]
+
+
+class StepCost:
+    """Whole-step host spans per batch size: of plain steps (the end of one ``update()``
+    to the end of the next) and of measured ones (from just before the hooks were
+    attached, in the ``update()`` before, to the end of their own ``update()``). The
+    difference of their low quantiles is what one measurement costs."""
+
+    def __init__(self) -> None:
+        self.plain: dict[int, deque[float]] = {}
+        self.measured: dict[int, deque[float]] = {}
+
+    def add(self, batch: int, seconds: float, measured: bool) -> None:
+        spans, keep = (self.measured, COST_SPANS) if measured else (self.plain, TIMED_STEPS)
+        got = spans.get(batch)
+        if got is None:
+            got = spans[batch] = deque(maxlen=keep)
+        got.append(seconds)
+
+    def every(self, batch: int, share: float, lowest: int, highest: int) -> int | None:
+        """The smallest ``every`` in [lowest, highest] at which measured steps cost at
+        most ``share`` of training time at ``batch``: extra / (every · t_plain) <= share.
+        None until MIN_TIMED_STEPS plain and MIN_COST_SPANS measured spans exist."""
+        plain, measured = self.plain.get(batch), self.measured.get(batch)
+        if (plain is None or measured is None or len(plain) < MIN_TIMED_STEPS
+                or len(measured) < MIN_COST_SPANS):
+            return None
+        t = _low(plain)
+        if t <= 0.0:
+            return None
+        extra = max(0.0, _low(measured) - t)
+        return min(highest, max(lowest, math.ceil(extra / (share * t))))
 
 
 @dataclass
