@@ -587,10 +587,14 @@ class Tracker:
         if loss is not None:
             self.record_loss(loss)
         hooked = self._hooked
-        if self.measuring:
+        # A step scheduled while the loop accumulated (every 1) may come without
+        # micro-steps or hooks: it measures nothing and leaves the next step due.
+        cheap = len(self._micro) > 1 or self._ddp is not None
+        if self.measuring and (hooked or cheap or not self._per_example_ok()):
             self._check_scaler()
             self._measure()  # per-example: the batch size comes from the norms
-            self._measured_at = self.step
+            if not cheap:  # the per-example cadence (the cheap pairings measure every step)
+                self._measured_at = self.step
         batch = self.world * sum(self._micro)
         self.examples += batch
         self._times.tick(batch, start, keep=not hooked)  # a hooked step is slower: not timed

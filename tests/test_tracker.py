@@ -14,6 +14,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -474,3 +475,27 @@ def test_plain_steps_count_given_batch_sizes_and_losses_exactly() -> None:
     assert tracker.examples == sum(sizes)
     assert [r.examples for r in recs] == [sum(sizes[:s + 1]) for s in (0, 8, 16, 24)]
     assert [r.loss for r in recs] == [0.0, 4.5, 12.5, 20.5]  # mean of steps since the last
+
+
+def test_per_example_schedule_survives_switching_to_and_from_accumulation() -> None:
+    """5 plain steps, 5 accumulated, repeated: the cheap accumulation measurements do not
+    push the per-example cadence back, and a step scheduled while accumulating (every 1)
+    that turns out plain measures nothing (it had no hooks) without a warning."""
+    model = _model()
+    x, y = _problem()
+    tracker = track(model, batch_size=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "nothing measured" would fail the test
+        for step in range(120):
+            acc = 2 if (step // 5) % 2 else 1
+            for j in range(acc):
+                F.cross_entropy(model(x[:16]), y[:16]).backward()
+                if j < acc - 1:
+                    tracker.micro_step()
+            tracker.update()
+            model.zero_grad()
+    per = [r.step for r in tracker.records if r.method == "per-example"]
+    # every 32 steps, as if the loop had never accumulated; 96 falls in an accumulated
+    # stretch (measured by accumulation), so the next plain step but one, 101, is measured
+    assert per == [0, 32, 64, 101], per
+    assert all(r.method == "accumulation" for r in tracker.records if r.step % 10 >= 5)

@@ -102,7 +102,7 @@ def _low(values: deque[float]) -> float:
 class StepCost:
     """Whole-step host spans per batch size: of plain steps (the end of one ``update()``
     to the end of the next) and of measured ones (from just before the hooks were
-    attached, in the ``update()`` before, to the end of their own ``update()``). The
+    attached, in the ``update()`` before, to their own ``update()``'s detaching them). The
     difference of their low quantiles is what one measurement costs."""
 
     def __init__(self) -> None:
