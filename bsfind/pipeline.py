@@ -176,8 +176,13 @@ def advise(report: Report, spec: Spec, job: Workload, runner: Runner, hw: Hardwa
             opts=hardware_options(spec))
         price = price if price is not None else gpu_price
     notes = list(hw.notes)
-    if (not spec.hardware.gpu and hw.busy_share is not None
-            and hw.busy_share >= BUSY_SHARE):  # the measured step time is the one used
+    if spec.hardware.gpu:
+        pass  # the predicted step time is the one used, not the measured one
+    elif hw.timing_threads is not None or hw.timing_cpu_clock:
+        shares = [x for x in (hw.busy_before, hw.busy_share) if x is not None]
+        notes.append(wording.timed_beside_load(max(shares, default=BUSY_SHARE),
+                                               hw.timing_threads, hw.timing_cpu_clock))
+    elif hw.busy_share is not None and hw.busy_share >= BUSY_SHARE:
         notes.append(wording.busy_while_timing(hw.busy_share))
     world, gpus = runner.world_size, spec.hardware.gpus
     if world > 1 and gpus not in (1, world):

@@ -316,9 +316,14 @@ class HardwareMeasurement:
     timing: TimingCurve | None
     notes: tuple[str, ...] = ()
     sync_seconds: float | None = None
-    # Other processes' share of the CPUs while a CPU step time was measured (None: not
-    # measured, e.g. on CUDA or off Linux).
+    # Other processes' share of the CPUs while a CPU step time was measured, and just
+    # before (None: not measured, e.g. on CUDA or off Linux).
     busy_share: float | None = None
+    busy_before: float | None = None
+    # The intra-op threads a CPU ladder ran with when fewer than the run's (the cores
+    # other processes left free), and whether steps were timed by the thread's CPU time.
+    timing_threads: int | None = None
+    timing_cpu_clock: bool = False
 
 
 @dataclass(frozen=True)

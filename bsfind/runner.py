@@ -12,6 +12,7 @@ runner, not touching the pipeline.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Protocol
 
@@ -128,6 +129,9 @@ class LocalRunner:
         """Memory line (verified by real steps on CUDA), then the step-time ladder."""
         from bsfind.hardware import memory as mem
 
+        cpu = job.device.type == "cpu"
+        use = measure.CpuUse()
+        use.start()  # other processes' load before the ladder, over the memory model
         with restored_weights(job.model):
             step = measure.step_function(job, options.lr, options.seed)
             if progress is not None:
@@ -139,16 +143,24 @@ class LocalRunner:
             if progress is not None:
                 progress("memory", 1.0, f"max batch {memory.max_batch_size:,} ({memory.source})")
                 progress("timing", 0.0, "timing steps")
-            use = measure.CpuUse()
-            use.start()
-            curve = measure.time_steps(job, step, measure.ladder_sizes(job, memory), deadline,
-                                       memory, options)
-            busy = use.share() if job.device.type == "cpu" else None
+            threads = torch.get_num_threads()
+            setup = (measure.ladder_setup(use.share_over(measure.LOAD_SAMPLE_SECONDS), threads,
+                                          os.cpu_count() or 1)
+                     if cpu else measure.LadderSetup(threads))
+            with measure.intra_op_threads(setup.threads):
+                use.start()
+                curve = measure.time_steps(job, step, measure.ladder_sizes(job, memory),
+                                           deadline, memory, options, cpu_clock=setup.cpu_clock)
+                busy = use.share() if cpu else None
             if progress is not None:
                 progress("timing", 1.0, "timed")
         notes = () if curve is not None else (wording.NO_TIMING,)
-        return HardwareMeasurement(memory, curve, notes,
-                                   busy_share=busy if curve is not None else None)
+        timed = curve is not None
+        return HardwareMeasurement(
+            memory, curve, notes, busy_share=busy if timed else None,
+            timing_threads=setup.threads if timed and setup.reduced else None,
+            timing_cpu_clock=timed and setup.cpu_clock,
+            busy_before=setup.share if timed else None)
 
     def finish(self, report: Report) -> Report:
         return report

@@ -94,6 +94,20 @@ def busy_while_timing(share: float) -> str:
             "load); re-run on a quiet machine, or set hardware.gpu for the GPU you train on")
 
 
+def timed_beside_load(share: float, threads: int | None, cpu_clock: bool) -> str:
+    """The CPU ladder ran on the cores other processes left free (issue #14)."""
+    n = threads if threads is not None else 1
+    how = (f"on {n} intra-op thread{'s' if n > 1 else ''}" if threads is not None
+           else "on this run's one intra-op thread")
+    clock = (", each step timed by that thread's CPU time, which their load does not add "
+             "to" if cpu_clock else "")
+    return (f"other processes used {share:.0%} of this machine's CPUs: the step time was "
+            f"measured {how}{clock}; the step times, and the batch they favour, are those of "
+            f"training on {n} core{'s' if n > 1 else ''} (with more, the per-example cost is "
+            "lower and the best batch somewhat larger); re-run on a quiet machine, or set "
+            "hardware.gpu for the GPU you train on")
+
+
 def log_batch_differs(logged: list[int], baseline: int) -> str:
     """``bsfind schedule``: the logged run's batch is not the spec's baseline."""
     sizes = ", ".join(f"{b:,}" for b in logged)

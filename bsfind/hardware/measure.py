@@ -10,7 +10,9 @@ step-time ladder and the ladder itself; and :func:`predict_on_gpu` for
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +37,9 @@ CUDA_MEMORY_SIZES = (2, 8, 32)
 # stopped at batch 4 and the advice collapsed to batch 1).
 SATURATION_FLOOR_FACTOR = 4
 SATURATION_FLOOR_EXAMPLES = 256
+# Before a CPU ladder, other processes' use of the CPUs is sampled over at least this
+# long (the memory model's time counts towards it; /proc/stat counts in 10 ms ticks).
+LOAD_SAMPLE_SECONDS = 0.25
 
 
 @dataclass(frozen=True)
@@ -102,9 +107,13 @@ def ladder_sizes(job: Workload, memory: MemoryModel) -> list[int]:
 
 
 def time_steps(job: Workload, step: Callable[[int], None], sizes: list[int],
-               deadline: Deadline, memory: MemoryModel, opts: HardwareOptions
-               ) -> TimingCurve | None:
-    """The step-time ladder on ``job``'s device; None when the budget ran out first."""
+               deadline: Deadline, memory: MemoryModel, opts: HardwareOptions,
+               cpu_clock: bool = False) -> TimingCurve | None:
+    """The step-time ladder on ``job``'s device; None when the budget ran out first.
+
+    ``cpu_clock``: time each step by this thread's CPU time (one intra-op thread beside
+    a steady load, :func:`ladder_setup`); the budget stays on the wall clock.
+    """
     util = None
     if job.device.type == "cuda" and nvml.available():
         index = job.device.index or 0
@@ -117,7 +126,9 @@ def time_steps(job: Workload, step: Callable[[int], None], sizes: list[int],
         return timing.time_ladder(step, sizes, device=job.device,
                                   max_seconds=max(0.0, deadline.left()),
                                   max_batch=memory.max_batch_size, sample_util=util,
-                                  min_top=floor, seed=opts.seed)
+                                  min_top=floor, seed=opts.seed,
+                                  clock=time.thread_time if cpu_clock else time.perf_counter,
+                                  budget_clock=time.perf_counter)
     except BudgetError:
         return None
 
@@ -185,6 +196,50 @@ def _system_busy_seconds() -> float | None:
         return None
 
 
+@dataclass(frozen=True)
+class LadderSetup:
+    """How a CPU ladder is timed beside other processes (:func:`ladder_setup`).
+
+    Attributes:
+        threads: torch intra-op threads the ladder runs with.
+        reduced: fewer threads than the run has (the cores other processes left free).
+        cpu_clock: each step timed by this thread's CPU time (one thread).
+        share: other processes' share of the CPUs sampled before the ladder.
+    """
+
+    threads: int
+    reduced: bool = False
+    cpu_clock: bool = False
+    share: float | None = None
+
+
+def ladder_setup(share: float | None, threads: int, cpus: int) -> LadderSetup:
+    """Time the ladder as the run is, unless other processes took BUSY_SHARE or more of
+    the CPUs just before it. Then time it on the cores they leave free, and with one
+    thread by that thread's CPU time. Torch's intra-op threads on a shared core wait for
+    each other: beside one busy process on 2 cores the per-example cost of a step timed
+    with 2 threads was 2.2-5.8x the quiet one (README, timing under load), and no low
+    quantile removes a steady load. A thread's CPU time is what its own step took,
+    whether or not another process ran in between."""
+    if share is None or share < BUSY_SHARE:
+        return LadderSetup(threads, share=share)
+    free = max(1, min(threads, round(cpus * (1.0 - share))))
+    return LadderSetup(free, reduced=free < threads, cpu_clock=free == 1, share=share)
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` inside the block, restored after."""
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 class CpuUse:
     """Other processes' share of the CPUs between ``start()`` and ``share()`` (Linux)."""
 
@@ -192,7 +247,6 @@ class CpuUse:
                  own: Callable[[], float] | None = None,
                  clock: Callable[[], float] | None = None, cpus: int | None = None) -> None:
         import os
-        import time
 
         self._read = read or _system_busy_seconds
         self._own = own or (lambda: sum(os.times()[:2]))
@@ -203,6 +257,17 @@ class CpuUse:
     def start(self) -> None:
         busy = self._read()
         self._start = None if busy is None else (busy, self._own(), self._clock())
+
+    def share_over(self, seconds: float, sleep: Callable[[float], None] = time.sleep
+                   ) -> float | None:
+        """:meth:`share` once at least ``seconds`` have passed since ``start()``
+        (sleeping for what is left), or None where the machine's use cannot be read."""
+        if self._start is None:
+            return None
+        rest = seconds - (self._clock() - self._start[2])
+        if rest > 0:
+            sleep(rest)
+        return self.share()
 
     def share(self) -> float | None:
         """The share since ``start()``, or None where the machine's use cannot be read."""

@@ -179,14 +179,16 @@ class _Timer:
 
     def __init__(self, step: Callable[[int], None], device: torch.device, max_seconds: float,
                  clock: Callable[[], float],
-                 sample_util: Callable[[], float | None] | None) -> None:
+                 sample_util: Callable[[], float | None] | None,
+                 budget_clock: Callable[[], float] | None = None) -> None:
         self.step, self.sync, self.clock = step, _synchronizer(device), clock
+        self.budget_clock = budget_clock or clock
         self.sample_util = sample_util
-        self.end = clock() + max_seconds
+        self.end = self.budget_clock() + max_seconds
         self.utils: list[float] = []
 
     def left(self) -> bool:
-        return self.clock() < self.end
+        return self.budget_clock() < self.end
 
     def warm(self, b: int, n: int) -> bool:
         """``n`` untimed steps; False when the budget ended first."""
@@ -362,6 +364,7 @@ def time_ladder(
     sample_util: Callable[[], float | None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
     seed: int = 0,
+    budget_clock: Callable[[], float] | None = None,
 ) -> TimingCurve:
     """Time one training step at each batch size of a ladder (``source="measured"``).
 
@@ -377,8 +380,11 @@ def time_ladder(
             the climb earlier).
         sample_util: called after each timed step (e.g. NVML utilisation); the
             mean of its numbers becomes ``utilization_gpu_pct``.
-        clock: seconds as a float; tests inject a fake.
+        clock: seconds as a float, what a step's time is read from (e.g. this thread's
+            CPU time beside a steady load); tests inject a fake.
         seed: the order of the interleaved passes.
+        budget_clock: what ``max_seconds`` is counted on (default: ``clock``); the
+            wall clock when ``clock`` is a CPU-time clock.
 
     Raises:
         BudgetError: the budget ran out before any step was timed.
@@ -395,7 +401,7 @@ def time_ladder(
             f"timing: no batch size in {list(sizes)} fits in memory (max batch {max_batch})",
             hint="use a smaller model, or a device with more memory",
         )
-    timer = _Timer(step, device, max_seconds, clock, sample_util)
+    timer = _Timer(step, device, max_seconds, clock, sample_util, budget_clock)
     rng = random.Random(seed)
     rungs: list[_Rung] = []
     passes, stopped = 0, _climb(timer, ladder, rungs, warmup, repeats, min_top, device)

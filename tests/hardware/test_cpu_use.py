@@ -1,4 +1,5 @@
-"""Other processes' CPU use while the step time is measured: said in the report (#14)."""
+"""Other processes' CPU use around the step-time ladder: the ladder runs on the free cores,
+and the report says so (#14)."""
 
 from __future__ import annotations
 
@@ -42,29 +43,132 @@ def test_cpu_use_reads_this_machine() -> None:
     assert share is not None and 0.0 <= share <= 1.0
 
 
+def steady(share: float, cpus: int = 2, own_rate: float = 0.5) -> CpuUse:
+    """Counters in which other processes steadily use ``share`` of ``cpus`` CPUs and this
+    process ``own_rate`` CPU-seconds a second; each clock reading is 1 s later."""
+    t = [0.0]
+
+    def clock() -> float:
+        t[0] += 1.0
+        return t[0]
+
+    return CpuUse(read=lambda: t[0] * (share * cpus + own_rate), own=lambda: t[0] * own_rate,
+                  clock=clock, cpus=cpus)
+
+
+def test_steady_counters_give_their_share_every_time() -> None:
+    use = steady(0.4)
+    use.start()
+    assert use.share() == pytest.approx(0.4)
+    use.start()
+    assert use.share_over(0.25, sleep=lambda s: pytest.fail("no sleep: 1 s passed")) \
+        == pytest.approx(0.4)
+
+
+def test_share_over_sleeps_for_what_is_left() -> None:
+    clock = iter([10.0, 10.1, 10.3])
+    slept: list[float] = []
+    use = CpuUse(read=lambda: 0.0, own=lambda: 0.0, clock=lambda: next(clock), cpus=2)
+    use.start()
+    assert use.share_over(0.25, sleep=slept.append) == 0.0
+    assert slept == [pytest.approx(0.15)]
+    assert CpuUse(read=lambda: None).share_over(0.25, sleep=slept.append) is None
+
+
+@pytest.mark.parametrize(("share", "threads", "cpus", "want"), [
+    (None, 2, 2, measure.LadderSetup(2)),  # unreadable: as the run is
+    (0.1, 2, 2, measure.LadderSetup(2, share=0.1)),  # quiet
+    (0.5, 2, 2, measure.LadderSetup(1, reduced=True, cpu_clock=True, share=0.5)),
+    (0.9, 2, 2, measure.LadderSetup(1, reduced=True, cpu_clock=True, share=0.9)),
+    (0.5, 1, 2, measure.LadderSetup(1, cpu_clock=True, share=0.5)),  # one thread already
+    (0.3, 16, 16, measure.LadderSetup(11, reduced=True, share=0.3)),  # 16 x 0.7 = 11.2
+    (0.25, 4, 16, measure.LadderSetup(4, share=0.25)),  # 12 cores free: all 4 threads
+])
+def test_ladder_setup_uses_the_free_cores(share: float | None, threads: int, cpus: int,
+                                          want: measure.LadderSetup) -> None:
+    assert measure.ladder_setup(share, threads, cpus) == want
+
+
+def test_intra_op_threads_are_restored() -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    with measure.intra_op_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), measure.intra_op_threads(1):
+        raise RuntimeError("a step failed")
+    assert torch.get_num_threads() == before
+
+
 @pytest.mark.parametrize(("share", "gpu"), [(0.6, None), (0.1, None), (0.6, "a100-80gb")])
 def test_recommend_says_when_the_machine_was_busy(share: float, gpu: str | None,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fake counters in which others use ``share`` of the CPUs while the ladder runs: the
-    warning appears exactly when the share reaches BUSY_SHARE and the measured step time
-    is the one the advice uses (not with hardware.gpu, whose step time is predicted)."""
+    """Fake counters in which others use ``share`` of 2 CPUs: at BUSY_SHARE or more the
+    ladder runs on the one free core, timed by the thread's CPU time, and the report
+    says so when the measured step time is the one the advice uses (not with
+    hardware.gpu, whose step time is predicted); below it the ladder runs as the run."""
+    import torch
+
     from bsfind import api
     from bsfind.spec import load_spec
     from tests.conftest import CONFIGS
 
-    def fake() -> CpuUse:
-        busy, own, clock = iter([0.0, 20.0 * share + 1.0]), iter([0.0, 1.0]), iter([0.0, 10.0])
-        return CpuUse(read=lambda: next(busy), own=lambda: next(own),
-                      clock=lambda: next(clock), cpus=2)
+    monkeypatch.setattr(measure, "CpuUse", lambda: steady(share))
+    seen: list[tuple[int, bool]] = []
+    real = measure.time_steps
 
-    monkeypatch.setattr(measure, "CpuUse", fake)
+    def time_steps(*args, cpu_clock=False):  # type: ignore[no-untyped-def]
+        seen.append((torch.get_num_threads(), cpu_clock))
+        return real(*args, cpu_clock=cpu_clock)
+
+    monkeypatch.setattr(measure, "time_steps", time_steps)
+    threads = torch.get_num_threads()
     spec = load_spec(CONFIGS / "digits-mlp.yaml", ["probe.max_seconds=6", "probe.at_steps=[0]"]
                      + ([f"hardware.gpu={gpu}"] if gpu else []))
     report = api.recommend(spec)
-    busy = [w for w in report.warnings if w.startswith("other processes used")]
-    assert bool(busy) == (share >= BUSY_SHARE and gpu is None)
-    if busy:
-        assert busy[0].startswith(f"other processes used {share:.0%}")
+    assert torch.get_num_threads() == threads  # restored after the ladder
+    busy = share >= BUSY_SHARE
+    assert seen == [(1, True)] if busy else seen == [(threads, False)]
+    notes = [w for w in report.warnings if w.startswith("other processes used")]
+    assert bool(notes) == (busy and gpu is None)
+    if notes:
+        assert notes[0].startswith(f"other processes used {share:.0%}")
+        assert "timed by that thread's CPU time" in notes[0]
+
+
+def test_a_load_that_starts_during_the_ladder_is_still_reported() -> None:
+    from bsfind import wording
+
+    assert wording.busy_while_timing(0.42).startswith("other processes used 42%")
+    note = wording.timed_beside_load(0.5, 1, True)
+    assert "1 intra-op thread," in note and "those of training on 1 core " in note
+    note = wording.timed_beside_load(0.3, 11, False)
+    assert "11 intra-op threads;" in note and "CPU time" not in note
+
+
+def test_the_ladder_budget_is_wall_time_when_steps_are_timed_by_cpu_time() -> None:
+    """Beside a load, a step's CPU time (the timing clock) is a third of its wall time
+    (the budget clock): the ladder stops on the wall-clock budget, and the line it fits
+    is the CPU-time one."""
+    import torch
+
+    from bsfind.hardware import timing
+
+    cpu, wall = [0.0], [0.0]
+
+    def step(b: int) -> None:
+        t = 1e-3 + 1e-5 * b
+        cpu[0] += t
+        wall[0] += 3 * t
+
+    curve = timing.time_ladder(step, [8, 16, 32, 64, 128, 256], device=torch.device("cpu"),
+                               max_seconds=0.05, max_batch=None, clock=lambda: cpu[0],
+                               budget_clock=lambda: wall[0])
+    # the budget bound (on the CPU clock, 0.05 s would have lasted three times as long)
+    assert 0.05 <= wall[0] <= 0.05 + 3 * (1e-3 + 1e-5 * 256)  # over by one step at most
+    assert len(curve.points) >= 2
+    assert curve.t0 == pytest.approx(1e-3) and curve.per_example == pytest.approx(1e-5)
 
 
 def test_busy_seconds_from_a_proc_stat_line() -> None:
