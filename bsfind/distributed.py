@@ -517,6 +517,9 @@ class TorchrunRunner:
         self.timing_basis: str | None = None
 
     # -- set-up ------------------------------------------------------------------------
+    def fit_to_load(self, job: Workload) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # each rank's threads are the launcher's to set
+
     def deadline(self, seconds: float) -> Deadline:
         """The run's budget, started at the same moment on every rank (rank 0's value)."""
         left = self.coord.decide(lambda: [seconds], 1)[0]

@@ -85,6 +85,15 @@ def run(spec: Spec, runner: Runner, command: str, progress: ProgressFn | None = 
     start = time.perf_counter()
     deadline = runner.deadline(spec.probe.max_seconds)
     job = runner.build(spec)
+    with runner.fit_to_load(job):
+        report = _measure_and_advise(spec, runner, command, job, deadline, progress, max_gpus)
+    return runner.finish(dataclasses.replace(report, seconds=time.perf_counter() - start))
+
+
+def _measure_and_advise(spec: Spec, runner: Runner, command: str, job: Workload,
+                        deadline: Deadline, progress: ProgressFn | None,
+                        max_gpus: int | None) -> Report:
+    """:func:`run` once the workload is built."""
     hardware = command == "recommend" and spec.probe.timing
     points = trajectory.measure(spec, job, runner, deadline, progress,
                                 noise_share(spec, command, hardware),
@@ -108,7 +117,7 @@ def run(spec: Spec, runner: Runner, command: str, progress: ProgressFn | None = 
         except KeyboardInterrupt:
             raise Interrupted("interrupted during the hardware analysis",
                               partial=points.estimates) from None
-    return runner.finish(dataclasses.replace(report, seconds=time.perf_counter() - start))
+    return report
 
 
 def points_report(spec: Spec, job: Workload, command: str, points: trajectory.Points, *,

@@ -11,9 +11,10 @@ runner, not touching the pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import torch
@@ -68,6 +69,10 @@ class Runner(Protocol):
                          progress: ProgressFn | None) -> HardwareMeasurement:
         """Memory line and step times of the device(s)."""
 
+    def fit_to_load(self, job: Workload) -> contextlib.AbstractContextManager[None]:
+        """Inside it, the run uses what other processes leave of this machine (the local
+        runner on the CPU: the free cores; others: nothing changes)."""
+
     def finish(self, report: Report) -> Report:
         """The report as every caller sees it (the distributed runner adds its summary)."""
 
@@ -97,7 +102,36 @@ class LocalRunner:
 
     world_size = 1
 
+    def __init__(self) -> None:
+        self._load: measure.LadderSetup | None = None  # set inside fit_to_load on the CPU
+        self._use: measure.CpuUse | None = None  # started with the deadline
+
+    @contextlib.contextmanager
+    def fit_to_load(self, job: Workload) -> Iterator[None]:
+        """On the CPU: other processes' share of the CPUs, sampled since the deadline
+        started (over the build) and for at least LOAD_SAMPLE_SECONDS;
+        at BUSY_SHARE or more the run's intra-op threads are the cores they leave free
+        (measure.ladder_setup). Torch's threads on a shared core wait for each other:
+        beside one busy process on 2 cores a run with 2 threads took about 7x as long as
+        on the quiet machine, so a budget-bound probe saw fewer examples."""
+        if job.device.type != "cpu":
+            yield
+            return
+        use, self._use = self._use, None
+        if use is None:
+            use = measure.CpuUse()
+            use.start()
+        self._load = measure.ladder_setup(use.share_over(measure.LOAD_SAMPLE_SECONDS),
+                                          torch.get_num_threads(), os.cpu_count() or 1)
+        try:
+            with measure.intra_op_threads(self._load.threads):
+                yield
+        finally:
+            self._load = None
+
     def deadline(self, seconds: float) -> Deadline:
+        self._use = measure.CpuUse()  # the load sample of fit_to_load spans the build
+        self._use.start()
         return Deadline.after(seconds)
 
     def build(self, spec: Spec) -> Workload:
@@ -144,9 +178,13 @@ class LocalRunner:
                 progress("memory", 1.0, f"max batch {memory.max_batch_size:,} ({memory.source})")
                 progress("timing", 0.0, "timing steps")
             threads = torch.get_num_threads()
-            setup = (measure.ladder_setup(use.share_over(measure.LOAD_SAMPLE_SECONDS), threads,
-                                          os.cpu_count() or 1)
-                     if cpu else measure.LadderSetup(threads))
+            if self._load is not None:  # fit_to_load chose the threads for the whole run
+                setup = self._load
+            elif cpu:
+                setup = measure.ladder_setup(use.share_over(measure.LOAD_SAMPLE_SECONDS),
+                                             threads, os.cpu_count() or 1)
+            else:
+                setup = measure.LadderSetup(threads)
             with measure.intra_op_threads(setup.threads):
                 use.start()
                 curve = measure.time_steps(job, step, measure.ladder_sizes(job, memory),

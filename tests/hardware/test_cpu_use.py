@@ -105,7 +105,8 @@ def test_intra_op_threads_are_restored() -> None:
 def test_recommend_says_when_the_machine_was_busy(share: float, gpu: str | None,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Fake counters in which others use ``share`` of 2 CPUs: at BUSY_SHARE or more the
-    ladder runs on the one free core, timed by the thread's CPU time, and the report
+    run (the probe and the ladder) runs on the one free core, the ladder timed by the
+    thread's CPU time, and the report
     says so when the measured step time is the one the advice uses (not with
     hardware.gpu, whose step time is predicted); below it the ladder runs as the run."""
     import torch
@@ -123,6 +124,16 @@ def test_recommend_says_when_the_machine_was_busy(share: float, gpu: str | None,
         return real(*args, cpu_clock=cpu_clock)
 
     monkeypatch.setattr(measure, "time_steps", time_steps)
+    from bsfind import trajectory
+
+    probe_threads: list[int] = []
+    real_walk = trajectory.measure
+
+    def walk(*args, **kwargs):  # type: ignore[no-untyped-def]
+        probe_threads.append(torch.get_num_threads())
+        return real_walk(*args, **kwargs)
+
+    monkeypatch.setattr(trajectory, "measure", walk)
     threads = torch.get_num_threads()
     spec = load_spec(CONFIGS / "digits-mlp.yaml", ["probe.max_seconds=6", "probe.at_steps=[0]"]
                      + ([f"hardware.gpu={gpu}"] if gpu else []))
@@ -130,6 +141,7 @@ def test_recommend_says_when_the_machine_was_busy(share: float, gpu: str | None,
     assert torch.get_num_threads() == threads  # restored after the ladder
     busy = share >= BUSY_SHARE
     assert seen == [(1, True)] if busy else seen == [(threads, False)]
+    assert probe_threads == [1 if busy else threads]  # the whole run on the free core
     notes = [w for w in report.warnings if w.startswith("other processes used")]
     assert bool(notes) == (busy and gpu is None)
     if notes:
