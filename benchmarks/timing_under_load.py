@@ -11,6 +11,10 @@ the loaded median to the quiet median, and the worst loaded recommendation's
 ratio to the quiet median. Goal (issue #14): every loaded recommendation within
 ×1.5 of the quiet median.
 
+With ``--one-thread``, each config also gets RUNS quiet runs with one intra-op thread
+(OMP_NUM_THREADS=1): beside a steady load bsfind runs on the cores left free, so on a
+2-core machine with one busy process its answer should be the quiet one-thread answer.
+
 Run it with nothing else busy on the machine: the quiet runs must be quiet.
 Besides the three shipped configs, the default list holds the issue's own case:
 a 30→2 logistic regression on scikit-learn's 569-example breast-cancer data,
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -34,11 +39,13 @@ BUSY_LOOP = "while True:\n    pass\n"
 GOAL = 1.5
 
 
-def recommend(config: str, extra: list[str]) -> dict[str, object]:
-    """One `bsfind recommend --json` run; the recommendation and the step-time fit."""
+def recommend(config: str, extra: list[str], threads: int | None = None) -> dict[str, object]:
+    """One `bsfind recommend --json` run (with ``threads`` intra-op threads: torch reads
+    OMP_NUM_THREADS); the recommendation and the step-time fit."""
     bsfind = Path(sys.executable).parent / "bsfind"
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     proc = subprocess.run([str(bsfind), "recommend", config, "--json", *extra],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"bsfind recommend {config} failed:\n{proc.stderr[-2000:]}")
     doc = json.loads(proc.stdout)
@@ -57,32 +64,38 @@ def main() -> int:
     ap.add_argument("--busy", type=int, default=1, help="busy-loop processes while loaded")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="spec override for every run, e.g. probe.max_seconds=30")
+    ap.add_argument("--one-thread", action="store_true",
+                    help="also RUNS quiet runs with one intra-op thread: what bsfind gives "
+                         "beside a load that leaves one core free")
     args = ap.parse_args()
     extra = [a for kv in args.set for a in ("--set", kv)]
     results: dict[str, dict[str, list[dict[str, object]]]] = {}
     start = time.perf_counter()
     for config in args.configs:
-        results[config] = {"quiet": [], "loaded": []}
+        results[config] = {"quiet": [], "loaded": [], "1 thread": []}
         for i in range(args.runs):
-            for mode in ("quiet", "loaded") if i % 2 == 0 else ("loaded", "quiet"):
+            modes = ["quiet", "loaded"] if i % 2 == 0 else ["loaded", "quiet"]
+            for mode in modes + (["1 thread"] if args.one_thread else []):
                 busy = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP])
                         for _ in range(args.busy if mode == "loaded" else 0)]
                 try:
                     time.sleep(0.5 if busy else 0.0)  # let the load settle in
-                    r = recommend(config, extra)
+                    r = recommend(config, extra, 1 if mode == "1 thread" else None)
                 finally:
                     for p in busy:
                         p.kill()
                         p.wait()
                 results[config][mode].append(r)
-                print(f"{config} {mode:6} run {i + 1}: batch {r['batch']} (t0 {r['t0']:.3g} s, "
+                print(f"{config} {mode:8} run {i + 1}: batch {r['batch']} (t0 {r['t0']:.3g} s, "
                       f"c {r['c']:.3g} s, R² {r['r2']:.2f}, {r['rungs']} rungs, "
                       f"{r['seconds']:.0f} s)", file=sys.stderr, flush=True)
     print(f"\n{args.runs} quiet and {args.runs} loaded runs per config, {args.busy} busy-loop "
           f"process(es) while loaded, {(time.perf_counter() - start) / 60:.1f} min\n")
+    one = args.one_thread
     print("| config | quiet batches | loaded batches | loaded median / quiet median | "
-          "worst loaded / quiet median | within ×1.5 |")
-    print("|---|---|---|---|---|---|")
+          "worst loaded / quiet median | within ×1.5 |"
+          + (" quiet, 1 thread | loaded median / 1-thread median |" if one else ""))
+    print("|---|---|---|---|---|---|" + ("---|---|" if one else ""))
     ok_all = True
     for config, r in results.items():
         quiet = [int(x["batch"]) for x in r["quiet"]]  # type: ignore[call-overload]
@@ -91,9 +104,12 @@ def main() -> int:
         worst = max(max(b / qm, qm / b) for b in loaded)
         ok = worst <= GOAL
         ok_all &= ok
+        single = [int(x["batch"]) for x in r["1 thread"]]  # type: ignore[call-overload]
+        extra_cells = (f" {', '.join(map(str, single))} | {lm / statistics.median(single):.2f} |"
+                       if single else "")
         print(f"| {Path(config).stem} | {', '.join(map(str, quiet))} | "
               f"{', '.join(map(str, loaded))} | {lm / qm:.2f} | {worst:.2f} | "
-              f"{'yes' if ok else 'NO'} |")
+              f"{'yes' if ok else 'NO'} |" + extra_cells)
     return 0 if ok_all else 1
 
 
