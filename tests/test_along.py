@@ -146,7 +146,8 @@ def _steady_ladder(monkeypatch: pytest.MonkeyPatch) -> None:
     schedule (tests/test_schedule_log.py covers that case)."""
     from bsfind.hardware import measure, timing
 
-    def time_steps(job, step, sizes, deadline, memory, opts):  # type: ignore[no-untyped-def]
+    def time_steps(job, step, sizes, deadline, memory, opts,  # type: ignore[no-untyped-def]
+                   cpu_clock=False):
         clock = [0.0]
 
         def fake_step(b: int) -> None:
