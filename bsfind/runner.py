@@ -178,13 +178,16 @@ class LocalRunner:
                 progress("memory", 1.0, f"max batch {memory.max_batch_size:,} ({memory.source})")
                 progress("timing", 0.0, "timing steps")
             threads = torch.get_num_threads()
-            if self._load is not None:  # fit_to_load chose the threads for the whole run
-                setup = self._load
-            elif cpu:
+            if self._load is not None and (self._load.reduced or self._load.cpu_clock):
+                setup = self._load  # fit_to_load fitted the whole run to a load
+            elif cpu:  # (again: a load may have started since the run did)
                 setup = measure.ladder_setup(use.share_over(measure.LOAD_SAMPLE_SECONDS),
                                              threads, os.cpu_count() or 1)
             else:
                 setup = measure.LadderSetup(threads)
+            if setup.cpu_clock and job.tensors is None:
+                # a dataset read example by example may wait on files: wall time counts
+                setup = dataclasses.replace(setup, cpu_clock=False)
             with measure.intra_op_threads(setup.threads):
                 use.start()
                 curve = measure.time_steps(job, step, measure.ladder_sizes(job, memory),

@@ -220,7 +220,8 @@ def ladder_setup(share: float | None, threads: int, cpus: int) -> LadderSetup:
     each other: beside one busy process on 2 cores the per-example cost of a step timed
     with 2 threads was 2.2-5.8x the quiet one (README, timing under load), and no low
     quantile removes a steady load. A thread's CPU time is what its own step took,
-    whether or not another process ran in between."""
+    whether or not another process ran in between (the runner keeps the wall clock
+    for datasets that are not in-memory tensors: reading them may wait on files)."""
     if share is None or share < BUSY_SHARE:
         return LadderSetup(threads, share=share)
     free = max(1, min(threads, round(cpus * (1.0 - share))))

@@ -191,3 +191,60 @@ def test_busy_seconds_from_a_proc_stat_line() -> None:
     # busy = user + nice + system + irq + softirq + steal (guest time is inside user/nice)
     assert busy_seconds(line, 100) == pytest.approx((1000 + 100 + 300 + 10 + 20 + 30) / 100)
     assert busy_seconds("cpu  1000 100 300 5000", 100) == pytest.approx(14.0)  # old kernels
+
+
+def _recording_ladder(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
+    """measure.time_steps, recording (intra-op threads, cpu_clock) of each ladder."""
+    import torch
+
+    seen: list[tuple[int, bool]] = []
+    real = measure.time_steps
+
+    def time_steps(*args, cpu_clock=False):  # type: ignore[no-untyped-def]
+        seen.append((torch.get_num_threads(), cpu_clock))
+        return real(*args, cpu_clock=cpu_clock)
+
+    monkeypatch.setattr(measure, "time_steps", time_steps)
+    return seen
+
+
+def test_a_load_that_starts_after_the_build_is_seen_before_the_ladder(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Quiet over the build (the whole run keeps its threads), 60% busy by the time the
+    ladder runs: the ladder still runs on the free core, by CPU time."""
+    import torch
+
+    from bsfind import api
+    from bsfind.spec import load_spec
+    from tests.conftest import CONFIGS
+
+    counters = iter([steady(0.0), steady(0.6)])
+    monkeypatch.setattr(measure, "CpuUse", lambda: next(counters))
+    seen = _recording_ladder(monkeypatch)
+    threads = torch.get_num_threads()
+    spec = load_spec(CONFIGS / "digits-mlp.yaml", ["probe.max_seconds=6", "probe.at_steps=[0]"])
+    report = api.recommend(spec)
+    assert seen == [(1, True)] and torch.get_num_threads() == threads
+    assert any("timed by that thread's CPU time" in w for w in report.warnings)
+
+
+def test_a_dataset_read_example_by_example_keeps_the_wall_clock(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading such a dataset may wait on files, which a thread's CPU time leaves out."""
+    import dataclasses
+
+    from bsfind.budget import Deadline
+    from bsfind.pipeline import hardware_options
+    from bsfind.runner import LocalRunner
+    from bsfind.spec import load_spec
+    from bsfind.workload import build
+    from tests.conftest import CONFIGS
+
+    monkeypatch.setattr(measure, "CpuUse", lambda: steady(0.6))
+    seen = _recording_ladder(monkeypatch)
+    spec = load_spec(CONFIGS / "digits-mlp.yaml", [])
+    job = build(spec)
+    assert job.tensors is not None
+    hw = LocalRunner().measure_hardware(dataclasses.replace(job, tensors=None),
+                                        hardware_options(spec), Deadline.after(3.0), None)
+    assert seen == [(1, False)] and hw.timing_threads in (1, None) and not hw.timing_cpu_clock
