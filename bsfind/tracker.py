@@ -403,6 +403,25 @@ class Doubling:
     ci95: Interval
 
 
+def check_tracking_options(every: int | None, window: int) -> None:
+    """Validate :class:`Tracker`'s ``every`` and ``window`` (the message names them)."""
+    if every is not None and every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
+    if window < 2:
+        raise ValueError(f"window must be >= 2 measurements, got {window}")
+
+
+def callback_options(*, every: int | None, window: int, log_path: str | Path | None,
+                     timing: Any, ddp_comm_hook: tuple[Any, Any] | None,
+                     max_accumulation: int | None, lr_rule: str) -> dict[str, Any]:
+    """The integrations' callbacks: their arguments checked when the callback is made
+    (not at the start of training), and the :class:`Tracker` keywords among them."""
+    check_tracking_options(every, window)
+    check_doubling_options(max_accumulation, lr_rule)
+    return dict(every=every, window=window, log=log_path, timing=timing,
+                ddp_comm_hook=ddp_comm_hook)
+
+
 def check_doubling_options(max_accumulation: int | None, lr_rule: str) -> None:
     """Validate the integrations' doubling arguments (the message names the argument)."""
     from bsfind.advisor import LR_RULES
@@ -492,10 +511,7 @@ class Tracker:
         timing: TimingCurve | tuple[float, float] | None = None,
         ddp_comm_hook: tuple[Any, Any] | None = None,
     ) -> None:
-        if every is not None and every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
-        if window < 2:
-            raise ValueError(f"window must be >= 2 measurements, got {window}")
+        check_tracking_options(every, window)
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         ddp = _ddp_of(model)

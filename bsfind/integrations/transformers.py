@@ -47,7 +47,7 @@ from bsfind.tracker import (
     DEFAULT_WINDOW,
     Doubling,
     Tracker,
-    check_doubling_options,
+    callback_options,
     doubling_now,
     scale_learning_rate,
 )
@@ -108,13 +108,9 @@ class NoiseScaleCallback(TrainerCallback):
         prefix: str = "bsfind/",
         ddp_comm_hook: tuple[Any, Any] | None = None,
     ) -> None:
-        if every is not None and every < 1:
-            raise ValueError(f"every must be >= 1, got {every}")
-        if window < 2:
-            raise ValueError(f"window must be >= 2, got {window}")
-        check_doubling_options(max_accumulation, lr_rule)
-        self.options: dict[str, Any] = dict(every=every, window=window, log=log_path,
-                                            timing=timing, ddp_comm_hook=ddp_comm_hook)
+        self.options = callback_options(every=every, window=window, log_path=log_path,
+                                        timing=timing, ddp_comm_hook=ddp_comm_hook,
+                                        max_accumulation=max_accumulation, lr_rule=lr_rule)
         self.timing = timing
         self.double = double
         self.max_accumulation = max_accumulation

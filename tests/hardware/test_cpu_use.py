@@ -101,6 +101,21 @@ def test_intra_op_threads_are_restored() -> None:
     assert torch.get_num_threads() == before
 
 
+def _recording_ladder(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
+    """measure.time_steps, recording (intra-op threads, cpu_clock) of each ladder."""
+    import torch
+
+    seen: list[tuple[int, bool]] = []
+    real = measure.time_steps
+
+    def time_steps(*args, cpu_clock=False):  # type: ignore[no-untyped-def]
+        seen.append((torch.get_num_threads(), cpu_clock))
+        return real(*args, cpu_clock=cpu_clock)
+
+    monkeypatch.setattr(measure, "time_steps", time_steps)
+    return seen
+
+
 @pytest.mark.parametrize(("share", "gpu"), [(0.6, None), (0.1, None), (0.6, "a100-80gb")])
 def test_recommend_says_when_the_machine_was_busy(share: float, gpu: str | None,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
@@ -116,14 +131,7 @@ def test_recommend_says_when_the_machine_was_busy(share: float, gpu: str | None,
     from tests.conftest import CONFIGS
 
     monkeypatch.setattr(measure, "CpuUse", lambda: steady(share))
-    seen: list[tuple[int, bool]] = []
-    real = measure.time_steps
-
-    def time_steps(*args, cpu_clock=False):  # type: ignore[no-untyped-def]
-        seen.append((torch.get_num_threads(), cpu_clock))
-        return real(*args, cpu_clock=cpu_clock)
-
-    monkeypatch.setattr(measure, "time_steps", time_steps)
+    seen = _recording_ladder(monkeypatch)
     from bsfind import trajectory
 
     probe_threads: list[int] = []
@@ -191,21 +199,6 @@ def test_busy_seconds_from_a_proc_stat_line() -> None:
     # busy = user + nice + system + irq + softirq + steal (guest time is inside user/nice)
     assert busy_seconds(line, 100) == pytest.approx((1000 + 100 + 300 + 10 + 20 + 30) / 100)
     assert busy_seconds("cpu  1000 100 300 5000", 100) == pytest.approx(14.0)  # old kernels
-
-
-def _recording_ladder(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
-    """measure.time_steps, recording (intra-op threads, cpu_clock) of each ladder."""
-    import torch
-
-    seen: list[tuple[int, bool]] = []
-    real = measure.time_steps
-
-    def time_steps(*args, cpu_clock=False):  # type: ignore[no-untyped-def]
-        seen.append((torch.get_num_threads(), cpu_clock))
-        return real(*args, cpu_clock=cpu_clock)
-
-    monkeypatch.setattr(measure, "time_steps", time_steps)
-    return seen
 
 
 def test_a_load_that_starts_after_the_build_is_seen_before_the_ladder(
