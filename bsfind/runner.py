@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
@@ -121,8 +120,7 @@ class LocalRunner:
         if use is None:
             use = measure.CpuUse()
             use.start()
-        self._load = measure.ladder_setup(use.share_over(measure.LOAD_SAMPLE_SECONDS),
-                                          torch.get_num_threads(), os.cpu_count() or 1)
+        self._load = measure.setup_for_load(use)
         try:
             with measure.intra_op_threads(self._load.threads):
                 yield
@@ -177,14 +175,12 @@ class LocalRunner:
             if progress is not None:
                 progress("memory", 1.0, f"max batch {memory.max_batch_size:,} ({memory.source})")
                 progress("timing", 0.0, "timing steps")
-            threads = torch.get_num_threads()
             if self._load is not None and (self._load.reduced or self._load.cpu_clock):
                 setup = self._load  # fit_to_load fitted the whole run to a load
             elif cpu:  # (again: a load may have started since the run did)
-                setup = measure.ladder_setup(use.share_over(measure.LOAD_SAMPLE_SECONDS),
-                                             threads, os.cpu_count() or 1)
+                setup = measure.setup_for_load(use)
             else:
-                setup = measure.LadderSetup(threads)
+                setup = measure.LadderSetup(torch.get_num_threads())
             if setup.cpu_clock and job.tensors is None:
                 # a dataset read example by example may wait on files: wall time counts
                 setup = dataclasses.replace(setup, cpu_clock=False)

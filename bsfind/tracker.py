@@ -594,7 +594,7 @@ class Tracker:
                 to the constructor, or read from the model's input).
         """
         start = time.perf_counter()
-        if self._quick > 0 and not self._micro:  # a plain step (see _end_step): count it
+        if self._quick > 0 and not self._micro:  # a plain step (see _begin_step): count it
             b = batch_size or self.batch_size or self._seen_batch
             if b is not None:
                 return self._count(start, loss, int(b))
@@ -684,10 +684,9 @@ class Tracker:
         cheap = self._ddp is not None or self._accumulating
         return DEFAULT_EVERY_CHEAP if cheap else self._auto_every
 
-    def _due(self, step: int | None = None) -> bool:
-        """Whether ``step`` (default: the one now running) is to be measured."""
-        step = self.step if step is None else step
-        return self._measured_at is None or step - self._measured_at >= self.every
+    def _due(self) -> bool:
+        """Whether the step now running is to be measured."""
+        return self._measured_at is None or self.step - self._measured_at >= self.every
 
     @property
     def latest(self) -> TrackRecord | None:

@@ -228,6 +228,15 @@ def ladder_setup(share: float | None, threads: int, cpus: int) -> LadderSetup:
     return LadderSetup(free, reduced=free < threads, cpu_clock=free == 1, share=share)
 
 
+def setup_for_load(use: CpuUse) -> LadderSetup:
+    """:func:`ladder_setup` for the load ``use`` has seen since it started (sampled for
+    at least LOAD_SAMPLE_SECONDS), this process's threads and this machine's CPUs."""
+    import os
+
+    return ladder_setup(use.share_over(LOAD_SAMPLE_SECONDS), torch.get_num_threads(),
+                        os.cpu_count() or 1)
+
+
 @contextlib.contextmanager
 def intra_op_threads(n: int) -> Iterator[None]:
     """torch's intra-op threads set to ``n`` inside the block, restored after."""
