@@ -268,6 +268,24 @@ def scaled_lr(
     return lr0 * ratio, "mccandlish"
 
 
+def lr_correction(b: float, b0: float, b_star: float, factor: float) -> float:
+    """The factor on the rule's learning rate at batch ``b`` once the learning rate was
+    measured at ``b_star`` (``factor`` × the rule's there; ``bsfind.branches.measure_lr``).
+
+    Two points are known: at B0 the rule gives lr0, the learning rate the user tuned
+    (factor 1); at B* the branches measured ``factor``. Between them the factor is
+    interpolated geometrically in log batch; beyond B* it stays ``factor``, and on the
+    far side of B0 it stays 1. When B* = B0 the measurement says lr0 itself is off at
+    this point of training: ``factor`` everywhere.
+    """
+    if b <= 0 or b0 <= 0 or b_star <= 0 or factor <= 0:
+        raise ValueError("batch sizes and the factor must be positive")
+    if factor == 1.0 or b_star == b0:
+        return factor
+    w = math.log(b / b0) / math.log(b_star / b0)
+    return float(factor ** min(1.0, max(0.0, w)))
+
+
 # ------------------------------------------------------------ step-time model
 
 

@@ -65,7 +65,7 @@ from bsfind import wording
 from bsfind.advisor import Family, scaled_lr
 from bsfind.budget import Deadline, ProgressFn
 from bsfind.errors import Interrupted
-from bsfind.results import BranchResult, BranchRung, Interval
+from bsfind.results import BranchResult, BranchRung, Interval, LrSearch, LrTrial
 from bsfind.seeds import Seeds
 from bsfind.training import EpochSampler, evaluate_loss, evaluation_subset, training_step
 from bsfind.workload import Workload
@@ -303,6 +303,58 @@ def measure(job: Workload, options: BranchOptions, deadline: Deadline, *,
     return run.result(stopped, time.perf_counter() - start)
 
 
+def run_branch(job: Workload, opt: torch.optim.Optimizer, saved_model: dict[str, torch.Tensor],
+               saved_opt: dict[str, object], base_lrs: Sequence[float], *, lr_scale: float,
+               batch: int, repeat: int, seed: int, steps: int, at: Sequence[int],
+               eval_idx: torch.Tensor, deadline: Deadline,
+               on_start: Callable[[BranchStart], None] | None = None,
+               scales: Sequence[float] | None = None) -> tuple[list[tuple[int, float]], int]:
+    """One branch: restore the saved weights and optimizer state, set every parameter
+    group's learning rate to its saved value × ``lr_scale``, train ``steps`` steps at
+    ``batch`` in the data order ``seed``, and evaluate the loss on ``eval_idx`` after each
+    step in ``at``. ``scales``: the learning rate's further scale at each step (a
+    cool-down); None: constant. ``on_start`` sees the restored state (``repeat`` names
+    the data order).
+
+    Returns:
+        The (examples trained, loss) evaluations (inf once the branch diverged: its
+        later steps are skipped) and the training examples taken.
+
+    Raises:
+        _OutOfTime: the deadline passed (the caller drops the branch).
+    """
+    job.model.load_state_dict(saved_model)
+    opt.load_state_dict(copy.deepcopy(saved_opt))  # deep: steps must not touch it
+    for group, base in zip(opt.param_groups, base_lrs, strict=True):
+        group["lr"] = base * lr_scale
+    job.model.zero_grad(set_to_none=True)
+    if on_start is not None:
+        on_start(BranchStart(batch, repeat, job.model, opt))
+    sampler = EpochSampler(len(job), batch, torch.Generator().manual_seed(seed))
+    marks = set(at)
+    curve: list[tuple[int, float]] = []
+    diverged, examples = False, 0
+    for s in range(1, steps + 1):
+        if deadline.passed():
+            raise _OutOfTime
+        if not diverged:
+            if scales is not None:
+                for group, base in zip(opt.param_groups, base_lrs, strict=True):
+                    group["lr"] = base * lr_scale * scales[s - 1]
+            loss = training_step(job, opt, sampler.next(), check=False,
+                                 where=f"in the branch at batch {batch}, step {s}")
+            diverged = not math.isfinite(float(loss))
+            examples += batch
+        if s in marks:
+            # In chunks of the branch's batch: its training step fitted in memory.
+            value = math.inf if diverged else evaluate_loss(job, eval_idx, chunk=batch)
+            if value is None:  # not even one example fits: an out-of-memory error
+                raise MemoryError("evaluation out of memory even at one example")
+            curve.append((s * batch, value if math.isfinite(value) else math.inf))
+    opt.zero_grad(set_to_none=True)
+    return curve, examples
+
+
 class _Ladder:
     """The rungs run so far and how to run the next one."""
 
@@ -337,36 +389,14 @@ class _Ladder:
         self.seconds.append(time.perf_counter() - began)
 
     def _branch(self, batch: int, lr: float, repeat: int) -> list[tuple[int, float]]:
-        o, job, opt = self.options, self.job, self.opt
-        job.model.load_state_dict(self.saved_model)
-        opt.load_state_dict(copy.deepcopy(self.saved_opt))  # deep: steps must not touch it
-        for group, base in zip(opt.param_groups, self.base_lrs, strict=True):
-            group["lr"] = base * lr / o.lr
-        job.model.zero_grad(set_to_none=True)
-        if self.on_branch_start is not None:
-            self.on_branch_start(BranchStart(batch, repeat, job.model, opt))
-        seed = Seeds(o.seed).branch(o.step, repeat)
-        sampler = EpochSampler(len(job), batch, torch.Generator().manual_seed(seed))
-        steps = o.delta // batch
-        at = set(evaluation_steps(steps, batch, o.delta))
-        curve: list[tuple[int, float]] = []
-        diverged = False
-        for s in range(1, steps + 1):
-            if self.deadline.passed():
-                raise _OutOfTime
-            if not diverged:
-                loss = training_step(job, opt, sampler.next(), check=False,
-                                     where=f"in the branch at batch {batch}, step {s}")
-                diverged = not math.isfinite(float(loss))
-                self.examples += batch
-            if s in at:
-                # In chunks of the rung's batch: its training step fitted in memory.
-                value = math.inf if diverged else evaluate_loss(job, self.eval_idx,
-                                                                chunk=batch)
-                if value is None:  # not even one example fits: an out-of-memory error
-                    raise MemoryError("evaluation out of memory even at one example")
-                curve.append((s * batch, value if math.isfinite(value) else math.inf))
-        opt.zero_grad(set_to_none=True)
+        o = self.options
+        curve, examples = run_branch(
+            self.job, self.opt, self.saved_model, self.saved_opt, self.base_lrs,
+            lr_scale=lr / o.lr, batch=batch, repeat=repeat,
+            seed=Seeds(o.seed).branch(o.step, repeat), steps=o.delta // batch,
+            at=evaluation_steps(o.delta // batch, batch, o.delta), eval_idx=self.eval_idx,
+            deadline=self.deadline, on_start=self.on_branch_start)
+        self.examples += examples
         if self.progress is not None:
             done = (len(self.batches) + (repeat + 1) / o.repeats) / max(1, self.planned)
             self.progress("branch", min(1.0, done),
@@ -433,3 +463,181 @@ def calibrated(result: BranchResult, b_n: float, b_n_ci: Interval
     low = math.sqrt(max(b_n_ci.low, 0.0) * max(result.interval.low, 0.0))
     high = math.sqrt(b_n_ci.high * result.interval.high)
     return value, Interval(min(low, value), max(high, value))
+
+
+# --------------------------------------------------------------------------- the learning rate
+
+# The learning rate at the recommended batch B* (issue #13; docs/validation.md). The
+# advisor's rule extrapolates lr0 from B0 to B*; on digits-mlp (Adam) the sweep's best
+# learning rate at B* was 2.5x the rule's, while on digits-cnn and the transformer the
+# rule was within 10% of the sweep. Measured instead: short training runs at B* from the
+# probe run's starting weights (a fresh optimizer), at f x the rule's learning rate for
+# f a power of 2, each LR_STEPS steps at that rate and then LR_COOLDOWN steps decaying
+# it linearly to 0, over the same data orders. The lowest loss at the end wins.
+#
+# Why from the start of training (docs/validation.md, "The learning rate",
+# scripts/lr_eval.py): a run from the start is a short copy of the run the advice is
+# for. From there the short runs picked within 1.35x of the sweep's best learning rate
+# for the whole run at B* on all three shipped problems (within 2x at B0). From points later in
+# training they drifted low, to 0.25-0.5x at B0 where lr0 is the sweep's best: late in
+# training a smaller step always lowers the loss at once. The cool-down (the comparison
+# of WSD-style runs, Hägele et al. 2024) removes the noise floor a higher rate leaves at
+# the end of a constant stretch; at the start both forms agreed, later it halved the
+# drift (B*: 0.5-2x of the rule's against 0.25-1x).
+LR_STEPS = 32
+# Linear decay to 0 after the constant stretch (WSD-style: Hägele et al. 2024 compare
+# runs by their loss after a cool-down).
+LR_COOLDOWN = 16
+# Data orders averaged per learning rate (paired: every factor sees the same ones).
+LR_REPEATS = 2
+# The walk goes at most this factor above or below the rule's learning rate.
+LR_MAX_FACTOR = 4.0
+
+
+@dataclass(frozen=True)
+class LrOptions:
+    """What the learning-rate branches compare.
+
+    Attributes:
+        batch_size: B*, the recommended batch (it must fit in one step).
+        rule_lr / lr_rule: the advisor's learning rate at B* and the rule's name.
+        baseline_lr: lr0, the learning rate the optimizer's parameter groups were built
+            with (each group's own is scaled by rule_lr·f/lr0).
+        seed / step: ``probe.seed`` and the training step of the starting weights.
+        steps / cooldown / repeats / max_factor: the constants above (tests shrink them).
+    """
+
+    batch_size: int
+    rule_lr: float
+    lr_rule: str
+    baseline_lr: float
+    seed: int = 0
+    step: int = 0
+    steps: int = LR_STEPS
+    cooldown: int = LR_COOLDOWN
+    repeats: int = LR_REPEATS
+    max_factor: float = LR_MAX_FACTOR
+
+    def __post_init__(self) -> None:
+        if (self.batch_size < 1 or self.steps < 1 or self.cooldown < 0 or self.repeats < 1
+                or self.max_factor < 2):
+            raise ValueError("batch_size, steps, repeats >= 1, cooldown >= 0 and "
+                             "max_factor >= 2 needed")
+
+
+def next_factor(tried: dict[float, float], max_factor: float = LR_MAX_FACTOR) -> float | None:
+    """The next learning-rate factor to try, given the losses of those tried (None: stop).
+
+    The walk: the rule's (1), then 2; while each doubling lowered the loss, up by 2 again;
+    when 2 did not (or 1 diverged), down by halves from 1 while each halving lowers it.
+    Never beyond ``max_factor`` either way.
+    """
+    if 1.0 not in tried:
+        return 1.0
+    if 2.0 not in tried and math.isfinite(tried[1.0]):
+        return 2.0
+    if 2.0 in tried and tried[2.0] < tried[1.0]:
+        f = max(tried)
+        return 2 * f if tried[f] < tried[f / 2] and 2 * f <= max_factor * (1 + 1e-9) else None
+    f = min(tried)
+    if f == 1.0:
+        return 0.5
+    return f / 2 if tried[f] < tried[2 * f] and 2 / f <= max_factor * (1 + 1e-9) else None
+
+
+def best_factor(tried: dict[float, float]) -> float:
+    """The factor with the lowest loss (ties: the one nearest the rule's); 1 when none
+    is finite."""
+    finite = {f: v for f, v in tried.items() if math.isfinite(v)}
+    if not finite:
+        return 1.0
+    return min(finite, key=lambda f: (finite[f], abs(math.log2(f))))
+
+
+def cooldown_scales(steps: int, cooldown: int) -> list[float]:
+    """The learning rate's scale at each step of a branch: 1 for ``steps`` steps, then
+    falling linearly towards 0 over ``cooldown`` steps (k/(cooldown + 1) short of 1 at
+    its k-th step, so that every step still trains)."""
+    return [1.0] * steps + [1.0 - k / (cooldown + 1) for k in range(1, cooldown + 1)]
+
+
+def measure_lr(job: Workload, options: LrOptions, deadline: Deadline,
+               optimizer: torch.optim.Optimizer, *, progress: ProgressFn | None = None,
+               on_branch_start: Callable[[BranchStart], None] | None = None) -> LrSearch:
+    """Walk the learning-rate factors (:func:`next_factor`) at the recommended batch from
+    the model's current weights and ``optimizer``'s state, and keep the lowest loss.
+
+    The weights and the optimizer state are restored afterwards, as for :func:`measure`.
+    A trial cut short by the deadline is dropped; an out-of-memory error ends the walk
+    (both keep what finished). Raises ``Interrupted`` on Ctrl-C, carrying what was
+    measured.
+    """
+    from bsfind.hardware.memory import clear_cache, is_oom
+
+    o = options
+    start = time.perf_counter()
+    saved_model = {k: v.detach().clone() for k, v in job.model.state_dict().items()}
+    saved_opt = copy.deepcopy(optimizer.state_dict())
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    eval_idx = evaluation_subset(len(job), Seeds(o.seed).evaluation_subset)
+    scales = cooldown_scales(o.steps, o.cooldown)
+    tried: dict[float, float] = {}
+    trials: list[LrTrial] = []
+    examples = 0
+    stopped = "found"
+
+    def result(stopped: str) -> LrSearch:
+        f = best_factor(tried)
+        return wording.describe_lr_search(LrSearch(
+            batch_size=o.batch_size, step=o.step, rule_learning_rate=o.rule_lr,
+            lr_rule=o.lr_rule, factor=f, learning_rate=o.rule_lr * f, steps=o.steps,
+            cooldown=o.cooldown, repeats=o.repeats, trials=tuple(trials),
+            examples=examples, seconds=time.perf_counter() - start, stopped=stopped))
+
+    factor = next_factor(tried, o.max_factor)
+    try:
+        while factor is not None:
+            began = time.perf_counter()
+            losses: list[float] = []
+            for r in range(o.repeats):
+                try:
+                    curve, n = run_branch(
+                        job, optimizer, saved_model, saved_opt, base_lrs,
+                        lr_scale=factor * o.rule_lr / o.baseline_lr, batch=o.batch_size,
+                        repeat=r, seed=Seeds(o.seed).branch(o.step, r), steps=len(scales),
+                        at=[len(scales)], eval_idx=eval_idx, deadline=deadline,
+                        on_start=on_branch_start, scales=scales)
+                except _OutOfTime:
+                    stopped = "budget"
+                    break
+                except Exception as exc:
+                    if not is_oom(exc):
+                        raise
+                    job.model.zero_grad(set_to_none=True)
+                    clear_cache(job.device)
+                    stopped = "out of memory"
+                    break
+                examples += n
+                losses.append(curve[-1][1])
+                if progress is not None:
+                    progress("learning rate", min(1.0, (len(trials) + (r + 1) / o.repeats) / 4),
+                             f"{factor:g}x the rule's learning rate: data order {r + 1} of "
+                             f"{o.repeats}")
+            if stopped != "found":
+                break
+            loss = statistics.fmean(losses)
+            tried[factor] = loss
+            trials.append(LrTrial(factor=factor, learning_rate=factor * o.rule_lr, loss=loss,
+                                  losses=tuple(losses), seconds=time.perf_counter() - began))
+            factor = next_factor(tried, o.max_factor)
+        if stopped == "found" and abs(abs(math.log2(best_factor(tried)))
+                                      - math.log2(o.max_factor)) < 1e-9:
+            stopped = "limit"
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted while measuring the learning rate",
+                          partial=result("interrupted")) from None
+    finally:
+        job.model.load_state_dict(saved_model)
+        optimizer.load_state_dict(copy.deepcopy(saved_opt))
+        job.model.zero_grad(set_to_none=True)
+    return result(stopped)

@@ -306,8 +306,11 @@ def render_schedule(doc: dict[str, Any]) -> None:
     s = doc.get("schedule")
     if not s:
         return
-    t = Table(title=f"Batch-size schedule (predicted; {s['lr_rule']} learning rate per phase)",
-              title_justify="left")
+    m = s.get("lr_measured")
+    lr_words = (f"{s['lr_rule']} learning rate per phase" if not m else
+                f"{s['lr_rule']} learning rate per phase, corrected by the one measured at "
+                f"batch {m['batch_size']:,} ({m['factor']:g}×)")
+    t = Table(title=f"Batch-size schedule (predicted; {lr_words})", title_justify="left")
     for col in ("from step", "from examples", "batch", "per device × accum", "learning rate",
                 "B_n there", "steps", ""):
         t.add_column(col, justify="right" if col else "left")
@@ -450,7 +453,9 @@ def render_recommendation(doc: dict[str, Any]) -> None:
            if rec["gpus"] > 1 else "")
         + (f" with {rec['grad_accumulation']}× gradient accumulation"
            if rec["grad_accumulation"] > 1 else "")
-        + f", learning rate [bold]{rec['learning_rate']:.3g}[/] (rule: {rec['lr_rule']})",
+        + f", learning rate [bold]{rec['learning_rate']:.3g}[/] ("
+        + (f"rule: {rec['lr_rule']})" if rec.get("lr_factor") is None else
+           f"measured: {rec['lr_factor']:g}× the {rec['lr_rule']} rule's)"),
         markup=True,
     )
     if rng:

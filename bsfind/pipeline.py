@@ -25,6 +25,7 @@ from bsfind.results import (
     BranchResult,
     HardwareMeasurement,
     Interval,
+    LrSearch,
     MemoryModel,
     NoiseEstimate,
     TimingCurve,
@@ -45,6 +46,10 @@ HARDWARE_SHARE = 0.25
 # hardware's share), and the branches whatever of the budget is left before the
 # hardware's reserve.
 BRANCH_SHARE = 0.4
+# Share of probe.max_seconds kept for the learning rate measured at the recommended
+# batch (probe.lr_branches, on by default): the points along training get that much
+# less. 6 s of the default 60: the search costs 2-8 branches of LR_STEPS (32) steps.
+LR_SHARE = 0.1
 
 
 def probe_options(spec: Spec, job: Workload | None = None, world: int = 1) -> ProbeOptions:
@@ -98,9 +103,11 @@ def _measure_and_advise(spec: Spec, runner: Runner, command: str, job: Workload,
     points = trajectory.measure(spec, job, runner, deadline, progress,
                                 noise_share(spec, command, hardware),
                                 probe_options(spec, job, runner.world_size))
+    lr_reserve = LR_SHARE * spec.probe.max_seconds if lr_searching(spec, command) else 0.0
     branched, branch_notes = (
         branch_points(spec, job, runner, points, deadline, progress,
-                      reserve=HARDWARE_SHARE * spec.probe.max_seconds if hardware else 0.0)
+                      reserve=lr_reserve + (HARDWARE_SHARE * spec.probe.max_seconds
+                                            if hardware else 0.0))
         if branching(spec, command) else ((), ()))
     report = dataclasses.replace(
         points_report(spec, job, command, points,
@@ -111,12 +118,15 @@ def _measure_and_advise(spec: Spec, runner: Runner, command: str, job: Workload,
         branches=branched)
     if command == "recommend":
         try:
-            hw = (runner.measure_hardware(job, hardware_options(spec), deadline, progress)
+            hw = (runner.measure_hardware(job, hardware_options(spec),
+                                          deadline.within(max(0.0, deadline.left() - lr_reserve)),
+                                          progress)
                   if hardware else HardwareMeasurement(None, None))
             report = advise(report, spec, job, runner, hw, max_gpus)
         except KeyboardInterrupt:
             raise Interrupted("interrupted during the hardware analysis",
                               partial=points.estimates) from None
+        report = measured_lr(report, spec, job, runner, points, deadline, progress)
     return report
 
 
@@ -295,6 +305,7 @@ def branching(spec: Spec, command: str) -> bool:
 def noise_share(spec: Spec, command: str, hardware: bool) -> float:
     """The share of the budget the points along training may take."""
     share = 1.0 - HARDWARE_SHARE if hardware else 1.0
+    share -= LR_SHARE if lr_searching(spec, command) else 0.0
     return share - BRANCH_SHARE if branching(spec, command) else share
 
 
@@ -381,3 +392,82 @@ def calibrated_points(points: tuple[NoiseEstimate, ...], measured: advisor.Advis
     key = "b_noise" if measured.basis == "b_noise" else "b_simple"
     return tuple(dataclasses.replace(p, b_simple=None if getattr(p, key) is None
                                      else getattr(p, key) * factor) for p in points)
+
+
+# --------------------------------------------------------------------------- learning rate
+
+
+def lr_searching(spec: Spec, command: str) -> bool:
+    """Whether this run measures the learning rate at the recommended batch."""
+    return command == "recommend" and spec.probe.lr_branches
+
+
+def lr_search_skipped(report: Report, spec: Spec, runner: Runner, points: trajectory.Points
+                      ) -> str | None:
+    """Why the learning rate is not measured here (None: it is)."""
+    rec = report.recommendation
+    assert rec is not None
+    if not spec.probe.lr_branches:
+        return "probe.lr_branches is off"
+    if runner.world_size > 1:
+        return "under torchrun it is measured in a single process only"
+    if points.start_weights is None:
+        return "no probe run trained from the starting weights (model.checkpoints)"
+    cap = report.memory.max_batch_size if report.memory is not None else None
+    if rec.grad_accumulation > 1 or (cap is not None and rec.batch_size > cap):
+        return f"batch {rec.batch_size:,} does not fit in one step on this device"
+    return None
+
+
+def measured_lr(report: Report, spec: Spec, job: Workload, runner: Runner,
+                points: trajectory.Points, deadline: Deadline, progress: ProgressFn | None
+                ) -> Report:
+    """The report with the learning rate measured at the recommended batch by short
+    runs from the probe run's starting weights (``branches.measure_lr``), the schedule's
+    phases corrected to match; when it cannot run, the report says the learning rate is
+    the rule's extrapolation from lr0. The model's weights are left as they were.
+
+    Raises:
+        Interrupted: Ctrl-C, with the noise points measured.
+    """
+    from bsfind import branches
+
+    rec = report.recommendation
+    if rec is None:
+        return report
+    why = lr_search_skipped(report, spec, runner, points)
+    if why is not None:
+        return dataclasses.replace(report, recommendation=dataclasses.replace(
+            rec, notes=(*rec.notes, wording.lr_not_measured(rec.lr_rule, why))))
+    assert points.start_weights is not None
+    options = branches.LrOptions(
+        batch_size=rec.batch_size, rule_lr=rec.learning_rate, lr_rule=rec.lr_rule,
+        baseline_lr=spec.optimizer.lr, seed=spec.probe.seed, step=points.start_step)
+    now = {k: v.detach().clone() for k, v in job.model.state_dict().items()}
+    try:
+        job.model.load_state_dict(points.start_weights)
+        search = branches.measure_lr(job, options, deadline,
+                                     job.make_optimizer(spec.optimizer.lr), progress=progress)
+    except Interrupted as exc:
+        raise Interrupted(exc.message, partial=points.estimates) from None
+    finally:
+        job.model.load_state_dict(now)
+    return with_lr_search(report, search)
+
+
+def with_lr_search(report: Report, search: LrSearch) -> Report:
+    """``report`` with the measured learning rate in its recommendation and schedule."""
+    rec = report.recommendation
+    assert rec is not None
+    notes = (*rec.notes, wording.lr_search_line(search), *search.notes)
+    if not search.trials:
+        return dataclasses.replace(report, lr_search=search,
+                                   recommendation=dataclasses.replace(rec, notes=notes))
+    sched = report.schedule
+    if sched is not None:
+        sched = schedule.with_measured_lr(sched, report.baseline_batch, search.batch_size,
+                                          search.factor)
+    return dataclasses.replace(
+        report, lr_search=search, schedule=sched,
+        recommendation=dataclasses.replace(rec, learning_rate=search.learning_rate,
+                                           lr_factor=search.factor, notes=notes))

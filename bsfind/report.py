@@ -21,6 +21,7 @@ from bsfind.results import (
     DistributedSummary,
     FrontierRow,
     Interval,
+    LrSearch,
     MemoryModel,
     NoiseEstimate,
     Recommendation,
@@ -61,6 +62,7 @@ class Report:
     trajectory: Trajectory | None = None  # how far the probe run along training got
     schedule: Schedule | None = None  # the batch-size schedule (recommend)
     branches: tuple[BranchResult, ...] = ()  # branched runs (probe.branches, `bsfind branch`)
+    lr_search: LrSearch | None = None  # the learning rate measured (probe.lr_branches)
 
 
 def clean(value: Any) -> Any:
@@ -102,6 +104,8 @@ def schedule_dict(s: Schedule | None) -> dict[str, Any] | None:
         "horizon_source": s.horizon_source,
         "measured_examples": s.measured_examples,
         "lr_rule": s.lr_rule,
+        "lr_measured": ({"batch_size": s.lr_measured[0], "factor": s.lr_measured[1]}
+                        if s.lr_measured else None),
         "predicted_seconds": s.seconds,
         "baseline_seconds": s.baseline_seconds,
         "best_constant_batch": s.best_constant_batch,
@@ -120,6 +124,17 @@ def branch_dict(r: BranchResult) -> dict[str, Any]:
     d["ratio_to_b_noise"] = clean(r.ratio_noise)
     d["rule"] = branch_rule(r)
     d["summary"] = branch_line(r)
+    return d
+
+
+def lr_search_dict(r: LrSearch | None) -> dict[str, Any] | None:
+    """The learning-rate search: its fields and its line in words."""
+    from bsfind.wording import lr_search_line
+
+    if r is None:
+        return None
+    d = clean(r)
+    d["summary"] = lr_search_line(r)
     return d
 
 
@@ -160,6 +175,8 @@ def to_dict(report: Report) -> dict[str, Any]:
     doc["trajectory"] = clean(report.trajectory)
     if report.command not in ("noise", "branch"):
         doc["schedule"] = schedule_dict(report.schedule)
+    if report.command == "recommend":
+        doc["lr_search"] = lr_search_dict(report.lr_search)
     if report.branches or report.command == "branch":
         doc["branches"] = [branch_dict(b) for b in report.branches]
     if report.distributed is not None:

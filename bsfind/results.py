@@ -305,6 +305,9 @@ class Recommendation:
     warmup: str | None = None
     noise_step: int = 0  # which probe point (training step) drove it
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # learning_rate over the rule's, measured by branched runs at this batch
+    # (``bsfind.branches.measure_lr``); None: not measured, the rule's learning rate.
+    lr_factor: float | None = None
 
 
 @dataclass(frozen=True)
@@ -530,3 +533,62 @@ class BranchPartial:
 
     noise: tuple[NoiseEstimate, ...]
     branches: tuple[BranchResult, ...]
+
+
+@dataclass(frozen=True)
+class LrTrial:
+    """One learning rate of the search: R branches at the recommended batch.
+
+    Attributes:
+        factor: the learning rate over the rule's (1: the rule's own).
+        learning_rate: the rule's learning rate × ``factor``.
+        loss: the loss at the end of the runs (after the cool-down), the mean over the
+            repeats (inf: a run diverged).
+        losses: each repeat's.
+        seconds: wall-clock of its branches (training and evaluations).
+    """
+
+    factor: float
+    learning_rate: float
+    loss: float
+    losses: tuple[float, ...] = ()
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class LrSearch:
+    """The learning rate measured at the recommended batch by short training runs
+    (``bsfind.branches.measure_lr``), instead of extrapolated from lr0 by a rule.
+
+    Attributes:
+        batch_size: the batch the runs trained at (the recommendation's).
+        step: the training step of their starting weights (the probe run's start).
+        rule_learning_rate / lr_rule: the rule's learning rate there, and the rule.
+        factor: the chosen learning rate over the rule's: the trial with the lowest loss
+            (1: the rule's stood, also when no trial finished).
+        learning_rate: the rule's × ``factor``.
+        steps / cooldown / repeats: each run's steps at its learning rate, the steps of
+            the linear decay to 0 after them (the loss is read at the end), and the data
+            orders averaged.
+        trials: in the order they ran.
+        examples / seconds: training examples all runs took, and their wall-clock.
+        stopped: "found" (the walk ended at a lowest loss), "limit" (the lowest was at
+            the largest or smallest factor allowed), "budget", "out of memory" or
+            "interrupted".
+        notes: sentences for people (written by ``bsfind.wording``).
+    """
+
+    batch_size: int
+    step: int
+    rule_learning_rate: float
+    lr_rule: str
+    factor: float
+    learning_rate: float
+    steps: int
+    cooldown: int
+    repeats: int
+    trials: tuple[LrTrial, ...]
+    examples: int
+    seconds: float
+    stopped: str
+    notes: tuple[str, ...] = ()

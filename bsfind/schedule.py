@@ -37,6 +37,7 @@ given, else EXTRAPOLATION_LIMIT × the examples measured.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Sequence
@@ -46,6 +47,7 @@ from bsfind.advisor import (
     AdvisorInputs,
     WallClock,
     batch_unit,
+    lr_correction,
     scaled_lr,
     wall_clock,
 )
@@ -173,6 +175,8 @@ class Schedule:
             the schedule, the baseline batch and the best constant batch.
         best_constant_batch: the constant batch with the least predicted time.
         lr_rule: the learning-rate rule's name.
+        lr_measured: (batch, factor) when the learning rate was measured at one batch
+            (``with_measured_lr``).
     """
 
     phases: tuple[Phase, ...]
@@ -185,6 +189,9 @@ class Schedule:
     best_constant_batch: int
     best_constant_seconds: float
     lr_rule: str
+    # The learning rate measured at the recommended batch: (that batch, its factor on the
+    # rule's); the phases' learning rates carry advisor.lr_correction. None: the rule's.
+    lr_measured: tuple[int, float] | None = None
 
     @property
     def ramp(self) -> list[tuple[int, int, float]]:
@@ -315,3 +322,13 @@ def build(inputs: AdvisorInputs, growth: Growth, planned_examples: int | None) -
         best_constant_batch=best_b, best_constant_seconds=best_s, lr_rule=rule,
     )
 
+
+
+def with_measured_lr(s: Schedule, baseline_batch: int, batch: int, factor: float) -> Schedule:
+    """``s`` with each phase's learning rate corrected by the one measured at ``batch``
+    (``factor`` × the rule's there): ``advisor.lr_correction`` at the phase's batch."""
+    phases = tuple(dataclasses.replace(
+        p, learning_rate=p.learning_rate * lr_correction(p.batch_size, baseline_batch,
+                                                                 batch, factor))
+        for p in s.phases)
+    return dataclasses.replace(s, phases=phases, lr_measured=(batch, factor))

@@ -166,6 +166,10 @@ SCHEMA: dict[str, dict[str, Field]] = {
             "bool", "recommend also measures the critical batch directly: short branched runs "
             "at 1, 2, 4, ... x the baseline batch from the probe point (at most 960 baseline "
             "batches of examples; `bsfind branch` runs them alone)", False),
+        "lr_branches": Field(
+            "bool", "recommend measures the learning rate at the recommended batch: short "
+            "branched runs from the end of the probe run at 1/4-4x the rule's learning rate "
+            "(32 steps each, 2 data orders), the lowest loss wins", True),
     },
     "hardware": {
         "device": Field("str", "auto | cpu | cuda | cuda:N", "auto", check=_device),
@@ -239,6 +243,7 @@ class ProbeSpec:
     curvature: bool
     timing: bool
     branches: bool = False
+    lr_branches: bool = True
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,11 @@ class Points:
     # The training step of the model's weights now: the last point's, unless the budget
     # (or an out-of-memory error) stopped the run after it trained on.
     weights_step: int = 0
+    # The weights the run along training started from (on the CPU), and their step: the
+    # learning rate is measured from there (``bsfind.branches.measure_lr``). None: no
+    # training ran.
+    start_weights: dict[str, torch.Tensor] | None = None
+    start_step: int = 0
 
 
 def measure(spec: Spec, job: Workload, runner: Runner, deadline: Deadline,
@@ -118,6 +123,8 @@ class _Walk:
         self.planned = spec.planned_examples(len(job))
         self.notes: list[str] = []
         self.optimizer: torch.optim.Optimizer | None = None
+        self.start_weights: dict[str, torch.Tensor] | None = None
+        self.start_step = 0
 
     # -- the three modes -------------------------------------------------------------
     def pinned(self) -> None:
@@ -191,6 +198,9 @@ class _Walk:
 
     # -- pieces ----------------------------------------------------------------------
     def _trainer(self) -> tuple[torch.optim.Optimizer, EpochSampler]:
+        self.start_weights = {k: v.detach().to("cpu", copy=True)
+                              for k, v in self.job.model.state_dict().items()}
+        self.start_step = self.step
         self.optimizer = self.job.make_optimizer(self.spec.optimizer.lr)
         return self.optimizer, self.runner.sampler(self.job, self.b0, self.seeds.training_order)
 
@@ -275,7 +285,7 @@ class _Walk:
             planned_examples=self.planned,
         )
         return Points(tuple(self.estimates), used, trajectory, self.status, tuple(self.notes),
-                      self.optimizer, self.step)
+                      self.optimizer, self.step, self.start_weights, self.start_step)
 
 
 def points_ahead(target: int, end: int) -> int:

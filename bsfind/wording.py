@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from bsfind.results import (
         AbsolutePrediction,
         BranchResult,
+        LrSearch,
         NoiseEstimate,
         TimingCurve,
         Trajectory,
@@ -493,3 +494,49 @@ def with_branches(advice: Advice, inputs: AdvisorInputs, r: BranchResult,
             "28 points, either alone on 13 (branches) and 18 (noise scale)")
     return dataclasses.replace(advice, recommendation=dataclasses.replace(
         rec, basis=basis, notes=(*rec.notes, note, branch_line(r))))
+
+
+def describe_lr_search(r: LrSearch) -> LrSearch:
+    """``r`` with its notes written: how the walk ended."""
+    import dataclasses
+
+    notes = []
+    for t in r.trials:
+        if not math.isfinite(t.loss):
+            notes.append(f"{t.factor:g}x the rule's learning rate ({t.learning_rate:.3g}) "
+                         "diverged")
+    if not r.trials:
+        notes.append({"budget": "the time budget ended before the first learning rate finished",
+                      "out of memory": f"batch {r.batch_size:,} ran out of memory",
+                      "interrupted": "interrupted before the first learning rate finished",
+                      }.get(r.stopped, "no learning rate finished") + ": the rule's stands")
+    elif r.stopped == "budget":
+        notes.append("the time budget ended the learning-rate search: the best of the "
+                     "learning rates that finished")
+    elif r.stopped == "out of memory":
+        notes.append(f"batch {r.batch_size:,} ran out of memory during the learning-rate "
+                     "search: the best of the learning rates that finished")
+    elif r.stopped == "limit":
+        notes.append(f"the lowest loss was at the learning-rate search's limit ({r.factor:g}x "
+                     "the rule's): the best learning rate may lie further out")
+    return dataclasses.replace(r, notes=tuple(notes))
+
+
+def lr_search_line(r: LrSearch) -> str:
+    """One line: what the learning-rate runs found."""
+    if not r.trials:
+        return (f"learning rate at batch {r.batch_size:,}: not measured ({r.stopped}); the "
+                f"{r.lr_rule} rule's {r.rule_learning_rate:.3g} stands")
+    tried = ", ".join(f"{t.factor:g}x → {num(t.loss)}" for t in r.trials)
+    verdict = ("the rule's stands" if r.factor == 1.0 else
+               f"{r.factor:g}x the rule's {r.rule_learning_rate:.3g}: {r.learning_rate:.3g}")
+    where = "the probe run's start" if r.step == 0 else f"training step {r.step:,}"
+    return (f"learning rate at batch {r.batch_size:,}, measured by short runs from {where} "
+            f"({r.steps} steps, then {r.cooldown} decaying to 0; {r.repeats} data orders), "
+            f"loss at the end by factor on the rule's: {tried}; {verdict}")
+
+
+def lr_not_measured(rule: str, why: str) -> str:
+    """The note when the learning rate could not be measured at the recommended batch."""
+    return (f"the learning rate is the {rule} rule's extrapolation from the baseline's, not "
+            f"measured at this batch ({why})")

@@ -1,4 +1,5 @@
-"""The validation scripts (critical_batch.py, equal_time.py, schedule_eval.py) on a tiny setting.
+"""The validation scripts (critical_batch.py, equal_time.py, schedule_eval.py, lr_eval.py, ...)
+on a tiny setting.
 
 Not a check of the evidence (docs/validation.md has that), only that the
 scripts still run end to end against the current bsfind API, in a few seconds.
@@ -22,6 +23,7 @@ import _train  # noqa: E402
 import branch_eval  # noqa: E402
 import critical_batch  # noqa: E402
 import equal_time  # noqa: E402
+import lr_eval  # noqa: E402
 import schedule_eval  # noqa: E402
 
 pytest.importorskip("sklearn")  # the digits dataset
@@ -119,6 +121,27 @@ def test_branch_eval_runs_end_to_end(tmp_path: Path) -> None:
     assert row["sweep_examples"] == sum(r.steps * r.batch_size
                                         for b in res.batches for r in b.runs)
     assert doc["measurements"][0]["branches"]["optimizer_state"] == "carried"
+
+
+def test_lr_eval_runs_end_to_end(tmp_path: Path) -> None:
+    """The short runs at B0 and B* from step 0, against the shipped sweep and report."""
+    import json
+
+    out = tmp_path / "lr"
+    rc = lr_eval.main([str(ROOT / "configs" / "digits-mlp.yaml"),
+                       "--report", str(ROOT / "docs" / "img" / "schedule-eval-digits-mlp.json"),
+                       "--sweep", str(ROOT / "docs" / "img" / "critical-batch-digits-mlp.json"),
+                       "--points", "0", "--repeats", "1", "--out", str(out)])
+    assert rc == 0
+    doc = json.loads(out.with_suffix(".json").read_text())
+    row = doc["points"][0]
+    assert row["step"] == 0 and doc["steps"] == 32 and doc["cooldown"] == 16
+    for key in ("b0_constant", "b0_cooldown", "bstar_constant", "bstar_cooldown"):
+        losses = {float(k): v for k, v in row[key]["losses"].items()}
+        assert sorted(losses) == list(lr_eval.FACTORS)
+        assert row[key]["best"] == min(losses, key=lambda f: (losses[f], abs(math.log2(f))))
+    assert doc["sweep_best_lr"]["b0"] == pytest.approx(doc["baseline_lr"])
+    assert "B*: cool-down" in out.with_suffix(".md").read_text()
 
 
 def test_trainer_switch_keeps_optimizer_and_data_order() -> None:

@@ -1,0 +1,276 @@
+"""The learning rate measured at the recommended batch (bsfind/branches.py, measure_lr):
+the walk and the choice on hand-written losses, the cool-down, the correction of the
+schedule's learning rates, isolation of the runs, the budget, Ctrl-C, out-of-memory, and
+the report of `recommend`.
+
+    .venv/bin/python -m pytest tests/test_lr_search.py -q
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from bsfind import branches
+from bsfind.advisor import lr_correction
+from bsfind.budget import Deadline
+from bsfind.errors import Interrupted
+from bsfind.results import LrSearch
+from tests.test_along import GOOD, _steady_ladder, run_json
+from tests.test_branches import digest, tiny_job
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------- the walk
+
+
+def walk(losses: dict[float, float], max_factor: float = 4.0) -> list[float]:
+    """The factors the walk tries when factor f's loss is ``losses[f]``."""
+    tried: dict[float, float] = {}
+    order = []
+    while (f := branches.next_factor(tried, max_factor)) is not None:
+        order.append(f)
+        tried[f] = losses[f]
+    return order
+
+
+def test_the_walk_goes_up_while_doubling_helps() -> None:
+    assert walk({1: 0.5, 2: 0.4, 4: 0.45}) == [1, 2, 4]
+    assert walk({1: 0.5, 2: 0.4, 4: 0.3}) == [1, 2, 4]  # stops at the limit
+    assert walk({1: 0.5, 2: 0.4, 4: 0.3, 8: 0.2, 16: 0.1}, max_factor=8) == [1, 2, 4, 8]
+
+
+def test_the_walk_goes_down_when_doubling_does_not_help() -> None:
+    assert walk({1: 0.5, 2: 0.6, 0.5: 0.55}) == [1, 2, 0.5]
+    assert walk({1: 0.5, 2: 0.6, 0.5: 0.4, 0.25: 0.3}) == [1, 2, 0.5, 0.25]  # the limit
+    assert walk({1: 0.5, 2: 0.6, 0.5: 0.4, 0.25: 0.45}) == [1, 2, 0.5, 0.25]
+    # a diverged rule's rate: straight down, without trying 2
+    assert walk({1: math.inf, 0.5: 0.7, 0.25: 0.8}) == [1, 0.5, 0.25]
+
+
+def test_the_choice_is_the_lowest_finite_loss_ties_to_the_rule() -> None:
+    assert branches.best_factor({1: 0.5, 2: 0.4, 4: 0.45}) == 2
+    assert branches.best_factor({1: 0.5, 2: 0.6, 0.5: 0.5}) == 1  # a tie: the rule's
+    assert branches.best_factor({1: 0.5, 2: 0.5, 4: 0.5, 0.5: 0.5}) == 1
+    assert branches.best_factor({1: math.inf, 0.5: 0.7, 0.25: 0.6}) == 0.25
+    assert branches.best_factor({1: math.inf}) == 1  # nothing finite: the rule's
+    assert branches.best_factor({}) == 1
+
+
+def test_cooldown_scales() -> None:
+    assert branches.cooldown_scales(3, 3) == [1, 1, 1, 0.75, 0.5, 0.25]
+    assert branches.cooldown_scales(2, 0) == [1, 1]
+
+
+def test_lr_correction_between_the_two_measured_batches() -> None:
+    # lr0 at B0 = 64 (factor 1), 4x the rule's measured at B* = 256
+    assert lr_correction(64, 64, 256, 4.0) == pytest.approx(1.0)
+    assert lr_correction(128, 64, 256, 4.0) == pytest.approx(2.0)  # halfway in log batch
+    assert lr_correction(256, 64, 256, 4.0) == pytest.approx(4.0)
+    assert lr_correction(1024, 64, 256, 4.0) == pytest.approx(4.0)  # held beyond B*
+    assert lr_correction(16, 64, 256, 4.0) == pytest.approx(1.0)  # held below B0
+    # B* below B0: the same, mirrored
+    assert lr_correction(32, 64, 16, 0.25) == pytest.approx(0.5)
+    assert lr_correction(8, 64, 16, 0.25) == pytest.approx(0.25)
+    # measured at B0 itself: lr0 is off at this point, everywhere
+    assert lr_correction(512, 64, 64, 2.0) == 2.0
+    assert lr_correction(512, 64, 256, 1.0) == 1.0
+
+
+def test_the_schedule_carries_the_correction() -> None:
+    from bsfind.schedule import Growth, Phase, Schedule, with_measured_lr
+
+    phases = tuple(Phase(batch_size=b, start_step=s, start_examples=s * b, steps=10,
+                         learning_rate=lr, grad_accumulation=1, per_device_batch_size=b,
+                         b_n=50.0, baseline_examples=0.0, extrapolated=False)
+                   for b, s, lr in ((64, 0, 0.01), (128, 10, 0.014), (256, 20, 0.02)))
+    s = Schedule(phases=phases, growth=Growth(a=1.0, p=0.5, e_lo=1.0, e_hi=2.0, r2=1.0,
+                                              points=((1.0, 1.0), (2.0, 1.4))),
+                 horizon_examples=1000, horizon_source="training", measured_examples=500,
+                 seconds=1.0, baseline_seconds=2.0, best_constant_batch=128,
+                 best_constant_seconds=1.5, lr_rule="mccandlish-sqrt")
+    out = with_measured_lr(s, baseline_batch=64, batch=256, factor=4.0)
+    assert [p.learning_rate for p in out.phases] == pytest.approx([0.01, 0.028, 0.08])
+    assert out.lr_measured == (256, 4.0)
+    assert [p.batch_size for p in out.phases] == [64, 128, 256]
+
+
+# --------------------------------------------------------------------------- the runs
+
+
+OPTIONS = branches.LrOptions(batch_size=16, rule_lr=2e-2, lr_rule="mccandlish-sqrt",
+                             baseline_lr=1e-2, steps=4, cooldown=2, repeats=2)
+
+
+def test_every_run_starts_from_the_same_state_at_its_learning_rate() -> None:
+    job = tiny_job()
+    opt = job.make_optimizer(1e-2)  # fresh, as from the probe run's start
+    before = digest(job.model, opt)
+    seen: list[tuple[int, str, float]] = []
+    lrs: list[float] = []
+    original = opt.step
+
+    def spy_step(*args, **kwargs):  # type: ignore[no-untyped-def]
+        lrs.append(opt.param_groups[0]["lr"])
+        return original(*args, **kwargs)
+
+    opt.step = spy_step  # type: ignore[method-assign]
+
+    def check(start: branches.BranchStart) -> None:
+        seen.append((start.repeat, digest(start.model, start.optimizer),
+                     start.optimizer.param_groups[0]["lr"]))
+
+    r = branches.measure_lr(job, OPTIONS, Deadline.after(60), opt, on_branch_start=check)
+    factors = [t.factor for t in r.trials]
+    assert factors[:2] == [1.0, 2.0] and len(seen) == 2 * len(factors)
+    assert {d for _, d, _ in seen} == {before}
+    assert [rep for rep, _, _ in seen] == [0, 1] * len(factors)
+    # every step's learning rate: f × the rule's, then the linear cool-down
+    expected = [f * 2e-2 * s for f in factors for _ in range(2)
+                for s in (1.0, 1.0, 1.0, 1.0, 2 / 3, 1 / 3)]
+    assert lrs == pytest.approx(expected)
+    # restored afterwards: weights, optimizer state and learning rate
+    assert digest(job.model, opt) == before and opt.param_groups[0]["lr"] == 1e-2
+    assert r.learning_rate == pytest.approx(r.factor * 2e-2)
+    assert r.factor == branches.best_factor({t.factor: t.loss for t in r.trials})
+    assert r.examples == 2 * 6 * 16 * len(factors)
+    assert all(len(t.losses) == 2 and t.loss == pytest.approx(sum(t.losses) / 2)
+               for t in r.trials)
+
+
+def test_the_loss_is_read_after_the_cooldown() -> None:
+    """A trial's loss is the evaluation after its last (cool-down) step, computed here
+    by training the same steps by hand."""
+    from bsfind.seeds import Seeds
+    from bsfind.training import EpochSampler, evaluate_loss, evaluation_subset, training_step
+
+    job = tiny_job()
+    opt = job.make_optimizer(1e-2)
+    options = dataclasses.replace(OPTIONS, repeats=1, max_factor=2.0)
+    r = branches.measure_lr(job, options, Deadline.after(60), opt)
+    first = r.trials[0]
+    assert first.factor == 1.0
+    sampler = EpochSampler(len(job), 16, torch.Generator().manual_seed(Seeds(0).branch(0, 0)))
+    for s in branches.cooldown_scales(4, 2):
+        for g in opt.param_groups:
+            g["lr"] = 2e-2 * s
+        training_step(job, opt, sampler.next(), check=False)
+    idx = evaluation_subset(len(job), Seeds(0).evaluation_subset)
+    assert first.loss == pytest.approx(evaluate_loss(job, idx, chunk=16))
+
+
+def test_budget_drops_the_cut_trial() -> None:
+    job = tiny_job()
+    opt = job.make_optimizer(1e-2)
+    before = digest(job.model, opt)
+    now = [0.0]
+
+    def tick(start: branches.BranchStart) -> None:
+        now[0] += 1.0
+
+    r = branches.measure_lr(job, OPTIONS, Deadline(2.5, clock=lambda: now[0]), opt,
+                            on_branch_start=tick)
+    assert r.stopped == "budget" and [t.factor for t in r.trials] == [1.0]
+    assert any("time budget" in n for n in r.notes)
+    assert digest(job.model, opt) == before
+    none = branches.measure_lr(job, OPTIONS, Deadline(0.0, clock=lambda: 1.0), opt)
+    assert none.trials == () and none.factor == 1.0 and none.learning_rate == 2e-2
+    assert any("the rule's stands" in n for n in none.notes)
+
+
+def test_out_of_memory_keeps_the_rule() -> None:
+    job = tiny_job(limit=8)
+    opt = job.make_optimizer(1e-2)
+    before = digest(job.model, opt)
+    r = branches.measure_lr(job, OPTIONS, Deadline.after(60), opt)
+    assert r.stopped == "out of memory" and r.trials == () and r.factor == 1.0
+    assert any("batch 16 ran out of memory" in n for n in r.notes)
+    assert digest(job.model, opt) == before
+
+
+def test_ctrl_c_gives_what_was_measured() -> None:
+    job = tiny_job()
+    opt = job.make_optimizer(1e-2)
+    before = digest(job.model, opt)
+    calls = [0]
+
+    def interrupt_third(start: branches.BranchStart) -> None:
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted) as info:
+        branches.measure_lr(job, OPTIONS, Deadline.after(60), opt,
+                            on_branch_start=interrupt_third)
+    partial = info.value.partial
+    assert isinstance(partial, LrSearch) and partial.stopped == "interrupted"
+    assert [t.factor for t in partial.trials] == [1.0]
+    assert digest(job.model, opt) == before
+
+
+def test_a_diverging_rate_is_never_chosen() -> None:
+    """SGD at 1e3 × the rule's rate: inf loss (NaN weights); the walk goes straight down
+    and never picks it."""
+    from torch import nn
+
+    from bsfind.workload import Workload
+
+    base = tiny_job()
+    job = Workload.from_objects(base.model, base.dataset, nn.functional.cross_entropy,
+                                optimizer="sgd")
+    opt = job.make_optimizer(1e-2)
+    options = dataclasses.replace(OPTIONS, rule_lr=1e4, baseline_lr=1e-2, max_factor=2**14)
+    r = branches.measure_lr(job, options, Deadline.after(60), opt)
+    assert math.isinf(r.trials[0].loss) and r.trials[1].factor == 0.5  # straight down
+    assert any("diverged" in n for n in r.notes)
+    assert math.isfinite(r.trials[-2].loss) and r.factor == r.trials[-2].factor
+    assert r.stopped == "found"
+
+
+# --------------------------------------------------------------------------- recommend
+
+
+def test_recommend_measures_the_learning_rate_from_the_probe_runs_start(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from bsfind.spec import load_spec
+    from bsfind.workload import build
+
+    _steady_ladder(monkeypatch)
+    starts: list[str] = []
+    original = branches.measure_lr
+
+    def spy(job, options, deadline, optimizer, **kw):  # type: ignore[no-untyped-def]
+        starts.append(digest(job.model, optimizer))
+        return original(job, options, deadline, optimizer, **kw)
+
+    monkeypatch.setattr(branches, "measure_lr", spy)
+    doc = run_json("recommend", GOOD, "--set", "probe.max_seconds=8")
+    fresh = build(load_spec(GOOD))  # the same seeded initial weights, a fresh optimizer
+    assert starts == [digest(fresh.model, fresh.make_optimizer(0.1))]
+    s, rec = doc["lr_search"], doc["recommendation"]
+    assert s["batch_size"] == rec["batch_size"] and s["step"] == 0
+    assert s["trials"] and s["trials"][0]["factor"] == 1.0
+    assert rec["lr_factor"] == s["factor"]
+    assert rec["learning_rate"] == pytest.approx(s["rule_learning_rate"] * s["factor"])
+    assert any(n.startswith("learning rate at batch") for n in rec["notes"])
+    sched = doc["schedule"]
+    assert sched is not None
+    assert sched["lr_measured"] == {"batch_size": rec["batch_size"], "factor": s["factor"]}
+
+
+def test_recommend_without_the_search_says_the_rate_is_the_rules(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _steady_ladder(monkeypatch)
+    doc = run_json("recommend", GOOD, "--set", "probe.max_seconds=8",
+                   "--set", "probe.lr_branches=false")
+    assert doc["lr_search"] is None and doc["recommendation"]["lr_factor"] is None
+    assert any("rule's extrapolation" in n and "probe.lr_branches is off" in n
+               for n in doc["recommendation"]["notes"])
+    assert doc["schedule"]["lr_measured"] is None
