@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install lint bench critical-batch branch-eval equal-time schedule-eval clean
+.PHONY: demo test install lint bench critical-batch branch-eval equal-time schedule-eval lr-eval clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -54,6 +54,11 @@ schedule-eval: $(STAMP)
 	$(BIN)/python scripts/schedule_eval.py configs/digits-mlp.yaml --target 0.01
 	$(BIN)/python scripts/schedule_eval.py configs/digits-cnn.yaml --target 0.01
 	$(BIN)/python scripts/schedule_eval.py configs/text-transformer.yaml --target 2.0
+
+lr-eval: $(STAMP)
+	$(BIN)/python scripts/lr_eval.py configs/digits-mlp.yaml
+	$(BIN)/python scripts/lr_eval.py configs/digits-cnn.yaml
+	$(BIN)/python scripts/lr_eval.py configs/text-transformer.yaml
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

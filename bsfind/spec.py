@@ -168,8 +168,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
             "batches of examples; `bsfind branch` runs them alone)", False),
         "lr_branches": Field(
             "bool", "recommend measures the learning rate at the recommended batch: short "
-            "branched runs from the end of the probe run at 1/4-4x the rule's learning rate "
-            "(32 steps each, 2 data orders), the lowest loss wins", True),
+            "runs from the probe run's start at 1/4-4x the rule's learning rate (32 steps, "
+            "then 16 decaying to 0; 2 data orders), the lowest loss wins", True),
     },
     "hardware": {
         "device": Field("str", "auto | cpu | cuda | cuda:N", "auto", check=_device),
