@@ -916,6 +916,7 @@ def advise(inputs: AdvisorInputs, max_gpus: int | None = None) -> Advice:
         predicted_time_ratio=time_ratio,
         predicted_cost_ratio=time_ratio,  # baseline on the same devices
         batch_range=batch_range, noise_step=inputs.noise_step,
+        warmup_steps=facts.warmup_steps,
     )
     return Advice(
         recommendation=recommendation,

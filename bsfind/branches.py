@@ -308,17 +308,18 @@ def run_branch(job: Workload, opt: torch.optim.Optimizer, saved_model: dict[str,
                batch: int, repeat: int, seed: int, steps: int, at: Sequence[int],
                eval_idx: torch.Tensor, deadline: Deadline,
                on_start: Callable[[BranchStart], None] | None = None,
-               scales: Sequence[float] | None = None) -> tuple[list[tuple[int, float]], int]:
+               scales: Sequence[float] | None = None,
+               on_step: Callable[[int], None] | None = None) -> list[tuple[int, float]]:
     """One branch: restore the saved weights and optimizer state, set every parameter
     group's learning rate to its saved value × ``lr_scale``, train ``steps`` steps at
     ``batch`` in the data order ``seed``, and evaluate the loss on ``eval_idx`` after each
     step in ``at``. ``scales``: the learning rate's further scale at each step (a
     cool-down); None: constant. ``on_start`` sees the restored state (``repeat`` names
-    the data order).
+    the data order); ``on_step`` gets the examples of each training step as it is taken.
 
     Returns:
         The (examples trained, loss) evaluations (inf once the branch diverged: its
-        later steps are skipped) and the training examples taken.
+        later steps are skipped).
 
     Raises:
         _OutOfTime: the deadline passed (the caller drops the branch).
@@ -333,7 +334,7 @@ def run_branch(job: Workload, opt: torch.optim.Optimizer, saved_model: dict[str,
     sampler = EpochSampler(len(job), batch, torch.Generator().manual_seed(seed))
     marks = set(at)
     curve: list[tuple[int, float]] = []
-    diverged, examples = False, 0
+    diverged = False
     for s in range(1, steps + 1):
         if deadline.passed():
             raise _OutOfTime
@@ -344,7 +345,8 @@ def run_branch(job: Workload, opt: torch.optim.Optimizer, saved_model: dict[str,
             loss = training_step(job, opt, sampler.next(), check=False,
                                  where=f"in the branch at batch {batch}, step {s}")
             diverged = not math.isfinite(float(loss))
-            examples += batch
+            if on_step is not None:
+                on_step(batch)
         if s in marks:
             # In chunks of the branch's batch: its training step fitted in memory.
             value = math.inf if diverged else evaluate_loss(job, eval_idx, chunk=batch)
@@ -352,7 +354,7 @@ def run_branch(job: Workload, opt: torch.optim.Optimizer, saved_model: dict[str,
                 raise MemoryError("evaluation out of memory even at one example")
             curve.append((s * batch, value if math.isfinite(value) else math.inf))
     opt.zero_grad(set_to_none=True)
-    return curve, examples
+    return curve
 
 
 class _Ladder:
@@ -390,18 +392,20 @@ class _Ladder:
 
     def _branch(self, batch: int, lr: float, repeat: int) -> list[tuple[int, float]]:
         o = self.options
-        curve, examples = run_branch(
+        curve = run_branch(
             self.job, self.opt, self.saved_model, self.saved_opt, self.base_lrs,
             lr_scale=lr / o.lr, batch=batch, repeat=repeat,
             seed=Seeds(o.seed).branch(o.step, repeat), steps=o.delta // batch,
             at=evaluation_steps(o.delta // batch, batch, o.delta), eval_idx=self.eval_idx,
-            deadline=self.deadline, on_start=self.on_branch_start)
-        self.examples += examples
+            deadline=self.deadline, on_start=self.on_branch_start, on_step=self._took)
         if self.progress is not None:
             done = (len(self.batches) + (repeat + 1) / o.repeats) / max(1, self.planned)
             self.progress("branch", min(1.0, done),
                           f"batch {batch:,}: data order {repeat + 1} of {o.repeats}")
         return curve
+
+    def _took(self, examples: int) -> None:
+        self.examples += examples
 
     def verdicts(self) -> list[Verdict]:
         return verdicts(self.curves, self.options.delta)
@@ -529,8 +533,8 @@ def next_factor(tried: dict[float, float], max_factor: float = LR_MAX_FACTOR) ->
     """The next learning-rate factor to try, given the losses of those tried (None: stop).
 
     The walk: the rule's (1), then 2; while each doubling lowered the loss, up by 2 again;
-    when 2 did not (or 1 diverged), down by halves from 1 while each halving lowers it.
-    Never beyond ``max_factor`` either way.
+    when 2 did not (or 1 diverged), down by halves from 1 while each halving lowers it
+    (or the last one still diverged). Never beyond ``max_factor`` either way.
     """
     if 1.0 not in tried:
         return 1.0
@@ -542,7 +546,8 @@ def next_factor(tried: dict[float, float], max_factor: float = LR_MAX_FACTOR) ->
     f = min(tried)
     if f == 1.0:
         return 0.5
-    return f / 2 if tried[f] < tried[2 * f] and 2 / f <= max_factor * (1 + 1e-9) else None
+    lower = tried[f] < tried[2 * f] or not math.isfinite(tried[f])  # on down while diverging
+    return f / 2 if lower and 2 / f <= max_factor * (1 + 1e-9) else None
 
 
 def best_factor(tried: dict[float, float]) -> float:
@@ -561,6 +566,16 @@ def cooldown_scales(steps: int, cooldown: int) -> list[float]:
     return [1.0] * steps + [1.0 - k / (cooldown + 1) for k in range(1, cooldown + 1)]
 
 
+def walk_end(tried: dict[float, float], max_factor: float = LR_MAX_FACTOR) -> str:
+    """How a walk that ran to its end stopped: "diverged" (no finite loss), "limit" (the
+    lowest loss at the largest or smallest factor allowed) or "found"."""
+    if not any(math.isfinite(v) for v in tried.values()):
+        return "diverged"
+    if abs(abs(math.log2(best_factor(tried))) - math.log2(max_factor)) < 1e-9:
+        return "limit"
+    return "found"
+
+
 def measure_lr(job: Workload, options: LrOptions, deadline: Deadline,
                optimizer: torch.optim.Optimizer, *, progress: ProgressFn | None = None,
                on_branch_start: Callable[[BranchStart], None] | None = None) -> LrSearch:
@@ -574,70 +589,86 @@ def measure_lr(job: Workload, options: LrOptions, deadline: Deadline,
     """
     from bsfind.hardware.memory import clear_cache, is_oom
 
-    o = options
-    start = time.perf_counter()
-    saved_model = {k: v.detach().clone() for k, v in job.model.state_dict().items()}
-    saved_opt = copy.deepcopy(optimizer.state_dict())
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    eval_idx = evaluation_subset(len(job), Seeds(o.seed).evaluation_subset)
-    scales = cooldown_scales(o.steps, o.cooldown)
-    tried: dict[float, float] = {}
-    trials: list[LrTrial] = []
-    examples = 0
+    walk = _LrWalk(job, options, optimizer, deadline, progress, on_branch_start)
     stopped = "found"
+    try:
+        factor = next_factor(walk.tried, options.max_factor)
+        while factor is not None:
+            try:
+                walk.trial(factor)
+            except _OutOfTime:
+                stopped = "budget"
+                break
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                job.model.zero_grad(set_to_none=True)
+                clear_cache(job.device)
+                stopped = "out of memory"
+                break
+            factor = next_factor(walk.tried, options.max_factor)
+        if stopped == "found" and walk.tried:
+            stopped = walk_end(walk.tried, options.max_factor)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted while measuring the learning rate",
+                          partial=walk.result("interrupted")) from None
+    finally:
+        job.model.load_state_dict(walk.saved_model)
+        optimizer.load_state_dict(copy.deepcopy(walk.saved_opt))
+        job.model.zero_grad(set_to_none=True)
+    return walk.result(stopped)
 
-    def result(stopped: str) -> LrSearch:
-        f = best_factor(tried)
+
+class _LrWalk:
+    """The learning rates tried so far and how to try the next one."""
+
+    def __init__(self, job: Workload, options: LrOptions, opt: torch.optim.Optimizer,
+                 deadline: Deadline, progress: ProgressFn | None,
+                 on_branch_start: Callable[[BranchStart], None] | None) -> None:
+        self.job, self.options, self.opt = job, options, opt
+        self.deadline, self.progress, self.on_branch_start = deadline, progress, on_branch_start
+        self.start = time.perf_counter()
+        self.saved_model = {k: v.detach().clone() for k, v in job.model.state_dict().items()}
+        self.saved_opt = copy.deepcopy(opt.state_dict())
+        self.base_lrs = [g["lr"] for g in opt.param_groups]
+        self.eval_idx = evaluation_subset(len(job), Seeds(options.seed).evaluation_subset)
+        self.scales = cooldown_scales(options.steps, options.cooldown)
+        self.tried: dict[float, float] = {}
+        self.trials: list[LrTrial] = []
+        self.examples = 0
+
+    def _took(self, examples: int) -> None:
+        self.examples += examples
+
+    def trial(self, factor: float) -> None:
+        """R short runs at ``factor`` × the rule's learning rate (kept only when every one
+        finished); raises what cut one short."""
+        o = self.options
+        began = time.perf_counter()
+        losses: list[float] = []
+        for r in range(o.repeats):
+            curve = run_branch(
+                self.job, self.opt, self.saved_model, self.saved_opt, self.base_lrs,
+                lr_scale=factor * o.rule_lr / o.baseline_lr, batch=o.batch_size, repeat=r,
+                seed=Seeds(o.seed).branch(o.step, r), steps=len(self.scales),
+                at=[len(self.scales)], eval_idx=self.eval_idx, deadline=self.deadline,
+                on_start=self.on_branch_start, scales=self.scales, on_step=self._took)
+            losses.append(curve[-1][1])
+            if self.progress is not None:
+                done = min(1.0, (len(self.trials) + (r + 1) / o.repeats) / 4)
+                self.progress("learning rate", done, f"{factor:g}x the rule's learning rate: "
+                              f"data order {r + 1} of {o.repeats}")
+        loss = statistics.fmean(losses)
+        self.tried[factor] = loss
+        self.trials.append(LrTrial(factor=factor, learning_rate=factor * o.rule_lr, loss=loss,
+                                   losses=tuple(losses), seconds=time.perf_counter() - began))
+
+    def result(self, stopped: str) -> LrSearch:
+        o = self.options
+        f = best_factor(self.tried)
         return wording.describe_lr_search(LrSearch(
             batch_size=o.batch_size, step=o.step, rule_learning_rate=o.rule_lr,
             lr_rule=o.lr_rule, factor=f, learning_rate=o.rule_lr * f, steps=o.steps,
-            cooldown=o.cooldown, repeats=o.repeats, trials=tuple(trials),
-            examples=examples, seconds=time.perf_counter() - start, stopped=stopped))
-
-    factor = next_factor(tried, o.max_factor)
-    try:
-        while factor is not None:
-            began = time.perf_counter()
-            losses: list[float] = []
-            for r in range(o.repeats):
-                try:
-                    curve, n = run_branch(
-                        job, optimizer, saved_model, saved_opt, base_lrs,
-                        lr_scale=factor * o.rule_lr / o.baseline_lr, batch=o.batch_size,
-                        repeat=r, seed=Seeds(o.seed).branch(o.step, r), steps=len(scales),
-                        at=[len(scales)], eval_idx=eval_idx, deadline=deadline,
-                        on_start=on_branch_start, scales=scales)
-                except _OutOfTime:
-                    stopped = "budget"
-                    break
-                except Exception as exc:
-                    if not is_oom(exc):
-                        raise
-                    job.model.zero_grad(set_to_none=True)
-                    clear_cache(job.device)
-                    stopped = "out of memory"
-                    break
-                examples += n
-                losses.append(curve[-1][1])
-                if progress is not None:
-                    progress("learning rate", min(1.0, (len(trials) + (r + 1) / o.repeats) / 4),
-                             f"{factor:g}x the rule's learning rate: data order {r + 1} of "
-                             f"{o.repeats}")
-            if stopped != "found":
-                break
-            loss = statistics.fmean(losses)
-            tried[factor] = loss
-            trials.append(LrTrial(factor=factor, learning_rate=factor * o.rule_lr, loss=loss,
-                                  losses=tuple(losses), seconds=time.perf_counter() - began))
-            factor = next_factor(tried, o.max_factor)
-        if stopped == "found" and abs(abs(math.log2(best_factor(tried)))
-                                      - math.log2(o.max_factor)) < 1e-9:
-            stopped = "limit"
-    except KeyboardInterrupt:
-        raise Interrupted("interrupted while measuring the learning rate",
-                          partial=result("interrupted")) from None
-    finally:
-        job.model.load_state_dict(saved_model)
-        optimizer.load_state_dict(copy.deepcopy(saved_opt))
-        job.model.zero_grad(set_to_none=True)
-    return result(stopped)
+            cooldown=o.cooldown, repeats=o.repeats, trials=tuple(self.trials),
+            examples=self.examples, seconds=time.perf_counter() - self.start,
+            stopped=stopped))

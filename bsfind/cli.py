@@ -445,6 +445,8 @@ def hardware_lines(doc: dict[str, Any]) -> list[str]:
 
 
 def render_recommendation(doc: dict[str, Any]) -> None:
+    from bsfind.wording import lr_label
+
     rec = doc["recommendation"]
     rng = rec.get("batch_range")
     stdout.print(
@@ -453,9 +455,8 @@ def render_recommendation(doc: dict[str, Any]) -> None:
            if rec["gpus"] > 1 else "")
         + (f" with {rec['grad_accumulation']}× gradient accumulation"
            if rec["grad_accumulation"] > 1 else "")
-        + f", learning rate [bold]{rec['learning_rate']:.3g}[/] ("
-        + (f"rule: {rec['lr_rule']})" if rec.get("lr_factor") is None else
-           f"measured: {rec['lr_factor']:g}× the {rec['lr_rule']} rule's)"),
+        + f", learning rate [bold]{rec['learning_rate']:.3g}[/] "
+        + f"({lr_label(rec['lr_rule'], rec.get('lr_factor'))})",
         markup=True,
     )
     if rng:

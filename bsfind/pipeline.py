@@ -36,6 +36,8 @@ from bsfind.spec import Spec
 from bsfind.workload import Workload
 
 if TYPE_CHECKING:
+    import torch
+
     from bsfind.tracker import TrackRecord
 
 # Share of probe.max_seconds reserved for the hardware measurements (memory and
@@ -72,6 +74,14 @@ def norm_batch(spec: Spec, job: Workload, world: int = 1) -> int | None:
     return max(2, spec.optimizer.batch_size // max(1, devices))
 
 
+def hardware_deadline(deadline: Deadline, spec: Spec, lr_reserve: float) -> Deadline:
+    """The hardware measurement's deadline: what is left less the learning-rate search's
+    reserve, but never less than the hardware's own share of the budget when that much is
+    left (the advice needs the step time; the search only refines the learning rate)."""
+    own = min(max(0.0, deadline.left()), HARDWARE_SHARE * spec.probe.max_seconds)
+    return deadline.within(max(own, deadline.left() - lr_reserve))
+
+
 def hardware_options(spec: Spec) -> HardwareOptions:
     """The hardware measurement's settings from the spec."""
     return HardwareOptions(lr=spec.optimizer.lr, baseline_batch=spec.optimizer.batch_size,
@@ -100,10 +110,12 @@ def _measure_and_advise(spec: Spec, runner: Runner, command: str, job: Workload,
                         max_gpus: int | None) -> Report:
     """:func:`run` once the workload is built."""
     hardware = command == "recommend" and spec.probe.timing
+    world = runner.world_size
+    searching = lr_searching(spec, command, world)
     points = trajectory.measure(spec, job, runner, deadline, progress,
-                                noise_share(spec, command, hardware),
-                                probe_options(spec, job, runner.world_size))
-    lr_reserve = LR_SHARE * spec.probe.max_seconds if lr_searching(spec, command) else 0.0
+                                noise_share(spec, command, hardware, world),
+                                probe_options(spec, job, world), keep_start=searching)
+    lr_reserve = LR_SHARE * spec.probe.max_seconds if searching else 0.0
     branched, branch_notes = (
         branch_points(spec, job, runner, points, deadline, progress,
                       reserve=lr_reserve + (HARDWARE_SHARE * spec.probe.max_seconds
@@ -119,7 +131,7 @@ def _measure_and_advise(spec: Spec, runner: Runner, command: str, job: Workload,
     if command == "recommend":
         try:
             hw = (runner.measure_hardware(job, hardware_options(spec),
-                                          deadline.within(max(0.0, deadline.left() - lr_reserve)),
+                                          hardware_deadline(deadline, spec, lr_reserve),
                                           progress)
                   if hardware else HardwareMeasurement(None, None))
             report = advise(report, spec, job, runner, hw, max_gpus)
@@ -302,10 +314,10 @@ def branching(spec: Spec, command: str) -> bool:
     return command == "branch" or (command == "recommend" and spec.probe.branches)
 
 
-def noise_share(spec: Spec, command: str, hardware: bool) -> float:
+def noise_share(spec: Spec, command: str, hardware: bool, world: int = 1) -> float:
     """The share of the budget the points along training may take."""
     share = 1.0 - HARDWARE_SHARE if hardware else 1.0
-    share -= LR_SHARE if lr_searching(spec, command) else 0.0
+    share -= LR_SHARE if lr_searching(spec, command, world) else 0.0
     return share - BRANCH_SHARE if branching(spec, command) else share
 
 
@@ -397,9 +409,27 @@ def calibrated_points(points: tuple[NoiseEstimate, ...], measured: advisor.Advis
 # --------------------------------------------------------------------------- learning rate
 
 
-def lr_searching(spec: Spec, command: str) -> bool:
-    """Whether this run measures the learning rate at the recommended batch."""
-    return command == "recommend" and spec.probe.lr_branches
+def lr_searching(spec: Spec, command: str, world: int = 1) -> bool:
+    """Whether this run measures the learning rate at the recommended batch: ``recommend``
+    with ``probe.lr_branches`` in one process, when the probe trains from the model's
+    initial weights (the short runs start there)."""
+    return (command == "recommend" and lr_search_skipped_by_spec(spec, world) is None)
+
+
+def lr_search_skipped_by_spec(spec: Spec, world: int) -> str | None:
+    """Why the spec (or the launcher) rules the learning-rate search out (None: it does not)."""
+    if not spec.probe.lr_branches:
+        return "probe.lr_branches is off"
+    if world > 1:
+        return "under torchrun it is measured in a single process only"
+    if spec.model.checkpoints:
+        return "model.checkpoints holds no starting weights of the run"
+    if spec.model.checkpoint:
+        return ("the weights come from model.checkpoint, not from the start of training, "
+                "where short runs read the learning rate low (docs/validation.md)")
+    if spec.probe_mode == "pinned" and spec.probe_steps()[-1] == 0:
+        return "the probe trains no steps (probe.at_steps [0])"
+    return None
 
 
 def lr_search_skipped(report: Report, spec: Spec, runner: Runner, points: trajectory.Points
@@ -407,14 +437,13 @@ def lr_search_skipped(report: Report, spec: Spec, runner: Runner, points: trajec
     """Why the learning rate is not measured here (None: it is)."""
     rec = report.recommendation
     assert rec is not None
-    if not spec.probe.lr_branches:
-        return "probe.lr_branches is off"
-    if runner.world_size > 1:
-        return "under torchrun it is measured in a single process only"
+    why = lr_search_skipped_by_spec(spec, runner.world_size)
+    if why is not None:
+        return why
     if points.start_weights is None:
-        return "no probe run trained from the starting weights (model.checkpoints)"
+        return "the probe run kept no starting weights"
     cap = report.memory.max_batch_size if report.memory is not None else None
-    if rec.grad_accumulation > 1 or (cap is not None and rec.batch_size > cap):
+    if cap is not None and rec.batch_size > cap:
         return f"batch {rec.batch_size:,} does not fit in one step on this device"
     return None
 
@@ -443,31 +472,43 @@ def measured_lr(report: Report, spec: Spec, job: Workload, runner: Runner,
     options = branches.LrOptions(
         batch_size=rec.batch_size, rule_lr=rec.learning_rate, lr_rule=rec.lr_rule,
         baseline_lr=spec.optimizer.lr, seed=spec.probe.seed, step=points.start_step)
-    now = {k: v.detach().clone() for k, v in job.model.state_dict().items()}
+    now: dict[str, torch.Tensor] = {}
     try:
+        # The weights now on the CPU: the device holds the runs' own copies.
+        now = {k: v.detach().to("cpu", copy=True) for k, v in job.model.state_dict().items()}
         job.model.load_state_dict(points.start_weights)
         search = branches.measure_lr(job, options, deadline,
                                      job.make_optimizer(spec.optimizer.lr), progress=progress)
-    except Interrupted as exc:
-        raise Interrupted(exc.message, partial=points.estimates) from None
+    except (Interrupted, KeyboardInterrupt) as exc:
+        message = (exc.message if isinstance(exc, Interrupted)
+                   else "interrupted while measuring the learning rate")
+        raise Interrupted(message, partial=points.estimates) from None
     finally:
-        job.model.load_state_dict(now)
+        if now:
+            job.model.load_state_dict(now)
     return with_lr_search(report, search)
 
 
 def with_lr_search(report: Report, search: LrSearch) -> Report:
-    """``report`` with the measured learning rate in its recommendation and schedule."""
+    """``report`` with the measured learning rate in its recommendation (and warm-up) and
+    schedule; the rule's stands, with the search's notes, when no trial gave a finite
+    loss. A search the budget cut short makes the report partial."""
     rec = report.recommendation
     assert rec is not None
     notes = (*rec.notes, wording.lr_search_line(search), *search.notes)
-    if not search.trials:
-        return dataclasses.replace(report, lr_search=search,
+    status = "partial" if search.stopped == "budget" else report.status
+    if not any(math.isfinite(t.loss) for t in search.trials):
+        return dataclasses.replace(report, lr_search=search, status=status,
                                    recommendation=dataclasses.replace(rec, notes=notes))
     sched = report.schedule
     if sched is not None:
         sched = schedule.with_measured_lr(sched, report.baseline_batch, search.batch_size,
                                           search.factor)
+    warmup = (wording.warmup_text(rec.batch_size, report.baseline_batch, report.baseline_lr,
+                                  search.learning_rate, rec.warmup_steps)
+              if rec.warmup_steps is not None else rec.warmup)
     return dataclasses.replace(
-        report, lr_search=search, schedule=sched,
+        report, lr_search=search, schedule=sched, status=status,
         recommendation=dataclasses.replace(rec, learning_rate=search.learning_rate,
-                                           lr_factor=search.factor, notes=notes))
+                                           lr_factor=search.factor, notes=notes,
+                                           warmup=warmup))

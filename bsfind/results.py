@@ -308,6 +308,8 @@ class Recommendation:
     # learning_rate over the rule's, measured by branched runs at this batch
     # (``bsfind.branches.measure_lr``); None: not measured, the rule's learning rate.
     lr_factor: float | None = None
+    # steps of the recommended learning-rate warm-up (``warmup`` says it in words)
+    warmup_steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -573,8 +575,8 @@ class LrSearch:
         trials: in the order they ran.
         examples / seconds: training examples all runs took, and their wall-clock.
         stopped: "found" (the walk ended at a lowest loss), "limit" (the lowest was at
-            the largest or smallest factor allowed), "budget", "out of memory" or
-            "interrupted".
+            the largest or smallest factor allowed), "diverged" (no factor gave a finite
+            loss: the rule's stands), "budget", "out of memory" or "interrupted".
         notes: sentences for people (written by ``bsfind.wording``).
     """
 

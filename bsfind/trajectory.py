@@ -88,9 +88,12 @@ class Points:
 
 
 def measure(spec: Spec, job: Workload, runner: Runner, deadline: Deadline,
-            progress: ProgressFn | None, noise_share: float, options: ProbeOptions) -> Points:
-    """Measure the noise scale where ``spec.probe_mode`` says; see the module docstring."""
+            progress: ProgressFn | None, noise_share: float, options: ProbeOptions,
+            keep_start: bool = False) -> Points:
+    """Measure the noise scale where ``spec.probe_mode`` says; see the module docstring.
+    ``keep_start``: keep a CPU copy of the weights the training starts from."""
     walk = _Walk(spec, job, runner, deadline, progress, noise_share, options)
+    walk.keep_start = keep_start
     if spec.probe_mode == "checkpoints":
         walk.checkpoints()
     elif spec.probe_mode == "pinned":
@@ -125,6 +128,7 @@ class _Walk:
         self.optimizer: torch.optim.Optimizer | None = None
         self.start_weights: dict[str, torch.Tensor] | None = None
         self.start_step = 0
+        self.keep_start = False
 
     # -- the three modes -------------------------------------------------------------
     def pinned(self) -> None:
@@ -198,9 +202,10 @@ class _Walk:
 
     # -- pieces ----------------------------------------------------------------------
     def _trainer(self) -> tuple[torch.optim.Optimizer, EpochSampler]:
-        self.start_weights = {k: v.detach().to("cpu", copy=True)
-                              for k, v in self.job.model.state_dict().items()}
-        self.start_step = self.step
+        if self.keep_start:
+            self.start_weights = {k: v.detach().to("cpu", copy=True)
+                                  for k, v in self.job.model.state_dict().items()}
+            self.start_step = self.step
         self.optimizer = self.job.make_optimizer(self.spec.optimizer.lr)
         return self.optimizer, self.runner.sampler(self.job, self.b0, self.seeds.training_order)
 

@@ -305,15 +305,20 @@ def _notes(advice: Advice, inputs: AdvisorInputs) -> list[str]:
 
 
 def _warmup(advice: Advice, inputs: AdvisorInputs) -> str | None:
-    from bsfind.advisor import WARMUP_EPOCHS
-
     rec, steps = advice.recommendation, advice.facts.warmup_steps
     if steps is None:
         return None
-    b0 = inputs.baseline_batch
-    return (f"the batch grows {rec.batch_size / b0:.0f}x: ramp the learning rate linearly from "
-            f"{inputs.baseline_lr:.3g} to {rec.learning_rate:.3g} over the first {steps:,} "
-            f"steps at batch {rec.batch_size} ({WARMUP_EPOCHS} epochs; Goyal et al. 2017)")
+    return warmup_text(rec.batch_size, inputs.baseline_batch, inputs.baseline_lr,
+                       rec.learning_rate, steps)
+
+
+def warmup_text(batch: int, b0: int, lr0: float, lr: float, steps: int) -> str:
+    """The recommended warm-up in words: from lr0 to ``lr`` over ``steps`` steps."""
+    from bsfind.advisor import WARMUP_EPOCHS
+
+    return (f"the batch grows {batch / b0:.0f}x: ramp the learning rate linearly from "
+            f"{lr0:.3g} to {lr:.3g} over the first {steps:,} steps at batch {batch} "
+            f"({WARMUP_EPOCHS} epochs; Goyal et al. 2017)")
 
 
 def absolute_text(a: AbsolutePrediction) -> str:
@@ -344,7 +349,7 @@ def describe_advice(advice: Advice, inputs: AdvisorInputs) -> Advice:
 
 def check_message(*, within: bool, baseline: int, recommended: int, ratio: float,
                   tolerance: float, time_ratio: float | None, cost_ratio: float | None,
-                  learning_rate: float, lr_rule: str) -> str:
+                  learning_rate: float, lr_label: str) -> str:
     """``bsfind check``'s one-line verdict."""
     if within:
         return (f"ok: baseline batch {baseline} is within {tolerance:g}x of the recommended "
@@ -355,7 +360,7 @@ def check_message(*, within: bool, baseline: int, recommended: int, ratio: float
             and cost_ratio is not None else "")
     return (f"baseline batch {baseline} is {ratio:.1f}x {direction} the recommended "
             f"{recommended} (tolerance {tolerance:g}x){what}; learning rate at {recommended}: "
-            f"{learning_rate:.3g} ({lr_rule})")
+            f"{learning_rate:.3g} ({lr_label})")
 
 
 # --------------------------------------------------------------------------- torchrun
@@ -505,7 +510,11 @@ def describe_lr_search(r: LrSearch) -> LrSearch:
         if not math.isfinite(t.loss):
             notes.append(f"{t.factor:g}x the rule's learning rate ({t.learning_rate:.3g}) "
                          "diverged")
-    if not r.trials:
+    if r.stopped == "diverged":
+        lowest = min(t.factor for t in r.trials)
+        notes.append(f"every learning rate tried diverged, down to {lowest:g}x the rule's: "
+                     "the rule's stands, and may be too high")
+    elif not r.trials:
         notes.append({"budget": "the time budget ended before the first learning rate finished",
                       "out of memory": f"batch {r.batch_size:,} ran out of memory",
                       "interrupted": "interrupted before the first learning rate finished",
@@ -540,3 +549,10 @@ def lr_not_measured(rule: str, why: str) -> str:
     """The note when the learning rate could not be measured at the recommended batch."""
     return (f"the learning rate is the {rule} rule's extrapolation from the baseline's, not "
             f"measured at this batch ({why})")
+
+
+def lr_label(lr_rule: str, lr_factor: float | None) -> str:
+    """Where the recommended learning rate came from, in a few words."""
+    if lr_factor is None:
+        return f"rule: {lr_rule}"
+    return f"measured: {lr_factor:g}× the {lr_rule} rule's"

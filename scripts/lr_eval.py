@@ -63,7 +63,7 @@ def short_runs(job: Any, opt: torch.optim.Optimizer, *, batch: int, lr: float, l
         for f in FACTORS:
             losses = []
             for r in range(repeats):
-                curve, _ = branches.run_branch(
+                curve = branches.run_branch(
                     job, opt, saved_model, saved_opt, base_lrs, lr_scale=f * lr / lr0,
                     batch=batch, repeat=r, seed=Seeds(seed).branch(step, r), steps=total,
                     at=at, eval_idx=eval_idx, deadline=Deadline.after(1e9),

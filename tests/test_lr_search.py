@@ -53,6 +53,10 @@ def test_the_walk_goes_down_when_doubling_does_not_help() -> None:
     assert walk({1: 0.5, 2: 0.6, 0.5: 0.4, 0.25: 0.45}) == [1, 2, 0.5, 0.25]
     # a diverged rule's rate: straight down, without trying 2
     assert walk({1: math.inf, 0.5: 0.7, 0.25: 0.8}) == [1, 0.5, 0.25]
+    # on down while every rate diverges, to the limit
+    assert walk({1: math.inf, 0.5: math.inf, 0.25: math.inf, 0.125: 0.1},
+                max_factor=8) == [1, 0.5, 0.25, 0.125]
+    assert walk({1: math.inf, 0.5: math.inf, 0.25: math.inf}) == [1, 0.5, 0.25]
 
 
 def test_the_choice_is_the_lowest_finite_loss_ties_to_the_rule() -> None:
@@ -62,6 +66,13 @@ def test_the_choice_is_the_lowest_finite_loss_ties_to_the_rule() -> None:
     assert branches.best_factor({1: math.inf, 0.5: 0.7, 0.25: 0.6}) == 0.25
     assert branches.best_factor({1: math.inf}) == 1  # nothing finite: the rule's
     assert branches.best_factor({}) == 1
+
+
+def test_how_a_walk_ended() -> None:
+    assert branches.walk_end({1: 0.5, 2: 0.4, 4: 0.3}) == "limit"
+    assert branches.walk_end({1: 0.5, 2: 0.6, 0.5: 0.4, 0.25: 0.3}) == "limit"
+    assert branches.walk_end({1: 0.5, 2: 0.4, 4: 0.45}) == "found"
+    assert branches.walk_end({1: math.inf, 0.5: math.inf, 0.25: math.inf}) == "diverged"
 
 
 def test_cooldown_scales() -> None:
@@ -234,6 +245,101 @@ def test_a_diverging_rate_is_never_chosen() -> None:
     assert r.stopped == "found"
 
 
+def test_when_every_rate_diverges_the_rule_stands_unmeasured() -> None:
+    from torch import nn
+
+    from bsfind.workload import Workload
+
+    base = tiny_job()
+    job = Workload.from_objects(base.model, base.dataset, nn.functional.cross_entropy,
+                                optimizer="sgd")
+    options = dataclasses.replace(OPTIONS, rule_lr=1e9, baseline_lr=1e-2)
+    r = branches.measure_lr(job, options, Deadline.after(60), job.make_optimizer(1e-2))
+    assert [t.factor for t in r.trials] == [1.0, 0.5, 0.25]
+    assert r.stopped == "diverged" and r.factor == 1.0
+    assert any("every learning rate tried diverged, down to 0.25x" in n for n in r.notes)
+
+
+def test_a_branch_cut_by_the_budget_still_counts_its_examples() -> None:
+    """`bsfind branch`: the steps a cut branch took count in ``examples``."""
+    job = tiny_job()
+    opt = job.make_optimizer(1e-2)
+    taken = [0]
+    original = opt.step
+
+    def spy_step(*args, **kwargs):  # type: ignore[no-untyped-def]
+        taken[0] += 1
+        return original(*args, **kwargs)
+
+    opt.step = spy_step  # type: ignore[method-assign]
+    ticks = [0.0]
+
+    def clock() -> float:  # one tick per look at the clock: the cut falls mid-branch
+        ticks[0] += 1
+        return ticks[0]
+
+    from tests.test_branches import OPTIONS as BRANCH_OPTIONS
+
+    r = branches.measure(job, BRANCH_OPTIONS, Deadline(11.5, clock=clock), optimizer=opt)
+    assert r.stopped == "budget" and 8 < taken[0] < 16  # inside the second branch
+    assert r.examples == 8 * taken[0]
+
+
+def test_the_hardware_keeps_its_share_before_the_search() -> None:
+    from bsfind.pipeline import HARDWARE_SHARE, hardware_deadline
+    from bsfind.spec import load_spec
+
+    spec = load_spec(GOOD, ["probe.max_seconds=10"])
+    own = HARDWARE_SHARE * 10
+    for left, reserve, expected in ((8.0, 1.0, 7.0),      # the reserve comes off
+                                    (3.0, 1.0, own),      # but not below its own share
+                                    (0.9, 1.0, 0.9),      # nor below what is left
+                                    (8.0, 0.0, 8.0)):     # no search: all of it
+        deadline = Deadline(left, clock=lambda: 0.0)
+        assert hardware_deadline(deadline, spec, reserve).left() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("overrides, why", [
+    (["probe.lr_branches=false"], "probe.lr_branches is off"),
+    (["probe.at_steps=[0]"], "the probe trains no steps"),
+    (["model.checkpoint=w.pt"], "model.checkpoint"),
+    (['model.checkpoints=[{"path": "a.pt", "step": 1}]'], "model.checkpoints"),
+])
+def test_when_the_spec_rules_the_search_out(overrides: list[str], why: str) -> None:
+    from bsfind.pipeline import lr_search_skipped_by_spec, lr_searching, noise_share
+    from bsfind.spec import load_spec
+
+    spec = load_spec(GOOD, overrides)
+    reason = lr_search_skipped_by_spec(spec, world=1)
+    assert reason is not None and why in reason
+    assert not lr_searching(spec, "recommend")
+    # no reserve is taken from the points along training for a search that cannot run
+    assert noise_share(spec, "recommend", hardware=True) == pytest.approx(0.75)
+
+
+def test_the_search_runs_only_for_recommend_in_one_process() -> None:
+    from bsfind.pipeline import LR_SHARE, lr_searching, noise_share
+    from bsfind.spec import load_spec
+
+    spec = load_spec(GOOD)
+    assert lr_searching(spec, "recommend") and not lr_searching(spec, "noise")
+    assert not lr_searching(spec, "recommend", world=2)
+    assert noise_share(spec, "recommend", hardware=True) == pytest.approx(0.75 - LR_SHARE)
+    assert noise_share(spec, "recommend", hardware=True, world=2) == pytest.approx(0.75)
+
+
+def test_check_labels_a_measured_rate() -> None:
+    from bsfind.api import verdict
+
+    doc = {"baseline": {"batch_size": 16},
+           "recommendation": {"batch_size": 128, "learning_rate": 0.2, "lr_rule": "mccandlish",
+                              "lr_factor": 2.0, "predicted_time_ratio": 0.5,
+                              "predicted_cost_ratio": 0.5}}
+    assert "0.2 (measured: 2× the mccandlish rule's)" in verdict(doc, 2.0).message
+    doc["recommendation"]["lr_factor"] = None
+    assert "0.2 (rule: mccandlish)" in verdict(doc, 2.0).message
+
+
 # --------------------------------------------------------------------------- recommend
 
 
@@ -263,6 +369,25 @@ def test_recommend_measures_the_learning_rate_from_the_probe_runs_start(
     sched = doc["schedule"]
     assert sched is not None
     assert sched["lr_measured"] == {"batch_size": rec["batch_size"], "factor": s["factor"]}
+    # the batch grows more than 8x here: the warm-up ramps to the measured rate
+    assert rec["warmup"] and f"to {rec['learning_rate']:.3g} over" in rec["warmup"]
+
+
+def test_a_search_the_budget_stops_leaves_the_rule_and_a_partial_report(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _steady_ladder(monkeypatch)
+    original = branches.measure_lr
+
+    def out_of_time(job, options, deadline, optimizer, **kw):  # type: ignore[no-untyped-def]
+        return original(job, options, Deadline(0.0, clock=lambda: 1.0), optimizer, **kw)
+
+    monkeypatch.setattr(branches, "measure_lr", out_of_time)
+    doc = run_json("recommend", GOOD, "--set", "probe.max_seconds=8")
+    rec = doc["recommendation"]
+    assert doc["status"] == "partial" and doc["lr_search"]["stopped"] == "budget"
+    assert rec["lr_factor"] is None
+    assert rec["learning_rate"] == pytest.approx(doc["lr_search"]["rule_learning_rate"])
+    assert any("the rule's stands" in n for n in rec["notes"])
 
 
 def test_recommend_without_the_search_says_the_rate_is_the_rules(
