@@ -205,7 +205,8 @@ class TimingCurve:
 
     ``quality`` says how the advisor may read it (``hardware/timing.py`` decides):
 
-    - "line": the line t0 + per_example·B, fitted to all the timed points, is
+    - "line": the line t0 + per_example·B, fitted to the timed points (up to
+      ``fitted_up_to`` when larger rungs' throughput fell well below the peak), is
       physical (t0 > 0, per_example >= 0) and fits them (R² >= MIN_R2, or
       residuals within the rungs' own measured noise). A line through a dozen
       rungs averages out the noise of each one.
@@ -232,6 +233,9 @@ class TimingCurve:
     passes: int = 0  # interleaved passes over the rungs after the first climb
     t0_upper: float | None = None
     per_example_upper: float | None = None
+    # The largest batch the line was fitted to when larger rungs were left out: their
+    # throughput fell well below the peak's (``hardware.timing.fit_points``); None: all.
+    fitted_up_to: int | None = None
 
     @property
     def fit_ok(self) -> bool:

@@ -239,6 +239,11 @@ def step_time_words(timing: TimingCurve) -> str:
     if len(timing.points) < 2:
         return line
     bs = sorted(p.batch_size for p in timing.points)
+    if timing.fit_ok and timing.fitted_up_to is not None:
+        n = sum(b <= timing.fitted_up_to for b in bs)
+        return (f"{line}, fitted to {n} of {len(bs)} timed batch sizes "
+                f"({num(bs[0])}–{num(timing.fitted_up_to)}; above it throughput fell well "
+                "below its peak: those batches are slower overall at any noise scale)")
     if timing.fit_ok:
         return f"{line}, fitted to {len(bs)} timed batch sizes ({num(bs[0])}–{num(bs[-1])})"
     return (f"from {len(bs)} timed batch sizes ({num(bs[0])}–{num(bs[-1])}), interpolated "

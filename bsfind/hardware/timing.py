@@ -60,6 +60,17 @@ MIN_R2 = 0.9
 MAX_NOISE_RATIO = 2.0
 NOISE_FLOOR = 0.01
 CLEAN_NOISE = 0.05
+# Rungs past the throughput peak whose throughput B/t fell more than DOMINATED_DROP
+# below it are left out of the line (``fit_points``). Under S(B) = S_min(1 + B_n/B) a
+# run at batch B processes E(B) = S_min(B + B_n) examples, which grows with B, so a batch
+# whose throughput is below a smaller batch's takes longer than that batch at any noise
+# scale: never the optimum. Such rungs (a CPU's caches or a device's memory overrun)
+# are a regime the line t0 + c·B does not describe, and they tell nothing about the
+# optimum. Fitted, digits-cnn's 2-thread rung 4096 (27 examples/ms against 48 at 2048)
+# pulled R² to 0.90-0.92, at MIN_R2, and in 1 quiet run of 5 the advice fell back to the
+# noise scale (batch 200 against 96-104). 25% is well above a rung's noise (NOISE_FLOOR
+# to CLEAN_NOISE and a little more on a shared machine), so a plateau is kept.
+DOMINATED_DROP = 0.25
 # The quantile of a rung's timed steps that bounds its step time from above.
 UPPER_QUANTILE = 0.25
 # The climb resumes after the passes at most this often (when they show the rungs
@@ -338,17 +349,37 @@ def line_fit(points: Sequence[TimingPoint]) -> tuple[float, float, float, Qualit
     return t0, c, r2, "points" if statistics.median(noise) <= CLEAN_NOISE else "untrusted"
 
 
+def fit_points(points: Sequence[TimingPoint]) -> list[TimingPoint]:
+    """The points the line is fitted to, in batch order: every one up to the throughput
+    peak, then those beyond it until the first whose throughput fell more than
+    DOMINATED_DROP below the peak (that one and the rest are dominated batches: see
+    DOMINATED_DROP). All of them when fewer than two would be left."""
+    pts = sorted(points, key=lambda p: p.batch_size)
+    rate = [p.batch_size / p.seconds if p.seconds > 0 else 0.0 for p in pts]
+    peak = max(range(len(pts)), key=lambda i: rate[i], default=0)
+    keep = pts[:peak + 1]
+    for p, r in zip(pts[peak + 1:], rate[peak + 1:], strict=True):
+        if r < (1 - DOMINATED_DROP) * rate[peak]:
+            break
+        keep.append(p)
+    return keep if len(keep) >= 2 else pts
+
+
 def curve_from_points(points: Sequence[TimingPoint], *, saturated_at: int | None = None,
                       utilization: float | None = None, passes: int = 0) -> TimingCurve:
     """A measured :class:`TimingCurve` from timed points: the line through their lowest
-    times, and the line through their 25th percentiles (the timing's uncertainty)."""
-    t0, c, r2, quality = line_fit(points)
+    times, and the line through their 25th percentiles (the timing's uncertainty), both
+    fitted to :func:`fit_points` (the curve keeps every point)."""
+    fitted = fit_points(points)
+    t0, c, r2, quality = line_fit(fitted)
     upper = [TimingPoint(p.batch_size, p.seconds_q25 if p.seconds_q25 is not None
-                         else p.seconds, p.samples) for p in points]
+                         else p.seconds, p.samples) for p in fitted]
     t0_up, c_up, _ = fit_linear(upper)
+    top = fitted[-1].batch_size if len(fitted) < len(points) else None
     return TimingCurve(points=tuple(points), t0=t0, per_example=c, r2=r2, source="measured",
                        saturated_at=saturated_at, utilization_gpu_pct=utilization,
-                       quality=quality, passes=passes, t0_upper=t0_up, per_example_upper=c_up)
+                       quality=quality, passes=passes, t0_upper=t0_up, per_example_upper=c_up,
+                       fitted_up_to=top)
 
 
 def time_ladder(
