@@ -176,6 +176,7 @@ class Validation:
     method: str
     method_reason: str
     probe_points: str
+    learning_rate: str = ""  # how recommend sets the learning rate at its batch
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -219,6 +220,7 @@ def validate(spec: Spec) -> Validation:
         trainable_parameters=sum(p.numel() for p in job.trainable()), dataset_size=len(job),
         batch_size=n, loss_value=float(loss.detach()), grad_norm_sq=g2, method=method,
         method_reason=reason, probe_points=wording.probe_plan(spec),
+        learning_rate=wording.lr_plan(pipeline.lr_search_skipped_by_spec(spec, world=1)),
     )
 
 

@@ -715,6 +715,7 @@ def validate(spec: SpecArg, json_out: JsonOpt = False, set_: SetOpt = None,
                  f"|gradient|² {doc['grad_norm_sq']:.4g}", markup=False)
     stdout.print(f"  noise probe: {doc['method']} ({doc['method_reason']})", markup=False)
     stdout.print(f"  probe points: {doc['probe_points']}", markup=False)
+    stdout.print(f"  learning rate: {doc['learning_rate']}", markup=False)
 
 
 @app.command()

@@ -160,6 +160,14 @@ def probe_plan(spec: Spec) -> str:
             "median of the last three")
 
 
+def lr_plan(skipped: str | None) -> str:
+    """How ``recommend`` will set the learning rate at its batch (``bsfind validate``)."""
+    if skipped is None:
+        return ("measured at the recommended batch by short runs from the start of training "
+                "(probe.lr_branches)")
+    return f"the rule's extrapolation from the baseline's ({skipped})"
+
+
 def training_out_of_memory(batch: int, step: int) -> str:
     return (f"training along the run at the baseline batch {batch} ran out of memory after step "
             f"{step:,}: the noise scale is from the points measured before; measure at a "

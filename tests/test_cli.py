@@ -264,6 +264,11 @@ def test_validate_says_which_method_and_where() -> None:
     assert doc["status"] == "ok" and doc["method"] == "per-example"
     assert "cheapest exact method" in doc["method_reason"]
     assert doc["probe_points"].startswith("along training at batch 16")
+    assert doc["learning_rate"].startswith("measured at the recommended batch")
+    off = json.loads(run("validate", GOOD, "--json", "--set", "probe.at_steps=[0]").stdout)
+    assert off["learning_rate"] == ("the rule's extrapolation from the baseline's (the probe "
+                                    "trains no steps (probe.at_steps [0]))")
+    assert "learning rate: measured at the recommended batch" in run("validate", GOOD).output
     bn = json.loads(run("validate", str(ROOT / "configs" / "digits-cnn.yaml"), "--json",
                         "--set", "model.kwargs.norm=batch").stdout)
     assert bn["method"] == "microbatch" and "BatchNorm" in bn["method_reason"]
