@@ -62,7 +62,7 @@ from typing import NamedTuple
 import torch
 
 from bsfind import wording
-from bsfind.advisor import Family, scaled_lr
+from bsfind.advisor import Family, lr_correction, scaled_lr
 from bsfind.budget import Deadline, ProgressFn
 from bsfind.errors import Interrupted
 from bsfind.results import BranchResult, BranchRung, Interval, LrSearch, LrTrial
@@ -103,6 +103,9 @@ class BranchOptions:
         seed / step / examples_seen: ``probe.seed`` and the point the branches start at.
         b_simple / b_noise: the noise scales measured at the same weights (reported
             beside the result).
+        lr_measured: (batch, factor) of a learning rate measured at one batch
+            (``measure_lr``): each rung's rule rate carries ``advisor.lr_correction``.
+            None: the rule's rates.
         branch_steps / max_factor / repeats: the constants above (tests shrink them).
     """
 
@@ -119,6 +122,7 @@ class BranchOptions:
     branch_steps: int = BRANCH_STEPS
     max_factor: int = MAX_FACTOR
     repeats: int = REPEATS
+    lr_measured: tuple[int, float] | None = None
 
     def __post_init__(self) -> None:
         if self.baseline_batch < 1 or self.repeats < 1 or self.max_factor < 2:
@@ -383,6 +387,9 @@ class _Ladder:
         o = self.options
         self.current = batch
         lr, self.rule = scaled_lr(o.lr, o.baseline_batch, batch, o.b_n, o.family, o.lr_rule)
+        if o.lr_measured is not None:
+            lr *= lr_correction(batch, o.baseline_batch, *o.lr_measured)
+            self.rule = f"{self.rule}, corrected by the rate measured at {o.lr_measured[0]}"
         began = time.perf_counter()
         curves = [self._branch(batch, lr, r) for r in range(o.repeats)]
         self.batches.append(batch)

@@ -81,8 +81,8 @@ def _key(d: dict[str, Any], t: float) -> Any:
 
 
 def gather(spec_path: str, crit: dict[str, Any], seeds: Sequence[int],
-           targets: Sequence[float] | None, log: Any, overrides: Sequence[str] = ()
-           ) -> dict[str, Any]:
+           targets: Sequence[float] | None, log: Any, overrides: Sequence[str] = (),
+           lr_measured: tuple[int, float] | None = None) -> dict[str, Any]:
     """Every (target, seed) measurement and what the table needs."""
     import critical_batch
 
@@ -118,7 +118,8 @@ def gather(spec_path: str, crit: dict[str, Any], seeds: Sequence[int],
             options = branches.BranchOptions(
                 baseline_batch=b0, lr=lr, family=family, lr_rule=spec.optimizer.lr_rule,
                 b_n=basis if basis else math.inf, seed=seed, step=step,
-                examples_seen=step * b0, b_simple=probe.b_simple, b_noise=probe.b_noise)
+                examples_seen=step * b0, b_simple=probe.b_simple, b_noise=probe.b_noise,
+                lr_measured=lr_measured)
             start = time.perf_counter()
             result = branches.measure(job, options, Deadline.after(3600),
                                       optimizer=trainer.optimizer)
@@ -321,6 +322,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="spec override to rebuild the sweep's model, e.g. "
                     "model.kwargs.context=64 (repeatable)")
+    ap.add_argument("--lr-measured", default=None, metavar="BATCH:FACTOR",
+                    help="correct the rungs' rule learning rates by one measured at BATCH "
+                         "(FACTOR x the rule's there; advisor.lr_correction), e.g. 264:2")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None,
                     help="output prefix (default docs/img/branch-<spec name>)")
@@ -333,8 +337,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     start = time.perf_counter()
+    measured = None
+    if args.lr_measured:
+        b, f = args.lr_measured.split(":")
+        measured = (int(b), float(f))
     res = gather(args.spec, crit, _train.parse_ints(args.seeds),
-                 _train.parse_floats(args.targets) if args.targets else None, log, args.set)
+                 _train.parse_floats(args.targets) if args.targets else None, log, args.set,
+                 measured)
     seconds = time.perf_counter() - start
     rows = summary(res, crit)
     md = render_markdown(res, crit, rows, seconds)

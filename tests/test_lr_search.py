@@ -399,3 +399,23 @@ def test_recommend_without_the_search_says_the_rate_is_the_rules(
     assert any("rule's extrapolation" in n and "probe.lr_branches is off" in n
                for n in doc["recommendation"]["notes"])
     assert doc["schedule"]["lr_measured"] is None
+
+
+def test_branch_rungs_can_carry_a_measured_correction() -> None:
+    """`branch_eval.py --lr-measured`: each rung's rule rate × advisor.lr_correction."""
+    from bsfind.advisor import scaled_lr
+    from tests.test_branches import OPTIONS as BRANCH_OPTIONS
+
+    job = tiny_job()
+    opts = dataclasses.replace(BRANCH_OPTIONS, lr_measured=(32, 2.0))
+    seen: dict[int, float] = {}
+
+    def record(start: branches.BranchStart) -> None:
+        seen[start.batch_size] = start.optimizer.param_groups[0]["lr"]
+
+    r = branches.measure(job, opts, Deadline.after(60), on_branch_start=record)
+    for b, lr in seen.items():
+        rule = scaled_lr(1e-2, 8, b, 50.0, "adam")[0]
+        assert lr == pytest.approx(rule * lr_correction(b, 8, 32, 2.0))
+    assert seen[8] == pytest.approx(scaled_lr(1e-2, 8, 8, 50.0, "adam")[0])  # B0: as lr0's
+    assert "corrected by the rate measured at 32" in r.lr_rule
