@@ -187,6 +187,11 @@ def plan_from_log(spec: Spec, runner: Runner, records: Sequence[TrackRecord], so
     hw = (runner.measure_hardware(job, hardware_options(spec), deadline, progress)
           if spec.probe.timing else HardwareMeasurement(None, None))
     report = advise(report, spec, job, runner, hw, max_gpus)
+    rec = report.recommendation
+    if rec is not None:  # no training here: nothing to measure the learning rate from
+        report = dataclasses.replace(report, recommendation=dataclasses.replace(
+            rec, notes=(*rec.notes, wording.lr_not_measured(
+                rec.lr_rule, "bsfind schedule trains nothing"))))
     if report.schedule is None:
         timed = any(c.step_seconds is not None and math.isfinite(c.step_seconds)
                     for c in report.candidates)

@@ -121,6 +121,9 @@ def test_schedule_command_plans_from_the_log(digits_log: Path) -> None:
     last = sorted(v.b_simple if v.b_simple is not None else math.inf for v in recs[-3:])
     assert doc["noise_scale"]["b_simple"] == pytest.approx(last[1])
     assert doc["recommendation"]["batch_size"] >= 1
+    assert doc["recommendation"]["lr_factor"] is None
+    assert any("rule's extrapolation" in n and "trains nothing" in n
+               for n in doc["recommendation"]["notes"])
     s = doc["schedule"]
     assert s is not None and s["phases"][0]["start_step"] == 0
     # The growth was fitted to the log's points, which end at its last record.
