@@ -484,7 +484,8 @@ def calibrated(result: BranchResult, b_n: float, b_n_ci: Interval
 # rule was within 10% of the sweep. Measured instead: short training runs at B* from the
 # probe run's starting weights (a fresh optimizer), at f x the rule's learning rate for
 # f a power of 2, each LR_STEPS steps at that rate and then LR_COOLDOWN steps decaying
-# it linearly to 0, over the same data orders. The lowest loss at the end wins.
+# it linearly to 0, over the same data orders. The lowest loss at the end wins, as far
+# as every data order agrees (``consistent_factor``).
 #
 # Why from the start of training (docs/validation.md, "The learning rate",
 # scripts/lr_eval.py): a run from the start is a short copy of the run the advice is
@@ -566,6 +567,22 @@ def best_factor(tried: dict[float, float]) -> float:
     return min(finite, key=lambda f: (finite[f], abs(math.log2(f))))
 
 
+def consistent_factor(losses: dict[float, Sequence[float]]) -> float:
+    """The factor chosen from each factor's losses per data order (the orders paired):
+    :func:`best_factor` of the means, stepped back towards the rule's (1) while not every
+    data order agrees that it beats its neighbour towards 1. A rate is moved off the
+    rule's only as far as the evidence is consistent: with 2 data orders, a sign test."""
+    f = best_factor({k: statistics.fmean(v) for k, v in losses.items()})
+    while f != 1.0:
+        toward = f / 2 if f > 1 else f * 2
+        if toward not in losses:
+            break
+        if all(a < b for a, b in zip(losses[f], losses[toward], strict=True)):
+            break
+        f = toward
+    return f
+
+
 def cooldown_scales(steps: int, cooldown: int) -> list[float]:
     """The learning rate's scale at each step of a branch: 1 for ``steps`` steps, then
     falling linearly towards 0 over ``cooldown`` steps (k/(cooldown + 1) short of 1 at
@@ -573,12 +590,15 @@ def cooldown_scales(steps: int, cooldown: int) -> list[float]:
     return [1.0] * steps + [1.0 - k / (cooldown + 1) for k in range(1, cooldown + 1)]
 
 
-def walk_end(tried: dict[float, float], max_factor: float = LR_MAX_FACTOR) -> str:
+def walk_end(tried: dict[float, float], max_factor: float = LR_MAX_FACTOR,
+             chosen: float | None = None) -> str:
     """How a walk that ran to its end stopped: "diverged" (no finite loss), "limit" (the
-    lowest loss at the largest or smallest factor allowed) or "found"."""
+    chosen factor, by default the lowest mean loss's, is the largest or smallest allowed)
+    or "found"."""
     if not any(math.isfinite(v) for v in tried.values()):
         return "diverged"
-    if abs(abs(math.log2(best_factor(tried))) - math.log2(max_factor)) < 1e-9:
+    f = best_factor(tried) if chosen is None else chosen
+    if abs(abs(math.log2(f)) - math.log2(max_factor)) < 1e-9:
         return "limit"
     return "found"
 
@@ -615,7 +635,7 @@ def measure_lr(job: Workload, options: LrOptions, deadline: Deadline,
                 break
             factor = next_factor(walk.tried, options.max_factor)
         if stopped == "found" and walk.tried:
-            stopped = walk_end(walk.tried, options.max_factor)
+            stopped = walk_end(walk.tried, options.max_factor, walk.chosen())
     except KeyboardInterrupt:
         raise Interrupted("interrupted while measuring the learning rate",
                           partial=walk.result("interrupted")) from None
@@ -670,9 +690,12 @@ class _LrWalk:
         self.trials.append(LrTrial(factor=factor, learning_rate=factor * o.rule_lr, loss=loss,
                                    losses=tuple(losses), seconds=time.perf_counter() - began))
 
+    def chosen(self) -> float:
+        return consistent_factor({t.factor: t.losses for t in self.trials})
+
     def result(self, stopped: str) -> LrSearch:
         o = self.options
-        f = best_factor(self.tried)
+        f = self.chosen()
         return wording.describe_lr_search(LrSearch(
             batch_size=o.batch_size, step=o.step, rule_learning_rate=o.rule_lr,
             lr_rule=o.lr_rule, factor=f, learning_rate=o.rule_lr * f, steps=o.steps,

@@ -538,7 +538,13 @@ def describe_lr_search(r: LrSearch) -> LrSearch:
     elif r.stopped == "out of memory":
         notes.append(f"batch {r.batch_size:,} ran out of memory during the learning-rate "
                      "search: the best of the learning rates that finished")
-    elif r.stopped == "limit":
+    finite = {t.factor: t.loss for t in r.trials if math.isfinite(t.loss)}
+    if finite:
+        best = min(finite, key=lambda f: (finite[f], abs(math.log2(f))))
+        if best != r.factor:
+            notes.append(f"{best:g}x the rule's had the lowest mean loss, but not on every "
+                         f"data order against its neighbour: {r.factor:g}x kept")
+    if r.stopped == "limit":
         notes.append(f"the lowest loss was at the learning-rate search's limit ({r.factor:g}x "
                      "the rule's): the best learning rate may lie further out")
     return dataclasses.replace(r, notes=tuple(notes))

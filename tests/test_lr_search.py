@@ -68,6 +68,22 @@ def test_the_choice_is_the_lowest_finite_loss_ties_to_the_rule() -> None:
     assert branches.best_factor({}) == 1
 
 
+def test_a_rate_moves_off_the_rules_only_as_far_as_every_data_order_agrees() -> None:
+    # 2x beats 1x on both orders, 4x beats 2x on one only: 2x, though 4x has the lowest mean
+    losses = {1.0: (0.070, 0.071), 2.0: (0.040, 0.034), 4.0: (0.030, 0.035)}
+    assert branches.best_factor({f: sum(v) / 2 for f, v in losses.items()}) == 4.0
+    assert branches.consistent_factor(losses) == 2.0
+    assert branches.consistent_factor({**losses, 4.0: (0.030, 0.033)}) == 4.0
+    # a tie within the orders' spread: the rule's (the new user's BERT case)
+    assert branches.consistent_factor({1.0: (0.5253, 0.5263), 2.0: (0.5240, 0.5300),
+                                       0.5: (0.5291, 0.5290)}) == 1.0
+    assert branches.consistent_factor({1.0: (0.52, 0.53), 0.5: (0.50, 0.54)}) == 1.0
+    assert branches.consistent_factor({1.0: (0.52, 0.53), 0.5: (0.50, 0.51)}) == 0.5
+    # a diverged rule's rate loses to any finite one
+    assert branches.consistent_factor({1.0: (math.inf, math.inf), 0.5: (0.6, 0.7)}) == 0.5
+    assert branches.walk_end({1.0: 0.0705, 2.0: 0.037, 4.0: 0.0325}, chosen=2.0) == "found"
+
+
 def test_how_a_walk_ended() -> None:
     assert branches.walk_end({1: 0.5, 2: 0.4, 4: 0.3}) == "limit"
     assert branches.walk_end({1: 0.5, 2: 0.6, 0.5: 0.4, 0.25: 0.3}) == "limit"
@@ -419,3 +435,18 @@ def test_branch_rungs_can_carry_a_measured_correction() -> None:
         assert lr == pytest.approx(rule * lr_correction(b, 8, 32, 2.0))
     assert seen[8] == pytest.approx(scaled_lr(1e-2, 8, 8, 50.0, "adam")[0])  # B0: as lr0's
     assert "corrected by the rate measured at 32" in r.lr_rule
+
+
+def test_a_rate_stepped_back_is_said() -> None:
+    from bsfind.results import LrTrial
+    from bsfind.wording import describe_lr_search
+
+    trials = (LrTrial(1.0, 0.01, 0.0705, (0.070, 0.071)),
+              LrTrial(2.0, 0.02, 0.037, (0.040, 0.034)),
+              LrTrial(4.0, 0.04, 0.0325, (0.030, 0.035)))
+    r = describe_lr_search(LrSearch(
+        batch_size=64, step=0, rule_learning_rate=0.01, lr_rule="mccandlish-sqrt",
+        factor=2.0, learning_rate=0.02, steps=32, cooldown=16, repeats=2, trials=trials,
+        examples=0, seconds=0.0, stopped="found"))
+    assert any("4x the rule's had the lowest mean loss, but not on every data order" in n
+               and "2x kept" in n for n in r.notes)
