@@ -301,6 +301,8 @@ def build(inputs: AdvisorInputs, growth: Growth, planned_examples: int | None) -
     for i, (b, e_start) in enumerate(bounds):
         e_end = bounds[i + 1][1] if i + 1 < len(bounds) else horizon
         n = _steps(growth, b, b0, e_start, e_end)
+        if i > 0 and round(n) == 0:  # a doubling just before the horizon: no step left
+            continue
         a = model.accumulation(b)
         bn = growth.at(e_start)
         lr, rule = scaled_lr(inputs.baseline_lr, b0, b, bn, inputs.optimizer_family,

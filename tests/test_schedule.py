@@ -113,6 +113,16 @@ def _steps_by_hand(b: float, e_from: float, e_to: float, n: int = 200_000) -> fl
     return total * h / 64
 
 
+def test_a_doubling_with_no_step_left_before_the_horizon_is_dropped() -> None:
+    """384 would start at 36,864 examples; a horizon 6 examples later leaves it no step
+    (about 0.1 of one), so the schedule ends with 192 (a new user saw a 0-step phase)."""
+    s = build(inputs(), LINEAR, planned_examples=36_870)
+    assert [p.batch_size for p in s.phases] == [48, 96, 192]
+    assert all(p.steps > 0 for p in s.phases)
+    assert [p.batch_size for p in build(inputs(), LINEAR, planned_examples=40_000).phases
+            ] == [48, 96, 192, 384]
+
+
 def test_phase_steps_and_predicted_times() -> None:
     s = build(inputs(), LINEAR, planned_examples=100_000)
     bounds = [0, 2304, 9216, 36864, 100_000]
