@@ -251,6 +251,20 @@ class _OutOfTime(Exception):
     """The deadline passed inside a rung: the rung is dropped."""
 
 
+def _cut_short(job: Workload, exc: Exception) -> str:
+    """Why a rung (or a learning-rate trial) ended early: "budget" or "out of memory"
+    (the gradients and the device cache cleared); any other error is raised again."""
+    from bsfind.hardware.memory import clear_cache, is_oom
+
+    if isinstance(exc, _OutOfTime):
+        return "budget"
+    if not is_oom(exc):
+        raise exc
+    job.model.zero_grad(set_to_none=True)
+    clear_cache(job.device)
+    return "out of memory"
+
+
 def measure(job: Workload, options: BranchOptions, deadline: Deadline, *,
             optimizer: torch.optim.Optimizer | None = None,
             progress: ProgressFn | None = None,
@@ -267,8 +281,6 @@ def measure(job: Workload, options: BranchOptions, deadline: Deadline, *,
     Raises:
         Interrupted: Ctrl-C, carrying the result so far (``stopped="interrupted"``).
     """
-    from bsfind.hardware.memory import clear_cache, is_oom
-
     start = time.perf_counter()
     opt = optimizer if optimizer is not None else job.make_optimizer(options.lr)
     saved_model = {k: v.detach().clone() for k, v in job.model.state_dict().items()}
@@ -282,16 +294,9 @@ def measure(job: Workload, options: BranchOptions, deadline: Deadline, *,
         for batch in batches:
             try:
                 run.rung(batch)
-            except _OutOfTime:
-                stopped = "budget"
-                break
             except Exception as exc:
-                if not is_oom(exc):
-                    raise
-                job.model.zero_grad(set_to_none=True)
-                clear_cache(job.device)
-                run.oom_at = batch
-                stopped = "out of memory"
+                stopped = _cut_short(job, exc)
+                run.oom_at = batch if stopped == "out of memory" else None
                 break
             if run.verdicts()[-1].passed is False:
                 stopped = "failed"
@@ -515,7 +520,8 @@ class LrOptions:
         rule_lr / lr_rule: the advisor's learning rate at B* and the rule's name.
         baseline_lr: lr0, the learning rate the optimizer's parameter groups were built
             with (each group's own is scaled by rule_lr·f/lr0).
-        seed / step: ``probe.seed`` and the training step of the starting weights.
+        seed / step: ``probe.seed`` and the training step of the starting weights (0:
+            the probe run's start).
         steps / cooldown / repeats / max_factor: the constants above (tests shrink them).
     """
 
@@ -614,8 +620,6 @@ def measure_lr(job: Workload, options: LrOptions, deadline: Deadline,
     (both keep what finished). Raises ``Interrupted`` on Ctrl-C, carrying what was
     measured.
     """
-    from bsfind.hardware.memory import clear_cache, is_oom
-
     walk = _LrWalk(job, options, optimizer, deadline, progress, on_branch_start)
     stopped = "found"
     try:
@@ -623,15 +627,8 @@ def measure_lr(job: Workload, options: LrOptions, deadline: Deadline,
         while factor is not None:
             try:
                 walk.trial(factor)
-            except _OutOfTime:
-                stopped = "budget"
-                break
             except Exception as exc:
-                if not is_oom(exc):
-                    raise
-                job.model.zero_grad(set_to_none=True)
-                clear_cache(job.device)
-                stopped = "out of memory"
+                stopped = _cut_short(job, exc)
                 break
             factor = next_factor(walk.tried, options.max_factor)
         if stopped == "found" and walk.tried:
@@ -701,4 +698,4 @@ class _LrWalk:
             lr_rule=o.lr_rule, factor=f, learning_rate=o.rule_lr * f, steps=o.steps,
             cooldown=o.cooldown, repeats=o.repeats, trials=tuple(self.trials),
             examples=self.examples, seconds=time.perf_counter() - self.start,
-            stopped=stopped))
+            stopped=stopped), lowest_mean=best_factor(self.tried))

@@ -187,11 +187,9 @@ def plan_from_log(spec: Spec, runner: Runner, records: Sequence[TrackRecord], so
     hw = (runner.measure_hardware(job, hardware_options(spec), deadline, progress)
           if spec.probe.timing else HardwareMeasurement(None, None))
     report = advise(report, spec, job, runner, hw, max_gpus)
-    rec = report.recommendation
-    if rec is not None:  # no training here: nothing to measure the learning rate from
-        report = dataclasses.replace(report, recommendation=dataclasses.replace(
-            rec, notes=(*rec.notes, wording.lr_not_measured(
-                rec.lr_rule, "bsfind schedule trains nothing"))))
+    if report.recommendation is not None:  # no training: nothing to measure the rate from
+        report = with_note(report, wording.lr_not_measured(
+            report.recommendation.lr_rule, "bsfind schedule trains nothing"))
     if report.schedule is None:
         timed = any(c.step_seconds is not None and math.isfinite(c.step_seconds)
                     for c in report.candidates)
@@ -418,7 +416,7 @@ def lr_searching(spec: Spec, command: str, world: int = 1) -> bool:
     """Whether this run measures the learning rate at the recommended batch: ``recommend``
     with ``probe.lr_branches`` in one process, when the probe trains from the model's
     initial weights (the short runs start there)."""
-    return (command == "recommend" and lr_search_skipped_by_spec(spec, world) is None)
+    return command == "recommend" and lr_search_skipped_by_spec(spec, world) is None
 
 
 def lr_search_skipped_by_spec(spec: Spec, world: int) -> str | None:
@@ -471,12 +469,11 @@ def measured_lr(report: Report, spec: Spec, job: Workload, runner: Runner,
         return report
     why = lr_search_skipped(report, spec, runner, points)
     if why is not None:
-        return dataclasses.replace(report, recommendation=dataclasses.replace(
-            rec, notes=(*rec.notes, wording.lr_not_measured(rec.lr_rule, why))))
+        return with_note(report, wording.lr_not_measured(rec.lr_rule, why))
     assert points.start_weights is not None
     options = branches.LrOptions(
         batch_size=rec.batch_size, rule_lr=rec.learning_rate, lr_rule=rec.lr_rule,
-        baseline_lr=spec.optimizer.lr, seed=spec.probe.seed, step=points.start_step)
+        baseline_lr=spec.optimizer.lr, seed=spec.probe.seed)
     now: dict[str, torch.Tensor] = {}
     try:
         # The weights now on the CPU: the device holds the runs' own copies.
@@ -492,6 +489,14 @@ def measured_lr(report: Report, spec: Spec, job: Workload, runner: Runner,
         if now:
             job.model.load_state_dict(now)
     return with_lr_search(report, search)
+
+
+def with_note(report: Report, note: str) -> Report:
+    """``report`` with ``note`` added to its recommendation's notes."""
+    rec = report.recommendation
+    assert rec is not None
+    return dataclasses.replace(report, recommendation=dataclasses.replace(
+        rec, notes=(*rec.notes, note)))
 
 
 def with_lr_search(report: Report, search: LrSearch) -> Report:

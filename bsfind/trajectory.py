@@ -80,11 +80,10 @@ class Points:
     # The training step of the model's weights now: the last point's, unless the budget
     # (or an out-of-memory error) stopped the run after it trained on.
     weights_step: int = 0
-    # The weights the run along training started from (on the CPU), and their step: the
+    # The weights the run along training started from, at step 0 (on the CPU): the
     # learning rate is measured from there (``bsfind.branches.measure_lr``). None: no
-    # training ran.
+    # training ran, or they were not asked for.
     start_weights: dict[str, torch.Tensor] | None = None
-    start_step: int = 0
 
 
 def measure(spec: Spec, job: Workload, runner: Runner, deadline: Deadline,
@@ -127,7 +126,6 @@ class _Walk:
         self.notes: list[str] = []
         self.optimizer: torch.optim.Optimizer | None = None
         self.start_weights: dict[str, torch.Tensor] | None = None
-        self.start_step = 0
         self.keep_start = False
 
     # -- the three modes -------------------------------------------------------------
@@ -205,7 +203,6 @@ class _Walk:
         if self.keep_start:
             self.start_weights = {k: v.detach().to("cpu", copy=True)
                                   for k, v in self.job.model.state_dict().items()}
-            self.start_step = self.step
         self.optimizer = self.job.make_optimizer(self.spec.optimizer.lr)
         return self.optimizer, self.runner.sampler(self.job, self.b0, self.seeds.training_order)
 
@@ -290,7 +287,7 @@ class _Walk:
             planned_examples=self.planned,
         )
         return Points(tuple(self.estimates), used, trajectory, self.status, tuple(self.notes),
-                      self.optimizer, self.step, self.start_weights, self.start_step)
+                      self.optimizer, self.step, self.start_weights)
 
 
 def points_ahead(target: int, end: int) -> int:

@@ -514,8 +514,9 @@ def with_branches(advice: Advice, inputs: AdvisorInputs, r: BranchResult,
         rec, basis=basis, notes=(*rec.notes, note, branch_line(r))))
 
 
-def describe_lr_search(r: LrSearch) -> LrSearch:
-    """``r`` with its notes written: how the walk ended."""
+def describe_lr_search(r: LrSearch, lowest_mean: float | None = None) -> LrSearch:
+    """``r`` with its notes written: how the walk ended, and when ``lowest_mean`` (the
+    factor with the lowest mean loss) is not the one chosen, why."""
     import dataclasses
 
     notes = []
@@ -538,12 +539,9 @@ def describe_lr_search(r: LrSearch) -> LrSearch:
     elif r.stopped == "out of memory":
         notes.append(f"batch {r.batch_size:,} ran out of memory during the learning-rate "
                      "search: the best of the learning rates that finished")
-    finite = {t.factor: t.loss for t in r.trials if math.isfinite(t.loss)}
-    if finite:
-        best = min(finite, key=lambda f: (finite[f], abs(math.log2(f))))
-        if best != r.factor:
-            notes.append(f"{best:g}x the rule's had the lowest mean loss, but not on every "
-                         f"data order against its neighbour: {r.factor:g}x kept")
+    if lowest_mean is not None and lowest_mean != r.factor and r.stopped != "diverged":
+        notes.append(f"{lowest_mean:g}x the rule's had the lowest mean loss, but not on "
+                     f"every data order against its neighbour: {r.factor:g}x kept")
     if r.stopped == "limit":
         notes.append(f"the lowest loss was at the learning-rate search's limit ({r.factor:g}x "
                      "the rule's): the best learning rate may lie further out")

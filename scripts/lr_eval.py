@@ -79,10 +79,6 @@ def short_runs(job: Any, opt: torch.optim.Optimizer, *, batch: int, lr: float, l
     return out
 
 
-def best(losses: dict[float, float]) -> float:
-    return branches.best_factor(losses)
-
-
 def gather(spec_path: str, overrides: Sequence[str], report: dict[str, Any], sweep: Any,
            points: Sequence[int], repeats: int, log: Any) -> dict[str, Any]:
     spec, job = _train.load_job(spec_path, overrides)
@@ -108,7 +104,7 @@ def gather(spec_path: str, overrides: Sequence[str], report: dict[str, Any], swe
                 losses = short_runs(job, opt, batch=batch, lr=ref, lr0=lr0, seed=seed,
                                     step=step, repeats=repeats, cooldown=form == "cooldown")
                 row[f"{name}_{form}"] = {"losses": {str(k): v for k, v in losses.items()},
-                                         "best": best(losses)}
+                                         "best": branches.best_factor(losses)}
         row["seconds"] = time.perf_counter() - began
         log(f"step {step}: B0 best {row['b0_constant']['best']:g}x / "
             f"{row['b0_cooldown']['best']:g}x lr0; B*={bstar} best "

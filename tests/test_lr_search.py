@@ -447,6 +447,6 @@ def test_a_rate_stepped_back_is_said() -> None:
     r = describe_lr_search(LrSearch(
         batch_size=64, step=0, rule_learning_rate=0.01, lr_rule="mccandlish-sqrt",
         factor=2.0, learning_rate=0.02, steps=32, cooldown=16, repeats=2, trials=trials,
-        examples=0, seconds=0.0, stopped="found"))
+        examples=0, seconds=0.0, stopped="found"), lowest_mean=4.0)
     assert any("4x the rule's had the lowest mean loss, but not on every data order" in n
                and "2x kept" in n for n in r.notes)
