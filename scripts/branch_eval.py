@@ -82,7 +82,8 @@ def _key(d: dict[str, Any], t: float) -> Any:
 
 def gather(spec_path: str, crit: dict[str, Any], seeds: Sequence[int],
            targets: Sequence[float] | None, log: Any, overrides: Sequence[str] = (),
-           lr_measured: tuple[int, float] | None = None) -> dict[str, Any]:
+           lr_measured: tuple[int, float] | None = None,
+           branch_steps: int = branches.BRANCH_STEPS) -> dict[str, Any]:
     """Every (target, seed) measurement and what the table needs."""
     import critical_batch
 
@@ -119,7 +120,7 @@ def gather(spec_path: str, crit: dict[str, Any], seeds: Sequence[int],
                 baseline_batch=b0, lr=lr, family=family, lr_rule=spec.optimizer.lr_rule,
                 b_n=basis if basis else math.inf, seed=seed, step=step,
                 examples_seen=step * b0, b_simple=probe.b_simple, b_noise=probe.b_noise,
-                lr_measured=lr_measured)
+                lr_measured=lr_measured, branch_steps=branch_steps)
             start = time.perf_counter()
             result = branches.measure(job, options, Deadline.after(3600),
                                       optimizer=trainer.optimizer)
@@ -133,7 +134,8 @@ def gather(spec_path: str, crit: dict[str, Any], seeds: Sequence[int],
                 f"{result.critical_batch} [{result.bound}] from {ladder}; "
                 f"{result.examples:,} examples, {result.seconds:.1f} s")
     return {"name": Path(spec_path).stem, "optimizer": spec.optimizer.name,
-            "baseline_batch": b0, "lr": lr, "rows": rows, "overrides": list(overrides)}
+            "baseline_batch": b0, "lr": lr, "rows": rows, "overrides": list(overrides),
+            "branch_steps": branch_steps}
 
 
 # --------------------------------------------------------------------------- table
@@ -303,7 +305,7 @@ def to_json(res: dict[str, Any], rows: list[dict[str, Any]], seconds: float) -> 
         "name": res["name"], "optimizer": res["optimizer"], "overrides": res["overrides"],
         "baseline_batch": res["baseline_batch"], "lr": res["lr"], "seconds": seconds,
         "threads": torch.get_num_threads(),
-        "constants": {"branch_steps": branches.BRANCH_STEPS, "max_factor": branches.MAX_FACTOR,
+        "constants": {"branch_steps": res["branch_steps"], "max_factor": branches.MAX_FACTOR,
                       "tolerance": branches.TOLERANCE, "smoothing": branches.SMOOTHING,
                       "repeats": branches.REPEATS, "evaluations": branches.EVALUATIONS},
         "summary": rows,
@@ -325,6 +327,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--lr-measured", default=None, metavar="BATCH:FACTOR",
                     help="correct the rungs' rule learning rates by one measured at BATCH "
                          "(FACTOR x the rule's there; advisor.lr_correction), e.g. 264:2")
+    ap.add_argument("--branch-steps", type=int, default=branches.BRANCH_STEPS,
+                    help="Δ in baseline steps (default branches.BRANCH_STEPS; a multiple "
+                         "of branches.MAX_FACTOR)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None,
                     help="output prefix (default docs/img/branch-<spec name>)")
@@ -343,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         measured = (int(b), float(f))
     res = gather(args.spec, crit, _train.parse_ints(args.seeds),
                  _train.parse_floats(args.targets) if args.targets else None, log, args.set,
-                 measured)
+                 measured, args.branch_steps)
     seconds = time.perf_counter() - start
     rows = summary(res, crit)
     md = render_markdown(res, crit, rows, seconds)

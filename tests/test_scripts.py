@@ -111,9 +111,11 @@ def test_branch_eval_runs_end_to_end(tmp_path: Path) -> None:
     crit.write_text(json.dumps(critical_batch.to_json(res)))
     out = tmp_path / "branch"
     rc = branch_eval.main([str(ROOT / "configs" / "digits-mlp.yaml"), "--crit", str(crit),
-                           "--seeds", "0", "--threads", "1", "--out", str(out)])
+                           "--seeds", "0", "--threads", "1", "--branch-steps", "32",
+                           "--out", str(out)])
     assert rc == 0
     md = out.with_suffix(".md").read_text()
+    assert "Δ = 2,048 examples (32 steps at B0)" in md
     assert "branch critical batch" in md and "% of sweep" in md
     doc = json.loads(out.with_suffix(".json").read_text())
     row = doc["summary"][0]
@@ -121,6 +123,8 @@ def test_branch_eval_runs_end_to_end(tmp_path: Path) -> None:
     assert row["sweep_examples"] == sum(r.steps * r.batch_size
                                         for b in res.batches for r in b.runs)
     assert doc["measurements"][0]["branches"]["optimizer_state"] == "carried"
+    assert doc["constants"]["branch_steps"] == 32
+    assert doc["measurements"][0]["branches"]["delta_examples"] == 32 * 64
 
 
 def test_lr_eval_runs_end_to_end(tmp_path: Path) -> None:
