@@ -250,6 +250,7 @@ def cache_key(spec: Spec) -> str:
     import platform
 
     from bsfind import __version__, cache
+    from bsfind.hardware.measure import usable_cpus
     from bsfind.hardware.nvml import describe_device
     from bsfind.workload import LOSSES, OPTIMIZERS, resolve, resolve_device
 
@@ -268,7 +269,7 @@ def cache_key(spec: Spec) -> str:
     dev = describe_device(resolve_device(spec.hardware.device))
     hardware = "|".join(str(x) for x in (
         dev.type, dev.name, dev.total_memory_bytes, dev.driver_version, torch.__version__,
-        os.cpu_count(), platform.machine()))
+        os.cpu_count(), len(usable_cpus()), platform.machine()))
     return cache.cache_key(spec.document, files, hardware, __version__)
 
 

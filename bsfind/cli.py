@@ -749,6 +749,7 @@ def env(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
     import torch
 
     from bsfind.hardware import nvml
+    from bsfind.hardware.measure import usable_cpus
 
     def run() -> dict[str, Any]:
         devices = [nvml.describe_device(torch.device("cpu"))]
@@ -770,6 +771,7 @@ def env(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
             "nvml_note": None if nvml.available() else nvml.hint(),
             "cpu_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
+            "cpus_usable": len(usable_cpus()),
             "devices": [clean(d) for d in devices],
         }
 

@@ -89,7 +89,7 @@ def noise_warnings(used: NoiseEstimate, trajectory: Trajectory | None, *, datase
 
 def busy_while_timing(share: float) -> str:
     """Other processes used the CPUs while the step time was measured (issue #14)."""
-    return (f"other processes used {share:.0%} of this machine's CPUs while the step time "
+    return (f"other processes used {share:.0%} of the CPUs bsfind runs on while the step time "
             "was measured: the step times, and the batch they favour, are those of a machine "
             "that busy (each timed batch's fastest step discounts short bursts, not a steady "
             "load); re-run on a quiet machine, or set hardware.gpu for the GPU you train on")
@@ -102,7 +102,7 @@ def timed_beside_load(share: float, threads: int | None, cpu_clock: bool) -> str
            else "on this run's one intra-op thread")
     clock = (", each step timed by that thread's CPU time, which their load does not add "
              "to" if cpu_clock else "")
-    return (f"other processes used {share:.0%} of this machine's CPUs: the step time was "
+    return (f"other processes used {share:.0%} of the CPUs bsfind runs on: the step time was "
             f"measured {how}{clock}; the step times, and the batch they favour, are those of "
             f"training on {n} core{'s' if n > 1 else ''} (with more, the per-example cost is "
             "lower and the best batch somewhat larger); re-run on a quiet machine, or set "

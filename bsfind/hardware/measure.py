@@ -176,7 +176,7 @@ def others_share(system_busy: float, own_cpu: float, wall: float, cpus: int) -> 
 
 
 def busy_seconds(cpu_line: str, ticks_per_second: float) -> float:
-    """Busy CPU-seconds from /proc/stat's first ("cpu") line: every field but idle and
+    """Busy CPU-seconds from one /proc/stat line ("cpu" or "cpuN"): every field but idle and
     iowait, less guest and guest_nice (already counted in user and nice); steal counts
     as busy (another machine's work on these CPUs)."""
     fields = [float(v) for v in cpu_line.split()[1:]]
@@ -185,13 +185,43 @@ def busy_seconds(cpu_line: str, ticks_per_second: float) -> float:
     return (sum(fields) - idle - guest) / ticks_per_second
 
 
-def _system_busy_seconds() -> float | None:
-    """The machine's busy CPU-seconds since boot, from /proc/stat (None off Linux)."""
+def usable_cpus() -> frozenset[int]:
+    """The CPUs this process may run on: its affinity (``taskset``, a container's cpuset),
+    which ``os.cpu_count()`` ignores; every CPU where the platform cannot say."""
+    import os
+
+    if hasattr(os, "sched_getaffinity"):
+        try:
+            return frozenset(os.sched_getaffinity(0))
+        except OSError:
+            pass
+    return frozenset(range(os.cpu_count() or 1))
+
+
+def busy_on(stat_text: str, cpus: frozenset[int], ticks_per_second: float) -> float | None:
+    """Busy CPU-seconds of the CPUs ``cpus`` from /proc/stat's text: the sum of their
+    "cpuN" lines. None when one of them has no line (then the caller cannot say)."""
+    lines = {}
+    for line in stat_text.splitlines():
+        head = line.split(maxsplit=1)[0] if line.strip() else ""
+        if head.startswith("cpu") and head[3:].isdigit():
+            lines[int(head[3:])] = line
+    if not cpus or any(c not in lines for c in cpus):
+        return None
+    return sum(busy_seconds(lines[c], ticks_per_second) for c in cpus)
+
+
+def _system_busy_seconds(cpus: frozenset[int] | None = None) -> float | None:
+    """Busy CPU-seconds since boot of the CPUs ``cpus`` (default: this process's,
+    :func:`usable_cpus`), from /proc/stat's per-CPU lines (None off Linux). On a host
+    whose other CPUs are busy with other jobs, only the ones this process shares count."""
     import os
 
     try:
         with open("/proc/stat", encoding="ascii") as f:
-            return busy_seconds(f.readline(), os.sysconf("SC_CLK_TCK"))
+            text = f.read()
+        return busy_on(text, usable_cpus() if cpus is None else cpus,
+                       os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError):
         return None
 
@@ -230,11 +260,9 @@ def ladder_setup(share: float | None, threads: int, cpus: int) -> LadderSetup:
 
 def setup_for_load(use: CpuUse) -> LadderSetup:
     """:func:`ladder_setup` for the load ``use`` has seen since it started (sampled for
-    at least LOAD_SAMPLE_SECONDS), this process's threads and this machine's CPUs."""
-    import os
-
+    at least LOAD_SAMPLE_SECONDS), this process's threads and the CPUs it may run on."""
     return ladder_setup(use.share_over(LOAD_SAMPLE_SECONDS), torch.get_num_threads(),
-                        os.cpu_count() or 1)
+                        use.cpus)
 
 
 @contextlib.contextmanager
@@ -251,18 +279,25 @@ def intra_op_threads(n: int) -> Iterator[None]:
 
 
 class CpuUse:
-    """Other processes' share of the CPUs between ``start()`` and ``share()`` (Linux)."""
+    """Other processes' share of this process's CPUs (:func:`usable_cpus`) between
+    ``start()`` and ``share()`` (Linux)."""
 
     def __init__(self, read: Callable[[], float | None] | None = None,
                  own: Callable[[], float] | None = None,
                  clock: Callable[[], float] | None = None, cpus: int | None = None) -> None:
         import os
 
-        self._read = read or _system_busy_seconds
+        mine = usable_cpus()
+        self._read = read or (lambda: _system_busy_seconds(mine))
         self._own = own or (lambda: sum(os.times()[:2]))
         self._clock = clock or time.perf_counter
-        self._cpus = cpus or os.cpu_count() or 1
+        self._cpus = cpus or len(mine)
         self._start: tuple[float, float, float] | None = None
+
+    @property
+    def cpus(self) -> int:
+        """How many CPUs the share is of."""
+        return self._cpus
 
     def start(self) -> None:
         busy = self._read()

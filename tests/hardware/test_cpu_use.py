@@ -241,3 +241,82 @@ def test_a_dataset_read_example_by_example_keeps_the_wall_clock(
     hw = LocalRunner().measure_hardware(dataclasses.replace(job, tensors=None),
                                         hardware_options(spec), Deadline.after(3.0), None)
     assert seen == [(1, False)] and hw.timing_threads in (1, None) and not hw.timing_cpu_clock
+
+
+STAT = """cpu  5000 0 1000 20000 0 0 0 0 0 0
+cpu0 1000 0 200 4000 100 0 0 0 0 0
+cpu1 2000 0 300 3000 0 0 0 50 0 0
+cpu2 1500 0 400 6000 0 10 0 0 0 0
+cpu3 500 0 100 7000 0 0 0 0 0 0
+intr 123456 0 0
+ctxt 987654
+"""
+
+
+def test_busy_on_sums_only_the_cpus_this_process_may_use() -> None:
+    from bsfind.hardware.measure import busy_on
+
+    # ticks of 1/100 s; busy = user + nice + system + irq + softirq + steal
+    assert busy_on(STAT, frozenset({1, 2}), 100) == pytest.approx(
+        (2000 + 300 + 50) / 100 + (1500 + 400 + 10) / 100)
+    assert busy_on(STAT, frozenset({0}), 100) == pytest.approx(12.0)
+    # a CPU without a line (offline, or another kernel's layout): cannot say
+    assert busy_on(STAT, frozenset({0, 7}), 100) is None
+    assert busy_on(STAT, frozenset(), 100) is None
+
+
+def test_a_busy_host_beside_free_pinned_cpus_is_not_load() -> None:
+    """Pinned to CPUs 0-1 of a 4-CPU host whose CPUs 2-3 another job keeps busy: the
+    share is of CPUs 0-1, which only this process used."""
+    from bsfind.hardware.measure import busy_on
+
+    before = STAT
+    # 10 s later: CPUs 2 and 3 busy the whole time (1000 ticks each), CPU 0 busy 4 s
+    # with this process's work, CPU 1 idle
+    after = STAT.replace("cpu0 1000 0 200 4000", "cpu0 1400 0 200 4600") \
+                .replace("cpu1 2000 0 300 3000", "cpu1 2000 0 300 4000") \
+                .replace("cpu2 1500", "cpu2 2500").replace("cpu3 500", "cpu3 1500")
+    readings = iter([busy_on(before, frozenset({0, 1}), 100),
+                     busy_on(after, frozenset({0, 1}), 100)])
+    own = iter([0.0, 4.0])
+    clock = iter([0.0, 10.0])
+    use = CpuUse(read=lambda: next(readings), own=lambda: next(own),
+                 clock=lambda: next(clock), cpus=2)
+    use.start()
+    assert use.share() == pytest.approx(0.0)
+    # the whole host's counters would have called half the machine busy
+    host = iter([busy_on(before, frozenset(range(4)), 100),
+                 busy_on(after, frozenset(range(4)), 100)])
+    own, clock = iter([0.0, 4.0]), iter([0.0, 10.0])
+    whole = CpuUse(read=lambda: next(host), own=lambda: next(own),
+                   clock=lambda: next(clock), cpus=4)
+    whole.start()
+    assert whole.share() == pytest.approx((24.0 - 4.0) / 40.0)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="affinity")
+def test_usable_cpus_follow_the_affinity(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from bsfind.hardware.measure import usable_cpus
+
+    assert usable_cpus() == frozenset(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 5})
+    assert usable_cpus() == frozenset({3, 5})
+    assert CpuUse(read=lambda: 0.0).cpus == 2
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert usable_cpus() == frozenset(range(os.cpu_count() or 1))
+
+
+def test_setup_for_load_counts_the_cpus_of_the_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 8 CPUs of which others use half: the 4 left are free for 2 threads, whatever
+    # os.cpu_count() says of the host (here it says 2, which would leave 1)
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    use = steady(0.5, cpus=8)
+    use.start()
+    with measure.intra_op_threads(2):
+        setup = measure.setup_for_load(use)
+    assert setup.threads == 2 and not setup.reduced
+    assert setup.share == pytest.approx(0.5)
