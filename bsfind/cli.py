@@ -338,6 +338,12 @@ def render_schedule(doc: dict[str, Any]) -> None:
         f"{s['growth']['extrapolation_limit_examples']:,.0f})",
         markup=False,
     )
+    rec = doc.get("recommendation")
+    if rec and rec["batch_size"] != s["best_constant_batch"]:
+        from bsfind.wording import constant_batches_differ
+
+        stdout.print("  " + constant_batches_differ(rec["batch_size"], s["best_constant_batch"]),
+                     markup=False)
 
 
 def render_candidates(doc: dict[str, Any]) -> Table:

@@ -124,6 +124,16 @@ def log_restarted(source: str, at: int, records: int) -> str:
             "from another")
 
 
+def constant_batches_differ(recommended: int, best_constant: int) -> str:
+    """The schedule's best constant batch is not the recommendation's: why, and which to
+    take for a constant batch (docs/validation.md, the default advice and the schedule)."""
+    return (f"the recommended batch ({recommended:,}) and this best constant batch "
+            f"({best_constant:,}) differ: the recommendation reads the noise scale where the "
+            "probes ended, this line integrates its fitted growth over the whole run. For one "
+            "constant batch, take the recommendation: it was the nearer to the best batch "
+            "measured on the shipped problems (docs/validation.md)")
+
+
 def no_schedule(points: int, timed: bool) -> str:
     """``bsfind schedule`` could not build a schedule: why, and what to do."""
     if not timed:

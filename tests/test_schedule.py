@@ -179,3 +179,38 @@ def test_memory_limit_and_dataset_cap() -> None:
     capped = build(inputs(dataset_size=150), LINEAR, planned_examples=100_000)
     assert all(p.batch_size <= 150 for p in capped.phases)
     assert s.ramp[0] == (0, s.phases[0].batch_size, s.phases[0].learning_rate)
+
+
+def test_the_report_says_which_constant_batch_to_take(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the schedule's best constant batch is not the recommendation's, the table says
+    why they differ and which to take; when they agree it says nothing more."""
+    import io
+
+    from rich.console import Console
+
+    from bsfind import cli
+    from bsfind.report import schedule_dict
+    from bsfind.schedule import Phase, Schedule
+
+    phases = tuple(Phase(batch_size=b, start_step=s, start_examples=s * b, steps=10,
+                         learning_rate=0.01, grad_accumulation=1, per_device_batch_size=b,
+                         b_n=50.0, baseline_examples=0.0, extrapolated=False)
+                   for b, s in ((64, 0), (128, 10)))
+    s = Schedule(phases=phases, growth=Growth(a=1.0, p=0.5, e_lo=1.0, e_hi=2.0, r2=1.0,
+                                              points=((1.0, 1.0), (2.0, 1.4))),
+                 horizon_examples=1000, horizon_source="training", measured_examples=500,
+                 seconds=1.0, baseline_seconds=2.0, best_constant_batch=96,
+                 best_constant_seconds=1.5, lr_rule="mccandlish-sqrt")
+
+    def printed(recommended: int) -> str:
+        out = io.StringIO()
+        monkeypatch.setattr(cli, "stdout", Console(file=out, width=400, soft_wrap=True))
+        cli.render_schedule({"schedule": schedule_dict(s),
+                             "recommendation": {"batch_size": recommended}})
+        return out.getvalue()
+
+    text = printed(120)
+    assert "for the best constant batch (96)" in text
+    assert "the recommended batch (120) and this best constant batch (96) differ" in text
+    assert "take the recommendation" in text
+    assert "differ" not in printed(96)
