@@ -156,6 +156,31 @@ def _json_error(status: str, message: str, hint: str | None, code: int,
 
 
 @contextmanager
+def _phase_lines(emit: Callable[[str], None]) -> Iterator[Callable[[str, float, str], None]]:
+    """Progress as plain lines: a phase's first message when it starts, and its last one
+    when it ends, if that says something else (a probe's first round reads "|G|²
+    unresolved"; its last one has the value)."""
+    shown: list[str] = ["", ""]  # the current phase, the message printed for it
+    latest: list[str] = [""]
+
+    def close() -> None:
+        if shown[0] and latest[0] != shown[1]:
+            emit(f"bsfind: {shown[0]}: {latest[0]}")
+
+    def log(phase: str, fraction: float, message: str) -> None:
+        if phase != shown[0]:
+            close()
+            shown[:] = [phase, message]
+            emit(f"bsfind: {phase}: {message}")
+        latest[0] = message
+
+    try:
+        yield log
+    finally:
+        close()
+
+
+@contextmanager
 def _progress(enabled: bool) -> Iterator[Callable[[str, float, str], None] | None]:
     """A rich progress bar on stderr when it is a terminal; else one line per phase.
 
@@ -165,14 +190,8 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, float, str], None] | Non
         yield None
         return
     if not stderr.is_terminal:
-        last: list[str] = [""]
-
-        def log(phase: str, fraction: float, message: str) -> None:
-            if phase != last[0]:
-                last[0] = phase
-                stderr.print(f"bsfind: {phase}: {message}", markup=False)
-
-        yield log
+        with _phase_lines(lambda line: stderr.print(line, markup=False)) as log:
+            yield log
         return
     bar = Progress(
         TextColumn("{task.fields[phase]:>6}"), BarColumn(), TextColumn("{task.description}"),

@@ -272,3 +272,32 @@ def test_validate_says_which_method_and_where() -> None:
     bn = json.loads(run("validate", str(ROOT / "configs" / "digits-cnn.yaml"), "--json",
                         "--set", "model.kwargs.norm=batch").stdout)
     assert bn["method"] == "microbatch" and "BatchNorm" in bn["method_reason"]
+
+
+def test_plain_progress_prints_each_phase_first_and_last_message() -> None:
+    """Off a terminal (CI logs), a phase's first message shows when it starts, and its
+    last one when it ends if that says something else: a probe's first round is
+    "|G|² unresolved", its last one holds the value."""
+    from bsfind.cli import _phase_lines
+
+    lines: list[str] = []
+    with _phase_lines(lines.append) as log:
+        log("train", 0.5, "training step 1 (loss 2.300)")
+        log("train", 1.0, "training step 1 (loss 2.300)")  # nothing new: no closing line
+        log("noise", 0.1, "step 1: |G|² unresolved, B_big=64")
+        assert lines[-1] == "bsfind: noise: step 1: |G|² unresolved, B_big=64"  # at once
+        log("noise", 0.6, "step 1: B_simple≈70 ±30%, B_big=128")
+        log("noise", 1.0, "step 1: B_simple≈64 ±9%, B_big=128")
+        log("train", 0.2, "training step 2 (loss 2.100)")
+        log("train", 1.0, "training step 8 (loss 1.700)")
+    assert lines == [
+        "bsfind: train: training step 1 (loss 2.300)",
+        "bsfind: noise: step 1: |G|² unresolved, B_big=64",
+        "bsfind: noise: step 1: B_simple≈64 ±9%, B_big=128",
+        "bsfind: train: training step 2 (loss 2.100)",
+        "bsfind: train: training step 8 (loss 1.700)",  # the last phase, closed at the end
+    ]
+    quiet: list[str] = []
+    with _phase_lines(quiet.append):
+        pass
+    assert quiet == []
