@@ -358,7 +358,8 @@ def render_schedule(doc: dict[str, Any]) -> None:
         markup=False,
     )
     rec = doc.get("recommendation")
-    if rec and rec["batch_size"] != s["best_constant_batch"]:
+    lo, hi = (rec.get("batch_range") or (rec["batch_size"],) * 2) if rec else (0, 0)
+    if rec and not lo <= s["best_constant_batch"] <= hi:  # (within it: they agree)
         from bsfind.wording import constant_batches_differ
 
         stdout.print("  " + constant_batches_differ(rec["batch_size"], s["best_constant_batch"]),

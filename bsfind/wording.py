@@ -125,8 +125,9 @@ def log_restarted(source: str, at: int, records: int) -> str:
 
 
 def constant_batches_differ(recommended: int, best_constant: int) -> str:
-    """The schedule's best constant batch is not the recommendation's: why, and which to
-    take for a constant batch (docs/validation.md, the default advice and the schedule)."""
+    """The schedule's best constant batch is outside the recommendation's plausible range:
+    why, and which to take for a constant batch (docs/validation.md, the default advice
+    and the schedule)."""
     return (f"the recommended batch ({recommended:,}) and this best constant batch "
             f"({best_constant:,}) differ: the recommendation reads the noise scale where the "
             "probes ended, this line integrates its fitted growth over the whole run. For one "

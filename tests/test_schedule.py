@@ -182,8 +182,8 @@ def test_memory_limit_and_dataset_cap() -> None:
 
 
 def test_the_report_says_which_constant_batch_to_take(monkeypatch: pytest.MonkeyPatch) -> None:
-    """When the schedule's best constant batch is not the recommendation's, the table says
-    why they differ and which to take; when they agree it says nothing more."""
+    """When the schedule's best constant batch is outside the recommendation's plausible
+    range, the table says why they differ and which to take; within it, nothing more."""
     import io
 
     from rich.console import Console
@@ -202,15 +202,16 @@ def test_the_report_says_which_constant_batch_to_take(monkeypatch: pytest.Monkey
                  seconds=1.0, baseline_seconds=2.0, best_constant_batch=96,
                  best_constant_seconds=1.5, lr_rule="mccandlish-sqrt")
 
-    def printed(recommended: int) -> str:
+    def printed(recommended: int, plausible: list[int] | None = None) -> str:
         out = io.StringIO()
         monkeypatch.setattr(cli, "stdout", Console(file=out, width=400, soft_wrap=True))
-        cli.render_schedule({"schedule": schedule_dict(s),
-                             "recommendation": {"batch_size": recommended}})
+        cli.render_schedule({"schedule": schedule_dict(s), "recommendation": {
+            "batch_size": recommended, "batch_range": plausible}})
         return out.getvalue()
 
-    text = printed(120)
+    text = printed(120, [104, 160])
     assert "for the best constant batch (96)" in text
     assert "the recommended batch (120) and this best constant batch (96) differ" in text
     assert "take the recommendation" in text
-    assert "differ" not in printed(96)
+    assert "differ" not in printed(120, [88, 160])  # within the plausible range: they agree
+    assert "differ" in printed(120) and "differ" not in printed(96)  # no range: the batch
