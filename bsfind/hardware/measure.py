@@ -211,19 +211,42 @@ def busy_on(stat_text: str, cpus: frozenset[int], ticks_per_second: float) -> fl
     return sum(busy_seconds(lines[c], ticks_per_second) for c in cpus)
 
 
-def _system_busy_seconds(cpus: frozenset[int] | None = None) -> float | None:
-    """Busy CPU-seconds since boot of the CPUs ``cpus`` (default: this process's,
-    :func:`usable_cpus`), from /proc/stat's per-CPU lines (None off Linux). On a host
-    whose other CPUs are busy with other jobs, only the ones this process shares count."""
-    import os
-
+def _proc_stat() -> str | None:
     try:
         with open("/proc/stat", encoding="ascii") as f:
-            text = f.read()
-        return busy_on(text, usable_cpus() if cpus is None else cpus,
-                       os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError):
+            return f.read()
+    except OSError:
         return None
+
+
+def busy_reader(stat: Callable[[], str | None] = _proc_stat, ticks: float | None = None
+                ) -> tuple[Callable[[], float | None], int]:
+    """(a reading of busy CPU-seconds since boot, how many CPUs it covers) for this
+    process's CPUs (:func:`usable_cpus`), from /proc/stat's per-CPU lines: on a host whose
+    other CPUs are busy with other jobs, only the ones this process shares count. Where
+    /proc/stat has no line for one of them (some sandboxes show a different layout), the
+    whole machine's first line over ``os.cpu_count()`` CPUs; off Linux, a reading of None."""
+    import os
+
+    mine = usable_cpus()
+    try:
+        per_second = ticks or float(os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, AttributeError):
+        return (lambda: None), len(mine)
+
+    def on_mine() -> float | None:
+        text = stat()
+        return None if text is None else busy_on(text, mine, per_second)
+
+    def whole() -> float | None:
+        text = stat()
+        if not text or not text.startswith("cpu "):
+            return None
+        return busy_seconds(text.splitlines()[0], per_second)
+
+    if on_mine() is not None:
+        return on_mine, len(mine)
+    return whole, os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -287,11 +310,11 @@ class CpuUse:
                  clock: Callable[[], float] | None = None, cpus: int | None = None) -> None:
         import os
 
-        mine = usable_cpus()
-        self._read = read or (lambda: _system_busy_seconds(mine))
+        reading, covered = busy_reader() if read is None else (read, len(usable_cpus()))
+        self._read = reading
         self._own = own or (lambda: sum(os.times()[:2]))
         self._clock = clock or time.perf_counter
-        self._cpus = cpus or len(mine)
+        self._cpus = cpus or covered
         self._start: tuple[float, float, float] | None = None
 
     @property

@@ -320,3 +320,22 @@ def test_setup_for_load_counts_the_cpus_of_the_share(monkeypatch: pytest.MonkeyP
         setup = measure.setup_for_load(use)
     assert setup.threads == 2 and not setup.reduced
     assert setup.share == pytest.approx(0.5)
+
+
+def test_busy_reader_uses_the_pinned_cpus_or_else_the_whole_machine(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from bsfind.hardware.measure import busy_reader
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(measure, "usable_cpus", lambda: frozenset({1, 2}))
+    read, cpus = busy_reader(stat=lambda: STAT, ticks=100)
+    assert cpus == 2 and read() == pytest.approx(23.5 + 19.1)  # cpu1 + cpu2, as above
+    # a CPU of the affinity has no line: the machine's first line, over all its CPUs
+    monkeypatch.setattr(measure, "usable_cpus", lambda: frozenset({1, 9}))
+    read, cpus = busy_reader(stat=lambda: STAT, ticks=100)
+    assert cpus == 4 and read() == pytest.approx(60.0)  # user 5000 + system 1000 ticks
+    # nothing readable (off Linux): no reading, so no load handling
+    read, _ = busy_reader(stat=lambda: None, ticks=100)
+    assert read() is None
