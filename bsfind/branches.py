@@ -33,7 +33,7 @@ of the smaller batches'. Here:
   stretches of the shipped digits problems stands still or rises while the training
   loss falls.
 - **Isolation.** Every branch starts from the same weights and optimizer state (copies
-  taken before the first branch, restored before each and at the end) and, per repeat,
+  in host memory taken before the first branch, restored before each and at the end) and, per repeat,
   the same data order (``Seeds.branch``): the batches of 2B are the unions of two
   consecutive batches of B, so rungs differ in batch size and learning rate only.
 - **Limits.** The ladder also stops before a batch larger than the dataset, at an
@@ -283,8 +283,7 @@ def measure(job: Workload, options: BranchOptions, deadline: Deadline, *,
     """
     start = time.perf_counter()
     opt = optimizer if optimizer is not None else job.make_optimizer(options.lr)
-    saved_model = {k: v.detach().clone() for k, v in job.model.state_dict().items()}
-    saved_opt = copy.deepcopy(opt.state_dict())
+    saved_model, saved_opt = _saved(job.model, opt)
     eval_idx = evaluation_subset(len(job), Seeds(options.seed).evaluation_subset)
     batches = ladder(options.baseline_batch, len(job), options.max_factor)
     run = _Ladder(job, options, opt, saved_model, saved_opt, eval_idx, deadline, progress,
@@ -306,10 +305,38 @@ def measure(job: Workload, options: BranchOptions, deadline: Deadline, *,
                           partial=run.result("interrupted", time.perf_counter() - start)
                           ) from None
     finally:
-        job.model.load_state_dict(saved_model)
-        opt.load_state_dict(copy.deepcopy(saved_opt))
-        job.model.zero_grad(set_to_none=True)
+        restore(job.model, opt, saved_model, saved_opt)
     return run.result(stopped, time.perf_counter() - start)
+
+
+def host_copy(x: object) -> object:
+    """``x`` (a state dict, nested) with every tensor copied to host memory: the saved
+    starting point of the branches and the learning-rate runs. On a GPU it leaves the
+    device's memory to the runs (the weights and an Adam state would take three more
+    copies of the parameters there); restoring copies it back."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", copy=True)
+    if isinstance(x, dict):
+        return {k: host_copy(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(host_copy(v) for v in x)
+    return copy.deepcopy(x)
+
+
+def _saved(model: torch.nn.Module, opt: torch.optim.Optimizer
+           ) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """Host copies of the weights and the optimizer state (:func:`host_copy`)."""
+    return (host_copy(model.state_dict()), host_copy(opt.state_dict()))  # type: ignore[return-value]
+
+
+def restore(model: torch.nn.Module, opt: torch.optim.Optimizer,
+            saved_model: dict[str, torch.Tensor], saved_opt: dict[str, object]) -> None:
+    """Weights and optimizer state back to the saved ones, gradients cleared. The
+    optimizer gets a fresh copy: its steps update their state in place (Adam's step
+    count stays on the host), and loading on the host device keeps the tensors given."""
+    model.load_state_dict(saved_model)
+    opt.load_state_dict(copy.deepcopy(saved_opt))
+    model.zero_grad(set_to_none=True)
 
 
 def run_branch(job: Workload, opt: torch.optim.Optimizer, saved_model: dict[str, torch.Tensor],
@@ -333,11 +360,9 @@ def run_branch(job: Workload, opt: torch.optim.Optimizer, saved_model: dict[str,
     Raises:
         _OutOfTime: the deadline passed (the caller drops the branch).
     """
-    job.model.load_state_dict(saved_model)
-    opt.load_state_dict(copy.deepcopy(saved_opt))  # deep: steps must not touch it
+    restore(job.model, opt, saved_model, saved_opt)
     for group, base in zip(opt.param_groups, base_lrs, strict=True):
         group["lr"] = base * lr_scale
-    job.model.zero_grad(set_to_none=True)
     if on_start is not None:
         on_start(BranchStart(batch, repeat, job.model, opt))
     sampler = EpochSampler(len(job), batch, torch.Generator().manual_seed(seed))
@@ -637,9 +662,7 @@ def measure_lr(job: Workload, options: LrOptions, deadline: Deadline,
         raise Interrupted("interrupted while measuring the learning rate",
                           partial=walk.result("interrupted")) from None
     finally:
-        job.model.load_state_dict(walk.saved_model)
-        optimizer.load_state_dict(copy.deepcopy(walk.saved_opt))
-        job.model.zero_grad(set_to_none=True)
+        restore(job.model, optimizer, walk.saved_model, walk.saved_opt)
     return walk.result(stopped)
 
 
@@ -652,8 +675,7 @@ class _LrWalk:
         self.job, self.options, self.opt = job, options, opt
         self.deadline, self.progress, self.on_branch_start = deadline, progress, on_branch_start
         self.start = time.perf_counter()
-        self.saved_model = {k: v.detach().clone() for k, v in job.model.state_dict().items()}
-        self.saved_opt = copy.deepcopy(opt.state_dict())
+        self.saved_model, self.saved_opt = _saved(job.model, opt)
         self.base_lrs = [g["lr"] for g in opt.param_groups]
         self.eval_idx = evaluation_subset(len(job), Seeds(options.seed).evaluation_subset)
         self.scales = cooldown_scales(options.steps, options.cooldown)

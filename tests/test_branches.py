@@ -255,6 +255,33 @@ def test_every_branch_starts_from_the_same_weights_and_optimizer_state() -> None
     assert r.b_simple == 50.0 and r.step == 5
 
 
+def test_the_saved_start_is_a_host_copy_that_no_branch_can_touch() -> None:
+    """The weights and the optimizer state the branches restore are copies in host
+    memory (on a GPU they leave the device to the runs): equal to the live ones, sharing
+    no storage with them, and untouched by the steps that follow a restore (Adam's
+    step count is updated in place)."""
+    job = tiny_job()
+    opt = trained(job)
+    saved_model, saved_opt = branches._saved(job.model, opt)
+    live = [*job.model.state_dict().values(),
+            *(t for st in opt.state_dict()["state"].values() for t in st.values())]
+    copies = [*saved_model.values(),
+              *(t for st in saved_opt["state"].values() for t in st.values())]  # type: ignore[attr-defined]
+    assert len(copies) == len(live) and all(c.device.type == "cpu" for c in copies)
+    assert all(torch.equal(c, t) for c, t in zip(copies, live, strict=True))
+    assert not {c.data_ptr() for c in copies} & {t.data_ptr() for t in live}
+    assert saved_opt["param_groups"] == opt.state_dict()["param_groups"]
+    before = [c.clone() for c in copies]
+    for _ in range(2):  # restore, then train: the saved start must not move
+        branches.restore(job.model, opt, saved_model, saved_opt)
+        job.loss(torch.arange(8)).backward()
+        opt.step()
+    assert all(torch.equal(c, b) for c, b in zip(copies, before, strict=True))
+    branches.restore(job.model, opt, saved_model, saved_opt)
+    assert all(p.grad is None for p in job.model.parameters())
+    assert torch.equal(next(iter(opt.state.values()))["step"], before[len(saved_model)])
+
+
 def test_a_fresh_optimizer_is_said() -> None:
     job = tiny_job()
     r = branches.measure(job, OPTIONS, Deadline.after(60))
