@@ -33,9 +33,10 @@ of the smaller batches'. Here:
   stretches of the shipped digits problems stands still or rises while the training
   loss falls.
 - **Isolation.** Every branch starts from the same weights and optimizer state (copies
-  in host memory taken before the first branch, restored before each and at the end) and, per repeat,
-  the same data order (``Seeds.branch``): the batches of 2B are the unions of two
-  consecutive batches of B, so rungs differ in batch size and learning rate only.
+  in host memory taken before the first branch, restored before each and at the end)
+  and, per repeat, the same data order (``Seeds.branch``): the batches of 2B are the
+  unions of two consecutive batches of B, so rungs differ in batch size and learning
+  rate only.
 - **Limits.** The ladder also stops before a batch larger than the dataset, at an
   out-of-memory error (the previous rung stands), and when the time budget runs out
   (a rung cut short is dropped). Ctrl-C raises ``Interrupted`` carrying what was
@@ -67,7 +68,13 @@ from bsfind.budget import Deadline, ProgressFn
 from bsfind.errors import Interrupted
 from bsfind.results import BranchResult, BranchRung, Interval, LrSearch, LrTrial
 from bsfind.seeds import Seeds
-from bsfind.training import EpochSampler, evaluate_loss, evaluation_subset, training_step
+from bsfind.training import (
+    EpochSampler,
+    evaluate_loss,
+    evaluation_subset,
+    host_copy,
+    training_step,
+)
 from bsfind.workload import Workload
 
 # Δ, in baseline steps: every branch trains on BRANCH_STEPS·B0 examples. 64 made two
@@ -309,23 +316,11 @@ def measure(job: Workload, options: BranchOptions, deadline: Deadline, *,
     return run.result(stopped, time.perf_counter() - start)
 
 
-def host_copy(x: object) -> object:
-    """``x`` (a state dict, nested) with every tensor copied to host memory: the saved
-    starting point of the branches and the learning-rate runs. On a GPU it leaves the
-    device's memory to the runs (the weights and an Adam state would take three more
-    copies of the parameters there); restoring copies it back."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().to("cpu", copy=True)
-    if isinstance(x, dict):
-        return {k: host_copy(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(host_copy(v) for v in x)
-    return copy.deepcopy(x)
-
-
 def _saved(model: torch.nn.Module, opt: torch.optim.Optimizer
            ) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
-    """Host copies of the weights and the optimizer state (:func:`host_copy`)."""
+    """Host copies of the weights and the optimizer state (``training.host_copy``): on a
+    GPU the weights and an Adam state would take three more copies of the parameters
+    there; restoring copies them back."""
     return (host_copy(model.state_dict()), host_copy(opt.state_dict()))  # type: ignore[return-value]
 
 

@@ -33,6 +33,7 @@ from bsfind.results import (
 from bsfind.runner import Runner
 from bsfind.seeds import Seeds
 from bsfind.spec import Spec
+from bsfind.training import offloaded
 from bsfind.workload import Workload
 
 if TYPE_CHECKING:
@@ -130,10 +131,11 @@ def _measure_and_advise(spec: Spec, runner: Runner, command: str, job: Workload,
         branches=branched)
     if command == "recommend":
         try:
-            hw = (runner.measure_hardware(job, hardware_options(spec),
-                                          hardware_deadline(deadline, spec, lr_reserve),
-                                          progress)
-                  if hardware else HardwareMeasurement(None, None))
+            with offloaded(points.optimizer):  # not the training's memory (on a GPU)
+                hw = (runner.measure_hardware(job, hardware_options(spec),
+                                              hardware_deadline(deadline, spec, lr_reserve),
+                                              progress)
+                      if hardware else HardwareMeasurement(None, None))
             report = advise(report, spec, job, runner, hw, max_gpus)
         except KeyboardInterrupt:
             raise Interrupted("interrupted during the hardware analysis",

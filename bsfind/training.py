@@ -12,9 +12,10 @@ a second implementation.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -176,10 +177,64 @@ def train_steps(
     return step
 
 
+def host_copy(x: object) -> object:
+    """``x`` (a state dict, nested) with every tensor copied to host memory. Saved states
+    kept there leave a GPU's memory to the runs and measurements in between (and out of
+    the memory line measured on CUDA, whose fixed part counts every tensor allocated)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", copy=True)
+    if isinstance(x, dict):
+        return {k: host_copy(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(host_copy(v) for v in x)
+    return copy.deepcopy(x)
+
+
+def _off_host(t: torch.Tensor) -> bool:
+    return t.device.type != "cpu"
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    return t.to("cpu")
+
+
+def _back(host: torch.Tensor, was: torch.Tensor) -> torch.Tensor:
+    return host.to(was.device)
+
+
+@contextlib.contextmanager
+def offloaded(optimizer: torch.optim.Optimizer | None, *,
+              which: Callable[[torch.Tensor], bool] = _off_host,
+              move: Callable[[torch.Tensor], torch.Tensor] = _to_host,
+              back: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _back
+              ) -> Iterator[None]:
+    """``optimizer``'s state in host memory inside the block, back where it was after.
+
+    The run along training keeps its optimizer (the branches carry its state); on a GPU
+    an Adam state is two more copies of the parameters, which the hardware measurement
+    would count as the training's own fixed memory. ``which`` / ``move`` / ``back``:
+    the tensors that go (default: those off the host), how they go and how they return
+    (the tests swap them)."""
+    away: list[tuple[dict[str, Any], str, torch.Tensor]] = []
+    if optimizer is not None:
+        for st in optimizer.state.values():
+            for k, v in list(st.items()):
+                if isinstance(v, torch.Tensor) and which(v):
+                    away.append((st, k, v))
+                    st[k] = move(v)
+    try:
+        yield
+    finally:
+        for st, k, was in away:
+            st[k] = back(st[k], was)
+
+
 @contextlib.contextmanager
 def restored_weights(model: nn.Module) -> Iterator[None]:
-    """Let a measurement train freely, then restore weights and buffers (and clear grads)."""
-    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """Let a measurement train freely, then restore weights and buffers (and clear grads).
+    The saved copy is in host memory (:func:`host_copy`)."""
+    saved = host_copy(model.state_dict())
+    assert isinstance(saved, dict)
     try:
         yield
     finally:
