@@ -174,10 +174,8 @@ def _phase_lines(emit: Callable[[str], None]) -> Iterator[Callable[[str, float, 
             emit(f"bsfind: {phase}: {message}")
         latest[0] = message
 
-    try:
-        yield log
-    finally:
-        close()
+    yield log
+    close()  # (not after an error: its one line ends the output)
 
 
 @contextmanager
@@ -357,7 +355,9 @@ def render_schedule(doc: dict[str, Any]) -> None:
         f"{s['growth']['extrapolation_limit_examples']:,.0f})",
         markup=False,
     )
-    rec = doc.get("recommendation")
+    # recommend only: bsfind schedule's recommendation reads the logged run's end, not
+    # the probes' (validation.md compared the two for recommend)
+    rec = doc.get("recommendation") if doc.get("command") == "recommend" else None
     lo, hi = (rec.get("batch_range") or (rec["batch_size"],) * 2) if rec else (0, 0)
     if rec and not lo <= s["best_constant_batch"] <= hi:  # (within it: they agree)
         from bsfind.wording import constant_batches_differ

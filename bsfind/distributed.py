@@ -660,7 +660,7 @@ class TorchrunRunner:
             for info, (c, s, m, tried, oom) in zip(self.per_rank, gathered, strict=True)
         ]
         if progress is not None:
-            progress("timing", 1.0, "timed")
+            progress("timing", 1.0, "timed" if curve is not None else "no step time")
         return HardwareMeasurement(memory, curve, tuple(notes), sync_seconds=self.sync_seconds)
 
     def _agree_max_batch(

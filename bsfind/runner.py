@@ -190,7 +190,7 @@ class LocalRunner:
                                            deadline, memory, options, cpu_clock=setup.cpu_clock)
                 busy = use.share() if cpu else None
             if progress is not None:
-                progress("timing", 1.0, "timed")
+                progress("timing", 1.0, "timed" if curve is not None else "no step time")
         notes = () if curve is not None else (wording.NO_TIMING,)
         timed = curve is not None
         return HardwareMeasurement(

@@ -301,3 +301,9 @@ def test_plain_progress_prints_each_phase_first_and_last_message() -> None:
     with _phase_lines(quiet.append):
         pass
     assert quiet == []
+    failed: list[str] = []  # after an error its one line ends the output: no closing line
+    with pytest.raises(RuntimeError), _phase_lines(failed.append) as log:
+        log("noise", 0.1, "step 0: |G|² unresolved, B_big=64")
+        log("noise", 0.5, "step 0: B_simple≈70 ±30%, B_big=128")
+        raise RuntimeError("loss is nan")
+    assert failed == ["bsfind: noise: step 0: |G|² unresolved, B_big=64"]

@@ -202,11 +202,13 @@ def test_the_report_says_which_constant_batch_to_take(monkeypatch: pytest.Monkey
                  seconds=1.0, baseline_seconds=2.0, best_constant_batch=96,
                  best_constant_seconds=1.5, lr_rule="mccandlish-sqrt")
 
-    def printed(recommended: int, plausible: list[int] | None = None) -> str:
+    def printed(recommended: int, plausible: list[int] | None = None,
+                command: str = "recommend") -> str:
         out = io.StringIO()
         monkeypatch.setattr(cli, "stdout", Console(file=out, width=400, soft_wrap=True))
-        cli.render_schedule({"schedule": schedule_dict(s), "recommendation": {
-            "batch_size": recommended, "batch_range": plausible}})
+        cli.render_schedule({"command": command, "schedule": schedule_dict(s),
+                             "recommendation": {"batch_size": recommended,
+                                                "batch_range": plausible}})
         return out.getvalue()
 
     text = printed(120, [104, 160])
@@ -215,3 +217,5 @@ def test_the_report_says_which_constant_batch_to_take(monkeypatch: pytest.Monkey
     assert "take the recommendation" in text
     assert "differ" not in printed(120, [88, 160])  # within the plausible range: they agree
     assert "differ" in printed(120) and "differ" not in printed(96)  # no range: the batch
+    # bsfind schedule's recommendation reads the logged run's end, not where probes ended
+    assert "differ" not in printed(120, [104, 160], command="schedule")

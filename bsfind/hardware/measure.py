@@ -186,26 +186,43 @@ def busy_seconds(cpu_line: str, ticks_per_second: float) -> float:
 
 
 def usable_cpus() -> frozenset[int]:
-    """The CPUs this process may run on: its affinity (``taskset``, a container's cpuset),
-    which ``os.cpu_count()`` ignores; every CPU where the platform cannot say."""
+    """The CPUs this process may run on: the union of its threads' affinities
+    (``taskset``, a container's cpuset), which ``os.cpu_count()`` ignores; every CPU
+    where the platform cannot say. The union, because a thread can be pinned to fewer
+    (``OMP_PROC_BIND`` pins the main thread to one CPU once torch's threads start)."""
     import os
 
-    if hasattr(os, "sched_getaffinity"):
+    if not hasattr(os, "sched_getaffinity"):
+        return frozenset(range(os.cpu_count() or 1))
+    cpus: set[int] = set()
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError, ValueError):  # a thread that just ended
+                cpus |= os.sched_getaffinity(int(tid))
+    except OSError:
+        pass
+    if not cpus:
         try:
-            return frozenset(os.sched_getaffinity(0))
+            cpus = set(os.sched_getaffinity(0))
         except OSError:
-            pass
-    return frozenset(range(os.cpu_count() or 1))
+            return frozenset(range(os.cpu_count() or 1))
+    return frozenset(cpus)
 
 
-def busy_on(stat_text: str, cpus: frozenset[int], ticks_per_second: float) -> float | None:
-    """Busy CPU-seconds of the CPUs ``cpus`` from /proc/stat's text: the sum of their
-    "cpuN" lines. None when one of them has no line (then the caller cannot say)."""
+def cpu_lines(stat_text: str) -> dict[int, str]:
+    """/proc/stat's per-CPU lines ("cpuN ..."), by N."""
     lines = {}
     for line in stat_text.splitlines():
         head = line.split(maxsplit=1)[0] if line.strip() else ""
         if head.startswith("cpu") and head[3:].isdigit():
             lines[int(head[3:])] = line
+    return lines
+
+
+def busy_on(stat_text: str, cpus: frozenset[int], ticks_per_second: float) -> float | None:
+    """Busy CPU-seconds of the CPUs ``cpus`` from /proc/stat's text: the sum of their
+    "cpuN" lines. None when one of them has no line (then the caller cannot say)."""
+    lines = cpu_lines(stat_text)
     if not cpus or any(c not in lines for c in cpus):
         return None
     return sum(busy_seconds(lines[c], ticks_per_second) for c in cpus)
@@ -215,7 +232,7 @@ def _proc_stat() -> str | None:
     try:
         with open("/proc/stat", encoding="ascii") as f:
             return f.read()
-    except OSError:
+    except (OSError, ValueError):
         return None
 
 
@@ -223,30 +240,40 @@ def busy_reader(stat: Callable[[], str | None] = _proc_stat, ticks: float | None
                 ) -> tuple[Callable[[], float | None], int]:
     """(a reading of busy CPU-seconds since boot, how many CPUs it covers) for this
     process's CPUs (:func:`usable_cpus`), from /proc/stat's per-CPU lines: on a host whose
-    other CPUs are busy with other jobs, only the ones this process shares count. Where
-    /proc/stat has no line for one of them (some sandboxes show a different layout), the
-    whole machine's first line over ``os.cpu_count()`` CPUs; off Linux, a reading of None."""
+    other CPUs are busy with other jobs, only the ones this process shares count.
+
+    Those lines are the host's only when there is one per CPU the machine has: LXCFS
+    shows a container its cpuset's CPUs alone, numbered from 0, so numbers would name
+    other CPUs. Then (or when one of this process's CPUs has no line) the reading is the
+    first line, the sum of every line shown, over the number of lines shown. Off Linux,
+    or where /proc/stat cannot be read or parsed, a reading of None."""
     import os
 
     mine = usable_cpus()
+    text = stat()
     try:
         per_second = ticks or float(os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, AttributeError):
+        text = None
+    if text is None:
         return (lambda: None), len(mine)
+    shown = cpu_lines(text)
+    host_layout = len(shown) == (os.cpu_count() or 0) and mine <= shown.keys()
 
-    def on_mine() -> float | None:
-        text = stat()
-        return None if text is None else busy_on(text, mine, per_second)
+    def reading(parse: Callable[[str], float | None]) -> Callable[[], float | None]:
+        def read() -> float | None:
+            now = stat()
+            try:
+                return None if now is None else parse(now)
+            except (ValueError, IndexError):
+                return None
+        return read
 
-    def whole() -> float | None:
-        text = stat()
-        if not text or not text.startswith("cpu "):
-            return None
-        return busy_seconds(text.splitlines()[0], per_second)
-
-    if on_mine() is not None:
-        return on_mine, len(mine)
-    return whole, os.cpu_count() or 1
+    if host_layout:
+        return reading(lambda t: busy_on(t, mine, per_second)), len(mine)
+    return (reading(lambda t: busy_seconds(t.splitlines()[0], per_second)
+                    if t.startswith("cpu ") else None),
+            len(shown) or os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)

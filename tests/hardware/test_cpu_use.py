@@ -336,6 +336,40 @@ def test_busy_reader_uses_the_pinned_cpus_or_else_the_whole_machine(
     monkeypatch.setattr(measure, "usable_cpus", lambda: frozenset({1, 9}))
     read, cpus = busy_reader(stat=lambda: STAT, ticks=100)
     assert cpus == 4 and read() == pytest.approx(60.0)  # user 5000 + system 1000 ticks
+    # LXCFS shows a container only its cpuset's CPUs, renumbered from 0: four lines on a
+    # 64-CPU host are not the host's numbering, so the sum of what is shown, over four
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(measure, "usable_cpus", lambda: frozenset({1, 2}))
+    read, cpus = busy_reader(stat=lambda: STAT, ticks=100)
+    assert cpus == 4 and read() == pytest.approx(60.0)
     # nothing readable (off Linux): no reading, so no load handling
     read, _ = busy_reader(stat=lambda: None, ticks=100)
     assert read() is None
+    # a file that stops parsing later: no reading, not an error
+    texts = iter([STAT, "cpu  12 x\n"])
+    read, _ = busy_reader(stat=lambda: next(texts), ticks=100)
+    assert read() is None
+
+
+def test_a_plain_cpu_use_reads_through_busy_reader(monkeypatch: pytest.MonkeyPatch) -> None:
+    readings = iter([10.0, 13.0])
+    monkeypatch.setattr(measure, "busy_reader", lambda: (lambda: next(readings), 3))
+    clock = iter([0.0, 2.0])
+    use = CpuUse(own=lambda: 0.0, clock=lambda: next(clock))
+    use.start()
+    assert use.cpus == 3 and use.share() == pytest.approx(3.0 / 6.0)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="affinity")
+def test_usable_cpus_are_every_thread_s_not_the_main_one_s(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """OMP_PROC_BIND pins the main thread to one CPU; the process still runs on all of
+    its threads' CPUs."""
+    import os
+
+    from bsfind.hardware.measure import usable_cpus
+
+    pinned = {100: {0}, 101: {1}, 102: {0, 1}}
+    monkeypatch.setattr(os, "listdir", lambda path: ["100", "101", "102"])
+    monkeypatch.setattr(os, "sched_getaffinity", lambda tid: pinned[tid])
+    assert usable_cpus() == frozenset({0, 1})
