@@ -76,6 +76,7 @@ class Result:
     ratio: float  # tracked throughput / plain throughput
     measured: float  # the same on the measured step alone
     every: float  # timed steps / measured steps of the tracked variant
+    cadence: int = 0  # the tracker's own ``every`` at the end (one step in this many)
 
 
 def measure(case: Case, reps: int, clock: Callable[[], float]) -> Result:
@@ -109,7 +110,8 @@ def measure(case: Case, reps: int, clock: Callable[[], float]) -> Result:
     low = [_low(b) for b in (*blocks, *steps)]
     ms = [low[0] / length * 1e3, low[1] / length * 1e3, low[2] * 1e3, low[3] * 1e3]
     paired = statistics.median(a / t for a, t in zip(*blocks, strict=True))
-    return Result(ms, paired, low[2] / low[3], reps * length / max(1, len(steps[1])))
+    return Result(ms, paired, low[2] / low[3], reps * length / max(1, len(steps[1])),
+                  tracker.every)
 
 
 def _low(times: list[float]) -> float:

@@ -198,35 +198,36 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
     return t.to("cpu")
 
 
-def _back(host: torch.Tensor, was: torch.Tensor) -> torch.Tensor:
-    return host.to(was.device)
+def _back(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return host.to(device)
 
 
 @contextlib.contextmanager
 def offloaded(optimizer: torch.optim.Optimizer | None, *,
               which: Callable[[torch.Tensor], bool] = _off_host,
               move: Callable[[torch.Tensor], torch.Tensor] = _to_host,
-              back: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _back
+              back: Callable[[torch.Tensor, torch.device], torch.Tensor] = _back
               ) -> Iterator[None]:
     """``optimizer``'s state in host memory inside the block, back where it was after.
 
     The run along training keeps its optimizer (the branches carry its state); on a GPU
     an Adam state is two more copies of the parameters, which the hardware measurement
-    would count as the training's own fixed memory. ``which`` / ``move`` / ``back``:
-    the tensors that go (default: those off the host), how they go and how they return
-    (the tests swap them)."""
-    away: list[tuple[dict[str, Any], str, torch.Tensor]] = []
+    would count as the training's own fixed memory. Only the devices are remembered,
+    so nothing holds the device tensors inside the block. ``which`` / ``move`` /
+    ``back``: the tensors that go (default: those off the host), how they go and how
+    they return (the tests swap them)."""
+    away: list[tuple[dict[str, Any], str, torch.device]] = []
     if optimizer is not None:
         for st in optimizer.state.values():
-            for k, v in list(st.items()):
-                if isinstance(v, torch.Tensor) and which(v):
-                    away.append((st, k, v))
-                    st[k] = move(v)
+            for k in list(st):
+                if isinstance(st[k], torch.Tensor) and which(st[k]):
+                    away.append((st, k, st[k].device))
+                    st[k] = move(st[k])
     try:
         yield
     finally:
-        for st, k, was in away:
-            st[k] = back(st[k], was)
+        for st, k, device in away:
+            st[k] = back(st[k], device)
 
 
 @contextlib.contextmanager

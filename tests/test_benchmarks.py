@@ -60,4 +60,6 @@ def test_tracker_overhead_runs() -> None:
     torch.set_num_threads(1)  # a few hundred small steps: one thread is quicker on 2 cores
     r = tracker_overhead.measure(bench.cases(["mlp"])[0], reps=1, clock=time.perf_counter)
     assert len(r.ms) == 4 and min(r.ms) > 0 and r.ratio > 0 and r.measured > 0
-    assert r.every >= tracker_overhead.DEFAULT_EVERY  # the default adapts only upwards
+    # the default adapts only upwards (the counted ratio can dip below it by one
+    # measurement when the cadence moves inside a block: timing-dependent, not checked)
+    assert r.cadence >= tracker_overhead.DEFAULT_EVERY and r.every > 0

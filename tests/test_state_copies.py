@@ -6,6 +6,8 @@ On this CPU machine the moves are swapped for dtype changes to check the bookkee
 from __future__ import annotations
 
 import contextlib
+import gc
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -25,10 +27,14 @@ def test_offloaded_moves_every_state_tensor_out_and_back() -> None:
     job = tiny_job()
     opt = trained(job)
     before = [t.clone() for t in _state_tensors(opt)]
+    originals = [weakref.ref(t) for t in _state_tensors(opt)]
     with offloaded(opt, which=lambda t: True, move=lambda t: t.to(torch.float64),
-                   back=lambda host, was: host.to(was.dtype)):
+                   back=lambda host, device: host.to(torch.float32)):
         inside = _state_tensors(opt)
         assert len(inside) == len(before) and all(t.dtype == torch.float64 for t in inside)
+        del inside
+        gc.collect()  # nothing holds the originals: on a GPU their memory is free
+        assert all(ref() is None for ref in originals)
     after = _state_tensors(opt)
     assert [t.dtype for t in after] == [t.dtype for t in before]
     assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
@@ -41,7 +47,7 @@ def test_offloaded_puts_the_state_back_after_an_interrupt() -> None:
     dtypes = [t.dtype for t in _state_tensors(opt)]
     with pytest.raises(KeyboardInterrupt), offloaded(
             opt, which=lambda t: True, move=lambda t: t.to(torch.float64),
-            back=lambda host, was: host.to(was.dtype)):
+            back=lambda host, device: host.to(torch.float32)):
         raise KeyboardInterrupt
     assert [t.dtype for t in _state_tensors(opt)] == dtypes
 
