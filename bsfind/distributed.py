@@ -630,10 +630,12 @@ class TorchrunRunner:
             step = measure.step_function(job, options.lr, for_rank(options.seed, coord.rank))
             if progress is not None:
                 progress("memory", 0.0, "memory model")
-            memory = coord.checked(functools.partial(
-                measure.memory_model, job, step, options, coord.ctx.local_world_size))
+            memory = measure.with_gradient_buckets(coord.checked(functools.partial(
+                measure.memory_model, job, step, options, coord.ctx.local_world_size)),
+                job.model)
             local_max = memory.max_batch_size
-            upper = None if job.device.type == "cuda" else measure.TIMING_MAX_BATCH
+            # the largest batch worth stepping, on every device: a line can allow 2**30
+            upper = measure.TIMING_MAX_BATCH
             memory, oom_at = self._agree_max_batch(memory, step, job, upper)
             if progress is not None:
                 progress("memory", 1.0, f"max batch {memory.max_batch_size:,} per rank "

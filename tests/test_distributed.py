@@ -139,6 +139,14 @@ def test_torchrun_reports_once_and_agrees_with_a_single_process() -> None:
         assert len(r["timing"]["points"]) >= 2
     assert doc["timing"]["source"] == "measured"
     assert doc["recommendation"]["gpus"] == 2
+    # each rank's memory line holds DDP's gradient buckets: one more copy of the
+    # gradients (195 float32 parameters) than the single-process line
+    from bsfind.hardware import measure as hw
+    from bsfind.workload import build
+
+    job = build(load_spec(SPEC, ["probe.at_steps=[0]"]))
+    alone = hw.memory_model(job, hw.step_function(job, 0.1, 0), hw.HardwareOptions(lr=0.1))
+    assert doc["memory"]["fixed_bytes"] == alone.fixed_bytes + 195 * 4
 
     # One process, same spec: the same weights (seeded before the factory),
     # drawing its own examples. The two 95% intervals must overlap.

@@ -11,6 +11,7 @@ step-time ladder and the ladder itself; and :func:`predict_on_gpu` for
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -97,6 +98,18 @@ def memory_model(job: Workload, step: Callable[[int], None], opts: HardwareOptio
         limit_bytes=mem.cpu_memory_limit(opts.memory_fraction) // max(1, ram_share),
         optimizer_kwargs={"lr": opts.lr, **job.optimizer_kwargs},
     )
+
+
+def with_gradient_buckets(memory: MemoryModel, model: torch.nn.Module) -> MemoryModel:
+    """``memory`` for data-parallel training: DistributedDataParallel keeps its gradient
+    buckets, one more copy of the trainable parameters' gradients, which the measured
+    (or counted) step, with no all-reduce, did not hold. The largest batch shrinks to
+    match, and never grows (a maximum lowered by real steps stays)."""
+    buckets = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    fixed = memory.fixed_bytes + buckets
+    largest = mem.max_batch_for(memory.limit_bytes, fixed, memory.bytes_per_example)
+    return dataclasses.replace(memory, fixed_bytes=fixed,
+                               max_batch_size=min(memory.max_batch_size, largest))
 
 
 def ladder_sizes(job: Workload, memory: MemoryModel) -> list[int]:

@@ -558,41 +558,85 @@ def measure_memory_cuda(
 ) -> MemoryModel:
     """M(B) from CUDA's peak allocated bytes after one step at each size.
 
-    Before each step the cache is emptied and the peak statistics reset; the
-    peak (``max_memory_allocated``) therefore includes what was already
-    allocated (parameters, gradients, optimizer state once it exists) plus the
-    step's transient memory. A least-squares line through (B, peak) gives
-    ``fixed_bytes`` and ``bytes_per_example`` (``source="measured"``).
+    One unmeasured step at the smallest size comes first: an optimizer creates its
+    state in its first step (Adam: two copies of the parameters), and a peak inside
+    that step's forward or backward would leave the state out of the first point only,
+    tilting the line. Before each measured step the cache is emptied and the peak
+    statistics reset; the peak (``max_memory_allocated``) therefore includes what was
+    already allocated (parameters, optimizer state) plus the step's transient memory.
+    A least-squares line through (B, peak) gives ``fixed_bytes`` and
+    ``bytes_per_example`` (``source="measured"``).
+
+    A size that runs out of memory ends the measurement (larger ones would too): the
+    line goes through the sizes that ran, with batch 1 added when only one did, and
+    the largest batch is kept below the one that failed.
 
     Args:
         step: runs one full training step at batch size B on ``device``.
         sizes: two or more distinct batch sizes, small enough to fit.
         limit_bytes: the budget; default ``memory_fraction`` × the device's
             total memory.
+
+    Raises:
+        OutOfMemoryAtBatchOne: not even batch 1 ran.
+        HardwareError: only one batch size ran (no line).
     """
     if len(set(sizes)) < 2:
         raise ValueError(f"need at least two distinct batch sizes, got {tuple(sizes)}")
     if limit_bytes is None:
         _free, total = torch.cuda.mem_get_info(device)
         limit_bytes = int(total * memory_fraction)
-    points = []
-    for b in sizes:
+    order = sorted(set(sizes))
+
+    def runs(b: int) -> bool:
+        try:
+            step(b)
+            return True
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+        clear_cache(device)  # outside the except: the error's frames hold the tensors
+        return False
+
+    if not runs(order[0]):  # the warm-up
+        if order[0] == 1 or not runs(1):
+            clear_cache(device)
+            raise OutOfMemoryAtBatchOne()
+        order = [1, *order]
+    points: list[tuple[float, float]] = []
+    failed: int | None = None
+    for b in order:
         clear_cache(device)
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        step(b)
+        if not runs(b):
+            failed = b
+            break
         torch.cuda.synchronize(device)
         points.append((float(b), float(torch.cuda.max_memory_allocated(device))))
+    if len(points) == 1 and points[0][0] > 1:
+        clear_cache(device)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        if runs(1):
+            torch.cuda.synchronize(device)
+            points.insert(0, (1.0, float(torch.cuda.max_memory_allocated(device))))
+    if len(points) < 2:
+        raise HardwareError(
+            f"out of memory at batch size {failed} while measuring the memory line: "
+            f"only batch {int(points[0][0]) if points else 1} fits",
+            "use a smaller model, a lower precision, or a larger device")
     intercept, slope = _line(points)
     slope = max(0.0, slope)
     fixed = max(0, int(round(intercept)))
+    largest = max_batch_for(limit_bytes, fixed, slope)
     return MemoryModel(
         fixed_bytes=fixed,
         bytes_per_example=slope,
-        max_batch_size=max_batch_for(limit_bytes, fixed, slope),
+        max_batch_size=largest if failed is None else min(largest, failed - 1),
         limit_bytes=int(limit_bytes),
         source="measured",
-        tried=tuple(int(b) for b in sizes),
+        tried=tuple(int(b) for b, _ in points),
     )
 
 

@@ -447,12 +447,77 @@ def test_measure_memory_cuda_faked(monkeypatch: pytest.MonkeyPatch) -> None:
     assert mm.limit_bytes == int(101_000 * 0.9)
     assert mm.max_batch_size == (90_900 - 1_000) // 100
     assert mm.tried == (2, 4, 8)
-    # each step is preceded by a cache clear and a peak reset, and synchronised after
-    assert fake.events[:5] == ["empty", "sync", "reset", "step 2", "sync"]
+    # one unmeasured warm-up step; then each step is preceded by a cache clear and a
+    # peak reset, and synchronised after
+    assert fake.events[:6] == ["step 2", "empty", "sync", "reset", "step 2", "sync"]
     mm2 = measure_memory_cuda(fake.step, (2, 4), torch.device("cuda", 0), limit_bytes=5_000)
     assert mm2.max_batch_size == 40
     with pytest.raises(ValueError):
         measure_memory_cuda(fake.step, (4, 4), torch.device("cuda", 0))
+
+
+class LazyStateAllocator(FakeCudaAllocator):
+    """Parameters 1,000 bytes; an optimizer state of 2,000 created by the first step,
+    whose peak (in the backward) comes before it; 100 bytes per example; out of memory
+    from batch ``oom_from`` on."""
+
+    def __init__(self, oom_from: int = 10**9) -> None:
+        super().__init__()
+        self.state = 0
+        self.oom_from = oom_from
+
+    def step(self, b: int) -> None:
+        self.events.append(f"step {b}")
+        if b >= self.oom_from:
+            raise torch.OutOfMemoryError(f"CUDA out of memory at {b}")
+        self.peak = max(self.peak, 1_000 + self.state + 100 * b)
+        self.state = 2_000
+
+
+def test_measure_memory_cuda_counts_the_state_the_first_step_creates(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = LazyStateAllocator()
+    fake.install(monkeypatch)
+    mm = measure_memory_cuda(fake.step, (2, 8, 32), torch.device("cuda", 0))
+    # without the warm-up the batch-2 point would lack the state: fixed 1,667, slope 148
+    assert mm.fixed_bytes == 3_000 and mm.bytes_per_example == pytest.approx(100.0)
+    assert mm.max_batch_size == (90_900 - 3_000) // 100
+
+
+@pytest.mark.parametrize("oom_from, tried, largest", [
+    (32, (2, 8), 31),  # the line (batch 879) is capped below the size that failed
+    (8, (1, 2), 7),  # one size left: batch 1 makes the second point
+])
+def test_measure_memory_cuda_out_of_memory_ends_the_line(
+        monkeypatch: pytest.MonkeyPatch, oom_from: int, tried: tuple[int, ...],
+        largest: int) -> None:
+    fake = LazyStateAllocator(oom_from)
+    fake.install(monkeypatch)
+    mm = measure_memory_cuda(fake.step, (2, 8, 32), torch.device("cuda", 0))
+    assert mm.tried == tried and mm.max_batch_size == largest
+    assert mm.fixed_bytes == 3_000 and mm.bytes_per_example == pytest.approx(100.0)
+    i = fake.events.index(f"step {oom_from}")
+    assert fake.events[i + 1] == "empty"  # the failed step's memory freed at once
+
+
+def test_measure_memory_cuda_when_almost_nothing_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bsfind.errors import HardwareError
+    from bsfind.hardware.memory import OutOfMemoryAtBatchOne
+
+    fake = LazyStateAllocator(2)  # only batch 1: no line
+    fake.install(monkeypatch)
+    with pytest.raises(HardwareError, match="out of memory at batch size 2 while measuring"):
+        measure_memory_cuda(fake.step, (2, 8, 32), torch.device("cuda", 0))
+    fake = LazyStateAllocator(1)
+    fake.install(monkeypatch)
+    with pytest.raises(OutOfMemoryAtBatchOne):
+        measure_memory_cuda(fake.step, (2, 8, 32), torch.device("cuda", 0))
+
+    def broken(b: int) -> None:
+        raise ValueError("a bug in the step, not memory")
+
+    with pytest.raises(ValueError, match="a bug in the step"):
+        measure_memory_cuda(broken, (2, 8, 32), torch.device("cuda", 0))
 
 
 # --------------------------------------------------------------------------- CUDA (real)
@@ -510,3 +575,22 @@ def test_verify_steps_at_most_the_step_limit() -> None:
     # Below the limit the check is the exact search, as before.
     small = dataclasses.replace(line, max_batch_size=1000)
     assert verify_max_batch(small, stepped.append, lambda: None, step_limit=4096).verified
+
+
+def test_data_parallel_memory_holds_the_gradient_buckets() -> None:
+    from bsfind.hardware.measure import with_gradient_buckets
+    from bsfind.results import MemoryModel
+
+    model = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.Linear(20, 3))
+    model[1].bias.requires_grad_(False)  # frozen: DDP keeps no bucket for it
+    grads = (10 * 20 + 20 + 20 * 3) * 4  # float32 trainable parameters: 1,120 bytes
+    line = MemoryModel(fixed_bytes=10_000, bytes_per_example=100.0, max_batch_size=900,
+                       limit_bytes=100_000, source="measured")
+    ddp = with_gradient_buckets(line, model)
+    assert ddp.fixed_bytes == 10_000 + grads
+    assert ddp.max_batch_size == (100_000 - 10_000 - grads) // 100  # 888
+    # a maximum real steps lowered stays lowered
+    verified = with_gradient_buckets(
+        MemoryModel(fixed_bytes=10_000, bytes_per_example=100.0, max_batch_size=500,
+                    limit_bytes=100_000, source="measured", verified=True), model)
+    assert verified.max_batch_size == 500 and verified.verified
