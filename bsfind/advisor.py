@@ -709,13 +709,27 @@ def _model(inputs: AdvisorInputs, b_n: float, gpus: int, sync: float,
         b_n=b_n,
         segments=inputs.timing.segments(upper),
         gpus=gpus,
-        max_micro=(math.inf if inputs.memory is None
-                   else float(max(1, inputs.memory.max_batch_size))),
+        max_micro=per_device_max(inputs, gpus),
         sync=sync,
         lo=float(min(max(gpus, unit), inputs.dataset_size)),
         hi=float(inputs.dataset_size),
         unit=unit,
     )
+
+
+def per_device_max(inputs: AdvisorInputs, gpus: int) -> float:
+    """The largest batch per device. On N > 1 devices planned from one process's memory
+    line, DDP's gradient buckets (one more copy of the gradients, ``grad_bytes``) come
+    off it; a line measured under torchrun holds them already
+    (``hardware.measure.with_gradient_buckets``)."""
+    m = inputs.memory
+    if m is None:
+        return math.inf
+    largest = max(1, m.max_batch_size)
+    if gpus > 1 and inputs.gpus == 1 and inputs.grad_bytes and m.bytes_per_example > 0:
+        room = m.limit_bytes - m.fixed_bytes - inputs.grad_bytes
+        largest = min(largest, max(1, math.floor(room / m.bytes_per_example + 1e-6)))
+    return float(largest)
 
 
 def timing_usable(inputs: AdvisorInputs) -> bool:

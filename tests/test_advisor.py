@@ -569,3 +569,22 @@ def test_timing_uncertainty_widens_the_plausible_range() -> None:
     assert loaded.recommendation.batch_range == (400, 584)
     assert loaded.facts.range_from_timing
     assert any("step-time uncertainty" in n for n in loaded.recommendation.notes)
+
+
+def test_more_devices_planned_from_one_process_leave_room_for_the_gradient_buckets() -> None:
+    """Per device on N > 1: the one-process line less one copy of the gradients (DDP's
+    buckets); on one device, and for a line measured under torchrun, the line itself."""
+    from bsfind.advisor import per_device_max
+
+    line = MemoryModel(fixed_bytes=1_000_000, bytes_per_example=10_000.0, max_batch_size=900,
+                       limit_bytes=10_000_000, source="measured")
+    one = inputs(memory=line, grad_bytes=400_000)
+    assert per_device_max(one, 1) == 900
+    assert per_device_max(one, 4) == (10_000_000 - 1_000_000 - 400_000) // 10_000  # 860
+    torchrun = inputs(memory=line, grad_bytes=400_000, gpus=2, sync_seconds=0.01)
+    assert per_device_max(torchrun, 4) == 900  # its line holds the buckets already
+    assert per_device_max(inputs(), 4) == math.inf  # no memory line
+    # a maximum lowered by real steps stays lowered
+    low = inputs(memory=MemoryModel(1_000_000, 10_000.0, 300, 10_000_000, "measured", True),
+                 grad_bytes=400_000)
+    assert per_device_max(low, 4) == 300
