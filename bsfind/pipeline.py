@@ -130,17 +130,20 @@ def _measure_and_advise(spec: Spec, runner: Runner, command: str, job: Workload,
         status="partial" if any(b.stopped == "budget" for b in branched) else points.status,
         branches=branched)
     if command == "recommend":
-        try:
-            with offloaded(points.optimizer):  # not the training's memory (on a GPU)
+        # The run's optimizer state is not the training's memory (on a GPU): on the host
+        # while the memory is measured, and while the learning rate is measured up to
+        # the largest batch that memory allows.
+        with offloaded(points.optimizer):
+            try:
                 hw = (runner.measure_hardware(job, hardware_options(spec),
                                               hardware_deadline(deadline, spec, lr_reserve),
                                               progress)
                       if hardware else HardwareMeasurement(None, None))
-            report = advise(report, spec, job, runner, hw, max_gpus)
-        except KeyboardInterrupt:
-            raise Interrupted("interrupted during the hardware analysis",
-                              partial=points.estimates) from None
-        report = measured_lr(report, spec, job, runner, points, deadline, progress)
+                report = advise(report, spec, job, runner, hw, max_gpus)
+            except KeyboardInterrupt:
+                raise Interrupted("interrupted during the hardware analysis",
+                                  partial=points.estimates) from None
+            report = measured_lr(report, spec, job, runner, points, deadline, progress)
     return report
 
 

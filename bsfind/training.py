@@ -217,13 +217,13 @@ def offloaded(optimizer: torch.optim.Optimizer | None, *,
     ``back``: the tensors that go (default: those off the host), how they go and how
     they return (the tests swap them)."""
     away: list[tuple[dict[str, Any], str, torch.device]] = []
-    if optimizer is not None:
-        for st in optimizer.state.values():
+    try:
+        for st in optimizer.state.values() if optimizer is not None else ():
             for k in list(st):
                 if isinstance(st[k], torch.Tensor) and which(st[k]):
-                    away.append((st, k, st[k].device))
+                    device = st[k].device
                     st[k] = move(st[k])
-    try:
+                    away.append((st, k, device))
         yield
     finally:
         for st, k, device in away:

@@ -5,10 +5,8 @@ On this CPU machine the moves are swapped for dtype changes to check the bookkee
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import weakref
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -86,30 +84,42 @@ def test_restored_weights_come_back_from_the_host_copy() -> None:
     assert all(p.grad is None for p in job.model.parameters())
 
 
-def test_the_hardware_is_measured_with_the_runs_optimizer_state_offloaded(
+def test_the_hardware_and_the_learning_rate_are_measured_with_the_runs_state_away(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from bsfind import pipeline
+    """The run's optimizer state is moved (here: to float64, standing in for the host)
+    before the hardware measurement and stays there through the learning-rate runs."""
+    from bsfind import branches, pipeline
     from bsfind.runner import LocalRunner
 
     _steady_ladder(monkeypatch)
-    held: list[torch.optim.Optimizer | None] = []
-    inside: list[bool] = []
+    held: list[torch.optim.Optimizer] = []
+    seen: list[tuple[str, set[torch.dtype]]] = []
 
-    @contextlib.contextmanager
-    def spy(optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
+    def away(optimizer: torch.optim.Optimizer | None):  # type: ignore[no-untyped-def]
+        assert optimizer is not None and optimizer.state  # the run's, with its state
         held.append(optimizer)
-        with offloaded(optimizer):
-            yield
-        held.append(None)
+        return offloaded(optimizer, which=lambda t: t.is_floating_point(),
+                         move=lambda t: t.to(torch.float64),
+                         back=lambda host, device: host.to(torch.float32))
 
-    original = LocalRunner.measure_hardware
+    def dtypes() -> set[torch.dtype]:
+        return {t.dtype for t in _state_tensors(held[0]) if t.dim() > 0}
+
+    hardware, lr = LocalRunner.measure_hardware, branches.measure_lr
 
     def measuring(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        inside.append(len(held) == 1 and isinstance(held[0], torch.optim.Optimizer))
-        return original(self, *args, **kwargs)
+        seen.append(("hardware", dtypes()))
+        return hardware(self, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "offloaded", spy)
+    def searching(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(("learning rate", dtypes()))
+        return lr(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "offloaded", away)
     monkeypatch.setattr(LocalRunner, "measure_hardware", measuring)
-    doc = run_json("recommend", GOOD, "--set", "probe.max_seconds=6")
-    assert inside == [True] and len(held) == 2  # measured inside, then put back
+    monkeypatch.setattr(branches, "measure_lr", searching)
+    doc = run_json("recommend", GOOD, "--set", "probe.max_seconds=6",
+                   "--set", "optimizer.name=adam", "--set", "optimizer.lr=0.01")
+    assert seen == [("hardware", {torch.float64}), ("learning rate", {torch.float64})]
+    assert dtypes() == {torch.float32}  # back after the block
     assert doc["recommendation"]["batch_size"] >= 1
