@@ -718,15 +718,15 @@ def _model(inputs: AdvisorInputs, b_n: float, gpus: int, sync: float,
 
 
 def per_device_max(inputs: AdvisorInputs, gpus: int) -> float:
-    """The largest batch per device. On N > 1 devices planned from one process's memory
-    line, DDP's gradient buckets (one more copy of the gradients, ``grad_bytes``) come
-    off it; a line measured under torchrun holds them already
-    (``hardware.measure.with_gradient_buckets``)."""
+    """The largest batch per device. On N > 1 devices, DDP's gradient buckets (one more
+    copy of the gradients, ``grad_bytes``) come off a line that does not hold them yet
+    (one process's, or one predicted for ``hardware.gpu``; a line measured under
+    torchrun has them: ``hardware.measure.with_gradient_buckets``)."""
     m = inputs.memory
     if m is None:
         return math.inf
     largest = max(1, m.max_batch_size)
-    if gpus > 1 and inputs.gpus == 1 and inputs.grad_bytes and m.bytes_per_example > 0:
+    if gpus > 1 and not m.ddp_buckets and inputs.grad_bytes and m.bytes_per_example > 0:
         room = m.limit_bytes - m.fixed_bytes - inputs.grad_bytes
         largest = min(largest, max(1, math.floor(room / m.bytes_per_example + 1e-6)))
     return float(largest)
@@ -770,7 +770,7 @@ def _candidate_grid(inputs: AdvisorInputs, recommended: int) -> list[int]:
             grid.add(mid)
         p *= 2
     if inputs.memory is not None:  # the largest batch that fits without accumulation
-        fits = floor_allowed(inputs.gpus * max(1, inputs.memory.max_batch_size))
+        fits = floor_allowed(int(inputs.gpus * per_device_max(inputs, inputs.gpus)))
         if fits is not None and fits <= upper:
             grid.add(fits)
     return sorted(b for b in grid if b >= inputs.gpus)
@@ -796,7 +796,9 @@ def candidates_table(inputs: AdvisorInputs, batch: int, model: WallClock | None
                      ) -> tuple[Candidate, ...]:
     """The table's rows: a grid of batches plus the baseline and the recommendation."""
     n, b0 = inputs.gpus, inputs.baseline_batch
-    max_micro = inputs.memory.max_batch_size if inputs.memory is not None else None
+    max_micro = int(per_device_max(inputs, n)) if inputs.memory is not None else None
+    buckets = (inputs.grad_bytes or 0) if (n > 1 and inputs.memory is not None
+                                           and not inputs.memory.ddp_buckets) else 0
     timing = inputs.timing
     timed_top = max((p.batch_size for p in timing.points), default=0) if timing else 0
 
@@ -810,7 +812,7 @@ def candidates_table(inputs: AdvisorInputs, batch: int, model: WallClock | None
     def row(b: int) -> Candidate:
         a = accumulation_steps(b, n, max_micro)
         micro = math.ceil(b / (a * n))
-        mem = (inputs.memory.fixed_bytes + inputs.memory.bytes_per_example * micro
+        mem = (inputs.memory.fixed_bytes + buckets + inputs.memory.bytes_per_example * micro
                if inputs.memory is not None else None)
         if model is not None:
             t, ratio = model.step_time(b), model.objective(b) / model.objective(b0)

@@ -155,6 +155,9 @@ class MemoryModel:
     source: Source
     verified: bool = False
     tried: tuple[int, ...] = ()
+    # The fixed part holds DDP's gradient buckets (a line measured under torchrun);
+    # plans for more devices from a one-process line add them (advisor.per_device_max).
+    ddp_buckets: bool = False
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ time-optimal batch is sqrt(2000·200) = 632.46.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import replace
 
@@ -581,8 +582,18 @@ def test_more_devices_planned_from_one_process_leave_room_for_the_gradient_bucke
     one = inputs(memory=line, grad_bytes=400_000)
     assert per_device_max(one, 1) == 900
     assert per_device_max(one, 4) == (10_000_000 - 1_000_000 - 400_000) // 10_000  # 860
-    torchrun = inputs(memory=line, grad_bytes=400_000, gpus=2, sync_seconds=0.01)
-    assert per_device_max(torchrun, 4) == 900  # its line holds the buckets already
+    # a one-process run planning for hardware.gpus = 4: its own plan leaves the room too
+    four = inputs(memory=line, grad_bytes=400_000, gpus=4)
+    assert per_device_max(four, 4) == 860
+    rows = {c.batch_size: c for c in advise(four).candidates}
+    assert all(c.grad_accumulation == math.ceil(b / (4 * 860)) for b, c in rows.items())
+    assert all(c.memory_bytes == 1_400_000 + 10_000 * c.per_device_batch_size
+               for c in rows.values())
+    # a line measured under torchrun holds the buckets already
+    measured = dataclasses.replace(line, fixed_bytes=1_400_000, max_batch_size=860,
+                                   ddp_buckets=True)
+    torchrun = inputs(memory=measured, grad_bytes=400_000, gpus=2, sync_seconds=0.01)
+    assert per_device_max(torchrun, 4) == 860
     assert per_device_max(inputs(), 4) == math.inf  # no memory line
     # a maximum lowered by real steps stays lowered
     low = inputs(memory=MemoryModel(1_000_000, 10_000.0, 300, 10_000_000, "measured", True),

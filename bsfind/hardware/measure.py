@@ -108,7 +108,7 @@ def with_gradient_buckets(memory: MemoryModel, model: torch.nn.Module) -> Memory
     buckets = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     fixed = memory.fixed_bytes + buckets
     largest = mem.max_batch_for(memory.limit_bytes, fixed, memory.bytes_per_example)
-    return dataclasses.replace(memory, fixed_bytes=fixed,
+    return dataclasses.replace(memory, fixed_bytes=fixed, ddp_buckets=True,
                                max_batch_size=min(memory.max_batch_size, largest))
 
 

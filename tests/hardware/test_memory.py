@@ -587,7 +587,7 @@ def test_data_parallel_memory_holds_the_gradient_buckets() -> None:
     line = MemoryModel(fixed_bytes=10_000, bytes_per_example=100.0, max_batch_size=900,
                        limit_bytes=100_000, source="measured")
     ddp = with_gradient_buckets(line, model)
-    assert ddp.fixed_bytes == 10_000 + grads
+    assert ddp.fixed_bytes == 10_000 + grads and ddp.ddp_buckets and not line.ddp_buckets
     assert ddp.max_batch_size == (100_000 - 10_000 - grads) // 100  # 888
     # a maximum real steps lowered stays lowered
     verified = with_gradient_buckets(
