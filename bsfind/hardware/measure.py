@@ -61,15 +61,27 @@ class HardwareOptions:
     seed: int = 0
 
 
-def step_function(job: Workload, lr: float, seed: int) -> Callable[[int], None]:
-    """One full training step (forward, backward, optimizer) at batch B, on the live model."""
-    optimizer = job.make_optimizer(lr)
-    sampler = ReplacementSampler(len(job), torch.Generator().manual_seed(seed))
+class TrainingStep:
+    """One full training step (forward, backward, optimizer) at batch B, on the live
+    model, with its own optimizer; ``fresh()`` replaces that optimizer (no state)."""
 
-    def step(b: int) -> None:
-        training_step(job, optimizer, sampler.draw(b), check=False)
+    def __init__(self, job: Workload, lr: float, seed: int) -> None:
+        self.job, self.lr = job, lr
+        self.optimizer = job.make_optimizer(lr)
+        self.sampler = ReplacementSampler(len(job), torch.Generator().manual_seed(seed))
 
-    return step
+    def __call__(self, b: int) -> None:
+        training_step(self.job, self.optimizer, self.sampler.draw(b), check=False)
+
+    def fresh(self) -> None:
+        """A new optimizer: a first step that ran out of memory may have left its state
+        half made (Adam's exp_avg without exp_avg_sq), which the next step would trip on."""
+        self.optimizer = self.job.make_optimizer(self.lr)
+
+
+def step_function(job: Workload, lr: float, seed: int) -> TrainingStep:
+    """One full training step at batch B (:class:`TrainingStep`)."""
+    return TrainingStep(job, lr, seed)
 
 
 def batch_maker(job: Workload, seed: int) -> Callable[[int], tuple[Any, torch.Tensor]]:
@@ -92,7 +104,8 @@ def memory_model(job: Workload, step: Callable[[int], None], opts: HardwareOptio
     """
     if job.device.type == "cuda":
         return mem.measure_memory_cuda(step, CUDA_MEMORY_SIZES, job.device,
-                                       memory_fraction=opts.memory_fraction)
+                                       memory_fraction=opts.memory_fraction,
+                                       fresh=getattr(step, "fresh", None))
     return mem.predict_memory(
         job.model, batch_maker(job, opts.seed), job.loss_fn, job.optimizer_cls,
         limit_bytes=mem.cpu_memory_limit(opts.memory_fraction) // max(1, ram_share),

@@ -555,6 +555,7 @@ def measure_memory_cuda(
     *,
     limit_bytes: int | None = None,
     memory_fraction: float = 0.9,
+    fresh: Callable[[], None] | None = None,
 ) -> MemoryModel:
     """M(B) from CUDA's peak allocated bytes after one step at each size.
 
@@ -567,19 +568,22 @@ def measure_memory_cuda(
     A least-squares line through (B, peak) gives ``fixed_bytes`` and
     ``bytes_per_example`` (``source="measured"``).
 
-    A size that runs out of memory ends the measurement (larger ones would too): the
-    line goes through the sizes that ran, with batch 1 added when only one did, and
-    the largest batch is kept below the one that failed.
+    Running out of memory: a warm-up that fails is tried again at batch 1 (after
+    ``fresh()``, which drops the optimizer state the failed step may have half made).
+    A measured size that fails ends the measurement (larger ones would too): the line
+    goes through the sizes that ran, with batch 1 added when fewer than two did, and
+    the largest batch stays below the size that failed. When only batch 1 runs, the
+    largest batch is 1 (no slope is measured).
 
     Args:
         step: runs one full training step at batch size B on ``device``.
         sizes: two or more distinct batch sizes, small enough to fit.
         limit_bytes: the budget; default ``memory_fraction`` × the device's
             total memory.
+        fresh: replaces the step's optimizer with a new one (no state).
 
     Raises:
         OutOfMemoryAtBatchOne: not even batch 1 ran.
-        HardwareError: only one batch size ran (no line).
     """
     if len(set(sizes)) < 2:
         raise ValueError(f"need at least two distinct batch sizes, got {tuple(sizes)}")
@@ -588,44 +592,52 @@ def measure_memory_cuda(
         limit_bytes = int(total * memory_fraction)
     order = sorted(set(sizes))
 
-    def runs(b: int) -> bool:
+    def runs(b: int, any_error: bool = False) -> bool:
+        """One step at ``b``: False when it ran out of memory (or, with ``any_error``,
+        failed at all: batch 1 is a fallback, and BatchNorm refuses it)."""
         try:
             step(b)
             return True
         except Exception as exc:
-            if not is_oom(exc):
+            if not (any_error or is_oom(exc)):
                 raise
         clear_cache(device)  # outside the except: the error's frames hold the tensors
         return False
 
+    def measured(b: int, any_error: bool = False) -> tuple[float, float] | None:
+        clear_cache(device)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        if not runs(b, any_error):
+            return None
+        torch.cuda.synchronize(device)
+        return float(b), float(torch.cuda.max_memory_allocated(device))
+
     if not runs(order[0]):  # the warm-up
-        if order[0] == 1 or not runs(1):
-            clear_cache(device)
+        if fresh is not None:
+            fresh()
+        if order[0] == 1 or not runs(1, any_error=True):
             raise OutOfMemoryAtBatchOne()
         order = [1, *order]
     points: list[tuple[float, float]] = []
     failed: int | None = None
     for b in order:
-        clear_cache(device)
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        if not runs(b):
+        point = measured(b)
+        if point is None:
             failed = b
             break
-        torch.cuda.synchronize(device)
-        points.append((float(b), float(torch.cuda.max_memory_allocated(device))))
-    if len(points) == 1 and points[0][0] > 1:
-        clear_cache(device)
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        if runs(1):
-            torch.cuda.synchronize(device)
-            points.insert(0, (1.0, float(torch.cuda.max_memory_allocated(device))))
-    if len(points) < 2:
-        raise HardwareError(
-            f"out of memory at batch size {failed} while measuring the memory line: "
-            f"only batch {int(points[0][0]) if points else 1} fits",
-            "use a smaller model, a lower precision, or a larger device")
+        points.append(point)
+    if len(points) < 2 and not any(b == 1.0 for b, _ in points):
+        one = measured(1, any_error=True)
+        points = ([] if one is None else [one]) + points
+    if not points:
+        raise OutOfMemoryAtBatchOne(
+            f"out of memory at batch size {failed} while measuring the memory line, "
+            "and batch size 1 did not run either")
+    if len(points) == 1:
+        return MemoryModel(fixed_bytes=int(points[0][1]), bytes_per_example=0.0,
+                           max_batch_size=1, limit_bytes=int(limit_bytes), source="measured",
+                           tried=(1,))
     intercept, slope = _line(points)
     slope = max(0.0, slope)
     fixed = max(0, int(round(intercept)))

@@ -500,14 +500,13 @@ def test_measure_memory_cuda_out_of_memory_ends_the_line(
     assert fake.events[i + 1] == "empty"  # the failed step's memory freed at once
 
 
-def test_measure_memory_cuda_when_almost_nothing_fits(monkeypatch: pytest.MonkeyPatch) -> None:
-    from bsfind.errors import HardwareError
+def test_measure_memory_cuda_when_only_batch_one_fits(monkeypatch: pytest.MonkeyPatch) -> None:
     from bsfind.hardware.memory import OutOfMemoryAtBatchOne
 
-    fake = LazyStateAllocator(2)  # only batch 1: no line
+    fake = LazyStateAllocator(2)  # the warm-up at 2 fails; batch 1 runs
     fake.install(monkeypatch)
-    with pytest.raises(HardwareError, match="out of memory at batch size 2 while measuring"):
-        measure_memory_cuda(fake.step, (2, 8, 32), torch.device("cuda", 0))
+    mm = measure_memory_cuda(fake.step, (2, 8, 32), torch.device("cuda", 0))
+    assert mm.max_batch_size == 1 and mm.tried == (1,) and mm.fixed_bytes == 3_100
     fake = LazyStateAllocator(1)
     fake.install(monkeypatch)
     with pytest.raises(OutOfMemoryAtBatchOne):
@@ -518,6 +517,90 @@ def test_measure_memory_cuda_when_almost_nothing_fits(monkeypatch: pytest.Monkey
 
     with pytest.raises(ValueError, match="a bug in the step"):
         measure_memory_cuda(broken, (2, 8, 32), torch.device("cuda", 0))
+
+
+class StateThatGrows(LazyStateAllocator):
+    """The warm-up at 2 runs (the state is made after its peak); with the state in
+    memory the measured step at 2 no longer fits. ``batchnorm``: batch 1 is refused."""
+
+    def __init__(self, batchnorm: bool = False) -> None:
+        super().__init__()
+        self.batchnorm = batchnorm
+
+    def step(self, b: int) -> None:
+        if b == 1 and self.batchnorm:
+            raise ValueError("Expected more than 1 value per channel when training")
+        if self.state and b >= 2:
+            self.events.append(f"step {b}")
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        super().step(b)
+
+
+def test_measure_memory_cuda_falls_back_to_batch_one_after_the_warm_up(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from bsfind.hardware.memory import OutOfMemoryAtBatchOne
+
+    fake = StateThatGrows()
+    fake.install(monkeypatch)
+    mm = measure_memory_cuda(fake.step, (2, 8, 32), torch.device("cuda", 0))
+    assert mm.max_batch_size == 1 and mm.tried == (1,)
+    fake = StateThatGrows(batchnorm=True)  # batch 1 raises, and is no point either
+    fake.install(monkeypatch)
+    with pytest.raises(OutOfMemoryAtBatchOne, match="batch size 1 did not run either"):
+        measure_memory_cuda(fake.step, (2, 8, 32), torch.device("cuda", 0))
+
+
+def test_a_warm_up_that_ran_out_of_memory_starts_a_fresh_optimizer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An out-of-memory error inside Adam's first step can leave exp_avg made and
+    exp_avg_sq not; the next step would raise KeyError (and batch 1 would look out of
+    memory). ``fresh`` replaces the optimizer before batch 1 is tried."""
+    allocator = FakeCudaAllocator()
+    allocator.install(monkeypatch)
+
+    class Step:
+        def __init__(self) -> None:
+            self.fresh_calls = 0
+            self.state: dict[str, torch.Tensor] = {}
+
+        def __call__(self, b: int) -> None:
+            if self.state and "exp_avg_sq" not in self.state:
+                raise KeyError("exp_avg_sq")  # what Adam does with a half-made state
+            if not self.state:
+                self.state["exp_avg"] = torch.zeros(2)
+                if b >= 2:
+                    raise torch.OutOfMemoryError("CUDA out of memory (making exp_avg_sq)")
+                self.state["exp_avg_sq"] = torch.zeros(2)
+            allocator.peak = 1_000 + 100 * b
+
+        def fresh(self) -> None:
+            self.fresh_calls += 1
+            self.state = {}
+
+    step = Step()
+    mm = measure_memory_cuda(step, (2, 8, 32), torch.device("cuda", 0), fresh=step.fresh)
+    # warmed up at 1 with a fresh optimizer; with the state made, every size ran
+    assert step.fresh_calls == 1 and mm.tried == (1, 2, 8, 32)
+    assert mm.fixed_bytes == 1_000 and mm.max_batch_size == (90_900 - 1_000) // 100
+    from bsfind.hardware.memory import OutOfMemoryAtBatchOne
+
+    with pytest.raises(OutOfMemoryAtBatchOne):  # without it batch 1 trips on the half state
+        measure_memory_cuda(Step(), (2, 8, 32), torch.device("cuda", 0))
+
+
+def test_the_hardware_step_can_start_a_fresh_optimizer() -> None:
+    from bsfind.hardware.measure import step_function
+    from tests.test_branches import tiny_job
+
+    job = tiny_job()
+    step = step_function(job, 1e-2, 0)
+    step(8)
+    assert step.optimizer.state  # Adam made its state
+    before = step.optimizer
+    step.fresh()
+    assert step.optimizer is not before and not step.optimizer.state
+    step(8)
+    assert step.optimizer.state
 
 
 # --------------------------------------------------------------------------- CUDA (real)
