@@ -185,6 +185,8 @@ def host_copy(x: object) -> object:
         return x.detach().to("cpu", copy=True)
     if isinstance(x, dict):
         return {k: host_copy(v) for k, v in x.items()}
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # a named tuple
+        return type(x)(*[host_copy(v) for v in x])  # type: ignore[arg-type]
     if isinstance(x, (list, tuple)):
         return type(x)(host_copy(v) for v in x)
     return copy.deepcopy(x)

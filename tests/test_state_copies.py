@@ -5,6 +5,7 @@ On this CPU machine the moves are swapped for dtype changes to check the bookkee
 
 from __future__ import annotations
 
+import collections
 import gc
 import weakref
 
@@ -71,6 +72,10 @@ def test_host_copy_copies_every_tensor_of_a_nested_state() -> None:
     assert copied["groups"][0]["betas"] == (0.9, 0.999)
     state["step"] += 1  # an optimizer's in-place update does not reach the copy
     assert copied["step"].item() == 3.0
+    pair = collections.namedtuple("pair", "a b")(torch.ones(1), 2.0)
+    again = host_copy({"pair": pair})
+    assert isinstance(again, dict) and type(again["pair"]) is type(pair)
+    assert torch.equal(again["pair"].a, pair.a) and again["pair"].b == 2.0
 
 
 def test_restored_weights_come_back_from_the_host_copy() -> None:
