@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import _train  # noqa: E402
+import branch_cooldown_eval  # noqa: E402
 import branch_eval  # noqa: E402
 import critical_batch  # noqa: E402
 import equal_time  # noqa: E402
@@ -125,6 +126,32 @@ def test_branch_eval_runs_end_to_end(tmp_path: Path) -> None:
     assert doc["measurements"][0]["branches"]["optimizer_state"] == "carried"
     assert doc["constants"]["branch_steps"] == 32
     assert doc["measurements"][0]["branches"]["delta_examples"] == 32 * 64
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_branch_cooldown_eval_runs_end_to_end(tmp_path: Path) -> None:
+    """The cooled ladder from the shipped sweep's first digits-mlp crossing (seed 0)."""
+    import json
+
+    out = tmp_path / "cool"
+    img = ROOT / "docs" / "img"
+    rc = branch_cooldown_eval.main([
+        str(ROOT / "configs" / "digits-mlp.yaml"), "--seeds", "0", "--targets", "1.0",
+        "--crit", str(img / "critical-batch-digits-mlp.json"),
+        "--branches", str(img / "branch-digits-mlp.json"), "--out", str(out)])
+    assert rc == 0
+    doc = json.loads(out.with_suffix(".json").read_text())
+    (ladder,) = doc["ladders"]
+    rungs = ladder["rungs"]
+    assert rungs[0]["batch_size"] == 64 and "reference_loss" in rungs[0]
+    for i, r in enumerate(rungs[1:], 1):  # each rung held to the one below's Δ/√2 branch
+        assert r["against"] == rungs[i - 1]["reference_loss"]
+        assert r["passed"] == (r["loss"] <= r["against"])
+        assert r["steps"] == round(64 * 64 / r["batch_size"])
+    last_passed = [r["batch_size"] for r in rungs[1:] if r["passed"]]
+    assert ladder["critical_batch"] == (last_passed[-1] if last_passed else 64)
+    assert doc["summary"]["points"] == 1
+    assert "cooled branches" in out.with_suffix(".md").read_text()
 
 
 def test_lr_eval_runs_end_to_end(tmp_path: Path) -> None:
