@@ -548,6 +548,33 @@ def predict_memory(
 # --------------------------------------------------------------------------- CUDA
 
 
+def _runs(step: Callable[[int], None], b: int, device: torch.device,
+          any_error: bool = False) -> bool:
+    """One step at ``b``: False when it ran out of memory (or, with ``any_error``, failed
+    at all: batch 1 is a fallback, and BatchNorm refuses it)."""
+    try:
+        step(b)
+        return True
+    except Exception as exc:
+        if not (any_error or is_oom(exc)):
+            raise
+    clear_cache(device)  # outside the except: the error's frames hold the tensors
+    return False
+
+
+def _peak_after(step: Callable[[int], None], b: int, device: torch.device,
+                any_error: bool = False) -> tuple[float, float] | None:
+    """(b, CUDA's peak allocated bytes over one step at b), from an emptied cache and a
+    reset peak; None when the step did not run (:func:`_runs`)."""
+    clear_cache(device)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    if not _runs(step, b, device, any_error):
+        return None
+    torch.cuda.synchronize(device)
+    return float(b), float(torch.cuda.max_memory_allocated(device))
+
+
 def measure_memory_cuda(
     step: Callable[[int], None],
     sizes: Sequence[int],
@@ -591,44 +618,22 @@ def measure_memory_cuda(
         _free, total = torch.cuda.mem_get_info(device)
         limit_bytes = int(total * memory_fraction)
     order = sorted(set(sizes))
-
-    def runs(b: int, any_error: bool = False) -> bool:
-        """One step at ``b``: False when it ran out of memory (or, with ``any_error``,
-        failed at all: batch 1 is a fallback, and BatchNorm refuses it)."""
-        try:
-            step(b)
-            return True
-        except Exception as exc:
-            if not (any_error or is_oom(exc)):
-                raise
-        clear_cache(device)  # outside the except: the error's frames hold the tensors
-        return False
-
-    def measured(b: int, any_error: bool = False) -> tuple[float, float] | None:
-        clear_cache(device)
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        if not runs(b, any_error):
-            return None
-        torch.cuda.synchronize(device)
-        return float(b), float(torch.cuda.max_memory_allocated(device))
-
-    if not runs(order[0]):  # the warm-up
+    if not _runs(step, order[0], device):  # the warm-up
         if fresh is not None:
             fresh()
-        if order[0] == 1 or not runs(1, any_error=True):
+        if order[0] == 1 or not _runs(step, 1, device, any_error=True):
             raise OutOfMemoryAtBatchOne()
         order = [1, *order]
     points: list[tuple[float, float]] = []
     failed: int | None = None
     for b in order:
-        point = measured(b)
+        point = _peak_after(step, b, device)
         if point is None:
             failed = b
             break
         points.append(point)
     if len(points) < 2 and not any(b == 1.0 for b, _ in points):
-        one = measured(1, any_error=True)
+        one = _peak_after(step, 1, device, any_error=True)
         points = ([] if one is None else [one]) + points
     if not points:
         raise OutOfMemoryAtBatchOne(
