@@ -340,13 +340,15 @@ def run_branch(job: Workload, opt: torch.optim.Optimizer, saved_model: dict[str,
                eval_idx: torch.Tensor, deadline: Deadline,
                on_start: Callable[[BranchStart], None] | None = None,
                scales: Sequence[float] | None = None,
-               on_step: Callable[[int], None] | None = None) -> list[tuple[int, float]]:
+               on_step: Callable[[int], None] | None = None,
+               micro: int | None = None) -> list[tuple[int, float]]:
     """One branch: restore the saved weights and optimizer state, set every parameter
     group's learning rate to its saved value × ``lr_scale``, train ``steps`` steps at
     ``batch`` in the data order ``seed``, and evaluate the loss on ``eval_idx`` after each
     step in ``at``. ``scales``: the learning rate's further scale at each step (a
     cool-down); None: constant. ``on_start`` sees the restored state (``repeat`` names
     the data order); ``on_step`` gets the examples of each training step as it is taken.
+    ``micro``: at most this many examples per forward and backward (accumulated).
 
     Returns:
         The (examples trained, loss) evaluations (inf once the branch diverged: its
@@ -371,7 +373,7 @@ def run_branch(job: Workload, opt: torch.optim.Optimizer, saved_model: dict[str,
             if scales is not None:
                 for group, base in zip(opt.param_groups, base_lrs, strict=True):
                     group["lr"] = base * lr_scale * scales[s - 1]
-            loss = training_step(job, opt, sampler.next(), check=False,
+            loss = training_step(job, opt, sampler.next(), check=False, micro=micro,
                                  where=f"in the branch at batch {batch}, step {s}")
             diverged = not math.isfinite(float(loss))
             if on_step is not None:
@@ -536,7 +538,9 @@ class LrOptions:
     """What the learning-rate branches compare.
 
     Attributes:
-        batch_size: B*, the recommended batch (it must fit in one step).
+        batch_size: B*, the recommended batch.
+        micro_batch: at most this many examples per forward and backward, when B* does
+            not fit in one (the steps accumulate them, as the recommendation does).
         rule_lr / lr_rule: the advisor's learning rate at B* and the rule's name.
         baseline_lr: lr0, the learning rate the optimizer's parameter groups were built
             with (each group's own is scaled by rule_lr·f/lr0).
@@ -555,10 +559,12 @@ class LrOptions:
     cooldown: int = LR_COOLDOWN
     repeats: int = LR_REPEATS
     max_factor: float = LR_MAX_FACTOR
+    micro_batch: int | None = None
 
     def __post_init__(self) -> None:
         if (self.batch_size < 1 or self.steps < 1 or self.cooldown < 0 or self.repeats < 1
-                or self.max_factor < 2):
+                or self.max_factor < 2 or (self.micro_batch is not None
+                                           and self.micro_batch < 1)):
             raise ValueError("batch_size, steps, repeats >= 1, cooldown >= 0 and "
                              "max_factor >= 2 needed")
 
@@ -693,7 +699,8 @@ class _LrWalk:
                 lr_scale=factor * o.rule_lr / o.baseline_lr, batch=o.batch_size, repeat=r,
                 seed=Seeds(o.seed).branch(o.step, r), steps=len(self.scales),
                 at=[len(self.scales)], eval_idx=self.eval_idx, deadline=self.deadline,
-                on_start=self.on_branch_start, scales=self.scales, on_step=self._took)
+                on_start=self.on_branch_start, scales=self.scales, on_step=self._took,
+                micro=o.micro_batch)
             losses.append(curve[-1][1])
             if self.progress is not None:
                 done = min(1.0, (len(self.trials) + (r + 1) / o.repeats) / 4)
@@ -715,4 +722,4 @@ class _LrWalk:
             lr_rule=o.lr_rule, factor=f, learning_rate=o.rule_lr * f, steps=o.steps,
             cooldown=o.cooldown, repeats=o.repeats, trials=tuple(self.trials),
             examples=self.examples, seconds=time.perf_counter() - self.start,
-            stopped=stopped), lowest_mean=best_factor(self.tried))
+            stopped=stopped, micro_batch=o.micro_batch), lowest_mean=best_factor(self.tried))

@@ -443,17 +443,21 @@ def lr_search_skipped_by_spec(spec: Spec, world: int) -> str | None:
 def lr_search_skipped(report: Report, spec: Spec, runner: Runner, points: trajectory.Points
                       ) -> str | None:
     """Why the learning rate is not measured here (None: it is)."""
-    rec = report.recommendation
-    assert rec is not None
+    assert report.recommendation is not None
     why = lr_search_skipped_by_spec(spec, runner.world_size)
     if why is not None:
         return why
     if points.start_weights is None:
         return "the probe run kept no starting weights"
-    cap = report.memory.max_batch_size if report.memory is not None else None
-    if cap is not None and rec.batch_size > cap:
-        return f"batch {rec.batch_size:,} does not fit in one step on this device"
     return None
+
+
+def lr_micro_batch(batch: int, memory: MemoryModel | None) -> int | None:
+    """The micro-batch the learning-rate runs accumulate when ``batch`` does not fit in
+    one step on this device (the largest that does); None when it fits."""
+    if memory is None or batch <= memory.max_batch_size:
+        return None
+    return max(1, memory.max_batch_size)
 
 
 def measured_lr(report: Report, spec: Spec, job: Workload, runner: Runner,
@@ -478,7 +482,8 @@ def measured_lr(report: Report, spec: Spec, job: Workload, runner: Runner,
     assert points.start_weights is not None
     options = branches.LrOptions(
         batch_size=rec.batch_size, rule_lr=rec.learning_rate, lr_rule=rec.lr_rule,
-        baseline_lr=spec.optimizer.lr, seed=spec.probe.seed)
+        baseline_lr=spec.optimizer.lr, seed=spec.probe.seed,
+        micro_batch=lr_micro_batch(rec.batch_size, report.memory))
     now: dict[str, torch.Tensor] = {}
     try:
         # The weights now on the CPU: the device holds the runs' own copies.

@@ -585,6 +585,8 @@ class LrSearch:
             the largest or smallest factor allowed), "diverged" (no factor gave a finite
             loss: the rule's stands), "budget", "out of memory" or "interrupted".
         notes: sentences for people (written by ``bsfind.wording``).
+        micro_batch: the examples per forward and backward when the batch did not fit
+            in one (each step accumulated them); None: one per step.
     """
 
     batch_size: int
@@ -601,3 +603,4 @@ class LrSearch:
     seconds: float
     stopped: str
     notes: tuple[str, ...] = ()
+    micro_batch: int | None = None

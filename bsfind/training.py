@@ -111,6 +111,7 @@ def training_step(
     check: bool = True,
     guard: Callable[[Callable[[], object]], object] = _call,
     reduce: Callable[[list[nn.Parameter]], None] | None = None,
+    micro: int | None = None,
 ) -> torch.Tensor:
     """One optimizer step on the examples ``idx``; returns the (detached) loss.
 
@@ -122,16 +123,25 @@ def training_step(
             optimizer step); the data-parallel runner agrees across ranks there.
         reduce: called on the trainable parameters between backward and the
             optimizer step (the data-parallel runner averages gradients there).
+        micro: at most this many examples per forward and backward (gradient
+            accumulation, as for a batch larger than one step fits): each chunk's mean
+            loss weighted by its share of ``idx``, so the gradient is the batch's.
     """
     params = job.trainable()
+    chunks = [idx] if micro is None or len(idx) <= micro else list(torch.split(idx, micro))
 
     def forward_backward() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        loss = job.loss(idx)
-        if check:
-            check_loss(loss, where)
-        loss.backward()
-        return loss.detach()
+        parts = []
+        for chunk in chunks:
+            loss = job.loss(chunk)
+            if check:
+                check_loss(loss, where)
+            if len(chunks) > 1:
+                loss = loss * (len(chunk) / len(idx))
+            loss.backward()
+            parts.append(loss.detach())
+        return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
 
     loss = guard(forward_backward)
     if reduce is not None:

@@ -568,9 +568,11 @@ def lr_search_line(r: LrSearch) -> str:
     verdict = ("the rule's stands" if r.factor == 1.0 else
                f"{r.factor:g}x the rule's {r.rule_learning_rate:.3g}: {r.learning_rate:.3g}")
     where = "the probe run's start" if r.step == 0 else f"training step {r.step:,}"
+    accumulated = ("" if r.micro_batch is None else
+                   f", each step accumulating micro-batches of {r.micro_batch:,}")
     return (f"learning rate at batch {r.batch_size:,}, measured by short runs from {where} "
-            f"({r.steps} steps, then {r.cooldown} decaying to 0; {r.repeats} data orders), "
-            f"loss at the end by factor on the rule's: {tried}; {verdict}")
+            f"({r.steps} steps, then {r.cooldown} decaying to 0; {r.repeats} data orders"
+            f"{accumulated}), loss at the end by factor on the rule's: {tried}; {verdict}")
 
 
 def lr_not_measured(rule: str, why: str) -> str:

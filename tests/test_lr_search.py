@@ -450,3 +450,68 @@ def test_a_rate_stepped_back_is_said() -> None:
         examples=0, seconds=0.0, stopped="found"), lowest_mean=4.0)
     assert any("4x the rule's had the lowest mean loss, but not on every data order" in n
                and "2x kept" in n for n in r.notes)
+
+
+# --------------------------------------------------------------------------- accumulation
+
+
+def test_an_accumulated_step_is_the_full_batch_step() -> None:
+    """Micro-batches of 5 over a batch of 16, each mean loss weighted by its share: the
+    same loss, gradient and update as one step on all 16 (no BatchNorm here)."""
+    from bsfind.training import training_step
+
+    idx = torch.arange(16)
+    updated = []
+    for micro in (None, 5):
+        job = tiny_job()
+        opt = torch.optim.SGD(job.model.parameters(), lr=0.1)
+        loss = training_step(job, opt, idx, micro=micro)
+        grads = [p.grad.clone() for p in job.model.parameters()]
+        updated.append((loss, grads, [p.detach().clone() for p in job.model.parameters()]))
+    (full, g_full, w_full), (acc, g_acc, w_acc) = updated
+    assert acc.item() == pytest.approx(full.item(), rel=1e-6)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(g_acc, g_full,
+                                                                          strict=True))
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(w_acc, w_full,
+                                                                          strict=True))
+
+
+def test_a_batch_that_does_not_fit_is_measured_with_accumulation() -> None:
+    """No forward and backward takes more than the micro-batch, every step takes the
+    whole batch, and the losses are those of the unaccumulated runs."""
+    job = tiny_job()
+    sizes: list[int] = []
+    original = job.loss
+
+    def spy(idx: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            sizes.append(len(idx))
+        return original(idx)
+
+    object.__setattr__(job, "loss", spy)
+    options = dataclasses.replace(OPTIONS, micro_batch=5, max_factor=2.0)
+    r = branches.measure_lr(job, options, Deadline.after(60), job.make_optimizer(1e-2))
+    assert sizes and max(sizes) <= 5
+    steps = [sizes[i:i + 4] for i in range(0, len(sizes), 4)]  # 5 + 5 + 5 + 1 per step
+    assert all(s == [5, 5, 5, 1] for s in steps)
+    from bsfind.wording import lr_search_line
+
+    assert r.micro_batch == 5 and "accumulating micro-batches of 5" in lr_search_line(r)
+    again = tiny_job()
+    plain = branches.measure_lr(again, dataclasses.replace(OPTIONS, max_factor=2.0),
+                                Deadline.after(60), again.make_optimizer(1e-2))
+    assert [t.factor for t in r.trials] == [t.factor for t in plain.trials]
+    assert [t.loss for t in r.trials] == pytest.approx([t.loss for t in plain.trials],
+                                                        rel=1e-4)
+
+
+def test_the_pipeline_accumulates_when_the_recommendation_is_above_the_memory_line(
+        ) -> None:
+    from bsfind.pipeline import lr_micro_batch
+    from bsfind.results import MemoryModel
+
+    fits = MemoryModel(fixed_bytes=0, bytes_per_example=1.0, max_batch_size=512,
+                       limit_bytes=512, source="predicted")
+    assert lr_micro_batch(300, fits) is None and lr_micro_batch(512, fits) is None
+    assert lr_micro_batch(300, dataclasses.replace(fits, max_batch_size=128)) == 128
+    assert lr_micro_batch(300, None) is None  # no memory line: nothing to go by
