@@ -184,6 +184,7 @@ class Workload:
     tensors: tuple[torch.Tensor, ...] | None = None
     model_name: str = "model"
     loss_name: str = "loss"
+    data_name: str = "the dataset"
     # hardware.precision bf16/fp16: forward under autocast (the loss in fp32).
     # No loss scaling: the probe takes no optimizer step, and gradients are
     # read in fp32 (parameters stay fp32 under autocast).
@@ -248,8 +249,19 @@ class Workload:
             idx = indices.to(self.tensors[0].device)
             x, y = (t[idx] for t in self.tensors)
         else:
-            items = [self.dataset[int(i)] for i in indices]
-            x, y = torch.utils.data.default_collate(items)
+            try:
+                items = [self.dataset[int(i)] for i in indices]
+            except Exception as exc:
+                raise UserCodeError(f"{self.data_name}: an item raised "
+                                    f"{type(exc).__name__}: {exc}") from exc
+            try:
+                x, y = torch.utils.data.default_collate(items)
+            except Exception as exc:
+                raise UserCodeError(
+                    f"{self.data_name}: {len(items)} items do not batch together "
+                    f"({type(exc).__name__}: {exc})",
+                    hint="every item's input and target must have the same shape (pad "
+                         "or crop them in the dataset), or be a dict/tuple of such") from exc
         return _to(x, self.device), _to(y, self.device)
 
     def loss(self, indices: torch.Tensor) -> torch.Tensor:
@@ -445,6 +457,7 @@ def _build(spec: Spec, device: torch.device) -> Workload:
         tensors=tensors,
         model_name=spec.model.factory,
         loss_name=spec.loss,
+        data_name=f"data.factory {spec.data.factory!r}",
     )
 
 

@@ -92,6 +92,34 @@ def triples() -> Dataset:
     return _Triples()
 
 
+class _Ragged(Dataset):
+    """Items whose inputs differ in length: they do not stack into a batch."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int):
+        return torch.zeros(8 + i % 2), 0
+
+
+def ragged_data() -> Dataset:
+    return _Ragged()
+
+
+class _BrokenItem(Dataset):
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int):
+        if i > 0:
+            raise IndexError(f"record {i} is missing")
+        return torch.zeros(8), 0
+
+
+def broken_item_data() -> Dataset:
+    return _BrokenItem()
+
+
 def tiny_data() -> TensorDataset:
     return digits_like(n=6)
 
