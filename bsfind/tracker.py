@@ -531,6 +531,7 @@ class Tracker:
         self.step = 0
         self.examples = 0
         self.skipped = 0  # measured steps dropped (non-finite: an AMP overflow)
+        self._skipped_in_a_row = 0
         self.method: Method | None = None  # of the last measurement
         self.reason: str | None = None  # why per-example norms are unavailable
         self._window = in_training.Window(window)
@@ -877,7 +878,17 @@ class Tracker:
             sq_small, b_big = small[0], float(m.world * sum(m.micro))
         if not all(math.isfinite(x) for x in (sq_big, sq_small)) or b_big <= b_small:
             self.skipped += 1
+            self._skipped_in_a_row += 1
+            loss = loss_sum / m.loss_count if m.loss_count else math.nan
+            if (m.loss_count and not math.isfinite(loss)) or self._skipped_in_a_row >= 3:
+                self._warn_once("diverged", (
+                    f"bsfind tracker: the gradients at step {m.step} are not finite (mean "
+                    f"loss since the last record: {loss:.4g}); {self._skipped_in_a_row} "
+                    "measured step(s) in a row skipped. An AMP overflow skips one; a run "
+                    "that diverged writes no more records, and advice() reads the last "
+                    "finite ones"))
             return None
+        self._skipped_in_a_row = 0
         g2, trace = two_batch(b_small, sq_small, b_big, sq_big)
         self._window.add(trace, g2, b_big)
         mean_g2, mean_trace, value, ci = self._window.summary()

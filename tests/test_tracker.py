@@ -252,6 +252,33 @@ def test_per_example_failure_warns_once_and_training_goes_on() -> None:
     assert [r.method for r in tracker.records] == ["accumulation"] * 3
 
 
+def test_a_run_that_diverges_is_said_once_and_records_stop() -> None:
+    """A NaN loss (its gradients NaN too) is skipped like an AMP overflow, but said: the
+    records stop, and advice() would read the last finite ones."""
+    torch.manual_seed(0)
+    model = tracking.model()
+    x, y = _problem()
+    tracker = track(model, every=1)
+    for _ in range(3):
+        loss = F.cross_entropy(model(x[:16]), y[:16])
+        loss.backward()
+        tracker.update(loss)
+        model.zero_grad(set_to_none=True)
+    finite = len(tracker.records)
+    assert finite >= 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            loss = F.cross_entropy(model(x[:16]), y[:16]) * float("nan")
+            loss.backward()
+            tracker.update(loss)
+            model.zero_grad(set_to_none=True)
+        tracker.records  # noqa: B018  (waits for every pending measurement)
+    said = [w for w in caught if "are not finite" in str(w.message)]
+    assert len(said) == 1 and "mean loss since the last record: nan" in str(said[0].message)
+    assert len(tracker.records) == finite and tracker.skipped >= 3
+
+
 def test_batchnorm_model_is_tracked_through_accumulation_only() -> None:
     torch.manual_seed(0)
     model = models.cnn(norm="batch")
