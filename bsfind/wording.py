@@ -52,6 +52,16 @@ def secs(s: float) -> str:
     return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"
 
 
+def duration(hours: float) -> str:
+    """A training time in the unit that reads best: s, min or h (3 significant digits)."""
+    s = hours * 3600
+    if s < 60:
+        return secs(s)
+    if s < 3600:
+        return f"{s / 60:.3g} min"
+    return f"{hours:.3g} h"
+
+
 def money(x: float) -> str:
     """2 decimals, or 3 significant digits for amounts under one unit."""
     return f"{x:,.2f}" if abs(x) >= 1 or x == 0 else f"{x:.3g}"
@@ -348,7 +358,7 @@ def warmup_text(batch: int, b0: int, lr0: float, lr: float, steps: int) -> str:
 def absolute_text(a: AbsolutePrediction) -> str:
     """One line: the planned training's predicted hours (and cost) against the baseline's."""
     text = (f"{a.training_examples:,} planned examples: predicted "
-            f"{a.hours:.3g} h (baseline {a.baseline_hours:.3g} h)")
+            f"{duration(a.hours)} (baseline {duration(a.baseline_hours)})")
     if a.cost is not None and a.baseline_cost is not None:
         text += (f", {money(a.cost)} (baseline {money(a.baseline_cost)}) at "
                  f"{a.price_per_hour:g} per device-hour")

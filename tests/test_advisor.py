@@ -343,6 +343,8 @@ def test_predicted_hours_and_money() -> None:
     assert ab.hours == pytest.approx(0.298442, rel=1e-5)
     assert ab.cost == pytest.approx(0.746105, rel=1e-5)
     assert ab.label == "predicted" and "6,400,000" in ab.text and "0.746" in ab.text
+    # in the unit that reads best: 1074 s and 2640 s are minutes
+    assert "predicted 17.9 min (baseline 44 min)" in ab.text
     # Two devices: hours from the 2-device step time, money × 2.
     two = advise(inputs(training_examples=6_400_000, price_per_hour=2.5, gpus=2,
                         sync_seconds=0.0)).absolute
@@ -599,3 +601,12 @@ def test_more_devices_planned_from_one_process_leave_room_for_the_gradient_bucke
     low = inputs(memory=MemoryModel(1_000_000, 10_000.0, 300, 10_000_000, "measured", True),
                  grad_bytes=400_000)
     assert per_device_max(low, 4) == 300
+
+
+def test_durations_read_in_seconds_minutes_or_hours() -> None:
+    from bsfind.wording import duration
+
+    assert duration(5.36e-05) == "193 ms"  # 0.193 s
+    assert duration(0.000802) == "2.89 s"
+    assert duration(0.298442) == "17.9 min"
+    assert duration(1.5) == "1.5 h" and duration(250.0) == "250 h"
