@@ -718,14 +718,18 @@ def _model(inputs: AdvisorInputs, b_n: float, gpus: int, sync: float,
 
 
 def per_device_max(inputs: AdvisorInputs, gpus: int) -> float:
-    """The largest batch per device. On N > 1 devices, DDP's gradient buckets (one more
+    """The largest batch per device per step: with BatchNorm, the BatchNorm batch the
+    noise scale was measured with (a larger one would change it: the batch grows by
+    devices and accumulation, DESIGN §8). On N > 1 devices, DDP's gradient buckets (one more
     copy of the gradients, ``grad_bytes``) come off a line that does not hold them yet
     (one process's, or one predicted for ``hardware.gpu``; a line measured under
     torchrun has them: ``hardware.measure.with_gradient_buckets``)."""
     m = inputs.memory
     if m is None:
-        return math.inf
+        return float(inputs.norm_batch) if inputs.norm_batch else math.inf
     largest = max(1, m.max_batch_size)
+    if inputs.norm_batch:  # BatchNorm: the batch the noise scale was measured with (§8)
+        largest = min(largest, inputs.norm_batch)
     if gpus > 1 and not m.ddp_buckets and inputs.grad_bytes and m.bytes_per_example > 0:
         room = m.limit_bytes - m.fixed_bytes - inputs.grad_bytes
         largest = min(largest, max(1, math.floor(room / m.bytes_per_example + 1e-6)))
@@ -769,8 +773,9 @@ def _candidate_grid(inputs: AdvisorInputs, recommended: int) -> list[int]:
         if p >= 2 * BATCH_MULTIPLE and mid <= upper and recommended / 4 <= mid <= 4 * recommended:
             grid.add(mid)
         p *= 2
-    if inputs.memory is not None:  # the largest batch that fits without accumulation
-        fits = floor_allowed(int(inputs.gpus * per_device_max(inputs, inputs.gpus)))
+    one_step = per_device_max(inputs, inputs.gpus)
+    if math.isfinite(one_step):  # the largest batch that fits without accumulation
+        fits = floor_allowed(int(inputs.gpus * one_step))
         if fits is not None and fits <= upper:
             grid.add(fits)
     return sorted(b for b in grid if b >= inputs.gpus)
@@ -796,7 +801,8 @@ def candidates_table(inputs: AdvisorInputs, batch: int, model: WallClock | None
                      ) -> tuple[Candidate, ...]:
     """The table's rows: a grid of batches plus the baseline and the recommendation."""
     n, b0 = inputs.gpus, inputs.baseline_batch
-    max_micro = int(per_device_max(inputs, n)) if inputs.memory is not None else None
+    cap = per_device_max(inputs, n)
+    max_micro = int(cap) if math.isfinite(cap) else None
     buckets = (inputs.grad_bytes or 0) if (n > 1 and inputs.memory is not None
                                            and not inputs.memory.ddp_buckets) else 0
     timing = inputs.timing

@@ -75,6 +75,21 @@ def norm_batch(spec: Spec, job: Workload, world: int = 1) -> int | None:
     return max(2, spec.optimizer.batch_size // max(1, devices))
 
 
+def measured_norm_batch(spec: Spec, job: Workload, used: NoiseEstimate, world: int = 1
+                        ) -> int | None:
+    """The BatchNorm batch the noise scale ``used`` was measured with, for a model with
+    BatchNorm in training mode: the probe's micro-batches (:func:`norm_batch`), or the
+    small batch of a tracker's log (its accumulated micro-batches, each a BatchNorm
+    batch). None without BatchNorm."""
+    from bsfind.torch_compat import has_batchnorm_in_training
+
+    if used.method.endswith("microbatch"):
+        return norm_batch(spec, job, world)
+    if used.b_small > 1 and has_batchnorm_in_training(job.model):
+        return int(used.b_small)
+    return None
+
+
 def hardware_deadline(deadline: Deadline, spec: Spec, lr_reserve: float) -> Deadline:
     """The hardware measurement's deadline: what is left less the learning-rate search's
     reserve, but never less than the hardware's own share of the budget when that much is
@@ -124,8 +139,8 @@ def _measure_and_advise(spec: Spec, runner: Runner, command: str, job: Workload,
         if branching(spec, command) else ((), ()))
     report = dataclasses.replace(
         points_report(spec, job, command, points,
-                      norm_batch=(norm_batch(spec, job, runner.world_size)
-                                  if points.used.method.endswith("microbatch") else None),
+                      norm_batch=measured_norm_batch(spec, job, points.used,
+                                                     runner.world_size),
                       notes=branch_notes),
         status="partial" if any(b.stopped == "budget" for b in branched) else points.status,
         branches=branched)
@@ -186,9 +201,11 @@ def plan_from_log(spec: Spec, runner: Runner, records: Sequence[TrackRecord], so
     points = trajectory.from_log(records, dataset_size=len(job),
                                  planned=spec.planned_examples(len(job)), source=source)
     logged = {r.b_big for r in records}
-    notes = [wording.log_batch_differs(sorted(logged), spec.optimizer.batch_size)] if (
+    bn = measured_norm_batch(spec, job, points.used)
+    notes = [wording.log_batch_differs(sorted(logged), spec.optimizer.batch_size,
+                                       batchnorm=bn is not None)] if (
         logged and logged != {spec.optimizer.batch_size}) else []
-    report = points_report(spec, job, "schedule", points, notes=tuple(notes))
+    report = points_report(spec, job, "schedule", points, notes=tuple(notes), norm_batch=bn)
     hw = (runner.measure_hardware(job, hardware_options(spec), deadline, progress)
           if spec.probe.timing else HardwareMeasurement(None, None))
     report = advise(report, spec, job, runner, hw, max_gpus)
@@ -300,8 +317,7 @@ def advisor_inputs(
     return advisor.AdvisorInputs(
         b_n=max(b_n, 1e-9), b_n_ci=ci, basis=basis, noise_step=used.step,
         b_n_lower_bound=used.b_simple is None and basis == "b_simple",
-        norm_batch=(norm_batch(spec, job, world) if used.method.endswith("microbatch")
-                    else None),
+        norm_batch=measured_norm_batch(spec, job, used, world),
         noise_summary_of=used.summary_of,
         baseline_batch=spec.optimizer.batch_size, baseline_lr=spec.optimizer.lr,
         optimizer_family=advisor.optimizer_family(job.optimizer_cls),

@@ -119,12 +119,14 @@ def timed_beside_load(share: float, threads: int | None, cpu_clock: bool) -> str
             "hardware.gpu for the GPU you train on")
 
 
-def log_batch_differs(logged: list[int], baseline: int) -> str:
+def log_batch_differs(logged: list[int], baseline: int, batchnorm: bool = False) -> str:
     """``bsfind schedule``: the logged run's batch is not the spec's baseline."""
     sizes = ", ".join(f"{b:,}" for b in logged)
+    why = ("with BatchNorm the noise scale is that of the log's micro-batches" if batchnorm
+           else "the noise scale does not depend on the batch")
     return (f"the tracker log's run used batch {sizes}, the spec's baseline is {baseline:,}: "
-            "the noise scale does not depend on the batch, but the predicted times and the "
-            "schedule's first phase are for the spec's baseline")
+            f"{why}, but the predicted times and the schedule's first phase are for the "
+            "spec's baseline")
 
 
 def log_restarted(source: str, at: int, records: int) -> str:
@@ -158,9 +160,10 @@ def batchnorm(norm_batch: int, advice: bool = True) -> str:
     """The noise scale of a BatchNorm model is that of its BatchNorm batch (DESIGN §8)."""
     return (f"the model has BatchNorm in training mode: its noise scale depends on the "
             f"BatchNorm batch, and was measured with the one it trains with ({norm_batch} "
-            "per device)" + (f"; the advice keeps batches at multiples of {norm_batch} per "
-                             "device: grow the batch with more devices or gradient "
-                             f"accumulation over batches of {norm_batch}" if advice else ""))
+            "per device)" + (f"; the advice keeps {norm_batch} per device in each forward "
+                             "and grows the batch in multiples of it, by more devices or "
+                             f"gradient accumulation over batches of {norm_batch}"
+                             if advice else ""))
 
 
 def probe_plan(spec: Spec) -> str:

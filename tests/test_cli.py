@@ -179,11 +179,15 @@ def test_batchnorm_model_recommends_with_microbatches() -> None:
     assert "BatchNorm" in doc["noise_scale"]["method_reason"]
     assert min(p["batch_size"] for p in doc["timing"]["points"]) == 2
     # The note: the noise scale is that of the BatchNorm batch (16 here), and the
-    # advice keeps batches at multiples of it.
+    # advice keeps 16 per device in each forward, growing by accumulation (DESIGN §8).
     assert doc["noise_scale"]["b_small"] == 16
-    assert any("BatchNorm batch" in w and "multiples of 16" in w for w in doc["warnings"])
-    assert doc["recommendation"]["batch_size"] % 16 == 0
+    assert any("BatchNorm batch" in w and "keeps 16 per device" in w for w in doc["warnings"])
+    rec = doc["recommendation"]
+    assert rec["batch_size"] % 16 == 0 and rec["per_device_batch_size"] <= 16
     assert all(c["batch_size"] % 16 == 0 for c in doc["candidates"])
+    for c in doc["candidates"]:  # never more than one BatchNorm batch per forward
+        assert c["per_device_batch_size"] <= 16
+        assert c["grad_accumulation"] == max(1, c["batch_size"] // 16)
 
 
 def test_init_into_a_missing_folder_is_a_usage_error(tmp_path: Path) -> None:

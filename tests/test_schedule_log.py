@@ -151,3 +151,31 @@ def test_schedule_command_errors_are_one_line(tmp_path: Path) -> None:
     r = runner.invoke(app, ["schedule", spec, str(bad), "--json"])
     assert r.exit_code != 0
     assert json.loads(r.stdout)["status"] == "error" and "bad.jsonl:1" in r.output
+
+
+def test_a_batchnorm_log_keeps_its_micro_batch_per_device() -> None:
+    """A tracker log of a BatchNorm model (accumulation pairing: each micro-batch is a
+    BatchNorm batch) gives the advice that BatchNorm batch per device, as the probe's
+    micro-batches do; without BatchNorm there is none."""
+    import dataclasses as dc
+
+    from bsfind.pipeline import measured_norm_batch
+    from bsfind.results import Interval, NoiseEstimate
+    from bsfind.spec import load_spec
+    from bsfind.workload import build
+
+    logged = NoiseEstimate(
+        b_simple=130.0, ci95=Interval(74.0, 373.0), grad_norm_sq=1.0,
+        grad_norm_sq_ci95=Interval(0.5, 1.5), trace_sigma=130.0,
+        trace_sigma_ci95=Interval(100.0, 160.0), method="accumulation", method_reason="log",
+        b_small=24, b_big=96, examples=0, rounds=1, seconds=0.0, stopped="converged")
+    from tests.conftest import ROOT
+
+    good = ROOT / "tests" / "assets" / "good.yaml"
+    bn = build(load_spec(good, ["model.factory=user_code.py:bn_model"]))
+    plain = build(load_spec(good))
+    spec = load_spec(good)
+    assert measured_norm_batch(spec, bn, logged) == 24
+    assert measured_norm_batch(spec, plain, logged) is None
+    probed = dc.replace(logged, method="microbatch")  # the probe's: the baseline per device
+    assert measured_norm_batch(spec, bn, probed) == spec.optimizer.batch_size
