@@ -153,10 +153,14 @@ def measure_noise_scale(
         method: "auto", "per-example" or "microbatch".
         seed: seeds the sampling (the stream ``bsfind noise`` uses at step 0).
     """
+    from bsfind.tracker import paused_on
+
     job = Workload.from_objects(model, dataset, loss_fn)
     opts = ProbeOptions(method=method, batch_size=batch_size,
                         target_rel_error=target_rel_error)
-    return noise_scale_at(job, opts, seed=seed, max_seconds=max_seconds, progress=progress)
+    with paused_on(model):  # a tracker of the same model neither counts nor meets it
+        return noise_scale_at(job, opts, seed=seed, max_seconds=max_seconds,
+                              progress=progress)
 
 
 @dataclasses.dataclass(frozen=True)

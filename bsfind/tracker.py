@@ -62,12 +62,14 @@ own unbiased estimates), ``window`` (measurements smoothed) and ``seconds``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 import warnings
+import weakref
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -558,6 +560,7 @@ class Tracker:
         self._seen_batch: int | None = None
         self._closed = False
         self._start = time.perf_counter()
+        _OPEN.add(self)
         self._size_hook: Any = None
         self._begin_step()
 
@@ -748,6 +751,24 @@ class Tracker:
         if self._log is not None:
             self._log.close()
         self._closed = True
+        _OPEN.discard(self)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The tracker's hooks off inside the block, as they were after: another
+        measurement on the same model (``bsfind.measure_noise_scale``) runs its own
+        forwards and per-example hooks, which the tracker must neither count nor meet
+        (two attention interceptions on one module see each other's calls)."""
+        hooked, watching = self._hooked, self._size_hook is not None
+        self._detach()
+        self._watch_batch(False)
+        try:
+            yield
+        finally:
+            if hooked and self._norms is not None:
+                self._attach()
+            if watching:
+                self._watch_batch(True)
 
     def __enter__(self) -> Tracker:
         return self
@@ -1019,6 +1040,22 @@ class Tracker:
     _last_batch = 0
     _measuring = False
     _quick = 0  # plain steps left that update() only counts
+
+
+# Trackers not yet closed: another measurement on their model pauses them (paused_on).
+_OPEN: weakref.WeakSet[Tracker] = weakref.WeakSet()
+
+
+@contextlib.contextmanager
+def paused_on(model: nn.Module) -> Iterator[None]:
+    """Every open tracker of ``model`` (or of a module it contains, or that contains it)
+    paused inside the block (:meth:`Tracker.paused`)."""
+    mine = set(model.modules())
+    with contextlib.ExitStack() as stack:
+        for t in list(_OPEN):
+            if mine & set(t.module.modules()):
+                stack.enter_context(t.paused())
+        yield
 
 
 def track(model: nn.Module, **options: Any) -> Tracker:

@@ -526,3 +526,54 @@ def test_per_example_schedule_survives_switching_to_and_from_accumulation() -> N
     # stretch (measured by accumulation), so the next plain step but one, 101, is measured
     assert per == [0, 32, 64, 101], per
     assert all(r.method == "accumulation" for r in tracker.records if r.step % 10 >= 5)
+
+
+class _Encoder(nn.Module):
+    """nn.TransformerEncoder (no dropout) with a linear head: its attention goes through
+    the per-example hooks' attention interception."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0,
+                                           batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(x).mean(1))
+
+
+def test_measuring_the_noise_scale_mid_run_leaves_the_tracker_as_it_was() -> None:
+    """bsfind.measure_noise_scale on the tracked model between two steps pauses the
+    tracker: no warning, and its records are those of the same run without the call."""
+    from bsfind.api import measure_noise_scale
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(256, 6, 8, generator=gen), torch.randn(256, 1, generator=gen)
+    data = torch.utils.data.TensorDataset(x, y)
+
+    def run(measure_at: int | None) -> list[tuple[int, float | None]]:
+        model = _Encoder()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+        tracker = track(model, every=2)
+        for step in range(12):
+            idx = torch.arange(step * 16, step * 16 + 16) % 256
+            loss = F.mse_loss(model(x[idx]), y[idx])
+            loss.backward()
+            tracker.update(loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if step == measure_at:
+                est = measure_noise_scale(model, data, F.mse_loss, batch_size=32,
+                                          max_seconds=2.0)
+                assert est.method == "per-example"
+        tracker.close()
+        return [(r.step, r.step_grad_norm_sq) for r in tracker.records]
+
+    plain = run(None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the tracker says nothing
+        measured = run(5)  # after an update that attached the hooks for step 6
+    assert len(plain) == 6 and [s for s, _ in measured] == [s for s, _ in plain]
+    assert [g for _, g in measured] == pytest.approx([g for _, g in plain], rel=1e-5)
