@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -425,6 +425,18 @@ def _expected(f: Field) -> str:
     }[f.kind] + (" or null" if f.nullable else "")
 
 
+def _near(word: str, choices: Iterable[str]) -> str | None:
+    """The closest of ``choices`` to a misspelt ``word`` (difflib), if any is close."""
+    import difflib
+
+    found = difflib.get_close_matches(word, [c for c in choices if c], n=1, cutoff=0.75)
+    return found[0] if found else None
+
+
+def _did_you_mean(near: str | None) -> str:
+    return f"did you mean {near!r}? " if near else ""
+
+
 def validate(document: Any, base_dir: Path, source: str = "spec") -> Spec:
     """Validate a parsed YAML document; raise SpecError listing every problem."""
     problems: list[str] = []
@@ -433,11 +445,16 @@ def validate(document: Any, base_dir: Path, source: str = "spec") -> Spec:
     if not isinstance(document, Mapping):
         raise SpecError([f"the spec must be a mapping of sections, got {_type_name(document)}"],
                         source)
+    misspelt: set[str] = set()  # sections whose misspelling was already reported
     for key in document:
         if key not in SCHEMA:
-            problems.append(f"{key}: unknown section (expected one of {', '.join(SCHEMA)})")
+            near = _near(key, SCHEMA)
+            if near is not None and near not in document:
+                misspelt.add(near)
+            problems.append(f"{key}: unknown section ({_did_you_mean(near)}expected one of "
+                            f"{', '.join(SCHEMA)})")
     for section in REQUIRED_SECTIONS:
-        if section not in document:
+        if section not in document and section not in misspelt:
             problems.append(f"{section}: missing required section")
     values: dict[str, dict[str, Any]] = {}
     filled: dict[str, Any] = {}
@@ -456,16 +473,17 @@ def validate(document: Any, base_dir: Path, source: str = "spec") -> Spec:
             raw = {}
         for key in raw:
             if key not in fields:
-                problems.append(
-                    f"{section}.{key}: unknown key (expected one of {', '.join(fields)})"
-                )
+                near = _near(str(key), fields)
+                problems.append(f"{section}.{key}: unknown key ({_did_you_mean(near)}"
+                                f"expected one of {', '.join(fields)})")
         out: dict[str, Any] = {}
         for name, f in fields.items():
             path = f"{section}.{name}"
             if name in raw:
                 out[name] = _coerce(f, raw[name], path, problems)
             elif f.required:
-                problems.append(f"{path}: missing required key")
+                if section not in misspelt:  # said once, as the misspelt section
+                    problems.append(f"{path}: missing required key")
                 out[name] = _MISSING
             else:
                 out[name] = copy.deepcopy(f.default)
@@ -572,7 +590,22 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> Spec:
             raise SpecError([f"the spec must be a mapping of sections, got "
                              f"{_type_name(document)}"], source)
         document = apply_overrides(document, overrides)
-    return validate(document, p.resolve().parent, source)
+    try:
+        return validate(document, p.resolve().parent, source)
+    except SpecError as exc:
+        raise SpecError([_from_set(problem, overrides) for problem in exc.problems],
+                        source) from None
+
+
+def _from_set(problem: str, overrides: Sequence[str]) -> str:
+    """``problem`` with the ``--set`` it came from, when its key path is one that an
+    override wrote (the file is not to blame)."""
+    path = problem.split(":", 1)[0].strip()
+    for text in overrides:
+        key = text.partition("=")[0].strip()
+        if path == key or path.startswith(key + ".") or key.startswith(path + "."):
+            return f"{problem} (from --set {text})"
+    return problem
 
 
 def spec_from_dict(document: Mapping[str, Any], base_dir: str | Path = ".") -> Spec:

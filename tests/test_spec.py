@@ -97,8 +97,31 @@ def test_override_errors() -> None:
 
 def test_override_of_unknown_key_is_a_spec_error(tmp_path: Path) -> None:
     p = write(tmp_path, yaml.safe_dump(GOOD))
-    with pytest.raises(SpecError, match="probe.sed: unknown key"):
-        load_spec(p, ["probe.sed=3"])
+    with pytest.raises(SpecError, match="probe.sed: unknown key") as info:
+        load_spec(p, ["probe.sed=3", "probe.max_seconds=-1"])
+    # each problem names the --set it came from: the file is not to blame
+    assert info.value.problems[0].endswith("(from --set probe.sed=3)")
+    assert info.value.problems[1].endswith("(from --set probe.max_seconds=-1)")
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, yaml.safe_dump({**GOOD, "probe": {"method": "magic"}})),
+                  ["probe.seed=3"])
+    assert "from --set" not in info.value.problems[0]  # the file's own problem
+
+
+def test_misspelt_keys_and_sections_get_a_suggestion() -> None:
+    with pytest.raises(SpecError) as info:
+        spec_from_dict({**GOOD, "probe": {"max_secnds": 10, "zzz": 1}})
+    first, second = info.value.problems
+    assert "probe.max_secnds: unknown key (did you mean 'max_seconds'?" in first
+    assert "did you mean" not in second  # nothing close to zzz
+    bad = {k: v for k, v in GOOD.items() if k != "optimizer"}
+    bad["optimiser"] = GOOD["optimizer"]
+    with pytest.raises(SpecError) as info:
+        spec_from_dict(bad)
+    # one problem, the misspelling: not also a missing section and its missing keys
+    assert info.value.problems == [
+        "optimiser: unknown section (did you mean 'optimizer'? expected one of model, "
+        "data, loss, optimizer, probe, hardware, training)"]
 
 
 def test_starter_spec_is_valid_and_documents_every_field(tmp_path: Path) -> None:
