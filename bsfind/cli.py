@@ -38,6 +38,7 @@ from bsfind.errors import (
     BsfindError,
     Interrupted,
     SpecError,
+    UsageError,
 )
 
 app = typer.Typer(
@@ -329,8 +330,8 @@ def render_schedule(doc: dict[str, Any]) -> None:
                 f"batch {m['batch_size']:,} ({m['factor']:g}×)")
     t = Table(title=f"Batch-size schedule (predicted; {lr_words})", title_justify="left")
     for col in ("from step", "from examples", "batch", "per device × accum", "learning rate",
-                "B_n there", "steps", ""):
-        t.add_column(col, justify="right" if col else "left")
+                "B_n there", "steps", "note"):
+        t.add_column(col, justify="right" if col != "note" else "left")
     for p in s["phases"]:
         t.add_row(f"{p['start_step']:,}", f"{p['start_examples']:,}", f"{p['batch_size']:,}",
                   f"{p['per_device_batch_size']} × {p['grad_accumulation']}",
@@ -621,6 +622,9 @@ def schedule(
     overrides = list(set_ or []) + ([f"hardware.gpu={gpu}"] if gpu else [])
 
     def run() -> dict[str, Any]:
+        if spec.suffix == ".jsonl" or log.suffix in (".yaml", ".yml"):
+            raise UsageError(f"bsfind schedule takes the spec first, then the log: "
+                             f"bsfind schedule {log} {spec}")
         s = _load(spec, overrides)
         with _sigterm_as_interrupt(), _progress(True) as progress:
             return report.to_dict(api.schedule_from_log(s, log, progress=progress))

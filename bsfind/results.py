@@ -416,8 +416,10 @@ class Trajectory:
         steps / examples: the last point's training step and examples seen.
         epochs: examples over the dataset size.
         loss_from / loss_to: the training loss at the start and at the end.
-        b_simple_first / b_simple_last: the noise scale at the first and the last
-            point (None when unresolved there); ``growth`` is their ratio.
+        b_simple_first / b_simple_last: the noise scale at the first point and "now",
+            the value the advice uses (along training the median of the last three
+            points, which one lucky dip cannot move); None when unresolved; ``growth``
+            is their ratio.
         moved: whether training got far enough to stand for the run (the loss
             fell by at least MOVED_LOSS_DROP, or the planned run was reached).
         planned_examples: the run the spec plans (``training``), when given.

@@ -151,6 +151,9 @@ def test_schedule_command_errors_are_one_line(tmp_path: Path) -> None:
     r = runner.invoke(app, ["schedule", spec, str(bad), "--json"])
     assert r.exit_code != 0
     assert json.loads(r.stdout)["status"] == "error" and "bad.jsonl:1" in r.output
+    r = runner.invoke(app, ["schedule", str(bad), spec])  # swapped
+    assert r.exit_code == 2 and "takes the spec first, then the log" in r.output
+    assert f"bsfind schedule {spec} {bad}" in r.output.replace("\n", "")
 
 
 def test_a_batchnorm_log_keeps_its_micro_batch_per_device() -> None:
