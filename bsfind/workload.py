@@ -285,7 +285,8 @@ class Workload:
                 raise UserCodeError(
                     f"model {self.model_name!r} raised {type(exc).__name__} in forward: {exc}",
                     hint=("loss: model calls the model with labels=targets and reads the "
-                          "loss it returns" if own else None),
+                          "loss it returns; " if own else "")
+                    + f"the batch: inputs {_shapes(x)}, targets {_shapes(y)}",
                 ) from exc
         if not isinstance(out, torch.Tensor) and self.loss_name in LOSSES and not own:
             raise UserCodeError(
@@ -299,7 +300,9 @@ class Workload:
             loss = self.loss_fn(out.float() if isinstance(out, torch.Tensor) else out, y)
         except Exception as exc:
             raise UserCodeError(
-                f"loss {self.loss_name!r} raised {type(exc).__name__}: {exc}"
+                f"loss {self.loss_name!r} raised {type(exc).__name__}: {exc}",
+                hint=f"it got outputs {_shapes(out)} and targets {_shapes(y)} (the first "
+                     "axis is the batch)",
             ) from exc
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
@@ -308,6 +311,18 @@ class Workload:
                 f"got {shape}"
             )
         return loss.reshape(())
+
+
+def _shapes(x: Any) -> str:
+    """A batch's shape(s) and dtype(s), for messages: [4, 64] float32, or a dict/tuple
+    of them."""
+    if isinstance(x, torch.Tensor):
+        return f"[{', '.join(map(str, x.shape))}] {str(x.dtype).removeprefix('torch.')}"
+    if isinstance(x, Mapping):
+        return "{" + ", ".join(f"{k}: {_shapes(v)}" for k, v in x.items()) + "}"
+    if isinstance(x, (list, tuple)):
+        return "(" + ", ".join(_shapes(v) for v in x) + ")"
+    return type(x).__name__
 
 
 def _to(x: Any, device: torch.device) -> Any:

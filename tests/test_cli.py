@@ -313,3 +313,13 @@ def test_plain_progress_prints_each_phase_first_and_last_message() -> None:
         log("noise", 0.5, "step 0: B_simple≈70 ±30%, B_big=128")
         raise RuntimeError("loss is nan")
     assert failed == ["bsfind: noise: step 0: |G|² unresolved, B_big=64"]
+
+
+def test_shape_errors_show_the_batch_they_got() -> None:
+    """torch's shape messages name the tensors the model or loss saw; the hint adds the
+    batch's own shapes (the first axis is the batch)."""
+    r = run("noise", GOOD, "--set", "model.factory=user_code.py:shape_mismatch_model")
+    assert_clean_failure(r, 3, "raised RuntimeError in forward",
+                         "the batch: inputs [", "] float32, targets [")
+    r = run("noise", GOOD, "--set", "loss=user_code.py:raising_loss")
+    assert_clean_failure(r, 3, "loss exploded", "it got outputs [", "and targets [")
