@@ -275,15 +275,24 @@ def lr_correction(b: float, b0: float, b_star: float, factor: float) -> float:
     Two points are known: at B0 the rule gives lr0, the learning rate the user tuned
     (factor 1); at B* the branches measured ``factor``. Between them the factor is
     interpolated geometrically in log batch; beyond B* it stays ``factor``, and on the
-    far side of B0 it stays 1. When B* = B0 the measurement says lr0 itself is off at
-    this point of training: ``factor`` everywhere.
+    far side of B0 it stays what it is at B0.
+
+    How much of ``factor`` the batch change can explain is bounded: between scaling
+    the learning rate not at all and linearly with the batch, a rule can be off by at
+    most B*/B0 (or B0/B*) over that span. The rest cannot come from the batch, so it is
+    lr0's own error at this point of training and applies at every batch, B0 included:
+    e = factor^((L − R)/L) with L = |log factor| > R = |log(B*/B0)|. When B* = B0 that
+    is all of ``factor``; a measurement just above B0 (4× at 1.1·B0) no longer makes a
+    cliff between B0 and B*.
     """
     if b <= 0 or b0 <= 0 or b_star <= 0 or factor <= 0:
         raise ValueError("batch sizes and the factor must be positive")
-    if factor == 1.0 or b_star == b0:
+    big, span = abs(math.log(factor)), abs(math.log(b_star / b0))
+    if factor == 1.0 or span == 0.0:
         return factor
+    excess = factor ** ((big - span) / big) if big > span else 1.0
     w = math.log(b / b0) / math.log(b_star / b0)
-    return float(factor ** min(1.0, max(0.0, w)))
+    return float(excess * (factor / excess) ** min(1.0, max(0.0, w)))
 
 
 # ------------------------------------------------------------ step-time model

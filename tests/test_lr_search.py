@@ -111,6 +111,24 @@ def test_lr_correction_between_the_two_measured_batches() -> None:
     assert lr_correction(512, 64, 256, 1.0) == 1.0
 
 
+def test_lr_correction_takes_what_no_rule_explains_as_lr0_s_own_error() -> None:
+    """Between B0 and B* a rule can be off by at most B*/B0 (constant against linear
+    scaling): 4x measured at B* = 2·B0 leaves a factor 2 that is lr0's own, at B0 too."""
+    assert lr_correction(64, 64, 128, 4.0) == pytest.approx(2.0)
+    assert lr_correction(90.50966799, 64, 128, 4.0) == pytest.approx(2 * 2 ** 0.5)
+    assert lr_correction(128, 64, 128, 4.0) == pytest.approx(4.0)
+    assert lr_correction(32, 64, 128, 4.0) == pytest.approx(2.0)  # held below B0
+    # 4x at 72 over 64 (a new user's transformer): no cliff between 64 and 72
+    e = 4.0 ** (1 - math.log(72 / 64) / math.log(4.0))  # 3.55
+    assert lr_correction(64, 64, 72, 4.0) == pytest.approx(e) and e == pytest.approx(3.5556,
+                                                                                     rel=1e-4)
+    assert lr_correction(128, 64, 72, 4.0) == pytest.approx(4.0)
+    # mirrored: a quarter measured at B* = B0/2
+    assert lr_correction(64, 64, 32, 0.25) == pytest.approx(0.5)
+    # within what the batch change explains: unchanged (1 at B0)
+    assert lr_correction(64, 64, 256, 2.0) == pytest.approx(1.0)
+
+
 def test_the_schedule_carries_the_correction() -> None:
     from bsfind.schedule import Growth, Phase, Schedule, with_measured_lr
 
