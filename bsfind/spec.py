@@ -437,6 +437,20 @@ def _did_you_mean(near: str | None) -> str:
     return f"did you mean {near!r}? " if near else ""
 
 
+def _unknown_sections(document: Mapping[str, Any], problems: list[str]) -> set[str]:
+    """Add a problem per unknown section; return the known sections they misspell (and
+    that are missing), which are then not reported again as missing."""
+    misspelt: set[str] = set()
+    for key in document:
+        if key not in SCHEMA:
+            near = _near(str(key), SCHEMA)
+            if near is not None and near not in document:
+                misspelt.add(near)
+            problems.append(f"{key}: unknown section ({_did_you_mean(near)}expected one of "
+                            f"{', '.join(SCHEMA)})")
+    return misspelt
+
+
 def validate(document: Any, base_dir: Path, source: str = "spec") -> Spec:
     """Validate a parsed YAML document; raise SpecError listing every problem."""
     problems: list[str] = []
@@ -445,14 +459,7 @@ def validate(document: Any, base_dir: Path, source: str = "spec") -> Spec:
     if not isinstance(document, Mapping):
         raise SpecError([f"the spec must be a mapping of sections, got {_type_name(document)}"],
                         source)
-    misspelt: set[str] = set()  # sections whose misspelling was already reported
-    for key in document:
-        if key not in SCHEMA:
-            near = _near(key, SCHEMA)
-            if near is not None and near not in document:
-                misspelt.add(near)
-            problems.append(f"{key}: unknown section ({_did_you_mean(near)}expected one of "
-                            f"{', '.join(SCHEMA)})")
+    misspelt = _unknown_sections(document, problems)
     for section in REQUIRED_SECTIONS:
         if section not in document and section not in misspelt:
             problems.append(f"{section}: missing required section")
