@@ -33,7 +33,9 @@ them before clipping and before ``GradScaler.unscale_``; with ``scaler=`` the
 squared norms are divided by the loss scale squared.
 
 |G|² and tr(Σ) are smoothed separately, as weighted means over the last
-``window`` measurements (weights: the big batch), and B_simple is the ratio of
+``window`` measurements (weights: the big batch) from the latter half of the examples
+seen so far (``in_training.Window``: early measurements, whose |G|² is orders of
+magnitude larger, leave as training goes on), and B_simple is the ratio of
 the two means, never a mean of ratios (McCandlish App. A.1), with Fieller's 95%
 interval over the window (:class:`~bsfind.noise.estimators.RatioAccumulator`).
 The weights move between the steps of a window, so a tracked value is an
@@ -911,7 +913,7 @@ class Tracker:
             return None
         self._skipped_in_a_row = 0
         g2, trace = two_batch(b_small, sq_small, b_big, sq_big)
-        self._window.add(trace, g2, b_big)
+        self._window.add(trace, g2, b_big, m.examples)
         mean_g2, mean_trace, value, ci = self._window.summary()
         rec = TrackRecord(
             step=m.step, examples=m.examples,

@@ -577,3 +577,25 @@ def test_measuring_the_noise_scale_mid_run_leaves_the_tracker_as_it_was() -> Non
         measured = run(5)  # after an update that attached the hooks for step 6
     assert len(plain) == 6 and [s for s, _ in measured] == [s for s, _ in plain]
     assert [g for _, g in measured] == pytest.approx([g for _, g in plain], rel=1e-5)
+
+
+def test_the_window_keeps_the_latter_half_of_training_so_far() -> None:
+    """Rows leave once the newest measurement is past twice their examples (never below
+    two rows); the summary is the ratio of weighted means of those kept."""
+    from bsfind.noise.in_training import Window
+
+    w = Window(64)
+    for examples, g2 in ((64, 256.0), (1000, 1.0), (2000, 0.5), (3000, 0.4), (5000, 0.2)):
+        w.add(10.0, g2, 64.0, examples)
+    assert [r[3] for r in w.rows] == [3000, 5000]  # 64, 1000 and 2000 are < 5000 / 2
+    mean_g2, mean_trace, value, _ = w.summary()
+    assert mean_g2 == pytest.approx(0.3) and mean_trace == pytest.approx(10.0)
+    assert value is None or value == pytest.approx(10.0 / 0.3)  # (two rows: unresolved)
+    few = Window(64)
+    few.add(1.0, 1.0, 8.0, 10)
+    few.add(1.0, 1.0, 8.0, 1000)
+    assert len(few.rows) == 2  # two rows stay, however far apart
+    small = Window(3)  # and never more than the window's size
+    for e in range(100, 106):
+        small.add(1.0, 1.0, 8.0, e)
+    assert [r[3] for r in small.rows] == [103, 104, 105]

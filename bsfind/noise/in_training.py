@@ -39,18 +39,32 @@ COST_SPANS = 8
 MIN_COST_SPANS = 3
 
 
+# The window keeps the measurements of the latest 1/RECENT of the examples seen so far
+# (2: the latter half of training so far).
+RECENT = 2.0
+
+
 class Window:
-    """The last ``size`` per-step estimates, combined as a ratio of weighted means."""
+    """The last ``size`` per-step estimates, combined as a ratio of weighted means,
+    from the latter part of training so far only: a row measured at e examples leaves
+    once the newest is past e / RECENT. The weights move while the window fills, and
+    |G|² falls by orders of magnitude early in training; a window reaching back to
+    the start let the first |G|² dominate the mean (a tracked B_simple 17× below the
+    fixed-weight value at the same step). The noise scale grows about as a power of
+    the examples seen (docs/validation.md), so within the last halving it changes by a
+    bounded factor whatever the step."""
 
     def __init__(self, size: int) -> None:
-        self.rows: deque[tuple[float, float, float]] = deque(maxlen=size)
+        self.rows: deque[tuple[float, float, float, float]] = deque(maxlen=size)
 
-    def add(self, trace: float, g2: float, weight: float) -> None:
-        self.rows.append((trace, g2, weight))
+    def add(self, trace: float, g2: float, weight: float, examples: float = 0.0) -> None:
+        self.rows.append((trace, g2, weight, examples))
+        while len(self.rows) > 2 and self.rows[0][3] * RECENT < examples:
+            self.rows.popleft()
 
     def summary(self) -> tuple[float, float, float | None, Interval]:
         """(smoothed |G|², smoothed tr(Σ), B_simple or None, its interval)."""
-        traces, g2s, weights = (list(c) for c in zip(*self.rows, strict=True))
+        traces, g2s, weights, _ = (list(c) for c in zip(*self.rows, strict=True))
         acc = RatioAccumulator(traces, g2s, weights)
         moments = acc.moments()
         value, ci, _, _ = acc.ratio(moments)
