@@ -557,6 +557,7 @@ class AdvisorInputs:
         basis: which noise scale ``b_n`` is.
         noise_step: training step of the probe point that gave ``b_n``.
         noise_summary_of: when ``b_n`` is a median over several points, their steps.
+        noise_from_log: ``b_n`` was read from a tracker's log (``bsfind schedule``).
         b_n_lower_bound: the noise scale was not resolved; ``b_n`` is its lower bound
             (the largest batch probed), not an estimate.
         norm_batch: the per-device BatchNorm batch the noise scale was measured with
@@ -587,6 +588,8 @@ class AdvisorInputs:
     basis: Basis = "b_simple"
     noise_step: int = 0
     noise_summary_of: tuple[int, ...] = ()
+    # b_n was read from a tracker's log (bsfind schedule), not measured by a probe now.
+    noise_from_log: bool = False
     b_n_lower_bound: bool = False
     norm_batch: int | None = None
     lr_rule: str = "auto"

@@ -250,7 +250,9 @@ def advise(report: Report, spec: Spec, job: Workload, runner: Runner, hw: Hardwa
     assert report.used is not None
     inputs = advisor_inputs(report.used, spec, job, world=world,
                             timing=pred_time or hw.timing, memory=pred_mem or hw.memory,
-                            sync_seconds=sync, price=price)
+                            sync_seconds=sync, price=price,
+                            from_log=report.trajectory is not None
+                            and report.trajectory.mode == "log")
     measured = inputs
     inputs = calibrated_inputs(inputs, report.branches)
     advice = wording.describe_advice(advisor.advise(inputs, max_gpus=max_gpus), inputs)
@@ -296,7 +298,7 @@ def basis_for(job: Workload, used: NoiseEstimate) -> advisor.Basis:
 def advisor_inputs(
     used: NoiseEstimate, spec: Spec, job: Workload, *, world: int,
     timing: TimingCurve | None, memory: MemoryModel | None, sync_seconds: float | None,
-    price: float | None,
+    price: float | None, from_log: bool = False,
 ) -> advisor.AdvisorInputs:
     """The advisor's inputs: the noise scale used, the baseline, the measurements.
 
@@ -318,7 +320,7 @@ def advisor_inputs(
         b_n=max(b_n, 1e-9), b_n_ci=ci, basis=basis, noise_step=used.step,
         b_n_lower_bound=used.b_simple is None and basis == "b_simple",
         norm_batch=measured_norm_batch(spec, job, used, world),
-        noise_summary_of=used.summary_of,
+        noise_summary_of=used.summary_of, noise_from_log=from_log,
         baseline_batch=spec.optimizer.batch_size, baseline_lr=spec.optimizer.lr,
         optimizer_family=advisor.optimizer_family(job.optimizer_cls),
         lr_rule=spec.optimizer.lr_rule, dataset_size=len(job),

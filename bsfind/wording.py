@@ -321,9 +321,11 @@ def _notes(advice: Advice, inputs: AdvisorInputs) -> list[str]:
         notes.append("an unresolved noise scale is treated as perfect scaling: the largest "
                      "batch wins, limited only by the dataset size")
     elif inputs.b_n_lower_bound:
+        fix = ("a longer stretch of training in the log, or measuring more often "
+               "(track(model, every=...)), can resolve it" if inputs.noise_from_log else
+               "a longer probe (probe.max_seconds) or a larger probe batch can resolve it")
         notes.append("the noise scale was not resolved, so the advice uses its lower bound: "
-                     "the time-optimal batch may be larger still; a longer probe "
-                     "(probe.max_seconds) or a larger probe batch can resolve it")
+                     f"the time-optimal batch may be larger still; {fix}")
     if f.optimum_clipped:
         notes.append(f"the optimum reaches the dataset size ({inputs.dataset_size:,}): clipped")
     if inputs.basis == "b_simple" and inputs.optimizer_family == "adam":

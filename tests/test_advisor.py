@@ -610,3 +610,14 @@ def test_durations_read_in_seconds_minutes_or_hours() -> None:
     assert duration(0.000802) == "2.89 s"
     assert duration(0.298442) == "17.9 min"
     assert duration(1.5) == "1.5 h" and duration(250.0) == "250 h"
+
+
+def test_an_unresolved_noise_scale_says_how_to_resolve_it_where_it_came_from() -> None:
+    from bsfind.wording import describe_advice
+
+    for from_log, fix in ((False, "a longer probe (probe.max_seconds)"),
+                          (True, "measuring more often (track(model, every=...))")):
+        inp = inputs(b_n_lower_bound=True, noise_from_log=from_log)
+        notes = describe_advice(advise(inp), inp).recommendation.notes
+        said = [n for n in notes if n.startswith("the noise scale was not resolved")]
+        assert len(said) == 1 and fix in said[0]
