@@ -118,6 +118,10 @@ def run(spec: Spec, runner: Runner, command: str, progress: ProgressFn | None = 
     job = runner.build(spec)
     with runner.fit_to_load(job):
         report = _measure_and_advise(spec, runner, command, job, deadline, progress, max_gpus)
+    fitted = getattr(runner, "fitted", None)  # recommend says so with its step times
+    if command != "recommend" and fitted is not None and fitted.reduced:
+        report = dataclasses.replace(report, warnings=report.warnings + (
+            wording.probed_beside_load(fitted.share or BUSY_SHARE, fitted.threads),))
     return runner.finish(dataclasses.replace(report, seconds=time.perf_counter() - start))
 
 

@@ -104,6 +104,8 @@ class LocalRunner:
     def __init__(self) -> None:
         self._load: measure.LadderSetup | None = None  # set inside fit_to_load on the CPU
         self._use: measure.CpuUse | None = None  # started with the deadline
+        # what fit_to_load did with the last run's threads (it stays after the block)
+        self.fitted: measure.LadderSetup | None = None
 
     @contextlib.contextmanager
     def fit_to_load(self, job: Workload) -> Iterator[None]:
@@ -120,7 +122,7 @@ class LocalRunner:
         if use is None:
             use = measure.CpuUse()
             use.start()
-        self._load = measure.setup_for_load(use)
+        self._load = self.fitted = measure.setup_for_load(use)
         try:
             with measure.intra_op_threads(self._load.threads):
                 yield

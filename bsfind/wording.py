@@ -105,6 +105,14 @@ def busy_while_timing(share: float) -> str:
             "load); re-run on a quiet machine, or set hardware.gpu for the GPU you train on")
 
 
+def probed_beside_load(share: float, threads: int) -> str:
+    """The noise probe ran on the cores other processes left free (``bsfind noise``)."""
+    return (f"other processes used {share:.0%} of the CPUs bsfind runs on: the probe ran on "
+            f"{threads} intra-op thread{'s' if threads > 1 else ''} (the value is the same; "
+            "within the time budget it saw fewer examples, so its interval is wider than on "
+            "a quiet machine)")
+
+
 def timed_beside_load(share: float, threads: int | None, cpu_clock: bool) -> str:
     """The CPU ladder ran on the cores other processes left free (issue #14)."""
     n = threads if threads is not None else 1

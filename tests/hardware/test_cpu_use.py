@@ -373,3 +373,22 @@ def test_usable_cpus_are_every_thread_s_not_the_main_one_s(
     monkeypatch.setattr(os, "listdir", lambda path: ["100", "101", "102"])
     monkeypatch.setattr(os, "sched_getaffinity", lambda tid: pinned[tid])
     assert usable_cpus() == frozenset({0, 1})
+
+
+def test_bsfind_noise_says_it_probed_on_the_free_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """60% of 2 CPUs busy: the probe runs on the one core left, and the report says so
+    (recommend says it with its step times)."""
+    from bsfind import api
+    from bsfind.spec import load_spec
+    from tests.conftest import CONFIGS
+
+    monkeypatch.setattr(measure, "CpuUse", lambda: steady(0.6, cpus=2))
+    spec = load_spec(CONFIGS / "digits-mlp.yaml", ["probe.max_seconds=3", "probe.at_steps=[0]"])
+    with measure.intra_op_threads(2):
+        report = api.measure(spec)
+    said = [w for w in report.warnings if "the probe ran on 1 intra-op thread" in w]
+    assert len(said) == 1 and said[0].startswith("other processes used 60%")
+    monkeypatch.setattr(measure, "CpuUse", lambda: steady(0.0, cpus=2))
+    with measure.intra_op_threads(2):
+        quiet = api.measure(spec)
+    assert not any("intra-op thread" in w for w in quiet.warnings)
