@@ -290,7 +290,7 @@ def measure(job: Workload, options: BranchOptions, deadline: Deadline, *,
     """
     start = time.perf_counter()
     opt = optimizer if optimizer is not None else job.make_optimizer(options.lr)
-    saved_model, saved_opt = _saved(job.model, opt)
+    saved_model, saved_opt = saved_state(job.model, opt)
     eval_idx = evaluation_subset(len(job), Seeds(options.seed).evaluation_subset)
     batches = ladder(options.baseline_batch, len(job), options.max_factor)
     run = _Ladder(job, options, opt, saved_model, saved_opt, eval_idx, deadline, progress,
@@ -316,7 +316,7 @@ def measure(job: Workload, options: BranchOptions, deadline: Deadline, *,
     return run.result(stopped, time.perf_counter() - start)
 
 
-def _saved(model: torch.nn.Module, opt: torch.optim.Optimizer
+def saved_state(model: torch.nn.Module, opt: torch.optim.Optimizer
            ) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
     """Host copies of the weights and the optimizer state (``training.host_copy``): on a
     GPU the weights and an Adam state would take three more copies of the parameters
@@ -676,7 +676,7 @@ class _LrWalk:
         self.job, self.options, self.opt = job, options, opt
         self.deadline, self.progress, self.on_branch_start = deadline, progress, on_branch_start
         self.start = time.perf_counter()
-        self.saved_model, self.saved_opt = _saved(job.model, opt)
+        self.saved_model, self.saved_opt = saved_state(job.model, opt)
         self.base_lrs = [g["lr"] for g in opt.param_groups]
         self.eval_idx = evaluation_subset(len(job), Seeds(options.seed).evaluation_subset)
         self.scales = cooldown_scales(options.steps, options.cooldown)

@@ -71,7 +71,7 @@ def ladder_at(job: Any, opt: torch.optim.Optimizer, point: dict[str, Any], b0: i
               lr0: float, family: str, lr_rule: str, delta: int, cooldown: float,
               repeats: int) -> dict[str, Any]:
     """The cooled ladder from the current weights and ``opt``'s state (both restored)."""
-    saved = branches._saved(job.model, opt)
+    saved = branches.saved_state(job.model, opt)
     base_lrs = [g["lr"] for g in opt.param_groups]
     # the evaluation subset and the data orders of branch_eval.py's BranchOptions(seed=seed)
     eval_idx = evaluation_subset(len(job), Seeds(point["seed"]).evaluation_subset)

@@ -262,7 +262,7 @@ def test_the_saved_start_is_a_host_copy_that_no_branch_can_touch() -> None:
     step count is updated in place)."""
     job = tiny_job()
     opt = trained(job)
-    saved_model, saved_opt = branches._saved(job.model, opt)
+    saved_model, saved_opt = branches.saved_state(job.model, opt)
     live = [*job.model.state_dict().values(),
             *(t for st in opt.state_dict()["state"].values() for t in st.values())]
     copies = [*saved_model.values(),
