@@ -11,7 +11,9 @@ CPU wheel the Makefile pins) and 2.11 (the GPU check machine).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -174,6 +176,27 @@ def scaler_unscaled(scaler: object | None) -> bool:
     if not isinstance(states, dict):
         return False
     return any(getattr(s.get("stage"), "name", "") == "UNSCALED" for s in states.values())
+
+
+_INTERNAL = threading.local()
+
+
+@contextlib.contextmanager
+def internal_backward() -> Iterator[None]:
+    """Marks a backward pass bsfind itself runs inside a user's step (the per-example
+    hooks' check for rows that cross the batch, ``torch.autograd.grad`` on the forward's
+    outputs): hooks that wait for the training backward skip it (:func:`in_internal_backward`)."""
+    depth = getattr(_INTERNAL, "depth", 0)
+    _INTERNAL.depth = depth + 1
+    try:
+        yield
+    finally:
+        _INTERNAL.depth = depth
+
+
+def in_internal_backward() -> bool:
+    """Whether the backward now running is one of bsfind's own (:func:`internal_backward`)."""
+    return getattr(_INTERNAL, "depth", 0) > 0
 
 
 def can_queue_backward_callback() -> bool:

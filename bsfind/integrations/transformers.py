@@ -178,6 +178,8 @@ class NoiseScaleCallback(TrainerCallback):
         fired = [False]
 
         def at_start_of_backward(grad_outputs: Any) -> None:
+            if compat.in_internal_backward():
+                return  # the per-example hooks' own check, inside the forward
             task = compat.current_graph_task_id()
             if fired[0] or (task is not None and task == self._last_task):
                 return  # another output of this forward, or of another forward, same backward

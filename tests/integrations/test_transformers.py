@@ -137,3 +137,35 @@ def test_doubling_changes_accumulation_and_learning_rate_by_the_rule(tmp_path: P
     assert callback.tracker is not None
     bigs = [r.b_big for r in callback.tracker.records]
     assert bigs == [64] * 32 + [128] * 16 + [256] * 8  # 2048 examples an epoch
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        self.ids = torch.randint(0, 50, (256, 12), generator=torch.Generator().manual_seed(1))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def test_a_gpt2_without_accumulation_is_measured_on_every_scheduled_step(
+        tmp_path: Path) -> None:
+    """GPT-2's position embeddings are broadcast over the batch, so the per-example hooks
+    check the forward's outputs with torch.autograd.grad; that check must not pass for
+    the training backward (a new user's run got one record in 384 steps)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=12, n_embd=16, n_layer=1,
+                                       n_head=2, bos_token_id=0, eos_token_id=0))
+    trainer = Trainer(model=model, args=_args(tmp_path, per_device_train_batch_size=16,
+                                              max_steps=12, learning_rate=1e-3),
+                      train_dataset=_Tokens())
+    callback = NoiseScaleCallback.attach(trainer, every=4)
+    trainer.train()
+    assert callback.tracker is not None
+    recs = callback.tracker.records
+    assert [r.step for r in recs] == [0, 4, 8]
+    assert all(r.method == "per-example" and r.b_big == 16 for r in recs)

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bsfind import torch_compat as compat
+
 # Gradient on rows other than the cotangent's example, relative to its own row's, above
 # which the tensor counts as shared across examples. Independent rows get exact zeros
 # (a zero cotangent times finite local derivatives); the margin only absorbs denormals.
@@ -86,8 +88,9 @@ def crossing_rows(outputs: list[Tensor], tensors: list[Tensor], batch: int) -> l
             c = torch.zeros_like(o)
             c[k] = torch.randn(o.shape[1:], generator=gen, device=o.device).to(o.dtype)
             cotangents.append(c)
-        grads = torch.autograd.grad(outs, tensors, cotangents, retain_graph=True,
-                                    allow_unused=True)
+        with compat.internal_backward():  # not the user's backward (tracker callbacks)
+            grads = torch.autograd.grad(outs, tensors, cotangents, retain_graph=True,
+                                        allow_unused=True)
         for i, g in enumerate(grads):
             if g is None or found[i] is not None:
                 continue
