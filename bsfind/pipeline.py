@@ -8,6 +8,7 @@ module nothing sees a ``Spec``.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import time
@@ -204,7 +205,10 @@ def plan_from_log(spec: Spec, runner: Runner, records: Sequence[TrackRecord], so
     job = runner.build(spec)
     points = trajectory.from_log(records, dataset_size=len(job),
                                  planned=spec.planned_examples(len(job)), source=source)
-    logged = {r.b_big for r in records}
+    counts = collections.Counter(r.b_big for r in records)
+    # the batches the run trained with, not an epoch's partial last batch now and then
+    logged = {b for b, c in counts.items() if c >= max(2, 0.05 * len(records))} or {
+        counts.most_common(1)[0][0]} if counts else set()
     bn = measured_norm_batch(spec, job, points.used)
     notes = [wording.log_batch_differs(sorted(logged), spec.optimizer.batch_size,
                                        batchnorm=bn is not None)] if (

@@ -110,6 +110,8 @@ DEFAULT_EVERY_CHEAP = 1
 # Measurements smoothed into one value: enough rounds for the t-based interval
 # (df = window - 1) to be close to its normal limit.
 DEFAULT_WINDOW = 64
+# Steps whose global batch sizes say which batch the loop trains with now (Tracker.batch_now).
+RECENT_BATCHES = 16
 # Losses kept one by one between measurements before they are folded into their sum.
 LOSSES_KEPT = 64
 # dataset size the advisor is given when the caller does not know it
@@ -560,6 +562,7 @@ class Tracker:
         self._losses: list[torch.Tensor | float] = []  # since the last measurement
         self._loss_count = 0
         self._seen_batch: int | None = None
+        self._recent: deque[int] = deque(maxlen=RECENT_BATCHES)  # global batch per step
         self._closed = False
         self._start = time.perf_counter()
         _OPEN.add(self)
@@ -625,6 +628,7 @@ class Tracker:
         new = self._poll(force=False)
         self.step += 1
         self._last_batch = batch
+        self._recent.append(batch)
         before = time.perf_counter()
         self._span(batch, before, measured=hooked)
         self._begin_step()
@@ -639,6 +643,7 @@ class Tracker:
         micro-steps, no DDP hook to switch (:meth:`_begin_step` sets ``_quick``)."""
         self._quick -= 1
         self._seen_batch = self._last_batch = b
+        self._recent.append(b)
         if loss is not None:
             self.record_loss(loss)
         self.examples += b
@@ -737,8 +742,21 @@ class Tracker:
             return None
         curve, source = self._timing(timing)
         return doubling_advice(
-            self.step, self._last_batch, rec.b_simple, rec.ci95, curve, source, lr=lr,
+            self.step, self.batch_now, rec.b_simple, rec.ci95, curve, source, lr=lr,
             optimizer=optimizer, lr_rule=lr_rule, dataset_size=dataset_size)
+
+    @property
+    def batch_now(self) -> int:
+        """The global batch the loop trains with now: the most frequent of the last
+        RECENT_BATCHES steps (the larger on a tie), so that an epoch's partial last batch
+        (5 of 1,797 examples at 32) does not stand for the run's batch at the next
+        epoch's start, where doubling is decided."""
+        if not self._recent:
+            return self._last_batch
+        counts: dict[int, int] = {}
+        for b in self._recent:
+            counts[b] = counts.get(b, 0) + 1
+        return max(counts, key=lambda b: (counts[b], b))
 
     def close(self) -> None:
         """Wait for the last values, detach every hook, close the log."""

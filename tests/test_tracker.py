@@ -599,3 +599,25 @@ def test_the_window_keeps_the_latter_half_of_training_so_far() -> None:
     for e in range(100, 106):
         small.add(1.0, 1.0, 8.0, e)
     assert [r[3] for r in small.rows] == [103, 104, 105]
+
+
+def test_an_epochs_partial_last_batch_does_not_stand_for_the_run() -> None:
+    """1,797 examples at 32: the last batch of an epoch is 5. At the next epoch's start,
+    where doubling is decided, the batch now is still 32 (the advice and its rate at 2B
+    are those of 32 -> 64)."""
+    model = _model()
+    tracker = track(model, every=1, window=10_000)
+    x, y = _problem()
+    for b in [32] * 20 + [5]:
+        F.cross_entropy(model(x[:b]), y[:b]).backward()
+        tracker.update()
+        model.zero_grad(set_to_none=True)
+    assert tracker.batch_now == 32
+    adv = tracker.advice(timing=(1.0, 1e-6), lr=0.1, optimizer="sgd")
+    assert adv is not None and adv.batch_size == 32
+    # a run that really changed its batch moves with it
+    for _ in range(12):
+        F.cross_entropy(model(x[:64]), y[:64]).backward()
+        tracker.update()
+        model.zero_grad(set_to_none=True)
+    assert tracker.batch_now == 64
