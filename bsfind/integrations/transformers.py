@@ -121,6 +121,7 @@ class NoiseScaleCallback(TrainerCallback):
         self.doublings: list[Doubling] = []
         self._hook: Any = None
         self._losses: list[torch.Tensor] = []
+        self._summed = False  # the micro-batch losses add up to the step's (see _on_forward)
         self._last_task: int | None = None
 
     @classmethod
@@ -156,7 +157,7 @@ class NoiseScaleCallback(TrainerCallback):
         # AcceleratedOptimizer holds the GradScaler of fp16 training.
         scaler = getattr(optimizer, "scaler", None)
         self.tracker = Tracker(tracked, scaler=scaler, **self.options)
-        self._hook = model.register_forward_hook(self._on_forward)
+        self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState,
                      control: TrainerControl, **kwargs: Any) -> None:
@@ -167,12 +168,17 @@ class NoiseScaleCallback(TrainerCallback):
             self.tracker.close()
 
     # -- every micro-batch --------------------------------------------------------------------
-    def _on_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+    def _on_forward(self, module: nn.Module, args: Any, kwargs: dict[str, Any],
+                    output: Any) -> None:
         if not (torch.is_grad_enabled() and module.training):
             return
         loss = _loss(output)
         if loss is not None:
             self._losses.append(loss.detach())
+            # Given num_items_in_batch, the model divides each micro-batch's summed loss
+            # by the whole step's count: the micro-batch losses then add up to the
+            # step's mean (without it each is its own mean, and they are averaged).
+            self._summed = kwargs.get("num_items_in_batch") is not None
         last = GradientState().sync_gradients  # the Trainer sets it before each micro-batch
         nodes = {t.grad_fn for t in _tensors(output) if t.grad_fn is not None}
         fired = [False]
@@ -199,7 +205,8 @@ class NoiseScaleCallback(TrainerCallback):
         if self.tracker is None:
             return
         if last:
-            loss = torch.stack(self._losses).mean() if self._losses else None
+            losses = torch.stack(self._losses) if self._losses else None
+            loss = None if losses is None else losses.sum() if self._summed else losses.mean()
             self._losses = []
             self.tracker.update(loss)
         else:

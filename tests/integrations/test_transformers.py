@@ -10,6 +10,7 @@ double=True accumulation and the learning rate change as the rule says.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -169,3 +170,28 @@ def test_a_gpt2_without_accumulation_is_measured_on_every_scheduled_step(
     recs = callback.tracker.records
     assert [r.step for r in recs] == [0, 4, 8]
     assert all(r.method == "per-example" and r.b_big == 16 for r in recs)
+
+
+def test_the_logged_loss_is_the_steps_mean_with_or_without_accumulation(
+        tmp_path: Path) -> None:
+    """The Trainer gives the model num_items_in_batch: each micro-batch's loss is then
+    its share of the step's, and they add up (their mean read half with 2 micro-batches)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    losses = []
+    for acc, per_device in ((1, 16), (2, 8)):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=12, n_embd=16,
+                                           n_layer=1, n_head=2, bos_token_id=0,
+                                           eos_token_id=0))
+        trainer = Trainer(model=model, args=_args(tmp_path, per_device_train_batch_size=per_device,
+                                                  gradient_accumulation_steps=acc, max_steps=3),
+                          train_dataset=_Tokens())
+        callback = NoiseScaleCallback.attach(trainer, every=1)
+        trainer.train()
+        assert callback.tracker is not None
+        losses.append([r.loss for r in callback.tracker.records])
+    plain, accumulated = losses
+    assert len(plain) == len(accumulated) == 3
+    assert accumulated == pytest.approx(plain, rel=0.02)  # lr 0, the same 16 examples a step
+    assert plain[0] == pytest.approx(math.log(50), rel=0.1)  # random weights: about ln V
