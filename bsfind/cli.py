@@ -351,9 +351,10 @@ def render_schedule(doc: dict[str, Any]) -> None:
         f" for the best constant batch ({s['best_constant_batch']:,})\n"
         f"  ramp as (from_step, batch, lr): [{ramp}]\n"
         f"  or as gradient accumulation over {micro} per device, (from_step, steps): [{acc}]\n"
-        f"  the noise scale was measured up to {s['measured_examples']:,.0f} examples; phases "
-        "past it follow the fitted growth (held beyond "
-        f"{s['growth']['extrapolation_limit_examples']:,.0f})",
+        f"  the noise scale was measured up to {s['measured_examples']:,.0f} examples"
+        + ("; past it the schedule follows the fitted growth (held beyond "
+           f"{s['growth']['extrapolation_limit_examples']:,.0f})"
+           if s["horizon_examples"] > s["measured_examples"] else ", the whole run planned"),
         markup=False,
     )
     # recommend only: bsfind schedule's recommendation reads the logged run's end, not

@@ -263,7 +263,8 @@ def _basis(advice: Advice, inputs: AdvisorInputs) -> str:
                  f"{inputs.noise_step}")
     elif inputs.b_n_lower_bound:
         noise = (f"{name} unresolved at training step {inputs.noise_step}: at least "
-                 f"{num(inputs.b_n)} (the largest batch probed), taken as that")
+                 f"{num(inputs.b_n)} (the larger of the largest batch probed and its "
+                 "interval's low end), taken as that")
     timing = inputs.timing
     if advice.facts.timing_state in ("ok", "points", "clamped") and timing is not None:
         return (f"{noise}; step time {step_time_words(timing)} per device "

@@ -6,6 +6,7 @@ noise scale growing as B_n(E) = E/100, measured from 1,000 to 64,000 examples.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -219,3 +220,7 @@ def test_the_report_says_which_constant_batch_to_take(monkeypatch: pytest.Monkey
     assert "differ" in printed(120) and "differ" not in printed(96)  # no range: the batch
     # bsfind schedule's recommendation reads the logged run's end, not where probes ended
     assert "differ" not in printed(120, [104, 160], command="schedule")
+    # the horizon (1,000 examples) lies past the measured 500: the fitted growth is used
+    assert "measured up to 500 examples; past it the schedule follows" in printed(96)
+    s = dataclasses.replace(s, measured_examples=2000)
+    assert "measured up to 2,000 examples, the whole run planned" in printed(96)
