@@ -543,6 +543,9 @@ def with_lr_search(report: Report, search: LrSearch) -> Report:
     assert rec is not None
     notes = (*rec.notes, wording.lr_search_line(search), *search.notes)
     status = "partial" if search.stopped == "budget" else report.status
+    if search.stopped == "budget" and wording.LR_SEARCH_CUT_SHORT not in report.warnings:
+        report = dataclasses.replace(report,
+                                     warnings=(*report.warnings, wording.LR_SEARCH_CUT_SHORT))
     if not any(math.isfinite(t.loss) for t in search.trials):
         return dataclasses.replace(report, lr_search=search, status=status,
                                    recommendation=dataclasses.replace(rec, notes=notes))

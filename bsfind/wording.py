@@ -37,6 +37,9 @@ UNRESOLVED = ("|G|² was not resolved: the noise scale exceeds the largest batch
               "which is all that is known of it")
 UNRESOLVED_ADVICE = ("the noise scale was not resolved: the advice takes its lower bound, "
                      "the largest batch probed")
+LR_SEARCH_CUT_SHORT = ("the time budget ended the learning-rate search: the report is partial, "
+                       "and the learning rate is the best of those that finished (see "
+                       "lr_search; a larger probe.max_seconds lets it finish)")
 BUDGET_RAN_OUT = ("the time budget ran out: results are partial (marked in the table and "
                   "JSON); raise probe.max_seconds for a complete run")
 

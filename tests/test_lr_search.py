@@ -422,6 +422,8 @@ def test_a_search_the_budget_stops_leaves_the_rule_and_a_partial_report(
     assert rec["lr_factor"] is None
     assert rec["learning_rate"] == pytest.approx(doc["lr_search"]["rule_learning_rate"])
     assert any("the rule's stands" in n for n in rec["notes"])
+    # a partial report says why among its warnings (a CI log shows those)
+    assert sum("ended the learning-rate search" in w for w in doc["warnings"]) == 1
 
 
 def test_recommend_without_the_search_says_the_rate_is_the_rules(
