@@ -86,7 +86,9 @@ def measured_norm_batch(spec: Spec, job: Workload, used: NoiseEstimate, world: i
 
     if used.method.endswith("microbatch"):
         return norm_batch(spec, job, world)
-    if used.b_small > 1 and has_batchnorm_in_training(job.model):
+    # (a DDP log's small batch is a rank's whole share of the step, micro-batches summed:
+    # not a BatchNorm batch)
+    if used.method != "ddp" and used.b_small > 1 and has_batchnorm_in_training(job.model):
         return int(used.b_small)
     return None
 
@@ -478,12 +480,14 @@ def lr_search_skipped(report: Report, spec: Spec, runner: Runner, points: trajec
     return None
 
 
-def lr_micro_batch(batch: int, memory: MemoryModel | None) -> int | None:
-    """The micro-batch the learning-rate runs accumulate when ``batch`` does not fit in
-    one step on this device (the largest that does); None when it fits."""
-    if memory is None or batch <= memory.max_batch_size:
-        return None
-    return max(1, memory.max_batch_size)
+def lr_micro_batch(batch: int, memory: MemoryModel | None,
+                   norm_batch: int | None = None) -> int | None:
+    """The micro-batch the learning-rate runs accumulate, as the recommendation does:
+    the largest that fits in one step on this device when ``batch`` does not, and no more
+    than a BatchNorm model's BatchNorm batch (``norm_batch``); None: one per step."""
+    caps = [c for c in (memory.max_batch_size if memory is not None else None, norm_batch)
+            if c is not None and batch > c]
+    return max(1, min(caps)) if caps else None
 
 
 def measured_lr(report: Report, spec: Spec, job: Workload, runner: Runner,
@@ -509,7 +513,8 @@ def measured_lr(report: Report, spec: Spec, job: Workload, runner: Runner,
     options = branches.LrOptions(
         batch_size=rec.batch_size, rule_lr=rec.learning_rate, lr_rule=rec.lr_rule,
         baseline_lr=spec.optimizer.lr, seed=spec.probe.seed,
-        micro_batch=lr_micro_batch(rec.batch_size, report.memory))
+        micro_batch=lr_micro_batch(rec.batch_size, report.memory,
+                                   measured_norm_batch(spec, job, points.used)))
     now: dict[str, torch.Tensor] = {}
     try:
         # The weights now on the CPU: the device holds the runs' own copies.

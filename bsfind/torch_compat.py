@@ -178,25 +178,29 @@ def scaler_unscaled(scaler: object | None) -> bool:
     return any(getattr(s.get("stage"), "name", "") == "UNSCALED" for s in states.values())
 
 
-_INTERNAL = threading.local()
+_INTERNAL = [0]  # process-wide: CUDA backward runs its nodes on the device's own thread
+_INTERNAL_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
 def internal_backward() -> Iterator[None]:
     """Marks a backward pass bsfind itself runs inside a user's step (the per-example
     hooks' check for rows that cross the batch, ``torch.autograd.grad`` on the forward's
-    outputs): hooks that wait for the training backward skip it (:func:`in_internal_backward`)."""
-    depth = getattr(_INTERNAL, "depth", 0)
-    _INTERNAL.depth = depth + 1
+    outputs): hooks that wait for the training backward skip it (:func:`in_internal_backward`).
+    The mark is process-wide, not per thread: on CUDA the engine runs backward nodes,
+    and their hooks, on a thread of its own."""
+    with _INTERNAL_LOCK:
+        _INTERNAL[0] += 1
     try:
         yield
     finally:
-        _INTERNAL.depth = depth
+        with _INTERNAL_LOCK:
+            _INTERNAL[0] -= 1
 
 
 def in_internal_backward() -> bool:
     """Whether the backward now running is one of bsfind's own (:func:`internal_backward`)."""
-    return getattr(_INTERNAL, "depth", 0) > 0
+    return _INTERNAL[0] > 0
 
 
 def can_queue_backward_callback() -> bool:

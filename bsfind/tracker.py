@@ -110,8 +110,6 @@ DEFAULT_EVERY_CHEAP = 1
 # Measurements smoothed into one value: enough rounds for the t-based interval
 # (df = window - 1) to be close to its normal limit.
 DEFAULT_WINDOW = 64
-# Steps whose global batch sizes say which batch the loop trains with now (Tracker.batch_now).
-RECENT_BATCHES = 16
 # Losses kept one by one between measurements before they are folded into their sum.
 LOSSES_KEPT = 64
 # dataset size the advisor is given when the caller does not know it
@@ -562,7 +560,8 @@ class Tracker:
         self._losses: list[torch.Tensor | float] = []  # since the last measurement
         self._loss_count = 0
         self._seen_batch: int | None = None
-        self._recent: deque[int] = deque(maxlen=RECENT_BATCHES)  # global batch per step
+        self._recent: deque[int] = deque(maxlen=2)  # the last two steps' global batches
+        self._paused = False
         self._closed = False
         self._start = time.perf_counter()
         _OPEN.add(self)
@@ -579,6 +578,8 @@ class Tracker:
         examples twice.
         """
         self._check_open()
+        if self._paused:
+            return
         self._micro.append(self._batch(batch_size))
         if self._ddp is not None:
             return
@@ -602,12 +603,16 @@ class Tracker:
             batch_size: examples of the last micro-batch on this rank (default: as given
                 to the constructor, or read from the model's input).
         """
+        if self._paused:  # another measurement's backward on this model (paused_on)
+            return None
         start = time.perf_counter()
         if self._quick > 0 and not self._micro:  # a plain step (see _begin_step): count it
             b = batch_size or self.batch_size or self._seen_batch
             if b is not None:
                 return self._count(start, loss, int(b))
         self._check_open()
+        if self._paused:
+            return
         self._micro.append(self._batch(batch_size))
         if loss is not None:
             self.record_loss(loss)
@@ -747,16 +752,13 @@ class Tracker:
 
     @property
     def batch_now(self) -> int:
-        """The global batch the loop trains with now: the most frequent of the last
-        RECENT_BATCHES steps (the larger on a tie), so that an epoch's partial last batch
-        (5 of 1,797 examples at 32) does not stand for the run's batch at the next
-        epoch's start, where doubling is decided."""
-        if not self._recent:
-            return self._last_batch
-        counts: dict[int, int] = {}
-        for b in self._recent:
-            counts[b] = counts.get(b, 0) + 1
-        return max(counts, key=lambda b: (counts[b], b))
+        """The global batch the loop trains with now: the last step's, unless it was
+        smaller than the one before (an epoch's partial last batch: 5 of 1,797 examples
+        at 32), which must not stand for the run's batch at the next epoch's start,
+        where doubling is decided."""
+        if len(self._recent) == 2 and self._recent[1] < self._recent[0]:
+            return self._recent[0]
+        return self._recent[-1] if self._recent else self._last_batch
 
     def close(self) -> None:
         """Wait for the last values, detach every hook, close the log."""
@@ -782,9 +784,11 @@ class Tracker:
         hooked, watching = self._hooked, self._size_hook is not None
         self._detach()
         self._watch_batch(False)
+        self._paused = True  # update() and micro_step() from integrations' hooks: ignored
         try:
             yield
         finally:
+            self._paused = False
             if hooked and self._norms is not None:
                 self._attach()
             if watching:
@@ -921,7 +925,10 @@ class Tracker:
             self.skipped += 1
             self._skipped_in_a_row += 1
             loss = loss_sum / m.loss_count if m.loss_count else math.nan
-            if (m.loss_count and not math.isfinite(loss)) or self._skipped_in_a_row >= 3:
+            # (a GradScaler's overflows skip steps in a row while it backs off: only a
+            # loss that is not finite says the run diverged there)
+            if ((m.loss_count and not math.isfinite(loss))
+                    or (self._skipped_in_a_row >= 3 and self.scaler is None)):
                 self._warn_once("diverged", (
                     f"bsfind tracker: the gradients at step {m.step} are not finite (mean "
                     f"loss since the last record: {loss:.4g}); {self._skipped_in_a_row} "

@@ -535,3 +535,7 @@ def test_the_pipeline_accumulates_when_the_recommendation_is_above_the_memory_li
     assert lr_micro_batch(300, fits) is None and lr_micro_batch(512, fits) is None
     assert lr_micro_batch(300, dataclasses.replace(fits, max_batch_size=128)) == 128
     assert lr_micro_batch(300, None) is None  # no memory line: nothing to go by
+    # a BatchNorm model's forward keeps its BatchNorm batch, as the recommendation does
+    assert lr_micro_batch(128, fits, norm_batch=32) == 32
+    assert lr_micro_batch(32, fits, norm_batch=32) is None
+    assert lr_micro_batch(300, dataclasses.replace(fits, max_batch_size=16), 32) == 16

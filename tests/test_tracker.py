@@ -4,7 +4,8 @@ records and log, its hooks, AMP, and the advice.
     .venv/bin/python -m pytest tests/test_tracker.py -q      # about 20 s on 2 cores
 
 Exactness: at learning rate 0 (fixed weights) each pairing's B_simple, smoothed over
-the whole run, is within 10% of tr(Σ)/|G|² computed from every example's gradient
+the latter half of the run (the window's rule), is within 10% of tr(Σ)/|G|² computed
+from every example's gradient
 (tests/exact.py). The problem is small (B_simple ≈ 32) so a few hundred steps suffice.
 """
 
@@ -621,3 +622,24 @@ def test_an_epochs_partial_last_batch_does_not_stand_for_the_run() -> None:
         tracker.update()
         model.zero_grad(set_to_none=True)
     assert tracker.batch_now == 64
+
+
+def test_a_paused_tracker_ignores_updates_from_hooks() -> None:
+    """Inside paused() (another measurement on the model), update() and micro_step()
+    called by an integration's hooks neither count steps nor examples."""
+    model = _model()
+    tracker = track(model, every=1)
+    x, y = _problem()
+    F.cross_entropy(model(x[:16]), y[:16]).backward()
+    tracker.update()
+    step, examples = tracker.step, tracker.examples
+    with tracker.paused():
+        for _ in range(3):
+            F.cross_entropy(model(x[:16]), y[:16]).backward()
+            tracker.micro_step()
+            assert tracker.update() is None
+    assert (tracker.step, tracker.examples) == (step, examples)
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x[:16]), y[:16]).backward()
+    tracker.update()  # and it goes on after
+    assert tracker.step == step + 1
