@@ -90,7 +90,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
             example={"hidden": 128},
         ),
         "checkpoint": Field(
-            "str", "optional state_dict file (relative to the spec) loaded after construction",
+            "str", "optional state_dict file (relative to the spec: .pt, .safetensors, or a "
+            "save_pretrained folder) loaded after construction",
             nullable=True,
         ),
         "checkpoints": Field(

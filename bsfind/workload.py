@@ -384,18 +384,39 @@ def _check_dataset(ds: Any, ref: str) -> tuple[torch.Tensor, ...] | None:
     return None
 
 
+# The weights file of a Hugging Face save_pretrained folder (the first that exists).
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
 def load_checkpoint(
     model: nn.Module, path_str: str, base_dir: Path, key: str = "model.checkpoint"
 ) -> None:
-    """Load a state_dict file (relative to ``base_dir``) into ``model``; errors name ``key``."""
+    """Load a state_dict file (relative to ``base_dir``) into ``model``; errors name ``key``.
+
+    Also a ``.safetensors`` file, and a Hugging Face ``save_pretrained`` folder (its
+    HF_WEIGHTS file). Keys missing for parameters tied to one that is present (GPT-2's
+    ``lm_head.weight`` is ``transformer.wte.weight``; such files store it once) are fine.
+    """
     path = (base_dir / path_str).resolve()
+    if path.is_dir():
+        found = [path / name for name in HF_WEIGHTS if (path / name).is_file()]
+        if not found:
+            raise ResolutionError(f"{key}: {path} is a folder without "
+                                  f"{' or '.join(HF_WEIGHTS)} in it",
+                                  hint="name the weights file, or a save_pretrained folder")
+        path = found[0]
     if not path.is_file():
         raise ResolutionError(f"{key}: file not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ResolutionError(
-            f"{key} {path.name}: cannot be read as a state_dict ({exc})"
+            f"{key} {path}: cannot be read as a state_dict ({type(exc).__name__}: {exc})"
         ) from None
     if isinstance(state, dict):
         for inner in ("state_dict", "model", "model_state_dict"):
@@ -403,14 +424,28 @@ def load_checkpoint(
                 state = state[inner]
                 break
     if not isinstance(state, dict):
-        raise ResolutionError(f"{key} {path.name}: expected a state_dict mapping")
+        raise ResolutionError(f"{key} {path}: expected a state_dict mapping")
     try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that differ
         first = str(exc).splitlines()[0:3]
-        raise ResolutionError(
-            f"{key} {path.name} does not match the model: {' '.join(first)}"
-        ) from None
+        raise ResolutionError(f"{key} {path} does not match the model: {' '.join(first)}"
+                              ) from None
+    untied = [k for k in missing if k not in _tied_to_present(model, state)]
+    if untied or unexpected:
+        parts = ([f"missing {', '.join(untied[:3])}" + (" ..." if len(untied) > 3 else "")]
+                 if untied else []) + (
+            [f"unexpected {', '.join(unexpected[:3])}" + (" ..." if len(unexpected) > 3 else "")]
+            if unexpected else [])
+        raise ResolutionError(f"{key} {path} does not match the model: {'; '.join(parts)}")
+
+
+def _tied_to_present(model: nn.Module, state: dict[str, Any]) -> set[str]:
+    """Names of parameters that share their tensor with another name found in ``state``."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {n for group in names.values() if any(g in state for g in group) for n in group}
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype:

@@ -323,3 +323,43 @@ def test_shape_errors_show_the_batch_they_got() -> None:
                          "the batch: inputs [", "] float32, targets [")
     r = run("noise", GOOD, "--set", "loss=user_code.py:raising_loss")
     assert_clean_failure(r, 3, "loss exploded", "it got outputs [", "and targets [")
+
+
+class _TiedLM(torch.nn.Module):
+    """An embedding tied to the output head, as GPT-2's wte and lm_head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = torch.nn.Embedding(10, 4)
+        self.lm_head = torch.nn.Linear(4, 10, bias=False)
+        self.lm_head.weight = self.wte.weight
+        self.norm = torch.nn.LayerNorm(4)
+
+
+def test_checkpoints_from_save_pretrained_folders_and_tied_weights(tmp_path: Path) -> None:
+    """A Hugging Face folder (model.safetensors inside) and a state_dict that stores a
+    tied weight once both load; a key missing for an untied parameter does not."""
+    save_file = pytest.importorskip("safetensors.torch").save_file
+
+    from bsfind.errors import ResolutionError
+    from bsfind.workload import load_checkpoint
+
+    torch.manual_seed(0)
+    saved = _TiedLM()
+    state = {k: v for k, v in saved.state_dict().items() if k != "lm_head.weight"}
+    folder = tmp_path / "gptsave"
+    folder.mkdir()
+    save_file(state, str(folder / "model.safetensors"))
+    torch.save(state, tmp_path / "tied.pt")
+    for path in ("gptsave", "gptsave/model.safetensors", "tied.pt"):
+        model = _TiedLM()
+        load_checkpoint(model, path, tmp_path)
+        assert torch.equal(model.wte.weight, saved.wte.weight)
+        assert model.lm_head.weight is model.wte.weight  # still tied
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ResolutionError, match="folder without model.safetensors or "
+                                              "pytorch_model.bin"):
+        load_checkpoint(_TiedLM(), "empty", tmp_path)
+    torch.save({k: v for k, v in state.items() if k != "norm.weight"}, tmp_path / "cut.pt")
+    with pytest.raises(ResolutionError, match="does not match the model: missing norm.weight"):
+        load_checkpoint(_TiedLM(), "cut.pt", tmp_path)
