@@ -73,6 +73,7 @@ from bsfind.training import (
     evaluate_loss,
     evaluation_subset,
     host_copy,
+    host_weights,
     training_step,
 )
 from bsfind.workload import Workload
@@ -321,7 +322,7 @@ def saved_state(model: torch.nn.Module, opt: torch.optim.Optimizer
     """Host copies of the weights and the optimizer state (``training.host_copy``): on a
     GPU the weights and an Adam state would take three more copies of the parameters
     there; restoring copies them back."""
-    return (host_copy(model.state_dict()), host_copy(opt.state_dict()))  # type: ignore[return-value]
+    return host_weights(model), host_copy(opt.state_dict())  # type: ignore[return-value]
 
 
 def restore(model: torch.nn.Module, opt: torch.optim.Optimizer,

@@ -34,7 +34,7 @@ from bsfind.results import (
 from bsfind.runner import Runner
 from bsfind.seeds import Seeds
 from bsfind.spec import Spec
-from bsfind.training import offloaded
+from bsfind.training import host_weights, offloaded
 from bsfind.workload import Workload
 
 if TYPE_CHECKING:
@@ -518,7 +518,7 @@ def measured_lr(report: Report, spec: Spec, job: Workload, runner: Runner,
     now: dict[str, torch.Tensor] = {}
     try:
         # The weights now on the CPU: the device holds the runs' own copies.
-        now = {k: v.detach().to("cpu", copy=True) for k, v in job.model.state_dict().items()}
+        now = host_weights(job.model)
         job.model.load_state_dict(points.start_weights)
         search = branches.measure_lr(job, options, deadline,
                                      job.make_optimizer(spec.optimizer.lr), progress=progress)

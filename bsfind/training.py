@@ -214,6 +214,11 @@ def _back(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.to(device)
 
 
+def host_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A host copy of ``model``'s state_dict (weights and buffers): :func:`host_copy`."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
 @contextlib.contextmanager
 def offloaded(optimizer: torch.optim.Optimizer | None, *,
               which: Callable[[torch.Tensor], bool] = _off_host,
@@ -246,8 +251,7 @@ def offloaded(optimizer: torch.optim.Optimizer | None, *,
 def restored_weights(model: nn.Module) -> Iterator[None]:
     """Let a measurement train freely, then restore weights and buffers (and clear grads).
     The saved copy is in host memory (:func:`host_copy`)."""
-    saved = host_copy(model.state_dict())
-    assert isinstance(saved, dict)
+    saved = host_weights(model)
     try:
         yield
     finally:

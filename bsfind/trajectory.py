@@ -38,7 +38,7 @@ from bsfind.results import Interval, NoiseEstimate, Trajectory
 from bsfind.runner import Runner
 from bsfind.seeds import Seeds
 from bsfind.spec import Spec
-from bsfind.training import EpochSampler, evaluate_loss, evaluation_subset
+from bsfind.training import EpochSampler, evaluate_loss, evaluation_subset, host_weights
 from bsfind.workload import Workload, load_checkpoint
 
 if TYPE_CHECKING:
@@ -201,8 +201,7 @@ class _Walk:
     # -- pieces ----------------------------------------------------------------------
     def _trainer(self) -> tuple[torch.optim.Optimizer, EpochSampler]:
         if self.keep_start:
-            self.start_weights = {k: v.detach().to("cpu", copy=True)
-                                  for k, v in self.job.model.state_dict().items()}
+            self.start_weights = host_weights(self.job.model)
         self.optimizer = self.job.make_optimizer(self.spec.optimizer.lr)
         return self.optimizer, self.runner.sampler(self.job, self.b0, self.seeds.training_order)
 
