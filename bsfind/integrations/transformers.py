@@ -78,6 +78,17 @@ def _loss(output: Any) -> torch.Tensor | None:
     return loss if isinstance(loss, torch.Tensor) and loss.dim() == 0 else None
 
 
+def token_scale(args: Any) -> int:
+    """What the summed micro-batch losses of one rank are multiplied by to be that rank's
+    mean loss. With ``average_tokens_across_devices`` (the default) under data
+    parallelism, the Trainer gives the model ``num_items_in_batch`` counted over every
+    rank, so each rank's losses add up to its share of the global mean; the Trainer
+    itself multiplies them back by the number of processes (``Trainer.compute_loss``).
+    The callback reads the model's output, before that: it does the same."""
+    world = int(getattr(args, "world_size", 1) or 1)
+    return world if getattr(args, "average_tokens_across_devices", False) and world > 1 else 1
+
+
 class NoiseScaleCallback(TrainerCallback):
     """Track the gradient noise scale during ``Trainer.train`` and log it.
 
@@ -122,6 +133,7 @@ class NoiseScaleCallback(TrainerCallback):
         self._hook: Any = None
         self._losses: list[torch.Tensor] = []
         self._summed = False  # the micro-batch losses add up to the step's (see _on_forward)
+        self._token_scale = 1  # see token_scale
         self._last_task: int | None = None
 
     @classmethod
@@ -156,6 +168,7 @@ class NoiseScaleCallback(TrainerCallback):
             tracked = wrapped
         # AcceleratedOptimizer holds the GradScaler of fp16 training.
         scaler = getattr(optimizer, "scaler", None)
+        self._token_scale = token_scale(args)
         self.tracker = Tracker(tracked, scaler=scaler, **self.options)
         self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
 
@@ -206,7 +219,8 @@ class NoiseScaleCallback(TrainerCallback):
             return
         if last:
             losses = torch.stack(self._losses) if self._losses else None
-            loss = None if losses is None else losses.sum() if self._summed else losses.mean()
+            loss = (None if losses is None else losses.sum() * self._token_scale if self._summed
+                    else losses.mean())
             self._losses = []
             self.tracker.update(loss)
         else:

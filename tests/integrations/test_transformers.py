@@ -195,3 +195,26 @@ def test_the_logged_loss_is_the_steps_mean_with_or_without_accumulation(
     assert len(plain) == len(accumulated) == 3
     assert accumulated == pytest.approx(plain, rel=0.02)  # lr 0, the same 16 examples a step
     assert plain[0] == pytest.approx(math.log(50), rel=0.1)  # random weights: about ln V
+
+
+def test_a_ranks_loss_under_token_averaging_across_devices_is_its_own_mean() -> None:
+    """With average_tokens_across_devices under DDP, num_items_in_batch counts every rank's
+    tokens: a rank whose two micro-batches hold 10 and 6 tokens with summed losses 20 and
+    12, of 32 tokens on 2 ranks, gets 20/32 and 12/32 from the model, which add up to half
+    its mean loss (32/16 = 2). The callback multiplies them back, as the Trainer does."""
+    from types import SimpleNamespace
+
+    from bsfind.integrations.transformers import token_scale
+
+    assert token_scale(SimpleNamespace(world_size=2, average_tokens_across_devices=True)) == 2
+    assert token_scale(SimpleNamespace(world_size=2, average_tokens_across_devices=False)) == 1
+    assert token_scale(SimpleNamespace(world_size=1, average_tokens_across_devices=True)) == 1
+    seen: list[float] = []
+    callback = NoiseScaleCallback()
+    callback.tracker = SimpleNamespace(update=lambda loss: seen.append(float(loss)))  # type: ignore[assignment]
+    callback._token_scale = token_scale(
+        SimpleNamespace(world_size=2, average_tokens_across_devices=True))
+    callback._summed = True
+    callback._losses = [torch.tensor(20 / 32), torch.tensor(12 / 32)]
+    callback._after_backward(True)
+    assert seen == [pytest.approx(2.0)]
