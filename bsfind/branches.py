@@ -12,8 +12,10 @@ of the smaller batches'. Here:
 - **The rule.** Rung B passes when its smoothed loss after Δ examples is no higher
   than the next smaller rung's (B/2) after Δ/TOLERANCE: doubling the batch cost at
   most TOLERANCE times the examples for the same loss. The ladder stops at the first
-  rung that fails; the local critical batch is the last rung that passed (B0 when 2·B0
-  already failed). Why TOLERANCE = √2: under S(B) = S_min(1 + B_crit/B) (McCandlish et
+  rung that fails; the local critical batch is the last rung that passed. When 2·B0
+  already fails, the ladder goes below B0 by halves (B0/2, B0/4, ... B0/MIN_FRACTION)
+  until a doubling keeps up: a baseline batch above the critical batch is measured, not
+  only bounded. Why TOLERANCE = √2: under S(B) = S_min(1 + B_crit/B) (McCandlish et
   al. 2018, eq. 2.11) a run at batch B needs E_min(1 + B/B_crit) examples, so B needs
   (1 + B/B_crit)/(1 + B/(2·B_crit)) times the examples of B/2, which is √2 exactly at
   B = √2·B_crit. The last rung that passes is then within √2 of B_crit
@@ -37,9 +39,11 @@ of the smaller batches'. Here:
   and, per repeat, the same data order (``Seeds.branch``): the batches of 2B are the
   unions of two consecutive batches of B, so rungs differ in batch size and learning
   rate only.
-- **Limits.** The ladder also stops before a batch larger than the dataset, at an
-  out-of-memory error (the previous rung stands), and when the time budget runs out
-  (a rung cut short is dropped). Ctrl-C raises ``Interrupted`` carrying what was
+- **Limits.** The ladder also stops before a batch larger than the dataset and when the
+  time budget runs out (a rung cut short is dropped). A rung that runs out of memory
+  runs again, and so do the rungs above it, accumulating micro-batches of the largest
+  rung that ran, as the recommendation would; the ladder stops (the previous rung
+  stands) only when that runs out of memory too. Ctrl-C raises ``Interrupted`` carrying what was
   measured, with the weights and optimizer state restored.
 
 Defaults and their cost (docs/validation.md): REPEATS × rungs × Δ training examples,
@@ -52,7 +56,9 @@ seeds' values within one doubling on 13 of 14 targets.
 
 from __future__ import annotations
 
+import bisect
 import copy
+import itertools
 import math
 import statistics
 import time
@@ -84,6 +90,11 @@ from bsfind.workload import Workload
 BRANCH_STEPS = 64
 # The largest rung is MAX_FACTOR·B0; its branches take BRANCH_STEPS/MAX_FACTOR steps.
 MAX_FACTOR = 16
+# When 2·B0 already falls behind B0, the ladder goes down by halves to B0/MIN_FRACTION
+# until a doubling keeps up. The fitted B_crit of the shipped problems at their first
+# targets was 13-15 with B0 = 32 (docs/validation.md), below the baseline; B0/8 branches
+# take 8·BRANCH_STEPS steps, which is what the smallest rung costs in time.
+MIN_FRACTION = 8
 # A doubling passes when it needs at most this factor more examples for the same loss;
 # √2 puts the last passing rung within √2 of B_crit under McCandlish eq. 2.11 (above).
 TOLERANCE = math.sqrt(2)
@@ -114,7 +125,8 @@ class BranchOptions:
         lr_measured: (batch, factor) of a learning rate measured at one batch
             (``measure_lr``): each rung's rule rate carries ``advisor.lr_correction``.
             None: the rule's rates.
-        branch_steps / max_factor / repeats: the constants above (tests shrink them).
+        branch_steps / max_factor / min_fraction / repeats: the constants above (tests
+            shrink them).
     """
 
     baseline_batch: int
@@ -129,12 +141,15 @@ class BranchOptions:
     b_noise: float | None = None
     branch_steps: int = BRANCH_STEPS
     max_factor: int = MAX_FACTOR
+    min_fraction: int = MIN_FRACTION
     repeats: int = REPEATS
     lr_measured: tuple[int, float] | None = None
 
     def __post_init__(self) -> None:
-        if self.baseline_batch < 1 or self.repeats < 1 or self.max_factor < 2:
-            raise ValueError("baseline_batch, repeats >= 1 and max_factor >= 2 needed")
+        if (self.baseline_batch < 1 or self.repeats < 1 or self.max_factor < 2
+                or self.min_fraction < 1):
+            raise ValueError("baseline_batch, repeats, min_fraction >= 1 and max_factor >= 2 "
+                             "needed")
         if self.branch_steps % self.max_factor:
             raise ValueError(f"branch_steps ({self.branch_steps}) must be a multiple of "
                              f"max_factor ({self.max_factor})")
@@ -217,8 +232,9 @@ def bracket(batches: Sequence[int], found: Sequence[Verdict], tolerance: float =
 
     A rung B passes exactly when B_crit >= B/x* (x* = :func:`crossing`, √2 for the
     default tolerance), so the last passing rung B and a failing 2B put B_crit in
-    [B/x*, 2B/x*): "bracketed". When 2·B0 already failed, B_crit < 2·B0/x*: "at most"
-    B0. When no rung failed before the ladder ended, B_crit >= B/x*: "at least".
+    [B/x*, 2B/x*): "bracketed". When the first doubling failed (the ladder's smallest
+    batch b), B_crit < 2·b/x*: "at most" b. When no rung failed before the ladder ended,
+    B_crit >= B/x*: "at least".
     """
     x = crossing(tolerance)
     if len(found) < 2 or not math.isfinite(found[0].loss):
@@ -238,6 +254,16 @@ def ladder(baseline_batch: int, dataset_size: int, max_factor: int = MAX_FACTOR)
     while k <= max_factor and k * baseline_batch <= max(dataset_size, baseline_batch):
         out.append(k * baseline_batch)
         k *= 2
+    return out
+
+
+def below(baseline_batch: int, min_fraction: int = MIN_FRACTION) -> list[int]:
+    """B0/2, B0/4, ... down to B0/``min_fraction``, while B0 halves evenly (Δ = k·B0
+    examples must divide into whole steps) and the batch stays at least 1."""
+    out, b = [], baseline_batch
+    while b % 2 == 0 and b // 2 >= max(1, baseline_batch / min_fraction):
+        b //= 2
+        out.append(b)
     return out
 
 
@@ -299,15 +325,15 @@ def measure(job: Workload, options: BranchOptions, deadline: Deadline, *,
     stopped = "top"
     try:
         for batch in batches:
-            try:
-                run.rung(batch)
-            except Exception as exc:
-                stopped = _cut_short(job, exc)
-                run.oom_at = batch if stopped == "out of memory" else None
+            cut = run.attempt(batch)
+            if cut is not None:
+                stopped = cut
                 break
             if run.verdicts()[-1].passed is False:
                 stopped = "failed"
                 break
+        if stopped == "failed" and run.batches == batches[:2]:
+            stopped = run.descend(below(options.baseline_batch, options.min_fraction)) or stopped
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted during the branches at batch {run.current}",
                           partial=run.result("interrupted", time.perf_counter() - start)
@@ -380,8 +406,9 @@ def run_branch(job: Workload, opt: torch.optim.Optimizer, saved_model: dict[str,
             if on_step is not None:
                 on_step(batch)
         if s in marks:
-            # In chunks of the branch's batch: its training step fitted in memory.
-            value = math.inf if diverged else evaluate_loss(job, eval_idx, chunk=batch)
+            # In chunks of the branch's batch (or micro-batch): its training step fitted.
+            value = math.inf if diverged else evaluate_loss(job, eval_idx,
+                                                           chunk=micro or batch)
             if value is None:  # not even one example fits: an out-of-memory error
                 raise MemoryError("evaluation out of memory even at one example")
             curve.append((s * batch, value if math.isfinite(value) else math.inf))
@@ -404,35 +431,76 @@ class _Ladder:
         self.batches: list[int] = []
         self.curves: list[list[list[tuple[int, float]]]] = []
         self.lrs: list[float] = []
+        self.micros: list[int | None] = []
         self.seconds: list[float] = []
         self.examples = 0
         self.current = options.baseline_batch
         self.oom_at: int | None = None
+        self.micro: int | None = None  # set once a rung ran out of memory
+        self.accumulated_from: int | None = None
         self.rule = "none"
 
+    def attempt(self, batch: int) -> str | None:
+        """Run the rung at ``batch``; why the ladder ends there, or None. A rung that runs
+        out of memory runs again accumulating micro-batches of the largest rung that ran
+        (as the recommendation would), and so do the rungs above it."""
+        try:
+            self.rung(batch)
+            return None
+        except Exception as exc:  # noqa: BLE001 - _cut_short raises what is not ours
+            cut = _cut_short(self.job, exc)
+        if cut == "out of memory" and self.micro is None and self.batches:
+            self.micro = max(self.batches)
+            self.accumulated_from = batch
+            try:
+                self.rung(batch)
+                return None
+            except Exception as exc:  # noqa: BLE001
+                cut = _cut_short(self.job, exc)
+        if cut == "out of memory":
+            self.oom_at = batch
+        return cut
+
+    def descend(self, batches: Sequence[int]) -> str | None:
+        """Below B0, after 2·B0 already fell behind: the rungs ``batches`` (B0/2, B0/4,
+        ...) until the rung above one keeps up with it. Returns why the descent was cut
+        short (the budget, memory), or None."""
+        for batch in batches:
+            cut = self.attempt(batch)
+            if cut is not None:
+                return cut
+            if self.verdicts()[1].passed:
+                return None
+        return None
+
     def rung(self, batch: int) -> None:
-        """R branches at ``batch`` (kept only when every one finished)."""
+        """R branches at ``batch`` (kept only when every one finished), in batch order."""
         o = self.options
         self.current = batch
         lr, self.rule = scaled_lr(o.lr, o.baseline_batch, batch, o.b_n, o.family, o.lr_rule)
         if o.lr_measured is not None:
             lr *= lr_correction(batch, o.baseline_batch, *o.lr_measured)
             self.rule = f"{self.rule}, corrected by the rate measured at {o.lr_measured[0]}"
+        micro = self.micro if self.micro is not None and self.micro < batch else None
         began = time.perf_counter()
-        curves = [self._branch(batch, lr, r) for r in range(o.repeats)]
-        self.batches.append(batch)
-        self.curves.append(curves)
-        self.lrs.append(lr)
-        self.seconds.append(time.perf_counter() - began)
+        curves = [self._branch(batch, lr, r, micro) for r in range(o.repeats)]
+        i = bisect.bisect(self.batches, batch)
+        self.batches.insert(i, batch)
+        self.curves.insert(i, curves)
+        self.lrs.insert(i, lr)
+        self.micros.insert(i, micro)
+        self.seconds.insert(i, time.perf_counter() - began)
 
-    def _branch(self, batch: int, lr: float, repeat: int) -> list[tuple[int, float]]:
+    def _branch(self, batch: int, lr: float, repeat: int, micro: int | None
+                ) -> list[tuple[int, float]]:
         o = self.options
         curve = run_branch(
             self.job, self.opt, self.saved_model, self.saved_opt, self.base_lrs,
             lr_scale=lr / o.lr, batch=batch, repeat=repeat,
             seed=Seeds(o.seed).branch(o.step, repeat), steps=o.delta // batch,
             at=evaluation_steps(o.delta // batch, batch, o.delta), eval_idx=self.eval_idx,
-            deadline=self.deadline, on_start=self.on_branch_start, on_step=self._took)
+            deadline=self.deadline, on_start=self.on_branch_start, on_step=self._took,
+            micro=micro)
         if self.progress is not None:
             done = (len(self.batches) + (repeat + 1) / o.repeats) / max(1, self.planned)
             self.progress("branch", min(1.0, done),
@@ -459,7 +527,7 @@ class _Ladder:
                 steps=o.delta // self.batches[i], repeats=len(reps), loss=v.loss,
                 reference=v.reference, passed=v.passed,
                 losses=tuple(smoothed_loss(c, o.delta) for c in reps), curve=mean_curve,
-                seconds=self.seconds[i]))
+                seconds=self.seconds[i], micro_batch=self.micros[i]))
         result = BranchResult(
             step=o.step, examples_seen=o.examples_seen, critical_batch=critical, bound=bound,
             interval=interval, baseline_batch=o.baseline_batch, delta_examples=o.delta,
@@ -469,7 +537,8 @@ class _Ladder:
             rungs=tuple(rungs), b_simple=o.b_simple, b_noise=o.b_noise,
             examples=self.examples, seconds=seconds, stopped=stopped,
         )
-        return wording.describe_branches(result, oom_at=self.oom_at)
+        return wording.describe_branches(result, oom_at=self.oom_at,
+                                         accumulated_from=self.accumulated_from)
 
 
 def calibrated(result: BranchResult, b_n: float, b_n_ci: Interval
@@ -502,6 +571,33 @@ def calibrated(result: BranchResult, b_n: float, b_n_ci: Interval
     low = math.sqrt(max(b_n_ci.low, 0.0) * max(result.interval.low, 0.0))
     high = math.sqrt(b_n_ci.high * result.interval.high)
     return value, Interval(min(low, value), max(high, value))
+
+
+def run_average(reads: Sequence[tuple[int, float]], baseline_batch: int) -> float | None:
+    """The critical batch of a run at B0 from its first read to its last: what S(B) fitted
+    to whole runs between those points would give, from local critical batches measured
+    along one run (``reads``: (step, local critical batch), in step order).
+
+    Under S(B) = S_min(1 + B_crit/B), a stretch j of the run (steps s_j to s_j+1, the
+    loss from L_j to L_j+1) with a local critical batch b_j takes S_min,j(1 + b_j/B)
+    steps at any batch B. A run over several stretches then takes
+    ΣS_min,j + (Σ b_j·S_min,j)/B: the same form, with B_crit = Σ b_j·S_min,j / ΣS_min,j,
+    the local critical batches weighted by the minimum steps each stretch needs
+    (McCandlish et al. 2018, E_min/S_min). The run at B0 took Δs_j = s_j+1 - s_j steps
+    there, so S_min,j = Δs_j/(1 + b_j/B0). A stretch's b_j is the geometric mean of the
+    reads at its ends (the critical batch grows along training). None with fewer than two
+    reads or no steps between them.
+    """
+    pts = sorted(reads)
+    s_min = e_min = 0.0
+    for (s0, b0), (s1, b1) in itertools.pairwise(pts):
+        if s1 <= s0 or b0 <= 0 or b1 <= 0:
+            continue
+        b = math.sqrt(b0 * b1)
+        stretch = (s1 - s0) / (1.0 + b / baseline_batch)
+        s_min += stretch
+        e_min += b * stretch
+    return e_min / s_min if s_min > 0 else None
 
 
 # --------------------------------------------------------------------------- the learning rate

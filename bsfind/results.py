@@ -460,6 +460,8 @@ class BranchRung:
         losses: each repeat's smoothed loss after Δ.
         curve: (examples, loss) evaluations, averaged over the repeats.
         seconds: wall-clock of the rung's branches (training and evaluations).
+        micro_batch: at most this many examples per forward and backward when the rung
+            did not fit in memory in one (its steps accumulated them); None: one.
     """
 
     batch_size: int
@@ -472,6 +474,7 @@ class BranchRung:
     losses: tuple[float, ...] = ()
     curve: tuple[tuple[int, float], ...] = ()
     seconds: float = 0.0
+    micro_batch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -483,11 +486,14 @@ class BranchResult:
         critical_batch: the largest rung that passed (every smaller one passed too),
             or None when fewer than two rungs finished.
         bound: "bracketed" (a larger rung failed: under S(B) = S_min(1 + B_crit/B),
-            B_crit lies within ``interval``), "at most" (already 2·B0 failed: B_crit is
-            below √2·B0, how far the ladder cannot see) or "at least" (no rung failed
-            before the ladder ended: B_crit is above ``interval.low``).
+            B_crit lies within ``interval``), "at most" (the first doubling failed even at
+            the ladder's smallest batch, B0/MIN_FRACTION or B0 when it could not go
+            below: B_crit is below √2 times it, how far the ladder cannot see) or "at
+            least" (no rung failed before the ladder ended: B_crit is above
+            ``interval.low``).
         interval: where B_crit lies by the rule (see ``bound``).
-        baseline_batch: B0, the first rung.
+        baseline_batch: B0, the first rung (when 2·B0 already failed the ladder went
+            below it: ``rungs`` then starts at a smaller batch).
         delta_examples: Δ, the examples every branch trains on.
         tolerance / smoothing / repeats: the rule's constants (``bsfind.branches``).
         lr_rule: the learning-rate rule of the rungs; ``lr_noise_scale`` the B_n it used.

@@ -453,8 +453,10 @@ BRANCHES_UNDER_TORCHRUN = ("probe.branches: the branched runs are measured in a 
                            "process only; skipped under torchrun")
 
 
-def describe_branches(r: BranchResult, oom_at: int | None = None) -> BranchResult:
-    """``r`` with its notes written: how the ladder ended and what the bound means."""
+def describe_branches(r: BranchResult, oom_at: int | None = None,
+                      accumulated_from: int | None = None) -> BranchResult:
+    """``r`` with its notes written: how the ladder ended and what the bound means.
+    ``accumulated_from``: the rung that first ran out of memory in one forward."""
     import dataclasses
 
     notes = []
@@ -467,6 +469,10 @@ def describe_branches(r: BranchResult, oom_at: int | None = None) -> BranchResul
             notes.append(f"batch {rung.batch_size:,} diverged at learning rate "
                          f"{rung.learning_rate:.3g} ({r.lr_rule})")
     last = r.rungs[-1].batch_size if r.rungs else None
+    micro = [g.micro_batch for g in r.rungs if g.micro_batch is not None]
+    if accumulated_from is not None and micro:
+        notes.append(f"batch {accumulated_from:,} did not fit in memory in one forward: it "
+                     f"and the rungs above it accumulated micro-batches of {micro[0]:,}")
     if r.stopped == "out of memory" and oom_at is not None:
         notes.append(f"batch {oom_at:,} ran out of memory: the ladder ended at "
                      f"{last if last is not None else 'no batch'}")
@@ -475,11 +481,16 @@ def describe_branches(r: BranchResult, oom_at: int | None = None) -> BranchResul
                                                            else " before any rung finished"))
     elif r.stopped == "interrupted":
         notes.append("interrupted: the rungs measured so far")
-    if r.bound == "at most":
-        notes.append(f"already batch {2 * r.baseline_batch:,} needed more than {r.tolerance:.3g}x "
-                     f"the examples of {r.baseline_batch:,}: the local critical batch is "
-                     f"{r.baseline_batch:,} or below, and the ladder does not go below the "
-                     "baseline batch")
+    if r.bound == "at most" and r.rungs:
+        low = r.rungs[0].batch_size
+        notes.append(f"already batch {2 * low:,} needed more than {r.tolerance:.3g}x the "
+                     f"examples of {low:,}: the local critical batch is {low:,} or below, "
+                     + ("and the ladder does not go lower" if low < r.baseline_batch else
+                        "and the ladder could not go below the baseline batch"))
+    elif r.critical_batch is not None and r.critical_batch < r.baseline_batch:
+        notes.append(f"already batch {2 * r.baseline_batch:,} needed more than "
+                     f"{r.tolerance:.3g}x the examples of the baseline {r.baseline_batch:,}: "
+                     "the ladder went below it")
     elif r.bound == "at least" and r.stopped == "top":
         notes.append(f"every rung up to batch {last:,} kept up (the ladder's largest batch): "
                      f"the local critical batch is at least {last:,}")

@@ -7,6 +7,7 @@ branches, the budget, Ctrl-C and out-of-memory.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -169,6 +171,36 @@ def test_calibrated_value_and_its_bounds() -> None:
     assert r.ratio_simple == pytest.approx(1.28) and r.ratio_noise is None
 
 
+def test_run_average_is_the_critical_batch_of_whole_runs_on_the_model() -> None:
+    """Stretches of a run with local critical batch b_j = √(read_j · read_j+1) and minimum
+    steps S_min,j: a whole run at batch B takes Σ S_min,j (1 + b_j/B) steps. Fitting
+    S = S_min + S_min·B_crit/B to those (exact: linear in 1/B) gives the B_crit the run
+    average must return from the reads and the steps the run took at B0."""
+    reads = [4.0, 10.0, 30.0, 60.0, 200.0]
+    s_min = [5.0, 20.0, 40.0, 100.0]
+    b0 = 32
+    local = [math.sqrt(a * b) for a, b in itertools.pairwise(reads)]
+    steps = [0]
+    for s, b in zip(s_min, local, strict=True):
+        steps.append(steps[-1] + round(s * (1 + b / b0) * 1000))  # exact in integer steps
+    s_min = [(b - a) / (1 + lb / b0) for a, b, lb in zip(steps, steps[1:], local, strict=False)]
+
+    def fitted(n: int) -> float:
+        batches = [8.0, 16, 64, 256, 1024]
+        total = [sum(s * (1 + b / bb) for s, b in zip(s_min[:n], local[:n], strict=True))
+                 for bb in batches]
+        slope, intercept = np.polyfit([1 / bb for bb in batches], total, 1)
+        return float(slope / intercept)
+
+    for n in (1, 2, 4):
+        reads_so_far = list(zip(steps, reads, strict=True))[:n + 1]
+        assert branches.run_average(reads_so_far, b0) == pytest.approx(fitted(n), rel=1e-9)
+    by_hand = sum(s * b for s, b in zip(s_min, local, strict=True)) / sum(s_min)
+    assert fitted(4) == pytest.approx(by_hand)  # the weighted mean
+    assert branches.run_average([(0, 8.0)], b0) is None
+    assert branches.run_average([(5, 8.0), (5, 16.0)], b0) is None
+
+
 # --------------------------------------------------------------------------- the runs
 
 
@@ -221,9 +253,10 @@ def digest(model: nn.Module, opt: torch.optim.Optimizer) -> str:
     return h.hexdigest()
 
 
+# min_fraction=1: the ladder does not go below B0 (test_the_ladder_goes_below_b0 does).
 OPTIONS = branches.BranchOptions(baseline_batch=8, lr=1e-2, family="adam", b_n=50.0,
                                  step=5, examples_seen=40, b_simple=50.0, branch_steps=8,
-                                 max_factor=4, repeats=2)
+                                 max_factor=4, repeats=2, min_fraction=1)
 
 
 def test_every_branch_starts_from_the_same_weights_and_optimizer_state() -> None:
@@ -350,11 +383,40 @@ def test_ctrl_c_gives_what_was_measured_marked_interrupted() -> None:
     assert digest(job.model, opt) == before
 
 
-def test_out_of_memory_ends_the_ladder_at_the_previous_rung() -> None:
+def test_a_rung_out_of_memory_accumulates_micro_batches_of_the_last_that_ran() -> None:
+    """Batch 16 and 32 do not fit in one forward (the model raises CUDA's error above 8):
+    they run as micro-batches of 8, and give the same losses (to float rounding) as the
+    ladder on a device where they fit."""
+    fits = tiny_job()
+    opt = trained(fits)
+    whole = branches.measure(fits, OPTIONS, Deadline.after(60), optimizer=opt)
     job = tiny_job(limit=8)
     opt = trained(job)
     before = digest(job.model, opt)
     r = branches.measure(job, OPTIONS, Deadline.after(60), optimizer=opt)
+    assert digest(job.model, opt) == before
+    assert [g.batch_size for g in r.rungs] == [g.batch_size for g in whole.rungs]
+    assert len(r.rungs) >= 2
+    assert [g.micro_batch for g in r.rungs] == [None] + [8] * (len(r.rungs) - 1)
+    for a, b in zip(r.rungs, whole.rungs, strict=True):
+        assert a.losses == pytest.approx(b.losses, rel=1e-5)
+    assert (r.critical_batch, r.bound, r.stopped) == (whole.critical_batch, whole.bound,
+                                                       whole.stopped)
+    assert any("batch 16 did not fit in memory in one forward: it and the rungs above it "
+               "accumulated micro-batches of 8" in n for n in r.notes)
+
+
+def test_out_of_memory_even_in_micro_batches_ends_the_ladder_at_the_previous_rung() -> None:
+    job = tiny_job(limit=8)
+    opt = trained(job)
+    before = digest(job.model, opt)
+
+    def shrink_at_16(start: branches.BranchStart) -> None:
+        if start.batch_size == 16:
+            job.model.limit = 4  # type: ignore[assignment]  # micro-batches of 8 fail too
+
+    r = branches.measure(job, OPTIONS, Deadline.after(60), optimizer=opt,
+                         on_branch_start=shrink_at_16)
     assert r.stopped == "out of memory"
     assert [g.batch_size for g in r.rungs] == [8]
     assert r.critical_batch is None and r.bound == "none"
@@ -362,10 +424,53 @@ def test_out_of_memory_ends_the_ladder_at_the_previous_rung() -> None:
     assert digest(job.model, opt) == before
 
 
+def _model_branch(b_crit: float) -> Callable[..., list[tuple[int, float]]]:
+    """A stand-in for ``branches.run_branch`` whose curves follow S(B) = S_min(1 + B_crit/B):
+    after e examples at batch B the loss is exp(-e / (1 + B/B_crit) / 500)."""
+    def run(job: Workload, opt: torch.optim.Optimizer, *args: object, batch: int,
+            steps: int, at: list[int], on_step: Callable[[int], None] | None = None,
+            **kwargs: object) -> list[tuple[int, float]]:
+        for _ in range(steps):
+            if on_step is not None:
+                on_step(batch)
+        return [(s * batch, math.exp(-(s * batch) / (1 + batch / b_crit) / 500.0)) for s in at]
+    return run
+
+
+@pytest.mark.parametrize(("b_crit", "expected", "bound"), [
+    (60.0, 64, "bracketed"),  # the ladder climbs: 64/√2 <= 60 < 128/√2
+    (12.0, 16, "bracketed"),  # 2·B0 = 32 falls behind, 16 keeps up with 8: 16/√2 <= 12
+    (7.0, 8, "bracketed"),  # 16 falls behind 8 too, 8 keeps up with 4: 8/√2 <= 7
+    (3.0, 4, "bracketed"),  # down to 4 (vs 2): 2.83 <= 3 < 5.66
+    (1.5, 2, "at most"),  # B0/8 = 2 is the floor: 4 falls behind 2, B_crit < 2√2
+])
+def test_the_ladder_goes_below_b0(monkeypatch: pytest.MonkeyPatch, b_crit: float,
+                                  expected: int, bound: str) -> None:
+    """B0 = 16: when 32 already falls behind, the ladder halves (8, 4, 2 = B0/8) until a
+    doubling keeps up, and the bracket holds B_crit."""
+    monkeypatch.setattr(branches, "run_branch", _model_branch(b_crit))
+    job = tiny_job()
+    opts = branches.BranchOptions(baseline_batch=16, lr=1e-2, family="adam", b_n=50.0,
+                                  branch_steps=16, max_factor=8, repeats=1)
+    r = branches.measure(job, opts, Deadline.after(60))
+    assert (r.critical_batch, r.bound) == (expected, bound)
+    assert r.interval.low <= b_crit < r.interval.high
+    sizes = [g.batch_size for g in r.rungs]
+    assert sizes == sorted(sizes)
+    # every rung run counts, also those above the first that fell behind (not shown)
+    ran = len(sizes) if sizes[0] == 16 else round(math.log2(16 / sizes[0])) + 2
+    assert r.examples == ran * 16 * 16
+    if sizes[0] < 16:
+        assert r.stopped == "failed"
+    assert any("went below" in n or "does not go lower" in n for n in r.notes) == (expected < 16)
+    assert branches.below(16) == [8, 4, 2] and branches.below(24) == [12, 6, 3]
+    assert branches.below(12, 8) == [6, 3] and branches.below(5) == []
+
+
 def test_a_diverging_rung_fails() -> None:
     job = tiny_job()
     opts = branches.BranchOptions(baseline_batch=8, lr=1e-2, family="sgd", lr_rule="linear",
-                                  branch_steps=8, max_factor=4, repeats=1)
+                                  branch_steps=8, max_factor=4, repeats=1, min_fraction=1)
     original = job.loss
 
     def nan_above_8(idx: torch.Tensor) -> torch.Tensor:
