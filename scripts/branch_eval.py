@@ -83,8 +83,11 @@ def _key(d: dict[str, Any], t: float) -> Any:
 def gather(spec_path: str, crit: dict[str, Any], seeds: Sequence[int],
            targets: Sequence[float] | None, log: Any, overrides: Sequence[str] = (),
            lr_measured: tuple[int, float] | None = None,
-           branch_steps: int = branches.BRANCH_STEPS) -> dict[str, Any]:
-    """Every (target, seed) measurement and what the table needs."""
+           branch_steps: int = branches.BRANCH_STEPS, from_init: bool = True
+           ) -> dict[str, Any]:
+    """Every (target, seed) measurement and what the table needs; with ``from_init``
+    also the branches from each probe run's first step (target inf), which the run
+    average (``branches.run_average``) starts from."""
     import critical_batch
 
     spec, job = _train.load_job(spec_path, overrides)
@@ -105,6 +108,8 @@ def gather(spec_path: str, crit: dict[str, Any], seeds: Sequence[int],
         points = sorted((p["step"], float(t)) for t, ps in crit["probes"].items()
                         for p in ps if p["at_crossing"] and p["seed"] == seed
                         and float(t) in chosen)
+        if from_init:
+            points.insert(0, (0, math.inf))  # the run's start: target inf
         trainer = _train.Trainer(job, init, b0, lr, seed)
         for step, t in points:
             while trainer.steps < step:
@@ -122,6 +127,7 @@ def gather(spec_path: str, crit: dict[str, Any], seeds: Sequence[int],
                 examples_seen=step * b0, b_simple=probe.b_simple, b_noise=probe.b_noise,
                 lr_measured=lr_measured, branch_steps=branch_steps)
             start = time.perf_counter()
+            # at step 0 the optimizer has no state yet: the branches start fresh, as the run
             result = branches.measure(job, options, Deadline.after(3600),
                                       optimizer=trainer.optimizer)
             _train.restore(job.model, weights)  # (measure restores it too)
@@ -156,7 +162,8 @@ def summary(res: dict[str, Any], crit: dict[str, Any]) -> list[dict[str, Any]]:
     sweep = sweep_examples(crit)
     local = local_b_crit(crit)
     out = []
-    for t in sorted({r["target"] for r in res["rows"]}, reverse=True):
+    for t in sorted({r["target"] for r in res["rows"] if math.isfinite(r["target"])},
+                    reverse=True):
         rows = sorted((r for r in res["rows"] if r["target"] == t), key=lambda r: r["seed"])
         fit = _key(crit["fits"], t)
         b_crit = fit["b_crit"] if fit else None
@@ -174,6 +181,16 @@ def summary(res: dict[str, Any], crit: dict[str, Any]) -> list[dict[str, Any]]:
             b_n = r.lr_noise_scale if r.lr_noise_scale is not None else math.inf
             c = branches.calibrated(r, b_n, Interval(b_n, b_n))
             calibrated.append(None if c is None else c[0])
+        # the run average from the start to here: the reads of the same probe run at its
+        # start and at every target up to this one (branches.run_average)
+        def so_far(r: dict[str, Any]) -> list[dict[str, Any]]:
+            return [x for x in res["rows"] if x["seed"] == r["seed"] and x["step"] <= r["step"]]
+
+        averages = [branches.run_average(
+            [(x["step"], x["result"].critical_batch) for x in so_far(r)
+             if x["result"].critical_batch is not None], res["baseline_batch"])
+            if r["result"].critical_batch is not None else None for r in rows]
+        average_examples = [sum(x["result"].examples for x in so_far(r)) for r in rows]
         agree = (None if None in cbs or len(cbs) < 2
                  else max(cbs) / min(cbs) <= 2)  # type: ignore[type-var,operator]
         out.append({
@@ -194,6 +211,10 @@ def summary(res: dict[str, Any], crit: dict[str, Any]) -> list[dict[str, Any]]:
             "scaled_ratio": [_ratio(s, b_crit) for s in scaled],
             "basis": [r.lr_noise_scale for r in results],
             "basis_ratio": [_ratio(r.lr_noise_scale, b_crit) for r in results],
+            "run_average": averages,
+            "run_average_ratio": [_ratio(a, b_crit) for a in averages],
+            "run_average_examples": average_examples,
+            "run_average_share": [e / sweep for e in average_examples],
             "calibrated": calibrated,
             "calibrated_ratio": [_ratio(c, b_crit) for c in calibrated],
             "examples": [r.examples for r in results],
@@ -227,6 +248,9 @@ def render_markdown(res: dict[str, Any], crit: dict[str, Any], rows: list[dict[s
                 f"{mark[b]}{c}" if c is not None else "—"
                 for c, b in zip(r["critical_batch"], r["bound"], strict=True)),
             "branch / B_crit": _pair(r["ratio"], lambda v: f"{v:.2f}"),
+            "run average from the start (÷ B_crit)": " / ".join(
+                "—" if a is None else f"{fmt_num(a)} ({q:.2f})"
+                for a, q in zip(r["run_average"], r["run_average_ratio"], strict=True)),
             "seeds within one doubling": {True: "yes", False: "no", None: "—"}[r["seeds_agree"]],
             "B_simple / B_crit (median)": _pair(r["b_simple_ratio"], lambda v: f"{v:.2f}")
             + f" ({fmt_num(r['b_simple_median_ratio'])})",
@@ -238,6 +262,9 @@ def render_markdown(res: dict[str, Any], crit: dict[str, Any], rows: list[dict[s
             "branch examples (% of sweep)": " / ".join(
                 f"{e:,} ({100 * s:.1f}%)" for e, s in zip(r["examples"], r["share_of_sweep"],
                                                            strict=True)),
+            "run average examples (% of sweep)": " / ".join(
+                f"{e:,} ({100 * q:.1f}%)" for e, q in zip(r["run_average_examples"],
+                                                          r["run_average_share"], strict=True)),
             "seconds": _pair(r["seconds"], lambda v: f"{v:.1f}"),
         })
     ratios = [v for r in rows for v in r["ratio"] if v is not None]
@@ -248,14 +275,15 @@ def render_markdown(res: dict[str, Any], crit: dict[str, Any], rows: list[dict[s
         return f"{sum(0.5 <= v <= 2.0 for v in values)} of {len(values)}"
 
     agree = [r["seeds_agree"] for r in rows if r["seeds_agree"] is not None]
-    per_seed_total = {s: sum(r["examples"][i] for r in rows for i, sd in enumerate(r["seeds"])
-                             if sd == s) for s in {s for r in rows for s in r["seeds"]}}
+    per_seed_total = {s: sum(x["result"].examples for x in res["rows"] if x["seed"] == s)
+                      for s in {x["seed"] for x in res["rows"]}}
     sweep = sweep_examples(crit)
     detail = []
     for row in res["rows"]:
         g: BranchResult = row["result"]
         detail.append({
-            "target / seed / step": f"{row['target']:g} / {row['seed']} / {row['step']}",
+            "target / seed / step": (f"{row['target']:g}" if math.isfinite(row["target"])
+                                     else "start") + f" / {row['seed']} / {row['step']}",
             "rungs: batch (lr) smoothed loss vs B/2 after Δ/√2": "; ".join(
                 f"{x.batch_size} ({x.learning_rate:.2g}) {x.loss:.4g}"
                 + ("" if x.reference is None else f" vs {x.reference:.4g} "
@@ -284,12 +312,20 @@ def render_markdown(res: dict[str, Any], crit: dict[str, Any], rows: list[dict[s
         "",
         _table(table),
         "",
-        f"Within 2× of the fitted B_crit: the branches {within} of {len(ratios)}; B_simple "
+        "At the start (step 0, a fresh optimizer): " + ("; ".join(
+            f"seed {x['seed']} {mark[x['result'].bound]}{x['result'].critical_batch} "
+            f"({x['result'].examples:,} examples)"
+            for x in res["rows"] if not math.isfinite(x["target"])) or "not measured") + ".",
+        "",
+        f"Within 2× of the fitted B_crit: the branches {within} of {len(ratios)}; their run "
+        f"average from the start (branches.run_average over the same run's reads at its "
+        f"start and at every target so far) {hits('run_average_ratio')}; B_simple "
         f"at the same weights {hits('b_simple_ratio')}; the advisor's basis there (B_noise "
         f"for SGD, else B_simple) {hits('basis_ratio')}; their geometric mean with the "
         f"branches, which the advisor uses, {hits('calibrated_ratio')}; the sweep's B_simple "
         f"median times the branches' ratio {hits('scaled_ratio')}. Two seeds within one "
-        f"doubling: {sum(agree)} of {len(agree)}. All targets of one seed together: "
+        f"doubling: {sum(agree)} of {len(agree)}. All targets of one seed together (and its "
+        f"start): "
         + ", ".join(f"seed {s} {e:,} examples ({100 * e / sweep:.1f}% of the sweep)"
                     for s, e in sorted(per_seed_total.items())) + ".",
         "",
@@ -330,6 +366,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--branch-steps", type=int, default=branches.BRANCH_STEPS,
                     help="Δ in baseline steps (default branches.BRANCH_STEPS; a multiple "
                          "of branches.MAX_FACTOR)")
+    ap.add_argument("--no-start", action="store_true",
+                    help="skip the branches at each probe run's step 0 (the run average "
+                         "then starts at the first target)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None,
                     help="output prefix (default docs/img/branch-<spec name>)")
@@ -348,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         measured = (int(b), float(f))
     res = gather(args.spec, crit, _train.parse_ints(args.seeds),
                  _train.parse_floats(args.targets) if args.targets else None, log, args.set,
-                 measured, args.branch_steps)
+                 measured, args.branch_steps, from_init=not args.no_start)
     seconds = time.perf_counter() - start
     rows = summary(res, crit)
     md = render_markdown(res, crit, rows, seconds)

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from bsfind import branches
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
@@ -123,9 +125,17 @@ def test_branch_eval_runs_end_to_end(tmp_path: Path) -> None:
     assert row["target"] == 1.0 and row["critical_batch"][0] in (64, 128, 256, 512, 1024)
     assert row["sweep_examples"] == sum(r.steps * r.batch_size
                                         for b in res.batches for r in b.runs)
-    assert doc["measurements"][0]["branches"]["optimizer_state"] == "carried"
+    start, crossing = doc["measurements"]  # the run's step 0 (target inf: null), then 1.0
+    assert start["step"] == 0 and start["target"] is None
+    assert start["branches"]["optimizer_state"] == "fresh"  # Adam has no state at step 0
+    assert crossing["branches"]["optimizer_state"] == "carried"
     assert doc["constants"]["branch_steps"] == 32
-    assert doc["measurements"][0]["branches"]["delta_examples"] == 32 * 64
+    assert crossing["branches"]["delta_examples"] == 32 * 64
+    # the run average from the start to the crossing: branches.run_average of both reads
+    reads = [(m["step"], m["branches"]["critical_batch"]) for m in (start, crossing)]
+    assert row["run_average"][0] == pytest.approx(branches.run_average(reads, 64))
+    assert row["run_average_examples"][0] == sum(m["branches"]["examples"]
+                                                 for m in (start, crossing))
 
 
 @pytest.mark.usefixtures("one_thread")
