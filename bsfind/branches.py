@@ -47,11 +47,12 @@ of the smaller batches'. Here:
   measured, with the weights and optimizer state restored.
 
 Defaults and their cost (docs/validation.md): REPEATS × rungs × Δ training examples,
-at most 3 × 5 × 64·B0 = 960·B0, plus EVALUATIONS forward passes over the evaluation
-subset per branch. On the shipped problems (one CPU thread, a shared machine): 37-49k
-examples and 0.5-2.5 s per point on digits-mlp, 12-25k and 2-3 s on digits-cnn, 18-25k
-and 15-20 s on text-transformer; 0.7-4.9% of the examples of a full sweep, and two
-seeds' values within one doubling on 13 of 14 targets.
+at most 3 × 5 × 64·B0 = 960·B0 (going below B0: at most 3 more rungs), plus EVALUATIONS
+forward passes over the evaluation subset per branch. On the shipped problems (one CPU
+thread, a shared machine): 37-49k examples and 0.6-0.9 s per point on digits-mlp,
+18-25k and 2.6-4.6 s on digits-cnn, 18-25k and 15-32 s on text-transformer; 0.7-4.9%
+of the examples of a full sweep, and two seeds' values within one doubling on 13 of 14
+targets.
 """
 
 from __future__ import annotations
@@ -551,11 +552,11 @@ def calibrated(result: BranchResult, b_n: float, b_n_ci: Interval
     early in training, where they see the local B_crit and the fit averages from
     initialisation; low late, under the advisor's learning-rate rule), and the noise
     scale at one checkpoint was unbiased on the median but scattered 2-24x. Within 2x of
-    the fitted B_crit: the geometric mean 20 of 28 points, the noise scale alone 18, the
+    the fitted B_crit: the geometric mean 20 of 28 points, the noise scale alone 19, the
     branches alone 13, B_n scaled by the whole measured ratio 10; worst misses 3.9x,
-    8.4x, 5.1x and 8.2x. A one-sided bound first meets B_n: "at most" B0 takes B_n when it is
-    below B0, "at least" the ladder's top takes B_n when it is above (then the result
-    is B_n). An unresolved B_n (inf) leaves the branches' value.
+    7.8x, 5.1x and 8.2x. A one-sided bound first meets B_n: "at most" the ladder's
+    smallest batch takes B_n when it is below it, "at least" the ladder's top takes B_n
+    when it is above (then the result is B_n). An unresolved B_n (inf) leaves the branches' value.
     """
     b = result.critical_batch
     if b is None:

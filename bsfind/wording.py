@@ -558,7 +558,7 @@ def with_branches(advice: Advice, inputs: AdvisorInputs, r: BranchResult,
             "seeds within one doubling on 13 of 14 targets) but read 2.9–5.1x the critical "
             "batch fitted from full sweeps at each problem's first target and 0.24–0.76x "
             "late; their geometric mean with the noise scale was within 2x of it on 20 of "
-            "28 points, either alone on 13 (branches) and 18 (noise scale)")
+            "28 points, either alone on 13 (branches) and 19 (noise scale)")
     return dataclasses.replace(advice, recommendation=dataclasses.replace(
         rec, basis=basis, notes=(*rec.notes, note, branch_line(r))))
 
