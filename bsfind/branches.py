@@ -73,7 +73,14 @@ from bsfind import wording
 from bsfind.advisor import Family, lr_correction, scaled_lr
 from bsfind.budget import Deadline, ProgressFn
 from bsfind.errors import Interrupted
-from bsfind.results import BranchResult, BranchRung, Interval, LrSearch, LrTrial
+from bsfind.results import (
+    BranchResult,
+    BranchRung,
+    Interval,
+    LrSearch,
+    LrTrial,
+    RunAverage,
+)
 from bsfind.seeds import Seeds
 from bsfind.training import (
     EpochSampler,
@@ -574,7 +581,7 @@ def calibrated(result: BranchResult, b_n: float, b_n_ci: Interval
     return value, Interval(min(low, value), max(high, value))
 
 
-def run_average(reads: Sequence[tuple[int, float]], baseline_batch: int) -> float | None:
+def run_average(reads: Sequence[tuple[float, float]], baseline_batch: int) -> float | None:
     """The critical batch of a run at B0 from its first read to its last: what S(B) fitted
     to whole runs between those points would give, from local critical batches measured
     along one run (``reads``: (step, local critical batch), in step order).
@@ -599,6 +606,22 @@ def run_average(reads: Sequence[tuple[int, float]], baseline_batch: int) -> floa
         s_min += stretch
         e_min += b * stretch
     return e_min / s_min if s_min > 0 else None
+
+
+def run_average_of(results: Sequence[BranchResult], baseline_batch: int) -> RunAverage | None:
+    """:func:`run_average` of branch results at a run's checkpoints (``model.checkpoints``):
+    each at its step at the baseline batch (its examples seen ÷ B0 when known). None with
+    fewer than two local critical batches."""
+    read = [r for r in results if r.critical_batch is not None]
+    reads = tuple(sorted(
+        (r.examples_seen / baseline_batch if r.examples_seen is not None else float(r.step),
+         int(r.critical_batch)) for r in read if r.critical_batch is not None))
+    value = run_average(reads, baseline_batch)
+    if value is None:
+        return None
+    return RunAverage(critical_batch=value, from_step=reads[0][0], to_step=reads[-1][0],
+                      reads=reads, one_sided=sum(r.bound != "bracketed" for r in read),
+                      examples=sum(r.examples for r in results))
 
 
 # --------------------------------------------------------------------------- the learning rate

@@ -317,6 +317,9 @@ def render_branches(doc: dict[str, Any]) -> None:
         stdout.print(f"  rule: {b['rule']} ({b['lr_rule']} learning rate)", markup=False)
         for note in b.get("notes") or []:
             stdout.print(f"  note: {note}", markup=False)
+    average = doc.get("branch_run_average")
+    if average:
+        stdout.print(f"Run average: {average['summary']}", markup=False)
 
 
 def render_schedule(doc: dict[str, Any]) -> None:
@@ -720,7 +723,8 @@ def branch(spec: SpecArg, json_out: JsonOpt = False, set_: SetOpt = None,
             return report.to_dict(api.branch(s, progress=progress))
 
     doc = _guard(debug, run, on_interrupt=_partial_noise(json_out), as_json=json_out)
-    _emit(_measurement_only(doc, "branches") if json_out else doc, json_out)
+    _emit(_measurement_only(doc, "branches", "branch_run_average") if json_out else doc,
+          json_out)
 
 
 @app.command()

@@ -29,6 +29,7 @@ from bsfind.results import (
     LrSearch,
     MemoryModel,
     NoiseEstimate,
+    RunAverage,
     TimingCurve,
 )
 from bsfind.runner import Runner
@@ -150,7 +151,7 @@ def _measure_and_advise(spec: Spec, runner: Runner, command: str, job: Workload,
                                                      runner.world_size),
                       notes=branch_notes),
         status="partial" if any(b.stopped == "budget" for b in branched) else points.status,
-        branches=branched)
+        branches=branched, branch_run_average=branch_run_average(spec, branched))
     if command == "recommend":
         # The run's optimizer state is not the training's memory (on a GPU): on the host
         # while the memory is measured, and while the learning rate is measured up to
@@ -412,6 +413,16 @@ def branch_points(spec: Spec, job: Workload, runner: Runner, points: trajectory.
             raise Interrupted(exc.message, partial=BranchPartial(
                 points.estimates, (*done, *((part,) if part else ())))) from None
     return tuple(done), ()
+
+
+def branch_run_average(spec: Spec, results: tuple[BranchResult, ...]) -> RunAverage | None:
+    """The run's critical batch between ``model.checkpoints`` from their branches
+    (``branches.run_average_of``); None for one point or fewer than two reads."""
+    from bsfind import branches
+
+    if spec.probe_mode != "checkpoints":
+        return None
+    return branches.run_average_of(results, spec.optimizer.batch_size)
 
 
 def calibrated_inputs(inputs: advisor.AdvisorInputs, results: tuple[BranchResult, ...]

@@ -25,6 +25,7 @@ from bsfind.results import (
     MemoryModel,
     NoiseEstimate,
     Recommendation,
+    RunAverage,
     TimingCurve,
     Trajectory,
 )
@@ -62,6 +63,8 @@ class Report:
     trajectory: Trajectory | None = None  # how far the probe run along training got
     schedule: Schedule | None = None  # the batch-size schedule (recommend)
     branches: tuple[BranchResult, ...] = ()  # branched runs (probe.branches, `bsfind branch`)
+    # their run average between model.checkpoints (bsfind.branches.run_average_of)
+    branch_run_average: RunAverage | None = None
     lr_search: LrSearch | None = None  # the learning rate measured (probe.lr_branches)
 
 
@@ -127,6 +130,17 @@ def branch_dict(r: BranchResult) -> dict[str, Any]:
     return d
 
 
+def run_average_dict(r: RunAverage | None) -> dict[str, Any] | None:
+    """The branches' run average between checkpoints: its fields and its line in words."""
+    from bsfind.wording import run_average_line
+
+    if r is None:
+        return None
+    d = clean(r)
+    d["summary"] = run_average_line(r)
+    return d
+
+
 def lr_search_dict(r: LrSearch | None) -> dict[str, Any] | None:
     """The learning-rate search: its fields and its line in words."""
     from bsfind.wording import lr_search_line
@@ -179,6 +193,7 @@ def to_dict(report: Report) -> dict[str, Any]:
         doc["lr_search"] = lr_search_dict(report.lr_search)
     if report.branches or report.command == "branch":
         doc["branches"] = [branch_dict(b) for b in report.branches]
+        doc["branch_run_average"] = run_average_dict(report.branch_run_average)
     if report.distributed is not None:
         doc["distributed"] = clean(report.distributed)
     doc["warnings"] = list(report.warnings)

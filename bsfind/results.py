@@ -544,6 +544,30 @@ class BranchResult:
 
 
 @dataclass(frozen=True)
+class RunAverage:
+    """The critical batch of a run between its first and last checkpoint, from the local
+    critical batches measured by branches at each (``bsfind.branches.run_average``).
+
+    Attributes:
+        critical_batch: Σ b_j·S_min,j / ΣS_min,j over the stretches between checkpoints:
+            what S(B) = S_min(1 + B_crit/B) fitted to whole runs over those stretches
+            would give.
+        from_step / to_step: the first and last checkpoint's step (at the baseline batch).
+        reads: (step, local critical batch) of each checkpoint used; a one-sided read
+            ("at most" / "at least") counts as its bound.
+        one_sided: how many of the reads were one-sided.
+        examples: training examples all those branches took.
+    """
+
+    critical_batch: float
+    from_step: float
+    to_step: float
+    reads: tuple[tuple[float, int], ...]
+    one_sided: int
+    examples: int
+
+
+@dataclass(frozen=True)
 class BranchPartial:
     """What a run interrupted during its branches had measured: the noise points and the
     branch results so far (the last one marked ``stopped="interrupted"``)."""

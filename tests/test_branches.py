@@ -583,3 +583,34 @@ def test_branches_at_each_checkpoint(tmp_path: Path) -> None:
     assert [b.step for b in report.branches] == [0, 20]
     assert all(b.optimizer_state == "fresh" for b in report.branches)
     assert [b.b_simple for b in report.branches] == [n.b_simple for n in report.noise]
+    # the run's critical batch between the two checkpoints, from their local reads
+    reads = [(float(b.step), b.critical_batch) for b in report.branches]
+    avg = report.branch_run_average
+    assert all(c is not None for _, c in reads)  # digits-mlp: 128 at both (validation.md)
+    assert avg is not None and (avg.from_step, avg.to_step) == (0.0, 20.0)
+    assert avg.critical_batch == pytest.approx(branches.run_average(reads, 64))
+    assert avg.examples == sum(b.examples for b in report.branches)
+    from bsfind.report import to_dict
+
+    doc = to_dict(report)["branch_run_average"]
+    assert doc["critical_batch"] == pytest.approx(avg.critical_batch)
+    assert "the run's critical batch from step 0 to 20" in doc["summary"]
+
+
+def test_run_average_of_checkpoints_reads_steps_from_examples() -> None:
+    """A checkpoint's examples seen ÷ B0 is its step at the baseline batch; one-sided reads
+    are counted and taken at their bound; one read alone gives nothing."""
+    def at(examples: int, b: int | None, bound: str = "bracketed") -> BranchResult:
+        return BranchResult(step=0, examples_seen=examples, critical_batch=b, bound=bound,
+                            interval=Interval(0.0, 1.0), baseline_batch=32,
+                            delta_examples=2048, tolerance=math.sqrt(2), smoothing=0.5,
+                            repeats=3, lr_rule="mccandlish-sqrt", lr_noise_scale=None,
+                            optimizer_state="fresh", rungs=(), b_simple=None, b_noise=None,
+                            examples=100, seconds=1.0, stopped="failed")
+
+    got = branches.run_average_of([at(0, 16, "at most"), at(3200, 64), at(6400, None)], 32)
+    assert got is not None
+    assert got.reads == ((0.0, 16), (100.0, 64)) and got.one_sided == 1
+    assert got.critical_batch == pytest.approx(32.0)  # one stretch: √(16·64)
+    assert got.examples == 300 and (got.from_step, got.to_step) == (0.0, 100.0)
+    assert branches.run_average_of([at(0, 16)], 32) is None
