@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import _train  # noqa: E402
 import branch_cooldown_eval  # noqa: E402
 import branch_eval  # noqa: E402
+import branch_stretch_eval  # noqa: E402
 import critical_batch  # noqa: E402
 import equal_time  # noqa: E402
 import lr_eval  # noqa: E402
@@ -162,6 +163,46 @@ def test_branch_cooldown_eval_runs_end_to_end(tmp_path: Path) -> None:
     assert ladder["critical_batch"] == (last_passed[-1] if last_passed else 64)
     assert doc["summary"]["points"] == 1
     assert "cooled branches" in out.with_suffix(".md").read_text()
+
+
+def test_branch_stretch_ladders() -> None:
+    """Δ covers the stretch, in whole steps of the top rung, which keeps 4 steps."""
+    assert branch_stretch_eval.stretch_ladder(10) == (10, 2)
+    assert branch_stretch_eval.stretch_ladder(64) == (64, 16)
+    assert branch_stretch_eval.stretch_ladder(48) == (48, 8)
+    assert branch_stretch_eval.stretch_ladder(30) == (32, 4)
+    assert branch_stretch_eval.stretch_ladder(3) == (4, 2)
+    assert branch_stretch_eval.stretch_ladder(500) == (512, 16)
+    # two stretches by hand: S_min = 10/(1 + 32/64) and 30/(1 + 128/64)
+    w = [10 / 1.5, 30 / 3.0]
+    assert branch_stretch_eval.stretch_average([(0, 10, 32), (10, 40, 128)], 64) == (
+        pytest.approx((32 * w[0] + 128 * w[1]) / sum(w)))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_branch_stretch_eval_runs_end_to_end(tmp_path: Path) -> None:
+    """Seed 0 of the shipped digits-mlp sweep: one ladder per stretch between targets."""
+    import json
+
+    out = tmp_path / "stretch"
+    img = ROOT / "docs" / "img"
+    rc = branch_stretch_eval.main([
+        str(ROOT / "configs" / "digits-mlp.yaml"), "--seeds", "0",
+        "--crit", str(img / "critical-batch-digits-mlp.json"),
+        "--branches", str(img / "branch-digits-mlp.json"), "--out", str(out)])
+    assert rc == 0
+    doc = json.loads(out.with_suffix(".json").read_text())
+    ladders = doc["ladders"]
+    assert ladders[0]["from_step"] == 0
+    for a, b in zip(ladders, ladders[1:], strict=False):
+        assert b["from_step"] == a["to_step"]  # the stretches tile the run
+    for r in ladders:
+        assert r["branch_steps"] >= r["to_step"] - r["from_step"]
+        assert r["branch_steps"] % r["max_factor"] == 0
+    first = doc["summary"]["targets"][0]  # loss 1: the first stretch only
+    assert first["stretch_average"][0] == pytest.approx(ladders[0]["critical_batch"])
+    assert first["examples"][0] == ladders[0]["examples"]
+    assert "branches as long as their stretch" in out.with_suffix(".md").read_text()
 
 
 def test_lr_eval_runs_end_to_end(tmp_path: Path) -> None:
