@@ -784,7 +784,7 @@ def env(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
     import torch
 
     from bsfind.hardware import nvml
-    from bsfind.hardware.measure import usable_cpus
+    from bsfind.hardware.measure import cpu_quota, usable_cpus
 
     def run() -> dict[str, Any]:
         devices = [nvml.describe_device(torch.device("cpu"))]
@@ -807,6 +807,7 @@ def env(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
             "cpu_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
             "cpus_usable": len(usable_cpus()),
+            "cpu_quota": cpu_quota(),
             "devices": [clean(d) for d in devices],
         }
 

@@ -126,6 +126,9 @@ def run(spec: Spec, runner: Runner, command: str, progress: ProgressFn | None = 
     if command != "recommend" and fitted is not None and fitted.reduced:
         report = dataclasses.replace(report, warnings=report.warnings + (
             wording.probed_beside_load(fitted.share or BUSY_SHARE, fitted.threads),))
+    if fitted is not None and fitted.quota is not None and fitted.run_threads is not None:
+        report = dataclasses.replace(report, warnings=report.warnings + (
+            wording.capped_by_quota(fitted.quota, fitted.run_threads),))
     return runner.finish(dataclasses.replace(report, seconds=time.perf_counter() - start))
 
 

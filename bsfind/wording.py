@@ -117,6 +117,16 @@ def probed_beside_load(share: float, threads: int) -> str:
             "a quiet machine)")
 
 
+def capped_by_quota(quota: float, run_threads: int) -> str:
+    """The run's threads were more than the cgroup's CPU quota allows (docker --cpus, a
+    Kubernetes CPU limit)."""
+    n = max(1, math.floor(quota + 1e-9))
+    return (f"this process's CPU quota (its cgroup's limit) is {quota:g} CPUs, but torch ran "
+            f"{run_threads} intra-op threads: bsfind measured with {n}, since threads beyond "
+            f"the quota are throttled in turns and every step waits for them; train with "
+            f"torch.set_num_threads({n}) (or OMP_NUM_THREADS={n}) too")
+
+
 def timed_beside_load(share: float, threads: int | None, cpu_clock: bool) -> str:
     """The CPU ladder ran on the cores other processes left free (issue #14)."""
     n = threads if threads is not None else 1

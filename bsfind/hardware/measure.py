@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -235,6 +236,87 @@ def usable_cpus() -> frozenset[int]:
     return frozenset(cpus)
 
 
+def cpu_quota(root: str = "/") -> float | None:
+    """The CPUs this process's cgroup may use by its CPU bandwidth limit (``docker
+    --cpus``, a Kubernetes CPU limit): quota ÷ period, the smallest along its cgroup's
+    path (a parent's limit holds for its children); None when there is none, or off
+    Linux. cgroup v2 reads ``cpu.max`` ("200000 100000"; "max": none), v1
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (-1: none). A quota is not an affinity:
+    the process may run on every CPU of its cpuset, but more threads than the quota are
+    throttled in turns, and every step waits for the slowest thread. ``root`` stands for
+    "/" in tests."""
+    import os
+
+    def read(path: str) -> str | None:
+        try:
+            with open(os.path.join(root, path.lstrip("/")), encoding="ascii") as f:
+                return f.read().strip()
+        except (OSError, ValueError):
+            return None
+
+    def isdir(path: str) -> bool:
+        return os.path.isdir(os.path.join(root, path.lstrip("/")))
+
+    groups = read("/proc/self/cgroup")
+    if groups is None:
+        return None
+    limits: list[float] = []
+    files: tuple[str, ...]
+    for line in groups.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # v2
+            mounts, files = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"], ("cpu.max",)
+        elif "cpu" in controllers.split(","):
+            mounts = [f"/sys/fs/cgroup/{controllers}", "/sys/fs/cgroup/cpu,cpuacct",
+                      "/sys/fs/cgroup/cpu"]
+            files = ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+        else:
+            continue
+        for mount in mounts:
+            if not isdir(mount):
+                continue
+            # The cgroup's own directory when the mount shows the host's tree, else the
+            # mount itself (a cgroup namespace, or a container's own mount); then up to
+            # the mount, since a parent's limit holds for its children.
+            here = os.path.join(mount, path.lstrip("/")).rstrip("/")
+            if not isdir(here):
+                here = mount
+            while True:
+                limit = _bandwidth(read, here, files)
+                if limit is not None:
+                    limits.append(limit)
+                if len(here) <= len(mount):
+                    break
+                here = os.path.dirname(here)
+            break
+    return min(limits) if limits else None
+
+
+def _bandwidth(read: Callable[[str], str | None], here: str, files: tuple[str, ...]
+               ) -> float | None:
+    """One cgroup directory's CPU limit in CPUs (None: unlimited or unreadable)."""
+    import os
+
+    try:
+        if len(files) == 1:  # v2 cpu.max: "$MAX $PERIOD"
+            text = read(os.path.join(here, files[0]))
+            if text is None:
+                return None
+            quota, _, period = text.partition(" ")
+            if quota == "max":
+                return None
+            return float(quota) / float(period or 100000)
+        quota_text, period_text = (read(os.path.join(here, f)) for f in files)
+        if quota_text is None or period_text is None or float(quota_text) <= 0:
+            return None
+        return float(quota_text) / float(period_text)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
 def cpu_lines(stat_text: str) -> dict[int, str]:
     """/proc/stat's per-CPU lines ("cpuN ..."), by N."""
     lines = {}
@@ -311,12 +393,16 @@ class LadderSetup:
         reduced: fewer threads than the run has (the cores other processes left free).
         cpu_clock: each step timed by this thread's CPU time (one thread).
         share: other processes' share of the CPUs sampled before the ladder.
+        quota / run_threads: the cgroup's CPU quota (:func:`cpu_quota`) when it capped
+            the run's ``run_threads`` intra-op threads to whole CPUs of it; else None.
     """
 
     threads: int
     reduced: bool = False
     cpu_clock: bool = False
     share: float | None = None
+    quota: float | None = None
+    run_threads: int | None = None
 
 
 def ladder_setup(share: float | None, threads: int, cpus: int) -> LadderSetup:
@@ -336,9 +422,16 @@ def ladder_setup(share: float | None, threads: int, cpus: int) -> LadderSetup:
 
 def setup_for_load(use: CpuUse) -> LadderSetup:
     """:func:`ladder_setup` for the load ``use`` has seen since it started (sampled for
-    at least LOAD_SAMPLE_SECONDS), this process's threads and the CPUs it may run on."""
-    return ladder_setup(use.share_over(LOAD_SAMPLE_SECONDS), torch.get_num_threads(),
-                        use.cpus)
+    at least LOAD_SAMPLE_SECONDS), this process's threads and the CPUs it may run on.
+    The threads are at most the whole CPUs of the cgroup's CPU quota (:func:`cpu_quota`,
+    at least 1): beyond it they are throttled in turns."""
+    threads = torch.get_num_threads()
+    quota = cpu_quota()
+    allowed = threads if quota is None else min(threads, max(1, math.floor(quota + 1e-9)))
+    setup = ladder_setup(use.share_over(LOAD_SAMPLE_SECONDS), allowed, use.cpus)
+    if allowed < threads:
+        setup = dataclasses.replace(setup, quota=quota, run_threads=threads)
+    return setup
 
 
 @contextlib.contextmanager

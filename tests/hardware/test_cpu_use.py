@@ -392,3 +392,93 @@ def test_bsfind_noise_says_it_probed_on_the_free_cores(monkeypatch: pytest.Monke
     with measure.intra_op_threads(2):
         quiet = api.measure(spec)
     assert not any("intra-op thread" in w for w in quiet.warnings)
+
+
+def _cgroup_fs(root: object, cgroup: str, files: dict[str, str]) -> str:
+    """A fake root: /proc/self/cgroup and the cgroup files given (path -> content)."""
+    from pathlib import Path
+
+    base = Path(str(root))
+    (base / "proc/self").mkdir(parents=True, exist_ok=True)
+    (base / "proc/self/cgroup").write_text(cgroup)
+    for path, text in files.items():
+        f = base / path.lstrip("/")
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(text + "\n")
+    return str(base)
+
+
+@pytest.mark.parametrize(("cgroup", "files", "quota"), [
+    # cgroup v2 in a namespace (docker --cpus=1.5): the container's own cpu.max at the root
+    ("0::/\n", {"/sys/fs/cgroup/cpu.max": "150000 100000"}, 1.5),
+    ("0::/\n", {"/sys/fs/cgroup/cpu.max": "max 100000"}, None),
+    # v2, the host's tree: the pod's limit holds for its container, which has none
+    ("0::/kubepods/pod1/ctr\n", {"/sys/fs/cgroup/kubepods/pod1/ctr/cpu.max": "max 100000",
+                                 "/sys/fs/cgroup/kubepods/pod1/cpu.max": "200000 100000",
+                                 "/sys/fs/cgroup/kubepods/cpu.max": "max 100000"}, 2.0),
+    # a leaf without the cpu controller's files: its parent's limit
+    ("0::/kubepods/pod2/ctr\n", {"/sys/fs/cgroup/kubepods/pod2/ctr/cgroup.procs": "1",
+                                 "/sys/fs/cgroup/kubepods/pod2/cpu.max": "50000 100000"}, 0.5),
+    # the smaller of a parent's and a child's
+    ("0::/a/b\n", {"/sys/fs/cgroup/a/b/cpu.max": "300000 100000",
+                   "/sys/fs/cgroup/a/cpu.max": "100000 50000"}, 2.0),
+    # cgroup v1 (this machine's layout): quota -1 is none
+    ("4:memory:/x\n1:cpu:/\n0::/\n", {"/sys/fs/cgroup/cpu/cpu.cfs_quota_us": "-1",
+                                      "/sys/fs/cgroup/cpu/cpu.cfs_period_us": "100000"}, None),
+    ("3:cpu,cpuacct:/docker/abc\n", {
+        "/sys/fs/cgroup/cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "50000",
+        "/sys/fs/cgroup/cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000"}, 0.5),
+    # v1, the container's own mount (the host path is not under it): the mount's limit
+    ("3:cpu,cpuacct:/docker/abc\n", {
+        "/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us": "300000",
+        "/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us": "100000"}, 3.0),
+    ("0::/\n", {}, None),  # no cpu controller files
+])
+def test_cpu_quota_from_cgroup_files(tmp_path: object, cgroup: str, files: dict[str, str],
+                                     quota: float | None) -> None:
+    root = _cgroup_fs(tmp_path, cgroup, files)
+    assert measure.cpu_quota(root) == (None if quota is None else pytest.approx(quota))
+
+
+def test_cpu_quota_without_proc_is_none(tmp_path: object) -> None:
+    assert measure.cpu_quota(str(tmp_path)) is None
+    assert measure.cpu_quota() is None or measure.cpu_quota() > 0  # this machine reads
+
+
+def test_a_cpu_quota_caps_the_threads_and_the_report_says_so(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quota of 1.5 CPUs on a 2-thread run: bsfind runs 1 thread (a quiet machine), the
+    warning gives the number to train with, and the run's threads come back."""
+    from bsfind import api
+    from bsfind.spec import load_spec
+    from tests.conftest import CONFIGS
+
+    monkeypatch.setattr(measure, "cpu_quota", lambda: 1.5)
+    use = steady(0.0, cpus=2)
+    use.start()
+    with measure.intra_op_threads(2):
+        setup = measure.setup_for_load(use)
+    assert (setup.threads, setup.quota, setup.run_threads) == (1, 1.5, 2)
+    assert not setup.reduced  # not other processes' load
+    monkeypatch.setattr(measure, "CpuUse", lambda: steady(0.0, cpus=2))
+    spec = load_spec(CONFIGS / "digits-mlp.yaml", ["probe.max_seconds=3", "probe.at_steps=[0]"])
+    seen: list[int] = []
+    import torch
+
+    real = measure.intra_op_threads
+
+    def spy(n: int) -> object:
+        seen.append(n)
+        return real(n)
+
+    monkeypatch.setattr(measure, "intra_op_threads", spy)
+    with real(2):
+        report = api.measure(spec)
+        assert torch.get_num_threads() == 2
+    said = [w for w in report.warnings if "CPU quota" in w]
+    assert len(said) == 1 and "is 1.5 CPUs, but torch ran 2 intra-op threads" in said[0]
+    assert "torch.set_num_threads(1)" in said[0] and seen[0] == 1
+    monkeypatch.setattr(measure, "cpu_quota", lambda: 4.0)  # above the threads: nothing
+    with real(2):
+        quiet = api.measure(spec)
+    assert not any("CPU quota" in w for w in quiet.warnings)
