@@ -13,9 +13,9 @@ of the smaller batches'. Here:
   than the next smaller rung's (B/2) after Δ/TOLERANCE: doubling the batch cost at
   most TOLERANCE times the examples for the same loss. The ladder stops at the first
   rung that fails; the local critical batch is the last rung that passed. When 2·B0
-  already fails, the ladder goes below B0 by halves (B0/2, B0/4, ... B0/MIN_FRACTION)
-  until a doubling keeps up: a baseline batch above the critical batch is measured, not
-  only bounded. Why TOLERANCE = √2: under S(B) = S_min(1 + B_crit/B) (McCandlish et
+  already fails, the ladder goes below B0 by halves (B0/2, B0/4, ... B0/MIN_FRACTION,
+  never below 2) until a doubling keeps up: a baseline batch above the critical batch is
+  measured, not only bounded. A rung below B0 that raises ends that descent (noted). Why TOLERANCE = √2: under S(B) = S_min(1 + B_crit/B) (McCandlish et
   al. 2018, eq. 2.11) a run at batch B needs E_min(1 + B/B_crit) examples, so B needs
   (1 + B/B_crit)/(1 + B/(2·B_crit)) times the examples of B/2, which is √2 exactly at
   B = √2·B_crit. The last rung that passes is then within √2 of B_crit
@@ -267,9 +267,10 @@ def ladder(baseline_batch: int, dataset_size: int, max_factor: int = MAX_FACTOR)
 
 def below(baseline_batch: int, min_fraction: int = MIN_FRACTION) -> list[int]:
     """B0/2, B0/4, ... down to B0/``min_fraction``, while B0 halves evenly (Δ = k·B0
-    examples must divide into whole steps) and the batch stays at least 1."""
+    examples must divide into whole steps) and the batch stays at least 2 (BatchNorm in
+    training mode cannot normalise one example)."""
     out, b = [], baseline_batch
-    while b % 2 == 0 and b // 2 >= max(1, baseline_batch / min_fraction):
+    while b % 2 == 0 and b // 2 >= max(2, baseline_batch / min_fraction):
         b //= 2
         out.append(b)
     return out
@@ -376,7 +377,8 @@ def run_branch(job: Workload, opt: torch.optim.Optimizer, saved_model: dict[str,
                on_start: Callable[[BranchStart], None] | None = None,
                scales: Sequence[float] | None = None,
                on_step: Callable[[int], None] | None = None,
-               micro: int | None = None) -> list[tuple[int, float]]:
+               micro: int | None = None, eval_chunk: int | None = None
+               ) -> list[tuple[int, float]]:
     """One branch: restore the saved weights and optimizer state, set every parameter
     group's learning rate to its saved value × ``lr_scale``, train ``steps`` steps at
     ``batch`` in the data order ``seed``, and evaluate the loss on ``eval_idx`` after each
@@ -384,6 +386,9 @@ def run_branch(job: Workload, opt: torch.optim.Optimizer, saved_model: dict[str,
     cool-down); None: constant. ``on_start`` sees the restored state (``repeat`` names
     the data order); ``on_step`` gets the examples of each training step as it is taken.
     ``micro``: at most this many examples per forward and backward (accumulated).
+    ``eval_chunk``: the evaluation's examples per forward (default: ``micro`` or
+    ``batch``); a ladder evaluates every rung alike, since in training mode a
+    BatchNorm model's loss depends on it.
 
     Returns:
         The (examples trained, loss) evaluations (inf once the branch diverged: its
@@ -414,9 +419,9 @@ def run_branch(job: Workload, opt: torch.optim.Optimizer, saved_model: dict[str,
             if on_step is not None:
                 on_step(batch)
         if s in marks:
-            # In chunks of the branch's batch (or micro-batch): its training step fitted.
-            value = math.inf if diverged else evaluate_loss(job, eval_idx,
-                                                           chunk=micro or batch)
+            # In chunks that fit: the branch's training step did (or B0's, for a ladder).
+            value = math.inf if diverged else evaluate_loss(
+                job, eval_idx, chunk=eval_chunk or micro or batch)
             if value is None:  # not even one example fits: an out-of-memory error
                 raise MemoryError("evaluation out of memory even at one example")
             curve.append((s * batch, value if math.isfinite(value) else math.inf))
@@ -446,6 +451,9 @@ class _Ladder:
         self.oom_at: int | None = None
         self.micro: int | None = None  # set once a rung ran out of memory
         self.accumulated_from: int | None = None
+        self.shown = 0.0  # the progress shown so far
+        self.floor: int | None = None  # the smallest batch the descent may reach
+        self.below_error: str | None = None  # why the descent stopped (a rung raised)
         self.rule = "none"
 
     def attempt(self, batch: int) -> str | None:
@@ -457,7 +465,8 @@ class _Ladder:
             return None
         except Exception as exc:  # noqa: BLE001 - _cut_short raises what is not ours
             cut = _cut_short(self.job, exc)
-        if cut == "out of memory" and self.micro is None and self.batches:
+        if (cut == "out of memory" and self.micro is None and self.batches
+                and max(self.batches) < batch):
             self.micro = max(self.batches)
             self.accumulated_from = batch
             try:
@@ -473,8 +482,15 @@ class _Ladder:
         """Below B0, after 2·B0 already fell behind: the rungs ``batches`` (B0/2, B0/4,
         ...) until the rung above one keeps up with it. Returns why the descent was cut
         short (the budget, memory), or None."""
+        self.floor = batches[-1] if batches else None
         for batch in batches:
-            cut = self.attempt(batch)
+            try:
+                cut = self.attempt(batch)
+            except Exception as exc:  # noqa: BLE001 - the descent is optional: keep the rest
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                self.below_error = (f"batch {batch:,} raised {type(exc).__name__}"
+                                    + (f" ({first[:160]})" if first else ""))
+                return None
             if cut is not None:
                 return cut
             if self.verdicts()[1].passed:
@@ -508,10 +524,11 @@ class _Ladder:
             seed=Seeds(o.seed).branch(o.step, repeat), steps=o.delta // batch,
             at=evaluation_steps(o.delta // batch, batch, o.delta), eval_idx=self.eval_idx,
             deadline=self.deadline, on_start=self.on_branch_start, on_step=self._took,
-            micro=micro)
+            micro=micro, eval_chunk=o.baseline_batch)
         if self.progress is not None:
             done = (len(self.batches) + (repeat + 1) / o.repeats) / max(1, self.planned)
-            self.progress("branch", min(1.0, done),
+            self.shown = max(self.shown, min(1.0, done))  # a rung run again: no step back
+            self.progress("branch", self.shown,
                           f"batch {batch:,}: data order {repeat + 1} of {o.repeats}")
         return curve
 
@@ -545,8 +562,10 @@ class _Ladder:
             rungs=tuple(rungs), b_simple=o.b_simple, b_noise=o.b_noise,
             examples=self.examples, seconds=seconds, stopped=stopped,
         )
-        return wording.describe_branches(result, oom_at=self.oom_at,
-                                         accumulated_from=self.accumulated_from)
+        return wording.describe_branches(
+            result, oom_at=self.oom_at, accumulated_from=self.accumulated_from,
+            stopped_at=self.current if stopped in ("budget", "interrupted") else None,
+            floor=self.floor, below_error=self.below_error)
 
 
 def calibrated(result: BranchResult, b_n: float, b_n_ci: Interval

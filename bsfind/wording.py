@@ -465,9 +465,19 @@ BRANCHES_UNDER_TORCHRUN = ("probe.branches: the branched runs are measured in a 
 
 
 def describe_branches(r: BranchResult, oom_at: int | None = None,
-                      accumulated_from: int | None = None) -> BranchResult:
+                      accumulated_from: int | None = None, stopped_at: int | None = None,
+                      floor: int | None = None, below_error: str | None = None
+                      ) -> BranchResult:
     """``r`` with its notes written: how the ladder ended and what the bound means.
-    ``accumulated_from``: the rung that first ran out of memory in one forward."""
+
+    Args:
+        oom_at: the rung that ran out of memory even in micro-batches (the ladder ended).
+        accumulated_from: the rung that first ran out of memory in one forward.
+        stopped_at: the rung running when the budget or Ctrl-C ended the ladder.
+        floor: the smallest batch the ladder could go down to (None: it did not go
+            below the baseline batch).
+        below_error: why the ladder stopped going down (a rung below B0 raised).
+    """
     import dataclasses
 
     notes = []
@@ -479,30 +489,42 @@ def describe_branches(r: BranchResult, oom_at: int | None = None,
         if not math.isfinite(rung.loss):
             notes.append(f"batch {rung.batch_size:,} diverged at learning rate "
                          f"{rung.learning_rate:.3g} ({r.lr_rule})")
-    last = r.rungs[-1].batch_size if r.rungs else None
     micro = [g.micro_batch for g in r.rungs if g.micro_batch is not None]
     if accumulated_from is not None and micro:
         notes.append(f"batch {accumulated_from:,} did not fit in memory in one forward: it "
                      f"and the rungs above it accumulated micro-batches of {micro[0]:,}")
     if r.stopped == "out of memory" and oom_at is not None:
-        notes.append(f"batch {oom_at:,} ran out of memory: the ladder ended at "
-                     f"{last if last is not None else 'no batch'}")
+        ran = [g.batch_size for g in r.rungs]
+        near = min(ran, key=lambda b: abs(math.log2(b / oom_at))) if ran else None
+        notes.append(f"batch {oom_at:,} ran out of memory"
+                     + (" even in micro-batches" if micro else "") + ": the ladder ended at "
+                     f"{f'{near:,}' if near is not None else 'no batch'}")
     elif r.stopped == "budget":
-        notes.append("the time budget ended the ladder" + (f" after batch {last:,}" if last
-                                                           else " before any rung finished"))
+        notes.append("the time budget ended the ladder" + (
+            f" during batch {stopped_at:,} (dropped)" if stopped_at is not None and r.rungs
+            else " before any rung finished"))
     elif r.stopped == "interrupted":
         notes.append("interrupted: the rungs measured so far")
+    if below_error is not None:
+        notes.append(f"the ladder stopped going below the baseline batch: {below_error}")
+    cut = r.stopped in ("budget", "interrupted", "out of memory") or below_error is not None
     if r.bound == "at most" and r.rungs:
         low = r.rungs[0].batch_size
+        if floor is not None and low <= floor:
+            lower = "and the ladder goes no lower"
+        elif cut:
+            lower = "and the ladder was cut short before it could go lower"
+        else:
+            lower = "and the ladder cannot go below the baseline batch"
         notes.append(f"already batch {2 * low:,} needed more than {r.tolerance:.3g}x the "
                      f"examples of {low:,}: the local critical batch is {low:,} or below, "
-                     + ("and the ladder does not go lower" if low < r.baseline_batch else
-                        "and the ladder could not go below the baseline batch"))
+                     + lower)
     elif r.critical_batch is not None and r.critical_batch < r.baseline_batch:
         notes.append(f"already batch {2 * r.baseline_batch:,} needed more than "
                      f"{r.tolerance:.3g}x the examples of the baseline {r.baseline_batch:,}: "
                      "the ladder went below it")
     elif r.bound == "at least" and r.stopped == "top":
+        last = r.rungs[-1].batch_size
         notes.append(f"every rung up to batch {last:,} kept up (the ladder's largest batch): "
                      f"the local critical batch is at least {last:,}")
     elif r.bound == "none":

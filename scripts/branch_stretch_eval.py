@@ -84,6 +84,8 @@ def gather(spec_path: str, crit: dict[str, Any], base: dict[str, Any], seeds: Se
         starts = [(0, math.inf), *ends[:-1]]
         trainer = _train.Trainer(job, init, b0, lr0, seed)
         for (step, _t), (end, t_end) in zip(starts, ends, strict=True):
+            if end <= step:  # two targets first crossed at the same step: no stretch
+                continue
             while trainer.steps < step:
                 trainer.step()
             n, top = stretch_ladder(end - step)
@@ -131,7 +133,8 @@ def summarise(rows: list[dict[str, Any]], base: dict[str, Any], b0: int) -> dict
                     "branch_ratio": s["ratio"], "examples": costs,
                     "share_of_sweep": [c / sweep for c in costs]})
     ratios = [q for r in out for q in r["ratio"] if q is not None]
-    within_tenth = [p for r in out for p in r["share_of_sweep"]]
+    within_tenth = [p for r in out for q, p in zip(r["ratio"], r["share_of_sweep"],
+                                                   strict=True) if q is not None]
     return {"targets": out, "hits": sum(0.5 <= q <= 2 for q in ratios), "points": len(ratios),
             "within_a_tenth": sum(p <= 0.1 for p in within_tenth),
             "both": sum(q is not None and 0.5 <= q <= 2 and p <= 0.1

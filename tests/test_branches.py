@@ -462,9 +462,73 @@ def test_the_ladder_goes_below_b0(monkeypatch: pytest.MonkeyPatch, b_crit: float
     assert r.examples == ran * 16 * 16
     if sizes[0] < 16:
         assert r.stopped == "failed"
-    assert any("went below" in n or "does not go lower" in n for n in r.notes) == (expected < 16)
+    assert any("went below" in n or "goes no lower" in n for n in r.notes) == (expected < 16)
     assert branches.below(16) == [8, 4, 2] and branches.below(24) == [12, 6, 3]
     assert branches.below(12, 8) == [6, 3] and branches.below(5) == []
+    # never below 2: BatchNorm in training mode cannot normalise one example
+    assert branches.below(8) == [4, 2] and branches.below(4) == [2] and branches.below(2) == []
+
+
+def test_a_rung_below_b0_that_raises_ends_the_descent_and_keeps_the_rest(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """B_crit 3 with B0 = 16 would take the ladder down to 4; a model that cannot run a
+    batch of 4 leaves "at most 8", saying why, instead of losing the measurement."""
+    model = _model_branch(3.0)
+
+    def run(*args: object, batch: int, **kwargs: object) -> list[tuple[int, float]]:
+        if batch < 8:
+            raise ValueError("Expected more than 4 values per channel when training\nmore")
+        return model(*args, batch=batch, **kwargs)
+
+    monkeypatch.setattr(branches, "run_branch", run)
+    opts = branches.BranchOptions(baseline_batch=16, lr=1e-2, family="adam", b_n=50.0,
+                                  branch_steps=16, max_factor=8, repeats=1)
+    r = branches.measure(tiny_job(), opts, Deadline.after(60))
+    assert (r.critical_batch, r.bound, r.stopped) == (8, "at most", "failed")
+    assert any("stopped going below the baseline batch: batch 4 raised ValueError (Expected "
+               "more than 4 values per channel when training)" in n for n in r.notes)
+    assert any("cut short before it could go lower" in n for n in r.notes)
+
+
+def test_the_budget_in_the_descent_says_where_it_stopped(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake clock: one second per branch; the deadline passes inside batch 4's branch."""
+    now = [0.0]
+    model = _model_branch(3.0)
+
+    def run(*args: object, batch: int, deadline: Deadline, **kwargs: object
+            ) -> list[tuple[int, float]]:
+        now[0] += 1.0
+        if deadline.passed():
+            raise branches._OutOfTime
+        return model(*args, batch=batch, **kwargs)
+
+    monkeypatch.setattr(branches, "run_branch", run)
+    opts = branches.BranchOptions(baseline_batch=16, lr=1e-2, family="adam", b_n=50.0,
+                                  branch_steps=16, max_factor=8, repeats=1)
+    # rungs 16, 32 (fails), 8 finish at t = 3; batch 4 starts at 3 and passes 3.5
+    r = branches.measure(tiny_job(), opts, Deadline(3.5, clock=lambda: now[0]))
+    assert r.stopped == "budget" and (r.critical_batch, r.bound) == (8, "at most")
+    assert any("the time budget ended the ladder during batch 4 (dropped)" in n
+               for n in r.notes)
+    assert any("cut short before it could go lower" in n for n in r.notes)
+
+
+def test_every_rung_is_evaluated_in_chunks_of_the_baseline_batch(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """In training mode a BatchNorm model's loss depends on the chunk: every rung of a
+    ladder is evaluated alike, in chunks of B0."""
+    chunks: set[int] = set()
+    real = branches.evaluate_loss
+
+    def spy(job: Workload, idx: torch.Tensor, chunk: int = 512) -> float | None:
+        chunks.add(chunk)
+        return real(job, idx, chunk=chunk)
+
+    monkeypatch.setattr(branches, "evaluate_loss", spy)
+    job = tiny_job()
+    r = branches.measure(job, OPTIONS, Deadline.after(60), optimizer=trained(job))
+    assert len(r.rungs) >= 2 and chunks == {8}
 
 
 def test_a_diverging_rung_fails() -> None:

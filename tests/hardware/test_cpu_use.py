@@ -442,7 +442,6 @@ def test_cpu_quota_from_cgroup_files(tmp_path: object, cgroup: str, files: dict[
 
 def test_cpu_quota_without_proc_is_none(tmp_path: object) -> None:
     assert measure.cpu_quota(str(tmp_path)) is None
-    assert measure.cpu_quota() is None or measure.cpu_quota() > 0  # this machine reads
 
 
 def test_a_cpu_quota_caps_the_threads_and_the_report_says_so(
@@ -461,7 +460,9 @@ def test_a_cpu_quota_caps_the_threads_and_the_report_says_so(
     assert (setup.threads, setup.quota, setup.run_threads) == (1, 1.5, 2)
     assert not setup.reduced  # not other processes' load
     monkeypatch.setattr(measure, "CpuUse", lambda: steady(0.0, cpus=2))
-    spec = load_spec(CONFIGS / "digits-mlp.yaml", ["probe.max_seconds=3", "probe.at_steps=[0]"])
+    # a loose precision ends the probe early; the budget only bounds a loaded machine
+    spec = load_spec(CONFIGS / "digits-mlp.yaml", ["probe.max_seconds=30", "probe.at_steps=[0]",
+                                                   "probe.target_rel_error=0.5"])
     seen: list[int] = []
     import torch
 
