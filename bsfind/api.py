@@ -217,6 +217,15 @@ def validate(spec: Spec) -> Validation:
         check_grad(g2, "in validate's one step")
     finally:
         job.model.zero_grad(set_to_none=True)
+    if spec.model.checkpoints:  # each one matches the model (its weights put back after)
+        from bsfind.training import host_weights
+        from bsfind.workload import load_checkpoint
+
+        start = host_weights(job.model)
+        for i, entry in enumerate(spec.model.checkpoints):
+            load_checkpoint(job.model, entry.path, spec.base_dir,
+                            key=f"model.checkpoints[{i}].path")
+        job.model.load_state_dict(start)
     method, reason = choose_method(job.model, spec.probe.method)
     return Validation(
         model=spec.model.factory, data=spec.data.factory, loss=spec.loss,

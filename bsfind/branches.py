@@ -13,10 +13,12 @@ of the smaller batches'. Here:
   than the next smaller rung's (B/2) after Δ/TOLERANCE: doubling the batch cost at
   most TOLERANCE times the examples for the same loss. The ladder stops at the first
   rung that fails; the local critical batch is the last rung that passed. When 2·B0
-  already fails, the ladder goes below B0 by halves (B0/2, B0/4, ... B0/MIN_FRACTION,
-  never below 2) until a doubling keeps up: a baseline batch above the critical batch is
-  measured, not only bounded. A rung below B0 that raises ends that descent (noted). Why TOLERANCE = √2: under S(B) = S_min(1 + B_crit/B) (McCandlish et
-  al. 2018, eq. 2.11) a run at batch B needs E_min(1 + B/B_crit) examples, so B needs
+  already fails, or is larger than the dataset, the ladder goes below B0 by halves
+  (B0/2, B0/4, ... B0/MIN_FRACTION, never below 2) until a doubling keeps up: a
+  baseline batch above the critical batch is measured, not only bounded. A rung below
+  B0 that raises ends that descent (noted). Every rung that ran is reported. Why
+  TOLERANCE = √2: under S(B) = S_min(1 + B_crit/B) (McCandlish et al. 2018, eq. 2.11)
+  a run at batch B needs E_min(1 + B/B_crit) examples, so B needs
   (1 + B/B_crit)/(1 + B/(2·B_crit)) times the examples of B/2, which is √2 exactly at
   B = √2·B_crit. The last rung that passes is then within √2 of B_crit
   (:func:`bracket`), and the tolerance is stated in examples, so it is the same for
@@ -206,11 +208,12 @@ def mean_smoothed(curves: Sequence[Curve], at: float, smoothing: float = SMOOTHI
 
 
 def verdicts(rungs: Sequence[Sequence[Curve]], delta: float, tolerance: float = TOLERANCE,
-             smoothing: float = SMOOTHING) -> list[Verdict]:
+             smoothing: float = SMOOTHING, every: bool = False) -> list[Verdict]:
     """The rule along the ladder (rungs in doubling order, each a list of repeats' curves).
 
     Rung i passes when its smoothed loss after ``delta`` is not above rung i-1's after
-    ``delta / tolerance``. The list ends at the first rung that fails.
+    ``delta / tolerance``. The list ends at the first rung that fails (``every``: it
+    goes on, for the table of every rung that ran).
     """
     out: list[Verdict] = []
     for i, curves in enumerate(rungs):
@@ -221,7 +224,7 @@ def verdicts(rungs: Sequence[Sequence[Curve]], delta: float, tolerance: float = 
         reference = mean_smoothed(rungs[i - 1], delta / tolerance, smoothing)
         passed = loss <= reference
         out.append(Verdict(loss, reference, passed))
-        if not passed:
+        if not passed and not every:
             break
     return out
 
@@ -341,7 +344,9 @@ def measure(job: Workload, options: BranchOptions, deadline: Deadline, *,
             if run.verdicts()[-1].passed is False:
                 stopped = "failed"
                 break
-        if stopped == "failed" and run.batches == batches[:2]:
+        # below B0 when 2·B0 fell behind, or could not run (larger than the dataset)
+        if ((stopped == "failed" and run.batches == batches[:2])
+                or (stopped == "top" and run.batches == batches == batches[:1])):
             stopped = run.descend(below(options.baseline_batch, options.min_fraction)) or stopped
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted during the branches at batch {run.current}",
@@ -538,12 +543,30 @@ class _Ladder:
     def verdicts(self) -> list[Verdict]:
         return verdicts(self.curves, self.options.delta)
 
+    def disputed(self, found: Sequence[Verdict]) -> list[int]:
+        """The deciding rungs (the last that kept up, the first that fell behind) on which
+        the data orders disagree: paired by order, some kept up and some did not. The
+        verdict there rests on the mean of orders that point both ways."""
+        o = self.options
+        deciding = [i for i, v in enumerate(found) if v.passed is not None and (
+            v.passed is False or i + 1 == len(found) or found[i + 1].passed is False)]
+        out = []
+        for i in deciding:
+            if len(self.curves[i]) < 2:
+                continue
+            kept = [smoothed_loss(c, o.delta) <= smoothed_loss(p, o.delta / TOLERANCE)
+                    for c, p in zip(self.curves[i], self.curves[i - 1], strict=True)]
+            if any(kept) and not all(kept):
+                out.append(self.batches[i])
+        return out
+
     def result(self, stopped: str, seconds: float) -> BranchResult:
         o = self.options
         found = self.verdicts()
         critical, bound, interval = bracket(self.batches, found)
+        # every rung that ran, also those above the first that fell behind (a descent's)
         rungs = []
-        for i, v in enumerate(found):
+        for i, v in enumerate(verdicts(self.curves, o.delta, every=True)):
             reps = self.curves[i]
             mean_curve = tuple((e, statistics.fmean(c[j][1] for c in reps))
                                for j, (e, _) in enumerate(reps[0]))
@@ -565,7 +588,7 @@ class _Ladder:
         return wording.describe_branches(
             result, oom_at=self.oom_at, accumulated_from=self.accumulated_from,
             stopped_at=self.current if stopped in ("budget", "interrupted") else None,
-            floor=self.floor, below_error=self.below_error)
+            floor=self.floor, below_error=self.below_error, disputed=self.disputed(found))
 
 
 def calibrated(result: BranchResult, b_n: float, b_n_ci: Interval
@@ -629,8 +652,10 @@ def run_average(reads: Sequence[tuple[float, float]], baseline_batch: int) -> fl
 
 def run_average_of(results: Sequence[BranchResult], baseline_batch: int) -> RunAverage | None:
     """:func:`run_average` of branch results at a run's checkpoints (``model.checkpoints``):
-    each at its step at the baseline batch (its examples seen ÷ B0 when known). None with
-    fewer than two local critical batches."""
+    each at its step at the baseline batch (its examples seen ÷ B0 when known). A read
+    that only bounds its critical batch counts as its bound, and bounds the average the
+    same way (it grows with every read); reads bounded both ways give no value. None
+    with fewer than two local critical batches."""
     read = [r for r in results if r.critical_batch is not None]
     reads = tuple(sorted(
         (r.examples_seen / baseline_batch if r.examples_seen is not None else float(r.step),
@@ -638,9 +663,12 @@ def run_average_of(results: Sequence[BranchResult], baseline_batch: int) -> RunA
     value = run_average(reads, baseline_batch)
     if value is None:
         return None
-    return RunAverage(critical_batch=value, from_step=reads[0][0], to_step=reads[-1][0],
-                      reads=reads, one_sided=sum(r.bound != "bracketed" for r in read),
-                      examples=sum(r.examples for r in results))
+    sides = {r.bound for r in read} - {"bracketed"}
+    bound = "estimate" if not sides else sides.pop() if len(sides) == 1 else "none"
+    return RunAverage(critical_batch=None if bound == "none" else value,
+                      from_step=reads[0][0], to_step=reads[-1][0], reads=reads,
+                      one_sided=sum(r.bound != "bracketed" for r in read),
+                      examples=sum(r.examples for r in results), bound=bound)
 
 
 # --------------------------------------------------------------------------- the learning rate

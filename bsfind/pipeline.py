@@ -401,8 +401,11 @@ def branch_points(spec: Spec, job: Workload, runner: Runner, points: trajectory.
         if path is not None:
             load_checkpoint(job.model, path, spec.base_dir, key=f"model.checkpoints[{i}].path")
         step = est.step if est is not None else points.weights_step
+        # a checkpoint's branches read its own noise scale: a local measurement of its
+        # weights alone, whatever else the list holds
+        b_n = base.b_n if path is None or est is None else lr_noise_scale(job, est)
         options = dataclasses.replace(
-            base, step=step,
+            base, step=step, b_n=b_n,
             examples_seen=est.examples_seen if est is not None else step * b0,
             b_simple=est.b_simple if est is not None else None,
             b_noise=est.b_noise if est is not None else None)

@@ -551,7 +551,10 @@ class RunAverage:
     Attributes:
         critical_batch: Σ b_j·S_min,j / ΣS_min,j over the stretches between checkpoints:
             what S(B) = S_min(1 + B_crit/B) fitted to whole runs over those stretches
-            would give.
+            would give; None when the reads bound it from both sides.
+        bound: "estimate" (every read bracketed), "at least" / "at most" (some reads only
+            bound their critical batch, all the same way: the average grows with each
+            read, so it is bounded the same way), "none" (bounds both ways).
         from_step / to_step: the first and last checkpoint's step (at the baseline batch).
         reads: (step, local critical batch) of each checkpoint used; a one-sided read
             ("at most" / "at least") counts as its bound.
@@ -559,12 +562,13 @@ class RunAverage:
         examples: training examples all those branches took.
     """
 
-    critical_batch: float
+    critical_batch: float | None
     from_step: float
     to_step: float
     reads: tuple[tuple[float, int], ...]
     one_sided: int
     examples: int
+    bound: str = "estimate"
 
 
 @dataclass(frozen=True)

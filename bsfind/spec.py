@@ -380,6 +380,22 @@ def _coerce(f: Field, value: Any, path: str, problems: list[str]) -> Any:
     return out
 
 
+def _mixed_checkpoint_order(checkpoints: Any, batch_size: Any) -> list[str]:
+    """``model.checkpoints`` that mix step and examples: in training order without
+    repeats, counting examples in steps of ``optimizer.batch_size`` (one kind alone is
+    checked with the list)."""
+    if not isinstance(checkpoints, tuple) or not isinstance(batch_size, int) or batch_size < 1:
+        return []
+    if len({c.step is None for c in checkpoints}) < 2:
+        return []
+    order = [c.step if c.step is not None else c.examples / batch_size for c in checkpoints]
+    if order != sorted(set(order)):
+        return ["model.checkpoints: checkpoints must be in training order, without repeats "
+                f"(examples count in steps of optimizer.batch_size = {batch_size}: "
+                + ", ".join(f"{v:g}" for v in order) + ")"]
+    return []
+
+
 def _checkpoints(value: Any, path: str, problems: list[str]) -> Any:
     """``model.checkpoints``: a non-empty list of {path, step} / {path, examples}."""
     if not isinstance(value, (list, tuple)) or not value:
@@ -510,6 +526,8 @@ def validate(document: Any, base_dir: Path, source: str = "spec") -> Spec:
     if t_.get("examples") is not None and t_.get("epochs") is not None:
         problems.append("training.epochs: set either training.examples or training.epochs, "
                         "not both")
+    problems += _mixed_checkpoint_order(m_.get("checkpoints"),
+                                        values["optimizer"].get("batch_size"))
     if problems:
         raise SpecError(problems, source)
     m, d, o, p, h, t = (values[s] for s in

@@ -10,6 +10,7 @@ facts computed elsewhere.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -466,8 +467,8 @@ BRANCHES_UNDER_TORCHRUN = ("probe.branches: the branched runs are measured in a 
 
 def describe_branches(r: BranchResult, oom_at: int | None = None,
                       accumulated_from: int | None = None, stopped_at: int | None = None,
-                      floor: int | None = None, below_error: str | None = None
-                      ) -> BranchResult:
+                      floor: int | None = None, below_error: str | None = None,
+                      disputed: Sequence[int] = ()) -> BranchResult:
     """``r`` with its notes written: how the ladder ended and what the bound means.
 
     Args:
@@ -477,11 +478,15 @@ def describe_branches(r: BranchResult, oom_at: int | None = None,
         floor: the smallest batch the ladder could go down to (None: it did not go
             below the baseline batch).
         below_error: why the ladder stopped going down (a rung below B0 raised).
+        disputed: deciding rungs on which the data orders disagree.
     """
     import dataclasses
 
     notes = []
-    if r.optimizer_state == "fresh":
+    if r.optimizer_state == "fresh" and r.step == 0:
+        notes.append("the branches started at step 0, before the optimizer had any state "
+                     "(momentum, Adam's moments), as the run itself did")
+    elif r.optimizer_state == "fresh":
         notes.append("the branches started from a fresh optimizer state (a checkpoint holds "
                      "weights only): momentum and Adam's moments rebuilt during the branches, "
                      "not carried over from the run")
@@ -507,6 +512,11 @@ def describe_branches(r: BranchResult, oom_at: int | None = None,
         notes.append("interrupted: the rungs measured so far")
     if below_error is not None:
         notes.append(f"the ladder stopped going below the baseline batch: {below_error}")
+    if disputed:
+        notes.append("the data orders disagree at batch "
+                     + " and ".join(f"{b:,}" for b in disputed)
+                     + " (some kept up, some fell behind; the mean decided): the local "
+                     "critical batch may be one rung either way")
     cut = r.stopped in ("budget", "interrupted", "out of memory") or below_error is not None
     if r.bound == "at most" and r.rungs:
         low = r.rungs[0].batch_size
@@ -520,9 +530,12 @@ def describe_branches(r: BranchResult, oom_at: int | None = None,
                      f"examples of {low:,}: the local critical batch is {low:,} or below, "
                      + lower)
     elif r.critical_batch is not None and r.critical_batch < r.baseline_batch:
-        notes.append(f"already batch {2 * r.baseline_batch:,} needed more than "
-                     f"{r.tolerance:.3g}x the examples of the baseline {r.baseline_batch:,}: "
-                     "the ladder went below it")
+        double = 2 * r.baseline_batch
+        why = (f"already batch {double:,} needed more than {r.tolerance:.3g}x the examples "
+               f"of the baseline {r.baseline_batch:,}"
+               if any(g.batch_size == double for g in r.rungs) else
+               f"batch {double:,} is larger than the dataset")
+        notes.append(f"{why}: the ladder went below the baseline")
     elif r.bound == "at least" and r.stopped == "top":
         last = r.rungs[-1].batch_size
         notes.append(f"every rung up to batch {last:,} kept up (the ladder's largest batch): "
@@ -555,10 +568,11 @@ def branch_line(r: BranchResult) -> str:
         head = (f"local critical batch {'≥ ' if r.bound == 'at least' else ''}"
                 f"{'≤ ' if r.bound == 'at most' else ''}{r.critical_batch:,} ({where})")
     ratios = []
+    side = {"at least": "≥ ", "at most": "≤ "}.get(r.bound, "")
     if r.ratio_simple is not None and r.b_simple is not None:
-        ratios.append(f"{r.ratio_simple:.2g}x B_simple ({num(r.b_simple)})")
+        ratios.append(f"{side}{r.ratio_simple:.2g}x B_simple ({num(r.b_simple)})")
     if r.ratio_noise is not None and r.b_noise is not None:
-        ratios.append(f"{r.ratio_noise:.2g}x B_noise ({num(r.b_noise)})")
+        ratios.append(f"{side}{r.ratio_noise:.2g}x B_noise ({num(r.b_noise)})")
     same = f"; {' and '.join(ratios)} at the same weights" if ratios else ""
     return (f"{head}{same}; cost {r.examples:,} training examples, {secs(r.seconds)}, "
             f"from step {r.step:,}")
@@ -567,15 +581,17 @@ def branch_line(r: BranchResult) -> str:
 def run_average_line(r: RunAverage) -> str:
     """One line: the run's critical batch between its checkpoints, from the branches."""
     reads = ", ".join(f"{b:,} at step {num(s)}" for s, b in r.reads)
-    one_sided = (f"; {r.one_sided} of the reads only bound it (taken at their bound)"
+    span = f"from step {num(r.from_step)} to {num(r.to_step)}"
+    if r.critical_batch is None:
+        return (f"no run average {span}: the local reads ({reads}) bound their critical "
+                "batches from both sides")
+    mark = {"at least": "≥ ", "at most": "≤ "}.get(r.bound, "≈ ")
+    one_sided = (f"; {r.one_sided} of the reads only bound theirs, so this is a bound too"
                  if r.one_sided else "")
-    return (f"the run's critical batch from step {num(r.from_step)} to {num(r.to_step)} "
-            f"≈ {num(r.critical_batch)}: the local critical batches ({reads}) weighted by "
-            "the fewest steps each stretch between checkpoints needs, what S(B) fitted to "
-            "whole runs over those steps would give (McCandlish's E_min/S_min)"
-            f"{one_sided}; on the shipped problems it was within 2x of the B_crit fitted from "
-            "full sweeps on 17 of 28 points, from each run's step 0, and 2.9–4.2x high at "
-            "targets reached in fewer steps than one branch trains (docs/validation.md)")
+    return (f"the run's critical batch {span} {mark}{num(r.critical_batch)}: the local reads "
+            f"({reads}) weighted by the fewest steps each stretch between them needs, as "
+            f"S(B) fitted to whole runs would give it{one_sided} (docs/validation.md: within "
+            "2x of the sweeps' B_crit on 17 of 28 points)")
 
 
 def with_branches(advice: Advice, inputs: AdvisorInputs, r: BranchResult,

@@ -388,15 +388,9 @@ def _check_dataset(ds: Any, ref: str) -> tuple[torch.Tensor, ...] | None:
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
-def load_checkpoint(
-    model: nn.Module, path_str: str, base_dir: Path, key: str = "model.checkpoint"
-) -> None:
-    """Load a state_dict file (relative to ``base_dir``) into ``model``; errors name ``key``.
-
-    Also a ``.safetensors`` file, and a Hugging Face ``save_pretrained`` folder (its
-    HF_WEIGHTS file). Keys missing for parameters tied to one that is present (GPT-2's
-    ``lm_head.weight`` is ``transformer.wte.weight``; such files store it once) are fine.
-    """
+def checkpoint_file(path_str: str, base_dir: Path, key: str = "model.checkpoint") -> Path:
+    """The weights file a checkpoint entry names (relative to ``base_dir``; a
+    ``save_pretrained`` folder's HF_WEIGHTS file); errors name ``key``."""
     path = (base_dir / path_str).resolve()
     if path.is_dir():
         found = [path / name for name in HF_WEIGHTS if (path / name).is_file()]
@@ -407,6 +401,19 @@ def load_checkpoint(
         path = found[0]
     if not path.is_file():
         raise ResolutionError(f"{key}: file not found: {path}")
+    return path
+
+
+def load_checkpoint(
+    model: nn.Module, path_str: str, base_dir: Path, key: str = "model.checkpoint"
+) -> None:
+    """Load a state_dict file (relative to ``base_dir``) into ``model``; errors name ``key``.
+
+    Also a ``.safetensors`` file, and a Hugging Face ``save_pretrained`` folder (its
+    HF_WEIGHTS file). Keys missing for parameters tied to one that is present (GPT-2's
+    ``lm_head.weight`` is ``transformer.wte.weight``; such files store it once) are fine.
+    """
+    path = checkpoint_file(path_str, base_dir, key)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -524,6 +531,11 @@ def _build_model(spec: Spec, sources: list[Path]) -> nn.Module:
     if spec.model.checkpoint:
         load_checkpoint(model, spec.model.checkpoint, spec.base_dir)
         sources.append((spec.base_dir / spec.model.checkpoint).resolve())
+    for i, entry in enumerate(spec.model.checkpoints or ()):
+        # every file there before anything is measured (and in the cache key): loaded
+        # one by one later, a missing last one ended a run after the first ones
+        sources.append(checkpoint_file(entry.path, spec.base_dir,
+                                       key=f"model.checkpoints[{i}].path"))
     if not any(p.requires_grad for p in model.parameters()):
         raise UserCodeError(
             f"model {spec.model.factory!r} has no trainable parameters "

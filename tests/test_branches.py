@@ -457,16 +457,32 @@ def test_the_ladder_goes_below_b0(monkeypatch: pytest.MonkeyPatch, b_crit: float
     assert r.interval.low <= b_crit < r.interval.high
     sizes = [g.batch_size for g in r.rungs]
     assert sizes == sorted(sizes)
-    # every rung run counts, also those above the first that fell behind (not shown)
-    ran = len(sizes) if sizes[0] == 16 else round(math.log2(16 / sizes[0])) + 2
-    assert r.examples == ran * 16 * 16
+    # every rung that ran is shown and counted, also those above the first that fell
+    # behind (a descent's 16 and 32)
+    assert r.examples == len(sizes) * 16 * 16
     if sizes[0] < 16:
-        assert r.stopped == "failed"
+        assert r.stopped == "failed" and sizes[-2:] == [16, 32]
+        assert [g.passed for g in r.rungs][-1] is False
     assert any("went below" in n or "goes no lower" in n for n in r.notes) == (expected < 16)
     assert branches.below(16) == [8, 4, 2] and branches.below(24) == [12, 6, 3]
     assert branches.below(12, 8) == [6, 3] and branches.below(5) == []
     # never below 2: BatchNorm in training mode cannot normalise one example
     assert branches.below(8) == [4, 2] and branches.below(4) == [2] and branches.below(2) == []
+
+
+def test_a_baseline_whose_double_exceeds_the_dataset_goes_below_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """B0 = 512 on 512 examples: 1024 cannot run, so the ladder goes down from B0 (B_crit
+    100: 512 and 256 fall behind, 128 keeps up with 64)."""
+    monkeypatch.setattr(branches, "run_branch", _model_branch(100.0))
+    opts = branches.BranchOptions(baseline_batch=512, lr=1e-2, family="adam", b_n=50.0,
+                                  branch_steps=16, max_factor=8, repeats=1)
+    r = branches.measure(tiny_job(), opts, Deadline.after(60))
+    assert [g.batch_size for g in r.rungs] == [64, 128, 256, 512]
+    assert (r.critical_batch, r.bound) == (128, "bracketed")
+    assert r.interval.low <= 100.0 < r.interval.high
+    assert any("batch 1,024 is larger than the dataset: the ladder went below the baseline"
+               in n for n in r.notes)
 
 
 def test_a_rung_below_b0_that_raises_ends_the_descent_and_keeps_the_rest(
@@ -647,6 +663,8 @@ def test_branches_at_each_checkpoint(tmp_path: Path) -> None:
     assert [b.step for b in report.branches] == [0, 20]
     assert all(b.optimizer_state == "fresh" for b in report.branches)
     assert [b.b_simple for b in report.branches] == [n.b_simple for n in report.noise]
+    # each checkpoint's learning-rate rule reads its own noise scale, not the list's
+    assert [b.lr_noise_scale for b in report.branches] == [n.b_simple for n in report.noise]
     # the run's critical batch between the two checkpoints, from their local reads
     reads = [(float(b.step), b.critical_batch) for b in report.branches]
     avg = report.branch_run_average
@@ -664,6 +682,8 @@ def test_branches_at_each_checkpoint(tmp_path: Path) -> None:
 def test_run_average_of_checkpoints_reads_steps_from_examples() -> None:
     """A checkpoint's examples seen ÷ B0 is its step at the baseline batch; one-sided reads
     are counted and taken at their bound; one read alone gives nothing."""
+    from bsfind.wording import run_average_line
+
     def at(examples: int, b: int | None, bound: str = "bracketed") -> BranchResult:
         return BranchResult(step=0, examples_seen=examples, critical_batch=b, bound=bound,
                             interval=Interval(0.0, 1.0), baseline_batch=32,
@@ -676,5 +696,76 @@ def test_run_average_of_checkpoints_reads_steps_from_examples() -> None:
     assert got is not None
     assert got.reads == ((0.0, 16), (100.0, 64)) and got.one_sided == 1
     assert got.critical_batch == pytest.approx(32.0)  # one stretch: √(16·64)
+    assert got.bound == "at most"  # the average grows with each read: a bound too
     assert got.examples == 300 and (got.from_step, got.to_step) == (0.0, 100.0)
+    assert "≤ 32" in run_average_line(got)
+    exact = branches.run_average_of([at(0, 16), at(3200, 64)], 32)
+    assert exact is not None and exact.bound == "estimate" and "≈ 32" in run_average_line(exact)
+    both = branches.run_average_of([at(0, 16, "at least"), at(3200, 64, "at most")], 32)
+    assert both is not None and both.bound == "none" and both.critical_batch is None
+    assert run_average_line(both).startswith("no run average from step 0 to 100")
     assert branches.run_average_of([at(0, 16)], 32) is None
+
+
+def test_checkpoint_files_are_checked_before_anything_is_measured(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing last checkpoint ends the run at the build, not after the first ones were
+    measured; validate loads each one (a checkpoint of another model is named), and
+    leaves the model's weights as they were."""
+    pytest.importorskip("sklearn")
+    from bsfind.api import branch, validate
+    from bsfind.errors import ResolutionError
+    from bsfind.spec import load_spec
+    from bsfind.workload import build
+
+    spec = load_spec(CONFIGS / "digits-mlp.yaml")
+    torch.save(build(spec).model.state_dict(), tmp_path / "a.pt")
+    torch.save(nn.Linear(3, 2).state_dict(), tmp_path / "other.pt")
+    (tmp_path / "spec.yaml").write_text((CONFIGS / "digits-mlp.yaml").read_text())
+    missing = load_spec(tmp_path / "spec.yaml", [
+        "model.checkpoints=[{path: a.pt, step: 0}, {path: nope.pt, step: 20}]",
+        "probe.max_seconds=60"])
+    from bsfind.noise import probe
+
+    def measured(*args: object, **kwargs: object) -> None:
+        raise AssertionError("something was measured before the files were checked")
+
+    monkeypatch.setattr(probe.NoiseProbe, "run", measured)
+    monkeypatch.setattr(branches, "measure", measured)
+    with pytest.raises(ResolutionError, match=r"model.checkpoints\[1\].path: file not found"):
+        branch(missing)
+    with pytest.raises(ResolutionError, match=r"model.checkpoints\[1\].path: file not found"):
+        validate(missing)
+    other = load_spec(tmp_path / "spec.yaml", [
+        "model.checkpoints=[{path: a.pt, step: 0}, {path: other.pt, step: 20}]"])
+    with pytest.raises(ResolutionError,
+                       match=r"model.checkpoints\[1\].path .*other.pt does not match the model"):
+        validate(other)
+    ok = load_spec(tmp_path / "spec.yaml", ["model.checkpoints=[{path: a.pt, step: 0}]"])
+    assert validate(ok).dataset_size == 1797
+
+
+def test_a_verdict_the_data_orders_disagree_on_is_flagged(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Data order 0 follows B_crit 60, order 1 B_crit 20: from 32 (32/√2 = 22.6) up to
+    64, order 0 keeps up and order 1 falls behind; wherever the mean puts the verdict, a
+    deciding rung is split, and the note says the read may be a rung either way. Orders that agree
+    (both B_crit 60) give no such note."""
+    def split(b_crits: tuple[float, float]) -> Callable[..., list[tuple[int, float]]]:
+        models = [_model_branch(b) for b in b_crits]
+
+        def run(*args: object, repeat: int, **kwargs: object) -> list[tuple[int, float]]:
+            return models[repeat](*args, **kwargs)
+        return run
+
+    opts = branches.BranchOptions(baseline_batch=16, lr=1e-2, family="adam", b_n=50.0,
+                                  branch_steps=16, max_factor=8, repeats=2)
+    monkeypatch.setattr(branches, "run_branch", split((60.0, 20.0)))
+    r = branches.measure(tiny_job(), opts, Deadline.after(60))
+    said = [n for n in r.notes if "the data orders disagree at batch" in n]
+    assert len(said) == 1 and "one rung either way" in said[0]
+    assert r.critical_batch is not None and str(2 * r.critical_batch) in said[0] or (
+        str(r.critical_batch) in said[0])  # a deciding rung: the last kept up or next
+    monkeypatch.setattr(branches, "run_branch", split((60.0, 60.0)))
+    r = branches.measure(tiny_job(), opts, Deadline.after(60))
+    assert r.critical_batch == 64 and not any("disagree" in n for n in r.notes)

@@ -163,3 +163,22 @@ def test_conflicting_keys_are_errors() -> None:
     text = str(info.value)
     assert "probe.at_steps: set either at_steps or warmup_steps" in text
     assert "training.epochs: set either training.examples or training.epochs" in text
+
+
+def test_checkpoints_mixing_steps_and_examples_are_checked_in_steps() -> None:
+    """examples ÷ optimizer.batch_size is a step: out of order, or the same point twice,
+    is refused; in order is accepted."""
+    def spec(entries: list[dict[str, object]]) -> object:
+        model = {**GOOD["model"], "checkpoints": entries}
+        return spec_from_dict({**GOOD, "model": model,
+                               "optimizer": {**GOOD["optimizer"], "batch_size": 16}})
+
+    with pytest.raises(SpecError, match=r"training order, without repeats \(examples count "
+                       r"in steps of optimizer.batch_size = 16: 0, 200, 50\)"):
+        spec([{"path": "a.pt", "step": 0}, {"path": "b.pt", "examples": 3200},
+              {"path": "c.pt", "step": 50}])
+    with pytest.raises(SpecError, match="50, 50"):
+        spec([{"path": "a.pt", "examples": 800}, {"path": "b.pt", "step": 50}])
+    ok = spec([{"path": "a.pt", "step": 0}, {"path": "b.pt", "examples": 800},
+               {"path": "c.pt", "step": 200}])
+    assert [c.path for c in ok.model.checkpoints] == ["a.pt", "b.pt", "c.pt"]  # type: ignore[attr-defined]
