@@ -17,7 +17,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsfind.errors import HardwareError, ResolutionError, UserCodeError
+from bsfind.errors import HardwareError, ResolutionError, UsageError, UserCodeError
 from bsfind.seeds import Seeds
 from bsfind.spec import Spec
 
@@ -554,9 +554,18 @@ def _resolve_loss(spec: Spec, sources: list[Path]) -> LossFn:
         if r.source_file:
             sources.append(r.source_file)
         return r.obj  # type: ignore[no-any-return]
-    raise ResolutionError(
-        f"loss: unknown loss {spec.loss!r} (expected cross_entropy, mse or 'module:attr')"
+    raise UsageError(  # a spec value, not the user's code: exit 2
+        f"loss: unknown loss {spec.loss!r} ({_near_name(spec.loss, LOSSES)}expected "
+        f"{', '.join(LOSSES)} or 'module:attr')"
     )
+
+
+def _near_name(word: str, names: Iterable[str]) -> str:
+    """"did you mean 'adam'? " for a misspelt built-in name, else ""."""
+    import difflib
+
+    found = difflib.get_close_matches(word.lower(), list(names), n=1, cutoff=0.75)
+    return f"did you mean {found[0]!r}? " if found else ""
 
 
 def _resolve_optimizer(spec: Spec, sources: list[Path]) -> type[torch.optim.Optimizer]:
@@ -573,9 +582,9 @@ def _resolve_optimizer(spec: Spec, sources: list[Path]) -> type[torch.optim.Opti
         if r.source_file:
             sources.append(r.source_file)
     else:
-        raise ResolutionError(
-            f"optimizer.name: unknown optimizer {name!r} "
-            f"(expected {', '.join(OPTIMIZERS)} or 'module:attr')"
+        raise UsageError(  # a spec value, not the user's code: exit 2
+            f"optimizer.name: unknown optimizer {name!r} ({_near_name(name, OPTIMIZERS)}"
+            f"expected {', '.join(OPTIMIZERS)} or 'module:attr')"
         )
     check_kwargs(opt_cls, {"lr": spec.optimizer.lr, **spec.optimizer.kwargs},
                  "optimizer.kwargs", name, [])
