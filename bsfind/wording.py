@@ -96,10 +96,29 @@ def noise_warnings(used: NoiseEstimate, trajectory: Trajectory | None, *, datase
     if trajectory is not None and trajectory.mode == "along":
         if not trajectory.moved:
             out.append(did_not_move(trajectory))
+        if (trajectory.planned_examples is None and trajectory.epochs is not None
+                and trajectory.epochs > UNPLANNED_EPOCHS):
+            out.append(unplanned_run(trajectory.epochs, dataset_size, advice))
     elif used.step == 0 and not from_checkpoint and (trajectory is None
                                                      or trajectory.mode == "pinned"):
         out.append(MEASURED_AT_INIT)
     return out
+
+
+# Without a planned run (training.epochs / training.examples) the probe trains for half
+# its budget: past this many epochs of the dataset, the point the advice reads is likely
+# later than the user's run gets to (the noise scale grows as training goes on).
+UNPLANNED_EPOCHS = 10
+
+
+def unplanned_run(epochs: float, dataset_size: int, advice: bool) -> str:
+    """The probe trained many epochs because the spec plans no run."""
+    return (f"the probe trained {epochs:,.0f} epochs of the {dataset_size:,}-example dataset, "
+            "since the spec plans no run (training.epochs or training.examples): the noise "
+            "scale grows along training, so "
+            + ("the advice is for a point that far in; " if advice else "the value is from "
+               "that far in; ")
+            + "set training.epochs to your run's length for a probe that stops there")
 
 
 def busy_while_timing(share: float) -> str:

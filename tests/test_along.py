@@ -204,3 +204,30 @@ def test_slow_probes_still_reach_the_planned_run() -> None:
     assert steps[0] == 0 and steps[-1] == 320, steps
     assert doc["trajectory"]["steps"] == 320
     assert all(p["stopped"] == "budget" for p in doc["noise_scale_by_step"])
+
+
+def test_a_probe_many_epochs_past_an_unplanned_run_says_so() -> None:
+    """No training.epochs / examples: the probe trains for half its budget, which on a
+    small dataset is many epochs; past UNPLANNED_EPOCHS the warning says to plan the run."""
+    from bsfind import wording
+    from bsfind.results import Interval, NoiseEstimate, Trajectory
+
+    used = NoiseEstimate(b_simple=100.0, ci95=Interval(90.0, 110.0), grad_norm_sq=1.0,
+                         grad_norm_sq_ci95=Interval(0.9, 1.1), trace_sigma=100.0,
+                         trace_sigma_ci95=Interval(90.0, 110.0), method="per-example",
+                         method_reason="", b_small=8, b_big=64, rounds=10, examples=640,
+                         seconds=1.0, stopped="converged", step=500)
+
+    def warnings(epochs: float, planned: int | None) -> list[str]:
+        t = Trajectory(mode="along", steps=500, examples=int(epochs * 569), epochs=epochs,
+                       loss_from=0.7, loss_to=0.1, b_simple_first=10.0, b_simple_last=100.0,
+                       moved=True, planned_examples=planned)
+        return wording.noise_warnings(used, t, dataset_size=569, baseline_batch=16,
+                                      from_checkpoint=False)
+
+    said = [w for w in warnings(230.0, None) if "since the spec plans no run" in w]
+    assert len(said) == 1 and said[0].startswith("the probe trained 230 epochs of the "
+                                                 "569-example dataset")
+    assert "set training.epochs" in said[0]
+    assert not any("plans no run" in w for w in warnings(wording.UNPLANNED_EPOCHS, None))
+    assert not any("plans no run" in w for w in warnings(230.0, 230 * 569))
