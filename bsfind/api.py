@@ -265,20 +265,23 @@ def cache_key(spec: Spec) -> str:
     from bsfind import __version__, cache
     from bsfind.hardware.measure import usable_cpus
     from bsfind.hardware.nvml import describe_device
-    from bsfind.workload import LOSSES, OPTIMIZERS, resolve, resolve_device
+    from bsfind.workload import checkpoint_file, resolve, resolve_device
 
     files = []
     refs = [("model.factory", spec.model.factory), ("data.factory", spec.data.factory)]
-    if spec.loss not in LOSSES:
-        refs.append(("loss", spec.loss))
-    if spec.optimizer.name.lower() not in OPTIMIZERS:
-        refs.append(("optimizer.name", spec.optimizer.name))
+    # a built-in name (or a misspelt one, which the build reports) has no source file
+    refs += [(key, ref) for key, ref in (("loss", spec.loss), ("optimizer.name",
+                                                                spec.optimizer.name))
+             if ":" in ref]
     for key, ref in refs:
         src = resolve(ref, spec.base_dir, key).source_file
         if src is not None:
             files.append(src)
+    # the weights files themselves (a save_pretrained folder's), every one of a list
     if spec.model.checkpoint:
-        files.append((spec.base_dir / spec.model.checkpoint).resolve())
+        files.append(checkpoint_file(spec.model.checkpoint, spec.base_dir))
+    files += [checkpoint_file(c.path, spec.base_dir, key=f"model.checkpoints[{i}].path")
+              for i, c in enumerate(spec.model.checkpoints or ())]
     dev = describe_device(resolve_device(spec.hardware.device))
     hardware = "|".join(str(x) for x in (
         dev.type, dev.name, dev.total_memory_bytes, dev.driver_version, torch.__version__,

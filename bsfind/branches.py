@@ -347,7 +347,9 @@ def measure(job: Workload, options: BranchOptions, deadline: Deadline, *,
         # below B0 when 2·B0 fell behind, or could not run (larger than the dataset)
         if ((stopped == "failed" and run.batches == batches[:2])
                 or (stopped == "top" and run.batches == batches == batches[:1])):
-            stopped = run.descend(below(options.baseline_batch, options.min_fraction)) or stopped
+            cut = run.descend(below(options.baseline_batch, options.min_fraction))
+            failed = any(v.passed is False for v in run.verdicts())
+            stopped = cut or ("failed" if failed else stopped)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted during the branches at batch {run.current}",
                           partial=run.result("interrupted", time.perf_counter() - start)
@@ -544,14 +546,13 @@ class _Ladder:
         return verdicts(self.curves, self.options.delta)
 
     def disputed(self, found: Sequence[Verdict]) -> list[int]:
-        """The deciding rungs (the last that kept up, the first that fell behind) on which
-        the data orders disagree: paired by order, some kept up and some did not. The
-        verdict there rests on the mean of orders that point both ways."""
+        """The rungs that decided the result (every one compared, up to the first that
+        fell behind: had one of them gone the other way, the ladder would have ended
+        elsewhere) on which the data orders disagree: paired by order, some kept up and
+        some did not. The verdict there rests on the mean of orders that point both ways."""
         o = self.options
-        deciding = [i for i, v in enumerate(found) if v.passed is not None and (
-            v.passed is False or i + 1 == len(found) or found[i + 1].passed is False)]
         out = []
-        for i in deciding:
+        for i in range(1, len(found)):
             if len(self.curves[i]) < 2:
                 continue
             kept = [smoothed_loss(c, o.delta) <= smoothed_loss(p, o.delta / TOLERANCE)

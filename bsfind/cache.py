@@ -33,6 +33,15 @@ def _update(h: Any, tag: bytes, payload: bytes) -> None:
     h.update(tag + len(payload).to_bytes(8, "big") + payload)
 
 
+def file_digest(path: Path, chunk: int = 1 << 20) -> bytes:
+    """sha256 of a file's bytes, read in chunks (a checkpoint may be gigabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.digest()
+
+
 def cache_key(
     spec_document: dict[str, Any], source_files: Iterable[Path], hardware: str, version: str
 ) -> str:
@@ -56,7 +65,7 @@ def cache_key(
     for path in sorted({Path(p).resolve() for p in source_files}, key=str):
         _update(h, b"path", str(path).encode("utf-8"))
         try:
-            _update(h, b"file", path.read_bytes())
+            _update(h, b"file", file_digest(path))
         except OSError:
             _update(h, b"missing", b"")
     _update(h, b"hardware", hardware.encode("utf-8"))

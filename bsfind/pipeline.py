@@ -362,9 +362,14 @@ def noise_share(spec: Spec, command: str, hardware: bool, world: int = 1) -> flo
 
 
 def lr_noise_scale(job: Workload, used: NoiseEstimate) -> float:
-    """The B_n the branches' learning-rate rule reads: the advisor's basis (inf: unresolved)."""
+    """The B_n the branches' learning-rate rule reads: the advisor's basis; unresolved, at
+    least the largest batch probed (and the interval's low end), as the advisor takes it
+    (the rule's rate grows with B_n: an unresolved value is not taken as infinite)."""
     value = used.b_noise if basis_for(job, used) == "b_noise" else used.b_simple
-    return math.inf if value is None else value
+    if value is not None:
+        return value
+    low = max(float(used.b_big), used.ci95.low if math.isfinite(used.ci95.low) else 0.0)
+    return low if low > 0 else math.inf
 
 
 def branch_points(spec: Spec, job: Workload, runner: Runner, points: trajectory.Points,

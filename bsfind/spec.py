@@ -381,14 +381,17 @@ def _coerce(f: Field, value: Any, path: str, problems: list[str]) -> Any:
 
 
 def _mixed_checkpoint_order(checkpoints: Any, batch_size: Any) -> list[str]:
-    """``model.checkpoints`` that mix step and examples: in training order without
-    repeats, counting examples in steps of ``optimizer.batch_size`` (one kind alone is
-    checked with the list)."""
+    """``model.checkpoints`` given in examples (alone or mixed with steps): in training
+    order without repeats once examples count as the nearest step of
+    ``optimizer.batch_size``, as the points are placed (steps alone are checked with the
+    list)."""
     if not isinstance(checkpoints, tuple) or not isinstance(batch_size, int) or batch_size < 1:
         return []
-    if len({c.step is None for c in checkpoints}) < 2:
+    if all(c.step is not None for c in checkpoints):
         return []
-    order = [c.step if c.step is not None else c.examples / batch_size for c in checkpoints]
+    # as the points are placed: examples at the nearest step (trajectory)
+    order = [c.step if c.step is not None else round(c.examples / batch_size)
+             for c in checkpoints]
     if order != sorted(set(order)):
         return ["model.checkpoints: checkpoints must be in training order, without repeats "
                 f"(examples count in steps of optimizer.batch_size = {batch_size}: "

@@ -535,7 +535,7 @@ def describe_branches(r: BranchResult, oom_at: int | None = None,
         notes.append("the data orders disagree at batch "
                      + " and ".join(f"{b:,}" for b in disputed)
                      + " (some kept up, some fell behind; the mean decided): the local "
-                     "critical batch may be one rung either way")
+                     "critical batch may be lower or higher than read")
     cut = r.stopped in ("budget", "interrupted", "out of memory") or below_error is not None
     if r.bound == "at most" and r.rungs:
         low = r.rungs[0].batch_size

@@ -164,3 +164,32 @@ def test_interrupted_store_is_a_miss_not_a_half_entry(
     monkeypatch.undo()
     assert cache.load(key) is None
     assert list(cache_home.iterdir()) == []
+
+
+def test_the_cache_key_covers_every_checkpoint_file(tmp_path: Path) -> None:
+    """model.checkpoints' files (and a save_pretrained folder's weights) count: rewriting
+    the second of two checkpoints gives a new key; hashed in chunks."""
+    import torch
+
+    from bsfind.api import cache_key
+    from bsfind.spec import load_spec
+    from tests.conftest import CONFIGS
+
+    (tmp_path / "spec.yaml").write_text((CONFIGS / "digits-mlp.yaml").read_text())
+    torch.save({"w": torch.zeros(3)}, tmp_path / "a.pt")
+    torch.save({"w": torch.zeros(3)}, tmp_path / "b.pt")
+    (tmp_path / "hf").mkdir()
+    torch.save({"w": torch.zeros(3)}, tmp_path / "hf" / "pytorch_model.bin")
+    spec = load_spec(tmp_path / "spec.yaml", [
+        "model.checkpoints=[{path: a.pt, step: 0}, {path: b.pt, step: 20}]"])
+    pinned = load_spec(tmp_path / "spec.yaml", ["model.checkpoint=hf"])
+    before, before_hf = cache_key(spec), cache_key(pinned)
+    torch.save({"w": torch.ones(3)}, tmp_path / "b.pt")
+    torch.save({"w": torch.ones(3)}, tmp_path / "hf" / "pytorch_model.bin")
+    assert cache_key(spec) != before and cache_key(pinned) != before_hf
+    import hashlib
+
+    from bsfind.cache import file_digest
+
+    data = (tmp_path / "b.pt").read_bytes()
+    assert file_digest(tmp_path / "b.pt", chunk=7) == hashlib.sha256(data).digest()

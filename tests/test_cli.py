@@ -364,3 +364,12 @@ def test_checkpoints_from_save_pretrained_folders_and_tied_weights(tmp_path: Pat
     torch.save({k: v for k, v in state.items() if k != "norm.weight"}, tmp_path / "cut.pt")
     with pytest.raises(ResolutionError, match="does not match the model: missing norm.weight"):
         load_checkpoint(_TiedLM(), "cut.pt", tmp_path)
+
+
+def test_check_reports_a_misspelt_name_as_a_spec_error() -> None:
+    """check keys its cache before the build: a misspelt built-in name is not a module
+    to import there, and ends as the build reports it (exit 2, did you mean)."""
+    assert_clean_failure(run("check", GOOD, "--set", "optimizer.name=adamm"), 2,
+                         "unknown optimizer 'adamm' (did you mean 'adam'?")
+    assert_clean_failure(run("check", GOOD, "--set", "loss=cross_entropyy"), 2,
+                         "unknown loss 'cross_entropyy' (did you mean 'cross_entropy'?")

@@ -179,6 +179,11 @@ def test_checkpoints_mixing_steps_and_examples_are_checked_in_steps() -> None:
               {"path": "c.pt", "step": 50}])
     with pytest.raises(SpecError, match="50, 50"):
         spec([{"path": "a.pt", "examples": 800}, {"path": "b.pt", "step": 50}])
+    # examples land on the nearest step: 660 / 16 -> 41, the same point as step 41
+    with pytest.raises(SpecError, match="41, 41"):
+        spec([{"path": "a.pt", "step": 41}, {"path": "b.pt", "examples": 660}])
+    with pytest.raises(SpecError, match="40, 40"):
+        spec([{"path": "a.pt", "examples": 640}, {"path": "b.pt", "examples": 645}])
     ok = spec([{"path": "a.pt", "step": 0}, {"path": "b.pt", "examples": 800},
                {"path": "c.pt", "step": 200}])
     assert [c.path for c in ok.model.checkpoints] == ["a.pt", "b.pt", "c.pt"]  # type: ignore[attr-defined]
