@@ -532,8 +532,8 @@ def _build_model(spec: Spec, sources: list[Path]) -> nn.Module:
         load_checkpoint(model, spec.model.checkpoint, spec.base_dir)
         sources.append((spec.base_dir / spec.model.checkpoint).resolve())
     for i, entry in enumerate(spec.model.checkpoints or ()):
-        # every file there before anything is measured (and in the cache key): loaded
-        # one by one later, a missing last one ended a run after the first ones
+        # every file there before anything is measured: loaded one by one later, a
+        # missing last one ended a run after the first ones were measured
         sources.append(checkpoint_file(entry.path, spec.base_dir,
                                        key=f"model.checkpoints[{i}].path"))
     if not any(p.requires_grad for p in model.parameters()):
