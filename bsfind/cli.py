@@ -297,6 +297,17 @@ def render_noise(doc: dict[str, Any]) -> Table:
     return t
 
 
+def _interval_words(low: float | None, high: float | None) -> str:
+    """Where B_crit lies by the rule: "91–181", "≥ 91", "< 45" (JSON has null for ∞)."""
+    if low is None or (high is None and not low):
+        return "—"
+    if high is None:
+        return f"≥ {_fmt(low)}"
+    if not low:
+        return f"< {_fmt(high)}"
+    return f"{_fmt(low)}–{_fmt(high)}"
+
+
 def render_branches(doc: dict[str, Any]) -> None:
     """One table per branch measurement (the ladder), then its summary, rule and notes."""
     for b in doc.get("branches") or []:
@@ -317,6 +328,24 @@ def render_branches(doc: dict[str, Any]) -> None:
         stdout.print(f"  rule: {b['rule']} ({b['lr_rule']} learning rate)", markup=False)
         for note in b.get("notes") or []:
             stdout.print(f"  note: {note}", markup=False)
+    if len(doc.get("branches") or []) > 1:  # the points side by side
+        t = Table(title="Local critical batch at each point (measured)", title_justify="left")
+        for col in ("step", "examples seen", "local critical batch", "B_crit by the rule",
+                    "B_simple there", "ratio", "training examples"):
+            t.add_column(col, justify="right")
+        mark = {"at least": "≥ ", "at most": "≤ "}
+        for b in doc["branches"]:
+            low, high = b["interval"] or (None, None)
+            t.add_row(
+                f"{b['step']:,}", "—" if b["examples_seen"] is None else f"{b['examples_seen']:,}",
+                "—" if b["critical_batch"] is None
+                else f"{mark.get(b['bound'], '')}{b['critical_batch']:,}",
+                _interval_words(low, high),
+                _fmt(b["b_simple"]),
+                "—" if b["ratio_to_b_simple"] is None
+                else f"{mark.get(b['bound'], '')}{b['ratio_to_b_simple']:.2g}x",
+                f"{b['examples']:,}")
+        stdout.print(t)
     average = doc.get("branch_run_average")
     if average:
         stdout.print(f"Run average: {average['summary']}", markup=False)

@@ -641,7 +641,8 @@ def test_recommend_with_branches_uses_the_local_critical_batch() -> None:
     assert b["step"] == 20 and doc["recommendation"]["noise_step"] == 20
 
 
-def test_branches_at_each_checkpoint(tmp_path: Path) -> None:
+def test_branches_at_each_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                     ) -> None:
     """model.checkpoints: a ladder from each, with a fresh optimizer state."""
     pytest.importorskip("sklearn")
     from bsfind.api import branch
@@ -677,6 +678,17 @@ def test_branches_at_each_checkpoint(tmp_path: Path) -> None:
     doc = to_dict(report)["branch_run_average"]
     assert doc["critical_batch"] == pytest.approx(avg.critical_batch)
     assert "the run's critical batch from step 0 to 20" in doc["summary"]
+    # the CLI puts the points side by side, then the run average
+    from bsfind.cli import _interval_words, render_branches
+
+    capsys.readouterr()
+    render_branches(to_dict(report))
+    out = capsys.readouterr().out
+    assert "Local critical batch at each point" in out and "Run average: the run's" in out
+    lines = [ln for ln in out.splitlines() if ln.startswith("│") and "36,864" in ln]
+    assert [ln.split("│")[1].strip() for ln in lines[-2:]] == ["0", "20"]
+    assert _interval_words(90.5, 181.0) == "90–181" and _interval_words(90.5, None) == "≥ 90"
+    assert _interval_words(0.0, 45.3) == "< 45" and _interval_words(None, None) == "—"
 
 
 def test_run_average_of_checkpoints_reads_steps_from_examples() -> None:
