@@ -532,8 +532,10 @@ def describe_branches(r: BranchResult, oom_at: int | None = None,
     if below_error is not None:
         notes.append(f"the ladder stopped going below the baseline batch: {below_error}")
     if disputed:
-        notes.append("the data orders disagree at batch "
-                     + " and ".join(f"{b:,}" for b in disputed)
+        names = [f"{b:,}" for b in disputed]
+        listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        notes.append(f"the data orders disagree at batch{'es' if len(names) > 1 else ''} "
+                     + listed
                      + " (some kept up, some fell behind; the mean decided): the local "
                      "critical batch may be lower or higher than read")
     cut = r.stopped in ("budget", "interrupted", "out of memory") or below_error is not None
