@@ -346,7 +346,7 @@ def measure(job: Workload, options: BranchOptions, deadline: Deadline, *,
                 break
         # below B0 when 2·B0 fell behind, or could not run (larger than the dataset)
         if ((stopped == "failed" and run.batches == batches[:2])
-                or (stopped == "top" and run.batches == batches == batches[:1])):
+                or (stopped == "top" and len(batches) == 1 and run.batches == batches)):
             cut = run.descend(below(options.baseline_batch, options.min_fraction))
             failed = any(v.passed is False for v in run.verdicts())
             stopped = cut or ("failed" if failed else stopped)
@@ -639,15 +639,21 @@ def run_average(reads: Sequence[tuple[float, float]], baseline_batch: int) -> fl
     reads at its ends (the critical batch grows along training). None with fewer than two
     reads or no steps between them.
     """
-    pts = sorted(reads)
+    return stretch_average([(s0, s1, math.sqrt(b0 * b1))
+                            for (s0, b0), (s1, b1) in itertools.pairwise(sorted(reads))
+                            if s1 > s0 and b0 > 0 and b1 > 0], baseline_batch)
+
+
+def stretch_average(stretches: Sequence[tuple[float, float, float]], baseline_batch: int
+                    ) -> float | None:
+    """Σ b_j·S_min,j / ΣS_min,j over stretches (start step, end step, local critical
+    batch b_j) of a run at B0, with S_min,j = (end - start)/(1 + b_j/B0): the core of
+    :func:`run_average`, for stretches each measured as a whole. None without steps."""
     s_min = e_min = 0.0
-    for (s0, b0), (s1, b1) in itertools.pairwise(pts):
-        if s1 <= s0 or b0 <= 0 or b1 <= 0:
-            continue
-        b = math.sqrt(b0 * b1)
-        stretch = (s1 - s0) / (1.0 + b / baseline_batch)
-        s_min += stretch
-        e_min += b * stretch
+    for s0, s1, b in stretches:
+        weight = (s1 - s0) / (1.0 + b / baseline_batch)
+        s_min += weight
+        e_min += b * weight
     return e_min / s_min if s_min > 0 else None
 
 

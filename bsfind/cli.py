@@ -310,6 +310,8 @@ def _interval_words(low: float | None, high: float | None) -> str:
 
 def render_branches(doc: dict[str, Any]) -> None:
     """One table per branch measurement (the ladder), then its summary, rule and notes."""
+    from bsfind.wording import BOUND_MARK as mark
+
     for b in doc.get("branches") or []:
         t = Table(title=f"Branched runs from step {b['step']:,} (measured; "
                   f"Δ = {b['delta_examples']:,} examples, {b['repeats']} data order(s))",
@@ -333,7 +335,6 @@ def render_branches(doc: dict[str, Any]) -> None:
         for col in ("step", "examples seen", "local critical batch", "B_crit by the rule",
                     "B_simple there", "ratio", "training examples"):
             t.add_column(col, justify="right")
-        mark = {"at least": "≥ ", "at most": "≤ "}
         for b in doc["branches"]:
             low, high = b["interval"] or (None, None)
             t.add_row(

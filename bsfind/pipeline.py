@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from bsfind import advisor, schedule, trajectory, wording
 from bsfind.budget import Deadline, ProgressFn
 from bsfind.errors import Interrupted
-from bsfind.hardware.measure import BUSY_SHARE, HardwareOptions, predict_on_gpu
+from bsfind.hardware.measure import BUSY_SHARE, HardwareOptions, predict_on_gpu, quota_threads
 from bsfind.noise.probe import ProbeOptions
 from bsfind.report import Report
 from bsfind.results import (
@@ -128,7 +128,8 @@ def run(spec: Spec, runner: Runner, command: str, progress: ProgressFn | None = 
             wording.probed_beside_load(fitted.share or BUSY_SHARE, fitted.threads),))
     if fitted is not None and fitted.quota is not None and fitted.run_threads is not None:
         report = dataclasses.replace(report, warnings=report.warnings + (
-            wording.capped_by_quota(fitted.quota, fitted.run_threads),))
+            wording.capped_by_quota(fitted.quota, fitted.run_threads,
+                                    quota_threads(fitted.quota)),))
     return runner.finish(dataclasses.replace(report, seconds=time.perf_counter() - start))
 
 

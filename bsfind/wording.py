@@ -137,10 +137,9 @@ def probed_beside_load(share: float, threads: int) -> str:
             "a quiet machine)")
 
 
-def capped_by_quota(quota: float, run_threads: int) -> str:
+def capped_by_quota(quota: float, run_threads: int, n: int) -> str:
     """The run's threads were more than the cgroup's CPU quota allows (docker --cpus, a
-    Kubernetes CPU limit)."""
-    n = max(1, math.floor(quota + 1e-9))
+    Kubernetes CPU limit); ``n``: the threads bsfind used (``measure.quota_threads``)."""
     return (f"this process's CPU quota (its cgroup's limit) is {quota:g} CPUs, but torch ran "
             f"{run_threads} intra-op threads: bsfind measured with {n}, since threads beyond "
             f"the quota are throttled in turns and every step waits for them; train with "
@@ -480,6 +479,9 @@ def sync_source(repeats: int) -> str:
 # --------------------------------------------------------------------------- branches
 
 
+# How a one-sided read is written before its value ("≥ 128"); a bracketed one bare.
+BOUND_MARK = {"at least": "≥ ", "at most": "≤ "}
+
 BRANCHES_UNDER_TORCHRUN = ("probe.branches: the branched runs are measured in a single "
                            "process only; skipped under torchrun")
 
@@ -586,10 +588,10 @@ def branch_line(r: BranchResult) -> str:
         where = {"bracketed": f"B_crit {num(lo)}–{num(hi)} by the rule",
                  "at most": f"B_crit below {num(hi)}",
                  "at least": f"B_crit above {num(lo)}"}.get(r.bound, "")
-        head = (f"local critical batch {'≥ ' if r.bound == 'at least' else ''}"
-                f"{'≤ ' if r.bound == 'at most' else ''}{r.critical_batch:,} ({where})")
+        head = (f"local critical batch {BOUND_MARK.get(r.bound, '')}{r.critical_batch:,} "
+                f"({where})")
     ratios = []
-    side = {"at least": "≥ ", "at most": "≤ "}.get(r.bound, "")
+    side = BOUND_MARK.get(r.bound, "")
     if r.ratio_simple is not None and r.b_simple is not None:
         ratios.append(f"{side}{r.ratio_simple:.2g}x B_simple ({num(r.b_simple)})")
     if r.ratio_noise is not None and r.b_noise is not None:
@@ -606,7 +608,7 @@ def run_average_line(r: RunAverage) -> str:
     if r.critical_batch is None:
         return (f"no run average {span}: the local reads ({reads}) bound their critical "
                 "batches from both sides")
-    mark = {"at least": "≥ ", "at most": "≤ "}.get(r.bound, "≈ ")
+    mark = BOUND_MARK.get(r.bound, "≈ ")
     one_sided = (f"; {r.one_sided} of the reads only bound theirs, so this is a bound too"
                  if r.one_sided else "")
     return (f"the run's critical batch {span} {mark}{num(r.critical_batch)}: the local reads "
@@ -623,8 +625,8 @@ def with_branches(advice: Advice, inputs: AdvisorInputs, r: BranchResult,
 
     rec = advice.recommendation
     ci = inputs.b_n_ci
-    branch = (f"the local critical batch {'≤ ' if r.bound == 'at most' else ''}"
-              f"{'≥ ' if r.bound == 'at least' else ''}{r.critical_batch:,} measured by "
+    branch = (f"the local critical batch {BOUND_MARK.get(r.bound, '')}{r.critical_batch:,} "
+              "measured by "
               f"branched runs at training step {r.step:,}")
     if math.isfinite(measured_b_n):
         noise = (f"B_n = {num(inputs.b_n)} (95% range {num(ci.low)}–{num(ci.high)}), the "

@@ -9,10 +9,13 @@ order (``seed``).
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -350,3 +353,38 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     return value
+
+
+# --------------------------------------------------------------------------- experiments
+
+
+def branch_experiment_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments the experiments beside scripts/branch_eval.py share: the spec, the
+    sweep's and the branches' JSON, the probe runs, spec overrides, threads, output."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("spec")
+    ap.add_argument("--crit", default=None, help="default docs/img/critical-batch-<name>.json")
+    ap.add_argument("--branches", default=None, help="default docs/img/branch-<name>.json")
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    return ap
+
+
+def branch_experiment_inputs(args: argparse.Namespace
+                             ) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(spec name, the sweep's JSON, the branches' JSON), with torch's threads set."""
+    torch.set_num_threads(args.threads)
+    name = Path(args.spec).stem
+    crit = json.loads(Path(args.crit or f"docs/img/critical-batch-{name}.json").read_text())
+    base = json.loads(Path(args.branches or f"docs/img/branch-{name}.json").read_text())
+    return name, crit, base
+
+
+def write_outputs(prefix: Path, md: str, doc: dict[str, Any]) -> None:
+    """PREFIX.md and PREFIX.json (made JSON-safe by :func:`jsonable`)."""
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    prefix.with_suffix(".md").write_text(md, encoding="utf-8")
+    prefix.with_suffix(".json").write_text(json.dumps(jsonable(doc), indent=1),
+                                           encoding="utf-8")

@@ -24,8 +24,6 @@ Writes PREFIX.md and PREFIX.json (PREFIX defaults to docs/img/branch-<name>-cool
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import statistics
 import sys
@@ -211,22 +209,12 @@ def render(name: str, cooldown: float, summ: dict[str, Any], rows: list[dict[str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("spec")
-    ap.add_argument("--crit", default=None, help="default docs/img/critical-batch-<name>.json")
-    ap.add_argument("--branches", default=None, help="default docs/img/branch-<name>.json")
-    ap.add_argument("--seeds", default="0,1")
+    ap = _train.branch_experiment_parser(__doc__)
     ap.add_argument("--targets", default=None)
     ap.add_argument("--cooldown", type=float, default=COOLDOWN,
                     help="share of each branch's steps decaying the rate to 0")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    name = Path(args.spec).stem
-    crit = json.loads(Path(args.crit or f"docs/img/critical-batch-{name}.json").read_text())
-    base = json.loads(Path(args.branches or f"docs/img/branch-{name}.json").read_text())
+    name, crit, base = _train.branch_experiment_inputs(args)
     start = time.perf_counter()
     rows = gather(args.spec, crit, base, _train.parse_ints(args.seeds),
                   _train.parse_floats(args.targets) if args.targets else None, args.set,
@@ -235,16 +223,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     summ = summarise(rows, base)
     md = render(name, args.cooldown, summ, rows, seconds)
     print(md)
-    prefix = Path(args.out or f"docs/img/branch-{name}-cooldown")
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    prefix.with_suffix(".md").write_text(md, encoding="utf-8")
-    doc = {"name": name, "cooldown": args.cooldown, "seconds": seconds, "summary": summ,
-           "ladders": rows, "command": " ".join(["scripts/branch_cooldown_eval.py",
-                                                 *(argv or sys.argv[1:])])}
-    prefix.with_suffix(".json").write_text(json.dumps(_train.jsonable(doc), indent=1),
-                                           encoding="utf-8")
+    _train.write_outputs(Path(args.out or f"docs/img/branch-{name}-cooldown"), md, {
+        "name": name, "cooldown": args.cooldown, "seconds": seconds, "summary": summ,
+        "ladders": rows,
+        "command": " ".join(["scripts/branch_cooldown_eval.py", *(argv or sys.argv[1:])])})
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

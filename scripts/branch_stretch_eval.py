@@ -14,7 +14,9 @@ but the last, trains on Δ = the steps at B0 to the next target (rounded up to a
 of its top factor), so each stretch between targets is measured by branches that span
 it, and the run average to target i takes each stretch's own read:
 
-    B_crit(i) ≈ Σ_j<i b_j·S_min,j / Σ_j<i S_min,j,   S_min,j = Δs_j / (1 + b_j/B0).
+    B_crit(i) ≈ Σ_j<i b_j·S_min,j / Σ_j<i S_min,j,   S_min,j = Δs_j / (1 + b_j/B0)
+
+(``branches.stretch_average``).
 
 The top factor is the largest power of 2 that leaves its branches at least MIN_TOP_STEPS
 steps, up to ``branches.MAX_FACTOR``; below B0 the ladder goes down as ``bsfind branch``
@@ -27,8 +29,6 @@ Writes PREFIX.md and PREFIX.json (PREFIX defaults to docs/img/branch-<name>-stre
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import sys
 import time
@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import _train
-import torch
 
 from bsfind import branches
 from bsfind.advisor import optimizer_family
@@ -55,16 +54,6 @@ def stretch_ladder(steps: int, max_factor: int = branches.MAX_FACTOR) -> tuple[i
     while top * 2 <= max_factor and steps / (top * 2) >= MIN_TOP_STEPS:
         top *= 2
     return math.ceil(steps / top) * top, top
-
-
-def stretch_average(reads: Sequence[tuple[int, int, float]], b0: int) -> float | None:
-    """Σ b_j·S_min,j / ΣS_min,j over stretches (start step, end step, read at the start)."""
-    s_min = e_min = 0.0
-    for s0, s1, b in reads:
-        w = (s1 - s0) / (1.0 + b / b0)
-        s_min += w
-        e_min += b * w
-    return e_min / s_min if s_min > 0 else None
 
 
 def gather(spec_path: str, crit: dict[str, Any], base: dict[str, Any], seeds: Sequence[int],
@@ -123,8 +112,8 @@ def summarise(rows: list[dict[str, Any]], base: dict[str, Any], b0: int) -> dict
             end = next((r["to_step"] for r in mine if r["to_target"] == t), None)
             used = [r for r in mine if end is not None and r["to_step"] <= end]
             ok = used and all(r["critical_batch"] is not None for r in used)
-            values.append(stretch_average([(r["from_step"], r["to_step"], r["critical_batch"])
-                                           for r in used], b0) if ok else None)
+            stretches = [(r["from_step"], r["to_step"], r["critical_batch"]) for r in used]
+            values.append(branches.stretch_average(stretches, b0) if ok else None)
             costs.append(sum(r["examples"] for r in used))
         b = s["b_crit"]
         out.append({"target": t, "b_crit": b, "seeds": s["seeds"], "stretch_average": values,
@@ -181,19 +170,8 @@ def render(name: str, summ: dict[str, Any], rows: list[dict[str, Any]], seconds:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("spec")
-    ap.add_argument("--crit", default=None, help="default docs/img/critical-batch-<name>.json")
-    ap.add_argument("--branches", default=None, help="default docs/img/branch-<name>.json")
-    ap.add_argument("--seeds", default="0,1")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    name = Path(args.spec).stem
-    crit = json.loads(Path(args.crit or f"docs/img/critical-batch-{name}.json").read_text())
-    base = json.loads(Path(args.branches or f"docs/img/branch-{name}.json").read_text())
+    args = _train.branch_experiment_parser(__doc__).parse_args(argv)
+    name, crit, base = _train.branch_experiment_inputs(args)
     start = time.perf_counter()
     rows = gather(args.spec, crit, base, _train.parse_ints(args.seeds), args.set,
                   lambda m: print(m, file=sys.stderr, flush=True))
@@ -201,15 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     summ = summarise(rows, base, int(base["baseline_batch"]))
     md = render(name, summ, rows, seconds)
     print(md)
-    prefix = Path(args.out or f"docs/img/branch-{name}-stretch")
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    prefix.with_suffix(".md").write_text(md, encoding="utf-8")
-    doc = {"name": name, "seconds": seconds, "summary": summ, "ladders": rows,
-           "command": " ".join(["scripts/branch_stretch_eval.py", *(argv or sys.argv[1:])])}
-    prefix.with_suffix(".json").write_text(json.dumps(_train.jsonable(doc), indent=1),
-                                           encoding="utf-8")
+    _train.write_outputs(Path(args.out or f"docs/img/branch-{name}-stretch"), md, {
+        "name": name, "seconds": seconds, "summary": summ, "ladders": rows,
+        "command": " ".join(["scripts/branch_stretch_eval.py", *(argv or sys.argv[1:])])})
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

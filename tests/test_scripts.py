@@ -175,7 +175,7 @@ def test_branch_stretch_ladders() -> None:
     assert branch_stretch_eval.stretch_ladder(500) == (512, 16)
     # two stretches by hand: S_min = 10/(1 + 32/64) and 30/(1 + 128/64)
     w = [10 / 1.5, 30 / 3.0]
-    assert branch_stretch_eval.stretch_average([(0, 10, 32), (10, 40, 128)], 64) == (
+    assert branches.stretch_average([(0, 10, 32), (10, 40, 128)], 64) == (
         pytest.approx((32 * w[0] + 128 * w[1]) / sum(w)))
 
 

@@ -295,6 +295,11 @@ def cpu_quota(root: str = "/") -> float | None:
     return min(limits) if limits else None
 
 
+def quota_threads(quota: float) -> int:
+    """The threads a CPU quota holds without throttling: its whole CPUs, at least 1."""
+    return max(1, math.floor(quota + 1e-9))
+
+
 def _bandwidth(read: Callable[[str], str | None], here: str, files: tuple[str, ...]
                ) -> float | None:
     """One cgroup directory's CPU limit in CPUs (None: unlimited or unreadable)."""
@@ -427,7 +432,7 @@ def setup_for_load(use: CpuUse) -> LadderSetup:
     at least 1): beyond it they are throttled in turns."""
     threads = torch.get_num_threads()
     quota = cpu_quota()
-    allowed = threads if quota is None else min(threads, max(1, math.floor(quota + 1e-9)))
+    allowed = threads if quota is None else min(threads, quota_threads(quota))
     setup = ladder_setup(use.share_over(LOAD_SAMPLE_SECONDS), allowed, use.cpus)
     if allowed < threads:
         setup = dataclasses.replace(setup, quota=quota, run_threads=threads)
