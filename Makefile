@@ -46,6 +46,7 @@ branch-eval: $(STAMP)
 	$(BIN)/python scripts/branch_stretch_eval.py configs/digits-mlp.yaml
 	$(BIN)/python scripts/branch_stretch_eval.py configs/digits-cnn.yaml
 	$(BIN)/python scripts/branch_stretch_eval.py configs/text-transformer.yaml --set model.kwargs.context=64
+	$(BIN)/python scripts/sweep_rule_eval.py digits-mlp digits-cnn text-transformer
 
 equal-time: $(STAMP)
 	$(BIN)/python scripts/equal_time.py configs/digits-mlp.yaml --seconds 0.3 --seeds 5

@@ -29,6 +29,7 @@ import critical_batch  # noqa: E402
 import equal_time  # noqa: E402
 import lr_eval  # noqa: E402
 import schedule_eval  # noqa: E402
+import sweep_rule_eval  # noqa: E402
 
 pytest.importorskip("sklearn")  # the digits dataset
 pytest.importorskip("matplotlib")
@@ -203,6 +204,35 @@ def test_branch_stretch_eval_runs_end_to_end(tmp_path: Path) -> None:
     assert first["stretch_average"][0] == pytest.approx(ladders[0]["critical_batch"])
     assert first["examples"][0] == ladders[0]["examples"]
     assert "branches as long as their stretch" in out.with_suffix(".md").read_text()
+
+
+def test_sweep_rule_reads_the_ladder_on_steps() -> None:
+    # S(32)/S(64) = 2 and S(64)/S(128) = 2 pass (>= √2); S(128)/S(256) = 1 fails: read 128,
+    # bracketed. The log ratio falls from ln 2 to 0 between rungs 128 and 256, so it
+    # crosses ln √2 halfway, at R* = 128·√2, and B_crit = R*/√2 = 128.
+    steps = {16: 800.0, 32: 400.0, 64: 200.0, 128: 100.0, 256: 100.0, 512: 100.0}
+    read, bound, cont = sweep_rule_eval.rule_read(steps, 32)
+    assert (read, bound) == (128, "bracketed")
+    assert cont == pytest.approx(128.0)
+    # 2·B0 falls behind: the ladder goes below B0 until a doubling keeps up (16 -> 32).
+    flat = {8: 400.0, 16: 200.0, 32: 180.0, 64: 170.0, 128: 165.0}
+    assert sweep_rule_eval.rule_read(flat, 32)[:2] == (16, "bracketed")
+    # Never falls behind within the sweep's batches: at least the last rung.
+    assert sweep_rule_eval.rule_read({32: 400.0, 64: 200.0, 128: 100.0}, 32)[:2] == (
+        128, "at least")
+    # Under S = S_min(1 + B_crit/B) the read is within √2 of B_crit.
+    for b_crit in (20.0, 50.0, 130.0, 300.0):
+        exact = {b: 10.0 * (1 + b_crit / b) for b in (4, 8, 16, 32, 64, 128, 256, 512)}
+        r, _, c = sweep_rule_eval.rule_read(exact, 32)
+        assert r is not None and b_crit / math.sqrt(2) <= r <= b_crit * math.sqrt(2)
+        assert c is not None and c == pytest.approx(b_crit, rel=0.15)
+
+
+def test_sweep_rule_eval_runs_on_the_shipped_sweeps(tmp_path: Path) -> None:
+    assert sweep_rule_eval.main(["digits-mlp", "--out", str(tmp_path / "sr")]) == 0
+    doc = json.loads((tmp_path / "sr.json").read_text())
+    assert [r["target"] for r in doc["rows"]] == [1.0, 0.3, 0.1, 0.03, 0.01]
+    assert all(len(r["seed_fits"]) == 2 for r in doc["rows"])
 
 
 def test_lr_eval_runs_end_to_end(tmp_path: Path) -> None:
