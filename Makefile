@@ -46,6 +46,9 @@ branch-eval: $(STAMP)
 	$(BIN)/python scripts/branch_stretch_eval.py configs/digits-mlp.yaml
 	$(BIN)/python scripts/branch_stretch_eval.py configs/digits-cnn.yaml
 	$(BIN)/python scripts/branch_stretch_eval.py configs/text-transformer.yaml --set model.kwargs.context=64
+	$(BIN)/python scripts/branch_fit_eval.py configs/digits-mlp.yaml
+	$(BIN)/python scripts/branch_fit_eval.py configs/digits-cnn.yaml
+	$(BIN)/python scripts/branch_fit_eval.py configs/text-transformer.yaml --set model.kwargs.context=64
 	$(BIN)/python scripts/sweep_rule_eval.py digits-mlp digits-cnn text-transformer
 
 equal-time: $(STAMP)

@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import _train  # noqa: E402
 import branch_cooldown_eval  # noqa: E402
 import branch_eval  # noqa: E402
+import branch_fit_eval  # noqa: E402
 import branch_stretch_eval  # noqa: E402
 import critical_batch  # noqa: E402
 import equal_time  # noqa: E402
@@ -204,6 +205,53 @@ def test_branch_stretch_eval_runs_end_to_end(tmp_path: Path) -> None:
     assert first["stretch_average"][0] == pytest.approx(ladders[0]["critical_batch"])
     assert first["examples"][0] == ladders[0]["examples"]
     assert "branches as long as their stretch" in out.with_suffix(".md").read_text()
+
+
+def test_branch_fit_eval_runs_end_to_end(tmp_path: Path) -> None:
+    """Seed 0 of the shipped digits-mlp sweep: every rung at step 0 and each target."""
+    out = tmp_path / "fit"
+    img = ROOT / "docs" / "img"
+    rc = branch_fit_eval.main([
+        str(ROOT / "configs" / "digits-mlp.yaml"), "--seeds", "0",
+        "--crit", str(img / "critical-batch-digits-mlp.json"),
+        "--branches", str(img / "branch-digits-mlp.json"), "--out", str(out)])
+    assert rc == 0
+    doc = json.loads(out.with_suffix(".json").read_text())
+    ladders = doc["ladders"]
+    assert [r["step"] for r in ladders][0] == 0 and len(ladders) == 6
+    for r in ladders:
+        if r["level"] >= r["start_loss"]:  # no progress asked for: no read
+            assert r["read"] is None and not r["examples_to_level"]
+        if r["read"] is not None:
+            e = {int(b): v for b, v in r["examples_to_level"].items()}
+            assert r["read"] == pytest.approx(branch_fit_eval.fit_read(e))
+    first = doc["summary"]["targets"][0]  # loss 1: step 0 and the first target
+    reads = [(r["step"], r["read"]) for r in ladders[:2]]
+    if None not in (v for _, v in reads):
+        assert first["run_average"][0] == pytest.approx(branches.run_average(reads, 64))
+    assert first["examples"][0] == ladders[0]["examples"] + ladders[1]["examples"]
+
+
+def test_branch_fit_helpers() -> None:
+    # First crossing of 0.5 from 1.0 at 0 examples: between (100, 0.6) and (200, 0.4).
+    curve = [(100, 0.6), (200, 0.4), (300, 0.45)]
+    assert branch_fit_eval.crossing_examples(curve, 1.0, 0.5) == pytest.approx(150.0)
+    assert branch_fit_eval.crossing_examples(curve, 1.0, 0.3) is None
+    # Before the first evaluation: interpolated from the start.
+    assert branch_fit_eval.crossing_examples(curve, 1.0, 0.8) == pytest.approx(50.0)
+    # E(B) = E_min(1 + B/B_crit) exactly: the fit recovers B_crit, from 3 rungs or from 2.
+    exact = {b: 1000.0 * (1 + b / 96.0) for b in (32, 64, 128, 256)}
+    assert branch_fit_eval.fit_read(exact) == pytest.approx(96.0, rel=1e-9)
+    two = {b: exact[b] for b in (64, 128)}
+    assert branch_fit_eval.fit_read(two) == pytest.approx(96.0, rel=1e-9)
+    # Examples fall with the batch (no saturation in sight): no finite read.
+    assert branch_fit_eval.fit_read({32: 900.0, 64: 800.0, 128: 700.0}) is None
+    assert branch_fit_eval.fit_read({64: 800.0}) is None
+    # Evaluations spread in log examples, the last step always, none past the end.
+    steps = branch_fit_eval.eval_steps(128)
+    assert steps[0] == 4 and steps[-1] == 128 and steps == sorted(set(steps))
+    assert branch_fit_eval.eval_steps(4) == [1, 2, 3, 4]
+    assert branch_fit_eval.ladder_batches(64, 10_000) == [32, 64, 128, 256, 512, 1024]
 
 
 def test_sweep_rule_reads_the_ladder_on_steps() -> None:
