@@ -209,7 +209,10 @@ def plan_from_log(spec: Spec, runner: Runner, records: Sequence[TrackRecord], so
 
     start = time.perf_counter()
     deadline = runner.deadline(spec.probe.max_seconds)
-    job = runner.build(spec)
+    # the noise scale comes from the log: model.checkpoints (the last run's files, perhaps
+    # cleaned up since) are never loaded here, so the build does not ask for them
+    job = runner.build(dataclasses.replace(
+        spec, model=dataclasses.replace(spec.model, checkpoints=None)))
     points = trajectory.from_log(records, dataset_size=len(job),
                                  planned=spec.planned_examples(len(job)), source=source)
     counts = collections.Counter(r.b_big for r in records)

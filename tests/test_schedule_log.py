@@ -141,6 +141,26 @@ def test_without_a_step_time_the_command_says_why_there_is_no_schedule(
     assert any(w.startswith("no batch-size schedule: no step time") for w in doc["warnings"])
 
 
+def test_schedule_does_not_ask_for_the_checkpoints_it_never_loads(
+        digits_log: Path, tmp_path: Path) -> None:
+    # The spec of the last run lists its checkpoints, cleaned up since: `schedule` plans
+    # from the log and builds the model for its step time only. (`recommend` on the same
+    # spec still stops at the build: those files are what it would measure.)
+    text = (CONFIGS / "digits-mlp.yaml").read_text().replace(
+        "  checkpoint: null\n",
+        "  checkpoints: [{path: gone-100.pt, step: 100}, {path: gone-200.pt, step: 200}]\n")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text)
+    r = runner.invoke(app, ["schedule", str(spec), str(digits_log), "--json",
+                            "--gpu", "a100-80gb", "--set", "probe.timing=false"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["schedule"] is not None
+    assert len(doc["spec"]["model"]["checkpoints"]) == 2  # the report shows the spec as given
+    r = runner.invoke(app, ["validate", str(spec)])
+    assert r.exit_code == 3 and "gone-100.pt" in r.output
+
+
 def test_schedule_command_errors_are_one_line(tmp_path: Path) -> None:
     spec = str(CONFIGS / "digits-mlp.yaml")
     r = runner.invoke(app, ["schedule", spec, str(tmp_path / "missing.jsonl")])
