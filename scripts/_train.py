@@ -388,3 +388,29 @@ def write_outputs(prefix: Path, md: str, doc: dict[str, Any]) -> None:
     prefix.with_suffix(".md").write_text(md, encoding="utf-8")
     prefix.with_suffix(".json").write_text(json.dumps(jsonable(doc), indent=1),
                                            encoding="utf-8")
+
+
+def run_branch_experiment(argv: Sequence[str] | None, doc: str, script: str, suffix: str,
+                          gather: Callable[..., list[dict[str, Any]]],
+                          summarise: Callable[..., dict[str, Any]],
+                          render: Callable[..., str], extra: dict[str, Any] | None = None
+                          ) -> int:
+    """The main of an experiment beside scripts/branch_eval.py that takes the shared
+    arguments only: ``gather(spec, crit, base, seeds, overrides, log)`` the ladders,
+    ``summarise(rows, base, b0)``, ``render(name, summary, rows, seconds)``, and write
+    docs/img/branch-<name>-<suffix>.{md,json} (or ``--out``), with ``extra`` in the JSON."""
+    import sys
+
+    args = branch_experiment_parser(doc).parse_args(argv)
+    name, crit, base = branch_experiment_inputs(args)
+    start = time.perf_counter()
+    rows = gather(args.spec, crit, base, parse_ints(args.seeds), args.set,
+                  lambda m: print(m, file=sys.stderr, flush=True))
+    seconds = time.perf_counter() - start
+    summ = summarise(rows, base, int(base["baseline_batch"]))
+    md = render(name, summ, rows, seconds)
+    print(md)
+    write_outputs(Path(args.out or f"docs/img/branch-{name}-{suffix}"), md, {
+        "name": name, "seconds": seconds, "summary": summ, "ladders": rows, **(extra or {}),
+        "command": " ".join([script, *(argv if argv is not None else sys.argv[1:])])})
+    return 0

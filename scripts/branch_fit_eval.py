@@ -37,7 +37,6 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import _train
@@ -264,20 +263,9 @@ def render(name: str, summ: dict[str, Any], rows: list[dict[str, Any]], seconds:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _train.branch_experiment_parser(__doc__).parse_args(argv)
-    name, crit, base = _train.branch_experiment_inputs(args)
-    start = time.perf_counter()
-    rows = gather(args.spec, crit, base, _train.parse_ints(args.seeds), args.set,
-                  lambda m: print(m, file=sys.stderr, flush=True))
-    seconds = time.perf_counter() - start
-    summ = summarise(rows, base, int(base["baseline_batch"]))
-    md = render(name, summ, rows, seconds)
-    print(md)
-    _train.write_outputs(Path(args.out or f"docs/img/branch-{name}-fit"), md, {
-        "name": name, "seconds": seconds, "summary": summ, "ladders": rows,
-        "level_at": LEVEL_AT, "evaluations": EVALUATIONS, "earliest": EARLIEST,
-        "command": " ".join(["scripts/branch_fit_eval.py", *(argv or sys.argv[1:])])})
-    return 0
+    return _train.run_branch_experiment(
+        argv, __doc__, "scripts/branch_fit_eval.py", "fit", gather, summarise, render,
+        extra={"level_at": LEVEL_AT, "evaluations": EVALUATIONS, "earliest": EARLIEST})
 
 
 if __name__ == "__main__":

@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import _train
@@ -170,19 +168,10 @@ def render(name: str, summ: dict[str, Any], rows: list[dict[str, Any]], seconds:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _train.branch_experiment_parser(__doc__).parse_args(argv)
-    name, crit, base = _train.branch_experiment_inputs(args)
-    start = time.perf_counter()
-    rows = gather(args.spec, crit, base, _train.parse_ints(args.seeds), args.set,
-                  lambda m: print(m, file=sys.stderr, flush=True))
-    seconds = time.perf_counter() - start
-    summ = summarise(rows, base, int(base["baseline_batch"]))
-    md = render(name, summ, rows, seconds)
-    print(md)
-    _train.write_outputs(Path(args.out or f"docs/img/branch-{name}-stretch"), md, {
-        "name": name, "seconds": seconds, "summary": summ, "ladders": rows,
-        "command": " ".join(["scripts/branch_stretch_eval.py", *(argv or sys.argv[1:])])})
-    return 0
+    return _train.run_branch_experiment(
+        argv, __doc__, "scripts/branch_stretch_eval.py", "stretch", gather, summarise,
+        render)
+
 
 if __name__ == "__main__":
     sys.exit(main())
