@@ -414,3 +414,38 @@ def run_branch_experiment(argv: Sequence[str] | None, doc: str, script: str, suf
         "name": name, "seconds": seconds, "summary": summ, "ladders": rows, **(extra or {}),
         "command": " ".join([script, *(argv if argv is not None else sys.argv[1:])])})
     return 0
+
+
+@dataclass
+class Rebuilt:
+    """What an experiment beside scripts/branch_eval.py needs to rebuild the sweep's probe
+    runs: the spec and workload, their initial weights, B0, the probe runs' learning rate,
+    the optimizer family and, per (seed, step), the noise scale the branches' rule read
+    there (from docs/img/branch-<name>.json)."""
+
+    spec: Spec
+    job: Workload
+    init: State
+    b0: int
+    lr0: float
+    family: str
+    b_n: dict[tuple[int, int], float | None]
+
+    def noise(self, seed: int, step: int) -> float:
+        """The noise scale the branches' rule read at (seed, step); inf: none."""
+        return self.b_n.get((seed, step)) or math.inf
+
+    def trainer(self, seed: int) -> Trainer:
+        """The probe run of ``seed`` from its initial weights, at B0 and its rate."""
+        return Trainer(self.job, self.init, self.b0, self.lr0, seed)
+
+
+def rebuild(spec_path: str, overrides: Sequence[str], crit: dict[str, Any],
+            base: dict[str, Any]) -> Rebuilt:
+    spec, job = load_job(spec_path, overrides)
+    return Rebuilt(spec=spec, job=job, init=snapshot(job.model),
+                   b0=spec.optimizer.batch_size,
+                   lr0=float(crit["settings"]["probe_lr_value"]),
+                   family=optimizer_family(spec.optimizer.name),
+                   b_n={(m["seed"], m["step"]): m["branches"]["lr_noise_scale"]
+                        for m in base["measurements"]})

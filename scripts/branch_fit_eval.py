@@ -43,7 +43,7 @@ import _train
 from _train import fit_critical
 
 from bsfind import branches
-from bsfind.advisor import optimizer_family, scaled_lr
+from bsfind.advisor import scaled_lr
 from bsfind.budget import Deadline
 from bsfind.seeds import Seeds
 from bsfind.training import evaluate_loss, evaluation_subset
@@ -149,29 +149,22 @@ def measure_point(job: Any, opt: Any, *, b0: int, lr0: float, family: str, lr_ru
 def gather(spec_path: str, crit: dict[str, Any], base: dict[str, Any], seeds: Sequence[int],
            overrides: Sequence[str], log: Any) -> list[dict[str, Any]]:
     """One all-rung ladder at each probe run's step 0 and first crossing of each target."""
-    spec, job = _train.load_job(spec_path, overrides)
-    init = _train.snapshot(job.model)
-    b0 = spec.optimizer.batch_size
-    lr0 = float(crit["settings"]["probe_lr_value"])
-    family = optimizer_family(spec.optimizer.name)
-    b_n = {(m["seed"], m["step"]): m["branches"]["lr_noise_scale"]
-           for m in base["measurements"]}
+    r = _train.rebuild(spec_path, overrides, crit, base)
     rows = []
     for seed in seeds:
         points = sorted({(0, math.inf), *((p["step"], float(t))
                                           for t, ps in crit["probes"].items() for p in ps
                                           if p["at_crossing"] and p["seed"] == seed)})
-        trainer = _train.Trainer(job, init, b0, lr0, seed)
+        trainer = r.trainer(seed)
         done: dict[int, dict[str, Any]] = {}  # two targets first crossed at one step
         for step, target in points:
             while trainer.steps < step:
                 trainer.step()
-            noise = b_n.get((seed, step))
             began = time.perf_counter()
             row = dict(done[step]) if step in done else measure_point(
-                job, trainer.optimizer, b0=b0, lr0=lr0, family=family,
-                lr_rule=spec.optimizer.lr_rule, b_n=noise if noise else math.inf,
-                seed=seed, step=step)
+                r.job, trainer.optimizer, b0=r.b0, lr0=r.lr0, family=r.family,
+                lr_rule=r.spec.optimizer.lr_rule, b_n=r.noise(seed, step), seed=seed,
+                step=step)
             row.update(target=target, seconds=time.perf_counter() - began)
             done[step] = row
             rows.append(row)

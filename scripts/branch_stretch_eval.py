@@ -37,7 +37,6 @@ from typing import Any
 import _train
 
 from bsfind import branches
-from bsfind.advisor import optimizer_family
 from bsfind.budget import Deadline
 
 # The top rung's branches take at least this many steps (the default ladder's 64/16).
@@ -57,30 +56,24 @@ def stretch_ladder(steps: int, max_factor: int = branches.MAX_FACTOR) -> tuple[i
 def gather(spec_path: str, crit: dict[str, Any], base: dict[str, Any], seeds: Sequence[int],
            overrides: Sequence[str], log: Any) -> list[dict[str, Any]]:
     """One ladder per stretch: from step 0 and from every target but the last."""
-    spec, job = _train.load_job(spec_path, overrides)
-    init = _train.snapshot(job.model)
-    b0 = spec.optimizer.batch_size
-    lr0 = float(crit["settings"]["probe_lr_value"])
-    family = optimizer_family(spec.optimizer.name)
-    b_n = {(m["seed"], m["step"]): m["branches"]["lr_noise_scale"]
-           for m in base["measurements"]}
+    r = _train.rebuild(spec_path, overrides, crit, base)
+    job, b0 = r.job, r.b0
     rows = []
     for seed in seeds:
         ends = sorted((p["step"], float(t)) for t, ps in crit["probes"].items()
                       for p in ps if p["at_crossing"] and p["seed"] == seed)
         starts = [(0, math.inf), *ends[:-1]]
-        trainer = _train.Trainer(job, init, b0, lr0, seed)
+        trainer = r.trainer(seed)
         for (step, _t), (end, t_end) in zip(starts, ends, strict=True):
             if end <= step:  # two targets first crossed at the same step: no stretch
                 continue
             while trainer.steps < step:
                 trainer.step()
             n, top = stretch_ladder(end - step)
-            noise = b_n.get((seed, step))
             options = branches.BranchOptions(
-                baseline_batch=b0, lr=lr0, family=family, lr_rule=spec.optimizer.lr_rule,
-                b_n=noise if noise else math.inf, seed=seed, step=step,
-                examples_seen=step * b0, branch_steps=n, max_factor=top)
+                baseline_batch=b0, lr=r.lr0, family=r.family,  # type: ignore[arg-type]
+                lr_rule=r.spec.optimizer.lr_rule, b_n=r.noise(seed, step), seed=seed,
+                step=step, examples_seen=step * b0, branch_steps=n, max_factor=top)
             weights = _train.snapshot(job.model)
             result = branches.measure(job, options, Deadline.after(3600),
                                       optimizer=trainer.optimizer)

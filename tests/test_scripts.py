@@ -11,6 +11,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -181,19 +182,22 @@ def test_branch_stretch_ladders() -> None:
         pytest.approx((32 * w[0] + 128 * w[1]) / sum(w)))
 
 
+def digits_mlp_experiment(main: Any, out: Path) -> dict[str, Any]:
+    """Run a branch experiment's ``main`` on seed 0 of the shipped digits-mlp sweep and
+    branches; its JSON."""
+    img = ROOT / "docs" / "img"
+    rc = main([str(ROOT / "configs" / "digits-mlp.yaml"), "--seeds", "0",
+               "--crit", str(img / "critical-batch-digits-mlp.json"),
+               "--branches", str(img / "branch-digits-mlp.json"), "--out", str(out)])
+    assert rc == 0
+    return json.loads(out.with_suffix(".json").read_text())  # type: ignore[no-any-return]
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_branch_stretch_eval_runs_end_to_end(tmp_path: Path) -> None:
     """Seed 0 of the shipped digits-mlp sweep: one ladder per stretch between targets."""
-    import json
-
     out = tmp_path / "stretch"
-    img = ROOT / "docs" / "img"
-    rc = branch_stretch_eval.main([
-        str(ROOT / "configs" / "digits-mlp.yaml"), "--seeds", "0",
-        "--crit", str(img / "critical-batch-digits-mlp.json"),
-        "--branches", str(img / "branch-digits-mlp.json"), "--out", str(out)])
-    assert rc == 0
-    doc = json.loads(out.with_suffix(".json").read_text())
+    doc = digits_mlp_experiment(branch_stretch_eval.main, out)
     ladders = doc["ladders"]
     assert ladders[0]["from_step"] == 0
     for a, b in zip(ladders, ladders[1:], strict=False):
@@ -209,14 +213,7 @@ def test_branch_stretch_eval_runs_end_to_end(tmp_path: Path) -> None:
 
 def test_branch_fit_eval_runs_end_to_end(tmp_path: Path) -> None:
     """Seed 0 of the shipped digits-mlp sweep: every rung at step 0 and each target."""
-    out = tmp_path / "fit"
-    img = ROOT / "docs" / "img"
-    rc = branch_fit_eval.main([
-        str(ROOT / "configs" / "digits-mlp.yaml"), "--seeds", "0",
-        "--crit", str(img / "critical-batch-digits-mlp.json"),
-        "--branches", str(img / "branch-digits-mlp.json"), "--out", str(out)])
-    assert rc == 0
-    doc = json.loads(out.with_suffix(".json").read_text())
+    doc = digits_mlp_experiment(branch_fit_eval.main, tmp_path / "fit")
     ladders = doc["ladders"]
     assert [r["step"] for r in ladders][0] == 0 and len(ladders) == 6
     for r in ladders:
