@@ -560,6 +560,10 @@ class Tracker:
         self._losses: list[torch.Tensor | float] = []  # since the last measurement
         self._loss_count = 0
         self._seen_batch: int | None = None
+        # the sizes the last two watched forwards saw: plain steps count the larger, so that
+        # a DataLoader's partial last batch, measured, does not count on for them, while a
+        # run that changed its batch is followed from the next measurement
+        self._sizes: deque[int] = deque(maxlen=2)
         self._recent: deque[int] = deque(maxlen=2)  # the last two steps' global batches
         self._paused = False
         self._closed = False
@@ -607,7 +611,7 @@ class Tracker:
             return None
         start = time.perf_counter()
         if self._quick > 0 and not self._micro:  # a plain step (see _begin_step): count it
-            b = batch_size or self.batch_size or self._seen_batch
+            b = batch_size or self.batch_size or self._usual_batch()
             if b is not None:
                 return self._count(start, loss, int(b))
         self._check_open()
@@ -1039,6 +1043,7 @@ class Tracker:
         for a in (*args, *kwargs.values()):
             if isinstance(a, torch.Tensor) and a.dim() >= 1:
                 self._seen_batch = int(a.shape[0])
+                self._sizes.append(self._seen_batch)
                 return
 
     def _watch_batch(self, on: bool) -> None:
@@ -1052,8 +1057,14 @@ class Tracker:
             self._size_hook.remove()
             self._size_hook = None
 
+    def _usual_batch(self) -> int | None:
+        """The batch size a step that does not watch its input counts (see ``_sizes``)."""
+        return max(self._sizes) if self._sizes else self._seen_batch
+
     def _batch(self, given: int | None) -> int:
-        b = given or self.batch_size or self._seen_batch
+        # a measured step watched its own input; others count the usual size
+        watched = self._size_hook is not None
+        b = given or self.batch_size or (self._seen_batch if watched else self._usual_batch())
         self._seen_batch = b  # the size last seen, for steps that do not watch the input
         if b is None:
             raise ValueError("bsfind tracker: batch size unknown: pass batch_size= to track() "

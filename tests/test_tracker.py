@@ -602,6 +602,31 @@ def test_the_window_keeps_the_latter_half_of_training_so_far() -> None:
     assert [r[3] for r in small.rows] == [103, 104, 105]
 
 
+def test_a_measured_partial_batch_does_not_count_on_for_the_plain_steps() -> None:
+    """A DataLoader with drop_last=False: 100 examples at 32 give 32, 32, 32, 4 an epoch.
+    Plain steps do not watch their input; after the partial batch was measured (step 3,
+    every 3) the next full ones counted as 4 each, and a plain partial one counts as 32.
+    A run that changes its batch is followed from its next measurement."""
+    model = _model()
+    x, y = _problem()
+    tracker = track(model, every=3)
+    sizes = [32, 32, 32, 4] * 3
+    for b in sizes:
+        F.cross_entropy(model(x[:b]), y[:b]).backward()
+        tracker.update()
+        model.zero_grad(set_to_none=True)
+    measured = [r.step for r in tracker.records]
+    assert measured == [0, 3, 6, 9]
+    # measured steps count their own size; plain ones the larger of the last two watched
+    counted = [b if s in measured else 32 for s, b in enumerate(sizes)]
+    assert tracker.examples == sum(counted) == sum(sizes) + 2 * (32 - 4)
+    for b in [64] * 6:
+        F.cross_entropy(model(x[:b]), y[:b]).backward()
+        tracker.update()
+        model.zero_grad(set_to_none=True)
+    assert tracker.examples == sum(counted) + 6 * 64  # steps 12 (measured) to 17
+
+
 def test_an_epochs_partial_last_batch_does_not_stand_for_the_run() -> None:
     """1,797 examples at 32: the last batch of an epoch is 5. At the next epoch's start,
     where doubling is decided, the batch now is still 32 (the advice and its rate at 2B
