@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from bsfind.budget import Deadline, ProgressFn
-from bsfind.errors import BudgetError, Interrupted, UsageError
+from bsfind.errors import BudgetError, Interrupted, UsageError, UserCodeError
 from bsfind.noise.probe import ProbeOptions
 from bsfind.results import Interval, NoiseEstimate, Trajectory
 from bsfind.runner import Runner
@@ -54,6 +54,9 @@ SUMMARY_POINTS = 3
 # Training "moved" when the loss fell by at least this fraction (or the planned
 # run was reached): only then does the run stand for training beyond initialisation.
 MOVED_LOSS_DROP = 0.3
+# A probe run whose training loss reaches this multiple of its first point's has diverged
+# (the sweeps' criterion, docs/validation.md "How it was measured").
+DIVERGED_RISE = 3.0
 # Each point's probe may take at most this share of the noise budget.
 POINT_SHARE = 0.2
 # ... and, however the points are paced to reach the planned run, at least this share:
@@ -261,10 +264,24 @@ class _Walk:
                 return False
             raise
         loss = evaluate_loss(self.job, self.eval_idx, chunk=self.b0)
+        self._check_diverged(loss)
         self.estimates.append(dataclasses.replace(est, examples_seen=examples, loss=loss))
         if est.stopped == "budget" and not partial_ok:
             self.status = "partial"
         return True
+
+    def _check_diverged(self, loss: float | None) -> None:
+        """A training loss DIVERGED_RISE times the first point's ends the run: every number
+        after it would rest on a diverging run (finite losses pass the NaN check)."""
+        first = self.estimates[0].loss if self.estimates else None
+        if (self.spec.probe_mode == "checkpoints" or loss is None or first is None
+                or not loss > DIVERGED_RISE * first):
+            return
+        raise UserCodeError(
+            f"the training loss rose from {first:.3g} (step {self.estimates[0].step}) to "
+            f"{loss:.3g} (step {self.step}) while the probe trained at the baseline "
+            f"(batch {self.b0}, optimizer.lr={self.spec.optimizer.lr:g}): training diverges",
+            hint="lower optimizer.lr, or check the loss and the optimizer's settings")
 
     # -- the result ------------------------------------------------------------------
     def result(self) -> Points:

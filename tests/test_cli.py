@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from bsfind.cli import app
-from tests.conftest import ROOT
+from tests.conftest import CONFIGS, ROOT
 
 ASSETS = ROOT / "tests" / "assets"
 GOOD = str(ASSETS / "good.yaml")
@@ -98,6 +98,14 @@ def test_faults_end_in_one_clear_line(overrides: list[str], code: int, needle: s
     for o in overrides:
         args += ["--set", o]
     assert_clean_failure(run(*args), code, needle)
+
+
+def test_a_diverging_probe_run_is_an_error_not_advice() -> None:
+    # SGD at lr 1000: the loss stays finite (no NaN check fires) but rises 300-fold by
+    # step 8; before, the advice was a batch 8x the baseline at a 1.7e3 learning rate.
+    r = run("recommend", str(CONFIGS / "digits-mlp.yaml"), "--set", "optimizer.name=sgd",
+            "--set", "optimizer.lr=1000", "--set", "probe.max_seconds=20")
+    assert_clean_failure(r, 3, "training diverges", "optimizer.lr=1000", "lower optimizer.lr")
 
 
 def test_missing_spec_file() -> None:
