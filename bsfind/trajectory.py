@@ -27,7 +27,7 @@ import math
 import statistics
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -345,8 +345,7 @@ def summarize(points: Sequence[NoiseEstimate], k: int = SUMMARY_POINTS) -> Noise
         last[-1],
         b_simple=b_simple,
         ci95=Interval(min(p.ci95.low for p in last), max(p.ci95.high for p in last)),
-        grad_norm_sq=statistics.median(p.grad_norm_sq for p in last),
-        trace_sigma=statistics.median(p.trace_sigma for p in last),
+        **_median_components(last),
         b_noise=b_noise,
         b_noise_ci95=(Interval(min(c.low for c in noise_cis if c is not None),
                                max(c.high for c in noise_cis if c is not None))
@@ -449,7 +448,22 @@ def _median_point(group: list[NoiseEstimate]) -> NoiseEstimate:
         group[len(group) // 2],
         b_simple=None if mid == math.inf else mid,
         ci95=Interval(min(p.ci95.low for p in group), max(p.ci95.high for p in group)),
-        grad_norm_sq=statistics.median(p.grad_norm_sq for p in group),
-        trace_sigma=statistics.median(p.trace_sigma for p in group),
+        **_median_components(group),
         loss=statistics.median(losses) if losses else None,
     )
+
+
+def _median_components(points: Sequence[NoiseEstimate]) -> dict[str, Any]:
+    """|G|² and tr(Σ) of several points: each its median, with the interval that spans
+    the points' own (so that it holds the median; NaN where a point's is unknown). The
+    medians are taken apart: their ratio need not be the median B_simple."""
+    def span(cis: list[Interval]) -> Interval:
+        ends = [c.low for c in cis] + [c.high for c in cis]
+        if any(math.isnan(v) for v in ends):
+            return Interval(math.nan, math.nan)
+        return Interval(min(c.low for c in cis), max(c.high for c in cis))
+
+    return {"grad_norm_sq": statistics.median(p.grad_norm_sq for p in points),
+            "grad_norm_sq_ci95": span([p.grad_norm_sq_ci95 for p in points]),
+            "trace_sigma": statistics.median(p.trace_sigma for p in points),
+            "trace_sigma_ci95": span([p.trace_sigma_ci95 for p in points])}

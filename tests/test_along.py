@@ -7,7 +7,9 @@ or pinned; the trajectory, the median for "now" and the schedule in the report.
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
@@ -231,3 +233,37 @@ def test_a_probe_many_epochs_past_an_unplanned_run_says_so() -> None:
     assert "set training.epochs" in said[0]
     assert not any("plans no run" in w for w in warnings(wording.UNPLANNED_EPOCHS, None))
     assert not any("plans no run" in w for w in warnings(230.0, 230 * 569))
+
+
+def test_the_summary_of_points_keeps_each_value_inside_its_interval() -> None:
+    """"Now" is the median over the last points; |G|² and tr(Σ) are medians taken apart,
+    and each interval spans the points' own, so that it holds its median (before, they
+    were the last point's: a median outside its own interval, new-user trial)."""
+    import dataclasses
+
+    from bsfind.results import Interval, NoiseEstimate
+    from bsfind.trajectory import summarize
+
+    def point(step: int, g2: float, tr: float) -> NoiseEstimate:
+        return NoiseEstimate(
+            b_simple=tr / g2, ci95=Interval(0.9 * tr / g2, 1.1 * tr / g2), grad_norm_sq=g2,
+            grad_norm_sq_ci95=Interval(0.95 * g2, 1.05 * g2), trace_sigma=tr,
+            trace_sigma_ci95=Interval(0.97 * tr, 1.03 * tr), method="per-example",
+            method_reason="", b_small=1, b_big=64, examples=64, rounds=1, seconds=0.1,
+            stopped="converged", step=step, examples_seen=step * 64)
+
+    # |G|² 0.04, 0.26, 0.5; tr(Σ) 4.3, 0.046, 12: the last point alone has neither median
+    pts = [point(0, 1.0, 1.0), point(8, 0.04, 4.3), point(16, 0.5, 0.046),
+           point(32, 0.26, 12.0)]
+    s = summarize(pts)
+    assert s.summary_of == (8, 16, 32)
+    assert s.grad_norm_sq == 0.26 and s.grad_norm_sq_ci95 == Interval(0.95 * 0.04, 1.05 * 0.5)
+    assert s.trace_sigma == 4.3 and s.trace_sigma_ci95 == Interval(0.97 * 0.046, 1.03 * 12.0)
+    assert s.b_simple == statistics.median([4.3 / 0.04, 0.046 / 0.5, 12.0 / 0.26])
+    for value, ci in ((s.grad_norm_sq, s.grad_norm_sq_ci95), (s.trace_sigma, s.trace_sigma_ci95),
+                      (s.b_simple, s.ci95)):
+        assert ci.low <= value <= ci.high
+    # a tracker's records carry no component intervals: unknown stays unknown
+    unknown = [dataclasses.replace(p, grad_norm_sq_ci95=Interval(float("nan"), float("nan")))
+               for p in pts]
+    assert math.isnan(summarize(unknown).grad_norm_sq_ci95.low)
