@@ -291,15 +291,27 @@ def advise(report: Report, spec: Spec, job: Workload, runner: Runner, hw: Hardwa
 def batch_schedule(points: tuple[NoiseEstimate, ...], inputs: advisor.AdvisorInputs,
                    planned: int | None) -> schedule.Schedule | None:
     """The doubling schedule from the noise scale along training (``schedule.py``); None
-    without a usable step time or with fewer than two points after initialisation."""
+    without a usable step time or with fewer than two points after initialisation. An
+    unresolved point enters with its interval's lower end, what it did measure: left out,
+    the fit ended before it and extrapolated below it."""
     if not advisor.timing_usable(inputs):
         return None
-    pairs = [(p.examples_seen, p.b_noise if inputs.basis == "b_noise" else p.b_simple)
-             for p in points if p.examples_seen]
+    pairs = [(p.examples_seen, growth_value(p, inputs.basis)) for p in points
+             if p.examples_seen]
     if len(pairs) < 2:
         return None
     growth = schedule.fit_growth(pairs)  # type: ignore[arg-type]
     return None if growth is None else schedule.build(inputs, growth, planned)
+
+
+def growth_value(p: NoiseEstimate, basis: advisor.Basis) -> float | None:
+    """A point's noise scale for the growth fit: the basis's value, or when unresolved
+    the positive lower end of its interval (None: not even that)."""
+    value, ci = (p.b_noise, p.b_noise_ci95) if basis == "b_noise" else (p.b_simple, p.ci95)
+    if value is not None:
+        return value
+    low = ci.low if ci is not None else math.nan
+    return low if math.isfinite(low) and low > 0 else None
 
 
 def basis_for(job: Workload, used: NoiseEstimate) -> advisor.Basis:
@@ -463,9 +475,12 @@ def calibrated_points(points: tuple[NoiseEstimate, ...], measured: advisor.Advis
     if inputs is measured or not math.isfinite(measured.b_n):
         return points
     factor = inputs.b_n / measured.b_n
-    key = "b_noise" if measured.basis == "b_noise" else "b_simple"
-    return tuple(dataclasses.replace(p, b_simple=None if getattr(p, key) is None
-                                     else getattr(p, key) * factor) for p in points)
+
+    def scaled(p: NoiseEstimate) -> NoiseEstimate:
+        value = growth_value(p, measured.basis)  # an unresolved point: its lower end
+        return dataclasses.replace(p, b_simple=None if value is None else value * factor)
+
+    return tuple(scaled(p) for p in points)
 
 
 # --------------------------------------------------------------------------- learning rate

@@ -99,7 +99,8 @@ def fit_growth(points: Sequence[tuple[float, float]]) -> Growth | None:
 
     Points with E <= 0 or a non-positive or unresolved noise scale are left
     out; so are the points before the lowest noise scale (the early dip), found
-    on a running median of three so that one low outlier does not decide it.
+    on a running median of three so that one low outlier does not decide it, and
+    among all points but the last (which has no neighbour after it to outvote it).
     The slope is Theil-Sen's (the median of the pairwise log-log slopes) and the
     intercept the median residual: robust to one checkpoint far off, which
     single checkpoints often are (docs/validation.md). A decreasing fit (p < 0)
@@ -115,7 +116,10 @@ def fit_growth(points: Sequence[tuple[float, float]]) -> Growth | None:
     values = [b for _, b in pts]
     smooth = [statistics.median(values[max(0, i - 1):i + 2]) if 0 < i < len(values) - 1
               else values[i] for i in range(len(values))]
-    low = max(i for i, v in enumerate(smooth) if v == min(smooth))
+    # the fit starts at a point with one after it: a last point lowest of all (one low
+    # outlier at the end) would otherwise stand alone for the whole run
+    first = smooth[:-1] or smooth
+    low = max(i for i, v in enumerate(first) if v == min(first))
     pts = pts[low:]
     if len(pts) == 1:
         e, b = pts[0]

@@ -83,6 +83,43 @@ def test_a_falling_noise_scale_is_flat_and_one_point_is_flat() -> None:
     assert fit_growth([(0, 10.0)]) is None
 
 
+def test_a_low_last_point_does_not_stand_alone_for_the_run() -> None:
+    """The last point lowest of all (new-user trial: 0.17 after 2.4, 6.7, 50, 103) used to
+    start the fit and be its only point: a flat schedule at 0.17 beside a recommendation
+    from the median of the last three. The fit starts among the points with one after
+    them; Theil-Sen outvotes the lone low end."""
+    pts = [(256, 2.4), (512, 6.7), (1024, 50.0), (2048, 103.0), (6144, 0.17)]
+    g = fit_growth(pts)
+    assert g is not None and len(g.points) == 5
+    slopes = sorted(math.log(b2 / b1) / math.log(e2 / e1)
+                    for i, (e1, b1) in enumerate(pts) for e2, b2 in pts[i + 1:])
+    assert g.p == pytest.approx((slopes[4] + slopes[5]) / 2)  # the median of the 10 slopes
+    assert g.p > 1.0 and g.at(2048) > 20.0
+    # two points, the second the lower: the fit has both (flat at their log mean)
+    two = fit_growth([(256, 40.0), (512, 10.0)])
+    assert two is not None and two.p == 0.0 and two.at(1.0) == pytest.approx(20.0)
+
+
+def test_an_unresolved_point_enters_the_growth_at_its_lower_end() -> None:
+    from bsfind.pipeline import growth_value
+    from bsfind.results import NoiseEstimate
+
+    def point(b: float | None, low: float) -> NoiseEstimate:
+        return NoiseEstimate(
+            b_simple=b, ci95=Interval(low, math.inf if b is None else 2 * low),
+            grad_norm_sq=1.0, grad_norm_sq_ci95=Interval(0.5, 2.0), trace_sigma=1.0,
+            trace_sigma_ci95=Interval(0.5, 2.0), method="per-example", method_reason="",
+            b_small=1, b_big=64, examples=64, rounds=1, seconds=0.1, stopped="budget",
+            b_noise=None if b is None else b / 2,
+            b_noise_ci95=None if b is None else Interval(low / 2, low))
+
+    assert growth_value(point(103.0, 67.0), "b_simple") == 103.0
+    assert growth_value(point(103.0, 67.0), "b_noise") == 51.5
+    assert growth_value(point(None, 188.0), "b_simple") == 188.0  # at least what it measured
+    assert growth_value(point(None, 0.0), "b_simple") is None  # nothing measured
+    assert growth_value(point(None, 188.0), "b_noise") is None
+
+
 # --------------------------------------------------------------------------- schedule
 
 
