@@ -94,8 +94,10 @@ def test_rounding_rule() -> None:
     # Multiples of 8 (nearest, ties up); 1, 2, 4, 8 below 8 (log-nearest).
     assert [round_batch(x) for x in (0.3, 1.0, 1.4, 1.5, 3.0, 5.0, 6.0)] == [1, 1, 1, 2, 4, 4, 8]
     assert [round_batch(x) for x in (11.9, 12.0, 100.0, 1000.1)] == [8, 16, 104, 1000]
-    assert round_batch(1000.0, cap=500) == 496
-    assert round_batch(100.0, cap=5) == 4
+    # past the cap, the cap itself (the whole dataset), or the unit's multiple below it
+    assert round_batch(1000.0, cap=500) == 500
+    assert round_batch(1000.0, cap=500, unit=3) == 498
+    assert round_batch(100.0, cap=5) == 5
     assert floor_allowed(0.5) is None and floor_allowed(7.9) == 4 and floor_allowed(17) == 16
     assert ceil_allowed(0.2) == 1 and ceil_allowed(4.5) == 8 and ceil_allowed(17) == 24
 
@@ -103,9 +105,10 @@ def test_rounding_rule() -> None:
 def test_clipped_to_dataset_size() -> None:
     adv = advise(inputs(dataset_size=300))
     # The objective falls all the way to 632 > 300: the optimum is the dataset
-    # size and the recommendation the largest multiple of 8 below it.
+    # size, and so is the recommendation (the whole dataset is an allowed batch: it was
+    # rounded down to 296, and to 16 for 20 examples in the new-user trial).
     assert adv.optimum == pytest.approx(300.0)
-    assert adv.recommendation.batch_size == 296
+    assert adv.recommendation.batch_size == 300
     assert all(c.batch_size <= 300 for c in adv.candidates)
     assert any("dataset size" in n for n in adv.recommendation.notes)
     # The advisor itself returns the fact; the words come from bsfind.wording.
@@ -436,12 +439,13 @@ def _allowed(b: int) -> bool:
 @given(random_inputs())
 def test_recommendation_is_the_fastest_candidate(inp: AdvisorInputs) -> None:
     """The recommendation minimises predicted wall-clock over every allowed
-    batch (multiples of 8, 1/2/4, the baseline), so no candidate row beats
+    batch (multiples of 8, 1/2/4, the baseline, the whole dataset), so no candidate row beats
     it; only float rounding (1e-9 relative) separates them."""
     adv = advise(inp)
     rec = adv.recommendation
     assert 1 <= rec.batch_size <= inp.dataset_size
-    assert _allowed(rec.batch_size) or rec.batch_size == inp.baseline_batch
+    assert _allowed(rec.batch_size) or rec.batch_size in (inp.baseline_batch,
+                                                          inp.dataset_size)
     recommended = [c for c in adv.candidates if c.is_recommended]
     assert len(recommended) == 1 and recommended[0].batch_size == rec.batch_size
     assert sum(c.is_baseline for c in adv.candidates) == 1
