@@ -81,13 +81,14 @@ def schedule_from_log(spec: Spec, log: str | Path, progress: ProgressFn | None =
         UsageError: the log is missing or not a tracker's, or bsfind runs under torchrun.
     """
     from bsfind.errors import UsageError
-    from bsfind.tracker import read_log
+    from bsfind.tracker import read_log_records
 
     if launch.requested():
         raise UsageError("bsfind schedule plans from a log on one process",
                          hint="run it without torchrun")
-    records = read_log(log)
-    return pipeline.plan_from_log(spec, LocalRunner(), records, str(log), progress, max_gpus)
+    records, cut = read_log_records(log)
+    return pipeline.plan_from_log(spec, LocalRunner(), records, str(log), progress, max_gpus,
+                                  notes=() if cut is None else (cut,))
 
 
 def write_plot(report: Report, path: str | Path) -> Path:

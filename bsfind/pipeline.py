@@ -197,11 +197,13 @@ def points_report(spec: Spec, job: Workload, command: str, points: trajectory.Po
 
 
 def plan_from_log(spec: Spec, runner: Runner, records: Sequence[TrackRecord], source: str,
-                  progress: ProgressFn | None = None, max_gpus: int | None = None) -> Report:
+                  progress: ProgressFn | None = None, max_gpus: int | None = None,
+                  notes: Sequence[str] = ()) -> Report:
     """``bsfind schedule``: the advice and the batch-size schedule from the noise scale a
     tracker logged along the user's own run, with this machine's hardware measured
     (or ``hardware.gpu`` predicted) as ``recommend`` measures it. No noise probe runs:
-    the hardware gets the whole of ``probe.max_seconds``.
+    the hardware gets the whole of ``probe.max_seconds``. ``notes``: about the log
+    (a last line left out), for the report's warnings.
 
     Raises:
         BsfindError: a user-caused failure (an empty log, a spec that does not build).
@@ -220,9 +222,9 @@ def plan_from_log(spec: Spec, runner: Runner, records: Sequence[TrackRecord], so
     logged = {b for b, c in counts.items() if c >= max(2, 0.05 * len(records))} or {
         counts.most_common(1)[0][0]} if counts else set()
     bn = measured_norm_batch(spec, job, points.used)
-    notes = [wording.log_batch_differs(sorted(logged), spec.optimizer.batch_size,
-                                       batchnorm=bn is not None)] if (
-        logged and logged != {spec.optimizer.batch_size}) else []
+    notes = [*notes, *([wording.log_batch_differs(sorted(logged), spec.optimizer.batch_size,
+                                                  batchnorm=bn is not None)] if (
+        logged and logged != {spec.optimizer.batch_size}) else [])]
     report = points_report(spec, job, "schedule", points, notes=tuple(notes), norm_batch=bn)
     hw = (runner.measure_hardware(job, hardware_options(spec), deadline, progress)
           if spec.probe.timing else HardwareMeasurement(None, None))

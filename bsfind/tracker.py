@@ -232,16 +232,28 @@ def record_from_json(obj: dict[str, Any]) -> TrackRecord:
 
 
 def read_log(path: str | Path) -> list[TrackRecord]:
-    """The records of a tracker's JSON-lines log, in file order (blank lines skipped).
+    """The records of a tracker's JSON-lines log, in file order (blank lines skipped). A
+    last line cut short (a run killed while writing it) is left out with a
+    RuntimeWarning.
 
     Raises:
         UsageError: the file is missing, or a line is not a record (with its line number).
     """
+    records, cut = read_log_records(path)
+    if cut is not None:
+        warnings.warn(cut, RuntimeWarning, stacklevel=2)
+    return records
+
+
+def read_log_records(path: str | Path) -> tuple[list[TrackRecord], str | None]:
+    """:func:`read_log`'s records, and what was left out: a last line that is not a
+    record and has no newline after it (the run ended while writing it), or None."""
     p = Path(path)
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"{p}: cannot read the tracker log: {exc.strerror or exc}") from None
+    lines = text.splitlines()
     out = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -252,9 +264,12 @@ def read_log(path: str | Path) -> list[TrackRecord]:
                 raise ValueError("not a JSON object")
             out.append(record_from_json(obj))
         except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            if n == len(lines) and not text.endswith("\n") and out:
+                return out, (f"{p}:{n}: the last line was cut short (the run ended while "
+                             "writing it) and is left out")
             raise UsageError(f"{p}:{n}: not a tracker record: {exc}",
                              hint="the file should come from bsfind.track(..., log=path)") from None
-    return out
+    return out, None
 
 
 # ------------------------------------------------------------------------------ advice

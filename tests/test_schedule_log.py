@@ -161,6 +161,26 @@ def test_schedule_does_not_ask_for_the_checkpoints_it_never_loads(
     assert r.exit_code == 3 and "gone-100.pt" in r.output
 
 
+def test_a_log_cut_short_by_a_killed_run_plans_from_its_whole_lines(
+        digits_log: Path, tmp_path: Path) -> None:
+    text = digits_log.read_text()
+    cut = tmp_path / "killed.jsonl"
+    cut.write_text(text[:len(text) - 40])  # the last record half written, no newline
+    whole = read_log(digits_log)
+    with pytest.warns(RuntimeWarning, match="cut short"):
+        assert read_log(cut) == whole[:-1]
+    r = runner.invoke(app, ["schedule", str(CONFIGS / "digits-mlp.yaml"), str(cut), "--json",
+                            "--gpu", "a100-80gb", "--set", "probe.timing=false"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["trajectory"]["examples"] == whole[-2].examples
+    assert any("killed.jsonl" in w and "cut short" in w for w in doc["warnings"])
+    # a bad line that ends with its newline is not a cut: still an error
+    cut.write_text(text[:len(text) - 40] + "\n")
+    r = runner.invoke(app, ["schedule", str(CONFIGS / "digits-mlp.yaml"), str(cut)])
+    assert r.exit_code == 2 and "not a tracker record" in r.output
+
+
 def test_schedule_command_errors_are_one_line(tmp_path: Path) -> None:
     spec = str(CONFIGS / "digits-mlp.yaml")
     r = runner.invoke(app, ["schedule", spec, str(tmp_path / "missing.jsonl")])
