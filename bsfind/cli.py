@@ -102,32 +102,39 @@ def _fail(exc: BsfindError, debug: bool) -> None:
 
 def _guard(
     debug: bool, fn: Callable[[], T], on_interrupt: Callable[[Any], None] | None = None,
-    as_json: bool = False,
+    as_json: bool = False, on_error: Callable[[dict[str, Any]], None] | None = None,
 ) -> T:
     """Run ``fn``; map bsfind errors to their exit codes, Ctrl-C to 130.
 
     With ``as_json`` an error also writes one JSON document to stdout (``status``
     "error" or "interrupted", ``error``, ``hint``, ``exit_code``), so a pipeline
-    reading stdout always gets JSON.
+    reading stdout always gets JSON. ``on_error`` gets that document too (``check
+    --output`` writes it).
     """
+    def failed(status: str, message: str, hint: str | None, code: int,
+               problems: list[str] | None = None, printed: bool = False) -> None:
+        doc = _error_doc(status, message, hint, code, problems)
+        if as_json and not printed:
+            _json_error(doc)
+        if on_error is not None:
+            on_error(doc)
+
     try:
         return fn()
     except Interrupted as exc:
-        if on_interrupt is not None and exc.partial is not None:
-            on_interrupt(exc.partial)
-        elif as_json:
-            _json_error("interrupted", exc.message, None, EXIT_INTERRUPTED)
+        partial = on_interrupt is not None and exc.partial is not None
+        if partial:
+            on_interrupt(exc.partial)  # type: ignore[misc]
+        failed("interrupted", exc.message, None, EXIT_INTERRUPTED, printed=partial)
         stderr.print(f"interrupted: {exc.message}", markup=False)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except KeyboardInterrupt:
-        if as_json:
-            _json_error("interrupted", "interrupted", None, EXIT_INTERRUPTED)
+        failed("interrupted", "interrupted", None, EXIT_INTERRUPTED)
         stderr.print("interrupted", markup=False)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except BsfindError as exc:
-        if as_json:
-            problems = exc.problems if isinstance(exc, SpecError) else None
-            _json_error("error", exc.message, exc.hint, exc.exit_code, problems)
+        failed("error", exc.message, exc.hint, exc.exit_code,
+               exc.problems if isinstance(exc, SpecError) else None)
         _fail(exc, debug)
         raise typer.Exit(exc.exit_code) from None
     except typer.Exit:
@@ -137,21 +144,24 @@ def _guard(
             stderr.print_exception()
         message = f"internal error: {type(exc).__name__}: {exc}"
         hint = "rerun with --debug and report the traceback"
-        if as_json:
-            _json_error("error", message, hint, EXIT_INTERNAL)
+        failed("error", message, hint, EXIT_INTERNAL)
         stderr.print(f"[red]internal error:[/] {type(exc).__name__}: {exc}", markup=True)
         stderr.print(f"  hint: {hint}", markup=False)
         raise typer.Exit(EXIT_INTERNAL) from None
 
 
-def _json_error(status: str, message: str, hint: str | None, code: int,
-                problems: list[str] | None = None) -> None:
-    if _secondary_rank():
-        return
+def _error_doc(status: str, message: str, hint: str | None, code: int,
+               problems: list[str] | None = None) -> dict[str, Any]:
     doc: dict[str, Any] = {"version": __version__, "status": status, "error": message,
                            "hint": hint, "exit_code": code}
     if problems is not None:
         doc["problems"] = problems
+    return doc
+
+
+def _json_error(doc: dict[str, Any]) -> None:
+    if _secondary_rank():
+        return
     sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     sys.stdout.flush()
 
@@ -691,24 +701,36 @@ def check(
     if max_seconds is not None:
         overrides.append(f"probe.max_seconds={max_seconds}")
 
+    def write(doc: dict[str, Any]) -> None:
+        """The report (or, on an error, the error's document) to --output, atomically:
+        a CI step that uploads it always finds one."""
+        if output is None or _secondary_rank():
+            return
+        from bsfind.cache import atomic_write_text
+
+        try:
+            atomic_write_text(output, json.dumps(doc, indent=2, allow_nan=False) + "\n")
+        except OSError as exc:
+            from bsfind.errors import UsageError
+
+            raise UsageError(f"--output {output}: cannot write ({exc})") from None
+
+    def write_error(doc: dict[str, Any]) -> None:
+        try:
+            write(doc)
+        except BsfindError as exc:  # the run's own error is the one to report
+            stderr.print(f"warning: {exc.message}", markup=False)
+
     def run() -> api.CheckResult:
         s = _load(spec, overrides)
         with _sigterm_as_interrupt(), _progress(True) as progress:
             result = api.check(s, tolerance=tolerance, use_cache=not no_cache,
                                progress=progress)
-        if output is not None and not _secondary_rank():
-            from bsfind.cache import atomic_write_text
-
-            try:
-                atomic_write_text(output, json.dumps(result.document, indent=2,
-                                                     allow_nan=False) + "\n")
-            except OSError as exc:
-                from bsfind.errors import UsageError
-
-                raise UsageError(f"--output {output}: cannot write ({exc})") from None
+        write(result.document)
         return result
 
-    result = _guard(debug, run, on_interrupt=_partial_noise(json_out), as_json=json_out)
+    result = _guard(debug, run, on_interrupt=_partial_noise(json_out), as_json=json_out,
+                    on_error=write_error)
     if json_out:
         sys.stdout.write(json.dumps(result.document, indent=2, allow_nan=False) + "\n")
     else:

@@ -92,6 +92,23 @@ def test_check_exit_codes_and_tolerance(project: Path) -> None:
     assert not list(project.glob("*.tmp*")), "no temporary files left behind"
 
 
+def test_check_writes_its_output_on_an_error_too(project: Path) -> None:
+    """The README's CI step uploads --output `if: always()`: on an error the file holds
+    the error's document (before, there was no file to upload)."""
+    out = project / "report.json"
+    r = runner.invoke(app, ["check", str(project / "good.yaml"), "--set", "loss=hinge",
+                            "--output", str(out), "--no-cache"])
+    assert r.exit_code == 2 and "unknown loss 'hinge'" in r.output
+    doc = json.loads(out.read_text())
+    assert doc["status"] == "error" and doc["exit_code"] == 2
+    assert "unknown loss 'hinge'" in doc["error"]
+    # an output that cannot be written does not hide the run's own error
+    bad = project / "no" / "such" / "dir" / "r.json"
+    r = runner.invoke(app, ["check", str(project / "good.yaml"), "--set", "loss=hinge",
+                            "--output", str(bad), "--no-cache"])
+    assert r.exit_code == 2 and "unknown loss 'hinge'" in r.output
+
+
 def test_check_cache_reuses_and_invalidates(project: Path, monkeypatch: pytest.MonkeyPatch
                                             ) -> None:
     from bsfind import api
