@@ -531,11 +531,21 @@ def _build_model(spec: Spec, sources: list[Path]) -> nn.Module:
     if spec.model.checkpoint:
         load_checkpoint(model, spec.model.checkpoint, spec.base_dir)
         sources.append((spec.base_dir / spec.model.checkpoint).resolve())
+    # every file there before anything is measured: loaded one by one later, a missing
+    # last one ended a run after the first ones were measured; all missing ones at once
+    missing = []
     for i, entry in enumerate(spec.model.checkpoints or ()):
-        # every file there before anything is measured: loaded one by one later, a
-        # missing last one ended a run after the first ones were measured
-        sources.append(checkpoint_file(entry.path, spec.base_dir,
-                                       key=f"model.checkpoints[{i}].path"))
+        try:
+            sources.append(checkpoint_file(entry.path, spec.base_dir,
+                                           key=f"model.checkpoints[{i}].path"))
+        except ResolutionError as exc:
+            missing.append(exc)
+    if len(missing) == 1:
+        raise missing[0]
+    if missing:
+        raise ResolutionError(f"{len(missing)} of model.checkpoints are missing: "
+                              + "; ".join(e.message for e in missing),
+                              hint=missing[0].hint)
     if not any(p.requires_grad for p in model.parameters()):
         raise UserCodeError(
             f"model {spec.model.factory!r} has no trainable parameters "

@@ -157,8 +157,9 @@ def test_schedule_does_not_ask_for_the_checkpoints_it_never_loads(
     doc = json.loads(r.stdout)
     assert doc["schedule"] is not None
     assert len(doc["spec"]["model"]["checkpoints"]) == 2  # the report shows the spec as given
-    r = runner.invoke(app, ["validate", str(spec)])
-    assert r.exit_code == 3 and "gone-100.pt" in r.output
+    r = runner.invoke(app, ["validate", str(spec)])  # both missing files named at once
+    assert r.exit_code == 3 and "2 of model.checkpoints are missing" in r.output
+    assert "gone-100.pt" in r.output and "gone-200.pt" in r.output
 
 
 def test_a_log_cut_short_by_a_killed_run_plans_from_its_whole_lines(
