@@ -253,7 +253,8 @@ def trajectory_line(t: Trajectory) -> str:
     """One line: how far the probe run got, the loss, and the noise scale's growth."""
     where = {"along": "trained along", "checkpoints": "measured at checkpoints up to",
              "pinned": "measured at", "log": "tracked up to"}[t.mode]
-    examples = f", {t.examples:,} examples ({t.epochs:.2g} epochs)" if (
+    epochs = f"{t.epochs:.2g}" if t.epochs is not None else ""
+    examples = f", {t.examples:,} examples ({epochs} epoch{'' if epochs == '1' else 's'})" if (
         t.examples is not None and t.epochs is not None) else ""
     loss = (f"; training loss {t.loss_from:.3g} → {t.loss_to:.3g}"
             if t.loss_from is not None and t.loss_to is not None else "")

@@ -108,6 +108,13 @@ def test_a_diverging_probe_run_is_an_error_not_advice() -> None:
     assert_clean_failure(r, 3, "training diverges", "optimizer.lr=1000", "lower optimizer.lr")
 
 
+def test_a_budget_error_hints_only_what_applies() -> None:
+    # good.yaml's MLP takes the per-example path: no micro-batches to make smaller
+    r = run("noise", GOOD, "--set", "probe.max_seconds=0.000001")
+    assert_clean_failure(r, 5, "raise probe.max_seconds")
+    assert "microbatch_size" not in r.output
+
+
 def test_missing_spec_file() -> None:
     assert_clean_failure(run("noise", "no/such/spec.yaml"), 2, "file not found")
 

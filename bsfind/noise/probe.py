@@ -340,7 +340,8 @@ class NoiseProbe:
         if not self.rounds:
             raise BudgetError(
                 "probe.max_seconds ran out before one probe round finished",
-                hint="raise probe.max_seconds or use a smaller probe.microbatch_size",
+                hint="raise probe.max_seconds" + (" or use a smaller probe.microbatch_size"
+                                                  if self.method == "microbatch" else ""),
             )
         if all_zero:
             raise UserCodeError(
