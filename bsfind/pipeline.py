@@ -591,10 +591,11 @@ def with_lr_search(report: Report, search: LrSearch) -> Report:
     assert rec is not None
     notes = (*rec.notes, wording.lr_search_line(search), *search.notes)
     status = "partial" if search.stopped == "budget" else report.status
-    if search.stopped == "budget" and wording.LR_SEARCH_CUT_SHORT not in report.warnings:
-        report = dataclasses.replace(report,
-                                     warnings=(*report.warnings, wording.LR_SEARCH_CUT_SHORT))
-    if not any(math.isfinite(t.loss) for t in search.trials):
+    finished = any(math.isfinite(t.loss) for t in search.trials)
+    cut = wording.LR_SEARCH_CUT_SHORT if finished else wording.LR_SEARCH_CUT_FIRST
+    if search.stopped == "budget" and cut not in report.warnings:
+        report = dataclasses.replace(report, warnings=(*report.warnings, cut))
+    if not finished:
         return dataclasses.replace(report, lr_search=search, status=status,
                                    recommendation=dataclasses.replace(rec, notes=notes))
     sched = report.schedule

@@ -42,6 +42,9 @@ UNRESOLVED_ADVICE = ("the noise scale was not resolved: the advice takes its low
 LR_SEARCH_CUT_SHORT = ("the time budget ended the learning-rate search: the report is partial, "
                        "and the learning rate is the best of those that finished (see "
                        "lr_search; a larger probe.max_seconds lets it finish)")
+LR_SEARCH_CUT_FIRST = ("the time budget ended the learning-rate search before its first "
+                       "learning rate finished: the report is partial, and the learning rate "
+                       "is the rule's (a larger probe.max_seconds lets it finish)")
 BUDGET_RAN_OUT = ("the time budget ran out: results are partial (marked in the table and "
                   "JSON); raise probe.max_seconds for a complete run")
 
