@@ -659,8 +659,10 @@ def schedule(
                                              "present, e.g. a100-80gb (predicted).")] = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Plan the next run's batch-size schedule from the noise scale a tracker logged
-    in the last one, with this machine's step time (no noise probe)."""
+    """Plan the next run's batch-size schedule from a tracker's log (no noise probe).
+
+    The noise scale comes from the log of the last run; the step time is this machine's
+    (or --gpu's, predicted)."""
     from bsfind import api, report
 
     overrides = list(set_ or []) + ([f"hardware.gpu={gpu}"] if gpu else [])
@@ -765,8 +767,10 @@ def noise(spec: SpecArg, json_out: JsonOpt = False, set_: SetOpt = None,
 @app.command()
 def branch(spec: SpecArg, json_out: JsonOpt = False, set_: SetOpt = None,
            debug: DebugOpt = False) -> None:
-    """Measure the critical batch directly: short branched runs at 1, 2, 4, ... x the
-    baseline batch from the probe point (after the noise probe, as `noise` runs it)."""
+    """Measure the critical batch directly, by short branched runs at 1, 2, 4, ... x B0.
+
+    The branches start from the probe point (after the noise probe, as `noise` runs it),
+    or from each of model.checkpoints."""
     from bsfind import api, report
 
     def run() -> dict[str, Any]:
