@@ -31,7 +31,8 @@ found, so the continuous optimum is exact, not a grid approximation.
 
 Rounding: the recommended batch is the *allowed* batch with the lowest
 predicted wall-clock, where allowed means a multiple of 8 (1, 2 or 4 below
-8), the baseline itself or the whole dataset, within [devices, dataset size]. Because each piece
+8), the baseline itself or the whole dataset (when it splits evenly over the
+devices), within [devices, dataset size]. Because each piece
 is convex, the best allowed batch of a piece is one of the two allowed
 neighbours of the piece's minimiser, so this is an exact discrete minimum: the
 recommendation is never slower than any row of the candidate table (whose
@@ -526,11 +527,12 @@ def next_allowed(b: float, unit: int = 1) -> int:
     return ceil_allowed(math.floor(b) + 1, unit)
 
 
-def round_batch(x: float, cap: float | None = None, unit: int = 1) -> int:
+def round_batch(x: float, cap: float | None = None, unit: int = 1, whole: bool = True
+                ) -> int:
     """Round to an allowed batch: the nearest multiple of 8 (ties up), or the
     log-nearest of 1, 2, 4, 8 below 8 (with ``unit`` > 1: the nearest multiple of it,
     at least one); then clipped to [1, cap] (``cap`` itself, the whole dataset, is
-    allowed when ``unit`` divides it)."""
+    allowed when ``unit`` divides it and ``whole`` says it splits over the devices)."""
     if unit > 1:
         r = unit * max(1, math.floor(x / unit + 0.5))
     elif x >= BATCH_MULTIPLE:
@@ -540,7 +542,7 @@ def round_batch(x: float, cap: float | None = None, unit: int = 1) -> int:
     else:
         r = 2 ** round(math.log2(x))
     if cap is not None and r > cap:  # the whole dataset, when it divides into units
-        r = int(cap) if cap % unit == 0 else floor_allowed(cap, unit) or unit
+        r = int(cap) if whole and cap % unit == 0 else floor_allowed(cap, unit) or unit
     return max(1, int(r))
 
 
@@ -800,18 +802,19 @@ def _recommend_batch(
     """(continuous optimum or None, recommended batch, search truncated) for one noise
     scale; ``upper``: on the step-time curve of the rungs' 25th percentiles."""
     unit = batch_unit(inputs, gpus)
+    # the whole dataset, when it splits evenly over the devices (and BatchNorm batches):
+    # clipped there, the optimum would otherwise round down below it (16 for 20 examples)
+    whole = inputs.dataset_size % math.lcm(unit, gpus) == 0
     if _timing_usable(inputs):
         m = _model(inputs, b_n, gpus, sync, upper)
-        # the baseline, and the whole dataset: clipped there, the optimum would otherwise
-        # round down to a multiple of 8 below it (16 for 20 examples)
         extra = (float(inputs.baseline_batch),
-                 *((float(inputs.dataset_size),) if inputs.dataset_size % unit == 0 else ()))
+                 *((float(inputs.dataset_size),) if whole else ()))
         opt, best, truncated = m.optimise(extra)
         return opt, int(round(best)), truncated
     # Noise scale only: B_n is the knee of the time/compute trade-off
     # (McCandlish sec. 2.2: B_crit ≈ B_noise).
     target = float(inputs.dataset_size) if math.isinf(b_n) else b_n
-    return None, round_batch(target, cap=inputs.dataset_size, unit=unit), False
+    return None, round_batch(target, cap=inputs.dataset_size, unit=unit, whole=whole), False
 
 
 def candidates_table(inputs: AdvisorInputs, batch: int, model: WallClock | None

@@ -703,6 +703,8 @@ def check(
     if max_seconds is not None:
         overrides.append(f"probe.max_seconds={max_seconds}")
 
+    unwritable: list[str] = []  # set when --output could not be written
+
     def write(doc: dict[str, Any]) -> None:
         """The report (or, on an error, the error's document) to --output, atomically:
         a CI step that uploads it always finds one."""
@@ -715,9 +717,12 @@ def check(
         except OSError as exc:
             from bsfind.errors import UsageError
 
-            raise UsageError(f"--output {output}: cannot write ({exc})") from None
+            unwritable.append(f"--output {output}: cannot write ({exc})")
+            raise UsageError(unwritable[-1]) from None
 
     def write_error(doc: dict[str, Any]) -> None:
+        if unwritable:  # the error is the output's own: said once, as the error
+            return
         try:
             write(doc)
         except BsfindError as exc:  # the run's own error is the one to report

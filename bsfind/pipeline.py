@@ -298,22 +298,24 @@ def batch_schedule(points: tuple[NoiseEstimate, ...], inputs: advisor.AdvisorInp
     the fit ended before it and extrapolated below it."""
     if not advisor.timing_usable(inputs):
         return None
-    pairs = [(p.examples_seen, growth_value(p, inputs.basis)) for p in points
-             if p.examples_seen]
-    if len(pairs) < 2:
+    values = [(p.examples_seen, *growth_value(p, inputs.basis)) for p in points
+              if p.examples_seen]
+    if len(values) < 2:
         return None
-    growth = schedule.fit_growth(pairs)  # type: ignore[arg-type]
+    growth = schedule.fit_growth([(e, v) for e, v, _ in values],  # type: ignore[misc]
+                                 bounds_at={e for e, _, bound in values if bound})
     return None if growth is None else schedule.build(inputs, growth, planned)
 
 
-def growth_value(p: NoiseEstimate, basis: advisor.Basis) -> float | None:
-    """A point's noise scale for the growth fit: the basis's value, or when unresolved
-    the positive lower end of its interval (None: not even that)."""
+def growth_value(p: NoiseEstimate, basis: advisor.Basis) -> tuple[float | None, bool]:
+    """A point's noise scale for the growth fit, and whether it is only a lower bound:
+    the basis's value, or when unresolved the positive lower end of its interval (None:
+    not even that)."""
     value, ci = (p.b_noise, p.b_noise_ci95) if basis == "b_noise" else (p.b_simple, p.ci95)
     if value is not None:
-        return value
+        return value, False
     low = ci.low if ci is not None else math.nan
-    return low if math.isfinite(low) and low > 0 else None
+    return (low if math.isfinite(low) and low > 0 else None), True
 
 
 def basis_for(job: Workload, used: NoiseEstimate) -> advisor.Basis:
@@ -479,8 +481,13 @@ def calibrated_points(points: tuple[NoiseEstimate, ...], measured: advisor.Advis
     factor = inputs.b_n / measured.b_n
 
     def scaled(p: NoiseEstimate) -> NoiseEstimate:
-        value = growth_value(p, measured.basis)  # an unresolved point: its lower end
-        return dataclasses.replace(p, b_simple=None if value is None else value * factor)
+        value, ci = ((p.b_noise, p.b_noise_ci95) if measured.basis == "b_noise"
+                     else (p.b_simple, p.ci95))
+        # the interval too: an unresolved point enters the growth at its lower end
+        return dataclasses.replace(
+            p, b_simple=None if value is None else value * factor,
+            ci95=(Interval(math.nan, math.nan) if ci is None
+                  else Interval(ci.low * factor, ci.high * factor)))
 
     return tuple(scaled(p) for p in points)
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from bsfind.advisor import (
@@ -94,13 +94,17 @@ class Growth:
         return e if e <= self.e_cap else None
 
 
-def fit_growth(points: Sequence[tuple[float, float]]) -> Growth | None:
+def fit_growth(points: Sequence[tuple[float, float]], bounds_at: Collection[float] = ()
+               ) -> Growth | None:
     """Fit B_n(E) = a·E^p to (examples seen, noise scale) points.
 
     Points with E <= 0 or a non-positive or unresolved noise scale are left
     out; so are the points before the lowest noise scale (the early dip), found
     on a running median of three so that one low outlier does not decide it, and
     among all points but the last (which has no neighbour after it to outvote it).
+    ``bounds_at``: the examples of points whose value is only a lower bound (an
+    unresolved point's): fitted, but not where the dip is looked for (low by
+    construction, they would cut the resolved points before them).
     The slope is Theil-Sen's (the median of the pairwise log-log slopes) and the
     intercept the median residual: robust to one checkpoint far off, which
     single checkpoints often are (docs/validation.md). A decreasing fit (p < 0)
@@ -113,14 +117,16 @@ def fit_growth(points: Sequence[tuple[float, float]]) -> Growth | None:
                  if e > 0 and b is not None and math.isfinite(b) and b > 0)
     if not pts:
         return None
-    values = [b for _, b in pts]
+    bounds = set(bounds_at)
+    measured = [p for p in pts if p[0] not in bounds] or pts
+    values = [b for _, b in measured]
     smooth = [statistics.median(values[max(0, i - 1):i + 2]) if 0 < i < len(values) - 1
               else values[i] for i in range(len(values))]
     # the fit starts at a point with one after it: a last point lowest of all (one low
     # outlier at the end) would otherwise stand alone for the whole run
     first = smooth[:-1] or smooth
     low = max(i for i, v in enumerate(first) if v == min(first))
-    pts = pts[low:]
+    pts = [p for p in pts if p[0] >= measured[low][0]]
     if len(pts) == 1:
         e, b = pts[0]
         return Growth(b, 0.0, e, e, math.nan, tuple(pts))

@@ -264,7 +264,10 @@ def read_log_records(path: str | Path) -> tuple[list[TrackRecord], str | None]:
                 raise ValueError("not a JSON object")
             out.append(record_from_json(obj))
         except ValueError as exc:  # json.JSONDecodeError is a ValueError
-            if n == len(lines) and not text.endswith("\n") and out:
+            # a line cut short is never whole JSON: a whole object that is not a record
+            # is an error wherever it is
+            if (isinstance(exc, json.JSONDecodeError) and n == len(lines)
+                    and not text.endswith("\n") and out):
                 return out, (f"{p}:{n}: the last line was cut short (the run ended while "
                              "writing it) and is left out")
             raise UsageError(f"{p}:{n}: not a tracker record: {exc}",
@@ -576,8 +579,9 @@ class Tracker:
         self._loss_count = 0
         self._seen_batch: int | None = None
         # the sizes the last two watched forwards saw: plain steps count the larger, so that
-        # a DataLoader's partial last batch, measured, does not count on for them, while a
-        # run that changed its batch is followed from the next measurement
+        # a DataLoader's partial last batch, measured, does not count on for them; a run
+        # that raised its batch is followed from its next measurement, one that lowered
+        # it from the second
         self._sizes: deque[int] = deque(maxlen=2)
         self._recent: deque[int] = deque(maxlen=2)  # the last two steps' global batches
         self._paused = False

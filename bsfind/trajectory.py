@@ -271,15 +271,26 @@ class _Walk:
         return True
 
     def _check_diverged(self, loss: float | None) -> None:
-        """A training loss DIVERGED_RISE times the first point's ends the run: every number
-        after it would rest on a diverging run (finite losses pass the NaN check)."""
-        first = self.estimates[0].loss if self.estimates else None
-        if (self.spec.probe_mode == "checkpoints" or loss is None or first is None
-                or not loss > DIVERGED_RISE * first):
+        """Along training from the model's initial weights, a training loss DIVERGED_RISE
+        times the first point's ends the run: every number after it would rest on a
+        diverging run (finite losses pass the NaN check). Only there: a pinned point
+        after training (or a checkpoint's) may start near zero, where ordinary bumps
+        are several-fold; and only for a positive first loss (a loss may be negative).
+        Rank 0 decides for every rank (each evaluates its own data)."""
+        if self.spec.probe_mode != "along" or not self.estimates:
             return
+        first = self.estimates[0].loss
+        diverged = (first is not None and loss is not None and first > 0
+                    and loss > DIVERGED_RISE * first)
+        if not self.runner.agree(diverged):
+            return
+
+        def fmt(x: float | None) -> str:  # another rank's decision: this rank's may be None
+            return "?" if x is None else f"{x:.3g}"
+
         raise UserCodeError(
-            f"the training loss rose from {first:.3g} (step {self.estimates[0].step}) to "
-            f"{loss:.3g} (step {self.step}) while the probe trained at the baseline "
+            f"the training loss rose from {fmt(first)} (step {self.estimates[0].step}) to "
+            f"{fmt(loss)} (step {self.step}) while the probe trained at the baseline "
             f"(batch {self.b0}, optimizer.lr={self.spec.optimizer.lr:g}): training diverges",
             hint="lower optimizer.lr, or check the loss and the optimizer's settings")
 

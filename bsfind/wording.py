@@ -197,7 +197,8 @@ def no_schedule(points: int, timed: bool) -> str:
         return ("no batch-size schedule: no step time bsfind can act on (probe.timing off, "
                 "or the timing was too noisy); set hardware.gpu to plan from a predicted one")
     return (f"no batch-size schedule: the log gives {points} point(s) along the run with a "
-            "resolved noise scale to fit its growth; log a longer stretch of training")
+            "noise scale (or an unresolved one's lower bound) to fit its growth; log a "
+            "longer stretch of training")
 
 
 def batchnorm(norm_batch: int, advice: bool = True) -> str:

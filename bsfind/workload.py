@@ -543,9 +543,9 @@ def _build_model(spec: Spec, sources: list[Path]) -> nn.Module:
     if len(missing) == 1:
         raise missing[0]
     if missing:
-        raise ResolutionError(f"{len(missing)} of model.checkpoints are missing: "
+        raise ResolutionError(f"{len(missing)} of model.checkpoints cannot be read: "
                               + "; ".join(e.message for e in missing),
-                              hint=missing[0].hint)
+                              hint="fix the paths, or leave the entries out")
     if not any(p.requires_grad for p in model.parameters()):
         raise UserCodeError(
             f"model {spec.model.factory!r} has no trainable parameters "

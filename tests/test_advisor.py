@@ -97,6 +97,7 @@ def test_rounding_rule() -> None:
     # past the cap, the cap itself (the whole dataset), or the unit's multiple below it
     assert round_batch(1000.0, cap=500) == 500
     assert round_batch(1000.0, cap=500, unit=3) == 498
+    assert round_batch(1000.0, cap=500, whole=False) == 496  # does not split over devices
     assert round_batch(100.0, cap=5) == 5
     assert floor_allowed(0.5) is None and floor_allowed(7.9) == 4 and floor_allowed(17) == 16
     assert ceil_allowed(0.2) == 1 and ceil_allowed(4.5) == 8 and ceil_allowed(17) == 24
@@ -115,6 +116,12 @@ def test_clipped_to_dataset_size() -> None:
     bare = advise_numbers(inputs(dataset_size=300))
     assert bare.facts.optimum_clipped and bare.recommendation.notes == ()
     assert bare.recommendation.basis == "" and bare.recommendation.warmup is None
+    # ... when it splits evenly over the devices: 301 on 2 or 4 GPUs would give them
+    # 151 or 76 each (review); then a multiple of 8 below it
+    assert advise(inputs(dataset_size=300, gpus=2)).recommendation.batch_size == 300
+    for gpus in (2, 4):
+        rec = advise(inputs(dataset_size=301, gpus=gpus)).recommendation
+        assert rec.batch_size == 296 and rec.batch_size % gpus == 0
 
 
 def test_never_below_one_for_tiny_noise_scale() -> None:

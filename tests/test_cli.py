@@ -108,6 +108,34 @@ def test_a_diverging_probe_run_is_an_error_not_advice() -> None:
     assert_clean_failure(r, 3, "training diverges", "optimizer.lr=1000", "lower optimizer.lr")
 
 
+def test_no_divergence_is_read_into_a_negative_loss_or_a_pinned_point() -> None:
+    # A negative loss that falls (-2.3 -> -4.9): 3x the first point's is further below 0,
+    # so "rose 3-fold" read every improvement short of 3x as divergence (review).
+    doc = json.loads(run("noise", GOOD, "--json", "--set", "loss=user_code.py:shifted_loss",
+                         "--set", "probe.max_seconds=20").stdout)
+    losses = [p["loss"] for p in doc["noise_scale_by_step"]]
+    assert doc["trajectory"]["mode"] == "along" and len(losses) >= 3 and losses[0] < 0
+
+
+def test_only_a_run_from_the_initial_weights_is_checked_for_divergence(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every evaluation reads 10x the one before. Along training (step 0 = the model's
+    # initial weights) that is divergence; at pinned points after training (or from a
+    # checkpoint), which start low where ordinary bumps are several-fold, it is not read.
+    from bsfind import trajectory
+
+    def rising() -> None:
+        losses = iter(10.0 ** k for k in range(100))
+        monkeypatch.setattr(trajectory, "evaluate_loss", lambda *a, **k: next(losses))
+
+    rising()
+    r = run("noise", GOOD, "--set", "probe.at_steps=[16,32,64]")
+    assert r.exit_code == 0, r.output
+    rising()
+    assert_clean_failure(run("noise", GOOD, "--set", "probe.max_seconds=20"), 3,
+                         "training diverges", "rose from 1 (step 0) to 10 (step 8)")
+
+
 def test_a_budget_error_hints_only_what_applies() -> None:
     # good.yaml's MLP takes the per-example path: no micro-batches to make smaller
     r = run("noise", GOOD, "--set", "probe.max_seconds=0.000001")

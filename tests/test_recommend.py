@@ -102,11 +102,16 @@ def test_check_writes_its_output_on_an_error_too(project: Path) -> None:
     doc = json.loads(out.read_text())
     assert doc["status"] == "error" and doc["exit_code"] == 2
     assert "unknown loss 'hinge'" in doc["error"]
-    # an output that cannot be written does not hide the run's own error
+    # an output that cannot be written does not hide the run's own error, and says so
     bad = project / "no" / "such" / "dir" / "r.json"
     r = runner.invoke(app, ["check", str(project / "good.yaml"), "--set", "loss=hinge",
                             "--output", str(bad), "--no-cache"])
     assert r.exit_code == 2 and "unknown loss 'hinge'" in r.output
+    assert r.output.count(f"--output {bad}: cannot write") == 1
+    # a run that succeeds but cannot write its output: that is the error, said once
+    r = runner.invoke(app, ["check", str(project / "good.yaml"), "--tolerance", "1000000",
+                            "--output", str(bad)])
+    assert r.exit_code == 2 and r.output.count(f"--output {bad}: cannot write") == 1
 
 
 def test_check_cache_reuses_and_invalidates(project: Path, monkeypatch: pytest.MonkeyPatch

@@ -113,11 +113,47 @@ def test_an_unresolved_point_enters_the_growth_at_its_lower_end() -> None:
             b_noise=None if b is None else b / 2,
             b_noise_ci95=None if b is None else Interval(low / 2, low))
 
-    assert growth_value(point(103.0, 67.0), "b_simple") == 103.0
-    assert growth_value(point(103.0, 67.0), "b_noise") == 51.5
-    assert growth_value(point(None, 188.0), "b_simple") == 188.0  # at least what it measured
-    assert growth_value(point(None, 0.0), "b_simple") is None  # nothing measured
-    assert growth_value(point(None, 188.0), "b_noise") is None
+    assert growth_value(point(103.0, 67.0), "b_simple") == (103.0, False)
+    assert growth_value(point(103.0, 67.0), "b_noise") == (51.5, False)
+    # at least what it measured, marked a bound
+    assert growth_value(point(None, 188.0), "b_simple") == (188.0, True)
+    assert growth_value(point(None, 0.0), "b_simple") == (None, True)  # nothing measured
+    assert growth_value(point(None, 188.0), "b_noise") == (None, True)
+
+
+def test_lower_bounds_are_fitted_but_do_not_pick_where_the_growth_starts() -> None:
+    # Two late unresolved points' lower ends (40, 45) looked like the dip and cut the
+    # four resolved points before them: p = 3.15 from the last two only (review).
+    pts = [(512, 50.0), (1024, 100.0), (2048, 200.0), (4096, 40.0), (8192, 45.0),
+           (16384, 400.0)]
+    g = fit_growth(pts, bounds_at={4096, 8192})
+    assert g is not None and g.points[0] == (512.0, 50.0) and len(g.points) == 6
+    assert g.p < 1.0
+    cut = fit_growth(pts)  # read as measured values, they do start the fit
+    assert cut is not None and cut.points[0] == (8192.0, 45.0) and cut.p > 3
+
+
+def test_calibrated_points_keep_an_unresolved_point_on_the_calibrated_scale() -> None:
+    """Branches calibrated B_n (SGD: the basis is B_noise). A point whose curvature was
+    not resolved entered the growth at its *unscaled B_simple* lower end (300 among
+    calibrated 5 and 10; review); it enters at its B_noise lower end, scaled."""
+    from bsfind.pipeline import calibrated_points, growth_value
+    from bsfind.results import NoiseEstimate
+
+    def point(b_noise: float | None, noise_ci: Interval) -> NoiseEstimate:
+        return NoiseEstimate(
+            b_simple=600.0, ci95=Interval(300.0, 900.0), grad_norm_sq=1.0,
+            grad_norm_sq_ci95=Interval(0.5, 2.0), trace_sigma=1.0,
+            trace_sigma_ci95=Interval(0.5, 2.0), method="per-example", method_reason="",
+            b_small=1, b_big=64, examples=64, rounds=1, seconds=0.1, stopped="budget",
+            b_noise=b_noise, b_noise_ci95=noise_ci, examples_seen=1000)
+
+    measured = inputs(b_n=20.0, basis="b_noise")
+    calibrated = dataclasses.replace(measured, b_n=10.0, basis="branches")
+    pts = calibrated_points((point(10.0, Interval(8.0, 12.0)), point(None, Interval(0.0, math.inf)),
+                             point(None, Interval(16.0, math.inf))), measured, calibrated)
+    assert [growth_value(p, "branches") for p in pts] == [(5.0, False), (None, True),
+                                                         (8.0, True)]
 
 
 # --------------------------------------------------------------------------- schedule

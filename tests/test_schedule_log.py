@@ -180,6 +180,12 @@ def test_a_log_cut_short_by_a_killed_run_plans_from_its_whole_lines(
     cut.write_text(text[:len(text) - 40] + "\n")
     r = runner.invoke(app, ["schedule", str(CONFIGS / "digits-mlp.yaml"), str(cut)])
     assert r.exit_code == 2 and "not a tracker record" in r.output
+    # nor is a whole JSON object that is not a record, newline or not (an edited file)
+    last = json.loads(text.splitlines()[-1])
+    last["method"] = "per_example"
+    cut.write_text("".join(line + "\n" for line in text.splitlines()[:-1]) + json.dumps(last))
+    with pytest.raises(UsageError, match="not a tracker record"):
+        read_log(cut)
 
 
 def test_schedule_command_errors_are_one_line(tmp_path: Path) -> None:

@@ -606,7 +606,8 @@ def test_a_measured_partial_batch_does_not_count_on_for_the_plain_steps() -> Non
     """A DataLoader with drop_last=False: 100 examples at 32 give 32, 32, 32, 4 an epoch.
     Plain steps do not watch their input; after the partial batch was measured (step 3,
     every 3) the next full ones counted as 4 each, and a plain partial one counts as 32.
-    A run that changes its batch is followed from its next measurement."""
+    A run that raises its batch is followed from its next measurement (one that lowers it,
+    from the second: the larger of the last two)."""
     model = _model()
     x, y = _problem()
     tracker = track(model, every=3)
@@ -625,6 +626,12 @@ def test_a_measured_partial_batch_does_not_count_on_for_the_plain_steps() -> Non
         tracker.update()
         model.zero_grad(set_to_none=True)
     assert tracker.examples == sum(counted) + 6 * 64  # steps 12 (measured) to 17
+    before = tracker.examples
+    for b in [16] * 6:  # measured at 18 and 21: steps 19, 20 count 64, 22, 23 count 16
+        F.cross_entropy(model(x[:b]), y[:b]).backward()
+        tracker.update()
+        model.zero_grad(set_to_none=True)
+    assert tracker.examples - before == 16 + 64 + 64 + 16 + 16 + 16
 
 
 def test_an_epochs_partial_last_batch_does_not_stand_for_the_run() -> None:
