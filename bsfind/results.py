@@ -229,7 +229,7 @@ class TimingCurve:
     t0: float
     per_example: float
     r2: float
-    source: Source
+    source: Source | Literal["given"]  # given: the user's (t0, c), e.g. tracker.advice
     saturated_at: int | None = None  # batch where throughput stopped growing
     utilization_gpu_pct: float | None = None  # mean NVML utilisation while timing
     quality: Literal["line", "points", "untrusted"] = "line"

@@ -328,7 +328,7 @@ def _curve(timing: TimingCurve | tuple[float, float]) -> TimingCurve:
     if isinstance(timing, TimingCurve):
         return timing
     t0, c = (float(v) for v in timing)
-    return TimingCurve(points=(), t0=t0, per_example=c, r2=math.nan, source="measured")
+    return TimingCurve(points=(), t0=t0, per_example=c, r2=math.nan, source="given")
 
 
 def _usable(curve: TimingCurve | None) -> bool:

@@ -376,6 +376,7 @@ def test_tracker_measures_its_step_time_curve(monkeypatch: pytest.MonkeyPatch) -
     assert adv is not None and adv.timing_source == "measured" and adv.batch_size == 32
     given = tracker.advice(timing=(0.2, 0.0001))
     assert given is not None and given.timing_source == "given"
+    assert given.timing is not None and given.timing.source == "given"  # was "measured"
     assert given.threshold == pytest.approx(2 * 0.0001 * 32**2 / 0.2)
 
 
