@@ -88,6 +88,9 @@ def noise_warnings(used: NoiseEstimate, trajectory: Trajectory | None, *, datase
         out.append(BUDGET_RAN_OUT)
     if norm_batch:
         out.append(batchnorm(norm_batch, advice))
+        if advice and used.b_simple is not None and (
+                BATCHNORM_ABOVE * used.ci95.high < baseline_batch):
+            out.append(batchnorm_above(used, baseline_batch))
     if used.b_simple is None:
         out.append(UNRESOLVED_ADVICE if advice else UNRESOLVED)
     if dataset_size < baseline_batch:
@@ -209,6 +212,23 @@ def batchnorm(norm_batch: int, advice: bool = True) -> str:
                              "and grows the batch in multiples of it, by more devices or "
                              f"gradient accumulation over batches of {norm_batch}"
                              if advice else ""))
+
+
+# A BatchNorm baseline this many times above the noise scale's interval gets a warning:
+# the advice cannot go below it (``check``'s default tolerance).
+BATCHNORM_ABOVE = 2.0
+
+
+def batchnorm_above(used: NoiseEstimate, baseline_batch: int) -> str:
+    """A BatchNorm model's baseline well above its noise scale: the advice, which keeps the
+    BatchNorm batch, cannot say so (``check`` passes at any such baseline)."""
+    assert used.b_simple is not None
+    return (f"the baseline batch {baseline_batch:,} is {baseline_batch / used.b_simple:.1f}x "
+            f"the noise scale (B_simple {num(used.b_simple)}, interval "
+            f"{num(used.ci95.low)}–{num(used.ci95.high)}): past it, more examples per step buy "
+            "little progress; with BatchNorm the advice never goes below the batch the noise "
+            "scale was measured with, so measure again at a smaller optimizer.batch_size to "
+            "compare")
 
 
 def probe_plan(spec: Spec) -> str:
