@@ -32,7 +32,7 @@ found, so the continuous optimum is exact, not a grid approximation.
 Rounding: the recommended batch is the *allowed* batch with the lowest
 predicted wall-clock, where allowed means a multiple of 8 (1, 2 or 4 below
 8), the baseline itself or the whole dataset (when it splits evenly over the
-devices), within [devices, dataset size]. Because each piece
+devices, or no multiple of 8 would), within [devices, dataset size]. Because each piece
 is convex, the best allowed batch of a piece is one of the two allowed
 neighbours of the piece's minimiser, so this is an exact discrete minimum: the
 recommendation is never slower than any row of the candidate table (whose
@@ -802,9 +802,11 @@ def _recommend_batch(
     """(continuous optimum or None, recommended batch, search truncated) for one noise
     scale; ``upper``: on the step-time curve of the rungs' 25th percentiles."""
     unit = batch_unit(inputs, gpus)
-    # the whole dataset, when it splits evenly over the devices (and BatchNorm batches):
-    # clipped there, the optimum would otherwise round down below it (16 for 20 examples)
-    whole = inputs.dataset_size % math.lcm(unit, gpus) == 0
+    # the whole dataset, when it splits evenly over the devices (and BatchNorm batches),
+    # or when no multiple of 8 would either (3 devices): clipped there, the optimum would
+    # otherwise round down below it (16 for 20 examples)
+    whole = (inputs.dataset_size % math.lcm(unit, gpus) == 0
+             or (unit == 1 and BATCH_MULTIPLE % gpus != 0))
     if _timing_usable(inputs):
         m = _model(inputs, b_n, gpus, sync, upper)
         extra = (float(inputs.baseline_batch),

@@ -279,6 +279,9 @@ def advise(report: Report, spec: Spec, job: Workload, runner: Runner, hw: Hardwa
     if inputs is not measured:
         advice = wording.with_branches(advice, inputs, report.branches[-1], measured.b_n,
                                        "B_noise" if measured.basis == "b_noise" else "B_simple")
+    floor_note = batchnorm_floor_note(inputs, advice.recommendation.batch_size)
+    if floor_note is not None:
+        notes.append(floor_note)
     return dataclasses.replace(
         report, memory=hw.memory, timing=hw.timing, predicted_gpu=spec.hardware.gpu,
         predicted_memory=pred_mem, predicted_timing=pred_time,
@@ -305,6 +308,19 @@ def batch_schedule(points: tuple[NoiseEstimate, ...], inputs: advisor.AdvisorInp
     growth = schedule.fit_growth([(e, v) for e, v, _ in values],  # type: ignore[misc]
                                  bounds_at={e for e, _, bound in values if bound})
     return None if growth is None else schedule.build(inputs, growth, planned)
+
+
+def batchnorm_floor_note(inputs: advisor.AdvisorInputs, batch: int) -> str | None:
+    """The warning when a BatchNorm model's recommendation ``batch`` sits at the advice's
+    floor (one BatchNorm batch per device) and that floor is BATCHNORM_ABOVE times the
+    noise scale's whole interval: ``check`` cannot flag such a baseline. None otherwise."""
+    floor = advisor.batch_unit(inputs)
+    if not (inputs.norm_batch and batch == floor
+            and wording.BATCHNORM_ABOVE * inputs.b_n_ci.high < floor):
+        return None
+    basis = {"b_noise": "B_noise", "b_simple": "B_simple"}.get(inputs.basis, "B_n")
+    return wording.batchnorm_floor(floor, inputs.norm_batch, inputs.b_n, inputs.b_n_ci,
+                                   basis, inputs.noise_from_log)
 
 
 def growth_value(p: NoiseEstimate, basis: advisor.Basis) -> tuple[float | None, bool]:

@@ -123,8 +123,9 @@ def fit_growth(points: Sequence[tuple[float, float]], bounds_at: Collection[floa
     smooth = [statistics.median(values[max(0, i - 1):i + 2]) if 0 < i < len(values) - 1
               else values[i] for i in range(len(values))]
     # the fit starts at a point with one after it: a last point lowest of all (one low
-    # outlier at the end) would otherwise stand alone for the whole run
-    first = smooth[:-1] or smooth
+    # outlier at the end) would otherwise stand alone for the whole run (a bound after
+    # the last measured point is one after it)
+    first = smooth[:-1] if measured[-1] == pts[-1] and len(smooth) > 1 else smooth
     low = max(i for i, v in enumerate(first) if v == min(first))
     pts = [p for p in pts if p[0] >= measured[low][0]]
     if len(pts) == 1:

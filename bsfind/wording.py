@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from bsfind.results import (
         AbsolutePrediction,
         BranchResult,
+        Interval,
         LrSearch,
         NoiseEstimate,
         RunAverage,
@@ -88,9 +89,6 @@ def noise_warnings(used: NoiseEstimate, trajectory: Trajectory | None, *, datase
         out.append(BUDGET_RAN_OUT)
     if norm_batch:
         out.append(batchnorm(norm_batch, advice))
-        if advice and used.b_simple is not None and (
-                BATCHNORM_ABOVE * used.ci95.high < baseline_batch):
-            out.append(batchnorm_above(used, baseline_batch))
     if used.b_simple is None:
         out.append(UNRESOLVED_ADVICE if advice else UNRESOLVED)
     if dataset_size < baseline_batch:
@@ -214,21 +212,22 @@ def batchnorm(norm_batch: int, advice: bool = True) -> str:
                              if advice else ""))
 
 
-# A BatchNorm baseline this many times above the noise scale's interval gets a warning:
-# the advice cannot go below it (``check``'s default tolerance).
+# A BatchNorm recommendation at its floor this many times above the noise scale's
+# interval gets a warning (``check``'s default tolerance).
 BATCHNORM_ABOVE = 2.0
 
 
-def batchnorm_above(used: NoiseEstimate, baseline_batch: int) -> str:
-    """A BatchNorm model's baseline well above its noise scale: the advice, which keeps the
-    BatchNorm batch, cannot say so (``check`` passes at any such baseline)."""
-    assert used.b_simple is not None
-    return (f"the baseline batch {baseline_batch:,} is {baseline_batch / used.b_simple:.1f}x "
-            f"the noise scale (B_simple {num(used.b_simple)}, interval "
-            f"{num(used.ci95.low)}–{num(used.ci95.high)}): past it, more examples per step buy "
-            "little progress; with BatchNorm the advice never goes below the batch the noise "
-            "scale was measured with, so measure again at a smaller optimizer.batch_size to "
-            "compare")
+def batchnorm_floor(batch: int, norm_batch: int, b_n: float, ci: Interval, basis: str,
+                    from_log: bool) -> str:
+    """A BatchNorm model's recommendation held at its floor (one BatchNorm batch per
+    device) far above the noise scale: ``check`` cannot flag such a baseline."""
+    return (f"the recommended batch {batch:,} is the smallest the advice takes with BatchNorm "
+            f"({norm_batch} per device, the BatchNorm batch the noise scale was measured "
+            f"with), and {batch / b_n:.1f}x the noise scale ({basis} {num(b_n)}, interval "
+            f"{num(ci.low)}–{num(ci.high)}): past it, more examples per step buy little "
+            "progress; " + ("track a run at a smaller batch" if from_log else
+                            "measure again at a smaller optimizer.batch_size")
+            + " to compare")
 
 
 def probe_plan(spec: Spec) -> str:

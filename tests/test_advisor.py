@@ -122,6 +122,8 @@ def test_clipped_to_dataset_size() -> None:
     for gpus in (2, 4):
         rec = advise(inputs(dataset_size=301, gpus=gpus)).recommendation
         assert rec.batch_size == 296 and rec.batch_size % gpus == 0
+    # on 3 devices no multiple of 8 near it splits evenly either: the whole dataset
+    assert advise(inputs(dataset_size=301, gpus=3)).recommendation.batch_size == 301
 
 
 def test_never_below_one_for_tiny_noise_scale() -> None:
@@ -632,3 +634,32 @@ def test_an_unresolved_noise_scale_says_how_to_resolve_it_where_it_came_from() -
         notes = describe_advice(advise(inp), inp).recommendation.notes
         said = [n for n in notes if n.startswith("the noise scale was not resolved")]
         assert len(said) == 1 and fix in said[0]
+
+
+def test_a_batchnorm_floor_far_above_the_noise_scale_says_so() -> None:
+    """With BatchNorm the advice never goes below one BatchNorm batch per device, so
+    `check` passed a baseline 3x above B_simple (new-user trial: 512 against 163
+    [141, 204]). A warning says it when the recommendation sits at that floor and the
+    noise scale's whole interval is below half of it; a tracker log's BatchNorm batch
+    (its micro-batch) can be below the baseline, and then the advice goes lower itself."""
+    from bsfind.pipeline import batchnorm_floor_note
+
+    bn = inputs(b_n=163.0, b_n_ci=Interval(141.0, 204.0), baseline_batch=512, norm_batch=512)
+    rec = advise(bn).recommendation
+    note = batchnorm_floor_note(bn, rec.batch_size)
+    assert rec.batch_size == 512 and note is not None
+    assert "512 is the smallest the advice takes with BatchNorm" in note
+    assert "3.1x the noise scale (B_simple 163" in note
+    assert "measure again at a smaller optimizer.batch_size" in note
+    log = dataclasses.replace(bn, noise_from_log=True)
+    assert "track a run at a smaller batch" in (batchnorm_floor_note(log, 512) or "")
+    # the interval reaches half the floor: no warning
+    assert batchnorm_floor_note(dataclasses.replace(bn, b_n_ci=Interval(141.0, 260.0)),
+                                512) is None
+    # a log's micro-batch of 24 under a baseline of 96: the advice itself goes down to 24
+    small = inputs(b_n=30.0, b_n_ci=Interval(25.0, 40.0), baseline_batch=96, norm_batch=24)
+    rec = advise(small).recommendation
+    assert rec.batch_size < 96 and batchnorm_floor_note(small, rec.batch_size) is None
+    # without BatchNorm the advice can go lower, and says so itself
+    assert batchnorm_floor_note(dataclasses.replace(bn, norm_batch=None), 512) is None
+

@@ -267,29 +267,3 @@ def test_the_summary_of_points_keeps_each_value_inside_its_interval() -> None:
     unknown = [dataclasses.replace(p, grad_norm_sq_ci95=Interval(float("nan"), float("nan")))
                for p in pts]
     assert math.isnan(summarize(unknown).grad_norm_sq_ci95.low)
-
-
-def test_a_batchnorm_baseline_far_above_the_noise_scale_says_so() -> None:
-    """With BatchNorm the advice never goes below the batch the noise scale was measured
-    with, so `check` passed a baseline 3x above B_simple (new-user trial: 512 against
-    163 [141, 204]). The warnings say it when the whole interval is below half the
-    baseline (BATCHNORM_ABOVE)."""
-    from bsfind import wording
-    from bsfind.results import Interval, NoiseEstimate
-
-    used = NoiseEstimate(b_simple=163.0, ci95=Interval(141.0, 204.0), grad_norm_sq=1.0,
-                         grad_norm_sq_ci95=Interval(0.9, 1.1), trace_sigma=163.0,
-                         trace_sigma_ci95=Interval(150.0, 170.0), method="microbatch",
-                         method_reason="", b_small=512, b_big=2048, rounds=10,
-                         examples=20480, seconds=1.0, stopped="converged", step=64)
-
-    def said(baseline: int, norm_batch: int | None, advice: bool = True) -> list[str]:
-        return [w for w in wording.noise_warnings(
-            used, None, dataset_size=10**5, baseline_batch=baseline, from_checkpoint=False,
-            advice=advice, norm_batch=norm_batch) if "measure again at a smaller" in w]
-
-    above = said(512, 512)
-    assert len(above) == 1 and "512 is 3.1x the noise scale (B_simple 163" in above[0]
-    assert not said(400, 400)  # 2 x 204 = 408: the interval reaches half the baseline
-    assert not said(512, None)  # without BatchNorm the advice itself can go lower
-    assert not said(512, 512, advice=False)  # `bsfind noise` advises nothing

@@ -131,6 +131,12 @@ def test_lower_bounds_are_fitted_but_do_not_pick_where_the_growth_starts() -> No
     assert g.p < 1.0
     cut = fit_growth(pts)  # read as measured values, they do start the fit
     assert cut is not None and cut.points[0] == (8192.0, 45.0) and cut.p > 3
+    # the last measured point may start the fit when bounds come after it (review): the
+    # early dip at 1000 is left out, and the growth is 50 -> 200 over 4x, linear
+    dip = fit_growth([(1000, 200.0), (2000, 50.0), (4000, 100.0), (8000, 200.0)],
+                     bounds_at={4000, 8000})
+    assert dip is not None and dip.points[0] == (2000.0, 50.0)
+    assert dip.p == pytest.approx(1.0)
 
 
 def test_calibrated_points_keep_an_unresolved_point_on_the_calibrated_scale() -> None:
