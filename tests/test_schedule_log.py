@@ -158,7 +158,7 @@ def test_schedule_does_not_ask_for_the_checkpoints_it_never_loads(
     assert doc["schedule"] is not None
     assert len(doc["spec"]["model"]["checkpoints"]) == 2  # the report shows the spec as given
     r = runner.invoke(app, ["validate", str(spec)])  # both missing files named at once
-    assert r.exit_code == 3 and "2 of model.checkpoints are missing" in r.output
+    assert r.exit_code == 3 and "2 of model.checkpoints cannot be read" in r.output
     assert "gone-100.pt" in r.output and "gone-200.pt" in r.output
 
 
