@@ -225,6 +225,9 @@ def plan_from_log(spec: Spec, runner: Runner, records: Sequence[TrackRecord], so
     notes = [*notes, *([wording.log_batch_differs(sorted(logged), spec.optimizer.batch_size,
                                                   batchnorm=bn is not None)] if (
         logged and logged != {spec.optimizer.batch_size}) else [])]
+    planned, reached = spec.planned_examples(len(job)), points.trajectory.examples
+    if planned is not None and reached is not None and reached > planned:
+        notes.append(wording.log_beyond_plan(reached, planned))
     report = points_report(spec, job, "schedule", points, notes=tuple(notes), norm_batch=bn)
     hw = (runner.measure_hardware(job, hardware_options(spec), deadline, progress)
           if spec.probe.timing else HardwareMeasurement(None, None))

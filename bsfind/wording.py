@@ -174,6 +174,13 @@ def log_batch_differs(logged: list[int], baseline: int, batchnorm: bool = False)
             "spec's baseline")
 
 
+def log_beyond_plan(logged: int, planned: int) -> str:
+    """``bsfind schedule``: the log runs past the spec's planned run."""
+    return (f"the tracker log runs to {logged:,} examples, past the planned run's "
+            f"{planned:,} (training.epochs / examples): the advice reads the log's end, and "
+            "the schedule stops at the planned run")
+
+
 def log_restarted(source: str, at: int, records: int) -> str:
     """``bsfind schedule``: the log holds more than one run (the examples count fell)."""
     return (f"{source} holds more than one run (the examples seen start again at record "

@@ -188,6 +188,19 @@ def test_a_log_cut_short_by_a_killed_run_plans_from_its_whole_lines(
         read_log(cut)
 
 
+def test_a_log_past_the_planned_run_says_so(digits_log: Path) -> None:
+    # 4 epochs logged, 2 planned: the advice reads the log's end, past the plan (trial)
+    r = runner.invoke(app, ["schedule", str(CONFIGS / "digits-mlp.yaml"), str(digits_log),
+                            "--json", "--set", "probe.timing=false",
+                            "--set", "training.epochs=2"])
+    assert r.exit_code == 0, r.output
+    past = [w for w in json.loads(r.stdout)["warnings"] if "past the planned run's" in w]
+    assert len(past) == 1 and f"{2 * 1797:,} (training.epochs" in past[0]
+    r = runner.invoke(app, ["schedule", str(CONFIGS / "digits-mlp.yaml"), str(digits_log),
+                            "--json", "--set", "probe.timing=false"])  # 10 planned
+    assert not any("past the planned run's" in w for w in json.loads(r.stdout)["warnings"])
+
+
 def test_schedule_command_errors_are_one_line(tmp_path: Path) -> None:
     spec = str(CONFIGS / "digits-mlp.yaml")
     r = runner.invoke(app, ["schedule", spec, str(tmp_path / "missing.jsonl")])
