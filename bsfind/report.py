@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,26 +130,27 @@ def branch_dict(r: BranchResult) -> dict[str, Any]:
     return d
 
 
+def _with_summary(r: Any, line: Callable[[Any], str]) -> dict[str, Any] | None:
+    """``r``'s fields and its line in words (``summary``); None for None."""
+    if r is None:
+        return None
+    d = clean(r)
+    d["summary"] = line(r)
+    return d
+
+
 def run_average_dict(r: RunAverage | None) -> dict[str, Any] | None:
     """The branches' run average between checkpoints: its fields and its line in words."""
     from bsfind.wording import run_average_line
 
-    if r is None:
-        return None
-    d = clean(r)
-    d["summary"] = run_average_line(r)
-    return d
+    return _with_summary(r, run_average_line)
 
 
 def lr_search_dict(r: LrSearch | None) -> dict[str, Any] | None:
     """The learning-rate search: its fields and its line in words."""
     from bsfind.wording import lr_search_line
 
-    if r is None:
-        return None
-    d = clean(r)
-    d["summary"] = lr_search_line(r)
-    return d
+    return _with_summary(r, lr_search_line)
 
 
 def to_dict(report: Report) -> dict[str, Any]:
