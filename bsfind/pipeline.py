@@ -215,8 +215,9 @@ def plan_from_log(spec: Spec, runner: Runner, records: Sequence[TrackRecord], so
     # cleaned up since) are never loaded here, so the build does not ask for them
     job = runner.build(dataclasses.replace(
         spec, model=dataclasses.replace(spec.model, checkpoints=None)))
-    points = trajectory.from_log(records, dataset_size=len(job),
-                                 planned=spec.planned_examples(len(job)), source=source)
+    planned = spec.planned_examples(len(job))
+    points = trajectory.from_log(records, dataset_size=len(job), planned=planned,
+                                 source=source)
     counts = collections.Counter(r.b_big for r in records)
     # the batches the run trained with, not an epoch's partial last batch now and then
     logged = {b for b, c in counts.items() if c >= max(2, 0.05 * len(records))} or {
@@ -225,7 +226,7 @@ def plan_from_log(spec: Spec, runner: Runner, records: Sequence[TrackRecord], so
     notes = [*notes, *([wording.log_batch_differs(sorted(logged), spec.optimizer.batch_size,
                                                   batchnorm=bn is not None)] if (
         logged and logged != {spec.optimizer.batch_size}) else [])]
-    planned, reached = spec.planned_examples(len(job)), points.trajectory.examples
+    reached = points.trajectory.examples
     if planned is not None and reached is not None and reached > planned:
         notes.append(wording.log_beyond_plan(reached, planned))
     report = points_report(spec, job, "schedule", points, notes=tuple(notes), norm_batch=bn)
@@ -326,11 +327,16 @@ def batchnorm_floor_note(inputs: advisor.AdvisorInputs, batch: int) -> str | Non
                                    basis, inputs.noise_from_log)
 
 
+def basis_value(p: NoiseEstimate, basis: advisor.Basis) -> tuple[float | None, Interval | None]:
+    """A point's noise scale on ``basis`` and its interval (B_noise's, else B_simple's)."""
+    return (p.b_noise, p.b_noise_ci95) if basis == "b_noise" else (p.b_simple, p.ci95)
+
+
 def growth_value(p: NoiseEstimate, basis: advisor.Basis) -> tuple[float | None, bool]:
     """A point's noise scale for the growth fit, and whether it is only a lower bound:
     the basis's value, or when unresolved the positive lower end of its interval (None:
     not even that)."""
-    value, ci = (p.b_noise, p.b_noise_ci95) if basis == "b_noise" else (p.b_simple, p.ci95)
+    value, ci = basis_value(p, basis)
     if value is not None:
         return value, False
     low = ci.low if ci is not None else math.nan
@@ -500,8 +506,7 @@ def calibrated_points(points: tuple[NoiseEstimate, ...], measured: advisor.Advis
     factor = inputs.b_n / measured.b_n
 
     def scaled(p: NoiseEstimate) -> NoiseEstimate:
-        value, ci = ((p.b_noise, p.b_noise_ci95) if measured.basis == "b_noise"
-                     else (p.b_simple, p.ci95))
+        value, ci = basis_value(p, measured.basis)
         # the interval too: an unresolved point enters the growth at its lower end
         return dataclasses.replace(
             p, b_simple=None if value is None else value * factor,
