@@ -105,7 +105,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
     "data": {
         "factory": Field(
             "str",
-            "returns a map-style torch Dataset of (input, target) pairs",
+            "returns a map-style torch Dataset of (input, target) pairs, or of dicts with "
+            "the target under 'labels' or 'label' (the rest: the model's keyword inputs)",
             required=True,
             check=_factory,
             example="bsfind.data:digits",

@@ -182,6 +182,9 @@ class Workload:
     # The dataset's (inputs, targets) tensors when it is a TensorDataset: batches
     # are then gathered by indexing instead of collating items one by one.
     tensors: tuple[torch.Tensor, ...] | None = None
+    # The target's key when items are dicts (Hugging Face style, TARGET_KEYS): the other
+    # keys are the inputs, passed to the model as keyword arguments.
+    target_key: str | None = None
     model_name: str = "model"
     loss_name: str = "loss"
     data_name: str = "the dataset"
@@ -213,17 +216,19 @@ class Workload:
             opt_cls, opt_name = OPTIMIZERS.get(optimizer.lower(), torch.optim.Adam), optimizer
         else:
             opt_cls, opt_name = optimizer, optimizer.__name__
+        tensors, target_key = _check_dataset(dataset, "dataset")
         return cls(
             model=model.to(dev), dataset=dataset, loss_fn=loss_fn,
             optimizer_cls=opt_cls, optimizer_kwargs=dict(optimizer_kwargs or {}), device=dev,
-            optimizer_name=opt_name, tensors=_check_dataset(dataset, "dataset"),
+            optimizer_name=opt_name, tensors=tensors, target_key=target_key,
             model_name=type(model).__name__, loss_name=getattr(loss_fn, "__name__", "loss"),
         )
 
     def with_dataset(self, dataset: Any) -> Workload:
         """The same model, loss and optimizer over another dataset (a split of this one)."""
-        return dataclasses.replace(self, dataset=dataset,
-                                   tensors=_check_dataset(dataset, "dataset"))
+        tensors, target_key = _check_dataset(dataset, "dataset")
+        return dataclasses.replace(self, dataset=dataset, tensors=tensors,
+                                   target_key=target_key)
 
     def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
         """A fresh optimizer over the trainable parameters at learning rate ``lr``."""
@@ -245,6 +250,7 @@ class Workload:
 
     def batch(self, indices: torch.Tensor) -> tuple[Any, torch.Tensor]:
         """Collate the examples at ``indices`` and move them to the device."""
+        x: Any
         if self.tensors is not None:
             idx = indices.to(self.tensors[0].device)
             x, y = (t[idx] for t in self.tensors)
@@ -255,7 +261,12 @@ class Workload:
                 raise UserCodeError(f"{self.data_name}: an item raised "
                                     f"{type(exc).__name__}: {exc}") from exc
             try:
-                x, y = torch.utils.data.default_collate(items)
+                batch = torch.utils.data.default_collate(items)
+                if self.target_key is not None:
+                    x = dict(batch)
+                    y = x.pop(self.target_key)
+                else:
+                    x, y = batch
             except Exception as exc:
                 raise UserCodeError(
                     f"{self.data_name}: {len(items)} items do not batch together "
@@ -269,18 +280,22 @@ class Workload:
         x, y = self.batch(indices)
         return self.loss_on(x, y)
 
+    def forward(self, x: Any, y: torch.Tensor) -> Any:
+        """The model's outputs on a batch, called as the spec says: ``model(x)``;
+        with ``loss: model`` also ``labels=y``; a dict of inputs from dict items (or
+        with ``loss: model``) as keyword arguments, as Hugging Face models take them."""
+        labels = {"labels": y} if self.loss_fn is model_loss else {}
+        if isinstance(x, Mapping) and (labels or self.target_key is not None):
+            return self.model(**x, **labels)
+        return self.model(x, **labels)
+
     def loss_on(self, x: Any, y: torch.Tensor) -> torch.Tensor:
         ctx = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
                if self.autocast_dtype is not None else contextlib.nullcontext())
         own = self.loss_fn is model_loss
         with ctx:
             try:
-                if not own:
-                    out = self.model(x)
-                elif isinstance(x, Mapping):
-                    out = self.model(**x, labels=y)
-                else:
-                    out = self.model(x, labels=y)
+                out = self.forward(x, y)
             except Exception as exc:
                 raise UserCodeError(
                     f"model {self.model_name!r} raised {type(exc).__name__} in forward: {exc}",
@@ -355,7 +370,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _check_dataset(ds: Any, ref: str) -> tuple[torch.Tensor, ...] | None:
+# The keys a dict item's target may have, first found wins: Hugging Face's convention
+# ("labels" in tokenized datasets and model forwards, "label" in classification sets).
+TARGET_KEYS = ("labels", "label")
+
+
+def _check_dataset(ds: Any, ref: str) -> tuple[tuple[torch.Tensor, ...] | None, str | None]:
+    """Check ``ds`` is a non-empty map-style dataset of (input, target) pairs or of dicts
+    with a TARGET_KEYS entry; returns (its tensors when a TensorDataset, the dict items'
+    target key)."""
     if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
         raise UserCodeError(
             f"data.factory {ref!r} returned {type(ds).__name__}, not a map-style Dataset "
@@ -373,15 +396,28 @@ def _check_dataset(ds: Any, ref: str) -> tuple[torch.Tensor, ...] | None:
         raise UserCodeError(
             f"data.factory {ref!r}: dataset[0] raised {type(exc).__name__}: {exc}"
         ) from exc
+    if isinstance(item, Mapping):
+        key = next((k for k in TARGET_KEYS if k in item), None)
+        if key is None:
+            raise UserCodeError(
+                f"data.factory {ref!r}: dict items need the target under "
+                f"{' or '.join(repr(k) for k in TARGET_KEYS)}; dataset[0] has "
+                f"{', '.join(map(repr, item)) or 'no keys'}",
+                hint="return (input, target) pairs, or name the target 'labels' (the "
+                     "other keys are passed to the model as keyword arguments)")
+        if len(item) == 1:
+            raise UserCodeError(f"data.factory {ref!r}: dict items hold only the target "
+                                f"{key!r}, no inputs")
+        return None, key
     if not isinstance(item, (tuple, list)) or len(item) != 2:
         raise UserCodeError(
-            f"data.factory {ref!r}: items must be (input, target) pairs, "
-            f"got {type(item).__name__}"
+            f"data.factory {ref!r}: items must be (input, target) pairs or dicts with a "
+            f"'labels' key, got {type(item).__name__}"
             + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else "")
         )
     if isinstance(ds, torch.utils.data.TensorDataset) and len(ds.tensors) == 2:
-        return tuple(ds.tensors)
-    return None
+        return tuple(ds.tensors), None
+    return None, None
 
 
 # The weights file of a Hugging Face save_pretrained folder (the first that exists).
@@ -495,7 +531,7 @@ def _build(spec: Spec, device: torch.device) -> Workload:
     sources: list[Path] = []
     model = _build_model(spec, sources)
     d = call_factory(spec.data.factory, spec.data.kwargs, spec.base_dir, "data")
-    tensors = _check_dataset(d.obj, spec.data.factory)
+    tensors, target_key = _check_dataset(d.obj, spec.data.factory)
     if d.source_file:
         sources.append(d.source_file)
     loss_fn = _resolve_loss(spec, sources)
@@ -512,6 +548,7 @@ def _build(spec: Spec, device: torch.device) -> Workload:
         optimizer_name=spec.optimizer.name,
         source_files=sources,
         tensors=tensors,
+        target_key=target_key,
         model_name=spec.model.factory,
         loss_name=spec.loss,
         data_name=f"data.factory {spec.data.factory!r}",

@@ -71,6 +71,8 @@ FAULTS = [
     (["data.factory=user_code.py:empty_data"], 3, "empty dataset"),
     (["data.factory=user_code.py:not_a_dataset"], 3, "not a map-style Dataset"),
     (["data.factory=user_code.py:triples"], 3, "(input, target) pairs"),
+    (["data.factory=user_code.py:dict_rows", "data.kwargs={target: false}"], 3,
+     "dict items need the target under 'labels' or 'label'"),
     (["data.factory=user_code.py:raising_data"], 3, "cannot open /data/train"),
     (["data.factory=user_code.py:ragged_data"], 3, "items do not batch together"),
     (["data.factory=user_code.py:broken_item_data"], 3, "an item raised IndexError: record"),

@@ -34,6 +34,9 @@ from bsfind.errors import HardwareError
 from bsfind.results import MemoryModel
 
 LossFn = Callable[[Any, Any], torch.Tensor]
+# ``forward(inputs, targets) -> outputs``: how a batch reaches the model, when not
+# ``model(inputs)`` (a workload's call convention: keyword inputs, labels=targets).
+Forward = Callable[[Any, Any], Any]
 MakeBatch = Callable[[int], tuple[Any, Any]]
 
 # Stand-in for "no per-example memory at all": the line never reaches the limit.
@@ -436,7 +439,8 @@ def _storage_key(t: torch.Tensor) -> tuple[str, int] | None:
 
 
 def saved_activation_bytes(
-    model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn
+    model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn,
+    forward: Forward | None = None,
 ) -> int:
     """Bytes autograd keeps for the backward pass of one forward + loss.
 
@@ -471,7 +475,7 @@ def saved_activation_bytes(
 
     with preserved_state(model), torch.enable_grad():
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(inputs)
+            out = model(inputs) if forward is None else forward(inputs, targets)
             loss = loss_fn(out, targets)
         del out, loss
     return sum(seen.values()) + loose
@@ -508,6 +512,7 @@ def predict_memory(
     limit_bytes: int,
     sizes: tuple[int, int] = (2, 8),
     optimizer_kwargs: Mapping[str, Any] | None = None,
+    forward: Forward | None = None,
 ) -> MemoryModel:
     """M(B) = fixed + per_example·B from counted bytes (``source="predicted"``).
 
@@ -524,6 +529,7 @@ def predict_memory(
     Args:
         make_batch: ``make_batch(B) -> (inputs, targets)`` on the model's device.
         sizes: the two batch sizes counted (distinct).
+        forward: ``forward(inputs, targets) -> outputs`` when not ``model(inputs)``.
     """
     small, big = sizes
     if small == big or min(small, big) < 1:
@@ -532,7 +538,7 @@ def predict_memory(
     counted = []
     for b in (small, big):
         x, y = make_batch(b)
-        counted.append((float(b), float(saved_activation_bytes(model, x, y, loss_fn))))
+        counted.append((float(b), float(saved_activation_bytes(model, x, y, loss_fn, forward))))
     intercept, slope = _line(counted)
     slope = max(0.0, slope)
     fixed = p + g + o + max(0, int(round(intercept)))

@@ -180,3 +180,44 @@ class ObjectOutputModel(nn.Module):
 
 def object_output_model() -> nn.Module:
     return ObjectOutputModel()
+
+
+class _Rows(Dataset):
+    """Hugging Face-style dict items: the inputs under their own keys, the target under
+    "labels" (or under "label" with ``key="label"``)."""
+
+    def __init__(self, key: str = "labels", target: bool = True) -> None:
+        self.base = digits_like()
+        self.key, self.target = key, target
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        x, y = self.base[i]
+        row = {"features": x[:4], "extra": x[4:]}
+        return {**row, self.key: y} if self.target else row
+
+
+def dict_rows(key: str = "labels", target: bool = True) -> Dataset:
+    return _Rows(key, target)
+
+
+class _KeywordModel(nn.Module):
+    """Takes its inputs as keyword arguments, as Hugging Face models do; with ``labels``
+    it returns {"loss", "logits"} (for ``loss: model``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, features: torch.Tensor, extra: torch.Tensor,
+                labels: torch.Tensor | None = None) -> object:
+        logits = self.a(features) + torch.tanh(self.b(extra))
+        if labels is None:
+            return logits
+        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def keyword_model() -> nn.Module:
+    return _KeywordModel()
