@@ -620,7 +620,9 @@ def with_lr_search(report: Report, search: LrSearch) -> Report:
     loss. A search the budget cut short makes the report partial."""
     rec = report.recommendation
     assert rec is not None
-    notes = (*rec.notes, wording.lr_search_line(search), *search.notes)
+    # With no trial the line already says why (search.notes repeats it, for the JSON).
+    notes = (*rec.notes, wording.lr_search_line(search),
+             *(search.notes if search.trials else ()))
     status = "partial" if search.stopped == "budget" else report.status
     finished = any(math.isfinite(t.loss) for t in search.trials)
     cut = wording.LR_SEARCH_CUT_SHORT if finished else wording.LR_SEARCH_CUT_FIRST

@@ -695,10 +695,7 @@ def describe_lr_search(r: LrSearch, lowest_mean: float | None = None) -> LrSearc
         notes.append(f"every learning rate tried diverged, down to {lowest:g}x the rule's: "
                      "the rule's stands, and may be too high")
     elif not r.trials:
-        notes.append({"budget": "the time budget ended before the first learning rate finished",
-                      "out of memory": f"batch {r.batch_size:,} ran out of memory",
-                      "interrupted": "interrupted before the first learning rate finished",
-                      }.get(r.stopped, "no learning rate finished") + ": the rule's stands")
+        notes.append(_unmeasured_why(r) + ": the rule's stands")
     elif r.stopped == "budget":
         notes.append("the time budget ended the learning-rate search: the best of the "
                      "learning rates that finished")
@@ -714,11 +711,19 @@ def describe_lr_search(r: LrSearch, lowest_mean: float | None = None) -> LrSearc
     return dataclasses.replace(r, notes=tuple(notes))
 
 
+def _unmeasured_why(r: LrSearch) -> str:
+    """Why a learning-rate search has no trial at all."""
+    return {"budget": "the time budget ended before the first learning rate finished",
+            "out of memory": f"batch {r.batch_size:,} ran out of memory",
+            "interrupted": "interrupted before the first learning rate finished",
+            }.get(r.stopped, "no learning rate finished")
+
+
 def lr_search_line(r: LrSearch) -> str:
     """One line: what the learning-rate runs found."""
     if not r.trials:
-        return (f"learning rate at batch {r.batch_size:,}: not measured ({r.stopped}); the "
-                f"{r.lr_rule} rule's {r.rule_learning_rate:.3g} stands")
+        return (f"learning rate at batch {r.batch_size:,}: not measured ({_unmeasured_why(r)}); "
+                f"the {r.lr_rule} rule's {r.rule_learning_rate:.3g} stands")
     tried = ", ".join(f"{t.factor:g}x → {num(t.loss)}" for t in r.trials)
     verdict = ("the rule's stands" if r.factor == 1.0 else
                f"{r.factor:g}x the rule's {r.rule_learning_rate:.3g}: {r.learning_rate:.3g}")

@@ -421,7 +421,12 @@ def test_a_search_the_budget_stops_leaves_the_rule_and_a_partial_report(
     assert doc["status"] == "partial" and doc["lr_search"]["stopped"] == "budget"
     assert rec["lr_factor"] is None
     assert rec["learning_rate"] == pytest.approx(doc["lr_search"]["rule_learning_rate"])
-    assert any("the rule's stands" in n for n in rec["notes"])
+    # one note says it, with why (before, three lines did: two notes and the warning)
+    said = [n for n in rec["notes"] if "stands" in n]
+    assert len(said) == 1, rec["notes"]
+    assert "not measured (the time budget ended before the first learning rate " in said[0]
+    assert doc["lr_search"]["notes"] == [
+        "the time budget ended before the first learning rate finished: the rule's stands"]
     # a partial report says why among its warnings (a CI log shows those), and that the
     # rate is the rule's: no learning rate finished (it said "the best of those that
     # finished", new-user trial)
