@@ -22,13 +22,14 @@ import os
 import platform
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -280,6 +281,40 @@ def _ci(ci: list[float | None] | None) -> str:
     return f"[{_fmt(lo)}, {_fmt(hi) if hi is not None else '∞'}]"
 
 
+def print_table(t: Table, drop: Sequence[str], console: Console | None = None) -> list[str]:
+    """Print ``t``, without the columns ``drop`` names (first to last) while it is too wide
+    for the terminal: a table squeezed below its width cuts numbers to "1,0…". A column
+    whose every cell is "—" (or blank) goes first, unmentioned. Piped output (132 wide)
+    drops a column only when even wrapped headers cannot fit it. A caption names what was
+    hidden; returns it."""
+    console = console or stdout
+    empty = [str(c.header) for c in t.columns
+             if c.header in drop and all(str(v) in ("—", "") for v in c.cells)]
+    hidden: list[str] = []
+    for name in [*empty, *(d for d in drop if d not in empty)]:
+        # measured unbounded: console.measure clamps to the width it is checked against
+        fits = Measurement.get(console, console.options.update_width(10**6), t)
+        if (fits.maximum if console.is_terminal else fits.minimum) <= console.width:
+            break
+        col = next((c for c in t.columns if str(c.header) == name), None)
+        if col is not None and len(t.columns) > 1:
+            t.columns.remove(col)
+            if name not in empty:  # an empty column hides nothing
+                hidden.append(name)
+    if hidden:
+        t.caption = f"hidden to fit the terminal: {', '.join(hidden)} (--json has them)"
+        t.caption_justify = "left"
+    console.print(t)
+    return hidden
+
+
+# Columns a narrow terminal hides first (print_table), the least read first.
+NOISE_DROP = ("B_noise", "probe examples", "seconds", "method", "|G|²", "tr(Σ)", "stopped",
+              "examples seen", "loss")
+CANDIDATES_DROP = ("step time", "per device × accum", "memory", "steps ratio", "time/step",
+                   "fits", "cost")
+
+
 def render_noise(doc: dict[str, Any]) -> Table:
     t = Table(title="Gradient noise scale (measured)", title_justify="left")
     for col in ("step", "examples seen", "loss", "B_simple", "95% CI", "|G|²", "tr(Σ)",
@@ -335,7 +370,7 @@ def render_branches(doc: dict[str, Any]) -> None:
                       _fmt(r["loss"], 4), _fmt(r["reference"], 4) if r["reference"] else "—",
                       " / ".join(_fmt(v, 3) for v in r["losses"]), f"{r['seconds']:.2f}",
                       verdict)
-        stdout.print(t)
+        print_table(t, ("per data order", "seconds", "steps"))
         stdout.print(f"  {b['summary']}", markup=False)
         stdout.print(f"  rule: {b['rule']} ({b['lr_rule']} learning rate)", markup=False)
         for note in b.get("notes") or []:
@@ -356,7 +391,7 @@ def render_branches(doc: dict[str, Any]) -> None:
                 "—" if b["ratio_to_b_simple"] is None
                 else f"{mark.get(b['bound'], '')}{b['ratio_to_b_simple']:.2g}x",
                 f"{b['examples']:,}")
-        stdout.print(t)
+        print_table(t, ("training examples", "examples seen", "B_crit by the rule"))
     average = doc.get("branch_run_average")
     if average:
         stdout.print(f"Run average: {average['summary']}", markup=False)
@@ -380,7 +415,7 @@ def render_schedule(doc: dict[str, Any]) -> None:
                   f"{p['per_device_batch_size']} × {p['grad_accumulation']}",
                   f"{p['learning_rate']:.3g}", _fmt(p["b_n"]), f"{p['steps']:,}",
                   "extrapolated" if p["extrapolated"] else "")
-    stdout.print(t)
+    print_table(t, ("note", "from examples", "B_n there", "per device × accum", "steps"))
     ramp = ", ".join(f"({r['from_step']}, {r['batch_size']}, {r['learning_rate']:.3g})"
                      for r in s["ramp"])
     acc = ", ".join(f"({r['from_step']}, {r['grad_accumulation']})" for r in s["accumulation"])
@@ -446,7 +481,7 @@ def render_report(doc: dict[str, Any]) -> None:
         f"({doc['baseline']['optimizer']})" + (" · cached result" if doc.get("cached") else ""),
         markup=False,
     )
-    stdout.print(render_noise(doc))
+    print_table(render_noise(doc), NOISE_DROP)
     if doc.get("trajectory"):
         from bsfind.wording import trajectory_line
 
@@ -459,7 +494,7 @@ def render_report(doc: dict[str, Any]) -> None:
     for line in hardware_lines(doc):
         stdout.print(line, markup=False)
     if doc.get("candidates"):
-        stdout.print(render_candidates(doc))
+        print_table(render_candidates(doc), CANDIDATES_DROP)
     for row in doc.get("frontier") or []:
         stdout.print(
             f"  {row['gpus']} device(s): batch {row['batch_size']}, time "

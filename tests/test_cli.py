@@ -418,3 +418,37 @@ def test_check_reports_a_misspelt_name_as_a_spec_error() -> None:
                          "unknown optimizer 'adamm' (did you mean 'adam'?")
     assert_clean_failure(run("check", GOOD, "--set", "loss=cross_entropyy"), 2,
                          "unknown loss 'cross_entropyy' (did you mean 'cross_entropy'?")
+
+
+def _noise_doc() -> dict[str, object]:
+    row = {"step": 1280, "examples_seen": 81_920, "loss": 0.00938, "b_simple": 156.2,
+           "ci95": [143.1, 174.4], "grad_norm_sq": 0.0839, "trace_sigma": 13.1,
+           "b_noise": None, "b_noise_ci95": None, "method": "per-example",
+           "examples": 20_864, "seconds": 0.16, "stopped": "converged"}
+    return {"noise_scale": {"step": 1280}, "noise_scale_by_step": [row]}
+
+
+def test_a_narrow_terminal_hides_columns_instead_of_cutting_numbers() -> None:
+    """At 80 columns the 12-column noise table squeezed every number to "1,0…" (new-user
+    trial): now the least read columns go, an empty one first and unmentioned, and a
+    caption names the rest; a wide terminal keeps them all."""
+    import io
+
+    from rich.console import Console
+
+    from bsfind.cli import NOISE_DROP, print_table, render_noise
+
+    out = io.StringIO()
+    narrow = Console(file=out, width=80, force_terminal=True, color_system=None)
+    hidden = print_table(render_noise(_noise_doc()), NOISE_DROP, narrow)
+    text = out.getvalue()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    assert hidden and "B_noise" not in hidden and hidden == list(NOISE_DROP[1:len(hidden) + 1])
+    assert f"hidden to fit the terminal: {', '.join(hidden)}" in text
+    for kept in ("156", "[143, 174]", "81,920"):
+        assert kept in text
+    wide = Console(file=io.StringIO(), width=200, force_terminal=True)
+    assert print_table(render_noise(_noise_doc()), NOISE_DROP, wide) == []
+    # piped (not a terminal), columns go only when even wrapped headers cannot fit
+    piped = Console(file=io.StringIO(), width=132, force_terminal=False)
+    assert print_table(render_noise(_noise_doc()), NOISE_DROP, piped) == []
