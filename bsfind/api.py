@@ -270,6 +270,7 @@ def cache_key(spec: Spec) -> str:
 
     files = []
     refs = [("model.factory", spec.model.factory), ("data.factory", spec.data.factory)]
+    refs += [("data.collate", spec.data.collate)] if spec.data.collate else []
     # a built-in name (or a misspelt one, which the build reports) has no source file
     refs += [(key, ref) for key, ref in (("loss", spec.loss), ("optimizer.name",
                                                                 spec.optimizer.name))

@@ -112,6 +112,13 @@ SCHEMA: dict[str, dict[str, Field]] = {
             example="bsfind.data:digits",
         ),
         "kwargs": Field("mapping", "passed to the data factory", {}),
+        "collate": Field(
+            "str",
+            'optional "module:attr" / "file.py:attr": a function of a list of items '
+            "returning the batch, an (inputs, targets) pair or a dict with 'labels' (to pad "
+            "items of different lengths, or tokenize text)",
+            nullable=True, check=_factory,
+        ),
     },
     "loss": {
         "": Field(
@@ -222,6 +229,7 @@ class ModelSpec:
 class DataSpec:
     factory: str
     kwargs: dict[str, Any]
+    collate: str | None = None
 
 
 @dataclass(frozen=True)

@@ -185,6 +185,8 @@ class Workload:
     # The target's key when items are dicts (Hugging Face style, TARGET_KEYS): the other
     # keys are the inputs, passed to the model as keyword arguments.
     target_key: str | None = None
+    # data.collate: makes a batch of a list of items (else torch's default_collate).
+    collate: Collate | None = None
     model_name: str = "model"
     loss_name: str = "loss"
     data_name: str = "the dataset"
@@ -226,7 +228,7 @@ class Workload:
 
     def with_dataset(self, dataset: Any) -> Workload:
         """The same model, loss and optimizer over another dataset (a split of this one)."""
-        tensors, target_key = _check_dataset(dataset, "dataset")
+        tensors, target_key = _check_dataset(dataset, "dataset", self.collate)
         return dataclasses.replace(self, dataset=dataset, tensors=tensors,
                                    target_key=target_key)
 
@@ -260,20 +262,33 @@ class Workload:
             except Exception as exc:
                 raise UserCodeError(f"{self.data_name}: an item raised "
                                     f"{type(exc).__name__}: {exc}") from exc
-            try:
-                batch = torch.utils.data.default_collate(items)
-                if self.target_key is not None:
-                    x = dict(batch)
-                    y = x.pop(self.target_key)
-                else:
-                    x, y = batch
-            except Exception as exc:
-                raise UserCodeError(
-                    f"{self.data_name}: {len(items)} items do not batch together "
-                    f"({type(exc).__name__}: {exc})",
-                    hint="every item's input and target must have the same shape (pad "
-                         "or crop them in the dataset), or be a dict/tuple of such") from exc
+            if self.collate is not None:
+                batch = _collated(self.collate, items, "data.collate")
+            else:
+                try:
+                    batch = torch.utils.data.default_collate(items)
+                except Exception as exc:
+                    raise UserCodeError(
+                        f"{self.data_name}: {len(items)} items do not batch together "
+                        f"({type(exc).__name__}: {exc})",
+                        hint="every item's input and target must have the same shape (pad "
+                             "or crop them in the dataset, or name a data.collate that "
+                             "pads them), or be a dict/tuple of such") from exc
+            x, y = self._split(batch)
         return _to(x, self.device), _to(y, self.device)
+
+    def _split(self, batch: Any) -> tuple[Any, Any]:
+        """(inputs, targets) of a collated batch: a pair, or a dict less its target."""
+        if self.target_key is None and isinstance(batch, (tuple, list)) and len(batch) == 2:
+            return batch[0], batch[1]
+        if self.target_key is not None and isinstance(batch, Mapping) \
+                and self.target_key in batch:
+            x = dict(batch)
+            return x, x.pop(self.target_key)
+        raise UserCodeError(
+            f"{self.data_name}: a batch is {_shapes(batch)}, not the "
+            + ("(input, target) pair" if self.target_key is None
+               else f"dict with {self.target_key!r}") + " its first one was")
 
     def loss(self, indices: torch.Tensor) -> torch.Tensor:
         """Forward the examples and return the (mean) loss, checked."""
@@ -375,10 +390,15 @@ def resolve_device(name: str) -> torch.device:
 TARGET_KEYS = ("labels", "label")
 
 
-def _check_dataset(ds: Any, ref: str) -> tuple[tuple[torch.Tensor, ...] | None, str | None]:
+Collate = Callable[[list[Any]], Any]
+
+
+def _check_dataset(ds: Any, ref: str, collate: Collate | None = None,
+                   collate_ref: str = "data.collate"
+                   ) -> tuple[tuple[torch.Tensor, ...] | None, str | None]:
     """Check ``ds`` is a non-empty map-style dataset of (input, target) pairs or of dicts
-    with a TARGET_KEYS entry; returns (its tensors when a TensorDataset, the dict items'
-    target key)."""
+    with a TARGET_KEYS entry (with ``collate``: that its batch of the first two items is
+    one of those); returns (its tensors when a TensorDataset, the target's key when dicts)."""
     if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
         raise UserCodeError(
             f"data.factory {ref!r} returned {type(ds).__name__}, not a map-style Dataset "
@@ -391,33 +411,51 @@ def _check_dataset(ds: Any, ref: str) -> tuple[tuple[torch.Tensor, ...] | None, 
     if n == 0:
         raise UserCodeError(f"data.factory {ref!r} returned an empty dataset")
     try:
-        item = ds[0]
+        items = [ds[i] for i in range(min(n, 2 if collate is not None else 1))]
     except Exception as exc:
         raise UserCodeError(
             f"data.factory {ref!r}: dataset[0] raised {type(exc).__name__}: {exc}"
         ) from exc
-    if isinstance(item, Mapping):
-        key = next((k for k in TARGET_KEYS if k in item), None)
+    if collate is not None:
+        batch = _collated(collate, items, collate_ref)
+        return None, _target_key(batch, f"{collate_ref} {getattr(collate, '__name__', '')}"
+                                 .strip() + f": its batch of {len(items)} items")
+    key = _target_key(items[0], f"data.factory {ref!r}: dataset[0]")
+    if key is None and isinstance(ds, torch.utils.data.TensorDataset) and len(ds.tensors) == 2:
+        return tuple(ds.tensors), None
+    return None, key
+
+
+def _collated(collate: Collate, items: list[Any], ref: str) -> Any:
+    try:
+        return collate(items)
+    except Exception as exc:
+        raise UserCodeError(f"{ref} raised {type(exc).__name__} on {len(items)} items: "
+                            f"{exc}") from exc
+
+
+def _target_key(obj: Any, what: str) -> str | None:
+    """The TARGET_KEYS entry of a dict item (or batch), None for an (input, target) pair;
+    a UserCodeError for anything else. ``what`` names it in the message."""
+    if isinstance(obj, Mapping):
+        key = next((k for k in TARGET_KEYS if k in obj), None)
         if key is None:
             raise UserCodeError(
-                f"data.factory {ref!r}: dict items need the target under "
-                f"{' or '.join(repr(k) for k in TARGET_KEYS)}; dataset[0] has "
-                f"{', '.join(map(repr, item)) or 'no keys'}",
+                f"{what}: a dict needs the target under "
+                f"{' or '.join(repr(k) for k in TARGET_KEYS)}; it has "
+                f"{', '.join(map(repr, obj)) or 'no keys'}",
                 hint="return (input, target) pairs, or name the target 'labels' (the "
                      "other keys are passed to the model as keyword arguments)")
-        if len(item) == 1:
-            raise UserCodeError(f"data.factory {ref!r}: dict items hold only the target "
-                                f"{key!r}, no inputs")
-        return None, key
-    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        if len(obj) == 1:
+            raise UserCodeError(f"{what}: a dict holding only the target {key!r}, no inputs")
+        return key
+    if not isinstance(obj, (tuple, list)) or len(obj) != 2:
         raise UserCodeError(
-            f"data.factory {ref!r}: items must be (input, target) pairs or dicts with a "
-            f"'labels' key, got {type(item).__name__}"
-            + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else "")
+            f"{what}: must be an (input, target) pair or a dict with a 'labels' key, got "
+            f"{type(obj).__name__}"
+            + (f" of length {len(obj)}" if isinstance(obj, (tuple, list)) else "")
         )
-    if isinstance(ds, torch.utils.data.TensorDataset) and len(ds.tensors) == 2:
-        return tuple(ds.tensors), None
-    return None, None
+    return None
 
 
 # The weights file of a Hugging Face save_pretrained folder (the first that exists).
@@ -531,9 +569,19 @@ def _build(spec: Spec, device: torch.device) -> Workload:
     sources: list[Path] = []
     model = _build_model(spec, sources)
     d = call_factory(spec.data.factory, spec.data.kwargs, spec.base_dir, "data")
-    tensors, target_key = _check_dataset(d.obj, spec.data.factory)
     if d.source_file:
         sources.append(d.source_file)
+    collate = None
+    if spec.data.collate is not None:
+        c = resolve(spec.data.collate, spec.base_dir, "data.collate")
+        if not callable(c.obj):
+            raise ResolutionError(f"data.collate {spec.data.collate!r} is not callable",
+                                  hint="name a function of a list of items")
+        collate = c.obj
+        if c.source_file:
+            sources.append(c.source_file)
+    tensors, target_key = _check_dataset(d.obj, spec.data.factory, collate,
+                                         f"data.collate {spec.data.collate!r}")
     loss_fn = _resolve_loss(spec, sources)
     opt_cls = _resolve_optimizer(spec, sources)
     model.to(device)
@@ -549,6 +597,7 @@ def _build(spec: Spec, device: torch.device) -> Workload:
         source_files=sources,
         tensors=tensors,
         target_key=target_key,
+        collate=collate,
         model_name=spec.model.factory,
         loss_name=spec.loss,
         data_name=f"data.factory {spec.data.factory!r}",

@@ -221,3 +221,61 @@ class _KeywordModel(nn.Module):
 
 def keyword_model() -> nn.Module:
     return _KeywordModel()
+
+
+class _Sentences(Dataset):
+    """Token sequences of different lengths (3 to 9) with a class each: they do not stack
+    without padding."""
+
+    def __init__(self, n: int = 96) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.rows = [torch.randint(1, 50, (3 + i % 7,), generator=g) for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, object]:
+        return {"input_ids": self.rows[i], "label": int(self.rows[i][0]) % 3}
+
+
+def sentences() -> Dataset:
+    return _Sentences()
+
+
+def pad(items: list[dict[str, object]]) -> dict[str, torch.Tensor]:
+    """Pad input_ids with 0 to the longest in the batch, with the attention mask."""
+    ids = nn.utils.rnn.pad_sequence([r["input_ids"] for r in items],  # type: ignore[misc]
+                                    batch_first=True)
+    return {"input_ids": ids, "attention_mask": (ids != 0).long(),
+            "labels": torch.tensor([r["label"] for r in items])}
+
+
+def pad_pairs(items: list[dict[str, object]]) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = pad(items)
+    return batch["input_ids"], batch["labels"]
+
+
+def raising_collate(items: list[object]) -> object:
+    raise ValueError("no tokenizer loaded")
+
+
+def scalar_collate(items: list[object]) -> object:
+    return 3
+
+
+class _BagOfWords(nn.Module):
+    """Mean embedding over the unmasked tokens, then a linear classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.out = nn.Embedding(50, 8), nn.Linear(8, 3)
+
+    def forward(self, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = (attention_mask if attention_mask is not None else input_ids != 0).float()
+        pooled = (self.emb(input_ids) * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        return self.out(pooled)
+
+
+def bag_of_words() -> nn.Module:
+    return _BagOfWords()

@@ -1,7 +1,8 @@
-"""Datasets of dict items (Hugging Face style): the target under "labels" or "label",
-the other keys passed to the model as keyword arguments, on every path that runs it.
+"""Items as Hugging Face datasets give them: dicts with the target under "labels" or
+"label", the other keys passed to the model as keyword arguments, on every path that
+runs it; and ``data.collate``, a user's function making the batch (padding).
 
-    .venv/bin/python -m pytest tests/test_dict_items.py
+    .venv/bin/python -m pytest tests/test_items.py
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def test_the_loss_calls_the_model_with_keywords(key: str) -> None:
 
 
 def test_dict_items_without_a_target_are_a_clear_error() -> None:
-    with pytest.raises(UserCodeError, match="dict items need the target under 'labels' or "
-                                            "'label'; dataset\\[0\\] has 'features', 'extra'"):
+    with pytest.raises(UserCodeError, match="dataset\\[0\\]: a dict needs the target under "
+                                            "'labels' or 'label'; it has 'features', 'extra'"):
         job_of("data.kwargs={target: false}")
 
 
@@ -86,3 +87,39 @@ def test_a_gpu_prediction_runs_the_model_as_the_loss_does(loss: str) -> None:
 
     assert flops_per_example(job.model, batch_maker(job, 0), job.loss_fn,
                              forward=job.forward) == 2 * (2 * 2 * 4 * 3)
+
+
+PADDED = ["model.factory=user_code.py:bag_of_words", "data.factory=user_code.py:sentences",
+          "data.collate=user_code.py:pad"]
+
+
+def test_a_collate_function_pads_items_of_different_lengths() -> None:
+    job = build(load_spec(GOOD, PADDED))
+    idx = torch.tensor([0, 1, 6])  # lengths 3, 4 and 9
+    x, y = job.batch(idx)
+    assert sorted(x) == ["attention_mask", "input_ids"] and x["input_ids"].shape == (3, 9)
+    assert x["attention_mask"].sum(1).tolist() == [3, 4, 9]
+    assert y.tolist() == [int(job.dataset[i]["input_ids"][0]) % 3 for i in (0, 1, 6)]
+    torch.testing.assert_close(job.loss(idx), F.cross_entropy(job.model(**x), y))
+    # a collate returning (inputs, targets): the model gets the inputs positionally
+    pairs = build(load_spec(GOOD, [*PADDED, "data.collate=user_code.py:pad_pairs"]))
+    ids, y2 = pairs.batch(idx)
+    assert torch.equal(ids, x["input_ids"]) and torch.equal(y2, y)
+
+
+def test_noise_through_a_collate_function_is_exact() -> None:
+    """B_simple on padded batches within 10% of the exact value from every example's own
+    gradient (one example alone needs no padding; the mask keeps pads out of it)."""
+    from bsfind.api import noise_scale_at
+    from bsfind.noise.probe import ProbeOptions
+
+    job = build(load_spec(GOOD, PADDED))
+    est = noise_scale_at(job, ProbeOptions(method="per-example", batch_size=16,
+                                           target_rel_error=0.05), max_seconds=60)
+    assert est.method == "per-example"
+    params = [p for p in job.model.parameters() if p.requires_grad]
+    stack = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        job.loss(torch.tensor([i])), params)]).double() for i in range(len(job))])
+    g2 = float(stack.mean(0).pow(2).sum())
+    exact = (float(stack.pow(2).sum(1).mean()) - g2) / g2
+    assert est.b_simple == pytest.approx(exact, rel=0.10), (est.b_simple, exact)
