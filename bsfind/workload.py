@@ -101,6 +101,10 @@ def resolve(ref: str, base_dir: Path, key: str) -> Resolved:
             raise ResolutionError(f"{key} {ref!r}: cannot load {path} as a Python module")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
+        # its folder on the import path, as `python file.py` puts it: a factory file
+        # imports its neighbours (`from model import Net`), at import or when called
+        if str(path.parent) not in sys.path:
+            sys.path.insert(0, str(path.parent))
         try:
             spec.loader.exec_module(module)
         except Exception as exc:

@@ -461,3 +461,11 @@ def test_a_narrow_terminal_hides_columns_instead_of_cutting_numbers() -> None:
     # piped (not a terminal), columns go only when even wrapped headers cannot fit
     piped = Console(file=io.StringIO(), width=132, force_terminal=False)
     assert print_table(render_noise(_noise_doc()), NOISE_DROP, piped) == []
+
+
+def test_a_factory_file_imports_its_neighbours() -> None:
+    """`from user_code import good_model` in a factory file: its folder is on the import
+    path, as under `python file.py` (a new user's model file failed with
+    ModuleNotFoundError)."""
+    r = run("validate", GOOD, "--set", "model.factory=sibling_factory.py:model")
+    assert r.exit_code == 0, r.output
