@@ -299,6 +299,10 @@ class Workload:
         x, y = self.batch(indices)
         return self.loss_on(x, y)
 
+    def fp32_loss(self, x: Any, y: torch.Tensor) -> torch.Tensor:
+        """:meth:`loss_on` without autocast: what the memory and FLOP counts run."""
+        return self.loss_on(x, y, autocast=False)
+
     def forward(self, x: Any, y: torch.Tensor) -> Any:
         """The model's outputs on a batch, called as the spec says: ``model(x)``;
         with ``loss: model`` also ``labels=y``; a dict of inputs from dict items (or
@@ -308,9 +312,11 @@ class Workload:
             return self.model(**x, **labels)
         return self.model(x, **labels)
 
-    def loss_on(self, x: Any, y: torch.Tensor) -> torch.Tensor:
+    def loss_on(self, x: Any, y: torch.Tensor, autocast: bool = True) -> torch.Tensor:
+        """The checked loss of a batch: the user's errors as UserCodeError. ``autocast``
+        False runs in fp32 whatever hardware.precision says (the memory count's)."""
         ctx = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
-               if self.autocast_dtype is not None else contextlib.nullcontext())
+               if self.autocast_dtype is not None and autocast else contextlib.nullcontext())
         own = self.loss_fn is model_loss
         with ctx:
             try:

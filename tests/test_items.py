@@ -86,7 +86,7 @@ def test_a_gpu_prediction_runs_the_model_as_the_loss_does(loss: str) -> None:
     from bsfind.hardware.measure import batch_maker
 
     assert flops_per_example(job.model, batch_maker(job, 0), job.loss_fn,
-                             forward=job.forward) == 2 * (2 * 2 * 4 * 3)
+                             loss_of=job.fp32_loss) == 2 * (2 * 2 * 4 * 3)
 
 
 PADDED = ["model.factory=user_code.py:bag_of_words", "data.factory=user_code.py:sentences",
@@ -123,3 +123,19 @@ def test_noise_through_a_collate_function_is_exact() -> None:
     g2 = float(stack.mean(0).pow(2).sum())
     exact = (float(stack.pow(2).sum(1).mean()) - g2) / g2
     assert est.b_simple == pytest.approx(exact, rel=0.10), (est.b_simple, exact)
+
+
+@pytest.mark.parametrize("gpu", [None, "h100-80gb"])
+def test_a_model_error_while_counting_memory_is_the_users(gpu: str | None) -> None:
+    """The memory count (batches 2 and 8) and the FLOP count run the user's model: its
+    error is a UserCodeError naming the model (exit 3), not an internal error (exit 70,
+    "report the traceback"), as a new user's trial found."""
+    from bsfind.hardware.measure import HardwareOptions, memory_model, predict_on_gpu
+
+    job = build(load_spec(GOOD, ["model.factory=user_code.py:raises_at_batch"]))
+    opts = HardwareOptions(lr=0.1)
+    with pytest.raises(UserCodeError, match="raises_at_batch' raised RuntimeError in forward"):
+        if gpu is None:
+            memory_model(job, lambda b: None, opts)
+        else:
+            predict_on_gpu(job, None, gpu, precision="fp32", opts=opts)

@@ -350,7 +350,7 @@ def _requires_grad_tensors(x: Any) -> list[torch.Tensor]:
 
 def _step_flops(model: nn.Module, inputs: Any, targets: Any,
                 loss_fn: Callable[[Any, Any], torch.Tensor],
-                forward: Callable[[Any, Any], Any] | None) -> int:
+                loss_of: Callable[[Any, Any], torch.Tensor] | None) -> int:
     params = [p for p in model.parameters() if p.requires_grad]
     wrt = params + _requires_grad_tensors(inputs)
     # backward(inputs=...) rather than autograd.grad: FlopCounterMode's module
@@ -362,8 +362,8 @@ def _step_flops(model: nn.Module, inputs: Any, targets: Any,
                 FlopCounterMode(display=False) as counter:
             for p in params:
                 p.grad = None
-            out = model(inputs) if forward is None else forward(inputs, targets)
-            loss = loss_fn(out, targets)
+            loss = (loss_fn(model(inputs), targets) if loss_of is None
+                    else loss_of(inputs, targets))
             if wrt:
                 loss.backward(inputs=wrt)
     finally:
@@ -377,7 +377,7 @@ def flops_per_example(
     make_batch: Callable[[int], tuple[Any, Any]],
     loss_fn: Callable[[Any, Any], torch.Tensor],
     sizes: tuple[int, int] = (2, 4),
-    forward: Callable[[Any, Any], Any] | None = None,
+    loss_of: Callable[[Any, Any], torch.Tensor] | None = None,
 ) -> float:
     """FLOPs one example adds to a training step (forward + backward).
 
@@ -390,8 +390,8 @@ def flops_per_example(
     input needs a gradient, as for every layer but the first)
     2·d_in·d_out for the input gradient: the familiar 3 × forward inside a
     network, 2 × forward for a first layer. The model's parameter gradients,
-    buffers and the RNG are left untouched. ``forward(inputs, targets) -> outputs``
-    replaces ``model(inputs)`` (a workload's call convention).
+    buffers and the RNG are left untouched. ``loss_of(inputs, targets) -> loss``
+    replaces ``loss_fn(model(inputs), targets)`` (a workload's call convention).
     """
     small, big = sizes
     if small == big or min(sizes) < 1:
@@ -399,7 +399,7 @@ def flops_per_example(
     counts = []
     for b in (small, big):
         x, y = make_batch(b)
-        counts.append(_step_flops(model, x, y, loss_fn, forward))
+        counts.append(_step_flops(model, x, y, loss_fn, loss_of))
     return max(0.0, (counts[1] - counts[0]) / (big - small))
 
 

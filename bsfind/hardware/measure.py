@@ -110,7 +110,7 @@ def memory_model(job: Workload, step: Callable[[int], None], opts: HardwareOptio
     return mem.predict_memory(
         job.model, batch_maker(job, opts.seed), job.loss_fn, job.optimizer_cls,
         limit_bytes=mem.cpu_memory_limit(opts.memory_fraction) // max(1, ram_share),
-        optimizer_kwargs={"lr": opts.lr, **job.optimizer_kwargs}, forward=job.forward,
+        optimizer_kwargs={"lr": opts.lr, **job.optimizer_kwargs}, loss_of=job.fp32_loss,
     )
 
 
@@ -178,9 +178,9 @@ def predict_on_gpu(
             memory = mem.predict_memory(
                 job.model, make_batch, job.loss_fn, job.optimizer_cls,
                 limit_bytes=gpu.memory_bytes,
-                optimizer_kwargs={"lr": opts.lr, **job.optimizer_kwargs}, forward=job.forward,
+                optimizer_kwargs={"lr": opts.lr, **job.optimizer_kwargs}, loss_of=job.fp32_loss,
             )
-        flops = gpus.flops_per_example(job.model, make_batch, job.loss_fn, forward=job.forward)
+        flops = gpus.flops_per_example(job.model, make_batch, job.loss_fn, loss_of=job.fp32_loss)
     pred_time = gpus.predict_timing(flops, gpu, precision)
     pred_mem = gpus.predict_memory_on(gpu, memory, opts.memory_fraction)
     return pred_mem, pred_time, gpu.price_per_hour

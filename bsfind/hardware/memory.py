@@ -34,9 +34,10 @@ from bsfind.errors import HardwareError
 from bsfind.results import MemoryModel
 
 LossFn = Callable[[Any, Any], torch.Tensor]
-# ``forward(inputs, targets) -> outputs``: how a batch reaches the model, when not
-# ``model(inputs)`` (a workload's call convention: keyword inputs, labels=targets).
-Forward = Callable[[Any, Any], Any]
+# ``loss_of(inputs, targets) -> loss``: a batch's loss when not ``loss_fn(model(inputs),
+# targets)`` (a workload's: its call convention, keyword inputs, labels=targets, and
+# the user's errors reported as theirs).
+LossOf = Callable[[Any, Any], torch.Tensor]
 MakeBatch = Callable[[int], tuple[Any, Any]]
 
 # Stand-in for "no per-example memory at all": the line never reaches the limit.
@@ -440,7 +441,7 @@ def _storage_key(t: torch.Tensor) -> tuple[str, int] | None:
 
 def saved_activation_bytes(
     model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn,
-    forward: Forward | None = None,
+    loss_of: LossOf | None = None,
 ) -> int:
     """Bytes autograd keeps for the backward pass of one forward + loss.
 
@@ -475,9 +476,9 @@ def saved_activation_bytes(
 
     with preserved_state(model), torch.enable_grad():
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(inputs) if forward is None else forward(inputs, targets)
-            loss = loss_fn(out, targets)
-        del out, loss
+            loss = (loss_fn(model(inputs), targets) if loss_of is None
+                    else loss_of(inputs, targets))
+        del loss
     return sum(seen.values()) + loose
 
 
@@ -512,7 +513,7 @@ def predict_memory(
     limit_bytes: int,
     sizes: tuple[int, int] = (2, 8),
     optimizer_kwargs: Mapping[str, Any] | None = None,
-    forward: Forward | None = None,
+    loss_of: LossOf | None = None,
 ) -> MemoryModel:
     """M(B) = fixed + per_example·B from counted bytes (``source="predicted"``).
 
@@ -529,7 +530,8 @@ def predict_memory(
     Args:
         make_batch: ``make_batch(B) -> (inputs, targets)`` on the model's device.
         sizes: the two batch sizes counted (distinct).
-        forward: ``forward(inputs, targets) -> outputs`` when not ``model(inputs)``.
+        loss_of: ``loss_of(inputs, targets) -> loss`` when not ``loss_fn(model(inputs),
+            targets)``.
     """
     small, big = sizes
     if small == big or min(small, big) < 1:
@@ -538,7 +540,7 @@ def predict_memory(
     counted = []
     for b in (small, big):
         x, y = make_batch(b)
-        counted.append((float(b), float(saved_activation_bytes(model, x, y, loss_fn, forward))))
+        counted.append((float(b), float(saved_activation_bytes(model, x, y, loss_fn, loss_of))))
     intercept, slope = _line(counted)
     slope = max(0.0, slope)
     fixed = p + g + o + max(0, int(round(intercept)))

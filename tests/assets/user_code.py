@@ -279,3 +279,21 @@ class _BagOfWords(nn.Module):
 
 def bag_of_words() -> nn.Module:
     return _BagOfWords()
+
+
+class _RaisesAtBatch(nn.Module):
+    """Raises in forward on a batch of ``n`` examples only (as a model with a shape bug
+    the probe's batches never meet)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n, self.lin = n, nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == self.n:
+            raise RuntimeError(f"shape '[{self.n // 4}, -1, 3]' is invalid")
+        return self.lin(x)
+
+
+def raises_at_batch(n: int = 8) -> nn.Module:
+    return _RaisesAtBatch(n)
