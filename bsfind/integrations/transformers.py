@@ -73,6 +73,15 @@ def _tensors(output: Any) -> list[torch.Tensor]:
     return []
 
 
+def _batch_size(args: Any, kwargs: dict[str, Any]) -> int | None:
+    """Examples in a forward's batch: the first axis of its first tensor input
+    (input_ids, pixel_values, ...); None when it has none."""
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return int(v.shape[0])
+    return None
+
+
 def _loss(output: Any) -> torch.Tensor | None:
     loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
     return loss if isinstance(loss, torch.Tensor) and loss.dim() == 0 else None
@@ -193,6 +202,7 @@ class NoiseScaleCallback(TrainerCallback):
             # step's mean (without it each is its own mean, and they are averaged).
             self._summed = kwargs.get("num_items_in_batch") is not None
         last = GradientState().sync_gradients  # the Trainer sets it before each micro-batch
+        batch = _batch_size(args, kwargs)  # a DataLoader's partial last batch counts as such
         nodes = {t.grad_fn for t in _tensors(output) if t.grad_fn is not None}
         fired = [False]
 
@@ -207,14 +217,14 @@ class NoiseScaleCallback(TrainerCallback):
             # Queued from a final callback, it runs after those queued during the
             # backward: DDP's, which waits for the all-reduce.
             def queue_again() -> None:
-                compat.queue_backward_callback(lambda: self._after_backward(last))
+                compat.queue_backward_callback(lambda: self._after_backward(last, batch))
 
             compat.queue_backward_callback(queue_again)
 
         for node in nodes:
             node.register_prehook(at_start_of_backward)
 
-    def _after_backward(self, last: bool) -> None:
+    def _after_backward(self, last: bool, batch: int | None) -> None:
         if self.tracker is None:
             return
         if last:
@@ -222,9 +232,9 @@ class NoiseScaleCallback(TrainerCallback):
             loss = (None if losses is None else losses.sum() * self._token_scale if self._summed
                     else losses.mean())
             self._losses = []
-            self.tracker.update(loss)
+            self.tracker.update(loss, batch_size=batch)
         else:
-            self.tracker.micro_step()
+            self.tracker.micro_step(batch_size=batch)
 
     # -- logs ---------------------------------------------------------------------------------
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,

@@ -218,3 +218,25 @@ def test_a_ranks_loss_under_token_averaging_across_devices_is_its_own_mean() -> 
     callback._losses = [torch.tensor(20 / 32), torch.tensor(12 / 32)]
     callback._after_backward(True)
     assert seen == [pytest.approx(2.0)]
+
+
+def test_a_partial_last_batch_counts_its_own_examples(tmp_path: Path) -> None:
+    """2,048 examples at batch 60: each epoch ends with a batch of 8. The callback reads
+    every forward's batch size from its inputs, so the records count what was trained
+    (before, a partial batch counted as a full one: +52 an epoch, new-user trial)."""
+    callback = NoiseScaleCallback(every=8, window=10_000)
+    trainer = Trainer(model=Classifier(),
+                      args=_args(tmp_path, per_device_train_batch_size=60, max_steps=120),
+                      train_dataset=Examples(), callbacks=[callback])
+    trainer.train()
+    assert callback.tracker is not None
+    per_epoch = math.ceil(2048 / 60)  # 35 steps: 34 of 60, then 8
+
+    def trained(steps: int) -> int:
+        epochs, rest = divmod(steps, per_epoch)
+        return epochs * 2048 + rest * 60
+
+    recs = callback.tracker.records
+    assert recs and recs[-1].step > 2 * per_epoch
+    for r in recs:
+        assert r.examples == trained(r.step + 1), (r.step, r.examples)
