@@ -262,6 +262,7 @@ def cache_key(spec: Spec) -> str:
     """
     import os
     import platform
+    import sys
 
     from bsfind import __version__, cache
     from bsfind.hardware.measure import usable_cpus
@@ -279,6 +280,10 @@ def cache_key(spec: Spec) -> str:
         src = resolve(ref, spec.base_dir, key).source_file
         if src is not None:
             files.append(src)
+    # and what they imported from the user's tree (at import time: not a factory's lazy
+    # import inside its body), under the spec's folder and theirs
+    files += cache.user_sources({spec.base_dir, *(f.parent for f in files)},
+                                sys.modules.values())
     # the weights files themselves (a save_pretrained folder's), every one of a list
     if spec.model.checkpoint:
         files.append(checkpoint_file(spec.model.checkpoint, spec.base_dir))

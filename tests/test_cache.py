@@ -193,3 +193,32 @@ def test_the_cache_key_covers_every_checkpoint_file(tmp_path: Path) -> None:
 
     data = (tmp_path / "b.pt").read_bytes()
     assert file_digest(tmp_path / "b.pt", chunk=7) == hashlib.sha256(data).digest()
+
+
+def test_the_cache_key_covers_what_a_factory_file_imports(tmp_path: Path) -> None:
+    """A factory file's neighbour (`from helper_cache_t import WIDTH`) counts: editing it
+    gives a new key (a new user's `bsfind check` returned the old model's cached answer);
+    an installed package's files do not count."""
+    from bsfind.api import cache_key
+    from bsfind.spec import load_spec
+    from tests.conftest import CONFIGS
+
+    (tmp_path / "helper_cache_t.py").write_text("WIDTH = 64\n")
+    (tmp_path / "fac.py").write_text(
+        "from helper_cache_t import WIDTH\nimport yaml\n"
+        "from bsfind.models import mlp\n\n"
+        "def model():\n    return mlp(64, WIDTH, 1, 10)\n")
+    (tmp_path / "spec.yaml").write_text((CONFIGS / "digits-mlp.yaml").read_text())
+    spec = load_spec(tmp_path / "spec.yaml", ["model.factory=fac.py:model",
+                                              "model.kwargs={}"])
+    before = cache_key(spec)
+    assert cache_key(spec) == before
+    (tmp_path / "helper_cache_t.py").write_text("WIDTH = 8\n")
+    assert cache_key(spec) != before
+    import sys
+
+    import yaml
+
+    roots = [tmp_path, Path(yaml.__file__).parent.parent]
+    found = cache.user_sources(roots, sys.modules.values())
+    assert tmp_path / "helper_cache_t.py" in found and Path(yaml.__file__) not in found
