@@ -579,8 +579,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise UsageError(f"--set {text!r}: the value is not valid YAML ({exc})") from None
+        raise UsageError(f"--set {text!r}: the value is not valid YAML ({_yaml_problem(exc)})",
+                         hint="quote the whole --set when its value has spaces: "
+                              "--set \"probe.at_steps=[0, 200]\"") from None
     return key.split("."), value
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's message in one line: its problem, and where (for a file, the line)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return problem + (f" at column {mark.column + 1}" if mark is not None else "")
 
 
 def apply_overrides(document: Any, overrides: Sequence[str]) -> Any:
@@ -588,19 +597,24 @@ def apply_overrides(document: Any, overrides: Sequence[str]) -> Any:
     from bsfind.errors import UsageError
 
     doc = copy.deepcopy(document) if document is not None else {}
+    written: dict[str, str] = {}  # key path -> the --set that last wrote it
     for text in overrides:
         keys, value = parse_override(text)
         node = doc
-        for i, k in enumerate(keys[:-1]):
+        for i, k in enumerate([*keys[:-1], None]):
             if not isinstance(node, dict):
-                raise UsageError(f"--set {text!r}: {'.'.join(keys[:i])} is not a mapping")
+                path = ".".join(keys[:i])
+                by = (f"--set {written[path]!r} made it" if path in written
+                      else "the spec file has it as")
+                raise UsageError(f"--set {text!r}: {path} is not a mapping ({by} {node!r})")
+            if k is None:
+                break
             nxt = node.get(k)
             if nxt is None:
                 nxt = node[k] = {}
             node = nxt
-        if not isinstance(node, dict):
-            raise UsageError(f"--set {text!r}: {'.'.join(keys[:-1])} is not a mapping")
         node[keys[-1]] = value
+        written[".".join(keys)] = text
     return doc
 
 
@@ -639,9 +653,14 @@ def _from_set(problem: str, overrides: Sequence[str]) -> str:
     """``problem`` with the ``--set`` it came from, when its key path is one that an
     override wrote (the file is not to blame)."""
     path = problem.split(":", 1)[0].strip()
-    for text in overrides:
-        key = text.partition("=")[0].strip()
-        if path == key or path.startswith(key + ".") or key.startswith(path + "."):
+    keys = [(text, text.partition("=")[0].strip()) for text in overrides]
+    # the last override of the path itself or of a section above it wrote its value;
+    # else one below it made the section
+    for text, key in reversed(keys):
+        if path == key or path.startswith(key + "."):
+            return f"{problem} (from --set {text})"
+    for text, key in keys:
+        if key.startswith(path + "."):
             return f"{problem} (from --set {text})"
     return problem
 

@@ -91,8 +91,27 @@ def test_overrides_parse_yaml_values(tmp_path: Path) -> None:
 def test_override_errors() -> None:
     with pytest.raises(UsageError, match="expected key.path=value"):
         apply_overrides(GOOD, ["probe.seed"])
-    with pytest.raises(UsageError, match="not a mapping"):
-        apply_overrides(GOOD, ["optimizer.lr.x=1"])
+    with pytest.raises(UsageError, match="optimizer.lr is not a mapping \\(the spec file "
+                                         "has it as 0.001"):
+        apply_overrides({**GOOD, "optimizer": {**GOOD["optimizer"], "lr": 0.001}},
+                        ["optimizer.lr.x=1"])
+    # the --set to blame is the one that made the section a value (new-user trial: the
+    # error named the later, innocent one alone)
+    with pytest.raises(UsageError, match="probe is not a mapping \\(--set 'probe=3' made "
+                                         "it 3\\)"):
+        apply_overrides(GOOD, ["probe=3", "probe.max_seconds=5"])
+    # a value PyYAML cannot read: one line (PyYAML's own message spans about seven)
+    with pytest.raises(UsageError) as info:
+        apply_overrides(GOOD, ["probe.at_steps=[0,200"])
+    assert "\n" not in info.value.message and "not valid YAML (expected ',' or ']'" in (
+        info.value.message)
+
+
+def test_a_spec_problem_names_the_set_that_wrote_the_value(tmp_path: Path) -> None:
+    p = write(tmp_path, yaml.safe_dump(GOOD))
+    with pytest.raises(SpecError) as info:
+        load_spec(p, ["probe.max_seconds=5", "probe=3"])
+    assert info.value.problems[0].endswith("(from --set probe=3)")
 
 
 def test_override_of_unknown_key_is_a_spec_error(tmp_path: Path) -> None:
