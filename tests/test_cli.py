@@ -61,6 +61,7 @@ FAULTS = [
     (["model.factory=nonexistent_mod_xyz:f"], 3, "nonexistent_mod_xyz"),
     (["model.factory=missing.py:f"], 3, "missing.py"),
     (["model.factory=user_code.py:nope"], 3, "has no attribute 'nope'"),
+    (["model.factory=user_code.py:good_modl"], 3, "did you mean 'good_model'?"),
     (["model.kwargs={hidden: 3}"], 3, "model.kwargs"),
     (["model.factory=user_code.py:raising_model"], 3, "boom in the model factory"),
     (["model.factory=broken_import.py:f"], 3, "broken_import.py"),
