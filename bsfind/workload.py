@@ -127,10 +127,10 @@ def resolve(ref: str, base_dir: Path, key: str) -> Resolved:
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            near = _near_name(part, [n for n in dir(obj) if not n.startswith("_")])
+            near = _near_name(part, [n for n in dir(obj) if not n.startswith("_")]).rstrip()
             raise ResolutionError(
-                f"{key} {ref!r}: module {module_part!r} has no attribute {attr!r}",
-                hint=near.rstrip() or None,
+                f"{key} {ref!r}: module {module_part!r} has no attribute {attr!r}"
+                + (f" ({near})" if near else "")
             )
         obj = getattr(obj, part)
     src = getattr(module, "__file__", None)
