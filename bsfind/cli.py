@@ -309,16 +309,21 @@ def print_table(t: Table, drop: Sequence[str], console: Console | None = None) -
 
 
 # Columns a narrow terminal hides first (print_table), the least read first.
-NOISE_DROP = ("B_noise", "probe examples", "seconds", "method", "|G|²", "tr(Σ)", "stopped",
-              "examples seen", "loss")
+NOISE_DROP = ("B_noise", "probe examples", "window examples", "seconds", "method", "|G|²",
+              "tr(Σ)", "stopped", "examples seen", "loss")
 CANDIDATES_DROP = ("step time", "per device × accum", "memory", "steps ratio", "time/step",
                    "fits", "cost")
 
 
 def render_noise(doc: dict[str, Any]) -> Table:
-    t = Table(title="Gradient noise scale (measured)", title_justify="left")
+    # A tracker log's points (bsfind schedule) took no probe time, have no B_noise and all
+    # read "logged": their examples are those the tracker measured in its window.
+    logged = all(n["stopped"] == "logged" for n in doc["noise_scale_by_step"])
+    t = Table(title="Gradient noise scale (" + ("from the tracker log" if logged
+                                               else "measured") + ")", title_justify="left")
     for col in ("step", "examples seen", "loss", "B_simple", "95% CI", "|G|²", "tr(Σ)",
-                "B_noise", "method", "probe examples", "seconds", "stopped"):
+                "B_noise", "method", "window examples" if logged else "probe examples",
+                "seconds", "stopped"):
         t.add_column(col, justify="right" if col not in ("method", "stopped") else "left")
     used = doc.get("noise_scale") or {}
     marked = set(used.get("summary_of") or ([used.get("step")] if used else []))
@@ -339,6 +344,8 @@ def render_noise(doc: dict[str, Any]) -> Table:
             f"{n['seconds']:.2f}" if n["seconds"] < 10 else f"{n['seconds']:.0f}",
             n["stopped"],
         )
+    if logged:
+        t.columns = [c for c in t.columns if c.header not in ("seconds", "stopped", "B_noise")]
     return t
 
 

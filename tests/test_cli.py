@@ -453,7 +453,8 @@ def test_a_narrow_terminal_hides_columns_instead_of_cutting_numbers() -> None:
     hidden = print_table(render_noise(_noise_doc()), NOISE_DROP, narrow)
     text = out.getvalue()
     assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
-    assert hidden and "B_noise" not in hidden and hidden == list(NOISE_DROP[1:len(hidden) + 1])
+    present = [d for d in NOISE_DROP[1:] if d != "window examples"]  # a measured table's
+    assert hidden and "B_noise" not in hidden and hidden == present[:len(hidden)]
     assert f"hidden to fit the terminal: {', '.join(hidden)}" in text
     for kept in ("156", "[143, 174]", "81,920"):
         assert kept in text
@@ -470,3 +471,24 @@ def test_a_factory_file_imports_its_neighbours() -> None:
     ModuleNotFoundError)."""
     r = run("validate", GOOD, "--set", "model.factory=sibling_factory.py:model")
     assert r.exit_code == 0, r.output
+
+
+def test_a_tracker_logs_table_has_no_probe_columns() -> None:
+    """bsfind schedule's points took no probe time and have no B_noise: no seconds (all
+    0.00), stopped (all "logged") or B_noise columns, and the examples column says what
+    its numbers are (new-user trial: "probe examples" 896 with no obvious meaning)."""
+    import io
+
+    from rich.console import Console
+
+    from bsfind.cli import NOISE_DROP, print_table, render_noise
+
+    doc = _noise_doc()
+    doc["noise_scale_by_step"][0].update(stopped="logged", seconds=0.0)  # type: ignore[index]
+    table = render_noise(doc)
+    headers = [str(c.header) for c in table.columns]
+    assert "window examples" in headers and "probe examples" not in headers
+    assert not {"seconds", "stopped", "B_noise"} & set(headers)
+    out = io.StringIO()
+    print_table(table, NOISE_DROP, Console(file=out, width=200))
+    assert "from the tracker log" in out.getvalue() and "20,864" in out.getvalue()
