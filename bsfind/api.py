@@ -30,7 +30,7 @@ from bsfind.results import NoiseEstimate
 from bsfind.runner import LocalRunner
 from bsfind.seeds import Seeds
 from bsfind.spec import Spec
-from bsfind.workload import LossFn, Workload
+from bsfind.workload import Collate, LossFn, Workload
 
 
 def _execute(spec: Spec, command: str, progress: ProgressFn | None,
@@ -135,7 +135,7 @@ def noise_scale_at(
 def measure_noise_scale(
     model: torch.nn.Module,
     dataset: Any,
-    loss_fn: LossFn,
+    loss_fn: LossFn | str,
     *,
     batch_size: int = 64,
     method: str = "auto",
@@ -143,20 +143,30 @@ def measure_noise_scale(
     max_seconds: float = 60.0,
     seed: int = 0,
     progress: ProgressFn | None = None,
+    collate_fn: Collate | None = None,
 ) -> NoiseEstimate:
     """Measure B_simple of ``model`` on ``dataset`` at its current weights.
 
     Args:
         model: any nn.Module (its weights are not changed).
-        dataset: a map-style dataset of (input, target) pairs.
-        loss_fn: fn(outputs, targets) -> mean loss.
+        dataset: a map-style dataset of (input, target) pairs, or of dicts with the
+            target under "labels" or "label" (the rest: the model's keyword arguments).
+        loss_fn: fn(outputs, targets) -> mean loss, or a spec's name for one:
+            "cross_entropy", "mse", "model" (the model's own loss, called with labels=).
         batch_size: the starting big batch (grown while |G|² is unresolved).
         method: "auto", "per-example" or "microbatch".
         seed: seeds the sampling (the stream ``bsfind noise`` uses at step 0).
+        collate_fn: makes a batch of a list of items (the spec's ``data.collate``).
     """
     from bsfind.tracker import paused_on
+    from bsfind.workload import LOSSES
 
-    job = Workload.from_objects(model, dataset, loss_fn)
+    if isinstance(loss_fn, str):
+        if loss_fn not in LOSSES:
+            raise ValueError(f"loss_fn {loss_fn!r}: expected a function or one of "
+                             f"{', '.join(LOSSES)}")
+        loss_fn = LOSSES[loss_fn]
+    job = Workload.from_objects(model, dataset, loss_fn, collate=collate_fn)
     opts = ProbeOptions(method=method, batch_size=batch_size,
                         target_rel_error=target_rel_error)
     with paused_on(model):  # a tracker of the same model neither counts nor meets it

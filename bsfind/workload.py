@@ -31,6 +31,8 @@ from bsfind.seeds import Seeds
 from bsfind.spec import Spec
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# data.collate: a list of items -> the batch, an (inputs, targets) pair or a dict.
+Collate = Callable[[list[Any]], Any]
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD,
@@ -211,6 +213,7 @@ class Workload:
         optimizer: str | type[torch.optim.Optimizer] = "adam",
         optimizer_kwargs: dict[str, Any] | None = None,
         device: torch.device | None = None,
+        collate: Collate | None = None,
     ) -> Workload:
         """Wrap live objects (the notebook API and the evidence scripts).
 
@@ -218,17 +221,18 @@ class Workload:
             optimizer: a name of :data:`OPTIMIZERS` or an optimizer class (the
                 optimizer of warm-up training and of the hardware measurement).
             device: where to run; default the model's.
+            collate: makes a batch of a list of items (else torch's default_collate).
         """
         dev = device or next(model.parameters()).device
         if isinstance(optimizer, str):
             opt_cls, opt_name = OPTIMIZERS.get(optimizer.lower(), torch.optim.Adam), optimizer
         else:
             opt_cls, opt_name = optimizer, optimizer.__name__
-        tensors, target_key = _check_dataset(dataset, "dataset")
+        tensors, target_key = _check_dataset(dataset, "dataset", collate, "collate")
         return cls(
             model=model.to(dev), dataset=dataset, loss_fn=loss_fn,
             optimizer_cls=opt_cls, optimizer_kwargs=dict(optimizer_kwargs or {}), device=dev,
-            optimizer_name=opt_name, tensors=tensors, target_key=target_key,
+            optimizer_name=opt_name, tensors=tensors, target_key=target_key, collate=collate,
             model_name=type(model).__name__, loss_name=getattr(loss_fn, "__name__", "loss"),
         )
 
@@ -400,9 +404,6 @@ def resolve_device(name: str) -> torch.device:
 # The keys a dict item's target may have, first found wins: Hugging Face's convention
 # ("labels" in tokenized datasets and model forwards, "label" in classification sets).
 TARGET_KEYS = ("labels", "label")
-
-
-Collate = Callable[[list[Any]], Any]
 
 
 def _check_dataset(ds: Any, ref: str, collate: Collate | None = None,

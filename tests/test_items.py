@@ -139,3 +139,28 @@ def test_a_model_error_while_counting_memory_is_the_users(gpu: str | None) -> No
             memory_model(job, lambda b: None, opts)
         else:
             predict_on_gpu(job, None, gpu, precision="fp32", opts=opts)
+
+
+def test_the_python_api_takes_dict_items_a_collate_and_a_loss_by_name() -> None:
+    """measure_noise_scale on padded dict items with the model's own loss by name: the
+    same estimate as the spec's path at the same weights and seed."""
+    from bsfind import measure_noise_scale
+    from tests.assets import user_code
+
+    torch.manual_seed(0)
+    model = user_code.keyword_model()
+    rows = user_code.dict_rows()
+    est = measure_noise_scale(model, rows, "model", batch_size=32, seed=3, max_seconds=30)
+    from bsfind.api import noise_scale_at
+    from bsfind.noise.probe import ProbeOptions
+    from bsfind.workload import model_loss
+
+    job = Workload.from_objects(model, rows, model_loss)
+    same = noise_scale_at(job, ProbeOptions(batch_size=32), seed=3, max_seconds=30)
+    assert est.b_simple == same.b_simple
+    padded = measure_noise_scale(user_code.bag_of_words(), user_code.sentences(),
+                                 F.cross_entropy, batch_size=16, max_seconds=30,
+                                 collate_fn=user_code.pad)
+    assert padded.b_simple is not None and padded.method == "per-example"
+    with pytest.raises(ValueError, match="loss_fn 'hinge'"):
+        measure_noise_scale(model, rows, "hinge")
