@@ -272,14 +272,20 @@ def cache_key(spec: Spec) -> str:
     """
     import os
     import platform
-    import sys
 
     from bsfind import __version__, cache
     from bsfind.hardware.measure import usable_cpus
     from bsfind.hardware.nvml import describe_device
-    from bsfind.workload import checkpoint_file, resolve, resolve_device
+    from bsfind.workload import (
+        checkpoint_file,
+        forget_user_modules,
+        resolve,
+        resolve_device,
+        user_module_files,
+    )
 
     files = []
+    forget_user_modules()  # imported afresh below, and recorded
     refs = [("model.factory", spec.model.factory), ("data.factory", spec.data.factory)]
     refs += [("data.collate", spec.data.collate)] if spec.data.collate else []
     # a built-in name (or a misspelt one, which the build reports) has no source file
@@ -290,10 +296,9 @@ def cache_key(spec: Spec) -> str:
         src = resolve(ref, spec.base_dir, key).source_file
         if src is not None:
             files.append(src)
-    # and what they imported from the user's tree (at import time: not a factory's lazy
-    # import inside its body), under the spec's folder and theirs
-    files += cache.user_sources({spec.base_dir, *(f.parent for f in files)},
-                                sys.modules.values())
+    # and the user's own modules their import loaded (not an import inside a factory's
+    # body, which runs only when it is called)
+    files += user_module_files()
     # the weights files themselves (a save_pretrained folder's), every one of a list
     if spec.model.checkpoint:
         files.append(checkpoint_file(spec.model.checkpoint, spec.base_dir))

@@ -42,24 +42,6 @@ def file_digest(path: Path, chunk: int = 1 << 20) -> bytes:
     return h.digest()
 
 
-def user_sources(roots: Iterable[Path], modules: Iterable[Any]) -> list[Path]:
-    """The files of ``modules`` (sys.modules' values) that live under one of ``roots`` and
-    outside an installed environment: what the factory files imported from the user's
-    own tree (``from model import Net``), whose edits must miss the cache too."""
-    dirs = [Path(r).resolve() for r in roots]
-    out = set()
-    for m in list(modules):
-        f = getattr(m, "__file__", None)
-        if not f or not f.endswith(".py"):
-            continue
-        path = Path(f).resolve()
-        if any(part in ("site-packages", "dist-packages") for part in path.parts):
-            continue
-        if any(path.is_relative_to(d) for d in dirs):
-            out.add(path)
-    return sorted(out, key=str)
-
-
 def cache_key(
     spec_document: dict[str, Any], source_files: Iterable[Path], hardware: str, version: str
 ) -> str:

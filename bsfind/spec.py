@@ -604,7 +604,10 @@ def apply_overrides(document: Any, overrides: Sequence[str]) -> Any:
         for i, k in enumerate([*keys[:-1], None]):
             if not isinstance(node, dict):
                 path = ".".join(keys[:i])
-                by = (f"--set {written[path]!r} made it" if path in written
+                # the --set that wrote this path or the section holding it (the longest)
+                writer = next((written[".".join(keys[:j])] for j in range(i, 0, -1)
+                               if ".".join(keys[:j]) in written), None)
+                by = (f"--set {writer!r} made it" if writer is not None
                       else "the spec file has it as")
                 raise UsageError(f"--set {text!r}: {path} is not a mapping ({by} {node!r})")
             if k is None:

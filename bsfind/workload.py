@@ -17,7 +17,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,76 @@ def _is_file_ref(module_part: str) -> bool:
     return module_part.endswith(".py") or "/" in module_part or "\\" in module_part
 
 
+# The user's own modules (outside the Python installation and bsfind) that resolving a
+# factory imported, by sys.modules name: forget_user_modules drops them before each
+# build and cache key, so that an edited helper is read afresh, and user_module_files
+# gives their files to the cache key.
+_USER_MODULES: dict[str, Path] = {}
+
+
+def _installed_roots() -> list[Path]:
+    import sysconfig
+
+    paths = [sys.prefix, sys.base_prefix, sys.exec_prefix,
+             *(sysconfig.get_paths().get(k) for k in ("stdlib", "platstdlib", "purelib",
+                                                      "platlib")),
+             str(Path(__file__).resolve().parent)]
+    roots = {Path(p).resolve() for p in paths if p}
+    return [r for r in roots if len(r.parts) > 1]  # an installation at / rules out nothing
+
+
+def _user_file(module: Any, installed: list[Path]) -> Path | None:
+    """The file of ``module`` when it is the user's own code, else None."""
+    f = getattr(module, "__file__", None)
+    if not f:
+        return None
+    path = Path(f).resolve()
+    if any(part in ("site-packages", "dist-packages") for part in path.parts) or any(
+            path.is_relative_to(r) for r in installed):
+        return None
+    return path
+
+
+def forget_user_modules() -> None:
+    """Drop the user's modules earlier resolves imported: the next resolve imports them
+    afresh (in one process, an edited helper, or another spec's helper of the same name,
+    would otherwise be the one first imported)."""
+    for name in list(_USER_MODULES):
+        sys.modules.pop(name, None)
+    _USER_MODULES.clear()
+
+
+def user_module_files() -> list[Path]:
+    """The files of the user's modules resolves imported since forget_user_modules."""
+    return sorted(set(_USER_MODULES.values()), key=str)
+
+
+@contextlib.contextmanager
+def _importing(folder: Path | None) -> Iterator[None]:
+    """Record the user's modules imported inside; with ``folder``, it is first on the
+    import path meanwhile, as under ``python file.py`` (a factory file imports its
+    neighbours), and last afterwards, for imports inside its functions: first for good
+    would let a user's ``profile.py`` shadow the standard library's for every later
+    import."""
+    before = set(sys.modules)
+    entry = str(folder) if folder is not None else None
+    if entry is not None:
+        sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        if entry is not None:
+            with contextlib.suppress(ValueError):  # the user's code may have removed it
+                sys.path.remove(entry)
+            if entry not in sys.path:
+                sys.path.append(entry)
+        installed = _installed_roots()
+        for name in set(sys.modules) - before:
+            path = _user_file(sys.modules.get(name), installed)
+            if path is not None and not name.startswith("bsfind_user_"):
+                _USER_MODULES[name] = path
+
+
 def resolve(ref: str, base_dir: Path, key: str) -> Resolved:
     """Import ``module:attr`` or ``file.py:attr``; errors name ``key`` and ``ref``."""
     module_part, _, attr = ref.rpartition(":")
@@ -103,12 +173,9 @@ def resolve(ref: str, base_dir: Path, key: str) -> Resolved:
             raise ResolutionError(f"{key} {ref!r}: cannot load {path} as a Python module")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
-        # its folder on the import path, as `python file.py` puts it: a factory file
-        # imports its neighbours (`from model import Net`), at import or when called
-        if str(path.parent) not in sys.path:
-            sys.path.insert(0, str(path.parent))
         try:
-            spec.loader.exec_module(module)
+            with _importing(path.parent):
+                spec.loader.exec_module(module)
         except Exception as exc:
             sys.modules.pop(name, None)
             raise ResolutionError(
@@ -116,7 +183,8 @@ def resolve(ref: str, base_dir: Path, key: str) -> Resolved:
             ) from exc
     else:
         try:
-            module = importlib.import_module(module_part)
+            with _importing(None):
+                module = importlib.import_module(module_part)
         except ImportError as exc:
             raise ResolutionError(
                 f"{key} {ref!r}: cannot import module {module_part!r} ({exc})",
@@ -159,8 +227,11 @@ def call_factory(ref: str, kwargs: dict[str, Any], base_dir: Path, section: str)
     if not callable(r.obj):
         raise ResolutionError(f"{section}.factory {ref!r} is not callable")
     check_kwargs(r.obj, kwargs, f"{section}.kwargs", ref)
+    folder = r.source_file.parent if r.source_file and _is_file_ref(ref.rpartition(":")[0]) \
+        else None
     try:
-        out = r.obj(**kwargs)
+        with _importing(folder):  # its lazy imports, as at its file's import
+            out = r.obj(**kwargs)
     except Exception as exc:
         raise ResolutionError(
             f"{section}.factory {ref!r} raised {type(exc).__name__}: {exc}"
@@ -566,6 +637,7 @@ def build(spec: Spec) -> Workload:
     caller's own random state is left as it was.
     """
     device = resolve_device(spec.hardware.device)
+    forget_user_modules()  # the user's helpers as they are now on disk
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(Seeds(spec.probe.seed).weights)
@@ -673,8 +745,9 @@ def _near_name(word: str, names: Iterable[str]) -> str:
     """"did you mean 'adam'? " for a misspelt built-in name, else ""."""
     import difflib
 
-    found = difflib.get_close_matches(word.lower(), list(names), n=1, cutoff=0.75)
-    return f"did you mean {found[0]!r}? " if found else ""
+    by_lower = {n.lower(): n for n in names}
+    found = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.75)
+    return f"did you mean {by_lower[found[0]]!r}? " if found else ""
 
 
 def _resolve_optimizer(spec: Spec, sources: list[Path]) -> type[torch.optim.Optimizer]:

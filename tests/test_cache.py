@@ -214,11 +214,46 @@ def test_the_cache_key_covers_what_a_factory_file_imports(tmp_path: Path) -> Non
     before = cache_key(spec)
     assert cache_key(spec) == before
     (tmp_path / "helper_cache_t.py").write_text("WIDTH = 8\n")
-    assert cache_key(spec) != before
+    changed = cache_key(spec)
+    assert changed != before
+    # what the process imported meanwhile does not move the key (bsfind's own modules,
+    # the standard library), nor does the file's folder on the import path shadow them
+    import colorsys  # noqa: F401
+    import wave  # noqa: F401
+
+    import bsfind.plot  # noqa: F401
+
+    assert cache_key(spec) == changed
+    from bsfind.workload import user_module_files
+
+    assert [p.name for p in user_module_files()] == ["helper_cache_t.py"]
+
+
+def test_a_helper_is_read_afresh_by_each_build(tmp_path: Path) -> None:
+    """Two specs whose factory files import a same-named helper, and an edit between two
+    builds in one process: each build gets the helper as it is on disk (before, the first
+    import stood, and check cached its result under the edited file's key)."""
+    from bsfind.spec import load_spec
+    from bsfind.workload import build
+    from tests.conftest import CONFIGS
+
+    def spec_in(folder: Path, width: int):  # type: ignore[no-untyped-def]
+        folder.mkdir()
+        (folder / "helper_t2.py").write_text(f"WIDTH = {width}\n")
+        (folder / "fac.py").write_text("from helper_t2 import WIDTH\n"
+                                       "from bsfind.models import mlp\n\n"
+                                       "def model():\n    return mlp(64, WIDTH, 1, 10)\n")
+        (folder / "spec.yaml").write_text((CONFIGS / "digits-mlp.yaml").read_text())
+        return load_spec(folder / "spec.yaml", ["model.factory=fac.py:model",
+                                                "model.kwargs={}"])
+
+    def width(spec) -> int:  # type: ignore[no-untyped-def]
+        return build(spec).model[0].out_features
+
+    a, b = spec_in(tmp_path / "a", 4), spec_in(tmp_path / "b", 16)
+    assert (width(a), width(b)) == (4, 16)
+    (tmp_path / "a" / "helper_t2.py").write_text("WIDTH = 32\n")
+    assert width(a) == 32
     import sys
 
-    import yaml
-
-    roots = [tmp_path, Path(yaml.__file__).parent.parent]
-    found = cache.user_sources(roots, sys.modules.values())
-    assert tmp_path / "helper_cache_t.py" in found and Path(yaml.__file__) not in found
+    assert str(tmp_path / "a") not in sys.path[:1]  # not first: nothing is shadowed

@@ -100,6 +100,9 @@ def test_override_errors() -> None:
     with pytest.raises(UsageError, match="probe is not a mapping \\(--set 'probe=3' made "
                                          "it 3\\)"):
         apply_overrides(GOOD, ["probe=3", "probe.max_seconds=5"])
+    with pytest.raises(UsageError, match="probe.seed is not a mapping \\(--set 'probe="
+                                         "{seed: 5}' made it 5\\)"):
+        apply_overrides(GOOD, ["probe={seed: 5}", "probe.seed.x=1"])
     # a value PyYAML cannot read: one line (PyYAML's own message spans about seven)
     with pytest.raises(UsageError) as info:
         apply_overrides(GOOD, ["probe.at_steps=[0,200"])
