@@ -211,12 +211,13 @@ def test_a_ranks_loss_under_token_averaging_across_devices_is_its_own_mean() -> 
     assert token_scale(SimpleNamespace(world_size=1, average_tokens_across_devices=True)) == 1
     seen: list[float] = []
     callback = NoiseScaleCallback()
-    callback.tracker = SimpleNamespace(update=lambda loss: seen.append(float(loss)))  # type: ignore[assignment]
+    callback.tracker = SimpleNamespace(  # type: ignore[assignment]
+        update=lambda loss, batch_size: seen.append(float(loss)))
     callback._token_scale = token_scale(
         SimpleNamespace(world_size=2, average_tokens_across_devices=True))
     callback._summed = True
     callback._losses = [torch.tensor(20 / 32), torch.tensor(12 / 32)]
-    callback._after_backward(True)
+    callback._after_backward(True, 8)
     assert seen == [pytest.approx(2.0)]
 
 
