@@ -269,7 +269,8 @@ def scaled_lr(
     return lr0 * ratio, "mccandlish"
 
 
-def lr_correction(b: float, b0: float, b_star: float, factor: float) -> float:
+def lr_correction(b: float, b0: float, b_star: float, factor: float,
+                  rule_exponent: float | None = None) -> float:
     """The factor on the rule's learning rate at batch ``b`` once the learning rate was
     measured at ``b_star`` (``factor`` × the rule's there; ``bsfind.branches.measure_lr``).
 
@@ -278,22 +279,39 @@ def lr_correction(b: float, b0: float, b_star: float, factor: float) -> float:
     interpolated geometrically in log batch; beyond B* it stays ``factor``, and on the
     far side of B0 it stays what it is at B0.
 
-    How much of ``factor`` the batch change can explain is bounded: between scaling
-    the learning rate not at all and linearly with the batch, a rule can be off by at
-    most B*/B0 (or B0/B*) over that span. The rest cannot come from the batch, so it is
-    lr0's own error at this point of training and applies at every batch, B0 included:
-    e = factor^((L − R)/L) with L = |log factor| > R = |log(B*/B0)|. When B* = B0 that
-    is all of ``factor``; a measurement just above B0 (4× at 1.1·B0) no longer makes a
-    cliff between B0 and B*.
+    How much of ``factor`` the batch change can explain is bounded: the best learning
+    rate scales as B^q between B0 and B* with q in [0, 1] (not at all, up to linearly),
+    the rule as B^p (``rule_exponent``: its rate at B* over lr0, in log, over log(B*/B0)),
+    so the factor at B* is (B*/B0)^(q − p). Unknown p allows any q − p in [−1, 1]: a
+    factor up to B*/B0 (or B0/B*) either way. The rest cannot come from the batch, so
+    it is lr0's own error at this point of training and applies at every batch, B0
+    included. When B* = B0 that is all of ``factor``; a measurement just above B0 (4× at
+    1.1·B0) no longer makes a cliff between B0 and B*; and with p known, 2× the sqrt
+    rule's at B0/2 no longer makes the learning rate fall where the batch doubles back
+    to B0 (a new user's schedule: 0.0018 at 16, then 0.001 at 32).
     """
     if b <= 0 or b0 <= 0 or b_star <= 0 or factor <= 0:
         raise ValueError("batch sizes and the factor must be positive")
-    big, span = abs(math.log(factor)), abs(math.log(b_star / b0))
-    if factor == 1.0 or span == 0.0:
+    r = math.log(b_star / b0)
+    if factor == 1.0 or r == 0.0:
         return factor
-    excess = factor ** ((big - span) / big) if big > span else 1.0
-    w = math.log(b / b0) / math.log(b_star / b0)
+    if rule_exponent is None:
+        lo, hi = -abs(r), abs(r)
+    else:
+        p = min(1.0, max(0.0, rule_exponent))
+        lo, hi = sorted((-p * r, (1.0 - p) * r))
+    log_f = math.log(factor)
+    excess = math.exp(log_f - min(hi, max(lo, log_f)))
+    w = math.log(b / b0) / r
     return float(excess * (factor / excess) ** min(1.0, max(0.0, w)))
+
+
+def rule_exponent(lr0: float, lr_star: float, b0: float, b_star: float) -> float | None:
+    """p of a rule that gives ``lr_star`` at ``b_star`` from ``lr0`` at ``b0``: lr ∝ B^p
+    over that span (None when the two batches are one)."""
+    if b_star == b0 or lr0 <= 0 or lr_star <= 0:
+        return None
+    return math.log(lr_star / lr0) / math.log(b_star / b0)
 
 
 # ------------------------------------------------------------ step-time model

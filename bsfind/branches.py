@@ -72,7 +72,7 @@ from typing import NamedTuple
 import torch
 
 from bsfind import wording
-from bsfind.advisor import Family, lr_correction, scaled_lr
+from bsfind.advisor import Family, lr_correction, rule_exponent, scaled_lr
 from bsfind.budget import Deadline, ProgressFn
 from bsfind.errors import Interrupted
 from bsfind.results import (
@@ -510,7 +510,10 @@ class _Ladder:
         self.current = batch
         lr, self.rule = scaled_lr(o.lr, o.baseline_batch, batch, o.b_n, o.family, o.lr_rule)
         if o.lr_measured is not None:
-            lr *= lr_correction(batch, o.baseline_batch, *o.lr_measured)
+            at, factor = o.lr_measured
+            rule_there = scaled_lr(o.lr, o.baseline_batch, at, o.b_n, o.family, o.lr_rule)[0]
+            lr *= lr_correction(batch, o.baseline_batch, at, factor,
+                                rule_exponent(o.lr, rule_there, o.baseline_batch, at))
             self.rule = f"{self.rule}, corrected by the rate measured at {o.lr_measured[0]}"
         micro = self.micro if self.micro is not None and self.micro < batch else None
         began = time.perf_counter()

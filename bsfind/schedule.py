@@ -337,11 +337,13 @@ def build(inputs: AdvisorInputs, growth: Growth, planned_examples: int | None) -
 
 
 
-def with_measured_lr(s: Schedule, baseline_batch: int, batch: int, factor: float) -> Schedule:
+def with_measured_lr(s: Schedule, baseline_batch: int, batch: int, factor: float,
+                     rule_exponent: float | None = None) -> Schedule:
     """``s`` with each phase's learning rate corrected by the one measured at ``batch``
-    (``factor`` × the rule's there): ``advisor.lr_correction`` at the phase's batch."""
+    (``factor`` × the rule's there): ``advisor.lr_correction`` at the phase's batch, with
+    the rule's exponent between the baseline and ``batch`` when known."""
     phases = tuple(dataclasses.replace(
         p, learning_rate=p.learning_rate * lr_correction(p.batch_size, baseline_batch,
-                                                                 batch, factor))
+                                                         batch, factor, rule_exponent))
         for p in s.phases)
     return dataclasses.replace(s, phases=phases, lr_measured=(batch, factor))

@@ -129,6 +129,31 @@ def test_lr_correction_takes_what_no_rule_explains_as_lr0_s_own_error() -> None:
     assert lr_correction(64, 64, 256, 2.0) == pytest.approx(1.0)
 
 
+def test_lr_correction_with_the_rules_exponent_never_lowers_the_rate_as_the_batch_grows(
+) -> None:
+    """2x the sqrt rule's measured at B* = 16 below B0 = 32 (a new user's BERT): the
+    rule halves the batch with lr × 0.71, so the best rate at 16 lies in lr0·[0.5, 1]
+    (q in [0, 1]) and the rule's factor there in [0.71, 1.41]: 2x leaves 1.41 that is
+    lr0's own, at 32 too. Before, without the exponent, 2x counted as all explained
+    (the span of linear scaling): the schedule went 0.0018 at 16, then 0.001 at 32."""
+    from bsfind.advisor import rule_exponent, scaled_lr
+
+    p = rule_exponent(1e-3, scaled_lr(1e-3, 32, 16, math.inf, "adam", "sqrt")[0], 32, 16)
+    assert p == pytest.approx(0.5)
+    at = {b: lr_correction(b, 32, 16, 2.0, p) for b in (8, 16, 24, 32, 64)}
+    assert at[16] == pytest.approx(2.0) and at[8] == pytest.approx(2.0)
+    assert at[32] == pytest.approx(2 ** 0.5) and at[64] == pytest.approx(2 ** 0.5)
+    lrs = [1e-3 * (b / 32) ** 0.5 * at[b] for b in (8, 16, 24, 32, 64)]
+    assert all(a <= b * (1 + 1e-12) for a, b in zip(lrs[1:], lrs[2:], strict=False))
+    assert lrs[3] == pytest.approx(lrs[1])  # 16 → 32 keeps the rate: q = 0 at the edge
+    assert lr_correction(32, 64, 16, 2.0) == pytest.approx(2 ** 0.5)  # unknown p: as before
+    # within what the rule can be off by: 1.2x at B0/2 is the batch's, 1 at B0
+    assert lr_correction(32, 32, 16, 1.2, 0.5) == pytest.approx(1.0)
+    # the linear rule (p = 1) at 2·B0 cannot be off upward: 2x is all lr0's own
+    assert lr_correction(64, 64, 128, 2.0, 1.0) == pytest.approx(2.0)
+    assert rule_exponent(1e-3, 2e-3, 64, 64) is None
+
+
 def test_the_schedule_carries_the_correction() -> None:
     from bsfind.schedule import Growth, Phase, Schedule, with_measured_lr
 
