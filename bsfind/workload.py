@@ -269,6 +269,9 @@ class Workload:
     model_name: str = "model"
     loss_name: str = "loss"
     data_name: str = "the dataset"
+    # _named_in_forward's answers, by the inputs' keys.
+    _keyword_calls: dict[tuple[Any, ...], bool] = field(default_factory=dict, repr=False,
+                                                        compare=False)
     # hardware.precision bf16/fp16: forward under autocast (the loss in fp32).
     # No loss scaling: the probe takes no optimizer step, and gradients are
     # read in fp32 (parameters stay fp32 under autocast).
@@ -382,12 +385,28 @@ class Workload:
 
     def forward(self, x: Any, y: torch.Tensor) -> Any:
         """The model's outputs on a batch, called as the spec says: ``model(x)``;
-        with ``loss: model`` also ``labels=y``; a dict of inputs from dict items (or
-        with ``loss: model``) as keyword arguments, as Hugging Face models take them."""
+        with ``loss: model`` also ``labels=y``; a dict of inputs as keyword arguments,
+        as Hugging Face models take them, when it came from dict items, with ``loss:
+        model``, or when the model's forward names every key (a collate's (dict,
+        targets) pair); else whole, to a forward that takes one dict."""
         labels = {"labels": y} if self.loss_fn is model_loss else {}
-        if isinstance(x, Mapping) and (labels or self.target_key is not None):
+        if isinstance(x, Mapping) and (labels or self.target_key is not None
+                                       or self._named_in_forward(tuple(x))):
             return self.model(**x, **labels)
         return self.model(x, **labels)
+
+    def _named_in_forward(self, keys: tuple[Any, ...]) -> bool:
+        """Does the model's forward have a parameter named by every one of ``keys``?"""
+        if keys not in self._keyword_calls:
+            try:
+                params = inspect.signature(self.model.forward).parameters
+            except (TypeError, ValueError):
+                params = {}  # type: ignore[assignment]
+            self._keyword_calls[keys] = bool(keys) and all(
+                isinstance(k, str) and k in params
+                and params[k].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                       inspect.Parameter.KEYWORD_ONLY) for k in keys)
+        return self._keyword_calls[keys]
 
     def loss_on(self, x: Any, y: torch.Tensor, autocast: bool = True) -> torch.Tensor:
         """The checked loss of a batch: the user's errors as UserCodeError. ``autocast``

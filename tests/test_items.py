@@ -164,3 +164,17 @@ def test_the_python_api_takes_dict_items_a_collate_and_a_loss_by_name() -> None:
     assert padded.b_simple is not None and padded.method == "per-example"
     with pytest.raises(ValueError, match="loss_fn 'hinge'"):
         measure_noise_scale(model, rows, "hinge")
+
+
+def test_dict_inputs_go_as_keywords_when_the_forward_names_them() -> None:
+    """A collate's (dict, targets) pair under a custom loss: the forward names every key,
+    so model(**inputs) (a new user's BERT got the dict positionally: "'dict' object has
+    no attribute 'size'"). A forward taking one dict still gets it whole."""
+    idx = torch.arange(6)
+    job = build(load_spec(GOOD, [*PADDED, "data.collate=user_code.py:pad_dict_pairs"]))
+    x, y = job.batch(idx)
+    torch.testing.assert_close(job.loss(idx), F.cross_entropy(job.model(**x), y))
+    whole = build(load_spec(GOOD, ["model.factory=user_code.py:one_dict_model",
+                                   "data.factory=user_code.py:dict_pairs"]))
+    x, y = whole.batch(idx)
+    torch.testing.assert_close(whole.loss(idx), F.cross_entropy(whole.model(x), y))

@@ -297,3 +297,41 @@ class _RaisesAtBatch(nn.Module):
 
 def raises_at_batch(n: int = 8) -> nn.Module:
     return _RaisesAtBatch(n)
+
+
+def pad_dict_pairs(items: list[dict[str, object]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A collate returning (inputs dict, targets), as some users' collators do."""
+    batch = pad(items)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, \
+        batch["labels"]
+
+
+class _OneDict(nn.Module):
+    """Takes its inputs as one dict argument (pair items whose input is a dict)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 3)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.lin(torch.cat([inputs["features"], inputs["extra"]], dim=1))
+
+
+def one_dict_model() -> nn.Module:
+    return _OneDict()
+
+
+class _DictPairs(Dataset):
+    def __init__(self) -> None:
+        self.base = digits_like()
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        x, y = self.base[i]
+        return {"features": x[:4], "extra": x[4:]}, y
+
+
+def dict_pairs() -> Dataset:
+    return _DictPairs()
