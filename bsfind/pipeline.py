@@ -36,7 +36,7 @@ from bsfind.runner import Runner
 from bsfind.seeds import Seeds
 from bsfind.spec import Spec
 from bsfind.training import host_weights, offloaded
-from bsfind.workload import Workload
+from bsfind.workload import Workload, uneven_token_weights
 
 if TYPE_CHECKING:
     import torch
@@ -192,6 +192,7 @@ def points_report(spec: Spec, job: Workload, command: str, points: trajectory.Po
             from_checkpoint=bool(spec.model.checkpoint),
             advice=command in ("recommend", "schedule"),
             partial=points.status == "partial", norm_batch=norm_batch))
+        + ((wording.TOKEN_MEAN,) if uneven_token_weights(job) else ())
         + points.notes + notes,
     )
 

@@ -46,6 +46,11 @@ LR_SEARCH_CUT_SHORT = ("the time budget ended the learning-rate search: the repo
 LR_SEARCH_CUT_FIRST = ("the time budget ended the learning-rate search before its first "
                        "learning rate finished: the report is partial, and the learning rate "
                        "is the rule's (a larger probe.max_seconds lets it finish)")
+TOKEN_MEAN = ("loss: model averages over a batch's tokens, and these examples count "
+              "different numbers of them (labels of -100 vary per row): each example weighs "
+              "by its length, while the noise scale assumes a mean over examples, so it reads "
+              "low (23% on a padded GPT-2 in a trial); use a loss that averages each "
+              "example's tokens first (README: dict items and padding)")
 BUDGET_RAN_OUT = ("the time budget ran out: results are partial (marked in the table and "
                   "JSON); raise probe.max_seconds for a complete run")
 

@@ -449,6 +449,28 @@ class Workload:
         return loss.reshape(())
 
 
+# Examples looked at by uneven_token_weights.
+TOKEN_CHECK_EXAMPLES = 32
+# Hugging Face's label for a token the loss ignores (padding).
+IGNORE_INDEX = -100
+
+
+def uneven_token_weights(job: Workload) -> bool:
+    """``loss: model`` (a mean over a batch's tokens, as Hugging Face's) on examples that
+    count different numbers of tokens (labels with IGNORE_INDEX in varying numbers per
+    row, as padding gives): each example then weighs by its length, not equally, which
+    the noise scale's estimators assume. Looks at TOKEN_CHECK_EXAMPLES spread over the
+    dataset."""
+    if job.loss_fn is not model_loss or len(job) < 2:
+        return False
+    idx = torch.linspace(0, len(job) - 1, min(len(job), TOKEN_CHECK_EXAMPLES)).long()
+    _, y = job.batch(idx)
+    if not isinstance(y, torch.Tensor) or y.dim() < 2 or y.is_floating_point():
+        return False
+    counted = (y != IGNORE_INDEX).reshape(len(y), -1).sum(1)
+    return bool(counted.min() != counted.max())
+
+
 def _shapes(x: Any) -> str:
     """A batch's shape(s) and dtype(s), for messages: [4, 64] float32, or a dict/tuple
     of them."""

@@ -224,12 +224,12 @@ def keyword_model() -> nn.Module:
 
 
 class _Sentences(Dataset):
-    """Token sequences of different lengths (3 to 9) with a class each: they do not stack
-    without padding."""
+    """Token sequences of different lengths (3 to 2 + ``lengths``) with a class each: they
+    do not stack without padding."""
 
-    def __init__(self, n: int = 96) -> None:
+    def __init__(self, n: int = 96, lengths: int = 7) -> None:
         g = torch.Generator().manual_seed(0)
-        self.rows = [torch.randint(1, 50, (3 + i % 7,), generator=g) for i in range(n)]
+        self.rows = [torch.randint(1, 50, (3 + i % lengths,), generator=g) for i in range(n)]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -238,8 +238,8 @@ class _Sentences(Dataset):
         return {"input_ids": self.rows[i], "label": int(self.rows[i][0]) % 3}
 
 
-def sentences() -> Dataset:
-    return _Sentences()
+def sentences(n: int = 96, lengths: int = 7) -> Dataset:
+    return _Sentences(n, lengths)
 
 
 def pad(items: list[dict[str, object]]) -> dict[str, torch.Tensor]:
@@ -335,3 +335,34 @@ class _DictPairs(Dataset):
 
 def dict_pairs() -> Dataset:
     return _DictPairs()
+
+
+def pad_lm(items: list[dict[str, object]]) -> dict[str, torch.Tensor]:
+    """A causal LM's batch: input ids padded with 0, labels the ids padded with -100."""
+    ids = nn.utils.rnn.pad_sequence([r["input_ids"] for r in items],  # type: ignore[misc]
+                                    batch_first=True)
+    labels = nn.utils.rnn.pad_sequence([r["input_ids"] for r in items],  # type: ignore[misc]
+                                       batch_first=True, padding_value=-100)
+    return {"input_ids": ids, "labels": labels}
+
+
+class _TinyLM(nn.Module):
+    """Next-token logits from an embedding; its own loss is a mean over the batch's
+    counted tokens, as a Hugging Face causal LM's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.out = nn.Embedding(50, 8), nn.Linear(8, 50)
+
+    def forward(self, input_ids: torch.Tensor,
+                labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        logits = self.out(self.emb(input_ids))
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=-100)
+        return out
+
+
+def tiny_lm() -> nn.Module:
+    return _TinyLM()
