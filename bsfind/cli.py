@@ -454,7 +454,8 @@ def render_schedule(doc: dict[str, Any]) -> None:
 
 
 def render_candidates(doc: dict[str, Any]) -> Table:
-    timing = doc.get("timing") or (doc.get("predicted") or {}).get("timing") or {}
+    # the rows' step times are the predicted GPU's when one was asked for (--gpu)
+    timing = (doc.get("predicted") or {}).get("timing") or doc.get("timing") or {}
     src = timing.get("source", "no timing")
     if timing.get("quality") == "untrusted":
         src += ", too noisy to use"

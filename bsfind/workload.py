@@ -370,9 +370,12 @@ class Workload:
             x = dict(batch)
             return x, x.pop(self.target_key)
         raise UserCodeError(
-            f"{self.data_name}: a batch is {_shapes(batch)}, not the "
+            f"{'data.collate' if self.collate is not None else self.data_name}: a batch is "
+            f"{_shapes(batch)}, not the "
             + ("(input, target) pair" if self.target_key is None
-               else f"dict with {self.target_key!r}") + " its first one was")
+               else f"dict with {self.target_key!r}") + " its first one was",
+            hint="every batch must have one form: an (inputs, targets) pair or a dict with "
+                 "'labels'")
 
     def loss(self, indices: torch.Tensor) -> torch.Tensor:
         """Forward the examples and return the (mean) loss, checked."""
@@ -536,15 +539,15 @@ def _check_dataset(ds: Any, ref: str, collate: Collate | None = None,
     if n == 0:
         raise UserCodeError(f"data.factory {ref!r} returned an empty dataset")
     try:
-        items = [ds[i] for i in range(min(n, 2 if collate is not None else 1))]
+        # three for a collate: an identity collate's list of two reads as a pair
+        items = [ds[i] for i in range(min(n, 3 if collate is not None else 1))]
     except Exception as exc:
         raise UserCodeError(
             f"data.factory {ref!r}: dataset[0] raised {type(exc).__name__}: {exc}"
         ) from exc
     if collate is not None:
         batch = _collated(collate, items, collate_ref)
-        return None, _target_key(batch, f"{collate_ref} {getattr(collate, '__name__', '')}"
-                                 .strip() + f": its batch of {len(items)} items")
+        return None, _target_key(batch, f"{collate_ref}: its batch of {len(items)} items")
     key = _target_key(items[0], f"data.factory {ref!r}: dataset[0]")
     if key is None and isinstance(ds, torch.utils.data.TensorDataset) and len(ds.tensors) == 2:
         return tuple(ds.tensors), None

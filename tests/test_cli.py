@@ -77,10 +77,13 @@ FAULTS = [
     (["data.factory=user_code.py:sentences", "model.factory=user_code.py:bag_of_words"], 3,
      "items do not batch together"),
     (["data.factory=user_code.py:sentences", "data.collate=user_code.py:raising_collate"], 3,
-     "data.collate 'user_code.py:raising_collate' raised ValueError on 2 items: no tokenizer"),
+     "data.collate 'user_code.py:raising_collate' raised ValueError on 3 items: no tokenizer"),
     (["data.collate=user_code.py:scalar_collate"], 3,
-     "its batch of 2 items: must be an (input, target) pair or a dict with a 'labels' key, "
+     "its batch of 3 items: must be an (input, target) pair or a dict with a 'labels' key, "
      "got int"),
+    (["data.collate=user_code.py:identity_collate"], 3,
+     "its batch of 3 items: must be an (input, target) pair or a dict with a 'labels' key, "
+     "got list of length 3"),
     (["data.collate=user_code.py:torch"], 3, "data.collate 'user_code.py:torch' is not callable"),
     (["data.collate=pad"], 2, "data.collate: expected 'module:attr'"),
     (["data.factory=user_code.py:raising_data"], 3, "cannot open /data/train"),
@@ -492,3 +495,15 @@ def test_a_tracker_logs_table_has_no_probe_columns() -> None:
     out = io.StringIO()
     print_table(table, NOISE_DROP, Console(file=out, width=200))
     assert "from the tracker log" in out.getvalue() and "20,864" in out.getvalue()
+
+
+def test_the_candidates_title_names_the_predicted_gpus_step_times() -> None:
+    """With --gpu every row's step time is the predicted GPU's: the title said
+    "measured" (this machine's), a new user's trial found."""
+    from bsfind.cli import render_candidates
+
+    doc = {"timing": {"source": "measured"},
+           "predicted": {"timing": {"source": "predicted"}}, "candidates": []}
+    assert render_candidates(doc).title == "Candidates (step time: predicted)"
+    assert render_candidates({"timing": {"source": "measured"}, "predicted": None,
+                              "candidates": []}).title == "Candidates (step time: measured)"
