@@ -618,15 +618,17 @@ def with_note(report: Report, note: str) -> Report:
 def with_lr_search(report: Report, search: LrSearch) -> Report:
     """``report`` with the measured learning rate in its recommendation (and warm-up) and
     schedule; the rule's stands, with the search's notes, when no trial gave a finite
-    loss. A search the budget cut short makes the report partial."""
+    loss or only one ran. A search the budget cut short makes the report partial."""
     rec = report.recommendation
     assert rec is not None
     # With no trial the line already says why (search.notes repeats it, for the JSON).
     notes = (*rec.notes, wording.lr_search_line(search),
              *(search.notes if search.trials else ()))
     status = "partial" if search.stopped == "budget" else report.status
-    finished = any(math.isfinite(t.loss) for t in search.trials)
-    cut = wording.LR_SEARCH_CUT_SHORT if finished else wording.LR_SEARCH_CUT_FIRST
+    # one trial (the rule's own rate) compared nothing: the rule's stands, unmeasured
+    finished = any(math.isfinite(t.loss) for t in search.trials) and len(search.trials) > 1
+    cut = (wording.LR_SEARCH_CUT_SHORT if finished else wording.LR_SEARCH_CUT_ONE
+           if search.trials else wording.LR_SEARCH_CUT_FIRST)
     if search.stopped == "budget" and cut not in report.warnings:
         report = dataclasses.replace(report, warnings=(*report.warnings, cut))
     if not finished:

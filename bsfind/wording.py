@@ -51,6 +51,10 @@ TOKEN_MEAN = ("loss: model averages over a batch's tokens, and these examples co
               "by its length, while the noise scale assumes a mean over examples, so it reads "
               "low (23% on a padded GPT-2 in a trial); use a loss that averages each "
               "example's tokens first (README: dict items and padding)")
+LR_SEARCH_CUT_ONE = ("the time budget ended the learning-rate search after its first "
+                     "learning rate, with none to compare it with: the report is partial, "
+                     "and the learning rate is the rule's (a larger probe.max_seconds lets it "
+                     "finish)")
 BUDGET_RAN_OUT = ("the time budget ran out: results are partial (marked in the table and "
                   "JSON); raise probe.max_seconds for a complete run")
 
@@ -701,6 +705,9 @@ def describe_lr_search(r: LrSearch, lowest_mean: float | None = None) -> LrSearc
                      "the rule's stands, and may be too high")
     elif not r.trials:
         notes.append(_unmeasured_why(r) + ": the rule's stands")
+    elif r.stopped == "budget" and len(r.trials) == 1:
+        notes.append("the time budget ended the learning-rate search after its first "
+                     "learning rate: nothing to compare it with, the rule's stands")
     elif r.stopped == "budget":
         notes.append("the time budget ended the learning-rate search: the best of the "
                      "learning rates that finished")

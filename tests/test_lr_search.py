@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from bsfind import branches
+from bsfind import branches, wording
 from bsfind.advisor import lr_correction
 from bsfind.budget import Deadline
 from bsfind.errors import Interrupted
@@ -458,6 +458,39 @@ def test_a_search_the_budget_stops_leaves_the_rule_and_a_partial_report(
     cut = [w for w in doc["warnings"] if "ended the learning-rate search" in w]
     assert len(cut) == 1 and "before its first learning rate finished" in cut[0]
     assert "the learning rate is the rule's" in cut[0]
+
+
+def test_a_search_cut_after_its_first_rate_measured_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the rule's own rate (1x) finished before the budget ended: nothing was
+    compared, so the recommendation's rate is the rule's, not "measured: 1x" (a new
+    user's check at --max-seconds 30), and the warning says why."""
+    _steady_ladder(monkeypatch)
+    original = branches.measure_lr
+
+    def one_trial(job, options, deadline, optimizer, **kw):  # type: ignore[no-untyped-def]
+        now = [0.0]
+        given = kw.pop("on_branch_start", None)
+
+        def tick(start: branches.BranchStart) -> None:
+            now[0] += 1.0
+            if given is not None:
+                given(start)
+
+        quick = dataclasses.replace(options, repeats=1)
+        return original(job, quick, Deadline(1.5, clock=lambda: now[0]), optimizer,
+                        on_branch_start=tick, **kw)
+
+    monkeypatch.setattr(branches, "measure_lr", one_trial)
+    doc = run_json("recommend", GOOD, "--set", "probe.max_seconds=8")
+    s, rec = doc["lr_search"], doc["recommendation"]
+    assert [t["factor"] for t in s["trials"]] == [1.0] and s["stopped"] == "budget"
+    assert rec["lr_factor"] is None and doc["status"] == "partial"
+    assert rec["learning_rate"] == pytest.approx(s["rule_learning_rate"])
+    assert any("after its first learning rate: nothing to compare it with" in n
+               for n in rec["notes"])
+    assert [w for w in doc["warnings"] if "ended the learning-rate search" in w] == [
+        wording.LR_SEARCH_CUT_ONE]
 
 
 def test_recommend_without_the_search_says_the_rate_is_the_rules(
