@@ -23,6 +23,8 @@ tracker.close()
 
 print(tracker.records[-1].to_json())  # the last line of noise.jsonl
 advice = tracker.advice(lr=1e-3, optimizer=optimizer)  # timing=(t0, c) if you know them
-print(f"recommended batch {advice.recommended_batch}; doubling to {2 * advice.batch_size} "
-      f"pays now: {advice.double} ({advice.basis} basis), at learning rate "
-      f"{advice.learning_rate:.2g}")
+batch = advice.recommended_batch  # None while |G|² is not yet told from 0
+print(f"recommended batch {batch if batch is not None else 'not yet resolved'} "
+      f"(B_simple {advice.ci95.low:.0f}–{advice.ci95.high:.0f}); doubling to "
+      f"{2 * advice.batch_size} pays now: {advice.double} ({advice.basis} basis), at "
+      f"learning rate {advice.learning_rate:.2g}")
