@@ -50,8 +50,10 @@ app = typer.Typer(
 )
 
 # Piped output (CI logs, files) gets a width that fits the tables instead of 80.
-stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 132)
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+# A terminal wraps prose at its width, between words; piped output keeps each line whole.
+stdout = Console(highlight=False, soft_wrap=not sys.stdout.isatty(),
+                 width=None if sys.stdout.isatty() else 132)
+stderr = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
 
 # Exit code for a bug in bsfind itself (BSD sysexits EX_SOFTWARE), kept apart
 # from the user-error codes so CI can tell "your job is misconfigured" from ours.
@@ -422,7 +424,7 @@ def render_schedule(doc: dict[str, Any]) -> None:
                   f"{p['per_device_batch_size']} × {p['grad_accumulation']}",
                   f"{p['learning_rate']:.3g}", _fmt(p["b_n"]), f"{p['steps']:,}",
                   "extrapolated" if p["extrapolated"] else "")
-    print_table(t, ("note", "from examples", "B_n there", "per device × accum", "steps"))
+    print_table(t, ("from examples", "B_n there", "per device × accum", "steps", "note"))
     ramp = ", ".join(f"({r['from_step']}, {r['batch_size']}, {r['learning_rate']:.3g})"
                      for r in s["ramp"])
     acc = ", ".join(f"({r['from_step']}, {r['grad_accumulation']})" for r in s["accumulation"])
