@@ -371,8 +371,8 @@ def render_branches(doc: dict[str, Any]) -> None:
                   f"Δ = {b['delta_examples']:,} examples, {b['repeats']} data order(s))",
                   title_justify="left")
         for col in ("batch", "learning rate", "steps", "smoothed loss", "B/2 after Δ/"
-                    f"{b['tolerance']:.3g}", "per data order", "seconds", ""):
-            t.add_column(col, justify="left" if col == "" else "right")
+                    f"{b['tolerance']:.3g}", "per data order", "seconds", "verdict"):
+            t.add_column(col, justify="left" if col == "verdict" else "right")
         for r in b["rungs"]:
             verdict = {None: "reference", True: "kept up"}.get(r["passed"], "fell behind")
             t.add_row(f"{r['batch_size']:,}", f"{r['learning_rate']:.3g}", f"{r['steps']:,}",

@@ -604,7 +604,9 @@ def describe_branches(r: BranchResult, oom_at: int | None = None,
         notes.append(f"every rung up to batch {last:,} kept up (the ladder's largest batch): "
                      f"the local critical batch is at least {last:,}")
     elif r.bound == "none":
-        notes.append("fewer than two rungs finished: no local critical batch")
+        notes.append("fewer than two rungs finished: no local critical batch"
+                     + ("; the time budget ended the ladder (a larger probe.max_seconds "
+                        "lets it climb)" if r.stopped == "budget" else ""))
     return dataclasses.replace(r, notes=tuple(notes))
 
 

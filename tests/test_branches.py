@@ -819,3 +819,22 @@ def test_an_unresolved_noise_scale_gives_the_rule_its_lower_bound() -> None:
     assert lr_noise_scale(job, est(300.0)) == 300.0
     assert lr_noise_scale(job, est(math.nan)) == 256.0
     assert lr_noise_scale(job, est(40.0)) == 256.0
+
+
+def test_a_ladder_the_budget_cut_after_one_rung_says_to_raise_the_budget() -> None:
+    """One rung finished, then the budget ended: no local critical batch, and the note
+    says what would give one (a new user's branch at 30 s said nothing)."""
+    job = tiny_job()
+    opt = trained(job)
+    now = [0.0]
+
+    def tick(start: branches.BranchStart) -> None:
+        now[0] += 1.0
+
+    reps = OPTIONS.repeats
+    r = branches.measure(job, OPTIONS, Deadline(reps + 0.5, clock=lambda: now[0]),
+                         optimizer=opt, on_branch_start=tick)
+    assert r.stopped == "budget" and len(r.rungs) == 1
+    assert r.critical_batch is None and r.bound == "none"
+    assert any("the time budget ended the ladder (a larger probe.max_seconds lets it climb)"
+               in n for n in r.notes)
