@@ -124,12 +124,17 @@ def noise_scale_at(
     The weights are not changed. ``step`` labels the result (the training step
     the weights come from) and, with ``seed``, picks the sampling streams
     exactly as ``bsfind noise`` would at that step, so the evidence scripts
-    measure what the CLI measures.
+    measure what the CLI measures. On a busy CPU it runs on the cores other processes
+    leave free, as the CLI does (the value is the same; it sees more examples).
     """
     from bsfind.trajectory import measure_point
 
-    return measure_point(job, LocalRunner(), options or ProbeOptions(), Seeds(seed), step,
-                         Deadline.after(max_seconds), curvature, progress)
+    runner = LocalRunner()
+    deadline = Deadline.after(max_seconds)
+    # on a CPU other processes share, on the cores they leave free, as the CLI runs
+    with runner.fit_to_load(job):
+        return measure_point(job, runner, options or ProbeOptions(), Seeds(seed), step,
+                             deadline, curvature, progress)
 
 
 def measure_noise_scale(

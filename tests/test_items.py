@@ -204,3 +204,33 @@ def test_a_token_mean_over_padded_examples_is_warned_about() -> None:
     import json
 
     assert wording.TOKEN_MEAN in json.loads(r.stdout)["warnings"]
+
+
+def test_the_python_api_fits_its_threads_to_the_machines_load(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """measure_noise_scale beside a busy process runs on the cores left free, as the CLI
+    does (a new user's probe took 7 s on 2 threads against 1.7 s on 1, same result).
+    The load is faked; the threads are restored afterwards."""
+    from bsfind import measure_noise_scale
+    from bsfind.hardware import measure
+    from bsfind.noise import probe
+    from tests.assets import user_code
+
+    busy = measure.LadderSetup(1, reduced=True, cpu_clock=True, share=0.5)
+    monkeypatch.setattr(measure, "setup_for_load", lambda use: busy)
+    seen: list[int] = []
+    original = probe.NoiseProbe.run
+
+    def run(self, deadline):  # type: ignore[no-untyped-def]
+        seen.append(torch.get_num_threads())
+        return original(self, deadline)
+
+    monkeypatch.setattr(probe.NoiseProbe, "run", run)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        measure_noise_scale(user_code.good_model(), user_code.digits_like(), F.cross_entropy,
+                            batch_size=16, max_seconds=10)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
