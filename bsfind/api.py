@@ -283,14 +283,14 @@ def cache_key(spec: Spec) -> str:
     from bsfind.hardware.nvml import describe_device
     from bsfind.workload import (
         checkpoint_file,
-        forget_user_modules,
+        refresh_user_modules,
         resolve,
         resolve_device,
         user_module_files,
     )
 
     files = []
-    forget_user_modules()  # imported afresh below, and recorded
+    refresh_user_modules()  # an edited helper is imported afresh below, and recorded
     refs = [("model.factory", spec.model.factory), ("data.factory", spec.data.factory)]
     refs += [("data.collate", spec.data.collate)] if spec.data.collate else []
     # a built-in name (or a misspelt one, which the build reports) has no source file
@@ -301,9 +301,9 @@ def cache_key(spec: Spec) -> str:
         src = resolve(ref, spec.base_dir, key).source_file
         if src is not None:
             files.append(src)
-    # and the user's own modules their import loaded (not an import inside a factory's
-    # body, which runs only when it is called)
-    files += user_module_files()
+    # and the user's own modules their import loaded from their folders (not an import
+    # inside a factory's body before it was first called), under the spec's folder or theirs
+    files += user_module_files({spec.base_dir, *(f.parent for f in files)})
     # the weights files themselves (a save_pretrained folder's), every one of a list
     if spec.model.checkpoint:
         files.append(checkpoint_file(spec.model.checkpoint, spec.base_dir))

@@ -85,74 +85,87 @@ def _is_file_ref(module_part: str) -> bool:
     return module_part.endswith(".py") or "/" in module_part or "\\" in module_part
 
 
-# The user's own modules (outside the Python installation and bsfind) that resolving a
-# factory imported, by sys.modules name: forget_user_modules drops them before each
-# build and cache key, so that an edited helper is read afresh, and user_module_files
-# gives their files to the cache key.
-_USER_MODULES: dict[str, Path] = {}
+# The user's own modules that a factory file's import (or its factory's call) loaded
+# from the file's folder, by sys.modules name: their file and its (mtime_ns, size) then.
+# refresh_user_modules drops those whose file changed since, so that an edited helper is
+# read afresh, while an unchanged one is not imported twice (its import may register a
+# torch op namespace, which fails the second time); user_module_files gives the files to
+# the cache key.
+_USER_MODULES: dict[str, tuple[Path, tuple[int, int]]] = {}
 
 
-def _installed_roots() -> list[Path]:
-    import sysconfig
-
-    paths = [sys.prefix, sys.base_prefix, sys.exec_prefix,
-             *(sysconfig.get_paths().get(k) for k in ("stdlib", "platstdlib", "purelib",
-                                                      "platlib")),
-             str(Path(__file__).resolve().parent)]
-    roots = {Path(p).resolve() for p in paths if p}
-    return [r for r in roots if len(r.parts) > 1]  # an installation at / rules out nothing
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
 
 
-def _user_file(module: Any, installed: list[Path]) -> Path | None:
-    """The file of ``module`` when it is the user's own code, else None."""
+def _drop(name: str, path: Path) -> None:
+    """Forget module ``name`` (its compiled cache too: an edit within the same second
+    and of the same size would otherwise be read from a stale .pyc)."""
+    sys.modules.pop(name, None)
+    _USER_MODULES.pop(name, None)
+    with contextlib.suppress(OSError, ValueError, NotImplementedError):
+        Path(importlib.util.cache_from_source(str(path))).unlink(missing_ok=True)
+
+
+def refresh_user_modules() -> None:
+    """Drop the user's recorded modules whose file changed (or went) since their import,
+    so that the next resolve imports them afresh."""
+    for name, (path, stat) in list(_USER_MODULES.items()):
+        if _stat(path) != stat:
+            _drop(name, path)
+
+
+def user_module_files(roots: Iterable[Path]) -> list[Path]:
+    """The recorded user modules' files under any of ``roots`` (folders)."""
+    dirs = [Path(r).resolve() for r in roots]
+    return sorted({path for path, _ in _USER_MODULES.values()
+                   if any(path.is_relative_to(d) for d in dirs)}, key=str)
+
+
+def _module_file(module: Any) -> Path | None:
     f = getattr(module, "__file__", None)
-    if not f:
-        return None
-    path = Path(f).resolve()
-    if any(part in ("site-packages", "dist-packages") for part in path.parts) or any(
-            path.is_relative_to(r) for r in installed):
-        return None
-    return path
-
-
-def forget_user_modules() -> None:
-    """Drop the user's modules earlier resolves imported: the next resolve imports them
-    afresh (in one process, an edited helper, or another spec's helper of the same name,
-    would otherwise be the one first imported)."""
-    for name in list(_USER_MODULES):
-        sys.modules.pop(name, None)
-    _USER_MODULES.clear()
-
-
-def user_module_files() -> list[Path]:
-    """The files of the user's modules resolves imported since forget_user_modules."""
-    return sorted(set(_USER_MODULES.values()), key=str)
+    return Path(f).resolve() if f else None
 
 
 @contextlib.contextmanager
 def _importing(folder: Path | None) -> Iterator[None]:
-    """Record the user's modules imported inside; with ``folder``, it is first on the
-    import path meanwhile, as under ``python file.py`` (a factory file imports its
-    neighbours), and last afterwards, for imports inside its functions: first for good
-    would let a user's ``profile.py`` shadow the standard library's for every later
-    import."""
+    """With ``folder`` (a factory file's): first on the import path inside, as under
+    ``python file.py`` (the file imports its neighbours), and last afterwards, for
+    imports inside its functions (first for good would let a user's ``profile.py``
+    shadow the standard library's for every later import); a recorded module that a
+    file of the same name in ``folder`` now shadows (another spec's helper) is dropped
+    first; the modules imported inside from ``folder`` are recorded."""
+    if folder is None:
+        yield
+        return
+    here = folder.resolve()
+    for name, (path, _) in list(_USER_MODULES.items()):
+        top = name.split(".")[0]
+        mine = here / f"{top}.py", here / top / "__init__.py"
+        if not path.is_relative_to(here) and any(m.is_file() for m in mine):
+            _drop(name, path)
     before = set(sys.modules)
-    entry = str(folder) if folder is not None else None
-    if entry is not None:
-        sys.path.insert(0, entry)
+    entry = str(here)
+    sys.path.insert(0, entry)
     try:
         yield
     finally:
-        if entry is not None:
-            with contextlib.suppress(ValueError):  # the user's code may have removed it
-                sys.path.remove(entry)
-            if entry not in sys.path:
-                sys.path.append(entry)
-        installed = _installed_roots()
+        with contextlib.suppress(ValueError):  # the user's code may have removed it
+            sys.path.remove(entry)
+        if entry not in sys.path:
+            sys.path.append(entry)
         for name in set(sys.modules) - before:
-            path = _user_file(sys.modules.get(name), installed)
-            if path is not None and not name.startswith("bsfind_user_"):
-                _USER_MODULES[name] = path
+            found = _module_file(sys.modules.get(name))
+            if (found is not None and found.is_relative_to(here)
+                    and not name.startswith("bsfind_user_")
+                    and "site-packages" not in found.parts):
+                stat = _stat(found)
+                if stat is not None:
+                    _USER_MODULES[name] = (found, stat)
 
 
 def resolve(ref: str, base_dir: Path, key: str) -> Resolved:
@@ -183,8 +196,7 @@ def resolve(ref: str, base_dir: Path, key: str) -> Resolved:
             ) from exc
     else:
         try:
-            with _importing(None):
-                module = importlib.import_module(module_part)
+            module = importlib.import_module(module_part)
         except ImportError as exc:
             raise ResolutionError(
                 f"{key} {ref!r}: cannot import module {module_part!r} ({exc})",
@@ -399,16 +411,20 @@ class Workload:
         return self.model(x, **labels)
 
     def _named_in_forward(self, keys: tuple[Any, ...]) -> bool:
-        """Does the model's forward have a parameter named by every one of ``keys``?"""
+        """Does the model's forward have a parameter named by every one of ``keys``? One
+        key alone is ambiguous (``forward(self, x)`` may take ``{"x": ...}`` whole): it
+        counts only on a Hugging Face model (``main_input_name``)."""
         if keys not in self._keyword_calls:
             try:
                 params = inspect.signature(self.model.forward).parameters
             except (TypeError, ValueError):
                 params = {}  # type: ignore[assignment]
-            self._keyword_calls[keys] = bool(keys) and all(
+            named = bool(keys) and all(
                 isinstance(k, str) and k in params
                 and params[k].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                        inspect.Parameter.KEYWORD_ONLY) for k in keys)
+            self._keyword_calls[keys] = named and (
+                len(keys) > 1 or hasattr(self.model, "main_input_name"))
         return self._keyword_calls[keys]
 
     def loss_on(self, x: Any, y: torch.Tensor, autocast: bool = True) -> torch.Tensor:
@@ -460,18 +476,24 @@ IGNORE_INDEX = -100
 
 def uneven_token_weights(job: Workload) -> bool:
     """``loss: model`` (a mean over a batch's tokens, as Hugging Face's) on examples that
-    count different numbers of tokens (labels with IGNORE_INDEX in varying numbers per
-    row, as padding gives): each example then weighs by its length, not equally, which
-    the noise scale's estimators assume. Looks at TOKEN_CHECK_EXAMPLES spread over the
-    dataset."""
+    count different numbers of tokens (2-D labels whose counted tokens, those not
+    IGNORE_INDEX, form one block per row, as padding leaves them, of varying length):
+    each example then weighs by its length, not equally, as the noise scale's estimators
+    assume. Looks at TOKEN_CHECK_EXAMPLES spread over the dataset."""
     if job.loss_fn is not model_loss or len(job) < 2:
         return False
     idx = torch.linspace(0, len(job) - 1, min(len(job), TOKEN_CHECK_EXAMPLES)).long()
     _, y = job.batch(idx)
-    if not isinstance(y, torch.Tensor) or y.dim() < 2 or y.is_floating_point():
+    if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.is_floating_point():
         return False
-    counted = (y != IGNORE_INDEX).reshape(len(y), -1).sum(1)
-    return bool(counted.min() != counted.max())
+    counted = y != IGNORE_INDEX
+    n = counted.sum(1)
+    # padding (and a masked prompt) leaves each row one block of counted tokens; a masked
+    # language model's random masks scatter them, and vary their count only by chance
+    first = counted.int().argmax(1)
+    block = (torch.arange(y.shape[1]) - first[:, None]).clamp(min=0) < n[:, None]
+    contiguous = bool(((block & (torch.arange(y.shape[1]) >= first[:, None])) == counted).all())
+    return contiguous and bool(n.min() != n.max())
 
 
 def _shapes(x: Any) -> str:
@@ -681,7 +703,7 @@ def build(spec: Spec) -> Workload:
     caller's own random state is left as it was.
     """
     device = resolve_device(spec.hardware.device)
-    forget_user_modules()  # the user's helpers as they are now on disk
+    refresh_user_modules()  # the user's helpers as they are now on disk
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(Seeds(spec.probe.seed).weights)

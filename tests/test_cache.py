@@ -226,7 +226,7 @@ def test_the_cache_key_covers_what_a_factory_file_imports(tmp_path: Path) -> Non
     assert cache_key(spec) == changed
     from bsfind.workload import user_module_files
 
-    assert [p.name for p in user_module_files()] == ["helper_cache_t.py"]
+    assert [p.name for p in user_module_files([tmp_path])] == ["helper_cache_t.py"]
 
 
 def test_a_helper_is_read_afresh_by_each_build(tmp_path: Path) -> None:
@@ -254,6 +254,43 @@ def test_a_helper_is_read_afresh_by_each_build(tmp_path: Path) -> None:
     assert (width(a), width(b)) == (4, 16)
     (tmp_path / "a" / "helper_t2.py").write_text("WIDTH = 32\n")
     assert width(a) == 32
+    # the same size, at once (a .pyc checked by whole seconds and size would pass)
+    (tmp_path / "a" / "helper_t2.py").write_text("WIDTH = 64\n")
+    assert width(a) == 64
     import sys
 
     assert str(tmp_path / "a") not in sys.path[:1]  # not first: nothing is shadowed
+
+
+def test_an_unchanged_helper_is_imported_once(tmp_path: Path) -> None:
+    """check runs the cache key, then the build: a helper whose import registers a torch
+    op namespace (which fails the second time) is imported once, and a model built
+    before is still an instance of the live module's class (it pickles)."""
+    import io
+
+    import torch
+
+    from bsfind.api import cache_key
+    from bsfind.spec import load_spec
+    from bsfind.workload import build
+    from tests.conftest import CONFIGS
+
+    (tmp_path / "ops_t3.py").write_text(
+        "import torch\nlib = torch.library.Library('bsfind_test_ops_t3', 'DEF')\n"
+        "lib.define('twice(Tensor x) -> Tensor')\n")
+    (tmp_path / "net_t3.py").write_text(
+        "from torch import nn\n\nclass Net(nn.Sequential):\n    pass\n")
+    (tmp_path / "fac.py").write_text(
+        "import ops_t3\nfrom net_t3 import Net\nfrom torch import nn\n\n"
+        "def model():\n    return Net(nn.Linear(64, 10))\n")
+    (tmp_path / "spec.yaml").write_text((CONFIGS / "digits-mlp.yaml").read_text())
+    spec = load_spec(tmp_path / "spec.yaml", ["model.factory=fac.py:model",
+                                              "model.kwargs={}"])
+    cache_key(spec)
+    job = build(spec)
+    cache_key(spec)
+    build(spec)
+    import sys
+
+    assert isinstance(job.model, sys.modules["net_t3"].Net)
+    torch.save(job.model, io.BytesIO())

@@ -194,6 +194,21 @@ def test_a_token_mean_over_padded_examples_is_warned_about() -> None:
     assert not uneven_token_weights(build(load_spec(GOOD, [*lm, "loss=model",
                                                            "data.kwargs={lengths: 1}"])))
     assert not uneven_token_weights(build(load_spec(GOOD, PADDED)))
+    # a masked language model's labels: -100 scattered by random masks, not padding
+    from bsfind.workload import model_loss
+
+    class Masked(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 40
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            ids = torch.arange(1, 13) + i
+            keep = torch.zeros(12, dtype=torch.bool)
+            keep[[i % 12, (3 * i + 1) % 12, (5 * i + 7) % 12]] = True
+            return {"input_ids": ids, "labels": torch.where(keep, ids, -100)}
+
+    mlm = Workload.from_objects(torch.nn.Linear(1, 1), Masked(), model_loss)
+    assert not uneven_token_weights(mlm)
     from typer.testing import CliRunner
 
     from bsfind.cli import app
@@ -234,3 +249,29 @@ def test_the_python_api_fits_its_threads_to_the_machines_load(
         assert seen == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_one_key_named_like_the_forwards_parameter_still_goes_whole() -> None:
+    """forward(self, x) over items ({"x": ...}, y) takes the dict whole, as before: one
+    key matching a parameter's name is no sign of keyword inputs (a review found the
+    model given model(x=tensor))."""
+
+    class Whole(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self.lin(x["x"])
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 12
+
+        def __getitem__(self, i: int):  # type: ignore[no-untyped-def]
+            return {"x": torch.full((4,), float(i))}, i % 3
+
+    job = Workload.from_objects(Whole(), Items(), F.cross_entropy)
+    idx = torch.arange(6)
+    x, y = job.batch(idx)
+    torch.testing.assert_close(job.loss(idx), F.cross_entropy(job.model(x), y))
