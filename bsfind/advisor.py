@@ -306,6 +306,28 @@ def lr_correction(b: float, b0: float, b_star: float, factor: float,
     return float(excess * (factor / excess) ** min(1.0, max(0.0, w)))
 
 
+def measured_lr(b: float, rule_lr: float, lr0: float, b0: float, b_star: float,
+                rule_lr_star: float, factor: float) -> float:
+    """The learning rate at batch ``b`` (where the rule gives ``rule_lr``) once it was
+    measured at ``b_star``: ``factor`` × the rule's ``rule_lr_star`` there.
+
+    lr0's own error e (:func:`lr_correction` at B0, with the rule's exponent over the
+    span) applies from B0 outwards, ``factor`` from B* outwards, and between the two
+    the rate itself is interpolated geometrically, from lr0·e to factor·rule(B*): with
+    q in [0, 1] that never falls as the batch grows, where interpolating the factor on
+    a rule that is no power law (the mccandlish rules flatten past B_n) could.
+    """
+    if b_star == b0:
+        return rule_lr * factor
+    e = lr_correction(b0, b0, b_star, factor, rule_exponent(lr0, rule_lr_star, b0, b_star))
+    w = math.log(b / b0) / math.log(b_star / b0)
+    if w <= 0.0:
+        return rule_lr * e
+    if w >= 1.0:
+        return rule_lr * factor
+    return float(lr0 * e * (factor * rule_lr_star / (lr0 * e)) ** w)
+
+
 def rule_exponent(lr0: float, lr_star: float, b0: float, b_star: float) -> float | None:
     """p of a rule that gives ``lr_star`` at ``b_star`` from ``lr0`` at ``b0``: lr ∝ B^p
     over that span (None when the two batches are one)."""

@@ -72,7 +72,7 @@ from typing import NamedTuple
 import torch
 
 from bsfind import wording
-from bsfind.advisor import Family, lr_correction, rule_exponent, scaled_lr
+from bsfind.advisor import Family, measured_lr, scaled_lr
 from bsfind.budget import Deadline, ProgressFn
 from bsfind.errors import Interrupted
 from bsfind.results import (
@@ -133,7 +133,7 @@ class BranchOptions:
         b_simple / b_noise: the noise scales measured at the same weights (reported
             beside the result).
         lr_measured: (batch, factor) of a learning rate measured at one batch
-            (``measure_lr``): each rung's rule rate carries ``advisor.lr_correction``.
+            (``measure_lr``): each rung's rule rate carries ``advisor.measured_lr``.
             None: the rule's rates.
         branch_steps / max_factor / min_fraction / repeats: the constants above (tests
             shrink them).
@@ -512,8 +512,7 @@ class _Ladder:
         if o.lr_measured is not None:
             at, factor = o.lr_measured
             rule_there = scaled_lr(o.lr, o.baseline_batch, at, o.b_n, o.family, o.lr_rule)[0]
-            lr *= lr_correction(batch, o.baseline_batch, at, factor,
-                                rule_exponent(o.lr, rule_there, o.baseline_batch, at))
+            lr = measured_lr(batch, lr, o.lr, o.baseline_batch, at, rule_there, factor)
             self.rule = f"{self.rule}, corrected by the rate measured at {o.lr_measured[0]}"
         micro = self.micro if self.micro is not None and self.micro < batch else None
         began = time.perf_counter()

@@ -637,9 +637,8 @@ def with_lr_search(report: Report, search: LrSearch) -> Report:
     sched = report.schedule
     if sched is not None:
         sched = schedule.with_measured_lr(
-            sched, report.baseline_batch, search.batch_size, search.factor,
-            advisor.rule_exponent(report.baseline_lr, search.rule_learning_rate,
-                                  report.baseline_batch, search.batch_size))
+            sched, report.baseline_batch, report.baseline_lr, search.batch_size,
+            search.rule_learning_rate, search.factor)
     warmup = (wording.warmup_text(rec.batch_size, report.baseline_batch, report.baseline_lr,
                                   search.learning_rate, rec.warmup_steps)
               if rec.warmup_steps is not None else rec.warmup)

@@ -47,7 +47,7 @@ from bsfind.advisor import (
     AdvisorInputs,
     WallClock,
     batch_unit,
-    lr_correction,
+    measured_lr,
     scaled_lr,
     wall_clock,
 )
@@ -201,7 +201,7 @@ class Schedule:
     best_constant_seconds: float
     lr_rule: str
     # The learning rate measured at the recommended batch: (that batch, its factor on the
-    # rule's); the phases' learning rates carry advisor.lr_correction. None: the rule's.
+    # rule's); the phases' learning rates carry advisor.measured_lr. None: the rule's.
     lr_measured: tuple[int, float] | None = None
 
     @property
@@ -337,13 +337,13 @@ def build(inputs: AdvisorInputs, growth: Growth, planned_examples: int | None) -
 
 
 
-def with_measured_lr(s: Schedule, baseline_batch: int, batch: int, factor: float,
-                     rule_exponent: float | None = None) -> Schedule:
+def with_measured_lr(s: Schedule, baseline_batch: int, baseline_lr: float, batch: int,
+                     rule_lr: float, factor: float) -> Schedule:
     """``s`` with each phase's learning rate corrected by the one measured at ``batch``
-    (``factor`` × the rule's there): ``advisor.lr_correction`` at the phase's batch, with
-    the rule's exponent between the baseline and ``batch`` when known."""
+    (``factor`` × the rule's ``rule_lr`` there): ``advisor.measured_lr`` at the phase's
+    batch, from its rule rate."""
     phases = tuple(dataclasses.replace(
-        p, learning_rate=p.learning_rate * lr_correction(p.batch_size, baseline_batch,
-                                                         batch, factor, rule_exponent))
+        p, learning_rate=measured_lr(p.batch_size, p.learning_rate, baseline_lr,
+                                     baseline_batch, batch, rule_lr, factor))
         for p in s.phases)
     return dataclasses.replace(s, phases=phases, lr_measured=(batch, factor))

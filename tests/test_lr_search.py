@@ -154,6 +154,27 @@ def test_lr_correction_with_the_rules_exponent_never_lowers_the_rate_as_the_batc
     assert rule_exponent(1e-3, 2e-3, 64, 64) is None
 
 
+@pytest.mark.parametrize("family, b0, b_star, b_n, factor", [
+    ("adam", 32, 1024, 100.0, 0.5), ("adam", 32, 1024, 100.0, 3.0),
+    ("sgd", 16, 4096, 10.0, 0.5), ("adam", 256, 16, 40.0, 2.0), ("sgd", 128, 8, 30.0, 0.4)])
+def test_the_measured_rate_never_falls_as_the_batch_grows(family: str, b0: int, b_star: int,
+                                                          b_n: float, factor: float) -> None:
+    """Under the mccandlish rules (no power law: they flatten past B_n) interpolating the
+    factor made the rate rise and fall between B0 and B* (a review: Adam, B0 32, B* 1024,
+    B_n 100, 0.5x: 0.00113 at 128, 0.00097 at 1024); the rate itself is interpolated now.
+    It meets lr0's own error at B0 and factor × the rule's at B*."""
+    from bsfind.advisor import measured_lr, scaled_lr
+
+    def rule(b: float) -> float:
+        return scaled_lr(1e-3, b0, b, b_n, family)[0]  # type: ignore[arg-type]
+
+    batches = [2 ** k for k in range(2, 14)]
+    lrs = [measured_lr(b, rule(b), 1e-3, b0, b_star, rule(b_star), factor) for b in batches]
+    assert all(a <= c * (1 + 1e-9) for a, c in zip(lrs, lrs[1:], strict=False)), lrs
+    assert measured_lr(b_star, rule(b_star), 1e-3, b0, b_star, rule(b_star), factor) == (
+        pytest.approx(factor * rule(b_star)))
+
+
 def test_the_schedule_carries_the_correction() -> None:
     from bsfind.schedule import Growth, Phase, Schedule, with_measured_lr
 
@@ -166,8 +187,11 @@ def test_the_schedule_carries_the_correction() -> None:
                  horizon_examples=1000, horizon_source="training", measured_examples=500,
                  seconds=1.0, baseline_seconds=2.0, best_constant_batch=128,
                  best_constant_seconds=1.5, lr_rule="mccandlish-sqrt")
-    out = with_measured_lr(s, baseline_batch=64, batch=256, factor=4.0)
-    assert [p.learning_rate for p in out.phases] == pytest.approx([0.01, 0.028, 0.08])
+    # the rule doubles the rate from 64 to 256 (p = 0.5); 4x the rule's there is 8x lr0,
+    # more than linear scaling gives: 2x is lr0's own, at 64 too; between, the rate
+    out = with_measured_lr(s, baseline_batch=64, baseline_lr=0.01, batch=256, rule_lr=0.02,
+                           factor=4.0)
+    assert [p.learning_rate for p in out.phases] == pytest.approx([0.02, 0.04, 0.08])
     assert out.lr_measured == (256, 4.0)
     assert [p.batch_size for p in out.phases] == [64, 128, 256]
 
@@ -505,8 +529,8 @@ def test_recommend_without_the_search_says_the_rate_is_the_rules(
 
 
 def test_branch_rungs_can_carry_a_measured_correction() -> None:
-    """`branch_eval.py --lr-measured`: each rung's rule rate × advisor.lr_correction."""
-    from bsfind.advisor import scaled_lr
+    """`branch_eval.py --lr-measured`: each rung's rate by advisor.measured_lr."""
+    from bsfind.advisor import measured_lr, scaled_lr
     from tests.test_branches import OPTIONS as BRANCH_OPTIONS
 
     job = tiny_job()
@@ -519,7 +543,8 @@ def test_branch_rungs_can_carry_a_measured_correction() -> None:
     r = branches.measure(job, opts, Deadline.after(60), on_branch_start=record)
     for b, lr in seen.items():
         rule = scaled_lr(1e-2, 8, b, 50.0, "adam")[0]
-        assert lr == pytest.approx(rule * lr_correction(b, 8, 32, 2.0))
+        there = scaled_lr(1e-2, 8, 32, 50.0, "adam")[0]
+        assert lr == pytest.approx(measured_lr(b, rule, 1e-2, 8, 32, there, 2.0))
     assert seen[8] == pytest.approx(scaled_lr(1e-2, 8, 8, 50.0, "adam")[0])  # B0: as lr0's
     assert "corrected by the rate measured at 32" in r.lr_rule
 
