@@ -27,6 +27,7 @@ import branch_cooldown_eval  # noqa: E402
 import branch_eval  # noqa: E402
 import branch_fit_eval  # noqa: E402
 import branch_stretch_eval  # noqa: E402
+import ci_coverage  # noqa: E402
 import critical_batch  # noqa: E402
 import equal_time  # noqa: E402
 import lr_eval  # noqa: E402
@@ -370,3 +371,22 @@ def test_schedule_eval_runs_end_to_end(tmp_path: Path) -> None:
         "--target", "1.0", "--seeds", "1", "--reps", "1", "--eval-examples", "128",
         "--ladder-passes", "1", "--ladder-steps", "2", "--out", str(tmp_path / "again")])
     assert rc == 0
+
+
+def test_ci_coverage_exact_value_and_a_run(tmp_path: Path) -> None:
+    """The script's exact B_simple (every example's gradient, its own vmap) equals the
+    tests' reference (tests/exact.py), with dropout masks or without; two probe runs give
+    a table row."""
+    from tests.exact import exact_noise
+
+    case = ci_coverage.Case("digits-mlp at init", "digits-mlp", 0)
+    job, batch = ci_coverage.trained_job(case)
+    value, kurtosis, top = ci_coverage.exact(job, 1)
+    assert value == pytest.approx(exact_noise(job).b_simple, rel=1e-6)
+    assert batch == 64 and kurtosis > 1 and 0.01 <= top < 1
+    again, _, _ = ci_coverage.exact(job, 3)  # no dropout: every mask gives the same
+    assert again == pytest.approx(value, rel=1e-6)
+    row = ci_coverage.run_case(case, runs=2, masks=1)
+    assert row["runs"] == 2 and 0 <= row["covered"] <= 2
+    assert row["covered"] + row["interval_below_exact"] + row["interval_above_exact"] == 2
+    assert "| digits-mlp at init |" in ci_coverage.markdown([row])
