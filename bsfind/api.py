@@ -130,11 +130,11 @@ def noise_scale_at(
     from bsfind.trajectory import measure_point
 
     runner = LocalRunner()
-    deadline = Deadline.after(max_seconds)
-    # on a CPU other processes share, on the cores they leave free, as the CLI runs
+    # on a CPU other processes share, on the cores they leave free, as the CLI runs; the
+    # budget starts after the load is sampled
     with runner.fit_to_load(job):
         return measure_point(job, runner, options or ProbeOptions(), Seeds(seed), step,
-                             deadline, curvature, progress)
+                             Deadline.after(max_seconds), curvature, progress)
 
 
 def measure_noise_scale(

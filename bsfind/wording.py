@@ -604,10 +604,14 @@ def describe_branches(r: BranchResult, oom_at: int | None = None,
         notes.append(f"every rung up to batch {last:,} kept up (the ladder's largest batch): "
                      f"the local critical batch is at least {last:,}")
     elif r.bound == "none":
-        notes.append("fewer than two rungs finished: no local critical batch"
-                     + ("; the time budget ended the ladder (a larger probe.max_seconds "
-                        "lets it climb)" if r.stopped == "budget" else ""))
+        notes.append(NO_LADDER_READ + LADDER_CUT.get(r.stopped, ""))
     return dataclasses.replace(r, notes=tuple(notes))
+
+
+NO_LADDER_READ = "fewer than two rungs finished: no local critical batch"
+# Why a ladder without a read ended, when the user can change it.
+LADDER_CUT = {"budget": "; the time budget ended the ladder (a larger probe.max_seconds "
+                        "lets it climb)"}
 
 
 def branch_rule(r: BranchResult) -> str:

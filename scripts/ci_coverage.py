@@ -70,7 +70,8 @@ def dropout_mlp(p: float) -> nn.Module:
                          nn.Linear(128, 128), nn.ReLU(), nn.Dropout(p), nn.Linear(128, 10))
 
 
-def per_example_sq_and_sum(job: Workload, masks: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def per_example_sq_and_sum(job: Workload,
+                           masks: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(|g_i|² for every example (and mask), Σ g_i per parameter), in float64."""
     model = job.model
     params = {k: v.detach() for k, v in model.named_parameters()}
