@@ -309,23 +309,24 @@ def lr_correction(b: float, b0: float, b_star: float, factor: float,
 def measured_lr(b: float, rule_lr: float, lr0: float, b0: float, b_star: float,
                 rule_lr_star: float, factor: float) -> float:
     """The learning rate at batch ``b`` (where the rule gives ``rule_lr``) once it was
-    measured at ``b_star``: ``factor`` × the rule's ``rule_lr_star`` there.
+    measured at ``b_star``: ``factor`` × the rule's ``rule_lr_star`` there (the rule at
+    B* as at ``b``: the same B_n).
 
     lr0's own error e (:func:`lr_correction` at B0, with the rule's exponent over the
-    span) applies from B0 outwards, ``factor`` from B* outwards, and between the two
-    the rate itself is interpolated geometrically, from lr0·e to factor·rule(B*): with
-    q in [0, 1] that never falls as the batch grows, where interpolating the factor on
-    a rule that is no power law (the mccandlish rules flatten past B_n) could.
+    span) applies from B0 outwards and ``factor`` from B* outwards; between them the
+    correction moves from e to ``factor`` geometrically in the rule's own rate,
+    u = log(rule/lr0) / log(rule(B*)/lr0) (in log batch when the rule is flat). So the
+    rate goes from lr0·e to factor·rule(B*) as lr0·e·(factor·rule(B*)/(lr0·e))^u, which
+    never falls as the batch grows (q in [0, 1]), not even under the mccandlish rules,
+    which are no power law; and with factor = e = 1 it is the rule's.
     """
     if b_star == b0:
         return rule_lr * factor
     e = lr_correction(b0, b0, b_star, factor, rule_exponent(lr0, rule_lr_star, b0, b_star))
-    w = math.log(b / b0) / math.log(b_star / b0)
-    if w <= 0.0:
-        return rule_lr * e
-    if w >= 1.0:
-        return rule_lr * factor
-    return float(lr0 * e * (factor * rule_lr_star / (lr0 * e)) ** w)
+    span = math.log(rule_lr_star / lr0)
+    u = (math.log(rule_lr / lr0) / span if abs(span) > 1e-12
+         else math.log(b / b0) / math.log(b_star / b0))
+    return float(rule_lr * e * (factor / e) ** min(1.0, max(0.0, u)))
 
 
 def rule_exponent(lr0: float, lr_star: float, b0: float, b_star: float) -> float | None:

@@ -12,7 +12,7 @@ import collections
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from bsfind import advisor, schedule, trajectory, wording
@@ -604,7 +604,13 @@ def measured_lr(report: Report, spec: Spec, job: Workload, runner: Runner,
     finally:
         if now:
             job.model.load_state_dict(now)
-    return with_lr_search(report, search)
+    family = advisor.optimizer_family(job.optimizer_cls)
+
+    def rule_at(b: float, b_n: float) -> float:
+        return advisor.scaled_lr(spec.optimizer.lr, spec.optimizer.batch_size, b, b_n,
+                                 family, spec.optimizer.lr_rule)[0]
+
+    return with_lr_search(report, search, rule_at)
 
 
 def with_note(report: Report, note: str) -> Report:
@@ -615,10 +621,12 @@ def with_note(report: Report, note: str) -> Report:
         rec, notes=(*rec.notes, note)))
 
 
-def with_lr_search(report: Report, search: LrSearch) -> Report:
+def with_lr_search(report: Report, search: LrSearch,
+                   rule_at: Callable[[float, float], float]) -> Report:
     """``report`` with the measured learning rate in its recommendation (and warm-up) and
     schedule; the rule's stands, with the search's notes, when no trial gave a finite
-    loss or only one ran. A search the budget cut short makes the report partial."""
+    loss or only one ran. A search the budget cut short makes the report partial.
+    ``rule_at(batch, b_n)``: the rule's rate (for the schedule's phases)."""
     rec = report.recommendation
     assert rec is not None
     # With no trial the line already says why (search.notes repeats it, for the JSON).
@@ -636,9 +644,8 @@ def with_lr_search(report: Report, search: LrSearch) -> Report:
                                    recommendation=dataclasses.replace(rec, notes=notes))
     sched = report.schedule
     if sched is not None:
-        sched = schedule.with_measured_lr(
-            sched, report.baseline_batch, report.baseline_lr, search.batch_size,
-            search.rule_learning_rate, search.factor)
+        sched = schedule.with_measured_lr(sched, report.baseline_batch, report.baseline_lr,
+                                          search.batch_size, search.factor, rule_at)
     warmup = (wording.warmup_text(rec.batch_size, report.baseline_batch, report.baseline_lr,
                                   search.learning_rate, rec.warmup_steps)
               if rec.warmup_steps is not None else rec.warmup)

@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from bsfind.advisor import (
@@ -338,12 +338,13 @@ def build(inputs: AdvisorInputs, growth: Growth, planned_examples: int | None) -
 
 
 def with_measured_lr(s: Schedule, baseline_batch: int, baseline_lr: float, batch: int,
-                     rule_lr: float, factor: float) -> Schedule:
+                     factor: float, rule_at: Callable[[float, float], float]) -> Schedule:
     """``s`` with each phase's learning rate corrected by the one measured at ``batch``
-    (``factor`` × the rule's ``rule_lr`` there): ``advisor.measured_lr`` at the phase's
-    batch, from its rule rate."""
+    (``factor`` × the rule's there): ``advisor.measured_lr`` at the phase's batch, from
+    its rule rate and ``rule_at(batch, b_n)``, the rule's rate at ``batch`` with the
+    phase's own B_n."""
     phases = tuple(dataclasses.replace(
         p, learning_rate=measured_lr(p.batch_size, p.learning_rate, baseline_lr,
-                                     baseline_batch, batch, rule_lr, factor))
+                                     baseline_batch, batch, rule_at(batch, p.b_n), factor))
         for p in s.phases)
     return dataclasses.replace(s, phases=phases, lr_measured=(batch, factor))

@@ -173,6 +173,10 @@ def test_the_measured_rate_never_falls_as_the_batch_grows(family: str, b0: int, 
     assert all(a <= c * (1 + 1e-9) for a, c in zip(lrs, lrs[1:], strict=False)), lrs
     assert measured_lr(b_star, rule(b_star), 1e-3, b0, b_star, rule(b_star), factor) == (
         pytest.approx(factor * rule(b_star)))
+    # a measurement that confirms the rule leaves the rule (a review: interpolating in
+    # log batch put the concave mccandlish rule's rates 25% low between B0 and B*)
+    assert [measured_lr(b, rule(b), 1e-3, b0, b_star, rule(b_star), 1.0) for b in batches] \
+        == pytest.approx([rule(b) for b in batches])
 
 
 def test_the_schedule_carries_the_correction() -> None:
@@ -189,9 +193,11 @@ def test_the_schedule_carries_the_correction() -> None:
                  best_constant_seconds=1.5, lr_rule="mccandlish-sqrt")
     # the rule doubles the rate from 64 to 256 (p = 0.5); 4x the rule's there is 8x lr0,
     # more than linear scaling gives: 2x is lr0's own, at 64 too; between, the rate
-    out = with_measured_lr(s, baseline_batch=64, baseline_lr=0.01, batch=256, rule_lr=0.02,
-                           factor=4.0)
-    assert [p.learning_rate for p in out.phases] == pytest.approx([0.02, 0.04, 0.08])
+    # (the phases' rule: 0.01·(b/64)^0.5, whatever their B_n)
+    out = with_measured_lr(s, baseline_batch=64, baseline_lr=0.01, batch=256, factor=4.0,
+                           rule_at=lambda b, b_n: 0.01 * (b / 64) ** 0.5)
+    # at 128 the rule gives 0.014, u = log 1.4 / log 2 of the way: 0.014 · 2 · 2^u = 0.0392
+    assert [p.learning_rate for p in out.phases] == pytest.approx([0.02, 0.0392, 0.08])
     assert out.lr_measured == (256, 4.0)
     assert [p.batch_size for p in out.phases] == [64, 128, 256]
 
