@@ -286,7 +286,7 @@ def cache_key(spec: Spec) -> str:
         refresh_user_modules,
         resolve,
         resolve_device,
-        user_module_files,
+        source_files_under,
     )
 
     files = []
@@ -301,9 +301,11 @@ def cache_key(spec: Spec) -> str:
         src = resolve(ref, spec.base_dir, key).source_file
         if src is not None:
             files.append(src)
-    # and the user's own modules their import loaded from their folders (not an import
-    # inside a factory's body before it was first called), under the spec's folder or theirs
-    files += user_module_files({spec.base_dir, *(f.parent for f in files)})
+    # and every source file in the factory files' folders, whatever they import (a
+    # helper's helper, a lazy import inside a factory), and an installed-elsewhere
+    # package's own folder for a "package.module:attr" factory outside site-packages
+    files += [f for folder in sorted({f.parent for f in files if _user_tree(f)}, key=str)
+              for f in source_files_under(folder)]
     # the weights files themselves (a save_pretrained folder's), every one of a list
     if spec.model.checkpoint:
         files.append(checkpoint_file(spec.model.checkpoint, spec.base_dir))
@@ -314,6 +316,20 @@ def cache_key(spec: Spec) -> str:
         dev.type, dev.name, dev.total_memory_bytes, dev.driver_version, torch.__version__,
         os.cpu_count(), len(usable_cpus()), platform.machine()))
     return cache.cache_key(spec.document, files, hardware, __version__)
+
+
+def _user_tree(path: Path) -> bool:
+    """A factory's source file that is the user's (not of an installed package or bsfind):
+    its folder's files count in the cache key."""
+    import site
+    import sysconfig
+
+    if any(part in ("site-packages", "dist-packages") for part in path.parts):
+        return False
+    installed = {sysconfig.get_paths().get(k) for k in ("stdlib", "platstdlib", "purelib",
+                                                      "platlib")}
+    installed |= set(site.getsitepackages()) | {str(Path(__file__).resolve().parent)}
+    return not any(path.is_relative_to(Path(p).resolve()) for p in installed if p)
 
 
 def check(

@@ -16,6 +16,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -86,12 +87,16 @@ def _is_file_ref(module_part: str) -> bool:
 
 
 # The user's own modules that a factory file's import (or its factory's call) loaded
-# from the file's folder, by sys.modules name: their file and its (mtime_ns, size) then.
-# refresh_user_modules drops those whose file changed since, so that an edited helper is
-# read afresh, while an unchanged one is not imported twice (its import may register a
-# torch op namespace, which fails the second time); user_module_files gives the files to
-# the cache key.
-_USER_MODULES: dict[str, tuple[Path, tuple[int, int]]] = {}
+# from the file's folder, by (sys.modules name, that folder): their file and its
+# (mtime_ns, size) then. refresh_user_modules drops a folder's whole group once one of
+# its files changed (a changed module's importers hold its old objects), so that an
+# edited helper is read afresh, while an unchanged group is not imported twice (an
+# import may register a torch op namespace, which fails the second time; a model built
+# before would stop pickling). Two folders may each record a module of one name (two
+# specs' helper.py); sys.modules holds the one imported last.
+_USER_MODULES: dict[tuple[str, Path], tuple[Path, tuple[int, int]]] = {}
+# The factory files loaded, by path: (their module's name, their (mtime_ns, size)).
+_FACTORY_FILES: dict[Path, tuple[str, tuple[int, int]]] = {}
 
 
 def _stat(path: Path) -> tuple[int, int] | None:
@@ -102,33 +107,33 @@ def _stat(path: Path) -> tuple[int, int] | None:
     return st.st_mtime_ns, st.st_size
 
 
-def _drop(name: str, path: Path) -> None:
-    """Forget module ``name`` (its compiled cache too: an edit within the same second
-    and of the same size would otherwise be read from a stale .pyc)."""
-    sys.modules.pop(name, None)
-    _USER_MODULES.pop(name, None)
-    with contextlib.suppress(OSError, ValueError, NotImplementedError):
-        Path(importlib.util.cache_from_source(str(path))).unlink(missing_ok=True)
-
-
-def refresh_user_modules() -> None:
-    """Drop the user's recorded modules whose file changed (or went) since their import,
-    so that the next resolve imports them afresh."""
-    for name, (path, stat) in list(_USER_MODULES.items()):
-        if _stat(path) != stat:
-            _drop(name, path)
-
-
-def user_module_files(roots: Iterable[Path]) -> list[Path]:
-    """The recorded user modules' files under any of ``roots`` (folders)."""
-    dirs = [Path(r).resolve() for r in roots]
-    return sorted({path for path, _ in _USER_MODULES.values()
-                   if any(path.is_relative_to(d) for d in dirs)}, key=str)
-
-
 def _module_file(module: Any) -> Path | None:
     f = getattr(module, "__file__", None)
     return Path(f).resolve() if f else None
+
+
+def _live(name: str, path: Path) -> bool:
+    """Is ``sys.modules[name]`` the module loaded from ``path``?"""
+    return name in sys.modules and _module_file(sys.modules[name]) == path
+
+
+def refresh_user_modules() -> None:
+    """Drop every recorded module of a folder one of whose files changed (or went) since
+    its import, and the factory files there, so that the next resolve runs them afresh
+    (their compiled caches too: an edit within the same second and of the same size
+    would otherwise be read from a stale .pyc)."""
+    stale = {folder for (_, folder), (path, stat) in _USER_MODULES.items()
+             if _stat(path) != stat}
+    for (name, folder), (path, _) in list(_USER_MODULES.items()):
+        if folder in stale:
+            if _live(name, path):
+                del sys.modules[name]
+            del _USER_MODULES[name, folder]
+            with contextlib.suppress(OSError, ValueError, NotImplementedError):
+                Path(importlib.util.cache_from_source(str(path))).unlink(missing_ok=True)
+    for path in list(_FACTORY_FILES):  # their globals hold the old helpers' objects
+        if path.parent in stale:
+            del _FACTORY_FILES[path]
 
 
 @contextlib.contextmanager
@@ -136,18 +141,20 @@ def _importing(folder: Path | None) -> Iterator[None]:
     """With ``folder`` (a factory file's): first on the import path inside, as under
     ``python file.py`` (the file imports its neighbours), and last afterwards, for
     imports inside its functions (first for good would let a user's ``profile.py``
-    shadow the standard library's for every later import); a recorded module that a
-    file of the same name in ``folder`` now shadows (another spec's helper) is dropped
-    first; the modules imported inside from ``folder`` are recorded."""
+    shadow the standard library's for every later import); another folder's recorded
+    module that a file of the same name in ``folder`` shadows is set aside meanwhile,
+    and put back unless the block imported its namesake; the modules imported inside
+    from ``folder`` are recorded."""
     if folder is None:
         yield
         return
     here = folder.resolve()
-    for name, (path, _) in list(_USER_MODULES.items()):
+    aside: dict[str, Any] = {}
+    for (name, where), (path, _) in _USER_MODULES.items():
         top = name.split(".")[0]
         mine = here / f"{top}.py", here / top / "__init__.py"
-        if not path.is_relative_to(here) and any(m.is_file() for m in mine):
-            _drop(name, path)
+        if where != here and _live(name, path) and any(m.is_file() for m in mine):
+            aside[name] = sys.modules.pop(name)
     before = set(sys.modules)
     entry = str(here)
     sys.path.insert(0, entry)
@@ -165,7 +172,45 @@ def _importing(folder: Path | None) -> Iterator[None]:
                     and "site-packages" not in found.parts):
                 stat = _stat(found)
                 if stat is not None:
-                    _USER_MODULES[name] = (found, stat)
+                    _USER_MODULES[name, here] = (found, stat)
+        for name, module in aside.items():
+            if name not in sys.modules:  # its namesake was not imported here
+                sys.modules[name] = module
+
+
+def source_files_under(folder: Path, limit: int = 2000) -> list[Path]:
+    """The ``.py`` files under ``folder`` (hidden folders, caches and virtual
+    environments left out; the first ``limit`` in path order): for the cache key, what
+    a factory file there can import, whenever it does."""
+    skip = {"__pycache__", "site-packages", "node_modules", "venv", "env", "build", "dist"}
+    found: list[Path] = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in skip)
+        found += [Path(root) / f for f in sorted(files) if f.endswith(".py")]
+        if len(found) >= limit:
+            break
+    return sorted(found, key=str)[:limit]
+
+
+def _load_factory_file(path: Path, name: str, key: str, ref: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ResolutionError(f"{key} {ref!r}: cannot load {path} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    stat = _stat(path)
+    try:
+        with _importing(path.parent):
+            spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(name, None)
+        _FACTORY_FILES.pop(path, None)
+        raise ResolutionError(
+            f"{key} {ref!r}: importing {path.name} raised {type(exc).__name__}: {exc}"
+        ) from exc
+    if stat is not None:
+        _FACTORY_FILES[path] = (name, stat)
+    return module
 
 
 def resolve(ref: str, base_dir: Path, key: str) -> Resolved:
@@ -181,19 +226,11 @@ def resolve(ref: str, base_dir: Path, key: str) -> Resolved:
                 hint="paths are relative to the spec file",
             )
         name = "bsfind_user_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None:
-            raise ResolutionError(f"{key} {ref!r}: cannot load {path} as a Python module")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            with _importing(path.parent):
-                spec.loader.exec_module(module)
-        except Exception as exc:
-            sys.modules.pop(name, None)
-            raise ResolutionError(
-                f"{key} {ref!r}: importing {path.name} raised {type(exc).__name__}: {exc}"
-            ) from exc
+        loaded = _FACTORY_FILES.get(path)
+        if loaded is not None and loaded[1] == _stat(path) and name in sys.modules:
+            module = sys.modules[name]  # unchanged: run once (model and loss share it)
+        else:
+            module = _load_factory_file(path, name, key, ref)
     else:
         try:
             module = importlib.import_module(module_part)

@@ -224,9 +224,6 @@ def test_the_cache_key_covers_what_a_factory_file_imports(tmp_path: Path) -> Non
     import bsfind.plot  # noqa: F401
 
     assert cache_key(spec) == changed
-    from bsfind.workload import user_module_files
-
-    assert [p.name for p in user_module_files([tmp_path])] == ["helper_cache_t.py"]
 
 
 def test_a_helper_is_read_afresh_by_each_build(tmp_path: Path) -> None:
@@ -293,4 +290,76 @@ def test_an_unchanged_helper_is_imported_once(tmp_path: Path) -> None:
     import sys
 
     assert isinstance(job.model, sys.modules["net_t3"].Net)
+    torch.save(job.model, io.BytesIO())
+
+
+def test_the_key_and_the_build_follow_a_helpers_helper_and_a_packages_module(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fac.py imports a_t4, which imports b_t4; a "pkg_t4.models:model" factory imports
+    pkg_t4.layers. Editing b_t4 or pkg_t4/layers.py moves the key and reaches the next
+    build in the same process (a review: the importer kept the old objects, and a
+    module-ref factory's helpers were not in the key)."""
+    from bsfind.api import cache_key
+    from bsfind.spec import load_spec
+    from bsfind.workload import build
+    from tests.conftest import CONFIGS
+
+    (tmp_path / "b_t4.py").write_text("WIDTH = 4\n")
+    (tmp_path / "a_t4.py").write_text("from b_t4 import WIDTH\n")
+    (tmp_path / "fac.py").write_text("from a_t4 import WIDTH\nfrom bsfind.models import mlp"
+                                     "\n\ndef model():\n    return mlp(64, WIDTH, 1, 10)\n")
+    pkg = tmp_path / "lib" / "pkg_t4"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "layers.py").write_text("WIDTH = 6\n")
+    (pkg / "models.py").write_text("from pkg_t4.layers import WIDTH\nfrom bsfind.models "
+                                   "import mlp\n\ndef model():\n    return mlp(64, WIDTH, 1, "
+                                   "10)\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "lib"))
+    (tmp_path / "spec.yaml").write_text((CONFIGS / "digits-mlp.yaml").read_text())
+    by_file = load_spec(tmp_path / "spec.yaml", ["model.factory=fac.py:model",
+                                                 "model.kwargs={}"])
+    by_module = load_spec(tmp_path / "spec.yaml", ["model.factory=pkg_t4.models:model",
+                                                   "model.kwargs={}"])
+    keys = cache_key(by_file), cache_key(by_module)
+    assert build(by_file).model[0].out_features == 4
+    (tmp_path / "b_t4.py").write_text("WIDTH = 8\n")
+    (pkg / "layers.py").write_text("WIDTH = 9\n")
+    assert cache_key(by_file) != keys[0] and cache_key(by_module) != keys[1]
+    assert build(by_file).model[0].out_features == 8
+
+
+def test_a_same_named_file_elsewhere_leaves_the_helper_alone(tmp_path: Path) -> None:
+    """The loss file's folder holds an unused layers_t5.py: the model's helper of that
+    name, which registers an op namespace, stays the one imported (a review: it was
+    dropped, so the next import failed and the model stopped pickling); a factory file
+    that registers one itself is run once while unchanged."""
+    import io
+
+    import torch
+
+    from bsfind.api import cache_key
+    from bsfind.spec import load_spec
+    from bsfind.workload import build
+    from tests.conftest import CONFIGS
+
+    (tmp_path / "layers_t5.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "lib = torch.library.Library('bsfind_test_ops_t5', 'DEF')\n"
+        "class Net(nn.Sequential):\n    pass\n")
+    (tmp_path / "fac.py").write_text(
+        "import torch\nfrom layers_t5 import Net\nfrom torch import nn\n"
+        "lib = torch.library.Library('bsfind_test_ops_t5f', 'DEF')\n\n"
+        "def model():\n    return Net(nn.Linear(64, 10))\n")
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "layers_t5.py").write_text("raise RuntimeError('not this one')\n")
+    (tmp_path / "extra" / "loss.py").write_text(
+        "import torch.nn.functional as F\n\ndef fn(out, y):\n"
+        "    return F.cross_entropy(out, y)\n")
+    (tmp_path / "spec.yaml").write_text((CONFIGS / "digits-mlp.yaml").read_text())
+    spec = load_spec(tmp_path / "spec.yaml", ["model.factory=fac.py:model",
+                                              "model.kwargs={}", "loss=extra/loss.py:fn"])
+    job = build(spec)
+    cache_key(spec)
+    build(spec)
     torch.save(job.model, io.BytesIO())
