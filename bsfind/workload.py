@@ -514,7 +514,8 @@ IGNORE_INDEX = -100
 def uneven_token_weights(job: Workload) -> bool:
     """``loss: model`` (a mean over a batch's tokens, as Hugging Face's) on examples that
     count different numbers of tokens (2-D labels whose counted tokens, those not
-    IGNORE_INDEX, form one block per row, as padding leaves them, of varying length):
+    IGNORE_INDEX, form one block per row, as padding leaves them, of varying length, or
+    vary more than random masks make them):
     each example then weighs by its length, not equally, as the noise scale's estimators
     assume. Looks at TOKEN_CHECK_EXAMPLES spread over the dataset."""
     if job.loss_fn is not model_loss or len(job) < 2:
@@ -530,7 +531,11 @@ def uneven_token_weights(job: Workload) -> bool:
     first = counted.int().argmax(1)
     block = (torch.arange(y.shape[1]) - first[:, None]).clamp(min=0) < n[:, None]
     contiguous = bool(((block & (torch.arange(y.shape[1]) >= first[:, None])) == counted).all())
-    return contiguous and bool(n.min() != n.max())
+    # or counts far more spread than random masks give (twice a binomial's variance):
+    # several blocks per row (multi-turn chat), first sub-words of words, ...
+    mean, length = float(n.float().mean()), y.shape[1]
+    spread = float(n.float().var()) > 2.0 * mean * (1.0 - mean / length)
+    return bool(n.min() != n.max()) and (contiguous or spread)
 
 
 def _shapes(x: Any) -> str:

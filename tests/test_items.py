@@ -209,6 +209,20 @@ def test_a_token_mean_over_padded_examples_is_warned_about() -> None:
 
     mlm = Workload.from_objects(torch.nn.Linear(1, 1), Masked(), model_loss)
     assert not uneven_token_weights(mlm)
+
+    class Turns(torch.utils.data.Dataset):  # two answer blocks per row, of varying length
+        def __len__(self) -> int:
+            return 40
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            ids = torch.arange(1, 41)
+            keep = torch.zeros(40, dtype=torch.bool)
+            keep[2:4 + i % 9] = True
+            keep[20:22 + (3 * i) % 13] = True
+            return {"input_ids": ids, "labels": torch.where(keep, ids, -100)}
+
+    assert uneven_token_weights(Workload.from_objects(torch.nn.Linear(1, 1), Turns(),
+                                                      model_loss))
     from typer.testing import CliRunner
 
     from bsfind.cli import app
