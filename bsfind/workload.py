@@ -88,9 +88,8 @@ def _is_file_ref(module_part: str) -> bool:
 
 # The user's own modules that a factory file's import (or its factory's call) loaded
 # from the file's folder, by (sys.modules name, that folder): their file and its
-# (mtime_ns, size) then. refresh_user_modules drops a folder's whole group once one of
-# its files changed (a changed module's importers hold its old objects), so that an
-# edited helper is read afresh, while an unchanged group is not imported twice (an
+# (mtime_ns, size) then. refresh_user_modules drops them all once one changed, so that
+# an edited helper is read afresh, while unchanged ones are not imported twice (an
 # import may register a torch op namespace, which fails the second time; a model built
 # before would stop pickling). Two folders may each record a module of one name (two
 # specs' helper.py); sys.modules holds the one imported last.
@@ -118,22 +117,21 @@ def _live(name: str, path: Path) -> bool:
 
 
 def refresh_user_modules() -> None:
-    """Drop every recorded module of a folder one of whose files changed (or went) since
-    its import, and the factory files there, so that the next resolve runs them afresh
-    (their compiled caches too: an edit within the same second and of the same size
-    would otherwise be read from a stale .pyc)."""
-    stale = {folder for (_, folder), (path, stat) in _USER_MODULES.items()
-             if _stat(path) != stat}
-    for (name, folder), (path, _) in list(_USER_MODULES.items()):
-        if folder in stale:
-            if _live(name, path):
-                del sys.modules[name]
-            del _USER_MODULES[name, folder]
-            with contextlib.suppress(OSError, ValueError, NotImplementedError):
-                Path(importlib.util.cache_from_source(str(path))).unlink(missing_ok=True)
-    for path in list(_FACTORY_FILES):  # their globals hold the old helpers' objects
-        if path.parent in stale:
-            del _FACTORY_FILES[path]
+    """Once any recorded module's file changed (or went) since its import, drop them all
+    and every factory file, so that the next resolve runs them afresh: an importer
+    anywhere holds the old module's objects (``from common import WIDTH`` in another
+    folder's file). Their compiled caches go too: an edit within the same second and of
+    the same size would otherwise be read from a stale .pyc. Unchanged, nothing is run
+    twice."""
+    if all(_stat(path) == stat for path, stat in _USER_MODULES.values()):
+        return
+    for (name, _), (path, _) in list(_USER_MODULES.items()):
+        if _live(name, path):
+            del sys.modules[name]
+        with contextlib.suppress(OSError, ValueError, NotImplementedError):
+            Path(importlib.util.cache_from_source(str(path))).unlink(missing_ok=True)
+    _USER_MODULES.clear()
+    _FACTORY_FILES.clear()
 
 
 @contextlib.contextmanager
@@ -180,8 +178,8 @@ def _importing(folder: Path | None) -> Iterator[None]:
 
 def source_files_under(folder: Path, limit: int = 2000) -> list[Path]:
     """The ``.py`` files under ``folder`` (hidden folders, caches and virtual
-    environments left out; the first ``limit`` in path order): for the cache key, what
-    a factory file there can import, whenever it does."""
+    environments left out; the first ``limit`` top-down, the folder's own first): for
+    the cache key, what a factory file there can import, whenever it does."""
     skip = {"__pycache__", "site-packages", "node_modules", "venv", "env", "build", "dist"}
     found: list[Path] = []
     for root, dirs, files in os.walk(folder):
@@ -189,7 +187,7 @@ def source_files_under(folder: Path, limit: int = 2000) -> list[Path]:
         found += [Path(root) / f for f in sorted(files) if f.endswith(".py")]
         if len(found) >= limit:
             break
-    return sorted(found, key=str)[:limit]
+    return sorted(found[:limit], key=str)  # top-down: the folder's own files first
 
 
 def _load_factory_file(path: Path, name: str, key: str, ref: str) -> Any:

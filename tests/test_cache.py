@@ -363,3 +363,47 @@ def test_a_same_named_file_elsewhere_leaves_the_helper_alone(tmp_path: Path) -> 
     cache_key(spec)
     build(spec)
     torch.save(job.model, io.BytesIO())
+
+
+def test_an_edit_reaches_every_factory_file_that_imported_it(tmp_path: Path) -> None:
+    """The data factory in b/ imports a/common.py (a/ is on the import path after the
+    model factory's import); editing common reaches both factories in the next build
+    (a review: the data factory, in another folder, kept the old value while the model
+    took the new)."""
+    from bsfind.spec import load_spec
+    from bsfind.workload import build
+    from tests.conftest import CONFIGS
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "common_t6.py").write_text("N = 40\n")
+    (tmp_path / "a" / "fac.py").write_text(
+        "from common_t6 import N\nfrom bsfind.models import mlp\n\n"
+        "def model():\n    return mlp(64, N, 1, 10)\n")
+    (tmp_path / "b" / "dat.py").write_text(
+        "from common_t6 import N\nfrom torch.utils.data import Subset\n"
+        "from bsfind.data import digits\n\ndef data():\n    return Subset(digits(), range(N))\n")
+    (tmp_path / "spec.yaml").write_text((CONFIGS / "digits-mlp.yaml").read_text())
+    spec = load_spec(tmp_path / "spec.yaml", ["model.factory=a/fac.py:model",
+                                              "model.kwargs={}", "data.factory=b/dat.py:data"])
+    job = build(spec)
+    assert (job.model[0].out_features, len(job)) == (40, 40)
+    (tmp_path / "a" / "common_t6.py").write_text("N = 24\n")
+    job = build(spec)
+    assert (job.model[0].out_features, len(job)) == (24, 24)
+
+
+def test_the_key_hashes_a_factory_files_own_folder_first(tmp_path: Path) -> None:
+    """Past the file limit, the files cut are the deepest, not the factory's own
+    neighbours (a review: a vendored tree of 2,100 files sorted first and pushed
+    layers.py out of the key)."""
+    from bsfind.workload import source_files_under
+
+    (tmp_path / "layers.py").write_text("W = 1\n")
+    (tmp_path / "model.py").write_text("from layers import W\n")
+    vendored = tmp_path / "apex"
+    vendored.mkdir()
+    for i in range(30):
+        (vendored / f"m{i:03d}.py").write_text("")
+    found = source_files_under(tmp_path, limit=20)
+    assert len(found) == 20 and {tmp_path / "layers.py", tmp_path / "model.py"} <= set(found)
