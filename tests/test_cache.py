@@ -11,6 +11,16 @@ import pytest
 from bsfind import cache
 
 
+def spec_in(folder: Path, *overrides: str):  # type: ignore[no-untyped-def]
+    """The digits-mlp config written to ``folder``, loaded with a model factory of the
+    user's (``model.kwargs`` emptied) and ``overrides``."""
+    from bsfind.spec import load_spec
+    from tests.conftest import CONFIGS
+
+    (folder / "spec.yaml").write_text((CONFIGS / "digits-mlp.yaml").read_text())
+    return load_spec(folder / "spec.yaml", ["model.kwargs={}", *overrides])
+
+
 @pytest.fixture
 def cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     d = tmp_path / "cache"
@@ -268,9 +278,7 @@ def test_an_unchanged_helper_is_imported_once(tmp_path: Path) -> None:
     import torch
 
     from bsfind.api import cache_key
-    from bsfind.spec import load_spec
     from bsfind.workload import build
-    from tests.conftest import CONFIGS
 
     (tmp_path / "ops_t3.py").write_text(
         "import torch\nlib = torch.library.Library('bsfind_test_ops_t3', 'DEF')\n"
@@ -280,9 +288,7 @@ def test_an_unchanged_helper_is_imported_once(tmp_path: Path) -> None:
     (tmp_path / "fac.py").write_text(
         "import ops_t3\nfrom net_t3 import Net\nfrom torch import nn\n\n"
         "def model():\n    return Net(nn.Linear(64, 10))\n")
-    (tmp_path / "spec.yaml").write_text((CONFIGS / "digits-mlp.yaml").read_text())
-    spec = load_spec(tmp_path / "spec.yaml", ["model.factory=fac.py:model",
-                                              "model.kwargs={}"])
+    spec = spec_in(tmp_path, "model.factory=fac.py:model")
     cache_key(spec)
     job = build(spec)
     cache_key(spec)
@@ -300,9 +306,7 @@ def test_the_key_and_the_build_follow_a_helpers_helper_and_a_packages_module(
     build in the same process (a review: the importer kept the old objects, and a
     module-ref factory's helpers were not in the key)."""
     from bsfind.api import cache_key
-    from bsfind.spec import load_spec
     from bsfind.workload import build
-    from tests.conftest import CONFIGS
 
     (tmp_path / "b_t4.py").write_text("WIDTH = 4\n")
     (tmp_path / "a_t4.py").write_text("from b_t4 import WIDTH\n")
@@ -316,11 +320,8 @@ def test_the_key_and_the_build_follow_a_helpers_helper_and_a_packages_module(
                                    "import mlp\n\ndef model():\n    return mlp(64, WIDTH, 1, "
                                    "10)\n")
     monkeypatch.syspath_prepend(str(tmp_path / "lib"))
-    (tmp_path / "spec.yaml").write_text((CONFIGS / "digits-mlp.yaml").read_text())
-    by_file = load_spec(tmp_path / "spec.yaml", ["model.factory=fac.py:model",
-                                                 "model.kwargs={}"])
-    by_module = load_spec(tmp_path / "spec.yaml", ["model.factory=pkg_t4.models:model",
-                                                   "model.kwargs={}"])
+    by_file = spec_in(tmp_path, "model.factory=fac.py:model")
+    by_module = spec_in(tmp_path, "model.factory=pkg_t4.models:model")
     keys = cache_key(by_file), cache_key(by_module)
     assert build(by_file).model[0].out_features == 4
     (tmp_path / "b_t4.py").write_text("WIDTH = 8\n")
@@ -339,9 +340,7 @@ def test_a_same_named_file_elsewhere_leaves_the_helper_alone(tmp_path: Path) -> 
     import torch
 
     from bsfind.api import cache_key
-    from bsfind.spec import load_spec
     from bsfind.workload import build
-    from tests.conftest import CONFIGS
 
     (tmp_path / "layers_t5.py").write_text(
         "import torch\nfrom torch import nn\n"
@@ -356,9 +355,7 @@ def test_a_same_named_file_elsewhere_leaves_the_helper_alone(tmp_path: Path) -> 
     (tmp_path / "extra" / "loss.py").write_text(
         "import torch.nn.functional as F\n\ndef fn(out, y):\n"
         "    return F.cross_entropy(out, y)\n")
-    (tmp_path / "spec.yaml").write_text((CONFIGS / "digits-mlp.yaml").read_text())
-    spec = load_spec(tmp_path / "spec.yaml", ["model.factory=fac.py:model",
-                                              "model.kwargs={}", "loss=extra/loss.py:fn"])
+    spec = spec_in(tmp_path, "model.factory=fac.py:model", "loss=extra/loss.py:fn")
     job = build(spec)
     cache_key(spec)
     build(spec)
@@ -370,9 +367,7 @@ def test_an_edit_reaches_every_factory_file_that_imported_it(tmp_path: Path) -> 
     model factory's import); editing common reaches both factories in the next build
     (a review: the data factory, in another folder, kept the old value while the model
     took the new)."""
-    from bsfind.spec import load_spec
     from bsfind.workload import build
-    from tests.conftest import CONFIGS
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -383,9 +378,7 @@ def test_an_edit_reaches_every_factory_file_that_imported_it(tmp_path: Path) -> 
     (tmp_path / "b" / "dat.py").write_text(
         "from common_t6 import N\nfrom torch.utils.data import Subset\n"
         "from bsfind.data import digits\n\ndef data():\n    return Subset(digits(), range(N))\n")
-    (tmp_path / "spec.yaml").write_text((CONFIGS / "digits-mlp.yaml").read_text())
-    spec = load_spec(tmp_path / "spec.yaml", ["model.factory=a/fac.py:model",
-                                              "model.kwargs={}", "data.factory=b/dat.py:data"])
+    spec = spec_in(tmp_path, "model.factory=a/fac.py:model", "data.factory=b/dat.py:data")
     job = build(spec)
     assert (job.model[0].out_features, len(job)) == (40, 40)
     (tmp_path / "a" / "common_t6.py").write_text("N = 24\n")
