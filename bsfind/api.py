@@ -283,6 +283,7 @@ def cache_key(spec: Spec) -> str:
     from bsfind.hardware.nvml import describe_device
     from bsfind.workload import (
         checkpoint_file,
+        is_user_source,
         refresh_user_modules,
         resolve,
         resolve_device,
@@ -304,7 +305,7 @@ def cache_key(spec: Spec) -> str:
     # and every source file in the factory files' folders, whatever they import (a
     # helper's helper, a lazy import inside a factory), and an installed-elsewhere
     # package's own folder for a "package.module:attr" factory outside site-packages
-    files += [f for folder in sorted({f.parent for f in files if _user_tree(f)}, key=str)
+    files += [f for folder in sorted({f.parent for f in files if is_user_source(f)}, key=str)
               for f in source_files_under(folder)]
     # the weights files themselves (a save_pretrained folder's), every one of a list
     if spec.model.checkpoint:
@@ -316,20 +317,6 @@ def cache_key(spec: Spec) -> str:
         dev.type, dev.name, dev.total_memory_bytes, dev.driver_version, torch.__version__,
         os.cpu_count(), len(usable_cpus()), platform.machine()))
     return cache.cache_key(spec.document, files, hardware, __version__)
-
-
-def _user_tree(path: Path) -> bool:
-    """A factory's source file that is the user's (not of an installed package or bsfind):
-    its folder's files count in the cache key."""
-    import site
-    import sysconfig
-
-    if any(part in ("site-packages", "dist-packages") for part in path.parts):
-        return False
-    installed = {sysconfig.get_paths().get(k) for k in ("stdlib", "platstdlib", "purelib",
-                                                      "platlib")}
-    installed |= set(site.getsitepackages()) | {str(Path(__file__).resolve().parent)}
-    return not any(path.is_relative_to(Path(p).resolve()) for p in installed if p)
 
 
 def check(

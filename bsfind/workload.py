@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -94,8 +95,8 @@ def _is_file_ref(module_part: str) -> bool:
 # before would stop pickling). Two folders may each record a module of one name (two
 # specs' helper.py); sys.modules holds the one imported last.
 _USER_MODULES: dict[tuple[str, Path], tuple[Path, tuple[int, int]]] = {}
-# The factory files loaded, by path: (their module's name, their (mtime_ns, size)).
-_FACTORY_FILES: dict[Path, tuple[str, tuple[int, int]]] = {}
+# The factory files loaded, by path: their (mtime_ns, size) then.
+_FACTORY_FILES: dict[Path, tuple[int, int]] = {}
 
 
 def _stat(path: Path) -> tuple[int, int] | None:
@@ -176,6 +177,26 @@ def _importing(folder: Path | None) -> Iterator[None]:
                 sys.modules[name] = module
 
 
+@functools.cache
+def _installed_roots() -> tuple[Path, ...]:
+    """Where installed code lives: the standard library, site-packages, bsfind itself."""
+    import site
+    import sysconfig
+
+    paths = {sysconfig.get_paths().get(k) for k in ("stdlib", "platstdlib", "purelib",
+                                                    "platlib")}
+    paths |= set(site.getsitepackages()) | {str(Path(__file__).resolve().parent)}
+    return tuple(Path(p).resolve() for p in paths if p)
+
+
+def is_user_source(path: Path) -> bool:
+    """A factory's source file that is the user's (not of an installed package or bsfind):
+    its folder's files count in the cache key (:func:`source_files_under`)."""
+    if any(part in ("site-packages", "dist-packages") for part in path.parts):
+        return False
+    return not any(path.is_relative_to(root) for root in _installed_roots())
+
+
 def source_files_under(folder: Path, limit: int = 2000) -> list[Path]:
     """The ``.py`` files under ``folder`` (hidden folders, caches and virtual
     environments left out; the first ``limit`` top-down, the folder's own first): for
@@ -207,7 +228,7 @@ def _load_factory_file(path: Path, name: str, key: str, ref: str) -> Any:
             f"{key} {ref!r}: importing {path.name} raised {type(exc).__name__}: {exc}"
         ) from exc
     if stat is not None:
-        _FACTORY_FILES[path] = (name, stat)
+        _FACTORY_FILES[path] = stat
     return module
 
 
@@ -225,7 +246,7 @@ def resolve(ref: str, base_dir: Path, key: str) -> Resolved:
             )
         name = "bsfind_user_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
         loaded = _FACTORY_FILES.get(path)
-        if loaded is not None and loaded[1] == _stat(path) and name in sys.modules:
+        if loaded is not None and loaded == _stat(path) and name in sys.modules:
             module = sys.modules[name]  # unchanged: run once (model and loss share it)
         else:
             module = _load_factory_file(path, name, key, ref)
@@ -526,9 +547,8 @@ def uneven_token_weights(job: Workload) -> bool:
     n = counted.sum(1)
     # padding (and a masked prompt) leaves each row one block of counted tokens; a masked
     # language model's random masks scatter them, and vary their count only by chance
-    first = counted.int().argmax(1)
-    block = (torch.arange(y.shape[1]) - first[:, None]).clamp(min=0) < n[:, None]
-    contiguous = bool(((block & (torch.arange(y.shape[1]) >= first[:, None])) == counted).all())
+    first, at = counted.int().argmax(1)[:, None], torch.arange(y.shape[1])
+    contiguous = bool((((at >= first) & (at < first + n[:, None])) == counted).all())
     # or counts far more spread than random masks give (twice a binomial's variance):
     # several blocks per row (multi-turn chat), first sub-words of words, ...
     mean, length = float(n.float().mean()), y.shape[1]
