@@ -579,17 +579,21 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise UsageError(f"--set {text!r}: the value is not valid YAML ({_yaml_problem(exc)})",
+        raise UsageError(f"--set {text!r}: the value is not valid YAML "
+                         f"({''.join(_yaml_problem(exc))})",
                          hint="quote the whole --set when its value has spaces: "
                               "--set \"probe.at_steps=[0, 200]\"") from None
     return key.split("."), value
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """PyYAML's message in one line: its problem, and where (for a file, the line)."""
+def _yaml_problem(exc: yaml.YAMLError, line: bool = False) -> tuple[str, str]:
+    """PyYAML's message in one line: (its problem, " at [line L, ]column C" or "")."""
     mark = getattr(exc, "problem_mark", None)
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    return problem + (f" at column {mark.column + 1}" if mark is not None else "")
+    if mark is None:
+        return problem, ""
+    return problem, (f" at line {mark.line + 1}, column {mark.column + 1}" if line
+                     else f" at column {mark.column + 1}")
 
 
 def apply_overrides(document: Any, overrides: Sequence[str]) -> Any:
@@ -636,9 +640,7 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> Spec:
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem, where = _yaml_problem(exc, line=True)
         raise SpecError([f"invalid YAML{where}: {problem}"], source) from None
     if overrides:
         if document is not None and not isinstance(document, dict):
