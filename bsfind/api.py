@@ -164,12 +164,12 @@ def measure_noise_scale(
         collate_fn: makes a batch of a list of items (the spec's ``data.collate``).
     """
     from bsfind.tracker import paused_on
-    from bsfind.workload import LOSSES
+    from bsfind.workload import LOSSES, near_name
 
     if isinstance(loss_fn, str):
         if loss_fn not in LOSSES:
-            raise ValueError(f"loss_fn {loss_fn!r}: expected a function or one of "
-                             f"{', '.join(LOSSES)}")
+            raise ValueError(f"loss_fn {loss_fn!r}: {near_name(loss_fn, LOSSES)}expected a "
+                             f"function or one of {', '.join(LOSSES)}")
         loss_fn = LOSSES[loss_fn]
     job = Workload.from_objects(model, dataset, loss_fn, collate=collate_fn)
     opts = ProbeOptions(method=method, batch_size=batch_size,
@@ -243,6 +243,8 @@ def validate(spec: Spec) -> Validation:
                             key=f"model.checkpoints[{i}].path")
         job.model.load_state_dict(start)
     method, reason = choose_method(job.model, spec.probe.method)
+    if method == "per-example":
+        method, reason = _per_example_runs(job, idx, reason)
     return Validation(
         model=spec.model.factory, data=spec.data.factory, loss=spec.loss,
         optimizer=spec.optimizer.name, device=str(job.device),
@@ -251,6 +253,23 @@ def validate(spec: Spec) -> Validation:
         method_reason=reason, probe_points=wording.probe_plan(spec),
         learning_rate=wording.lr_plan(pipeline.lr_search_skipped_by_spec(spec, world=1)),
     )
+
+
+def _per_example_runs(job: Workload, idx: torch.Tensor, reason: str) -> tuple[str, str]:
+    """(method, reason) once the per-example norms have run on validate's examples: some
+    failures show only at run time (a custom autograd.Function without setup_context, a
+    module called twice), and the probe then falls back to micro-batches."""
+    from bsfind.noise.per_example import PerExampleGradNorms, PerExampleUnsupported
+
+    try:
+        with PerExampleGradNorms(job.model) as norms:
+            job.loss(idx).backward()
+            norms.sq_norms()
+    except PerExampleUnsupported as exc:
+        return "microbatch", f"per-example norms failed on validate's step ({exc.message})"
+    finally:
+        job.model.zero_grad(set_to_none=True)
+    return "per-example", reason
 
 
 # --------------------------------------------------------------------------- CI preflight

@@ -5,8 +5,10 @@ No torch here: the CLI imports this module to type its progress bar.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 # Progress callback: (phase, fraction done in [0, 1], message). The CLI draws it.
@@ -33,3 +35,27 @@ class Deadline:
     def within(self, seconds: float) -> Deadline:
         """A deadline ``seconds`` from now, or this one if it comes first."""
         return Deadline(min(self.end, self.clock() + seconds), self.clock)
+
+
+# When the command began (time.perf_counter), set by the CLI: a run's budget then counts
+# from there, so that ``--max-seconds`` covers importing torch and the user's code too
+# (6 s of a 30 s ``check`` on a loaded 2-core machine). None: from the run's own start.
+_STARTED: ContextVar[float | None] = ContextVar("bsfind_started", default=None)
+
+
+@contextlib.contextmanager
+def counted_from(started: float | None) -> Iterator[None]:
+    """Runs inside the block count their budget from ``started`` (perf_counter; None:
+    each from its own start)."""
+    token = _STARTED.set(started)
+    try:
+        yield
+    finally:
+        _STARTED.reset(token)
+
+
+def run_deadline(seconds: float, clock: Callable[[], float] = time.perf_counter) -> Deadline:
+    """A run's budget: ``seconds`` from the command's start (:func:`counted_from`), or
+    from now outside one."""
+    started = _STARTED.get()
+    return Deadline((clock() if started is None else started) + seconds, clock)

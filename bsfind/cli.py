@@ -22,6 +22,7 @@ import os
 import platform
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -218,6 +219,22 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, float, str], None] | Non
 
     with bar:
         yield update
+
+
+# When the command began (set by main; None when the app is invoked in-process, as the
+# tests do): its budget (probe.max_seconds) counts from here, so that it covers
+# importing torch and the user's code.
+_STARTED: float | None = None
+
+
+@contextmanager
+def _measuring() -> Iterator[Callable[[str, float, str], None] | None]:
+    """Around a budgeted command's run: SIGTERM as Ctrl-C, the budget counted from the
+    command's start, and the progress display (yielded)."""
+    from bsfind.budget import counted_from
+
+    with _sigterm_as_interrupt(), counted_from(_STARTED), _progress(True) as progress:
+        yield progress
 
 
 @contextmanager
@@ -683,7 +700,7 @@ def recommend(
                                  f"{' or '.join(FORMATS)}")
             if not plot.parent.is_dir():
                 raise UsageError(f"--plot {plot}: folder {plot.parent} does not exist")
-        with _sigterm_as_interrupt(), _progress(True) as progress:
+        with _measuring() as progress:
             r = api.recommend(s, progress=progress, max_gpus=max_gpus)
         if plot is not None and not _secondary_rank():
             api.write_plot(r, plot)
@@ -717,7 +734,7 @@ def schedule(
             raise UsageError(f"bsfind schedule takes the spec first, then the log: "
                              f"bsfind schedule {log} {spec}")
         s = _load(spec, overrides)
-        with _sigterm_as_interrupt(), _progress(True) as progress:
+        with _measuring() as progress:
             return report.to_dict(api.schedule_from_log(s, log, progress=progress))
 
     doc = _guard(debug, run, as_json=json_out)
@@ -775,7 +792,7 @@ def check(
 
     def run() -> api.CheckResult:
         s = _load(spec, overrides)
-        with _sigterm_as_interrupt(), _progress(True) as progress:
+        with _measuring() as progress:
             result = api.check(s, tolerance=tolerance, use_cache=not no_cache,
                                progress=progress)
         write(result.document)
@@ -807,7 +824,7 @@ def noise(spec: SpecArg, json_out: JsonOpt = False, set_: SetOpt = None,
 
     def run() -> dict[str, Any]:
         s = _load(spec, list(set_ or []))
-        with _sigterm_as_interrupt(), _progress(True) as progress:
+        with _measuring() as progress:
             return report.to_dict(api.measure(s, progress=progress))
 
     doc = _guard(debug, run, on_interrupt=_partial_noise(json_out), as_json=json_out)
@@ -825,7 +842,7 @@ def branch(spec: SpecArg, json_out: JsonOpt = False, set_: SetOpt = None,
 
     def run() -> dict[str, Any]:
         s = _load(spec, list(set_ or []))
-        with _sigterm_as_interrupt(), _progress(True) as progress:
+        with _measuring() as progress:
             return report.to_dict(api.branch(s, progress=progress))
 
     doc = _guard(debug, run, on_interrupt=_partial_noise(json_out), as_json=json_out)
@@ -962,6 +979,8 @@ def _silence_secondary_rank() -> None:
 
 def main() -> None:
     """Console entry point."""
+    global _STARTED
+    _STARTED = time.perf_counter()
     _silence_secondary_rank()
     if not launch.requested():
         app()

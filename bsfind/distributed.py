@@ -71,7 +71,7 @@ import torch
 import torch.distributed as dist
 
 from bsfind import wording
-from bsfind.budget import Deadline, ProgressFn
+from bsfind.budget import Deadline, ProgressFn, run_deadline
 from bsfind.errors import BsfindError, HardwareError, Interrupted, UsageError
 from bsfind.hardware import measure
 from bsfind.hardware.measure import HardwareOptions
@@ -521,8 +521,9 @@ class TorchrunRunner:
         return contextlib.nullcontext()  # each rank's threads are the launcher's to set
 
     def deadline(self, seconds: float) -> Deadline:
-        """The run's budget, started at the same moment on every rank (rank 0's value)."""
-        left = self.coord.decide(lambda: [seconds], 1)[0]
+        """The run's budget, ending at the same moment on every rank (rank 0's, counted
+        from its command's start)."""
+        left = self.coord.decide(lambda: [run_deadline(seconds).left()], 1)[0]
         return Deadline.after(left)
 
     def build(self, spec: Spec) -> Workload:

@@ -117,8 +117,8 @@ def run(spec: Spec, runner: Runner, command: str, progress: ProgressFn | None = 
         BsfindError: a user-caused failure (see ``bsfind.errors``), with a partial
             result inside ``Interrupted`` on Ctrl-C.
     """
-    start = time.perf_counter()
     deadline = runner.deadline(spec.probe.max_seconds)
+    start = deadline.end - spec.probe.max_seconds  # the command's start, under the CLI
     job = runner.build(spec)
     with runner.fit_to_load(job):
         report = _measure_and_advise(spec, runner, command, job, deadline, progress, max_gpus)
@@ -210,8 +210,8 @@ def plan_from_log(spec: Spec, runner: Runner, records: Sequence[TrackRecord], so
         BsfindError: a user-caused failure (an empty log, a spec that does not build).
     """
 
-    start = time.perf_counter()
     deadline = runner.deadline(spec.probe.max_seconds)
+    start = deadline.end - spec.probe.max_seconds  # the command's start, under the CLI
     # the noise scale comes from the log: model.checkpoints (the last run's files, perhaps
     # cleaned up since) are never loaded here, so the build does not ask for them
     job = runner.build(dataclasses.replace(

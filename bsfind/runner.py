@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 
 from bsfind import wording
-from bsfind.budget import Deadline, ProgressFn
+from bsfind.budget import Deadline, ProgressFn, run_deadline
 from bsfind.errors import Interrupted
 from bsfind.hardware import measure
 from bsfind.hardware.measure import HardwareOptions
@@ -132,7 +132,7 @@ class LocalRunner:
     def deadline(self, seconds: float) -> Deadline:
         self._use = measure.CpuUse()  # the load sample of fit_to_load spans the build
         self._use.start()
-        return Deadline.after(seconds)
+        return run_deadline(seconds)
 
     def build(self, spec: Spec) -> Workload:
         return build(spec)

@@ -1047,7 +1047,9 @@ class Tracker:
         self._norms = None
         self.reason = f"per-example norms failed at step {self.step}: {why}"
         self._warn_once("per-example", "bsfind tracker: " + self.reason +
-                        "; the accumulation and ddp pairings still work")
+                        "; without them nothing is measured on one process: accumulate "
+                        "gradients (micro_step) or run under DistributedDataParallel, "
+                        "pairings that need no per-example norms")
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

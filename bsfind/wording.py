@@ -46,7 +46,8 @@ LR_SEARCH_CUT_SHORT = ("the time budget ended the learning-rate search: the repo
 LR_SEARCH_CUT_FIRST = ("the time budget ended the learning-rate search before its first "
                        "learning rate finished: the report is partial, and the learning rate "
                        "is the rule's (a larger probe.max_seconds lets it finish)")
-TOKEN_MEAN = ("loss: model averages over a batch's tokens, and these examples count "
+TOKEN_MEAN = ("the loss averages over a batch's tokens (loss: model, and the built-in "
+              "cross_entropy on (batch, token) targets), and these examples count "
               "different numbers of them (labels of -100 vary per row): each example weighs "
               "by its length, while the noise scale assumes a mean over examples, so it reads "
               "low (23% on a padded GPT-2 in a trial); use a loss that averages each "
@@ -100,6 +101,9 @@ def noise_warnings(used: NoiseEstimate, trajectory: Trajectory | None, *, datase
         out.append(batchnorm(norm_batch, advice))
     if used.b_simple is None:
         out.append(UNRESOLVED_ADVICE if advice else UNRESOLVED)
+    if used.method_reason.startswith(PER_EXAMPLE_FAILED):
+        out.append(f"{used.method_reason}: the probe used micro-batches instead (an "
+                   "estimate as exact, at more backward passes per example)")
     if dataset_size < baseline_batch:
         out.append(
             f"the dataset has only {dataset_size} examples, fewer than the baseline batch "
@@ -116,6 +120,10 @@ def noise_warnings(used: NoiseEstimate, trajectory: Trajectory | None, *, datase
                                                      or trajectory.mode == "pinned"):
         out.append(MEASURED_AT_INIT)
     return out
+
+
+# How the probe's method_reason begins when the per-example norms failed at run time.
+PER_EXAMPLE_FAILED = "per-example norms failed at run time"
 
 
 # Without a planned run (training.epochs / training.examples) the probe trains for half

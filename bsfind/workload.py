@@ -265,7 +265,7 @@ def resolve(ref: str, base_dir: Path, key: str) -> Resolved:
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            near = _near_name(part, [n for n in dir(obj) if not n.startswith("_")]).rstrip()
+            near = near_name(part, [n for n in dir(obj) if not n.startswith("_")]).rstrip()
             raise ResolutionError(
                 f"{key} {ref!r}: module {module_part!r} has no attribute {attr!r}"
                 + (f" ({near})" if near else "")
@@ -483,6 +483,15 @@ class Workload:
                 len(keys) > 1 or hasattr(self.model, "main_input_name"))
         return self._keyword_calls[keys]
 
+    def _takes_labels(self) -> bool:
+        """Can ``loss: model`` call this model's forward with labels=?"""
+        try:
+            params = inspect.signature(self.model.forward).parameters.values()
+        except (TypeError, ValueError):
+            return True  # unknown: the hint keeps loss: model
+        return any(p.name == "labels" or p.kind is inspect.Parameter.VAR_KEYWORD
+                   for p in params)
+
     def loss_on(self, x: Any, y: torch.Tensor, autocast: bool = True) -> torch.Tensor:
         """The checked loss of a batch: the user's errors as UserCodeError. ``autocast``
         False runs in fp32 whatever hardware.precision says (the memory count's)."""
@@ -504,8 +513,10 @@ class Workload:
                 f"loss {self.loss_name!r} got a {type(out).__name__} from the model, not a "
                 "tensor of outputs",
                 hint=("use loss: model (the model's own loss: it is called with "
-                      "labels=targets), or a loss function 'file.py:fn' that reads "
-                      + ("outputs.logits" if hasattr(out, "logits") else "the outputs")),
+                      "labels=targets), or " if self._takes_labels() else "use ")
+                + "a loss function 'file.py:fn' that reads "
+                + ("outputs.logits" if hasattr(out, "logits") else
+                   f"the logits from the model's {type(out).__name__}"),
             )
         try:
             loss = self.loss_fn(out.float() if isinstance(out, torch.Tensor) else out, y)
@@ -531,13 +542,14 @@ IGNORE_INDEX = -100
 
 
 def uneven_token_weights(job: Workload) -> bool:
-    """``loss: model`` (a mean over a batch's tokens, as Hugging Face's) on examples that
+    """``loss: model`` (a mean over a batch's tokens, as Hugging Face's) or the built-in
+    ``cross_entropy`` (which flattens (B, T) targets: the same mean) on examples that
     count different numbers of tokens (2-D labels whose counted tokens, those not
     IGNORE_INDEX, form one block per row, as padding leaves them, of varying length, or
     vary more than random masks make them):
     each example then weighs by its length, not equally, as the noise scale's estimators
     assume. Looks at TOKEN_CHECK_EXAMPLES spread over the dataset."""
-    if job.loss_fn is not model_loss or len(job) < 2:
+    if job.loss_fn not in (model_loss, cross_entropy) or len(job) < 2:
         return False
     idx = torch.linspace(0, len(job) - 1, min(len(job), TOKEN_CHECK_EXAMPLES)).long()
     _, y = job.batch(idx)
@@ -862,12 +874,12 @@ def _resolve_loss(spec: Spec, sources: list[Path]) -> LossFn:
             sources.append(r.source_file)
         return r.obj  # type: ignore[no-any-return]
     raise UsageError(  # a spec value, not the user's code: exit 2
-        f"loss: unknown loss {spec.loss!r} ({_near_name(spec.loss, LOSSES)}expected "
+        f"loss: unknown loss {spec.loss!r} ({near_name(spec.loss, LOSSES)}expected "
         f"{', '.join(LOSSES)} or 'module:attr')"
     )
 
 
-def _near_name(word: str, names: Iterable[str]) -> str:
+def near_name(word: str, names: Iterable[str]) -> str:
     """"did you mean 'adam'? " for a misspelt built-in name, else ""."""
     import difflib
 
@@ -891,7 +903,7 @@ def _resolve_optimizer(spec: Spec, sources: list[Path]) -> type[torch.optim.Opti
             sources.append(r.source_file)
     else:
         raise UsageError(  # a spec value, not the user's code: exit 2
-            f"optimizer.name: unknown optimizer {name!r} ({_near_name(name, OPTIMIZERS)}"
+            f"optimizer.name: unknown optimizer {name!r} ({near_name(name, OPTIMIZERS)}"
             f"expected {', '.join(OPTIMIZERS)} or 'module:attr')"
         )
     check_kwargs(opt_cls, {"lr": spec.optimizer.lr, **spec.optimizer.kwargs},

@@ -158,6 +158,25 @@ def test_a_budget_error_hints_only_what_applies() -> None:
     assert "microbatch_size" not in r.output
 
 
+def test_the_budget_counts_from_the_command_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--max-seconds bounds the whole command: importing torch and the user's code count
+    (a trial's check --max-seconds 30 ran 38 s, 6 s of it importing torch under load).
+    A command that began 1000 s ago has no budget left, whatever the probe needs."""
+    import time
+
+    from bsfind import budget, cli
+
+    monkeypatch.setattr(cli, "_STARTED", time.perf_counter() - 1000)
+    assert_clean_failure(run("noise", GOOD, "--set", "probe.max_seconds=60"), 5,
+                         "raise probe.max_seconds")
+    # the fake-clock arithmetic: counted from the start inside the block, from now outside
+    with budget.counted_from(10.0):
+        assert budget.run_deadline(5.0, clock=lambda: 12.0).left() == 3.0
+    assert budget.run_deadline(5.0, clock=lambda: 12.0).left() == 5.0
+    with budget.counted_from(None):
+        assert budget.run_deadline(5.0, clock=lambda: 12.0).left() == 5.0
+
+
 def test_missing_spec_file() -> None:
     assert_clean_failure(run("noise", "no/such/spec.yaml"), 2, "file not found")
 
@@ -321,6 +340,12 @@ def test_validate_catches_a_loss_that_cannot_take_the_output() -> None:
     j = run("validate", GOOD, "--json", "--set",
             "model.factory=user_code.py:object_output_model")
     assert json.loads(j.stdout)["exit_code"] == 3
+    # a forward without labels=: loss: model would fail next, so the hint leaves it out
+    t = run("validate", GOOD, "--set", "model.factory=user_code.py:tuple_output_model")
+    assert_clean_failure(t, 3, "got a tuple from the model",
+                         "use a loss function 'file.py:fn' that reads the logits from the "
+                         "model's tuple")
+    assert "loss: model" not in t.output
 
 
 def test_validate_says_which_method_and_where() -> None:
@@ -337,6 +362,26 @@ def test_validate_says_which_method_and_where() -> None:
     bn = json.loads(run("validate", str(ROOT / "configs" / "digits-cnn.yaml"), "--json",
                         "--set", "model.kwargs.norm=batch").stdout)
     assert bn["method"] == "microbatch" and "BatchNorm" in bn["method_reason"]
+
+
+def test_per_example_norms_that_fail_at_run_time_are_found_and_said() -> None:
+    """A parameter behind an old-style autograd.Function (no setup_context): every layer
+    has a rule, but torch.func cannot run it, which shows only at run time. validate
+    runs the norms on its step and says micro-batches; the probe's fallback warns (a
+    trial found it only in the JSON's method_reason)."""
+    custom = ("--set", "model.factory=user_code.py:custom_function_model")
+    doc = json.loads(run("validate", GOOD, "--json", *custom).stdout)
+    assert doc["method"] == "microbatch", doc
+    assert "failed on validate's step" in doc["method_reason"]
+    assert "setup_context" in doc["method_reason"]
+    r = run("noise", GOOD, "--json", *custom, "--set", "probe.at_steps=[0]")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["noise_scale"]["method"] == "microbatch"
+    assert any(w.startswith("per-example norms failed at run time") and
+               "the probe used micro-batches instead" in w for w in out["warnings"])
+    plain = json.loads(run("noise", GOOD, "--json", "--set", "probe.at_steps=[0]").stdout)
+    assert not any("failed at run time" in w for w in plain["warnings"])
 
 
 def test_plain_progress_prints_each_phase_first_and_last_message() -> None:

@@ -164,7 +164,7 @@ def test_out_of_memory_on_one_rank_backs_off_on_every_rank() -> None:
     limit = 100
     ranks, _ = _launch("recommend", SPEC, "--json",
                        "--set", f"model.kwargs={{oom_rank: 1, oom_above: {limit}}}",
-                       "--set", "probe.max_seconds=20")
+                       "--set", "probe.max_seconds=30")
     assert [r.code for r in ranks] == [0, 0], ranks[0].err
     assert ranks[1].out == "" and ranks[1].err == ""  # rank 1 stays silent
     doc = _one_document(ranks[0].out)
@@ -250,7 +250,7 @@ def test_distributed_estimate_matches_the_exact_value(method: str, rel: float) -
 def test_the_default_probe_along_training_runs_on_every_rank() -> None:
     """The default: data-parallel training along the run, the ranks following rank 0's
     decisions on when to stop (their own clocks differ), then the median."""
-    proc, seconds = _torchrun("noise", SPEC, "--json", "--set", "probe.max_seconds=10")
+    proc, seconds = _torchrun("noise", SPEC, "--json", "--set", "probe.max_seconds=15")
     assert proc.returncode == 0, proc.stderr
     doc = _one_document(proc.stdout)
     steps = [p["step"] for p in doc["noise_scale_by_step"]]

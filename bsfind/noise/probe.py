@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bsfind import wording
 from bsfind.budget import Deadline, ProgressFn
 from bsfind.errors import BudgetError, HardwareError, Interrupted, UserCodeError
 from bsfind.hardware.memory import clear_cache, is_oom
@@ -361,7 +362,7 @@ class NoiseProbe:
         except PerExampleUnsupported as exc:
             # Found only at run time (a module called twice, ...): start over
             # with micro-batches, whose estimate is always exact.
-            self._switch_to_microbatch(f"per-example norms failed at run time ({exc.message})")
+            self._switch_to_microbatch(f"{wording.PER_EXAMPLE_FAILED} ({exc.message})")
             return self._loop(deadline, self._round_microbatch)
 
     def _loop(self, deadline: Deadline, one_round: Callable[[], Round]) -> tuple[str, bool]:

@@ -370,3 +370,47 @@ def tiny_lm() -> nn.Module:
 
 def identity_collate(items: list[object]) -> object:
     return items
+
+
+class _OldStyleScale(torch.autograd.Function):
+    """y = x·w with its own backward, in the old style (no setup_context): torch.func,
+    and so the per-example fallback, cannot run it; plain autograd can."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)  # type: ignore[attr-defined]
+        return x * w
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, w = ctx.saved_tensors  # type: ignore[attr-defined]
+        return grad * w, (grad * x).sum(0)
+
+
+class _Scaled(nn.Module):
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _OldStyleScale.apply(x, self.w)  # type: ignore[no-any-return]
+
+
+def custom_function_model(features: int = 8, classes: int = 3) -> nn.Module:
+    """good_model behind a module whose parameter goes through an old-style Function."""
+    return nn.Sequential(_Scaled(features), nn.Linear(features, classes))
+
+
+class _TupleOut(nn.Module):
+    """(aux, logits): a tuple, and no labels= to take (loss: model cannot help)."""
+
+    def __init__(self, features: int = 8, classes: int = 3) -> None:
+        super().__init__()
+        self.aux, self.net = nn.Linear(features, 2), nn.Linear(features, classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.aux(x), self.net(x)
+
+
+def tuple_output_model() -> nn.Module:
+    return _TupleOut()
