@@ -217,7 +217,7 @@ def validate(spec: Spec) -> Validation:
     """
     from bsfind import wording
     from bsfind.noise.probe import choose_method
-    from bsfind.training import check_grad, check_loss, grad_sq
+    from bsfind.training import check_grad, check_loss, check_reached, grad_sq
     from bsfind.workload import build
 
     job = build(spec)
@@ -229,6 +229,7 @@ def validate(spec: Spec) -> Validation:
         loss = job.loss(idx)
         check_loss(loss, "in validate's one step")
         loss.backward()
+        check_reached(job.trainable(), job.model_name, "in validate's one step")
         g2 = grad_sq(job.trainable())
         check_grad(g2, "in validate's one step")
     finally:

@@ -24,9 +24,9 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -37,11 +37,16 @@ from rich.table import Table
 from bsfind import __version__, launch
 from bsfind.errors import (
     EXIT_INTERRUPTED,
+    EXIT_USER_CODE,
     BsfindError,
     Interrupted,
     SpecError,
     UsageError,
+    UserCodeError,
 )
+
+if TYPE_CHECKING:
+    from bsfind.api import CheckResult
 
 app = typer.Typer(
     add_completion=False,
@@ -52,9 +57,12 @@ app = typer.Typer(
 
 # Piped output (CI logs, files) gets a width that fits the tables instead of 80.
 # A terminal wraps prose at its width, between words; piped output keeps each line whole.
-stdout = Console(highlight=False, soft_wrap=not sys.stdout.isatty(),
+# Markup off by default: messages and table cells carry user text ("[/group]" in an
+# exception crashed the error printer); the few styled prints ask for it.
+stdout = Console(highlight=False, markup=False, soft_wrap=not sys.stdout.isatty(),
                  width=None if sys.stdout.isatty() else 132)
-stderr = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
+stderr = Console(stderr=True, highlight=False, markup=False,
+                 soft_wrap=not sys.stderr.isatty())
 
 # Exit code for a bug in bsfind itself (BSD sysexits EX_SOFTWARE), kept apart
 # from the user-error codes so CI can tell "your job is misconfigured" from ours.
@@ -89,17 +97,23 @@ def _main(
 # --------------------------------------------------------------------------- error edge
 
 
+def _one_line(text: str) -> str:
+    """A message as one line: a user's exception text may span several."""
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
 def _fail(exc: BsfindError, debug: bool) -> None:
     if debug:
         stderr.print_exception()
     if isinstance(exc, SpecError) and len(exc.problems) > 1:
-        stderr.print(f"[red]error:[/] {exc.source} is not well-formed, found "
-                     f"{len(exc.problems)} problems:", markup=True)
+        stderr.print("[red]error:[/] ", end="", markup=True)
+        stderr.print(f"{exc.source} is not well-formed, found {len(exc.problems)} problems:",
+                     markup=False)
         for p in exc.problems:
             stderr.print(f"  {p}", markup=False)
     else:
         stderr.print("[red]error:[/] ", end="", markup=True)
-        stderr.print(exc.message, markup=False)
+        stderr.print(_one_line(exc.message), markup=False)
     if exc.hint:
         stderr.print(f"  hint: {exc.hint}", markup=False)
 
@@ -124,7 +138,9 @@ def _guard(
             on_error(doc)
 
     try:
-        return fn()
+        # under --json, stdout holds one document: what the user's code prints goes to stderr
+        with redirect_stdout(sys.stderr) if as_json else nullcontext():
+            return fn()
     except Interrupted as exc:
         partial = on_interrupt is not None and exc.partial is not None
         if partial:
@@ -143,13 +159,20 @@ def _guard(
         raise typer.Exit(exc.exit_code) from None
     except typer.Exit:
         raise
+    except SystemExit as exc:  # the user's code (bsfind's own exits are typer.Exit)
+        message = f"your code exited while bsfind ran it (SystemExit: {exc.code})"
+        hint = "a sys.exit or argparse in the model, data, loss or optimizer code"
+        failed("error", message, hint, EXIT_USER_CODE)
+        _fail(UserCodeError(message, hint=hint), debug)
+        raise typer.Exit(EXIT_USER_CODE) from None
     except Exception as exc:
         if debug:
             stderr.print_exception()
         message = f"internal error: {type(exc).__name__}: {exc}"
         hint = "rerun with --debug and report the traceback"
         failed("error", message, hint, EXIT_INTERNAL)
-        stderr.print(f"[red]internal error:[/] {type(exc).__name__}: {exc}", markup=True)
+        stderr.print("[red]internal error:[/] ", end="", markup=True)
+        stderr.print(_one_line(f"{type(exc).__name__}: {exc}"), markup=False)
         stderr.print(f"  hint: {hint}", markup=False)
         raise typer.Exit(EXIT_INTERNAL) from None
 
@@ -207,7 +230,8 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, float, str], None] | Non
             yield log
         return
     bar = Progress(
-        TextColumn("{task.fields[phase]:>6}"), BarColumn(), TextColumn("{task.description}"),
+        TextColumn("{task.fields[phase]:>6}", markup=False), BarColumn(),
+        TextColumn("{task.description}", markup=False),
         TimeElapsedColumn(), console=stderr, transient=True,
     )
     tasks: dict[str, Any] = {}
@@ -630,6 +654,18 @@ def _emit(doc: dict[str, Any], as_json: bool) -> None:
 # --------------------------------------------------------------------------- commands
 
 
+def _check_gpu(gpu: str | None) -> None:
+    """--gpu names a GPU the table knows (the error names --gpu, not hardware.gpu)."""
+    if gpu is None:
+        return
+    from bsfind.hardware.gpus import get_gpu
+
+    try:
+        get_gpu(gpu)
+    except KeyError as exc:
+        raise UsageError(f"--gpu: {exc.args[0]}") from None
+
+
 def _load(spec: Path, overrides: list[str] | None) -> Any:
     from bsfind.spec import load_spec
 
@@ -685,11 +721,12 @@ def recommend(
     debug: DebugOpt = False,
 ) -> None:
     """Measure the noise scale and the hardware, then recommend a batch size and LR."""
-    from bsfind import api, report
-
     overrides = list(set_ or []) + ([f"hardware.gpu={gpu}"] if gpu else [])
 
     def run() -> dict[str, Any]:
+        from bsfind import api, report  # inside: Ctrl-C while torch loads is handled
+
+        _check_gpu(gpu)
         s = _load(spec, overrides)
         if plot is not None:  # fail before a minute of probing, not after
             from bsfind.errors import UsageError
@@ -700,6 +737,8 @@ def recommend(
                                  f"{' or '.join(FORMATS)}")
             if not plot.parent.is_dir():
                 raise UsageError(f"--plot {plot}: folder {plot.parent} does not exist")
+            if plot.is_dir():
+                raise UsageError(f"--plot {plot}: is a folder")
         with _measuring() as progress:
             r = api.recommend(s, progress=progress, max_gpus=max_gpus)
         if plot is not None and not _secondary_rank():
@@ -725,14 +764,16 @@ def schedule(
 
     The noise scale comes from the log of the last run; the step time is this machine's
     (or --gpu's, predicted)."""
-    from bsfind import api, report
 
     overrides = list(set_ or []) + ([f"hardware.gpu={gpu}"] if gpu else [])
 
     def run() -> dict[str, Any]:
+        from bsfind import api, report  # inside: Ctrl-C while torch loads is handled
+
         if spec.suffix == ".jsonl" or log.suffix in (".yaml", ".yml"):
             raise UsageError(f"bsfind schedule takes the spec first, then the log: "
                              f"bsfind schedule {log} {spec}")
+        _check_gpu(gpu)
         s = _load(spec, overrides)
         with _measuring() as progress:
             return report.to_dict(api.schedule_from_log(s, log, progress=progress))
@@ -759,7 +800,6 @@ def check(
     debug: DebugOpt = False,
 ) -> None:
     """CI preflight: exit 0 if the baseline batch is within --tolerance of the advice, 1 if not."""
-    from bsfind import api
 
     overrides = list(set_ or [])
     if max_seconds is not None:
@@ -790,7 +830,16 @@ def check(
         except BsfindError as exc:  # the run's own error is the one to report
             stderr.print(f"warning: {exc.message}", markup=False)
 
-    def run() -> api.CheckResult:
+    def run() -> CheckResult:
+        from bsfind import api  # inside: Ctrl-C while torch loads is handled
+
+        if max_seconds is not None and not math.isfinite(max_seconds):
+            raise UsageError(f"--max-seconds: expected a finite number, got {max_seconds}")
+        if output is not None and (output.is_dir() or not output.parent.is_dir()):
+            # before a minute of probing, not after
+            unwritable.append(f"--output {output}: " + (
+                "is a folder" if output.is_dir() else f"folder {output.parent} does not exist"))
+            raise UsageError(unwritable[-1])
         s = _load(spec, overrides)
         with _measuring() as progress:
             result = api.check(s, tolerance=tolerance, use_cache=not no_cache,
@@ -820,9 +869,10 @@ def _measurement_only(doc: dict[str, Any], *extra: str) -> dict[str, Any]:
 def noise(spec: SpecArg, json_out: JsonOpt = False, set_: SetOpt = None,
           debug: DebugOpt = False) -> None:
     """Measure the gradient noise scale only (no hardware analysis, no advice)."""
-    from bsfind import api, report
 
     def run() -> dict[str, Any]:
+        from bsfind import api, report  # inside: Ctrl-C while torch loads is handled
+
         s = _load(spec, list(set_ or []))
         with _measuring() as progress:
             return report.to_dict(api.measure(s, progress=progress))
@@ -838,9 +888,10 @@ def branch(spec: SpecArg, json_out: JsonOpt = False, set_: SetOpt = None,
 
     The branches start from the probe point (after the noise probe, as `noise` runs it),
     or from each of model.checkpoints."""
-    from bsfind import api, report
 
     def run() -> dict[str, Any]:
+        from bsfind import api, report  # inside: Ctrl-C while torch loads is handled
+
         s = _load(spec, list(set_ or []))
         with _measuring() as progress:
             return report.to_dict(api.branch(s, progress=progress))
@@ -854,9 +905,10 @@ def branch(spec: SpecArg, json_out: JsonOpt = False, set_: SetOpt = None,
 def validate(spec: SpecArg, json_out: JsonOpt = False, set_: SetOpt = None,
              debug: DebugOpt = False) -> None:
     """Check the spec: build it, run one tiny forward and backward, say which method runs."""
-    from bsfind import api
 
     def run() -> dict[str, Any]:
+        from bsfind import api  # inside: Ctrl-C while torch loads is handled
+
         return api.validate(_load(spec, list(set_ or []))).as_dict()
 
     doc = _guard(debug, run, as_json=json_out)
@@ -977,20 +1029,35 @@ def _silence_secondary_rank() -> None:
     os.close(devnull)
 
 
+def _app() -> None:
+    """The app; a command-line usage error (typer's own, before any command runs) under
+    --json also writes the error's JSON document to stdout, as every other error does."""
+    try:
+        app()
+    except SystemExit as exc:
+        usage: Any = exc.__context__  # typer exits while handling click's UsageError
+        # (of typer's own copy of click: known by name)
+        if "--json" in sys.argv[1:] and usage is not None and any(
+                c.__name__ == "UsageError" for c in type(usage).__mro__):
+            _json_error(_error_doc("error", _one_line(usage.format_message()),
+                                   "see --help", int(usage.exit_code)))
+        raise
+
+
 def main() -> None:
     """Console entry point."""
     global _STARTED
     _STARTED = time.perf_counter()
     _silence_secondary_rank()
     if not launch.requested():
-        app()
+        _app()
         return
     # Under torchrun, leave without interpreter finalization: PyTorch's gloo threads can
     # abort a finished rank while the interpreter tears down (SIGABRT, "terminate called
     # without an active exception"; cf. pytorch/pytorch#179291), turning exit 0 into -6.
     # The process group is destroyed and every file written by then.
     try:
-        app()
+        _app()
         code = 0
     except SystemExit as exc:
         if isinstance(exc.code, int) or exc.code is None:

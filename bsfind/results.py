@@ -239,6 +239,8 @@ class TimingCurve:
     # The largest batch the line was fitted to when larger rungs were left out: their
     # throughput fell well below the peak's (``hardware.timing.fit_points``); None: all.
     fitted_up_to: int | None = None
+    # The rung that ran out of memory, where the climb stopped (None: none did).
+    out_of_memory_at: int | None = None
 
     @property
     def fit_ok(self) -> bool:

@@ -190,6 +190,7 @@ class LocalRunner:
                 use.start()
                 curve = measure.time_steps(job, step, measure.ladder_sizes(job, memory),
                                            deadline, memory, options, cpu_clock=setup.cpu_clock)
+                memory = measure.capped_by_timing(memory, curve)
                 busy = use.share() if cpu else None
             if progress is not None:
                 progress("timing", 1.0, "timed" if curve is not None else "no step time")

@@ -47,6 +47,17 @@ def _non_negative(v: Any) -> str | None:
     return None if v >= 0 else f"must be >= 0, got {v}"
 
 
+def _known_gpu(v: Any) -> str | None:
+    """A GPU name the table knows (checked at load: before a run, not after)."""
+    from bsfind.hardware.gpus import get_gpu  # torch: only when a spec names a GPU
+
+    try:
+        get_gpu(v)
+    except KeyError as exc:
+        return str(exc.args[0])
+    return None
+
+
 def _fraction(v: Any) -> str | None:
     return None if 0 < v < 1 else f"must be between 0 and 1 (exclusive), got {v}"
 
@@ -185,7 +196,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "gpus": Field("int", "data-parallel devices the training job will use", 1,
                       check=_positive),
         "gpu": Field("str", "plan for a GPU that is not present, e.g. h100-80gb (predicted)",
-                     nullable=True),
+                     nullable=True, check=_known_gpu),
         "precision": Field("choice", "training precision", "fp32",
                            choices=("fp32", "bf16", "fp16")),
         "price_per_hour": Field("float", "price of one device-hour (else the GPU table's)",
@@ -353,6 +364,9 @@ def _coerce(f: Field, value: Any, path: str, problems: list[str]) -> Any:
             out = value
         elif isinstance(value, float) and value.is_integer():
             out = int(value)
+        if isinstance(out, int) and not -2**63 <= out < 2**63:  # torch takes 64 bits
+            problems.append(f"{path}: must fit in 64 bits, got {out}")
+            return _MISSING
     elif f.kind == "float":
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             out = float(value)
@@ -581,8 +595,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except yaml.YAMLError as exc:
         raise UsageError(f"--set {text!r}: the value is not valid YAML "
                          f"({''.join(_yaml_problem(exc))})",
-                         hint="quote the whole --set when its value has spaces: "
-                              "--set \"probe.at_steps=[0, 200]\"") from None
+                         hint=("quote the whole --set when its value has spaces: "
+                               "--set \"probe.at_steps=[0, 200]\"")
+                         if raw.strip()[:1] in ("[", "{", "'", '"') and " " not in raw.strip()
+                         else "values are plain YAML: numbers, strings, lists, mappings"
+                         ) from None
     return key.split("."), value
 
 
@@ -625,6 +642,31 @@ def apply_overrides(document: Any, overrides: Sequence[str]) -> Any:
     return doc
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key given twice in one mapping (the last one
+    would win silently: a spec with two ``loss:`` lines ran the second)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode,
+                    deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: the constructor below says so
+            continue
+        if first is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} given twice (first at line {first})",
+                key_node.start_mark)
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> Spec:
     """Read, override and validate a spec file."""
     p = Path(path)
@@ -638,7 +680,7 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> Spec:
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError([f"cannot read the file ({exc})"], source) from None
     try:
-        document = yaml.safe_load(text)
+        document = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         problem, where = _yaml_problem(exc, line=True)
         raise SpecError([f"invalid YAML{where}: {problem}"], source) from None

@@ -190,6 +190,8 @@ def _number(obj: dict[str, Any], key: str, kind: type, nullable: bool = False) -
     if kind is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):  # the writer puts null for a value it has not
+            raise ValueError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     want = {int: "an integer", float: "a number"}[kind] + (" or null" if nullable else "")
     raise ValueError(f"{key}: expected {want}, got {value!r}")
@@ -207,12 +209,18 @@ def record_from_json(obj: dict[str, Any]) -> TrackRecord:
     ci = obj["b_simple_ci95"]
     if not (isinstance(ci, list) and len(ci) == 2):
         raise ValueError(f"b_simple_ci95: expected [low, high|null], got {ci!r}")
-    low = _number({"low": ci[0]}, "low", float, nullable=True)
-    high = _number({"high": ci[1]}, "high", float, nullable=True)
+    low = _number({"b_simple_ci95[0]": ci[0]}, "b_simple_ci95[0]", float, nullable=True)
+    high = _number({"b_simple_ci95[1]": ci[1]}, "b_simple_ci95[1]", float, nullable=True)
     if obj["method"] not in METHODS:
         raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {obj['method']!r}")
+    # (logs before the interval's high end was held at 0 may hold [0, negative])
+    if low is not None and high is not None and low > max(high, 0.0):
+        raise ValueError(f"b_simple_ci95: low {low} above high {high}")
     extras = {k: _number(obj, k, float, nullable=True) for k in
               ("step_grad_norm_sq", "step_trace_sigma", "seconds") if k in obj}
+    for key, least in (("step", 0), ("examples", 0), ("b_small", 1), ("b_big", 1)):
+        if _number(obj, key, int) < least:
+            raise ValueError(f"{key}: expected >= {least}, got {obj[key]}")
     return TrackRecord(
         step=_number(obj, "step", int), examples=_number(obj, "examples", int),
         loss=_number(obj, "loss", float, nullable=True),
@@ -253,6 +261,9 @@ def read_log_records(path: str | Path) -> tuple[list[TrackRecord], str | None]:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"{p}: cannot read the tracker log: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{p}: cannot read the tracker log: not UTF-8 text",
+                         hint="the file should come from bsfind.track(..., log=path)") from None
     lines = text.splitlines()
     out = []
     for n, line in enumerate(lines, 1):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -42,6 +43,17 @@ def check_loss(loss: torch.Tensor, where: str) -> None:
         raise UserCodeError(
             f"loss is {float(loss.detach())} {where}",
             hint="check the data for NaN/inf, lower the learning rate, or use a checkpoint",
+        )
+
+
+def check_reached(params: Sequence[nn.Parameter], model_name: str, where: str) -> None:
+    """Raise a user error when a backward left every trainable parameter without a
+    gradient: the loss does not depend on them (a constant, or a detached output)."""
+    if all(p.grad is None for p in params):
+        raise UserCodeError(
+            f"no gradient reached the trainable parameters of {model_name!r} {where}",
+            hint="check that the loss depends on the model's outputs, and that the forward "
+                 "does not detach them",
         )
 
 
@@ -148,9 +160,27 @@ def training_step(
         reduce(params)
     if check:
         check_grad(grad_sq(params), where)
-    guard(optimizer.step)
+    guard(functools.partial(optimizer_step, optimizer, job.optimizer_name, where))
     assert isinstance(loss, torch.Tensor)
     return loss
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, name: str, where: str = "") -> None:
+    """``optimizer.step()``, its failures the user's (out of memory passes through)."""
+    from bsfind.hardware.memory import is_oom
+
+    try:
+        optimizer.step()
+    except Exception as exc:
+        if is_oom(exc):
+            raise
+        closure = isinstance(exc, TypeError) and "closure" in str(exc)
+        raise UserCodeError(
+            f"optimizer {name!r} raised {type(exc).__name__} in step{' ' + where if where else ''}"
+            f": {exc}",
+            hint=("an optimizer whose step needs a closure (LBFGS) cannot be used: bsfind "
+                  "steps as a training loop does, optimizer.step()") if closure else None,
+        ) from exc
 
 
 def train_steps(

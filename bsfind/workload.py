@@ -221,11 +221,12 @@ def _load_factory_file(path: Path, name: str, key: str, ref: str) -> Any:
     try:
         with _importing(path.parent):
             spec.loader.exec_module(module)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # SystemExit: argparse or sys.exit at import
         sys.modules.pop(name, None)
         _FACTORY_FILES.pop(path, None)
         raise ResolutionError(
-            f"{key} {ref!r}: importing {path.name} raised {type(exc).__name__}: {exc}"
+            f"{key} {ref!r}: importing {path.name} raised {type(exc).__name__}: {exc}",
+            hint=_EXIT_HINT if isinstance(exc, SystemExit) else None,
         ) from exc
     if stat is not None:
         _FACTORY_FILES[path] = stat
@@ -258,9 +259,10 @@ def resolve(ref: str, base_dir: Path, key: str) -> Resolved:
                 f"{key} {ref!r}: cannot import module {module_part!r} ({exc})",
                 hint="is it installed, or did you mean a file path like models.py:attr?",
             ) from exc
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise ResolutionError(
-                f"{key} {ref!r}: importing {module_part} raised {type(exc).__name__}: {exc}"
+                f"{key} {ref!r}: importing {module_part} raised {type(exc).__name__}: {exc}",
+                hint=_EXIT_HINT if isinstance(exc, SystemExit) else None,
             ) from exc
     obj: Any = module
     for part in attr.split("."):
@@ -300,11 +302,17 @@ def call_factory(ref: str, kwargs: dict[str, Any], base_dir: Path, section: str)
     try:
         with _importing(folder):  # its lazy imports, as at its file's import
             out = r.obj(**kwargs)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise ResolutionError(
-            f"{section}.factory {ref!r} raised {type(exc).__name__}: {exc}"
+            f"{section}.factory {ref!r} raised {type(exc).__name__}: {exc}",
+            hint=_EXIT_HINT if isinstance(exc, SystemExit) else None,
         ) from exc
     return Resolved(out, r.source_file)
+
+
+# The hint of a factory file that exited while bsfind imported or called it.
+_EXIT_HINT = ("it exited (argparse, or sys.exit, at import?): put a script's own "
+              "start under if __name__ == \"__main__\":")
 
 
 # --------------------------------------------------------------------------- the workload
@@ -532,6 +540,13 @@ class Workload:
                 f"loss {self.loss_name!r} must return a scalar (the mean over the batch), "
                 f"got {shape}"
             )
+        if torch.is_grad_enabled() and not loss.requires_grad:
+            raise UserCodeError(
+                f"loss {self.loss_name!r} carries no gradient: it does not depend on the "
+                "model's trainable parameters",
+                hint="a .detach(), .item() or integer cast in the model's forward or the "
+                     f"loss? (the model's outputs: {_shapes(out)})",
+            )
         return loss.reshape(())
 
 
@@ -632,6 +647,10 @@ def _check_dataset(ds: Any, ref: str, collate: Collate | None = None,
         raise UserCodeError(f"data.factory {ref!r}: len(dataset) raised {exc}") from exc
     if n == 0:
         raise UserCodeError(f"data.factory {ref!r} returned an empty dataset")
+    if n == 1:
+        raise UserCodeError(f"data.factory {ref!r} returned a dataset of one example: the "
+                            "noise scale is the spread of examples' gradients, so it needs "
+                            "two at least")
     try:
         # three for a collate: an identity collate's list of two reads as a pair
         items = [ds[i] for i in range(min(n, 3 if collate is not None else 1))]
@@ -718,8 +737,15 @@ def load_checkpoint(
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        if "Weights only load failed" in str(exc):  # torch's many-line advice: not ours
+            raise ResolutionError(
+                f"{key} {path} holds pickled Python objects, not a state_dict (a whole model "
+                "saved with torch.save(model)?)",
+                hint="save model.state_dict() instead; bsfind never unpickles code",
+            ) from None
+        head = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ResolutionError(
-            f"{key} {path}: cannot be read as a state_dict ({type(exc).__name__}: {exc})"
+            f"{key} {path}: cannot be read as a state_dict ({type(exc).__name__}: {head})"
         ) from None
     if isinstance(state, dict):
         for inner in ("state_dict", "model", "model_state_dict"):
@@ -888,6 +914,15 @@ def near_name(word: str, names: Iterable[str]) -> str:
     return f"did you mean {by_lower[found[0]]!r}? " if found else ""
 
 
+def _needs_closure(opt_cls: type[torch.optim.Optimizer]) -> bool:
+    """Does ``opt_cls.step`` require its closure argument (LBFGS)?"""
+    try:
+        param = inspect.signature(opt_cls.step).parameters.get("closure")
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.default is inspect.Parameter.empty
+
+
 def _resolve_optimizer(spec: Spec, sources: list[Path]) -> type[torch.optim.Optimizer]:
     name = spec.optimizer.name
     if name.lower() in OPTIMIZERS:
@@ -901,6 +936,10 @@ def _resolve_optimizer(spec: Spec, sources: list[Path]) -> type[torch.optim.Opti
         opt_cls = r.obj
         if r.source_file:
             sources.append(r.source_file)
+        if _needs_closure(opt_cls):
+            raise UsageError(
+                f"optimizer.name {name!r}: its step needs a closure (as LBFGS's does), which "
+                "bsfind does not pass: it steps as a training loop does, optimizer.step()")
     else:
         raise UsageError(  # a spec value, not the user's code: exit 2
             f"optimizer.name: unknown optimizer {name!r} ({near_name(name, OPTIMIZERS)}"

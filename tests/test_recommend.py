@@ -102,8 +102,15 @@ def test_check_writes_its_output_on_an_error_too(project: Path) -> None:
     doc = json.loads(out.read_text())
     assert doc["status"] == "error" and doc["exit_code"] == 2
     assert "unknown loss 'hinge'" in doc["error"]
-    # an output that cannot be written does not hide the run's own error, and says so
-    bad = project / "no" / "such" / "dir" / "r.json"
+    # an output in a folder that does not exist: said before the run, once
+    missing = project / "no" / "such" / "dir" / "r.json"
+    r = runner.invoke(app, ["check", str(project / "good.yaml"), "--set", "loss=hinge",
+                            "--output", str(missing), "--no-cache"])
+    assert r.exit_code == 2 and "unknown loss" not in r.output
+    assert r.output.count(f"--output {missing}: folder") == 1
+    # an output that cannot be written (an existing folder that refuses files, even to
+    # root) does not hide the run's own error, and says so
+    bad = Path("/proc/self/bsfind-report.json")
     r = runner.invoke(app, ["check", str(project / "good.yaml"), "--set", "loss=hinge",
                             "--output", str(bad), "--no-cache"])
     assert r.exit_code == 2 and "unknown loss 'hinge'" in r.output

@@ -242,3 +242,25 @@ def test_a_batchnorm_log_keeps_its_micro_batch_per_device() -> None:
     assert measured_norm_batch(spec, plain, logged) is None
     probed = dc.replace(logged, method="microbatch")  # the probe's: the baseline per device
     assert measured_norm_batch(spec, bn, probed) == spec.optimizer.batch_size
+
+
+def test_a_window_whose_trace_reads_negative_writes_a_log_that_reads_back() -> None:
+    """Little true noise: the window's unbiased tr(Σ) can come out below 0, and B_simple
+    with it; its interval was written [0, negative], which the reader refused, making
+    the whole log unreadable. The interval is held at 0 at both ends, and such a line
+    already written still reads."""
+    from bsfind.noise.in_training import Window
+    from bsfind.results import Interval
+    from bsfind.tracker import TrackRecord, record_from_json
+
+    w = Window(64)
+    for i, t in enumerate([-1.0, -1.2, -0.9, -1.1, -1.05, -0.95]):
+        w.add(t, 10.0 + 0.1 * i, 64.0, 64.0 * (i + 1))
+    g2, trace, value, ci = w.summary()
+    assert value is not None and value < 0 and ci.low == ci.high == 0.0
+    rec = TrackRecord(step=5, examples=384, loss=0.5, grad_norm_sq=g2, trace_sigma=trace,
+                      b_simple=value, ci95=ci, b_small=1, b_big=64, method="per-example",
+                      step_grad_norm_sq=g2, step_trace_sigma=trace, window=6, seconds=1.0)
+    assert record_from_json(json.loads(json.dumps(rec.to_json()))).ci95 == ci
+    old = {**rec.to_json(), "b_simple_ci95": [0.0, -0.083]}
+    assert record_from_json(old).ci95 == Interval(0.0, -0.083)

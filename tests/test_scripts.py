@@ -373,7 +373,8 @@ def test_schedule_eval_runs_end_to_end(tmp_path: Path) -> None:
     assert rc == 0
 
 
-def test_ci_coverage_exact_value_and_a_run(tmp_path: Path) -> None:
+def test_ci_coverage_exact_value_and_a_run(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The script's exact B_simple (every example's gradient, its own vmap) equals the
     tests' reference (tests/exact.py), with dropout masks or without; two probe runs give
     a table row."""
@@ -381,12 +382,19 @@ def test_ci_coverage_exact_value_and_a_run(tmp_path: Path) -> None:
 
     case = ci_coverage.Case("digits-mlp at init", "digits-mlp", 0)
     job, batch = ci_coverage.trained_job(case)
-    value, kurtosis, top = ci_coverage.exact(job, 1)
+    value, se, kurtosis, top = ci_coverage.exact(job, 1)
     assert value == pytest.approx(exact_noise(job).b_simple, rel=1e-6)
-    assert batch == 64 and kurtosis > 1 and 0.01 <= top < 1
-    again, _, _ = ci_coverage.exact(job, 3)  # no dropout: every mask gives the same
-    assert again == pytest.approx(value, rel=1e-6)
+    assert batch == 64 and kurtosis > 1 and 0.01 <= top < 1 and math.isnan(se)
+    # no dropout: every mask gives the same, so chunks of masks agree exactly
+    monkeypatch.setattr(ci_coverage, "MASK_CHUNK", 2)
+    again, se, _, _ = ci_coverage.exact(job, 3)
+    assert again == pytest.approx(value, rel=1e-6) and se == pytest.approx(0, abs=1e-9)
+    # with dropout the masks differ: the chunks' spread is the value's standard error
+    dropped, _ = ci_coverage.trained_job(ci_coverage.Case("d", "digits-mlp", 0, dropout=0.5))
+    value_d, se, _, _ = ci_coverage.exact(dropped, 3)
+    assert 0 < se < 0.5 and value_d > 0
     row = ci_coverage.run_case(case, runs=2, masks=1)
     assert row["runs"] == 2 and 0 <= row["covered"] <= 2
     assert row["covered"] + row["interval_below_exact"] + row["interval_above_exact"] == 2
     assert "| digits-mlp at init |" in ci_coverage.markdown([row])
+    assert " ± 1.5% s.e. |" in ci_coverage.markdown([{**row, "exact_rel_se": 0.015}])

@@ -133,6 +133,17 @@ def ladder_sizes(job: Workload, memory: MemoryModel) -> list[int]:
     return timing.geometric_ladder(first, max(first, top))
 
 
+def capped_by_timing(memory: MemoryModel, curve: TimingCurve | None) -> MemoryModel:
+    """``memory`` with its maximum lowered to the largest batch the step-time ladder ran,
+    when a larger rung ran out of memory there (a line's or a prediction's maximum is
+    not checked by real steps on a CPU: advice above a batch seen to fail would fail)."""
+    if curve is None or curve.out_of_memory_at is None:
+        return memory
+    ran = max(p.batch_size for p in curve.points)
+    return dataclasses.replace(memory, max_batch_size=min(memory.max_batch_size, ran),
+                               tried=(*memory.tried, curve.out_of_memory_at))
+
+
 def time_steps(job: Workload, step: Callable[[int], None], sizes: list[int],
                deadline: Deadline, memory: MemoryModel, opts: HardwareOptions,
                cpu_clock: bool = False) -> TimingCurve | None:

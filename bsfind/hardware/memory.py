@@ -51,7 +51,8 @@ OOM_MESSAGES = (
     "out of memory",  # "CUDA out of memory.", "CUDA error: out of memory", HIP, MPS
     "CUBLAS_STATUS_ALLOC_FAILED",
     "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED.",  # cuDNN's way of failing to get workspace
-    "DefaultCPUAllocator: can't allocate memory",  # CPU allocator
+    "DefaultCPUAllocator: can't allocate memory",  # CPU allocator (Linux)
+    "DefaultCPUAllocator: not enough memory",  # CPU allocator (when a size is refused)
 )
 
 

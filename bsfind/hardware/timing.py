@@ -197,6 +197,7 @@ class _Timer:
         self.sample_util = sample_util
         self.end = self.budget_clock() + max_seconds
         self.utils: list[float] = []
+        self.oom_at: int | None = None  # the rung that ran out of memory
 
     def left(self) -> bool:
         return self.budget_clock() < self.end
@@ -272,6 +273,7 @@ def _climb(timer: _Timer, ladder: Sequence[int], rungs: list[_Rung], warmup: int
             oom = True
         if oom:
             clear_cache(device)
+            timer.oom_at = b
             if not rungs:
                 raise HardwareError(
                     f"out of memory at batch size {b}, the smallest rung of the timing ladder",
@@ -366,7 +368,8 @@ def fit_points(points: Sequence[TimingPoint]) -> list[TimingPoint]:
 
 
 def curve_from_points(points: Sequence[TimingPoint], *, saturated_at: int | None = None,
-                      utilization: float | None = None, passes: int = 0) -> TimingCurve:
+                      utilization: float | None = None, passes: int = 0,
+                      out_of_memory_at: int | None = None) -> TimingCurve:
     """A measured :class:`TimingCurve` from timed points: the line through their lowest
     times, and the line through their 25th percentiles (the timing's uncertainty), both
     fitted to :func:`fit_points` (the curve keeps every point)."""
@@ -379,7 +382,7 @@ def curve_from_points(points: Sequence[TimingPoint], *, saturated_at: int | None
     return TimingCurve(points=tuple(points), t0=t0, per_example=c, r2=r2, source="measured",
                        saturated_at=saturated_at, utilization_gpu_pct=utilization,
                        quality=quality, passes=passes, t0_upper=t0_up, per_example_upper=c_up,
-                       fitted_up_to=top)
+                       fitted_up_to=top, out_of_memory_at=out_of_memory_at)
 
 
 def time_ladder(
@@ -453,4 +456,5 @@ def time_ladder(
         passes += _passes(timer, rungs, rng)  # once more before giving up on the line
     return curve_from_points(
         [r.point() for r in rungs], saturated_at=saturation(rungs, min_top),
-        utilization=statistics.fmean(timer.utils) if timer.utils else None, passes=passes)
+        utilization=statistics.fmean(timer.utils) if timer.utils else None, passes=passes,
+        out_of_memory_at=timer.oom_at)

@@ -185,8 +185,8 @@ class RatioAccumulator:
         den_ci = Interval(md - t * math.sqrt(vd), md + t * math.sqrt(vd))
         ci, resolved = fieller(mn, md, vn, vd, cv, t)
         value = mn / md if resolved else None
-        if value is not None:
-            ci = Interval(max(ci.low, 0.0), ci.high)
+        if value is not None:  # B_simple >= 0: a negative tr(Σ) estimate reads as 0
+            ci = Interval(max(ci.low, 0.0), max(ci.high, 0.0))
         return value, ci, num_ci, den_ci
 
 

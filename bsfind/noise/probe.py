@@ -39,7 +39,7 @@ from bsfind.errors import BudgetError, HardwareError, Interrupted, UserCodeError
 from bsfind.hardware.memory import clear_cache, is_oom
 from bsfind.noise.estimators import Round, Summary, summarize
 from bsfind.results import NoiseEstimate
-from bsfind.training import ReplacementSampler, check_grad, check_loss
+from bsfind.training import ReplacementSampler, check_grad, check_loss, check_reached
 from bsfind.workload import Workload
 
 # Rounds before the interval is trusted for stopping or growing: the t-based
@@ -266,6 +266,7 @@ class NoiseProbe:
             loss = self.job.loss(idx)
             check_loss(loss, where)
             loss.backward()
+            check_reached(self.params, self.job.model_name, where)
             # Hooks give each example's contribution to .grad: (1/b)·∇L_i for a mean loss.
             per_ex = norms.sq_norms().double()  # type: ignore[attr-defined]
             return float(per_ex.sum()) * float(b * b)

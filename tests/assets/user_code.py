@@ -414,3 +414,64 @@ class _TupleOut(nn.Module):
 
 def tuple_output_model() -> nn.Module:
     return _TupleOut()
+
+
+class MarkupOpt(torch.optim.SGD):
+    """An optimizer whose step fails with text that looks like rich markup."""
+
+    def step(self, closure: object = None) -> None:  # type: ignore[override]
+        raise RuntimeError("state for param [/group] missing")
+
+
+def constant_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Requires grad, but depends on no parameter: no gradient reaches the model."""
+    return torch.tensor(1.0, requires_grad=True)
+
+
+def detached_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(outputs, targets).detach()
+
+
+def one_item_data() -> TensorDataset:
+    return digits_like(n=1)
+
+
+class _Exits(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise SystemExit(4)
+
+
+def exiting_model() -> nn.Module:
+    return _Exits()
+
+
+class _Chatty(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        print("forward of", tuple(x.shape))
+        return self.l(x)
+
+
+def printing_model() -> nn.Module:
+    print("building the model")
+    return _Chatty()
+
+
+class _Multiline(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError("first line\n  second line\nthird line")
+
+
+def multiline_model() -> nn.Module:
+    return _Multiline()

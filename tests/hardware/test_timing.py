@@ -218,6 +218,31 @@ def test_oom_mid_ladder_keeps_previous_rungs(monkeypatch: pytest.MonkeyPatch) ->
     assert 32 not in {b for b, _ in dev.steps}
 
 
+def test_a_rung_out_of_memory_caps_the_largest_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU nothing checks the memory line's maximum by real steps: a trial's model
+    out of memory above batch 8 (the CPU allocator's "not enough memory") was still
+    advised batch 512. The ladder's failed rung caps it at the largest batch that ran."""
+    from bsfind.hardware.measure import capped_by_timing
+    from bsfind.results import MemoryModel
+
+    monkeypatch.setattr(timing, "clear_cache", lambda device: None)
+    dev = FakeDevice(lambda b: 0.1 + 0.01 * b, fail=lambda b: RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "
+        "you tried to allocate 1073741824 bytes.") if b > 8 else None)
+    curve = time_ladder(dev.step, [2, 4, 8, 16, 32], device=CPU, max_seconds=1e6,
+                        max_batch=None, clock=dev.clock)
+    assert curve.out_of_memory_at == 16
+    line = MemoryModel(fixed_bytes=0, bytes_per_example=1.0, max_batch_size=123_456,
+                       limit_bytes=10**9, source="predicted")
+    capped = capped_by_timing(line, curve)
+    assert capped.max_batch_size == 8 and capped.tried == (16,)
+    fits = FakeDevice(lambda b: 0.1 + 0.01 * b)
+    whole = time_ladder(fits.step, [2, 4], device=CPU, max_seconds=1e6, max_batch=None,
+                        clock=fits.clock)
+    assert whole.out_of_memory_at is None and capped_by_timing(line, whole) is line
+    assert capped_by_timing(line, None) is line
+
+
 def test_oom_at_first_rung() -> None:
     dev = FakeDevice(lambda b: 1.0, fail=lambda b: torch.cuda.OutOfMemoryError("out of memory"))
     with pytest.raises(HardwareError, match="smallest rung"):

@@ -1,0 +1,165 @@
+"""Errors a user can cause end in one clear line, the right exit code and no traceback:
+the cases an adversarial trial found ending in an internal error (70), a traceback, a
+wrong exit code or a misleading blame."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_cli import GOOD, assert_clean_failure, run
+
+QUICK = ("--set", "probe.at_steps=[0]", "--set", "probe.max_seconds=10")
+
+
+def test_a_message_that_looks_like_markup_is_printed_as_it_is() -> None:
+    """An optimizer's error "[/group]" crashed the error printer (rich markup): a
+    traceback and exit 1, which check reads as "outside the tolerance"."""
+    r = run("check", GOOD, "--no-cache", "--set", "optimizer.name=user_code.py:MarkupOpt")
+    assert_clean_failure(r, 3, "optimizer 'user_code.py:MarkupOpt' raised RuntimeError in step",
+                         "state for param [/group] missing")
+
+
+def test_a_loss_without_a_gradient_is_the_users_error() -> None:
+    """A constant loss, or a detached one: "no backward reached the hooked modules" and
+    "element 0 of tensors does not require grad" were internal errors (70)."""
+    const = ("--set", "loss=user_code.py:constant_loss")
+    assert_clean_failure(run("noise", GOOD, *const, *QUICK), 3,
+                         "no gradient reached the trainable parameters")
+    assert_clean_failure(run("validate", GOOD, *const), 3,
+                         "no gradient reached the trainable parameters")
+    assert_clean_failure(run("validate", GOOD, "--set", "loss=user_code.py:detached_loss"), 3,
+                         "carries no gradient", ".detach()")
+
+
+def test_an_optimizer_that_needs_a_closure_is_refused_at_build() -> None:
+    r = run("validate", GOOD, "--set", "optimizer.name=torch.optim:LBFGS")
+    assert_clean_failure(r, 2, "its step needs a closure (as LBFGS's does)")
+
+
+def test_a_dataset_of_one_example_is_refused() -> None:
+    r = run("validate", GOOD, "--set", "data.factory=user_code.py:one_item_data")
+    assert_clean_failure(r, 3, "a dataset of one example", "two at least")
+
+
+def test_an_integer_too_large_for_torch_is_a_spec_error() -> None:
+    assert_clean_failure(run("validate", GOOD, "--set", f"probe.seed={2**70}"), 2,
+                         "probe.seed: must fit in 64 bits")
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    (b"\xff\xfe\x00binary", "not UTF-8 text"),
+    (b'{"step": 0, "examples": 0, "loss": 1.0, "grad_norm_sq": NaN, "trace_sigma": 1.0, '
+     b'"b_simple": 5.0, "b_simple_ci95": [4.0, 6.0], "b_small": 1, "b_big": 8, '
+     b'"method": "per-example"}\n', "grad_norm_sq: expected a finite number"),
+    (b'{"step": 0, "examples": 0, "loss": 1.0, "grad_norm_sq": 1.0, "trace_sigma": 1.0, '
+     b'"b_simple": 5.0, "b_simple_ci95": [40.0, 20.0], "b_small": 1, "b_big": 8, '
+     b'"method": "per-example"}\n', "low 40.0 above high 20.0"),
+    (b'{"step": 0, "examples": 0, "loss": 1.0, "grad_norm_sq": 1.0, "trace_sigma": 1.0, '
+     b'"b_simple": 5.0, "b_simple_ci95": [4.0, 6.0], "b_small": 1, "b_big": 0, '
+     b'"method": "per-example"}\n', "b_big: expected >= 1, got 0"),
+])
+def test_a_tracker_log_that_is_not_one_is_a_usage_error(tmp_path: Path, content: bytes,
+                                                        needle: str) -> None:
+    log = tmp_path / "noise.jsonl"
+    log.write_bytes(content)
+    assert_clean_failure(run("schedule", GOOD, str(log)), 2, needle)
+
+
+def test_user_code_that_exits_is_the_users_error(tmp_path: Path) -> None:
+    """argparse at a factory file's import exited 2 as if bsfind's usage were wrong; a
+    forward's SystemExit(4) exited 4 ("hardware") with no output, no JSON."""
+    spec = tmp_path / "spec.yaml"
+    from tests.test_cli import ASSETS
+
+    spec.write_text((ASSETS / "good.yaml").read_text().replace(
+        "user_code.py:good_model", f"{ASSETS / 'exits_at_import.py'}:model"))
+    out = tmp_path / "report.json"
+    r = run("check", str(spec), "--no-cache", "--output", str(out))
+    assert_clean_failure(r, 3, "model.factory", "importing exits_at_import.py raised "
+                         "SystemExit: 2", "if __name__ ==")
+    assert json.loads(out.read_text())["exit_code"] == 3
+    j = run("noise", GOOD, "--json", "--set", "model.factory=user_code.py:exiting_model",
+            *QUICK)
+    assert j.exit_code == 3, j.output
+    doc = json.loads(j.stdout)
+    assert doc["exit_code"] == 3 and "SystemExit: 4" in doc["error"]
+
+
+def test_check_says_what_is_wrong_with_its_options_before_the_run(tmp_path: Path) -> None:
+    r = run("check", GOOD, "--max-seconds", "inf")
+    assert_clean_failure(r, 2, "--max-seconds: expected a finite number")
+    assert "--set" not in r.output
+    assert_clean_failure(run("check", GOOD, "--output", str(tmp_path)), 2,
+                         f"--output {tmp_path}: is a folder")
+    assert_clean_failure(run("check", GOOD, "--output", str(tmp_path / "no" / "r.json")), 2,
+                         "does not exist")
+    assert_clean_failure(run("recommend", GOOD, "--plot", str(tmp_path / "d.png"), "--gpu",
+                             "h999"), 2, "--gpu: unknown GPU 'h999'")
+    (tmp_path / "d.png").mkdir()
+    assert_clean_failure(run("recommend", GOOD, "--plot", str(tmp_path / "d.png")), 2,
+                         "is a folder")
+    # the spec's own hardware.gpu is checked at load, by validate too, not after a run
+    assert_clean_failure(run("validate", GOOD, "--set", "hardware.gpu=h999"), 2,
+                         "hardware.gpu: unknown GPU 'h999'")
+
+
+def test_what_user_code_prints_does_not_break_the_json() -> None:
+    r = run("noise", GOOD, "--json", "--set", "model.factory=user_code.py:printing_model",
+            *QUICK)
+    assert r.exit_code == 0, r.stderr
+    json.loads(r.stdout)  # one document
+    assert "building the model" in r.stderr and "forward of" in r.stderr
+
+
+def test_a_whole_model_saved_as_a_checkpoint_gets_one_line(tmp_path: Path) -> None:
+    ckpt = tmp_path / "model.pt"
+    torch.save(torch.nn.Linear(8, 3), ckpt)
+    r = run("validate", GOOD, "--set", f"model.checkpoint={ckpt}")
+    assert_clean_failure(r, 3, "holds pickled Python objects, not a state_dict",
+                         "model.state_dict()")
+    assert "weights_only" not in r.output and len(r.output.strip().splitlines()) == 2
+
+
+def test_a_message_of_several_lines_is_printed_as_one() -> None:
+    r = run("validate", GOOD, "--set", "model.factory=user_code.py:multiline_model")
+    assert_clean_failure(r, 3, "first line second line third line")
+
+
+def test_a_command_line_usage_error_under_json_writes_the_document(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """typer's own usage errors (before any command runs) printed only a box on stderr:
+    a CI step reading --json stdout got nothing."""
+    from bsfind import cli
+
+    monkeypatch.setattr("sys.argv", ["bsfind", "check", GOOD, "--json", "--tolerance", "0.5"])
+    with pytest.raises(SystemExit) as exit_:
+        cli._app()
+    assert exit_.value.code == 2
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["exit_code"] == 2 and "--tolerance" in doc["error"]
+    monkeypatch.setattr("sys.argv", ["bsfind", "check", GOOD, "--tolerance", "0.5"])
+    with pytest.raises(SystemExit):
+        cli._app()
+    assert capsys.readouterr().out == ""  # without --json, stdout stays empty
+
+
+def test_a_set_value_that_is_not_yaml_gets_the_hint_that_fits() -> None:
+    """A value the shell cut at a space gets the quoting hint; a YAML tag does not."""
+    cut = run("validate", GOOD, "--set", "probe.at_steps=[0,")
+    assert cut.exit_code == 2 and "quote the whole --set" in cut.output
+    tag = run("validate", GOOD, "--set", "probe.seed=!!python/object:os.system")
+    assert_clean_failure(tag, 2, "values are plain YAML")
+    assert "quote the whole" not in tag.output
+
+
+def test_a_key_given_twice_in_the_spec_is_refused(tmp_path: Path) -> None:
+    """The last of two `loss:` lines won silently."""
+    from tests.test_cli import ASSETS
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text((ASSETS / "good.yaml").read_text() + "loss: mse\n")
+    assert_clean_failure(run("validate", str(spec)), 2, "key 'loss' given twice (first at line")
