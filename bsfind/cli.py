@@ -617,8 +617,9 @@ def render_recommendation(doc: dict[str, Any]) -> None:
         markup=True,
     )
     if rng:
-        stdout.print(f"  plausible range from the noise scale's interval: "
-                     f"{rng[0]}–{rng[1]}", markup=False)
+        stdout.print("  plausible range from the noise scale's interval: "
+                     + (f"{rng[0]}–{rng[1]}" if rng[0] != rng[1] else
+                        f"{rng[0]} (the whole interval gives this batch)"), markup=False)
     if rec.get("predicted_time_ratio") is not None:
         stdout.print(
             f"  predicted time {rec['predicted_time_ratio']:.2f}× and cost "

@@ -298,7 +298,7 @@ def did_not_move(t: Trajectory) -> str:
 
 def trajectory_line(t: Trajectory) -> str:
     """One line: how far the probe run got, the loss, and the noise scale's growth."""
-    where = {"along": "trained along", "checkpoints": "measured at checkpoints up to",
+    where = {"along": "trained to", "checkpoints": "measured at checkpoints up to",
              "pinned": "measured at", "log": "tracked up to"}[t.mode]
     epochs = f"{t.epochs:.2g}" if t.epochs is not None else ""
     examples = f", {t.examples:,} examples ({epochs} epoch{'' if epochs == '1' else 's'})" if (
@@ -751,6 +751,10 @@ def lr_search_line(r: LrSearch) -> str:
         return (f"learning rate at batch {r.batch_size:,}: not measured ({_unmeasured_why(r)}); "
                 f"the {r.lr_rule} rule's {r.rule_learning_rate:.3g} stands")
     tried = ", ".join(f"{t.factor:g}x → {num(t.loss)}" for t in r.trials)
+    if len(r.trials) == 1 and r.stopped == "budget":  # nothing compared: not a measurement
+        return (f"learning rate at batch {r.batch_size:,}: not measured (the time budget "
+                f"ended the short runs after the rule's own rate, {tried}); the {r.lr_rule} "
+                f"rule's {r.rule_learning_rate:.3g} stands")
     verdict = ("the rule's stands" if r.factor == 1.0 else
                f"{r.factor:g}x the rule's {r.rule_learning_rate:.3g}: {r.learning_rate:.3g}")
     where = "the probe run's start" if r.step == 0 else f"training step {r.step:,}"

@@ -15,7 +15,7 @@ for _ in range(4):  # epochs
     for x, y in loader:
         loss = F.cross_entropy(model(x), y)
         loss.backward()
-        tracker.update(loss)  # after backward, before clipping and optimizer.step()
+        tracker.update(loss, batch_size=len(x))  # after backward, before clipping and step()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()

@@ -517,8 +517,13 @@ def test_a_search_cut_after_its_first_rate_measured_nothing(
     assert [t["factor"] for t in s["trials"]] == [1.0] and s["stopped"] == "budget"
     assert rec["lr_factor"] is None and doc["status"] == "partial"
     assert rec["learning_rate"] == pytest.approx(s["rule_learning_rate"])
-    assert any("after its first learning rate: nothing to compare it with" in n
-               for n in rec["notes"])
+    # one note says so (a trial read "measured by short runs ... the rule's stands" beside
+    # "ended after its first learning rate"); the JSON's search keeps its own note
+    said = [n for n in rec["notes"] if "learning rate at batch" in n]
+    assert len(said) == 1 and "not measured (the time budget ended the short runs after " \
+        "the rule's own rate, 1x → " in said[0] and "measured by short runs" not in said[0]
+    assert not any("nothing to compare it with" in n for n in rec["notes"])
+    assert any("nothing to compare it with" in n for n in s["notes"])
     assert [w for w in doc["warnings"] if "ended the learning-rate search" in w] == [
         wording.LR_SEARCH_CUT_ONE]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -30,6 +31,22 @@ def record(step: int, examples: int, b: float | None, loss: float = 1.0) -> Trac
         trace_sigma=(b if b is not None else 1e3) * g2,
         b_simple=b, ci95=Interval(0.8 * b, 1.3 * b) if b is not None else Interval(3.0, math.inf),
         b_small=1, b_big=64, method="per-example", window=8)
+
+
+def test_the_examples_behind_a_log_point_are_its_windows_measurements() -> None:
+    """Each record is smoothed over its window of measurements (records of the log):
+    "now" counted window × b_big for each of the last three and added them up, though
+    their windows overlap (6,976 examples behind a value from about 2,400), and a record
+    whose own step was an epoch's partial batch counted window × that batch (20)."""
+    recs = [dataclasses.replace(record(i, 64 * (i + 1), 50.0), window=min(i + 1, 4))
+            for i in range(10)]
+    recs[9] = dataclasses.replace(recs[9], b_big=5)  # the epoch's last, partial batch
+    pts = trajectory.from_log(recs, dataset_size=1000, planned=None, source="log")
+    # records 7, 8, 9 smooth over 4..7, 5..8, 6..9: measurements 4..9, once each
+    assert pts.used.rounds == 6 and pts.used.examples == 5 * 64 + 5
+    assert pts.used.step == 9
+    one = trajectory.from_log(recs[:1], dataset_size=1000, planned=None, source="log")
+    assert one.used.examples == 64 and one.used.rounds == 1
 
 
 def test_points_of_a_log_recover_the_growth_and_the_last_median() -> None:
