@@ -479,17 +479,18 @@ def describe_advice(advice: Advice, inputs: AdvisorInputs) -> Advice:
 def check_message(*, within: bool, baseline: int, recommended: int, ratio: float,
                   tolerance: float, time_ratio: float | None, cost_ratio: float | None,
                   learning_rate: float, lr_label: str) -> str:
-    """``bsfind check``'s one-line verdict."""
+    """``bsfind check``'s one-line verdict, with the learning rate at the recommended batch
+    (a passing check hid a measured rate 4x the rule's from a trial's CI user)."""
+    lr = f"; learning rate at {recommended}: {learning_rate:.3g} ({lr_label})"
     if within:
         return (f"ok: baseline batch {baseline} is within {tolerance:g}x of the recommended "
-                f"{recommended} ({ratio:.2f}x)")
+                f"{recommended} ({ratio:.2f}x){lr}")
     direction = "below" if baseline < recommended else "above"
     what = (f"; the recommendation is predicted to take {time_ratio:.2f}x the baseline's time"
             f" and {cost_ratio:.2f}x its cost" if time_ratio is not None
             and cost_ratio is not None else "")
     return (f"baseline batch {baseline} is {ratio:.1f}x {direction} the recommended "
-            f"{recommended} (tolerance {tolerance:g}x){what}; learning rate at {recommended}: "
-            f"{learning_rate:.3g} ({lr_label})")
+            f"{recommended} (tolerance {tolerance:g}x){what}{lr}")
 
 
 # --------------------------------------------------------------------------- torchrun

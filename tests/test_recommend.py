@@ -81,6 +81,7 @@ def test_check_exit_codes_and_tolerance(project: Path) -> None:
     wide = runner.invoke(app, ["check", spec, "--tolerance", "1000000"])
     assert wide.exit_code == 0, wide.output
     assert wide.stdout.startswith("ok: baseline batch 16")
+    assert "; learning rate at " in wide.stdout  # the rate to use, on a pass too
     out = project / "report.json"
     # A baseline 16x the dataset (256 examples) is beyond any recommendation.
     tight = runner.invoke(app, ["check", spec, "--set", "optimizer.batch_size=4096",
