@@ -225,7 +225,7 @@ def _load_factory_file(path: Path, name: str, key: str, ref: str) -> Any:
         sys.modules.pop(name, None)
         _FACTORY_FILES.pop(path, None)
         raise ResolutionError(
-            f"{key} {ref!r}: importing {path.name} raised {type(exc).__name__}: {exc}",
+            f"{key} {ref!r}: importing {path.name} raised {_raised(exc)}",
             hint=_EXIT_HINT if isinstance(exc, SystemExit) else None,
         ) from exc
     if stat is not None:
@@ -261,7 +261,7 @@ def resolve(ref: str, base_dir: Path, key: str) -> Resolved:
             ) from exc
         except (Exception, SystemExit) as exc:
             raise ResolutionError(
-                f"{key} {ref!r}: importing {module_part} raised {type(exc).__name__}: {exc}",
+                f"{key} {ref!r}: importing {module_part} raised {_raised(exc)}",
                 hint=_EXIT_HINT if isinstance(exc, SystemExit) else None,
             ) from exc
     obj: Any = module
@@ -304,10 +304,17 @@ def call_factory(ref: str, kwargs: dict[str, Any], base_dir: Path, section: str)
             out = r.obj(**kwargs)
     except (Exception, SystemExit) as exc:
         raise ResolutionError(
-            f"{section}.factory {ref!r} raised {type(exc).__name__}: {exc}",
+            f"{section}.factory {ref!r} raised {_raised(exc)}",
             hint=_EXIT_HINT if isinstance(exc, SystemExit) else None,
         ) from exc
     return Resolved(out, r.source_file)
+
+
+def _raised(exc: BaseException, where: str = "") -> str:
+    """"ValueError{where}: its message", or the name alone when it has none (a bare
+    MemoryError read "raised MemoryError in forward: ")."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}{where}" + (f": {text}" if text else "")
 
 
 # The hint of a factory file that exited while bsfind imported or called it.
@@ -511,7 +518,7 @@ class Workload:
                 out = self.forward(x, y)
             except Exception as exc:
                 raise UserCodeError(
-                    f"model {self.model_name!r} raised {type(exc).__name__} in forward: {exc}",
+                    f"model {self.model_name!r} raised {_raised(exc, ' in forward')}",
                     hint=("loss: model calls the model with labels=targets and reads the "
                           "loss it returns; " if own else "")
                     + f"the batch: inputs {_shapes(x)}, targets {_shapes(y)}",
@@ -530,7 +537,7 @@ class Workload:
             loss = self.loss_fn(out.float() if isinstance(out, torch.Tensor) else out, y)
         except Exception as exc:
             raise UserCodeError(
-                f"loss {self.loss_name!r} raised {type(exc).__name__}: {exc}",
+                f"loss {self.loss_name!r} raised {_raised(exc)}",
                 hint=f"it got outputs {_shapes(out)} and targets {_shapes(y)} (the first "
                      "axis is the batch)",
             ) from exc
@@ -656,7 +663,7 @@ def _check_dataset(ds: Any, ref: str, collate: Collate | None = None,
         items = [ds[i] for i in range(min(n, 3 if collate is not None else 1))]
     except Exception as exc:
         raise UserCodeError(
-            f"data.factory {ref!r}: dataset[0] raised {type(exc).__name__}: {exc}"
+            f"data.factory {ref!r}: dataset[0] raised {_raised(exc)}"
         ) from exc
     if collate is not None:
         batch = _collated(collate, items, collate_ref)

@@ -163,3 +163,9 @@ def test_a_key_given_twice_in_the_spec_is_refused(tmp_path: Path) -> None:
     spec = tmp_path / "spec.yaml"
     spec.write_text((ASSETS / "good.yaml").read_text() + "loss: mse\n")
     assert_clean_failure(run("validate", str(spec)), 2, "key 'loss' given twice (first at line")
+
+
+def test_an_exception_without_a_message_is_named_alone() -> None:
+    """A bare MemoryError read "raised MemoryError in forward: " (a trial)."""
+    r = run("validate", GOOD, "--set", "model.factory=user_code.py:no_memory_model")
+    assert_clean_failure(r, 3, "raised MemoryError in forward\n")

@@ -475,3 +475,16 @@ class _Multiline(nn.Module):
 
 def multiline_model() -> nn.Module:
     return _Multiline()
+
+
+class _NoMemory(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise MemoryError  # no message, as Python's own
+
+
+def no_memory_model() -> nn.Module:
+    return _NoMemory()
