@@ -36,7 +36,7 @@ from bsfind.runner import Runner
 from bsfind.seeds import Seeds
 from bsfind.spec import Spec
 from bsfind.training import host_weights, offloaded
-from bsfind.workload import Workload, uneven_token_weights
+from bsfind.workload import Workload, text_inputs, uneven_token_weights
 
 if TYPE_CHECKING:
     import torch
@@ -193,6 +193,7 @@ def points_report(spec: Spec, job: Workload, command: str, points: trajectory.Po
             advice=command in ("recommend", "schedule"),
             partial=points.status == "partial", norm_batch=norm_batch))
         + ((wording.TOKEN_MEAN,) if uneven_token_weights(job) else ())
+        + ((wording.text_inputs(text),) if (text := text_inputs(job)) else ())
         + points.notes + notes,
     )
 

@@ -122,6 +122,13 @@ def noise_warnings(used: NoiseEstimate, trajectory: Trajectory | None, *, datase
     return out
 
 
+def text_inputs(keys: list[str]) -> str:
+    """The dataset's items hold text entries that go to the model."""
+    return (f"the dataset's items hold text under {', '.join(map(repr, keys))}, passed to the "
+            "model as keyword arguments like the other entries: remove the columns the model "
+            "does not take (dataset.remove_columns)")
+
+
 # How the probe's method_reason begins when the per-example norms failed at run time.
 PER_EXAMPLE_FAILED = "per-example norms failed at run time"
 

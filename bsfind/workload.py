@@ -557,6 +557,19 @@ class Workload:
         return loss.reshape(())
 
 
+def text_inputs(job: Workload) -> list[str]:
+    """The entries of dict items (without a collate) that hold text, not numbers: each goes
+    to the model as a keyword argument, a list of strings per batch, which a Hugging Face
+    model's **kwargs swallows silently (a raw text column left in a tokenized dataset)."""
+    if job.target_key is None or job.collate is not None or len(job) == 0:
+        return []
+    item = job.dataset[0]
+    if not isinstance(item, Mapping):
+        return []
+    return [str(k) for k, v in item.items() if k != job.target_key and (
+        isinstance(v, str) or (isinstance(v, (list, tuple)) and v and isinstance(v[0], str)))]
+
+
 # Examples looked at by uneven_token_weights.
 TOKEN_CHECK_EXAMPLES = 32
 # Hugging Face's label for a token the loss ignores (padding).

@@ -169,3 +169,16 @@ def test_an_exception_without_a_message_is_named_alone() -> None:
     """A bare MemoryError read "raised MemoryError in forward: " (a trial)."""
     r = run("validate", GOOD, "--set", "model.factory=user_code.py:no_memory_model")
     assert_clean_failure(r, 3, "raised MemoryError in forward\n")
+
+
+def test_a_text_column_left_in_dict_items_is_warned_about() -> None:
+    """A tokenized dataset's raw text goes to the model as a keyword argument like the
+    other entries; a model taking **kwargs swallowed it silently (a trial's BERT)."""
+    text = ("--set", "data.factory=user_code.py:text_rows",
+            "--set", "model.factory=user_code.py:swallowing_model")
+    r = run("noise", GOOD, "--json", *text, *QUICK)
+    assert r.exit_code == 0, r.output
+    assert any("hold text under 'text'" in w for w in json.loads(r.stdout)["warnings"])
+    plain = run("noise", GOOD, "--json", "--set", "data.factory=user_code.py:dict_rows",
+                "--set", "model.factory=user_code.py:swallowing_model", *QUICK)
+    assert not any("hold text" in w for w in json.loads(plain.stdout)["warnings"])

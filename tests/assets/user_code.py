@@ -488,3 +488,26 @@ class _NoMemory(nn.Module):
 
 def no_memory_model() -> nn.Module:
     return _NoMemory()
+
+
+class _TextRows(_Rows):
+    """dict_rows with the raw text left in, as a tokenized dataset keeps it."""
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {**super().__getitem__(i), "text": f"row {i}"}  # type: ignore[dict-item]
+
+
+def text_rows() -> Dataset:
+    return _TextRows()
+
+
+class _SwallowingModel(_KeywordModel):
+    """Takes **kwargs, as Hugging Face models do: a text column goes in unnoticed."""
+
+    def forward(self, features: torch.Tensor, extra: torch.Tensor,  # type: ignore[override]
+                labels: torch.Tensor | None = None, **kwargs: object) -> object:
+        return super().forward(features, extra, labels)
+
+
+def swallowing_model() -> nn.Module:
+    return _SwallowingModel()
