@@ -485,6 +485,12 @@ def render_schedule(doc: dict[str, Any]) -> None:
            if s["horizon_examples"] > s["measured_examples"] else ", the whole run planned"),
         markup=False,
     )
+    from bsfind.wording import schedule_examples
+
+    more = schedule_examples(sum(p["steps"] * p["batch_size"] for p in s["phases"]),
+                             s["horizon_examples"])
+    if more:
+        stdout.print("  " + more, markup=False)
     # recommend only: bsfind schedule's recommendation reads the logged run's end, not
     # the probes' (validation.md compared the two for recommend)
     rec = doc.get("recommendation") if doc.get("command") == "recommend" else None

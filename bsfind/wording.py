@@ -122,6 +122,21 @@ def noise_warnings(used: NoiseEstimate, trajectory: Trajectory | None, *, datase
     return out
 
 
+# A schedule taking this many times the baseline run's examples says so.
+SCHEDULE_EXAMPLES_NOTE = 1.5
+
+
+def schedule_examples(total: int, horizon: int) -> str | None:
+    """The schedule's examples when well above the baseline run's (its fewer, larger steps
+    make the same progress with more examples), else None."""
+    if horizon <= 0 or total < SCHEDULE_EXAMPLES_NOTE * horizon:
+        return None
+    return (f"it takes {total:,} examples, {total / horizon:.1f}x the baseline run's "
+            f"{horizon:,}: above the noise scale each "
+            "example buys less progress, so the same progress in fewer, larger steps takes "
+            "more examples (E = E_min·(1 + B/B_noise))")
+
+
 def text_inputs(keys: list[str]) -> str:
     """The dataset's items hold text entries that go to the model."""
     return (f"the dataset's items hold text under {', '.join(map(repr, keys))}, passed to the "

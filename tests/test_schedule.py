@@ -303,3 +303,15 @@ def test_the_report_says_which_constant_batch_to_take(monkeypatch: pytest.Monkey
     assert "measured up to 500 examples; past it the schedule follows" in printed(96)
     s = dataclasses.replace(s, measured_examples=2000)
     assert "measured up to 2,000 examples, the whole run planned" in printed(96)
+
+
+def test_a_schedule_far_above_the_baseline_runs_examples_says_so() -> None:
+    """Under --gpu a trial's schedule ran 100 steps at batch 1,792: 179,200 examples, 10x
+    the planned run's 17,970, with nothing saying so (fewer, larger steps for the same
+    progress take more examples)."""
+    from bsfind.wording import schedule_examples
+
+    line = schedule_examples(100 * 1792, 17_970)
+    assert line is not None and "179,200 examples, 10.0x the baseline run's 17,970" in line
+    assert schedule_examples(20_000, 17_970) is None  # within 1.5x: nothing to say
+    assert schedule_examples(100, 0) is None
