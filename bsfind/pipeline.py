@@ -630,10 +630,11 @@ def with_lr_search(report: Report, search: LrSearch,
     ``rule_at(batch, b_n)``: the rule's rate (for the schedule's phases)."""
     rec = report.recommendation
     assert rec is not None
-    # With no trial, or only the rule's own before the budget ended, the line already says
-    # why (search.notes repeats it, for the JSON).
-    said = not search.trials or (len(search.trials) == 1 and search.stopped == "budget")
-    notes = (*rec.notes, wording.lr_search_line(search), *(() if said else search.notes))
+    # With no trial the line already says why; with only the rule's own rate, that nothing
+    # was compared (search.notes repeat it, for the JSON)
+    notes = (*rec.notes, wording.lr_search_line(search),
+             *(n for n in (search.notes if search.trials else ())
+               if wording.NOTHING_COMPARED not in n))
     status = "partial" if search.stopped == "budget" else report.status
     # one trial (the rule's own rate) compared nothing: the rule's stands, unmeasured
     finished = any(math.isfinite(t.loss) for t in search.trials) and len(search.trials) > 1

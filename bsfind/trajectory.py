@@ -26,7 +26,7 @@ import dataclasses
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -412,16 +412,20 @@ def from_log(records: Sequence[TrackRecord], *, dataset_size: int, planned: int 
     notes = (wording.log_restarted(source, restart, len(later)),) if restart else ()
     later = later[restart:]
     # A record is smoothed over the tracker's window: its own measurement and the
-    # window - 1 before it, each a record of the log (one per measured step)
-    windows = [range(max(0, i - max(r.window, 1) + 1), i + 1) for i, r in enumerate(later)]
-    each = [_record_estimate(r, [later[j] for j in w]) for r, w in zip(later, windows,
-                                                                       strict=True)]
+    # window - 1 before it, each a record of the log (one per measured step; before the
+    # log's first line, when its head was cut off, counted at that line's batch)
+    windows = [range(i - max(r.window, 1) + 1, i + 1) for i, r in enumerate(later)]
+
+    def examples(indices: Iterable[int]) -> int:
+        return sum(later[max(j, 0)].b_big for j in indices)
+
+    each = [dataclasses.replace(_record_estimate(r), rounds=len(w), examples=examples(w))
+            for r, w in zip(later, windows, strict=True)]
     points = tuple(_median_point(g) for g in _log_stretches(each, LOG_POINTS))
     used = summarize(each) if len(each) > 1 else each[-1]
     # "now"'s windows overlap: count the measurements behind it once
-    behind = sorted(set().union(*windows[-SUMMARY_POINTS:]))
-    used = dataclasses.replace(used, rounds=len(behind),
-                               examples=sum(later[j].b_big for j in behind))
+    behind = set().union(*windows[-SUMMARY_POINTS:])
+    used = dataclasses.replace(used, rounds=len(behind), examples=examples(behind))
     if points[-1].step != used.step:  # the stretch's middle: end the points at "now"
         points += (used,)
     first, last = later[0], later[-1]
@@ -435,15 +439,15 @@ def from_log(records: Sequence[TrackRecord], *, dataset_size: int, planned: int 
     ), "ok", notes)
 
 
-def _record_estimate(r: TrackRecord, window: Sequence[TrackRecord]) -> NoiseEstimate:
-    """A log record as an estimate; ``window``: the records its smoothing spans."""
+def _record_estimate(r: TrackRecord) -> NoiseEstimate:
+    """A log record as an estimate (its examples and rounds: ``from_log`` sets them)."""
     unknown = Interval(math.nan, math.nan)  # the tracker logs the ratio's interval only
     return NoiseEstimate(
         b_simple=r.b_simple, ci95=r.ci95, grad_norm_sq=r.grad_norm_sq,
         grad_norm_sq_ci95=unknown, trace_sigma=r.trace_sigma, trace_sigma_ci95=unknown,
         method=r.method, method_reason="read from a tracker log",
-        b_small=r.b_small, b_big=r.b_big, examples=sum(w.b_big for w in window),
-        rounds=len(window), seconds=0.0, stopped="logged", step=r.step,
+        b_small=r.b_small, b_big=r.b_big, examples=max(r.window, 1) * r.b_big,
+        rounds=max(r.window, 1), seconds=0.0, stopped="logged", step=r.step,
         examples_seen=r.examples, loss=r.loss)
 
 

@@ -10,7 +10,7 @@ facts computed elsewhere.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -742,9 +742,12 @@ def describe_lr_search(r: LrSearch, lowest_mean: float | None = None) -> LrSearc
                      "the rule's stands, and may be too high")
     elif not r.trials:
         notes.append(_unmeasured_why(r) + ": the rule's stands")
-    elif r.stopped == "budget" and len(r.trials) == 1:
-        notes.append("the time budget ended the learning-rate search after its first "
-                     "learning rate: nothing to compare it with, the rule's stands")
+    elif r.stopped in _CUT and len(r.trials) == 1:
+        notes.append(f"{_CUT[r.stopped](r)} ended the learning-rate search after its first "
+                     f"learning rate: {NOTHING_COMPARED}, the rule's stands"
+                     if math.isfinite(r.trials[0].loss) else
+                     f"{_CUT[r.stopped](r)} ended the learning-rate search after the rule's "
+                     "own rate diverged: the rule's stands, and may be too high")
     elif r.stopped == "budget":
         notes.append("the time budget ended the learning-rate search: the best of the "
                      "learning rates that finished")
@@ -758,6 +761,16 @@ def describe_lr_search(r: LrSearch, lowest_mean: float | None = None) -> LrSearc
         notes.append(f"the lowest loss was at the learning-rate search's limit ({r.factor:g}x "
                      "the rule's): the best learning rate may lie further out")
     return dataclasses.replace(r, notes=tuple(notes))
+
+
+# What can end a learning-rate search early (LrSearch.stopped), in words.
+_CUT: dict[str, Callable[[LrSearch], str]] = {
+    "budget": lambda r: "the time budget",
+    "out of memory": lambda r: f"running out of memory at batch {r.batch_size:,}",
+    "interrupted": lambda r: "an interrupt",
+}
+# A one-trial search's note: the line says the same (pipeline.with_lr_search drops it).
+NOTHING_COMPARED = "nothing to compare it with"
 
 
 def _unmeasured_why(r: LrSearch) -> str:
@@ -774,8 +787,12 @@ def lr_search_line(r: LrSearch) -> str:
         return (f"learning rate at batch {r.batch_size:,}: not measured ({_unmeasured_why(r)}); "
                 f"the {r.lr_rule} rule's {r.rule_learning_rate:.3g} stands")
     tried = ", ".join(f"{t.factor:g}x → {num(t.loss)}" for t in r.trials)
-    if len(r.trials) == 1 and r.stopped == "budget":  # nothing compared: not a measurement
-        return (f"learning rate at batch {r.batch_size:,}: not measured (the time budget "
+    if len(r.trials) == 1 and r.stopped in _CUT:  # nothing compared: not a measurement
+        if not math.isfinite(r.trials[0].loss):
+            return (f"learning rate at batch {r.batch_size:,}: the rule's own rate diverged "
+                    f"({tried}) before {_CUT[r.stopped](r)} ended the short runs; the "
+                    f"{r.lr_rule} rule's {r.rule_learning_rate:.3g} stands, and may be too high")
+        return (f"learning rate at batch {r.batch_size:,}: not measured ({_CUT[r.stopped](r)} "
                 f"ended the short runs after the rule's own rate, {tried}); the {r.lr_rule} "
                 f"rule's {r.rule_learning_rate:.3g} stands")
     verdict = ("the rule's stands" if r.factor == 1.0 else

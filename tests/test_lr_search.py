@@ -642,3 +642,55 @@ def test_the_pipeline_accumulates_when_the_recommendation_is_above_the_memory_li
     assert lr_micro_batch(128, fits, norm_batch=32) == 32
     assert lr_micro_batch(32, fits, norm_batch=32) is None
     assert lr_micro_batch(300, dataclasses.replace(fits, max_batch_size=16), 32) == 16
+
+
+@pytest.mark.parametrize(("loss", "stopped", "says", "kept"), [
+    (0.42, "budget", "not measured (the time budget ended the short runs after the rule's "
+     "own rate, 1x → 0.42)", None),
+    (math.inf, "budget", "the rule's own rate diverged (1x → ∞) before the time budget ended "
+     "the short runs; the mccandlish-sqrt rule's 0.0132 stands, and may be too high",
+     "1x the rule's learning rate (0.0132) diverged"),
+    (0.42, "out of memory", "not measured (running out of memory at batch 1,024 ended the "
+     "short runs after the rule's own rate, 1x → 0.42)", None),
+])
+def test_a_search_of_one_trial_says_what_ended_it(loss: float, stopped: str, says: str,
+                                                  kept: str | None) -> None:
+    """One trial compares nothing, whatever ended the search; a review found the rule's
+    own rate diverging (then the budget ending the 0.5x trial) reported as "not measured"
+    with the divergence dropped, and one trial ended by running out of memory reported as
+    "measured by short runs"."""
+    from bsfind import pipeline
+    from bsfind.results import LrTrial
+
+    search = wording.describe_lr_search(LrSearch(
+        batch_size=1024, step=0, rule_learning_rate=0.0132, lr_rule="mccandlish-sqrt",
+        factor=1.0, learning_rate=0.0132, steps=20, cooldown=5, repeats=2,
+        trials=(LrTrial(1.0, 0.0132, loss),), examples=0, seconds=1.0, stopped=stopped))
+    line = wording.lr_search_line(search)
+    assert says in line and "measured by short runs" not in line
+    assert any(wording.NOTHING_COMPARED in n for n in search.notes) == math.isfinite(loss)
+
+    @dataclasses.dataclass(frozen=True)
+    class Rec:
+        notes: tuple[str, ...] = ()
+        batch_size: int = 1024
+        warmup_steps: int | None = None
+        warmup: str | None = None
+        learning_rate: float = 0.0132
+        lr_factor: float | None = None
+
+    @dataclasses.dataclass(frozen=True)
+    class Rep:
+        recommendation: Rec
+        warnings: tuple[str, ...] = ()
+        status: str = "ok"
+        lr_search: object = None
+        schedule: object = None
+        baseline_batch: int = 64
+        baseline_lr: float = 0.008
+
+    out = pipeline.with_lr_search(Rep(Rec()), search, lambda b, n: 0.0132)  # type: ignore[arg-type]
+    notes = out.recommendation.notes
+    assert out.recommendation.lr_factor is None and notes[0] == line
+    assert not any(wording.NOTHING_COMPARED in n for n in notes)
+    assert (kept in notes) if kept else len(notes) == 1

@@ -47,6 +47,10 @@ def test_the_examples_behind_a_log_point_are_its_windows_measurements() -> None:
     assert pts.used.step == 9
     one = trajectory.from_log(recs[:1], dataset_size=1000, planned=None, source="log")
     assert one.used.examples == 64 and one.used.rounds == 1
+    # a log whose head was cut off (tail -n 2): the windows reach before its first line,
+    # whose batch stands in for the measurements not there
+    cut = trajectory.from_log(recs[-2:], dataset_size=1000, planned=None, source="log")
+    assert cut.used.rounds == 5 and cut.used.examples == 4 * 64 + 5
 
 
 def test_points_of_a_log_recover_the_growth_and_the_last_median() -> None:
