@@ -59,6 +59,7 @@ import dataclasses
 import functools
 import math
 import os
+import signal
 import socket
 import statistics
 import time
@@ -828,6 +829,12 @@ def execute(
         except (Interrupted, CollectiveError):
             raise
         except Exception as exc:
+            if created and ctx.rank != 0:
+                # torchrun stops the others (SIGTERM, read as Ctrl-C) once rank 0 has
+                # exited, while they agree on the error or wait: the agreed error stands,
+                # not "interrupted" (a failing rank exited 130)
+                with contextlib.suppress(ValueError):  # (not the main thread)
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN)
             err = coord.failure(exc)
             if created and ctx.rank != 0:
                 time.sleep(SECONDARY_EXIT_DELAY_S)

@@ -533,7 +533,7 @@ def lr_search_skipped_by_spec(spec: Spec, world: int) -> str | None:
     if not spec.probe.lr_branches:
         return "probe.lr_branches is off"
     if world > 1:
-        return "under torchrun it is measured in a single process only"
+        return "it is not measured under torchrun: run bsfind in one process to measure it"
     if spec.model.checkpoints:
         return "model.checkpoints holds no starting weights of the run"
     if spec.model.checkpoint:

@@ -514,8 +514,9 @@ class Tracker:
             own timing shows that measured steps would cost more than 2% of the
             training time.
         window: measurements the smoothed values and the interval are taken over.
-        batch_size: examples per micro-batch on this rank; None reads it from the
-            model's input on measured steps (dim 0 of the first tensor its forward
+        batch_size: examples per micro-batch on this rank (under DDP the counts take
+            every rank's to be this one's, as DistributedSampler makes them); None reads
+            it from the model's input on measured steps (dim 0 of the first tensor its forward
             receives, through a forward pre-hook that only records that size), and
             counts the size last seen on the other steps: pass ``batch_size`` to
             ``update()`` for exact example counts when batch sizes vary.
@@ -657,7 +658,10 @@ class Tracker:
         if self.measuring and (hooked or cheap or not self._per_example_ok()):
             self._check_scaler()
             self._measure()  # per-example: the batch size comes from the norms
-            if not cheap:  # the per-example cadence (the cheap pairings measure every step)
+            # the cadence: the per-example one (the cheap pairings' default is every step,
+            # and their measurements do not push it back), or a given every= for any
+            # pairing (a DDP loop measured every step at every=4)
+            if not cheap or self.every_arg is not None:
                 self._measured_at = self.step
         batch = self.world * sum(self._micro)
         self.examples += batch

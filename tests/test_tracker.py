@@ -676,3 +676,21 @@ def test_a_paused_tracker_ignores_updates_from_hooks() -> None:
     F.cross_entropy(model(x[:16]), y[:16]).backward()
     tracker.update()  # and it goes on after
     assert tracker.step == step + 1
+
+
+def test_a_given_every_holds_for_the_accumulation_pairing() -> None:
+    """track(every=4) in a loop that accumulates measured every step (a trial: 64 records
+    in 64 steps at every=4): the cadence was kept for the per-example pairing only."""
+    model = _model()
+    x, y = _problem()
+    tracker = track(model, every=4)
+    for _ in range(16):
+        for j in range(2):
+            F.cross_entropy(model(x[:16]), y[:16]).backward()
+            if j == 0:
+                tracker.micro_step()
+        tracker.update()
+        model.zero_grad()
+    assert [r.step for r in tracker.records] == [0, 4, 8, 12]
+    assert all(r.method == "accumulation" for r in tracker.records)
+    assert tracker.examples == 16 * 32
