@@ -829,15 +829,22 @@ def execute(
         except (Interrupted, CollectiveError):
             raise
         except Exception as exc:
-            if created and ctx.rank != 0:
-                # torchrun stops the others (SIGTERM, read as Ctrl-C) once rank 0 has
-                # exited, while they agree on the error or wait: the agreed error stands,
-                # not "interrupted" (a failing rank exited 130)
+            secondary = created and ctx.rank != 0
+            # torchrun stops the others (SIGTERM, read as Ctrl-C) once rank 0 has exited,
+            # while they agree on the error or wait: the agreed error stands, not
+            # "interrupted" (a failing rank exited 130); the handler is put back after
+            ignored, old = False, None
+            if secondary:
                 with contextlib.suppress(ValueError):  # (not the main thread)
-                    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            err = coord.failure(exc)
-            if created and ctx.rank != 0:
-                time.sleep(SECONDARY_EXIT_DELAY_S)
+                    old = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                    ignored = True
+            try:
+                err = coord.failure(exc)
+                if secondary:
+                    time.sleep(SECONDARY_EXIT_DELAY_S)
+            finally:
+                if ignored:  # (None: a handler not set from Python, read as the default)
+                    signal.signal(signal.SIGTERM, old if old is not None else signal.SIG_DFL)
             if err is exc:
                 raise
             raise err from None

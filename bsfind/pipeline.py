@@ -630,11 +630,10 @@ def with_lr_search(report: Report, search: LrSearch,
     ``rule_at(batch, b_n)``: the rule's rate (for the schedule's phases)."""
     rec = report.recommendation
     assert rec is not None
-    # With no trial the line already says why; with only the rule's own rate, that nothing
-    # was compared (search.notes repeat it, for the JSON)
-    notes = (*rec.notes, wording.lr_search_line(search),
-             *(n for n in (search.notes if search.trials else ())
-               if wording.NOTHING_COMPARED not in n))
+    # With no trial, or the rule's own rate only before the search was cut, the line
+    # already says what its notes say (search.notes keep them, for the JSON)
+    said = not search.trials or wording.one_trial_cut(search)
+    notes = (*rec.notes, wording.lr_search_line(search), *(() if said else search.notes))
     status = "partial" if search.stopped == "budget" else report.status
     # one trial (the rule's own rate) compared nothing: the rule's stands, unmeasured
     finished = any(math.isfinite(t.loss) for t in search.trials) and len(search.trials) > 1

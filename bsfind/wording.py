@@ -769,8 +769,13 @@ _CUT: dict[str, Callable[[LrSearch], str]] = {
     "out of memory": lambda r: f"running out of memory at batch {r.batch_size:,}",
     "interrupted": lambda r: "an interrupt",
 }
-# A one-trial search's note: the line says the same (pipeline.with_lr_search drops it).
 NOTHING_COMPARED = "nothing to compare it with"
+
+
+def one_trial_cut(r: LrSearch) -> bool:
+    """Did the budget (or memory) end the search after its first trial, the rule's own
+    rate? Its line then says all its notes say (``pipeline.with_lr_search``)."""
+    return len(r.trials) == 1 and r.stopped in _CUT
 
 
 def _unmeasured_why(r: LrSearch) -> str:
@@ -787,7 +792,7 @@ def lr_search_line(r: LrSearch) -> str:
         return (f"learning rate at batch {r.batch_size:,}: not measured ({_unmeasured_why(r)}); "
                 f"the {r.lr_rule} rule's {r.rule_learning_rate:.3g} stands")
     tried = ", ".join(f"{t.factor:g}x → {num(t.loss)}" for t in r.trials)
-    if len(r.trials) == 1 and r.stopped in _CUT:  # nothing compared: not a measurement
+    if one_trial_cut(r):  # nothing compared: not a measurement
         if not math.isfinite(r.trials[0].loss):
             return (f"learning rate at batch {r.batch_size:,}: the rule's own rate diverged "
                     f"({tried}) before {_CUT[r.stopped](r)} ended the short runs; the "

@@ -558,15 +558,21 @@ class Workload:
 
 
 def text_inputs(job: Workload) -> list[str]:
-    """The entries of dict items (without a collate) that hold text, not numbers: each goes
-    to the model as a keyword argument, a list of strings per batch, which a Hugging Face
-    model's **kwargs swallows silently (a raw text column left in a tokenized dataset)."""
+    """The entries of dict items (without a collate) that hold text, not numbers, and that
+    the model's forward does not name but swallows in its **kwargs, as a Hugging Face
+    model's does (a raw text column left in a tokenized dataset). A forward without
+    **kwargs fails on such an entry loudly; one that names it takes it on purpose."""
     if job.target_key is None or job.collate is not None or len(job) == 0:
         return []
     item = job.dataset[0]
-    if not isinstance(item, Mapping):
+    try:
+        params = inspect.signature(job.model.forward).parameters
+    except (TypeError, ValueError):
         return []
-    return [str(k) for k, v in item.items() if k != job.target_key and (
+    if not isinstance(item, Mapping) or not any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return []
+    return [str(k) for k, v in item.items() if k != job.target_key and k not in params and (
         isinstance(v, str) or (isinstance(v, (list, tuple)) and v and isinstance(v[0], str)))]
 
 

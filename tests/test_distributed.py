@@ -260,3 +260,34 @@ def test_the_default_probe_along_training_runs_on_every_rank() -> None:
     assert steps[0] == 0 and len(steps) >= 3 and doc["trajectory"]["mode"] == "along"
     assert doc["noise_scale"]["summary_of"] == steps[1:][-3:]
     assert seconds < 60
+
+
+def test_a_failure_leaves_the_ranks_sigterm_handler_as_it_was() -> None:
+    """Secondary ranks ignore SIGTERM while they agree on a failure and wait for rank 0
+    to print it (torchrun's SIGTERM made them exit 130); a review found the ignore left
+    in place afterwards for an API caller that catches the error and goes on."""
+    snippet = (
+        "import signal\n"
+        "from bsfind import load_spec, measure\n"
+        "from bsfind.errors import BsfindError\n"
+        f"spec = load_spec({SPEC!r}, ['model.kwargs={{fail_on_rank: 1}}'])\n"
+        "before = signal.getsignal(signal.SIGTERM)\n"
+        "try:\n"
+        "    measure(spec)\n"
+        "except BsfindError as exc:\n"
+        "    print('caught', 'boom on rank 1' in str(exc))\n"
+        "print('same handler', signal.getsignal(signal.SIGTERM) == before)\n")
+    port = str(_free_port())
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", snippet], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=port)) for r in range(2)]
+    try:
+        outs = [p.communicate(timeout=RUN_TIMEOUT_S) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for out, err in outs:
+        assert "caught True" in out and "same handler True" in out, (out, err)

@@ -182,3 +182,25 @@ def test_a_text_column_left_in_dict_items_is_warned_about() -> None:
     plain = run("noise", GOOD, "--json", "--set", "data.factory=user_code.py:dict_rows",
                 "--set", "model.factory=user_code.py:swallowing_model", *QUICK)
     assert not any("hold text" in w for w in json.loads(plain.stdout)["warnings"])
+
+
+def test_a_text_entry_the_forward_names_is_not_warned_about() -> None:
+    """Only entries that fall into **kwargs are flagged (a review: a model taking its
+    own text input by name was told to remove it)."""
+    from bsfind.workload import Workload, text_inputs
+    from tests.assets import user_code
+
+    class Named(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l = torch.nn.Linear(4, 3)
+
+        def forward(self, features: torch.Tensor, extra: torch.Tensor, text: object,
+                    **kwargs: object) -> torch.Tensor:
+            return self.l(features)
+
+    rows, loss = user_code.text_rows(), torch.nn.functional.cross_entropy
+    assert text_inputs(Workload.from_objects(Named(), rows, loss)) == []
+    swallowed = text_inputs(Workload.from_objects(user_code.swallowing_model(), rows, loss))
+    assert swallowed == ["text"]
+    assert text_inputs(Workload.from_objects(user_code.keyword_model(), rows, loss)) == []
