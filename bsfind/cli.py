@@ -703,9 +703,10 @@ def _partial_noise(as_json: bool) -> Callable[[Any], None]:
         else:
             for b in doc.get("branches") or []:
                 stdout.print(f"interrupted during the branches: {b['summary']}", markup=False)
-            for n in doc["noise_scale_by_step"]:
+            for n in doc["noise_scale_by_step"]:  # the probe cut short, or one that finished
+                cut = n.get("stopped") == "interrupted"
                 stdout.print(
-                    f"interrupted at step {n['step']}: B_simple "
+                    f"{'interrupted at step' if cut else 'measured at step'} {n['step']}: B_simple "
                     f"{_fmt(n['b_simple']) if n['b_simple'] else 'unresolved'} "
                     f"95% CI {_ci(n['ci95'])} from {n['examples']:,} examples",
                     markup=False,

@@ -52,3 +52,25 @@ def test_time_budget_is_honoured_within_10_percent(budget: float) -> None:
     assert report.seconds <= 1.10 * budget, report.seconds
     assert report.seconds >= 0.5 * budget  # it used the budget rather than quitting early
     assert report.recommendation is not None
+
+
+def test_the_partial_output_labels_only_the_cut_probe_interrupted(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """After Ctrl-C, the points that finished read as measured and only the probe cut
+    short as interrupted (a trial saw every finished point labelled "interrupted")."""
+    import dataclasses
+
+    from bsfind.cli import _partial_noise
+    from bsfind.results import Interval, NoiseEstimate
+
+    done = NoiseEstimate(
+        b_simple=50.0, ci95=Interval(45.0, 55.0), grad_norm_sq=1.0,
+        grad_norm_sq_ci95=Interval(0.9, 1.1), trace_sigma=50.0,
+        trace_sigma_ci95=Interval(48.0, 52.0), method="per-example", method_reason="",
+        b_small=1, b_big=64, examples=640, rounds=10, seconds=0.1, stopped="converged",
+        step=0, examples_seen=0)
+    cut = dataclasses.replace(done, step=8, stopped="interrupted", examples=64)
+    _partial_noise(False)((done, cut))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("measured at step 0: B_simple 50")
+    assert lines[1].startswith("interrupted at step 8: B_simple 50")
