@@ -661,22 +661,19 @@ def _emit(doc: dict[str, Any], as_json: bool) -> None:
 # --------------------------------------------------------------------------- commands
 
 
-def _check_gpu(gpu: str | None) -> None:
-    """--gpu names a GPU the table knows (the error names --gpu, not hardware.gpu)."""
-    if gpu is None:
-        return
-    from bsfind.hardware.gpus import get_gpu
-
-    try:
-        get_gpu(gpu)
-    except KeyError as exc:
-        raise UsageError(f"--gpu: {exc.args[0]}") from None
-
-
-def _load(spec: Path, overrides: list[str] | None) -> Any:
+def _load(spec: Path, set_: list[str] | None,
+          options: dict[str, tuple[str, Any]] | None = None) -> Any:
+    """The spec with the --set overrides, then those of the options that set a spec key
+    (``{"--gpu": ("hardware.gpu", value)}``; a value None or "" sets nothing), which its
+    errors name instead of a --set."""
     from bsfind.spec import load_spec
 
-    return load_spec(spec, overrides or [])
+    overrides, origins = list(set_ or []), {}
+    for flag, (key, value) in (options or {}).items():
+        if value is not None and value != "":
+            overrides.append(f"{key}={value}")
+            origins[overrides[-1]] = f"{flag} {value}"
+    return load_spec(spec, overrides, origins)
 
 
 def _partial_noise(as_json: bool) -> Callable[[Any], None]:
@@ -729,13 +726,10 @@ def recommend(
     debug: DebugOpt = False,
 ) -> None:
     """Measure the noise scale and the hardware, then recommend a batch size and LR."""
-    overrides = list(set_ or []) + ([f"hardware.gpu={gpu}"] if gpu else [])
-
     def run() -> dict[str, Any]:
         from bsfind import api, report  # inside: Ctrl-C while torch loads is handled
 
-        _check_gpu(gpu)
-        s = _load(spec, overrides)
+        s = _load(spec, set_, {"--gpu": ("hardware.gpu", gpu)})
         if plot is not None:  # fail before a minute of probing, not after
             from bsfind.errors import UsageError
             from bsfind.plot import FORMATS
@@ -773,16 +767,13 @@ def schedule(
     The noise scale comes from the log of the last run; the step time is this machine's
     (or --gpu's, predicted)."""
 
-    overrides = list(set_ or []) + ([f"hardware.gpu={gpu}"] if gpu else [])
-
     def run() -> dict[str, Any]:
         from bsfind import api, report  # inside: Ctrl-C while torch loads is handled
 
         if spec.suffix == ".jsonl" or log.suffix in (".yaml", ".yml"):
             raise UsageError(f"bsfind schedule takes the spec first, then the log: "
                              f"bsfind schedule {log} {spec}")
-        _check_gpu(gpu)
-        s = _load(spec, overrides)
+        s = _load(spec, set_, {"--gpu": ("hardware.gpu", gpu)})
         with _measuring() as progress:
             return report.to_dict(api.schedule_from_log(s, log, progress=progress))
 
@@ -808,10 +799,6 @@ def check(
     debug: DebugOpt = False,
 ) -> None:
     """CI preflight: exit 0 if the baseline batch is within --tolerance of the advice, 1 if not."""
-
-    overrides = list(set_ or [])
-    if max_seconds is not None:
-        overrides.append(f"probe.max_seconds={max_seconds}")
 
     unwritable: list[str] = []  # set when --output could not be written
 
@@ -841,14 +828,12 @@ def check(
     def run() -> CheckResult:
         from bsfind import api  # inside: Ctrl-C while torch loads is handled
 
-        if max_seconds is not None and not math.isfinite(max_seconds):
-            raise UsageError(f"--max-seconds: expected a finite number, got {max_seconds}")
         if output is not None and (output.is_dir() or not output.parent.is_dir()):
             # before a minute of probing, not after
             unwritable.append(f"--output {output}: " + (
                 "is a folder" if output.is_dir() else f"folder {output.parent} does not exist"))
             raise UsageError(unwritable[-1])
-        s = _load(spec, overrides)
+        s = _load(spec, set_, {"--max-seconds": ("probe.max_seconds", max_seconds)})
         with _measuring() as progress:
             result = api.check(s, tolerance=tolerance, use_cache=not no_cache,
                                progress=progress)
@@ -881,7 +866,7 @@ def noise(spec: SpecArg, json_out: JsonOpt = False, set_: SetOpt = None,
     def run() -> dict[str, Any]:
         from bsfind import api, report  # inside: Ctrl-C while torch loads is handled
 
-        s = _load(spec, list(set_ or []))
+        s = _load(spec, set_)
         with _measuring() as progress:
             return report.to_dict(api.measure(s, progress=progress))
 
@@ -900,7 +885,7 @@ def branch(spec: SpecArg, json_out: JsonOpt = False, set_: SetOpt = None,
     def run() -> dict[str, Any]:
         from bsfind import api, report  # inside: Ctrl-C while torch loads is handled
 
-        s = _load(spec, list(set_ or []))
+        s = _load(spec, set_)
         with _measuring() as progress:
             return report.to_dict(api.branch(s, progress=progress))
 
@@ -917,7 +902,7 @@ def validate(spec: SpecArg, json_out: JsonOpt = False, set_: SetOpt = None,
     def run() -> dict[str, Any]:
         from bsfind import api  # inside: Ctrl-C while torch loads is handled
 
-        return api.validate(_load(spec, list(set_ or []))).as_dict()
+        return api.validate(_load(spec, set_)).as_dict()
 
     doc = _guard(debug, run, as_json=json_out)
     if json_out:

@@ -667,8 +667,11 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode,
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
-def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> Spec:
-    """Read, override and validate a spec file."""
+def load_spec(path: str | Path, overrides: Sequence[str] = (),
+              origins: Mapping[str, str] | None = None) -> Spec:
+    """Read, override and validate a spec file. ``origins``: how the user gave an
+    override that was not a ``--set`` (``{"hardware.gpu=h999": "--gpu h999"}``), for the
+    errors' blame."""
     p = Path(path)
     source = str(path)
     if not p.exists():
@@ -692,24 +695,21 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> Spec:
     try:
         return validate(document, p.resolve().parent, source)
     except SpecError as exc:
-        raise SpecError([_from_set(problem, overrides) for problem in exc.problems],
-                        source) from None
+        raise SpecError([_from_set(problem, overrides, origins or {})
+                         for problem in exc.problems], source) from None
 
 
-def _from_set(problem: str, overrides: Sequence[str]) -> str:
-    """``problem`` with the ``--set`` it came from, when its key path is one that an
-    override wrote (the file is not to blame)."""
+def _from_set(problem: str, overrides: Sequence[str], origins: Mapping[str, str]) -> str:
+    """``problem`` with the ``--set`` (or the option, ``origins``) it came from, when its
+    key path is one that an override wrote (the file is not to blame)."""
     path = problem.split(":", 1)[0].strip()
     keys = [(text, text.partition("=")[0].strip()) for text in overrides]
     # the last override of the path itself or of a section above it wrote its value;
     # else one below it made the section
-    for text, key in reversed(keys):
-        if path == key or path.startswith(key + "."):
-            return f"{problem} (from --set {text})"
-    for text, key in keys:
-        if key.startswith(path + "."):
-            return f"{problem} (from --set {text})"
-    return problem
+    wrote = next((text for text, key in reversed(keys)
+                  if path == key or path.startswith(key + ".")), None) or next(
+        (text for text, key in keys if key.startswith(path + ".")), None)
+    return problem if wrote is None else f"{problem} (from {origins.get(wrote, '--set ' + wrote)})"
 
 
 def spec_from_dict(document: Mapping[str, Any], base_dir: str | Path = ".") -> Spec:

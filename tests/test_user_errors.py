@@ -91,14 +91,16 @@ def test_user_code_that_exits_is_the_users_error(tmp_path: Path) -> None:
 
 def test_check_says_what_is_wrong_with_its_options_before_the_run(tmp_path: Path) -> None:
     r = run("check", GOOD, "--max-seconds", "inf")
-    assert_clean_failure(r, 2, "--max-seconds: expected a finite number")
+    assert_clean_failure(r, 2, "probe.max_seconds: expected a finite number",
+                         "(from --max-seconds inf)")
     assert "--set" not in r.output
     assert_clean_failure(run("check", GOOD, "--output", str(tmp_path)), 2,
                          f"--output {tmp_path}: is a folder")
     assert_clean_failure(run("check", GOOD, "--output", str(tmp_path / "no" / "r.json")), 2,
                          "does not exist")
-    assert_clean_failure(run("recommend", GOOD, "--plot", str(tmp_path / "d.png"), "--gpu",
-                             "h999"), 2, "--gpu: unknown GPU 'h999'")
+    g = run("recommend", GOOD, "--plot", str(tmp_path / "d.png"), "--gpu", "h999")
+    assert_clean_failure(g, 2, "hardware.gpu: unknown GPU 'h999'", "(from --gpu h999)")
+    assert "--set" not in g.output
     (tmp_path / "d.png").mkdir()
     assert_clean_failure(run("recommend", GOOD, "--plot", str(tmp_path / "d.png")), 2,
                          "is a folder")
