@@ -419,8 +419,8 @@ def from_log(records: Sequence[TrackRecord], *, dataset_size: int, planned: int 
     def examples(indices: Iterable[int]) -> int:
         return sum(later[max(j, 0)].b_big for j in indices)
 
-    each = [dataclasses.replace(_record_estimate(r), rounds=len(w), examples=examples(w))
-            for r, w in zip(later, windows, strict=True)]
+    each = [_record_estimate(r, len(w), examples(w)) for r, w in zip(later, windows,
+                                                                      strict=True)]
     points = tuple(_median_point(g) for g in _log_stretches(each, LOG_POINTS))
     used = summarize(each) if len(each) > 1 else each[-1]
     # "now"'s windows overlap: count the measurements behind it once
@@ -439,16 +439,15 @@ def from_log(records: Sequence[TrackRecord], *, dataset_size: int, planned: int 
     ), "ok", notes)
 
 
-def _record_estimate(r: TrackRecord) -> NoiseEstimate:
-    """A log record as an estimate (its examples and rounds: ``from_log`` sets them)."""
+def _record_estimate(r: TrackRecord, rounds: int, examples: int) -> NoiseEstimate:
+    """A log record as an estimate: ``rounds`` measurements of ``examples`` behind it."""
     unknown = Interval(math.nan, math.nan)  # the tracker logs the ratio's interval only
     return NoiseEstimate(
         b_simple=r.b_simple, ci95=r.ci95, grad_norm_sq=r.grad_norm_sq,
         grad_norm_sq_ci95=unknown, trace_sigma=r.trace_sigma, trace_sigma_ci95=unknown,
         method=r.method, method_reason="read from a tracker log",
-        b_small=r.b_small, b_big=r.b_big, examples=max(r.window, 1) * r.b_big,
-        rounds=max(r.window, 1), seconds=0.0, stopped="logged", step=r.step,
-        examples_seen=r.examples, loss=r.loss)
+        b_small=r.b_small, b_big=r.b_big, examples=examples, rounds=rounds, seconds=0.0,
+        stopped="logged", step=r.step, examples_seen=r.examples, loss=r.loss)
 
 
 def _log_stretches(points: list[NoiseEstimate], n: int) -> list[list[NoiseEstimate]]:

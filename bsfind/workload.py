@@ -486,10 +486,7 @@ class Workload:
         key alone is ambiguous (``forward(self, x)`` may take ``{"x": ...}`` whole): it
         counts only on a Hugging Face model (``main_input_name``)."""
         if keys not in self._keyword_calls:
-            try:
-                params = inspect.signature(self.model.forward).parameters
-            except (TypeError, ValueError):
-                params = {}  # type: ignore[assignment]
+            params = self.forward_parameters() or {}
             named = bool(keys) and all(
                 isinstance(k, str) and k in params
                 and params[k].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
@@ -498,14 +495,20 @@ class Workload:
                 len(keys) > 1 or hasattr(self.model, "main_input_name"))
         return self._keyword_calls[keys]
 
+    def forward_parameters(self) -> Mapping[str, inspect.Parameter] | None:
+        """The parameters of the model's forward (None: its signature cannot be read)."""
+        try:
+            return inspect.signature(self.model.forward).parameters
+        except (TypeError, ValueError):
+            return None
+
     def _takes_labels(self) -> bool:
         """Can ``loss: model`` call this model's forward with labels=?"""
-        try:
-            params = inspect.signature(self.model.forward).parameters.values()
-        except (TypeError, ValueError):
+        params = self.forward_parameters()
+        if params is None:
             return True  # unknown: the hint keeps loss: model
         return any(p.name == "labels" or p.kind is inspect.Parameter.VAR_KEYWORD
-                   for p in params)
+                   for p in params.values())
 
     def loss_on(self, x: Any, y: torch.Tensor, autocast: bool = True) -> torch.Tensor:
         """The checked loss of a batch: the user's errors as UserCodeError. ``autocast``
@@ -564,12 +567,8 @@ def text_inputs(job: Workload) -> list[str]:
     **kwargs fails on such an entry loudly; one that names it takes it on purpose."""
     if job.target_key is None or job.collate is not None or len(job) == 0:
         return []
-    item = job.dataset[0]
-    try:
-        params = inspect.signature(job.model.forward).parameters
-    except (TypeError, ValueError):
-        return []
-    if not isinstance(item, Mapping) or not any(
+    item, params = job.dataset[0], job.forward_parameters()
+    if params is None or not isinstance(item, Mapping) or not any(
             p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return []
     return [str(k) for k, v in item.items() if k != job.target_key and k not in params and (
