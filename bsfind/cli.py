@@ -680,17 +680,19 @@ def _partial_noise(as_json: bool) -> Callable[[Any], None]:
     """On Ctrl-C, print what was measured so far, marked interrupted."""
     def show(partial: Any) -> None:
         from bsfind.report import branch_dict, noise_dict
-        from bsfind.results import BranchPartial, BranchResult
+        from bsfind.results import BranchPartial, BranchResult, NoisePartial
 
         branched: tuple[BranchResult, ...] = ()
         if isinstance(partial, BranchPartial):
             partial, branched = partial.noise, partial.branches
-        items = partial if isinstance(partial, tuple) else (partial,)
+        # a walk's points and the value the advice would use from them, or one probe
+        items, used = ((partial.points, partial.used) if isinstance(partial, NoisePartial)
+                       else ((partial,), partial))
         doc: dict[str, Any] = {
             "version": __version__,
             "status": "interrupted",
             "exit_code": EXIT_INTERRUPTED,
-            "noise_scale": noise_dict(items[-1]) if items else None,
+            "noise_scale": noise_dict(used),
             "noise_scale_by_step": [noise_dict(n) for n in items],
         }
         if branched:
@@ -708,6 +710,12 @@ def _partial_noise(as_json: bool) -> Callable[[Any], None]:
                     f"95% CI {_ci(n['ci95'])} from {n['examples']:,} examples",
                     markup=False,
                 )
+            summary = doc["noise_scale"]
+            if len(summary.get("summary_of") or ()) > 1:  # as a finished run's advice would
+                steps = ", ".join(f"{s:,}" for s in summary["summary_of"])
+                value = _fmt(summary["b_simple"]) if summary["b_simple"] else "unresolved"
+                stdout.print(f"their median, which the advice would use: B_simple {value} "
+                             f"(steps {steps})", markup=False)
     return show
 
 

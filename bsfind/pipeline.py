@@ -29,6 +29,7 @@ from bsfind.results import (
     LrSearch,
     MemoryModel,
     NoiseEstimate,
+    NoisePartial,
     RunAverage,
     TimingCurve,
 )
@@ -169,7 +170,7 @@ def _measure_and_advise(spec: Spec, runner: Runner, command: str, job: Workload,
                 report = advise(report, spec, job, runner, hw, max_gpus)
             except KeyboardInterrupt:
                 raise Interrupted("interrupted during the hardware analysis",
-                                  partial=points.estimates) from None
+                                  partial=NoisePartial(points.estimates, points.used)) from None
             report = measured_lr(report, spec, job, runner, points, deadline, progress)
     return report
 
@@ -468,8 +469,9 @@ def branch_points(spec: Spec, job: Workload, runner: Runner, points: trajectory.
                                          progress=progress))
         except Interrupted as exc:
             part = exc.partial if isinstance(exc.partial, BranchResult) else None
+            noise = NoisePartial(points.estimates, points.used)
             raise Interrupted(exc.message, partial=BranchPartial(
-                points.estimates, (*done, *((part,) if part else ())))) from None
+                noise, (*done, *((part,) if part else ())))) from None
     return tuple(done), ()
 
 
@@ -601,7 +603,7 @@ def measured_lr(report: Report, spec: Spec, job: Workload, runner: Runner,
     except (Interrupted, KeyboardInterrupt) as exc:
         message = (exc.message if isinstance(exc, Interrupted)
                    else "interrupted while measuring the learning rate")
-        raise Interrupted(message, partial=points.estimates) from None
+        raise Interrupted(message, partial=NoisePartial(points.estimates, points.used)) from None
     finally:
         if now:
             job.model.load_state_dict(now)

@@ -574,11 +574,22 @@ class RunAverage:
 
 
 @dataclass(frozen=True)
+class NoisePartial:
+    """What a run interrupted after its first noise point had measured: every point, the
+    last one cut short when the interruption came during it, and the value the advice
+    would use from them (along training the median of the last three, as in a finished
+    run; pinned, the last point)."""
+
+    points: tuple[NoiseEstimate, ...]
+    used: NoiseEstimate
+
+
+@dataclass(frozen=True)
 class BranchPartial:
     """What a run interrupted during its branches had measured: the noise points and the
     branch results so far (the last one marked ``stopped="interrupted"``)."""
 
-    noise: tuple[NoiseEstimate, ...]
+    noise: NoisePartial
     branches: tuple[BranchResult, ...]
 
 

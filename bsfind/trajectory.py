@@ -34,7 +34,7 @@ import torch
 from bsfind.budget import Deadline, ProgressFn
 from bsfind.errors import BudgetError, Interrupted, UsageError, UserCodeError
 from bsfind.noise.probe import ProbeOptions
-from bsfind.results import Interval, NoiseEstimate, Trajectory
+from bsfind.results import Interval, NoiseEstimate, NoisePartial, Trajectory
 from bsfind.runner import Runner
 from bsfind.seeds import Seeds
 from bsfind.spec import Spec
@@ -223,7 +223,7 @@ class _Walk:
                                         deadline=self.deadline)
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted while training to step {target}",
-                              partial=tuple(self.estimates) or None) from None
+                              partial=self.partial(tuple(self.estimates))) from None
         except Exception as exc:
             if not (is_oom(exc) and self.estimates and self.spec.probe_mode == "along"):
                 raise
@@ -254,10 +254,8 @@ class _Walk:
                                 deadline, self.spec.probe.curvature, self.progress)
         except Interrupted as exc:
             part = exc.partial
-            raise Interrupted(
-                exc.message, partial=tuple(self.estimates) + (
-                    (part,) if isinstance(part, NoiseEstimate) else ()),
-            ) from None
+            raise Interrupted(exc.message, partial=self.partial(tuple(self.estimates) + (
+                (part,) if isinstance(part, NoiseEstimate) else ()))) from None
         except BudgetError:
             if self.estimates:
                 self.status = "partial"
@@ -295,10 +293,19 @@ class _Walk:
             hint="lower optimizer.lr, or check the loss and the optimizer's settings")
 
     # -- the result ------------------------------------------------------------------
+    def used(self, points: Sequence[NoiseEstimate]) -> NoiseEstimate:
+        """The value the advice uses from ``points``: along training or at checkpoints the
+        median of the last three (:func:`summarize`), pinned the last point."""
+        return (summarize(points) if self.spec.probe_mode != "pinned" and len(points) > 1
+                else points[-1])
+
+    def partial(self, points: tuple[NoiseEstimate, ...]) -> NoisePartial | None:
+        """What an interruption leaves: ``points`` and the value the advice would use."""
+        return NoisePartial(points, self.used(points)) if points else None
+
     def result(self) -> Points:
         mode = self.spec.probe_mode
-        used = (summarize(self.estimates) if mode != "pinned" and len(self.estimates) > 1
-                else self.estimates[-1])
+        used = self.used(self.estimates)
         first, last = self.estimates[0], self.estimates[-1]
         reached = (self.planned is not None and last.examples_seen is not None
                    and last.examples_seen >= self.planned)

@@ -267,3 +267,40 @@ def test_the_summary_of_points_keeps_each_value_inside_its_interval() -> None:
     unknown = [dataclasses.replace(p, grad_norm_sq_ci95=Interval(float("nan"), float("nan")))
                for p in pts]
     assert math.isnan(summarize(unknown).grad_norm_sq_ci95.low)
+
+
+@pytest.mark.parametrize("during", ["training", "measuring"])
+def test_ctrl_c_along_training_reports_the_median_the_advice_would_use(
+        monkeypatch: pytest.MonkeyPatch, during: str) -> None:
+    """Interrupted after four points (while training to the fifth, or while measuring it),
+    the JSON's noise_scale is the median of the last three points, as a finished run's
+    would be, not the last point (a torchrun trial read the cut-short point there)."""
+    from bsfind import trajectory
+    from bsfind.errors import Interrupted
+    from bsfind.runner import LocalRunner
+
+    real_measure, real_train = trajectory.measure_point, LocalRunner.train
+    measured: list[int] = []
+
+    def measure(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        if len(measured) == 4 and during == "measuring":
+            raise Interrupted("interrupted during the noise probe")  # cut, nothing kept
+        est = real_measure(*args, **kwargs)  # type: ignore[arg-type]
+        measured.append(est.step)
+        return est
+
+    def train(self, *args: object, **kwargs: object) -> bool:  # type: ignore[no-untyped-def]
+        if len(measured) == 4 and during == "training":
+            raise KeyboardInterrupt
+        return real_train(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trajectory, "measure_point", measure)
+    monkeypatch.setattr(LocalRunner, "train", train)
+    r = runner.invoke(app, ["noise", GOOD, "--json", "--set", "probe.max_seconds=60"])
+    assert r.exit_code == 130, r.output
+    doc = json.loads(r.stdout)
+    points = doc["noise_scale_by_step"]
+    assert [p["step"] for p in points] == measured == [0, 8, 16, 32]
+    used = doc["noise_scale"]
+    assert used["summary_of"] == [8, 16, 32]
+    assert used["b_simple"] == pytest.approx(statistics.median(p["b_simple"] for p in points[1:]))

@@ -61,7 +61,7 @@ def test_the_partial_output_labels_only_the_cut_probe_interrupted(
     import dataclasses
 
     from bsfind.cli import _partial_noise
-    from bsfind.results import Interval, NoiseEstimate
+    from bsfind.results import Interval, NoiseEstimate, NoisePartial
 
     done = NoiseEstimate(
         b_simple=50.0, ci95=Interval(45.0, 55.0), grad_norm_sq=1.0,
@@ -70,7 +70,40 @@ def test_the_partial_output_labels_only_the_cut_probe_interrupted(
         b_small=1, b_big=64, examples=640, rounds=10, seconds=0.1, stopped="converged",
         step=0, examples_seen=0)
     cut = dataclasses.replace(done, step=8, stopped="interrupted", examples=64)
-    _partial_noise(False)((done, cut))
+    _partial_noise(False)(NoisePartial((done, cut), cut))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("measured at step 0: B_simple 50")
     assert lines[1].startswith("interrupted at step 8: B_simple 50")
+
+
+def test_the_partial_output_gives_the_value_the_advice_would_use(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Along training the advice uses the median of the last three points: an
+    interruption's top-level noise_scale is that median, not the last point (a torchrun
+    trial read the cut-short point's value there)."""
+    import dataclasses
+
+    from bsfind.cli import _partial_noise
+    from bsfind.results import Interval, NoiseEstimate, NoisePartial
+    from bsfind.trajectory import summarize
+
+    def point(step: int, b: float, stopped: str = "converged") -> NoiseEstimate:
+        return NoiseEstimate(
+            b_simple=b, ci95=Interval(0.9 * b, 1.1 * b), grad_norm_sq=1.0,
+            grad_norm_sq_ci95=Interval(0.9, 1.1), trace_sigma=b,
+            trace_sigma_ci95=Interval(0.9 * b, 1.1 * b), method="per-example",
+            method_reason="", b_small=1, b_big=64, examples=640, rounds=10, seconds=0.1,
+            stopped=stopped, step=step, examples_seen=64 * step)
+
+    points = (point(0, 20.0), point(8, 40.0), point(16, 60.0), point(32, 80.0),
+              dataclasses.replace(point(64, 500.0, "interrupted"), examples=64))
+    used = summarize(points)
+    assert used.b_simple == 80.0 and used.summary_of == (16, 32, 64)  # by hand
+    _partial_noise(True)(NoisePartial(points, used))
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["noise_scale"]["b_simple"] == 80.0
+    assert doc["noise_scale"]["summary_of"] == [16, 32, 64]
+    assert [p["step"] for p in doc["noise_scale_by_step"]] == [0, 8, 16, 32, 64]
+    _partial_noise(False)(NoisePartial(points, used))
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == "their median, which the advice would use: B_simple 80 (steps 16, 32, 64)"
