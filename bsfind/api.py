@@ -377,7 +377,8 @@ def verdict(doc: dict[str, Any], tolerance: float, cached: bool = False) -> Chec
         within=within, baseline=b0, recommended=b, ratio=ratio, tolerance=tolerance,
         time_ratio=rec.get("predicted_time_ratio"), cost_ratio=rec.get("predicted_cost_ratio"),
         learning_rate=rec["learning_rate"],
-        lr_label=wording.lr_label(rec["lr_rule"], rec.get("lr_factor")))
+        lr_label=wording.lr_label(rec["lr_rule"], rec.get("lr_factor")),
+        ranks=(doc.get("distributed") or {}).get("world_size", 1))
     doc = {**doc, "check": {"within": within, "ratio": ratio, "tolerance": tolerance,
                             "message": message}}
     return CheckResult(within, ratio, b0, b, tolerance, message, cached, doc)

@@ -530,12 +530,15 @@ def render_candidates(doc: dict[str, Any]) -> Table:
 
 def render_report(doc: dict[str, Any]) -> None:
     """The whole report on stdout: header, noise table, hardware lines, candidates, advice."""
-    dev = doc["device"]
+    dev, dist = doc["device"], doc.get("distributed")
+    batch = doc["baseline"]["batch_size"]
     stdout.print(
-        f"bsfind {doc['version']} · device: {dev['name']} ({dev['type']}) · "
-        f"dataset: {doc['dataset']['size']:,} examples · baseline: batch "
-        f"{doc['baseline']['batch_size']}, lr {doc['baseline']['learning_rate']:g} "
-        f"({doc['baseline']['optimizer']})" + (" · cached result" if doc.get("cached") else ""),
+        f"bsfind {doc['version']} · device: {dev['name']} ({dev['type']})"
+        + (f" · {dist['world_size']} ranks ({dist['backend']})" if dist else "")
+        + f" · dataset: {doc['dataset']['size']:,} examples · baseline: batch {batch}"
+        + (f" over all ranks ({max(1, batch // dist['world_size'])} per rank)" if dist else "")
+        + f", lr {doc['baseline']['learning_rate']:g} ({doc['baseline']['optimizer']})"
+        + (" · cached result" if doc.get("cached") else ""),
         markup=False,
     )
     print_table(render_noise(doc), NOISE_DROP)
@@ -862,8 +865,8 @@ def check(
 def _measurement_only(doc: dict[str, Any], *extra: str) -> dict[str, Any]:
     """The JSON of a command that measures without advising: no hardware, no advice."""
     keys = ("version", "command", "status", "device", "dataset", "baseline", "noise_scale",
-            "noise_scale_by_step", *extra, "trajectory", "warnings", "seconds")
-    return {k: doc[k] for k in keys}
+            "noise_scale_by_step", *extra, "trajectory", "distributed", "warnings", "seconds")
+    return {k: doc[k] for k in keys if k in doc}  # distributed: under torchrun only
 
 
 @app.command()

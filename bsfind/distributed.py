@@ -746,8 +746,11 @@ class TorchrunRunner:
     def finish(self, report: Report) -> Report:
         """Rank 0's report, with the run's notes and the ``distributed`` summary, on every rank."""
         if self.coord.rank == 0:
+            # the spec as run: the advice is for the ranks measured, not hardware.gpus
+            ran = {**report.spec, "hardware": {**(report.spec.get("hardware") or {}),
+                                               "gpus": self.world_size}}
             report = dataclasses.replace(report, warnings=report.warnings + tuple(self.notes),
-                                         distributed=self.summary())
+                                         distributed=self.summary(), spec=ran)
         return self.coord.broadcast_object(report)
 
     def agree(self, go: bool) -> bool:

@@ -500,10 +500,13 @@ def describe_advice(advice: Advice, inputs: AdvisorInputs) -> Advice:
 
 def check_message(*, within: bool, baseline: int, recommended: int, ratio: float,
                   tolerance: float, time_ratio: float | None, cost_ratio: float | None,
-                  learning_rate: float, lr_label: str) -> str:
+                  learning_rate: float, lr_label: str, ranks: int = 1) -> str:
     """``bsfind check``'s one-line verdict, with the learning rate at the recommended batch
-    (a passing check hid a measured rate 4x the rule's from a trial's CI user)."""
+    (a passing check hid a measured rate 4x the rule's from a trial's CI user); under
+    torchrun (``ranks`` > 1) it says the batches are global."""
     lr = f"; learning rate at {recommended}: {learning_rate:.3g} ({lr_label})"
+    if ranks > 1:
+        lr += f"; batches are global, over the {ranks} ranks measured"
     if within:
         return (f"ok: baseline batch {baseline} is within {tolerance:g}x of the recommended "
                 f"{recommended} ({ratio:.2f}x){lr}")

@@ -139,6 +139,7 @@ def test_torchrun_reports_once_and_agrees_with_a_single_process() -> None:
         assert len(r["timing"]["points"]) >= 2
     assert doc["timing"]["source"] == "measured"
     assert doc["recommendation"]["gpus"] == 2
+    assert doc["spec"]["hardware"]["gpus"] == 2  # the spec as run: the ranks measured
     # each rank's memory line holds DDP's gradient buckets: one more copy of the
     # gradients (195 float32 parameters) than the single-process line
     from bsfind.hardware import measure as hw
@@ -222,11 +223,37 @@ def test_combined_curve_takes_the_slowest_rank_at_shared_batch_sizes() -> None:
     assert combine_curves([fast, None]) is None
 
 
+def test_the_text_output_says_the_batches_are_global(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Plain text under torchrun names the ranks and that the batch is global (a torchrun
+    trial could not tell from the text output; pure functions, no processes)."""
+    from bsfind import wording
+    from bsfind.cli import render_report
+
+    line = wording.check_message(within=True, baseline=16, recommended=32, ratio=2.0,
+                                 tolerance=2, time_ratio=None, cost_ratio=None,
+                                 learning_rate=0.1, lr_label="rule: mccandlish", ranks=2)
+    assert line.endswith("; batches are global, over the 2 ranks measured")
+    assert "global" not in wording.check_message(
+        within=True, baseline=16, recommended=32, ratio=2.0, tolerance=2, time_ratio=None,
+        cost_ratio=None, learning_rate=0.1, lr_label="rule: mccandlish")
+    doc = {"version": "x", "device": {"name": "cpu", "type": "cpu"}, "dataset": {"size": 256},
+           "baseline": {"batch_size": 16, "learning_rate": 0.1, "optimizer": "sgd"},
+           "distributed": {"world_size": 2, "backend": "gloo"}, "noise_scale_by_step": [],
+           "noise_scale": None, "command": "noise"}
+    render_report(doc)
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "· 2 ranks (gloo) ·" in header
+    assert "baseline: batch 16 over all ranks (8 per rank), lr 0.1" in header
+
+
 def test_microbatch_form_across_ranks() -> None:
     """probe.method: microbatch: each rank's micro-batches are the small batches."""
     proc, _ = _torchrun("noise", SPEC, "--json", "--set", "probe.method=microbatch")
     assert proc.returncode == 0, proc.stderr
-    noise = _one_document(proc.stdout)["noise_scale"]
+    doc = _one_document(proc.stdout)
+    assert doc["distributed"]["world_size"] == 2  # noise's JSON says how many ranks
+    noise = doc["noise_scale"]
     assert noise["method"] == "distributed+microbatch"
     assert noise["b_simple"] is not None and noise["ci95"][0] <= noise["b_simple"]
     assert noise["b_big"] == noise["b_small"] * (noise["b_big"] // noise["b_small"])
