@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from bsfind import advisor, schedule, trajectory, wording
 from bsfind.budget import Deadline, ProgressFn
-from bsfind.errors import Interrupted
+from bsfind.errors import BudgetError, Interrupted
 from bsfind.hardware.measure import BUSY_SHARE, HardwareOptions, predict_on_gpu, quota_threads
 from bsfind.noise.probe import ProbeOptions
 from bsfind.report import Report
@@ -121,8 +121,15 @@ def run(spec: Spec, runner: Runner, command: str, progress: ProgressFn | None = 
     deadline = runner.deadline(spec.probe.max_seconds)
     start = deadline.end - spec.probe.max_seconds  # the command's start, under the CLI
     job = runner.build(spec)
-    with runner.fit_to_load(job):
-        report = _measure_and_advise(spec, runner, command, job, deadline, progress, max_gpus)
+    setup = time.perf_counter() - start  # Python, torch and the user's factories
+    try:
+        with runner.fit_to_load(job):
+            report = _measure_and_advise(spec, runner, command, job, deadline, progress,
+                                         max_gpus)
+    except BudgetError as exc:  # nothing measured: say where the budget went
+        took = wording.setup_took(setup, spec.probe.max_seconds)
+        raise BudgetError(exc.message, hint=f"{exc.hint}; {took}" if exc.hint else took
+                          ) from exc
     fitted = getattr(runner, "fitted", None)  # recommend says so with its step times
     if command != "recommend" and fitted is not None and fitted.reduced:
         report = dataclasses.replace(report, warnings=report.warnings + (

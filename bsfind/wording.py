@@ -518,6 +518,13 @@ def check_message(*, within: bool, baseline: int, recommended: int, ratio: float
             f"{recommended} (tolerance {tolerance:g}x){what}{lr}")
 
 
+def setup_took(seconds: float, budget: float) -> str:
+    """Where a budget that measured nothing went: the budget counts from the command's
+    start, so starting Python and torch and building the job spend it too."""
+    return (f"starting up (Python, torch, the spec's factories) took {seconds:.1f} s of "
+            f"the {budget:g} s")
+
+
 # --------------------------------------------------------------------------- torchrun
 
 

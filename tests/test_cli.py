@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -167,8 +168,12 @@ def test_the_budget_counts_from_the_command_start(monkeypatch: pytest.MonkeyPatc
     from bsfind import budget, cli
 
     monkeypatch.setattr(cli, "_STARTED", time.perf_counter() - 1000)
-    assert_clean_failure(run("noise", GOOD, "--set", "probe.max_seconds=60"), 5,
-                         "raise probe.max_seconds")
+    r = run("noise", GOOD, "--set", "probe.max_seconds=60")
+    assert_clean_failure(r, 5, "raise probe.max_seconds")
+    # and it says where the budget went (over 1000 s before the probe began)
+    took = re.search(r"starting up \(Python, torch, the spec's factories\) took ([\d.]+) s "
+                     r"of the 60 s", r.output)
+    assert took and float(took.group(1)) >= 1000, r.output
     # the fake-clock arithmetic: counted from the start inside the block, from now outside
     with budget.counted_from(10.0):
         assert budget.run_deadline(5.0, clock=lambda: 12.0).left() == 3.0
