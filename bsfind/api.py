@@ -24,6 +24,7 @@ import torch
 
 from bsfind import launch, pipeline, wording
 from bsfind.budget import Deadline, ProgressFn
+from bsfind.errors import HardwareError
 from bsfind.noise.probe import ProbeOptions
 from bsfind.report import Report
 from bsfind.results import NoiseEstimate
@@ -216,6 +217,7 @@ def validate(spec: Spec) -> Validation:
         BsfindError: what a probe would raise, for the same cause.
     """
     from bsfind import wording
+    from bsfind.hardware.memory import is_oom
     from bsfind.noise.probe import choose_method
     from bsfind.training import check_grad, check_loss, check_reached, grad_sq
     from bsfind.workload import build
@@ -232,6 +234,13 @@ def validate(spec: Spec) -> Validation:
         check_reached(job.trainable(), job.model_name, "in validate's one step")
         g2 = grad_sq(job.trainable())
         check_grad(g2, "in validate's one step")
+    except Exception as exc:  # out of memory is the device's, as in a probe (exit 4)
+        if is_oom(exc):
+            raise HardwareError(
+                f"out of memory in validate's one step of {n} examples on {job.device}",
+                hint="use a device with more memory, a smaller model, or "
+                "hardware.precision: bf16") from exc
+        raise
     finally:
         job.model.zero_grad(set_to_none=True)
     if spec.model.checkpoints:  # each one matches the model (its weights put back after)

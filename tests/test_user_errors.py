@@ -169,8 +169,18 @@ def test_a_key_given_twice_in_the_spec_is_refused(tmp_path: Path) -> None:
 
 def test_an_exception_without_a_message_is_named_alone() -> None:
     """A bare MemoryError read "raised MemoryError in forward: " (a trial)."""
-    r = run("validate", GOOD, "--set", "model.factory=user_code.py:no_memory_model")
-    assert_clean_failure(r, 3, "raised MemoryError in forward\n")
+    r = run("validate", GOOD, "--set", "model.factory=user_code.py:bare_error_model")
+    assert_clean_failure(r, 3, "raised LookupError in forward\n")
+
+
+@pytest.mark.parametrize("command", ["validate", "noise"])
+def test_a_memory_error_is_out_of_memory_everywhere(command: str) -> None:
+    """Python's MemoryError is the device's, exit 4, in validate's step as in a probe
+    (validate said exit 3, "raised MemoryError in forward", a trial)."""
+    r = run(command, GOOD, "--set", "model.factory=user_code.py:no_memory_model")
+    assert_clean_failure(r, 4, "out of memory in " + (
+        "validate's one step of 4 examples on cpu" if command == "validate"
+        else "the noise probe even at batch size 2"))
 
 
 def test_a_text_column_left_in_dict_items_is_warned_about() -> None:

@@ -477,17 +477,22 @@ def multiline_model() -> nn.Module:
     return _Multiline()
 
 
-class _NoMemory(nn.Module):
-    def __init__(self) -> None:
+class _Bare(nn.Module):
+    def __init__(self, error: type[Exception]) -> None:
         super().__init__()
         self.l = nn.Linear(8, 3)
+        self.error = error
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise MemoryError  # no message, as Python's own
+        raise self.error  # no message, as Python's own MemoryError
 
 
 def no_memory_model() -> nn.Module:
-    return _NoMemory()
+    return _Bare(MemoryError)
+
+
+def bare_error_model() -> nn.Module:
+    return _Bare(LookupError)
 
 
 class _TextRows(_Rows):
