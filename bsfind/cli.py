@@ -102,20 +102,26 @@ def _one_line(text: str) -> str:
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
+def _print_error(text: str, hint: str | None = None, label: str = "error") -> None:
+    """``label: text`` on stderr, the label in red; the text (the user's words, which may
+    look like markup) and the hint printed as they are."""
+    stderr.print(f"[red]{label}:[/] ", end="", markup=True)
+    stderr.print(text, markup=False)
+    if hint:
+        stderr.print(f"  hint: {hint}", markup=False)
+
+
 def _fail(exc: BsfindError, debug: bool) -> None:
     if debug:
         stderr.print_exception()
     if isinstance(exc, SpecError) and len(exc.problems) > 1:
-        stderr.print("[red]error:[/] ", end="", markup=True)
-        stderr.print(f"{exc.source} is not well-formed, found {len(exc.problems)} problems:",
-                     markup=False)
+        _print_error(f"{exc.source} is not well-formed, found {len(exc.problems)} problems:")
         for p in exc.problems:
             stderr.print(f"  {p}", markup=False)
+        if exc.hint:
+            stderr.print(f"  hint: {exc.hint}", markup=False)
     else:
-        stderr.print("[red]error:[/] ", end="", markup=True)
-        stderr.print(_one_line(exc.message), markup=False)
-    if exc.hint:
-        stderr.print(f"  hint: {exc.hint}", markup=False)
+        _print_error(_one_line(exc.message), exc.hint)
 
 
 def _guard(
@@ -171,9 +177,7 @@ def _guard(
         message = f"internal error: {type(exc).__name__}: {exc}"
         hint = "rerun with --debug and report the traceback"
         failed("error", message, hint, EXIT_INTERNAL)
-        stderr.print("[red]internal error:[/] ", end="", markup=True)
-        stderr.print(_one_line(f"{type(exc).__name__}: {exc}"), markup=False)
-        stderr.print(f"  hint: {hint}", markup=False)
+        _print_error(_one_line(f"{type(exc).__name__}: {exc}"), hint, "internal error")
         raise typer.Exit(EXIT_INTERNAL) from None
 
 
