@@ -184,7 +184,11 @@ def _finite_or_none(x: float | None) -> float | None:
 
 
 def _number(obj: dict[str, Any], key: str, kind: type, nullable: bool = False) -> Any:
-    value = obj.get(key)
+    return _value(obj.get(key), key, kind, nullable)
+
+
+def _value(value: Any, key: str, kind: type, nullable: bool = False) -> Any:
+    """``value`` (read from ``key``) as ``kind``; ValueError naming ``key`` otherwise."""
     if value is None and nullable:
         return None
     if kind is int and isinstance(value, int) and not isinstance(value, bool):
@@ -209,8 +213,8 @@ def record_from_json(obj: dict[str, Any]) -> TrackRecord:
     ci = obj["b_simple_ci95"]
     if not (isinstance(ci, list) and len(ci) == 2):
         raise ValueError(f"b_simple_ci95: expected [low, high|null], got {ci!r}")
-    low = _number({"b_simple_ci95[0]": ci[0]}, "b_simple_ci95[0]", float, nullable=True)
-    high = _number({"b_simple_ci95[1]": ci[1]}, "b_simple_ci95[1]", float, nullable=True)
+    low = _value(ci[0], "b_simple_ci95[0]", float, nullable=True)
+    high = _value(ci[1], "b_simple_ci95[1]", float, nullable=True)
     if obj["method"] not in METHODS:
         raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {obj['method']!r}")
     # (logs before the interval's high end was held at 0 may hold [0, negative])
