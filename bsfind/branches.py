@@ -64,7 +64,6 @@ import copy
 import itertools
 import math
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -73,7 +72,7 @@ import torch
 
 from bsfind import wording
 from bsfind.advisor import Family, measured_lr, scaled_lr
-from bsfind.budget import Deadline, ProgressFn
+from bsfind.budget import Deadline, ProgressFn, now
 from bsfind.errors import Interrupted
 from bsfind.results import (
     BranchResult,
@@ -327,7 +326,7 @@ def measure(job: Workload, options: BranchOptions, deadline: Deadline, *,
     Raises:
         Interrupted: Ctrl-C, carrying the result so far (``stopped="interrupted"``).
     """
-    start = time.perf_counter()
+    start = now()
     opt = optimizer if optimizer is not None else job.make_optimizer(options.lr)
     saved_model, saved_opt = saved_state(job.model, opt)
     eval_idx = evaluation_subset(len(job), Seeds(options.seed).evaluation_subset)
@@ -352,11 +351,11 @@ def measure(job: Workload, options: BranchOptions, deadline: Deadline, *,
             stopped = cut or ("failed" if failed else stopped)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted during the branches at batch {run.current}",
-                          partial=run.result("interrupted", time.perf_counter() - start)
+                          partial=run.result("interrupted", now() - start)
                           ) from None
     finally:
         restore(job.model, opt, saved_model, saved_opt)
-    return run.result(stopped, time.perf_counter() - start)
+    return run.result(stopped, now() - start)
 
 
 def saved_state(model: torch.nn.Module, opt: torch.optim.Optimizer
@@ -515,14 +514,14 @@ class _Ladder:
             lr = measured_lr(batch, lr, o.lr, o.baseline_batch, at, rule_there, factor)
             self.rule = f"{self.rule}, corrected by the rate measured at {o.lr_measured[0]}"
         micro = self.micro if self.micro is not None and self.micro < batch else None
-        began = time.perf_counter()
+        began = now()
         curves = [self._branch(batch, lr, r, micro) for r in range(o.repeats)]
         i = bisect.bisect(self.batches, batch)
         self.batches.insert(i, batch)
         self.curves.insert(i, curves)
         self.lrs.insert(i, lr)
         self.micros.insert(i, micro)
-        self.seconds.insert(i, time.perf_counter() - began)
+        self.seconds.insert(i, now() - began)
 
     def _branch(self, batch: int, lr: float, repeat: int, micro: int | None
                 ) -> list[tuple[int, float]]:
@@ -852,7 +851,7 @@ class _LrWalk:
                  on_branch_start: Callable[[BranchStart], None] | None) -> None:
         self.job, self.options, self.opt = job, options, opt
         self.deadline, self.progress, self.on_branch_start = deadline, progress, on_branch_start
-        self.start = time.perf_counter()
+        self.start = now()
         self.saved_model, self.saved_opt = saved_state(job.model, opt)
         self.base_lrs = [g["lr"] for g in opt.param_groups]
         self.eval_idx = evaluation_subset(len(job), Seeds(options.seed).evaluation_subset)
@@ -868,7 +867,7 @@ class _LrWalk:
         """R short runs at ``factor`` × the rule's learning rate (kept only when every one
         finished); raises what cut one short."""
         o = self.options
-        began = time.perf_counter()
+        began = now()
         losses: list[float] = []
         for r in range(o.repeats):
             curve = run_branch(
@@ -886,7 +885,7 @@ class _LrWalk:
         loss = statistics.fmean(losses)
         self.tried[factor] = loss
         self.trials.append(LrTrial(factor=factor, learning_rate=factor * o.rule_lr, loss=loss,
-                                   losses=tuple(losses), seconds=time.perf_counter() - began))
+                                   losses=tuple(losses), seconds=now() - began))
 
     def chosen(self) -> float:
         return consistent_factor({t.factor: t.losses for t in self.trials})
@@ -898,5 +897,5 @@ class _LrWalk:
             batch_size=o.batch_size, step=o.step, rule_learning_rate=o.rule_lr,
             lr_rule=o.lr_rule, factor=f, learning_rate=o.rule_lr * f, steps=o.steps,
             cooldown=o.cooldown, repeats=o.repeats, trials=tuple(self.trials),
-            examples=self.examples, seconds=time.perf_counter() - self.start,
+            examples=self.examples, seconds=now() - self.start,
             stopped=stopped, micro_batch=o.micro_batch), lowest_mean=best_factor(self.tried))

@@ -22,7 +22,6 @@ import os
 import platform
 import signal
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
@@ -35,6 +34,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from bsfind import __version__, launch
+from bsfind.budget import now
 from bsfind.errors import (
     EXIT_INTERRUPTED,
     EXIT_USER_CODE,
@@ -1055,7 +1055,7 @@ def _app() -> None:
 def main() -> None:
     """Console entry point."""
     global _STARTED
-    _STARTED = time.perf_counter()
+    _STARTED = now()
     _silence_secondary_rank()
     if not launch.requested():
         _app()

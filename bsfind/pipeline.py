@@ -11,12 +11,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from bsfind import advisor, schedule, trajectory, wording
-from bsfind.budget import Deadline, ProgressFn
+from bsfind.budget import Deadline, ProgressFn, now
 from bsfind.errors import BudgetError, Interrupted
 from bsfind.hardware.measure import BUSY_SHARE, HardwareOptions, predict_on_gpu, quota_threads
 from bsfind.noise.probe import ProbeOptions
@@ -121,7 +120,7 @@ def run(spec: Spec, runner: Runner, command: str, progress: ProgressFn | None = 
     deadline = runner.deadline(spec.probe.max_seconds)
     start = deadline.end - spec.probe.max_seconds  # the command's start, under the CLI
     job = runner.build(spec)
-    setup = time.perf_counter() - start  # Python, torch and the user's factories
+    setup = now() - start  # Python, torch and the user's factories
     try:
         with runner.fit_to_load(job):
             report = _measure_and_advise(spec, runner, command, job, deadline, progress,
@@ -138,7 +137,7 @@ def run(spec: Spec, runner: Runner, command: str, progress: ProgressFn | None = 
         report = dataclasses.replace(report, warnings=report.warnings + (
             wording.capped_by_quota(fitted.quota, fitted.run_threads,
                                     quota_threads(fitted.quota)),))
-    return runner.finish(dataclasses.replace(report, seconds=time.perf_counter() - start))
+    return runner.finish(dataclasses.replace(report, seconds=now() - start))
 
 
 def _measure_and_advise(spec: Spec, runner: Runner, command: str, job: Workload,
@@ -252,7 +251,7 @@ def plan_from_log(spec: Spec, runner: Runner, records: Sequence[TrackRecord], so
         resolved = sum(p.b_simple is not None for p in points.estimates)
         report = dataclasses.replace(report, warnings=report.warnings + (
             wording.no_schedule(resolved, timed),))
-    return runner.finish(dataclasses.replace(report, seconds=time.perf_counter() - start))
+    return runner.finish(dataclasses.replace(report, seconds=now() - start))
 
 
 def advise(report: Report, spec: Spec, job: Workload, runner: Runner, hw: HardwareMeasurement,

@@ -25,13 +25,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bsfind.budget import Deadline, ProgressFn
+from bsfind.budget import Deadline, ProgressFn, now
 from bsfind.errors import BudgetError, Interrupted, UsageError, UserCodeError
 from bsfind.noise.probe import ProbeOptions
 from bsfind.results import Interval, NoiseEstimate, NoisePartial, Trajectory
@@ -118,7 +117,7 @@ class _Walk:
         self.deadline, self.progress, self.options = deadline, progress, options
         self.seeds = Seeds(spec.probe.seed)
         self.b0 = spec.optimizer.batch_size
-        self.start = time.perf_counter()
+        self.start = now()
         self.noise_seconds = max(0.0, deadline.left()) * noise_share
         self.eval_idx = evaluation_subset(len(job), self.seeds.evaluation_subset)
         self.estimates: list[NoiseEstimate] = []
@@ -140,7 +139,7 @@ class _Walk:
                 assert trainer is not None
                 if not self._train_to(trainer, target):
                     return
-            used = time.perf_counter() - self.start
+            used = now() - self.start
             share = max(0.0, self.noise_seconds - used) / (len(steps) - i)
             if not self._measure(self.deadline.within(share), self.step * self.b0):
                 return
@@ -152,7 +151,7 @@ class _Walk:
                             key=f"model.checkpoints[{i}].path")
             examples = c.examples if c.examples is not None else (c.step or 0) * self.b0
             self.step = c.step if c.step is not None else round(examples / self.b0)
-            used = time.perf_counter() - self.start
+            used = now() - self.start
             share = max(0.0, self.noise_seconds - used) / (len(entries) - i)
             if not self._measure(self.deadline.within(share), examples):
                 return
@@ -173,7 +172,7 @@ class _Walk:
                 return
             per_step = self.train_seconds / self.step if self.step else 0.0
             need = (target - self.step) * per_step
-            left = self.noise_seconds - (time.perf_counter() - self.start)
+            left = self.noise_seconds - (now() - self.start)
             cap = self._paced_cap(probe_cap, target, per_step, left)
             go = (self.train_seconds + need <= TRAIN_SHARE * self.noise_seconds
                   and need + min(last_probe, cap) <= left)
@@ -215,7 +214,7 @@ class _Walk:
         from bsfind.hardware.memory import clear_cache, is_oom
 
         optimizer, sampler = trainer
-        begin = time.perf_counter()
+        begin = now()
         oom = False
         try:
             reached = self.runner.train(self.job, optimizer, target - self.step, sampler,
@@ -234,7 +233,7 @@ class _Walk:
             self.notes.append(wording.training_out_of_memory(self.b0, self.step))
             self.status = "partial"
             return False
-        self.train_seconds += time.perf_counter() - begin
+        self.train_seconds += now() - begin
         self.step = reached
         if reached < target:
             if not self.estimates:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -116,6 +117,7 @@ def test_a_hung_process_group_is_killed_at_its_box(tmp_path: Path) -> None:
 def test_later_substeps_keep_their_reserve(tmp_path: Path) -> None:
     c = gpu_check.Check(tmp_path, gpu_check.GPU, dry_run=False, budget=gpu_check.BUDGET_S,
                         steps=["recommend", "nccl"], synthetic_digits=False)
+    shutil.rmtree(c.scratch)  # its scratch folder, unused here (each run left one in /tmp)
     assert c.box("recommend.digits-mlp") == gpu_check.BOXES["recommend.digits-mlp"][0]
     c.budget = gpu_check.SUMMARY_S + 7 * gpu_check.RESERVE_S + 20  # 20 s for the first
     assert c.box("recommend.digits-mlp") == pytest.approx(20, abs=1)

@@ -7,6 +7,7 @@ import signal
 import time
 
 import pytest
+import torch
 
 from tests.conftest import CONFIGS
 from tests.subprocesses import start_bsfind, wait_for_stderr
@@ -39,19 +40,50 @@ def test_sigterm_is_treated_like_ctrl_c() -> None:
     assert "interrupted at step 0: B_simple" in out
 
 
+class WorkClock:
+    """A fake clock that runs on work, not on the machine: every forward of a linear
+    layer costs ``per_call`` + ``per_example`` × its batch in virtual seconds, and every
+    reading of the clock ``per_read`` (so that a loop which only waits on it still ends).
+    A run then spends its budget the same way on a loaded machine as on an idle one,
+    and a phase that keeps working past its deadline overruns on this clock too."""
+
+    def __init__(self, per_call: float, per_example: float, per_read: float) -> None:
+        self.t = 0.0
+        self.per_call, self.per_example, self.per_read = per_call, per_example, per_read
+
+    def __call__(self) -> float:
+        self.t += self.per_read
+        return self.t
+
+    def forward(self, module: torch.nn.Module, args: tuple[object, ...]) -> None:
+        if isinstance(module, torch.nn.Linear):
+            x = args[0] if args else None
+            rows = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() > 1 else 1
+            self.t += self.per_call + self.per_example * rows
+
+
 @pytest.mark.parametrize("budget", [5.0, 10.0])
 def test_time_budget_is_honoured_within_10_percent(budget: float) -> None:
-    """probe.max_seconds bounds the whole run (build, noise, memory, timing, advice)."""
+    """probe.max_seconds bounds the whole run (build, noise, memory, timing, advice),
+    counted on a clock that runs on the work done (deterministic, whatever the load)."""
     from bsfind.api import recommend
+    from bsfind.budget import clocked
     from bsfind.spec import load_spec
 
     spec = load_spec(CONFIGS / "digits-cnn.yaml", [f"probe.max_seconds={budget}",
                                                    "probe.target_rel_error=0.0001"])
-    report = recommend(spec)
+    clock = WorkClock(per_call=8e-3, per_example=8e-5, per_read=1e-5)
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(clock.forward)
+    try:
+        with clocked(clock):
+            report = recommend(spec)
+    finally:
+        hook.remove()
     assert report.status == "partial"
     assert report.seconds <= 1.10 * budget, report.seconds
     assert report.seconds >= 0.5 * budget  # it used the budget rather than quitting early
     assert report.recommendation is not None
+    assert clock.t >= report.seconds  # the report's seconds are the fake clock's
 
 
 def test_the_partial_output_labels_only_the_cut_probe_interrupted(

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from bsfind import torch_compat
-from bsfind.budget import Deadline
+from bsfind.budget import Deadline, now
 from bsfind.errors import BudgetError, UsageError
 from bsfind.hardware import memory as mem
 from bsfind.hardware import nvml, timing
@@ -166,7 +166,7 @@ def time_steps(job: Workload, step: Callable[[int], None], sizes: list[int],
                                   max_batch=memory.max_batch_size, sample_util=util,
                                   min_top=floor, seed=opts.seed,
                                   clock=time.thread_time if cpu_clock else time.perf_counter,
-                                  budget_clock=time.perf_counter)
+                                  budget_clock=now)
     except BudgetError:
         return None
 

@@ -20,12 +20,11 @@ then reported unresolved rather than as a meaningless negative number.
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bsfind.budget import Deadline, ProgressFn
+from bsfind.budget import Deadline, ProgressFn, now
 from bsfind.noise.estimators import RatioAccumulator, two_batch
 from bsfind.results import CurvatureResult, Interval
 from bsfind.workload import Workload
@@ -98,7 +97,7 @@ class CurvatureProbe:
 
     def run(self, deadline: Deadline) -> CurvatureResult:
         """Rounds until the interval is within the target or the deadline passes."""
-        start = time.perf_counter()
+        start = now()
         while not deadline.passed():
             tr_hs, gthg = self.one_round()
             if not (math.isfinite(tr_hs) and math.isfinite(gthg)):
@@ -113,7 +112,7 @@ class CurvatureProbe:
             if len(self.acc) >= MIN_CURVATURE_ROUNDS and rel <= self.target:
                 break
         self.job.model.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - start
+        seconds = now() - start
         if not len(self.acc):
             return CurvatureResult(None, Interval(0.0, math.inf), 0, seconds)
         value, ci, _, _ = self.acc.ratio()

@@ -27,14 +27,13 @@ themselves are written once, for any number of ranks.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from bsfind import wording
-from bsfind.budget import Deadline, ProgressFn
+from bsfind.budget import Deadline, ProgressFn, now
 from bsfind.errors import BudgetError, HardwareError, Interrupted, UserCodeError
 from bsfind.hardware.memory import clear_cache, is_oom
 from bsfind.noise.estimators import Round, Summary, summarize
@@ -331,11 +330,11 @@ class NoiseProbe:
 
     def run(self, deadline: Deadline) -> NoiseEstimate:
         """Rounds until converged or the deadline; raise BudgetError if no round fit."""
-        start = time.perf_counter()
+        start = now()
         try:
             stopped, all_zero = self._run_rounds(deadline)
         except KeyboardInterrupt:
-            est = self.estimate(time.perf_counter() - start, "interrupted") if self.rounds else None
+            est = self.estimate(now() - start, "interrupted") if self.rounds else None
             raise Interrupted("interrupted during the noise probe", partial=est) from None
         finally:
             self.job.model.zero_grad(set_to_none=True)
@@ -350,7 +349,7 @@ class NoiseProbe:
                 f"gradients of {self.job.model_name!r} are all zero at training step {self.step}",
                 hint="check that the loss depends on the model's trainable parameters",
             )
-        return self.estimate(time.perf_counter() - start, stopped)
+        return self.estimate(now() - start, stopped)
 
     def _run_rounds(self, deadline: Deadline) -> tuple[str, bool]:
         if self.method != "per-example":
