@@ -122,18 +122,22 @@ def noise_scale_at(
 ) -> NoiseEstimate:
     """B_simple (and, with ``curvature``, B_noise) of a built workload at its current weights.
 
-    The weights are not changed. ``step`` labels the result (the training step
-    the weights come from) and, with ``seed``, picks the sampling streams
-    exactly as ``bsfind noise`` would at that step, so the evidence scripts
+    The weights, buffers and gradients are left as they were. ``step`` labels the
+    result (the training step the weights come from) and, with ``seed``, picks the
+    sampling streams exactly as ``bsfind noise`` would at that step, so the evidence scripts
     measure what the CLI measures. On a busy CPU it runs on the cores other processes
     leave free, as the CLI does (the value is the same; it sees more examples).
     """
+    from bsfind.training import kept_buffers_and_grads
     from bsfind.trajectory import measure_point
 
     runner = LocalRunner()
     # on a CPU other processes share, on the cores they leave free, as the CLI runs; the
-    # budget starts after the load is sampled
-    with runner.fit_to_load(job):
+    # budget starts after the load is sampled. The model is left as it was found: its
+    # buffers (BatchNorm's running statistics), its .grad, and gradients on under a
+    # caller's no_grad or inference_mode.
+    with (runner.fit_to_load(job), kept_buffers_and_grads(job.model),
+          torch.inference_mode(False), torch.enable_grad()):
         return measure_point(job, runner, options or ProbeOptions(), Seeds(seed), step,
                              Deadline.after(max_seconds), curvature, progress)
 
@@ -154,7 +158,7 @@ def measure_noise_scale(
     """Measure B_simple of ``model`` on ``dataset`` at its current weights.
 
     Args:
-        model: any nn.Module (its weights are not changed).
+        model: any nn.Module (its weights, buffers and .grad are left as they were).
         dataset: a map-style dataset of (input, target) pairs, or of dicts with the
             target under "labels" or "label" (the rest: the model's keyword arguments).
         loss_fn: fn(outputs, targets) -> mean loss, or a spec's name for one:
@@ -164,20 +168,49 @@ def measure_noise_scale(
         seed: seeds the sampling (the stream ``bsfind noise`` uses at step 0).
         collate_fn: makes a batch of a list of items (the spec's ``data.collate``).
     """
+    import warnings
+
     from bsfind.tracker import paused_on
-    from bsfind.workload import LOSSES, near_name
+    from bsfind.workload import LOSSES, near_name, text_inputs, uneven_token_weights
 
     if isinstance(loss_fn, str):
         if loss_fn not in LOSSES:
             raise ValueError(f"loss_fn {loss_fn!r}: {near_name(loss_fn, LOSSES)}expected a "
                              f"function or one of {', '.join(LOSSES)}")
         loss_fn = LOSSES[loss_fn]
+    _check_probe_arguments(method, batch_size, target_rel_error, max_seconds)
     job = Workload.from_objects(model, dataset, loss_fn, collate=collate_fn)
     opts = ProbeOptions(method=method, batch_size=batch_size,
                         target_rel_error=target_rel_error)
     with paused_on(model):  # a tracker of the same model neither counts nor meets it
-        return noise_scale_at(job, opts, seed=seed, max_seconds=max_seconds,
-                              progress=progress)
+        est = noise_scale_at(job, opts, seed=seed, max_seconds=max_seconds,
+                             progress=progress)
+    # what the CLI says on stderr about the same measurement, as Python warnings
+    for text in (wording.noise_warnings(est, None, dataset_size=len(job),
+                                        baseline_batch=batch_size, from_checkpoint=True,
+                                        advice=False)
+                 + ([wording.TOKEN_MEAN] if uneven_token_weights(job) else [])
+                 + ([wording.text_inputs(keys)] if (keys := text_inputs(job)) else [])):
+        warnings.warn(f"bsfind: {text}", UserWarning, stacklevel=2)
+    return est
+
+
+def _check_probe_arguments(method: str, batch_size: int, target_rel_error: float,
+                           max_seconds: float) -> None:
+    """measure_noise_scale's own arguments, as the spec checks its probe section."""
+    from bsfind.workload import near_name
+
+    methods = ("auto", "per-example", "microbatch")
+    if method not in methods:
+        raise ValueError(f"method {method!r}: {near_name(method, methods)}expected one of "
+                         f"{', '.join(methods)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+    if not 0 < target_rel_error < 1:
+        raise ValueError(f"target_rel_error: expected a number in (0, 1), got "
+                         f"{target_rel_error!r}")
+    if not (isinstance(max_seconds, (int, float)) and 0 < max_seconds < float("inf")):
+        raise ValueError(f"max_seconds: expected a finite number > 0, got {max_seconds!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -278,6 +278,26 @@ def offloaded(optimizer: torch.optim.Optimizer | None, *,
 
 
 @contextlib.contextmanager
+def kept_buffers_and_grads(model: nn.Module) -> Iterator[None]:
+    """A measurement at fixed weights leaves the caller's model as it found it: its buffers
+    (BatchNorm's running statistics, which a forward in training mode updates) and its
+    parameters' ``.grad`` (a call between ``backward()`` and ``step()``) are put back
+    after the block. Host copies, so that the measurement has the device's memory."""
+    buffers = {k: b.detach().to("cpu", copy=True) for k, b in model.named_buffers()}
+    grads = {p: None if p.grad is None else p.grad.detach().to("cpu", copy=True)
+             for p in model.parameters()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for k, b in model.named_buffers():
+                if k in buffers:
+                    b.copy_(buffers[k])
+        for p, g in grads.items():
+            p.grad = None if g is None else g.to(p.device)
+
+
+@contextlib.contextmanager
 def restored_weights(model: nn.Module) -> Iterator[None]:
     """Let a measurement train freely, then restore weights and buffers (and clear grads).
     The saved copy is in host memory (:func:`host_copy`)."""

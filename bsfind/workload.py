@@ -385,7 +385,7 @@ class Workload:
             opt_cls, opt_name = OPTIMIZERS.get(optimizer.lower(), torch.optim.Adam), optimizer
         else:
             opt_cls, opt_name = optimizer, optimizer.__name__
-        tensors, target_key = _check_dataset(dataset, "dataset", collate, "collate")
+        tensors, target_key = _check_dataset(dataset, "the dataset", collate, "collate")
         return cls(
             model=model.to(dev), dataset=dataset, loss_fn=loss_fn,
             optimizer_cls=opt_cls, optimizer_kwargs=dict(optimizer_kwargs or {}), device=dev,
@@ -395,7 +395,7 @@ class Workload:
 
     def with_dataset(self, dataset: Any) -> Workload:
         """The same model, loss and optimizer over another dataset (a split of this one)."""
-        tensors, target_key = _check_dataset(dataset, "dataset", self.collate)
+        tensors, target_key = _check_dataset(dataset, "the dataset", self.collate)
         return dataclasses.replace(self, dataset=dataset, tensors=tensors,
                                    target_key=target_key)
 
@@ -655,38 +655,39 @@ def resolve_device(name: str) -> torch.device:
 TARGET_KEYS = ("labels", "label")
 
 
-def _check_dataset(ds: Any, ref: str, collate: Collate | None = None,
+def _check_dataset(ds: Any, name: str, collate: Collate | None = None,
                    collate_ref: str = "data.collate"
                    ) -> tuple[tuple[torch.Tensor, ...] | None, str | None]:
     """Check ``ds`` is a non-empty map-style dataset of (input, target) pairs or of dicts
     with a TARGET_KEYS entry (with ``collate``: that its batch of the first two items is
-    one of those); returns (its tensors when a TensorDataset, the target's key when dicts)."""
+    one of those); returns (its tensors when a TensorDataset, the target's key when dicts).
+    ``name`` names it in errors: "the dataset of data.factory 'x.py:f'", or "the
+    dataset" for one passed in (the Python API)."""
     if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
+        loader = isinstance(ds, torch.utils.data.DataLoader)
         raise UserCodeError(
-            f"data.factory {ref!r} returned {type(ds).__name__}, not a map-style Dataset "
-            "(it needs __len__ and __getitem__)"
-        )
+            f"{name} is a {type(ds).__name__}, not a map-style Dataset (it needs __len__ "
+            "and __getitem__)",
+            hint=("pass the DataLoader's .dataset (bsfind draws its own batches), and its "
+                  "collate_fn as the collate" if loader else None))
     try:
         n = len(ds)
     except Exception as exc:
-        raise UserCodeError(f"data.factory {ref!r}: len(dataset) raised {exc}") from exc
+        raise UserCodeError(f"len() of {name} raised {_raised(exc)}") from exc
     if n == 0:
-        raise UserCodeError(f"data.factory {ref!r} returned an empty dataset")
+        raise UserCodeError(f"{name} is empty")
     if n == 1:
-        raise UserCodeError(f"data.factory {ref!r} returned a dataset of one example: the "
-                            "noise scale is the spread of examples' gradients, so it needs "
-                            "two at least")
+        raise UserCodeError(f"{name} has one example: the noise scale is the spread of "
+                            "examples' gradients, so it needs two at least")
     try:
         # three for a collate: an identity collate's list of two reads as a pair
         items = [ds[i] for i in range(min(n, 3 if collate is not None else 1))]
     except Exception as exc:
-        raise UserCodeError(
-            f"data.factory {ref!r}: dataset[0] raised {_raised(exc)}"
-        ) from exc
+        raise UserCodeError(f"item 0 of {name} raised {_raised(exc)}") from exc
     if collate is not None:
         batch = _collated(collate, items, collate_ref)
         return None, _target_key(batch, f"{collate_ref}: its batch of {len(items)} items")
-    key = _target_key(items[0], f"data.factory {ref!r}: dataset[0]")
+    key = _target_key(items[0], f"item 0 of {name}")
     if key is None and isinstance(ds, torch.utils.data.TensorDataset) and len(ds.tensors) == 2:
         return tuple(ds.tensors), None
     return None, key
@@ -854,7 +855,8 @@ def _build(spec: Spec, device: torch.device) -> Workload:
         collate = c.obj
         if c.source_file:
             sources.append(c.source_file)
-    tensors, target_key = _check_dataset(d.obj, spec.data.factory, collate,
+    tensors, target_key = _check_dataset(d.obj, f"the dataset of data.factory "
+                                                f"{spec.data.factory!r}", collate,
                                          f"data.collate {spec.data.collate!r}")
     loss_fn = _resolve_loss(spec, sources)
     opt_cls = _resolve_optimizer(spec, sources)

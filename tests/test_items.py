@@ -7,6 +7,8 @@ runs it; and ``data.collate``, a user's function making the batch (padding).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -46,8 +48,8 @@ def test_the_loss_calls_the_model_with_keywords(key: str) -> None:
 
 
 def test_dict_items_without_a_target_are_a_clear_error() -> None:
-    with pytest.raises(UserCodeError, match="dataset\\[0\\]: a dict needs the target under "
-                                            "'labels' or 'label'; it has 'features', 'extra'"):
+    with pytest.raises(UserCodeError, match="item 0 of the dataset of data.factory .*: a dict "
+                       "needs the target under 'labels' or 'label'; it has 'features', 'extra'"):
         job_of("data.kwargs={target: false}")
 
 
@@ -303,3 +305,78 @@ def test_one_key_named_like_the_forwards_parameter_still_goes_whole() -> None:
     idx = torch.arange(6)
     x, y = job.batch(idx)
     torch.testing.assert_close(job.loss(idx), F.cross_entropy(job.model(x), y))
+
+
+def test_the_python_api_leaves_the_model_as_it_found_it() -> None:
+    """measure_noise_scale on a caller's model: BatchNorm's running statistics and the
+    parameters' .grad are put back (a trial's call moved num_batches_tracked 0 -> 432 and
+    wiped .grad), gradients are on under the caller's no_grad, and the CLI's warnings come
+    as Python warnings."""
+    import warnings
+
+    from torch import nn
+
+    from bsfind import measure_noise_scale
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    data = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randint(0, 3, (64,)))
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        est = measure_noise_scale(model, data, F.cross_entropy, batch_size=128, max_seconds=10)
+    assert est.b_simple is not None and est.method == "microbatch"  # BatchNorm mixes examples
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert after["1.num_batches_tracked"] == 0
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in model.parameters())
+    assert [str(w.message) for w in caught if "bsfind:" in str(w.message)] == [
+        "bsfind: the dataset has only 64 examples, fewer than the baseline batch 128: the "
+        "probe samples with replacement, so the estimate is still sound"]
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    ({"method": "micro-batch"}, "method 'micro-batch': did you mean 'microbatch'?"),
+    ({"batch_size": 0}, "batch_size: expected an integer >= 1, got 0"),
+    ({"max_seconds": -1}, "max_seconds: expected a finite number > 0, got -1"),
+    ({"target_rel_error": 2}, "target_rel_error: expected a number in (0, 1), got 2"),
+])
+def test_the_python_api_checks_its_arguments(arguments: dict, message: str) -> None:
+    """The spec's checks of the probe section, for measure_noise_scale's own arguments
+    (a trial's method="micro-batch" ran per-example silently)."""
+    from bsfind import measure_noise_scale
+    from tests.assets import user_code
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        measure_noise_scale(user_code.keyword_model(), user_code.dict_rows(), "model",
+                            **arguments)
+
+
+def test_a_dataloader_passed_as_the_dataset_gets_the_hint() -> None:
+    from bsfind import measure_noise_scale
+
+    data = torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    with pytest.raises(UserCodeError, match="the dataset is a DataLoader") as info:
+        measure_noise_scale(torch.nn.Linear(4, 2), torch.utils.data.DataLoader(data),
+                            F.cross_entropy)
+    assert "pass the DataLoader's .dataset" in (info.value.hint or "")
+
+
+def test_the_python_api_warns_of_a_token_mean_over_padded_examples() -> None:
+    """The CLI's padding warning, from measure_noise_scale too (a trial's padded GPT-2
+    through the README's own API call got none)."""
+    import warnings
+
+    from bsfind import measure_noise_scale
+    from tests.assets import user_code
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        measure_noise_scale(user_code.tiny_lm(), user_code.sentences(), "model",
+                            batch_size=16, max_seconds=10, collate_fn=user_code.pad_lm)
+    from bsfind import wording
+
+    assert f"bsfind: {wording.TOKEN_MEAN}" in [str(w.message) for w in caught]

@@ -42,7 +42,7 @@ def test_an_optimizer_that_needs_a_closure_is_refused_at_build() -> None:
 
 def test_a_dataset_of_one_example_is_refused() -> None:
     r = run("validate", GOOD, "--set", "data.factory=user_code.py:one_item_data")
-    assert_clean_failure(r, 3, "a dataset of one example", "two at least")
+    assert_clean_failure(r, 3, "has one example", "two at least")
 
 
 def test_an_integer_too_large_for_torch_is_a_spec_error() -> None:
