@@ -600,6 +600,8 @@ class AdvisorInputs:
         b_n_ci: its 95% interval (``high`` may be inf).
         basis: which noise scale ``b_n`` is.
         noise_step: training step of the probe point that gave ``b_n``.
+        noise_checkpoint: ``model.checkpoint`` when the weights started from it (whose
+            own step is not known: ``noise_step`` then counts from it).
         noise_summary_of: when ``b_n`` is a median over several points, their steps.
         noise_from_log: ``b_n`` was read from a tracker's log (``bsfind schedule``).
         b_n_lower_bound: the noise scale was not resolved; ``b_n`` is its lower bound
@@ -631,6 +633,7 @@ class AdvisorInputs:
     dataset_size: int
     basis: Basis = "b_simple"
     noise_step: int = 0
+    noise_checkpoint: str | None = None  # model.checkpoint: steps count from it
     noise_summary_of: tuple[int, ...] = ()
     # b_n was read from a tracker's log (bsfind schedule), not measured by a probe now.
     noise_from_log: bool = False

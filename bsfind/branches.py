@@ -129,6 +129,8 @@ class BranchOptions:
             (``advisor.scaled_lr``): the optimizer family, the spec's
             ``optimizer.lr_rule`` and the noise scale B_n it reads (inf: none).
         seed / step / examples_seen: ``probe.seed`` and the point the branches start at.
+        checkpoint: ``model.checkpoint``, when the weights started from it (its own step
+            is not known: ``step`` then counts from it).
         b_simple / b_noise: the noise scales measured at the same weights (reported
             beside the result).
         lr_measured: (batch, factor) of a learning rate measured at one batch
@@ -153,6 +155,7 @@ class BranchOptions:
     min_fraction: int = MIN_FRACTION
     repeats: int = REPEATS
     lr_measured: tuple[int, float] | None = None
+    checkpoint: str | None = None
 
     def __post_init__(self) -> None:
         if (self.baseline_batch < 1 or self.repeats < 1 or self.max_factor < 2
@@ -586,6 +589,7 @@ class _Ladder:
             optimizer_state="carried" if self.saved_opt.get("state") else "fresh",
             rungs=tuple(rungs), b_simple=o.b_simple, b_noise=o.b_noise,
             examples=self.examples, seconds=seconds, stopped=stopped,
+            checkpoint=o.checkpoint,
         )
         return wording.describe_branches(
             result, oom_at=self.oom_at, accumulated_from=self.accumulated_from,

@@ -412,7 +412,8 @@ def render_branches(doc: dict[str, Any]) -> None:
     from bsfind.wording import BOUND_MARK as mark
 
     for b in doc.get("branches") or []:
-        t = Table(title=f"Branched runs from step {b['step']:,} (measured; "
+        start = b.get("start") or f"step {b['step']:,}"  # (a result cached before it)
+        t = Table(title=f"Branched runs from {start} (measured; "
                   f"Δ = {b['delta_examples']:,} examples, {b['repeats']} data order(s))",
                   title_justify="left")
         for col in ("batch", "learning rate", "steps", "smoothed loss", "B/2 after Δ/"

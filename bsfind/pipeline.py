@@ -386,6 +386,7 @@ def advisor_inputs(
         examples = int(round(spec.training.epochs * len(job)))
     return advisor.AdvisorInputs(
         b_n=max(b_n, 1e-9), b_n_ci=ci, basis=basis, noise_step=used.step,
+        noise_checkpoint=None if from_log else spec.model.checkpoint,
         b_n_lower_bound=used.b_simple is None and basis == "b_simple",
         norm_batch=measured_norm_batch(spec, job, used, world),
         noise_summary_of=used.summary_of, noise_from_log=from_log,
@@ -467,7 +468,8 @@ def branch_points(spec: Spec, job: Workload, runner: Runner, points: trajectory.
             base, step=step, b_n=b_n,
             examples_seen=est.examples_seen if est is not None else step * b0,
             b_simple=est.b_simple if est is not None else None,
-            b_noise=est.b_noise if est is not None else None)
+            b_noise=est.b_noise if est is not None else None,
+            checkpoint=spec.model.checkpoint)
         share = max(0.0, deadline.left() - reserve) / (len(starts) - n)
         try:
             done.append(branches.measure(job, options, deadline.within(share),

@@ -120,9 +120,10 @@ def schedule_dict(s: Schedule | None) -> dict[str, Any] | None:
 
 def branch_dict(r: BranchResult) -> dict[str, Any]:
     """One branch measurement: the result's fields, its ratios and the rule in words."""
-    from bsfind.wording import branch_line, branch_rule
+    from bsfind.wording import branch_line, branch_rule, branch_start
 
     d = clean(r)
+    d["start"] = branch_start(r)
     d["ratio_to_b_simple"] = clean(r.ratio_simple)
     d["ratio_to_b_noise"] = clean(r.ratio_noise)
     d["rule"] = branch_rule(r)

@@ -425,6 +425,8 @@ class Trajectory:
         moved: whether training got far enough to stand for the run (the loss
             fell by at least MOVED_LOSS_DROP, or the planned run was reached).
         planned_examples: the run the spec plans (``training``), when given.
+        checkpoint: ``model.checkpoint``, when the weights started from it: steps and
+            examples then count from the checkpoint, whose own are not known.
     """
 
     mode: str
@@ -437,6 +439,7 @@ class Trajectory:
     b_simple_last: float | None
     moved: bool
     planned_examples: int | None = None
+    checkpoint: str | None = None
 
     @property
     def growth(self) -> float | None:
@@ -501,6 +504,8 @@ class BranchResult:
         lr_rule: the learning-rate rule of the rungs; ``lr_noise_scale`` the B_n it used.
         optimizer_state: "carried" (the run's own optimizer state) or "fresh" (none
             was available: a checkpoint holds weights only).
+        checkpoint: ``model.checkpoint``, when the weights started from it (its own step
+            is not known: ``step`` then counts from it).
         b_simple / b_noise: the noise scales measured at the same weights.
         examples: training examples all branches took; ``seconds`` their wall-clock.
         stopped: why the ladder ended: "failed" (a rung failed: the normal end), "top"
@@ -529,6 +534,7 @@ class BranchResult:
     seconds: float
     stopped: str
     notes: tuple[str, ...] = ()
+    checkpoint: str | None = None
 
     @property
     def ratio_simple(self) -> float | None:

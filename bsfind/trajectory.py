@@ -146,6 +146,11 @@ class _Walk:
 
     def checkpoints(self) -> None:
         entries = self.spec.model.checkpoints or ()
+        # every file matches the model before any is measured (a trial's third checkpoint
+        # failed after two had been measured); the first is loaded first below anyway
+        for i, c in list(enumerate(entries))[1:]:
+            load_checkpoint(self.job.model, c.path, self.spec.base_dir,
+                            key=f"model.checkpoints[{i}].path")
         for i, c in enumerate(entries):
             load_checkpoint(self.job.model, c.path, self.spec.base_dir,
                             key=f"model.checkpoints[{i}].path")
@@ -318,6 +323,7 @@ class _Walk:
             loss_from=first.loss, loss_to=last.loss,
             b_simple_first=first.b_simple, b_simple_last=used.b_simple, moved=moved,
             planned_examples=self.planned,
+            checkpoint=self.spec.model.checkpoint if mode != "checkpoints" else None,
         )
         return Points(tuple(self.estimates), used, trajectory, self.status, tuple(self.notes),
                       self.optimizer, self.step, self.start_weights)

@@ -325,6 +325,12 @@ def trajectory_line(t: Trajectory) -> str:
     epochs = f"{t.epochs:.2g}" if t.epochs is not None else ""
     examples = f", {t.examples:,} examples ({epochs} epoch{'' if epochs == '1' else 's'})" if (
         t.examples is not None and t.epochs is not None) else ""
+    if t.checkpoint is None:
+        at = f"{where} step {t.steps:,}{examples}"
+    elif t.steps:  # the checkpoint's own step is not known: counted from it
+        at = f"{where} model.checkpoint {t.checkpoint} and {t.steps:,} steps after it{examples}"
+    else:
+        at = f"{where} model.checkpoint {t.checkpoint}"
     loss = (f"; training loss {t.loss_from:.3g} → {t.loss_to:.3g}"
             if t.loss_from is not None and t.loss_to is not None else "")
     growth = ""
@@ -332,7 +338,7 @@ def trajectory_line(t: Trajectory) -> str:
         growth = (f"; B_simple {num(t.b_simple_first)} → {num(t.b_simple_last)} now, "
                   f"as the advice reads it ({t.b_simple_last / t.b_simple_first:.2g}x)")
     plan = (f"; planned run {t.planned_examples:,} examples" if t.planned_examples else "")
-    return f"{where} step {t.steps:,}{examples}{loss}{growth}{plan}"
+    return f"{at}{loss}{growth}{plan}"
 
 
 # --------------------------------------------------------------------------- the advice
@@ -352,20 +358,28 @@ def _sync_note(advice: Advice, inputs: AdvisorInputs) -> str | None:
     return None
 
 
+def _noise_at(inputs: AdvisorInputs) -> str:
+    """Where the noise scale was measured: "at training step 200", or from a checkpoint
+    whose own step is not known, "at model.checkpoint ck.pt (and 8 steps after it)"."""
+    if inputs.noise_checkpoint is None:
+        return f"at training step {inputs.noise_step}"
+    return f"at model.checkpoint {inputs.noise_checkpoint}" + (
+        f" and {inputs.noise_step:,} steps after it" if inputs.noise_step else "")
+
+
 def _basis(advice: Advice, inputs: AdvisorInputs) -> str:
     name = "B_noise" if inputs.basis == "b_noise" else "B_simple"
     ci = inputs.b_n_ci
-    noise = (f"{name} = {num(inputs.b_n)} (95% CI {num(ci.low)}–{num(ci.high)}) measured "
-             f"at training step {inputs.noise_step}")
+    at = _noise_at(inputs)
+    noise = f"{name} = {num(inputs.b_n)} (95% CI {num(ci.low)}–{num(ci.high)}) measured {at}"
     if len(inputs.noise_summary_of) > 1:
         steps = ", ".join(f"{s:,}" for s in inputs.noise_summary_of)
         noise = (f"{name} = {num(inputs.b_n)}, the median at training steps {steps} (their "
                  f"intervals span {num(ci.low)}–{num(ci.high)})")
     if math.isinf(inputs.b_n):
-        noise = (f"{name} unresolved (above the largest batch probed) at training step "
-                 f"{inputs.noise_step}")
+        noise = f"{name} unresolved (above the largest batch probed) {at}"
     elif inputs.b_n_lower_bound:
-        noise = (f"{name} unresolved at training step {inputs.noise_step}: at least "
+        noise = (f"{name} unresolved {at}: at least "
                  f"{num(inputs.b_n)} (the larger of the largest batch probed and its "
                  "interval's low end), taken as that")
     timing = inputs.timing
@@ -585,7 +599,7 @@ def describe_branches(r: BranchResult, oom_at: int | None = None,
     import dataclasses
 
     notes = []
-    if r.optimizer_state == "fresh" and r.step == 0:
+    if r.optimizer_state == "fresh" and r.step == 0 and r.checkpoint is None:
         notes.append("the branches started at step 0, before the optimizer had any state "
                      "(momentum, Adam's moments), as the run itself did")
     elif r.optimizer_state == "fresh":
@@ -685,7 +699,16 @@ def branch_line(r: BranchResult) -> str:
         ratios.append(f"{side}{r.ratio_noise:.2g}x B_noise ({num(r.b_noise)})")
     same = f"; {' and '.join(ratios)} at the same weights" if ratios else ""
     return (f"{head}{same}; cost {r.examples:,} training examples, {secs(r.seconds)}, "
-            f"from step {r.step:,}")
+            f"from {branch_start(r)}")
+
+
+def branch_start(r: BranchResult) -> str:
+    """Where the branches started: "step 200", or "model.checkpoint ck.pt (and 8 steps
+    after it)" when the weights came from one whose own step is not known."""
+    if r.checkpoint is None:
+        return f"step {r.step:,}"
+    return f"model.checkpoint {r.checkpoint}" + (
+        f" and {r.step:,} steps after it" if r.step else "")
 
 
 def run_average_line(r: RunAverage) -> str:
@@ -714,7 +737,7 @@ def with_branches(advice: Advice, inputs: AdvisorInputs, r: BranchResult,
     ci = inputs.b_n_ci
     branch = (f"the local critical batch {BOUND_MARK.get(r.bound, '')}{r.critical_batch:,} "
               "measured by "
-              f"branched runs at training step {r.step:,}")
+              f"branched runs from {branch_start(r)}")
     if math.isfinite(measured_b_n):
         noise = (f"B_n = {num(inputs.b_n)} (95% range {num(ci.low)}–{num(ci.high)}), the "
                  f"geometric mean of {measured_name} = {num(measured_b_n)} and {branch}")

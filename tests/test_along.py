@@ -304,3 +304,60 @@ def test_ctrl_c_along_training_reports_the_median_the_advice_would_use(
     used = doc["noise_scale"]
     assert used["summary_of"] == [8, 16, 32]
     assert used["b_simple"] == pytest.approx(statistics.median(p["b_simple"] for p in points[1:]))
+
+
+def test_a_single_checkpoint_is_named_where_steps_are_counted_from(tmp_path: Path) -> None:
+    """model.checkpoint's own step is not known: the report names the file instead of
+    "step 0, 0 examples" (a fine-tuning trial's 200-step checkpoint read as
+    initialisation), and branches from it start from a fresh optimizer state, not "before
+    the optimizer had any state, as the run itself did"."""
+    from bsfind import wording
+    from bsfind.results import Trajectory
+
+    saved = _train_and_save(tmp_path)
+    shutil.copy(ASSETS / "user_code.py", tmp_path / "user_code.py")
+    doc = yaml.safe_load(Path(GOOD).read_text())
+    doc["model"]["checkpoint"] = saved[1][1].name  # ck20.pt
+    spec_path = tmp_path / "run.yaml"
+    spec_path.write_text(yaml.safe_dump(doc))
+    out = run_json("branch", str(spec_path), "--set", "probe.max_seconds=20")
+    assert out["trajectory"]["checkpoint"] == "ck20.pt"
+    (b,) = out["branches"]
+    assert b["checkpoint"] == "ck20.pt" and b["start"] == "model.checkpoint ck20.pt"
+    assert b["summary"].endswith("from model.checkpoint ck20.pt")
+    assert b["optimizer_state"] == "fresh"
+    assert any("a checkpoint holds weights only" in n for n in b["notes"])
+    assert not any("as the run itself did" in n for n in b["notes"])
+    text = runner.invoke(app, ["noise", str(spec_path), "--set", "probe.max_seconds=10"])
+    assert "Probe run: measured at model.checkpoint ck20.pt;" in text.stdout, text.stdout
+    # pinned steps after it count from it
+    t = Trajectory(mode="pinned", steps=8, examples=128, epochs=0.5, loss_from=None,
+                   loss_to=None, b_simple_first=None, b_simple_last=None, moved=True,
+                   checkpoint="ck20.pt")
+    assert wording.trajectory_line(t) == ("measured at model.checkpoint ck20.pt and 8 steps "
+                                          "after it, 128 examples (0.5 epochs)")
+
+
+def test_a_checkpoint_that_does_not_match_fails_before_any_is_measured(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The third of model.checkpoints saved with a 'module.' prefix: exit 3 naming it,
+    before the first is measured (a trial's run measured two, then failed)."""
+    from bsfind import trajectory
+
+    saved = _train_and_save(tmp_path)
+    state = torch.load(saved[2][1])
+    torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "ddp.pt")
+    shutil.copy(ASSETS / "user_code.py", tmp_path / "user_code.py")
+    doc = yaml.safe_load(Path(GOOD).read_text())
+    doc["model"]["checkpoints"] = [{"path": "ck0.pt", "step": 0}, {"path": "ck20.pt", "step": 20},
+                                   {"path": "ddp.pt", "step": 40}]
+    spec_path = tmp_path / "run.yaml"
+    spec_path.write_text(yaml.safe_dump(doc))
+    measured: list[int] = []
+    real = trajectory.measure_point
+    monkeypatch.setattr(trajectory, "measure_point",
+                        lambda *a, **k: measured.append(1) or real(*a, **k))
+    r = runner.invoke(app, ["noise", str(spec_path)])
+    assert r.exit_code == 3, r.output
+    assert "model.checkpoints[2].path" in r.output and "does not match the model" in r.output
+    assert measured == []
