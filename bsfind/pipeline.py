@@ -250,7 +250,9 @@ def plan_from_log(spec: Spec, runner: Runner, records: Sequence[TrackRecord], so
                     for c in report.candidates)
         resolved = sum(p.b_simple is not None for p in points.estimates)
         report = dataclasses.replace(report, warnings=report.warnings + (
-            wording.no_schedule(resolved, timed),))
+            wording.no_schedule(resolved, len(points.estimates), timed,
+                                timing_off=not spec.probe.timing,
+                                budget=hw.timing is None and deadline.passed()),))
     return runner.finish(dataclasses.replace(report, seconds=now() - start))
 
 
@@ -309,15 +311,15 @@ def advise(report: Report, spec: Spec, job: Workload, runner: Runner, hw: Hardwa
 def batch_schedule(points: tuple[NoiseEstimate, ...], inputs: advisor.AdvisorInputs,
                    planned: int | None) -> schedule.Schedule | None:
     """The doubling schedule from the noise scale along training (``schedule.py``); None
-    without a usable step time or with fewer than two points after initialisation. An
-    unresolved point enters with its interval's lower end, what it did measure: left out,
-    the fit ended before it and extrapolated below it."""
+    without a usable step time, with fewer than two points after initialisation, or when
+    none of them is resolved. An unresolved point enters with its interval's lower end,
+    what it did measure: left out, the fit ended before it and extrapolated below it."""
     if not advisor.timing_usable(inputs):
         return None
     values = [(p.examples_seen, *growth_value(p, inputs.basis)) for p in points
               if p.examples_seen]
-    if len(values) < 2:
-        return None
+    if len(values) < 2 or all(bound for _, _, bound in values):
+        return None  # lower bounds alone say how far the probe saw, not how B_n grew
     growth = schedule.fit_growth([(e, v) for e, v, _ in values],  # type: ignore[misc]
                                  bounds_at={e for e, _, bound in values if bound})
     return None if growth is None else schedule.build(inputs, growth, planned)

@@ -238,14 +238,24 @@ def constant_batches_differ(recommended: int, best_constant: int) -> str:
             "measured on the shipped problems (docs/validation.md)")
 
 
-def no_schedule(points: int, timed: bool) -> str:
-    """``bsfind schedule`` could not build a schedule: why, and what to do."""
+def no_schedule(resolved: int, points: int, timed: bool, *, timing_off: bool = False,
+                budget: bool = False) -> str:
+    """``bsfind schedule`` could not build a schedule: why, and what to do. ``resolved``
+    of the log's ``points`` have a noise scale; ``timed``: a step time was usable."""
     if not timed:
-        return ("no batch-size schedule: no step time bsfind can act on (probe.timing off, "
-                "or the timing was too noisy); set hardware.gpu to plan from a predicted one")
-    return (f"no batch-size schedule: the log gives {points} point(s) along the run with a "
-            "noise scale (or an unresolved one's lower bound) to fit its growth; log a "
-            "longer stretch of training")
+        why = ("probe.timing is off" if timing_off else
+               "the time budget ended before a step was timed" if budget else
+               "the timing was too noisy")
+        return (f"no batch-size schedule: no step time bsfind can act on ({why}); set "
+                "hardware.gpu to plan from a predicted one"
+                + (", or raise probe.max_seconds" if budget else ""))
+    if not resolved and points:
+        return (f"no batch-size schedule: |G|² was unresolved at all {points} points of the "
+                "log (the noise scale exceeds what the tracker's pairing can resolve), and "
+                "lower bounds alone do not say how it grew; a longer window (track(window=)) "
+                "or a larger batch resolves it")
+    return (f"no batch-size schedule: the log gives {resolved} point(s) along the run with "
+            "a noise scale to fit its growth; log a longer stretch of training")
 
 
 def batchnorm(norm_batch: int, advice: bool = True) -> str:

@@ -159,7 +159,24 @@ def test_without_a_step_time_the_command_says_why_there_is_no_schedule(
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc["schedule"] is None
-    assert any(w.startswith("no batch-size schedule: no step time") for w in doc["warnings"])
+    assert "no batch-size schedule: no step time bsfind can act on (probe.timing is off); " \
+        "set hardware.gpu to plan from a predicted one" in doc["warnings"]
+
+
+def test_a_log_whose_points_are_all_unresolved_gets_no_schedule(tmp_path: Path) -> None:
+    """Lower bounds alone say how far the tracker resolved, not how the noise scale grew:
+    a trial's 19 unresolved records (two with a positive low end) got a confident
+    schedule, "measured up to 160 examples" of 1,176."""
+    log = tmp_path / "noise.jsonl"
+    log.write_text("".join(json.dumps(record(4 * i, 64 * (4 * i + 1), None).to_json()) + "\n"
+                           for i in range(19)))
+    r = runner.invoke(app, ["schedule", str(CONFIGS / "digits-mlp.yaml"), str(log), "--json",
+                            "--set", "probe.max_seconds=15"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["schedule"] is None
+    assert any(w.startswith("no batch-size schedule: |G|² was unresolved at all ")
+               for w in doc["warnings"]), doc["warnings"]
 
 
 def test_schedule_does_not_ask_for_the_checkpoints_it_never_loads(
