@@ -26,6 +26,6 @@ args = TrainingArguments(output_dir="hf-out", per_device_train_batch_size=16,
                          learning_rate=1e-3, report_to="none", save_strategy="no",
                          use_cpu=True, disable_tqdm=True)
 trainer = Trainer(model=model, args=args, train_dataset=Tokens())
-NoiseScaleCallback.attach(trainer, log_path="noise.jsonl")  # first, so report_to logs it too
+callback = NoiseScaleCallback.attach(trainer, log_path="noise.jsonl")  # first: report_to logs it
 trainer.train()
-print([log for log in trainer.state.log_history if "bsfind/b_simple" in log][-1])
+print(callback.tracker.latest)  # the last record; logged as bsfind/b_simple, bsfind/examples, ...
