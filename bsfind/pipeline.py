@@ -227,7 +227,7 @@ def plan_from_log(spec: Spec, runner: Runner, records: Sequence[TrackRecord], so
     planned = spec.planned_examples(len(job))
     points = trajectory.from_log(records, dataset_size=len(job), planned=planned,
                                  source=source)
-    counts = collections.Counter(r.b_big for r in records)
+    counts = collections.Counter(r.trained for r in records)
     # the batches the run trained with, not an epoch's partial last batch now and then
     logged = {b for b, c in counts.items() if c >= max(2, 0.05 * len(records))} or {
         counts.most_common(1)[0][0]} if counts else set()

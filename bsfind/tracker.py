@@ -137,6 +137,10 @@ class TrackRecord:
         step_grad_norm_sq / step_trace_sigma: this step's own unbiased estimates.
         window: measurements in the smoothing window.
         seconds: wall-clock seconds since the tracker started.
+        batch: the examples the measured step trained on (all ranks). ``b_big`` is the
+            estimator's big batch, which for unequal micro-batches (an epoch's short
+            last step) is their number times their harmonic mean; None in logs written
+            before it was logged (``b_big`` stands in).
     """
 
     step: int
@@ -153,6 +157,12 @@ class TrackRecord:
     step_trace_sigma: float = math.nan
     window: int = 0
     seconds: float = math.nan
+    batch: int | None = None
+
+    @property
+    def trained(self) -> int:
+        """The examples of the measured step (``batch``, or ``b_big`` in older logs)."""
+        return self.batch if self.batch is not None else self.b_big
 
     def metrics(self, prefix: str = "bsfind/") -> dict[str, float]:
         """The record as flat float metrics for a logger (what the integrations log):
@@ -176,6 +186,7 @@ class TrackRecord:
             "step_grad_norm_sq": _finite_or_none(self.step_grad_norm_sq),
             "step_trace_sigma": _finite_or_none(self.step_trace_sigma),
             "window": self.window, "seconds": _finite_or_none(self.seconds),
+            "batch": self.batch,
         }
 
 
@@ -225,6 +236,9 @@ def record_from_json(obj: dict[str, Any]) -> TrackRecord:
     for key, least in (("step", 0), ("examples", 0), ("b_small", 1), ("b_big", 1)):
         if _number(obj, key, int) < least:
             raise ValueError(f"{key}: expected >= {least}, got {obj[key]}")
+    batch = _number(obj, "batch", int, nullable=True)
+    if batch is not None and batch < 1:
+        raise ValueError(f"batch: expected >= 1, got {batch}")
     return TrackRecord(
         step=_number(obj, "step", int), examples=_number(obj, "examples", int),
         loss=_number(obj, "loss", float, nullable=True),
@@ -240,6 +254,7 @@ def record_from_json(obj: dict[str, Any]) -> TrackRecord:
         else extras["step_trace_sigma"],
         window=_number(obj, "window", int) if "window" in obj else 0,
         seconds=math.nan if extras.get("seconds") is None else extras["seconds"],
+        batch=batch,
     )
 
 
@@ -590,6 +605,7 @@ class Tracker:
         self._accumulating = False
         self._prev: list[torch.Tensor | None] | None = None  # .grad at the last boundary
         self._micro: list[int] = []
+        self._divisor: int | None = None  # update()'s: each loss's divisor this step
         self._micro_sq: list[torch.Tensor] = []
         self._losses: list[torch.Tensor | float] = []  # since the last measurement
         self._loss_count = 0
@@ -633,7 +649,8 @@ class Tracker:
             self._micro_sq.append(self._boundary())
 
     def update(self, loss: torch.Tensor | float | None = None,
-               batch_size: int | None = None) -> TrackRecord | None:
+               batch_size: int | None = None, divisor: int | None = None
+               ) -> TrackRecord | None:
         """Call once per optimizer step, after its last backward, before clipping and
         ``optimizer.step()``. Returns the newest record that became ready, if any.
 
@@ -641,7 +658,12 @@ class Tracker:
             loss: the step's training loss (a tensor stays on its device), for the records.
             batch_size: examples of the last micro-batch on this rank (default: as given
                 to the constructor, or read from the model's input).
+            divisor: what each micro-batch's loss was divided by, when not by the number
+                of micro-batches of this step (Lightning divides by
+                ``accumulate_grad_batches`` on an epoch's short last step too): the
+                gradients are rescaled to that step's mean.
         """
+        self._divisor = divisor
         if self._paused:  # another measurement's backward on this model (paused_on)
             return None
         start = time.perf_counter()
@@ -930,7 +952,7 @@ class Tracker:
     def _push(self, vec: torch.Tensor, method: Method, work: Any) -> None:
         examples = self.examples + self.world * sum(self._micro)  # through this step
         meta = in_training.StepMeta(self.step, examples, method, list(self._micro), self.world,
-                     self._loss_count, time.perf_counter() - self._start)
+                     self._loss_count, time.perf_counter() - self._start, self._divisor)
         self._pending.append(in_training.Pending(vec, meta, work))
         self._losses, self._loss_count = [], 0
 
@@ -950,6 +972,10 @@ class Tracker:
         if m.method == "ddp":
             v = [x / m.world for x in v]  # summed over ranks: the mean (sq_big is the same on all)
         sq_big, loss_sum, small = v[0], v[1], v[2:]
+        if m.divisor is not None and m.divisor != len(m.micro):
+            # each loss carried 1/divisor, not 1/k: the gradients, squared, by (divisor/k)²
+            f = (m.divisor / len(m.micro)) ** 2
+            sq_big, small = sq_big * f, [x * f for x in small]
         if m.method == "per-example":
             b_small, sq_small, b_big = 1.0, small[0] * m.micro[0], float(m.micro[0])
         elif m.method == "accumulation":
@@ -988,7 +1014,7 @@ class Tracker:
             grad_norm_sq=mean_g2, trace_sigma=mean_trace, b_simple=value, ci95=ci,
             b_small=round(b_small), b_big=round(b_big), method=m.method,
             step_grad_norm_sq=g2, step_trace_sigma=trace, window=len(self._window.rows),
-            seconds=m.seconds)
+            seconds=m.seconds, batch=m.world * sum(m.micro))
         self.method = m.method
         self._records.append(rec)
         self._write(rec)

@@ -429,7 +429,7 @@ def from_log(records: Sequence[TrackRecord], *, dataset_size: int, planned: int 
     windows = [range(i - max(r.window, 1) + 1, i + 1) for i, r in enumerate(later)]
 
     def examples(indices: Iterable[int]) -> int:
-        return sum(later[max(j, 0)].b_big for j in indices)
+        return sum(later[max(j, 0)].trained for j in indices)
 
     each = [_record_estimate(r, len(w), examples(w)) for r, w in zip(later, windows,
                                                                       strict=True)]

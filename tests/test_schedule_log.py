@@ -51,6 +51,14 @@ def test_the_examples_behind_a_log_point_are_its_windows_measurements() -> None:
     # whose batch stands in for the measurements not there
     cut = trajectory.from_log(recs[-2:], dataset_size=1000, planned=None, source="log")
     assert cut.used.rounds == 5 and cut.used.examples == 4 * 64 + 5
+    # unequal micro-batches (32 + 5): b_big is the estimator's 2 × their harmonic mean,
+    # 17; the step trained 37, which a logged batch says (a trial's "batch 17" warning)
+    short = dataclasses.replace(recs[9], b_big=17, batch=37)
+    back = bsfind.tracker.record_from_json(json.loads(json.dumps(short.to_json())))
+    assert back == short and back.trained == 37 and recs[9].trained == 5
+    pts = trajectory.from_log([*recs[:9], short], dataset_size=1000, planned=None,
+                              source="log")
+    assert pts.used.examples == 5 * 64 + 37
 
 
 def test_points_of_a_log_recover_the_growth_and_the_last_median() -> None:

@@ -93,6 +93,35 @@ def test_accumulation_pairing_matches_the_exact_value(exact: float) -> None:
     assert rec.b_simple == pytest.approx(exact, rel=REL)
 
 
+def test_a_step_whose_losses_were_divided_by_more_than_its_micro_batches() -> None:
+    """Lightning divides each loss by accumulate_grad_batches (4) on an epoch's short last
+    step of 2 micro-batches too: given divisor=4, the tracker rescales that step's
+    gradients, and |G|² and tr(Σ) match the exact values (without it they read
+    (2/4)² of them: a trial's such steps logged tr(Σ) 1.37 among 8-9)."""
+    from bsfind.workload import Workload
+    from tests.exact import exact_noise
+
+    x, y = _problem()
+    exact = exact_noise(Workload.from_objects(
+        _model(), torch.utils.data.TensorDataset(x, y), F.cross_entropy))
+    model = _model()
+    tracker = track(model, window=10_000)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(300):
+        for j in range(2):
+            idx = torch.randint(len(x), (16,), generator=gen)
+            (F.cross_entropy(model(x[idx]), y[idx]) / 4).backward()
+            if j == 0:
+                tracker.micro_step()
+        tracker.update(divisor=4)
+        model.zero_grad(set_to_none=True)
+    rec = tracker.records[-1]
+    assert rec.method == "accumulation" and (rec.b_small, rec.b_big, rec.batch) == (16, 32, 32)
+    assert rec.grad_norm_sq == pytest.approx(exact.g2, rel=0.2)
+    assert rec.trace_sigma == pytest.approx(exact.trace, rel=0.1)
+    assert rec.b_simple == pytest.approx(exact.b_simple, rel=REL)
+
+
 @pytest.mark.skipif(not (torch.distributed.is_available()
                          and torch.distributed.is_gloo_available()), reason="needs gloo")
 def test_ddp_pairing_matches_the_exact_value(exact: float, tmp_path: Path) -> None:

@@ -103,6 +103,7 @@ class NoiseScaleMonitor(Callback):
         self._batch: int | None = None
         self._batch_idx = 0
         self._loss: torch.Tensor | None = None
+        self._micros = 0  # micro-batches of the current optimizer step
         self._stepped = False  # the last backward was an optimizer step's last
 
     # -- set-up ---------------------------------------------------------------------------
@@ -158,9 +159,17 @@ class NoiseScaleMonitor(Callback):
         last = (self._batch_idx + 1) % acc == 0 or (
             math.isfinite(n) and self._batch_idx + 1 >= n)
         self._stepped = last
+        self._micros += 1
         if last:
-            self.tracker.update(self._loss, batch_size=self._batch)
-            self._loss = None
+            # An epoch's short last step (fewer than acc micro-batches) still had each loss
+            # divided by acc: its losses sum to k/acc of the step's mean, and the tracker
+            # rescales its gradients (a trial's such steps logged tr(Σ) 1.37 among 8-9).
+            k, loss = self._micros, self._loss
+            short = k < acc
+            if short and loss is not None:
+                loss = loss * (acc / k)
+            self.tracker.update(loss, batch_size=self._batch, divisor=acc if short else None)
+            self._loss, self._micros = None, 0
         else:
             self.tracker.micro_step(batch_size=self._batch)
 

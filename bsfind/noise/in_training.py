@@ -156,6 +156,7 @@ class StepMeta:
     world: int
     loss_count: int
     seconds: float
+    divisor: int | None = None  # each micro-batch loss's divisor, when not len(micro)
 
 
 class Pending:
