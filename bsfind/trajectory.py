@@ -145,12 +145,19 @@ class _Walk:
                 return
 
     def checkpoints(self) -> None:
+        from bsfind import wording
+
         entries = self.spec.model.checkpoints or ()
         # every file matches the model before any is measured (a trial's third checkpoint
         # failed after two had been measured); the first is loaded first below anyway
         for i, c in list(enumerate(entries))[1:]:
             load_checkpoint(self.job.model, c.path, self.spec.base_dir,
                             key=f"model.checkpoints[{i}].path")
+        last = entries[-1].examples if entries[-1].examples is not None else (
+            (entries[-1].step or 0) * self.b0)
+        if self.planned is not None and last > self.planned:
+            self.notes.append(wording.log_beyond_plan(last, self.planned,
+                                                      "model.checkpoints"))
         for i, c in enumerate(entries):
             load_checkpoint(self.job.model, c.path, self.spec.base_dir,
                             key=f"model.checkpoints[{i}].path")

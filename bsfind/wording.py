@@ -213,10 +213,11 @@ def log_batch_differs(logged: list[int], baseline: int, batchnorm: bool = False)
             "spec's baseline")
 
 
-def log_beyond_plan(logged: int, planned: int) -> str:
-    """``bsfind schedule``: the log runs past the spec's planned run."""
-    return (f"the tracker log runs to {logged:,} examples, past the planned run's "
-            f"{planned:,} (training.epochs / examples): the advice reads the log's end, and "
+def log_beyond_plan(logged: int, planned: int, what: str = "the tracker log") -> str:
+    """``bsfind schedule`` (or ``model.checkpoints``): the points run past the spec's
+    planned run."""
+    return (f"{what} runs to {logged:,} examples, past the planned run's "
+            f"{planned:,} (training.epochs / examples): the advice reads its end, and "
             "the schedule stops at the planned run")
 
 

@@ -110,6 +110,10 @@ def test_model_checkpoints_measures_at_each_without_training(tmp_path: Path) -> 
     out = run_json("noise", str(spec_path))
     points = out["noise_scale_by_step"]
     assert [p["step"] for p in points] == [0, 20, 40]
+    assert not any("past the planned run" in w for w in out["warnings"])
+    past = run_json("noise", str(spec_path), "--set", "training.epochs=1")  # 256 examples
+    assert ("model.checkpoints runs to 640 examples, past the planned run's 256 "
+            "(training.epochs / examples)") in " ".join(past["warnings"])
     assert [p["examples_seen"] for p in points] == [0, 320, 640]
     assert out["trajectory"]["mode"] == "checkpoints"
     assert out["noise_scale"]["summary_of"] == [20, 40]  # the points after initialisation
