@@ -398,9 +398,10 @@ def check(
     if doc is None:
         report = recommend(spec, progress=progress)
         doc = to_dict(report)
-        # A partial result (budget ran out) is cached too: the budget is part of
-        # the spec, so the same spec and budget would measure the same again.
-        if key and report.status in ("ok", "partial"):
+        # Only a complete result: a partial one (the budget ran out, perhaps on a loaded
+        # machine, since the budget counts from the command's start) would otherwise
+        # stand for the job until its spec changed (a trial's CI reused one).
+        if key and report.status == "ok":
             with contextlib.suppress(OSError):
                 cache.store(key, doc)
     else:

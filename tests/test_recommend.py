@@ -124,17 +124,36 @@ def test_check_writes_its_output_on_an_error_too(project: Path) -> None:
 
 def test_check_cache_reuses_and_invalidates(project: Path, monkeypatch: pytest.MonkeyPatch
                                             ) -> None:
+    import dataclasses
+
     from bsfind import api
 
     spec = str(project / "good.yaml")
-    first = runner.invoke(app, ["check", spec, "--tolerance", "1000000", "--json"])
+    # a budget the run never reaches (it ends at its planned run in a few seconds), so
+    # that it completes on a loaded machine too: a partial result is not cached
+    budget = ["--max-seconds", "60"]
+    real = api.recommend
+    calls = []
+
+    def partial(*a: object, **k: object) -> object:
+        calls.append(1)
+        return dataclasses.replace(real(*a, **k), status="partial")  # type: ignore[arg-type]
+
+    monkeypatch.setattr(api, "recommend", partial)
+    for _ in range(2):
+        r = runner.invoke(app, ["check", spec, "--tolerance", "1000000", "--json", *budget])
+        assert r.exit_code == 0 and json.loads(r.stdout)["cached"] is False, r.output
+    assert len(calls) == 2  # the partial result was measured again, not reused
+    monkeypatch.setattr(api, "recommend", real)
+    first = runner.invoke(app, ["check", spec, "--tolerance", "1000000", "--json", *budget])
     assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout)["status"] == "ok"
 
     def no_probe(*a: object, **k: object) -> None:
         raise AssertionError("a cached run must not probe")
 
     monkeypatch.setattr(api, "recommend", no_probe)
-    second = runner.invoke(app, ["check", spec, "--tolerance", "1000000", "--json"])
+    second = runner.invoke(app, ["check", spec, "--tolerance", "1000000", "--json", *budget])
     assert second.exit_code == 0, second.output
     d1, d2 = json.loads(first.stdout), json.loads(second.stdout)
     assert d2["cached"] is True
@@ -144,7 +163,7 @@ def test_check_cache_reuses_and_invalidates(project: Path, monkeypatch: pytest.M
     # Editing the factory's source file invalidates the entry: now it must probe.
     src = project / "user_code.py"
     src.write_text(src.read_text() + "\n# edited\n")
-    third = runner.invoke(app, ["check", spec, "--tolerance", "1000000"])
+    third = runner.invoke(app, ["check", spec, "--tolerance", "1000000", *budget])
     assert third.exit_code != 0 and "a cached run must not probe" in third.output
 
 
