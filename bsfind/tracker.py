@@ -294,10 +294,12 @@ def read_log_records(path: str | Path) -> tuple[list[TrackRecord], str | None]:
                 raise ValueError("not a JSON object")
             out.append(record_from_json(obj))
         except ValueError as exc:  # json.JSONDecodeError is a ValueError
-            # a line cut short is never whole JSON: a whole object that is not a record
-            # is an error wherever it is
+            # a line cut short is never whole JSON, and starts as the tracker writes one
+            # (a log of one such line too); a whole object that is not a record is an
+            # error wherever it is
             if (isinstance(exc, json.JSONDecodeError) and n == len(lines)
-                    and not text.endswith("\n") and out):
+                    and not text.endswith("\n")
+                    and (out or line.lstrip().startswith('{"step"'))):
                 return out, (f"{p}:{n}: the last line was cut short (the run ended while "
                              "writing it) and is left out")
             raise UsageError(f"{p}:{n}: not a tracker record: {exc}",

@@ -232,6 +232,16 @@ def test_a_log_cut_short_by_a_killed_run_plans_from_its_whole_lines(
     cut.write_text("".join(line + "\n" for line in text.splitlines()[:-1]) + json.dumps(last))
     with pytest.raises(UsageError, match="not a tracker record"):
         read_log(cut)
+    # a log of one line, cut short: the cut, then no record (a trial read "not a tracker
+    # record"); one line of something else, without a newline, is still an error
+    cut.write_text(text.splitlines()[0][:40])
+    with pytest.warns(RuntimeWarning, match="cut short"):
+        assert read_log(cut) == []
+    r = runner.invoke(app, ["schedule", str(CONFIGS / "digits-mlp.yaml"), str(cut)])
+    assert r.exit_code == 2 and "the tracker log has no measured step" in r.output
+    cut.write_text("model: {factory: x")
+    with pytest.raises(UsageError, match="not a tracker record"):
+        read_log(cut)
 
 
 def test_a_log_past_the_planned_run_says_so(digits_log: Path) -> None:
