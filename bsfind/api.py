@@ -15,7 +15,6 @@ rank (``bsfind.distributed``); otherwise in this process (``bsfind.runner``).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -402,8 +401,11 @@ def check(
         # machine, since the budget counts from the command's start) would otherwise
         # stand for the job until its spec changed (a trial's CI reused one).
         if key and report.status == "ok":
-            with contextlib.suppress(OSError):
+            try:
                 cache.store(key, doc)
+            except OSError as exc:  # only costs a re-run, which the user should expect
+                doc = {**doc, "warnings": [*doc["warnings"], wording.cache_unwritable(
+                    str(cache.cache_dir()), exc.strerror or str(exc))]}
     else:
         doc = {**doc, "cached": True}
     return verdict(doc, tolerance, cached)

@@ -543,6 +543,12 @@ def check_message(*, within: bool, baseline: int, recommended: int, ratio: float
             f"{recommended} (tolerance {tolerance:g}x){what}{lr}")
 
 
+def cache_unwritable(folder: str, why: str) -> str:
+    """``check`` could not store its result: the next run measures again."""
+    return (f"the result was not cached ({folder}: {why}): the next check measures again; "
+            "set BSFIND_CACHE_DIR to a writable folder")
+
+
 def setup_took(seconds: float, budget: float) -> str:
     """Where a budget that measured nothing went: the budget counts from the command's
     start, so starting Python and torch and building the job spend it too."""

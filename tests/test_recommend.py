@@ -175,3 +175,16 @@ def test_check_outside_the_tolerance_still_prints_json(project: Path) -> None:
     assert r.exit_code == 1, r.output
     doc = json.loads(r.stdout)
     assert doc["check"]["within"] is False and doc["recommendation"]["batch_size"] < 4096
+
+
+def test_a_cache_that_cannot_be_written_is_said(project: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The result is still given; a warning says the next check measures again (it was
+    skipped silently)."""
+    monkeypatch.setenv("BSFIND_CACHE_DIR", "/proc/self/bsfind-cache")  # refuses, even root
+    r = runner.invoke(app, ["check", str(project / "good.yaml"), "--tolerance", "1000000",
+                            "--json", "--max-seconds", "60"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert any(w.startswith("the result was not cached (/proc/self/bsfind-cache: ")
+               and "the next check measures again" in w for w in doc["warnings"]), doc
