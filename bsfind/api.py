@@ -135,8 +135,8 @@ def noise_scale_at(
     # budget starts after the load is sampled. The model is left as it was found: its
     # buffers (BatchNorm's running statistics), its .grad, and gradients on under a
     # caller's no_grad or inference_mode.
-    with (runner.fit_to_load(job), kept_buffers_and_grads(job.model),
-          torch.inference_mode(False), torch.enable_grad()):
+    with (runner.fit_to_load(job), torch.inference_mode(False), torch.enable_grad(),
+          kept_buffers_and_grads(job.model)):  # copied and put back as normal tensors
         return measure_point(job, runner, options or ProbeOptions(), Seeds(seed), step,
                              Deadline.after(max_seconds), curvature, progress)
 
@@ -177,7 +177,7 @@ def measure_noise_scale(
             raise ValueError(f"loss_fn {loss_fn!r}: {near_name(loss_fn, LOSSES)}expected a "
                              f"function or one of {', '.join(LOSSES)}")
         loss_fn = LOSSES[loss_fn]
-    _check_probe_arguments(method, batch_size, target_rel_error, max_seconds)
+    batch_size = _check_probe_arguments(method, batch_size, target_rel_error, max_seconds)
     job = Workload.from_objects(model, dataset, loss_fn, collate=collate_fn)
     opts = ProbeOptions(method=method, batch_size=batch_size,
                         target_rel_error=target_rel_error)
@@ -195,21 +195,29 @@ def measure_noise_scale(
 
 
 def _check_probe_arguments(method: str, batch_size: int, target_rel_error: float,
-                           max_seconds: float) -> None:
-    """measure_noise_scale's own arguments, as the spec checks its probe section."""
+                           max_seconds: float) -> int:
+    """measure_noise_scale's own arguments, as the spec checks its probe section; returns
+    the batch size as an int."""
+    import operator
+
     from bsfind.workload import near_name
 
     methods = ("auto", "per-example", "microbatch")
     if method not in methods:
         raise ValueError(f"method {method!r}: {near_name(method, methods)}expected one of "
                          f"{', '.join(methods)}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    try:  # an int, or a numpy one
+        size = None if isinstance(batch_size, bool) else operator.index(batch_size)
+    except TypeError:
+        size = None
+    if size is None or size < 1:
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
     if not 0 < target_rel_error < 1:
         raise ValueError(f"target_rel_error: expected a number in (0, 1), got "
                          f"{target_rel_error!r}")
     if not (isinstance(max_seconds, (int, float)) and 0 < max_seconds < float("inf")):
         raise ValueError(f"max_seconds: expected a finite number > 0, got {max_seconds!r}")
+    return size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,10 +276,7 @@ def validate(spec: Spec) -> Validation:
         check_grad(g2, "in validate's one step")
     except Exception as exc:  # out of memory is the device's, as in a probe (exit 4)
         if is_oom(exc):
-            raise HardwareError(
-                f"out of memory in validate's one step of {n} examples on {job.device}",
-                hint="use a device with more memory, a smaller model, or "
-                "hardware.precision: bf16") from exc
+            raise _validate_oom("one step", n, job) from exc
         raise
     finally:
         job.model.zero_grad(set_to_none=True)
@@ -301,6 +306,7 @@ def _per_example_runs(job: Workload, idx: torch.Tensor, reason: str) -> tuple[st
     """(method, reason) once the per-example norms have run on validate's examples: some
     failures show only at run time (a custom autograd.Function without setup_context, a
     module called twice), and the probe then falls back to micro-batches."""
+    from bsfind.hardware.memory import is_oom
     from bsfind.noise.per_example import PerExampleGradNorms, PerExampleUnsupported
 
     try:
@@ -309,9 +315,20 @@ def _per_example_runs(job: Workload, idx: torch.Tensor, reason: str) -> tuple[st
             norms.sq_norms()
     except PerExampleUnsupported as exc:
         return "microbatch", f"per-example norms failed on validate's step ({exc.message})"
+    except Exception as exc:
+        if is_oom(exc):
+            raise _validate_oom("per-example norms", len(idx), job) from exc
+        raise
     finally:
         job.model.zero_grad(set_to_none=True)
     return "per-example", reason
+
+
+def _validate_oom(what: str, n: int, job: Workload) -> HardwareError:
+    """Out of memory in validate's step: the device's, as in a probe (exit 4)."""
+    return HardwareError(f"out of memory in validate's {what} of {n} examples on {job.device}",
+                         hint="use a device with more memory, a smaller model, or "
+                         "hardware.precision: bf16")
 
 
 # --------------------------------------------------------------------------- CI preflight
@@ -393,6 +410,8 @@ def check(
     # Under torchrun every rank must run the probe, and the key does not know the world size.
     key = cache_key(spec) if use_cache and not launch.requested() else None
     doc = cache.load(key) if key else None
+    if doc is not None and doc.get("status") != "ok":
+        doc = None  # a partial result stored by an earlier version: measure again
     cached = doc is not None
     if doc is None:
         report = recommend(spec, progress=progress)

@@ -74,6 +74,11 @@ def counted_from(started: float | None) -> Iterator[None]:
         _STARTED.reset(token)
 
 
+def counts_from_command() -> bool:
+    """Whether budgets count from the command's start (the CLI), not the run's own."""
+    return _STARTED.get() is not None
+
+
 def run_deadline(seconds: float, clock: Callable[[], float] = now) -> Deadline:
     """A run's budget: ``seconds`` from the command's start (:func:`counted_from`), or
     from now outside one."""

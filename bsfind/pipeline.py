@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from bsfind import advisor, schedule, trajectory, wording
-from bsfind.budget import Deadline, ProgressFn, now
+from bsfind.budget import Deadline, ProgressFn, counts_from_command, now
 from bsfind.errors import BudgetError, Interrupted
 from bsfind.hardware.measure import BUSY_SHARE, HardwareOptions, predict_on_gpu, quota_threads
 from bsfind.noise.probe import ProbeOptions
@@ -126,7 +126,7 @@ def run(spec: Spec, runner: Runner, command: str, progress: ProgressFn | None = 
             report = _measure_and_advise(spec, runner, command, job, deadline, progress,
                                          max_gpus)
     except BudgetError as exc:  # nothing measured: say where the budget went
-        took = wording.setup_took(setup, spec.probe.max_seconds)
+        took = wording.setup_took(setup, spec.probe.max_seconds, counts_from_command())
         raise BudgetError(exc.message, hint=f"{exc.hint}; {took}" if exc.hint else took
                           ) from exc
     fitted = getattr(runner, "fitted", None)  # recommend says so with its step times

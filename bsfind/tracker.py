@@ -974,9 +974,13 @@ class Tracker:
         if m.method == "ddp":
             v = [x / m.world for x in v]  # summed over ranks: the mean (sq_big is the same on all)
         sq_big, loss_sum, small = v[0], v[1], v[2:]
-        if m.divisor is not None and m.divisor != len(m.micro):
-            # each loss carried 1/divisor, not 1/k: the gradients, squared, by (divisor/k)²
-            f = (m.divisor / len(m.micro)) ** 2
+        if m.divisor is not None:
+            # each loss carried 1/divisor, not 1/k for the k micro-batches the pairing
+            # counts (those whose gradient moved, under accumulation): the squared
+            # gradients are off by (divisor/k)²
+            k = len([s for s in small if s != 0.0]) if m.method == "accumulation" else len(
+                m.micro)
+            f = (m.divisor / max(k, 1)) ** 2
             sq_big, small = sq_big * f, [x * f for x in small]
         if m.method == "per-example":
             b_small, sq_small, b_big = 1.0, small[0] * m.micro[0], float(m.micro[0])

@@ -283,16 +283,21 @@ def kept_buffers_and_grads(model: nn.Module) -> Iterator[None]:
     (BatchNorm's running statistics, which a forward in training mode updates) and its
     parameters' ``.grad`` (a call between ``backward()`` and ``step()``) are put back
     after the block. Host copies, so that the measurement has the device's memory."""
-    buffers = {k: b.detach().to("cpu", copy=True) for k, b in model.named_buffers()}
+    buffers = {(m, name): (b.detach().to("cpu", copy=True), b.device)
+               for m in model.modules() for name, b in m.named_buffers(recurse=False)}
     grads = {p: None if p.grad is None else p.grad.detach().to("cpu", copy=True)
              for p in model.parameters()}
     try:
         yield
     finally:
         with torch.no_grad():
-            for k, b in model.named_buffers():
-                if k in buffers:
-                    b.copy_(buffers[k])
+            for (m, name), (saved, device) in buffers.items():
+                now = getattr(m, name, None)
+                if (isinstance(now, torch.Tensor) and now.shape == saved.shape
+                        and now.dtype == saved.dtype):
+                    now.copy_(saved)
+                else:  # re-registered in another shape (a cache grown for longer inputs)
+                    setattr(m, name, saved.to(device))
         for p, g in grads.items():
             p.grad = None if g is None else g.to(p.device)
 

@@ -549,11 +549,13 @@ def cache_unwritable(folder: str, why: str) -> str:
             "set BSFIND_CACHE_DIR to a writable folder")
 
 
-def setup_took(seconds: float, budget: float) -> str:
-    """Where a budget that measured nothing went: the budget counts from the command's
-    start, so starting Python and torch and building the job spend it too."""
-    return (f"starting up (Python, torch, the spec's factories) took {seconds:.1f} s of "
-            f"the {budget:g} s")
+def setup_took(seconds: float, budget: float, command: bool = True) -> str:
+    """Where a budget that measured nothing went: under the CLI it counts from the
+    command's start (``command``), so starting Python and torch spend it too, and
+    building the job does either way."""
+    what = ("starting up (Python, torch, the spec's factories)" if command
+            else "building the spec's model and data")
+    return f"{what} took {seconds:.1f} s of the {budget:g} s"
 
 
 # --------------------------------------------------------------------------- torchrun

@@ -335,6 +335,40 @@ def test_the_python_api_leaves_the_model_as_it_found_it() -> None:
     assert [str(w.message) for w in caught if "bsfind:" in str(w.message)] == [
         "bsfind: the dataset has only 64 examples, fewer than the baseline batch 128: the "
         "probe samples with replacement, so the estimate is still sound"]
+    # under the caller's inference_mode the .grad put back is a normal tensor: the next
+    # backward works (a review: an inference tensor refused the in-place update)
+    import numpy as np
+
+    with torch.inference_mode():
+        measure_noise_scale(model, data, F.cross_entropy, batch_size=np.int64(16),
+                            max_seconds=5)
+    assert not any(p.grad.is_inference() for p in model.parameters())
+    F.cross_entropy(model(data.tensors[0][:8]), data.tensors[1][:8]).backward()
+
+
+def test_the_python_api_puts_back_a_buffer_the_model_regrew() -> None:
+    """A cache buffer re-registered in another shape during the probe (rotary-style, grown
+    for a larger batch) is put back as it was (a review: copy_ raised, or broadcast)."""
+    from torch import nn
+
+    from bsfind import measure_noise_scale
+
+    class Growing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 2)
+            self.register_buffer("cache", torch.zeros(2, 3), persistent=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] > self.cache.shape[0]:
+                self.register_buffer("cache", torch.ones(x.shape[0], 3), persistent=False)
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    model = Growing()
+    data = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
+    measure_noise_scale(model, data, F.cross_entropy, batch_size=8, max_seconds=5)
+    assert torch.equal(model.cache, torch.zeros(2, 3))
 
 
 @pytest.mark.parametrize(("arguments", "message"), [

@@ -144,6 +144,18 @@ def test_check_cache_reuses_and_invalidates(project: Path, monkeypatch: pytest.M
         r = runner.invoke(app, ["check", spec, "--tolerance", "1000000", "--json", *budget])
         assert r.exit_code == 0 and json.loads(r.stdout)["cached"] is False, r.output
     assert len(calls) == 2  # the partial result was measured again, not reused
+    # nor is one that an earlier version stored
+    from bsfind import cache
+    from bsfind.spec import load_spec
+
+    key = api.cache_key(load_spec(spec, ["probe.max_seconds=60"]))
+    stored = {k: v for k, v in json.loads(r.stdout).items() if k not in ("check", "cached")}
+    for status, reused in (("ok", True), ("partial", False)):  # the same key, both ways
+        cache.store(key, {**stored, "status": status})
+        r = runner.invoke(app, ["check", spec, "--tolerance", "1000000", "--json", *budget])
+        assert json.loads(r.stdout)["cached"] is reused
+    assert len(calls) == 3
+    cache.store(key, {**stored, "status": "partial"})  # left for the run below to replace
     monkeypatch.setattr(api, "recommend", real)
     first = runner.invoke(app, ["check", spec, "--tolerance", "1000000", "--json", *budget])
     assert first.exit_code == 0, first.output

@@ -118,6 +118,18 @@ def test_a_step_whose_losses_were_divided_by_more_than_its_micro_batches() -> No
     rec = tracker.records[-1]
     assert rec.method == "accumulation" and (rec.b_small, rec.b_big, rec.batch) == (16, 32, 32)
     assert rec.grad_norm_sq == pytest.approx(exact.g2, rel=0.2)
+    # a repeated micro_step() after the last backward (documented as harmless) adds a
+    # micro-batch whose gradient did not move: the divisor counts the two that did
+    again = track(_model(), window=10_000)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(300):
+        for j in range(2):
+            idx = torch.randint(len(x), (16,), generator=gen)
+            (F.cross_entropy(again.module(x[idx]), y[idx]) / 4).backward()
+            again.micro_step()
+        again.update(divisor=4)
+        again.module.zero_grad(set_to_none=True)
+    assert again.records[-1].grad_norm_sq == pytest.approx(rec.grad_norm_sq, rel=1e-6)
     assert rec.trace_sigma == pytest.approx(exact.trace, rel=0.1)
     assert rec.b_simple == pytest.approx(exact.b_simple, rel=REL)
 

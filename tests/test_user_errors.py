@@ -173,6 +173,11 @@ def test_an_exception_without_a_message_is_named_alone() -> None:
     assert_clean_failure(r, 3, "raised LookupError in forward\n")
 
 
+def test_out_of_memory_in_validates_per_example_pass_is_the_devices() -> None:
+    r = run("validate", GOOD, "--set", "model.factory=user_code.py:second_forward_oom_model")
+    assert_clean_failure(r, 4, "out of memory in validate's per-example norms of 4 examples")
+
+
 @pytest.mark.parametrize("command", ["validate", "noise"])
 def test_a_memory_error_is_out_of_memory_everywhere(command: str) -> None:
     """Python's MemoryError is the device's, exit 4, in validate's step as in a probe

@@ -495,6 +495,25 @@ def bare_error_model() -> nn.Module:
     return _Bare(LookupError)
 
 
+class _SecondForwardOom(nn.Module):
+    """Runs out of memory from its second forward on (validate's per-example pass)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(8, 3)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.l(x)
+
+
+def second_forward_oom_model() -> nn.Module:
+    return _SecondForwardOom()
+
+
 class _TextRows(_Rows):
     """dict_rows with the raw text left in, as a tokenized dataset keeps it."""
 
