@@ -32,7 +32,8 @@ found, so the continuous optimum is exact, not a grid approximation.
 Rounding: the recommended batch is the *allowed* batch with the lowest
 predicted wall-clock, where allowed means a multiple of 8 (1, 2 or 4 below
 8), the baseline itself or the whole dataset (when it splits evenly over the
-devices, or no multiple of 8 would), within [devices, dataset size]. Because each piece
+devices, or when the device count does not divide 8, so that multiples of 8 do not
+split evenly either), within [devices, dataset size]. Because each piece
 is convex, the best allowed batch of a piece is one of the two allowed
 neighbours of the piece's minimiser, so this is an exact discrete minimum: the
 recommendation is never slower than any row of the candidate table (whose
@@ -812,6 +813,16 @@ def _timing_usable(inputs: AdvisorInputs) -> bool:
             and any(s.alpha > 0 or s.beta > 0 for s in t.segments()))
 
 
+def whole_dataset_allowed(inputs: AdvisorInputs, gpus: int) -> bool:
+    """Whether the whole dataset is an allowed batch on ``gpus`` devices: when it splits
+    evenly over them (and BatchNorm batches), or when the device count does not divide 8,
+    so that multiples of 8 do not split evenly either (3 devices). Without it the optimum,
+    clipped at the dataset, would round down below it (16 for 20 examples)."""
+    unit = batch_unit(inputs, gpus)
+    return (inputs.dataset_size % math.lcm(unit, gpus) == 0
+            or (unit == 1 and BATCH_MULTIPLE % gpus != 0))
+
+
 def _candidate_grid(inputs: AdvisorInputs, recommended: int) -> list[int]:
     """Powers of two up to min(dataset, 64·B_n, 16x the larger of the baseline
     and the recommendation: rows beyond only get worse), plus 1.5× powers of two (24,
@@ -846,11 +857,7 @@ def _recommend_batch(
     """(continuous optimum or None, recommended batch, search truncated) for one noise
     scale; ``upper``: on the step-time curve of the rungs' 25th percentiles."""
     unit = batch_unit(inputs, gpus)
-    # the whole dataset, when it splits evenly over the devices (and BatchNorm batches),
-    # or when no multiple of 8 would either (3 devices): clipped there, the optimum would
-    # otherwise round down below it (16 for 20 examples)
-    whole = (inputs.dataset_size % math.lcm(unit, gpus) == 0
-             or (unit == 1 and BATCH_MULTIPLE % gpus != 0))
+    whole = whole_dataset_allowed(inputs, gpus)
     if _timing_usable(inputs):
         m = _model(inputs, b_n, gpus, sync, upper)
         extra = (float(inputs.baseline_batch),

@@ -222,6 +222,24 @@ def test_phase_steps_and_predicted_times() -> None:
     assert s.seconds < s.best_constant_seconds < s.baseline_seconds
 
 
+def test_the_best_constant_batch_can_be_the_top_of_the_range() -> None:
+    """With the noise scale far above the dataset (1,797 examples), the fastest constant
+    batch is at the top: every multiple of 8 above the grid's last point (1,536) and the
+    whole dataset are tried (an audit found 1,536 reported, beaten by 1,797)."""
+    from bsfind.schedule import best_constant
+
+    flat = Growth(a=1e6, p=0.0, e_lo=1000.0, e_hi=64000.0, r2=1.0, points=())
+    small = inputs(dataset_size=1797)
+    batch, seconds = best_constant(small, flat, 1797 * 10)
+    steps = {b: 1797 * 10 * (1 + 1e6 / b) / (1 + 1e6 / 64) / 64 for b in
+             [*range(8, 1797, 8), 1797]}
+    brute = min(steps, key=lambda b: steps[b] * (T0 + C * b))
+    assert brute == 1797 and batch == brute
+    assert seconds == pytest.approx(steps[brute] * (T0 + C * brute), rel=1e-3)
+    # on 2 devices 1,797 does not split: the top is the last multiple of 8, 1,792
+    assert best_constant(inputs(dataset_size=1797, gpus=2), flat, 1797 * 10)[0] == 1792
+
+
 def test_extrapolation_is_labelled_and_capped() -> None:
     # No planned length: the horizon is EXTRAPOLATION_LIMIT x the last measured point.
     short = Growth(a=0.01, p=1.0, e_lo=1000.0, e_hi=10_000.0, r2=1.0, points=())
