@@ -475,6 +475,11 @@ def render_schedule(doc: dict[str, Any]) -> None:
                      for r in s["ramp"])
     acc = ", ".join(f"({r['from_step']}, {r['grad_accumulation']})" for r in s["accumulation"])
     micro = s["accumulation"][0]["per_device_batch_size"]
+    acc_time = s.get("accumulation_predicted_seconds")  # (absent from older cached results)
+    slower = (acc_time is not None and s["baseline_seconds"]
+              and acc_time > 1.005 * s["predicted_seconds"])
+    acc_note = (f" (predicted {acc_time / s['baseline_seconds']:.2f}×: each micro-batch "
+                "pays the step's fixed time)" if slower else "")
     horizon = ("the planned run" if s["horizon_source"] == "training"
                else f"{s['horizon_examples']:,} examples (no training length given: the "
                     "extrapolation limit)")
@@ -483,7 +488,8 @@ def render_schedule(doc: dict[str, Any]) -> None:
         f"the baseline's time, against {s['best_constant_seconds'] / s['baseline_seconds']:.2f}×"
         f" for the best constant batch ({s['best_constant_batch']:,})\n"
         f"  ramp as (from_step, batch, lr): [{ramp}]\n"
-        f"  or as gradient accumulation over {micro} per device, (from_step, steps): [{acc}]\n"
+        f"  or as gradient accumulation over {micro} per device, (from_step, steps): [{acc}]"
+        f"{acc_note}\n"
         f"  the noise scale was measured up to {s['measured_examples']:,.0f} examples"
         + ("; past it the schedule follows the fitted growth (held beyond "
            f"{s['growth']['extrapolation_limit_examples']:,.0f})"

@@ -110,6 +110,7 @@ def schedule_dict(s: Schedule | None) -> dict[str, Any] | None:
         "lr_measured": ({"batch_size": s.lr_measured[0], "factor": s.lr_measured[1]}
                         if s.lr_measured else None),
         "predicted_seconds": s.seconds,
+        "accumulation_predicted_seconds": clean(s.accumulation_seconds),
         "baseline_seconds": s.baseline_seconds,
         "best_constant_batch": s.best_constant_batch,
         "best_constant_seconds": s.best_constant_seconds,

@@ -204,6 +204,9 @@ class Schedule:
     # The learning rate measured at the recommended batch: (that batch, its factor on the
     # rule's); the phases' learning rates carry advisor.measured_lr. None: the rule's.
     lr_measured: tuple[int, float] | None = None
+    # the same ramp as gradient accumulation (``accumulation``): every micro-batch pays
+    # the step's fixed time t0, so it is slower than the batch-size form unless t0 is 0
+    accumulation_seconds: float = math.nan
 
     @property
     def ramp(self) -> list[tuple[int, int, float]]:
@@ -332,12 +335,18 @@ def build(inputs: AdvisorInputs, growth: Growth, planned_examples: int | None) -
         examples += round(n) * b
         total += n * model.step_time(b)
     best_b, best_s = best_constant(inputs, growth, horizon)
-    return Schedule(
+    schedule = Schedule(
         phases=tuple(phases), growth=growth, horizon_examples=int(horizon),
         horizon_source=source, measured_examples=growth.e_hi, seconds=total,
         baseline_seconds=horizon / b0 * model.step_time(b0),
         best_constant_batch=best_b, best_constant_seconds=best_s, lr_rule=rule,
     )
+    # the accumulation form: a micro-batch of the first phase's per-device batch, timed as
+    # one step of it on each device, a times per optimizer step, then one all-reduce
+    accumulated = sum(
+        p.steps * (a * (model.step_time(micro * inputs.gpus) - model.sync) + model.sync)
+        for p, (_, micro, a) in zip(phases, schedule.accumulation, strict=True))
+    return dataclasses.replace(schedule, accumulation_seconds=accumulated)
 
 
 
