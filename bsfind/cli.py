@@ -483,10 +483,15 @@ def render_schedule(doc: dict[str, Any]) -> None:
     horizon = ("the planned run" if s["horizon_source"] == "training"
                else f"{s['horizon_examples']:,} examples (no training length given: the "
                     "extrapolation limit)")
+    held = s.get("recommended_batch")  # the recommendation held for the whole run
+    held_words = (f" and {s['recommended_seconds'] / s['baseline_seconds']:.2f}× for the "
+                  f"recommended {held:,} held constant"
+                  if held and held != s["best_constant_batch"]
+                  and s.get("recommended_seconds") is not None else "")
     stdout.print(
         f"  over {horizon}: predicted {s['predicted_seconds'] / s['baseline_seconds']:.2f}× "
         f"the baseline's time, against {s['best_constant_seconds'] / s['baseline_seconds']:.2f}×"
-        f" for the best constant batch ({s['best_constant_batch']:,})\n"
+        f" for the best constant batch ({s['best_constant_batch']:,}){held_words}\n"
         f"  ramp as (from_step, batch, lr): [{ramp}]\n"
         f"  or as gradient accumulation over {micro} per device, (from_step, steps): [{acc}]"
         f"{acc_note}\n"

@@ -303,13 +303,15 @@ def advise(report: Report, spec: Spec, job: Workload, runner: Runner, hw: Hardwa
         recommendation=advice.recommendation, candidates=advice.candidates,
         frontier=advice.frontier, absolute=advice.absolute,
         schedule=batch_schedule(calibrated_points(report.noise, measured, inputs), inputs,
-                                spec.planned_examples(len(job))),
+                                spec.planned_examples(len(job)),
+                                advice.recommendation.batch_size),
         warnings=report.warnings + tuple(notes),
     )
 
 
 def batch_schedule(points: tuple[NoiseEstimate, ...], inputs: advisor.AdvisorInputs,
-                   planned: int | None) -> schedule.Schedule | None:
+                   planned: int | None, recommended: int | None = None
+                   ) -> schedule.Schedule | None:
     """The doubling schedule from the noise scale along training (``schedule.py``); None
     without a usable step time, with fewer than two points after initialisation, or when
     none of them is resolved. An unresolved point enters with its interval's lower end,
@@ -322,7 +324,7 @@ def batch_schedule(points: tuple[NoiseEstimate, ...], inputs: advisor.AdvisorInp
         return None  # lower bounds alone say how far the probe saw, not how B_n grew
     growth = schedule.fit_growth([(e, v) for e, v, _ in values],  # type: ignore[misc]
                                  bounds_at={e for e, _, bound in values if bound})
-    return None if growth is None else schedule.build(inputs, growth, planned)
+    return None if growth is None else schedule.build(inputs, growth, planned, recommended)
 
 
 def batchnorm_floor_note(inputs: advisor.AdvisorInputs, batch: int) -> str | None:

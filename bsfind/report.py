@@ -114,6 +114,8 @@ def schedule_dict(s: Schedule | None) -> dict[str, Any] | None:
         "baseline_seconds": s.baseline_seconds,
         "best_constant_batch": s.best_constant_batch,
         "best_constant_seconds": s.best_constant_seconds,
+        "recommended_batch": s.recommended_batch,
+        "recommended_seconds": clean(s.recommended_seconds),
         "predicted_time_ratio": s.seconds / s.baseline_seconds if s.baseline_seconds else None,
         "label": "predicted; phases marked extrapolated start past the last measured point",
     }

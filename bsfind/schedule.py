@@ -207,6 +207,10 @@ class Schedule:
     # the same ramp as gradient accumulation (``accumulation``): every micro-batch pays
     # the step's fixed time t0, so it is slower than the batch-size form unless t0 is 0
     accumulation_seconds: float = math.nan
+    # the recommendation's constant batch over the same run, its fitted growth integrated
+    # (the recommendation's own predicted_time_ratio reads the noise scale now for every step)
+    recommended_batch: int | None = None
+    recommended_seconds: float = math.nan
 
     @property
     def ramp(self) -> list[tuple[int, int, float]]:
@@ -257,6 +261,13 @@ def _doubling_threshold(model: WallClock, b: float) -> float | None:
     return max(0.0, (t2 - t1) / denominator)
 
 
+def constant_seconds(inputs: AdvisorInputs, growth: Growth, horizon: float, b: int) -> float:
+    """Predicted seconds of a run at the constant batch ``b`` over ``horizon`` baseline
+    examples, the noise scale following ``growth``."""
+    model = wall_clock(inputs, growth.at(growth.e_hi))
+    return _steps(growth, b, inputs.baseline_batch, 0.0, horizon) * model.step_time(b)
+
+
 def best_constant(inputs: AdvisorInputs, growth: Growth, horizon: float) -> tuple[int, float]:
     """(batch, predicted seconds) of the constant batch fastest over the whole horizon.
 
@@ -265,12 +276,10 @@ def best_constant(inputs: AdvisorInputs, growth: Growth, horizon: float) -> tupl
     the grid's last point: up to the dataset, which an audit found skipped, 1,544-1,797
     of 1,797 examples).
     """
-    model = wall_clock(inputs, growth.at(growth.e_hi))
-    b0 = inputs.baseline_batch
-
     def seconds(b: int) -> float:
-        return _steps(growth, b, b0, 0.0, horizon) * model.step_time(b)
+        return constant_seconds(inputs, growth, horizon, b)
 
+    b0 = inputs.baseline_batch
     cap = inputs.dataset_size
     unit = batch_unit(inputs)
     step = unit if unit > 1 else 8
@@ -285,7 +294,8 @@ def best_constant(inputs: AdvisorInputs, growth: Growth, horizon: float) -> tupl
     return best, seconds(best)
 
 
-def build(inputs: AdvisorInputs, growth: Growth, planned_examples: int | None) -> Schedule:
+def build(inputs: AdvisorInputs, growth: Growth, planned_examples: int | None,
+          recommended: int | None = None) -> Schedule:
     """The doubling schedule for the measured growth (see the module docstring).
 
     Args:
@@ -293,6 +303,7 @@ def build(inputs: AdvisorInputs, growth: Growth, planned_examples: int | None) -
             growth gives the noise scale along the run).
         growth: B_n as a function of the baseline run's examples.
         planned_examples: the run's length at the baseline batch, if known.
+        recommended: the advisor's batch, whose run is predicted on the growth too.
     """
     b0 = inputs.baseline_batch
     if planned_examples is not None:
@@ -346,7 +357,10 @@ def build(inputs: AdvisorInputs, growth: Growth, planned_examples: int | None) -
     accumulated = sum(
         p.steps * (a * (model.step_time(micro * inputs.gpus) - model.sync) + model.sync)
         for p, (_, micro, a) in zip(phases, schedule.accumulation, strict=True))
-    return dataclasses.replace(schedule, accumulation_seconds=accumulated)
+    return dataclasses.replace(
+        schedule, accumulation_seconds=accumulated, recommended_batch=recommended,
+        recommended_seconds=(math.nan if recommended is None
+                             else constant_seconds(inputs, growth, horizon, recommended)))
 
 
 

@@ -234,6 +234,18 @@ def test_the_accumulation_form_is_timed_as_micro_batches() -> None:
     assert s.accumulation_seconds > s.seconds
 
 
+def test_the_recommendation_held_constant_is_predicted_on_the_growth_too() -> None:
+    """The recommendation's own predicted_time_ratio reads the noise scale now for every
+    step; the schedule also gives its batch's run on the fitted growth (an audit found the
+    two figures for one batch 0.21x and 0.34x, the optimistic one unlabelled)."""
+    s = build(inputs(), LINEAR, planned_examples=100_000, recommended=256)
+    assert s.recommended_batch == 256
+    assert s.recommended_seconds == pytest.approx(
+        _steps_by_hand(256, 0, 100_000, 2000) * (T0 + C * 256), rel=1e-3)
+    assert s.recommended_seconds >= s.best_constant_seconds
+    assert math.isnan(build(inputs(), LINEAR, planned_examples=100_000).recommended_seconds)
+
+
 def test_the_best_constant_batch_can_be_the_top_of_the_range() -> None:
     """With the noise scale far above the dataset (1,797 examples), the fastest constant
     batch is at the top: every multiple of 8 above the grid's last point (1,536) and the

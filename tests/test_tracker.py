@@ -123,7 +123,7 @@ def test_a_step_whose_losses_were_divided_by_more_than_its_micro_batches() -> No
     again = track(_model(), window=10_000)
     gen = torch.Generator().manual_seed(1)
     for _ in range(300):
-        for j in range(2):
+        for _j in range(2):
             idx = torch.randint(len(x), (16,), generator=gen)
             (F.cross_entropy(again.module(x[idx]), y[idx]) / 4).backward()
             again.micro_step()
