@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from bsfind import torch_compat as compat
 from bsfind.tracker import (
     DEFAULT_WINDOW,
     Doubling,
@@ -147,7 +148,11 @@ class NoiseScaleMonitor(Callback):
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            loss: torch.Tensor) -> None:
         # Lightning backpropagates loss / accumulate_grad_batches: their sum is the step's mean.
+        # Under 16-mixed the hook gets the loss already multiplied by the GradScaler's scale.
         d = loss.detach()
+        scale = compat.loss_scale(getattr(trainer.precision_plugin, "scaler", None))
+        if scale is not None:
+            d = d / scale
         self._loss = d if self._loss is None else self._loss + d
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

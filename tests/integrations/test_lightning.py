@@ -160,6 +160,22 @@ def test_an_epochs_short_last_step_is_rescaled() -> None:
     assert mean(short, "loss") == pytest.approx(mean(full, "loss"), rel=0.05)
 
 
+def test_the_loss_under_a_grad_scaler_is_logged_unscaled() -> None:
+    """Under 16-mixed Lightning calls on_before_backward with the loss already times the
+    GradScaler's scale (MixedPrecision.pre_backward): the records' loss divides it out (a
+    review read it in Lightning's source; 16-mixed does not run on a CPU, so the trainer
+    here is a stand-in holding a real GradScaler)."""
+    from types import SimpleNamespace
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaled = scaler.scale(torch.tensor(0.75))
+    monitor = NoiseScaleMonitor()
+    trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler))
+    monitor.on_before_backward(trainer, None, scaled)  # type: ignore[arg-type]
+    assert float(scaled) == 768.0 and monitor._loss is not None
+    assert float(monitor._loss) == 0.75
+
+
 def test_doubling_changes_accumulation_and_learning_rate_by_the_rule() -> None:
     """A step-time curve with a large fixed cost (t0 = 1 s, c = 1 µs) makes every
     doubling pay: accumulation goes 1 -> 2 -> 4 (the cap) at the epoch starts, and the
