@@ -227,10 +227,12 @@ def plan_from_log(spec: Spec, runner: Runner, records: Sequence[TrackRecord], so
     planned = spec.planned_examples(len(job))
     points = trajectory.from_log(records, dataset_size=len(job), planned=planned,
                                  source=source)
-    counts = collections.Counter(r.trained for r in records)
-    # the batches the run trained with, not an epoch's partial last batch now and then
-    logged = {b for b, c in counts.items() if c >= max(2, 0.05 * len(records))} or {
-        counts.most_common(1)[0][0]} if counts else set()
+    trained = [r.trained for r in records]
+    # the batches the run trained with: those of two records in a row, not an epoch's
+    # partial last batch, which comes alone between full ones (a review: epochs of few
+    # measured steps made it look like a batch of the run)
+    logged = {a for a, b in zip(trained, trained[1:], strict=False) if a == b} or (
+        {collections.Counter(trained).most_common(1)[0][0]} if trained else set())
     bn = measured_norm_batch(spec, job, points.used)
     notes = [*notes, *([wording.log_batch_differs(sorted(logged), spec.optimizer.batch_size,
                                                   batchnorm=bn is not None)] if (

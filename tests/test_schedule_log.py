@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import statistics
@@ -169,6 +170,26 @@ def test_without_a_step_time_the_command_says_why_there_is_no_schedule(
     assert doc["schedule"] is None
     assert "no batch-size schedule: no step time bsfind can act on (probe.timing is off); " \
         "set hardware.gpu to plan from a predicted one" in doc["warnings"]
+
+
+def test_the_logs_batches_are_those_of_records_in_a_row(tmp_path: Path) -> None:
+    """An epoch's partial last step (here every sixth record, 37 examples) is not a batch
+    the run used (a review: epochs of few measured steps made the schedule warn that the
+    run used "batch 37, 64" against the spec's 64); a run that doubled to 128 did."""
+    def warnings_for(batches: list[int]) -> list[str]:
+        log = tmp_path / "noise.jsonl"
+        examples = list(itertools.accumulate(batches))
+        log.write_text("".join(json.dumps(dataclasses.replace(
+            record(i, e, 50.0 + i), b_big=b, batch=b).to_json()) + "\n"
+            for i, (b, e) in enumerate(zip(batches, examples, strict=True))))
+        r = runner.invoke(app, ["schedule", str(CONFIGS / "digits-mlp.yaml"), str(log),
+                                "--json", "--set", "probe.timing=false"])
+        assert r.exit_code == 0, r.output
+        return [w for w in json.loads(r.stdout)["warnings"] if "the tracker log's run" in w]
+
+    assert warnings_for(([64] * 5 + [37]) * 6) == []
+    (doubled,) = warnings_for([64] * 20 + [128] * 20)
+    assert doubled.startswith("the tracker log's run used batch 64, 128, the spec's baseline")
 
 
 def test_a_log_whose_points_are_all_unresolved_gets_no_schedule(tmp_path: Path) -> None:
