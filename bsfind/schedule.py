@@ -60,6 +60,9 @@ from bsfind.advisor import (
 EXTRAPOLATION_LIMIT = 4.0
 # Points per phase of the numerical integral of the steps (log-spaced trapezoids).
 INTEGRATION_POINTS = 256
+# Accumulation pieces whose largest batch the best constant batch's grid holds: past each
+# the step time jumps (one more micro-batch), so the time is not single-dipped there.
+ACCUMULATION_PIECES = 64
 
 
 @dataclass(frozen=True)
@@ -268,28 +271,44 @@ def constant_seconds(inputs: AdvisorInputs, growth: Growth, horizon: float, b: i
     return _steps(growth, b, inputs.baseline_batch, 0.0, horizon) * model.step_time(b)
 
 
-def best_constant(inputs: AdvisorInputs, growth: Growth, horizon: float) -> tuple[int, float]:
+def best_constant(inputs: AdvisorInputs, growth: Growth, horizon: float,
+                  extra: Sequence[int] = ()) -> tuple[int, float]:
     """(batch, predicted seconds) of the constant batch fastest over the whole horizon.
 
-    Powers of two (and 1.5× them) up to the dataset, and the whole dataset, then every
-    allowed batch (multiples of 8) between the best one's neighbours on that grid (past
-    the grid's last point: up to the dataset, which an audit found skipped, 1,544-1,797
-    of 1,797 examples).
+    Allowed batches only (multiples of 8, or 1, 2, 4; of the BatchNorm unit; the
+    baseline; the whole dataset where the advisor allows it; ``extra``), never above the
+    dataset. On a grid of powers of two and 1.5× them, the baseline, ``extra``, the whole
+    dataset and the largest batch of each of the first accumulation pieces (the time
+    jumps up past each: a review found the grid's dataset point beat a faster batch just
+    under such a jump), then every allowed batch between the best one's grid neighbours
+    (up to the dataset past the grid's last point: an audit found 1,544-1,797 of 1,797
+    examples skipped).
     """
     def seconds(b: int) -> float:
         return constant_seconds(inputs, growth, horizon, b)
 
-    b0 = inputs.baseline_batch
-    cap = inputs.dataset_size
+    b0, cap, gpus = inputs.baseline_batch, inputs.dataset_size, max(1, inputs.gpus)
     unit = batch_unit(inputs)
     step = unit if unit > 1 else 8
-    whole = {cap} if whole_dataset_allowed(inputs, max(1, inputs.gpus)) else set()
-    grid = sorted({b for k in range(40) for b in (unit * 2**k, unit * 3 * 2**k // 2)
-                   if max(1, inputs.gpus) <= b <= cap and b % unit == 0} | {b0} | whole)
-    best = min(grid, key=seconds)
-    i = grid.index(best)
-    lo, hi = grid[max(0, i - 1)], grid[i + 1] if i + 1 < len(grid) else cap
-    near = set(range(step * math.ceil(lo / step), hi + 1, step)) - {0}
+
+    def allowed(b: int) -> bool:
+        return gpus <= b <= cap and (b % step == 0 or (unit == 1 and b in (1, 2, 4)))
+
+    grid = {b for k in range(40) for b in (unit * 2**k, unit * 3 * 2**k // 2) if allowed(b)}
+    per_step = wall_clock(inputs, growth.at(growth.e_hi)).per_step
+    if math.isfinite(per_step):
+        grid |= {b for a in range(1, ACCUMULATION_PIECES + 1)
+                 if allowed(b := step * math.floor(min(a * per_step, cap) / step))}
+    grid |= {b for b in (b0, *extra) if gpus <= b <= cap}
+    if whole_dataset_allowed(inputs, gpus):
+        grid.add(cap)
+    if not grid:  # fewer examples than devices: the dataset, as the advisor would
+        return cap, seconds(cap)
+    ordered = sorted(grid)
+    best = min(ordered, key=seconds)
+    i = ordered.index(best)
+    lo, hi = ordered[max(0, i - 1)], ordered[i + 1] if i + 1 < len(ordered) else cap
+    near = {b for b in range(step * math.ceil(lo / step), hi + 1, step) if allowed(b)}
     best = min({best, *near}, key=seconds)
     return best, seconds(best)
 
@@ -324,6 +343,7 @@ def build(inputs: AdvisorInputs, growth: Growth, planned_examples: int | None,
         batch *= 2
         bounds.append((batch, max(e, bounds[-1][1])))
     phases: list[Phase] = []
+    steps_of: list[float] = []  # each phase's steps, unrounded
     step = examples = 0
     total = 0.0
     rule = "none"
@@ -345,7 +365,9 @@ def build(inputs: AdvisorInputs, growth: Growth, planned_examples: int | None,
         step += round(n)
         examples += round(n) * b
         total += n * model.step_time(b)
-    best_b, best_s = best_constant(inputs, growth, horizon)
+        steps_of.append(n)
+    best_b, best_s = best_constant(inputs, growth, horizon,
+                                   () if recommended is None else (recommended,))
     schedule = Schedule(
         phases=tuple(phases), growth=growth, horizon_examples=int(horizon),
         horizon_source=source, measured_examples=growth.e_hi, seconds=total,
@@ -353,10 +375,11 @@ def build(inputs: AdvisorInputs, growth: Growth, planned_examples: int | None,
         best_constant_batch=best_b, best_constant_seconds=best_s, lr_rule=rule,
     )
     # the accumulation form: a micro-batch of the first phase's per-device batch, timed as
-    # one step of it on each device, a times per optimizer step, then one all-reduce
+    # one step of it on each device, a times per optimizer step, then one all-reduce; over
+    # the phases' steps as the batch form's time counts them (unrounded)
     accumulated = sum(
-        p.steps * (a * (model.step_time(micro * inputs.gpus) - model.sync) + model.sync)
-        for p, (_, micro, a) in zip(phases, schedule.accumulation, strict=True))
+        n * (a * (model.step_time(micro * inputs.gpus) - model.sync) + model.sync)
+        for n, (_, micro, a) in zip(steps_of, schedule.accumulation, strict=True))
     return dataclasses.replace(
         schedule, accumulation_seconds=accumulated, recommended_batch=recommended,
         recommended_seconds=(math.nan if recommended is None

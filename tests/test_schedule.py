@@ -228,10 +228,18 @@ def test_the_accumulation_form_is_timed_as_micro_batches() -> None:
     same ramp, it was 0.96x of the baseline where the batch form was 0.71x)."""
     s = build(inputs(), LINEAR, planned_examples=100_000)
     assert [a for _, _, a in s.accumulation] == [1, 2, 4, 8]
-    by_hand = sum(p.steps * a * (T0 + C * 48) for p, (_, _, a) in
-                  zip(s.phases, s.accumulation, strict=True))
-    assert s.accumulation_seconds == pytest.approx(by_hand, rel=1e-9)
+    bounds = [0, 2304, 9216, 36864, 100_000]
+    by_hand = sum(_steps_by_hand(p.batch_size, lo, hi, 2000) * a * (T0 + C * 48)
+                  for p, (_, _, a), lo, hi in
+                  zip(s.phases, s.accumulation, bounds[:-1], bounds[1:], strict=True))
+    assert s.accumulation_seconds == pytest.approx(by_hand, rel=1e-3)
     assert s.accumulation_seconds > s.seconds
+    # a short run with no accumulation: the two forms are one, and so are their times (a
+    # review: rounded steps against unrounded made the same ramp read slower)
+    short = build(inputs(), Growth(a=0.01, p=0.0, e_lo=100.0, e_hi=2000.0, r2=1.0, points=()),
+                  planned_examples=300)
+    assert [a for _, _, a in short.accumulation] == [1]
+    assert short.accumulation_seconds == pytest.approx(short.seconds, rel=1e-12)
 
 
 def test_the_recommendation_held_constant_is_predicted_on_the_growth_too() -> None:
@@ -244,6 +252,24 @@ def test_the_recommendation_held_constant_is_predicted_on_the_growth_too() -> No
         _steps_by_hand(256, 0, 100_000, 2000) * (T0 + C * 256), rel=1e-3)
     assert s.recommended_seconds >= s.best_constant_seconds
     assert math.isnan(build(inputs(), LINEAR, planned_examples=100_000).recommended_seconds)
+
+
+def test_the_best_constant_batch_looks_under_each_accumulation_jump() -> None:
+    """245 examples fit per step: the time jumps at 246 (two micro-batches). The fastest
+    constant batch, 240, sits just under the jump, below the whole dataset (387), which
+    wins the coarse grid (a review: 387 reported at 0.49x, 240 is 0.44x). Checked by brute
+    force over every allowed batch."""
+    from bsfind.results import MemoryModel
+    from bsfind.schedule import best_constant, constant_seconds
+
+    mem = MemoryModel(fixed_bytes=0, bytes_per_example=1.0, max_batch_size=245,
+                      limit_bytes=245, source="measured")
+    capped = inputs(dataset_size=387, baseline_batch=64, memory=mem)
+    growth = Growth(a=1e6, p=0.5, e_lo=1000.0, e_hi=64000.0, r2=1.0, points=())
+    batch, _ = best_constant(capped, growth, 3870)
+    brute = min([1, 2, 4, *range(8, 388, 8), 387],
+                key=lambda b: constant_seconds(capped, growth, 3870, b))
+    assert batch == brute == 240
 
 
 def test_the_best_constant_batch_can_be_the_top_of_the_range() -> None:
