@@ -94,6 +94,17 @@ def _train_and_save(tmp_path: Path) -> list[tuple[int, Path]]:
     return saved
 
 
+def _spec_with(folder: Path, **model: object) -> Path:
+    """The good spec beside its factory file in ``folder``, with ``model`` keys set (the
+    checkpoints' paths are relative to it)."""
+    shutil.copy(ASSETS / "user_code.py", folder / "user_code.py")
+    doc = yaml.safe_load(Path(GOOD).read_text())
+    doc["model"].update(model)
+    path = folder / "run.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
 def test_model_checkpoints_measures_at_each_without_training(tmp_path: Path) -> None:
     from bsfind.api import noise_scale_at
     from bsfind.pipeline import probe_options
@@ -101,12 +112,9 @@ def test_model_checkpoints_measures_at_each_without_training(tmp_path: Path) -> 
     from bsfind.workload import build, load_checkpoint
 
     saved = _train_and_save(tmp_path)
-    shutil.copy(ASSETS / "user_code.py", tmp_path / "user_code.py")
-    doc = yaml.safe_load(Path(GOOD).read_text())
-    doc["model"]["checkpoints"] = [{"path": "ck0.pt", "step": 0}, {"path": "ck20.pt", "step": 20},
-                                   {"path": "ck40.pt", "examples": 640}]
-    spec_path = tmp_path / "run.yaml"
-    spec_path.write_text(yaml.safe_dump(doc))
+    spec_path = _spec_with(tmp_path, checkpoints=[
+        {"path": "ck0.pt", "step": 0}, {"path": "ck20.pt", "step": 20},
+        {"path": "ck40.pt", "examples": 640}])
     out = run_json("noise", str(spec_path))
     points = out["noise_scale_by_step"]
     assert [p["step"] for p in points] == [0, 20, 40]
@@ -319,11 +327,7 @@ def test_a_single_checkpoint_is_named_where_steps_are_counted_from(tmp_path: Pat
     from bsfind.results import Trajectory
 
     saved = _train_and_save(tmp_path)
-    shutil.copy(ASSETS / "user_code.py", tmp_path / "user_code.py")
-    doc = yaml.safe_load(Path(GOOD).read_text())
-    doc["model"]["checkpoint"] = saved[1][1].name  # ck20.pt
-    spec_path = tmp_path / "run.yaml"
-    spec_path.write_text(yaml.safe_dump(doc))
+    spec_path = _spec_with(tmp_path, checkpoint=saved[1][1].name)  # ck20.pt
     out = run_json("branch", str(spec_path), "--set", "probe.max_seconds=20")
     assert out["trajectory"]["checkpoint"] == "ck20.pt"
     (b,) = out["branches"]
@@ -351,12 +355,9 @@ def test_a_checkpoint_that_does_not_match_fails_before_any_is_measured(
     saved = _train_and_save(tmp_path)
     state = torch.load(saved[2][1])
     torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "ddp.pt")
-    shutil.copy(ASSETS / "user_code.py", tmp_path / "user_code.py")
-    doc = yaml.safe_load(Path(GOOD).read_text())
-    doc["model"]["checkpoints"] = [{"path": "ck0.pt", "step": 0}, {"path": "ck20.pt", "step": 20},
-                                   {"path": "ddp.pt", "step": 40}]
-    spec_path = tmp_path / "run.yaml"
-    spec_path.write_text(yaml.safe_dump(doc))
+    spec_path = _spec_with(tmp_path, checkpoints=[
+        {"path": "ck0.pt", "step": 0}, {"path": "ck20.pt", "step": 20},
+        {"path": "ddp.pt", "step": 40}])
     measured: list[int] = []
     real = trajectory.measure_point
     monkeypatch.setattr(trajectory, "measure_point",
