@@ -421,6 +421,31 @@ def test_tracker_measures_its_step_time_curve(monkeypatch: pytest.MonkeyPatch) -
     assert given.threshold == pytest.approx(2 * 0.0001 * 32**2 / 0.2)
 
 
+def test_step_times_that_do_not_grow_with_the_batch_are_no_curve(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new user's epochs ended on a partial batch of 8 beside the full 32, the small
+    steps timed a little slower (overhead and noise): the fitted c was negative and the
+    advice recommended batch 2^40. Without growth there is no curve: the advice rests on
+    the noise scale."""
+    import bsfind.tracker as tr
+
+    clock = [0.0]
+    monkeypatch.setattr(tr.time, "perf_counter", lambda: clock[0])
+    model = _model()
+    x, y = _problem()
+    tracker = track(model, every=4)
+    for batch in ([32] * 5 + [8]) * 12:
+        clock[0] += 0.0101 if batch == 8 else 0.0100
+        F.cross_entropy(model(x[:batch]), y[:batch]).backward()
+        tracker.update()
+        model.zero_grad()
+    assert tracker.step_times() is None
+    adv = tracker.advice()
+    assert adv is not None and adv.b_simple is not None
+    assert adv.timing_source == "none" and adv.basis == "noise"
+    assert adv.recommended_batch is not None and adv.recommended_batch < 10**6
+
+
 def test_scale_learning_rate_moves_the_schedule_too() -> None:
     opt = torch.optim.SGD(_model().parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))

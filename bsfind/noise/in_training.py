@@ -89,7 +89,10 @@ class StepTimes:
 
     def curve(self) -> TimingCurve | None:
         """t(B) = t0 + c·B through each batch size's low quantile, once two sizes have
-        MIN_TIMED_STEPS periods each (one size cannot separate t0 from c)."""
+        MIN_TIMED_STEPS periods each (one size cannot separate t0 from c); None when the
+        fitted time does not grow with the batch (c <= 0): overhead and noise, not a
+        step-time curve. (A new user's epochs ended on a partial batch of 8 beside the
+        full 32, timed alike: c came out negative, and the advice ran off to 2^40.)"""
         pts = []
         for b, ps in sorted(self.periods.items()):
             if len(ps) >= MIN_TIMED_STEPS:
@@ -105,6 +108,8 @@ class StepTimes:
         ss = sum((y - my) ** 2 for y in ys)
         res = sum((y - t0 - c * x) ** 2 for x, y in zip(xs, ys, strict=True))
         r2 = 1.0 - res / ss if ss > 0 else 1.0
+        if c <= 0:
+            return None
         return TimingCurve(points=tuple(pts), t0=t0, per_example=c, r2=r2, source="measured")
 
 
