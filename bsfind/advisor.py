@@ -958,11 +958,14 @@ def absolute_prediction(inputs: AdvisorInputs, model: WallClock, rec: Candidate
     base_hours = base_steps * model.step_time(b0) / 3600.0
     hours = base_steps * rec.steps_ratio * model.step_time(rec.batch_size) / 3600.0
     price = inputs.price_per_hour
+    steps = math.ceil(base_steps * rec.steps_ratio)
     return AbsolutePrediction(
         training_examples=e, hours=hours, baseline_hours=base_hours,
         cost=None if price is None else hours * n * price,
         baseline_cost=None if price is None else base_hours * n * price,
-        price_per_hour=price,
+        price_per_hour=price, batch_size=rec.batch_size, steps=steps,
+        examples=steps * rec.batch_size,
+        epochs=steps * rec.batch_size / inputs.dataset_size if inputs.dataset_size else None,
     )
 
 

@@ -360,7 +360,9 @@ class AbsolutePrediction:
 
     The planned examples E run at the baseline batch in E/B0 steps; at batch B
     the steps scale by S(B)/S(B0): hours(B) = (E/B0)·steps_ratio(B)·t(B)/3600,
-    cost = hours × devices × price per device-hour. All predicted.
+    cost = hours × devices × price per device-hour. All predicted. The same progress at
+    batch B takes more examples than E when B is above the noise scale: a run kept at
+    E examples would stop short of it.
     """
 
     training_examples: int
@@ -371,6 +373,12 @@ class AbsolutePrediction:
     price_per_hour: float | None
     label: str = "predicted"
     text: str = ""  # one line for people, written by bsfind.wording
+    # what the same progress takes at the recommended batch: steps S(B) = (E/B0)·S(B)/S(B0),
+    # their examples S(B)·B (more than E above the noise scale) and those in epochs
+    batch_size: int = 0
+    steps: int = 0
+    examples: int = 0
+    epochs: float | None = None
 
 
 @dataclass(frozen=True)

@@ -501,9 +501,14 @@ def absolute_text(a: AbsolutePrediction) -> str:
     """One line: the planned training's predicted hours (and cost) against the baseline's."""
     text = (f"{a.training_examples:,} planned examples: predicted "
             f"{duration(a.hours)} (baseline {duration(a.baseline_hours)})")
-    if a.cost is not None and a.baseline_cost is not None:
-        text += (f", {money(a.cost)} (baseline {money(a.baseline_cost)}) at "
-                 f"{a.price_per_hour:g} per device-hour")
+    if a.cost is not None and a.baseline_cost is not None and a.price_per_hour is not None:
+        text += (f", cost {money(a.cost)} (baseline {money(a.baseline_cost)}) at "
+                 f"{money(a.price_per_hour)} per device-hour")
+    if a.steps and a.examples != a.training_examples:  # what to train for at the new batch
+        epochs = f" ({a.epochs:.3g} epochs)" if a.epochs is not None else ""
+        text += (f"; the same progress at batch {a.batch_size:,} takes {a.steps:,} steps, "
+                 f"{a.examples:,} examples{epochs}: train that long, not "
+                 f"{a.training_examples:,} examples")
     return text
 
 

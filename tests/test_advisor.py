@@ -357,6 +357,13 @@ def test_predicted_hours_and_money() -> None:
     assert ab.label == "predicted" and "6,400,000" in ab.text and "0.746" in ab.text
     # in the unit that reads best: 1074 s and 2640 s are minutes
     assert "predicted 17.9 min (baseline 44 min)" in ab.text
+    # what to train for: 1e5 · 0.12913355 = 12,913.4 steps, so 12,914 of 632 examples,
+    # 8.16 epochs of the 1,000,000 (a new user kept the baseline's epochs at the new batch)
+    assert (ab.batch_size, ab.steps, ab.examples) == (632, 12_914, 12_914 * 632)
+    assert ab.epochs == pytest.approx(12_914 * 632 / 10**6)
+    assert ("the same progress at batch 632 takes 12,914 steps, 8,161,648 examples "
+            "(8.16 epochs): train that long, not 6,400,000 examples") in ab.text
+    assert "cost 0.746 (baseline 1.83) at 2.50 per device-hour" in ab.text
     # Two devices: hours from the 2-device step time, money × 2.
     two = advise(inputs(training_examples=6_400_000, price_per_hour=2.5, gpus=2,
                         sync_seconds=0.0)).absolute
