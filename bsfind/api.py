@@ -442,7 +442,8 @@ def verdict(doc: dict[str, Any], tolerance: float, cached: bool = False) -> Chec
         time_ratio=rec.get("predicted_time_ratio"), cost_ratio=rec.get("predicted_cost_ratio"),
         learning_rate=rec["learning_rate"],
         lr_label=wording.lr_label(rec["lr_rule"], rec.get("lr_factor")),
-        ranks=(doc.get("distributed") or {}).get("world_size", 1))
+        ranks=(doc.get("distributed") or {}).get("world_size", 1),
+        partial=doc.get("status") == "partial")
     doc = {**doc, "check": {"within": within, "ratio": ratio, "tolerance": tolerance,
                             "message": message}}
     return CheckResult(within, ratio, b0, b, tolerance, message, cached, doc)

@@ -530,13 +530,17 @@ def describe_advice(advice: Advice, inputs: AdvisorInputs) -> Advice:
 
 def check_message(*, within: bool, baseline: int, recommended: int, ratio: float,
                   tolerance: float, time_ratio: float | None, cost_ratio: float | None,
-                  learning_rate: float, lr_label: str, ranks: int = 1) -> str:
+                  learning_rate: float, lr_label: str, ranks: int = 1,
+                  partial: bool = False) -> str:
     """``bsfind check``'s one-line verdict, with the learning rate at the recommended batch
     (a passing check hid a measured rate 4x the rule's from a trial's CI user); under
-    torchrun (``ranks`` > 1) it says the batches are global."""
+    torchrun (``ranks`` > 1) it says the batches are global; ``partial``: that the budget
+    ran out (a verdict a longer run may change)."""
     lr = f"; learning rate at {recommended}: {learning_rate:.3g} ({lr_label})"
     if ranks > 1:
         lr += f"; batches are global, over the {ranks} ranks measured"
+    if partial:
+        lr += "; partial: the time budget ran out (a larger --max-seconds may change this)"
     if within:
         return (f"ok: baseline batch {baseline} is within {tolerance:g}x of the recommended "
                 f"{recommended} ({ratio:.2f}x){lr}")

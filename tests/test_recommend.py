@@ -200,3 +200,15 @@ def test_a_cache_that_cannot_be_written_is_said(project: Path,
     doc = json.loads(r.stdout)
     assert any(w.startswith("the result was not cached (/proc/self/bsfind-cache: ")
                and "the next check measures again" in w for w in doc["warnings"]), doc
+
+
+def test_a_partial_checks_line_says_so() -> None:
+    """A check cut short by its budget said nothing of it on stdout (a new user's CI
+    failed on a partial, unresolved measurement)."""
+    from bsfind import wording
+
+    cut = wording.check_message(within=False, baseline=16, recommended=64, ratio=4.0,
+                                tolerance=2, time_ratio=None, cost_ratio=None,
+                                learning_rate=0.1, lr_label="rule: mccandlish", partial=True)
+    assert cut.endswith("; partial: the time budget ran out (a larger --max-seconds may "
+                        "change this)")
