@@ -23,7 +23,7 @@ import torch
 
 from bsfind import launch, pipeline, wording
 from bsfind.budget import Deadline, ProgressFn
-from bsfind.errors import HardwareError
+from bsfind.errors import HardwareError, UserCodeError
 from bsfind.noise.probe import ProbeOptions
 from bsfind.report import Report
 from bsfind.results import NoiseEstimate
@@ -270,6 +270,13 @@ def validate(spec: Spec) -> Validation:
     try:
         loss = job.loss(idx)
         check_loss(loss, "in validate's one step")
+        if spec.loss == "cross_entropy" and float(loss.detach()) < 0:
+            # never negative over class indices or probabilities (a new user's regression
+            # targets under cross_entropy passed validate with loss -2.65)
+            raise UserCodeError(
+                f"loss 'cross_entropy' is {float(loss.detach()):.4g} in validate's one step: "
+                "a cross-entropy is never negative over class indices or probabilities, so "
+                "the targets are neither", hint="for regression targets use loss: mse")
         loss.backward()
         check_reached(job.trainable(), job.model_name, "in validate's one step")
         g2 = grad_sq(job.trainable())

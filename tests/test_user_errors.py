@@ -221,3 +221,13 @@ def test_a_text_entry_the_forward_names_is_not_warned_about() -> None:
     swallowed = text_inputs(Workload.from_objects(user_code.swallowing_model(), rows, loss))
     assert swallowed == ["text"]
     assert text_inputs(Workload.from_objects(user_code.keyword_model(), rows, loss)) == []
+
+
+def test_a_negative_cross_entropy_is_refused_by_validate() -> None:
+    """Regression targets under loss: cross_entropy passed validate as "ok" with loss
+    -2.65 (a new user); the mse loss on the same data is fine."""
+    regression = ["--set", "data.factory=user_code.py:regression_rows",
+                  "--set", "model.factory=user_code.py:one_output_model"]
+    r = run("validate", GOOD, *regression, "--set", "loss=cross_entropy")
+    assert_clean_failure(r, 3, "loss 'cross_entropy' is -", "use loss: mse")
+    assert run("validate", GOOD, *regression, "--set", "loss=mse").exit_code == 0

@@ -535,3 +535,25 @@ class _SwallowingModel(_KeywordModel):
 
 def swallowing_model() -> nn.Module:
     return _SwallowingModel()
+
+
+def regression_rows(n: int = 64) -> Dataset:
+    """(8 features, one float target of either sign) pairs: a regression problem."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, generator=g)
+    return torch.utils.data.TensorDataset(x, 3.0 * x[:, 0] - 1.0)
+
+
+class _OneOutput(nn.Module):
+    """One output per example, squeezed to (B,) as regression models often do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l(x).squeeze(-1)
+
+
+def one_output_model() -> nn.Module:
+    return _OneOutput()
