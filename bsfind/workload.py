@@ -305,9 +305,27 @@ def call_factory(ref: str, kwargs: dict[str, Any], base_dir: Path, section: str)
     except (Exception, SystemExit) as exc:
         raise ResolutionError(
             f"{section}.factory {ref!r} raised {_raised(exc)}",
-            hint=_EXIT_HINT if isinstance(exc, SystemExit) else None,
+            hint=(_EXIT_HINT if isinstance(exc, SystemExit)
+                  else _beside_spec(exc, kwargs, base_dir)),
         ) from exc
     return Resolved(out, r.source_file)
+
+
+def _beside_spec(exc: BaseException, kwargs: dict[str, Any], base_dir: Path) -> str | None:
+    """The hint when a factory did not find a relative path (the error's, or one of its
+    kwargs) that is there beside the spec: its code reads paths from the current
+    directory, not the spec's (a new user ran `bsfind validate job/myjob.yaml` from the
+    folder above; numpy's error names no filename)."""
+    if not isinstance(exc, OSError):
+        return None
+    names = [getattr(exc, "filename", None), *kwargs.values()]
+    for name in names:
+        if (isinstance(name, str) and name and not Path(name).is_absolute()
+                and not Path(name).exists() and (base_dir / name).exists()):
+            return (f"{name} is in the spec's folder ({base_dir}), but your code reads it "
+                    f"from the current one ({Path.cwd()}): run from the spec's folder, or "
+                    "build the path from your file's own (Path(__file__).parent / ...)")
+    return None
 
 
 def _raised(exc: BaseException, where: str = "") -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_cli import GOOD, assert_clean_failure, run
+from tests.test_cli import ASSETS, GOOD, assert_clean_failure, run
 
 QUICK = ("--set", "probe.at_steps=[0]", "--set", "probe.max_seconds=10")
 
@@ -73,7 +73,6 @@ def test_user_code_that_exits_is_the_users_error(tmp_path: Path) -> None:
     """argparse at a factory file's import exited 2 as if bsfind's usage were wrong; a
     forward's SystemExit(4) exited 4 ("hardware") with no output, no JSON."""
     spec = tmp_path / "spec.yaml"
-    from tests.test_cli import ASSETS
 
     spec.write_text((ASSETS / "good.yaml").read_text().replace(
         "user_code.py:good_model", f"{ASSETS / 'exits_at_import.py'}:model"))
@@ -160,7 +159,6 @@ def test_a_set_value_that_is_not_yaml_gets_the_hint_that_fits() -> None:
 
 def test_a_key_given_twice_in_the_spec_is_refused(tmp_path: Path) -> None:
     """The last of two `loss:` lines won silently."""
-    from tests.test_cli import ASSETS
 
     spec = tmp_path / "spec.yaml"
     spec.write_text((ASSETS / "good.yaml").read_text() + "loss: mse\n")
@@ -231,3 +229,27 @@ def test_a_negative_cross_entropy_is_refused_by_validate() -> None:
     r = run("validate", GOOD, *regression, "--set", "loss=cross_entropy")
     assert_clean_failure(r, 3, "loss 'cross_entropy' is -", "use loss: mse")
     assert run("validate", GOOD, *regression, "--set", "loss=mse").exit_code == 0
+
+
+def test_a_data_file_beside_the_spec_but_read_from_elsewhere_gets_the_hint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A factory reads kwargs' paths from the current folder; the spec's is elsewhere: the
+    error said only "rows.csv not found." (numpy names no filename; a new user)."""
+    import shutil
+
+    import numpy as np
+
+    job = tmp_path / "job"
+    job.mkdir()
+    shutil.copy(ASSETS / "user_code.py", job / "user_code.py")
+    shutil.copy(ASSETS / "good.yaml", job / "good.yaml")
+    rows = np.hstack([np.random.default_rng(0).normal(size=(32, 8)), np.zeros((32, 1))])
+    np.savetxt(job / "rows.csv", rows, delimiter=",")
+    monkeypatch.chdir(tmp_path)
+    r = run("validate", "job/good.yaml", "--set", "data.factory=user_code.py:rows_from_file",
+            "--set", "data.kwargs={path: rows.csv}")
+    assert_clean_failure(r, 3, "rows.csv not found", f"rows.csv is in the spec's folder ({job})",
+                         "Path(__file__).parent")
+    monkeypatch.chdir(job)
+    assert run("validate", "good.yaml", "--set", "data.factory=user_code.py:rows_from_file",
+               "--set", "data.kwargs={path: rows.csv}").exit_code == 0
