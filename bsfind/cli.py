@@ -285,6 +285,12 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 # --------------------------------------------------------------------------- rendering
 
 
+def _loss(v: float | None) -> str:
+    """A loss to compare with its neighbours: 4 significant digits at any size (a user's
+    losses of 20.14, 19.98 and 20.03 all read "20"; JSON null for a diverged one)."""
+    return "∞" if v is None or not math.isfinite(v) else f"{v:.4g}"
+
+
 def _fmt(v: Any, digits: int = 3) -> str:
     if v is None:
         return "N/A"
@@ -422,8 +428,8 @@ def render_branches(doc: dict[str, Any]) -> None:
         for r in b["rungs"]:
             verdict = {None: "reference", True: "kept up"}.get(r["passed"], "fell behind")
             t.add_row(f"{r['batch_size']:,}", f"{r['learning_rate']:.3g}", f"{r['steps']:,}",
-                      _fmt(r["loss"], 4), _fmt(r["reference"], 4) if r["reference"] else "—",
-                      " / ".join(_fmt(v, 3) for v in r["losses"]), f"{r['seconds']:.2f}",
+                      _loss(r["loss"]), _loss(r["reference"]) if r["reference"] else "—",
+                      " / ".join(_loss(v) for v in r["losses"]), f"{r['seconds']:.2f}",
                       verdict)
         print_table(t, ("per data order", "seconds", "steps"))
         stdout.print(f"  {b['summary']}", markup=False)

@@ -689,6 +689,11 @@ def test_branches_at_each_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert [ln.split("│")[1].strip() for ln in lines[-2:]] == ["0", "20"]
     assert _interval_words(90.5, 181.0) == "90–181" and _interval_words(90.5, None) == "≥ 90"
     assert _interval_words(0.0, 45.3) == "< 45" and _interval_words(None, None) == "—"
+    # losses keep 4 significant digits at any size (a user's 20.14, 19.98, 20.03 read "20")
+    from bsfind.cli import _loss
+
+    assert [_loss(v) for v in (20.14, 19.98, 0.012345, None)] == ["20.14", "19.98",
+                                                                   "0.01235", "∞"]
 
 
 def test_run_average_of_checkpoints_reads_steps_from_examples() -> None:
