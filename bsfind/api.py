@@ -15,6 +15,7 @@ rank (``bsfind.distributed``); otherwise in this process (``bsfind.runner``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -397,11 +398,30 @@ def cache_key(spec: Spec) -> str:
         files.append(checkpoint_file(spec.model.checkpoint, spec.base_dir))
     files += [checkpoint_file(c.path, spec.base_dir, key=f"model.checkpoints[{i}].path")
               for i, c in enumerate(spec.model.checkpoints or ())]
+    files += _files_named_in(spec.model.kwargs, spec.data.kwargs, base=spec.base_dir)
     dev = describe_device(resolve_device(spec.hardware.device))
     hardware = "|".join(str(x) for x in (
         dev.type, dev.name, dev.total_memory_bytes, dev.driver_version, torch.__version__,
         os.cpu_count(), len(usable_cpus()), platform.machine()))
     return cache.cache_key(spec.document, files, hardware, __version__)
+
+
+def _files_named_in(*values: Any, base: Path) -> list[Path]:
+    """The files that strings in factories' kwargs name (a data file: a new user's edited
+    CSV kept a stale cached result), as they stand from the current folder or beside the
+    spec; folders are not read (a dataset's may be large)."""
+    found: list[Path] = []
+    for v in values:
+        if isinstance(v, str) and v:
+            for p in {Path(v), base / v}:
+                with contextlib.suppress(OSError, ValueError):  # not a path at all
+                    if p.is_file():
+                        found.append(p)
+        elif isinstance(v, dict):
+            found += _files_named_in(*v.values(), base=base)
+        elif isinstance(v, (list, tuple)):
+            found += _files_named_in(*v, base=base)
+    return found
 
 
 def check(

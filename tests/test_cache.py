@@ -205,6 +205,32 @@ def test_the_cache_key_covers_every_checkpoint_file(tmp_path: Path) -> None:
     assert file_digest(tmp_path / "b.pt", chunk=7) == hashlib.sha256(data).digest()
 
 
+def test_the_cache_key_covers_the_files_factories_kwargs_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A data file named in data.kwargs (nested too), beside the spec or from the current
+    folder, counts: editing it gives a new key (a new user's edited CSV kept the stale
+    result); a string that names no file, or a folder, changes nothing."""
+    from bsfind.api import cache_key
+    from bsfind.spec import load_spec
+    from tests.conftest import CONFIGS
+
+    (tmp_path / "spec.yaml").write_text((CONFIGS / "digits-mlp.yaml").read_text())
+    (tmp_path / "rows.csv").write_text("1,2\n")
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    (elsewhere / "extra.csv").write_text("3\n")
+    monkeypatch.chdir(elsewhere)
+    spec = load_spec(tmp_path / "spec.yaml", [
+        "data.kwargs={files: [rows.csv, {more: extra.csv}], mode: fast, folder: cwd}"])
+    first = cache_key(spec)
+    (tmp_path / "rows.csv").write_text("1,3\n")  # beside the spec
+    second = cache_key(spec)
+    (elsewhere / "extra.csv").write_text("4\n")  # from the current folder
+    third = cache_key(spec)
+    (elsewhere / "other.txt").write_text("x")  # named nowhere
+    assert len({first, second, third}) == 3 and cache_key(spec) == third
+
+
 def test_the_cache_key_covers_what_a_factory_file_imports(tmp_path: Path) -> None:
     """A factory file's neighbour (`from helper_cache_t import WIDTH`) counts: editing it
     gives a new key (a new user's `bsfind check` returned the old model's cached answer);
