@@ -361,8 +361,8 @@ class AbsolutePrediction:
     The planned examples E run at the baseline batch in E/B0 steps; at batch B
     the steps scale by S(B)/S(B0): hours(B) = (E/B0)·steps_ratio(B)·t(B)/3600,
     cost = hours × devices × price per device-hour. All predicted. The same progress at
-    batch B takes more examples than E when B is above the noise scale: a run kept at
-    E examples would stop short of it.
+    batch B takes (B + B_n)/(B0 + B_n) times E examples, more for any B above B0 and
+    most above the noise scale: a run kept at E examples would stop short of it.
     """
 
     training_examples: int

@@ -504,11 +504,14 @@ def absolute_text(a: AbsolutePrediction) -> str:
     if a.cost is not None and a.baseline_cost is not None and a.price_per_hour is not None:
         text += (f", cost {money(a.cost)} (baseline {money(a.baseline_cost)}) at "
                  f"{money(a.price_per_hour)} per device-hour")
-    if a.steps and a.examples != a.training_examples:  # what to train for at the new batch
-        epochs = f" ({a.epochs:.3g} epochs)" if a.epochs is not None else ""
-        text += (f"; the same progress at batch {a.batch_size:,} takes {a.steps:,} steps, "
-                 f"{a.examples:,} examples{epochs}: train that long, not "
-                 f"{a.training_examples:,} examples")
+    # what to train for at the new batch, when that is not the plan within a batch or 1%
+    if a.steps and abs(a.examples - a.training_examples) > max(a.batch_size,
+                                                               0.01 * a.training_examples):
+        epochs = (f" ({a.epochs:.3g} epoch{'' if f'{a.epochs:.3g}' == '1' else 's'})"
+                  if a.epochs is not None else "")
+        text += (f"; the same progress at batch {a.batch_size:,} takes {a.steps:,} optimizer "
+                 f"step{'' if a.steps == 1 else 's'}, {a.examples:,} examples{epochs}: train "
+                 f"that long, not {a.training_examples:,} examples")
     return text
 
 
@@ -540,7 +543,7 @@ def check_message(*, within: bool, baseline: int, recommended: int, ratio: float
     if ranks > 1:
         lr += f"; batches are global, over the {ranks} ranks measured"
     if partial:
-        lr += "; partial: the time budget ran out (a larger --max-seconds may change this)"
+        lr += "; partial: the measurement stopped early (the warnings say why)"
     if within:
         return (f"ok: baseline batch {baseline} is within {tolerance:g}x of the recommended "
                 f"{recommended} ({ratio:.2f}x){lr}")

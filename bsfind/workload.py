@@ -316,12 +316,16 @@ def _beside_spec(exc: BaseException, kwargs: dict[str, Any], base_dir: Path) -> 
     kwargs) that is there beside the spec: its code reads paths from the current
     directory, not the spec's (a new user ran `bsfind validate job/myjob.yaml` from the
     folder above; numpy's error names no filename)."""
-    if not isinstance(exc, OSError):
+    if not isinstance(exc, FileNotFoundError):
         return None
     names = [getattr(exc, "filename", None), *kwargs.values()]
-    for name in names:
-        if (isinstance(name, str) and name and not Path(name).is_absolute()
-                and not Path(name).exists() and (base_dir / name).exists()):
+    for name in (str(n) for n in names if isinstance(n, (str, Path)) and str(n)):
+        try:  # (a string that is no path: too long, a NUL in it)
+            beside = (not Path(name).is_absolute() and not Path(name).exists()
+                      and (base_dir / name).is_file())
+        except (OSError, ValueError):
+            continue
+        if beside:
             return (f"{name} is in the spec's folder ({base_dir}), but your code reads it "
                     f"from the current one ({Path.cwd()}): run from the spec's folder, or "
                     "build the path from your file's own (Path(__file__).parent / ...)")

@@ -361,8 +361,11 @@ def test_predicted_hours_and_money() -> None:
     # 8.16 epochs of the 1,000,000 (a new user kept the baseline's epochs at the new batch)
     assert (ab.batch_size, ab.steps, ab.examples) == (632, 12_914, 12_914 * 632)
     assert ab.epochs == pytest.approx(12_914 * 632 / 10**6)
-    assert ("the same progress at batch 632 takes 12,914 steps, 8,161,648 examples "
-            "(8.16 epochs): train that long, not 6,400,000 examples") in ab.text
+    assert ("the same progress at batch 632 takes 12,914 optimizer steps, 8,161,648 "
+            "examples (8.16 epochs): train that long, not 6,400,000 examples") in ab.text
+    # the baseline's own batch: the plan stands, nothing to add (a review)
+    same = advise(inputs(training_examples=1_000_000, baseline_batch=632)).absolute
+    assert same is not None and same.batch_size == 632 and "same progress" not in same.text
     assert "cost 0.746 (baseline 1.83) at 2.50 per device-hour" in ab.text
     # Two devices: hours from the 2-device step time, money × 2.
     two = advise(inputs(training_examples=6_400_000, price_per_hour=2.5, gpus=2,

@@ -203,6 +203,23 @@ def test_the_cache_key_covers_every_checkpoint_file(tmp_path: Path) -> None:
 
     data = (tmp_path / "b.pt").read_bytes()
     assert file_digest(tmp_path / "b.pt", chunk=7) == hashlib.sha256(data).digest()
+    # above the full-digest size: the size, the time and both ends count, not the middle
+    import os
+
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"a" * 100 + b"m" * 100 + b"z" * 100)
+    first = file_digest(big, chunk=50, full_up_to=200)
+    assert first != hashlib.sha256(big.read_bytes()).digest()
+    stat = big.stat()
+    big.write_bytes(b"a" * 100 + b"M" * 100 + b"z" * 100)  # the middle only, same time
+    os.utime(big, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert file_digest(big, chunk=50, full_up_to=200) == first
+    big.write_bytes(b"A" + b"a" * 99 + b"m" * 100 + b"z" * 100)  # an end
+    os.utime(big, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second = file_digest(big, chunk=50, full_up_to=200)
+    assert second != first
+    os.utime(big, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # the time alone
+    assert file_digest(big, chunk=50, full_up_to=200) != second
 
 
 def test_the_cache_key_covers_the_files_factories_kwargs_name(

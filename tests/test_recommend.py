@@ -210,5 +210,4 @@ def test_a_partial_checks_line_says_so() -> None:
     cut = wording.check_message(within=False, baseline=16, recommended=64, ratio=4.0,
                                 tolerance=2, time_ratio=None, cost_ratio=None,
                                 learning_rate=0.1, lr_label="rule: mccandlish", partial=True)
-    assert cut.endswith("; partial: the time budget ran out (a larger --max-seconds may "
-                        "change this)")
+    assert cut.endswith("; partial: the measurement stopped early (the warnings say why)")

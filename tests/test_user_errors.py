@@ -253,3 +253,7 @@ def test_a_data_file_beside_the_spec_but_read_from_elsewhere_gets_the_hint(
     monkeypatch.chdir(job)
     assert run("validate", "good.yaml", "--set", "data.factory=user_code.py:rows_from_file",
                "--set", "data.kwargs={path: rows.csv}").exit_code == 0
+    # a name too long to be a path is the user's error still, not an internal one (a review)
+    r = run("validate", "good.yaml", "--set", "data.factory=user_code.py:rows_from_file",
+            "--set", f"data.kwargs={{path: {'a' * 300}.csv}}")
+    assert_clean_failure(r, 3, "raised FileNotFoundError")

@@ -29,6 +29,9 @@ Method = Literal["per-example", "accumulation", "ddp"]
 # Step periods kept per batch size, and needed before a size enters the fitted curve.
 TIMED_STEPS = 64
 MIN_TIMED_STEPS = 8
+# The fitted step time must grow this much from the smallest batch size timed to the
+# largest to be a curve: less is within the jitter of host-timed steps (a few percent).
+MIN_GROWTH = 0.05
 # The quantile of step periods that stands for a batch size's step time: other
 # processes only ever add time, so a low quantile estimates the step's own cost
 # (DESIGN §9); a low quantile rather than the minimum, because on CUDA host-side
@@ -90,9 +93,10 @@ class StepTimes:
     def curve(self) -> TimingCurve | None:
         """t(B) = t0 + c·B through each batch size's low quantile, once two sizes have
         MIN_TIMED_STEPS periods each (one size cannot separate t0 from c); None when the
-        fitted time does not grow with the batch (c <= 0): overhead and noise, not a
-        step-time curve. (A new user's epochs ended on a partial batch of 8 beside the
-        full 32, timed alike: c came out negative, and the advice ran off to 2^40.)"""
+        time at the largest size timed is not at least MIN_GROWTH above the smallest's:
+        overhead and noise, not a step-time curve. (A new user's epochs ended on a partial
+        batch of 8 beside the full 32, timed alike: c came out negative, and the advice ran
+        off to 2^40; a review's c just above 0 sent it to 4,496.)"""
         pts = []
         for b, ps in sorted(self.periods.items()):
             if len(ps) >= MIN_TIMED_STEPS:
@@ -108,7 +112,7 @@ class StepTimes:
         ss = sum((y - my) ** 2 for y in ys)
         res = sum((y - t0 - c * x) ** 2 for x, y in zip(xs, ys, strict=True))
         r2 = 1.0 - res / ss if ss > 0 else 1.0
-        if c <= 0:
+        if c <= 0 or t0 + c * xs[-1] < (1 + MIN_GROWTH) * (t0 + c * xs[0]):
             return None
         return TimingCurve(points=tuple(pts), t0=t0, per_example=c, r2=r2, source="measured")
 
