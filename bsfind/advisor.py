@@ -964,7 +964,7 @@ def absolute_prediction(inputs: AdvisorInputs, model: WallClock, rec: Candidate
         cost=None if price is None else hours * n * price,
         baseline_cost=None if price is None else base_hours * n * price,
         price_per_hour=price, batch_size=rec.batch_size, steps=steps,
-        examples=steps * rec.batch_size,
+        examples=steps * rec.batch_size, baseline_steps=math.ceil(base_steps),
         epochs=steps * rec.batch_size / inputs.dataset_size if inputs.dataset_size else None,
     )
 

@@ -379,6 +379,7 @@ class AbsolutePrediction:
     steps: int = 0
     examples: int = 0
     epochs: float | None = None
+    baseline_steps: int = 0  # E/B0, rounded up
 
 
 @dataclass(frozen=True)

@@ -504,9 +504,10 @@ def absolute_text(a: AbsolutePrediction) -> str:
     if a.cost is not None and a.baseline_cost is not None and a.price_per_hour is not None:
         text += (f", cost {money(a.cost)} (baseline {money(a.baseline_cost)}) at "
                  f"{money(a.price_per_hour)} per device-hour")
-    # what to train for at the new batch, when that is not the plan within a batch or 1%
-    if a.steps and abs(a.examples - a.training_examples) > max(a.batch_size,
-                                                               0.01 * a.training_examples):
+    # what to train for at the new batch: its steps differ from the plan's, and so may its
+    # examples (a review: the examples the same within 1%, the steps halved)
+    if a.steps and (a.steps != a.baseline_steps or abs(a.examples - a.training_examples) > max(
+            a.batch_size, 0.01 * a.training_examples)):
         epochs = (f" ({a.epochs:.3g} epoch{'' if f'{a.epochs:.3g}' == '1' else 's'})"
                   if a.epochs is not None else "")
         text += (f"; the same progress at batch {a.batch_size:,} takes {a.steps:,} optimizer "

@@ -318,11 +318,14 @@ def _beside_spec(exc: BaseException, kwargs: dict[str, Any], base_dir: Path) -> 
     folder above; numpy's error names no filename)."""
     if not isinstance(exc, FileNotFoundError):
         return None
-    names = [getattr(exc, "filename", None), *kwargs.values()]
+    missing = getattr(exc, "filename", None)
+    names = [missing, *kwargs.values()]
     for name in (str(n) for n in names if isinstance(n, (str, Path)) and str(n)):
+        if name != str(missing) and name not in str(exc):
+            continue  # a kwarg the error is not about
         try:  # (a string that is no path: too long, a NUL in it)
             beside = (not Path(name).is_absolute() and not Path(name).exists()
-                      and (base_dir / name).is_file())
+                      and (base_dir / name).exists())
         except (OSError, ValueError):
             continue
         if beside:

@@ -447,6 +447,25 @@ def test_step_times_that_do_not_grow_with_the_batch_are_no_curve(
     assert adv.recommended_batch is not None and adv.recommended_batch < 10**6
 
 
+def test_close_sizes_or_a_negative_intercept_are_no_curve() -> None:
+    """An epoch's partial batch of 57 beside the full 60, 5.5% slower by jitter, fits
+    t0 < 0 and sent the advice to batch 1 (a review); sizes 1.5x apart that grow are a
+    curve."""
+    from collections import deque
+
+    from bsfind.noise.in_training import StepTimes
+
+    times = StepTimes()
+    times.periods = {57: deque([0.100] * 10), 60: deque([0.1055] * 10)}
+    assert times.curve() is None
+    times.periods = {16: deque([0.01] * 10), 32: deque([0.03] * 10)}
+    assert times.curve() is None  # t0 = -0.01: noise, not a step time
+    times.periods = {16: deque([0.10] * 10), 32: deque([0.11] * 10)}
+    curve = times.curve()
+    assert curve is not None
+    assert (curve.t0, curve.per_example) == (pytest.approx(0.09), pytest.approx(0.000625))
+
+
 def test_scale_learning_rate_moves_the_schedule_too() -> None:
     opt = torch.optim.SGD(_model().parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))

@@ -253,6 +253,14 @@ def test_a_data_file_beside_the_spec_but_read_from_elsewhere_gets_the_hint(
     monkeypatch.chdir(job)
     assert run("validate", "good.yaml", "--set", "data.factory=user_code.py:rows_from_file",
                "--set", "data.kwargs={path: rows.csv}").exit_code == 0
+    # a folder beside the spec, listed from elsewhere (ImageFolder, os.listdir): the hint
+    (job / "rows").mkdir()
+    shutil.copy(job / "rows.csv", job / "rows" / "part0.csv")
+    monkeypatch.chdir(tmp_path)
+    r = run("validate", "job/good.yaml", "--set", "data.factory=user_code.py:rows_in_folder",
+            "--set", "data.kwargs={root: rows}")
+    assert_clean_failure(r, 3, f"rows is in the spec's folder ({job})")
+    monkeypatch.chdir(job)
     # a name too long to be a path is the user's error still, not an internal one (a review)
     r = run("validate", "good.yaml", "--set", "data.factory=user_code.py:rows_from_file",
             "--set", f"data.kwargs={{path: {'a' * 300}.csv}}")

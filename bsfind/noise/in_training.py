@@ -32,6 +32,9 @@ MIN_TIMED_STEPS = 8
 # The fitted step time must grow this much from the smallest batch size timed to the
 # largest to be a curve: less is within the jitter of host-timed steps (a few percent).
 MIN_GROWTH = 0.05
+# ... over sizes at least this far apart: two close ones (an epoch's partial last batch
+# of 57 beside the full 60) fit their jitter, often with a negative t0 (a review).
+MIN_SPAN = 1.5
 # The quantile of step periods that stands for a batch size's step time: other
 # processes only ever add time, so a low quantile estimates the step's own cost
 # (DESIGN §9); a low quantile rather than the minimum, because on CUDA host-side
@@ -93,8 +96,9 @@ class StepTimes:
     def curve(self) -> TimingCurve | None:
         """t(B) = t0 + c·B through each batch size's low quantile, once two sizes have
         MIN_TIMED_STEPS periods each (one size cannot separate t0 from c); None when the
-        time at the largest size timed is not at least MIN_GROWTH above the smallest's:
-        overhead and noise, not a step-time curve. (A new user's epochs ended on a partial
+        sizes span less than MIN_SPAN, when the fit's t0 is negative, or when the time at
+        the largest size timed is not at least MIN_GROWTH above the smallest's: overhead
+        and noise, not a step-time curve. (A new user's epochs ended on a partial
         batch of 8 beside the full 32, timed alike: c came out negative, and the advice ran
         off to 2^40; a review's c just above 0 sent it to 4,496.)"""
         pts = []
@@ -112,7 +116,8 @@ class StepTimes:
         ss = sum((y - my) ** 2 for y in ys)
         res = sum((y - t0 - c * x) ** 2 for x, y in zip(xs, ys, strict=True))
         r2 = 1.0 - res / ss if ss > 0 else 1.0
-        if c <= 0 or t0 + c * xs[-1] < (1 + MIN_GROWTH) * (t0 + c * xs[0]):
+        if (c <= 0 or t0 < 0 or xs[-1] < MIN_SPAN * xs[0]
+                or t0 + c * xs[-1] < (1 + MIN_GROWTH) * (t0 + c * xs[0])):
             return None
         return TimingCurve(points=tuple(pts), t0=t0, per_example=c, r2=r2, source="measured")
 

@@ -567,3 +567,11 @@ def rows_from_file(path: str = "rows.csv") -> Dataset:
     a = np.loadtxt(path, delimiter=",", dtype=np.float32)
     return torch.utils.data.TensorDataset(torch.from_numpy(a[:, :8]),
                                           torch.from_numpy(a[:, 8]).long())
+
+
+def rows_in_folder(root: str = "rows") -> Dataset:
+    """Rows from the CSV files of a folder, read relative to the current folder."""
+    import os
+
+    files = sorted(os.listdir(root))
+    return rows_from_file(os.path.join(root, files[0]))
