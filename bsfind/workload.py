@@ -45,7 +45,13 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 
 
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy; a sequence axis (B, T, C) vs (B, T) is flattened."""
+    """Mean cross-entropy; a sequence axis (B, T, C) vs (B, T) is flattened. One output
+    per example with float targets is refused: torch would read the batch as one
+    example's classes (a new user's regression model, squeezed to (B,))."""
+    if outputs.dim() == 1 and targets.is_floating_point():
+        raise ValueError("float targets against one output per example: cross_entropy "
+                         "would read the batch as one example's classes (regression "
+                         "targets? use loss: mse)")
     if outputs.dim() > 2 and targets.dim() == outputs.dim() - 1:
         outputs = outputs.reshape(-1, outputs.shape[-1])
         targets = targets.reshape(-1)

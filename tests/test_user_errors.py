@@ -221,14 +221,22 @@ def test_a_text_entry_the_forward_names_is_not_warned_about() -> None:
     assert text_inputs(Workload.from_objects(user_code.keyword_model(), rows, loss)) == []
 
 
-def test_a_negative_cross_entropy_is_refused_by_validate() -> None:
+def test_regression_targets_under_cross_entropy_are_refused() -> None:
     """Regression targets under loss: cross_entropy passed validate as "ok" with loss
-    -2.65 (a new user); the mse loss on the same data is fine."""
+    -2.65 (a new user): one output per example with float targets is refused by every
+    command, positive targets too; a negative value is refused by validate; mse is fine."""
     regression = ["--set", "data.factory=user_code.py:regression_rows",
                   "--set", "model.factory=user_code.py:one_output_model"]
-    r = run("validate", GOOD, *regression, "--set", "loss=cross_entropy")
-    assert_clean_failure(r, 3, "loss 'cross_entropy' is -", "use loss: mse")
+    for command in ("validate", "noise"):
+        r = run(command, GOOD, *regression, "--set", "loss=cross_entropy",
+                "--set", "probe.max_seconds=10")
+        assert_clean_failure(r, 3, "float targets against one output per example",
+                             "use loss: mse")
     assert run("validate", GOOD, *regression, "--set", "loss=mse").exit_code == 0
+    # soft targets that are no probabilities, against (B, C) outputs: negative loss
+    r = run("validate", GOOD, "--set", "data.factory=user_code.py:signed_soft_rows",
+            "--set", "loss=cross_entropy")
+    assert_clean_failure(r, 3, "loss 'cross_entropy' is -", "use loss: mse")
 
 
 def test_a_data_file_beside_the_spec_but_read_from_elsewhere_gets_the_hint(

@@ -575,3 +575,11 @@ def rows_in_folder(root: str = "rows") -> Dataset:
 
     files = sorted(os.listdir(root))
     return rows_from_file(os.path.join(root, files[0]))
+
+
+def signed_soft_rows(n: int = 64) -> Dataset:
+    """(8 features, 3 float targets of either sign): "soft labels" that are no
+    probabilities, for good_model's 3 outputs."""
+    g = torch.Generator().manual_seed(0)
+    return torch.utils.data.TensorDataset(torch.randn(n, 8, generator=g),
+                                          torch.randn(n, 3, generator=g) - 2.0)
