@@ -264,10 +264,12 @@ def _doubling_threshold(model: WallClock, b: float) -> float | None:
     return max(0.0, (t2 - t1) / denominator)
 
 
-def constant_seconds(inputs: AdvisorInputs, growth: Growth, horizon: float, b: int) -> float:
+def constant_seconds(inputs: AdvisorInputs, growth: Growth, horizon: float, b: int,
+                     model: WallClock | None = None) -> float:
     """Predicted seconds of a run at the constant batch ``b`` over ``horizon`` baseline
-    examples, the noise scale following ``growth``."""
-    model = wall_clock(inputs, growth.at(growth.e_hi))
+    examples, the noise scale following ``growth`` (``model``: the step times, built from
+    ``inputs`` when not given)."""
+    model = model or wall_clock(inputs, growth.at(growth.e_hi))
     return _steps(growth, b, inputs.baseline_batch, 0.0, horizon) * model.step_time(b)
 
 
@@ -284,8 +286,10 @@ def best_constant(inputs: AdvisorInputs, growth: Growth, horizon: float,
     (up to the dataset past the grid's last point: an audit found 1,544-1,797 of 1,797
     examples skipped).
     """
+    model = wall_clock(inputs, growth.at(growth.e_hi))  # once: a hundred batches are timed
+
     def seconds(b: int) -> float:
-        return constant_seconds(inputs, growth, horizon, b)
+        return constant_seconds(inputs, growth, horizon, b, model)
 
     b0, cap, gpus = inputs.baseline_batch, inputs.dataset_size, max(1, inputs.gpus)
     unit = batch_unit(inputs)
@@ -295,7 +299,7 @@ def best_constant(inputs: AdvisorInputs, growth: Growth, horizon: float,
         return gpus <= b <= cap and (b % step == 0 or (unit == 1 and b in (1, 2, 4)))
 
     grid = {b for k in range(40) for b in (unit * 2**k, unit * 3 * 2**k // 2) if allowed(b)}
-    per_step = wall_clock(inputs, growth.at(growth.e_hi)).per_step
+    per_step = model.per_step
     if math.isfinite(per_step):
         grid |= {b for a in range(1, ACCUMULATION_PIECES + 1)
                  if allowed(b := step * math.floor(min(a * per_step, cap) / step))}

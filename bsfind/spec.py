@@ -227,6 +227,10 @@ class CheckpointSpec:
     step: int | None = None
     examples: int | None = None
 
+    def examples_at(self, batch: int) -> int:
+        """The examples seen when it was saved (``examples``, or ``step`` × ``batch``)."""
+        return self.examples if self.examples is not None else (self.step or 0) * batch
+
 
 @dataclass(frozen=True)
 class ModelSpec:

@@ -153,15 +153,14 @@ class _Walk:
         for i, c in list(enumerate(entries))[1:]:
             load_checkpoint(self.job.model, c.path, self.spec.base_dir,
                             key=f"model.checkpoints[{i}].path")
-        last = entries[-1].examples if entries[-1].examples is not None else (
-            (entries[-1].step or 0) * self.b0)
+        last = entries[-1].examples_at(self.b0)
         if self.planned is not None and last > self.planned:
             self.notes.append(wording.log_beyond_plan(last, self.planned,
                                                       "model.checkpoints"))
         for i, c in enumerate(entries):
             load_checkpoint(self.job.model, c.path, self.spec.base_dir,
                             key=f"model.checkpoints[{i}].path")
-            examples = c.examples if c.examples is not None else (c.step or 0) * self.b0
+            examples = c.examples_at(self.b0)
             self.step = c.step if c.step is not None else round(examples / self.b0)
             used = now() - self.start
             share = max(0.0, self.noise_seconds - used) / (len(entries) - i)

@@ -336,12 +336,8 @@ def trajectory_line(t: Trajectory) -> str:
     epochs = f"{t.epochs:.2g}" if t.epochs is not None else ""
     examples = f", {t.examples:,} examples ({epochs} epoch{'' if epochs == '1' else 's'})" if (
         t.examples is not None and t.epochs is not None) else ""
-    if t.checkpoint is None:
-        at = f"{where} step {t.steps:,}{examples}"
-    elif t.steps:  # the checkpoint's own step is not known: counted from it
-        at = f"{where} model.checkpoint {t.checkpoint} and {t.steps:,} steps after it{examples}"
-    else:
-        at = f"{where} model.checkpoint {t.checkpoint}"
+    at = (f"{where} step {t.steps:,}{examples}" if t.checkpoint is None
+          else f"{where} {from_checkpoint(t.checkpoint, t.steps)}{examples if t.steps else ''}")
     loss = (f"; training loss {t.loss_from:.3g} → {t.loss_to:.3g}"
             if t.loss_from is not None and t.loss_to is not None else "")
     growth = ""
@@ -369,13 +365,18 @@ def _sync_note(advice: Advice, inputs: AdvisorInputs) -> str | None:
     return None
 
 
+def from_checkpoint(checkpoint: str, steps: int) -> str:
+    """A point counted from a ``model.checkpoint`` whose own step is not known:
+    "model.checkpoint ck.pt", or "model.checkpoint ck.pt and 8 steps after it"."""
+    return f"model.checkpoint {checkpoint}" + (f" and {steps:,} steps after it" if steps else "")
+
+
 def _noise_at(inputs: AdvisorInputs) -> str:
-    """Where the noise scale was measured: "at training step 200", or from a checkpoint
-    whose own step is not known, "at model.checkpoint ck.pt (and 8 steps after it)"."""
+    """Where the noise scale was measured: "at training step 200", or "at
+    model.checkpoint ck.pt" (:func:`from_checkpoint`)."""
     if inputs.noise_checkpoint is None:
         return f"at training step {inputs.noise_step}"
-    return f"at model.checkpoint {inputs.noise_checkpoint}" + (
-        f" and {inputs.noise_step:,} steps after it" if inputs.noise_step else "")
+    return f"at {from_checkpoint(inputs.noise_checkpoint, inputs.noise_step)}"
 
 
 def _basis(advice: Advice, inputs: AdvisorInputs) -> str:
@@ -735,12 +736,9 @@ def branch_line(r: BranchResult) -> str:
 
 
 def branch_start(r: BranchResult) -> str:
-    """Where the branches started: "step 200", or "model.checkpoint ck.pt (and 8 steps
-    after it)" when the weights came from one whose own step is not known."""
-    if r.checkpoint is None:
-        return f"step {r.step:,}"
-    return f"model.checkpoint {r.checkpoint}" + (
-        f" and {r.step:,} steps after it" if r.step else "")
+    """Where the branches started: "step 200", or counted from a ``model.checkpoint``
+    (:func:`from_checkpoint`)."""
+    return f"step {r.step:,}" if r.checkpoint is None else from_checkpoint(r.checkpoint, r.step)
 
 
 def run_average_line(r: RunAverage) -> str:
