@@ -315,12 +315,20 @@ def _per_example_runs(job: Workload, idx: torch.Tensor, reason: str) -> tuple[st
     failures show only at run time (a custom autograd.Function without setup_context, a
     module called twice), and the probe then falls back to micro-batches."""
     from bsfind.hardware.memory import is_oom
-    from bsfind.noise.per_example import PerExampleGradNorms, PerExampleUnsupported
+    from bsfind.noise.per_example import (
+        PerExampleGradNorms,
+        PerExampleUnsupported,
+        checking_batch,
+    )
 
     try:
         with PerExampleGradNorms(job.model) as norms:
-            job.loss(idx).backward()
-            norms.sq_norms()
+            # and at another batch size, as the probe checks (a module fed arange(T) passes
+            # when T is the batch)
+            for part in (idx, idx[torch.arange(checking_batch(len(idx))) % len(idx)]):
+                job.model.zero_grad(set_to_none=True)
+                job.loss(part).backward()
+                norms.sq_norms()
     except PerExampleUnsupported as exc:
         return "microbatch", f"per-example norms failed on validate's step ({exc.message})"
     except Exception as exc:

@@ -358,12 +358,36 @@ class NoiseProbe:
 
         try:
             with PerExampleGradNorms(self.job.model) as norms:
+                self._check_at_another_batch(norms)
                 return self._loop(deadline, lambda: self._round_per_example(norms))
         except PerExampleUnsupported as exc:
             # Found only at run time (a module called twice, ...): start over
             # with micro-batches, whose estimate is always exact.
             self._switch_to_microbatch(f"{wording.PER_EXAMPLE_FAILED} ({exc.message})")
             return self._loop(deadline, self._round_microbatch)
+
+    def _check_at_another_batch(self, norms: object) -> None:
+        """One per-example pass at a batch other than the rounds' first, on fixed examples
+        (the sampler's draws stay those of the rounds): the hooks refuse a module whose dim
+        0 is not the batch only when the sizes differ (:func:`checking_batch`). An
+        out-of-memory here is left to the rounds, which shrink the batch."""
+        from bsfind.noise.per_example import PerExampleUnsupported, checking_batch
+
+        idx = torch.arange(checking_batch(self.b_big // self.comm.world)) % self.n
+
+        def local() -> float:
+            self.job.model.zero_grad(set_to_none=True)
+            self.job.loss(idx).backward()
+            norms.sq_norms()  # type: ignore[attr-defined]
+            return 0.0
+
+        try:
+            self.comm.agree(local, PerExampleUnsupported)
+        except Exception as exc:
+            if not self.comm.is_round_oom(exc):
+                raise
+        finally:
+            self.job.model.zero_grad(set_to_none=True)
 
     def _loop(self, deadline: Deadline, one_round: Callable[[], Round]) -> tuple[str, bool]:
         all_zero = True

@@ -195,3 +195,52 @@ def test_batchnorm_noise_scale_does_not_move_with_the_micro_batch() -> None:
     assert "BatchNorm batch of 32" in few.method_reason
     assert probe(norm_batch=32, microbatch_size=8).run(Deadline.after(60)).b_simple == (
         probe(norm_batch=32, microbatch_size=2).run(Deadline.after(60)).b_simple)
+
+
+class _ArangePositions(torch.nn.Module):
+    """nanoGPT's position embedding, ``wpe(arange(T))``: its input's dim 0 is T, not the
+    batch, which the hooks can tell only when T differs from the batch."""
+
+    def __init__(self, context: int) -> None:
+        super().__init__()
+        self.wte = torch.nn.Embedding(11, 8)
+        self.wpe = torch.nn.Embedding(context, 8)
+        self.head = torch.nn.Linear(8, 11)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.wte(x) + self.wpe(torch.arange(x.shape[1]))
+        return self.head(torch.tanh(h)).transpose(1, 2)  # (B, classes, T) for cross_entropy
+
+
+def test_a_module_whose_dim_0_is_not_the_batch_is_caught_at_the_probes_batch() -> None:
+    """With the sequence as long as the probe's batch (8 and 8), the positions passed the
+    hooks' batch check and read as examples: B_simple came out 31% high on a trial's GPT.
+    A pass at another batch first sends the probe to micro-batches, which are exact."""
+    from bsfind import wording
+    from bsfind.workload import Workload
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 11, (256, 8))
+    data = torch.utils.data.TensorDataset(x, x.roll(1, 1))
+    job = Workload.from_objects(_ArangePositions(8), data, torch.nn.functional.cross_entropy)
+    exact = exact_noise(job)
+    est = NoiseProbe(job, ProbeOptions(batch_size=8, target_rel_error=0.1), seed=0).run(
+        Deadline.after(60))
+    assert est.method == "microbatch"
+    assert est.method_reason.startswith(wording.PER_EXAMPLE_FAILED)
+    assert "module 'wpe' saw a batch of 8 where the model's batch is 2" in est.method_reason
+    assert "torch.arange(T)[None]" in est.method_reason
+    assert est.ci95.low <= exact.b_simple <= est.ci95.high
+
+
+def test_validate_checks_the_per_example_norms_at_another_batch_too() -> None:
+    """validate's own pass ran at its 4 examples: a sequence of 4 passed there as well."""
+    from bsfind.api import _per_example_runs
+    from bsfind.workload import Workload
+
+    x = torch.randint(0, 11, (16, 4))
+    job = Workload.from_objects(_ArangePositions(4), torch.utils.data.TensorDataset(x, x),
+                                torch.nn.functional.cross_entropy)
+    method, reason = _per_example_runs(job, torch.arange(4), "auto")
+    assert method == "microbatch" and "module 'wpe' saw a batch of 4" in reason
+    assert _per_example_runs(job, torch.arange(3), "auto")[0] == "microbatch"

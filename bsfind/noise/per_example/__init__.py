@@ -90,7 +90,7 @@ nn.MultiheadAttention, a Python dispatch per torch call inside its forward (the 
 mode) and one copy of its output into torch's own layout.
 """
 
-from bsfind.noise.per_example.hooks import PerExampleGradNorms
+from bsfind.noise.per_example.hooks import PerExampleGradNorms, checking_batch
 from bsfind.noise.per_example.plan import (
     PerExamplePlan,
     PerExampleUnsupported,
@@ -107,5 +107,6 @@ __all__ = [
     "PerExamplePlan",
     "PerExampleUnsupported",
     "TiedWeight",
+    "checking_batch",
     "plan",
 ]
