@@ -209,13 +209,20 @@ def mean_smoothed(curves: Sequence[Curve], at: float, smoothing: float = SMOOTHI
     return statistics.fmean(smoothed_loss(c, at, smoothing) for c in curves)
 
 
+def keeps_up(loss: float, reference: float) -> bool:
+    """Whether a rung's smoothed loss keeps up with its reference: a diverged rung (inf)
+    never does, even beside a diverged reference (inf <= inf passed four diverged rungs
+    and kept the ladder climbing, in a trial)."""
+    return math.isfinite(loss) and loss <= reference
+
+
 def verdicts(rungs: Sequence[Sequence[Curve]], delta: float, tolerance: float = TOLERANCE,
              smoothing: float = SMOOTHING, every: bool = False) -> list[Verdict]:
     """The rule along the ladder (rungs in doubling order, each a list of repeats' curves).
 
-    Rung i passes when its smoothed loss after ``delta`` is not above rung i-1's after
-    ``delta / tolerance``. The list ends at the first rung that fails (``every``: it
-    goes on, for the table of every rung that ran).
+    Rung i passes when its smoothed loss after ``delta`` is finite and not above rung
+    i-1's after ``delta / tolerance``. The list ends at the first rung that fails
+    (``every``: it goes on, for the table of every rung that ran).
     """
     out: list[Verdict] = []
     for i, curves in enumerate(rungs):
@@ -224,7 +231,7 @@ def verdicts(rungs: Sequence[Sequence[Curve]], delta: float, tolerance: float = 
             out.append(Verdict(loss, None, None))
             continue
         reference = mean_smoothed(rungs[i - 1], delta / tolerance, smoothing)
-        passed = loss <= reference
+        passed = keeps_up(loss, reference)
         out.append(Verdict(loss, reference, passed))
         if not passed and not every:
             break
@@ -559,7 +566,7 @@ class _Ladder:
         for i in range(1, len(found)):
             if len(self.curves[i]) < 2:
                 continue
-            kept = [smoothed_loss(c, o.delta) <= smoothed_loss(p, o.delta / TOLERANCE)
+            kept = [keeps_up(smoothed_loss(c, o.delta), smoothed_loss(p, o.delta / TOLERANCE))
                     for c, p in zip(self.curves[i], self.curves[i - 1], strict=True)]
             if any(kept) and not all(kept):
                 out.append(self.batches[i])

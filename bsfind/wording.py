@@ -639,10 +639,14 @@ def describe_branches(r: BranchResult, oom_at: int | None = None,
         notes.append("the branches started from a fresh optimizer state (a checkpoint holds "
                      "weights only): momentum and Adam's moments rebuilt during the branches, "
                      "not carried over from the run")
-    for rung in r.rungs:
-        if not math.isfinite(rung.loss):
-            notes.append(f"batch {rung.batch_size:,} diverged at learning rate "
-                         f"{rung.learning_rate:.3g} ({r.lr_rule})")
+    gone = [g for g in r.rungs if not math.isfinite(g.loss)]
+    if gone:
+        rates = sorted({f"{g.learning_rate:.3g}" for g in gone}, key=float)
+        notes.append(f"batch{'es' if len(gone) > 1 else ''} "
+                     + _listed([f"{g.batch_size:,}" for g in gone])
+                     + f" diverged at learning rate{'s' if len(rates) > 1 else ''} "
+                     + (rates[0] if len(rates) == 1 else f"{rates[0]}–{rates[-1]}")
+                     + f" ({r.lr_rule}): a diverged rung falls behind")
     micro = [g.micro_batch for g in r.rungs if g.micro_batch is not None]
     if accumulated_from is not None and micro:
         notes.append(f"batch {accumulated_from:,} did not fit in memory in one forward: it "
@@ -662,10 +666,8 @@ def describe_branches(r: BranchResult, oom_at: int | None = None,
     if below_error is not None:
         notes.append(f"the ladder stopped going below the baseline batch: {below_error}")
     if disputed:
-        names = [f"{b:,}" for b in disputed]
-        listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-        notes.append(f"the data orders disagree at batch{'es' if len(names) > 1 else ''} "
-                     + listed
+        notes.append(f"the data orders disagree at batch{'es' if len(disputed) > 1 else ''} "
+                     + _listed([f"{b:,}" for b in disputed])
                      + " (some kept up, some fell behind; the mean decided): the local "
                      "critical batch may be lower or higher than read")
     cut = r.stopped in ("budget", "interrupted", "out of memory") or below_error is not None
@@ -691,9 +693,17 @@ def describe_branches(r: BranchResult, oom_at: int | None = None,
         last = r.rungs[-1].batch_size
         notes.append(f"every rung up to batch {last:,} kept up (the ladder's largest batch): "
                      f"the local critical batch is at least {last:,}")
+    elif r.bound == "none" and r.rungs and not math.isfinite(r.rungs[0].loss):
+        notes.append(f"the smallest batch ({r.rungs[0].batch_size:,}) diverged, so no rung "
+                     "has a loss to be held to: no local critical batch (lower optimizer.lr)")
     elif r.bound == "none":
         notes.append(NO_LADDER_READ + LADDER_CUT.get(r.stopped, ""))
     return dataclasses.replace(r, notes=tuple(notes))
+
+
+def _listed(names: list[str]) -> str:
+    """"a", "a and b", "a, b and c"."""
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 NO_LADDER_READ = "fewer than two rungs finished: no local critical batch"

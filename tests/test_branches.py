@@ -562,7 +562,32 @@ def test_a_diverging_rung_fails() -> None:
     assert [g.passed for g in r.rungs] == [None, False]
     assert math.isinf(r.rungs[1].loss)
     assert (r.critical_batch, r.bound) == (8, "at most")
-    assert any("diverged" in n for n in r.notes)
+    assert "batch 16 diverged at learning rate 0.02 (linear): a diverged rung falls behind" \
+        in r.notes
+
+
+def test_every_rung_diverging_stops_the_ladder_and_says_why() -> None:
+    """A trial's hot rate: every rung diverged, and inf <= inf kept the ladder climbing
+    with four rungs "kept up"; the note then said fewer than two rungs had finished."""
+    job = tiny_job()
+    opts = branches.BranchOptions(baseline_batch=8, lr=1e-2, family="sgd", lr_rule="linear",
+                                  branch_steps=8, max_factor=8, repeats=1, min_fraction=2)
+    original = job.loss
+
+    def nan(idx: torch.Tensor) -> torch.Tensor:
+        loss = original(idx)
+        return loss * math.nan if torch.is_grad_enabled() else loss
+
+    job.loss = nan  # type: ignore[method-assign]
+    r = branches.measure(job, opts, Deadline.after(60))
+    assert [g.batch_size for g in r.rungs] == [4, 8, 16]  # 16 fell behind: down to 4
+    assert not any(g.passed for g in r.rungs)
+    assert (r.critical_batch, r.bound) == (None, "none")
+    assert r.notes[-2:] == (
+        "batches 4, 8 and 16 diverged at learning rates 0.005–0.02 (linear): a diverged rung "
+        "falls behind",
+        "the smallest batch (4) diverged, so no rung has a loss to be held to: no local "
+        "critical batch (lower optimizer.lr)")
 
 
 # --------------------------------------------------------------------------- end to end
@@ -843,3 +868,18 @@ def test_a_ladder_the_budget_cut_after_one_rung_says_to_raise_the_budget() -> No
     assert r.critical_batch is None and r.bound == "none"
     assert any("the time budget ended the ladder (a larger probe.max_seconds lets it climb)"
                in n for n in r.notes)
+
+
+def test_a_diverged_rung_falls_behind_even_a_diverged_reference() -> None:
+    """inf <= inf passed: a trial's ladder at a hot rate marked four diverged rungs
+    "kept up" and climbed on for 13 s."""
+    inf = math.inf
+    r0 = [[(8, inf), (16, inf)]]
+    r1 = [[(16, inf)]]
+    r2 = [[(16, 0.5)]]
+    out = branches.verdicts([r0, r1, r2], 16, tolerance=math.sqrt(2), smoothing=0.5)
+    assert [v.passed for v in out] == [None, False]
+    assert branches.bracket([32, 64], out)[1] == "none"
+    # a finite rung above a diverged one keeps up with it
+    out = branches.verdicts([r1, r2], 16, tolerance=math.sqrt(2), smoothing=0.5)
+    assert [v.passed for v in out] == [None, True]
