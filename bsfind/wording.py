@@ -639,14 +639,7 @@ def describe_branches(r: BranchResult, oom_at: int | None = None,
         notes.append("the branches started from a fresh optimizer state (a checkpoint holds "
                      "weights only): momentum and Adam's moments rebuilt during the branches, "
                      "not carried over from the run")
-    gone = [g for g in r.rungs if not math.isfinite(g.loss)]
-    if gone:
-        rates = sorted({f"{g.learning_rate:.3g}" for g in gone}, key=float)
-        notes.append(f"batch{'es' if len(gone) > 1 else ''} "
-                     + _listed([f"{g.batch_size:,}" for g in gone])
-                     + f" diverged at learning rate{'s' if len(rates) > 1 else ''} "
-                     + (rates[0] if len(rates) == 1 else f"{rates[0]}–{rates[-1]}")
-                     + f" ({r.lr_rule}): a diverged rung falls behind")
+    notes += _diverged_rungs(r)
     micro = [g.micro_batch for g in r.rungs if g.micro_batch is not None]
     if accumulated_from is not None and micro:
         notes.append(f"batch {accumulated_from:,} did not fit in memory in one forward: it "
@@ -699,6 +692,18 @@ def describe_branches(r: BranchResult, oom_at: int | None = None,
     elif r.bound == "none":
         notes.append(NO_LADDER_READ + LADDER_CUT.get(r.stopped, ""))
     return dataclasses.replace(r, notes=tuple(notes))
+
+
+def _diverged_rungs(r: BranchResult) -> list[str]:
+    """One note for every rung whose loss was not finite, with their learning rates."""
+    gone = [g for g in r.rungs if not math.isfinite(g.loss)]
+    if not gone:
+        return []
+    rates = sorted({f"{g.learning_rate:.3g}" for g in gone}, key=float)
+    return [f"batch{'es' if len(gone) > 1 else ''} " + _listed([f"{g.batch_size:,}" for g in gone])
+            + f" diverged at learning rate{'s' if len(rates) > 1 else ''} "
+            + (rates[0] if len(rates) == 1 else f"{rates[0]}–{rates[-1]}")
+            + f" ({r.lr_rule}): a diverged rung falls behind"]
 
 
 def _listed(names: list[str]) -> str:
