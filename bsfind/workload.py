@@ -65,14 +65,23 @@ def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def model_loss(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
     """``loss: model``: the loss the model returned (it was called with labels=targets):
-    ``outputs.loss`` (Hugging Face), ``outputs["loss"]``, or the first of a tuple."""
-    for get in (lambda o: o.loss, lambda o: o["loss"], lambda o: o[0]):
+    ``outputs.loss`` (Hugging Face), ``outputs["loss"]``, or the first of a tuple. Only a
+    tuple or list is read by position: a Hugging Face output without a loss (GPT2Model, no
+    head) gives its hidden states at [0], which read as a non-scalar loss."""
+    for get in (lambda o: o.loss, lambda o: o["loss"]):
         try:
             value = get(outputs)
         except (AttributeError, KeyError, TypeError, IndexError):
             continue
         if isinstance(value, torch.Tensor):
             return value
+    first = outputs[0] if isinstance(outputs, (tuple, list)) and outputs else None
+    if isinstance(first, torch.Tensor) and first.numel() == 1:
+        return first
+    if isinstance(first, torch.Tensor):
+        raise TypeError(f"the model returned a {type(outputs).__name__} whose first element "
+                        f"has shape {tuple(first.shape)}, not a loss (.loss, ['loss'] or a "
+                        "tuple starting with the scalar loss)")
     raise TypeError(f"the model returned {type(outputs).__name__} without a loss "
                     "(.loss, ['loss'] or a tuple starting with it)")
 

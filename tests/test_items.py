@@ -414,3 +414,23 @@ def test_the_python_api_warns_of_a_token_mean_over_padded_examples() -> None:
     from bsfind import wording
 
     assert f"bsfind: {wording.TOKEN_MEAN}" in [str(w.message) for w in caught]
+
+
+def test_loss_model_reads_a_tuple_by_position_only() -> None:
+    """A Hugging Face output without a loss (GPT2Model, no head) gave its hidden states at
+    [0], and a (logits, loss) tuple its logits: both read as a non-scalar 'loss'."""
+    from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
+
+    from bsfind.workload import model_loss
+
+    scalar, hidden = torch.tensor(1.5), torch.zeros(4, 3, 2)
+    assert model_loss(CausalLMOutput(loss=scalar), None) is scalar
+    assert model_loss({"loss": scalar, "logits": hidden}, None) is scalar
+    assert model_loss((scalar, hidden), None) is scalar
+    with pytest.raises(TypeError, match="returned BaseModelOutput without a loss"):
+        model_loss(BaseModelOutput(last_hidden_state=hidden), None)
+    with pytest.raises(TypeError, match="returned Tensor without a loss"):
+        model_loss(hidden, None)
+    with pytest.raises(TypeError, match=re.escape(
+            "returned a tuple whose first element has shape (4, 3, 2), not a loss")):
+        model_loss((hidden, scalar), None)
