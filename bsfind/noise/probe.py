@@ -374,10 +374,14 @@ class NoiseProbe:
         from bsfind.noise.per_example import PerExampleUnsupported, checking_batch
 
         idx = torch.arange(checking_batch(self.b_big // self.comm.world)) % self.n
+        where = self._where()
 
         def local() -> float:
             self.job.model.zero_grad(set_to_none=True)
-            self.job.loss(idx).backward()
+            loss = self.job.loss(idx)
+            check_loss(loss, where)
+            loss.backward()
+            check_reached(self.params, self.job.model_name, where)
             norms.sq_norms()  # type: ignore[attr-defined]
             return 0.0
 
