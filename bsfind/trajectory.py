@@ -178,7 +178,7 @@ class _Walk:
         target = FIRST_STEP
         while True:
             if self.planned is not None:
-                target = min(target, max(1, self.planned // self.b0))
+                target = min(target, self._end_step())
             if target <= self.step:
                 return
             per_step = self.train_seconds / self.step if self.step else 0.0
@@ -197,11 +197,16 @@ class _Walk:
             last_probe = self.estimates[-1].seconds
             target = 2 * self.step
 
+    def _end_step(self) -> int:
+        """The planned run's last step at the baseline batch (whole steps, at least 1)."""
+        assert self.planned is not None
+        return max(1, self.planned // self.b0)
+
     def _paced_cap(self, cap: float, target: int, per_step: float, left: float) -> float:
         """The probe's seconds at step ``target`` (see :func:`paced_probe_seconds`)."""
         if self.planned is None:
             return cap
-        end = max(1, self.planned // self.b0)
+        end = self._end_step()
         may_train = max(0.0, TRAIN_SHARE * self.noise_seconds - self.train_seconds)
         train_left = may_train
         if per_step > 0:  # the end the training share can reach
@@ -317,8 +322,10 @@ class _Walk:
         mode = self.spec.probe_mode
         used = self.used(self.estimates)
         first, last = self.estimates[0], self.estimates[-1]
+        # the plan's last whole step (3,594 examples at batch 32: step 112, 3,584 examples,
+        # which the examples themselves never reach: a trial's finished run was warned)
         reached = (self.planned is not None and last.examples_seen is not None
-                   and last.examples_seen >= self.planned)
+                   and last.examples_seen >= self._end_step() * self.b0)
         moved = mode != "along" or reached or (
             first.loss is not None and last.loss is not None
             and last.loss <= (1 - MOVED_LOSS_DROP) * first.loss)

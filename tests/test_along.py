@@ -66,6 +66,16 @@ def test_a_run_that_does_not_move_says_so() -> None:
                for w in doc["warnings"])
 
 
+def test_a_run_that_reached_a_plan_of_part_of_a_step_is_not_warned() -> None:
+    """A plan that is not a whole number of steps (100 examples at batch 16: the run
+    ends at step 6, 96 examples): the finished run read as cut short by the budget."""
+    doc = run_json("noise", GOOD, "--set", "optimizer.lr=1e-9", "--set", "training.epochs=null",
+                   "--set", "training.examples=100", "--set", "probe.max_seconds=30")
+    t = doc["trajectory"]
+    assert (t["steps"], t["examples"], t["moved"]) == (6, 96, True)
+    assert not any(w.startswith("the probe trained only") for w in doc["warnings"])
+
+
 def test_pinned_points_keep_the_step_0_warning() -> None:
     doc = run_json("noise", GOOD, "--set", "probe.at_steps=[0]")
     assert doc["trajectory"]["mode"] == "pinned"
