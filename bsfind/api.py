@@ -180,15 +180,19 @@ def measure_noise_scale(
         loss_fn = LOSSES[loss_fn]
     batch_size = _check_probe_arguments(method, batch_size, target_rel_error, max_seconds)
     job = Workload.from_objects(model, dataset, loss_fn, collate=collate_fn)
+    # BatchNorm in training mode: micro-batches of the batch it trains with, as the CLI
+    # measures (a trial's ResNet got micro-batches of batch_size // 8 and no warning)
+    norm = pipeline.batchnorm_batch(model, batch_size)
     opts = ProbeOptions(method=method, batch_size=batch_size,
-                        target_rel_error=target_rel_error)
+                        target_rel_error=target_rel_error, norm_batch=norm)
     with paused_on(model):  # a tracker of the same model neither counts nor meets it
         est = noise_scale_at(job, opts, seed=seed, max_seconds=max_seconds,
                              progress=progress)
     # what the CLI says on stderr about the same measurement, as Python warnings
     for text in (wording.noise_warnings(est, None, dataset_size=len(job),
                                         baseline_batch=batch_size, from_checkpoint=True,
-                                        advice=False)
+                                        advice=False, norm_batch=norm)
+                 + ([] if model.training else [wording.EVAL_MODE])
                  + ([wording.TOKEN_MEAN] if uneven_token_weights(job) else [])
                  + ([wording.text_inputs(keys)] if (keys := text_inputs(job)) else [])):
         warnings.warn(f"bsfind: {text}", UserWarning, stacklevel=2)

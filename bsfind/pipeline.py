@@ -69,12 +69,18 @@ def norm_batch(spec: Spec, job: Workload, world: int = 1) -> int | None:
     """The per-device BatchNorm batch of a model with BatchNorm in training mode, else None:
     the baseline batch over the devices it is trained on (the ranks of a data-parallel
     run, else ``hardware.gpus``), at least 2."""
+    return batchnorm_batch(job.model, spec.optimizer.batch_size,
+                           world if world > 1 else spec.hardware.gpus)
+
+
+def batchnorm_batch(model: torch.nn.Module, batch_size: int, devices: int = 1) -> int | None:
+    """``batch_size`` over ``devices``, at least 2 (BatchNorm1d cannot normalise one
+    example), for a model with BatchNorm in training mode; else None."""
     from bsfind.torch_compat import has_batchnorm_in_training
 
-    if not has_batchnorm_in_training(job.model):
+    if not has_batchnorm_in_training(model):
         return None
-    devices = world if world > 1 else spec.hardware.gpus
-    return max(2, spec.optimizer.batch_size // max(1, devices))
+    return max(2, batch_size // max(1, devices))
 
 
 def measured_norm_batch(spec: Spec, job: Workload, used: NoiseEstimate, world: int = 1

@@ -146,6 +146,10 @@ def text_inputs(keys: list[str]) -> str:
 
 # How the probe's method_reason begins when the per-example norms failed at run time.
 PER_EXAMPLE_FAILED = "per-example norms failed at run time"
+# measure_noise_scale measures the caller's model in the mode it is in (the CLI trains the
+# factory's model in training mode): a ViT left in eval() read 462 against 574 with dropout
+EVAL_MODE = ("the model is in eval mode, and was measured so (no dropout; BatchNorm on its "
+             "running statistics): call model.train() first for the noise scale of training")
 
 
 # Without a planned run (training.epochs / training.examples) the probe trains for half

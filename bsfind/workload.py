@@ -901,7 +901,11 @@ def _build(spec: Spec, device: torch.device) -> Workload:
     loss_fn = _resolve_loss(spec, sources)
     opt_cls = _resolve_optimizer(spec, sources)
     model.to(device)
-    model.train()
+    if not model.training:
+        # a root in eval mode (Hugging Face's from_pretrained, or an evaluation's leftover)
+        # trains; below a root in training mode, a module the factory put in eval mode stays
+        # so (frozen BatchNorm when fine-tuning: train() read it ~10x low, in a trial)
+        model.train()
     return Workload(
         model=model,
         dataset=d.obj,

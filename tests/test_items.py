@@ -333,8 +333,11 @@ def test_the_python_api_leaves_the_model_as_it_found_it() -> None:
     assert after["1.num_batches_tracked"] == 0
     assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in model.parameters())
     assert [str(w.message) for w in caught if "bsfind:" in str(w.message)] == [
+        "bsfind: the model has BatchNorm in training mode: its noise scale depends on the "
+        "BatchNorm batch, and was measured with the one it trains with (128 per device)",
         "bsfind: the dataset has only 64 examples, fewer than the baseline batch 128: the "
         "probe samples with replacement, so the estimate is still sound"]
+    assert est.b_small == 128  # one BatchNorm batch, as the CLI (a trial: 128 // 8)
     # under the caller's inference_mode the .grad put back is a normal tensor: the next
     # backward works (a review: an inference tensor refused the in-place update)
     import numpy as np
@@ -434,3 +437,33 @@ def test_loss_model_reads_a_tuple_by_position_only() -> None:
     with pytest.raises(TypeError, match=re.escape(
             "returned a tuple whose first element has shape (4, 3, 2), not a loss")):
         model_loss((hidden, scalar), None)
+
+
+def test_the_model_is_measured_in_the_mode_the_factory_or_caller_left_it() -> None:
+    """A BatchNorm layer frozen with .eval() under a model in training mode stays so in
+    the CLI (train() on the whole model read a trial's fine-tuned ResNet ~10x low, through
+    micro-batches of a BatchNorm it never trains); a whole model in eval mode (as
+    from_pretrained returns it) trains. The API measures the mode it is given, and
+    warns about eval mode."""
+    import warnings
+
+    from bsfind import measure_noise_scale
+    from bsfind.pipeline import batchnorm_batch
+    from tests.assets import user_code
+
+    good = ROOT / "tests" / "assets" / "good.yaml"
+    frozen = build(load_spec(good, ["model.factory=user_code.py:bn_model",
+                                    "model.kwargs={frozen: true}"])).model
+    assert frozen.training and not frozen[1].training
+    assert batchnorm_batch(frozen, 16) is None
+    whole = build(load_spec(good, ["model.factory=user_code.py:bn_model",
+                                   "model.kwargs={evaluated: true}"])).model
+    assert all(m.training for m in whole.modules())
+    assert batchnorm_batch(whole, 16) == 16
+    model = user_code.bn_model(evaluated=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        est = measure_noise_scale(model, user_code.digits_like(), F.cross_entropy,
+                                  batch_size=16, max_seconds=5)
+    assert est.method == "per-example" and not model.training
+    assert any("the model is in eval mode" in str(w.message) for w in caught)

@@ -153,10 +153,16 @@ def oom_model(threshold: int = 16) -> nn.Module:
     return _FakeOOM(threshold)
 
 
-def bn_model(features: int = 8, classes: int = 3) -> nn.Module:
-    """BatchNorm1d: cannot train at batch 1, forces the micro-batch probe."""
-    return nn.Sequential(nn.Linear(features, 16), nn.BatchNorm1d(16), nn.ReLU(),
-                         nn.Linear(16, classes))
+def bn_model(features: int = 8, classes: int = 3, frozen: bool = False,
+             evaluated: bool = False) -> nn.Module:
+    """BatchNorm1d: cannot train at batch 1, forces the micro-batch probe. ``frozen``: the
+    BatchNorm layer in eval mode with its affine parameters frozen (fine-tuning's idiom);
+    ``evaluated``: the whole model left in eval mode."""
+    model = nn.Sequential(nn.Linear(features, 16), nn.BatchNorm1d(16), nn.ReLU(),
+                          nn.Linear(16, classes))
+    if frozen:
+        model[1].eval().requires_grad_(False)
+    return model.eval() if evaluated else model
 
 
 class Output:
