@@ -820,6 +820,7 @@ def load_checkpoint(
                 break
     if not isinstance(state, dict):
         raise ResolutionError(f"{key} {path}: expected a state_dict mapping")
+    state = _without_wrapper_prefix(model, state)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shapes that differ
@@ -833,6 +834,30 @@ def load_checkpoint(
             [f"unexpected {', '.join(unexpected[:3])}" + (" ..." if len(unexpected) > 3 else "")]
             if unexpected else [])
         raise ResolutionError(f"{key} {path} does not match the model: {'; '.join(parts)}")
+
+
+# The prefixes wrappers put before every key: DistributedDataParallel's and
+# torch.compile's (whose OptimizedModule holds the model as _orig_mod).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _without_wrapper_prefix(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with its keys in the model's form when the two differ only by a wrapper's
+    prefix: a checkpoint saved from a DDP or compiled model, loaded into a plain one, or
+    the reverse (a trial's compiled ViT met a plain checkpoint: "missing
+    _orig_mod.cls_token", no hint)."""
+    own = set(model.state_dict())
+    if not state or set(state) & own:
+        return state
+    for prefix in WRAPPER_PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            stripped = {k[len(prefix):]: v for k, v in state.items()}
+            if set(stripped) & own:
+                return stripped
+        added = {prefix + k: v for k, v in state.items()}
+        if set(added) & own:
+            return added
+    return state
 
 
 def _tied_to_present(model: nn.Module, state: dict[str, Any]) -> set[str]:
