@@ -171,7 +171,7 @@ def measure_noise_scale(
     import warnings
 
     from bsfind.tracker import paused_on
-    from bsfind.workload import LOSSES, near_name, text_inputs, uneven_token_weights
+    from bsfind.workload import LOSSES, near_name
 
     if isinstance(loss_fn, str):
         if loss_fn not in LOSSES:
@@ -193,8 +193,7 @@ def measure_noise_scale(
                                         baseline_batch=batch_size, from_checkpoint=True,
                                         advice=False, norm_batch=norm)
                  + ([] if model.training else [wording.EVAL_MODE])
-                 + ([wording.TOKEN_MEAN] if uneven_token_weights(job) else [])
-                 + ([wording.text_inputs(keys)] if (keys := text_inputs(job)) else [])):
+                 + pipeline.item_warnings(job)):
         warnings.warn(f"bsfind: {text}", UserWarning, stacklevel=2)
     return est
 
@@ -243,6 +242,7 @@ class Validation:
     method_reason: str
     probe_points: str
     learning_rate: str = ""  # how recommend sets the learning rate at its batch
+    warnings: tuple[str, ...] = ()  # what the examples make of the measurement
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -311,6 +311,7 @@ def validate(spec: Spec) -> Validation:
         batch_size=n, loss_value=float(loss.detach()), grad_norm_sq=g2, method=method,
         method_reason=reason, probe_points=wording.probe_plan(spec),
         learning_rate=wording.lr_plan(pipeline.lr_search_skipped_by_spec(spec, world=1)),
+        warnings=tuple(pipeline.item_warnings(job)),
     )
 
 

@@ -952,6 +952,7 @@ def validate(spec: SpecArg, json_out: JsonOpt = False, set_: SetOpt = None,
     stdout.print(f"  noise probe: {doc['method']} ({doc['method_reason']})", markup=False)
     stdout.print(f"  probe points: {doc['probe_points']}", markup=False)
     stdout.print(f"  learning rate: {doc['learning_rate']}", markup=False)
+    _warn(doc)
 
 
 @app.command()

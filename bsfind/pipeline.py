@@ -36,7 +36,7 @@ from bsfind.runner import Runner
 from bsfind.seeds import Seeds
 from bsfind.spec import Spec
 from bsfind.training import host_weights, offloaded
-from bsfind.workload import Workload, text_inputs, uneven_token_weights
+from bsfind.workload import Workload, model_loss, text_inputs, uneven_token_weights
 
 if TYPE_CHECKING:
     import torch
@@ -55,6 +55,13 @@ BRANCH_SHARE = 0.4
 # batch (probe.lr_branches, on by default): the points along training get that much
 # less. 6 s of the default 60: the search costs 2-8 branches of LR_STEPS (32) steps.
 LR_SHARE = 0.1
+
+
+def item_warnings(job: Workload) -> list[str]:
+    """What the examples themselves make of the measurement: a per-token mean loss over
+    examples of different token counts, text that reaches the model as strings."""
+    return (([wording.token_mean(job.loss_fn is model_loss)] if uneven_token_weights(job)
+             else []) + ([wording.text_inputs(keys)] if (keys := text_inputs(job)) else []))
 
 
 def probe_options(spec: Spec, job: Workload | None = None, world: int = 1) -> ProbeOptions:
@@ -205,9 +212,7 @@ def points_report(spec: Spec, job: Workload, command: str, points: trajectory.Po
             from_checkpoint=bool(spec.model.checkpoint),
             advice=command in ("recommend", "schedule"),
             partial=points.status == "partial", norm_batch=norm_batch))
-        + ((wording.TOKEN_MEAN,) if uneven_token_weights(job) else ())
-        + ((wording.text_inputs(text),) if (text := text_inputs(job)) else ())
-        + points.notes + notes,
+        + tuple(item_warnings(job)) + points.notes + notes,
     )
 
 

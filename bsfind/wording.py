@@ -46,12 +46,17 @@ LR_SEARCH_CUT_SHORT = ("the time budget ended the learning-rate search: the repo
 LR_SEARCH_CUT_FIRST = ("the time budget ended the learning-rate search before its first "
                        "learning rate finished: the report is partial, and the learning rate "
                        "is the rule's (a larger probe.max_seconds lets it finish)")
-TOKEN_MEAN = ("the loss averages over a batch's tokens (loss: model, and the built-in "
-              "cross_entropy on (batch, token) targets), and these examples count "
-              "different numbers of them (labels of -100 vary per row): each example weighs "
-              "by its length, while the noise scale assumes a mean over examples, so it reads "
-              "low (23% on a padded GPT-2 in a trial); use a loss that averages each "
-              "example's tokens first (README: dict items and padding)")
+def token_mean(model_loss: bool) -> str:
+    """A loss averaged over a batch's tokens, on examples of different token counts: the
+    model's own loss (``model_loss``) or the built-in cross_entropy on (batch, token)
+    targets."""
+    which = ("the model's own loss (loss: model) averages" if model_loss else
+             "the built-in cross_entropy averages (batch, token) targets")
+    return (f"{which} over a batch's tokens, and these examples count different numbers "
+            "of them (labels of -100 vary per row): each example weighs by its length, while "
+            "the noise scale assumes a mean over examples, so it reads low (23% on a padded "
+            "GPT-2 in a trial); use a loss that averages each example's tokens first "
+            "(README: \"Per-token losses on padded batches\")")
 LR_SEARCH_CUT_ONE = ("the time budget ended the learning-rate search after its first "
                      "learning rate, with none to compare it with: the report is partial, "
                      "and the learning rate is the rule's (a larger probe.max_seconds lets it "

@@ -248,7 +248,17 @@ def test_a_token_mean_over_padded_examples_is_warned_about() -> None:
     assert r.exit_code == 0, r.output
     import json
 
-    assert wording.TOKEN_MEAN in json.loads(r.stdout)["warnings"]
+    assert wording.token_mean(True) in json.loads(r.stdout)["warnings"]
+    assert "the model's own loss (loss: model) averages over a batch's tokens" in \
+        wording.token_mean(True)
+    # validate says so too, before any probe (a trial: only noise and recommend did)
+    r = CliRunner().invoke(app, ["validate", GOOD, "--json", *[a for o in [
+        *lm, "loss=model"] for a in ("--set", o)]])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["warnings"] == [wording.token_mean(True)]
+    r = CliRunner().invoke(app, ["validate", GOOD, *[a for o in [*lm, "loss=model"]
+                                                     for a in ("--set", o)]])
+    assert "warning: the model's own loss (loss: model) averages" in r.output
 
 
 def test_the_python_api_fits_its_threads_to_the_machines_load(
@@ -416,7 +426,7 @@ def test_the_python_api_warns_of_a_token_mean_over_padded_examples() -> None:
                             batch_size=16, max_seconds=10, collate_fn=user_code.pad_lm)
     from bsfind import wording
 
-    assert f"bsfind: {wording.TOKEN_MEAN}" in [str(w.message) for w in caught]
+    assert f"bsfind: {wording.token_mean(True)}" in [str(w.message) for w in caught]
 
 
 def test_loss_model_reads_a_tuple_by_position_only() -> None:
