@@ -648,7 +648,7 @@ def render_recommendation(doc: dict[str, Any]) -> None:
         markup=True,
     )
     if rng:
-        stdout.print("  plausible range from the noise scale's interval: "
+        stdout.print("  plausible range from the basis's interval (below): "
                      + (f"{rng[0]}–{rng[1]}" if rng[0] != rng[1] else
                         f"{rng[0]} (the whole interval gives this batch)"), markup=False)
     if rec.get("predicted_time_ratio") is not None:

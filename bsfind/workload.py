@@ -564,7 +564,9 @@ class Workload:
                     f"model {self.model_name!r} raised {_raised(exc, ' in forward')}",
                     hint=("loss: model calls the model with labels=targets and reads the "
                           "loss it returns; " if own else "")
-                    + f"the batch: inputs {_shapes(x)}, targets {_shapes(y)}",
+                    + f"the batch: inputs {_shapes(x)}, targets {_shapes(y)}"
+                    + (_ids_beyond_embedding(self.model, x) if isinstance(exc, IndexError)
+                       else ""),
                 ) from exc
         if not isinstance(out, torch.Tensor) and self.loss_name in LOSSES and not own:
             raise UserCodeError(
@@ -646,6 +648,21 @@ def uneven_token_weights(job: Workload) -> bool:
     mean, length = float(n.float().mean()), y.shape[1]
     spread = float(n.float().var()) > 2.0 * mean * (1.0 - mean / length)
     return bool(n.min() != n.max()) and (contiguous or spread)
+
+
+def _ids_beyond_embedding(model: nn.Module, x: Any) -> str:
+    """For an IndexError in forward: the inputs' largest integer id against the smallest
+    Embedding's rows, when it is past them (a vocabulary smaller than the data's: torch
+    says only "index out of range in self")."""
+    rows = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
+    values = x.values() if isinstance(x, Mapping) else x if isinstance(x, (list, tuple)) else [x]
+    ids = [int(v.max()) for v in values if isinstance(v, torch.Tensor) and v.numel()
+           and not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool]
+    if not rows or not ids or max(ids) < min(rows):
+        return ""
+    return (f"; the inputs' largest id is {max(ids):,}, and an Embedding has "
+            f"{min(rows):,} rows (ids 0–{min(rows) - 1:,}): is the vocabulary as large as "
+            "the data's?")
 
 
 def _shapes(x: Any) -> str:

@@ -273,3 +273,23 @@ def test_a_data_file_beside_the_spec_but_read_from_elsewhere_gets_the_hint(
     r = run("validate", "good.yaml", "--set", "data.factory=user_code.py:rows_from_file",
             "--set", f"data.kwargs={{path: {'a' * 300}.csv}}")
     assert_clean_failure(r, 3, "raised FileNotFoundError")
+
+
+def test_ids_past_the_embedding_are_named() -> None:
+    """torch says only "index out of range in self" (a trial's vocabulary of 64 under
+    byte ids up to 127)."""
+    from bsfind.errors import UserCodeError
+    from bsfind.workload import Workload
+
+    ids = torch.randint(0, 128, (16, 8))
+    ids[0, 0] = 127
+    model = torch.nn.Sequential(torch.nn.Embedding(64, 4), torch.nn.Flatten(),
+                                torch.nn.Linear(32, 2))
+    job = Workload.from_objects(model, torch.utils.data.TensorDataset(ids, ids[:, 0] % 2),
+                                torch.nn.functional.cross_entropy)
+    with pytest.raises(UserCodeError) as info:
+        job.loss(torch.arange(4))
+    assert info.value.message.startswith("model 'Sequential' raised IndexError in forward")
+    assert info.value.hint.endswith(
+        "the inputs' largest id is 127, and an Embedding has 64 rows (ids 0–63): is the "
+        "vocabulary as large as the data's?")

@@ -439,7 +439,8 @@ class NoiseProbe:
         if self.progress is not None:
             rel = s.rel_half_width
             frac = 0.0 if not math.isfinite(rel) else min(1.0, self.target / rel)
-            shown = f"B_simple≈{s.b_simple:.0f} ±{rel:.0%}" if s.b_simple else "|G|² unresolved"
+            shown = (f"B_simple≈{wording.num(s.b_simple)} ±{rel:.0%}" if s.b_simple
+                     else "|G|² unresolved")
             ranks = f" over {self.comm.world} ranks" if self.comm.world > 1 else ""
             self.progress("noise", frac, f"step {self.step}: {shown}, B_big={self.b_big}{ranks}")
         return s, all_zero
