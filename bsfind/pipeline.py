@@ -497,7 +497,9 @@ def branch_points(spec: Spec, job: Workload, runner: Runner, points: trajectory.
             noise = NoisePartial(points.estimates, points.used)
             raise Interrupted(exc.message, partial=BranchPartial(
                 noise, (*done, *((part,) if part else ())))) from None
-    return tuple(done), ()
+    spent, planned = sum(r.examples for r in done), spec.planned_examples(len(job))
+    return tuple(done), ((wording.branches_past_plan(spent, planned),)
+                         if planned is not None and spent > planned else ())
 
 
 def branch_run_average(spec: Spec, results: tuple[BranchResult, ...]) -> RunAverage | None:

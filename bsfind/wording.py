@@ -703,6 +703,14 @@ def describe_branches(r: BranchResult, oom_at: int | None = None,
     return dataclasses.replace(r, notes=tuple(notes))
 
 
+def branches_past_plan(spent: int, planned: int) -> str:
+    """The branches trained more examples than the run they advise (a trial's short GPT
+    run: 18,432 against a planned 3,124, and nothing said so)."""
+    return (f"the branches trained {spent:,} examples, {spent / planned:.1f}x the planned "
+            f"run's {planned:,}: on a run this short, trying its batch sizes directly may "
+            "cost less")
+
+
 def _diverged_rungs(r: BranchResult) -> list[str]:
     """One note for every rung whose loss was not finite, with their learning rates."""
     gone = [g for g in r.rungs if not math.isfinite(g.loss)]

@@ -643,6 +643,11 @@ def test_branch_command_json_and_table() -> None:
     assert b["optimizer_state"] == "carried"
     assert b["rungs"][0]["passed"] is None and b["rungs"][0]["learning_rate"] == 8e-3
     assert "recommendation" not in doc
+    # the branches trained more than the planned run (10 epochs, 17,970 examples): said
+    planned = doc["trajectory"]["planned_examples"]
+    assert planned == 17_970 and b["examples"] > planned
+    assert (f"the branches trained {b['examples']:,} examples, {b['examples'] / planned:.1f}x "
+            f"the planned run's 17,970") in " ".join(doc["warnings"])
 
 
 def _recommend(extra: list[str]) -> Callable[[], dict]:  # type: ignore[type-arg]
