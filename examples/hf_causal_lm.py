@@ -22,9 +22,12 @@ def gpt2(layers: int = 2, width: int = 64, heads: int = 4, context: int = 32,
     """A small GPT-2 (tied input/output embeddings, as GPT-2 always has) over 128 byte ids."""
     config = GPT2Config(vocab_size=128, n_positions=context, n_embd=width, n_layer=layers,
                         n_head=heads, resid_pdrop=dropout, embd_pdrop=dropout,
-                        attn_pdrop=dropout, bos_token_id=0, eos_token_id=0,
-                        loss_type="ForCausalLM")
-    return GPT2LMHeadModel(config)
+                        attn_pdrop=dropout, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config)
+    # transformers reads the loss from the model's class name, which names none for
+    # GPT2LMHeadModel: say it, or every first loss warns "loss_type=None ... unrecognized"
+    model.loss_type = "ForCausalLM"
+    return model
 
 
 def windows(context: int = 32, max_chars: int = 100_000) -> TensorDataset:
