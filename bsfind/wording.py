@@ -103,7 +103,7 @@ def noise_warnings(used: NoiseEstimate, trajectory: Trajectory | None, *, datase
     if partial:
         out.append(BUDGET_RAN_OUT)
     if norm_batch:
-        out.append(batchnorm(norm_batch, advice))
+        out.append(batchnorm(norm_batch, advice, below=baseline_batch < norm_batch))
     if used.b_simple is None:
         out.append(UNRESOLVED_ADVICE if advice else UNRESOLVED)
     if used.method_reason.startswith(PER_EXAMPLE_FAILED):
@@ -268,14 +268,17 @@ def no_schedule(resolved: int, points: int, timed: bool, *, timing_off: bool = F
             "a noise scale to fit its growth; log a longer stretch of training")
 
 
-def batchnorm(norm_batch: int, advice: bool = True) -> str:
-    """The noise scale of a BatchNorm model is that of its BatchNorm batch (DESIGN §8)."""
+def batchnorm(norm_batch: int, advice: bool = True, below: bool = False) -> str:
+    """The noise scale of a BatchNorm model is that of its BatchNorm batch (DESIGN §8);
+    ``below``: the model trains with fewer per device than the probe could measure."""
+    measured = (f"was measured with batches of {norm_batch}, the fewest BatchNorm normalises "
+                "(it trains with 1 per device)" if below else
+                f"was measured with the one it trains with ({norm_batch} per device)")
+    keeps = (f"; the advice keeps {norm_batch} per device in each forward and grows the "
+             "batch in multiples of it, by more devices or gradient accumulation over batches "
+             f"of {norm_batch}")
     return (f"the model has BatchNorm in training mode: its noise scale depends on the "
-            f"BatchNorm batch, and was measured with the one it trains with ({norm_batch} "
-            "per device)" + (f"; the advice keeps {norm_batch} per device in each forward "
-                             "and grows the batch in multiples of it, by more devices or "
-                             f"gradient accumulation over batches of {norm_batch}"
-                             if advice else ""))
+            f"BatchNorm batch, and {measured}" + (keeps if advice else ""))
 
 
 # A BatchNorm recommendation at its floor this many times above the noise scale's

@@ -477,3 +477,21 @@ def test_the_model_is_measured_in_the_mode_the_factory_or_caller_left_it() -> No
                                   batch_size=16, max_seconds=5)
     assert est.method == "per-example" and not model.training
     assert any("the model is in eval mode" in str(w.message) for w in caught)
+
+
+def test_a_batchnorm_model_trained_at_batch_1_is_not_said_to_be_measured_as_trained() -> None:
+    """The probe's BatchNorm batch is 2 at the least: a trial's ResNet at batch 1 was told
+    its noise scale "was measured with the one it trains with (2 per device)"."""
+    from bsfind import wording
+    from bsfind.noise.probe import NoiseProbe, ProbeOptions
+    from tests.assets import user_code
+
+    job = Workload.from_objects(user_code.bn_model(), user_code.digits_like(),
+                                F.cross_entropy)
+    probe = NoiseProbe(job, ProbeOptions(method="microbatch", batch_size=1, norm_batch=2))
+    assert "one BatchNorm batch of 2, the fewest BatchNorm normalises (it trains with 1)" \
+        in probe.reason
+    assert wording.batchnorm(2, advice=False, below=True) == (
+        "the model has BatchNorm in training mode: its noise scale depends on the BatchNorm "
+        "batch, and was measured with batches of 2, the fewest BatchNorm normalises (it "
+        "trains with 1 per device)")

@@ -187,8 +187,10 @@ class NoiseProbe:
             self.b_big = max(2, min(opts.batch_size, self.max_big))
         elif self.norm_batch:
             self.b_small = self.norm_batch
+            as_in = ("as in training" if opts.batch_size >= self.norm_batch else
+                     f"the fewest BatchNorm normalises (it trains with {opts.batch_size})")
             self.reason += (f"; BatchNorm in training mode: each micro-batch is one BatchNorm "
-                            f"batch of {self.norm_batch}, as in training, so the noise scale "
+                            f"batch of {self.norm_batch}, {as_in}, so the noise scale "
                             "is that of this BatchNorm batch")
         else:
             self.b_small = opts.microbatch_size or max(2, opts.batch_size // DEFAULT_MICROBATCHES)
