@@ -221,8 +221,10 @@ def verdicts(rungs: Sequence[Sequence[Curve]], delta: float, tolerance: float = 
     """The rule along the ladder (rungs in doubling order, each a list of repeats' curves).
 
     Rung i passes when its smoothed loss after ``delta`` is finite and not above rung
-    i-1's after ``delta / tolerance``. The list ends at the first rung that fails
-    (``every``: it goes on, for the table of every rung that ran).
+    i-1's after ``delta / tolerance``. Above a diverged rung, a finite one is held to
+    nothing (``passed`` None: it is the next rung's reference, as the first rung is); a
+    diverged one fails. The list ends at the first rung that fails (``every``: it goes
+    on, for the table of every rung that ran).
     """
     out: list[Verdict] = []
     for i, curves in enumerate(rungs):
@@ -231,9 +233,10 @@ def verdicts(rungs: Sequence[Sequence[Curve]], delta: float, tolerance: float = 
             out.append(Verdict(loss, None, None))
             continue
         reference = mean_smoothed(rungs[i - 1], delta / tolerance, smoothing)
-        passed = keeps_up(loss, reference)
+        passed = (keeps_up(loss, reference) if math.isfinite(reference) or
+                  not math.isfinite(loss) else None)
         out.append(Verdict(loss, reference, passed))
-        if not passed and not every:
+        if passed is False and not every:
             break
     return out
 
@@ -254,16 +257,18 @@ def bracket(batches: Sequence[int], found: Sequence[Verdict], tolerance: float =
     default tolerance), so the last passing rung B and a failing 2B put B_crit in
     [B/x*, 2B/x*): "bracketed". When the first doubling failed (the ladder's smallest
     batch b), B_crit < 2·b/x*: "at most" b. When no rung failed before the ladder ended,
-    B_crit >= B/x*: "at least".
+    B_crit >= B/x*: "at least". The ladder is read from its first finite rung (the ones
+    below it diverged).
     """
     x = crossing(tolerance)
-    if len(found) < 2 or not math.isfinite(found[0].loss):
+    first = next((i for i, v in enumerate(found) if math.isfinite(v.loss)), len(found))
+    if len(found) - first < 2:
         return None, "none", Interval(math.nan, math.nan)
-    last = max(i for i, v in enumerate(found) if v.passed is not False)
+    last = max(i for i, v in enumerate(found) if i >= first and v.passed is not False)
     b = batches[last]
     if found[-1].passed is not False:
         return b, "at least", Interval(b / x, math.inf)
-    if last == 0:
+    if last == first:
         return b, "at most", Interval(0.0, 2 * b / x)
     return b, "bracketed", Interval(b / x, 2 * b / x)
 
@@ -564,7 +569,7 @@ class _Ladder:
         o = self.options
         out = []
         for i in range(1, len(found)):
-            if len(self.curves[i]) < 2:
+            if len(self.curves[i]) < 2 or found[i].passed is None:
                 continue
             kept = [keeps_up(smoothed_loss(c, o.delta), smoothed_loss(p, o.delta / TOLERANCE))
                     for c, p in zip(self.curves[i], self.curves[i - 1], strict=True)]

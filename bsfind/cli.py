@@ -941,6 +941,7 @@ def validate(spec: SpecArg, json_out: JsonOpt = False, set_: SetOpt = None,
     if json_out:
         sys.stdout.write(json.dumps({"version": __version__, "status": "ok", **doc}, indent=2)
                          + "\n")
+        _warn(doc)  # on stderr as well, as every command's
         return
     stdout.print(
         f"{spec}: ok · model {doc['model']} ({doc['trainable_parameters']:,} trainable "

@@ -58,10 +58,12 @@ LR_SHARE = 0.1
 
 
 def item_warnings(job: Workload) -> list[str]:
-    """What the examples themselves make of the measurement: a per-token mean loss over
-    examples of different token counts, text that reaches the model as strings."""
-    return (([wording.token_mean(job.loss_fn is model_loss)] if uneven_token_weights(job)
-             else []) + ([wording.text_inputs(keys)] if (keys := text_inputs(job)) else []))
+    """What the model and the examples make of the measurement: BatchNorm layers the
+    factory froze, a per-token mean loss over examples of different token counts, text
+    that reaches the model as strings."""
+    return (([wording.frozen_norms(job.frozen_norms)] if job.frozen_norms else [])
+            + ([wording.token_mean(job.loss_fn is model_loss)] if uneven_token_weights(job)
+               else []) + ([wording.text_inputs(keys)] if (keys := text_inputs(job)) else []))
 
 
 def probe_options(spec: Spec, job: Workload | None = None, world: int = 1) -> ProbeOptions:

@@ -676,9 +676,11 @@ def describe_branches(r: BranchResult, oom_at: int | None = None,
                      + " (some kept up, some fell behind; the mean decided): the local "
                      "critical batch may be lower or higher than read")
     cut = r.stopped in ("budget", "interrupted", "out of memory") or below_error is not None
-    if r.bound == "at most" and r.rungs:
-        low = r.rungs[0].batch_size
-        if floor is not None and low <= floor:
+    if r.bound == "at most" and r.critical_batch is not None:
+        low = r.critical_batch
+        if any(g.batch_size < low for g in r.rungs):  # every one below it diverged
+            lower = "and below it the ladder diverged"
+        elif floor is not None and low <= floor:
             lower = "and the ladder goes no lower"
         elif cut:
             lower = "and the ladder was cut short before it could go lower"
@@ -706,12 +708,22 @@ def describe_branches(r: BranchResult, oom_at: int | None = None,
     return dataclasses.replace(r, notes=tuple(notes))
 
 
+def frozen_norms(names: Sequence[str]) -> str:
+    """BatchNorm layers kept in eval mode: the factory froze them."""
+    shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more"
+                                                     if len(names) > 3 else "")
+    them, their = ("them", "their") if len(names) > 1 else ("it", "its")
+    return (f"{len(names)} BatchNorm layer{'s' if len(names) > 1 else ''} ({shown}) "
+            f"stayed in eval mode, as the factory left {them}, with {their} parameters "
+            "frozen: measured as fine-tuning with frozen BatchNorm (the rest of the model "
+            "trains)")
+
+
 def branches_past_plan(spent: int, planned: int) -> str:
     """The branches trained more examples than the run they advise (a trial's short GPT
     run: 18,432 against a planned 3,124, and nothing said so)."""
     return (f"the branches trained {spent:,} examples, {spent / planned:.1f}x the planned "
-            f"run's {planned:,}: on a run this short, trying its batch sizes directly may "
-            "cost less")
+            f"run's {planned:,}: the measurement cost more than the run it advises")
 
 
 def _diverged_rungs(r: BranchResult) -> list[str]:

@@ -76,7 +76,7 @@ def model_loss(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
         if isinstance(value, torch.Tensor):
             return value
     first = outputs[0] if isinstance(outputs, (tuple, list)) and outputs else None
-    if isinstance(first, torch.Tensor) and first.numel() == 1:
+    if isinstance(first, torch.Tensor) and first.dim() == 0:  # not one example's logits
         return first
     if isinstance(first, torch.Tensor):
         raise TypeError(f"the model returned a {type(outputs).__name__} whose first element "
@@ -399,6 +399,8 @@ class Workload:
     # No loss scaling: the probe takes no optimizer step, and gradients are
     # read in fp32 (parameters stay fp32 under autocast).
     autocast_dtype: torch.dtype | None = None
+    # BatchNorm layers left in eval mode: the factory froze them (:func:`_train_mode`)
+    frozen_norms: tuple[str, ...] = ()
 
     @classmethod
     def from_objects(
@@ -651,18 +653,20 @@ def uneven_token_weights(job: Workload) -> bool:
 
 
 def _ids_beyond_embedding(model: nn.Module, x: Any) -> str:
-    """For an IndexError in forward: the inputs' largest integer id against the smallest
-    Embedding's rows, when it is past them (a vocabulary smaller than the data's: torch
-    says only "index out of range in self")."""
+    """For an IndexError in forward: the inputs' largest integer id when it is past every
+    Embedding's rows (a vocabulary smaller than the data's: torch says only "index out of
+    range in self"). Not against a smaller table: position or token-type embeddings are
+    indexed by other ids (a review: a GPT-2 whose context outgrew n_positions was told
+    about its vocabulary)."""
     rows = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
     values = x.values() if isinstance(x, Mapping) else x if isinstance(x, (list, tuple)) else [x]
     ids = [int(v.max()) for v in values if isinstance(v, torch.Tensor) and v.numel()
            and not v.is_floating_point() and not v.is_complex() and v.dtype != torch.bool]
-    if not rows or not ids or max(ids) < min(rows):
+    if not rows or not ids or max(ids) < max(rows):
         return ""
-    return (f"; the inputs' largest id is {max(ids):,}, and an Embedding has "
-            f"{min(rows):,} rows (ids 0–{min(rows) - 1:,}): is the vocabulary as large as "
-            "the data's?")
+    return (f"; the inputs' largest id is {max(ids):,}, past every Embedding's rows (the "
+            f"largest has {max(rows):,}: ids 0–{max(rows) - 1:,}): is the vocabulary as "
+            "large as the data's?")
 
 
 def _shapes(x: Any) -> str:
@@ -859,21 +863,26 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def _without_wrapper_prefix(model: nn.Module, state: dict[str, Any]) -> dict[str, Any]:
-    """``state`` with its keys in the model's form when the two differ only by a wrapper's
-    prefix: a checkpoint saved from a DDP or compiled model, loaded into a plain one, or
-    the reverse (a trial's compiled ViT met a plain checkpoint: "missing
-    _orig_mod.cls_token", no hint)."""
+    """``state`` with its keys in the model's form when the two differ only by wrappers'
+    prefixes, up to two deep (``DDP(torch.compile(m))`` saves "module._orig_mod."): a
+    checkpoint saved from a DDP or compiled model, loaded into a plain one, or the reverse
+    (a trial's compiled ViT met a plain checkpoint: "missing _orig_mod.cls_token", no
+    hint). Keys without the prefix stay as they are (an AveragedModel's n_averaged)."""
     own = set(model.state_dict())
     if not state or set(state) & own:
         return state
-    for prefix in WRAPPER_PREFIXES:
-        if all(k.startswith(prefix) for k in state):
-            stripped = {k[len(prefix):]: v for k, v in state.items()}
-            if set(stripped) & own:
-                return stripped
-        added = {prefix + k: v for k, v in state.items()}
-        if set(added) & own:
-            return added
+    forms = [state]
+    for _ in range(2):
+        ahead = []
+        for form in forms:
+            for prefix in WRAPPER_PREFIXES:
+                if any(k.startswith(prefix) for k in form):
+                    ahead.append({k.removeprefix(prefix): v for k, v in form.items()})
+                ahead.append({prefix + k: v for k, v in form.items()})
+        for form in ahead:
+            if set(form) & own:
+                return form
+        forms = ahead
     return state
 
 
@@ -943,11 +952,7 @@ def _build(spec: Spec, device: torch.device) -> Workload:
     loss_fn = _resolve_loss(spec, sources)
     opt_cls = _resolve_optimizer(spec, sources)
     model.to(device)
-    if not model.training:
-        # a root in eval mode (Hugging Face's from_pretrained, or an evaluation's leftover)
-        # trains; below a root in training mode, a module the factory put in eval mode stays
-        # so (frozen BatchNorm when fine-tuning: train() read it ~10x low, in a trial)
-        model.train()
+    frozen_norms = _train_mode(model)
     return Workload(
         model=model,
         dataset=d.obj,
@@ -963,7 +968,26 @@ def _build(spec: Spec, device: torch.device) -> Workload:
         model_name=spec.model.factory,
         loss_name=spec.loss,
         data_name=f"data.factory {spec.data.factory!r}",
+        frozen_norms=frozen_norms,
     )
+
+
+def _train_mode(model: nn.Module) -> tuple[str, ...]:
+    """Put ``model`` in training mode, as a training loop's ``model.train()`` does, except
+    the BatchNorm layers the factory froze: in eval mode with every parameter's
+    requires_grad off (fine-tuning's idiom; train() read a trial's ResNet ~10x low, through
+    micro-batches of a BatchNorm it never trains). Everything else trains, also a
+    wrapped from_pretrained backbone, which comes in eval mode (its dropout off, a review).
+    Returns the names of the layers kept in eval mode."""
+    from bsfind.torch_compat import is_batchnorm
+
+    frozen = [(name, m) for name, m in model.named_modules()
+              if is_batchnorm(m) and not m.training and list(m.parameters(recurse=False))
+              and not any(p.requires_grad for p in m.parameters(recurse=False))]
+    model.train()
+    for _, m in frozen:
+        m.eval()
+    return tuple(name for name, _ in frozen)
 
 
 def _build_model(spec: Spec, sources: list[Path]) -> nn.Module:

@@ -566,6 +566,28 @@ def test_a_diverging_rung_fails() -> None:
         in r.notes
 
 
+def test_a_read_above_diverged_rungs_below_b0_is_kept() -> None:
+    """Batches 4 and 16 diverge, 8 (B0) does not: 16 fell behind 8, so the local critical
+    batch is at most 8, whatever 4 did (a review: "none", and a note that the smallest
+    rung left nothing to be held to)."""
+    job = tiny_job()
+    opts = branches.BranchOptions(baseline_batch=8, lr=1e-2, family="sgd", lr_rule="linear",
+                                  branch_steps=8, max_factor=4, repeats=1, min_fraction=2)
+    original = job.loss
+
+    def nan(idx: torch.Tensor) -> torch.Tensor:
+        loss = original(idx)
+        return loss * math.nan if len(idx) in (4, 16) and torch.is_grad_enabled() else loss
+
+    job.loss = nan  # type: ignore[method-assign]
+    r = branches.measure(job, opts, Deadline.after(60))
+    assert [(g.batch_size, g.passed) for g in r.rungs] == [(4, None), (8, None), (16, False)]
+    assert (r.critical_batch, r.bound) == (8, "at most")
+    assert r.notes[-1] == ("already batch 16 needed more than 1.41x the examples of 8: the "
+                           "local critical batch is 8 or below, and below it the ladder "
+                           "diverged")
+
+
 def test_every_rung_diverging_stops_the_ladder_and_says_why() -> None:
     """A trial's hot rate: every rung diverged, and inf <= inf kept the ladder climbing
     with four rungs "kept up"; the note then said fewer than two rungs had finished."""
@@ -881,10 +903,13 @@ def test_a_diverged_rung_falls_behind_even_a_diverged_reference() -> None:
     inf = math.inf
     r0 = [[(8, inf), (16, inf)]]
     r1 = [[(16, inf)]]
-    r2 = [[(16, 0.5)]]
+    r2 = [[(8, 0.6), (16, 0.5)]]
     out = branches.verdicts([r0, r1, r2], 16, tolerance=math.sqrt(2), smoothing=0.5)
     assert [v.passed for v in out] == [None, False]
     assert branches.bracket([32, 64], out)[1] == "none"
-    # a finite rung above a diverged one keeps up with it
-    out = branches.verdicts([r1, r2], 16, tolerance=math.sqrt(2), smoothing=0.5)
-    assert [v.passed for v in out] == [None, True]
+    # a finite rung above a diverged one is held to nothing: the next one's reference
+    # (a review: it "kept up" with an infinite loss, and the read was thrown away)
+    r3 = [[(8, 0.9), (16, 0.8)]]
+    out = branches.verdicts([r1, r2, r3], 16, tolerance=math.sqrt(2), smoothing=0.5)
+    assert [v.passed for v in out] == [None, None, False]
+    assert branches.bracket([16, 32, 64], out)[:2] == (32, "at most")

@@ -563,6 +563,7 @@ def test_the_candidates_title_names_the_predicted_gpus_step_times() -> None:
 def test_checkpoints_of_wrapped_models_load_into_plain_ones_and_back(tmp_path: Path) -> None:
     """DDP's "module." and torch.compile's "_orig_mod." before every key: a trial's
     compiled ViT met a plain checkpoint ("missing _orig_mod.cls_token", no hint)."""
+    from bsfind.errors import ResolutionError
     from bsfind.workload import load_checkpoint
 
     torch.manual_seed(0)
@@ -570,10 +571,20 @@ def test_checkpoints_of_wrapped_models_load_into_plain_ones_and_back(tmp_path: P
     plain = {k: v.clone() for k, v in source.state_dict().items()}
     torch.save({f"module.{k}": v for k, v in plain.items()}, tmp_path / "ddp.pt")
     torch.save(plain, tmp_path / "plain.pt")
+    torch.save({f"_orig_mod.module.{k}": v for k, v in plain.items()}, tmp_path / "both.pt")
     for file, target in (("ddp.pt", torch.nn.Sequential(torch.nn.Linear(3, 4),
                                                         torch.nn.Linear(4, 2))),
+                         ("both.pt", torch.nn.Sequential(torch.nn.Linear(3, 4),
+                                                         torch.nn.Linear(4, 2))),
                          ("plain.pt", torch.compile(torch.nn.Sequential(
                              torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))))):
         load_checkpoint(target, file, tmp_path)
         loaded = {k.removeprefix("_orig_mod."): v for k, v in target.state_dict().items()}
         assert all(torch.equal(loaded[k], v) for k, v in plain.items()), file
+    # an AveragedModel's own counter is the one key left over
+    torch.save({**{f"module.{k}": v for k, v in plain.items()},
+                "n_averaged": torch.tensor(3)}, tmp_path / "ema.pt")
+    with pytest.raises(ResolutionError, match=r"does not match the model: unexpected "
+                                              r"n_averaged$"):
+        load_checkpoint(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)),
+                        "ema.pt", tmp_path)

@@ -447,6 +447,8 @@ def test_loss_model_reads_a_tuple_by_position_only() -> None:
     with pytest.raises(TypeError, match=re.escape(
             "returned a tuple whose first element has shape (4, 3, 2), not a loss")):
         model_loss((hidden, scalar), None)
+    with pytest.raises(TypeError, match=re.escape("first element has shape (1, 1)")):
+        model_loss((torch.zeros(1, 1), scalar), None)  # one output at batch 1: not a loss
 
 
 def test_the_model_is_measured_in_the_mode_the_factory_or_caller_left_it() -> None:
@@ -462,10 +464,32 @@ def test_the_model_is_measured_in_the_mode_the_factory_or_caller_left_it() -> No
     from tests.assets import user_code
 
     good = ROOT / "tests" / "assets" / "good.yaml"
-    frozen = build(load_spec(good, ["model.factory=user_code.py:bn_model",
-                                    "model.kwargs={frozen: true}"])).model
+    job = build(load_spec(good, ["model.factory=user_code.py:bn_model",
+                                 "model.kwargs={frozen: true}"]))
+    frozen = job.model
     assert frozen.training and not frozen[1].training
+    from bsfind import wording
+    from bsfind.pipeline import item_warnings
+
+    assert item_warnings(job) == [wording.frozen_norms(("1",))]
+    assert wording.frozen_norms(("1",)).startswith(
+        "1 BatchNorm layer ('1') stayed in eval mode, as the factory left it, with its "
+        "parameters frozen")
     assert batchnorm_batch(frozen, 16) is None
+    # a wrapped backbone in eval mode (from_pretrained's) trains, dropout included, and
+    # so does a BatchNorm in eval mode whose parameters still learn (a review)
+    from torch import nn
+
+    from bsfind.workload import _train_mode
+
+    backbone = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.1), nn.BatchNorm1d(8)).eval()
+    wrapped = nn.Sequential(backbone, nn.Linear(8, 3))
+    assert _train_mode(wrapped) == ()
+    assert all(m.training for m in wrapped.modules())
+    frozen_bn = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Dropout(0.1)).eval()
+    frozen_bn[1].requires_grad_(False)
+    assert _train_mode(frozen_bn) == ("1",)
+    assert frozen_bn.training and frozen_bn[2].training and not frozen_bn[1].training
     whole = build(load_spec(good, ["model.factory=user_code.py:bn_model",
                                    "model.kwargs={evaluated: true}"])).model
     assert all(m.training for m in whole.modules())

@@ -291,5 +291,20 @@ def test_ids_past_the_embedding_are_named() -> None:
         job.loss(torch.arange(4))
     assert info.value.message.startswith("model 'Sequential' raised IndexError in forward")
     assert info.value.hint.endswith(
-        "the inputs' largest id is 127, and an Embedding has 64 rows (ids 0–63): is the "
-        "vocabulary as large as the data's?")
+        "the inputs' largest id is 127, past every Embedding's rows (the largest has 64: ids "
+        "0–63): is the vocabulary as large as the data's?")
+    # an IndexError of a smaller table (positions past n_positions) names no vocabulary
+    class Positions(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wte, self.wpe = torch.nn.Embedding(200, 4), torch.nn.Embedding(4, 4)
+            self.head = torch.nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head((self.wte(x) + self.wpe(torch.arange(x.shape[1]))).mean(1))
+
+    job = Workload.from_objects(Positions(), torch.utils.data.TensorDataset(ids, ids[:, 0] % 2),
+                                torch.nn.functional.cross_entropy)
+    with pytest.raises(UserCodeError) as info:
+        job.loss(torch.arange(4))
+    assert "IndexError" in info.value.message and "largest id" not in (info.value.hint or "")

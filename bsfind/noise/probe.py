@@ -177,6 +177,7 @@ class NoiseProbe:
         self.n = len(job)
         self.sampler = ReplacementSampler(
             self.n, torch.Generator().manual_seed(self.comm.sampling_seed(seed)))
+        self._check_seed = self.comm.sampling_seed(seed)  # its own generator, same seed
         self.params = job.trainable()
         self.max_big = max(2, MAX_BIG_OVER_DATASET * self.n)
         self.k = 1
@@ -369,22 +370,30 @@ class NoiseProbe:
             return self._loop(deadline, self._round_microbatch)
 
     def _check_at_another_batch(self, norms: object) -> None:
-        """One per-example pass at a batch other than the rounds' first, on fixed examples
-        (the sampler's draws stay those of the rounds): the hooks refuse a module whose dim
-        0 is not the batch only when the sizes differ (:func:`checking_batch`). An
-        out-of-memory here is left to the rounds, which shrink the batch."""
+        """One per-example pass at a batch other than the rounds' first (the hooks refuse a
+        module whose dim 0 is not the batch only when the sizes differ:
+        :func:`checking_batch`), on examples of a generator of its own, so that the
+        rounds' draws stay theirs. Only a refusal of the hooks counts: a loss that is not
+        finite or does not reach the model there is left to the rounds, which say where
+        (the first examples of a dataset can be padding alone), and so are an error of the
+        model's at this batch only and an out-of-memory, which they shrink the batch for."""
         from bsfind.noise.per_example import PerExampleUnsupported, checking_batch
 
-        idx = torch.arange(checking_batch(self.b_big // self.comm.world)) % self.n
-        where = self._where()
+        gen = torch.Generator().manual_seed(self._check_seed)
+        idx = torch.randint(self.n, (checking_batch(self.b_big // self.comm.world),),
+                            generator=gen)
 
         def local() -> float:
             self.job.model.zero_grad(set_to_none=True)
-            loss = self.job.loss(idx)
-            check_loss(loss, where)
-            loss.backward()
-            check_reached(self.params, self.job.model_name, where)
-            norms.sq_norms()  # type: ignore[attr-defined]
+            try:
+                loss = self.job.loss(idx)
+            except UserCodeError:  # a model that fails at this batch only: the rounds' call
+                return 0.0
+            if not loss.requires_grad:
+                return 0.0
+            loss.backward()  # also a loss that is not finite: the hooks see a whole pass
+            if any(p.grad is not None for p in self.params):
+                norms.sq_norms()  # type: ignore[attr-defined]
             return 0.0
 
         try:

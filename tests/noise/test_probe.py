@@ -243,4 +243,36 @@ def test_validate_checks_the_per_example_norms_at_another_batch_too() -> None:
                                 torch.nn.functional.cross_entropy)
     method, reason = _per_example_runs(job, torch.arange(4), "auto")
     assert method == "microbatch" and "module 'wpe' saw a batch of 4" in reason
-    assert _per_example_runs(job, torch.arange(3), "auto")[0] == "microbatch"
+    # a model that raises at the other batch alone keeps the per-example form there
+    from tests.assets import user_code
+
+    raising = Workload.from_objects(user_code.raises_at_batch(2), user_code.digits_like(),
+                                    torch.nn.functional.cross_entropy)
+    assert _per_example_runs(raising, torch.arange(4), "auto")[0] == "per-example"
+
+
+def test_the_check_at_another_batch_leaves_other_failures_to_the_rounds() -> None:
+    """The check's pass counts only a refusal of the hooks: a model that raises at that
+    batch alone, or a loss that is not finite there (a review: padding-only rows among the
+    first examples turned a working probe into "loss is nan ... probe round 1"), is left
+    to the rounds, which meet their own examples."""
+    import math
+
+    from bsfind.workload import Workload
+    from tests.assets import user_code
+
+    data = user_code.digits_like()
+    raising = Workload.from_objects(user_code.raises_at_batch(2), data,
+                                    torch.nn.functional.cross_entropy)
+    est = NoiseProbe(raising, ProbeOptions(batch_size=8), seed=0).run(Deadline.after(10))
+    assert est.method == "per-example" and est.rounds > 0
+    nan = Workload.from_objects(user_code.good_model(), data,
+                                torch.nn.functional.cross_entropy)
+    original = nan.loss
+
+    def nan_at_2(idx: torch.Tensor) -> torch.Tensor:
+        return original(idx) * (math.nan if len(idx) == 2 else 1.0)
+
+    nan.loss = nan_at_2  # type: ignore[method-assign]
+    est = NoiseProbe(nan, ProbeOptions(batch_size=8), seed=0).run(Deadline.after(10))
+    assert est.method == "per-example" and est.rounds > 0 and est.b_simple is not None
