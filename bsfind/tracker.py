@@ -926,7 +926,16 @@ class Tracker:
 
     def _measure_ddp(self) -> None:
         assert self._ddp is not None
+        repeated = self._ddp.repeated
         taken = self._ddp.take()
+        if repeated:
+            self._warn_once("ddp-repeated", (
+                "bsfind tracker: DDP all-reduced the gradients more than once in one "
+                "optimizer step (gradient accumulation without no_sync()), so a rank's own "
+                "gradient is not seen before its all-reduce and these steps are not "
+                "measured: run the backward of every micro-batch but the last inside "
+                "`with model.no_sync():`, which also saves those all-reduces"))
+            return
         if taken is None:
             self._warn_once("ddp", "bsfind tracker: no DDP all-reduce ran in this step's "
                             "backward (update() before backward, or no_sync on every "

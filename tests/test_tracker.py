@@ -150,6 +150,24 @@ def test_ddp_pairing_matches_the_exact_value(exact: float, tmp_path: Path) -> No
     assert len(read_log(log)) == 300  # rank 0 wrote every measured step
 
 
+@pytest.mark.skipif(not (torch.distributed.is_available()
+                         and torch.distributed.is_gloo_available()), reason="needs gloo")
+def test_ddp_accumulation_without_no_sync_warns_and_records_nothing(tmp_path: Path) -> None:
+    """Every micro-batch all-reduced (no no_sync()): the second all-reduce's local side
+    is the first's reduced gradient plus the new micro-batch, and pairing the sums read
+    B_simple at half the exact value (a trial: 43 against 79). Such steps are dropped,
+    with one warning that names no_sync()."""
+    log = tmp_path / "ddp.jsonl"
+    ranks = tracking.two_ranks(ROOT / "tests" / "assets" / "tracker_ddp.py", str(log),
+                               TRACKER_STEPS="6", TRACKER_ACCUMULATE="2", TRACKER_NO_SYNC="0")
+    assert [code for code, _, _ in ranks] == [0, 0], ranks[0][2][-2000:] + ranks[1][2][-2000:]
+    assert ranks[0][1].strip() == "no records"
+    for _, _, err in ranks:
+        assert err.count("more than once in one optimizer step") == 1
+        assert "model.no_sync()" in err
+    assert not log.exists()
+
+
 # ------------------------------------------------------------------------ records, log
 
 

@@ -211,7 +211,13 @@ class Pending:
 
 class DDPNorms:
     """A DDP communication hook that also measures each bucket before and after its
-    all-reduce (the small and the big batch of the ddp pairing)."""
+    all-reduce (the small and the big batch of the ddp pairing).
+
+    A bucket all-reduced twice in one step (gradient accumulation without ``no_sync()``:
+    every micro-batch's backward all-reduces) cannot be paired: its second local side is
+    the first all-reduced gradient plus this rank's new micro-batch, and summing both
+    sides as one pair read B_simple at about half the exact value (a trial: 43 against
+    79). ``repeated`` says so, and :meth:`take` then gives nothing."""
 
     def __init__(self, ddp: Any, hook: Any = None, state: Any = None) -> None:
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -219,16 +225,20 @@ class DDPNorms:
         self.active = False
         self.local: list[torch.Tensor] = []
         self.reduced: list[torch.Tensor] = []
+        self.buckets: set[int] = set()  # the bucket indices all-reduced since take()
+        self.repeated = False  # some bucket was all-reduced twice since take()
         self.group = ddp.process_group
         self.inner = hook or default_hooks.allreduce_hook
         self.inner_state = state if hook is not None else self.group
         ddp.register_comm_hook(self, ddp_comm_hook)
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(Σ |local bucket|², Σ |reduced bucket|²) since the last call, or None."""
-        local, reduced = self.local, self.reduced
-        self.local, self.reduced = [], []
-        if not local or len(reduced) != len(local):
+        """(Σ |local bucket|², Σ |reduced bucket|²) since the last call, or None (also
+        when a bucket was all-reduced more than once: ``repeated``, reset by the next
+        call)."""
+        local, reduced, repeated = self.local, self.reduced, self.repeated
+        self.local, self.reduced, self.buckets, self.repeated = [], [], set(), False
+        if repeated or not local or len(reduced) != len(local):
             return None
         return torch.stack(local).sum(), torch.stack(reduced).sum()
 
@@ -238,6 +248,9 @@ def ddp_comm_hook(norms, bucket):  # type: ignore[no-untyped-def]
     # registration, and this module's postponed (string) annotations never match.
     if not norms.active:
         return norms.inner(norms.inner_state, bucket)
+    if bucket.index() in norms.buckets:
+        norms.repeated = True
+    norms.buckets.add(bucket.index())
     norms.local.append(compat.sq_norm([bucket.buffer()]))
     fut = norms.inner(norms.inner_state, bucket)
 

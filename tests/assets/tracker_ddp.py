@@ -23,6 +23,7 @@ from bsfind.tracker import track
 
 STEPS = int(os.environ.get("TRACKER_STEPS", "400"))
 ACCUMULATE = int(os.environ.get("TRACKER_ACCUMULATE", "1"))
+NO_SYNC = os.environ.get("TRACKER_NO_SYNC", "1") == "1"  # 0: every micro-batch all-reduces
 BATCH = 32  # per rank and micro-batch
 
 
@@ -40,17 +41,18 @@ def main() -> None:
         for j in range(ACCUMULATE):
             idx = torch.randint(len(x), (BATCH,), generator=gen)
             last = j == ACCUMULATE - 1
-            with model.no_sync() if not last else torch.enable_grad():
+            with model.no_sync() if NO_SYNC and not last else torch.enable_grad():
                 loss = F.cross_entropy(model(x[idx]), y[idx]) / ACCUMULATE
                 loss.backward()
             if not last:
                 tracker.micro_step()
         tracker.update(loss * ACCUMULATE)
         model.zero_grad(set_to_none=True)
-    rec = tracker.records[-1]
+    records = tracker.records
     tracker.close()
     if rank == 0:
-        print(json.dumps(rec.to_json()))
+        print(json.dumps(records[-1].to_json()) if records else "no records")
+    dist.barrier()  # (no rank leaves while the other's last all-reduce still runs)
     dist.destroy_process_group()
 
 
