@@ -683,7 +683,9 @@ class Tracker:
         # A step scheduled while the loop accumulated (every 1) may come without
         # micro-steps or hooks: it measures nothing and leaves the next step due.
         cheap = len(self._micro) > 1 or self._ddp is not None
-        if self.measuring and (hooked or cheap or not self._per_example_ok()):
+        if self.measuring and self._ddp is None and self._trainable_changed():
+            pass  # set up for the parameters trainable before: the next step is measured
+        elif self.measuring and (hooked or cheap or not self._per_example_ok()):
             self._check_scaler()
             self._measure()  # per-example: the batch size comes from the norms
             # the cadence: the per-example one (the cheap pairings' default is every step,
@@ -887,6 +889,8 @@ class Tracker:
         self._quick = (max(0, self._measured_at + self.every - self.step - 1)
                        if plain and self._measured_at is not None else 0)
         self._watch_batch(self._measuring and self.batch_size is None)
+        if self._measuring and self._ddp is None:
+            self._trainable_changed()  # a layer (un)frozen since: plan for the new set
         if self._ddp is not None:
             self._ddp.active = self._measuring
         elif self._measuring and not self._accumulating and self._per_example_ok():
@@ -1076,6 +1080,26 @@ class Tracker:
             raise RuntimeError(
                 "bsfind tracker: the GradScaler has already unscaled the gradients: call "
                 "tracker.update() / micro_step() before scaler.unscale_(optimizer)")
+
+    def _trainable_changed(self) -> bool:
+        """Whether the model's trainable parameters are no longer those followed (a layer
+        frozen or unfrozen since track()); if so, follow the new set from here: the
+        boundary gradients and the per-example plan (which covers the parameters
+        trainable when it was made) start again. (A layer unfrozen at step 100 was left
+        out: the log read the frozen model's 115 against the exact 79.)"""
+        now = [p for p in self.module.parameters() if p.requires_grad]
+        if len(now) == len(self.params) and all(a is b for a, b in zip(now, self.params,
+                                                                          strict=True)):
+            return False
+        self.params = now
+        self._poll(force=True)  # measurements of the old set: into the window it leaves
+        self._window = in_training.Window(self._window.size)  # another quantity from here
+        self._prev = None
+        self._micro_sq = []
+        self._detach()
+        self._norms = None
+        self.reason = None  # planned again on the next measured step
+        return True
 
     # -- per-example hooks --------------------------------------------------------------------
     def _per_example_ok(self) -> bool:

@@ -134,6 +134,40 @@ def test_a_step_whose_losses_were_divided_by_more_than_its_micro_batches() -> No
     assert rec.b_simple == pytest.approx(exact.b_simple, rel=REL)
 
 
+def _only_first_bias(model: nn.Module, only: bool) -> nn.Module:
+    """Every parameter but the first layer's bias frozen (``only``), or none."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(not only or name == "0.bias")
+    return model
+
+
+@pytest.mark.parametrize("accumulate", [1, 4])
+@pytest.mark.parametrize("unfreeze", [True, False])
+def test_parameters_frozen_or_unfrozen_after_track_are_followed(
+        exact: float, unfreeze: bool, accumulate: int) -> None:
+    """The trainable parameters are read again on measured steps: layers unfrozen at
+    step 40 enter the estimate (a trial's stayed out: 115 against the exact 79), ones
+    frozen there leave it; the window starts again at the change."""
+    from bsfind.workload import Workload
+    from tests.exact import exact_noise
+
+    x, y = _problem()
+    bias_only = exact_noise(Workload.from_objects(
+        _only_first_bias(_model(), True), torch.utils.data.TensorDataset(x, y),
+        F.cross_entropy)).b_simple
+    assert bias_only > 1.3 * exact  # (45 against 32: the test can tell them apart)
+    model = _only_first_bias(_model(), unfreeze)
+    tracker = track(model, every=1, window=10_000)
+    _train(tracker, model, steps=40, batch=64 // accumulate, accumulate=accumulate)
+    _only_first_bias(model, not unfreeze)
+    _train(tracker, model, steps=200, batch=64 // accumulate, accumulate=accumulate, seed=2)
+    rec = tracker.records[-1]
+    # (a bias alone is the noisier estimate: 41-51 over five seeds with accumulation)
+    want, rel = (exact, REL) if unfreeze else (bias_only, 2 * REL)
+    assert rec.b_simple == pytest.approx(want, rel=rel)
+    assert rec.step == 239 and rec.window < 200  # nothing from before the change
+
+
 @pytest.mark.skipif(not (torch.distributed.is_available()
                          and torch.distributed.is_gloo_available()), reason="needs gloo")
 def test_ddp_pairing_matches_the_exact_value(exact: float, tmp_path: Path) -> None:

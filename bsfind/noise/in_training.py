@@ -61,6 +61,7 @@ class Window:
     bounded factor whatever the step."""
 
     def __init__(self, size: int) -> None:
+        self.size = size
         self.rows: deque[tuple[float, float, float, float]] = deque(maxlen=size)
 
     def add(self, trace: float, g2: float, weight: float, examples: float = 0.0) -> None:
