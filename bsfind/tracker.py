@@ -465,6 +465,25 @@ def check_tracking_options(every: int | None, window: int) -> None:
         raise ValueError(f"window must be >= 2 measurements, got {window}")
 
 
+def check_resume(step: int, examples: int) -> None:
+    """Validate :class:`Tracker`'s ``step`` and ``examples`` (a resumed run's counts)."""
+    for name, value in (("step", step), ("examples", examples)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    if (step == 0) != (examples == 0):
+        raise ValueError(f"step and examples go together (a resumed run's optimizer steps "
+                         f"and training examples so far), got step={step}, "
+                         f"examples={examples}")
+
+
+def kept_records(path: Path, step: int) -> list[TrackRecord]:
+    """The records of a resumed run's log measured before ``step`` (none when there is no
+    log yet); a last line cut short by the killed run is left out."""
+    if not path.exists():
+        return []
+    return [r for r in read_log_records(path)[0] if r.step < step]
+
+
 def callback_options(*, every: int | None, window: int, log_path: str | Path | None,
                      timing: Any, ddp_comm_hook: tuple[Any, Any] | None,
                      max_accumulation: int | None, lr_rule: str) -> dict[str, Any]:
@@ -543,15 +562,22 @@ class Tracker:
             ``update()`` for exact example counts when batch sizes vary.
         scaler: a ``torch.amp.GradScaler`` whose scale the gradients carry when
             ``update()`` runs (call it before ``scaler.unscale_``).
-        log: path of a JSON-lines file for the records (rank 0 writes; overwritten).
+        log: path of a JSON-lines file for the records (rank 0 writes; overwritten,
+            unless the run is resumed: see ``step``).
         timing: a step-time curve for :meth:`advice`: a TimingCurve or (t0, c) with
             t(B) = t0 + c·B seconds per optimizer step at global batch B.
         ddp_comm_hook: (state, hook) the DDP model should reduce with (a DDP comm
             hook such as PowerSGD); the tracker wraps it. Default: the plain mean.
+        step / examples: the optimizer steps and training examples (all ranks) already
+            taken, for a run resumed from a checkpoint: the counts go on from there, and
+            ``log`` keeps its records of the steps before ``step`` and is appended to
+            (the records of steps past the checkpoint, which the resumed run trains
+            again, are dropped), so that the log reads as one run.
 
     Raises:
         ValueError: bad arguments, no trainable parameters, or several processes
             without a DistributedDataParallel model.
+        UsageError: resuming, the log exists but is not a tracker log.
     """
 
     def __init__(
@@ -565,8 +591,11 @@ class Tracker:
         log: str | Path | None = None,
         timing: TimingCurve | tuple[float, float] | None = None,
         ddp_comm_hook: tuple[Any, Any] | None = None,
+        step: int = 0,
+        examples: int = 0,
     ) -> None:
         check_tracking_options(every, window)
+        check_resume(step, examples)
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         ddp = _ddp_of(model)
@@ -583,8 +612,8 @@ class Tracker:
         self.scaler = scaler
         self.timing = _curve(timing) if timing is not None else None
         self.batch_size = batch_size
-        self.step = 0
-        self.examples = 0
+        self.step = step
+        self.examples = examples
         self.skipped = 0  # measured steps dropped (non-finite: an AMP overflow)
         self._skipped_in_a_row = 0
         self.method: Method | None = None  # of the last measurement
@@ -599,6 +628,9 @@ class Tracker:
         self._pending: deque[in_training.Pending] = deque()
         self._log_path = Path(log) if log is not None and _rank() == 0 else None
         self._log: IO[str] | None = None
+        # resumed: the log's records before the checkpoint, written again at the first record
+        self._kept = (kept_records(self._log_path, step)
+                      if step and self._log_path is not None else [])
         self._ddp = (in_training.DDPNorms(ddp, *(ddp_comm_hook or (None, None)))
                      if ddp is not None and self.world > 1 else None)
         self._norms: Any = None  # PerExampleGradNorms, built on first use
@@ -1045,6 +1077,9 @@ class Tracker:
         if self._log is None:
             self._log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = self._log_path.open("w", encoding="utf-8")
+            for old in self._kept:
+                self._log.write(json.dumps(old.to_json()) + "\n")
+            self._kept = []
         self._log.write(json.dumps(rec.to_json()) + "\n")
         self._log.flush()
 
@@ -1205,7 +1240,8 @@ def track(model: nn.Module, **options: Any) -> Tracker:
     """Start tracking the gradient noise scale of ``model`` in your training loop.
 
     ``options`` are :class:`Tracker`'s (``every``, ``window``, ``batch_size``,
-    ``scaler``, ``log``, ``timing``, ``ddp_comm_hook``). Call ``tracker.update(loss)``
+    ``scaler``, ``log``, ``timing``, ``ddp_comm_hook``; ``step`` and ``examples`` for a
+    run resumed from a checkpoint). Call ``tracker.update(loss)``
     once per optimizer step after its last backward (before clipping), and
     ``tracker.micro_step()`` after the backward of each other micro-batch when
     accumulating gradients.

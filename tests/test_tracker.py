@@ -223,6 +223,38 @@ def test_log_lines_are_the_records_and_read_back(tmp_path: Path) -> None:
     assert all(r.loss is not None and r.loss > 0 for r in recs)
 
 
+def test_a_resumed_run_goes_on_counting_and_appends_to_its_log(tmp_path: Path) -> None:
+    """A run killed at step 40, resumed from its checkpoint at step 30: track(step=30,
+    examples=...) counts on from there, the log keeps the first run's records before
+    step 30 and drops those the resumed run trains again, and `bsfind schedule` reads
+    one run (a log opened with "w" lost the first run; counting from 0 again read two)."""
+    from bsfind import trajectory
+
+    path = tmp_path / "noise.jsonl"
+    model = _model()
+    with track(model, every=5, log=path) as tracker:
+        _train(tracker, model, steps=40, batch=32)
+    with track(model, every=5, log=path, step=30, examples=30 * 32) as tracker:
+        _train(tracker, model, steps=20, batch=32, seed=2)
+        assert (tracker.step, tracker.examples) == (50, 50 * 32)
+    recs = read_log(path)
+    assert [r.step for r in recs] == [*range(0, 30, 5), *range(30, 50, 5)]
+    assert [r.examples for r in recs] == [32 * (r.step + 1) for r in recs]
+    pts = trajectory.from_log(recs, dataset_size=2048, planned=None, source="noise.jsonl")
+    assert pts.notes == () and pts.trajectory.steps == 45
+    # a resumed run with no log yet starts one; a fresh run still overwrites
+    fresh = tmp_path / "new.jsonl"
+    with track(model, every=5, log=fresh, step=30, examples=960) as tracker:
+        _train(tracker, model, steps=5, batch=32)
+    assert [r.step for r in read_log(fresh)] == [30]
+    with track(model, every=5, log=path) as tracker:
+        _train(tracker, model, steps=5, batch=32)
+    assert [r.step for r in read_log(path)] == [0]
+    for bad in ({"step": 30}, {"examples": 960}, {"step": -1, "examples": 5}):
+        with pytest.raises(ValueError, match="step|examples"):
+            track(model, **bad)
+
+
 def test_smoothing_is_a_ratio_of_weighted_means_over_the_window() -> None:
     model = _model()
     tracker = track(model, every=1, window=5)
