@@ -261,9 +261,13 @@ def no_schedule(resolved: int, points: int, timed: bool, *, timing_off: bool = F
                 + (", or raise probe.max_seconds" if budget else ""))
     if not resolved and points:
         return (f"no batch-size schedule: |G|² was unresolved at all {points} points of the "
-                "log (the noise scale exceeds what the tracker's pairing can resolve), and "
-                "lower bounds alone do not say how it grew; a longer window (track(window=)) "
-                "or a larger batch resolves it")
+                "log (too few measurements for a noise scale this far above the batch), and "
+                "lower bounds alone do not say how it grew; more measurements resolve it: a "
+                "smaller track(every=) (with per-example norms the tracker measures one "
+                "step in 32 or fewer by default), or gradient accumulation, measured "
+                "every step. A longer "
+                "track(window=) does not help: the window keeps only the measurements of "
+                "the latter half of training so far")
     return (f"no batch-size schedule: the log gives {resolved} point(s) along the run with "
             "a noise scale to fit its growth; log a longer stretch of training")
 
