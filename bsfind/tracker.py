@@ -682,6 +682,19 @@ class Tracker:
             self._check_scaler()
             self._micro_sq.append(self._boundary())
 
+    def discard(self) -> None:
+        """Call when the loop abandons the gradients of the step in progress: a guard that
+        calls ``zero_grad()`` without ``optimizer.step()`` (a loss or gradient that is
+        not finite) and starts the step again. The micro-batches since the last
+        :meth:`update` are neither measured nor counted. (Left in, they entered the next
+        step as micro-batches of its own: B_simple read 30% high.)"""
+        self._check_open()
+        if self._paused:
+            return
+        self._micro, self._micro_sq, self._prev = [], [], None
+        if self._ddp is not None:
+            self._ddp.take()  # the bucket norms of the abandoned backward
+
     def update(self, loss: torch.Tensor | float | None = None,
                batch_size: int | None = None, divisor: int | None = None
                ) -> TrackRecord | None:

@@ -168,6 +168,46 @@ def test_parameters_frozen_or_unfrozen_after_track_are_followed(
     assert rec.step == 239 and rec.window < 200  # nothing from before the change
 
 
+@pytest.mark.parametrize("accumulate", [1, 4])
+def test_a_step_abandoned_and_discarded_leaves_no_trace(exact: float, accumulate: int) -> None:
+    """A guard that zeroes the gradients mid-step and starts it again calls discard():
+    the records are those of the run without the abandoned micro-batches (left in, they
+    entered the next step as micro-batches of its own: a trial's B_simple read 30% high).
+    Per-example norms read the last backward only: discard() there is harmless."""
+    x, y = _problem()
+
+    def run(abandon: bool) -> Tracker:
+        model = _model()
+        tracker = track(model, every=1, window=10_000)
+        gen, junk = torch.Generator().manual_seed(1), torch.Generator().manual_seed(7)
+        for step in range(150):
+            if abandon and step % 10 == 3:  # two micro-batches (or one batch), then given up
+                for _ in range(max(accumulate // 2, 1)):
+                    idx = torch.randint(len(x), (64 // accumulate,), generator=junk)
+                    (F.cross_entropy(model(x[idx]), y[idx]) / accumulate).backward()
+                    if accumulate > 1:
+                        tracker.micro_step()
+                model.zero_grad(set_to_none=True)
+                tracker.discard()
+            for j in range(accumulate):
+                idx = torch.randint(len(x), (64 // accumulate,), generator=gen)
+                loss = F.cross_entropy(model(x[idx]), y[idx]) / accumulate
+                loss.backward()
+                if j < accumulate - 1:
+                    tracker.micro_step()
+            tracker.update(loss * accumulate)
+            model.zero_grad(set_to_none=True)
+        return tracker
+
+    clean, discarded = run(False).records, run(True)
+    assert discarded.examples == 150 * 64
+    got = discarded.records
+    assert [r.examples for r in got] == [r.examples for r in clean]
+    assert [r.step_trace_sigma for r in got] == pytest.approx(
+        [r.step_trace_sigma for r in clean], rel=1e-9)
+    assert got[-1].b_simple == pytest.approx(exact, rel=REL)
+
+
 @pytest.mark.skipif(not (torch.distributed.is_available()
                          and torch.distributed.is_gloo_available()), reason="needs gloo")
 def test_ddp_pairing_matches_the_exact_value(exact: float, tmp_path: Path) -> None:
