@@ -505,6 +505,14 @@ def test_doubling_pays_exactly_above_the_threshold() -> None:
     # judged at the interval's low end
     wide = doubling_advice(10, batch, 200.0, Interval(50.0, 900.0), curve, "given")
     assert not wide.double and wide.time_ratio is not None and wide.time_ratio < 1
+    # unresolved (as the README says): the low end against the same threshold, which on
+    # the time basis may lie below 2B (a trial saw double=True with the low end under 2B)
+    for low, want in ((70.0, False), (90.0, True)):
+        adv = doubling_advice(10, batch, None, Interval(low, math.inf), curve, "given")
+        assert adv.double == want and adv.recommended_batch is None
+    for low, want in ((100.0, False), (128.0, True)):
+        adv = doubling_advice(10, batch, None, Interval(low, math.inf), None, "none")
+        assert adv.basis == "noise" and adv.double == want
 
 
 def test_advice_without_timing_uses_the_noise_scale_and_scales_the_lr() -> None:
