@@ -40,6 +40,12 @@ UNRESOLVED = ("|G|² was not resolved: the noise scale exceeds the largest batch
               "which is all that is known of it")
 UNRESOLVED_ADVICE = ("the noise scale was not resolved: the advice takes its lower bound, "
                      "the largest batch probed")
+# the same of a tracker's log (bsfind schedule), which probed nothing
+UNRESOLVED_LOG = ("|G|² was not resolved in the log: the noise scale exceeds the batch the "
+                  "tracker measured, which is all that is known of it")
+UNRESOLVED_ADVICE_LOG = ("the noise scale was not resolved in the log: the advice takes its "
+                         "lower bound, the batch the tracker measured (or its interval's low "
+                         "end, when larger)")
 LR_SEARCH_CUT_SHORT = ("the time budget ended the learning-rate search: the report is partial, "
                        "and the learning rate is the best of those that finished (see "
                        "lr_search; a larger probe.max_seconds lets it finish)")
@@ -105,7 +111,9 @@ def noise_warnings(used: NoiseEstimate, trajectory: Trajectory | None, *, datase
     if norm_batch:
         out.append(batchnorm(norm_batch, advice, below=baseline_batch < norm_batch))
     if used.b_simple is None:
-        out.append(UNRESOLVED_ADVICE if advice else UNRESOLVED)
+        logged = trajectory is not None and trajectory.mode == "log"
+        out.append((UNRESOLVED_ADVICE_LOG if logged else UNRESOLVED_ADVICE) if advice
+                   else UNRESOLVED_LOG if logged else UNRESOLVED)
     if used.method_reason.startswith(PER_EXAMPLE_FAILED):
         out.append(f"{used.method_reason}: the probe used micro-batches instead (an "
                    "estimate as exact, at more backward passes per example)")
@@ -404,11 +412,13 @@ def _basis(advice: Advice, inputs: AdvisorInputs) -> str:
         steps = ", ".join(f"{s:,}" for s in inputs.noise_summary_of)
         noise = (f"{name} = {num(inputs.b_n)}, the median at training steps {steps} (their "
                  f"intervals span {num(ci.low)}–{num(ci.high)})")
+    probed = ("the batch the tracker measured" if inputs.noise_from_log
+              else "the largest batch probed")
     if math.isinf(inputs.b_n):
-        noise = f"{name} unresolved (above the largest batch probed) {at}"
+        noise = f"{name} unresolved (above {probed}) {at}"
     elif inputs.b_n_lower_bound:
         noise = (f"{name} unresolved {at}: at least "
-                 f"{num(inputs.b_n)} (the larger of the largest batch probed and its "
+                 f"{num(inputs.b_n)} (the larger of {probed} and its "
                  "interval's low end), taken as that")
     timing = inputs.timing
     if advice.facts.timing_state in ("ok", "points", "clamped") and timing is not None:

@@ -210,6 +210,9 @@ def test_a_log_whose_points_are_all_unresolved_gets_no_schedule(tmp_path: Path) 
     # what helps is more measurements (every=); the window keeps the latter half only,
     # so a longer one cannot (a trial's 7 unresolved records were told window=)
     assert "smaller track(every=)" in why[0] and "window=) does not help" in why[0]
+    # a log probed nothing: its lower bound is the batch the tracker measured
+    assert "largest batch probed" not in r.stdout + r.stderr
+    assert any("the batch the tracker measured" in w for w in doc["warnings"])
 
 
 def test_schedule_does_not_ask_for_the_checkpoints_it_never_loads(
