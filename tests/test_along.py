@@ -358,13 +358,14 @@ def test_a_single_checkpoint_is_named_where_steps_are_counted_from(tmp_path: Pat
 
 def test_a_checkpoint_that_does_not_match_fails_before_any_is_measured(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The third of model.checkpoints saved with a 'module.' prefix: exit 3 naming it,
-    before the first is measured (a trial's run measured two, then failed)."""
+    """The third of model.checkpoints of another model (its keys under 'encoder.'): exit 3
+    naming it, before the first is measured (a trial's run measured two, then failed). A
+    'module.' prefix (DDP's) is no longer a mismatch: it loads."""
     from bsfind import trajectory
 
     saved = _train_and_save(tmp_path)
     state = torch.load(saved[2][1])
-    torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "ddp.pt")
+    torch.save({f"encoder.{k}": v for k, v in state.items()}, tmp_path / "ddp.pt")
     spec_path = _spec_with(tmp_path, checkpoints=[
         {"path": "ck0.pt", "step": 0}, {"path": "ck20.pt", "step": 20},
         {"path": "ddp.pt", "step": 40}])
