@@ -67,6 +67,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import operator
 import time
 import warnings
 import weakref
@@ -465,23 +466,54 @@ def check_tracking_options(every: int | None, window: int) -> None:
         raise ValueError(f"window must be >= 2 measurements, got {window}")
 
 
-def check_resume(step: int, examples: int) -> None:
-    """Validate :class:`Tracker`'s ``step`` and ``examples`` (a resumed run's counts)."""
+def check_resume(step: Any, examples: Any) -> tuple[int, int]:
+    """Validate :class:`Tracker`'s ``step`` and ``examples`` (a resumed run's counts);
+    numpy integers and 0-d integer tensors (a step read from an optimizer's state) count."""
+    out = []
     for name, value in (("step", step), ("examples", examples)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            n = operator.index(value)
+        except TypeError:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}") from None
+        if n < 0:
             raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        out.append(n)
+    step, examples = out
     if (step == 0) != (examples == 0):
         raise ValueError(f"step and examples go together (a resumed run's optimizer steps "
                          f"and training examples so far), got step={step}, "
                          f"examples={examples}")
+    return step, examples
 
 
-def kept_records(path: Path, step: int) -> list[TrackRecord]:
+def kept_records(path: Path, step: int, examples: int) -> list[TrackRecord]:
     """The records of a resumed run's log measured before ``step`` (none when there is no
-    log yet); a last line cut short by the killed run is left out."""
+    log yet); a last line cut short by the killed run is left out. Records that count more
+    than ``examples`` before ``step`` are another run's (a review: a log at batch 64
+    merged into a resume at batch 32, which bsfind schedule then read as two runs)."""
     if not path.exists():
         return []
-    return [r for r in read_log_records(path)[0] if r.step < step]
+    kept = [r for r in read_log_records(path)[0] if r.step < step]
+    over = [r for r in kept if r.examples is not None and r.examples > examples]
+    if over:
+        raise ValueError(
+            f"track(step={step}, examples={examples}): {path} records {over[0].examples:,} "
+            f"examples at step {over[0].step}, before the step resumed from: another run's "
+            "log, or examples counted otherwise (all ranks' examples, as the tracker counts "
+            "them); pass another log, or the examples of the checkpoint")
+    return kept
+
+
+def resume_log(path: Path, step: int, examples: int) -> None:
+    """Leave in ``path`` only its records before ``step`` (:func:`kept_records`), written
+    in one step, so that a kill while rewriting it loses nothing."""
+    from bsfind.cache import atomic_write_text
+
+    kept = kept_records(path, step, examples)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(r.to_json()) + "\n" for r in kept))
 
 
 def callback_options(*, every: int | None, window: int, log_path: str | Path | None,
@@ -595,7 +627,7 @@ class Tracker:
         examples: int = 0,
     ) -> None:
         check_tracking_options(every, window)
-        check_resume(step, examples)
+        step, examples = check_resume(step, examples)
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         ddp = _ddp_of(model)
@@ -628,10 +660,13 @@ class Tracker:
         self._pending: deque[in_training.Pending] = deque()
         self._log_path = Path(log) if log is not None and _rank() == 0 else None
         self._log: IO[str] | None = None
-        # resumed: the log's records before the checkpoint, written again at the first record
-        self._kept = (kept_records(self._log_path, step)
-                      if step and self._log_path is not None else [])
-        self._ddp = (in_training.DDPNorms(ddp, *(ddp_comm_hook or (None, None)))
+        # resumed: the log keeps its records before the checkpoint, rewritten now in one
+        # step (a kill while rewriting must not lose them), and is appended to
+        self._append = bool(step) and self._log_path is not None
+        if self._append and self._log_path is not None:
+            resume_log(self._log_path, step, examples)
+        hook_state, hook = ddp_comm_hook or (None, None)  # (state, hook), as documented
+        self._ddp = (in_training.DDPNorms(ddp, hook=hook, state=hook_state)
                      if ddp is not None and self.world > 1 else None)
         self._norms: Any = None  # PerExampleGradNorms, built on first use
         self._hooked = False
@@ -1089,10 +1124,7 @@ class Tracker:
             return
         if self._log is None:
             self._log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log = self._log_path.open("w", encoding="utf-8")
-            for old in self._kept:
-                self._log.write(json.dumps(old.to_json()) + "\n")
-            self._kept = []
+            self._log = self._log_path.open("a" if self._append else "w", encoding="utf-8")
         self._log.write(json.dumps(rec.to_json()) + "\n")
         self._log.flush()
 

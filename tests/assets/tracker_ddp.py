@@ -24,6 +24,7 @@ from bsfind.tracker import track
 STEPS = int(os.environ.get("TRACKER_STEPS", "400"))
 ACCUMULATE = int(os.environ.get("TRACKER_ACCUMULATE", "1"))
 NO_SYNC = os.environ.get("TRACKER_NO_SYNC", "1") == "1"  # 0: every micro-batch all-reduces
+FP16_HOOK = os.environ.get("TRACKER_FP16_HOOK") == "1"  # ddp_comm_hook=(state, hook)
 BATCH = 32  # per rank and micro-batch
 
 
@@ -36,7 +37,11 @@ def main() -> None:
     torch.manual_seed(0)
     model = DistributedDataParallel(models.mlp(16, 32, 1, 4))
     gen = torch.Generator().manual_seed(100 + rank)
-    tracker = track(model, every=1, window=100_000, log=sys.argv[1] if len(sys.argv) > 1 else None)
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    hook = (dist.group.WORLD, default_hooks.fp16_compress_hook) if FP16_HOOK else None
+    tracker = track(model, every=1, window=100_000, ddp_comm_hook=hook,
+                    log=sys.argv[1] if len(sys.argv) > 1 else None)
     for _ in range(STEPS):
         for j in range(ACCUMULATE):
             idx = torch.randint(len(x), (BATCH,), generator=gen)
