@@ -547,17 +547,24 @@ def test_every_rung_is_evaluated_in_chunks_of_the_baseline_batch(
     assert len(r.rungs) >= 2 and chunks == {8}
 
 
-def test_a_diverging_rung_fails() -> None:
+def _diverging(diverges: Callable[[int], bool]) -> Workload:
+    """tiny_job() whose training loss is NaN at the batch sizes ``diverges`` picks (its
+    evaluations, without gradients, stay finite)."""
     job = tiny_job()
-    opts = branches.BranchOptions(baseline_batch=8, lr=1e-2, family="sgd", lr_rule="linear",
-                                  branch_steps=8, max_factor=4, repeats=1, min_fraction=1)
     original = job.loss
 
-    def nan_above_8(idx: torch.Tensor) -> torch.Tensor:
-        loss = original(idx)
-        return loss * math.nan if len(idx) > 8 and torch.is_grad_enabled() else loss
+    def loss(idx: torch.Tensor) -> torch.Tensor:
+        value = original(idx)
+        return value * math.nan if diverges(len(idx)) and torch.is_grad_enabled() else value
 
-    job.loss = nan_above_8  # type: ignore[method-assign]
+    job.loss = loss  # type: ignore[method-assign]
+    return job
+
+
+def test_a_diverging_rung_fails() -> None:
+    job = _diverging(lambda b: b > 8)
+    opts = branches.BranchOptions(baseline_batch=8, lr=1e-2, family="sgd", lr_rule="linear",
+                                  branch_steps=8, max_factor=4, repeats=1, min_fraction=1)
     r = branches.measure(job, opts, Deadline.after(60))
     assert [g.passed for g in r.rungs] == [None, False]
     assert math.isinf(r.rungs[1].loss)
@@ -570,16 +577,9 @@ def test_a_read_above_diverged_rungs_below_b0_is_kept() -> None:
     """Batches 4 and 16 diverge, 8 (B0) does not: 16 fell behind 8, so the local critical
     batch is at most 8, whatever 4 did (a review: "none", and a note that the smallest
     rung left nothing to be held to)."""
-    job = tiny_job()
+    job = _diverging(lambda b: b in (4, 16))
     opts = branches.BranchOptions(baseline_batch=8, lr=1e-2, family="sgd", lr_rule="linear",
                                   branch_steps=8, max_factor=4, repeats=1, min_fraction=2)
-    original = job.loss
-
-    def nan(idx: torch.Tensor) -> torch.Tensor:
-        loss = original(idx)
-        return loss * math.nan if len(idx) in (4, 16) and torch.is_grad_enabled() else loss
-
-    job.loss = nan  # type: ignore[method-assign]
     r = branches.measure(job, opts, Deadline.after(60))
     assert [(g.batch_size, g.passed) for g in r.rungs] == [(4, None), (8, None), (16, False)]
     assert (r.critical_batch, r.bound) == (8, "at most")
@@ -591,16 +591,9 @@ def test_a_read_above_diverged_rungs_below_b0_is_kept() -> None:
 def test_every_rung_diverging_stops_the_ladder_and_says_why() -> None:
     """A trial's hot rate: every rung diverged, and inf <= inf kept the ladder climbing
     with four rungs "kept up"; the note then said fewer than two rungs had finished."""
-    job = tiny_job()
+    job = _diverging(lambda b: True)
     opts = branches.BranchOptions(baseline_batch=8, lr=1e-2, family="sgd", lr_rule="linear",
                                   branch_steps=8, max_factor=8, repeats=1, min_fraction=2)
-    original = job.loss
-
-    def nan(idx: torch.Tensor) -> torch.Tensor:
-        loss = original(idx)
-        return loss * math.nan if torch.is_grad_enabled() else loss
-
-    job.loss = nan  # type: ignore[method-assign]
     r = branches.measure(job, opts, Deadline.after(60))
     assert [g.batch_size for g in r.rungs] == [4, 8, 16]  # 16 fell behind: down to 4
     assert not any(g.passed for g in r.rungs)
