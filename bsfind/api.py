@@ -242,7 +242,7 @@ class Validation:
     method_reason: str
     probe_points: str
     learning_rate: str = ""  # how recommend sets the learning rate at its batch
-    warnings: tuple[str, ...] = ()  # what the examples make of the measurement
+    warnings: tuple[str, ...] = ()  # what the model and examples make of the measurement
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -328,12 +328,13 @@ def _per_example_runs(job: Workload, idx: torch.Tensor, reason: str) -> tuple[st
 
     try:
         with PerExampleGradNorms(job.model) as norms:
-            # and at another batch size, as the probe checks (a module fed arange(T) passes
-            # when T is the batch)
             job.loss(idx).backward()
             norms.sq_norms()
             job.model.zero_grad(set_to_none=True)
-            try:  # an error of the model's at this batch alone is the probe's to meet
+            # and at another batch size, as the probe checks (a module fed arange(T) passes
+            # when T is the batch); an error of the model's at that batch alone is the
+            # probe's to meet
+            try:
                 other = job.loss(idx[torch.arange(checking_batch(len(idx))) % len(idx)])
             except UserCodeError:
                 other = None
