@@ -426,7 +426,8 @@ def render_branches(doc: dict[str, Any]) -> None:
                     f"{b['tolerance']:.3g}", "per data order", "seconds", "verdict"):
             t.add_column(col, justify="left" if col == "verdict" else "right")
         for r in b["rungs"]:
-            verdict = {None: "reference", True: "kept up"}.get(r["passed"], "fell behind")
+            verdict = ("diverged" if r["loss"] is None or not math.isfinite(r["loss"]) else
+                       {None: "reference", True: "kept up"}.get(r["passed"], "fell behind"))
             t.add_row(f"{r['batch_size']:,}", f"{r['learning_rate']:.3g}", f"{r['steps']:,}",
                       _loss(r["loss"]), _loss(r["reference"]) if r["reference"] else "—",
                       " / ".join(_loss(v) for v in r["losses"]), f"{r['seconds']:.2f}",

@@ -736,7 +736,7 @@ def frozen_norms(names: Sequence[str]) -> str:
 def branches_past_plan(spent: int, planned: int) -> str:
     """The branches trained more examples than the run they advise (a trial's short GPT
     run: 18,432 against a planned 3,124, and nothing said so)."""
-    return (f"the branches trained {spent:,} examples, {spent / planned:.1f}x the planned "
+    return (f"the branches trained {spent:,} examples, {spent / planned:.3g}x the planned "
             f"run's {planned:,}: the measurement cost more than the run it advises")
 
 

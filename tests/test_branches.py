@@ -598,6 +598,12 @@ def test_every_rung_diverging_stops_the_ladder_and_says_why() -> None:
     assert [g.batch_size for g in r.rungs] == [4, 8, 16]  # 16 fell behind: down to 4
     assert not any(g.passed for g in r.rungs)
     assert (r.critical_batch, r.bound) == (None, "none")
+    from bsfind.cli import render_branches, stdout
+    from bsfind.report import branch_dict
+
+    with stdout.capture() as shown:
+        render_branches({"branches": [branch_dict(r)]})
+    assert shown.get().count("diverged") >= 3 and "reference" not in shown.get()
     assert r.notes[-2:] == (
         "batches 4, 8 and 16 diverged at learning rates 0.005–0.02 (linear): a diverged rung "
         "falls behind",
@@ -661,7 +667,7 @@ def test_branch_command_json_and_table() -> None:
     # the branches trained more than the planned run (10 epochs, 17,970 examples): said
     planned = doc["trajectory"]["planned_examples"]
     assert planned == 17_970 and b["examples"] > planned
-    assert (f"the branches trained {b['examples']:,} examples, {b['examples'] / planned:.1f}x "
+    assert (f"the branches trained {b['examples']:,} examples, {b['examples'] / planned:.3g}x "
             f"the planned run's 17,970") in " ".join(doc["warnings"])
 
 
