@@ -938,3 +938,41 @@ def test_a_given_every_holds_for_the_accumulation_pairing() -> None:
     assert [r.step for r in tracker.records] == [0, 4, 8, 12]
     assert all(r.method == "accumulation" for r in tracker.records)
     assert tracker.examples == 16 * 32
+
+
+def test_two_backward_passes_per_step_discard_the_first() -> None:
+    """SAM's two backward passes per step (the second at perturbed weights; here the same
+    weights, so both estimate the same gradient): discard() after the first leaves the
+    records those of one backward per step, and the examples counted once."""
+    x, y = _problem()
+
+    def run(twice: bool) -> Tracker:
+        model = _model()
+        tracker = track(model, every=1, window=10_000)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(60):
+            idx = torch.randint(len(x), (64,), generator=gen)
+            if twice:
+                F.cross_entropy(model(x[idx]), y[idx]).backward()
+                tracker.discard()
+                model.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            tracker.update(loss)
+            model.zero_grad(set_to_none=True)
+        return tracker
+
+    once, twice = run(False), run(True)
+    assert twice.examples == once.examples == 60 * 64
+    assert [r.step_trace_sigma for r in twice.records] == pytest.approx(
+        [r.step_trace_sigma for r in once.records], rel=1e-9)
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        return
+    # under DDP the first backward's all-reduce would read as accumulation without
+    # no_sync(); discard() drops it, and the second is measured
+    ranks = tracking.two_ranks(ROOT / "tests" / "assets" / "tracker_ddp.py",
+                               TRACKER_STEPS="6", TRACKER_TWICE="1")
+    assert [code for code, _, _ in ranks] == [0, 0], ranks[0][2][-2000:] + ranks[1][2][-2000:]
+    rec = json.loads(ranks[0][1])
+    assert rec["method"] == "ddp" and rec["step"] == 5
+    assert all("more than once" not in err for _, _, err in ranks)

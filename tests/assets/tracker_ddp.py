@@ -25,6 +25,7 @@ STEPS = int(os.environ.get("TRACKER_STEPS", "400"))
 ACCUMULATE = int(os.environ.get("TRACKER_ACCUMULATE", "1"))
 NO_SYNC = os.environ.get("TRACKER_NO_SYNC", "1") == "1"  # 0: every micro-batch all-reduces
 FP16_HOOK = os.environ.get("TRACKER_FP16_HOOK") == "1"  # ddp_comm_hook=(state, hook)
+TWICE = os.environ.get("TRACKER_TWICE") == "1"  # SAM's first backward, then discard()
 BATCH = 32  # per rank and micro-batch
 
 
@@ -43,6 +44,11 @@ def main() -> None:
     tracker = track(model, every=1, window=100_000, ddp_comm_hook=hook,
                     log=sys.argv[1] if len(sys.argv) > 1 else None)
     for _ in range(STEPS):
+        if TWICE:  # all-reduced, then given up: only the second backward is measured
+            idx = torch.randint(len(x), (BATCH,), generator=gen)
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            tracker.discard()
+            model.zero_grad(set_to_none=True)
         for j in range(ACCUMULATE):
             idx = torch.randint(len(x), (BATCH,), generator=gen)
             last = j == ACCUMULATE - 1
