@@ -325,22 +325,16 @@ def _per_example_runs(job: Workload, idx: torch.Tensor, reason: str) -> tuple[st
         PerExampleUnsupported,
         checking_batch,
     )
+    from bsfind.noise.probe import check_at_another_batch
 
     try:
         with PerExampleGradNorms(job.model) as norms:
             job.loss(idx).backward()
             norms.sq_norms()
-            job.model.zero_grad(set_to_none=True)
             # and at another batch size, as the probe checks (a module fed arange(T) passes
-            # when T is the batch); an error of the model's at that batch alone is the
-            # probe's to meet
-            try:
-                other = job.loss(idx[torch.arange(checking_batch(len(idx))) % len(idx)])
-            except UserCodeError:
-                other = None
-            if other is not None and other.requires_grad:
-                other.backward()
-                norms.sq_norms()
+            # when T is the batch)
+            check_at_another_batch(
+                job, norms, idx[torch.arange(checking_batch(len(idx))) % len(idx)])
     except PerExampleUnsupported as exc:
         return "microbatch", f"per-example norms failed on validate's step ({exc.message})"
     except Exception as exc:

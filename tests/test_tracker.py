@@ -16,7 +16,7 @@ import math
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -49,11 +49,14 @@ def exact() -> float:
 
 
 def _train(tracker: Tracker, model: nn.Module, steps: int, batch: int, accumulate: int = 1,
-           seed: int = 1) -> None:
-    """Forward/backward at fixed weights (learning rate 0), with replacement sampling."""
+           seed: int = 1, before: Callable[[int], None] | None = None) -> None:
+    """Forward/backward at fixed weights (learning rate 0), with replacement sampling;
+    ``before(step)`` runs at the start of each step (an abandoned pass, SAM's first)."""
     x, y = _problem()
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
+    for step in range(steps):
+        if before is not None:
+            before(step)
         for j in range(accumulate):
             idx = torch.randint(len(x), (batch,), generator=gen)
             loss = F.cross_entropy(model(x[idx]), y[idx]) / accumulate
@@ -183,24 +186,21 @@ def test_a_step_abandoned_and_discarded_leaves_no_trace(exact: float, accumulate
     def run(abandon: bool) -> Tracker:
         model = _model()
         tracker = track(model, every=1, window=10_000)
-        gen, junk = torch.Generator().manual_seed(1), torch.Generator().manual_seed(7)
-        for step in range(150):
-            if abandon and step % 10 == 3:  # two micro-batches (or one batch), then given up
-                for _ in range(max(accumulate // 2, 1)):
-                    idx = torch.randint(len(x), (64 // accumulate,), generator=junk)
-                    (F.cross_entropy(model(x[idx]), y[idx]) / accumulate).backward()
-                    if accumulate > 1:
-                        tracker.micro_step()
-                model.zero_grad(set_to_none=True)
-                tracker.discard()
-            for j in range(accumulate):
-                idx = torch.randint(len(x), (64 // accumulate,), generator=gen)
-                loss = F.cross_entropy(model(x[idx]), y[idx]) / accumulate
-                loss.backward()
-                if j < accumulate - 1:
+        junk = torch.Generator().manual_seed(7)
+
+        def give_up(step: int) -> None:  # two micro-batches (or one batch), then given up
+            if not (abandon and step % 10 == 3):
+                return
+            for _ in range(max(accumulate // 2, 1)):
+                idx = torch.randint(len(x), (64 // accumulate,), generator=junk)
+                (F.cross_entropy(model(x[idx]), y[idx]) / accumulate).backward()
+                if accumulate > 1:
                     tracker.micro_step()
-            tracker.update(loss * accumulate)
             model.zero_grad(set_to_none=True)
+            tracker.discard()
+
+        _train(tracker, model, steps=150, batch=64 // accumulate, accumulate=accumulate,
+               before=give_up)
         return tracker
 
     clean, discarded = run(False).records, run(True)
@@ -949,17 +949,16 @@ def test_two_backward_passes_per_step_discard_the_first() -> None:
     def run(twice: bool) -> Tracker:
         model = _model()
         tracker = track(model, every=1, window=10_000)
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(60):
-            idx = torch.randint(len(x), (64,), generator=gen)
+        first = torch.Generator().manual_seed(7)
+
+        def first_pass(step: int) -> None:
             if twice:
+                idx = torch.randint(len(x), (64,), generator=first)
                 F.cross_entropy(model(x[idx]), y[idx]).backward()
                 tracker.discard()
                 model.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            loss.backward()
-            tracker.update(loss)
-            model.zero_grad(set_to_none=True)
+
+        _train(tracker, model, steps=60, batch=64, before=first_pass)
         return tracker
 
     once, twice = run(False), run(True)

@@ -148,6 +148,25 @@ def choose_method(model: torch.nn.Module, requested: str) -> tuple[str, str]:
     return "microbatch", f"auto: per-example norms unavailable ({p.reason})"
 
 
+def check_at_another_batch(job: Workload, norms: object, idx: torch.Tensor) -> None:
+    """One per-example pass of ``norms`` on the examples ``idx`` (a batch size other than
+    the one the hooks ran at: :func:`~bsfind.noise.per_example.checking_batch`), raising
+    only the hooks' refusal (PerExampleUnsupported). A model's error at this batch alone,
+    a loss without a gradient, or one that reaches no trainable parameter is left to the
+    probe's rounds, which meet it with their own examples and say where; a loss that is
+    not finite still runs backward, so that the hooks see a whole pass."""
+    job.model.zero_grad(set_to_none=True)
+    try:
+        loss = job.loss(idx)
+    except UserCodeError:
+        return
+    if not loss.requires_grad:
+        return
+    loss.backward()
+    if any(p.grad is not None for p in job.trainable()):
+        norms.sq_norms()  # type: ignore[attr-defined]
+
+
 class NoiseProbe:
     """Measures B_simple of a workload's model at its current weights.
 
@@ -373,10 +392,9 @@ class NoiseProbe:
         """One per-example pass at a batch other than the rounds' first (the hooks refuse a
         module whose dim 0 is not the batch only when the sizes differ:
         :func:`checking_batch`), on examples of a generator of its own, so that the
-        rounds' draws stay theirs. Only a refusal of the hooks counts: a loss that is not
-        finite or does not reach the model there is left to the rounds, which say where
-        (the first examples of a dataset can be padding alone), and so are an error of the
-        model's at this batch only and an out-of-memory, which they shrink the batch for."""
+        rounds' draws stay theirs. Only a refusal of the hooks counts
+        (:func:`check_at_another_batch`; the first examples of a dataset can be padding
+        alone), and an out-of-memory is left to the rounds, which shrink the batch."""
         from bsfind.noise.per_example import PerExampleUnsupported, checking_batch
 
         gen = torch.Generator().manual_seed(self._check_seed)
@@ -384,16 +402,7 @@ class NoiseProbe:
                             generator=gen)
 
         def local() -> float:
-            self.job.model.zero_grad(set_to_none=True)
-            try:
-                loss = self.job.loss(idx)
-            except UserCodeError:  # a model that fails at this batch only: the rounds' call
-                return 0.0
-            if not loss.requires_grad:
-                return 0.0
-            loss.backward()  # also a loss that is not finite: the hooks see a whole pass
-            if any(p.grad is not None for p in self.params):
-                norms.sq_norms()  # type: ignore[attr-defined]
+            check_at_another_batch(self.job, norms, idx)
             return 0.0
 
         try:
