@@ -194,9 +194,9 @@ class NoiseProbe:
         self.step = step
         self.progress = progress
         self.n = len(job)
+        self._check_seed = self.comm.sampling_seed(seed)  # also the check's, own generator
         self.sampler = ReplacementSampler(
-            self.n, torch.Generator().manual_seed(self.comm.sampling_seed(seed)))
-        self._check_seed = self.comm.sampling_seed(seed)  # its own generator, same seed
+            self.n, torch.Generator().manual_seed(self._check_seed))
         self.params = job.trainable()
         self.max_big = max(2, MAX_BIG_OVER_DATASET * self.n)
         self.k = 1
