@@ -527,6 +527,78 @@ def callback_options(*, every: int | None, window: int, log_path: str | Path | N
                 ddp_comm_hook=ddp_comm_hook)
 
 
+def doubling_to_json(d: Doubling) -> dict[str, Any]:
+    """A :class:`Doubling` as JSON (a callback's checkpoint state)."""
+    return dict(step=d.step, epoch=d.epoch, accumulation=d.accumulation,
+                batch_size=d.batch_size, lr_factor=d.lr_factor, basis=d.basis,
+                b_simple=_finite_or_none(d.b_simple), ci95=d.ci95.as_list())
+
+
+def doubling_from_json(obj: dict[str, Any]) -> Doubling:
+    low, high = obj["ci95"]
+    return Doubling(step=int(obj["step"]), epoch=int(obj["epoch"]),
+                    accumulation=int(obj["accumulation"]), batch_size=int(obj["batch_size"]),
+                    lr_factor=float(obj["lr_factor"]), basis=obj["basis"],
+                    b_simple=None if obj["b_simple"] is None else float(obj["b_simple"]),
+                    ci95=Interval(0.0 if low is None else float(low),
+                                  math.inf if high is None else float(high)))
+
+
+def callback_state(tracker: Tracker | None, doublings: Sequence[Doubling]) -> dict[str, Any]:
+    """What the integrations' callbacks keep in a training checkpoint, as JSON: the
+    tracker's counts (a resumed run goes on from them, :class:`Tracker`'s ``step`` and
+    ``examples``) and the doublings made with ``double=True`` (the checkpoint's learning
+    rates are already scaled by them, so the resumed run needs their accumulation).
+    Empty before the tracker exists (a checkpoint saved before training started)."""
+    if tracker is None:
+        return {}
+    return dict(step=tracker.step, examples=tracker.examples,
+                doublings=[doubling_to_json(d) for d in doublings])
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """Where a callback's tracker starts: the counts of :func:`callback_state` read back
+    (0 and 0 for a new run), and the doublings made before the checkpoint."""
+
+    step: int = 0
+    examples: int = 0
+    doublings: tuple[Doubling, ...] = ()
+
+    @property
+    def accumulation(self) -> int | None:
+        """The accumulation the doublings left (None: none was made)."""
+        return self.doublings[-1].accumulation if self.doublings else None
+
+
+def resumed(saved: dict[str, Any] | None, global_step: int, callback: str) -> Resumed:
+    """Read back :func:`callback_state` for a run at the framework's ``global_step``.
+
+    A run resumed from a checkpoint without that state (saved without the callback, or
+    by a bsfind before it kept one) counts from 0 again, with a warning: its log is
+    overwritten and reads as a new run."""
+    if not saved:
+        if global_step > 0:
+            warnings.warn(
+                f"{callback}: training resumed at step {global_step} from a checkpoint "
+                "without bsfind's counts (saved without this callback, or by an older "
+                "bsfind): the tracker counts steps and examples from 0 and its log starts "
+                "again", stacklevel=3)
+        return Resumed()
+    try:
+        step, examples = check_resume(saved.get("step"), saved.get("examples"))
+        doublings = tuple(doubling_from_json(d) for d in saved.get("doublings") or ())
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{callback}: the checkpoint's bsfind state is unreadable ({exc}): "
+                         "resume from a checkpoint this callback saved") from None
+    if step != global_step:
+        warnings.warn(
+            f"{callback}: the checkpoint's bsfind counts are at step {step}, the trainer "
+            f"resumes at step {global_step}: the tracker goes on from step {step}",
+            stacklevel=3)
+    return Resumed(step, examples, doublings)
+
+
 def check_doubling_options(max_accumulation: int | None, lr_rule: str) -> None:
     """Validate the integrations' doubling arguments (the message names the argument)."""
     from bsfind.advisor import LR_RULES

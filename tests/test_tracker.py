@@ -321,6 +321,40 @@ def test_resuming_keeps_the_log_before_the_step_at_once_and_refuses_another_runs
         track(model, every=5, log=path, step=20, examples=320)
 
 
+def test_a_callbacks_checkpoint_state_reads_back_through_json() -> None:
+    """What the Lightning and Hugging Face callbacks keep in a checkpoint (JSON in
+    trainer_state.json): the counts, and the doublings with an unbounded interval."""
+    from bsfind.tracker import Doubling, callback_state, resumed
+
+    model = _model()
+    made = [Doubling(step=24, epoch=1, accumulation=2, batch_size=64, lr_factor=1.4,
+                     basis="time", b_simple=None, ci95=Interval(109.4, math.inf)),
+            Doubling(step=36, epoch=2, accumulation=4, batch_size=128, lr_factor=1.2,
+                     basis="noise", b_simple=80.5, ci95=Interval(70.0, 95.0))]
+    assert callback_state(None, made) == {}
+    with track(model, every=1) as tracker:
+        _train(tracker, model, steps=5, batch=8)
+        saved = json.loads(json.dumps(callback_state(tracker, made)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        start = resumed(saved, 5, "Monitor")
+        assert resumed({}, 0, "Monitor") == resumed(None, 0, "Monitor")
+    assert (start.step, start.examples, start.doublings, start.accumulation) == (
+        5, 40, tuple(made), 4)
+    assert resumed(None, 0, "Monitor").accumulation is None
+    with pytest.warns(UserWarning, match="Monitor: training resumed at step 7 from a "
+                                         "checkpoint without bsfind's counts"):
+        assert resumed(None, 7, "Monitor").step == 0
+    with pytest.warns(UserWarning, match="counts are at step 5, the trainer resumes at "
+                                         "step 6: the tracker goes on from step 5"):
+        assert resumed(saved, 6, "Monitor").step == 5
+    for broken in ({"step": 5}, {**saved, "doublings": [{"step": 1}]},
+                   {**saved, "examples": -3}):
+        with pytest.raises(ValueError, match="Monitor: the checkpoint's bsfind state is "
+                                             "unreadable"):
+            resumed(broken, 5, "Monitor")
+
+
 def test_smoothing_is_a_ratio_of_weighted_means_over_the_window() -> None:
     model = _model()
     tracker = track(model, every=1, window=5)

@@ -28,6 +28,12 @@ batch sizes were seen, and before that the noise scale alone decides (see
 accumulation does not make a step cheaper per example: pass the step-time curve
 of your setup when you have one.
 
+Lightning's checkpoints keep the callback's state (the tracker's step and example
+counts, and the doublings made): a run resumed with ``trainer.fit(..., ckpt_path=...)``
+goes on counting from the checkpoint, its ``log_path`` keeps the records before it
+(:class:`~bsfind.tracker.Tracker`'s ``step``/``examples``), and the accumulation the
+doublings left is set again (the checkpoint's learning rates were scaled for it).
+
 Needs ``pip install 'bsfind[lightning]'`` (``lightning.pytorch``) and automatic
 optimization; with manual optimization, call :func:`bsfind.track` in ``training_step``.
 """
@@ -46,7 +52,9 @@ from bsfind.tracker import (
     Doubling,
     Tracker,
     callback_options,
+    callback_state,
     doubling_now,
+    resumed,
     scale_learning_rate,
 )
 
@@ -106,6 +114,16 @@ class NoiseScaleMonitor(Callback):
         self._loss: torch.Tensor | None = None
         self._micros = 0  # micro-batches of the current optimizer step
         self._stepped = False  # the last backward was an optimizer step's last
+        self._saved: dict[str, Any] | None = None  # the checkpoint's state (load_state_dict)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in Lightning's checkpoints: the tracker's counts and the doublings made."""
+        return callback_state(self.tracker, self.doublings)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A resumed ``fit(ckpt_path=...)``: the tracker goes on from the checkpoint."""
+        self._saved = dict(state_dict)
 
     # -- set-up ---------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -122,8 +140,15 @@ class NoiseScaleMonitor(Callback):
         wrapped = trainer.strategy.model
         model = wrapped if isinstance(wrapped, DistributedDataParallel) else pl_module
         scaler = getattr(trainer.precision_plugin, "scaler", None)
+        start = resumed(self._saved, trainer.global_step, "NoiseScaleMonitor")
+        self._saved = None
+        self.doublings = list(start.doublings)
+        if start.accumulation is not None:
+            # the checkpoint's learning rates were scaled for this accumulation
+            trainer.accumulate_grad_batches = start.accumulation
         try:
-            self.tracker = Tracker(model, scaler=scaler, **self.options)
+            self.tracker = Tracker(model, scaler=scaler, step=start.step,
+                                   examples=start.examples, **self.options)
         except RuntimeError as exc:  # DDP allows one comm hook
             if "comm_hook" in str(exc) or "communication hook" in str(exc).lower():
                 raise RuntimeError(

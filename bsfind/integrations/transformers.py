@@ -31,6 +31,15 @@ With ``double=True``, at the start of an epoch (where the Trainer reads
 scales the learning rate and the scheduler's base rates by the rule of
 :func:`bsfind.advisor.scaled_lr`. The scheduler keeps its planned number of steps.
 
+The Trainer's checkpoints keep the callback's state (the tracker's step and example
+counts, and the doublings made) in ``trainer_state.json``, under ``stateful_callbacks``
+as ``"bsfind"``: a run resumed with ``trainer.train(resume_from_checkpoint=...)`` goes
+on counting from the checkpoint, its ``log_path`` keeps the records before it
+(:class:`~bsfind.tracker.Tracker`'s ``step``/``examples``), and the accumulation the
+doublings left is set again (the checkpoint's learning rates were scaled for it). The
+entry is not a callback the Trainer can rebuild: with
+``restore_callback_states_from_checkpoint=True`` it logs that it ignores it.
+
 Needs ``pip install 'bsfind[transformers]'`` (transformers and accelerate).
 """
 
@@ -48,7 +57,9 @@ from bsfind.tracker import (
     Doubling,
     Tracker,
     callback_options,
+    callback_state,
     doubling_now,
+    resumed,
     scale_learning_rate,
 )
 
@@ -60,6 +71,18 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "bsfind.integrations.transformers needs transformers and accelerate: "
         "pip install 'bsfind[transformers]'"
     ) from exc
+
+
+STATE_KEY = "bsfind"  # the callback's entry in TrainerState.stateful_callbacks
+
+
+def _stateful(state: Any) -> dict[str, Any]:
+    """``TrainerState.stateful_callbacks``: declared a list, a dict once the state exists."""
+    entries = getattr(state, "stateful_callbacks", None)
+    if not isinstance(entries, dict):
+        entries = {}
+        state.stateful_callbacks = entries
+    return entries
 
 
 def _tensors(output: Any) -> list[torch.Tensor]:
@@ -178,7 +201,15 @@ class NoiseScaleCallback(TrainerCallback):
         # AcceleratedOptimizer holds the GradScaler of fp16 training.
         scaler = getattr(optimizer, "scaler", None)
         self._token_scale = token_scale(args)
-        self.tracker = Tracker(tracked, scaler=scaler, **self.options)
+        saved = _stateful(state).get(STATE_KEY)
+        start = resumed(saved if isinstance(saved, dict) else None, state.global_step,
+                        "NoiseScaleCallback")
+        self.doublings = list(start.doublings)
+        if start.accumulation is not None:
+            # the checkpoint's learning rates were scaled for this accumulation
+            args.gradient_accumulation_steps = start.accumulation
+        self.tracker = Tracker(tracked, scaler=scaler, step=start.step,
+                               examples=start.examples, **self.options)
         self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState,
@@ -235,6 +266,12 @@ class NoiseScaleCallback(TrainerCallback):
             self.tracker.update(loss, batch_size=batch)
         else:
             self.tracker.micro_step(batch_size=batch)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState,
+                    control: TrainerControl, **kwargs: Any) -> None:
+        # Before the Trainer saves a checkpoint at this step (it writes stateful_callbacks
+        # into trainer_state.json as they are; a plain dict is kept as it is).
+        _stateful(state)[STATE_KEY] = callback_state(self.tracker, self.doublings)
 
     # -- logs ---------------------------------------------------------------------------------
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,

@@ -218,3 +218,75 @@ def test_ddp_strategy_pairs_each_rank_with_the_all_reduced_gradient() -> None:
     rec = json.loads(ranks[0][1].strip().splitlines()[-1])
     assert rec["method"] == "ddp" and (rec["b_small"], rec["b_big"]) == (64, 128)
     assert rec["b_simple"] == pytest.approx(tracking.exact_b_simple(), rel=REL)
+
+
+def _checkpointing(callback: NoiseScaleMonitor, dirpath: Path, **kwargs: Any) -> Any:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saver = ModelCheckpoint(dirpath=dirpath, save_top_k=-1,
+                            every_n_train_steps=kwargs.pop("every_n_train_steps", None))
+    return L.Trainer(accelerator="cpu", devices=1, callbacks=[callback, saver],
+                     enable_progress_bar=False, enable_model_summary=False, logger=False,
+                     **kwargs)
+
+
+def _log(path: Path) -> list[tuple[int, int]]:
+    return [(r["step"], r["examples"]) for r in map(json.loads, path.read_text().splitlines())]
+
+
+def test_a_resumed_fit_goes_on_from_the_checkpoints_counts(tmp_path: Path) -> None:
+    """Killed after step 20, resumed from the checkpoint of step 10: the tracker counts
+    on from step 10 and its log reads as the uninterrupted run's (steps 10-19, trained
+    twice, once). Before, the resumed run counted from 0 and overwrote the log."""
+    whole = NoiseScaleMonitor(every=1, log_path=tmp_path / "whole.jsonl")
+    _trainer(whole, max_steps=30, logger=False).fit(Classifier(), _loader(32, 200))
+    first = NoiseScaleMonitor(every=1, log_path=tmp_path / "resumed.jsonl")
+    _checkpointing(first, tmp_path / "ckpt", max_steps=20,
+                   every_n_train_steps=10).fit(Classifier(), _loader(32, 200))
+    assert len(_log(tmp_path / "resumed.jsonl")) == 20
+    again = NoiseScaleMonitor(every=1, log_path=tmp_path / "resumed.jsonl")
+    _trainer(again, max_steps=30, logger=False).fit(
+        Classifier(), _loader(32, 200), ckpt_path=tmp_path / "ckpt" / "epoch=0-step=10.ckpt")
+    assert whole.tracker is not None and again.tracker is not None
+    assert (again.tracker.step, again.tracker.examples) == (30, 30 * 32)
+    assert _log(tmp_path / "resumed.jsonl") == _log(tmp_path / "whole.jsonl") == [
+        (s, 32 * (s + 1)) for s in range(30)]
+
+
+def test_a_checkpoint_without_the_callbacks_state_restarts_its_counts_with_a_warning(
+        tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saver = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=10)
+    L.Trainer(accelerator="cpu", devices=1, callbacks=[saver], max_steps=10, logger=False,
+              enable_progress_bar=False, enable_model_summary=False,
+              ).fit(Classifier(), _loader(32, 200))
+    monitor = NoiseScaleMonitor(every=1)
+    with pytest.warns(UserWarning, match="resumed at step 10 from a checkpoint without "
+                                         "bsfind's counts"):
+        _trainer(monitor, max_steps=15, logger=False).fit(
+            Classifier(), _loader(32, 200), ckpt_path=tmp_path / "epoch=0-step=10.ckpt")
+    assert monitor.tracker is not None and monitor.tracker.step == 5
+
+
+def test_a_resumed_fit_keeps_the_accumulation_its_doublings_left(tmp_path: Path) -> None:
+    """The checkpoint's learning rate was scaled for accumulation 2 (doubled at epoch 1):
+    the resumed run trains with 2 again (it went back to 1, with the scaled rate, before).
+    Its tracker's window starts again at the checkpoint, so the next doubling waits for
+    an epoch of measurements: at epoch 3, to 4."""
+    monitor = NoiseScaleMonitor(every=1, double=True, timing=(1.0, 1e-6), max_accumulation=4)
+    _checkpointing(monitor, tmp_path, max_epochs=2, limit_train_batches=24).fit(
+        Classifier(lr=0.1), _loader(32, 200))
+    assert [(d.epoch, d.accumulation) for d in monitor.doublings] == [(1, 2)]
+    again = NoiseScaleMonitor(every=1, double=True, timing=(1.0, 1e-6), max_accumulation=4)
+    trainer = _trainer(again, max_epochs=4, limit_train_batches=24, logger=False)
+    trainer.fit(Classifier(lr=0.1), _loader(32, 200),
+                ckpt_path=tmp_path / "epoch=1-step=36.ckpt")
+    assert trainer.accumulate_grad_batches == 4
+    assert [(d.epoch, d.accumulation, d.batch_size) for d in again.doublings] == [
+        (1, 2, 64), (3, 4, 128)]
+    assert again.doublings[0] == monitor.doublings[0]
+    lr = 0.1 * again.doublings[0].lr_factor * again.doublings[1].lr_factor
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(lr)
+    assert again.tracker is not None and again.tracker.step == 36 + 12 + 6
+    assert [r.b_big for r in again.tracker.records] == [64] * 12 + [128] * 6

@@ -241,3 +241,73 @@ def test_a_partial_last_batch_counts_its_own_examples(tmp_path: Path) -> None:
     assert recs and recs[-1].step > 2 * per_epoch
     for r in recs:
         assert r.examples == trained(r.step + 1), (r.step, r.examples)
+
+
+def _log(path: Path) -> list[tuple[int, int]]:
+    import json
+
+    return [(r["step"], r["examples"]) for r in map(json.loads, path.read_text().splitlines())]
+
+
+def test_a_resumed_train_goes_on_from_the_checkpoints_counts(tmp_path: Path) -> None:
+    """Killed after step 20, resumed from checkpoint-10: the tracker counts on from step 10
+    and its log reads as the uninterrupted run's. Before, the resumed run counted from 0
+    and overwrote the log."""
+    def run(max_steps: int, log: str, resume: str | None = None, **kw: Any) -> Any:
+        trainer = Trainer(model=Classifier(), args=_args(
+            tmp_path / "out", per_device_train_batch_size=32, max_steps=max_steps, **kw),
+            train_dataset=Examples())
+        callback = NoiseScaleCallback.attach(trainer, every=1, log_path=tmp_path / log)
+        trainer.train(resume_from_checkpoint=resume)
+        return callback
+
+    whole = run(30, "whole.jsonl")
+    run(20, "resumed.jsonl", save_strategy="steps", save_steps=10)
+    assert len(_log(tmp_path / "resumed.jsonl")) == 20
+    again = run(30, "resumed.jsonl", str(tmp_path / "out" / "checkpoint-10"))
+    assert whole.tracker is not None and again.tracker is not None
+    assert (again.tracker.step, again.tracker.examples) == (30, 30 * 32)
+    assert _log(tmp_path / "resumed.jsonl") == _log(tmp_path / "whole.jsonl") == [
+        (s, 32 * (s + 1)) for s in range(30)]
+
+
+def test_a_checkpoint_without_the_callbacks_state_restarts_its_counts_with_a_warning(
+        tmp_path: Path) -> None:
+    args = dict(per_device_train_batch_size=32, save_strategy="steps", save_steps=10)
+    Trainer(model=Classifier(), args=_args(tmp_path, max_steps=10, **args),
+            train_dataset=Examples()).train()
+    trainer = Trainer(model=Classifier(), args=_args(tmp_path, max_steps=15, **args),
+                      train_dataset=Examples())
+    callback = NoiseScaleCallback.attach(trainer, every=1)
+    with pytest.warns(UserWarning, match="resumed at step 10 from a checkpoint without "
+                                         "bsfind's counts"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-10"))
+    assert callback.tracker is not None and callback.tracker.step == 5
+
+
+def test_a_resumed_train_keeps_the_accumulation_its_doublings_left(tmp_path: Path) -> None:
+    """As in the Lightning test: the checkpoint's learning rate was scaled for
+    accumulation 2, which the resumed run trains with again."""
+    def run(epochs: int, resume: str | None = None) -> tuple[Any, Any]:
+        args = _args(tmp_path, per_device_train_batch_size=64, num_train_epochs=epochs,
+                     learning_rate=0.1, optim="sgd", lr_scheduler_type="constant",
+                     save_strategy="epoch")
+        callback = NoiseScaleCallback(every=1, double=True, timing=(1.0, 1e-6),
+                                      max_accumulation=2)
+        trainer = Trainer(model=Classifier(), args=args, train_dataset=Examples(),
+                          callbacks=[callback])
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, callback
+
+    _, first = run(2)
+    assert [(d.epoch, d.accumulation) for d in first.doublings] == [(1, 2)]
+    trainer, again = run(3, str(tmp_path / "checkpoint-48"))
+    assert trainer.args.gradient_accumulation_steps == 2
+    assert again.doublings == first.doublings
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(
+        0.1 * first.doublings[0].lr_factor)
+    assert again.tracker is not None
+    # every step at the restored accumulation; how many depends on the Trainer, which
+    # finds its place in the data from global_step at the configured accumulation (1)
+    recs = again.tracker.records
+    assert recs and {r.b_big for r in recs} == {128} and recs[0].step == 48
