@@ -516,6 +516,33 @@ def resume_log(path: Path, step: int, examples: int) -> None:
     atomic_write_text(path, "".join(json.dumps(r.to_json()) + "\n" for r in kept))
 
 
+def resume_log_on_every_rank(path: Path | None, step: int, examples: int) -> None:
+    """:func:`resume_log`, run by rank 0 (which writes the log; ``path`` None: it has
+    none), its refusal raised on every rank: raised on rank 0 alone, the other ranks went
+    on to their first all-reduce and waited there for a rank that had stopped (NCCL:
+    until its timeout). Every rank of a resumed run calls it, whether given a log or not."""
+    if _world() == 1:
+        if path is not None:
+            resume_log(path, step, examples)
+        return
+    failure: tuple[str, str, str | None] | None = None
+    if path is not None:
+        try:
+            resume_log(path, step, examples)
+        except UsageError as exc:
+            failure = ("usage", exc.message, exc.hint)
+        except (ValueError, OSError) as exc:
+            failure = (type(exc).__name__, str(exc), None)
+    box = [failure]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if box[0] is None:
+        return
+    kind, message, hint = box[0]
+    if kind == "usage":
+        raise UsageError(message, hint=hint)
+    raise (ValueError if kind == "ValueError" else OSError)(message)
+
+
 def callback_options(*, every: int | None, window: int, log_path: str | Path | None,
                      timing: Any, ddp_comm_hook: tuple[Any, Any] | None,
                      max_accumulation: int | None, lr_rule: str) -> dict[str, Any]:
@@ -735,8 +762,8 @@ class Tracker:
         # resumed: the log keeps its records before the checkpoint, rewritten now in one
         # step (a kill while rewriting must not lose them), and is appended to
         self._append = bool(step) and self._log_path is not None
-        if self._append and self._log_path is not None:
-            resume_log(self._log_path, step, examples)
+        if step:
+            resume_log_on_every_rank(self._log_path, step, examples)
         hook_state, hook = ddp_comm_hook or (None, None)  # (state, hook), as documented
         self._ddp = (in_training.DDPNorms(ddp, hook=hook, state=hook_state)
                      if ddp is not None and self.world > 1 else None)

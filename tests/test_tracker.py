@@ -247,6 +247,28 @@ def test_ddp_accumulation_without_no_sync_warns_and_records_nothing(tmp_path: Pa
     assert not log.exists()
 
 
+@pytest.mark.skipif(not (torch.distributed.is_available()
+                         and torch.distributed.is_gloo_available()), reason="needs gloo")
+def test_a_refused_resume_log_stops_every_rank_with_its_message(tmp_path: Path) -> None:
+    """Resumed at step 4 after 64 examples, the log rank 0 is given records 128 by then:
+    another run's. Both ranks stop with the refusal (rank 1, which has no log, stopped
+    only when rank 0's exit broke its first all-reduce: under NCCL, at the timeout), and
+    a log that fits resumes on both (the second launch: 3 more steps of 64)."""
+    log = tmp_path / "ddp.jsonl"
+    model = _model()
+    with track(model, every=1, log=log) as tracker:
+        _train(tracker, model, steps=6, batch=64)
+    ranks = tracking.two_ranks(ROOT / "tests" / "assets" / "tracker_ddp.py", str(log),
+                               TRACKER_STEPS="3", TRACKER_RESUME="4:64")
+    for code, _, err in ranks:
+        assert code != 0 and "another run's log" in err, err[-2000:]
+    ranks = tracking.two_ranks(ROOT / "tests" / "assets" / "tracker_ddp.py", str(log),
+                               TRACKER_STEPS="3", TRACKER_RESUME="4:256")
+    assert [code for code, _, _ in ranks] == [0, 0], ranks[0][2][-2000:] + ranks[1][2][-2000:]
+    assert [(r.step, r.examples) for r in read_log(log)] == [
+        (0, 64), (1, 128), (2, 192), (3, 256), (4, 320), (5, 384), (6, 448)]
+
+
 # ------------------------------------------------------------------------ records, log
 
 

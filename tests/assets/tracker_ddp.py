@@ -26,6 +26,7 @@ ACCUMULATE = int(os.environ.get("TRACKER_ACCUMULATE", "1"))
 NO_SYNC = os.environ.get("TRACKER_NO_SYNC", "1") == "1"  # 0: every micro-batch all-reduces
 FP16_HOOK = os.environ.get("TRACKER_FP16_HOOK") == "1"  # ddp_comm_hook=(state, hook)
 TWICE = os.environ.get("TRACKER_TWICE") == "1"  # SAM's first backward, then discard()
+RESUME = os.environ.get("TRACKER_RESUME")  # "step:examples", the log given to rank 0 only
 BATCH = 32  # per rank and micro-batch
 
 
@@ -41,8 +42,10 @@ def main() -> None:
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     hook = (dist.group.WORLD, default_hooks.fp16_compress_hook) if FP16_HOOK else None
+    log = sys.argv[1] if len(sys.argv) > 1 else None
+    step, examples = map(int, RESUME.split(":")) if RESUME else (0, 0)
     tracker = track(model, every=1, window=100_000, ddp_comm_hook=hook,
-                    log=sys.argv[1] if len(sys.argv) > 1 else None)
+                    log=log if rank == 0 or not RESUME else None, step=step, examples=examples)
     for _ in range(STEPS):
         if TWICE:  # all-reduced, then given up: only the second backward is measured
             idx = torch.randint(len(x), (BATCH,), generator=gen)
