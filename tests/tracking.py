@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -83,3 +84,19 @@ def _launch_two(script: Path, args: tuple[str, ...], timeout: float, env: dict[s
             if p.poll() is None:
                 p.kill()
     return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs, strict=True)]
+
+
+def log_counts(path: Path) -> list[tuple[int, int]]:
+    """(step, examples) of every record in a tracker log."""
+    import json
+
+    return [(r["step"], r["examples"]) for r in map(json.loads, path.read_text().splitlines())]
+
+
+def assert_resumed_as_one_run(tracker: Any, resumed: Path, whole: Path, steps: int,
+                              batch: int) -> None:
+    """A run resumed from a checkpoint counted on from it and its log reads as the
+    uninterrupted run's: ``steps`` steps of ``batch`` examples, each recorded once."""
+    assert tracker is not None and (tracker.step, tracker.examples) == (steps, steps * batch)
+    assert log_counts(resumed) == log_counts(whole) == [
+        (s, batch * (s + 1)) for s in range(steps)]

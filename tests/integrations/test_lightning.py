@@ -230,9 +230,6 @@ def _checkpointing(callback: NoiseScaleMonitor, dirpath: Path, **kwargs: Any) ->
                      **kwargs)
 
 
-def _log(path: Path) -> list[tuple[int, int]]:
-    return [(r["step"], r["examples"]) for r in map(json.loads, path.read_text().splitlines())]
-
 
 def test_a_resumed_fit_goes_on_from_the_checkpoints_counts(tmp_path: Path) -> None:
     """Killed after step 20, resumed from the checkpoint of step 10: the tracker counts
@@ -243,14 +240,12 @@ def test_a_resumed_fit_goes_on_from_the_checkpoints_counts(tmp_path: Path) -> No
     first = NoiseScaleMonitor(every=1, log_path=tmp_path / "resumed.jsonl")
     _checkpointing(first, tmp_path / "ckpt", max_steps=20,
                    every_n_train_steps=10).fit(Classifier(), _loader(32, 200))
-    assert len(_log(tmp_path / "resumed.jsonl")) == 20
+    assert len(tracking.log_counts(tmp_path / "resumed.jsonl")) == 20
     again = NoiseScaleMonitor(every=1, log_path=tmp_path / "resumed.jsonl")
     _trainer(again, max_steps=30, logger=False).fit(
         Classifier(), _loader(32, 200), ckpt_path=tmp_path / "ckpt" / "epoch=0-step=10.ckpt")
-    assert whole.tracker is not None and again.tracker is not None
-    assert (again.tracker.step, again.tracker.examples) == (30, 30 * 32)
-    assert _log(tmp_path / "resumed.jsonl") == _log(tmp_path / "whole.jsonl") == [
-        (s, 32 * (s + 1)) for s in range(30)]
+    tracking.assert_resumed_as_one_run(again.tracker, tmp_path / "resumed.jsonl",
+                                       tmp_path / "whole.jsonl", steps=30, batch=32)
 
 
 def test_a_checkpoint_without_the_callbacks_state_restarts_its_counts_with_a_warning(

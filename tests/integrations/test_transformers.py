@@ -243,11 +243,6 @@ def test_a_partial_last_batch_counts_its_own_examples(tmp_path: Path) -> None:
         assert r.examples == trained(r.step + 1), (r.step, r.examples)
 
 
-def _log(path: Path) -> list[tuple[int, int]]:
-    import json
-
-    return [(r["step"], r["examples"]) for r in map(json.loads, path.read_text().splitlines())]
-
 
 def test_a_resumed_train_goes_on_from_the_checkpoints_counts(tmp_path: Path) -> None:
     """Killed after step 20, resumed from checkpoint-10: the tracker counts on from step 10
@@ -261,14 +256,12 @@ def test_a_resumed_train_goes_on_from_the_checkpoints_counts(tmp_path: Path) -> 
         trainer.train(resume_from_checkpoint=resume)
         return callback
 
-    whole = run(30, "whole.jsonl")
+    run(30, "whole.jsonl")
     run(20, "resumed.jsonl", save_strategy="steps", save_steps=10)
-    assert len(_log(tmp_path / "resumed.jsonl")) == 20
+    assert len(tracking.log_counts(tmp_path / "resumed.jsonl")) == 20
     again = run(30, "resumed.jsonl", str(tmp_path / "out" / "checkpoint-10"))
-    assert whole.tracker is not None and again.tracker is not None
-    assert (again.tracker.step, again.tracker.examples) == (30, 30 * 32)
-    assert _log(tmp_path / "resumed.jsonl") == _log(tmp_path / "whole.jsonl") == [
-        (s, 32 * (s + 1)) for s in range(30)]
+    tracking.assert_resumed_as_one_run(again.tracker, tmp_path / "resumed.jsonl",
+                                       tmp_path / "whole.jsonl", steps=30, batch=32)
 
 
 def test_a_checkpoint_without_the_callbacks_state_restarts_its_counts_with_a_warning(
