@@ -9,9 +9,10 @@ module nothing sees a ``Spec``.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from bsfind import advisor, schedule, trajectory, wording
@@ -35,8 +36,13 @@ from bsfind.results import (
 from bsfind.runner import Runner
 from bsfind.seeds import Seeds
 from bsfind.spec import Spec
-from bsfind.training import host_weights, offloaded
-from bsfind.workload import Workload, model_loss, text_inputs, uneven_token_weights
+from bsfind.training import host_weights, kept_buffers_and_grads, offloaded
+from bsfind.workload import (
+    Workload,
+    model_loss,
+    text_inputs,
+    uneven_token_weights,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -57,13 +63,69 @@ BRANCH_SHARE = 0.4
 LR_SHARE = 0.1
 
 
+SUM_CHECK_EXAMPLES = 8
+SUMMED = (1.7, 2.3)  # the repeated batch's loss over the batch's, for a sum over examples
+
+
+def summed_over_batch(job: Workload) -> float | None:
+    """The loss of SUM_CHECK_EXAMPLES examples repeated twice over theirs, when it says
+    the loss adds up its examples (``reduction='sum'``) instead of averaging them: a mean
+    over the batch is the same for the batch repeated (BatchNorm's batch statistics too),
+    a sum doubles; a loss over the batch as a whole, such as a contrastive one with
+    in-batch negatives, moves by its log term. Dropout modules are off for the two
+    forwards (other randomness in forward moves both a little). Else None; a model or
+    loss that fails on these batches, or a loss that is not finite, is left to the
+    measurement. BatchNorm's running statistics, which the forwards update, are put back."""
+    import torch
+
+    from bsfind.errors import HardwareError, UserCodeError
+    from bsfind.hardware.memory import is_oom
+
+    if len(job) < 1:
+        return None
+    idx = torch.linspace(0, len(job) - 1, min(len(job), SUM_CHECK_EXAMPLES)).long()
+    try:
+        # (under a caller's inference_mode too, what is put back is a normal tensor)
+        with (torch.inference_mode(False), torch.no_grad(), kept_buffers_and_grads(job.model),
+              _dropout_off(job.model)):
+            one, two = float(job.loss(idx)), float(job.loss(torch.cat([idx, idx])))
+    except (UserCodeError, HardwareError):
+        return None
+    except RuntimeError as exc:
+        if is_oom(exc):
+            return None
+        raise
+    if not (math.isfinite(one) and math.isfinite(two)) or one == 0:
+        return None
+    ratio = two / one
+    return ratio if SUMMED[0] <= ratio <= SUMMED[1] else None
+
+
+@contextlib.contextmanager
+def _dropout_off(model: torch.nn.Module) -> Iterator[None]:
+    """The model's dropout modules in eval mode for the block, the rest as it is."""
+    from torch import nn
+
+    on = [m for m in model.modules()
+          if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
+    for m in on:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in on:
+            m.train()
+
+
 def item_warnings(job: Workload) -> list[str]:
     """What the model and the examples make of the measurement: BatchNorm layers the
-    factory froze, a per-token mean loss over examples of different token counts, text
-    that reaches the model as strings."""
+    factory froze, a per-token mean loss over examples of different token counts, a loss
+    that adds up the batch's examples, text that reaches the model as strings."""
     return (([wording.frozen_norms(job.frozen_norms)] if job.frozen_norms else [])
             + ([wording.token_mean(job.loss_fn is model_loss)] if uneven_token_weights(job)
-               else []) + ([wording.text_inputs(keys)] if (keys := text_inputs(job)) else []))
+               else [])
+            + ([wording.summed_loss(ratio)] if (ratio := summed_over_batch(job)) else [])
+            + ([wording.text_inputs(keys)] if (keys := text_inputs(job)) else []))
 
 
 def probe_options(spec: Spec, job: Workload | None = None, world: int = 1) -> ProbeOptions:

@@ -63,6 +63,15 @@ def token_mean(model_loss: bool) -> str:
             "the noise scale assumes a mean over examples, so it reads low (23% on a padded "
             "GPT-2 in a trial); use a loss that averages each example's tokens first "
             "(README: \"Per-token losses on padded batches\")")
+def summed_loss(ratio: float) -> str:
+    """A loss that adds up a batch's examples (:func:`bsfind.workload.summed_over_batch`)."""
+    return (f"the loss of a batch repeated twice is {ratio:.2f}x the batch's: it adds up "
+            "the examples (reduction='sum'?) where bsfind expects their mean. The noise "
+            "scale is the same either way, but the gradient grows with the batch, so the "
+            "learning rates measured and advised are not comparable across batch sizes; "
+            "average over the batch (reduction='mean')")
+
+
 LR_SEARCH_CUT_ONE = ("the time budget ended the learning-rate search after its first "
                      "learning rate, with none to compare it with: the report is partial, "
                      "and the learning rate is the rule's (a larger probe.max_seconds lets it "

@@ -519,3 +519,40 @@ def test_a_batchnorm_model_trained_at_batch_1_is_not_said_to_be_measured_as_trai
         "the model has BatchNorm in training mode: its noise scale depends on the BatchNorm "
         "batch, and was measured with batches of 2, the fewest BatchNorm normalises (it "
         "trains with 1 per device)")
+
+
+def test_a_loss_that_adds_up_the_batch_is_warned_about() -> None:
+    """reduction='sum' (a trial's spec: accepted silently, and its learning rates advised as
+    a mean loss's): the batch repeated twice doubles it, where a mean, or a sum over each
+    example's outputs averaged over the batch, stays. The check's forwards in training
+    mode leave BatchNorm's running statistics as they were."""
+    from torch import nn
+
+    from bsfind.pipeline import item_warnings, summed_over_batch
+
+    gen = torch.Generator().manual_seed(0)
+    ds = torch.utils.data.TensorDataset(torch.randn(64, 6, generator=gen),
+                                        torch.randint(0, 3, (64,), generator=gen))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2),
+                        nn.Linear(16, 3)).train()
+    before = [b.clone() for b in net.buffers()]
+    summed = Workload.from_objects(
+        net, ds, lambda out, t: F.cross_entropy(out, t, reduction="sum"))
+    ratio = summed_over_batch(summed)
+    assert ratio == pytest.approx(2.0, rel=1e-5)  # dropout off for the check
+    assert all(m.training for m in net.modules())
+    assert all(torch.equal(a, b) for a, b in zip(before, net.buffers(), strict=True))
+    assert [w for w in item_warnings(summed) if "reduction='sum'" in w] == [
+        "the loss of a batch repeated twice is 2.00x the batch's: it adds up the "
+        "examples (reduction='sum'?) where bsfind expects their mean. The noise scale is the "
+        "same either way, but the gradient grows with the batch, so the learning rates "
+        "measured and advised are not comparable across batch sizes; average over the "
+        "batch (reduction='mean')"]
+    assert summed_over_batch(Workload.from_objects(net, ds, F.cross_entropy)) is None
+
+    def squares_summed_per_example(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return ((out - F.one_hot(t, 3)) ** 2).sum(1).mean()
+
+    assert summed_over_batch(Workload.from_objects(net, ds, squares_summed_per_example)) is None
+    assert not item_warnings(Workload.from_objects(net, ds, F.cross_entropy))
