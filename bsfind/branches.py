@@ -791,15 +791,29 @@ def best_factor(tried: dict[float, float]) -> float:
     return min(finite, key=lambda f: (finite[f], abs(math.log2(f))))
 
 
-def consistent_factor(losses: dict[float, Sequence[float]]) -> float:
+def stalled(losses: dict[float, Sequence[float]], start: float | None) -> set[float]:
+    """The factors whose run on some data order ended no lower than ``start`` (the loss at
+    the weights every run starts from; None: not known), or diverged: a rate that made no
+    progress on one order (a trial's SGD run at the rule's rate fell back to chance, 2.31,
+    on one order, and was kept for beating 0.5x on the other by 5%)."""
+    return {f for f, v in losses.items()
+            if any(not math.isfinite(x) or (start is not None and x >= start) for x in v)}
+
+
+def consistent_factor(losses: dict[float, Sequence[float]],
+                      start: float | None = None) -> float:
     """The factor chosen from each factor's losses per data order (the orders paired):
     :func:`best_factor` of the means, stepped back towards the rule's (1) while not every
     data order agrees that it beats its neighbour towards 1. A rate is moved off the
-    rule's only as far as the evidence is consistent: with 2 data orders, a sign test."""
-    f = best_factor({k: statistics.fmean(v) for k, v in losses.items()})
+    rule's only as far as the evidence is consistent: with 2 data orders, a sign test.
+    A factor that :func:`stalled` on some order is chosen only when every one did, and
+    the step back never goes to one."""
+    failed = stalled(losses, start)
+    steady = {k: v for k, v in losses.items() if k not in failed} or losses
+    f = best_factor({k: statistics.fmean(v) for k, v in steady.items()})
     while f != 1.0:
         toward = f / 2 if f > 1 else f * 2
-        if toward not in losses:
+        if toward not in losses or (toward in failed and f not in failed):
             break
         if all(a < b for a, b in zip(losses[f], losses[toward], strict=True)):
             break
@@ -872,6 +886,9 @@ class _LrWalk:
         self.base_lrs = [g["lr"] for g in opt.param_groups]
         self.eval_idx = evaluation_subset(len(job), Seeds(options.seed).evaluation_subset)
         self.scales = cooldown_scales(options.steps, options.cooldown)
+        # every run starts here: a run that ends no lower made no progress (stalled)
+        self.start_loss = evaluate_loss(job, self.eval_idx,
+                                        chunk=options.micro_batch or options.batch_size)
         self.tried: dict[float, float] = {}
         self.trials: list[LrTrial] = []
         self.examples = 0
@@ -904,7 +921,7 @@ class _LrWalk:
                                    losses=tuple(losses), seconds=now() - began))
 
     def chosen(self) -> float:
-        return consistent_factor({t.factor: t.losses for t in self.trials})
+        return consistent_factor({t.factor: t.losses for t in self.trials}, self.start_loss)
 
     def result(self, stopped: str) -> LrSearch:
         o = self.options
@@ -914,4 +931,5 @@ class _LrWalk:
             lr_rule=o.lr_rule, factor=f, learning_rate=o.rule_lr * f, steps=o.steps,
             cooldown=o.cooldown, repeats=o.repeats, trials=tuple(self.trials),
             examples=self.examples, seconds=now() - self.start,
-            stopped=stopped, micro_batch=o.micro_batch), lowest_mean=best_factor(self.tried))
+            stopped=stopped, micro_batch=o.micro_batch, start_loss=self.start_loss),
+            lowest_mean=best_factor(self.tried))

@@ -651,6 +651,9 @@ class LrSearch:
         notes: sentences for people (written by ``bsfind.wording``).
         micro_batch: the examples per forward and backward when the batch did not fit
             in one (each step accumulated them); None: one per step.
+        start_loss: the loss at the weights every run starts from, on the same
+            examples as the runs' (None: not measured, or out of memory); a run that
+            ends no lower made no progress.
     """
 
     batch_size: int
@@ -668,3 +671,4 @@ class LrSearch:
     stopped: str
     notes: tuple[str, ...] = ()
     micro_batch: int | None = None
+    start_loss: float | None = None

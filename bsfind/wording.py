@@ -869,6 +869,13 @@ def describe_lr_search(r: LrSearch, lowest_mean: float | None = None) -> LrSearc
         if not math.isfinite(t.loss):
             notes.append(f"{t.factor:g}x the rule's learning rate ({t.learning_rate:.3g}) "
                          "diverged")
+        elif r.start_loss is not None and (no := [
+                k for k, x in enumerate(t.losses, 1) if x >= r.start_loss]):
+            notes.append(
+                f"{t.factor:g}x the rule's learning rate ({t.learning_rate:.3g}) made no "
+                f"progress on data order {', '.join(map(str, no))} of {len(t.losses)} "
+                f"(loss {', '.join(f'{t.losses[k - 1]:.3g}' for k in no)} from "
+                f"{r.start_loss:.3g} where the runs start): not chosen while another rate did")
     if r.stopped == "diverged":
         lowest = min(t.factor for t in r.trials)
         notes.append(f"every learning rate tried diverged, down to {lowest:g}x the rule's: "

@@ -254,7 +254,10 @@ def test_the_loss_is_read_after_the_cooldown() -> None:
     job = tiny_job()
     opt = job.make_optimizer(1e-2)
     options = dataclasses.replace(OPTIONS, repeats=1, max_factor=2.0)
+    idx = evaluation_subset(len(job), Seeds(0).evaluation_subset)
+    start = evaluate_loss(job, idx, chunk=16)
     r = branches.measure_lr(job, options, Deadline.after(60), opt)
+    assert r.start_loss == start  # where every run starts, on the same examples
     first = r.trials[0]
     assert first.factor == 1.0
     sampler = EpochSampler(len(job), 16, torch.Generator().manual_seed(Seeds(0).branch(0, 0)))
@@ -262,7 +265,6 @@ def test_the_loss_is_read_after_the_cooldown() -> None:
         for g in opt.param_groups:
             g["lr"] = 2e-2 * s
         training_step(job, opt, sampler.next(), check=False)
-    idx = evaluation_subset(len(job), Seeds(0).evaluation_subset)
     assert first.loss == pytest.approx(evaluate_loss(job, idx, chunk=16))
 
 
@@ -573,6 +575,33 @@ def test_a_rate_stepped_back_is_said() -> None:
         examples=0, seconds=0.0, stopped="found"), lowest_mean=4.0)
     assert any("4x the rule's had the lowest mean loss, but not on every data order" in n
                and "2x kept" in n for n in r.notes)
+
+
+def test_a_rate_that_made_no_progress_on_one_data_order_is_not_chosen() -> None:
+    """A trial (SGD, momentum 0.9): the rule's rate fell back to chance (2.309, from 2.30)
+    on one data order and beat 0.5x by 5% on the other, so the sign test kept it; trained
+    at it, the run ended at twice the baseline's loss, at 0.5x at 0.001."""
+    from bsfind.results import LrTrial
+    from bsfind.wording import describe_lr_search
+
+    losses = {1.0: (2.309, 0.384), 0.5: (0.501, 0.405)}
+    assert branches.consistent_factor(losses) == 1.0  # without the start: as before
+    assert branches.consistent_factor(losses, start=2.30) == 0.5
+    assert branches.stalled(losses, 2.30) == {1.0}
+    # every rate stalled: the sign test as before; a diverged one stalled too
+    assert branches.consistent_factor(losses, start=0.2) == 1.0
+    assert branches.stalled({1.0: (math.inf, 0.3), 2.0: (0.2, 0.3)}, None) == {1.0}
+    # the step back stops short of a stalled rate, and goes on between steady ones
+    assert branches.consistent_factor(
+        {1.0: (2.4, 0.3), 0.5: (0.35, 0.31), 0.25: (0.34, 0.32)}, start=2.3) == 0.5
+    trials = tuple(LrTrial(f, 0.2 * f, sum(v) / 2, v) for f, v in losses.items())
+    r = describe_lr_search(LrSearch(
+        batch_size=80, step=0, rule_learning_rate=0.2, lr_rule="mccandlish", factor=0.5,
+        learning_rate=0.1, steps=32, cooldown=16, repeats=2, trials=trials, examples=0,
+        seconds=0.0, stopped="found", start_loss=2.30), lowest_mean=0.5)
+    assert r.notes == ("1x the rule's learning rate (0.2) made no progress on data order 1 "
+                       "of 2 (loss 2.31 from 2.3 where the runs start): not chosen while "
+                       "another rate did",)
 
 
 # --------------------------------------------------------------------------- accumulation
