@@ -84,8 +84,11 @@ SMALL_PROBLEM = 64
 # warm-up for an 8k batch (32x their 256 baseline); 8x is where the linear
 # rule's first-step LR jump starts to be large enough to diverge early.
 WARMUP_GROWTH = 8.0
-# ... over this many epochs (Goyal et al. 2017 use 5 epochs of linear warm-up).
+# ... over this many epochs (Goyal et al. 2017 use 5 epochs of linear warm-up) ...
 WARMUP_EPOCHS = 5
+# ... and at most this share of the run's steps: theirs, 5 of 90 epochs (a trial's
+# 2-epoch run was told to warm up over 235 steps of its 228).
+WARMUP_SHARE = WARMUP_EPOCHS / 90
 
 # Never walk more accumulation pieces than this in one search (a guard for
 # pathological inputs such as t0 ~ 0 with a 1-example memory limit, where
@@ -690,7 +693,7 @@ class Facts:
             is unbounded above (the plausible range is clipped there).
         optimum_clipped: the continuous optimum reached the dataset size.
         warmup_steps: steps of a learning-rate warm-up at the recommended batch
-            (WARMUP_EPOCHS epochs) when the batch grows more than WARMUP_GROWTH×.
+            (:func:`warmup_steps`) when the batch grows more than WARMUP_GROWTH×.
     """
 
     sync_source: SyncSource = "one device"
@@ -947,6 +950,19 @@ def frontier(inputs: AdvisorInputs, model: WallClock, max_gpus: int, sync: float
     return tuple(rows)
 
 
+def warmup_steps(inputs: AdvisorInputs, batch: int, ratio: float) -> int | None:
+    """Steps of the learning-rate warm-up at ``batch`` (``ratio``: its steps over the
+    baseline's), when it grows more than WARMUP_GROWTH× over the baseline: WARMUP_EPOCHS
+    epochs, at most WARMUP_SHARE of the planned run's steps (when it has a plan)."""
+    if batch <= WARMUP_GROWTH * inputs.baseline_batch:
+        return None
+    epochs = WARMUP_EPOCHS * math.ceil(inputs.dataset_size / batch)
+    if inputs.training_examples is None:
+        return epochs
+    run = math.ceil(inputs.training_examples / inputs.baseline_batch * ratio)
+    return max(1, min(epochs, math.ceil(WARMUP_SHARE * run)))
+
+
 def absolute_prediction(inputs: AdvisorInputs, model: WallClock, rec: Candidate
                         ) -> AbsolutePrediction | None:
     """Hours and cost of the planned examples at the recommendation and at the baseline."""
@@ -1002,8 +1018,7 @@ def advise(inputs: AdvisorInputs, max_gpus: int | None = None) -> Advice:
         ci_unbounded=math.isinf(ci.high),
         optimum_clipped=(model is not None and optimum is not None and optimum >= cap
                          and inputs.b_n < math.inf),
-        warmup_steps=(WARMUP_EPOCHS * math.ceil(cap / batch)
-                      if batch > WARMUP_GROWTH * b0 else None),
+        warmup_steps=warmup_steps(inputs, batch, rec_row.steps_ratio),
         range_from_timing=widened,
     )
     time_ratio = rec_row.time_ratio if model is not None else None

@@ -342,6 +342,25 @@ def test_warmup_iff_batch_grows_more_than_8x() -> None:
     assert advise(inputs(baseline_batch=128)).recommendation.warmup is None  # 4.9x
 
 
+def test_the_warmup_is_5_epochs_and_at_most_a_18th_of_a_planned_run() -> None:
+    """Goyal et al.: 5 epochs of a 90-epoch run. A trial's 2-epoch run was told to warm up
+    over 235 steps of its 228. Noise-only advice at B_n = 520 (520 > 8 × 64), 10⁶ examples
+    a epoch: 5 epochs are 5·⌈10⁶/520⌉ = 9,620 steps; a plan of 2 epochs at 64 takes
+    ⌈2·10⁶/64 · S(520)/S(64)⌉ steps at 520, whose 18th is the warm-up."""
+    from bsfind.advisor import steps_ratio
+
+    noise = dict(timing=None, b_n=520.0, b_n_ci=Interval(400, 600))
+    rec = advise(inputs(**noise)).recommendation
+    assert rec.warmup_steps == 9_620
+    for epochs in (2, 90, 200):
+        rec = advise(inputs(**noise, training_examples=epochs * 10**6)).recommendation
+        run = math.ceil(epochs * 10**6 / 64 * steps_ratio(520, 64, 520.0))
+        assert rec.warmup_steps == min(9_620, math.ceil(run * 5 / 90))
+        assert f"over the first {rec.warmup_steps:,} steps at batch 520" in (rec.warmup or "")
+    assert advise(inputs(**noise, training_examples=2 * 10**6)).recommendation.warmup_steps \
+        == math.ceil(math.ceil(2 * 10**6 / 64 * steps_ratio(520, 64, 520.0)) / 18)
+
+
 def test_predicted_hours_and_money() -> None:
     """6.4M planned examples at B0 = 64 are 100,000 baseline steps.
 
