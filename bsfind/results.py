@@ -10,6 +10,7 @@ Each measured number says where it came from (``source``: "measured" or
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -26,6 +27,10 @@ class Interval:
     @property
     def bounded(self) -> bool:
         return math.isfinite(self.low) and math.isfinite(self.high)
+
+    def __iter__(self) -> Iterator[float]:
+        """``low, high = est.ci95``, as a pair unpacks."""
+        return iter((self.low, self.high))
 
     def as_list(self) -> list[float | None]:
         """JSON-friendly form: an unbounded side becomes ``None``."""

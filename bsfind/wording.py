@@ -589,7 +589,7 @@ def check_message(*, within: bool, baseline: int, recommended: int, ratio: float
     what = (f"; the recommendation is predicted to take {time_ratio:.2f}x the baseline's time"
             f" and {cost_ratio:.2f}x its cost" if time_ratio is not None
             and cost_ratio is not None else "")
-    return (f"baseline batch {baseline} is {ratio:.1f}x {direction} the recommended "
+    return (f"baseline batch {baseline} is {ratio:.3g}x {direction} the recommended "
             f"{recommended} (tolerance {tolerance:g}x){what}{lr}")
 
 

@@ -692,3 +692,9 @@ def test_a_batchnorm_floor_far_above_the_noise_scale_says_so() -> None:
     # without BatchNorm the advice can go lower, and says so itself
     assert batchnorm_floor_note(dataclasses.replace(bn, norm_batch=None), 512) is None
 
+
+
+def test_an_interval_unpacks_as_low_high() -> None:
+    """A trial: ``lo, hi = est.ci95`` raised TypeError."""
+    low, high = Interval(3.0, math.inf)
+    assert (low, high) == (3.0, math.inf) and list(Interval(1.0, 2.0)) == [1.0, 2.0]

@@ -41,6 +41,25 @@ def test_recommend_json_has_every_documented_key(digits_cnn_doc: dict) -> None:
     assert rec["batch_size"] >= 1 and rec["learning_rate"] > 0
 
 
+def _readme_json_fields() -> dict[str, set[str]]:
+    """README's "JSON fields" table: the names each `prefix.{a,b,...}` row lists."""
+    import re
+
+    text = (ROOT / "README.md").read_text().split("## JSON fields", 1)[1].split("\n## ", 1)[0]
+    return {m[1]: set(m[2].replace("[]", "").split(","))
+            for m in re.finditer(r"^\| `(\w+)\.\{([\w,\[\]]+)\}`", text, re.M)}
+
+
+def test_every_json_field_recommend_writes_is_in_the_readme(digits_cnn_doc: dict) -> None:
+    """A CI user's trial found 15 fields the README's table did not list."""
+    documented = _readme_json_fields()
+    for section in ("noise_scale", "memory", "timing", "recommendation", "lr_search",
+                    "trajectory"):
+        written = digits_cnn_doc[section]
+        assert written is not None, section
+        assert set(written) <= documented[section], (section, set(written) - documented[section])
+
+
 def test_recommend_measures_memory_and_timing(digits_cnn_doc: dict) -> None:
     mem, tim = digits_cnn_doc["memory"], digits_cnn_doc["timing"]
     assert mem["source"] == "predicted"  # CPU: counted bytes, not a CUDA measurement
