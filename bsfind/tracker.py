@@ -618,6 +618,12 @@ def resumed(saved: dict[str, Any] | None, global_step: int, callback: str) -> Re
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{callback}: the checkpoint's bsfind state is unreadable ({exc}): "
                          "resume from a checkpoint this callback saved") from None
+    if global_step == 0 and step > 0:
+        warnings.warn(
+            f"{callback}: the trainer starts at step 0, but the callback holds a "
+            f"checkpoint's counts at step {step}: they are not used, and the tracker counts "
+            "from 0", stacklevel=3)
+        return Resumed()
     if step != global_step:
         warnings.warn(
             f"{callback}: the checkpoint's bsfind counts are at step {step}, the trainer "
@@ -703,7 +709,8 @@ class Tracker:
             taken, for a run resumed from a checkpoint: the counts go on from there, and
             ``log`` keeps its records of the steps before ``step`` and is appended to
             (the records of steps past the checkpoint, which the resumed run trains
-            again, are dropped), so that the log reads as one run.
+            again, are dropped), so that the log reads as one run. Under DDP every
+            rank passes the same ``step`` (rank 0 checks the log and tells the others).
 
     Raises:
         ValueError: bad arguments, no trainable parameters, or several processes

@@ -367,6 +367,9 @@ def test_a_callbacks_checkpoint_state_reads_back_through_json() -> None:
     with pytest.warns(UserWarning, match="Monitor: training resumed at step 7 from a "
                                          "checkpoint without bsfind's counts"):
         assert resumed(None, 7, "Monitor").step == 0
+    with pytest.warns(UserWarning, match="the trainer starts at step 0, but the callback "
+                                         "holds a checkpoint's counts at step 5"):
+        assert resumed(saved, 0, "Monitor") == resumed(None, 0, "Monitor")
     with pytest.warns(UserWarning, match="counts are at step 5, the trainer resumes at "
                                          "step 6: the tracker goes on from step 5"):
         assert resumed(saved, 6, "Monitor").step == 5

@@ -117,6 +117,12 @@ class NoiseScaleMonitor(Callback):
         self._saved: dict[str, Any] | None = None  # the checkpoint's state (load_state_dict)
 
     # -- checkpoints ------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        # one per metric prefix and log: two monitors in one Trainer keep their own state
+        # (Lightning refuses two stateful callbacks with the same key)
+        return self._generate_state_key(prefix=self.prefix, log=str(self.options["log"]))
+
     def state_dict(self) -> dict[str, Any]:
         """Saved in Lightning's checkpoints: the tracker's counts and the doublings made."""
         return callback_state(self.tracker, self.doublings)
@@ -161,6 +167,12 @@ class NoiseScaleMonitor(Callback):
         if self.tracker is not None:
             self.tracker.close()
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # validate/test with a checkpoint load this state too, and a fit can end before
+        # on_train_start: the state must not carry over to a later fresh fit (a review's
+        # validate-then-fit counted on from the checkpoint)
+        self._saved = None
+
     # -- every micro-batch --------------------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
@@ -185,9 +197,13 @@ class NoiseScaleMonitor(Callback):
             return
         acc = trainer.accumulate_grad_batches
         n = trainer.num_training_batches
-        # Lightning steps after every acc-th batch of an epoch and after its last batch.
-        last = (self._batch_idx + 1) % acc == 0 or (
-            math.isfinite(n) and self._batch_idx + 1 >= n)
+        # Lightning steps after every acc-th batch of an epoch and after its last batch
+        # (of a loader without a length, known from its data fetcher: a review's iterable
+        # loader counted 6 steps of Lightning's 8 in 2 epochs)
+        progress = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "batch_progress", None)
+        last = ((self._batch_idx + 1) % acc == 0
+                or (math.isfinite(n) and self._batch_idx + 1 >= n)
+                or bool(getattr(progress, "is_last_batch", False)))
         self._stepped = last
         self._micros += 1
         if last:

@@ -33,12 +33,15 @@ scales the learning rate and the scheduler's base rates by the rule of
 
 The Trainer's checkpoints keep the callback's state (the tracker's step and example
 counts, and the doublings made) in ``trainer_state.json``, under ``stateful_callbacks``
-as ``"bsfind"``: a run resumed with ``trainer.train(resume_from_checkpoint=...)`` goes
-on counting from the checkpoint, its ``log_path`` keeps the records before it
-(:class:`~bsfind.tracker.Tracker`'s ``step``/``examples``), and the accumulation the
-doublings left is set again (the checkpoint's learning rates were scaled for it). The
-entry is not a callback the Trainer can rebuild: with
-``restore_callback_states_from_checkpoint=True`` it logs that it ignores it.
+as ``"bsfind"`` (``"bsfind:<prefix>"`` for another ``prefix``): a run resumed with
+``trainer.train(resume_from_checkpoint=...)`` goes on counting from the checkpoint,
+its ``log_path`` keeps the records before it (:class:`~bsfind.tracker.Tracker`'s
+``step``/``examples``), and the accumulation the doublings left is set again (the
+checkpoint's learning rates were scaled for it; but the Trainer finds its place in the
+data from the step count at the configured accumulation, so a run resumed after a
+doubling trains again part of what it trained, up to whole epochs). The entry is not a
+callback the Trainer can rebuild: with ``restore_callback_states_from_checkpoint=True``
+it logs that it ignores it.
 
 Needs ``pip install 'bsfind[transformers]'`` (transformers and accelerate).
 """
@@ -73,7 +76,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 
-STATE_KEY = "bsfind"  # the callback's entry in TrainerState.stateful_callbacks
+def state_key(prefix: str) -> str:
+    """The callback's entry in TrainerState.stateful_callbacks: one per metric prefix, so
+    that two callbacks keep their own (a review: the second overwrote the first's)."""
+    return "bsfind" if prefix == "bsfind/" else f"bsfind:{prefix}"
 
 
 def _stateful(state: Any) -> dict[str, Any]:
@@ -201,7 +207,7 @@ class NoiseScaleCallback(TrainerCallback):
         # AcceleratedOptimizer holds the GradScaler of fp16 training.
         scaler = getattr(optimizer, "scaler", None)
         self._token_scale = token_scale(args)
-        saved = _stateful(state).get(STATE_KEY)
+        saved = _stateful(state).get(state_key(self.prefix))
         start = resumed(saved if isinstance(saved, dict) else None, state.global_step,
                         "NoiseScaleCallback")
         self.doublings = list(start.doublings)
@@ -271,7 +277,7 @@ class NoiseScaleCallback(TrainerCallback):
                     control: TrainerControl, **kwargs: Any) -> None:
         # Before the Trainer saves a checkpoint at this step (it writes stateful_callbacks
         # into trainer_state.json as they are; a plain dict is kept as it is).
-        _stateful(state)[STATE_KEY] = callback_state(self.tracker, self.doublings)
+        _stateful(state)[state_key(self.prefix)] = callback_state(self.tracker, self.doublings)
 
     # -- logs ---------------------------------------------------------------------------------
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,

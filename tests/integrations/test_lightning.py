@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -285,3 +286,55 @@ def test_a_resumed_fit_keeps_the_accumulation_its_doublings_left(tmp_path: Path)
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(lr)
     assert again.tracker is not None and again.tracker.step == 36 + 12 + 6
     assert [r.b_big for r in again.tracker.records] == [64] * 12 + [128] * 6
+
+
+def test_two_monitors_keep_their_own_state_and_validate_leaves_none_behind(
+        tmp_path: Path) -> None:
+    """A review: two monitors in one Trainer failed (one state key for both), and a
+    validate with a checkpoint left its counts in the monitor, which a later fresh fit
+    then resumed from (15 steps for 5)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    first, second = NoiseScaleMonitor(every=1), NoiseScaleMonitor(every=2, prefix="b/")
+    saver = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=10)
+    L.Trainer(accelerator="cpu", devices=1, callbacks=[first, second, saver], max_steps=10,
+              logger=False, enable_progress_bar=False, enable_model_summary=False,
+              ).fit(Classifier(), _loader(32, 200))
+    saved = torch.load(tmp_path / "epoch=0-step=10.ckpt", weights_only=False)["callbacks"]
+    states = {k: v for k, v in saved.items() if k.startswith("NoiseScaleMonitor")}
+    assert sorted((v["step"], v["examples"]) for v in states.values()) == [(10, 320)] * 2
+    assert len(states) == 2
+    class Validated(Classifier):
+        def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor],
+                            idx: int) -> torch.Tensor:
+            return self.training_step(batch, idx)
+
+    monitor = NoiseScaleMonitor(every=1)
+    trainer = _trainer(monitor, max_steps=5, logger=False)
+    trainer.validate(Validated(), _loader(32, 4), ckpt_path=tmp_path / "epoch=0-step=10.ckpt",
+                     verbose=False)
+    trainer = _trainer(monitor, max_steps=5, logger=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Classifier(), _loader(32, 200))
+    assert not [w for w in caught if "NoiseScaleMonitor" in str(w.message)]
+    assert monitor.tracker is not None and (monitor.tracker.step, monitor.tracker.examples) == (
+        5, 160)
+
+
+def test_a_loader_without_a_length_steps_at_each_epochs_last_batch() -> None:
+    """An iterable loader (no len) of 10 batches an epoch under accumulate_grad_batches=3:
+    Lightning steps after batches 3, 6, 9 and 10 of each epoch; the callback read only
+    the first three (a review: 6 steps of Lightning's 8 in 2 epochs, 304 examples of 320)."""
+    class Batches(torch.utils.data.IterableDataset):
+        def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            x, y = tracking.problem()
+            for i in range(10):
+                yield x[16 * i:16 * (i + 1)], y[16 * i:16 * (i + 1)]
+
+    monitor = NoiseScaleMonitor(every=1, window=10_000)
+    trainer = _trainer(monitor, max_epochs=2, logger=False, accumulate_grad_batches=3)
+    trainer.fit(Classifier(), torch.utils.data.DataLoader(Batches(), batch_size=None))
+    assert trainer.global_step == 8
+    assert monitor.tracker is not None
+    assert (monitor.tracker.step, monitor.tracker.examples) == (8, 320)

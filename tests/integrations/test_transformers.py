@@ -304,3 +304,19 @@ def test_a_resumed_train_keeps_the_accumulation_its_doublings_left(tmp_path: Pat
     # finds its place in the data from global_step at the configured accumulation (1)
     recs = again.tracker.records
     assert recs and {r.b_big for r in recs} == {128} and recs[0].step == 48
+
+
+def test_two_callbacks_keep_their_own_checkpoint_state(tmp_path: Path) -> None:
+    """A review: a second callback's entry overwrote the first's (its doublings lost)."""
+    import json
+
+    args = _args(tmp_path, per_device_train_batch_size=32, max_steps=10, save_strategy="steps",
+                 save_steps=10)
+    trainer = Trainer(model=Classifier(), args=args, train_dataset=Examples())
+    NoiseScaleCallback.attach(trainer, every=1)
+    NoiseScaleCallback.attach(trainer, every=2, prefix="b/")
+    trainer.train()
+    state = json.loads((tmp_path / "checkpoint-10" / "trainer_state.json").read_text())
+    entries = state["stateful_callbacks"]
+    assert entries["bsfind"]["step"] == entries["bsfind:b/"]["step"] == 10
+    assert entries["bsfind"]["examples"] == entries["bsfind:b/"]["examples"] == 320
