@@ -54,6 +54,7 @@ from bsfind.tracker import (
     callback_options,
     callback_state,
     doubling_now,
+    epoch_sampled_size,
     resumed,
     scale_learning_rate,
 )
@@ -154,7 +155,9 @@ class NoiseScaleMonitor(Callback):
             trainer.accumulate_grad_batches = start.accumulation
         try:
             self.tracker = Tracker(model, scaler=scaler, step=start.step,
-                                   examples=start.examples, **self.options)
+                                   examples=start.examples,
+                                   dataset_size=epoch_sampled_size(trainer.train_dataloader),
+                                   **self.options)
         except RuntimeError as exc:  # DDP allows one comm hook
             if "comm_hook" in str(exc) or "communication hook" in str(exc).lower():
                 raise RuntimeError(

@@ -62,6 +62,7 @@ from bsfind.tracker import (
     callback_options,
     callback_state,
     doubling_now,
+    epoch_sampled_size,
     resumed,
     scale_learning_rate,
 )
@@ -215,7 +216,9 @@ class NoiseScaleCallback(TrainerCallback):
             # the checkpoint's learning rates were scaled for this accumulation
             args.gradient_accumulation_steps = start.accumulation
         self.tracker = Tracker(tracked, scaler=scaler, step=start.step,
-                               examples=start.examples, **self.options)
+                               examples=start.examples,
+                               dataset_size=epoch_sampled_size(kwargs.get("train_dataloader")),
+                               **self.options)
         self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState,

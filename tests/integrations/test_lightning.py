@@ -107,6 +107,7 @@ def test_metrics_reach_the_loggers_and_are_exact(tmp_path: Path) -> None:
     exact = tracking.exact_b_simple()
     rec = monitor.tracker.records[-1] if monitor.tracker else None
     assert rec is not None and rec.method == "per-example" and rec.b_big == 64
+    assert monitor.tracker is not None and monitor.tracker.dataset_size is None  # replacement
     logged = [m for _, m in memory.rows if "bsfind/b_simple" in m]
     assert len(logged) == 20  # one row per log_every_n_steps
     assert {"bsfind/grad_norm_sq", "bsfind/trace_sigma", "bsfind/b_simple_low",
@@ -336,5 +337,5 @@ def test_a_loader_without_a_length_steps_at_each_epochs_last_batch() -> None:
     trainer = _trainer(monitor, max_epochs=2, logger=False, accumulate_grad_batches=3)
     trainer.fit(Classifier(), torch.utils.data.DataLoader(Batches(), batch_size=None))
     assert trainer.global_step == 8
-    assert monitor.tracker is not None
+    assert monitor.tracker is not None and monitor.tracker.dataset_size is None
     assert (monitor.tracker.step, monitor.tracker.examples) == (8, 320)

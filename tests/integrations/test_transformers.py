@@ -89,6 +89,8 @@ def test_metrics_reach_every_logger_and_are_exact(tmp_path: Path) -> None:
     assert callback.tracker is not None
     rec = callback.tracker.records[-1]
     assert rec.method == "per-example" and rec.b_big == 64 and rec.step == 199
+    # the Trainer's loader shuffles without replacement: corrected for its 2,048 examples
+    assert callback.tracker.dataset_size == 2048
     assert rec.b_simple == pytest.approx(exact, rel=REL)  # read before the Trainer clipped
     seen = [logs for logs in reporter.logs if "bsfind/b_simple" in logs]
     assert len(seen) == 21  # 20 logging steps and the end of training
