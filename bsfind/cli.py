@@ -476,7 +476,8 @@ def render_schedule(doc: dict[str, Any]) -> None:
         t.add_row(f"{p['start_step']:,}", f"{p['start_examples']:,}", f"{p['batch_size']:,}",
                   f"{p['per_device_batch_size']} × {p['grad_accumulation']}",
                   f"{p['learning_rate']:.3g}", _fmt(p["b_n"]), f"{p['steps']:,}",
-                  "extrapolated" if p["extrapolated"] else "")
+                  ", ".join(w for w, on in (("extrapolated", p["extrapolated"]),
+                                            ("rate held", p.get("lr_held"))) if on))
     print_table(t, ("from examples", "B_n there", "per device × accum", "steps", "note"))
     ramp = ", ".join(f"({r['from_step']}, {r['batch_size']}, {r['learning_rate']:.3g})"
                      for r in s["ramp"])
@@ -510,6 +511,10 @@ def render_schedule(doc: dict[str, Any]) -> None:
     )
     from bsfind.wording import schedule_examples
 
+    if any(p.get("lr_held") for p in s["phases"]):
+        from bsfind.wording import SCHEDULE_LR_HELD
+
+        stdout.print("  " + SCHEDULE_LR_HELD, markup=False)
     more = schedule_examples(sum(p["steps"] * p["batch_size"] for p in s["phases"]),
                              s["horizon_examples"])
     if more:

@@ -148,6 +148,13 @@ def noise_warnings(used: NoiseEstimate, trajectory: Trajectory | None, *, datase
 SCHEDULE_EXAMPLES_NOTE = 1.5
 
 
+# A phase whose rate never_falling held at the previous phase's (schedule.never_falling).
+SCHEDULE_LR_HELD = (
+    "rate held: the rule's rate from the baseline, at the phase's own B_n, is lower there "
+    "(below the baseline batch it falls at any one batch as B_n grows); the schedule keeps "
+    "the previous phase's rate so that it never falls as the batch grows")
+
+
 def schedule_examples(total: int, horizon: int) -> str | None:
     """The schedule's examples when well above the baseline run's (its fewer, larger steps
     make the same progress with more examples), else None."""

@@ -202,6 +202,38 @@ def test_the_schedule_carries_the_correction() -> None:
     assert [p.batch_size for p in out.phases] == [64, 128, 256]
 
 
+def test_the_corrected_schedule_corrects_the_rules_rates_and_never_falls() -> None:
+    """The correction starts from the rule's rates (``rule_learning_rates``), not from
+    rates the schedule held; a corrected rate that falls is held in turn. Rule rates
+    0.01, 0.009, 0.008 at 64, 128, 256 (a rule falling below B0 as B_n grows), measured
+    4x the rule's 0.02 at 256 (p = 0.5): lr0's own error is 2 (test above); each
+    phase's rule rate lies at or below lr0, u = 0: 2x the rule's, 0.02, 0.018, 0.016;
+    held: 0.02 throughout."""
+    from bsfind.schedule import Growth, Phase, Schedule, with_measured_lr
+
+    phases = tuple(Phase(batch_size=b, start_step=s, start_examples=s * b, steps=10,
+                         learning_rate=0.01, grad_accumulation=1, per_device_batch_size=b,
+                         b_n=50.0, baseline_examples=0.0, extrapolated=False,
+                         lr_held=s > 0)
+                   for b, s in ((64, 0), (128, 10), (256, 20)))
+    s = Schedule(phases=phases, growth=Growth(a=1.0, p=0.5, e_lo=1.0, e_hi=2.0, r2=1.0,
+                                              points=((1.0, 1.0), (2.0, 1.4))),
+                 horizon_examples=1000, horizon_source="training", measured_examples=500,
+                 seconds=1.0, baseline_seconds=2.0, best_constant_batch=128,
+                 best_constant_seconds=1.5, lr_rule="mccandlish-sqrt",
+                 rule_learning_rates=(0.01, 0.009, 0.008))
+    out = with_measured_lr(s, baseline_batch=64, baseline_lr=0.01, batch=256, factor=4.0,
+                           rule_at=lambda b, b_n: 0.01 * (b / 64) ** 0.5)
+    assert [p.learning_rate for p in out.phases] == pytest.approx([0.02, 0.02, 0.02])
+    assert [p.lr_held for p in out.phases] == [False, True, True]
+    # rising rule rates: the correction as before, nothing held
+    s = dataclasses.replace(s, rule_learning_rates=(0.01, 0.014, 0.02))
+    out = with_measured_lr(s, baseline_batch=64, baseline_lr=0.01, batch=256, factor=4.0,
+                           rule_at=lambda b, b_n: 0.01 * (b / 64) ** 0.5)
+    assert [p.learning_rate for p in out.phases] == pytest.approx([0.02, 0.0392, 0.08])
+    assert not any(p.lr_held for p in out.phases)
+
+
 # --------------------------------------------------------------------------- the runs
 
 

@@ -183,6 +183,24 @@ def test_doublings_where_the_fitted_noise_scale_crosses_2cB2_over_t0() -> None:
     assert s.lr_rule == "mccandlish-sqrt"
 
 
+def test_the_rate_never_falls_as_the_batch_grows_below_the_baseline() -> None:
+    """The same doublings (48, 96, 192, 384 at B_n 10, 23.04, 92.16, 368.64) under a
+    baseline of 4,096 at lr0 = 1e-3. The rule, 1e-3·sqrt((1 + B_n/4096)/(1 + B_n/B)),
+    falls: 48: sqrt(1.0024414/1.2083333) = 0.910828; 96: sqrt(1.005625/1.24) = 0.900549;
+    192: sqrt(1.0225/1.48) = 0.831191; 384: sqrt(1.09/1.96) = 0.745736 (a trial's ramp
+    fell from 0.00357 to 0.00181 so). Every phase keeps 48's 9.10828e-4."""
+    s = build(inputs(baseline_batch=4096), LINEAR, planned_examples=100_000)
+    assert [p.batch_size for p in s.phases] == [48, 96, 192, 384]
+    assert [p.learning_rate for p in s.phases] == pytest.approx([9.10828e-4] * 4, rel=1e-5)
+    assert [p.lr_held for p in s.phases] == [False, True, True, True]
+    assert s.ramp[3][2] == pytest.approx(9.10828e-4, rel=1e-5)
+    # the rule's own rates are kept for the measured correction
+    assert s.rule_learning_rates == pytest.approx(
+        [9.10828e-4, 9.00549e-4, 8.31191e-4, 7.45736e-4], rel=1e-5)
+    # above the baseline the rule rises: nothing held (the running example's 64)
+    assert not any(p.lr_held for p in build(inputs(), LINEAR, planned_examples=100_000).phases)
+
+
 def _steps_by_hand(b: float, e_from: float, e_to: float, n: int = 200_000) -> float:
     """∫ (1 + B_n/b)/(1 + B_n/64) de / 64 by the midpoint rule, B_n(e) = max(10, e/100)."""
     h = (e_to - e_from) / n
@@ -371,6 +389,32 @@ def test_the_report_says_which_constant_batch_to_take(monkeypatch: pytest.Monkey
     assert "measured up to 500 examples; past it the schedule follows" in printed(96)
     s = dataclasses.replace(s, measured_examples=2000)
     assert "measured up to 2,000 examples, the whole run planned" in printed(96)
+
+
+def test_a_held_rate_is_marked_and_explained(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A phase whose rate was held at the previous phase's says so in its note column,
+    and a line under the table says why; JSON phases carry ``lr_held``."""
+    import io
+
+    from rich.console import Console
+
+    from bsfind import cli
+    from bsfind.report import schedule_dict
+
+    s = build(inputs(baseline_batch=4096), LINEAR, planned_examples=100_000)
+    doc = schedule_dict(s)
+    assert doc is not None
+    assert [p["lr_held"] for p in doc["phases"]] == [False, True, True, True]
+    out = io.StringIO()
+    monkeypatch.setattr(cli, "stdout", Console(file=out, width=400, soft_wrap=True))
+    cli.render_schedule({"command": "recommend", "schedule": doc})
+    text = out.getvalue()
+    assert text.count("rate held") == 4  # three phases and the line under the table
+    assert "never falls as the batch grows" in text
+    out.truncate(0)
+    cli.render_schedule({"command": "recommend",
+                         "schedule": schedule_dict(build(inputs(), LINEAR, 100_000))})
+    assert "rate held" not in out.getvalue()
 
 
 def test_a_schedule_far_above_the_baseline_runs_examples_says_so() -> None:
