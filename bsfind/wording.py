@@ -87,6 +87,19 @@ def num(x: float) -> str:
     return f"{x:,.0f}" if abs(x) >= 10 else f"{x:.3g}"
 
 
+def epochs(x: float) -> str:
+    """"200 epochs", "0.5 epochs", "1,234 epochs", "1 epoch": 3 significant digits below
+    100, whole epochs with thousands separators from 100 up (a general format printed a
+    200-epoch run as "2e+02 epochs")."""
+    if x >= 99.95:
+        text = f"{round(x):,}"
+    elif x > 0:
+        text = f"{x:.{max(0, 2 - math.floor(math.log10(x)))}f}".rstrip("0").rstrip(".")
+    else:
+        text = "0"
+    return f"{text} epoch{'' if text == '1' else 's'}"
+
+
 def secs(s: float) -> str:
     return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"
 
@@ -373,8 +386,7 @@ def trajectory_line(t: Trajectory) -> str:
     """One line: how far the probe run got, the loss, and the noise scale's growth."""
     where = {"along": "trained to", "checkpoints": "measured at checkpoints up to",
              "pinned": "measured at", "log": "tracked up to"}[t.mode]
-    epochs = f"{t.epochs:.2g}" if t.epochs is not None else ""
-    examples = f", {t.examples:,} examples ({epochs} epoch{'' if epochs == '1' else 's'})" if (
+    examples = f", {t.examples:,} examples ({epochs(t.epochs)})" if (
         t.examples is not None and t.epochs is not None) else ""
     at = (f"{where} step {t.steps:,}{examples}" if t.checkpoint is None
           else f"{where} {from_checkpoint(t.checkpoint, t.steps)}{examples if t.steps else ''}")
@@ -552,10 +564,9 @@ def absolute_text(a: AbsolutePrediction) -> str:
     # examples (a review: the examples the same within 1%, the steps halved)
     if a.steps and (a.steps != a.baseline_steps or abs(a.examples - a.training_examples) > max(
             a.batch_size, 0.01 * a.training_examples)):
-        epochs = (f" ({a.epochs:.3g} epoch{'' if f'{a.epochs:.3g}' == '1' else 's'})"
-                  if a.epochs is not None else "")
+        run = f" ({epochs(a.epochs)})" if a.epochs is not None else ""
         text += (f"; the same progress at batch {a.batch_size:,} takes {a.steps:,} optimizer "
-                 f"step{'' if a.steps == 1 else 's'}, {a.examples:,} examples{epochs}: train "
+                 f"step{'' if a.steps == 1 else 's'}, {a.examples:,} examples{run}: train "
                  f"that long, not {a.training_examples:,} examples")
     return text
 

@@ -356,6 +356,30 @@ def test_a_single_checkpoint_is_named_where_steps_are_counted_from(tmp_path: Pat
                                           "after it, 128 examples (0.5 epochs)")
 
 
+def test_epochs_read_as_counts() -> None:
+    """A trial's 200-epoch probe (40,000 examples of a 200-example dataset) printed
+    "(2e+02 epochs)"; the absolute line printed 3 significant digits in a general format,
+    "1.23e+03 epochs" for 1,234."""
+    import dataclasses
+
+    from bsfind import wording
+    from bsfind.results import AbsolutePrediction, Trajectory
+
+    t = Trajectory(mode="along", steps=1250, examples=40_000, epochs=200.0, loss_from=3.65,
+                   loss_to=8.7e-08, b_simple_first=None, b_simple_last=None, moved=True)
+    assert "step 1,250, 40,000 examples (200 epochs);" in wording.trajectory_line(t)
+    t = dataclasses.replace(t, steps=8, examples=100, epochs=0.5)
+    assert "step 8, 100 examples (0.5 epochs);" in wording.trajectory_line(t)
+    t = dataclasses.replace(t, examples=200, epochs=1.0)
+    assert "200 examples (1 epoch);" in wording.trajectory_line(t)
+    a = AbsolutePrediction(training_examples=1000, hours=0.1, baseline_hours=0.2, cost=None,
+                           baseline_cost=None, price_per_hour=None, batch_size=100,
+                           steps=1234, examples=123_400, baseline_steps=100, epochs=1234.4)
+    assert "123,400 examples (1,234 epochs): train" in wording.absolute_text(a)
+    assert [wording.epochs(x) for x in (426.3, 18.15, 4.9, 0.0123)] == [
+        "426 epochs", "18.1 epochs", "4.9 epochs", "0.0123 epochs"]
+
+
 def test_a_checkpoint_that_does_not_match_fails_before_any_is_measured(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The third of model.checkpoints of another model (its keys under 'encoder.'): exit 3
