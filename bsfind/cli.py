@@ -515,6 +515,13 @@ def render_schedule(doc: dict[str, Any]) -> None:
         from bsfind.wording import SCHEDULE_LR_HELD
 
         stdout.print("  " + SCHEDULE_LR_HELD, markup=False)
+    ab, phases = doc.get("absolute") or {}, s["phases"]
+    if (len(phases) == 1 and ab.get("steps") and ab.get("batch_size") == phases[0]["batch_size"]
+            and ab["steps"] != phases[0]["steps"]):
+        from bsfind.wording import schedule_steps_differ
+
+        stdout.print("  " + schedule_steps_differ(ab["batch_size"], phases[0]["steps"],
+                                                  ab["steps"]), markup=False)
     more = schedule_examples(sum(p["steps"] * p["batch_size"] for p in s["phases"]),
                              s["horizon_examples"])
     if more:

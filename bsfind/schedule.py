@@ -382,7 +382,7 @@ def build(inputs: AdvisorInputs, growth: Growth, planned_examples: int | None,
     phases: list[Phase] = []
     steps_of: list[float] = []  # each phase's steps, unrounded
     step = examples = 0
-    total = 0.0
+    total = progress = 0.0  # predicted seconds; steps so far, unrounded
     rule = "none"
     for i, (b, e_start) in enumerate(bounds):
         e_end = bounds[i + 1][1] if i + 1 < len(bounds) else horizon
@@ -394,15 +394,23 @@ def build(inputs: AdvisorInputs, growth: Growth, planned_examples: int | None,
         lr, rule = scaled_lr(inputs.baseline_lr, b0, b, bn, inputs.optimizer_family,
                              inputs.lr_rule)
         phases.append(Phase(
-            batch_size=b, start_step=step, start_examples=examples, steps=round(n),
+            batch_size=b, start_step=step, start_examples=examples,
+            steps=max(1, round(progress + n) - step),
             learning_rate=lr, grad_accumulation=a,
             per_device_batch_size=math.ceil(b / (a * inputs.gpus)), b_n=bn,
             baseline_examples=e_start, extrapolated=e_start > growth.e_hi,
         ))
-        step += round(n)
-        examples += round(n) * b
+        progress += n
+        step += phases[-1].steps
+        examples += phases[-1].steps * b
         total += n * model.step_time(b)
         steps_of.append(n)
+    # each phase ends at the run's step nearest its unrounded end (rounding each phase's
+    # own steps lets their errors add up), the last at the first step past the run's
+    # progress, as the recommendation counts its steps (a trial: 390 steps at batch 56
+    # where the recommendation said 392, partly this)
+    phases[-1] = dataclasses.replace(
+        phases[-1], steps=max(1, math.ceil(progress) - phases[-1].start_step))
     best_b, best_s = best_constant(inputs, growth, horizon,
                                    () if recommended is None else (recommended,))
     schedule = Schedule(

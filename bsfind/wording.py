@@ -168,6 +168,14 @@ SCHEDULE_LR_HELD = (
     "the previous phase's rate so that it never falls as the batch grows")
 
 
+def schedule_steps_differ(batch: int, steps: int, recommended_steps: int) -> str:
+    """A one-phase schedule at the recommended batch counts other steps than the
+    recommendation's line: each reads the noise scale its own way."""
+    return (f"{steps:,} steps at batch {batch:,} here, {recommended_steps:,} in the "
+            "recommendation: it reads one noise scale (where the probes or the log ended) for "
+            "every step, the schedule the growth fitted along the run")
+
+
 def schedule_examples(total: int, horizon: int) -> str | None:
     """The schedule's examples when well above the baseline run's (its fewer, larger steps
     make the same progress with more examples), else None."""

@@ -211,6 +211,49 @@ def _steps_by_hand(b: float, e_from: float, e_to: float, n: int = 200_000) -> fl
     return total * h / 64
 
 
+def test_the_steps_add_up_as_the_recommendations_do() -> None:
+    """A trial's one-phase schedule at the recommended 56 said 390 steps where the
+    recommendation said 392. Flat B_n = 10 over 99,900 planned examples at B0 = 64: one
+    phase at 48, 99,900/64 · (1 + 10/48)/(1 + 10/64) = 1,560.9375 · 3712/3552 = 1,631.25
+    steps; the recommendation counts the first step past that progress, 1,632 (rounding
+    gave 1,631). With doublings (the running example) each phase ends at the step nearest
+    its unrounded end, by hand 38.09, 129.57, 341.50, and the run at 580.91: 581 steps
+    (rounding each phase's own 38.09, 91.48, 211.93, 239.41 gave 580)."""
+    flat = Growth(a=10.0, p=0.0, e_lo=1000.0, e_hi=1000.0, r2=math.nan, points=())
+    s = build(inputs(), flat, planned_examples=99_900)
+    assert [(p.batch_size, p.steps) for p in s.phases] == [(48, 1632)]
+    s = build(inputs(), LINEAR, planned_examples=100_000)
+    assert [p.start_step for p in s.phases][:3] == [0, 38, 130]
+    assert sum(p.steps for p in s.phases) == 581
+
+
+def test_a_one_phase_schedule_says_why_its_steps_differ(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the recommended batch for the whole run, another step count than the
+    recommendation's is explained: they read the noise scale differently."""
+    import io
+
+    from rich.console import Console
+
+    from bsfind import cli
+    from bsfind.report import schedule_dict
+
+    flat = Growth(a=10.0, p=0.0, e_lo=1000.0, e_hi=1000.0, r2=math.nan, points=())
+    doc = schedule_dict(build(inputs(), flat, planned_examples=99_900))
+
+    def printed(batch: int, steps: int) -> str:
+        out = io.StringIO()
+        monkeypatch.setattr(cli, "stdout", Console(file=out, width=400, soft_wrap=True))
+        cli.render_schedule({"command": "recommend", "schedule": doc,
+                             "absolute": {"batch_size": batch, "steps": steps}})
+        return out.getvalue()
+
+    assert ("1,632 steps at batch 48 here, 1,640 in the recommendation: it reads one noise "
+            "scale") in printed(48, 1640)
+    assert "in the recommendation" not in printed(48, 1632)  # they agree
+    assert "in the recommendation" not in printed(56, 1640)  # another batch
+
+
 def test_a_doubling_with_no_step_left_before_the_horizon_is_dropped() -> None:
     """384 would start at 36,864 examples; a horizon 6 examples later leaves it no step
     (about 0.1 of one), so the schedule ends with 192 (a new user saw a 0-step phase)."""
