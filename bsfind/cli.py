@@ -509,32 +509,44 @@ def render_schedule(doc: dict[str, Any]) -> None:
            if s["horizon_examples"] > s["measured_examples"] else ", the whole run planned"),
         markup=False,
     )
-    from bsfind.wording import schedule_examples
+    for line in _schedule_lines(doc, s):
+        stdout.print("  " + line, markup=False)
 
-    if any(p.get("lr_held") for p in s["phases"]):
-        from bsfind.wording import SCHEDULE_LR_HELD
 
-        stdout.print("  " + SCHEDULE_LR_HELD, markup=False)
+def _schedule_lines(doc: dict[str, Any], s: dict[str, Any]) -> list[str]:
+    """The lines under the schedule's table: held rates, the notes, a one-phase schedule's
+    steps against the recommendation's, its examples, and which constant batch to take."""
+    from bsfind.wording import (
+        SCHEDULE_LR_HELD,
+        constant_batches_differ,
+        schedule_examples,
+        schedule_notes,
+        schedule_steps_differ,
+    )
+
+    lines: list[str] = [SCHEDULE_LR_HELD] if any(p.get("lr_held") for p in s["phases"]) else []
+
+    notes = s.get("notes")  # (absent from older cached results)
+    for note in notes if notes is not None else schedule_notes(
+            s["predicted_seconds"], s["best_constant_batch"], s["best_constant_seconds"],
+            s.get("recommended_batch"), s.get("recommended_seconds")):
+        lines.append("note: " + note)
     ab, phases = doc.get("absolute") or {}, s["phases"]
     if (len(phases) == 1 and ab.get("steps") and ab.get("batch_size") == phases[0]["batch_size"]
             and ab["steps"] != phases[0]["steps"]):
-        from bsfind.wording import schedule_steps_differ
-
-        stdout.print("  " + schedule_steps_differ(ab["batch_size"], phases[0]["steps"],
-                                                  ab["steps"]), markup=False)
+        lines.append(schedule_steps_differ(ab["batch_size"], phases[0]["steps"],
+                                           ab["steps"]))
     more = schedule_examples(sum(p["steps"] * p["batch_size"] for p in s["phases"]),
                              s["horizon_examples"])
     if more:
-        stdout.print("  " + more, markup=False)
+        lines.append(more)
     # recommend only: bsfind schedule's recommendation reads the logged run's end, not
     # the probes' (validation.md compared the two for recommend)
     rec = doc.get("recommendation") if doc.get("command") == "recommend" else None
     lo, hi = (rec.get("batch_range") or (rec["batch_size"],) * 2) if rec else (0, 0)
     if rec and not lo <= s["best_constant_batch"] <= hi:  # (within it: they agree)
-        from bsfind.wording import constant_batches_differ
-
-        stdout.print("  " + constant_batches_differ(rec["batch_size"], s["best_constant_batch"]),
-                     markup=False)
+        lines.append(constant_batches_differ(rec["batch_size"], s["best_constant_batch"]))
+    return lines
 
 
 def render_candidates(doc: dict[str, Any]) -> Table:

@@ -95,6 +95,8 @@ def schedule_dict(s: Schedule | None) -> dict[str, Any] | None:
     """The schedule's phases, its ready-to-paste forms and its predicted times."""
     if s is None:
         return None
+    from bsfind.wording import schedule_notes
+
     return {
         "phases": clean(s.phases),
         "ramp": [{"from_step": a, "batch_size": b, "learning_rate": lr} for a, b, lr in s.ramp],
@@ -118,6 +120,8 @@ def schedule_dict(s: Schedule | None) -> dict[str, Any] | None:
         "recommended_seconds": clean(s.recommended_seconds),
         "predicted_time_ratio": s.seconds / s.baseline_seconds if s.baseline_seconds else None,
         "label": "predicted; phases marked extrapolated start past the last measured point",
+        "notes": list(schedule_notes(s.seconds, s.best_constant_batch, s.best_constant_seconds,
+                                     s.recommended_batch, s.recommended_seconds)),
     }
 
 

@@ -168,6 +168,42 @@ SCHEDULE_LR_HELD = (
     "the previous phase's rate so that it never falls as the batch grows")
 
 
+# What docs/validation.md measured of the schedule ("The default advice and the schedule,
+# against the best constant batch"): slower than the best constant batch on all three
+# shipped problems, 2 seeds each, where bsfind predicted it 0-7% faster.
+SCHEDULE_EVIDENCE = (
+    "in docs/validation.md the schedule beat the best constant batch on none of the three "
+    "shipped problems (1.00–1.45× its time, where bsfind predicted it 0–7% faster)")
+# The most the schedule fell behind bsfind's own constant batch there (digits-mlp, seed 1:
+# 0.164 s against 0.127 s): a schedule predicted faster than the constant batch by less
+# than this factor has not been shown to win.
+SCHEDULE_MEASURED_BEHIND = 1.29
+
+
+def schedule_notes(seconds: float, best_batch: int, best_seconds: float,
+                   recommended_batch: int | None, recommended_seconds: float | None
+                   ) -> tuple[str, ...]:
+    """The schedule's caveat: what the evidence shows and, when its predicted gain over
+    the constant batch (the recommendation held constant, else the best constant batch)
+    lies within SCHEDULE_MEASURED_BEHIND, that the constant batch is the safer choice."""
+    held = (recommended_batch is not None and recommended_seconds is not None
+            and math.isfinite(recommended_seconds) and recommended_seconds > 0)
+    batch, constant = ((recommended_batch, recommended_seconds) if held
+                       else (best_batch, best_seconds))
+    assert batch is not None and constant is not None
+    if not (math.isfinite(constant) and constant > 0 and math.isfinite(seconds)) or (
+            seconds * SCHEDULE_MEASURED_BEHIND < constant):
+        return (SCHEDULE_EVIDENCE,)
+    ratio = seconds / constant
+    how = "no faster than" if ratio >= 0.995 else f"only {1 - ratio:.0%} faster than"
+    which = (f"the recommended {batch:,} held constant" if held
+             else f"the best constant batch ({batch:,})")
+    return (SCHEDULE_EVIDENCE,
+            f"here it is predicted {how} {which}, less than the {SCHEDULE_MEASURED_BEHIND}× by "
+            "which it fell behind bsfind's own constant batch there: the constant batch is "
+            "the safer choice")
+
+
 def schedule_steps_differ(batch: int, steps: int, recommended_steps: int) -> str:
     """A one-phase schedule at the recommended batch counts other steps than the
     recommendation's line: each reads the noise scale its own way."""
