@@ -54,7 +54,7 @@ def test_every_json_field_recommend_writes_is_in_the_readme(digits_cnn_doc: dict
     """A CI user's trial found 15 fields the README's table did not list."""
     documented = _readme_json_fields()
     for section in ("noise_scale", "memory", "timing", "recommendation", "lr_search",
-                    "trajectory"):
+                    "trajectory", "schedule"):
         written = digits_cnn_doc[section]
         assert written is not None, section
         assert set(written) <= documented[section], (section, set(written) - documented[section])
