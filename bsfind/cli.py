@@ -413,6 +413,13 @@ def _interval_words(low: float | None, high: float | None) -> str:
     return f"{_fmt(low)}–{_fmt(high)}"
 
 
+# The summary table's "ladder ended" column, by ``branches[].stopped``: the last three
+# cut the ladder short (its read is how far it got).
+LADDER_ENDED = {"failed": "fell behind", "top": "at its top",
+                "budget": "time budget: cut", "out of memory": "memory: cut",
+                "interrupted": "interrupted: cut"}
+
+
 def render_branches(doc: dict[str, Any]) -> None:
     """One table per branch measurement (the ladder), then its summary, rule and notes."""
     from bsfind.wording import BOUND_MARK as mark
@@ -440,20 +447,24 @@ def render_branches(doc: dict[str, Any]) -> None:
     if len(doc.get("branches") or []) > 1:  # the points side by side
         t = Table(title="Local critical batch at each point (measured)", title_justify="left")
         for col in ("step", "examples seen", "local critical batch", "B_crit by the rule",
-                    "B_simple there", "ratio", "training examples"):
-            t.add_column(col, justify="right")
+                    "B_simple there", "ratio", "ladder ended", "training examples"):
+            t.add_column(col, justify="right" if col != "ladder ended" else "left")
         for b in doc["branches"]:
             low, high = b["interval"] or (None, None)
+            # a read the budget, memory or Ctrl-C cut short: how far it got, not a ladder top
+            cut = " (cut)" if b.get("cut_short") and b["critical_batch"] is not None else ""
             t.add_row(
                 f"{b['step']:,}", "—" if b["examples_seen"] is None else f"{b['examples_seen']:,}",
                 "—" if b["critical_batch"] is None
-                else f"{mark.get(b['bound'], '')}{b['critical_batch']:,}",
+                else f"{mark.get(b['bound'], '')}{b['critical_batch']:,}{cut}",
                 _interval_words(low, high),
                 _fmt(b["b_simple"]),
                 "—" if b["ratio_to_b_simple"] is None
                 else f"{mark.get(b['bound'], '')}{b['ratio_to_b_simple']:.2g}x",
+                LADDER_ENDED.get(b["stopped"], b["stopped"]),
                 f"{b['examples']:,}")
-        print_table(t, ("training examples", "examples seen", "B_crit by the rule"))
+        print_table(t, ("training examples", "examples seen", "B_crit by the rule",
+                        "ladder ended"))
     average = doc.get("branch_run_average")
     if average:
         stdout.print(f"Run average: {average['summary']}", markup=False)

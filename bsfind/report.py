@@ -131,6 +131,7 @@ def branch_dict(r: BranchResult) -> dict[str, Any]:
 
     d = clean(r)
     d["start"] = branch_start(r)
+    d["cut_short"] = r.cut_short
     d["ratio_to_b_simple"] = clean(r.ratio_simple)
     d["ratio_to_b_noise"] = clean(r.ratio_noise)
     d["rule"] = branch_rule(r)

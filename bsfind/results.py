@@ -496,6 +496,11 @@ class BranchRung:
     micro_batch: int | None = None
 
 
+# How a ladder ends when something other than its rule or its top ends it
+# (``BranchResult.stopped``): its read is cut short.
+LADDER_CUTS = ("budget", "out of memory", "interrupted")
+
+
 @dataclass(frozen=True)
 class BranchResult:
     """The local critical batch measured by short branched runs from one point of training.
@@ -524,7 +529,7 @@ class BranchResult:
         examples: training examples all branches took; ``seconds`` their wall-clock.
         stopped: why the ladder ended: "failed" (a rung failed: the normal end), "top"
             (the largest factor, or the dataset), "out of memory", "budget" or
-            "interrupted".
+            "interrupted" (the last three: ``cut_short``).
         notes: sentences for people (written by ``bsfind.wording``).
     """
 
@@ -549,6 +554,14 @@ class BranchResult:
     stopped: str
     notes: tuple[str, ...] = ()
     checkpoint: str | None = None
+
+    @property
+    def cut_short(self) -> bool:
+        """Whether something other than the ladder ended it (``LADDER_CUTS``: the budget,
+        memory, Ctrl-C) before a rung fell behind and before its top: a read is then how
+        far the ladder got ("≥ 32": 64 was never compared), not a ladder top ("≥ 16·B0":
+        every rung allowed kept up) nor a bracket."""
+        return self.stopped in LADDER_CUTS
 
     @property
     def ratio_simple(self) -> float | None:

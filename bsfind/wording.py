@@ -761,7 +761,15 @@ def describe_branches(r: BranchResult, oom_at: int | None = None,
                      + _listed([f"{b:,}" for b in disputed])
                      + " (some kept up, some fell behind; the mean decided): the local "
                      "critical batch may be lower or higher than read")
-    cut = r.stopped in ("budget", "interrupted", "out of memory") or below_error is not None
+    read = _read_note(r, floor, cut=r.cut_short or below_error is not None)
+    if read is not None:
+        notes.append(read)
+    return dataclasses.replace(r, notes=tuple(notes))
+
+
+def _read_note(r: BranchResult, floor: int | None, *, cut: bool) -> str | None:
+    """What the read (or its absence) means, from how the ladder ended; None when the
+    line says it all. ``cut``: something other than the rule ended the ladder."""
     if r.bound == "at most" and r.critical_batch is not None:
         low = r.critical_batch
         if any(g.batch_size < low for g in r.rungs):  # every one below it diverged
@@ -772,26 +780,32 @@ def describe_branches(r: BranchResult, oom_at: int | None = None,
             lower = "and the ladder was cut short before it could go lower"
         else:
             lower = "and the ladder cannot go below the baseline batch"
-        notes.append(f"already batch {2 * low:,} needed more than {r.tolerance:.3g}x the "
-                     f"examples of {low:,}: the local critical batch is {low:,} or below, "
-                     + lower)
-    elif r.critical_batch is not None and r.critical_batch < r.baseline_batch:
+        return (f"already batch {2 * low:,} needed more than {r.tolerance:.3g}x the "
+                f"examples of {low:,}: the local critical batch is {low:,} or below, " + lower)
+    if r.critical_batch is not None and r.critical_batch < r.baseline_batch:
         double = 2 * r.baseline_batch
         why = (f"already batch {double:,} needed more than {r.tolerance:.3g}x the examples "
                f"of the baseline {r.baseline_batch:,}"
                if any(g.batch_size == double for g in r.rungs) else
                f"batch {double:,} is larger than the dataset")
-        notes.append(f"{why}: the ladder went below the baseline")
-    elif r.bound == "at least" and r.stopped == "top":
+        return f"{why}: the ladder went below the baseline"
+    if r.bound == "at least" and r.cut_short and r.critical_batch is not None:
+        top = r.critical_batch
+        return (f"so ≥ {top:,} is how far the ladder got before {CUT_BY[r.stopped]} ended "
+                f"it, not a ladder top: batch {2 * top:,} was never compared, and the local "
+                f"critical batch may be well above {top:,}"
+                + ("; a larger probe.max_seconds lets the ladder finish"
+                   if r.stopped == "budget" else ""))
+    if r.bound == "at least" and r.stopped == "top":
         last = r.rungs[-1].batch_size
-        notes.append(f"every rung up to batch {last:,} kept up (the ladder's largest batch): "
-                     f"the local critical batch is at least {last:,}")
-    elif r.bound == "none" and r.rungs and not math.isfinite(r.rungs[0].loss):
-        notes.append(f"the smallest batch ({r.rungs[0].batch_size:,}) diverged, so no rung "
-                     "has a loss to be held to: no local critical batch (lower optimizer.lr)")
-    elif r.bound == "none":
-        notes.append(NO_LADDER_READ + LADDER_CUT.get(r.stopped, ""))
-    return dataclasses.replace(r, notes=tuple(notes))
+        return (f"every rung up to batch {last:,} kept up (the ladder's largest batch): "
+                f"the local critical batch is at least {last:,}")
+    if r.bound == "none" and r.rungs and not math.isfinite(r.rungs[0].loss):
+        return (f"the smallest batch ({r.rungs[0].batch_size:,}) diverged, so no rung has a "
+                "loss to be held to: no local critical batch (lower optimizer.lr)")
+    if r.bound == "none":
+        return NO_LADDER_READ + LADDER_CUT.get(r.stopped, "")
+    return None
 
 
 def frozen_norms(names: Sequence[str]) -> str:
@@ -830,6 +844,20 @@ def _listed(names: list[str]) -> str:
 
 
 NO_LADDER_READ = "fewer than two rungs finished: no local critical batch"
+# What cut a ladder short (``BranchResult.cut_short``), by its ``stopped``.
+CUT_BY = {"budget": "the time budget", "out of memory": "memory",
+          "interrupted": "the interrupt"}
+
+
+def cut_words(r: BranchResult) -> str:
+    """How a cut-short read differs from a ladder that ended by itself: "cut short by the
+    time budget before a rung fell behind", or "" for a ladder that ended by itself (or
+    gave no read)."""
+    if not r.cut_short or r.critical_batch is None:
+        return ""
+    where = ("before the ladder could go lower" if r.bound == "at most"
+             else "before a rung fell behind")
+    return f"cut short by {CUT_BY[r.stopped]} {where}"
 # Why a ladder without a read ended, when the user can change it.
 LADDER_CUT = {"budget": "; the time budget ended the ladder (a larger probe.max_seconds "
                         "lets it climb)"}
@@ -855,8 +883,9 @@ def branch_line(r: BranchResult) -> str:
         where = {"bracketed": f"B_crit {num(lo)}–{num(hi)} by the rule",
                  "at most": f"B_crit below {num(hi)}",
                  "at least": f"B_crit above {num(lo)}"}.get(r.bound, "")
+        cut = cut_words(r)
         head = (f"local critical batch {BOUND_MARK.get(r.bound, '')}{r.critical_batch:,} "
-                f"({where})")
+                f"({where}{'; ' + cut if cut else ''})")
     ratios = []
     side = BOUND_MARK.get(r.bound, "")
     if r.ratio_simple is not None and r.b_simple is not None:
@@ -898,8 +927,9 @@ def with_branches(advice: Advice, inputs: AdvisorInputs, r: BranchResult,
 
     rec = advice.recommendation
     ci = inputs.b_n_ci
+    cut = cut_words(r)
     branch = (f"the local critical batch {BOUND_MARK.get(r.bound, '')}{r.critical_batch:,} "
-              "measured by "
+              + (f"({cut}) " if cut else "") + "measured by "
               f"branched runs from {branch_start(r)}")
     if math.isfinite(measured_b_n):
         noise = (f"B_n = {num(inputs.b_n)} (95% range {num(ci.low)}–{num(ci.high)}), the "

@@ -363,6 +363,46 @@ def test_budget_ends_the_ladder_and_drops_the_cut_rung() -> None:
     assert none.critical_batch is None and none.rungs == () and none.stopped == "budget"
 
 
+def test_a_read_the_budget_cut_short_is_marked_so_wherever_it_is_shown(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A trial's checkpoints: ladders the budget ended after 1-2 doublings read "≥ 32" and
+    "≥ 64" in the summary table just as the ladder-top reads "≥ 256" did. Rungs 8 and 16
+    finish, the deadline passes in 32: "≥ 16", cut short, in the line, the notes, the JSON
+    and the table; a ladder that reached its top is not."""
+    import dataclasses
+
+    from bsfind.cli import render_branches
+    from bsfind.report import branch_dict
+    from bsfind.wording import branch_line
+
+    job = tiny_job()
+    opt = trained(job)
+    now = [0.0]
+
+    def tick(start: branches.BranchStart) -> None:
+        now[0] += 1.0
+
+    r = branches.measure(job, OPTIONS, Deadline(4.5, clock=lambda: now[0]), optimizer=opt,
+                         on_branch_start=tick)
+    assert (r.critical_batch, r.bound, r.stopped, r.cut_short) == (16, "at least", "budget",
+                                                                   True)
+    assert branch_line(r).startswith("local critical batch ≥ 16 (B_crit above 11; cut short "
+                                     "by the time budget before a rung fell behind)")
+    assert ("so ≥ 16 is how far the ladder got before the time budget ended it, not a ladder "
+            "top: batch 32 was never compared, and the local critical batch may be well above "
+            "16; a larger probe.max_seconds lets the ladder finish") in r.notes
+    top = dataclasses.replace(r, stopped="top", step=9, notes=())
+    assert not top.cut_short and "cut short" not in branch_line(top)
+    docs = [branch_dict(r), branch_dict(top)]
+    assert [d["cut_short"] for d in docs] == [True, False]
+    capsys.readouterr()
+    render_branches({"branches": docs})
+    rows = [[c.strip() for c in ln.split("│")[1:-1]] for ln in capsys.readouterr().out
+            .split("Local critical batch at each point")[1].splitlines() if ln.startswith("│")]
+    assert [(row[0], row[2], row[6]) for row in rows] == [
+        ("5", "≥ 16 (cut)", "time budget: cut"), ("9", "≥ 16", "at its top")]
+
+
 def test_ctrl_c_gives_what_was_measured_marked_interrupted() -> None:
     job = tiny_job()
     opt = trained(job)
