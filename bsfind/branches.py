@@ -678,21 +678,43 @@ def run_average_of(results: Sequence[BranchResult], baseline_batch: int) -> RunA
     """:func:`run_average` of branch results at a run's checkpoints (``model.checkpoints``):
     each at its step at the baseline batch (its examples seen ÷ B0 when known). A read
     that only bounds its critical batch counts as its bound, and bounds the average the
-    same way (it grows with every read); reads bounded both ways give no value. None
-    with fewer than two local critical batches."""
-    read = [r for r in results if r.critical_batch is not None]
-    reads = tuple(sorted(
-        (r.examples_seen / baseline_batch if r.examples_seen is not None else float(r.step),
-         int(r.critical_batch)) for r in read if r.critical_batch is not None))
+    same way (it grows with every read); reads bounded both ways give no value.
+
+    A read whose ladder was cut short (``BranchResult.cut_short``: the budget, memory or
+    Ctrl-C ended it before a rung fell behind) is left out, as if its checkpoint were not
+    listed: "≥ 32" there says how far the ladder got, which the budget decided, not where
+    the local critical batch is, while a ladder-top "≥ 16·B0" says every batch allowed
+    kept up. Between the reads kept, the average interpolates as it does between any two
+    checkpoints; a left-out read at an end shortens the span (``from_step``/``to_step``).
+    None with fewer than two local critical batches in all; with fewer than two complete
+    ones, no value (``bound`` "none") and the left-out reads, for the line to say why."""
+    def at(r: BranchResult) -> float:
+        return r.examples_seen / baseline_batch if r.examples_seen is not None else float(r.step)
+
+    read = sorted((r for r in results if r.critical_batch is not None), key=at)
+    if len(read) < 2:
+        return None
+    kept = [r for r in read if not r.cut_short]
+    left_out = tuple((at(r), int(r.critical_batch), r.bound, r.stopped)
+                     for r in read if r.cut_short and r.critical_batch is not None)
+    reads = tuple((at(r), int(r.critical_batch)) for r in kept if r.critical_batch is not None)
+    span = [at(r) for r in (kept if len(kept) >= 2 else read)]
+
+    def average(value: float | None, bound: str) -> RunAverage:
+        return RunAverage(critical_batch=value, bound=bound, from_step=span[0],
+                          to_step=span[-1], reads=reads,
+                          one_sided=sum(r.bound != "bracketed" for r in kept),
+                          examples=sum(r.examples for r in results),
+                          read_bounds=tuple(r.bound for r in kept), left_out=left_out)
+
+    if len(kept) < 2:
+        return average(None, "none")
     value = run_average(reads, baseline_batch)
     if value is None:
         return None
-    sides = {r.bound for r in read} - {"bracketed"}
+    sides = {r.bound for r in kept} - {"bracketed"}
     bound = "estimate" if not sides else sides.pop() if len(sides) == 1 else "none"
-    return RunAverage(critical_batch=None if bound == "none" else value,
-                      from_step=reads[0][0], to_step=reads[-1][0], reads=reads,
-                      one_sided=sum(r.bound != "bracketed" for r in read),
-                      examples=sum(r.examples for r in results), bound=bound)
+    return average(None if bound == "none" else value, bound)
 
 
 # --------------------------------------------------------------------------- the learning rate

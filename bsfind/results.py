@@ -586,15 +586,23 @@ class RunAverage:
     Attributes:
         critical_batch: Σ b_j·S_min,j / ΣS_min,j over the stretches between checkpoints:
             what S(B) = S_min(1 + B_crit/B) fitted to whole runs over those stretches
-            would give; None when the reads bound it from both sides.
+            would give; None when the reads bound it from both sides, or fewer than two
+            are left once the cut-short ones are left out.
         bound: "estimate" (every read bracketed), "at least" / "at most" (some reads only
             bound their critical batch, all the same way: the average grows with each
-            read, so it is bounded the same way), "none" (bounds both ways).
+            read, so it is bounded the same way), "none" (bounds both ways, or fewer than
+            two complete reads).
         from_step / to_step: the first and last checkpoint's step (at the baseline batch).
         reads: (step, local critical batch) of each checkpoint used; a one-sided read
             ("at most" / "at least") counts as its bound.
         one_sided: how many of the reads were one-sided.
-        examples: training examples all those branches took.
+        examples: training examples all those branches took (the left-out ones' too).
+        read_bounds: each read's ``BranchResult.bound``, in the order of ``reads``.
+        left_out: (step, read, bound, stopped) of the reads whose ladders were cut short
+            (``BranchResult.cut_short``): how far a ladder got is not a read of its
+            critical batch, so each is left out, as if its checkpoint were not listed
+            (the average spans the complete reads; with fewer than two of them it has no
+            value, and ``bound`` is "none").
     """
 
     critical_batch: float | None
@@ -604,6 +612,8 @@ class RunAverage:
     one_sided: int
     examples: int
     bound: str = "estimate"
+    read_bounds: tuple[str, ...] = ()
+    left_out: tuple[tuple[float, int, str, str], ...] = ()
 
 
 @dataclass(frozen=True)

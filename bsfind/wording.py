@@ -904,19 +904,48 @@ def branch_start(r: BranchResult) -> str:
 
 
 def run_average_line(r: RunAverage) -> str:
-    """One line: the run's critical batch between its checkpoints, from the branches."""
-    reads = ", ".join(f"{b:,} at step {num(s)}" for s, b in r.reads)
+    """One line: the run's critical batch between its checkpoints, from the branches, and
+    what it rests on: each read with its bound, and the cut-short reads left out."""
+    bounds = r.read_bounds or ("bracketed",) * len(r.reads)
+    reads = ", ".join(f"{BOUND_MARK.get(side, '')}{b:,} at step {num(s)}"
+                      for (s, b), side in zip(r.reads, bounds, strict=True))
     span = f"from step {num(r.from_step)} to {num(r.to_step)}"
+    left = _left_out(r)
+    if r.critical_batch is None and r.left_out and len(r.reads) < 2:
+        return (f"no run average {span}: {left}, and fewer than two complete reads remain"
+                + (f" ({reads})" if reads else ""))
     if r.critical_batch is None:
         return (f"no run average {span}: the local reads ({reads}) bound their critical "
-                "batches from both sides")
+                "batches from both sides" + (f"; {left}" if left else ""))
     mark = BOUND_MARK.get(r.bound, "≈ ")
     one_sided = (f"; {r.one_sided} of the reads only bound theirs, so this is a bound too"
                  if r.one_sided else "")
     return (f"the run's critical batch {span} {mark}{num(r.critical_batch)}: the local reads "
             f"({reads}) weighted by the fewest steps each stretch between them needs, as "
-            f"S(B) fitted to whole runs would give it{one_sided} (docs/validation.md: within "
-            "2x of the sweeps' B_crit on 17 of 28 points)")
+            f"S(B) fitted to whole runs would give it{one_sided}" + (f"; {left}" if left else "")
+            + " (docs/validation.md: within 2x of the sweeps' B_crit on 17 of 28 points)")
+
+
+def _left_out(r: RunAverage) -> str:
+    """The reads a run average left out (their ladders cut short), or ""."""
+    if not r.left_out:
+        return ""
+    many = len(r.left_out) > 1
+    steps = _listed([num(s) for s, _, _, _ in r.left_out])
+    values = ", ".join(f"{BOUND_MARK.get(side, '')}{b:,}" for _, b, side, _ in r.left_out)
+    causes = sorted({CUT_BY.get(why, why) for _, _, _, why in r.left_out})
+    text = (f"left out: the read{'s' if many else ''} at step{'s' if many else ''} {steps} "
+            f"({values}), whose ladder{'s' if many else ''} {' or '.join(causes)} cut short "
+            f"before {'they' if many else 'it'} ended by {'themselves' if many else 'itself'}: "
+            f"{'each says' if many else 'it says'} how far the ladder got, not where the "
+            "critical batch is")
+    outside = [s for s, _, _, _ in r.left_out if not r.from_step <= s <= r.to_step]
+    if outside and len(r.reads) >= 2:
+        text += f", so the average spans steps {num(r.from_step)} to {num(r.to_step)} only"
+    if any(why == "budget" for _, _, _, why in r.left_out):
+        text += (" (a larger probe.max_seconds, or fewer model.checkpoints, lets "
+                 f"{'them' if many else 'it'} finish)")
+    return text
 
 
 def with_branches(advice: Advice, inputs: AdvisorInputs, r: BranchResult,

@@ -815,6 +815,62 @@ def test_run_average_of_checkpoints_reads_steps_from_examples() -> None:
     assert branches.run_average_of([at(0, 16)], 32) is None
 
 
+def test_the_run_average_leaves_out_reads_whose_ladders_were_cut_short() -> None:
+    """A trial's 5 checkpoints: "≥ 32", "≥ 64", "≥ 64" (the budget ended those ladders)
+    were averaged with two ladder tops into "≥ 130". A cut read says how far its ladder
+    got, so it is left out, as if its checkpoint were not listed, and the line says so."""
+    from bsfind.wording import run_average_line
+
+    def at(examples: int, b: int, bound: str = "bracketed", stopped: str = "failed"
+           ) -> BranchResult:
+        return BranchResult(step=0, examples_seen=examples, critical_batch=b, bound=bound,
+                            interval=Interval(0.0, 1.0), baseline_batch=32,
+                            delta_examples=2048, tolerance=math.sqrt(2), smoothing=0.5,
+                            repeats=3, lr_rule="mccandlish", lr_noise_scale=None,
+                            optimizer_state="fresh", rungs=(), b_simple=None, b_noise=None,
+                            examples=100, seconds=1.0, stopped=stopped)
+
+    cut = at(0, 32, "at least", "budget")
+    # at an end: the span shrinks to steps 100-200, one stretch of √(64·128) = 90.51
+    got = branches.run_average_of([cut, at(3200, 64), at(6400, 128)], 32)
+    assert got is not None and got.bound == "estimate"
+    assert got.critical_batch == pytest.approx(90.50967)
+    assert (got.from_step, got.to_step, got.reads) == (100.0, 200.0, ((100.0, 64), (200.0, 128)))
+    assert got.left_out == ((0.0, 32, "at least", "budget"),) and got.examples == 300
+    assert run_average_line(got) == (
+        "the run's critical batch from step 100 to 200 ≈ 91: the local reads (64 at step 100, "
+        "128 at step 200) weighted by the fewest steps each stretch between them needs, as "
+        "S(B) fitted to whole runs would give it; left out: the read at step 0 (≥ 32), whose "
+        "ladder the time budget cut short before it ended by itself: it says how far the "
+        "ladder got, not where the critical batch is, so the average spans steps 100 to 200 "
+        "only (a larger probe.max_seconds, or fewer model.checkpoints, lets it finish) "
+        "(docs/validation.md: within 2x of the sweeps' B_crit on 17 of 28 points)")
+    # inside: one stretch from 0 to 200, √(16·256) = 64 (with the cut read as a bound the
+    # stretches 0-100 at √(16·32) and 100-200 at √(32·256) gave "≥ 43.6")
+    inside = branches.run_average_of(
+        [at(0, 16), at(3200, 32, "at least", "out of memory"), at(6400, 256)], 32)
+    assert inside is not None and inside.bound == "estimate"
+    assert inside.critical_batch == pytest.approx(64.0)
+    assert (inside.from_step, inside.to_step) == (0.0, 200.0)
+    assert "left out: the read at step 100 (≥ 32), whose ladder memory cut short" in \
+        run_average_line(inside) and "spans" not in run_average_line(inside)
+    # a ladder top stays, as a bound: every rung allowed kept up
+    top = branches.run_average_of([at(0, 16), at(3200, 512, "at least", "top")], 32)
+    assert top is not None and top.bound == "at least" and top.left_out == ()
+    assert top.read_bounds == ("bracketed", "at least")
+    assert "(16 at step 0, ≥ 512 at step 100)" in run_average_line(top)
+    # fewer than two complete reads: no value, and why
+    few = branches.run_average_of([cut, at(3200, 64)], 32)
+    assert few is not None and few.critical_batch is None and few.bound == "none"
+    assert (few.from_step, few.to_step) == (0.0, 100.0)
+    assert run_average_line(few) == (
+        "no run average from step 0 to 100: left out: the read at step 0 (≥ 32), whose "
+        "ladder the time budget cut short before it ended by itself: it says how far the "
+        "ladder got, not where the critical batch is (a larger probe.max_seconds, or fewer "
+        "model.checkpoints, lets it finish), and fewer than two complete reads remain "
+        "(64 at step 100)")
+
+
 def test_checkpoint_files_are_checked_before_anything_is_measured(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A missing last checkpoint ends the run at the build, not after the first ones were
