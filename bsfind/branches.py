@@ -64,7 +64,7 @@ import copy
 import itertools
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -639,6 +639,24 @@ def calibrated(result: BranchResult, b_n: float, b_n_ci: Interval
     low = math.sqrt(max(b_n_ci.low, 0.0) * max(result.interval.low, 0.0))
     high = math.sqrt(b_n_ci.high * result.interval.high)
     return value, Interval(min(low, value), max(high, value))
+
+
+def ladder_seconds(r: BranchResult, planned: Sequence[int],
+                   rung_seconds: Mapping[int, float]) -> float:
+    """About how long ``r``'s ladder takes to its end: its own seconds, unless the time
+    budget cut it short; then its finished rungs' seconds plus, for each batch of
+    ``planned`` (the ladder's rungs from B0 up, :func:`ladder`) it did not finish,
+    ``rung_seconds`` there (the longest any ladder took at that batch), else its own
+    slowest rung's; with no rung finished, its seconds for each planned rung (in that
+    time not one finished)."""
+    if r.stopped != "budget":
+        return r.seconds
+    done = {g.batch_size: g.seconds for g in r.rungs}
+    if not done:
+        return r.seconds * len(planned)
+    slowest = max(done.values())
+    return sum(done.values()) + sum(rung_seconds.get(b, slowest) for b in planned
+                                    if b not in done)
 
 
 def run_average(reads: Sequence[tuple[float, float]], baseline_batch: int) -> float | None:

@@ -538,6 +538,7 @@ def branch_points(spec: Spec, job: Workload, runner: Runner, points: trajectory.
         last = points.estimates[-1]
         starts = [(last if last.step == points.weights_step else None, None, 0)]
     done: list[BranchResult] = []
+    had = max(0.0, deadline.left() - reserve)  # the branches' whole budget
     for n, (est, path, i) in enumerate(starts):
         if path is not None:
             load_checkpoint(job.model, path, spec.base_dir, key=f"model.checkpoints[{i}].path")
@@ -562,8 +563,38 @@ def branch_points(spec: Spec, job: Workload, runner: Runner, points: trajectory.
             raise Interrupted(exc.message, partial=BranchPartial(
                 noise, (*done, *((part,) if part else ())))) from None
     spent, planned = sum(r.examples for r in done), spec.planned_examples(len(job))
+    cut = ladders_cut_note(done, had=had, baseline_batch=b0, dataset_size=len(job),
+                           max_seconds=spec.probe.max_seconds,
+                           checkpoints=spec.probe_mode == "checkpoints")
     return tuple(done), ((wording.branches_past_plan(spent, planned),)
-                         if planned is not None and spent > planned else ())
+                         if planned is not None and spent > planned else ()) + (
+        (cut,) if cut is not None else ())
+
+
+def ladders_cut_note(results: Sequence[BranchResult], *, had: float, baseline_batch: int,
+                     dataset_size: int, max_seconds: float, checkpoints: bool) -> str | None:
+    """When the time budget cut ladders short: what the branches had, what a complete
+    ladder takes here (``branches.ladder_seconds``, the longest of them), and what gives
+    complete reads: the probe.max_seconds whose BRANCH_SHARE of the increase covers every
+    ladder at that length (rounded up to 10 s), or, with ``model.checkpoints``, how many
+    complete ladders ``had`` covers. None when none was cut by the budget."""
+    from bsfind import branches
+
+    cut = [r for r in results if r.stopped == "budget"]
+    if not cut:
+        return None
+    planned = branches.ladder(baseline_batch, dataset_size)
+    rung_seconds: dict[int, float] = {}
+    for r in results:
+        for g in r.rungs:
+            rung_seconds[g.batch_size] = max(g.seconds, rung_seconds.get(g.batch_size, 0.0))
+    need = max(branches.ladder_seconds(r, planned, rung_seconds) for r in results)
+    more = max(0.0, len(results) * need - had) / BRANCH_SHARE
+    suggested = math.ceil((max_seconds + more) / 10 - 1e-9) * 10
+    fit = int(had // need) if need > 0 else len(results)
+    return wording.ladders_cut([r.step for r in cut], had=had, ladders=len(results),
+                               need=need, max_seconds=max_seconds, suggested=suggested,
+                               fit=fit if checkpoints and 0 < fit < len(results) else None)
 
 
 def branch_run_average(spec: Spec, results: tuple[BranchResult, ...]) -> RunAverage | None:

@@ -826,6 +826,24 @@ def branches_past_plan(spent: int, planned: int) -> str:
             f"run's {planned:,}: the measurement cost more than the run it advises")
 
 
+def ladders_cut(steps: Sequence[int], *, had: float, ladders: int, need: float,
+                max_seconds: float, suggested: int, fit: int | None) -> str:
+    """The time budget cut ladders short (a trial: 3 of 5 checkpoints' ladders, after 1-2
+    doublings): what the branches had, what a complete ladder takes, and how to get
+    complete reads (``fit``: how many of ``model.checkpoints`` complete ladders fit)."""
+    many = len(steps) > 1
+    where = (f"the ladders at steps {_listed([f'{s:,}' for s in steps])}" if many
+             else f"the ladder at step {steps[0]:,}")
+    each = f", {secs(had / ladders)} for each of {ladders} ladders" if ladders > 1 else ""
+    fewer = (f", or keep at most {fit} of the {ladders} model.checkpoints"
+             if fit is not None else "")
+    return (f"the time budget cut {where} short before {'they' if many else 'it'} ended by "
+            f"{'themselves' if many else 'itself'}: the branches had {secs(had)} of "
+            f"probe.max_seconds = {max_seconds:g} s{each}, and a complete ladder takes about "
+            f"{secs(need)} here; for complete reads set probe.max_seconds to about "
+            f"{suggested:,}{fewer}")
+
+
 def _diverged_rungs(r: BranchResult) -> list[str]:
     """One note for every rung whose loss was not finite, with their learning rates."""
     gone = [g for g in r.rungs if not math.isfinite(g.loss)]

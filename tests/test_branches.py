@@ -871,6 +871,55 @@ def test_the_run_average_leaves_out_reads_whose_ladders_were_cut_short() -> None
         "(64 at step 100)")
 
 
+def test_ladders_the_budget_cut_say_how_to_get_complete_reads() -> None:
+    """A trial's 5 checkpoints: the budget cut 3 ladders after 1-2 doublings, and nothing
+    said what would let them finish. Hand-computed: B0 = 16, 1,797 examples, so the
+    ladder is 16-256. The longest rung times at each batch: 16: 1.6, 32: 1.6, 64: 0.9,
+    128: 0.6, 256: 0.5 s. Step 0's ladder (16, 32 done) takes 1.6 + 1.6 + 0.9 + 0.6 + 0.5
+    = 5.2 s, step 128's (16 done) 1.5 + 1.6 + 0.9 + 0.6 + 0.5 = 5.1 s, step 512's its own
+    4.2 s. Three ladders of 5.2 s need 15.6 s of the 13.5 s the branches had: 2.1 s more,
+    BRANCH_SHARE (40%) of 5.25 s more of probe.max_seconds, so 65.25, about 70; 13.5 s
+    covers 2 complete ladders."""
+    from bsfind.pipeline import ladders_cut_note
+    from bsfind.results import BranchRung
+
+    def rung(b: int, seconds: float) -> BranchRung:
+        return BranchRung(batch_size=b, learning_rate=0.05, steps=1024 // b, repeats=3,
+                          loss=0.1, reference=None, passed=None, seconds=seconds)
+
+    def at(step: int, rungs: tuple[BranchRung, ...], stopped: str, seconds: float
+           ) -> BranchResult:
+        return BranchResult(step=step, examples_seen=step * 16, critical_batch=None,
+                            bound="none", interval=Interval(0.0, 1.0), baseline_batch=16,
+                            delta_examples=1024, tolerance=math.sqrt(2), smoothing=0.5,
+                            repeats=3, lr_rule="mccandlish", lr_noise_scale=None,
+                            optimizer_state="fresh", rungs=rungs, b_simple=None,
+                            b_noise=None, examples=100, seconds=seconds, stopped=stopped)
+
+    done = [at(0, (rung(16, 1.6), rung(32, 1.6)), "budget", 4.5),
+            at(128, (rung(16, 1.5),), "budget", 4.5),
+            at(512, (rung(16, 1.2), rung(32, 1.0), rung(64, 0.9), rung(128, 0.6),
+                     rung(256, 0.5)), "top", 4.2)]
+    note = ladders_cut_note(done, had=13.5, baseline_batch=16, dataset_size=1797,
+                            max_seconds=60, checkpoints=True)
+    assert note == (
+        "the time budget cut the ladders at steps 0 and 128 short before they ended by "
+        "themselves: the branches had 13.5 s of probe.max_seconds = 60 s, 4.5 s for each of "
+        "3 ladders, and a complete ladder takes about 5.2 s here; for complete reads set "
+        "probe.max_seconds to about 70, or keep at most 2 of the 3 model.checkpoints")
+    # one ladder along training: no checkpoints to drop; 16: 3 s done, the rest at its
+    # slowest rung: 4 x 3 = 12 s more, 15 s in all: (15 - 9.3) / 0.4 = 14.25 s more
+    one = ladders_cut_note([at(20, (rung(16, 3.0),), "budget", 9.3)], had=9.3,
+                           baseline_batch=16, dataset_size=1797, max_seconds=30,
+                           checkpoints=False)
+    assert one == (
+        "the time budget cut the ladder at step 20 short before it ended by itself: the "
+        "branches had 9.3 s of probe.max_seconds = 30 s, and a complete ladder takes about "
+        "15 s here; for complete reads set probe.max_seconds to about 50")
+    assert ladders_cut_note(done[2:], had=13.5, baseline_batch=16, dataset_size=1797,
+                            max_seconds=60, checkpoints=True) is None
+
+
 def test_checkpoint_files_are_checked_before_anything_is_measured(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A missing last checkpoint ends the run at the build, not after the first ones were
