@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from bsfind import advisor, schedule, trajectory, wording
 from bsfind.budget import Deadline, ProgressFn, counts_from_command, now
@@ -366,11 +366,13 @@ def advise(report: Report, spec: Spec, job: Workload, runner: Runner, hw: Hardwa
                             from_log=report.trajectory is not None
                             and report.trajectory.mode == "log")
     measured = inputs
-    inputs = calibrated_inputs(inputs, report.branches)
+    pair = branch_pair(report.noise, report.branches[-1], inputs) if report.branches else None
+    inputs = calibrated_inputs(inputs, report.branches, pair)
     advice = wording.describe_advice(advisor.advise(inputs, max_gpus=max_gpus), inputs)
-    if inputs is not measured:
-        advice = wording.with_branches(advice, inputs, report.branches[-1], measured.b_n,
-                                       "B_noise" if measured.basis == "b_noise" else "B_simple")
+    if inputs is not measured and pair is not None:
+        advice = wording.with_branches(advice, inputs, report.branches[-1], pair.b_n,
+                                       "B_noise" if measured.basis == "b_noise" else "B_simple",
+                                       same_weights=pair.same_weights)
     floor_note = batchnorm_floor_note(inputs, advice.recommendation.batch_size)
     if floor_note is not None:
         notes.append(floor_note)
@@ -379,7 +381,9 @@ def advise(report: Report, spec: Spec, job: Workload, runner: Runner, hw: Hardwa
         predicted_memory=pred_mem, predicted_timing=pred_time,
         recommendation=advice.recommendation, candidates=advice.candidates,
         frontier=advice.frontier, absolute=advice.absolute,
-        schedule=batch_schedule(calibrated_points(report.noise, measured, inputs), inputs,
+        schedule=batch_schedule(calibrated_points(report.noise, measured, inputs,
+                                                  pair.b_n if pair is not None else None),
+                                inputs,
                                 spec.planned_examples(len(job)),
                                 advice.recommendation.batch_size),
         warnings=report.warnings + tuple(notes),
@@ -433,6 +437,18 @@ def growth_value(p: NoiseEstimate, basis: advisor.Basis) -> tuple[float | None, 
     return (low if math.isfinite(low) and low > 0 else None), True
 
 
+def point_noise_scale(p: NoiseEstimate, basis: advisor.Basis) -> tuple[float, Interval] | None:
+    """A point's noise scale on ``basis`` as the advice takes it, and its interval: B_noise
+    (None when not measured there), or B_simple; an unresolved B_simple is at least the
+    largest batch probed (and the interval's low end), with no upper end."""
+    if basis == "b_noise":
+        return None if p.b_noise is None else (p.b_noise, p.b_noise_ci95 or p.ci95)
+    if p.b_simple is not None:
+        return p.b_simple, p.ci95
+    low = max(float(p.b_big), p.ci95.low if math.isfinite(p.ci95.low) else 0.0)
+    return low, Interval(low, math.inf)
+
+
 def basis_for(job: Workload, used: NoiseEstimate) -> advisor.Basis:
     """Which noise scale the advice rests on, per optimizer family (docs/validation.md).
 
@@ -454,14 +470,9 @@ def advisor_inputs(
     ``world`` > 1 (a data-parallel run) replaces ``hardware.gpus``.
     """
     basis: advisor.Basis = basis_for(job, used)
-    if basis == "b_noise":
-        assert used.b_noise is not None
-        b_n, ci = used.b_noise, used.b_noise_ci95 or used.ci95
-    elif used.b_simple is not None:
-        b_n, ci = used.b_simple, used.ci95
-    else:  # unresolved: at least the largest batch probed (and the interval's low end)
-        b_n = max(used.b_big, used.ci95.low if math.isfinite(used.ci95.low) else 0.0)
-        ci = Interval(b_n, math.inf)
+    value = point_noise_scale(used, basis)
+    assert value is not None  # (basis_for picks B_noise only where it was measured)
+    b_n, ci = value
     examples = spec.training.examples
     if examples is None and spec.training.epochs is not None:
         examples = int(round(spec.training.epochs * len(job)))
@@ -607,29 +618,65 @@ def branch_run_average(spec: Spec, results: tuple[BranchResult, ...]) -> RunAver
     return branches.run_average_of(results, spec.optimizer.batch_size)
 
 
-def calibrated_inputs(inputs: advisor.AdvisorInputs, results: tuple[BranchResult, ...]
-                      ) -> advisor.AdvisorInputs:
+class BranchPair(NamedTuple):
+    """The noise scale a branch read is paired with (:func:`branch_pair`)."""
+
+    b_n: float
+    ci: Interval
+    lower_bound: bool  # an unresolved B_simple's lower bound
+    same_weights: bool  # measured at the branches' own weights
+
+
+def branch_pair(points: Sequence[NoiseEstimate], r: BranchResult,
+                inputs: advisor.AdvisorInputs) -> BranchPair:
+    """The noise scale the branches' read ``r`` is paired with: the advisor's basis
+    measured at the branches' own weights (the point at their step and examples seen), as
+    docs/validation.md paired them (√(basis there · branches) within 2x of the sweeps'
+    B_crit on 20 of 28 points), not the summary the advice reads without branches (a
+    trial: the median of the last three points, 107, from step 256, beside the read at
+    step 1,123, where B_simple was 115). The advisor's own B_n when no point was measured
+    at those weights, or it has no value on the basis there."""
+    same = [p for p in points if p.step == r.step and p.examples_seen == r.examples_seen]
+    value = None
+    if same and inputs.basis != "branches":
+        value = point_noise_scale(same[-1], inputs.basis)
+    if value is None:
+        return BranchPair(inputs.b_n, inputs.b_n_ci, inputs.b_n_lower_bound, False)
+    unresolved = inputs.basis == "b_simple" and same[-1].b_simple is None
+    return BranchPair(*value, lower_bound=unresolved, same_weights=True)
+
+
+def calibrated_inputs(inputs: advisor.AdvisorInputs, results: tuple[BranchResult, ...],
+                      pair: BranchPair | None = None) -> advisor.AdvisorInputs:
     """``inputs`` with B_n calibrated by the branches at the latest point: √(B_n · local
-    critical batch) (``branches.calibrated`` says why); unchanged when none gave a local
-    critical batch."""
+    critical batch) (``branches.calibrated`` says why), B_n being ``pair``'s (by default
+    the advisor's: :func:`branch_pair` gives the one at the branches' weights); unchanged
+    when none gave a local critical batch."""
     from bsfind import branches
 
-    value = branches.calibrated(results[-1], inputs.b_n, inputs.b_n_ci) if results else None
+    if pair is None:
+        pair = BranchPair(inputs.b_n, inputs.b_n_ci, inputs.b_n_lower_bound, False)
+    value = branches.calibrated(results[-1], pair.b_n, pair.ci) if results else None
     if value is None:
         return inputs
     b_n, ci = value
     return dataclasses.replace(inputs, b_n=b_n, b_n_ci=ci, basis="branches",
-                               noise_step=results[-1].step, noise_summary_of=())
+                               noise_step=results[-1].step, noise_summary_of=(),
+                               b_n_lower_bound=pair.lower_bound)
 
 
 def calibrated_points(points: tuple[NoiseEstimate, ...], measured: advisor.AdvisorInputs,
-                      inputs: advisor.AdvisorInputs) -> tuple[NoiseEstimate, ...]:
+                      inputs: advisor.AdvisorInputs, paired: float | None = None
+                      ) -> tuple[NoiseEstimate, ...]:
     """The points along training for the schedule: when branches calibrated B_n, each
-    point's noise scale (the measured basis) times the same factor, so that the
-    schedule's growth curve passes through the calibrated value."""
-    if inputs is measured or not math.isfinite(measured.b_n):
+    point's noise scale (the measured basis) times the same factor, calibrated ÷
+    ``paired`` (the noise scale the branches were paired with; by default the advisor's),
+    so that the schedule's growth curve passes through the calibrated value where that
+    was measured."""
+    base = measured.b_n if paired is None else paired
+    if inputs is measured or not math.isfinite(base):
         return points
-    factor = inputs.b_n / measured.b_n
+    factor = inputs.b_n / base
 
     def scaled(p: NoiseEstimate) -> NoiseEstimate:
         value, ci = basis_value(p, measured.basis)

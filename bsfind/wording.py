@@ -967,9 +967,12 @@ def _left_out(r: RunAverage) -> str:
 
 
 def with_branches(advice: Advice, inputs: AdvisorInputs, r: BranchResult,
-                  measured_b_n: float, measured_name: str) -> Advice:
+                  measured_b_n: float, measured_name: str, same_weights: bool = False
+                  ) -> Advice:
     """``advice`` (already described) with its basis saying how the branches calibrated
-    B_n, and the branches' line among the notes."""
+    B_n, and the branches' line among the notes. ``measured_b_n``: the noise scale the
+    read was paired with; ``same_weights``: measured where the branches started (else
+    the advice's own, and the basis says none was measured there)."""
     import dataclasses
 
     rec = advice.recommendation
@@ -979,8 +982,11 @@ def with_branches(advice: Advice, inputs: AdvisorInputs, r: BranchResult,
               + (f"({cut}) " if cut else "") + "measured by "
               f"branched runs from {branch_start(r)}")
     if math.isfinite(measured_b_n):
+        where = (f" at {branch_start(r)}" if same_weights else
+                 " (the advice's: none was measured at the branches' weights)")
         noise = (f"B_n = {num(inputs.b_n)} (95% range {num(ci.low)}–{num(ci.high)}), the "
-                 f"geometric mean of {measured_name} = {num(measured_b_n)} and {branch}")
+                 f"geometric mean of {measured_name} = {num(measured_b_n)}{where} and "
+                 f"{branch}")
     else:
         noise = f"B_n = {num(inputs.b_n)}, {branch} ({measured_name} unresolved)"
     timing = inputs.timing

@@ -730,6 +730,10 @@ def test_recommend_with_branches_uses_the_local_critical_batch() -> None:
     assert doc["spec"]["probe"]["branches"] is True
     assert doc["seconds"] <= 60 * 1.1
     assert b["step"] == 20 and doc["recommendation"]["noise_step"] == 20
+    # paired with B_simple at the branches' own weights, not the median of the last points
+    from bsfind.wording import num
+
+    assert f"geometric mean of B_simple = {num(b['b_simple'])} at step 20 and" in rec["basis"]
 
 
 def test_branches_at_each_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -1020,6 +1024,54 @@ def test_an_unresolved_noise_scale_gives_the_rule_its_lower_bound() -> None:
     assert lr_noise_scale(job, est(300.0)) == 300.0
     assert lr_noise_scale(job, est(math.nan)) == 256.0
     assert lr_noise_scale(job, est(40.0)) == 256.0
+
+
+def test_the_branch_read_is_paired_with_the_noise_scale_at_its_own_weights() -> None:
+    """A trial's basis: "the geometric mean of B_simple = 107 and the local critical batch
+    ≥ 256 ... from step 1,123", 107 being the median of steps 256, 512 and 1,123 (107, 43,
+    115), while B_simple at step 1,123, where the branches ran, was 115. docs/validation.md
+    paired each read with the basis at its own weights: √(115 · 256) = 171.58 (was
+    √(107 · 256) = 165.5); its interval's low end √(105 · 181.02) = 137.866, no high end.
+    The schedule's points are scaled by 171.58/115, so step 1,123's becomes 171.58."""
+    import dataclasses
+
+    from bsfind.advisor import AdvisorInputs
+    from bsfind.pipeline import branch_pair, calibrated_inputs, calibrated_points
+    from bsfind.results import NoiseEstimate
+
+    def point(step: int, b: float, low: float, high: float) -> NoiseEstimate:
+        return NoiseEstimate(b_simple=b, ci95=Interval(low, high), grad_norm_sq=1.0,
+                             grad_norm_sq_ci95=Interval(0.5, 2.0), trace_sigma=1.0,
+                             trace_sigma_ci95=Interval(0.5, 2.0), method="per-example",
+                             method_reason="", b_small=16, b_big=256, examples=2560,
+                             rounds=10, seconds=1.0, stopped="converged", step=step,
+                             examples_seen=16 * step)
+
+    points = (point(256, 107.0, 97.0, 119.0), point(512, 43.0, 39.0, 48.0),
+              point(1123, 115.0, 105.0, 128.0))
+    measured = AdvisorInputs(b_n=107.0, b_n_ci=Interval(39.0, 128.0), basis="b_simple",
+                             noise_step=256, noise_summary_of=(256, 512, 1123),
+                             baseline_batch=16, baseline_lr=0.05, optimizer_family="sgd",
+                             dataset_size=1797)
+    r = BranchResult(step=1123, examples_seen=17968, critical_batch=256, bound="at least",
+                     interval=Interval(256 / math.sqrt(2), math.inf), baseline_batch=16,
+                     delta_examples=1024, tolerance=math.sqrt(2), smoothing=0.5, repeats=3,
+                     lr_rule="mccandlish", lr_noise_scale=115.0, optimizer_state="fresh",
+                     rungs=(), b_simple=115.0, b_noise=None, examples=15360, seconds=4.0,
+                     stopped="top")
+    pair = branch_pair(points, r, measured)
+    assert pair == (115.0, Interval(105.0, 128.0), False, True)
+    got = calibrated_inputs(measured, (r,), pair)
+    assert got.b_n == pytest.approx(171.5809)
+    assert got.b_n_ci.low == pytest.approx(137.866, rel=1e-5) and math.isinf(got.b_n_ci.high)
+    assert (got.basis, got.noise_step, got.noise_summary_of) == ("branches", 1123, ())
+    scaled = calibrated_points(points, measured, got, pair.b_n)
+    assert [p.b_simple for p in scaled] == pytest.approx(
+        [107 * 171.5809 / 115, 43 * 171.5809 / 115, 171.5809], rel=1e-6)
+    # no point at the branches' weights: the advisor's B_n, and the pair says so
+    elsewhere = dataclasses.replace(r, step=1000, examples_seen=16000)
+    assert branch_pair(points, elsewhere, measured) == (107.0, Interval(39.0, 128.0), False,
+                                                        False)
 
 
 def test_a_ladder_the_budget_cut_after_one_rung_says_to_raise_the_budget() -> None:
