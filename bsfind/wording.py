@@ -981,12 +981,20 @@ def with_branches(advice: Advice, inputs: AdvisorInputs, r: BranchResult,
     branch = (f"the local critical batch {BOUND_MARK.get(r.bound, '')}{r.critical_batch:,} "
               + (f"({cut}) " if cut else "") + "measured by "
               f"branched runs from {branch_start(r)}")
+    b = r.critical_batch
+    # a one-sided read on the side the noise scale already lies meets it first
+    # (branches.calibrated): B_n is then the noise scale's, not a mean with the bound
+    moot = b is not None and ((r.bound == "at least" and b <= measured_b_n)
+                              or (r.bound == "at most" and b >= measured_b_n))
     if math.isfinite(measured_b_n):
         where = (f" at {branch_start(r)}" if same_weights else
                  " (the advice's: none was measured at the branches' weights)")
-        noise = (f"B_n = {num(inputs.b_n)} (95% range {num(ci.low)}–{num(ci.high)}), the "
-                 f"geometric mean of {measured_name} = {num(measured_b_n)}{where} and "
-                 f"{branch}")
+        side = "a lower bound below" if r.bound == "at least" else "an upper bound above"
+        noise = (f"B_n = {num(inputs.b_n)} (95% range {num(ci.low)}–{num(ci.high)}), "
+                 + (f"{measured_name}{where}: {branch} is {side} it, so it moves nothing"
+                    if moot else
+                    f"the geometric mean of {measured_name} = {num(measured_b_n)}{where} and "
+                    f"{branch}"))
     else:
         noise = f"B_n = {num(inputs.b_n)}, {branch} ({measured_name} unresolved)"
     timing = inputs.timing

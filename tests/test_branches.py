@@ -1074,6 +1074,48 @@ def test_the_branch_read_is_paired_with_the_noise_scale_at_its_own_weights() -> 
                                                         False)
 
 
+def test_a_bound_on_the_side_the_noise_scale_lies_is_said_to_move_nothing() -> None:
+    """A run with every ladder cut: "B_n = 115, the geometric mean of B_simple = 115 and
+    the local critical batch ≥ 32": ≥ 32 meets B_simple first (max(115, 32) = 115), so
+    B_n is B_simple's, √(115 · 115), not a mean with 32 (61). The basis says so; a bound
+    above it is still a mean: ≥ 256 gives √(115 · 256) = 172."""
+    import dataclasses
+
+    from bsfind import advisor
+    from bsfind.pipeline import BranchPair, calibrated_inputs
+    from bsfind.results import TimingCurve
+    from bsfind.wording import describe_advice, with_branches
+
+    measured = advisor.AdvisorInputs(
+        b_n=115.0, b_n_ci=Interval(105.0, 128.0), basis="b_simple", noise_step=1123,
+        baseline_batch=16, baseline_lr=0.05, optimizer_family="sgd", dataset_size=1797,
+        timing=TimingCurve(points=(), t0=7e-4, per_example=3.3e-5, r2=1.0,
+                           source="measured"))
+    r = BranchResult(step=1123, examples_seen=17968, critical_batch=32, bound="at least",
+                     interval=Interval(32 / math.sqrt(2), math.inf), baseline_batch=16,
+                     delta_examples=1024, tolerance=math.sqrt(2), smoothing=0.5, repeats=3,
+                     lr_rule="mccandlish", lr_noise_scale=115.0, optimizer_state="fresh",
+                     rungs=(), b_simple=115.0, b_noise=None, examples=7744, seconds=4.2,
+                     stopped="budget")
+    pair = BranchPair(115.0, Interval(105.0, 128.0), False, True)
+
+    def basis(read: BranchResult) -> str:
+        inputs = calibrated_inputs(measured, (read,), pair)
+        advice = describe_advice(advisor.advise(inputs), inputs)
+        return with_branches(advice, inputs, read, 115.0, "B_simple",
+                             same_weights=True).recommendation.basis
+
+    assert basis(r).startswith(
+        "B_n = 115 (95% range 49–∞), B_simple at step 1,123: the local critical batch ≥ 32 "
+        "(cut short by the time budget before a rung fell behind) measured by branched runs "
+        "from step 1,123 is a lower bound below it, so it moves nothing; step time")
+    top = dataclasses.replace(r, critical_batch=256, stopped="top",
+                              interval=Interval(256 / math.sqrt(2), math.inf))
+    assert basis(top).startswith(
+        "B_n = 172 (95% range 138–∞), the geometric mean of B_simple = 115 at step 1,123 and "
+        "the local critical batch ≥ 256 measured by branched runs from step 1,123; step time")
+
+
 def test_a_ladder_the_budget_cut_after_one_rung_says_to_raise_the_budget() -> None:
     """One rung finished, then the budget ended: no local critical batch, and the note
     says what would give one (a new user's branch at 30 s said nothing)."""
