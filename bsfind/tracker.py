@@ -562,26 +562,33 @@ def without_replacement(g2: float, trace: float, n: int) -> tuple[float, float]:
 
 
 def epoch_sampled_size(loader: Any) -> int | None:
-    """The examples a DataLoader draws its batches from without replacement (an epoch's
-    shuffle, a sequential pass, a DistributedSampler's shards of one dataset): the
-    ``dataset_size`` of :class:`Tracker`. None when it samples with replacement, from an
-    iterable dataset, or through a sampler this does not know."""
-    from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler
+    """The examples a DataLoader draws its batches from without replacement, in a new
+    order each epoch: the ``dataset_size`` of :class:`Tracker`. A ``RandomSampler``
+    without replacement (an epoch's shuffle, also accelerate's seedable one) or a plain
+    ``DistributedSampler`` (the shards of one shuffle), and N is the size of what that
+    sampler draws from. None for anything else: sampling with replacement, an iterable
+    dataset, a loader without batching (its items are batches), a sequential pass (the
+    same batches every epoch: the window's interval would count repeats as new
+    measurements), Lightning's wrapper of another sampler under DDP, a sampler of one's
+    own (a review found each of the last two read as an epoch's shuffle)."""
+    from torch.utils.data import DistributedSampler, RandomSampler
 
-    dataset = getattr(loader, "dataset", None)
     batches = getattr(loader, "batch_sampler", None)
+    if batches is None:
+        return None
     # the sampler the batches come from: the batch sampler's (a custom batch sampler
     # leaves the loader's own .sampler unused), through one wrapper (accelerate's
     # BatchSamplerShard keeps the batch sampler it shards as .batch_sampler)
-    if batches is not None:
-        s = getattr(getattr(batches, "batch_sampler", batches), "sampler", None)
+    s = getattr(getattr(batches, "batch_sampler", batches), "sampler", None)
+    source: Any
+    if isinstance(s, RandomSampler) and not s.replacement:
+        source = s.data_source
+    elif type(s) is DistributedSampler and s.shuffle:
+        source = s.dataset
     else:
-        s = getattr(loader, "sampler", None)
-    if not (isinstance(s, (SequentialSampler, DistributedSampler))
-            or (isinstance(s, RandomSampler) and not s.replacement)):
         return None
     try:
-        n = len(dataset)  # type: ignore[arg-type]
+        n = len(source)
     except TypeError:
         return None
     return n if n > 1 else None
@@ -1043,7 +1050,7 @@ class Tracker:
             lr: the learning rate now, for the rate at 2B (:func:`bsfind.advisor.scaled_lr`).
             optimizer: an optimizer (instance, class or name) for the rule's family.
             lr_rule: "auto", "linear", "sqrt" or "none".
-            dataset_size: caps the recommendation.
+            dataset_size: caps the recommendation (default: the tracker's).
 
         Returns:
             None before the first record.
@@ -1054,7 +1061,8 @@ class Tracker:
         curve, source = self._timing(timing)
         return doubling_advice(
             self.step, self.batch_now, rec.b_simple, rec.ci95, curve, source, lr=lr,
-            optimizer=optimizer, lr_rule=lr_rule, dataset_size=dataset_size)
+            optimizer=optimizer, lr_rule=lr_rule,
+            dataset_size=dataset_size if dataset_size is not None else self.dataset_size)
 
     @property
     def batch_now(self) -> int:
@@ -1445,8 +1453,9 @@ def track(model: nn.Module, **options: Any) -> Tracker:
     """Start tracking the gradient noise scale of ``model`` in your training loop.
 
     ``options`` are :class:`Tracker`'s (``every``, ``window``, ``batch_size``,
-    ``scaler``, ``log``, ``timing``, ``ddp_comm_hook``; ``step`` and ``examples`` for a
-    run resumed from a checkpoint). Call ``tracker.update(loss)``
+    ``scaler``, ``log``, ``timing``, ``ddp_comm_hook``, ``dataset_size`` for batches
+    drawn without replacement; ``step`` and ``examples`` for a run resumed from a
+    checkpoint). Call ``tracker.update(loss)``
     once per optimizer step after its last backward (before clipping), and
     ``tracker.micro_step()`` after the backward of each other micro-batch when
     accumulating gradients.

@@ -1095,11 +1095,25 @@ def test_which_loaders_draw_without_replacement() -> None:
 
     ds = TensorDataset(torch.zeros(50, 2))
     assert epoch_sampled_size(DataLoader(ds, batch_size=4, shuffle=True)) == 50
-    assert epoch_sampled_size(DataLoader(ds, batch_size=4)) == 50  # sequential
+    # the same batches every epoch: repeats, not new measurements (a review)
+    assert epoch_sampled_size(DataLoader(ds, batch_size=4)) is None
     assert epoch_sampled_size(DataLoader(ds, batch_size=4, sampler=DistributedSampler(
-        ds, num_replicas=2, rank=0))) == 50
+        ds, num_replicas=2, rank=0))) == 50  # the dataset's, not a rank's 25
+    assert epoch_sampled_size(DataLoader(ds, batch_size=4, sampler=DistributedSampler(
+        ds, num_replicas=2, rank=0, shuffle=False))) is None
     assert epoch_sampled_size(DataLoader(ds, batch_size=4, sampler=RandomSampler(
         ds, replacement=True))) is None
+    # N is what the sampler draws from, not the loader's dataset (a review: 1000 for 100)
+    assert epoch_sampled_size(DataLoader(ds, batch_size=4, sampler=RandomSampler(
+        range(10)))) == 10
+
+    class Wrapper(DistributedSampler):  # Lightning's DistributedSamplerWrapper is one
+        pass
+
+    assert epoch_sampled_size(DataLoader(ds, batch_size=4, sampler=Wrapper(
+        ds, num_replicas=2, rank=0))) is None
+    # items that are batches already (no batching): N would count batches, not examples
+    assert epoch_sampled_size(DataLoader(ds, batch_size=None, shuffle=True)) is None
     # a custom batch sampler: the loader's own sequential .sampler is not what it draws by
     assert epoch_sampled_size(DataLoader(ds, batch_sampler=[[0, 1], [2, 3]])) is None
     assert epoch_sampled_size(DataLoader(ds, batch_sampler=BatchSampler(
