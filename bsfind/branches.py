@@ -81,6 +81,7 @@ from bsfind.results import (
     LrSearch,
     LrTrial,
     RunAverage,
+    stalled_orders,
 )
 from bsfind.seeds import Seeds
 from bsfind.training import (
@@ -831,24 +832,15 @@ def best_factor(tried: dict[float, float]) -> float:
     return min(finite, key=lambda f: (finite[f], abs(math.log2(f))))
 
 
-def stalled(losses: dict[float, Sequence[float]], start: float | None) -> set[float]:
-    """The factors whose run on some data order ended no lower than ``start`` (the loss at
-    the weights every run starts from; None: not known), or diverged: a rate that made no
-    progress on one order (a trial's SGD run at the rule's rate fell back to chance, 2.31,
-    on one order, and was kept for beating 0.5x on the other by 5%)."""
-    return {f for f, v in losses.items()
-            if any(not math.isfinite(x) or (start is not None and x >= start) for x in v)}
-
-
 def consistent_factor(losses: dict[float, Sequence[float]],
                       start: float | None = None) -> float:
     """The factor chosen from each factor's losses per data order (the orders paired):
     :func:`best_factor` of the means, stepped back towards the rule's (1) while not every
     data order agrees that it beats its neighbour towards 1. A rate is moved off the
     rule's only as far as the evidence is consistent: with 2 data orders, a sign test.
-    A factor that :func:`stalled` on some order is chosen only when every one did, and
-    the step back never goes to one."""
-    failed = stalled(losses, start)
+    A factor that stalled on some order (:func:`~bsfind.results.stalled_orders`) is chosen
+    only when every one did, and the step back never goes to one."""
+    failed = set(stalled_orders(losses, start))
     steady = {k: v for k, v in losses.items() if k not in failed} or losses
     f = best_factor({k: statistics.fmean(v) for k, v in steady.items()})
     while f != 1.0:

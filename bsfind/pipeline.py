@@ -40,6 +40,7 @@ from bsfind.training import host_weights, kept_buffers_and_grads, offloaded
 from bsfind.workload import (
     Workload,
     model_loss,
+    spread_indices,
     text_inputs,
     uneven_token_weights,
 )
@@ -64,18 +65,23 @@ LR_SHARE = 0.1
 
 
 SUM_CHECK_EXAMPLES = 8
-SUMMED = (1.7, 2.3)  # the repeated batch's loss over the batch's, for a sum over examples
+SUMMED = (1.7, 2.3)  # the loss of the batch repeated twice over the batch's, for a sum
+LINEAR = (1.8, 2.2)  # (thrice - once) over (twice - once): 2 for a sum, log 3/log 2 = 1.58
+#                      for an in-batch contrastive loss, which repeating moves by log k
 
 
 def summed_over_batch(job: Workload) -> float | None:
-    """The loss of SUM_CHECK_EXAMPLES examples repeated twice over theirs, when it says
-    the loss adds up its examples (``reduction='sum'``) instead of averaging them: a mean
-    over the batch is the same for the batch repeated (BatchNorm's batch statistics too),
-    a sum doubles; a loss over the batch as a whole, such as a contrastive one with
-    in-batch negatives, moves by its log term. Dropout modules are off for the two
-    forwards (other randomness in forward moves both a little). Else None; a model or
-    loss that fails on these batches, or a loss that is not finite, is left to the
-    measurement. BatchNorm's running statistics, which the forwards update, are put back."""
+    """The loss of SUM_CHECK_EXAMPLES examples repeated twice over theirs, when the loss
+    adds up its examples (``reduction='sum'``) instead of averaging them: a mean over the
+    batch is the same for the batch repeated, a sum doubles, and grows in proportion
+    (thrice: three times). A loss over the batch as a whole, such as a contrastive one
+    with in-batch negatives, moves by log k for k repeats: twice can look doubled (L + log
+    2 over L is 2 at L = 0.69: a review's CLIP-style loss), thrice then moves by less than
+    twice as much again. The model runs in eval mode for the three forwards (dropout,
+    functional or not, and stochastic depth off; BatchNorm on its running statistics:
+    each example's output does not depend on the batch), its modes and buffers put back.
+    Else None; a model or loss that fails on these batches, or a loss that is not finite,
+    is left to the measurement."""
     import torch
 
     from bsfind.errors import HardwareError, UserCodeError
@@ -83,38 +89,35 @@ def summed_over_batch(job: Workload) -> float | None:
 
     if len(job) < 1:
         return None
-    idx = torch.linspace(0, len(job) - 1, min(len(job), SUM_CHECK_EXAMPLES)).long()
+    idx = spread_indices(len(job), SUM_CHECK_EXAMPLES)
     try:
         # (under a caller's inference_mode too, what is put back is a normal tensor)
         with (torch.inference_mode(False), torch.no_grad(), kept_buffers_and_grads(job.model),
-              _dropout_off(job.model)):
-            one, two = float(job.loss(idx)), float(job.loss(torch.cat([idx, idx])))
+              _eval_mode(job.model)):
+            one, two, three = (float(job.loss(idx.repeat(k))) for k in (1, 2, 3))
     except (UserCodeError, HardwareError):
         return None
     except RuntimeError as exc:
         if is_oom(exc):
             return None
         raise
-    if not (math.isfinite(one) and math.isfinite(two)) or one == 0:
+    if not all(math.isfinite(v) for v in (one, two, three)) or one == 0 or two == one:
         return None
-    ratio = two / one
-    return ratio if SUMMED[0] <= ratio <= SUMMED[1] else None
+    ratio, linear = two / one, (three - one) / (two - one)
+    return (ratio if SUMMED[0] <= ratio <= SUMMED[1] and LINEAR[0] <= linear <= LINEAR[1]
+            else None)
 
 
 @contextlib.contextmanager
-def _dropout_off(model: torch.nn.Module) -> Iterator[None]:
-    """The model's dropout modules in eval mode for the block, the rest as it is."""
-    from torch import nn
-
-    on = [m for m in model.modules()
-          if isinstance(m, nn.modules.dropout._DropoutNd) and m.training]
-    for m in on:
-        m.eval()
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The whole model in eval mode for the block; each module's own mode put back."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
     try:
         yield
     finally:
-        for m in on:
-            m.train()
+        for m, training in modes:
+            m.training = training
 
 
 def item_warnings(job: Workload) -> list[str]:

@@ -10,7 +10,7 @@ Each measured number says where it came from (``source``: "measured" or
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -700,3 +700,38 @@ class LrSearch:
     notes: tuple[str, ...] = ()
     micro_batch: int | None = None
     start_loss: float | None = None
+
+
+# A learning rate stalled on a data order when, where another rate cut the loss from the
+# runs' start by at least this share of it, it made less than this share of that cut.
+STALL_SHARE = 0.1
+
+
+def stalled_orders(losses: Mapping[float, Sequence[float]], start: float | None
+                   ) -> dict[float, tuple[int, ...]]:
+    """The learning-rate search's factors that stalled (:data:`STALL_SHARE`), each with the
+    data orders (0-based) it stalled on; a diverged run counts on its order whatever
+    ``start`` (the loss at the weights every run starts from; None: not known).
+
+    A trial's SGD run at the rule's rate fell back to chance on one order (2.309 from
+    2.306, where 0.5x reached 0.50) and was kept for beating 0.5x on the other by 5%; a
+    review's ended at chance just below a start above it (2.284), so the rule asks for a
+    share of the best progress, not merely a lower loss. Where no rate cut the loss by
+    that share (late in a run, losses within noise of the start), nothing stalls."""
+    out: dict[float, tuple[int, ...]] = {}
+    for f, ends in losses.items():
+        orders = []
+        for k, end in enumerate(ends):
+            if not math.isfinite(end):
+                orders.append(k)
+                continue
+            if start is None:
+                continue
+            cuts = [start - other[k] for g, other in losses.items()
+                    if g != f and k < len(other) and math.isfinite(other[k])]
+            best = max(cuts, default=0.0)
+            if best >= STALL_SHARE * abs(start) and start - end < STALL_SHARE * best:
+                orders.append(k)
+        if orders:
+            out[f] = tuple(orders)
+    return out

@@ -95,8 +95,9 @@ class Growth:
         """The examples at which B_n(E) reaches ``b_n`` (None: not within [e_lo, e_cap])."""
         if self.p <= 0 or b_n <= self.at(self.e_lo):
             return None if b_n > self.at(self.e_lo) else self.e_lo
-        e = (b_n / self.a) ** (1.0 / self.p)
-        return e if e <= self.e_cap else None
+        # in logs: a nearly flat growth (p ~ 1e-4) puts e far past any float (a review)
+        log_e = math.log(b_n / self.a) / self.p
+        return math.exp(log_e) if log_e <= math.log(self.e_cap) else None
 
 
 def fit_growth(points: Sequence[tuple[float, float]], bounds_at: Collection[float] = ()

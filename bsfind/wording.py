@@ -64,12 +64,12 @@ def token_mean(model_loss: bool) -> str:
             "GPT-2 in a trial); use a loss that averages each example's tokens first "
             "(README: \"Per-token losses on padded batches\")")
 def summed_loss(ratio: float) -> str:
-    """A loss that adds up a batch's examples (:func:`bsfind.workload.summed_over_batch`)."""
+    """A loss that adds up a batch's examples (:func:`bsfind.pipeline.summed_over_batch`)."""
     return (f"the loss of a batch repeated twice is {ratio:.2f}x the batch's: it adds up "
             "the examples (reduction='sum'?) where bsfind expects their mean. The noise "
-            "scale is the same either way, but the gradient grows with the batch, so the "
-            "learning rates measured and advised are not comparable across batch sizes; "
-            "average over the batch (reduction='mean')")
+            "scale is the same either way, and so is an Adam-family step, but an SGD step "
+            "grows with the batch, so SGD's learning rates measured and advised are not "
+            "comparable across batch sizes; average over the batch (reduction='mean')")
 
 
 LR_SEARCH_CUT_ONE = ("the time budget ended the learning-rate search after its first "
@@ -1018,18 +1018,29 @@ def describe_lr_search(r: LrSearch, lowest_mean: float | None = None) -> LrSearc
     factor with the lowest mean loss) is not the one chosen, why."""
     import dataclasses
 
+    from bsfind.results import stalled_orders
+
     notes = []
+    stalled = stalled_orders({t.factor: t.losses for t in r.trials}, r.start_loss)
+    every_stalled = len(r.trials) > 1 and len(stalled) == len(r.trials) and any(
+        math.isfinite(t.loss) for t in r.trials)
     for t in r.trials:
         if not math.isfinite(t.loss):
             notes.append(f"{t.factor:g}x the rule's learning rate ({t.learning_rate:.3g}) "
                          "diverged")
-        elif r.start_loss is not None and (no := [
-                k for k, x in enumerate(t.losses, 1) if x >= r.start_loss]):
+        elif t.factor in stalled:
+            no = stalled[t.factor]
+            which = (f"data order {no[0] + 1}" if len(no) == 1 else
+                     "data orders " + " and ".join(str(k + 1) for k in no))
             notes.append(
-                f"{t.factor:g}x the rule's learning rate ({t.learning_rate:.3g}) made no "
-                f"progress on data order {', '.join(map(str, no))} of {len(t.losses)} "
-                f"(loss {', '.join(f'{t.losses[k - 1]:.3g}' for k in no)} from "
-                f"{r.start_loss:.3g} where the runs start): not chosen while another rate did")
+                f"{t.factor:g}x the rule's learning rate ({t.learning_rate:.3g}) made little "
+                f"or no progress on {which} of {len(t.losses)} (loss "
+                f"{', '.join(f'{t.losses[k]:.4g}' for k in no)} from {r.start_loss:.4g} where "
+                "the runs start, while another rate cut it by more)"
+                + ("" if every_stalled else ": not chosen"))
+    if every_stalled:
+        notes.append("every learning rate tried made little progress on some data order: "
+                     "the choice is among them, as far as every data order agrees")
     if r.stopped == "diverged":
         lowest = min(t.factor for t in r.trials)
         notes.append(f"every learning rate tried diverged, down to {lowest:g}x the rule's: "
@@ -1048,7 +1059,8 @@ def describe_lr_search(r: LrSearch, lowest_mean: float | None = None) -> LrSearc
     elif r.stopped == "out of memory":
         notes.append(f"batch {r.batch_size:,} ran out of memory during the learning-rate "
                      "search: the best of the learning rates that finished")
-    if lowest_mean is not None and lowest_mean != r.factor and r.stopped != "diverged":
+    if (lowest_mean is not None and lowest_mean != r.factor and r.stopped != "diverged"
+            and (every_stalled or lowest_mean not in stalled)):
         notes.append(f"{lowest_mean:g}x the rule's had the lowest mean loss, but not on "
                      f"every data order against its neighbour: {r.factor:g}x kept")
     if r.stopped == "limit":

@@ -625,6 +625,15 @@ TOKEN_CHECK_EXAMPLES = 32
 IGNORE_INDEX = -100
 
 
+def spread_indices(n: int, k: int) -> torch.Tensor:
+    """``min(n, k)`` indices spread evenly over 0..n-1, ends included, in integers (a
+    float32 linspace rounded the last past n - 1 for some n over 2^24: a review)."""
+    k = min(n, k)
+    if k <= 1:
+        return torch.zeros(k, dtype=torch.long)
+    return torch.arange(k, dtype=torch.long) * (n - 1) // (k - 1)
+
+
 def uneven_token_weights(job: Workload) -> bool:
     """``loss: model`` (a mean over a batch's tokens, as Hugging Face's) or the built-in
     ``cross_entropy`` (which flattens (B, T) targets: the same mean) on examples that
@@ -635,7 +644,7 @@ def uneven_token_weights(job: Workload) -> bool:
     assume. Looks at TOKEN_CHECK_EXAMPLES spread over the dataset."""
     if job.loss_fn not in (model_loss, cross_entropy) or len(job) < 2:
         return False
-    idx = torch.linspace(0, len(job) - 1, min(len(job), TOKEN_CHECK_EXAMPLES)).long()
+    idx = spread_indices(len(job), TOKEN_CHECK_EXAMPLES)
     _, y = job.batch(idx)
     if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.is_floating_point():
         return False

@@ -540,19 +540,33 @@ def test_a_loss_that_adds_up_the_batch_is_warned_about() -> None:
     summed = Workload.from_objects(
         net, ds, lambda out, t: F.cross_entropy(out, t, reduction="sum"))
     ratio = summed_over_batch(summed)
-    assert ratio == pytest.approx(2.0, rel=1e-5)  # dropout off for the check
-    assert all(m.training for m in net.modules())
+    assert ratio == pytest.approx(2.0, rel=1e-5)  # eval mode for the check: no dropout
+    assert all(m.training for m in net.modules())  # and the modes put back
+    net[3].eval()  # a module the caller left in eval mode stays so
+    summed_over_batch(summed)
+    assert [m.training for m in net] == [True, True, True, False, True]
+    net[3].train()
     assert all(torch.equal(a, b) for a, b in zip(before, net.buffers(), strict=True))
     assert [w for w in item_warnings(summed) if "reduction='sum'" in w] == [
         "the loss of a batch repeated twice is 2.00x the batch's: it adds up the "
         "examples (reduction='sum'?) where bsfind expects their mean. The noise scale is the "
-        "same either way, but the gradient grows with the batch, so the learning rates "
-        "measured and advised are not comparable across batch sizes; average over the "
-        "batch (reduction='mean')"]
+        "same either way, and so is an Adam-family step, but an SGD step grows with the "
+        "batch, so SGD's learning rates measured and advised are not comparable across "
+        "batch sizes; average over the batch (reduction='mean')"]
     assert summed_over_batch(Workload.from_objects(net, ds, F.cross_entropy)) is None
 
     def squares_summed_per_example(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return ((out - F.one_hot(t, 3)) ** 2).sum(1).mean()
 
     assert summed_over_batch(Workload.from_objects(net, ds, squares_summed_per_example)) is None
+
+    def in_batch_contrastive(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # every example against the batch's others (CLIP-style): repeating the batch adds
+        # log k, and at a loss near 0.69 twice the batch reads doubled (a review)
+        z = F.normalize(out, dim=1)
+        logits = z @ z.T / 0.05
+        return F.cross_entropy(logits, torch.arange(len(z)))
+
+    contrastive = Workload.from_objects(net, ds, in_batch_contrastive)
+    assert summed_over_batch(contrastive) is None
     assert not item_warnings(Workload.from_objects(net, ds, F.cross_entropy))
