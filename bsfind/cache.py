@@ -13,6 +13,7 @@ reader never sees a partial file, even if the writer is killed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -68,7 +69,8 @@ def cache_key(
         source_files: files whose bytes count (order and duplicates do not
             matter; a missing file counts as "missing", not as an error).
         hardware: a fingerprint of the device (name, memory, driver, ...).
-        version: the bsfind version.
+        version: the bsfind version (bsfind's own source files count too:
+            :func:`code_digest`).
 
     Returns:
         64 hexadecimal characters.
@@ -85,6 +87,20 @@ def cache_key(
             _update(h, b"missing", b"")
     _update(h, b"hardware", hardware.encode("utf-8"))
     _update(h, b"version", version.encode("utf-8"))
+    _update(h, b"code", code_digest().encode("utf-8"))
+    return h.hexdigest()
+
+
+@functools.cache
+def code_digest() -> str:
+    """sha256 of bsfind's own source files: a result measured by other code is not reused
+    (a review: the version alone, unchanged between commits, served an upgraded install
+    the old learning-rate choice and warm-up)."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        _update(h, b"path", str(path.relative_to(root)).encode("utf-8"))
+        _update(h, b"file", path.read_bytes())
     return h.hexdigest()
 
 

@@ -443,3 +443,13 @@ def test_the_key_hashes_a_factory_files_own_folder_first(tmp_path: Path) -> None
         (vendored / f"m{i:03d}.py").write_text("")
     found = source_files_under(tmp_path, limit=20)
     assert len(found) == 20 and {tmp_path / "layers.py", tmp_path / "model.py"} <= set(found)
+
+
+def test_bsfind_code_counts_in_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review: the version alone (0.1.0 across commits) let an upgraded bsfind serve
+    results its old code measured."""
+    digest = cache.code_digest()
+    assert len(digest) == 64 and int(digest, 16) >= 0 and digest == cache.code_digest()
+    before = _key([])
+    monkeypatch.setattr(cache, "code_digest", lambda: "0" * 64)
+    assert _key([]) != before
