@@ -1053,12 +1053,7 @@ def test_the_branch_read_is_paired_with_the_noise_scale_at_its_own_weights() -> 
                              noise_step=256, noise_summary_of=(256, 512, 1123),
                              baseline_batch=16, baseline_lr=0.05, optimizer_family="sgd",
                              dataset_size=1797)
-    r = BranchResult(step=1123, examples_seen=17968, critical_batch=256, bound="at least",
-                     interval=Interval(256 / math.sqrt(2), math.inf), baseline_batch=16,
-                     delta_examples=1024, tolerance=math.sqrt(2), smoothing=0.5, repeats=3,
-                     lr_rule="mccandlish", lr_noise_scale=115.0, optimizer_state="fresh",
-                     rungs=(), b_simple=115.0, b_noise=None, examples=15360, seconds=4.0,
-                     stopped="top")
+    r = _read_at_1123(256, examples=15360, seconds=4.0, stopped="top")
     pair = branch_pair(points, r, measured)
     assert pair == (115.0, Interval(105.0, 128.0), False, True)
     got = calibrated_inputs(measured, (r,), pair)
@@ -1072,6 +1067,17 @@ def test_the_branch_read_is_paired_with_the_noise_scale_at_its_own_weights() -> 
     elsewhere = dataclasses.replace(r, step=1000, examples_seen=16000)
     assert branch_pair(points, elsewhere, measured) == (107.0, Interval(39.0, 128.0), False,
                                                         False)
+
+
+def _read_at_1123(critical: int, *, examples: int, seconds: float, stopped: str
+                  ) -> BranchResult:
+    """A one-sided branch read "≥ critical" at a trial's step 1,123 (B0 = 16, B_simple 115)."""
+    return BranchResult(step=1123, examples_seen=17968, critical_batch=critical,
+                        bound="at least", interval=Interval(critical / math.sqrt(2), math.inf),
+                        baseline_batch=16, delta_examples=1024, tolerance=math.sqrt(2),
+                        smoothing=0.5, repeats=3, lr_rule="mccandlish", lr_noise_scale=115.0,
+                        optimizer_state="fresh", rungs=(), b_simple=115.0, b_noise=None,
+                        examples=examples, seconds=seconds, stopped=stopped)
 
 
 def test_a_bound_on_the_side_the_noise_scale_lies_is_said_to_move_nothing() -> None:
@@ -1091,12 +1097,7 @@ def test_a_bound_on_the_side_the_noise_scale_lies_is_said_to_move_nothing() -> N
         baseline_batch=16, baseline_lr=0.05, optimizer_family="sgd", dataset_size=1797,
         timing=TimingCurve(points=(), t0=7e-4, per_example=3.3e-5, r2=1.0,
                            source="measured"))
-    r = BranchResult(step=1123, examples_seen=17968, critical_batch=32, bound="at least",
-                     interval=Interval(32 / math.sqrt(2), math.inf), baseline_batch=16,
-                     delta_examples=1024, tolerance=math.sqrt(2), smoothing=0.5, repeats=3,
-                     lr_rule="mccandlish", lr_noise_scale=115.0, optimizer_state="fresh",
-                     rungs=(), b_simple=115.0, b_noise=None, examples=7744, seconds=4.2,
-                     stopped="budget")
+    r = _read_at_1123(32, examples=7744, seconds=4.2, stopped="budget")
     pair = BranchPair(115.0, Interval(105.0, 128.0), False, True)
 
     def basis(read: BranchResult) -> str:
