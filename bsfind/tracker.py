@@ -544,12 +544,17 @@ def resume_log_on_every_rank(path: Path | None, step: int, examples: int) -> Non
 
 
 def check_dataset_size(n: Any) -> int | None:
-    """Validate :class:`Tracker`'s ``dataset_size``: None, or an integer of at least 2."""
+    """Validate :class:`Tracker`'s ``dataset_size``: None, or an integer of at least 2
+    (a numpy integer too)."""
     if n is None:
         return None
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+    try:
+        value = operator.index(n) if not isinstance(n, bool) else None
+    except TypeError:
+        value = None
+    if value is None or value < 2:
         raise ValueError(f"dataset_size must be an integer >= 2, got {n!r}")
-    return int(n)
+    return value
 
 
 def without_replacement(g2: float, trace: float, n: int) -> tuple[float, float]:

@@ -1125,5 +1125,10 @@ def test_which_loaders_draw_without_replacement() -> None:
 
     assert epoch_sampled_size(DataLoader(Stream(), batch_size=None)) is None
     assert epoch_sampled_size(None) is None
-    with pytest.raises(ValueError, match="dataset_size must be an integer >= 2"):
-        track(_model(), dataset_size=1)
+    for bad in (1, 2.5, True, "50"):
+        with pytest.raises(ValueError, match="dataset_size must be an integer >= 2"):
+            track(_model(), dataset_size=bad)
+    import numpy as np
+
+    with track(_model(), dataset_size=np.int64(50)) as tracker:
+        assert tracker.dataset_size == 50
