@@ -593,8 +593,8 @@ def warmup_text(batch: int, b0: int, lr0: float, lr: float, steps: int) -> str:
 
     return (f"the batch grows {batch / b0:.0f}x: ramp the learning rate linearly from "
             f"{lr0:.3g} to {lr:.3g} over the first {steps:,} steps at batch {batch} "
-            f"({WARMUP_EPOCHS} epochs, at most 1/18 of the planned run: Goyal et al. 2017's "
-            f"{WARMUP_EPOCHS} of 90)")
+            f"(Goyal et al. 2017's warm-up: {WARMUP_EPOCHS} epochs of their 90, or 1/18 of "
+            "the planned run when that is shorter)")
 
 
 def absolute_text(a: AbsolutePrediction) -> str:
