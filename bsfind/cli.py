@@ -22,6 +22,7 @@ import os
 import platform
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
@@ -159,6 +160,7 @@ def _guard(
         stderr.print("interrupted", markup=False)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except BsfindError as exc:
+        _remember(exc)
         failed("error", exc.message, exc.hint, exc.exit_code,
                exc.problems if isinstance(exc, SpecError) else None)
         _fail(exc, debug)
@@ -179,6 +181,12 @@ def _guard(
         failed("error", message, hint, EXIT_INTERNAL)
         _print_error(_one_line(f"{type(exc).__name__}: {exc}"), hint, "internal error")
         raise typer.Exit(EXIT_INTERNAL) from None
+
+
+def _remember(exc: BsfindError) -> None:
+    """Keep the error in words for a silenced rank's own line (_failed_secondary_exit)."""
+    global _LAST_ERROR
+    _LAST_ERROR = _one_line(str(exc))
 
 
 def _error_doc(status: str, message: str, hint: str | None, code: int,
@@ -1077,20 +1085,48 @@ def _secondary_rank() -> bool:
     return launch.is_secondary_rank()
 
 
+# A secondary rank's own stderr, kept while it is silenced (_failed_secondary_exit).
+_RANK_STDERR: int | None = None
+# The last error a command ended with, in words (a silenced rank's, for its own line).
+_LAST_ERROR: str | None = None
+# Seconds a failing secondary rank waits before it exits (env: BSFIND_RANK_GRACE).
+RANK_GRACE = 10.0
+
+
 def _silence_secondary_rank() -> None:
     """Point a secondary rank's stdout and stderr (fds 1, 2) at /dev/null.
 
     Rank 0 prints the one report (and any rank's error); $BSFIND_RANK_OUTPUT=all
     keeps every rank's output for debugging.
     """
+    global _RANK_STDERR
     if not _secondary_rank() or os.environ.get(launch.RANK_OUTPUT_ENV) == "all":
         return
     sys.stdout.flush()
     sys.stderr.flush()
+    _RANK_STDERR = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
     os.close(devnull)
+
+
+def _failed_secondary_exit(code: int) -> None:
+    """A silenced secondary rank that failed waits RANK_GRACE seconds before it exits.
+    An error every rank meets before they coordinate (a bad or missing spec) then reaches
+    the user from rank 0, which prints it: exiting at once, the secondary rank made
+    torchrun stop rank 0 before it printed, and the user saw only torchrun's traceback
+    (a trial: 2 runs in 8). Rank 0 failing too, torchrun ends this wait; else the error
+    was this rank's alone, and it says it on its own stderr."""
+    if _RANK_STDERR is None or code == 0:
+        return
+    try:
+        grace = float(os.environ.get("BSFIND_RANK_GRACE", RANK_GRACE))
+    except ValueError:
+        grace = RANK_GRACE
+    time.sleep(max(0.0, grace))
+    text = _LAST_ERROR or f"exited with code {code}"
+    os.write(_RANK_STDERR, f"error (rank {launch.rank()}): {text}\n".encode())
 
 
 def _app() -> None:
@@ -1131,6 +1167,7 @@ def main() -> None:
             code = 1
     sys.stdout.flush()
     sys.stderr.flush()
+    _failed_secondary_exit(code)
     os._exit(code)
 
 

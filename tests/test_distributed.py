@@ -318,3 +318,26 @@ def test_a_failure_leaves_the_ranks_sigterm_handler_as_it_was() -> None:
                 p.kill()
     for out, err in outs:
         assert "caught True" in out and "same handler True" in out, (out, err)
+
+
+def test_a_secondary_rank_that_fails_alone_waits_then_says_why(tmp_path: Path) -> None:
+    """A bad spec fails every rank before they coordinate. Rank 1 used to exit at once,
+    and torchrun then stopped rank 0 before it printed: the user saw only torchrun's
+    traceback (a trial: 2 runs in 8). A failing secondary rank now waits its grace
+    (torchrun ends it once rank 0 has failed and printed), and when nothing ends it,
+    says the error itself on its own stderr."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env.update(RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", BSFIND_RANK_GRACE="1.5",
+               PYTHONPATH=str(ROOT))
+    start = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "bsfind", "recommend", "missing.yaml"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - start
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("error (rank 1): ") and "missing.yaml" in r.stderr, r.stderr
+    assert took >= 1.5
+    # rank 0 says the same at once, as before
+    env.update(RANK="0", LOCAL_RANK="0")
+    r = subprocess.run([sys.executable, "-m", "bsfind", "recommend", "missing.yaml"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "missing.yaml" in r.stderr and "(rank" not in r.stderr
