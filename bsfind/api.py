@@ -24,7 +24,7 @@ import torch
 
 from bsfind import launch, pipeline, wording
 from bsfind.budget import Deadline, ProgressFn
-from bsfind.errors import HardwareError, UserCodeError
+from bsfind.errors import HardwareError, UsageError, UserCodeError
 from bsfind.noise.probe import ProbeOptions
 from bsfind.report import Report
 from bsfind.results import NoiseEstimate
@@ -53,7 +53,18 @@ def measure(spec: Spec, progress: ProgressFn | None = None) -> Report:
 
 def branch(spec: Spec, progress: ProgressFn | None = None) -> Report:
     """The noise probe(s), then the critical batch by branched runs from the probe point:
-    the ``bsfind branch`` command (``bsfind.branches``)."""
+    the ``bsfind branch`` command (``bsfind.branches``).
+
+    Raises:
+        UsageError: under torchrun, where the branched runs are not measured (a trial's
+            ``torchrun ... branch`` exited 0 with no branch and a warning naming a key).
+    """
+    if launch.requested():
+        raise UsageError(
+            "bsfind branch measures the branched runs in a single process only, and this is "
+            "one rank of a distributed launch",
+            hint="run bsfind branch without torchrun (one device); under torchrun, "
+                 "bsfind noise measures the noise scale")
     return _execute(spec, "branch", progress)
 
 

@@ -341,3 +341,17 @@ def test_a_secondary_rank_that_fails_alone_waits_then_says_why(tmp_path: Path) -
     r = subprocess.run([sys.executable, "-m", "bsfind", "recommend", "missing.yaml"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "missing.yaml" in r.stderr and "(rank" not in r.stderr
+
+
+def test_branch_under_torchrun_stops_with_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trial: `torchrun ... bsfind branch` exited 0, status ok, with no branch measured
+    and only a warning naming probe.branches."""
+    from bsfind.api import branch
+    from bsfind.errors import EXIT_SPEC, UsageError
+    from bsfind.spec import load_spec
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="single process only") as caught:
+        branch(load_spec(str(ROOT / "tests" / "assets" / "good.yaml")))
+    assert caught.value.exit_code == EXIT_SPEC and "without torchrun" in str(caught.value)
