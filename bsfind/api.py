@@ -184,19 +184,30 @@ def measure_noise_scale(
     from bsfind.tracker import paused_on
     from bsfind.workload import LOSSES, near_name
 
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(loss_fn, str):
         if loss_fn not in LOSSES:
             raise ValueError(f"loss_fn {loss_fn!r}: {near_name(loss_fn, LOSSES)}expected a "
                              f"function or one of {', '.join(LOSSES)}")
         loss_fn = LOSSES[loss_fn]
+    if isinstance(loss_fn, type):  # nn.CrossEntropyLoss, not nn.CrossEntropyLoss()
+        raise ValueError(f"loss_fn: got the class {loss_fn.__name__}, not a loss: pass an "
+                         f"instance ({loss_fn.__name__}()) or a function")
     batch_size = _check_probe_arguments(method, batch_size, target_rel_error, max_seconds)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed: expected an integer, got {seed!r}")
     job = Workload.from_objects(model, dataset, loss_fn, collate=collate_fn)
     # BatchNorm in training mode: micro-batches of the batch it trains with, as the CLI
     # measures (a trial's ResNet got micro-batches of batch_size // 8 and no warning)
     norm = pipeline.batchnorm_batch(model, batch_size)
     opts = ProbeOptions(method=method, batch_size=batch_size,
                         target_rel_error=target_rel_error, norm_batch=norm)
-    with paused_on(model):  # a tracker of the same model neither counts nor meets it
+    # a tracker of the same model neither counts nor meets it; the global RNG, which the
+    # model's dropout draws from, is put back (a trial: a mid-run check moved every later
+    # dropout mask and shuffle)
+    devices = [job.device.index or 0] if job.device.type == "cuda" else []
+    with paused_on(model), torch.random.fork_rng(devices=devices):
         est = noise_scale_at(job, opts, seed=seed, max_seconds=max_seconds,
                              progress=progress)
     # what the CLI says on stderr about the same measurement, as Python warnings
@@ -204,6 +215,8 @@ def measure_noise_scale(
                                         baseline_batch=batch_size, from_checkpoint=True,
                                         advice=False, norm_batch=norm)
                  + ([] if model.training else [wording.EVAL_MODE])
+                 + ([wording.api_budget(est.rel_half_width, target_rel_error)]
+                    if est.stopped == "budget" else [])
                  + pipeline.item_warnings(job)):
         warnings.warn(f"bsfind: {text}", UserWarning, stacklevel=2)
     return est

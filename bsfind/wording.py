@@ -76,6 +76,14 @@ LR_SEARCH_CUT_ONE = ("the time budget ended the learning-rate search after its f
                      "learning rate, with none to compare it with: the report is partial, "
                      "and the learning rate is the rule's (a larger probe.max_seconds lets it "
                      "finish)")
+def api_budget(rel_half_width: float, target: float) -> str:
+    """measure_noise_scale stopped by max_seconds before its interval was narrow enough."""
+    width = (f"±{rel_half_width * 100:.2g}%" if math.isfinite(rel_half_width)
+             else "unbounded")
+    return (f"max_seconds ran out before the interval reached ±{target * 100:.2g}% (it is "
+            f"{width}; stopped='budget'): raise max_seconds for a narrower one")
+
+
 BUDGET_RAN_OUT = ("the time budget ran out: results are partial (marked in the table and "
                   "JSON); raise probe.max_seconds for a complete run")
 

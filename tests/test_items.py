@@ -570,3 +570,36 @@ def test_a_loss_that_adds_up_the_batch_is_warned_about() -> None:
     contrastive = Workload.from_objects(net, ds, in_batch_contrastive)
     assert summed_over_batch(contrastive) is None
     assert not item_warnings(Workload.from_objects(net, ds, F.cross_entropy))
+
+
+def test_the_python_api_keeps_the_rng_checks_arguments_and_warns_on_a_cut_probe() -> None:
+    """A notebook user's trial: dropout in training mode moved the global RNG (every later
+    mask and shuffle); a probe the budget stopped returned silently; a class given as the
+    loss, a non-module model and a float seed failed with torch's own errors."""
+    import warnings
+
+    from torch import nn
+
+    from bsfind import measure_noise_scale
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+    data = torch.utils.data.TensorDataset(torch.randn(256, 8), torch.randint(0, 3, (256,)))
+    before = torch.get_rng_state()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        est = measure_noise_scale(model, data, F.cross_entropy, batch_size=16,
+                                  target_rel_error=1e-4, max_seconds=2)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert est.stopped == "budget"
+    assert [str(w.message) for w in caught if "max_seconds ran out" in str(w.message)] == [
+        f"bsfind: max_seconds ran out before the interval reached ±0.01% (it is "
+        f"±{est.rel_half_width * 100:.2g}%; stopped='budget'): raise max_seconds for a "
+        "narrower one"]
+    for kwargs, match in ((dict(loss_fn=nn.CrossEntropyLoss), "got the class CrossEntropyLoss"),
+                          (dict(seed=1.5), "seed: expected an integer"),
+                          (dict(model=lambda x: x), "model: expected a torch.nn.Module")):
+        args: dict = {**dict(model=model, dataset=data, loss_fn=F.cross_entropy), **kwargs}
+        with pytest.raises(ValueError, match=match):
+            measure_noise_scale(args.pop("model"), args.pop("dataset"), args.pop("loss_fn"),
+                                **args)
