@@ -358,9 +358,18 @@ class TrackerAdvice:
 
 
 def _curve(timing: TimingCurve | tuple[float, float]) -> TimingCurve:
+    """A given step-time curve, checked: (t0, c) two finite numbers >= 0, not both 0 (a
+    trial's (-1, 0.1) was taken and never doubled; (0, 0) was dropped silently)."""
     if isinstance(timing, TimingCurve):
         return timing
-    t0, c = (float(v) for v in timing)
+    try:
+        t0, c = (float(v) for v in timing)
+    except (TypeError, ValueError):
+        raise ValueError(f"timing: expected (t0, c), seconds per step t0 + c·B, got "
+                         f"{timing!r}") from None
+    if not (math.isfinite(t0) and math.isfinite(c) and t0 >= 0 and c >= 0 and t0 + c > 0):
+        raise ValueError(f"timing: t0 and c must be finite, >= 0 and not both 0, got "
+                         f"{timing!r}")
     return TimingCurve(points=(), t0=t0, per_example=c, r2=math.nan, source="given")
 
 
@@ -459,11 +468,33 @@ class Doubling:
 
 
 def check_tracking_options(every: int | None, window: int) -> None:
-    """Validate :class:`Tracker`'s ``every`` and ``window`` (the message names them)."""
-    if every is not None and every < 1:
-        raise ValueError(f"every must be >= 1, got {every}")
-    if window < 2:
-        raise ValueError(f"window must be >= 2 measurements, got {window}")
+    """Validate :class:`Tracker`'s ``every`` and ``window`` (the message names them):
+    integers (a numpy one too), every >= 1 and window >= 2."""
+    def whole(value: Any) -> int | None:
+        try:
+            return None if isinstance(value, bool) else operator.index(value)
+        except TypeError:
+            return None
+
+    if every is not None and ((n := whole(every)) is None or n < 1):
+        raise ValueError(f"every must be an integer >= 1, got {every!r}")
+    if (n := whole(window)) is None or n < 2:
+        raise ValueError(f"window must be an integer >= 2 measurements, got {window!r}")
+
+
+def check_batch_and_log(batch_size: Any, log: str | Path | None) -> None:
+    """Validate :class:`Tracker`'s ``batch_size`` (an integer >= 1, or None) and ``log``
+    (not a folder: found when the tracker is made, not at its first record)."""
+    if batch_size is not None:
+        try:
+            n = None if isinstance(batch_size, bool) else operator.index(batch_size)
+        except TypeError:
+            n = None
+        if n is None or n < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if log is not None and Path(log).is_dir():
+        raise ValueError(f"log: {log} is a folder; give a file path, e.g. "
+                         f"{Path(log) / 'noise.jsonl'}")
 
 
 def check_resume(step: Any, examples: Any) -> tuple[int, int]:
@@ -800,8 +831,7 @@ class Tracker:
         check_tracking_options(every, window)
         step, examples = check_resume(step, examples)
         self.dataset_size = check_dataset_size(dataset_size)
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_batch_and_log(batch_size, log)
         ddp = _ddp_of(model)
         self.world = ddp.process_group.size() if ddp is not None and _world() > 1 else 1
         if ddp is None and _world() > 1:

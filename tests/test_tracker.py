@@ -606,11 +606,23 @@ def test_a_repeated_micro_step_after_the_last_backward_is_harmless() -> None:
     assert [(r.b_small, r.b_big) for r in tracker.records] == [(8, 16)] * 3
 
 
-def test_bad_arguments_are_refused() -> None:
-    with pytest.raises(ValueError, match="every must be >= 1"):
-        track(_model(), every=0)
-    with pytest.raises(ValueError, match="window must be >= 2"):
+def test_bad_arguments_are_refused(tmp_path: Path) -> None:
+    """Each with a message naming it (a notebook user's trial: every=2.5 was taken,
+    every="8" and batch_size="64" raised torch's or Python's own errors, timing=(-1, 0.1)
+    never doubled, a folder as the log failed only at the first update)."""
+    for bad in (0, 2.5, "8", True):
+        with pytest.raises(ValueError, match="every must be an integer >= 1"):
+            track(_model(), every=bad)
+    with pytest.raises(ValueError, match="window must be an integer >= 2"):
         track(_model(), window=1)
+    for bad in (0, "64", 1.5):
+        with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+            track(_model(), batch_size=bad)
+    for bad in ((1.0,), (-1.0, 0.1), (0.0, 0.0), (math.inf, 1.0), "fast"):
+        with pytest.raises(ValueError, match="timing: "):
+            track(_model(), timing=bad)
+    with pytest.raises(ValueError, match="is a folder; give a file path"):
+        track(_model(), log=tmp_path)
     frozen = _model().requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         track(frozen)
