@@ -1117,9 +1117,10 @@ def _failed_secondary_exit(code: int) -> None:
     the user from rank 0, which prints it: exiting at once, the secondary rank made
     torchrun stop rank 0 before it printed, and the user saw only torchrun's traceback
     (a trial: 2 runs in 8). Rank 0 failing too, torchrun ends this wait; else the error
-    was this rank's alone, and it says it on its own stderr."""
-    if _RANK_STDERR is None or code == 0:
-        return
+    was this rank's alone, and it says it on its own stderr. A rank that had joined the
+    process group exits at once: its error went to rank 0, which prints it."""
+    if _RANK_STDERR is None or code == 0 or launch.joined():
+        return  # (once joined, rank 0 prints every rank's error)
     try:
         grace = float(os.environ.get("BSFIND_RANK_GRACE", RANK_GRACE))
     except ValueError:

@@ -205,6 +205,9 @@ def _init(ctx: Context, max_seconds: float) -> bool:
             f"({ctx.backend}): {type(exc).__name__}: {exc}",
             hint="check MASTER_ADDR/MASTER_PORT and that every rank was started",
         ) from exc
+    from bsfind import launch
+
+    launch.mark_joined()
     return True
 
 

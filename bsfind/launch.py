@@ -50,3 +50,17 @@ def rank() -> int:
 def is_secondary_rank() -> bool:
     """True on every rank but 0 of a distributed launch: it must stay silent."""
     return requested() and rank() != 0
+
+
+_JOINED = [False]
+
+
+def mark_joined() -> None:
+    """This rank has joined the process group: from here its errors reach rank 0, which
+    prints every rank's (bsfind.distributed)."""
+    _JOINED[0] = True
+
+
+def joined() -> bool:
+    """Whether this rank joined the process group (:func:`mark_joined`)."""
+    return _JOINED[0]
