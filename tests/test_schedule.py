@@ -45,6 +45,10 @@ def test_fit_recovers_a_power_law() -> None:
     assert g.at(1e9) == pytest.approx(3.0 * (EXTRAPOLATION_LIMIT * 6400) ** 0.5)  # held past
     assert g.examples_where(120.0) == pytest.approx(1600.0)
     assert g.examples_where(1e6) is None  # beyond the extrapolation limit
+    # a nearly flat growth: (b/a)^(1/p) overflowed a float (a review: OverflowError in build)
+    flat = Growth(a=100.0, p=1e-4, e_lo=1000.0, e_hi=8000.0, r2=math.nan, points=())
+    assert flat.examples_where(200.0) is None
+    assert flat.examples_where(flat.at(4000.0)) == pytest.approx(4000.0, rel=1e-6)
 
 
 def test_fit_drops_the_early_dip_and_unusable_points() -> None:
