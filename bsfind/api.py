@@ -194,9 +194,8 @@ def measure_noise_scale(
     if isinstance(loss_fn, type):  # nn.CrossEntropyLoss, not nn.CrossEntropyLoss()
         raise ValueError(f"loss_fn: got the class {loss_fn.__name__}, not a loss: pass an "
                          f"instance ({loss_fn.__name__}()) or a function")
-    batch_size = _check_probe_arguments(method, batch_size, target_rel_error, max_seconds)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed: expected an integer, got {seed!r}")
+    batch_size = _check_probe_arguments(method, batch_size, target_rel_error, max_seconds,
+                                        seed)
     job = Workload.from_objects(model, dataset, loss_fn, collate=collate_fn)
     # BatchNorm in training mode: micro-batches of the batch it trains with, as the CLI
     # measures (a trial's ResNet got micro-batches of batch_size // 8 and no warning)
@@ -223,23 +222,21 @@ def measure_noise_scale(
 
 
 def _check_probe_arguments(method: str, batch_size: int, target_rel_error: float,
-                           max_seconds: float) -> int:
+                           max_seconds: float, seed: int = 0) -> int:
     """measure_noise_scale's own arguments, as the spec checks its probe section; returns
     the batch size as an int."""
-    import operator
-
+    from bsfind.tracker import whole_number
     from bsfind.workload import near_name
 
     methods = ("auto", "per-example", "microbatch")
     if method not in methods:
         raise ValueError(f"method {method!r}: {near_name(method, methods)}expected one of "
                          f"{', '.join(methods)}")
-    try:  # an int, or a numpy one
-        size = None if isinstance(batch_size, bool) else operator.index(batch_size)
-    except TypeError:
-        size = None
-    if size is None or size < 1:
+    size = whole_number(batch_size, 1)  # an int, or a numpy one
+    if size is None:
         raise ValueError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed: expected an integer, got {seed!r}")
     if not 0 < target_rel_error < 1:
         raise ValueError(f"target_rel_error: expected a number in (0, 1), got "
                          f"{target_rel_error!r}")

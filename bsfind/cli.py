@@ -539,17 +539,13 @@ def _schedule_lines(doc: dict[str, Any], s: dict[str, Any]) -> list[str]:
         SCHEDULE_LR_HELD,
         constant_batches_differ,
         schedule_examples,
-        schedule_notes,
         schedule_steps_differ,
     )
 
     lines: list[str] = [SCHEDULE_LR_HELD] if any(p.get("lr_held") for p in s["phases"]) else []
 
-    notes = s.get("notes")  # (absent from older cached results)
-    for note in notes if notes is not None else schedule_notes(
-            s["predicted_seconds"], s["best_constant_batch"], s["best_constant_seconds"],
-            s.get("recommended_batch"), s.get("recommended_seconds")):
-        lines.append("note: " + note)
+    # (the cache key counts bsfind's code: a cached result has every field this writes)
+    lines += ["note: " + note for note in s["notes"]]
     ab, phases = doc.get("absolute") or {}, s["phases"]
     if (len(phases) == 1 and ab.get("steps") and ab.get("batch_size") == phases[0]["batch_size"]
             and ab["steps"] != phases[0]["steps"]):

@@ -467,31 +467,30 @@ class Doubling:
     ci95: Interval
 
 
+def whole_number(value: Any, least: int) -> int | None:
+    """``value`` as an int when it is an integer of at least ``least`` (a numpy integer or
+    a 0-d integer tensor too, not a bool), else None: the arguments' checks."""
+    try:
+        n = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        return None
+    return n if n is not None and n >= least else None
+
+
 def check_tracking_options(every: int | None, window: int) -> None:
     """Validate :class:`Tracker`'s ``every`` and ``window`` (the message names them):
     integers (a numpy one too), every >= 1 and window >= 2."""
-    def whole(value: Any) -> int | None:
-        try:
-            return None if isinstance(value, bool) else operator.index(value)
-        except TypeError:
-            return None
-
-    if every is not None and ((n := whole(every)) is None or n < 1):
+    if every is not None and whole_number(every, 1) is None:
         raise ValueError(f"every must be an integer >= 1, got {every!r}")
-    if (n := whole(window)) is None or n < 2:
+    if whole_number(window, 2) is None:
         raise ValueError(f"window must be an integer >= 2 measurements, got {window!r}")
 
 
 def check_batch_and_log(batch_size: Any, log: str | Path | None) -> None:
     """Validate :class:`Tracker`'s ``batch_size`` (an integer >= 1, or None) and ``log``
     (not a folder: found when the tracker is made, not at its first record)."""
-    if batch_size is not None:
-        try:
-            n = None if isinstance(batch_size, bool) else operator.index(batch_size)
-        except TypeError:
-            n = None
-        if n is None or n < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if batch_size is not None and whole_number(batch_size, 1) is None:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if log is not None and Path(log).is_dir():
         raise ValueError(f"log: {log} is a folder; give a file path, e.g. "
                          f"{Path(log) / 'noise.jsonl'}")
@@ -502,13 +501,8 @@ def check_resume(step: Any, examples: Any) -> tuple[int, int]:
     numpy integers and 0-d integer tensors (a step read from an optimizer's state) count."""
     out = []
     for name, value in (("step", step), ("examples", examples)):
-        try:
-            if isinstance(value, bool):
-                raise TypeError
-            n = operator.index(value)
-        except TypeError:
-            raise ValueError(f"{name} must be an integer >= 0, got {value!r}") from None
-        if n < 0:
+        n = whole_number(value, 0)
+        if n is None:
             raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         out.append(n)
     step, examples = out
@@ -579,11 +573,8 @@ def check_dataset_size(n: Any) -> int | None:
     (a numpy integer too)."""
     if n is None:
         return None
-    try:
-        value = operator.index(n) if not isinstance(n, bool) else None
-    except TypeError:
-        value = None
-    if value is None or value < 2:
+    value = whole_number(n, 2)
+    if value is None:
         raise ValueError(f"dataset_size must be an integer >= 2, got {n!r}")
     return value
 

@@ -505,10 +505,6 @@ def test_the_schedule_says_what_the_evidence_shows(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(cli, "stdout", Console(file=out, width=400, soft_wrap=True))
     cli.render_schedule({"command": "recommend", "schedule": doc})
     assert "  note: " + evidence in out.getvalue()
-    out.truncate(0)
-    del doc["notes"]  # an older cached result: written from its numbers
-    cli.render_schedule({"command": "recommend", "schedule": doc})
-    assert "  note: " + evidence in out.getvalue()
 
 
 def test_a_schedule_far_above_the_baseline_runs_examples_says_so() -> None:
