@@ -365,6 +365,8 @@ def measure(job: Workload, options: BranchOptions, deadline: Deadline, *,
             cut = run.descend(below(options.baseline_batch, options.min_fraction))
             failed = any(v.passed is False for v in run.verdicts())
             stopped = cut or ("failed" if failed else stopped)
+    except Interrupted:  # an inner one: its partial result stands
+        raise
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted during the branches at batch {run.current}",
                           partial=run.result("interrupted", now() - start)
@@ -897,6 +899,8 @@ def measure_lr(job: Workload, options: LrOptions, deadline: Deadline,
             factor = next_factor(walk.tried, options.max_factor)
         if stopped == "found" and walk.tried:
             stopped = walk_end(walk.tried, options.max_factor, walk.chosen())
+    except Interrupted:  # an inner one: its partial result stands
+        raise
     except KeyboardInterrupt:
         raise Interrupted("interrupted while measuring the learning rate",
                           partial=walk.result("interrupted")) from None

@@ -82,11 +82,22 @@ class BudgetError(BsfindError):
     exit_code = EXIT_BUDGET
 
 
-class Interrupted(BsfindError):
-    """Ctrl-C; ``partial`` holds whatever was measured so far (may be None)."""
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C; ``partial`` holds whatever was measured so far (may be None).
+
+    A ``KeyboardInterrupt``, not a :class:`BsfindError`: like Ctrl-C itself it passes
+    ``except Exception`` (a user's loop guarded so goes on measuring nothing otherwise),
+    and code that catches ``KeyboardInterrupt`` to add what it measured lets it through
+    (``except Interrupted: raise`` first), so the innermost partial result stands.
+    """
 
     exit_code = EXIT_INTERRUPTED
+    hint: str | None = None
 
     def __init__(self, message: str, partial: object | None = None) -> None:
         super().__init__(message)
+        self.message = message
         self.partial = partial
+
+    def __str__(self) -> str:
+        return self.message

@@ -194,8 +194,8 @@ def run(spec: Spec, runner: Runner, command: str, progress: ProgressFn | None = 
     """Measure (and, for ``recommend``, advise) as ``command`` asks, on ``runner``.
 
     Raises:
-        BsfindError: a user-caused failure (see ``bsfind.errors``), with a partial
-            result inside ``Interrupted`` on Ctrl-C.
+        BsfindError: a user-caused failure (see ``bsfind.errors``).
+        Interrupted: Ctrl-C (a ``KeyboardInterrupt``), with a partial result.
     """
     deadline = runner.deadline(spec.probe.max_seconds)
     start = deadline.end - spec.probe.max_seconds  # the command's start, under the CLI
@@ -254,6 +254,8 @@ def _measure_and_advise(spec: Spec, runner: Runner, command: str, job: Workload,
                                               progress)
                       if hardware else HardwareMeasurement(None, None))
                 report = advise(report, spec, job, runner, hw, max_gpus)
+            except Interrupted:  # an inner one: its partial result stands
+                raise
             except KeyboardInterrupt:
                 raise Interrupted("interrupted during the hardware analysis",
                                   partial=NoisePartial(points.estimates, points.used)) from None

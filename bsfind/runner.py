@@ -90,6 +90,8 @@ def measure_curvature(job: Workload, est: NoiseEstimate, options: ProbeOptions, 
                         progress=progress, step=est.step)
     try:
         res = cp.run(deadline)
+    except Interrupted:  # an inner one: its partial result stands
+        raise
     except KeyboardInterrupt:
         raise Interrupted("interrupted during the curvature probe", partial=est) from None
     return dataclasses.replace(est, b_noise=res.b_noise, b_noise_ci95=res.ci95,

@@ -236,6 +236,8 @@ class _Walk:
             reached = self.runner.train(self.job, optimizer, target - self.step, sampler,
                                         start_step=self.step, progress=self.progress,
                                         deadline=self.deadline)
+        except Interrupted:  # an inner one: its partial result stands
+            raise
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted while training to step {target}",
                               partial=self.partial(tuple(self.estimates))) from None

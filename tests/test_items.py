@@ -603,3 +603,42 @@ def test_the_python_api_keeps_the_rng_checks_arguments_and_warns_on_a_cut_probe(
         with pytest.raises(ValueError, match=match):
             measure_noise_scale(args.pop("model"), args.pop("dataset"), args.pop("loss_fn"),
                                 **args)
+
+
+def test_ctrl_c_in_the_python_api_passes_except_exception_with_what_was_measured() -> None:
+    """``Interrupted`` was an ``Exception``: a notebook loop guarded by ``except
+    Exception`` swallowed Ctrl-C and went on to the next configuration. It is a
+    ``KeyboardInterrupt`` now, carrying the rounds measured, the model as it was."""
+    from torch import nn
+
+    from bsfind import measure_noise_scale
+    from bsfind.errors import Interrupted
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    data = torch.utils.data.TensorDataset(torch.randn(256, 8), torch.randint(0, 3, (256,)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = 0
+
+    def loss_then_ctrl_c(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls > 40:  # the user's Ctrl-C, some rounds in
+            raise KeyboardInterrupt
+        return F.cross_entropy(out, y)
+
+    tried = []
+    with pytest.raises(Interrupted) as info:
+        for seed in (0, 1):
+            try:
+                measure_noise_scale(model, data, loss_then_ctrl_c, batch_size=16,
+                                    target_rel_error=1e-4, max_seconds=600, seed=seed)
+            except Exception:  # noqa: BLE001 - the user's guard: Ctrl-C must pass it
+                tried.append(seed)
+    assert tried == [] and isinstance(info.value, KeyboardInterrupt)
+    assert not isinstance(info.value, Exception)
+    assert "interrupted during the noise probe" in str(info.value)
+    partial = info.value.partial
+    assert partial is not None and partial.stopped == "interrupted" and partial.b_simple > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())

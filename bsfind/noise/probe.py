@@ -355,6 +355,8 @@ class NoiseProbe:
         start = now()
         try:
             stopped, all_zero = self._run_rounds(deadline)
+        except Interrupted:  # an inner one: its partial result stands
+            raise
         except KeyboardInterrupt:
             est = self.estimate(now() - start, "interrupted") if self.rounds else None
             raise Interrupted("interrupted during the noise probe", partial=est) from None
