@@ -325,13 +325,17 @@ def validate(spec: Spec) -> Validation:
     method, reason = choose_method(job.model, spec.probe.method)
     if method == "per-example":
         method, reason = _per_example_runs(job, idx, reason)
+    world = launch.world_size()
+    if world > 1:  # each rank validated alone: say what recommend will run over them all
+        method = f"distributed+{method}"
+        reason += f"; over the {world} ranks, see README's Multi-GPU section"
     return Validation(
         model=spec.model.factory, data=spec.data.factory, loss=spec.loss,
         optimizer=spec.optimizer.name, device=str(job.device),
         trainable_parameters=sum(p.numel() for p in job.trainable()), dataset_size=len(job),
         batch_size=n, loss_value=float(loss.detach()), grad_norm_sq=g2, method=method,
         method_reason=reason, probe_points=wording.probe_plan(spec),
-        learning_rate=wording.lr_plan(pipeline.lr_search_skipped_by_spec(spec, world=1)),
+        learning_rate=wording.lr_plan(pipeline.lr_search_skipped_by_spec(spec, world=world)),
         warnings=tuple(pipeline.item_warnings(job)),
     )
 

@@ -39,6 +39,14 @@ def requested() -> bool:
     return world is not None and world > 1 and env_int("RANK") is not None
 
 
+def world_size() -> int:
+    """How many ranks the launch has (1 outside a distributed launch)."""
+    if not requested():
+        return 1
+    dist = _initialised_group()
+    return int(dist.get_world_size()) if dist is not None else env_int("WORLD_SIZE") or 1
+
+
 def rank() -> int:
     """This process's global rank (0 outside a distributed launch)."""
     dist = _initialised_group()

@@ -355,3 +355,22 @@ def test_branch_under_torchrun_stops_with_a_usage_error(monkeypatch: pytest.Monk
     with pytest.raises(UsageError, match="single process only") as caught:
         branch(load_spec(str(ROOT / "tests" / "assets" / "good.yaml")))
     assert caught.value.exit_code == EXIT_SPEC and "without torchrun" in str(caught.value)
+
+
+def test_validate_under_torchrun_says_what_recommend_runs_over_the_ranks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bsfind validate` under torchrun described the single-process probe (per-example,
+    the learning rate measured), not the distributed one that recommend runs there."""
+    from bsfind.api import validate
+    from bsfind.spec import load_spec
+
+    spec = load_spec(str(ROOT / "tests" / "assets" / "good.yaml"))
+    alone = validate(spec)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ranked = validate(spec)
+    assert not alone.method.startswith("distributed")
+    assert ranked.method == f"distributed+{alone.method}"
+    assert "over the 2 ranks" in ranked.method_reason
+    assert "under torchrun" in ranked.learning_rate
+    assert "under torchrun" not in alone.learning_rate
