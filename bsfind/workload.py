@@ -733,13 +733,24 @@ def _check_dataset(ds: Any, name: str, collate: Collate | None = None,
     one of those); returns (its tensors when a TensorDataset, the target's key when dicts).
     ``name`` names it in errors: "the dataset of data.factory 'x.py:f'", or "the
     dataset" for one passed in (the Python API)."""
-    if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
+    # an IterableDataset has torch's __getitem__ that raises (a trial's finite stream with
+    # __len__ passed the check and failed at item 0 with NotImplementedError)
+    stream = isinstance(ds, torch.utils.data.IterableDataset)
+    if stream or not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
         loader = isinstance(ds, torch.utils.data.DataLoader)
+        kind = type(ds).__name__
+        hint = None
+        if loader:
+            hint = ("pass the DataLoader's .dataset (bsfind draws its own batches), and its "
+                    "collate_fn as the collate")
+        elif stream or hasattr(ds, "__iter__"):
+            hint = ("bsfind draws examples at random, so it needs them by index: return "
+                    "list(itertools.islice(stream, N)) of a few thousand examples, or a "
+                    "map-style Dataset over the same data")
         raise UserCodeError(
-            f"{name} is a {type(ds).__name__}, not a map-style Dataset (it needs __len__ "
-            "and __getitem__)",
-            hint=("pass the DataLoader's .dataset (bsfind draws its own batches), and its "
-                  "collate_fn as the collate" if loader else None))
+            f"{name} is {'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}, not a "
+            "map-style Dataset (it needs __len__ and __getitem__)"
+            + (", but streams its examples" if stream else ""), hint=hint)
     try:
         n = len(ds)
     except Exception as exc:

@@ -308,3 +308,37 @@ def test_ids_past_the_embedding_are_named() -> None:
     with pytest.raises(UserCodeError) as info:
         job.loss(torch.arange(4))
     assert "IndexError" in info.value.message and "largest id" not in (info.value.hint or "")
+
+
+def test_a_stream_is_named_as_one_with_the_way_to_a_dataset() -> None:
+    """A trial: a finite IterableDataset with __len__ passed the dataset check (torch's
+    Dataset defines a __getitem__ that raises) and failed at item 0 with
+    NotImplementedError; an infinite one was "a InfiniteStream", with no hint."""
+    import itertools
+
+    from torch import nn
+
+    from bsfind import measure_noise_scale
+    from bsfind.errors import UserCodeError
+
+    class Finite(torch.utils.data.IterableDataset):
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            return ((torch.randn(4), torch.tensor(0)) for _ in range(64))
+
+        def __len__(self) -> int:
+            return 64
+
+    class InfiniteStream(torch.utils.data.IterableDataset):
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            return ((torch.randn(4), torch.tensor(0)) for _ in itertools.count())
+
+    model = nn.Linear(4, 2)
+    loss = torch.nn.functional.cross_entropy
+    for stream, article in ((Finite(), "a Finite"), (InfiniteStream(), "an InfiniteStream")):
+        with pytest.raises(UserCodeError) as caught:
+            measure_noise_scale(model, stream, loss, batch_size=8)
+        assert f"the dataset is {article}, not a map-style Dataset" in caught.value.message
+        assert "but streams its examples" in caught.value.message
+        assert caught.value.hint is not None and "itertools.islice" in caught.value.hint
+    kept = list(itertools.islice(iter(InfiniteStream()), 256))  # the hint's way, as it says
+    assert measure_noise_scale(model, kept, loss, batch_size=8, max_seconds=30).b_simple > 0
