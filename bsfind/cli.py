@@ -16,6 +16,7 @@ JSON. Every user-caused error is one line and a distinct exit code (see
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -60,14 +61,42 @@ app = typer.Typer(
 # A terminal wraps prose at its width, between words; piped output keeps each line whole.
 # Markup off by default: messages and table cells carry user text ("[/group]" in an
 # exception crashed the error printer); the few styled prints ask for it.
-stdout = Console(highlight=False, markup=False, soft_wrap=not sys.stdout.isatty(),
-                 width=None if sys.stdout.isatty() else 132)
-stderr = Console(stderr=True, highlight=False, markup=False,
-                 soft_wrap=not sys.stderr.isatty())
-
 # Exit code for a bug in bsfind itself (BSD sysexits EX_SOFTWARE), kept apart
 # from the user-error codes so CI can tell "your job is misconfigured" from ours.
 EXIT_INTERNAL = 70
+# Exit code when the reader of stdout left early (`bsfind check ... | head -1`): 128 +
+# SIGPIPE, what a shell reports for a process that signal ended. Not 1, which is check's
+# "outside the tolerance" (a trial: rich's own broken-pipe exit was a silent 1).
+EXIT_BROKEN_PIPE = 141
+
+
+def _reader_gone() -> NoReturn:
+    """Stdout's reader closed the pipe: stop quietly (what is left to write goes to
+    /dev/null, so the interpreter's last flush says nothing) with EXIT_BROKEN_PIPE."""
+    with contextlib.suppress(OSError, ValueError):  # (no file descriptor under pytest)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    raise SystemExit(EXIT_BROKEN_PIPE)
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        _reader_gone()
+
+
+def _write_stdout(text: str) -> None:
+    """Write a JSON document to stdout, a closed pipe stopping as a print's does."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _reader_gone()
+
+
+stdout = _Console(highlight=False, markup=False, soft_wrap=not sys.stdout.isatty(),
+                  width=None if sys.stdout.isatty() else 132)
+stderr = Console(stderr=True, highlight=False, markup=False,
+                 soft_wrap=not sys.stderr.isatty())
 
 T = TypeVar("T")
 
@@ -201,7 +230,7 @@ def _error_doc(status: str, message: str, hint: str | None, code: int,
 def _json_error(doc: dict[str, Any]) -> None:
     if _secondary_rank():
         return
-    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    _write_stdout(json.dumps(doc, indent=2) + "\n")
     sys.stdout.flush()
 
 
@@ -716,7 +745,7 @@ def _warn(doc: dict[str, Any]) -> None:
 
 def _emit(doc: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+        _write_stdout(json.dumps(doc, indent=2, allow_nan=False) + "\n")
         sys.stdout.flush()
     else:
         render_report(doc)
@@ -763,7 +792,7 @@ def _partial_noise(as_json: bool) -> Callable[[Any], None]:
         if branched:
             doc["branches"] = [branch_dict(b) for b in branched]
         if as_json:
-            sys.stdout.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+            _write_stdout(json.dumps(doc, indent=2, allow_nan=False) + "\n")
         else:
             for b in doc.get("branches") or []:
                 stdout.print(f"interrupted during the branches: {b['summary']}", markup=False)
@@ -916,7 +945,7 @@ def check(
     result = _guard(debug, run, on_interrupt=_partial_noise(json_out), as_json=json_out,
                     on_error=write_error)
     if json_out:
-        sys.stdout.write(json.dumps(result.document, indent=2, allow_nan=False) + "\n")
+        _write_stdout(json.dumps(result.document, indent=2, allow_nan=False) + "\n")
     else:
         stdout.print(result.message + (" (cached result)" if result.cached else ""),
                      markup=False)
@@ -979,7 +1008,7 @@ def validate(spec: SpecArg, json_out: JsonOpt = False, set_: SetOpt = None,
 
     doc = _guard(debug, run, as_json=json_out)
     if json_out:
-        sys.stdout.write(json.dumps({"version": __version__, "status": "ok", **doc}, indent=2)
+        _write_stdout(json.dumps({"version": __version__, "status": "ok", **doc}, indent=2)
                          + "\n")
         _warn(doc)  # on stderr as well, as every command's
         return

@@ -588,3 +588,21 @@ def test_checkpoints_of_wrapped_models_load_into_plain_ones_and_back(tmp_path: P
                                               r"n_averaged$"):
         load_checkpoint(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)),
                         "ema.pt", tmp_path)
+
+
+@pytest.mark.parametrize("args", [("env",), ("env", "--json")])
+def test_a_reader_that_leaves_early_ends_bsfind_with_141_not_checks_1(
+        args: tuple[str, ...]) -> None:
+    """A trial: `bsfind validate spec | head -1` exited 1, silently (rich's broken-pipe
+    exit), and 1 is check's "outside the tolerance". Now 128 + SIGPIPE, as a shell
+    reports a process the signal ended, and nothing on stderr."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "bsfind", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before bsfind writes a line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert err == ""
