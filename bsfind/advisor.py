@@ -227,6 +227,12 @@ def optimizer_family(name_or_class: Any) -> Family:
     return "adam"
 
 
+def whole_steps(x: float) -> int:
+    """The steps that complete ``x`` steps' progress: its ceiling, float noise aside (a
+    review: 10.0000000094 steps at B_n = 1e12 read as 11, one more pass over the data)."""
+    return math.ceil(x * (1.0 - 1e-9))
+
+
 def steps_ratio(b: float, b0: float, b_n: float) -> float:
     """S(B)/S(B0) with S(B) = S_min·(1 + B_n/B) (McCandlish eq. 2.11).
 
@@ -361,8 +367,9 @@ def step_seconds(
     sync: float = 0.0,
 ) -> float:
     """t(B) = a·t_dev(B/(a·N)) + t_sync, with t_dev the curve as the advisor reads it
-    (``TimingCurve.segments``: measured points within the timed range); for a line,
-    a·t0 + c·B/N + t_sync. A negative fitted t0 or slope counts as 0.
+    (``TimingCurve.segments``: within the timed range the line, a·t0 + c·B/N + t_sync,
+    or the measured points; past it, t_dev in proportion to b). A negative fitted t0 or
+    slope counts as 0.
     """
     a = accumulation_steps(batch, gpus, max_batch_size)
     return a * timing.seconds(batch / (a * gpus)) + sync
@@ -471,17 +478,22 @@ class WallClock:
         One line (t0, c): on piece a' >= a, f = w·K' + w·k·B + bn·K'/B + bn·k
         with K' = a'·t0 + ts >= K_a, B >= left and B <= a'·N·M, so bn·K'/B >=
         bn·t0/(N·M); and f >= (sqrt(w·K') + sqrt(bn·k))², the unconstrained
-        minimum. Measured points (a ≥ 2): every micro-batch of piece a' exceeds
+        minimum. Pieces (a ≥ 2): every micro-batch of piece a' exceeds
         (a'-1)/a'·M, so t(B) >= a'·t_dev((a'-1)/a'·M) + ts, growing with a';
-        and bn·t(B)/B >= bn·t_dev(M)/(N·M), t_dev(b)/b falling with b.
+        and bn·t(B)/B >= bn·min over b <= M of t_dev(b)/b, over N. t_dev(b)/b is
+        monotone on each piece, so that minimum sits at a piece's end (it need not
+        fall with b: a review's isotonic points rose from 16 to 32, and the bound at M
+        pruned a piece holding a faster batch than the one advised).
         """
         w, bn = self._weights()
         if not self._line:
             if a < 2:
                 return 0.0
             m = self.max_micro
+            ends = [x for s in self.segments for x in (s.lo, s.hi) if 0.0 < x < m] + [m]
+            per_example = min(self.t_dev(x) / x for x in ends)
             return (w * (a * self.t_dev((a - 1) / a * m) + self.sync)
-                    + bn * self.t_dev(m) / (self.gpus * m))
+                    + bn * per_example / self.gpus)
         t0, c = self.segments[0].alpha, self.segments[0].beta
         big_k = a * t0 + self.sync
         k = c / self.gpus
@@ -826,6 +838,13 @@ def whole_dataset_allowed(inputs: AdvisorInputs, gpus: int) -> bool:
             or (unit == 1 and BATCH_MULTIPLE % gpus != 0))
 
 
+def allowed_extras(inputs: AdvisorInputs, gpus: int) -> tuple[float, ...]:
+    """The batches allowed besides the rounded ones: the baseline, and the whole dataset
+    where ``whole_dataset_allowed``."""
+    whole = (float(inputs.dataset_size),) if whole_dataset_allowed(inputs, gpus) else ()
+    return (float(inputs.baseline_batch), *whole)
+
+
 def _candidate_grid(inputs: AdvisorInputs, recommended: int) -> list[int]:
     """Powers of two up to min(dataset, 64·B_n, 16x the larger of the baseline
     and the recommendation: rows beyond only get worse), plus 1.5× powers of two (24,
@@ -863,14 +882,15 @@ def _recommend_batch(
     whole = whole_dataset_allowed(inputs, gpus)
     if _timing_usable(inputs):
         m = _model(inputs, b_n, gpus, sync, upper)
-        extra = (float(inputs.baseline_batch),
-                 *((float(inputs.dataset_size),) if whole else ()))
-        opt, best, truncated = m.optimise(extra)
+        opt, best, truncated = m.optimise(allowed_extras(inputs, gpus))
         return opt, int(round(best)), truncated
     # Noise scale only: B_n is the knee of the time/compute trade-off
     # (McCandlish sec. 2.2: B_crit ≈ B_noise).
     target = float(inputs.dataset_size) if math.isinf(b_n) else b_n
-    return None, round_batch(target, cap=inputs.dataset_size, unit=unit, whole=whole), False
+    batch = round_batch(target, cap=inputs.dataset_size, unit=unit, whole=whole)
+    if batch < gpus <= inputs.dataset_size:  # one example per device at least, as with timing
+        batch = min(ceil_allowed(gpus, unit), inputs.dataset_size)
+    return None, batch, False
 
 
 def candidates_table(inputs: AdvisorInputs, batch: int, model: WallClock | None
@@ -959,7 +979,7 @@ def warmup_steps(inputs: AdvisorInputs, batch: int, ratio: float) -> int | None:
     epochs = WARMUP_EPOCHS * math.ceil(inputs.dataset_size / batch)
     if inputs.training_examples is None:
         return epochs
-    run = math.ceil(inputs.training_examples / inputs.baseline_batch * ratio)
+    run = whole_steps(inputs.training_examples / inputs.baseline_batch * ratio)
     return max(1, min(epochs, math.ceil(WARMUP_SHARE * run)))
 
 
@@ -974,13 +994,13 @@ def absolute_prediction(inputs: AdvisorInputs, model: WallClock, rec: Candidate
     base_hours = base_steps * model.step_time(b0) / 3600.0
     hours = base_steps * rec.steps_ratio * model.step_time(rec.batch_size) / 3600.0
     price = inputs.price_per_hour
-    steps = math.ceil(base_steps * rec.steps_ratio)
+    steps = whole_steps(base_steps * rec.steps_ratio)
     return AbsolutePrediction(
         training_examples=e, hours=hours, baseline_hours=base_hours,
         cost=None if price is None else hours * n * price,
         baseline_cost=None if price is None else base_hours * n * price,
         price_per_hour=price, batch_size=rec.batch_size, steps=steps,
-        examples=steps * rec.batch_size, baseline_steps=math.ceil(base_steps),
+        examples=steps * rec.batch_size, baseline_steps=whole_steps(base_steps),
         epochs=steps * rec.batch_size / inputs.dataset_size if inputs.dataset_size else None,
     )
 

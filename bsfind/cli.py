@@ -507,6 +507,17 @@ def render_branches(doc: dict[str, Any]) -> None:
         stdout.print(f"Run average: {average['summary']}", markup=False)
 
 
+def _per_device(doc: dict[str, Any], row: dict[str, Any]) -> str:
+    """A table row's "per device × accum", an uneven split as its range (578–579 × 1)."""
+    from bsfind.wording import per_device
+
+    hardware = (doc.get("spec") or {}).get("hardware") or {}
+    gpus = (doc.get("recommendation") or {}).get("gpus") or hardware.get("gpus") or 1
+    split = per_device(row["batch_size"], row["per_device_batch_size"],
+                       row["grad_accumulation"], int(gpus))
+    return f"{split} × {row['grad_accumulation']}"
+
+
 def render_schedule(doc: dict[str, Any]) -> None:
     """The batch-size schedule: a table, then the forms frameworks' ramps take."""
     s = doc.get("schedule")
@@ -522,8 +533,8 @@ def render_schedule(doc: dict[str, Any]) -> None:
         t.add_column(col, justify="right" if col != "note" else "left")
     for p in s["phases"]:
         t.add_row(f"{p['start_step']:,}", f"{p['start_examples']:,}", f"{p['batch_size']:,}",
-                  f"{p['per_device_batch_size']} × {p['grad_accumulation']}",
-                  f"{p['learning_rate']:.3g}", _fmt(p["b_n"]), f"{p['steps']:,}",
+                  _per_device(doc, p), f"{p['learning_rate']:.3g}", _fmt(p["b_n"]),
+                  f"{p['steps']:,}",
                   ", ".join(w for w, on in (("extrapolated", p["extrapolated"]),
                                             ("rate held", p.get("lr_held"))) if on))
     print_table(t, ("from examples", "B_n there", "per device × accum", "steps", "note"))
@@ -607,7 +618,7 @@ def render_candidates(doc: dict[str, Any]) -> Table:
         mark = " ★" if c["is_recommended"] else (" ◆" if c["is_baseline"] else "")
         t.add_row(
             f"{c['batch_size']}{mark}",
-            f"{c['per_device_batch_size']} × {c['grad_accumulation']}",
+            _per_device(doc, c),
             f"{c['steps_ratio']:.2f}",
             _fmt_seconds(c["step_seconds"]) if c["step_seconds"] is not None else "—",
             f"{c['time_ratio']:.2f}×" if c["time_ratio"] is not None else "—",
@@ -702,14 +713,15 @@ def hardware_lines(doc: dict[str, Any]) -> list[str]:
 
 
 def render_recommendation(doc: dict[str, Any]) -> None:
-    from bsfind.wording import lr_label
+    from bsfind.wording import lr_label, per_device
 
     rec = doc["recommendation"]
     rng = rec.get("batch_range")
+    split = per_device(rec["batch_size"], rec["per_device_batch_size"],
+                       rec["grad_accumulation"], rec["gpus"])
     stdout.print(
         f"[bold]Recommendation:[/] batch size [bold]{rec['batch_size']}[/]"
-        + (f" ({rec['per_device_batch_size']} per device × {rec['gpus']} devices)"
-           if rec["gpus"] > 1 else "")
+        + (f" ({split} per device × {rec['gpus']} devices)" if rec["gpus"] > 1 else "")
         + (f" with {rec['grad_accumulation']}× gradient accumulation"
            if rec["grad_accumulation"] > 1 else "")
         + f", learning rate [bold]{rec['learning_rate']:.3g}[/] "
@@ -1085,7 +1097,7 @@ def env(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
 
     doc = _guard(debug, run, as_json=json_out)
     if json_out:
-        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        _write_stdout(json.dumps(doc, indent=2) + "\n")
         return
     for k, v in doc.items():
         if k != "devices":

@@ -253,16 +253,19 @@ class TimingCurve:
         return self.quality == "line"
 
     def segments(self, upper: bool = False) -> tuple[Segment, ...]:
-        """t(b) as linear pieces; ``upper``: from the rungs' 25th percentiles instead."""
+        """t(b) as linear pieces; ``upper``: from the rungs' 25th percentiles instead.
+
+        Past the largest timed batch, time in proportion to B: no throughput gain that
+        was not measured (a review: a nearly flat line through rungs 8-256, extrapolated,
+        put the advice at 5,512). A line's rungs past ``fitted_up_to`` (their throughput
+        fell) are read as timed, never below the line (the same review: the line alone
+        advised the rung the fit had left out for its drop, at 0.74x for a measured 1.32x).
+        """
         if self.quality != "points" or len(self.points) < 2:
-            t0, c = self.t0, self.per_example
-            if upper and self.t0_upper is not None and self.per_example_upper is not None:
-                t0, c = self.t0_upper, self.per_example_upper
-            return (Segment(0.0, math.inf, max(t0, 0.0), max(c, 0.0)),)
+            return self._line_segments(upper)
         pts = sorted(self.points, key=lambda p: p.batch_size)
         bs = [float(p.batch_size) for p in pts]
-        ts = _isotonic([max(0.0, p.seconds_q25 if upper and p.seconds_q25 is not None
-                            else p.seconds) for p in pts])
+        ts = _isotonic([self._timed(p, upper) for p in pts])
         out = []
         for i in range(len(bs) - 1):
             beta = (ts[i + 1] - ts[i]) / (bs[i + 1] - bs[i])
@@ -274,6 +277,33 @@ class TimingCurve:
                 out.append(Segment(0.0, bs[0], ts[0], 0.0))
             out.append(Segment(bs[i], bs[i + 1], alpha, beta))
         out.append(Segment(bs[-1], math.inf, 0.0, ts[-1] / bs[-1]))
+        return tuple(out)
+
+    @staticmethod
+    def _timed(p: TimingPoint, upper: bool) -> float:
+        return max(0.0, p.seconds_q25 if upper and p.seconds_q25 is not None else p.seconds)
+
+    def _line_segments(self, upper: bool) -> tuple[Segment, ...]:
+        """The line, then the rungs it was not fitted to, then time in proportion to B."""
+        t0, c = self.t0, self.per_example
+        if upper and self.t0_upper is not None and self.per_example_upper is not None:
+            t0, c = self.t0_upper, self.per_example_upper
+        t0, c = max(t0, 0.0), max(c, 0.0)
+        if not self.points or t0 == 0.0 and self.fitted_up_to is None:
+            return (Segment(0.0, math.inf, t0, c),)  # predicted or given; or already ∝ B
+        pts = sorted(self.points, key=lambda p: p.batch_size)
+        end = float(self.fitted_up_to if self.fitted_up_to is not None else pts[-1].batch_size)
+        out = [Segment(0.0, end, t0, c)]
+        end_t = t0 + c * end
+        for p in pts:
+            b = float(p.batch_size)
+            if b <= end:
+                continue
+            t = max(end_t, t0 + c * b, self._timed(p, upper))
+            beta = (t - end_t) / (b - end)
+            out.append(Segment(end, b, end_t - beta * end, beta))
+            end, end_t = b, t
+        out.append(Segment(end, math.inf, 0.0, end_t / end))
         return tuple(out)
 
     def seconds(self, batch_size: float, upper: bool = False) -> float:

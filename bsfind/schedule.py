@@ -47,11 +47,13 @@ from dataclasses import dataclass
 from bsfind.advisor import (
     AdvisorInputs,
     WallClock,
+    allowed_extras,
     batch_unit,
     measured_lr,
     scaled_lr,
     wall_clock,
     whole_dataset_allowed,
+    whole_steps,
 )
 
 # The power law is followed at most this far past the last measured point (in
@@ -117,7 +119,8 @@ def fit_growth(points: Sequence[tuple[float, float]], bounds_at: Collection[floa
     becomes p = 0: a flat noise scale, no doublings.
 
     Returns:
-        The growth, or None with no usable point. One point gives p = 0.
+        The growth, or None with no usable point. One point (or points all at the
+        same examples) gives p = 0.
     """
     pts = sorted((float(e), float(b)) for e, b in points
                  if e > 0 and b is not None and math.isfinite(b) and b > 0)
@@ -139,8 +142,10 @@ def fit_growth(points: Sequence[tuple[float, float]], bounds_at: Collection[floa
         return Growth(b, 0.0, e, e, math.nan, tuple(pts))
     xs = [math.log(e) for e, _ in pts]
     ys = [math.log(b) for _, b in pts]
-    p = statistics.median((ys[j] - ys[i]) / (xs[j] - xs[i])
-                          for i in range(len(xs)) for j in range(i + 1, len(xs)))
+    # pairs at the same examples have no slope (a review: two points there divided by 0)
+    slopes = [(ys[j] - ys[i]) / (xs[j] - xs[i])
+              for i in range(len(xs)) for j in range(i + 1, len(xs)) if xs[j] != xs[i]]
+    p = statistics.median(slopes) if slopes else 0.0
     if p < 0:
         p = 0.0
     c = statistics.median(y - p * x for x, y in zip(xs, ys, strict=True))
@@ -369,7 +374,7 @@ def build(inputs: AdvisorInputs, growth: Growth, planned_examples: int | None,
         horizon, source = growth.e_cap, "extrapolation limit"
     start_bn = growth.at(0.0)
     model = wall_clock(inputs, start_bn)
-    _, first, _ = model.optimise((float(b0),))
+    _, first, _ = model.optimise(allowed_extras(inputs, inputs.gpus))  # the advisor's
     batch = int(round(first))
     # (batch, where it starts on the baseline's axis)
     bounds: list[tuple[int, float]] = [(batch, 0.0)]
@@ -411,7 +416,7 @@ def build(inputs: AdvisorInputs, growth: Growth, planned_examples: int | None,
     # progress, as the recommendation counts its steps (a trial: 390 steps at batch 56
     # where the recommendation said 392, partly this)
     phases[-1] = dataclasses.replace(
-        phases[-1], steps=max(1, math.ceil(progress) - phases[-1].start_step))
+        phases[-1], steps=max(1, whole_steps(progress) - phases[-1].start_step))
     best_b, best_s = best_constant(inputs, growth, horizon,
                                    () if recommended is None else (recommended,))
     schedule = Schedule(

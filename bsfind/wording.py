@@ -581,9 +581,10 @@ def _notes(advice: Advice, inputs: AdvisorInputs) -> list[str]:
                      "(McCandlish et al. 2018); under SGD, B_noise (probe.curvature) tracked "
                      "it to 0.83–1.10x in docs/validation.md")
     if rec.grad_accumulation > 1:
+        split = per_device(rec.batch_size, rec.per_device_batch_size, rec.grad_accumulation,
+                           rec.gpus)
         notes.append(f"batch {rec.batch_size} does not fit in memory on {rec.gpus} device(s): "
-                     f"{rec.per_device_batch_size} per device × "
-                     f"{rec.grad_accumulation} accumulation steps")
+                     f"{split} per device × {rec.grad_accumulation} accumulation steps")
     return notes
 
 
@@ -1128,6 +1129,14 @@ def lr_not_measured(rule: str, why: str) -> str:
     """The note when the learning rate could not be measured at the recommended batch."""
     return (f"the learning rate is the {rule} rule's extrapolation from the baseline's, not "
             f"measured at this batch ({why})")
+
+
+def per_device(batch: int, largest: int, accumulation: int, gpus: int) -> str:
+    """The examples per device in one forward: ``largest``, or the range when ``batch``
+    does not split evenly over the devices and micro-steps (a review: "1,736 (579 per
+    device × 3)" is 1,737; it is 578–579)."""
+    smallest = batch // max(1, accumulation * gpus)
+    return f"{largest}" if smallest >= largest else f"{smallest}–{largest}"
 
 
 def lr_label(lr_rule: str, lr_factor: float | None) -> str:

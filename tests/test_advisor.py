@@ -698,3 +698,104 @@ def test_an_interval_unpacks_as_low_high() -> None:
     """A trial: ``lo, hi = est.ci95`` raised TypeError."""
     low, high = Interval(3.0, math.inf)
     assert (low, high) == (3.0, math.inf) and list(Interval(1.0, 2.0)) == [1.0, 2.0]
+
+
+def test_a_line_is_not_extrapolated_past_the_largest_batch_timed() -> None:
+    """A review: rungs 8-256 all about 10 ms fit a line of slope 6.6e-8 s per example;
+    read past the ladder it put the advice at 5,512 (21x the largest batch timed).
+    With t ∝ B past rung 256, time (1 + B_n/B)·t(B) is least at 256 by hand:
+    (1 + 200/256)·10.0 ms against 2 x (1 + 200/512)·10.0 ms at 512."""
+    curve = measured({8: .0100, 16: .0101, 32: .0099, 64: .0100, 128: .0101, 256: .0100})
+    assert curve.fit_ok and 0 < curve.per_example < 1e-6
+    adv = advise(inputs(b_n=200.0, b_n_ci=Interval(100.0, 400.0), timing=curve,
+                        baseline_batch=32, dataset_size=60_000))
+    assert adv.recommendation.batch_size == 256
+    row = {c.batch_size: c for c in adv.candidates}
+    assert row[512].step_time_source == "extrapolated"
+    assert row[512].step_seconds == pytest.approx(2 * curve.seconds(256))
+
+
+def test_a_rung_left_out_of_the_line_keeps_its_measured_time() -> None:
+    """A review: rung 4096 ran at 27 examples/ms against 48 at 2048, so the fit left it
+    out of the line; the advisor read the line there and recommended 4096 at a
+    predicted 0.74x, where its measured 0.15 s makes it 1.32x (by hand, B_n = 1e6:
+    (1 + 1e6/4096)·0.15 = 36.8 s against (1 + 1e6/256)·0.00712 = 27.8 s at the baseline).
+    At 2048 it is (1 + 1e6/2048)·0.04296 = 21.0: 0.756x."""
+    t0, c = 0.002, 2e-5
+    curve = measured({**{b: t0 + c * b for b in (64, 128, 256, 512, 1024, 2048)}, 4096: 0.15})
+    assert curve.fitted_up_to == 2048 and curve.fit_ok
+    mem = MemoryModel(fixed_bytes=0, bytes_per_example=1.0, max_batch_size=4096,
+                      limit_bytes=4096, source="predicted")
+    adv = advise(inputs(b_n=1e6, b_n_ci=Interval(5e5, 2e6), timing=curve, memory=mem,
+                        baseline_batch=256, dataset_size=100_000))
+    assert adv.recommendation.batch_size == 2048
+    assert adv.recommendation.predicted_time_ratio == pytest.approx(
+        (1 + 1e6 / 2048) * (t0 + c * 2048) / ((1 + 1e6 / 256) * (t0 + c * 256)))
+    row = {r.batch_size: r for r in adv.candidates}
+    assert row[4096].step_seconds == pytest.approx(0.15)
+
+
+def test_the_search_does_not_prune_a_piece_where_time_per_example_rises() -> None:
+    """A review: measured points whose t/b rises (16 -> 32) made the accumulation pieces'
+    lower bound too high, and the search stopped before a faster batch: it advised 192
+    where 384 (a table row) was 0.8% faster. Brute force over every allowed batch."""
+    from bsfind.advisor import wall_clock
+    from bsfind.results import TimingPoint
+
+    pts = tuple(TimingPoint(b, t, 5, t * 1.01) for b, t in [
+        (8, .00398), (16, .00487), (32, .01083), (64, .01239), (128, .02825), (256, .04072)])
+    curve = TimingCurve(points=pts, t0=0.0, per_example=0.0, r2=0.5, source="measured",
+                        quality="points")
+    mem = MemoryModel(fixed_bytes=0, bytes_per_example=1.0, max_batch_size=100,
+                      limit_bytes=100, source="predicted", ddp_buckets=True)
+    given_in = inputs(b_n=6200.0, b_n_ci=Interval(3100.0, 12400.0), timing=curve, memory=mem,
+                      baseline_batch=64, dataset_size=1000, gpus=3, sync_seconds=0.001)
+    model = wall_clock(given_in, 6200.0)
+    best = min([*range(8, 1001, 8), 64], key=model.objective)
+    assert best == 384
+    assert advise(given_in).recommendation.batch_size == best
+
+
+def test_a_step_count_does_not_round_up_on_float_noise() -> None:
+    """A review: at B_n = 1e12 and B = dataset = 1000, 1e4 planned examples take
+    (1 + 1e12/1000)/(1 + 1e12/64) x 1e4/64 = 10.0000000094 steps by float arithmetic,
+    exactly 10 by hand (B_n huge: perfect scaling); it printed 11 and 11,000 examples."""
+    from bsfind.advisor import whole_steps
+
+    given = inputs(b_n=1e12, b_n_ci=Interval(1e11, math.inf), baseline_batch=64,
+                   dataset_size=1000, timing=curve(0.01, 1e-5, source="predicted"),
+                   training_examples=10**4)
+    adv = advise(given)
+    assert adv.recommendation.batch_size == 1000
+    assert adv.absolute is not None
+    assert (adv.absolute.steps, adv.absolute.examples) == (10, 10_000)
+    assert whole_steps(10.5) == 11 and whole_steps(10.0) == 10 and whole_steps(10.0001) == 11
+
+
+def test_without_timing_the_batch_is_at_least_one_example_per_device() -> None:
+    """A review: 4 devices, B_n = 2 and no step times advised batch 2, "1 per device x 4
+    devices", where the timed advice never goes below the device count."""
+    adv = advise(inputs(timing=None, b_n=2.0, b_n_ci=Interval(1.0, 4.0), gpus=4))
+    assert (adv.recommendation.batch_size, adv.recommendation.per_device_batch_size) == (4, 1)
+    five_gpus = advise(inputs(timing=None, b_n=2.0, b_n_ci=Interval(1.0, 4.0), gpus=5))
+    assert five_gpus.recommendation.batch_size == 8  # 5 rounded up to an allowed batch
+    five = advise(inputs(timing=None, b_n=2.0, b_n_ci=Interval(1.0, 4.0), gpus=5,
+                         dataset_size=6))
+    assert five.recommendation.batch_size == 6  # 8 does not fit in 6 examples
+
+
+def test_an_uneven_split_over_devices_is_said_as_a_range() -> None:
+    """A review: "batch 1736 (579 per device × 3)" multiplies to 1,737; the devices take
+    579, 579 and 578. With accumulation: 100 in 3 micro-steps is 33-34 each."""
+    from bsfind.wording import per_device
+
+    assert per_device(1736, math.ceil(1736 / 3), 1, 3) == "578–579"
+    assert per_device(1737, 579, 1, 3) == "579"
+    assert per_device(100, 34, 3, 1) == "33–34"
+    assert per_device(96, 32, 3, 1) == "32"
+    adv = advise(inputs(gpus=3, memory=MemoryModel(
+        fixed_bytes=0, bytes_per_example=1.0, max_batch_size=17, limit_bytes=17,
+        source="predicted"), b_n=5000.0, b_n_ci=Interval(4000, 6000), sync_seconds=0.1))
+    rec = adv.recommendation
+    assert (rec.batch_size, rec.per_device_batch_size, rec.grad_accumulation) == (1120, 17, 22)
+    assert any("16–17 per device × 22 accumulation steps" in n for n in rec.notes)

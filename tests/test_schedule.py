@@ -75,6 +75,18 @@ def test_one_low_checkpoint_does_not_decide_the_growth() -> None:
     assert least_squares > 1.1
 
 
+def test_points_at_the_same_examples_have_no_slope_between_them() -> None:
+    """A review: two points at 1e4 examples divided by zero in Theil-Sen. The slopes are
+    those of the other pairs, by hand: log(400/100)/log(10) and log(400/120)/log(10),
+    median their mean; all at one place, flat."""
+    g = fit_growth([(1e4, 100.0), (1e4, 120.0), (1e5, 400.0)])
+    assert g is not None
+    by_hand = (math.log(4.0) + math.log(400 / 120)) / 2 / math.log(10.0)
+    assert g.p == pytest.approx(by_hand)
+    flat = fit_growth([(1e4, 100.0), (1e4, 120.0)])
+    assert flat is not None and flat.p == 0.0
+
+
 def test_a_falling_noise_scale_is_flat_and_one_point_is_flat() -> None:
     # From the lowest point on (20 at 100 examples), the noise scale mostly falls: the
     # median pairwise slope is negative, so flat, at the median of the points in log
@@ -517,3 +529,22 @@ def test_a_schedule_far_above_the_baseline_runs_examples_says_so() -> None:
     assert line is not None and "179,200 examples, 10.0x the baseline run's 17,970" in line
     assert schedule_examples(20_000, 17_970) is None  # within 1.5x: nothing to say
     assert schedule_examples(100, 0) is None
+
+
+def test_the_first_phase_may_be_the_whole_dataset_as_the_recommendation_may() -> None:
+    """A review: on 1,797 examples at B_n 4,000-5,000, the advisor's batch and the best
+    constant one were the whole dataset, 1,797, but the schedule's one phase was 1,792
+    (the whole dataset was not among its allowed batches), and it then read as slower
+    than the constant batch."""
+    from bsfind.advisor import advise
+
+    tc = TimingCurve(points=(), t0=0.01, per_example=1e-6, r2=1.0, source="predicted")
+    given = AdvisorInputs(b_n=5000, b_n_ci=Interval(4000, 6000), baseline_batch=64,
+                          baseline_lr=1e-3, optimizer_family="adam", dataset_size=1797,
+                          timing=tc)
+    assert advise(given).recommendation.batch_size == 1797
+    growth = fit_growth([(1e4, 4000.0), (1e5, 5000.0)])
+    assert growth is not None
+    s = build(given, growth, 200_000, 1797)
+    assert [p.batch_size for p in s.phases] == [1797] and s.best_constant_batch == 1797
+    assert s.seconds == pytest.approx(s.best_constant_seconds)

@@ -927,8 +927,10 @@ def test_measuring_the_noise_scale_mid_run_leaves_the_tracker_as_it_was() -> Non
             opt.step()
             opt.zero_grad(set_to_none=True)
             if step == measure_at:
+                # stopped by convergence, not a budget that a loaded machine runs out of
+                # (its warning is no tracker's)
                 est = measure_noise_scale(model, data, F.mse_loss, batch_size=32,
-                                          max_seconds=2.0)
+                                          target_rel_error=0.3, max_seconds=3600.0)
                 assert est.method == "per-example"
         tracker.close()
         return [(r.step, r.step_grad_norm_sq) for r in tracker.records]

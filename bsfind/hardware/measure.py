@@ -29,7 +29,8 @@ from bsfind.results import MemoryModel, TimingCurve
 from bsfind.training import ReplacementSampler, training_step
 from bsfind.workload import Workload
 
-# Largest batch the step-time ladder tries; beyond it the linear fit extrapolates.
+# Largest batch the step-time ladder tries; beyond it the advisor assumes no further gain
+# in throughput (``TimingCurve.segments``).
 TIMING_MAX_BATCH = 4096
 # Batch sizes at which CUDA memory is measured (two or more, small enough to fit).
 CUDA_MEMORY_SIZES = (2, 8, 32)

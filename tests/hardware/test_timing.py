@@ -152,7 +152,9 @@ def test_linear_regime_runs_the_whole_ladder_and_fits() -> None:
     assert curve.t0 == pytest.approx(0.05) and curve.per_example == pytest.approx(0.001)
     assert curve.r2 == pytest.approx(1.0)
     assert curve.utilization_gpu_pct == 75.0
-    assert curve.seconds(100) == pytest.approx(0.15)  # past the last rung: the line
+    assert curve.seconds(20) == pytest.approx(0.07)  # within the ladder: the line
+    # past the last rung, in proportion to B: no throughput gain that was not measured
+    assert curve.seconds(100) == pytest.approx(0.082 * 100 / 32)
 
 
 @pytest.mark.parametrize("excess, saturated", [(-0.04, True), (0.01, False)])
