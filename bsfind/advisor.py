@@ -213,18 +213,28 @@ def optimizer_family(name_or_class: Any) -> Family:
         name_or_class: a name ("adamw", "torch.optim:SGD"), an optimizer class,
             or an optimizer instance.
     """
+    key = _optimizer_key(name_or_class)
+    if any(m in key for m in _ADAM_MARKERS):
+        return "adam"
+    if any(m in key for m in _SGD_MARKERS):
+        return "sgd"
+    return "adam"
+
+
+def optimizer_known(name_or_class: Any) -> bool:
+    """Whether :func:`optimizer_family` knows the optimizer (else it guesses "adam")."""
+    key = _optimizer_key(name_or_class)
+    return any(m in key for m in (*_ADAM_MARKERS, *_SGD_MARKERS))
+
+
+def _optimizer_key(name_or_class: Any) -> str:
     if isinstance(name_or_class, str):
         name = name_or_class.replace(":", ".").rsplit(".", 1)[-1]
     elif isinstance(name_or_class, type):
         name = name_or_class.__name__
     else:
         name = type(name_or_class).__name__
-    key = name.lower()
-    if any(m in key for m in _ADAM_MARKERS):
-        return "adam"
-    if any(m in key for m in _SGD_MARKERS):
-        return "sgd"
-    return "adam"
+    return name.lower()
 
 
 def whole_steps(x: float) -> int:

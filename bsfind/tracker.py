@@ -68,6 +68,7 @@ import contextlib
 import json
 import math
 import operator
+import sys
 import time
 import warnings
 import weakref
@@ -81,7 +82,14 @@ import torch
 from torch import nn
 
 from bsfind import torch_compat as compat
-from bsfind.advisor import AdvisorInputs, advise, optimizer_family, scaled_lr, steps_ratio
+from bsfind.advisor import (
+    AdvisorInputs,
+    advise,
+    optimizer_family,
+    optimizer_known,
+    scaled_lr,
+    steps_ratio,
+)
 from bsfind.errors import UsageError
 from bsfind.noise import in_training
 from bsfind.noise.estimators import two_batch
@@ -496,6 +504,77 @@ def check_batch_and_log(batch_size: Any, log: str | Path | None) -> None:
                          f"{Path(log) / 'noise.jsonl'}")
 
 
+def check_model_batch_log_scaler(model: Any, batch_size: Any, log: str | Path | None,
+                                 scaler: Any) -> None:
+    """Validate :class:`Tracker`'s ``model`` (a module: an optimizer given by mistake
+    failed with an AttributeError), ``batch_size``, ``log`` and ``scaler`` (None or a
+    GradScaler-like object: a string was accepted)."""
+    if not isinstance(model, nn.Module):
+        got = ("an optimizer" if isinstance(model, torch.optim.Optimizer)
+               else f"a {type(model).__name__}")
+        raise ValueError(f"track(model): expected the torch.nn.Module being trained, got {got}")
+    check_batch_and_log(batch_size, log)
+    if scaler is not None and not (callable(getattr(scaler, "get_scale", None))
+                                   or isinstance(getattr(scaler, "_scale", None), torch.Tensor)):
+        raise ValueError(f"scaler: expected a torch.amp.GradScaler (or None), got "
+                         f"{type(scaler).__name__} {scaler!r}"[:200])
+
+
+def check_step_arguments(batch_size: Any, divisor: Any) -> None:
+    """Validate ``update()``'s and ``micro_step()``'s ``batch_size`` and ``divisor``:
+    integers >= 1 (0 stood for "unknown" and -3 counted examples down; a divisor of 0
+    wrote a record of zeros)."""
+    if batch_size is not None and whole_number(batch_size, 1) is None:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if divisor is not None and whole_number(divisor, 1) is None:
+        raise ValueError(f"divisor must be an integer >= 1, got {divisor!r}")
+
+
+def check_advice_arguments(lr: Any, optimizer: Any) -> None:
+    """Validate ``advice()``'s ``lr`` (a finite rate > 0: -1 gave a rate of -1.11); warn
+    of an optimizer named as no rule knows it ('sdg' got the Adam family's rule)."""
+    if lr is not None:
+        try:
+            rate = float(lr)
+        except (TypeError, ValueError):
+            rate = math.nan
+        if not (math.isfinite(rate) and rate > 0):
+            raise ValueError(f"lr must be a finite learning rate > 0, got {lr!r}")
+    if isinstance(optimizer, str) and not optimizer_known(optimizer):
+        warnings.warn(
+            f"bsfind tracker: optimizer {optimizer!r} is not a name bsfind knows (SGD, "
+            "Adam, AdamW, LAMB, LARS, RMSprop, Adagrad, Adafactor, ...): the Adam family's "
+            "square-root rule is used; pass the optimizer itself, or lr_rule",
+            RuntimeWarning, stacklevel=3)
+
+
+def compiled_hint() -> str:
+    """What to do when the tracker's hooks did not run and torch.compile is in use: code
+    compiled before the tracker attached them does not run them (a trial: no record, and
+    a message naming bsfind's internals)."""
+    if "torch._dynamo" not in sys.modules:
+        return ""
+    return ("; under torch.compile, create the tracker before the model's first compiled "
+            "forward (code compiled before does not run hooks added later; or set "
+            "torch._dynamo.config.skip_nnmodule_hook_guards = False)")
+
+
+def per_example_failure(exc: Exception) -> str:
+    """Why the per-example norms failed, in the tracker's words."""
+    if "no backward reached" not in str(exc):
+        return str(exc)
+    return ("the per-example hooks saw no backward in the step (update() before "
+            "loss.backward()?)" + compiled_hint())
+
+
+def unsaid_accumulation(passes: int) -> str:
+    """The warning for several backward passes in one step without ``micro_step()``."""
+    return (f"bsfind tracker: {passes} backward passes ran in one optimizer step without "
+            "micro_step() between them, so the step is not measured: under gradient "
+            "accumulation, call tracker.micro_step() after each micro-batch's backward but "
+            "the last (the per-example norms see only the last pass; .grad holds them all)")
+
+
 def check_resume(step: Any, examples: Any) -> tuple[int, int]:
     """Validate :class:`Tracker`'s ``step`` and ``examples`` (a resumed run's counts);
     numpy integers and 0-d integer tensors (a step read from an optimizer's state) count."""
@@ -822,7 +901,7 @@ class Tracker:
         check_tracking_options(every, window)
         step, examples = check_resume(step, examples)
         self.dataset_size = check_dataset_size(dataset_size)
-        check_batch_and_log(batch_size, log)
+        check_model_batch_log_scaler(model, batch_size, log, scaler)
         ddp = _ddp_of(model)
         self.world = ddp.process_group.size() if ddp is not None and _world() > 1 else 1
         if ddp is None and _world() > 1:
@@ -893,6 +972,8 @@ class Tracker:
         examples twice.
         """
         self._check_open()
+        if batch_size is not None:
+            check_step_arguments(batch_size, None)
         if self._paused:
             return
         self._micro.append(self._batch(batch_size))
@@ -918,6 +999,8 @@ class Tracker:
         if self._paused:
             return
         self._micro, self._micro_sq, self._prev = [], [], None
+        if self._hooked:  # the per-example norms of the abandoned backward
+            self._norms.forget()
         if self._ddp is not None:
             self._ddp.take()  # the bucket norms of the abandoned backward
 
@@ -936,6 +1019,8 @@ class Tracker:
                 ``accumulate_grad_batches`` on an epoch's short last step too): the
                 gradients are rescaled to that step's mean.
         """
+        if batch_size is not None or divisor is not None:
+            check_step_arguments(batch_size, divisor)
         self._divisor = divisor
         if self._paused:  # another measurement's backward on this model (paused_on)
             return None
@@ -1081,6 +1166,7 @@ class Tracker:
         Returns:
             None before the first record.
         """
+        check_advice_arguments(lr, optimizer)
         rec = self.latest
         if rec is None:
             return None
@@ -1177,6 +1263,9 @@ class Tracker:
             return
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
+            self._warn_once("no-grad", (
+                f"bsfind tracker: no parameter had a gradient at update() (step {self.step}): "
+                "call update() after the step's loss.backward(), before optimizer.zero_grad()"))
             return
         if len(self._micro) > 1:
             last = self._boundary()
@@ -1188,7 +1277,10 @@ class Tracker:
             try:
                 per = self._norms.sq_norms()
             except (PerExampleUnsupported, RuntimeError) as exc:
-                self._per_example_failed(str(exc))
+                self._per_example_failed(per_example_failure(exc))
+                return
+            if self._norms.replaced:  # the loop accumulated without saying so
+                self._warn_once("micro", unsaid_accumulation(self._norms.replaced + 1))
                 return
             b = int(per.shape[0])
             self._micro[-1] = self._seen_batch = b
@@ -1296,6 +1388,12 @@ class Tracker:
                     "finite ones"))
             return None
         self._skipped_in_a_row = 0
+        if sq_big == 0.0:  # .grad zeroed before update(), or update() before backward()
+            self._warn_once("zero-grad", (
+                f"bsfind tracker: the gradient at update() was exactly zero (step {m.step}), "
+                "so the step is not measured: call update() after the step's loss.backward(), "
+                "before optimizer.zero_grad()"))
+            return None
         g2, trace = two_batch(b_small, sq_small, b_big, sq_big)
         if self.dataset_size is not None:
             g2, trace = without_replacement(g2, trace, self.dataset_size)
@@ -1447,7 +1545,8 @@ class Tracker:
         self._seen_batch = b  # the size last seen, for steps that do not watch the input
         if b is None:
             raise ValueError("bsfind tracker: batch size unknown: pass batch_size= to track() "
-                             "or update() (no tensor input reached the model's forward)")
+                             "or update() (no tensor input reached the model's forward"
+                             + compiled_hint() + ")")
         return int(b)
 
     def _check_open(self) -> None:

@@ -225,7 +225,8 @@ def test_a_step_abandoned_and_discarded_leaves_no_trace(exact: float, accumulate
     """A guard that zeroes the gradients mid-step and starts it again calls discard():
     the records are those of the run without the abandoned micro-batches (left in, they
     entered the next step as micro-batches of its own: a trial's B_simple read 30% high).
-    Per-example norms read the last backward only: discard() there is harmless."""
+    With per-example norms, discard() drops the abandoned backward's (kept, the step
+    read as accumulation without micro_step(), and went unmeasured)."""
     x, y = _problem()
 
     def run(abandon: bool) -> Tracker:
@@ -1146,3 +1147,126 @@ def test_which_loaders_draw_without_replacement() -> None:
 
     with track(_model(), dataset_size=np.int64(50)) as tracker:
         assert tracker.dataset_size == 50
+
+
+# ------------------------------------------------------------ a loop that misuses the tracker
+
+
+def _records_and_warnings(loop: Callable[[Tracker, nn.Module], None],
+                          **options: object) -> tuple[list[TrackRecord], list[str]]:
+    model = _model()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker = track(model, every=1, **options)  # type: ignore[arg-type]
+        loop(tracker, model)
+        tracker.close()
+    return tracker.records, [str(w.message) for w in caught]
+
+
+def test_accumulation_without_micro_step_is_said_and_not_measured(exact: float) -> None:
+    """A trial: four micro-batches of 16 and no micro_step() read B_simple 0.69 for an
+    exact 47 with no warning (the per-example norms were the last pass's, .grad all
+    four's). Now each such step is dropped and one warning says to call micro_step()."""
+    x, y = _problem()
+    gen = torch.Generator().manual_seed(0)
+
+    def no_micro_step(tracker: Tracker, model: nn.Module) -> None:
+        for _ in range(12):
+            for _ in range(4):
+                idx = torch.randint(len(x), (16,), generator=gen)
+                (F.cross_entropy(model(x[idx]), y[idx]) / 4).backward()
+            tracker.update()
+            model.zero_grad(set_to_none=True)
+
+    records, said = _records_and_warnings(no_micro_step)
+    assert records == []
+    assert len([m for m in said if "4 backward passes ran in one optimizer step without "
+                "micro_step()" in m]) == 1
+
+    def with_micro_step(tracker: Tracker, model: nn.Module) -> None:
+        _train(tracker, model, steps=60, batch=16, accumulate=4)
+
+    records, said = _records_and_warnings(with_micro_step, window=10_000)
+    assert not said and records[-1].b_simple == pytest.approx(exact, rel=2 * REL)
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_update_before_backward_is_said_and_not_measured(set_to_none: bool) -> None:
+    """A trial: update() before loss.backward() wrote no record and said nothing (grads
+    set to None), or wrote 39 records of a zero step gradient (|G|² -0.158)."""
+    x, y = _problem()
+
+    def update_first(tracker: Tracker, model: nn.Module) -> None:
+        for step in range(10):
+            idx = torch.arange(step * 32, step * 32 + 32)
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            tracker.update(loss)
+            loss.backward()
+            model.zero_grad(set_to_none=set_to_none)
+
+    records, said = _records_and_warnings(update_first)
+    assert records == []
+    assert any("call update() after the step's loss.backward(), before "
+               "optimizer.zero_grad()" in m for m in said), said
+
+
+def test_the_tracker_names_a_wrong_argument() -> None:
+    """A trial: divisor=0 wrote a record of zeros, batch_size=-3 counted examples down,
+    batch_size=0 was read as "unknown", advice(lr=-1) gave a rate of -1.11, a string
+    scaler and an optimizer given as the model were taken (the latter failed with an
+    AttributeError), and an optimizer name with a typo got the Adam rule silently."""
+    model = _model()
+    x, y = _problem()
+    tracker = track(model, every=1)
+    F.cross_entropy(model(x[:32]), y[:32]).backward()
+    for kwargs, match in ((dict(divisor=0), "divisor must be an integer >= 1, got 0"),
+                          (dict(batch_size=-3), "batch_size must be an integer >= 1, got -3"),
+                          (dict(batch_size=0), "batch_size must be an integer >= 1, got 0")):
+        with pytest.raises(ValueError, match=match):
+            tracker.update(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        tracker.micro_step(batch_size=0)
+    assert tracker.step == 0 and tracker.examples == 0
+    for lr in (-1.0, math.nan, "fast"):
+        with pytest.raises(ValueError, match="lr must be a finite learning rate > 0"):
+            tracker.advice(lr=lr)  # type: ignore[arg-type]
+    with pytest.warns(RuntimeWarning, match="optimizer 'sdg' is not a name bsfind knows"):
+        tracker.advice(optimizer="sdg")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tracker.advice(optimizer="torch.optim:SGD", lr=0.1)
+    tracker.close()
+    with pytest.raises(ValueError, match="scaler: expected a torch.amp.GradScaler"):
+        track(model, scaler="x")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="expected the torch.nn.Module being trained, got an "
+                       "optimizer"):
+        track(opt)  # type: ignore[arg-type]
+
+
+def test_a_model_compiled_before_the_tracker_is_said_to_be_the_cause() -> None:
+    """A trial: under torch.compile, code compiled before track() does not run the hooks
+    it adds, so nothing was measured, and the warning named sq_norms(), bsfind's own
+    internals. (The eager backend: dynamo's guards are the cause, not inductor.)"""
+    x, y = _problem()
+    model = _model()
+    compiled = torch.compile(model, backend="eager")
+    F.cross_entropy(compiled(x[:32]), y[:32]).backward()  # compiled before the tracker
+    model.zero_grad(set_to_none=True)
+
+    def compiled_loop(tracker: Tracker, _: nn.Module) -> None:
+        for step in range(4):
+            idx = torch.arange(step * 32, step * 32 + 32)
+            loss = F.cross_entropy(compiled(x[idx]), y[idx])
+            loss.backward()
+            tracker.update(loss)
+            model.zero_grad(set_to_none=True)
+
+    tracker = track(model, every=1, batch_size=32)
+    with pytest.warns(RuntimeWarning) as caught:
+        compiled_loop(tracker, model)
+    said = [str(w.message) for w in caught]
+    assert tracker.records == []
+    assert any("create the tracker before the model's first compiled forward" in m
+               and "sq_norms" not in m for m in said), said
+    torch._dynamo.reset()

@@ -202,6 +202,11 @@ class PerExampleGradNorms:
         # (backward task id, module, (B,) squared norms) since the last sq_norms()
         self._terms: list[tuple[int | None, str, Tensor]] = []
         self._fired: dict[str, int | None] = {}  # module -> task id it fired in
+        # backward passes since the last sq_norms() whose numbers a later one replaced;
+        # ``replaced``: that count at the last sq_norms() (gradient accumulation that the
+        # caller did not say: .grad holds every pass, the norms only the last one's)
+        self._replaced = 0
+        self.replaced = 0
         self._errors: list[str] = []
         self._active = False
         self._recomputing = False
@@ -288,6 +293,7 @@ class PerExampleGradNorms:
     def _reset(self) -> None:
         self._terms = []
         self._fired = {}
+        self._replaced = 0
         for state in self._tied.values():
             state.fired.clear()
 
@@ -603,6 +609,7 @@ class PerExampleGradNorms:
             # reentrant activation checkpointing runs a nested backward inside this one.)
             self._terms = [(t, n, v) for t, n, v in self._terms if t == task]
             self._fired = {n: t for t, n, _ in self._terms}
+            self._replaced += 1
         self._fired[cap.name] = task
         cap.task = task
         acc = None
@@ -685,6 +692,12 @@ class PerExampleGradNorms:
         return sq.detach()
 
     # -- result ----------------------------------------------------------------------
+    def forget(self) -> None:
+        """Drop what the backward passes since the last :meth:`sq_norms` recorded (the
+        caller abandoned them: a step given up and started again)."""
+        self._errors = []
+        self._reset()
+
     def sq_norms(self) -> Tensor:
         """Per-example squared gradient norms of the most recent backward, shape (B,).
 
@@ -698,6 +711,7 @@ class PerExampleGradNorms:
         """
         errors, terms = self._errors, self._terms
         self._errors = []
+        self.replaced = self._replaced
         self._reset()
         self._captures = [ref for ref in self._captures if ref() is not None]
         if errors:
