@@ -572,7 +572,8 @@ def unsaid_accumulation(passes: int) -> str:
     return (f"bsfind tracker: {passes} backward passes ran in one optimizer step without "
             "micro_step() between them, so the step is not measured: under gradient "
             "accumulation, call tracker.micro_step() after each micro-batch's backward but "
-            "the last (the per-example norms see only the last pass; .grad holds them all)")
+            "the last (the per-example norms see only the last pass; .grad holds them all); "
+            "after a pass whose gradient the step drops (SAM's first), call discard()")
 
 
 def check_resume(step: Any, examples: Any) -> tuple[int, int]:
