@@ -32,6 +32,13 @@ class Interval:
         """``low, high = est.ci95``, as a pair unpacks."""
         return iter((self.low, self.high))
 
+    def __getitem__(self, i: int) -> float:
+        """``est.ci95[0]``, as the JSON's list indexes (a trial: not subscriptable)."""
+        return (self.low, self.high)[i]
+
+    def __len__(self) -> int:
+        return 2
+
     def as_list(self) -> list[float | None]:
         """JSON-friendly form: an unbounded side becomes ``None``."""
         return [

@@ -600,8 +600,9 @@ def warmup_text(batch: int, b0: int, lr0: float, lr: float, steps: int) -> str:
     """The recommended warm-up in words: from lr0 to ``lr`` over ``steps`` steps."""
     from bsfind.advisor import WARMUP_EPOCHS
 
+    unit = "step" if steps == 1 else "steps"
     return (f"the batch grows {batch / b0:.0f}x: ramp the learning rate linearly from "
-            f"{lr0:.3g} to {lr:.3g} over the first {steps:,} steps at batch {batch} "
+            f"{lr0:.3g} to {lr:.3g} over the first {steps:,} {unit} at batch {batch} "
             f"(Goyal et al. 2017's warm-up: {WARMUP_EPOCHS} epochs of their 90, or 1/18 of "
             "the planned run when that is shorter)")
 

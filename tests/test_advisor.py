@@ -698,6 +698,9 @@ def test_an_interval_unpacks_as_low_high() -> None:
     """A trial: ``lo, hi = est.ci95`` raised TypeError."""
     low, high = Interval(3.0, math.inf)
     assert (low, high) == (3.0, math.inf) and list(Interval(1.0, 2.0)) == [1.0, 2.0]
+    # and indexes as the JSON's list does (a trial: est.ci95[0] was not subscriptable)
+    ci = Interval(1.0, 2.0)
+    assert (ci[0], ci[1], ci[-1], len(ci)) == (1.0, 2.0, 2.0, 2)
 
 
 def test_a_line_is_not_extrapolated_past_the_largest_batch_timed() -> None:
