@@ -65,6 +65,7 @@ own unbiased estimates), ``window`` (measurements smoothed) and ``seconds``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import operator
@@ -381,6 +382,15 @@ def _curve(timing: TimingCurve | tuple[float, float]) -> TimingCurve:
     return TimingCurve(points=(), t0=t0, per_example=c, r2=math.nan, source="given")
 
 
+def _line_of(curve: TimingCurve | None) -> TimingCurve | None:
+    """The curve as its line alone, past the batches timed too: the doubling question is
+    about 2B, past them by construction (a review: the advisor, reading no gain past the
+    run's own batch, recommended 64 while ``double`` said to double)."""
+    if curve is None or not curve.points:
+        return curve
+    return dataclasses.replace(curve, points=(), fitted_up_to=None)
+
+
 def _usable(curve: TimingCurve | None) -> bool:
     return curve is not None and (curve.t0 > 0 or curve.per_example > 0)
 
@@ -418,7 +428,7 @@ def doubling_advice(
         inputs = AdvisorInputs(
             b_n=b_n, b_n_ci=ci95, baseline_batch=batch, baseline_lr=lr or 1.0,
             optimizer_family=family, dataset_size=dataset_size or UNKNOWN_DATASET,
-            lr_rule=lr_rule, timing=curve if timed else None)
+            lr_rule=lr_rule, timing=_line_of(curve) if timed else None)
         recommended = advise(inputs).recommendation.batch_size
     new_lr, rule = (scaled_lr(lr, batch, 2 * batch, b_n, family, lr_rule) if lr is not None
                     else (None, None))

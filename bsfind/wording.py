@@ -519,15 +519,17 @@ def step_time_words(timing: TimingCurve) -> str:
         n = sum(b <= timing.fitted_up_to for b in bs)
         return (f"{line}, fitted to {n} of {len(bs)} timed batch sizes "
                 f"({num(bs[0])}–{num(timing.fitted_up_to)}; above it throughput fell well "
-                "below its peak: those batches are slower overall at any noise scale)")
+                "below its peak: those batches are slower overall at any noise scale, read "
+                f"as timed; past {num(bs[-1])}, time in proportion to B)")
     if timing.fit_ok:
-        return f"{line}, fitted to {len(bs)} timed batch sizes ({num(bs[0])}–{num(bs[-1])})"
+        return (f"{line}, fitted to {len(bs)} timed batch sizes ({num(bs[0])}–{num(bs[-1])}; "
+                f"past {num(bs[-1])}, time in proportion to B)")
     return (f"from {len(bs)} timed batch sizes ({num(bs[0])}–{num(bs[-1])}), interpolated "
             f"(no line fits them); past {num(bs[-1])}, time in proportion to B")
 
 
 def _notes(advice: Advice, inputs: AdvisorInputs) -> list[str]:
-    from bsfind.advisor import MAX_PIECES
+    from bsfind.advisor import MAX_PIECES, memory_bound, throughput_cap
 
     f, rec = advice.facts, advice.recommendation
     notes = [s for s in (_sync_note(advice, inputs),) if s]
@@ -583,8 +585,15 @@ def _notes(advice: Advice, inputs: AdvisorInputs) -> list[str]:
     if rec.grad_accumulation > 1:
         split = per_device(rec.batch_size, rec.per_device_batch_size, rec.grad_accumulation,
                            rec.gpus)
-        notes.append(f"batch {rec.batch_size} does not fit in memory on {rec.gpus} device(s): "
-                     f"{split} per device × {rec.grad_accumulation} accumulation steps")
+        how = f"{split} per device × {rec.grad_accumulation} accumulation steps"
+        cap = throughput_cap(inputs)
+        if memory_bound(inputs, rec.gpus) or cap is None:
+            notes.append(f"batch {rec.batch_size} does not fit in memory on {rec.gpus} "
+                         f"device(s): {how}")
+        else:
+            notes.append(f"batch {rec.batch_size} runs as {how}: per device, the batches timed "
+                         f"above {cap:,} ran slower per example than {cap:,} (left out of the "
+                         "step-time line), so accumulating is faster")
     return notes
 
 

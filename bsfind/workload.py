@@ -735,7 +735,8 @@ def _check_dataset(ds: Any, name: str, collate: Collate | None = None,
     dataset" for one passed in (the Python API)."""
     # an IterableDataset has torch's __getitem__ that raises (a trial's finite stream with
     # __len__ passed the check and failed at item 0 with NotImplementedError)
-    stream = isinstance(ds, torch.utils.data.IterableDataset)
+    stream = (isinstance(ds, torch.utils.data.IterableDataset)
+              and type(ds).__getitem__ is torch.utils.data.Dataset.__getitem__)
     if stream or not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
         loader = isinstance(ds, torch.utils.data.DataLoader)
         kind = type(ds).__name__

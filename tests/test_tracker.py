@@ -1270,3 +1270,21 @@ def test_a_model_compiled_before_the_tracker_is_said_to_be_the_cause() -> None:
     assert any("create the tracker before the model's first compiled forward" in m
                and "sq_norms" not in m for m in said), said
     torch._dynamo.reset()
+
+
+def test_advice_on_the_runs_own_step_times_reads_them_as_its_doubling_does() -> None:
+    """A review: with the advisor reading no throughput gain past the batches timed, the
+    tracker's measured curve (points at the run's own 32 and 64) capped the recommended
+    batch at 64 while ``double`` (the line's 2·c·B²/t0 = 81.9 below B_simple's interval)
+    said to double. Both read the line now: as a given (t0, c), 1,416 by the advisor."""
+    from bsfind.results import TimingPoint
+
+    t0, c = 0.01, 1e-4
+    pts = tuple(TimingPoint(b, t0 + c * b, 20) for b in (32, 64))
+    measured = TimingCurve(points=pts, t0=t0, per_example=c, r2=1.0, source="measured")
+    given = TimingCurve(points=(), t0=t0, per_example=c, r2=math.nan, source="given")
+    ci = Interval(15_000.0, 26_000.0)
+    a = doubling_advice(1000, 64, 20_000.0, ci, measured, "measured", dataset_size=10**6)
+    b = doubling_advice(1000, 64, 20_000.0, ci, given, "given", dataset_size=10**6)
+    assert a.double and a.threshold == pytest.approx(2 * c * 64 * 64 / t0)
+    assert a.recommended_batch == b.recommended_batch > 2 * 64

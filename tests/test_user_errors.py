@@ -342,3 +342,9 @@ def test_a_stream_is_named_as_one_with_the_way_to_a_dataset() -> None:
         assert caught.value.hint is not None and "itertools.islice" in caught.value.hint
     kept = list(itertools.islice(iter(InfiniteStream()), 256))  # the hint's way, as it says
     assert measure_noise_scale(model, kept, loss, batch_size=8, max_seconds=30).b_simple > 0
+
+    class Indexed(Finite):  # a stream that indexes too is a dataset (a review)
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return kept[i]
+
+    assert measure_noise_scale(model, Indexed(), loss, batch_size=8, max_seconds=30).b_simple > 0
