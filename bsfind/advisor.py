@@ -43,6 +43,7 @@ that "keep your batch" wins ties and is never beaten by its own rounding.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Iterator
@@ -816,8 +817,17 @@ def per_device_max(inputs: AdvisorInputs, gpus: int) -> float:
     (one process's, or one predicted for ``hardware.gpu``; a line measured under
     torchrun has them: ``hardware.measure.with_gradient_buckets``). Nor above the
     timed batches whose throughput fell (:func:`throughput_cap`)."""
-    timed = throughput_cap(inputs)
+    timed = None if inputs.norm_batch else throughput_cap(inputs)  # BatchNorm's is fixed
     return min(_memory_max(inputs, gpus), math.inf if timed is None else float(timed))
+
+
+def as_run(inputs: AdvisorInputs, model: WallClock) -> WallClock:
+    """``model`` as the baseline is costed: the user's batch as it runs today, in as few
+    steps as memory allows. The throughput cap is advice; charging the baseline with it
+    would put a made-up time under every ratio (a review: a baseline of 4,096 timed at
+    0.15 s costed as 2,048 x 2 at 0.086 s, which read a 0.57x gain as none)."""
+    memory = _memory_max(inputs, model.gpus)
+    return model if memory == model.max_micro else dataclasses.replace(model, max_micro=memory)
 
 
 def throughput_cap(inputs: AdvisorInputs) -> int | None:
@@ -952,13 +962,20 @@ def candidates_table(inputs: AdvisorInputs, batch: int, model: WallClock | None
             return "predicted"
         return "measured" if micro <= timed_top else "extrapolated"
 
+    run = None if model is None else as_run(inputs, model)
+    memory_cap = _memory_max(inputs, n)
+
     def row(b: int) -> Candidate:
-        a = accumulation_steps(b, n, max_micro)
+        today = b == b0 and b != batch  # the baseline as it runs (when not the advice)
+        a = accumulation_steps(
+            b, n, (int(memory_cap) if math.isfinite(memory_cap) else None) if today
+            else max_micro)
         micro = math.ceil(b / (a * n))
         mem = (inputs.memory.fixed_bytes + buckets + inputs.memory.bytes_per_example * micro
                if inputs.memory is not None else None)
-        if model is not None:
-            t, ratio = model.step_time(b), model.objective(b) / model.objective(b0)
+        if model is not None and run is not None:
+            m = run if today else model
+            t, ratio = m.step_time(b), m.objective(b) / run.objective(b0)
         else:
             t = ratio = math.nan
         return Candidate(
@@ -996,7 +1013,7 @@ def frontier(inputs: AdvisorInputs, model: WallClock, max_gpus: int, sync: float
              ) -> tuple[FrontierRow, ...]:
     """The optimum on 1..max_gpus devices, each against the baseline on the input's N."""
     rows = []
-    base = model.objective(inputs.baseline_batch)
+    base = as_run(inputs, model).objective(inputs.baseline_batch)
     for g in range(1, max_gpus + 1):
         s_g = _sync_for(inputs, g)[0] if g != inputs.gpus else sync
         _, b_g, _ = _recommend_batch(inputs, inputs.b_n, g, s_g)
@@ -1032,7 +1049,7 @@ def absolute_prediction(inputs: AdvisorInputs, model: WallClock, rec: Candidate
         return None
     n, b0 = inputs.gpus, inputs.baseline_batch
     base_steps = e / b0
-    base_hours = base_steps * model.step_time(b0) / 3600.0
+    base_hours = base_steps * as_run(inputs, model).step_time(b0) / 3600.0
     hours = base_steps * rec.steps_ratio * model.step_time(rec.batch_size) / 3600.0
     price = inputs.price_per_hour
     steps = whole_steps(base_steps * rec.steps_ratio)

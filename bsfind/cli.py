@@ -756,11 +756,16 @@ def _warn(doc: dict[str, Any]) -> None:
 
 
 def _emit(doc: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        _write_stdout(json.dumps(doc, indent=2, allow_nan=False) + "\n")
-        sys.stdout.flush()
-    else:
-        render_report(doc)
+    try:
+        if as_json:
+            _write_stdout(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+            sys.stdout.flush()
+        else:
+            render_report(doc)
+    except SystemExit as exc:  # stdout's reader left (| head): stderr may still be read
+        if exc.code == EXIT_BROKEN_PIPE:
+            _warn(doc)
+        raise
     _warn(doc)
 
 

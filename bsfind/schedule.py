@@ -48,6 +48,7 @@ from bsfind.advisor import (
     AdvisorInputs,
     WallClock,
     allowed_extras,
+    as_run,
     batch_unit,
     measured_lr,
     scaled_lr,
@@ -422,7 +423,7 @@ def build(inputs: AdvisorInputs, growth: Growth, planned_examples: int | None,
     schedule = Schedule(
         phases=never_falling(phases), growth=growth, horizon_examples=int(horizon),
         horizon_source=source, measured_examples=growth.e_hi, seconds=total,
-        baseline_seconds=horizon / b0 * model.step_time(b0),
+        baseline_seconds=horizon / b0 * as_run(inputs, model).step_time(b0),
         best_constant_batch=best_b, best_constant_seconds=best_s, lr_rule=rule,
         rule_learning_rates=tuple(p.learning_rate for p in phases),
     )

@@ -41,6 +41,29 @@ def has_graph_task_id() -> bool:
     return _TASK_ID is not None
 
 
+# Whether the running backward will execute a node: here, a parameter's AccumulateGrad,
+# which a pass that only asks for gradients elsewhere (autograd.grad w.r.t. the inputs,
+# backward(inputs=...)) skips. Without it (None) every pass counts as accumulating, as
+# bsfind counted them before it was used.
+_WILL_EXECUTE: Callable[[object], bool] | None = getattr(torch._C, "_will_engine_execute_node",
+                                                         None)
+
+
+def accumulates_into(param: torch.Tensor) -> bool:
+    """Whether the backward now running adds into ``param.grad``: False under
+    ``torch.autograd.grad`` (which returns gradients instead) and for a parameter that
+    ``backward(inputs=...)`` leaves out. Fallback: True."""
+    edge = getattr(torch.autograd.graph, "get_gradient_edge", None)
+    if _WILL_EXECUTE is None or edge is None:
+        return True
+    if not param.requires_grad:
+        return False
+    try:
+        return bool(_WILL_EXECUTE(edge(param).node))
+    except RuntimeError as e:  # torch refuses a leaf that autograd.grad() returns
+        return "autograd.grad" not in str(e)
+
+
 def functorch_transforms_active() -> bool:
     """True inside a torch.func transform (vmap, grad, jvp) of the model.
 

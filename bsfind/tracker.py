@@ -524,10 +524,30 @@ def check_model_batch_log_scaler(model: Any, batch_size: Any, log: str | Path | 
                else f"a {type(model).__name__}")
         raise ValueError(f"track(model): expected the torch.nn.Module being trained, got {got}")
     check_batch_and_log(batch_size, log)
+    check_not_tracked(model, log)
     if scaler is not None and not (callable(getattr(scaler, "get_scale", None))
                                    or isinstance(getattr(scaler, "_scale", None), torch.Tensor)):
         raise ValueError(f"scaler: expected a torch.amp.GradScaler (or None), got "
                          f"{type(scaler).__name__} {scaler!r}"[:200])
+
+
+def check_not_tracked(model: nn.Module, log: str | Path | None) -> None:
+    """Refuse a second open tracker on one model, or on one log file. Two trackers' hooks
+    on one model see each other's (a trial: two Lightning callbacks, one read |G|² and
+    tr(Σ) 13-20% off, with no warning), and two writers of one file interleave their
+    lines (the trial's log had 2 lines of broken JSON)."""
+    inner = getattr(model, "module", None)
+    path = None if log is None else Path(log).resolve()
+    for other in list(_OPEN):
+        if other.module is model or other.module is inner:
+            raise ValueError(
+                "this model already has an open bsfind tracker (a second callback in one "
+                "Trainer makes a second one): use that one, or close() it first; two "
+                "trackers on one model see each other's hooks and read wrong numbers")
+        theirs = other._log_path
+        if path is not None and theirs is not None and theirs.resolve() == path:
+            raise ValueError(f"log {str(log)!r} is already written by another open bsfind "
+                             "tracker: give each tracker its own log file")
 
 
 def check_step_arguments(batch_size: Any, divisor: Any) -> None:
@@ -541,15 +561,16 @@ def check_step_arguments(batch_size: Any, divisor: Any) -> None:
 
 
 def check_advice_arguments(lr: Any, optimizer: Any) -> None:
-    """Validate ``advice()``'s ``lr`` (a finite rate > 0: -1 gave a rate of -1.11); warn
-    of an optimizer named as no rule knows it ('sdg' got the Adam family's rule)."""
+    """Validate ``advice()``'s ``lr`` (a finite rate >= 0: -1 gave a rate of -1.11; 0 is
+    a warm-up's first step or a decay's last, and scales to 0); warn of an optimizer
+    named as no rule knows it ('sdg' got the Adam family's rule)."""
     if lr is not None:
         try:
             rate = float(lr)
         except (TypeError, ValueError):
             rate = math.nan
-        if not (math.isfinite(rate) and rate > 0):
-            raise ValueError(f"lr must be a finite learning rate > 0, got {lr!r}")
+        if not (math.isfinite(rate) and rate >= 0):
+            raise ValueError(f"lr must be a finite learning rate >= 0, got {lr!r}")
     if isinstance(optimizer, str) and not optimizer_known(optimizer):
         warnings.warn(
             f"bsfind tracker: optimizer {optimizer!r} is not a name bsfind knows (SGD, "

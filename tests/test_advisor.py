@@ -830,3 +830,43 @@ def test_micro_batches_stay_below_the_rungs_whose_throughput_fell() -> None:
                for a in range(math.ceil(b / (8 * 4096)), 2 * math.ceil(b / (8 * 4096)) + 1, 1))
     assert objective(196_608, 12) == pytest.approx(best)
     assert any("ran slower per example than 2,048" in n for n in rec.notes)
+
+
+def test_the_baseline_is_costed_as_it_runs_not_under_the_throughput_cap() -> None:
+    """A review: the throughput cap (rung 4,096 timed at 0.15 s, slower per example than
+    2,048) was applied to the user's baseline of 4,096 too, costing it as 2,048 x 2 at
+    0.086 s; the advice of 2,048 then read as no gain. By hand, B_n = 1e6: the baseline
+    as run is (1 + 1e6/4096)·0.15 = 36.77, 2,048 is (1 + 1e6/2048)·0.04296 = 21.02: 0.572x."""
+    t0, c = 0.002, 2e-5
+    curve = measured({**{b: t0 + c * b for b in (64, 128, 256, 512, 1024, 2048)}, 4096: 0.15})
+    mem = MemoryModel(fixed_bytes=0, bytes_per_example=1.0, max_batch_size=8192,
+                      limit_bytes=8192, source="predicted")
+    adv = advise(inputs(b_n=1e6, b_n_ci=Interval(5e5, 2e6), timing=curve, memory=mem,
+                        baseline_batch=4096, dataset_size=100_000, training_examples=10**7),
+                 max_gpus=1)
+    rec = adv.recommendation
+    assert rec.batch_size == 2048
+    expected = (1 + 1e6 / 2048) * (t0 + c * 2048) / ((1 + 1e6 / 4096) * 0.15)
+    assert rec.predicted_time_ratio == pytest.approx(expected)
+    assert expected == pytest.approx(0.572, abs=1e-3)
+    base = next(r for r in adv.candidates if r.is_baseline)
+    assert (base.per_device_batch_size, base.grad_accumulation, base.fits) == (4096, 1, True)
+    assert base.step_seconds == pytest.approx(0.15)
+    assert adv.absolute is not None
+    assert adv.absolute.baseline_hours == pytest.approx(10**7 / 4096 * 0.15 / 3600)
+    assert adv.frontier[0].time_ratio == pytest.approx(expected)
+
+
+def test_with_batchnorm_the_throughput_cap_never_splits_the_batchnorm_batch() -> None:
+    """A review: rung 256 ran slower per example than 128, and with BatchNorm at 256 the
+    advice ran 128 per device x 2, BatchNorm statistics over 128, not the 256 the noise
+    scale was measured with (DESIGN §8)."""
+    t0, c = 0.002, 2e-5
+    curve = measured({**{b: t0 + c * b for b in (16, 32, 64, 128)}, 256: 0.05})
+    assert curve.fitted_up_to == 128
+    mem = MemoryModel(fixed_bytes=0, bytes_per_example=1.0, max_batch_size=4096,
+                      limit_bytes=4096, source="predicted")
+    adv = advise(inputs(b_n=5e4, b_n_ci=Interval(2.5e4, 1e5), timing=curve, memory=mem,
+                        baseline_batch=256, norm_batch=256, dataset_size=100_000))
+    assert all(r.per_device_batch_size == 256 for r in adv.candidates)
+    assert adv.recommendation.per_device_batch_size == 256

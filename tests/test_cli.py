@@ -606,3 +606,19 @@ def test_a_reader_that_leaves_early_ends_bsfind_with_141_not_checks_1(
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert err == ""
+
+
+def test_warnings_reach_stderr_when_stdouts_reader_has_left(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A review: `bsfind recommend spec | head` exited 141 before the report's warnings
+    (on stderr, which still has its reader) were written: they were lost."""
+    from bsfind import cli
+
+    def gone(text: str) -> None:
+        raise SystemExit(cli.EXIT_BROKEN_PIPE)
+
+    monkeypatch.setattr(cli, "_write_stdout", gone)
+    with pytest.raises(SystemExit) as exc:
+        cli._emit({"warnings": ["the noise scale is unresolved"]}, True)
+    assert exc.value.code == 141
+    assert "warning: the noise scale is unresolved" in capsys.readouterr().err

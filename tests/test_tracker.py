@@ -1228,8 +1228,13 @@ def test_the_tracker_names_a_wrong_argument() -> None:
         tracker.micro_step(batch_size=0)
     assert tracker.step == 0 and tracker.examples == 0
     for lr in (-1.0, math.nan, "fast"):
-        with pytest.raises(ValueError, match="lr must be a finite learning rate > 0"):
+        with pytest.raises(ValueError, match="lr must be a finite learning rate >= 0"):
             tracker.advice(lr=lr)  # type: ignore[arg-type]
+    # a review: a scheduler's rate at a warm-up's first step or a decay's end is 0
+    model.zero_grad(set_to_none=True)
+    _train(tracker, model, steps=8, batch=32)
+    advice = tracker.advice(lr=0.0, optimizer="sgd")
+    assert advice is not None and advice.learning_rate == 0.0
     with pytest.warns(RuntimeWarning, match="optimizer 'sdg' is not a name bsfind knows"):
         tracker.advice(optimizer="sdg")
     with warnings.catch_warnings():
@@ -1288,3 +1293,57 @@ def test_advice_on_the_runs_own_step_times_reads_them_as_its_doubling_does() -> 
     b = doubling_advice(1000, 64, 20_000.0, ci, given, "given", dataset_size=10**6)
     assert a.double and a.threshold == pytest.approx(2 * c * 64 * 64 / t0)
     assert a.recommended_batch == b.recommended_batch > 2 * 64
+
+
+@pytest.mark.parametrize("extra", ["input-gradient", "parameter-gradient", "zeroed",
+                                   "set-to-none"])
+def test_a_pass_that_leaves_grad_alone_or_is_zeroed_is_not_accumulation(extra: str) -> None:
+    """A review: one more backward per step that .grad does not keep, FGSM's or a
+    saliency map's torch.autograd.grad, or a GAN generator's pass through the tracked
+    discriminator that zero_grad() clears, dropped every step with a warning to call
+    micro_step(). The records must be those of the loop without the extra pass."""
+    x, y = _problem()
+
+    def run(with_extra: bool) -> tuple[list[TrackRecord], list[str]]:
+        gen = torch.Generator().manual_seed(5)
+
+        def loop(tracker: Tracker, model: nn.Module) -> None:
+            def before(step: int) -> None:
+                if not with_extra:
+                    return
+                idx = torch.randint(len(x), (32,), generator=gen)
+                xa = x[idx].clone().requires_grad_(True)
+                loss = F.cross_entropy(model(xa), y[idx])
+                if extra == "input-gradient":
+                    torch.autograd.grad(loss, xa)
+                elif extra == "parameter-gradient":
+                    torch.autograd.grad(loss, list(model.parameters()))
+                else:
+                    loss.backward()
+                    model.zero_grad(set_to_none=extra == "set-to-none")
+
+            _train(tracker, model, steps=12, batch=64, before=before)
+
+        return _records_and_warnings(loop)
+
+    plain, plain_said = run(False)
+    records, said = run(True)
+    assert not said and not plain_said, said
+    assert len(records) == len(plain) == 12
+    assert [r.step_trace_sigma for r in records] == pytest.approx(
+        [r.step_trace_sigma for r in plain], rel=1e-9)
+
+
+def test_a_second_open_tracker_on_one_model_or_one_log_is_refused(tmp_path: Path) -> None:
+    """A trial: two Lightning callbacks on one model, one tracker read |G|² and tr(Σ)
+    13-20% off with no warning (each saw the other's hooks), and their shared log file
+    held 2 lines of broken JSON."""
+    model, other = _model(), _model()
+    log = tmp_path / "noise.jsonl"
+    first = track(model, every=1, log=log)
+    with pytest.raises(ValueError, match="this model already has an open bsfind tracker"):
+        track(model, every=1)
+    with pytest.raises(ValueError, match="is already written by another open bsfind tracker"):
+        track(other, every=1, log=tmp_path / "." / "noise.jsonl")
+    first.close()
+    track(model, every=1, log=log).close()  # closed: the model and the file are free

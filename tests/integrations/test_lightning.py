@@ -289,22 +289,27 @@ def test_a_resumed_fit_keeps_the_accumulation_its_doublings_left(tmp_path: Path)
     assert [r.b_big for r in again.tracker.records] == [64] * 12 + [128] * 6
 
 
-def test_two_monitors_keep_their_own_state_and_validate_leaves_none_behind(
+def test_a_second_monitor_is_refused_and_validate_leaves_none_behind(
         tmp_path: Path) -> None:
-    """A review: two monitors in one Trainer failed (one state key for both), and a
-    validate with a checkpoint left its counts in the monitor, which a later fresh fit
-    then resumed from (15 steps for 5)."""
+    """A trial: two monitors in one Trainer (a review had made them keep their own
+    checkpoint state) read different numbers, the first 13-20% off on a CNN: two
+    trackers on one model see each other's hooks. The second is now refused at the start.
+    And a validate with a checkpoint left its counts in the monitor, which a later fresh
+    fit then resumed from (15 steps for 5)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     first, second = NoiseScaleMonitor(every=1), NoiseScaleMonitor(every=2, prefix="b/")
+    with pytest.raises(ValueError, match="this model already has an open bsfind tracker"):
+        L.Trainer(accelerator="cpu", devices=1, callbacks=[first, second], max_steps=10,
+                  logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  ).fit(Classifier(), _loader(32, 200))
     saver = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=10)
-    L.Trainer(accelerator="cpu", devices=1, callbacks=[first, second, saver], max_steps=10,
-              logger=False, enable_progress_bar=False, enable_model_summary=False,
-              ).fit(Classifier(), _loader(32, 200))
+    L.Trainer(accelerator="cpu", devices=1, callbacks=[NoiseScaleMonitor(every=1), saver],
+              max_steps=10, logger=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(Classifier(), _loader(32, 200))
     saved = torch.load(tmp_path / "epoch=0-step=10.ckpt", weights_only=False)["callbacks"]
-    states = {k: v for k, v in saved.items() if k.startswith("NoiseScaleMonitor")}
-    assert sorted((v["step"], v["examples"]) for v in states.values()) == [(10, 320)] * 2
-    assert len(states) == 2
+    states = [v for k, v in saved.items() if k.startswith("NoiseScaleMonitor")]
+    assert [(v["step"], v["examples"]) for v in states] == [(10, 320)]
     class Validated(Classifier):
         def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor],
                             idx: int) -> torch.Tensor:

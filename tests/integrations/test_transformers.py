@@ -308,17 +308,13 @@ def test_a_resumed_train_keeps_the_accumulation_its_doublings_left(tmp_path: Pat
     assert recs and {r.b_big for r in recs} == {128} and recs[0].step == 48
 
 
-def test_two_callbacks_keep_their_own_checkpoint_state(tmp_path: Path) -> None:
-    """A review: a second callback's entry overwrote the first's (its doublings lost)."""
-    import json
-
-    args = _args(tmp_path, per_device_train_batch_size=32, max_steps=10, save_strategy="steps",
-                 save_steps=10)
+def test_a_second_callback_on_one_model_is_refused(tmp_path: Path) -> None:
+    """A trial: two callbacks on one model (a review had made them keep their own
+    checkpoint entries) read different numbers, the first 13-20% off on a CNN: two
+    trackers on one model see each other's hooks. The second is refused at the start."""
+    args = _args(tmp_path, per_device_train_batch_size=32, max_steps=10, save_strategy="no")
     trainer = Trainer(model=Classifier(), args=args, train_dataset=Examples())
     NoiseScaleCallback.attach(trainer, every=1)
     NoiseScaleCallback.attach(trainer, every=2, prefix="b/")
-    trainer.train()
-    state = json.loads((tmp_path / "checkpoint-10" / "trainer_state.json").read_text())
-    entries = state["stateful_callbacks"]
-    assert entries["bsfind"]["step"] == entries["bsfind:b/"]["step"] == 10
-    assert entries["bsfind"]["examples"] == entries["bsfind:b/"]["examples"] == 320
+    with pytest.raises(ValueError, match="this model already has an open bsfind tracker"):
+        trainer.train()

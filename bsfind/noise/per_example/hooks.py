@@ -48,6 +48,27 @@ _plan = plan  # PerExampleGradNorms.__init__ has a parameter named `plan`
 # -- the hooks ----------------------------------------------------------------------------
 
 
+def _trained_param(cap: Capture) -> Tensor | None:
+    """A trainable leaf parameter whose gradient ``cap``'s backward feeds, or None."""
+    module = cap.module
+    if cap.rule == "broadcast":  # cap.name ends with the parameter's name
+        found = getattr(module, cap.name.rpartition(".")[2], None)
+        params = [found] if isinstance(found, Tensor) else []
+    elif isinstance(module, nn.Module):
+        params = list(module.parameters())
+    else:  # an attention slice: views of the packed in-projection
+        params = [t for t in (module.weight, module.bias) if isinstance(t, Tensor)]
+        params = [b if (b := compat.view_base(t)) is not None else t for t in params]
+    return next((p for p in params if p.requires_grad and p.is_leaf), None)
+
+
+def _cleared(param: Tensor) -> bool:
+    """Whether ``param.grad`` holds nothing now, as after ``zero_grad()`` (read while a
+    backward's hook for the module runs, before its weight gradient is added)."""
+    grad = param.grad
+    return grad is None or not bool(grad.any())
+
+
 class Capture:
     """What one module call saved for its backward hook; owned by the autograd graph.
 
@@ -594,6 +615,11 @@ class PerExampleGradNorms:
         """
         if self._checking:
             return None
+        param = _trained_param(cap)
+        if param is not None and not compat.accumulates_into(param):
+            # a pass that leaves .grad alone (autograd.grad w.r.t. the inputs: adversarial
+            # training, saliency): not the step's gradient, nothing to record
+            return None
         task = compat.current_graph_task_id()
         if cap.name in self._fired:
             if task is None or self._fired[cap.name] == task:
@@ -609,7 +635,8 @@ class PerExampleGradNorms:
             # reentrant activation checkpointing runs a nested backward inside this one.)
             self._terms = [(t, n, v) for t, n, v in self._terms if t == task]
             self._fired = {n: t for t, n, _ in self._terms}
-            self._replaced += 1
+            if param is None or not _cleared(param):  # else zero_grad() ran between:
+                self._replaced += 1  # a GAN's generator pass, SAM's first, a retried step
         self._fired[cap.name] = task
         cap.task = task
         acc = None
