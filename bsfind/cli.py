@@ -392,7 +392,9 @@ def print_table(t: Table, drop: Sequence[str], console: Console | None = None) -
             if name not in empty:  # an empty column hides nothing
                 hidden.append(name)
     if hidden:
-        t.caption = f"hidden to fit the terminal: {', '.join(hidden)} (--json has them)"
+        note = f"hidden to fit the terminal: {', '.join(hidden)} (--json has them)"
+        t.caption = f"{t.caption}\n{note}" if t.caption else note
+    if t.caption:
         t.caption_justify = "left"
     console.print(t)
     return hidden
@@ -436,6 +438,10 @@ def render_noise(doc: dict[str, Any]) -> Table:
         )
     if logged:
         t.columns = [c for c in t.columns if c.header not in ("seconds", "stopped", "B_noise")]
+        t.caption = ("each row stands for the log's records over a stretch of training (the "
+                     "step: the middle one's; ◀: the last records, the advice's): their median "
+                     "loss, B_simple, |G|² and tr(Σ), the span of their 95% CIs; window "
+                     "examples: the examples the tracker averaged over for the step's record")
     return t
 
 

@@ -95,7 +95,7 @@ def schedule_dict(s: Schedule | None) -> dict[str, Any] | None:
     """The schedule's phases, its ready-to-paste forms and its predicted times."""
     if s is None:
         return None
-    from bsfind.wording import schedule_notes
+    from bsfind.wording import schedule_notes, schedule_past_dataset
 
     return {
         "phases": clean(s.phases),
@@ -120,8 +120,10 @@ def schedule_dict(s: Schedule | None) -> dict[str, Any] | None:
         "recommended_seconds": clean(s.recommended_seconds),
         "predicted_time_ratio": s.seconds / s.baseline_seconds if s.baseline_seconds else None,
         "label": "predicted; phases marked extrapolated start past the last measured point",
-        "notes": list(schedule_notes(s.seconds, s.best_constant_batch, s.best_constant_seconds,
-                                     s.recommended_batch, s.recommended_seconds)),
+        "notes": [*schedule_notes(s.seconds, s.best_constant_batch, s.best_constant_seconds,
+                                  s.recommended_batch, s.recommended_seconds),
+                  *([] if s.past_dataset is None else [schedule_past_dataset(
+                      s.phases[-1].batch_size, s.past_dataset[1], s.past_dataset[0])])],
     }
 
 

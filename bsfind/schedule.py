@@ -228,6 +228,9 @@ class Schedule:
     # each phase's rate by the rule alone, before never_falling held any (the phases carry
     # the held ones): with_measured_lr corrects these. Empty: the phases' own rates.
     rule_learning_rates: tuple[float, ...] = ()
+    # (baseline examples, dataset size): where the last phase's doubling was due but would
+    # have passed the dataset, so the schedule stays at it (a trial: 1,576 of 1,797)
+    past_dataset: tuple[float, int] | None = None
 
     @property
     def ramp(self) -> list[tuple[int, int, float]]:
@@ -293,6 +296,23 @@ def _steps(growth: Growth, b: float, b0: float, e_from: float, e_to: float) -> f
         total += sum((grid[i + 1] - grid[i]) * (f(grid[i]) + f(grid[i + 1])) / 2
                      for i in range(n))
     return total / b0
+
+
+def _doublings(model: WallClock, growth: Growth, batch: int, horizon: float, dataset: int
+               ) -> tuple[list[tuple[int, float]], float | None]:
+    """The phases' (batch, where it starts on the baseline's axis) from ``batch``, doubling
+    where the growth crosses each threshold before ``horizon``; and where the next doubling
+    was due but would pass the dataset (None: it was not)."""
+    bounds: list[tuple[int, float]] = [(batch, 0.0)]
+    while True:
+        threshold = _doubling_threshold(model, batch)
+        e = None if threshold is None else growth.examples_where(threshold)
+        if e is None or e >= horizon:
+            return bounds, None
+        if 2 * batch > dataset:
+            return bounds, max(e, bounds[-1][1])
+        batch *= 2
+        bounds.append((batch, max(e, bounds[-1][1])))
 
 
 def _doubling_threshold(model: WallClock, b: float) -> float | None:
@@ -378,14 +398,7 @@ def build(inputs: AdvisorInputs, growth: Growth, planned_examples: int | None,
     _, first, _ = model.optimise(allowed_extras(inputs, inputs.gpus))  # the advisor's
     batch = int(round(first))
     # (batch, where it starts on the baseline's axis)
-    bounds: list[tuple[int, float]] = [(batch, 0.0)]
-    while 2 * batch <= inputs.dataset_size:
-        threshold = _doubling_threshold(model, batch)
-        e = None if threshold is None else growth.examples_where(threshold)
-        if e is None or e >= horizon:
-            break
-        batch *= 2
-        bounds.append((batch, max(e, bounds[-1][1])))
+    bounds, past_dataset = _doublings(model, growth, batch, horizon, inputs.dataset_size)
     phases: list[Phase] = []
     steps_of: list[float] = []  # each phase's steps, unrounded
     step = examples = 0
@@ -426,6 +439,8 @@ def build(inputs: AdvisorInputs, growth: Growth, planned_examples: int | None,
         baseline_seconds=horizon / b0 * as_run(inputs, model).step_time(b0),
         best_constant_batch=best_b, best_constant_seconds=best_s, lr_rule=rule,
         rule_learning_rates=tuple(p.learning_rate for p in phases),
+        past_dataset=(None if past_dataset is None
+                      else (past_dataset, inputs.dataset_size)),
     )
     # the accumulation form: a micro-batch of the first phase's per-device batch, timed as
     # one step of it on each device, a times per optimizer step, then one all-reduce; over

@@ -212,6 +212,14 @@ def schedule_notes(seconds: float, best_batch: int, best_seconds: float,
             "the safer choice")
 
 
+def schedule_past_dataset(batch: int, dataset: int, examples: float) -> str:
+    """The schedule held its last batch because the doubling due would pass the dataset."""
+    return (f"the noise scale grows enough to double {batch:,} from about example "
+            f"{examples:,.0f} of the baseline run, but {2 * batch:,} exceeds the dataset "
+            f"({dataset:,} examples): the schedule stays at {batch:,} (the schedule only "
+            "doubles; the constant batch may be the whole dataset)")
+
+
 def schedule_steps_differ(batch: int, steps: int, recommended_steps: int) -> str:
     """A one-phase schedule at the recommended batch counts other steps than the
     recommendation's line: each reads the noise scale its own way."""

@@ -546,6 +546,16 @@ def test_a_tracker_logs_table_has_no_probe_columns() -> None:
     out = io.StringIO()
     print_table(table, NOISE_DROP, Console(file=out, width=200))
     assert "from the tracker log" in out.getvalue() and "20,864" in out.getvalue()
+    # a trial: the rows are medians over stretches of records, unsaid; "window examples"
+    # was explained nowhere
+    words = " ".join(out.getvalue().split())  # the caption wraps at the console's width
+    assert "each row stands for the log's records over a stretch of training" in words
+    assert "window examples: the examples the tracker averaged over" in words
+    narrow = io.StringIO()
+    print_table(render_noise(doc), NOISE_DROP, Console(file=narrow, width=80,
+                                                       force_terminal=True, color_system=None))
+    words = " ".join(narrow.getvalue().split())
+    assert "each row stands for" in words and "hidden to fit the terminal" in words
 
 
 def test_the_candidates_title_names_the_predicted_gpus_step_times() -> None:

@@ -403,6 +403,17 @@ def test_memory_limit_and_dataset_cap() -> None:
                                                                              (128, 64)]
     capped = build(inputs(dataset_size=150), LINEAR, planned_examples=100_000)
     assert all(p.batch_size <= 150 for p in capped.phases)
+    # 96 -> 192 was due at 9,216 examples (the running example's thresholds), but 192
+    # exceeds the 150 examples: the schedule stays at 96 and says so (a trial saw 1,576
+    # held against 1,797 examples, unexplained)
+    assert [p.batch_size for p in capped.phases] == [48, 96]
+    assert capped.past_dataset == (pytest.approx(9216), 150)
+    from bsfind.report import schedule_dict
+
+    said = schedule_dict(capped)
+    assert said is not None and any("192 exceeds the dataset (150 examples): the schedule "
+                                    "stays at 96" in n for n in said["notes"])
+    assert s.past_dataset is None  # memory, not the dataset, stopped that one
     assert s.ramp[0] == (0, s.phases[0].batch_size, s.phases[0].learning_rate)
 
 
