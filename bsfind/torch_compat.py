@@ -49,19 +49,21 @@ _WILL_EXECUTE: Callable[[object], bool] | None = getattr(torch._C, "_will_engine
                                                          None)
 
 
-def accumulates_into(param: torch.Tensor) -> bool:
-    """Whether the backward now running adds into ``param.grad``: False under
-    ``torch.autograd.grad`` (which returns gradients instead) and for a parameter that
-    ``backward(inputs=...)`` leaves out. Fallback: True."""
+def gradient_reach(param: torch.Tensor) -> str:
+    """What the backward now running does with ``param``'s gradient: "accumulates" (into
+    ``param.grad``: backward()), "returns" (``torch.autograd.grad`` w.r.t. it hands it to
+    the caller, who may assign it to ``.grad``) or "untouched" (``autograd.grad`` w.r.t.
+    other tensors, the inputs: adversarial examples, saliency maps, a gradient penalty;
+    or ``backward(inputs=...)`` without it). Fallback: "accumulates"."""
     edge = getattr(torch.autograd.graph, "get_gradient_edge", None)
     if _WILL_EXECUTE is None or edge is None:
-        return True
+        return "accumulates"
     if not param.requires_grad:
-        return False
+        return "untouched"
     try:
-        return bool(_WILL_EXECUTE(edge(param).node))
+        return "accumulates" if _WILL_EXECUTE(edge(param).node) else "untouched"
     except RuntimeError as e:  # torch refuses a leaf that autograd.grad() returns
-        return "autograd.grad" not in str(e)
+        return "returns" if "autograd.grad" in str(e) else "accumulates"
 
 
 def functorch_transforms_active() -> bool:

@@ -524,30 +524,47 @@ def check_model_batch_log_scaler(model: Any, batch_size: Any, log: str | Path | 
                else f"a {type(model).__name__}")
         raise ValueError(f"track(model): expected the torch.nn.Module being trained, got {got}")
     check_batch_and_log(batch_size, log)
-    check_not_tracked(model, log)
     if scaler is not None and not (callable(getattr(scaler, "get_scale", None))
                                    or isinstance(getattr(scaler, "_scale", None), torch.Tensor)):
         raise ValueError(f"scaler: expected a torch.amp.GradScaler (or None), got "
                          f"{type(scaler).__name__} {scaler!r}"[:200])
 
 
-def check_not_tracked(model: nn.Module, log: str | Path | None) -> None:
-    """Refuse a second open tracker on one model, or on one log file. Two trackers' hooks
-    on one model see each other's (a trial: two Lightning callbacks, one read |G|² and
-    tr(Σ) 13-20% off, with no warning), and two writers of one file interleave their
-    lines (the trial's log had 2 lines of broken JSON)."""
+def open_trackers(model: nn.Module, log: str | Path | None) -> list[tuple[Tracker, str]]:
+    """The open trackers on ``model`` (or the module a DDP wraps) or writing ``log``, each
+    with what it shares. Two trackers' hooks on one model see each other's (a trial: two
+    Lightning callbacks, one read |G|² and tr(Σ) 13-20% off, with no warning), and two
+    writers of one file interleave their lines (the trial's log: 2 lines of broken JSON)."""
     inner = getattr(model, "module", None)
     path = None if log is None else Path(log).resolve()
+    found = []
     for other in list(_OPEN):
-        if other.module is model or other.module is inner:
-            raise ValueError(
-                "this model already has an open bsfind tracker (a second callback in one "
-                "Trainer makes a second one): use that one, or close() it first; two "
-                "trackers on one model see each other's hooks and read wrong numbers")
         theirs = other._log_path
-        if path is not None and theirs is not None and theirs.resolve() == path:
-            raise ValueError(f"log {str(log)!r} is already written by another open bsfind "
-                             "tracker: give each tracker its own log file")
+        if other.module is model or other.module is inner:
+            found.append((other, "this model"))
+        elif path is not None and theirs is not None and theirs.resolve() == path:
+            found.append((other, f"the log {str(log)!r}"))
+    return found
+
+
+def check_not_tracked(model: nn.Module, log: str | Path | None, who: str) -> None:
+    """Refuse a callback's tracker where another open one shares the model or the log
+    (two callbacks in one Trainer: each would go on updating its own)."""
+    for _, shared in open_trackers(model, log):
+        raise ValueError(f"{shared} already has an open bsfind tracker (a second {who} in "
+                         "one Trainer?): use one; two trackers on one model see each "
+                         "other's hooks and read wrong numbers")
+
+
+def close_earlier(model: nn.Module, log: str | Path | None) -> None:
+    """Close, with a warning, the open trackers that share ``model`` or ``log`` with a
+    new one (a notebook cell run again; a tracker dropped without close(), which the
+    model's hooks keep alive)."""
+    for other, shared in open_trackers(model, log):
+        warnings.warn(f"bsfind tracker: {shared} had an open tracker; it is closed now (two "
+                      "trackers on one model see each other's hooks and read wrong numbers): "
+                      "close() a tracker when done with it", RuntimeWarning, stacklevel=4)
+        other.close()
 
 
 def check_step_arguments(batch_size: Any, divisor: Any) -> None:
@@ -934,6 +951,7 @@ class Tracker:
         step, examples = check_resume(step, examples)
         self.dataset_size = check_dataset_size(dataset_size)
         check_model_batch_log_scaler(model, batch_size, log, scaler)
+        close_earlier(model, log)
         ddp = _ddp_of(model)
         self.world = ddp.process_group.size() if ddp is not None and _world() > 1 else 1
         if ddp is None and _world() > 1:

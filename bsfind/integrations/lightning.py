@@ -53,6 +53,7 @@ from bsfind.tracker import (
     Tracker,
     callback_options,
     callback_state,
+    check_not_tracked,
     doubling_now,
     epoch_sampled_size,
     resumed,
@@ -153,6 +154,9 @@ class NoiseScaleMonitor(Callback):
         if start.accumulation is not None:
             # the checkpoint's learning rates were scaled for this accumulation
             trainer.accumulate_grad_batches = start.accumulation
+        if self.tracker is not None:  # a fit that raised left it open
+            self.tracker.close()
+        check_not_tracked(model, self.options["log"], "NoiseScaleMonitor")
         try:
             self.tracker = Tracker(model, scaler=scaler, step=start.step,
                                    examples=start.examples,
@@ -168,6 +172,11 @@ class NoiseScaleMonitor(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.tracker is not None:
+            self.tracker.close()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        if self.tracker is not None:  # its hooks off the model, its log closed
             self.tracker.close()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -61,6 +61,7 @@ from bsfind.tracker import (
     Tracker,
     callback_options,
     callback_state,
+    check_not_tracked,
     doubling_now,
     epoch_sampled_size,
     resumed,
@@ -215,6 +216,8 @@ class NoiseScaleCallback(TrainerCallback):
         if start.accumulation is not None:
             # the checkpoint's learning rates were scaled for this accumulation
             args.gradient_accumulation_steps = start.accumulation
+        self.on_train_end(args, state, control)  # a train() that raised left them on
+        check_not_tracked(tracked, self.options["log"], "NoiseScaleCallback")
         self.tracker = Tracker(tracked, scaler=scaler, step=start.step,
                                examples=start.examples,
                                dataset_size=epoch_sampled_size(kwargs.get("train_dataloader")),

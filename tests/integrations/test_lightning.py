@@ -299,10 +299,28 @@ def test_a_second_monitor_is_refused_and_validate_leaves_none_behind(
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     first, second = NoiseScaleMonitor(every=1), NoiseScaleMonitor(every=2, prefix="b/")
-    with pytest.raises(ValueError, match="this model already has an open bsfind tracker"):
+    with pytest.raises(ValueError, match="this model already has an open bsfind tracker "
+                                         r"\(a second NoiseScaleMonitor in one Trainer\?\)"):
         L.Trainer(accelerator="cpu", devices=1, callbacks=[first, second], max_steps=10,
                   logger=False, enable_progress_bar=False, enable_model_summary=False,
                   ).fit(Classifier(), _loader(32, 200))
+    # a review: a fit that raised left the monitor's tracker open, and the next fit with
+    # the same monitor and model was refused as a second monitor
+    class Failing(Classifier):
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor],
+                          idx: int) -> torch.Tensor:
+            if idx == 2 and self.fail:
+                raise ArithmeticError("the user's bug")
+            return super().training_step(batch, idx)
+
+    failing, again = Failing(), NoiseScaleMonitor(every=1)
+    failing.fail = True
+    with pytest.raises(ArithmeticError):
+        _trainer(again, max_steps=5, logger=False).fit(failing, _loader(32, 10))
+    assert again.tracker is not None and again.tracker._closed  # on_exception closed it
+    failing.fail = False
+    _trainer(again, max_steps=5, logger=False).fit(failing, _loader(32, 10))
+    assert again.tracker.step == 5
     saver = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=10)
     L.Trainer(accelerator="cpu", devices=1, callbacks=[NoiseScaleMonitor(every=1), saver],
               max_steps=10, logger=False, enable_progress_bar=False,

@@ -228,6 +228,8 @@ class PerExampleGradNorms:
         # caller did not say: .grad holds every pass, the norms only the last one's)
         self._replaced = 0
         self.replaced = 0
+        self._returned: set[int | None] = set()  # passes of autograd.grad w.r.t. parameters
+        self._reach: dict[int, str] = {}  # backward task id -> compat.gradient_reach
         self._errors: list[str] = []
         self._active = False
         self._recomputing = False
@@ -315,6 +317,8 @@ class PerExampleGradNorms:
         self._terms = []
         self._fired = {}
         self._replaced = 0
+        self._returned = set()
+        self._reach = {}
         for state in self._tied.values():
             state.fired.clear()
 
@@ -616,11 +620,25 @@ class PerExampleGradNorms:
         if self._checking:
             return None
         param = _trained_param(cap)
-        if param is not None and not compat.accumulates_into(param):
-            # a pass that leaves .grad alone (autograd.grad w.r.t. the inputs: adversarial
-            # training, saliency): not the step's gradient, nothing to record
-            return None
         task = compat.current_graph_task_id()
+        reach = self._reach.get(task) if task is not None else None
+        if reach is None:  # once per backward: a pass reaches all its parameters alike
+            reach = "accumulates" if param is None else compat.gradient_reach(param)
+            if param is not None and task is not None:
+                self._reach[task] = reach
+        if reach == "untouched":
+            # a pass for the inputs' gradient (adversarial examples, saliency): not the
+            # step's gradient, nothing to record; unless it builds a graph (create_graph),
+            # through which the loss's backward reaches the parameters unseen by the hooks
+            if torch.is_grad_enabled():
+                self._errors.append(
+                    f"module {cap.name!r}: a gradient through it was taken with "
+                    "create_graph=True within the step (a gradient penalty, a physics-informed "
+                    "loss), and the parameters' gradient through that graph is not seen by "
+                    "per-example hooks")
+            return None
+        if reach == "returns":  # autograd.grad w.r.t. the parameters: .grad may be set from it
+            self._returned.add(task)
         if cap.name in self._fired:
             if task is None or self._fired[cap.name] == task:
                 self._errors.append(
@@ -633,10 +651,14 @@ class PerExampleGradNorms:
             # Fired in an earlier backward: a new one began and the last one's numbers are
             # stale. (A module firing for the first time under a new task id is not enough:
             # reentrant activation checkpointing runs a nested backward inside this one.)
+            earlier = {t for t, _, _ in self._terms if t != task}
             self._terms = [(t, n, v) for t, n, v in self._terms if t == task]
             self._fired = {n: t for t, n, _ in self._terms}
-            if param is None or not _cleared(param):  # else zero_grad() ran between:
-                self._replaced += 1  # a GAN's generator pass, SAM's first, a retried step
+            # not accumulation when the earlier pass left .grad alone (autograd.grad w.r.t.
+            # the parameters) or zero_grad() cleared it since (a GAN's generator pass, SAM's
+            # first, a retried step)
+            if not (earlier <= self._returned or (param is not None and _cleared(param))):
+                self._replaced += 1
         self._fired[cap.name] = task
         cap.task = task
         acc = None
