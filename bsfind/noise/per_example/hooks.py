@@ -54,8 +54,9 @@ def _trained_param(cap: Capture) -> Tensor | None:
     if cap.rule == "broadcast":  # cap.name ends with the parameter's name
         found = getattr(module, cap.name.rpartition(".")[2], None)
         params = [found] if isinstance(found, Tensor) else []
-    elif isinstance(module, nn.Module):
-        params = list(module.parameters())
+    elif isinstance(module, nn.Module):  # its own first
+        own: list[Tensor] = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        params = own or list(module.parameters())
     else:  # an attention slice: views of the packed in-projection
         params = [t for t in (module.weight, module.bias) if isinstance(t, Tensor)]
         params = [b if (b := compat.view_base(t)) is not None else t for t in params]
@@ -619,23 +620,9 @@ class PerExampleGradNorms:
         """
         if self._checking:
             return None
-        param = _trained_param(cap)
         task = compat.current_graph_task_id()
-        reach = self._reach.get(task) if task is not None else None
-        if reach is None:  # once per backward: a pass reaches all its parameters alike
-            reach = "accumulates" if param is None else compat.gradient_reach(param)
-            if param is not None and task is not None:
-                self._reach[task] = reach
-        if reach == "untouched":
-            # a pass for the inputs' gradient (adversarial examples, saliency): not the
-            # step's gradient, nothing to record; unless it builds a graph (create_graph),
-            # through which the loss's backward reaches the parameters unseen by the hooks
-            if torch.is_grad_enabled():
-                self._errors.append(
-                    f"module {cap.name!r}: a gradient through it was taken with "
-                    "create_graph=True within the step (a gradient penalty, a physics-informed "
-                    "loss), and the parameters' gradient through that graph is not seen by "
-                    "per-example hooks")
+        reach = self._reach_of(cap, task)
+        if reach == "untouched":  # the inputs' gradient (adversarial examples, saliency)
             return None
         if reach == "returns":  # autograd.grad w.r.t. the parameters: .grad may be set from it
             self._returned.add(task)
@@ -657,6 +644,7 @@ class PerExampleGradNorms:
             # not accumulation when the earlier pass left .grad alone (autograd.grad w.r.t.
             # the parameters) or zero_grad() cleared it since (a GAN's generator pass, SAM's
             # first, a retried step)
+            param = _trained_param(cap)
             if not (earlier <= self._returned or (param is not None and _cleared(param))):
                 self._replaced += 1
         self._fired[cap.name] = task
@@ -688,6 +676,24 @@ class PerExampleGradNorms:
                 self._tied_cross(cap, x.detach(), grad, task)
         self._terms.append((task, cap.name, sq))
         return acc
+
+    def _reach_of(self, cap: Capture, task: int | None) -> str:
+        """:func:`compat.gradient_reach` of the running pass, looked up once per pass (a
+        pass reaches all its parameters alike). A pass that leaves the parameters
+        untouched is not the step's gradient, but when it builds a graph (create_graph),
+        the loss's backward reaches the parameters through it unseen by the hooks: refused."""
+        reach = self._reach.get(task) if task is not None else None
+        if reach is None:
+            param = _trained_param(cap)
+            reach = "accumulates" if param is None else compat.gradient_reach(param)
+            if param is not None and task is not None:
+                self._reach[task] = reach
+        if reach == "untouched" and torch.is_grad_enabled():
+            self._errors.append(
+                f"module {cap.name!r}: a gradient through it was taken with create_graph=True "
+                "within the step (a gradient penalty, a physics-informed loss), and the "
+                "parameters' gradient through that graph is not seen by per-example hooks")
+        return reach
 
     def _tied_cross(self, cap: Capture, x: Tensor, grad: Tensor, task: int | None) -> None:
         """The cross terms of a tied weight (see :mod:`.tied`) that ``cap`` completes."""
