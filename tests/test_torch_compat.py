@@ -1,0 +1,64 @@
+"""bsfind.torch_compat: every torch internal it looks up is present on the pinned torch
+(a fallback in use would go unnoticed: bsfind stays correct, if slower or less precise),
+and the fallbacks of the per-example hooks' pass checks keep the numbers exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bsfind import torch_compat as compat
+from bsfind.noise.per_example import PerExampleGradNorms
+from tests.noise.test_per_example import exact_sq_norms
+
+
+def test_the_internals_are_present_on_this_torch() -> None:
+    assert compat.has_graph_task_id()
+    assert compat._WILL_EXECUTE is not None
+    assert getattr(torch.autograd.graph, "get_gradient_edge", None) is not None
+    assert getattr(torch._C, "_are_functorch_transforms_active", None) is not None
+    assert hasattr(torch.autograd.forward_ad, "_current_level")
+    assert getattr(torch.ops.aten, "_unsafe_view", None) is not None
+    assert compat._BATCHNORM_BASE is not None
+    assert None not in (compat._FOREACH_NORM, compat._FOREACH_SUB_, compat._FOREACH_COPY_)
+    assert compat.can_queue_backward_callback()
+
+
+def test_gradient_reach_tells_what_a_pass_does_with_a_parameters_gradient() -> None:
+    lin = nn.Linear(3, 2)
+    x = torch.randn(4, 3, requires_grad=True)
+    seen: list[str] = []
+
+    def forward() -> torch.Tensor:
+        out = lin(x)
+        out.register_hook(lambda g: seen.append(compat.gradient_reach(lin.weight)))
+        return out.square().sum()
+
+    forward().backward()
+    torch.autograd.grad(forward(), x)
+    torch.autograd.grad(forward(), [lin.weight, lin.bias])
+    forward().backward(inputs=[x])
+    assert seen == ["accumulates", "untouched", "returns", "untouched"]
+    lin.weight.requires_grad_(False)
+    forward().backward()
+    assert seen[-1] == "untouched"  # a frozen weight gets no gradient
+
+
+@pytest.mark.parametrize("missing", ["_WILL_EXECUTE", "_TASK_ID"])
+def test_without_the_internals_the_hooks_stay_exact(missing: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fallbacks: every pass counts as accumulating (no will-execute), every hook as
+    its own backward (no task id); one plain backward is measured exactly either way."""
+    monkeypatch.setattr(compat, missing, None)
+    assert compat.gradient_reach(torch.zeros(1, requires_grad=True)) == "accumulates" or (
+        missing == "_TASK_ID")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    with PerExampleGradNorms(model) as norms:
+        F.cross_entropy(model(x), y).backward()
+        got = norms.sq_norms()
+    want = exact_sq_norms(model, x, y, F.cross_entropy)
+    assert torch.allclose(got, want, rtol=1e-6)
