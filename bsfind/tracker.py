@@ -547,24 +547,33 @@ def open_trackers(model: nn.Module, log: str | Path | None) -> list[tuple[Tracke
     return found
 
 
-def check_not_tracked(model: nn.Module, log: str | Path | None, who: str) -> None:
-    """Refuse a callback's tracker where another open one shares the model or the log
-    (two callbacks in one Trainer: each would go on updating its own)."""
-    for _, shared in open_trackers(model, log):
-        raise ValueError(f"{shared} already has an open bsfind tracker (a second {who} in "
-                         "one Trainer?): use one; two trackers on one model see each "
-                         "other's hooks and read wrong numbers")
-
-
-def close_earlier(model: nn.Module, log: str | Path | None) -> None:
+def close_earlier(model: nn.Module, log: str | Path | None, siblings: Sequence[object] = (),
+                  who: str = "") -> None:
     """Close, with a warning, the open trackers that share ``model`` or ``log`` with a
-    new one (a notebook cell run again; a tracker dropped without close(), which the
-    model's hooks keep alive)."""
+    new one: a notebook cell run again, a tracker dropped without close() (the model's
+    hooks keep it alive), a Trainer that raised. A callback passes the Trainer's other
+    callbacks as ``siblings``: a tracker one of them owns is in use, and refused."""
     for other, shared in open_trackers(model, log):
+        if any(other.owner is s for s in siblings):
+            raise ValueError(f"{shared} already has an open bsfind tracker, another {who}'s "
+                             "in this Trainer: use one (two trackers on one model see each "
+                             "other's hooks and read wrong numbers)")
         warnings.warn(f"bsfind tracker: {shared} had an open tracker; it is closed now (two "
                       "trackers on one model see each other's hooks and read wrong numbers): "
-                      "close() a tracker when done with it", RuntimeWarning, stacklevel=4)
+                      "close() a tracker when done with it", RuntimeWarning,
+                      stacklevel=_caller_level())
         other.close()
+        other.closed_by = f"a newer tracker on {shared}"
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside this module (track() and Tracker()
+    are called from one level apart)."""
+    frame: Any = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def check_step_arguments(batch_size: Any, divisor: Any) -> None:
@@ -951,7 +960,6 @@ class Tracker:
         step, examples = check_resume(step, examples)
         self.dataset_size = check_dataset_size(dataset_size)
         check_model_batch_log_scaler(model, batch_size, log, scaler)
-        close_earlier(model, log)
         ddp = _ddp_of(model)
         self.world = ddp.process_group.size() if ddp is not None and _world() > 1 else 1
         if ddp is None and _world() > 1:
@@ -1008,6 +1016,7 @@ class Tracker:
         self._recent: deque[int] = deque(maxlen=2)  # the last two steps' global batches
         self._paused = self._closed = False
         self._start = time.perf_counter()
+        close_earlier(model, log)  # (after every check: a refused tracker closes nothing)
         _OPEN.add(self)
         self._size_hook: Any = None
         self._begin_step()
@@ -1601,8 +1610,16 @@ class Tracker:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise RuntimeError("this tracker is closed")
+            raise RuntimeError("this tracker is closed" + (
+                f" ({self.closed_by} closed it)" if self.closed_by else ""))
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` ran (by the loop, or by a newer tracker: ``closed_by``)."""
+        return self._closed
+
+    owner: object = None  # the callback that made it (close_earlier's siblings)
+    closed_by: str | None = None  # what closed it, when not its own close()
     _last_batch = 0
     _measuring = False
     _quick = 0  # plain steps left that update() only counts

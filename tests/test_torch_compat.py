@@ -62,3 +62,29 @@ def test_without_the_internals_the_hooks_stay_exact(missing: str,
         got = norms.sq_norms()
     want = exact_sq_norms(model, x, y, F.cross_entropy)
     assert torch.allclose(got, want, rtol=1e-6)
+
+
+def test_a_backward_over_part_of_the_parameters_is_measured_over_that_part() -> None:
+    """A review: backward(inputs=...) (or autograd.grad over some parameters, assigned to
+    .grad) reaching the first and last layers: a layer the pass skips added its norms
+    (1.6x), when the pass's reach was read once from the first module. Module by module,
+    the norms are those of the parameters the pass reached; a pass over part of one
+    layer's parameters is refused (its norms cover them together)."""
+    from bsfind.noise.per_example import PerExampleUnsupported
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
+                          nn.Linear(8, 3))
+    x, y = torch.randn(12, 6), torch.randint(0, 3, (12,))
+    reached = [*model[4].parameters(), *model[0].parameters()]
+    with PerExampleGradNorms(model) as norms:
+        F.cross_entropy(model(x), y).backward(inputs=reached)
+        got = norms.sq_norms()
+    model[2].requires_grad_(False)  # the exact value over the parameters the pass reached
+    want = exact_sq_norms(model, x, y, F.cross_entropy)
+    model[2].requires_grad_(True)
+    assert torch.allclose(got, want, rtol=1e-6)
+    with PerExampleGradNorms(model) as norms:
+        F.cross_entropy(model(x), y).backward(inputs=[model[4].weight, model[0].weight])
+        with pytest.raises(PerExampleUnsupported, match="reached some of its parameters"):
+            norms.sq_norms()

@@ -1363,6 +1363,20 @@ def test_a_new_tracker_closes_an_earlier_open_one_on_its_model_or_log(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         track(model, every=1, log=log).close()  # closed: the model and the file are free
+    # a review: a track() that is refused closed the earlier one all the same; a closed
+    # tracker's error did not say what closed it; the warning pointed at bsfind's frames
+    kept = track(model, every=1, log=log)
+    (tmp_path / "other.txt").write_text("not a tracker log\n")
+    with pytest.raises(UsageError):
+        track(model, every=1, step=5, examples=10, log=tmp_path / "other.txt")
+    assert not kept._closed
+    with pytest.warns(RuntimeWarning) as said:
+        newer = Tracker(model, every=1)
+    assert said[0].filename == __file__
+    with pytest.raises(RuntimeError, match=r"this tracker is closed \(a newer tracker on this "
+                                           r"model closed it\)"):
+        kept.update()
+    newer.close()
 
 
 def test_a_gradient_from_autograd_grad_assigned_to_grad_is_measured() -> None:

@@ -53,7 +53,7 @@ from bsfind.tracker import (
     Tracker,
     callback_options,
     callback_state,
-    check_not_tracked,
+    close_earlier,
     doubling_now,
     epoch_sampled_size,
     resumed,
@@ -156,12 +156,14 @@ class NoiseScaleMonitor(Callback):
             trainer.accumulate_grad_batches = start.accumulation
         if self.tracker is not None:  # a fit that raised left it open
             self.tracker.close()
-        check_not_tracked(model, self.options["log"], "NoiseScaleMonitor")
+        others = [cb for cb in trainer.callbacks if cb is not self]  # type: ignore[attr-defined]
+        close_earlier(model, self.options["log"], others, "NoiseScaleMonitor")
         try:
             self.tracker = Tracker(model, scaler=scaler, step=start.step,
                                    examples=start.examples,
                                    dataset_size=epoch_sampled_size(trainer.train_dataloader),
                                    **self.options)
+            self.tracker.owner = self
         except RuntimeError as exc:  # DDP allows one comm hook
             if "comm_hook" in str(exc) or "communication hook" in str(exc).lower():
                 raise RuntimeError(

@@ -61,7 +61,7 @@ from bsfind.tracker import (
     Tracker,
     callback_options,
     callback_state,
-    check_not_tracked,
+    close_earlier,
     doubling_now,
     epoch_sampled_size,
     resumed,
@@ -217,11 +217,14 @@ class NoiseScaleCallback(TrainerCallback):
             # the checkpoint's learning rates were scaled for this accumulation
             args.gradient_accumulation_steps = start.accumulation
         self.on_train_end(args, state, control)  # a train() that raised left them on
-        check_not_tracked(tracked, self.options["log"], "NoiseScaleCallback")
+        handler = getattr(self.trainer, "callback_handler", None)  # (known after attach())
+        others = [cb for cb in getattr(handler, "callbacks", ()) if cb is not self]
+        close_earlier(tracked, self.options["log"], others, "NoiseScaleCallback")
         self.tracker = Tracker(tracked, scaler=scaler, step=start.step,
                                examples=start.examples,
                                dataset_size=epoch_sampled_size(kwargs.get("train_dataloader")),
                                **self.options)
+        self.tracker.owner = self
         self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState,
@@ -235,6 +238,11 @@ class NoiseScaleCallback(TrainerCallback):
     # -- every micro-batch --------------------------------------------------------------------
     def _on_forward(self, module: nn.Module, args: Any, kwargs: dict[str, Any],
                     output: Any) -> None:
+        if self.tracker is None or self.tracker.closed:  # a newer tracker closed it: leave
+            if self._hook is not None:
+                self._hook.remove()
+                self._hook = None
+            return
         if not (torch.is_grad_enabled() and module.training):
             return
         loss = _loss(output)

@@ -299,8 +299,8 @@ def test_a_second_monitor_is_refused_and_validate_leaves_none_behind(
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     first, second = NoiseScaleMonitor(every=1), NoiseScaleMonitor(every=2, prefix="b/")
-    with pytest.raises(ValueError, match="this model already has an open bsfind tracker "
-                                         r"\(a second NoiseScaleMonitor in one Trainer\?\)"):
+    with pytest.raises(ValueError, match="this model already has an open bsfind tracker, "
+                                         "another NoiseScaleMonitor's in this Trainer"):
         L.Trainer(accelerator="cpu", devices=1, callbacks=[first, second], max_steps=10,
                   logger=False, enable_progress_bar=False, enable_model_summary=False,
                   ).fit(Classifier(), _loader(32, 200))

@@ -318,3 +318,36 @@ def test_a_second_callback_on_one_model_is_refused(tmp_path: Path) -> None:
     NoiseScaleCallback.attach(trainer, every=2, prefix="b/")
     with pytest.raises(ValueError, match="this model already has an open bsfind tracker"):
         trainer.train()
+
+
+def test_a_new_trainer_after_one_that_raised_closes_its_stale_tracker(tmp_path: Path) -> None:
+    """A review: the Trainer has no hook on an exception, so a train() that raised left
+    its callback's tracker open, and a new Trainer and callback on the same model (a
+    notebook cell run again) were refused as a second callback. The stale tracker is
+    closed with a warning, and the new run is measured."""
+    import warnings
+
+    class Boom(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == 3:
+                raise ArithmeticError("the user's bug")
+
+    model = Classifier()
+    first = Trainer(model=model, args=_args(tmp_path / "a", per_device_train_batch_size=32,
+                                            max_steps=6, save_strategy="no"),
+                    train_dataset=Examples())
+    stale = NoiseScaleCallback.attach(first, every=1)
+    first.add_callback(Boom())
+    with pytest.raises(ArithmeticError):
+        first.train()
+    second = Trainer(model=model, args=_args(tmp_path / "b", per_device_train_batch_size=32,
+                                             max_steps=6, save_strategy="no"),
+                     train_dataset=Examples())
+    fresh = NoiseScaleCallback.attach(second, every=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        second.train()
+    assert any("this model had an open tracker; it is closed" in str(w.message)
+               for w in caught)
+    assert stale.tracker is not None and stale.tracker.closed_by is not None
+    assert fresh.tracker is not None and fresh.tracker.step == 6
