@@ -531,17 +531,22 @@ def check_model_batch_log_scaler(model: Any, batch_size: Any, log: str | Path | 
 
 
 def open_trackers(model: nn.Module, log: str | Path | None) -> list[tuple[Tracker, str]]:
-    """The open trackers on ``model`` (or the module a DDP wraps) or writing ``log``, each
-    with what it shares. Two trackers' hooks on one model see each other's (a trial: two
-    Lightning callbacks, one read |G|² and tr(Σ) 13-20% off, with no warning), and two
-    writers of one file interleave their lines (the trial's log: 2 lines of broken JSON)."""
-    inner = getattr(model, "module", None)
+    """The open trackers on ``model`` (or the module a DDP wraps, or a module of it, or a
+    model it is part of) or writing ``log``, each with what it shares. Two trackers'
+    hooks on one model see each other's (a trial: two Lightning callbacks, one read |G|²
+    and tr(Σ) 13-20% off, with no warning), and two writers of one file interleave their
+    lines (the trial's log: 2 lines of broken JSON)."""
+    ddp = _ddp_of(model)
+    inner: nn.Module = ddp.module if ddp is not None else model
+    parts = {id(m) for m in inner.modules()}
     path = None if log is None else Path(log).resolve()
     found = []
     for other in list(_OPEN):
         theirs = other._log_path
         if other.module is model or other.module is inner:
             found.append((other, "this model"))
+        elif id(other.module) in parts or any(m is inner for m in other.module.modules()):
+            found.append((other, "a model this one overlaps"))
         elif path is not None and theirs is not None and theirs.resolve() == path:
             found.append((other, f"the log {str(log)!r}"))
     return found

@@ -1440,3 +1440,16 @@ def test_a_gradient_taken_with_create_graph_inside_the_step_is_refused() -> None
     said = [str(w.message) for w in caught]
     assert tracker.records == []
     assert any("create_graph=True" in m for m in said), said
+
+
+def test_a_tracker_on_a_part_of_a_tracked_model_closes_the_other() -> None:
+    """A review: a tracker on a LightningModule and another on its network (the user's
+    own track(self.net)) both stayed open: their hooks overlap as two on one model do."""
+    outer = nn.Sequential(_model())
+    whole = track(outer, every=1)
+    with pytest.warns(RuntimeWarning, match="a model this one overlaps had an open tracker"):
+        part = track(outer[0], every=1)
+    assert whole.closed and not part.closed
+    with pytest.warns(RuntimeWarning, match="a model this one overlaps"):
+        track(outer, every=1).close()
+    assert part.closed
