@@ -234,6 +234,7 @@ class PerExampleGradNorms:
         self._replaced = 0
         self.replaced = 0
         self._returned: set[int | None] = set()  # passes of autograd.grad w.r.t. parameters
+        self._nodes: dict[int, object] = {}  # parameter id -> AccumulateGrad (gradient_reach)
         self._errors: list[str] = []
         self._active = False
         self._recomputing = False
@@ -686,7 +687,8 @@ class PerExampleGradNorms:
         leaves them untouched is not the step's gradient, but when it builds a graph
         (create_graph), the loss's backward reaches them through it unseen: refused; as is
         a pass that reaches part of one layer's (its norms cover them together)."""
-        reaches = {compat.gradient_reach(p) for p in _trained_params(cap)} or {"accumulates"}
+        reaches = ({compat.gradient_reach(p, self._nodes) for p in _trained_params(cap)}
+                   or {"accumulates"})
         if len(reaches) > 1:
             self._errors.append(
                 f"module {cap.name!r}: the backward reached some of its parameters and not "
