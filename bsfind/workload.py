@@ -1014,10 +1014,13 @@ def _train_mode(model: nn.Module) -> tuple[str, ...]:
 def _build_model(spec: Spec, sources: list[Path]) -> nn.Module:
     m = call_factory(spec.model.factory, spec.model.kwargs, spec.base_dir, "model")
     if not isinstance(m.obj, nn.Module):
-        raise ResolutionError(
-            f"model.factory {spec.model.factory!r} returned {type(m.obj).__name__}, "
-            "not a torch.nn.Module"
-        )
+        is_class = isinstance(m.obj, type) and issubclass(m.obj, nn.Module)
+        raise ResolutionError(  # (a trial: "returned type", for the class itself)
+            f"model.factory {spec.model.factory!r} returned "
+            + (f"the class {m.obj.__name__}, not an instance of it" if is_class
+               else f"{type(m.obj).__name__}, not a torch.nn.Module"),
+            hint=(f"return {m.obj.__name__}(...) from the factory, or name the class itself "
+                  "as the factory with its arguments under model.kwargs") if is_class else None)
     model: nn.Module = m.obj
     if m.source_file:
         sources.append(m.source_file)

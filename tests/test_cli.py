@@ -67,6 +67,8 @@ FAULTS = [
     (["model.factory=user_code.py:raising_model"], 3, "boom in the model factory"),
     (["model.factory=broken_import.py:f"], 3, "broken_import.py"),
     (["model.factory=user_code.py:not_a_module"], 3, "not a torch.nn.Module"),
+    (["model.factory=user_code.py:class_not_instance"], 3,
+     "returned the class Linear, not an instance of it"),
     (["model.factory=user_code.py:no_params"], 3, "no trainable parameters"),
     (["model.factory=user_code.py:frozen_model"], 3, "no trainable parameters"),
     (["model.checkpoint=missing.pt"], 3, "model.checkpoint: file not found"),

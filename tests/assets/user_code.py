@@ -23,6 +23,10 @@ def not_a_module() -> int:
     return 42
 
 
+def class_not_instance() -> type:
+    return torch.nn.Linear  # a trial's factory returned its class
+
+
 def no_params() -> nn.Module:
     return nn.Sequential(nn.ReLU())
 
