@@ -62,11 +62,21 @@ def gradient_reach(param: torch.Tensor, nodes: dict[int, object] | None = None) 
         return "accumulates"
     if not param.requires_grad:
         return "untouched"
-    node = None if nodes is None else nodes.get(id(param))
-    if node is None or getattr(node, "variable", None) is not param:
-        node = edge(param).node
-        if nodes is not None:
-            nodes[id(param)] = node
+    cached = None if nodes is None else nodes.get(id(param))
+    if cached is not None and getattr(cached, "variable", None) is param:
+        reach = _reach_at(cached)
+        if reach != "untouched":
+            return reach
+        # a node torch replaced (param.data of another dtype or device: .to(), .half()
+        # drop the accumulator) reads "untouched" too: ask the one torch uses now
+    node = edge(param).node
+    if nodes is not None:
+        nodes[id(param)] = node
+    return _reach_at(node)
+
+
+def _reach_at(node: object) -> str:
+    assert _WILL_EXECUTE is not None
     try:
         return "accumulates" if _WILL_EXECUTE(node) else "untouched"
     except RuntimeError as e:  # torch refuses a leaf that autograd.grad() returns

@@ -74,7 +74,7 @@ import time
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -552,14 +552,14 @@ def open_trackers(model: nn.Module, log: str | Path | None) -> list[tuple[Tracke
     return found
 
 
-def close_earlier(model: nn.Module, log: str | Path | None, siblings: Sequence[object] = (),
-                  who: str = "") -> None:
+def close_earlier(model: nn.Module, log: str | Path | None,
+                  sibling: Callable[[object], bool] | None = None, who: str = "") -> None:
     """Close, with a warning, the open trackers that share ``model`` or ``log`` with a
     new one: a notebook cell run again, a tracker dropped without close() (the model's
-    hooks keep it alive), a Trainer that raised. A callback passes the Trainer's other
-    callbacks as ``siblings``: a tracker one of them owns is in use, and refused."""
+    hooks keep it alive), a Trainer that raised. A callback passes ``sibling``, true of
+    another callback in its own Trainer: a tracker one of them owns is in use, refused."""
     for other, shared in open_trackers(model, log):
-        if any(other.owner is s for s in siblings):
+        if sibling is not None and other.owner is not None and sibling(other.owner):
             raise ValueError(f"{shared} already has an open bsfind tracker, another {who}'s "
                              "in this Trainer: use one (two trackers on one model see each "
                              "other's hooks and read wrong numbers)")

@@ -88,3 +88,44 @@ def test_a_backward_over_part_of_the_parameters_is_measured_over_that_part() -> 
         F.cross_entropy(model(x), y).backward(inputs=[model[4].weight, model[0].weight])
         with pytest.raises(PerExampleUnsupported, match="reached some of its parameters"):
             norms.sq_norms()
+
+
+def test_a_parameter_moved_to_another_dtype_is_still_measured() -> None:
+    """A review: .double() (as .to() and .half()) gives a parameter a new AccumulateGrad
+    node; the kept one then read every pass as leaving it untouched, and the layer's
+    norms were dropped (tr(Σ) 1.38 for 5.28), or nothing was measured."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(12, 6), torch.randint(0, 3, (12,))
+    with PerExampleGradNorms(model) as norms:
+        F.cross_entropy(model(x), y).backward()
+        norms.sq_norms()
+        model.zero_grad()
+        model.double()
+        F.cross_entropy(model(x.double()), y).backward()
+        got = norms.sq_norms()
+    want = exact_sq_norms(model, x.double(), y, F.cross_entropy)
+    assert torch.allclose(got, want, rtol=1e-9)
+
+
+def test_a_module_read_by_torch_func_may_leave_a_parameter_unused() -> None:
+    """A review: a leaf module (no rule: torch.func reads it) whose forward uses its
+    gate only on a flag was refused as a pass over part of its parameters."""
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6, 3) * 0.3)
+            self.gate = nn.Parameter(torch.ones(3))
+            self.use_gate = False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = torch.tanh(x @ self.w)
+            return out * self.gate if self.use_gate else out
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), Gated())
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    with PerExampleGradNorms(model) as norms:
+        F.cross_entropy(model(x), y).backward()
+        got = norms.sq_norms()
+    assert torch.allclose(got, exact_sq_norms(model, x, y, F.cross_entropy), rtol=1e-6)

@@ -156,8 +156,10 @@ class NoiseScaleMonitor(Callback):
             trainer.accumulate_grad_batches = start.accumulation
         if self.tracker is not None:  # a fit that raised left it open
             self.tracker.close()
-        others = [cb for cb in trainer.callbacks if cb is not self]  # type: ignore[attr-defined]
-        close_earlier(model, self.options["log"], others, "NoiseScaleMonitor")
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        close_earlier(model, self.options["log"],
+                      lambda owner: owner is not self and any(owner is c for c in callbacks),
+                      "NoiseScaleMonitor")
         try:
             self.tracker = Tracker(model, scaler=scaler, step=start.step,
                                    examples=start.examples,
@@ -207,7 +209,7 @@ class NoiseScaleMonitor(Callback):
         self._loss = d if self._loss is None else self._loss + d
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.tracker is None:
+        if self.tracker is None or self.tracker.closed:  # (a newer tracker closed it, warned)
             return
         acc = trainer.accumulate_grad_batches
         n = trainer.num_training_batches

@@ -171,6 +171,7 @@ class NoiseScaleCallback(TrainerCallback):
         self.tracker: Tracker | None = None
         self.doublings: list[Doubling] = []
         self._hook: Any = None
+        self._state: Any = None  # the TrainerState of the run it tracks (close_earlier)
         self._losses: list[torch.Tensor] = []
         self._summed = False  # the micro-batch losses add up to the step's (see _on_forward)
         self._token_scale = 1  # see token_scale
@@ -217,9 +218,12 @@ class NoiseScaleCallback(TrainerCallback):
             # the checkpoint's learning rates were scaled for this accumulation
             args.gradient_accumulation_steps = start.accumulation
         self.on_train_end(args, state, control)  # a train() that raised left them on
-        handler = getattr(self.trainer, "callback_handler", None)  # (known after attach())
-        others = [cb for cb in getattr(handler, "callbacks", ()) if cb is not self]
-        close_earlier(tracked, self.options["log"], others, "NoiseScaleCallback")
+        # the Trainer hands every callback its one TrainerState: another callback's
+        # tracker made for the same state is a sibling's, one of an earlier Trainer stale
+        self._state = state
+        close_earlier(tracked, self.options["log"],
+                      lambda owner: (isinstance(owner, NoiseScaleCallback) and owner is not self
+                                     and owner._state is state), "NoiseScaleCallback")
         self.tracker = Tracker(tracked, scaler=scaler, step=start.step,
                                examples=start.examples,
                                dataset_size=epoch_sampled_size(kwargs.get("train_dataloader")),

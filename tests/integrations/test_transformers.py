@@ -318,6 +318,12 @@ def test_a_second_callback_on_one_model_is_refused(tmp_path: Path) -> None:
     NoiseScaleCallback.attach(trainer, every=2, prefix="b/")
     with pytest.raises(ValueError, match="this model already has an open bsfind tracker"):
         trainer.train()
+    # a review: passed as Trainer(callbacks=[...]), without attach(), the second closed
+    # the first's tracker instead (the callbacks know their Trainer only by its state)
+    listed = Trainer(model=Classifier(), args=args, train_dataset=Examples(),
+                     callbacks=[NoiseScaleCallback(every=1), NoiseScaleCallback(prefix="b/")])
+    with pytest.raises(ValueError, match="another NoiseScaleCallback's in this Trainer"):
+        listed.train()
 
 
 def test_a_new_trainer_after_one_that_raised_closes_its_stale_tracker(tmp_path: Path) -> None:

@@ -51,7 +51,8 @@ _plan = plan  # PerExampleGradNorms.__init__ has a parameter named `plan`
 
 def _trained_params(cap: Capture) -> list[Tensor]:
     """The trainable leaf parameters whose gradient ``cap``'s backward feeds: a layer's
-    own (weight and bias), or the first of a module read by torch.func."""
+    own (weight and bias, always in its forward), a module's own read by torch.func (which
+    may leave one out), or the first of its submodules'."""
     module = cap.module
     params: Sequence[Tensor]
     if cap.rule == "broadcast":  # cap.name ends with the parameter's name
@@ -689,6 +690,10 @@ class PerExampleGradNorms:
         a pass that reaches part of one layer's (its norms cover them together)."""
         reaches = ({compat.gradient_reach(p, self._nodes) for p in _trained_params(cap)}
                    or {"accumulates"})
+        if cap.rule == "func" and len(reaches) > 1:
+            # a module read by torch.func may leave a parameter out of its forward (a
+            # gate used on a flag), which reads "untouched" as if the pass skipped it
+            reaches.discard("untouched")
         if len(reaches) > 1:
             self._errors.append(
                 f"module {cap.name!r}: the backward reached some of its parameters and not "
