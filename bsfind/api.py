@@ -336,7 +336,9 @@ def validate(spec: Spec) -> Validation:
         batch_size=n, loss_value=float(loss.detach()), grad_norm_sq=g2, method=method,
         method_reason=reason, probe_points=wording.probe_plan(spec),
         learning_rate=wording.lr_plan(pipeline.lr_search_skipped_by_spec(spec, world=world)),
-        warnings=tuple(pipeline.item_warnings(job)),
+        warnings=(*pipeline.item_warnings(job),  # (a trial: only noise and recommend said it)
+                  *([wording.small_dataset(len(job), spec.optimizer.batch_size, True)]
+                    if len(job) < spec.optimizer.batch_size else [])),
     )
 
 

@@ -148,11 +148,7 @@ def noise_warnings(used: NoiseEstimate, trajectory: Trajectory | None, *, datase
         out.append(f"{used.method_reason}: the probe used micro-batches instead (an "
                    "estimate as exact, at more backward passes per example)")
     if dataset_size < baseline_batch:
-        out.append(
-            f"the dataset has only {dataset_size} examples, fewer than the baseline batch "
-            f"{baseline_batch}: the probe samples with replacement, so the estimate is still "
-            "sound" + (f", but no recommendation exceeds {dataset_size}" if advice else "")
-        )
+        out.append(small_dataset(dataset_size, baseline_batch, advice))
     if trajectory is not None and trajectory.mode == "along":
         if not trajectory.moved:
             out.append(did_not_move(trajectory))
@@ -210,6 +206,13 @@ def schedule_notes(seconds: float, best_batch: int, best_seconds: float,
             f"here it is predicted {how} {which}, less than the {SCHEDULE_MEASURED_BEHIND}× by "
             "which it fell behind bsfind's own constant batch there: the constant batch is "
             "the safer choice")
+
+
+def small_dataset(dataset_size: int, baseline_batch: int, advice: bool) -> str:
+    """The dataset holds fewer examples than the baseline batch."""
+    return (f"the dataset has only {dataset_size} examples, fewer than the baseline batch "
+            f"{baseline_batch}: the probe samples with replacement, so the estimate is still "
+            "sound" + (f", but no recommendation exceeds {dataset_size}" if advice else ""))
 
 
 def schedule_past_dataset(batch: int, dataset: int, examples: float) -> str:

@@ -38,6 +38,15 @@ def test_version() -> None:
 def test_validate_ok() -> None:
     r = run("validate", GOOD)
     assert r.exit_code == 0 and "ok" in r.output and "trainable parameters" in r.output
+    # a trial: a batch larger than the dataset was said by noise and recommend, not here
+    small = run("validate", GOOD, "--set", "data.kwargs={n: 20}")
+    assert small.exit_code == 0, small.output
+    assert "the dataset has only 20 examples, fewer than the baseline batch 16" not in (
+        small.output)  # 20 >= 16: nothing to say
+    tiny = run("validate", GOOD, "--set", "data.kwargs={n: 12}")
+    assert tiny.exit_code == 0, tiny.output
+    assert "the dataset has only 12 examples, fewer than the baseline batch 16" in " ".join(
+        tiny.output.split())
 
 
 def test_noise_json_is_one_document() -> None:
