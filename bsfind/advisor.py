@@ -948,8 +948,8 @@ def candidates_table(inputs: AdvisorInputs, batch: int, model: WallClock | None
                      ) -> tuple[Candidate, ...]:
     """The table's rows: a grid of batches plus the baseline and the recommendation."""
     n, b0 = inputs.gpus, inputs.baseline_batch
-    cap = per_device_max(inputs, n)
-    max_micro = int(cap) if math.isfinite(cap) else None
+    # per device: the advice's limit; the baseline's as it runs today (memory only)
+    caps = (per_device_max(inputs, n), _memory_max(inputs, n))
     buckets = (inputs.grad_bytes or 0) if (n > 1 and inputs.memory is not None
                                            and not inputs.memory.ddp_buckets) else 0
     timing = inputs.timing
@@ -963,13 +963,11 @@ def candidates_table(inputs: AdvisorInputs, batch: int, model: WallClock | None
         return "measured" if micro <= timed_top else "extrapolated"
 
     run = None if model is None else as_run(inputs, model)
-    memory_cap = _memory_max(inputs, n)
 
     def row(b: int) -> Candidate:
         today = b == b0 and b != batch  # the baseline as it runs (when not the advice)
-        a = accumulation_steps(
-            b, n, (int(memory_cap) if math.isfinite(memory_cap) else None) if today
-            else max_micro)
+        cap = caps[today]
+        a = accumulation_steps(b, n, int(cap) if math.isfinite(cap) else None)
         micro = math.ceil(b / (a * n))
         mem = (inputs.memory.fixed_bytes + buckets + inputs.memory.bytes_per_example * micro
                if inputs.memory is not None else None)

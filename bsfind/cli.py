@@ -765,7 +765,6 @@ def _emit(doc: dict[str, Any], as_json: bool) -> None:
     try:
         if as_json:
             _write_stdout(json.dumps(doc, indent=2, allow_nan=False) + "\n")
-            sys.stdout.flush()
         else:
             render_report(doc)
     except SystemExit as exc:  # stdout's reader left (| head): stderr may still be read

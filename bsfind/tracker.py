@@ -120,6 +120,9 @@ DEFAULT_EVERY_CHEAP = 1
 # Measurements smoothed into one value: enough rounds for the t-based interval
 # (df = window - 1) to be close to its normal limit.
 DEFAULT_WINDOW = 64
+# What to do when update() finds no gradient or a zero one (two warnings say it).
+UPDATE_AFTER_BACKWARD = ("call update() after the step's loss.backward(), before "
+                         "optimizer.zero_grad()")
 # Losses kept one by one between measurements before they are folded into their sum.
 LOSSES_KEPT = 64
 # dataset size the advisor is given when the caller does not know it
@@ -507,8 +510,7 @@ def check_tracking_options(every: int | None, window: int) -> None:
 def check_batch_and_log(batch_size: Any, log: str | Path | None) -> None:
     """Validate :class:`Tracker`'s ``batch_size`` (an integer >= 1, or None) and ``log``
     (not a folder: found when the tracker is made, not at its first record)."""
-    if batch_size is not None and whole_number(batch_size, 1) is None:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_step_arguments(batch_size, None)
     if log is not None and Path(log).is_dir():
         raise ValueError(f"log: {log} is a folder; give a file path, e.g. "
                          f"{Path(log) / 'noise.jsonl'}")
@@ -1329,7 +1331,7 @@ class Tracker:
         if not grads:
             self._warn_once("no-grad", (
                 f"bsfind tracker: no parameter had a gradient at update() (step {self.step}): "
-                "call update() after the step's loss.backward(), before optimizer.zero_grad()"))
+                + UPDATE_AFTER_BACKWARD))
             return
         if len(self._micro) > 1:
             last = self._boundary()
@@ -1455,8 +1457,7 @@ class Tracker:
         if sq_big == 0.0:  # .grad zeroed before update(), or update() before backward()
             self._warn_once("zero-grad", (
                 f"bsfind tracker: the gradient at update() was exactly zero (step {m.step}), "
-                "so the step is not measured: call update() after the step's loss.backward(), "
-                "before optimizer.zero_grad()"))
+                "so the step is not measured: " + UPDATE_AFTER_BACKWARD))
             return None
         g2, trace = two_batch(b_small, sq_small, b_big, sq_big)
         if self.dataset_size is not None:
