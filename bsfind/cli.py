@@ -878,8 +878,10 @@ def recommend(
 @app.command()
 def schedule(
     spec: SpecArg,
-    log: Annotated[Path, typer.Argument(help="A tracker's JSON-lines log: "
-                                        "bsfind.track(model, log=path) in the last run.")],
+    log: Annotated[Path | None, typer.Argument(
+        help="Required: a tracker's JSON-lines log, bsfind.track(model, log=path) in the "
+        "last run.",
+        show_default=False)] = None,
     json_out: JsonOpt = False,
     set_: SetOpt = None,
     gpu: Annotated[str | None, typer.Option("--gpu", help="Plan for a GPU that is not "
@@ -894,6 +896,10 @@ def schedule(
     def run() -> dict[str, Any]:
         from bsfind import api, report  # inside: Ctrl-C while torch loads is handled
 
+        if log is None:  # (optional here, so that the message can say which is missing)
+            given = f"SPEC {spec}" if spec.suffix == ".jsonl" else f"{spec} LOG"
+            raise UsageError(f"bsfind schedule takes the spec first, then the log: "
+                             f"bsfind schedule {given}")
         if spec.suffix == ".jsonl" or log.suffix in (".yaml", ".yml"):
             raise UsageError(f"bsfind schedule takes the spec first, then the log: "
                              f"bsfind schedule {log} {spec}")
@@ -1183,6 +1189,10 @@ def _app() -> None:
     try:
         app()
     except SystemExit as exc:
+        if isinstance(exc.__context__, BrokenPipeError):
+            # typer's own console (--help, a usage error) met a closed stdout: rich
+            # exits 1, which is check's "outside the tolerance" (a trial: --help | head)
+            _reader_gone()
         usage: Any = exc.__context__  # typer exits while handling click's UsageError
         # (of typer's own copy of click: known by name)
         if "--json" in sys.argv[1:] and usage is not None and any(

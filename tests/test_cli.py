@@ -611,12 +611,13 @@ def test_checkpoints_of_wrapped_models_load_into_plain_ones_and_back(tmp_path: P
                         "ema.pt", tmp_path)
 
 
-@pytest.mark.parametrize("args", [("env",), ("env", "--json")])
+@pytest.mark.parametrize("args", [("env",), ("env", "--json"), ("--help",)])
 def test_a_reader_that_leaves_early_ends_bsfind_with_141_not_checks_1(
         args: tuple[str, ...]) -> None:
     """A trial: `bsfind validate spec | head -1` exited 1, silently (rich's broken-pipe
     exit), and 1 is check's "outside the tolerance". Now 128 + SIGPIPE, as a shell
-    reports a process the signal ended, and nothing on stderr."""
+    reports a process the signal ended, and nothing on stderr. `--help` too: typer's
+    own console printed it, and exited 1 (a note)."""
     import subprocess
     import sys
 

@@ -298,6 +298,11 @@ def test_schedule_command_errors_are_one_line(tmp_path: Path) -> None:
     r = runner.invoke(app, ["schedule", str(bad), spec])  # swapped
     assert r.exit_code == 2 and "takes the spec first, then the log" in r.output
     assert f"bsfind schedule {spec} {bad}" in r.output.replace("\n", "")
+    # one argument: typer said "Missing argument 'LOG'" when the log was given alone
+    r = runner.invoke(app, ["schedule", str(bad)])
+    assert r.exit_code == 2 and f"bsfind schedule SPEC {bad}" in r.output.replace("\n", "")
+    r = runner.invoke(app, ["schedule", spec, "--json"])
+    assert r.exit_code == 2 and f"bsfind schedule {spec} LOG" in json.loads(r.stdout)["error"]
 
 
 def test_a_batchnorm_log_keeps_its_micro_batch_per_device() -> None:
