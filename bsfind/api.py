@@ -326,6 +326,10 @@ def validate(spec: Spec) -> Validation:
     if method == "per-example":
         method, reason = _per_example_runs(job, idx, reason)
     world = launch.world_size()
+    norm = pipeline.norm_batch(spec, job, world)
+    if method == "microbatch" and norm is not None:  # (else only the JSON's notes said it)
+        reason += (f"; each micro-batch is a BatchNorm batch of {norm:,}, the baseline's "
+                   "per device, and the advice keeps it")
     if world > 1:  # each rank validated alone: say what recommend will run over them all
         method = f"distributed+{method}"
         reason += f"; over the {world} ranks, see README's Multi-GPU section"

@@ -379,6 +379,9 @@ def test_validate_says_which_method_and_where() -> None:
     bn = json.loads(run("validate", str(ROOT / "configs" / "digits-cnn.yaml"), "--json",
                         "--set", "model.kwargs.norm=batch").stdout)
     assert bn["method"] == "microbatch" and "BatchNorm" in bn["method_reason"]
+    # the micro-batch is the BatchNorm batch: the baseline's 32 (only the JSON said so)
+    assert "each micro-batch is a BatchNorm batch of 32" in bn["method_reason"]
+    assert "BatchNorm batch" not in doc["method_reason"]
 
 
 def test_per_example_norms_that_fail_at_run_time_are_found_and_said() -> None:
