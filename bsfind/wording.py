@@ -583,7 +583,16 @@ def _notes(advice: Advice, inputs: AdvisorInputs) -> list[str]:
                "a longer probe (probe.max_seconds) or a larger probe batch can resolve it")
         notes.append("the noise scale was not resolved, so the advice uses its lower bound: "
                      f"the time-optimal batch may be larger still; {fix}")
-    if f.optimum_clipped:
+    if inputs.dataset_size <= inputs.b_n < math.inf:  # (a trial: 20 examples, B_n 39-49)
+        whole = (f"full-batch training ({rec.batch_size:,}, every example each step)"
+                 if rec.batch_size == inputs.dataset_size else
+                 f"the largest batch the dataset allows ({rec.batch_size:,}: the whole of it "
+                 "does not split evenly over the devices)")
+        notes.append(f"the noise scale ({inputs.b_n:,.0f}) is above the dataset's "
+                     f"{inputs.dataset_size:,} examples: even a step over all of them is "
+                     "below the batch where extra examples stop paying off, so the advice is "
+                     f"{whole}")
+    elif f.optimum_clipped:
         notes.append(f"the optimum reaches the dataset size ({inputs.dataset_size:,}): clipped")
     if inputs.basis == "b_simple" and inputs.optimizer_family == "adam":
         notes.append("the Adam family's advice rests on B_simple: in docs/validation.md it "

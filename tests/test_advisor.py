@@ -111,7 +111,19 @@ def test_clipped_to_dataset_size() -> None:
     assert adv.optimum == pytest.approx(300.0)
     assert adv.recommendation.batch_size == 300
     assert all(c.batch_size <= 300 for c in adv.candidates)
-    assert any("dataset size" in n for n in adv.recommendation.notes)
+    # the noise scale (2,000) is above the dataset: that is said, not only "clipped" (a
+    # trial: 20 examples, B_n 39-49, and nothing said that full-batch steps are the advice)
+    said = [n for n in adv.recommendation.notes if "above the dataset's 300 examples" in n]
+    assert len(said) == 1 and "full-batch training (300, every" in said[0], said
+    odd = advise(inputs(dataset_size=301, gpus=2)).recommendation  # 296 (see below)
+    assert any("allows (296: the whole of it does not split" in n for n in odd.notes), odd
+    assert not any("clipped" in n for n in adv.recommendation.notes)
+    # below the dataset, an optimum past it (sqrt(200 · 0.2 / 1e-4) = 632) is "clipped"
+    mid = advise(inputs(dataset_size=300, b_n=200.0, b_n_ci=Interval(180.0, 220.0),
+                        timing=curve(t0=0.2)))
+    assert mid.recommendation.batch_size == 300
+    assert any("optimum reaches the dataset size (300)" in n for n in mid.recommendation.notes)
+    assert not any("above the dataset's" in n for n in mid.recommendation.notes)
     # The advisor itself returns the fact; the words come from bsfind.wording.
     bare = advise_numbers(inputs(dataset_size=300))
     assert bare.facts.optimum_clipped and bare.recommendation.notes == ()
