@@ -317,6 +317,10 @@ def plan_from_log(spec: Spec, runner: Runner, records: Sequence[TrackRecord], so
     notes = [*notes, *([wording.log_batch_differs(sorted(logged), spec.optimizer.batch_size,
                                                   batchnorm=bn is not None)] if (
         logged and logged != {spec.optimizer.batch_size}) else [])]
+    own = sum(p.numel() for p in job.trainable())
+    counted = sorted({r.parameters for r in records if r.parameters is not None})
+    if counted and own not in counted:  # (a log of another model planned without a word)
+        notes.append(wording.log_of_another_model(counted, own))
     reached = points.trajectory.examples
     if planned is not None and reached is not None and reached > planned:
         notes.append(wording.log_beyond_plan(reached, planned))

@@ -154,6 +154,8 @@ class TrackRecord:
             estimator's big batch, which for unequal micro-batches (an epoch's short
             last step) is their number times their harmonic mean; None in logs written
             before it was logged (``b_big`` stands in).
+        parameters: the trainable parameters (elements) of the tracked model, which
+            ``bsfind schedule`` compares with the spec's model; None in older logs.
     """
 
     step: int
@@ -171,6 +173,7 @@ class TrackRecord:
     window: int = 0
     seconds: float = math.nan
     batch: int | None = None
+    parameters: int | None = None
 
     @property
     def trained(self) -> int:
@@ -199,7 +202,7 @@ class TrackRecord:
             "step_grad_norm_sq": _finite_or_none(self.step_grad_norm_sq),
             "step_trace_sigma": _finite_or_none(self.step_trace_sigma),
             "window": self.window, "seconds": _finite_or_none(self.seconds),
-            "batch": self.batch,
+            "batch": self.batch, "parameters": self.parameters,
         }
 
 
@@ -252,6 +255,9 @@ def record_from_json(obj: dict[str, Any]) -> TrackRecord:
     batch = _number(obj, "batch", int, nullable=True)
     if batch is not None and batch < 1:
         raise ValueError(f"batch: expected >= 1, got {batch}")
+    parameters = _number(obj, "parameters", int, nullable=True)
+    if parameters is not None and parameters < 1:
+        raise ValueError(f"parameters: expected >= 1, got {parameters}")
     return TrackRecord(
         step=_number(obj, "step", int), examples=_number(obj, "examples", int),
         loss=_number(obj, "loss", float, nullable=True),
@@ -267,7 +273,7 @@ def record_from_json(obj: dict[str, Any]) -> TrackRecord:
         else extras["step_trace_sigma"],
         window=_number(obj, "window", int) if "window" in obj else 0,
         seconds=math.nan if extras.get("seconds") is None else extras["seconds"],
-        batch=batch,
+        batch=batch, parameters=parameters,
     )
 
 
@@ -1470,7 +1476,8 @@ class Tracker:
             grad_norm_sq=mean_g2, trace_sigma=mean_trace, b_simple=value, ci95=ci,
             b_small=round(b_small), b_big=round(b_big), method=m.method,
             step_grad_norm_sq=g2, step_trace_sigma=trace, window=len(self._window.rows),
-            seconds=m.seconds, batch=m.world * sum(m.micro))
+            seconds=m.seconds, batch=m.world * sum(m.micro),
+            parameters=sum(p.numel() for p in self.params))
         self.method = m.method
         self._records.append(rec)
         self._write(rec)

@@ -322,6 +322,15 @@ def log_batch_differs(logged: list[int], baseline: int, batchnorm: bool = False)
             "spec's baseline")
 
 
+def log_of_another_model(logged: list[int], own: int) -> str:
+    """``bsfind schedule``: the log's tracker counted other trainable parameters than the
+    spec's model has."""
+    sizes = ", ".join(f"{n:,}" for n in logged)
+    return (f"the tracker log's model had {sizes} trainable parameters, the spec's has "
+            f"{own:,}: if the log is of another model (not the spec's, nor the part of it "
+            "the tracker was given), its noise scale does not apply to this one")
+
+
 def log_beyond_plan(logged: int, planned: int, what: str = "the tracker log") -> str:
     """``bsfind schedule`` (or ``model.checkpoints``): the points run past the spec's
     planned run."""

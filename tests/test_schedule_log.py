@@ -170,6 +170,35 @@ def test_without_a_step_time_the_command_says_why_there_is_no_schedule(
     assert doc["schedule"] is None
     assert "no batch-size schedule: no step time bsfind can act on (probe.timing is off); " \
         "set hardware.gpu to plan from a predicted one" in doc["warnings"]
+    assert not any("trainable parameters" in w for w in doc["warnings"])
+
+
+def test_a_log_of_another_model_is_said(digits_log: Path, tmp_path: Path) -> None:
+    """The log records the tracked model's trainable parameters; a log of another model
+    (here a wider MLP's) planned without a word before (a note)."""
+    from bsfind.spec import load_spec
+    from bsfind.workload import build
+
+    own = sum(p.numel() for p in build(load_spec(CONFIGS / "digits-mlp.yaml")).trainable())
+    recs = read_log(digits_log)
+    assert {r.parameters for r in recs} == {own}
+    log = tmp_path / "wide.jsonl"
+    log.write_text("".join(json.dumps({**r.to_json(), "parameters": 2 * own}) + "\n"
+                           for r in recs))
+    r = runner.invoke(app, ["schedule", str(CONFIGS / "digits-mlp.yaml"), str(log),
+                            "--json", "--set", "probe.timing=false"])
+    assert r.exit_code == 0, r.output
+    said = [w for w in json.loads(r.stdout)["warnings"] if "trainable parameters" in w]
+    assert said == [f"the tracker log's model had {2 * own:,} trainable parameters, the "
+                    f"spec's has {own:,}: if the log is of another model (not the spec's, nor "
+                    "the part of it the tracker was given), its noise scale does not apply "
+                    "to this one"]
+    # a log written before the count was logged says nothing
+    log.write_text("".join(json.dumps({k: v for k, v in r.to_json().items()
+                                       if k != "parameters"}) + "\n" for r in recs))
+    r = runner.invoke(app, ["schedule", str(CONFIGS / "digits-mlp.yaml"), str(log),
+                            "--json", "--set", "probe.timing=false"])
+    assert not any("trainable parameters" in w for w in json.loads(r.stdout)["warnings"])
 
 
 def test_the_logs_batches_are_those_of_records_in_a_row(tmp_path: Path) -> None:
