@@ -1007,9 +1007,6 @@ class Tracker:
         self._append = bool(step) and self._log_path is not None
         if step:
             resume_log_on_every_rank(self._log_path, step, examples)
-        hook_state, hook = ddp_comm_hook or (None, None)  # (state, hook), as documented
-        self._ddp = (in_training.DDPNorms(ddp, hook=hook, state=hook_state)
-                     if ddp is not None and self.world > 1 else None)
         self._norms: Any = None  # PerExampleGradNorms, built on first use
         self._hooked = False
         self._warned: set[str] = set()
@@ -1030,6 +1027,9 @@ class Tracker:
         self._paused = self._closed = False
         self._start = time.perf_counter()
         close_earlier(model, log)  # (after every check: a refused tracker closes nothing)
+        hook_state, hook = ddp_comm_hook or (None, None)  # (state, hook), as documented
+        self._ddp = (in_training.DDPNorms.on(ddp, hook=hook, state=hook_state)
+                     if ddp is not None and self.world > 1 else None)
         _OPEN.add(self)
         self._size_hook: Any = None
         self._begin_step()

@@ -24,6 +24,12 @@ def test_the_internals_are_present_on_this_torch() -> None:
     assert compat._BATCHNORM_BASE is not None
     assert None not in (compat._FOREACH_NORM, compat._FOREACH_SUB_, compat._FOREACH_COPY_)
     assert compat.can_queue_backward_callback()
+    # a second tracker on one DDP model finds the first's comm hook in DDP's own list
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+    assert "self._comm_hooks.append" in inspect.getsource(
+        DistributedDataParallel.register_comm_hook)
 
 
 def test_gradient_reach_tells_what_a_pass_does_with_a_parameters_gradient() -> None:

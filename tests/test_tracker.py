@@ -295,6 +295,25 @@ def test_ddp_accumulation_without_no_sync_warns_and_records_nothing(tmp_path: Pa
 
 @pytest.mark.skipif(not (torch.distributed.is_available()
                          and torch.distributed.is_gloo_available()), reason="needs gloo")
+def test_a_second_tracker_on_the_same_ddp_model_takes_over_its_comm_hook() -> None:
+    """DDP takes one comm hook and cannot remove it: a second tracker on the same DDP
+    model (a notebook cell run again) failed at registration (a note). It takes over
+    the first's, which it closes with a warning, and measures each step exactly as one
+    tracker does: the same per-step estimates over the same draws, with a user's hook."""
+    script = ROOT / "tests" / "assets" / "tracker_ddp.py"
+    env = dict(TRACKER_STEPS="5", TRACKER_PRINT_ALL="1", TRACKER_FP16_HOOK="1")
+    once = tracking.two_ranks(script, **env)
+    again = tracking.two_ranks(script, TRACKER_AGAIN="2", **env)
+    for ranks in (once, again):
+        assert [c for c, _, _ in ranks] == [0, 0], ranks[0][2][-2000:] + ranks[1][2][-2000:]
+    assert all("had an open tracker; it is closed now" in err for _, _, err in again)
+    one, two = json.loads(once[0][1]), json.loads(again[0][1])
+    assert len(one) == 5 and len(two) == 3
+    assert sum(two, []) == pytest.approx(sum(one[2:], []), rel=1e-9)
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available()
+                         and torch.distributed.is_gloo_available()), reason="needs gloo")
 def test_a_refused_resume_log_stops_every_rank_with_its_message(tmp_path: Path) -> None:
     """Resumed at step 4 after 64 examples, the log rank 0 is given records 128 by then:
     another run's. Both ranks stop with the refusal (rank 1, which has no log, stopped

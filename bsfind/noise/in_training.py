@@ -233,6 +233,23 @@ class DDPNorms:
         self.inner_state = state if hook is not None else self.group
         ddp.register_comm_hook(self, ddp_comm_hook)
 
+    @classmethod
+    def on(cls, ddp: Any, hook: Any = None, state: Any = None) -> DDPNorms:
+        """The norms of ``ddp``: a new comm hook, or the one an earlier tracker registered
+        (DDP takes one comm hook and cannot remove it: a second tracker on the same DDP
+        model, a notebook cell run again, failed at registration), taken over with the
+        inner hook asked for now."""
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        for registered, norms in getattr(ddp, "_comm_hooks", ()):
+            if registered is ddp_comm_hook and isinstance(norms, cls):
+                norms.take()  # (what an abandoned step left)
+                norms.active = False
+                norms.inner = hook or default_hooks.allreduce_hook
+                norms.inner_state = state if hook is not None else norms.group
+                return norms
+        return cls(ddp, hook=hook, state=state)
+
     def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(Σ |local bucket|², Σ |reduced bucket|²) since the last call, or None (also
         when a bucket was all-reduced more than once: ``repeated``, reset by the next

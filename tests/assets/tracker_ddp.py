@@ -27,6 +27,8 @@ NO_SYNC = os.environ.get("TRACKER_NO_SYNC", "1") == "1"  # 0: every micro-batch 
 FP16_HOOK = os.environ.get("TRACKER_FP16_HOOK") == "1"  # ddp_comm_hook=(state, hook)
 TWICE = os.environ.get("TRACKER_TWICE") == "1"  # SAM's first backward, then discard()
 RESUME = os.environ.get("TRACKER_RESUME")  # "step:examples", the log given to rank 0 only
+AGAIN = int(os.environ.get("TRACKER_AGAIN", "0"))  # a second tracker from this step, unclosed
+PRINT_ALL = os.environ.get("TRACKER_PRINT_ALL") == "1"  # every record's own step estimates
 BATCH = 32  # per rank and micro-batch
 
 
@@ -46,7 +48,9 @@ def main() -> None:
     step, examples = map(int, RESUME.split(":")) if RESUME else (0, 0)
     tracker = track(model, every=1, window=100_000, ddp_comm_hook=hook,
                     log=log if rank == 0 or not RESUME else None, step=step, examples=examples)
-    for _ in range(STEPS):
+    for i in range(STEPS):
+        if AGAIN and i == AGAIN:  # (a notebook cell run again: the first is not closed)
+            tracker = track(model, every=1, window=100_000, ddp_comm_hook=hook)
         if TWICE:  # all-reduced, then given up: only the second backward is measured
             idx = torch.randint(len(x), (BATCH,), generator=gen)
             F.cross_entropy(model(x[idx]), y[idx]).backward()
@@ -64,7 +68,9 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
     records = tracker.records
     tracker.close()
-    if rank == 0:
+    if rank == 0 and PRINT_ALL:
+        print(json.dumps([(r.step_grad_norm_sq, r.step_trace_sigma) for r in records]))
+    elif rank == 0:
         print(json.dumps(records[-1].to_json()) if records else "no records")
     dist.barrier()  # (no rank leaves while the other's last all-reduce still runs)
     dist.destroy_process_group()
