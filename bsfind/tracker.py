@@ -631,8 +631,8 @@ def compiled_hint() -> str:
 
 def per_example_failure(exc: Exception) -> str:
     """Why the per-example norms failed, in the tracker's words."""
-    if "no backward reached" not in str(exc):
-        return str(exc)
+    if "no backward reached" not in str(exc):  # (without the probe's hint: probe.method)
+        return getattr(exc, "message", None) or str(exc)
     return ("the per-example hooks saw no backward in the step (update() before "
             "loss.backward()?)" + compiled_hint())
 
@@ -1578,6 +1578,7 @@ class Tracker:
                         "; without them nothing is measured on one process: accumulate "
                         "gradients (micro_step) or run under DistributedDataParallel, "
                         "pairings that need no per-example norms")
+        self._warned.add("nothing")  # (said just now: a second warning repeated it)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

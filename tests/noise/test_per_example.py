@@ -300,6 +300,50 @@ def test_func_fallback_refuses_a_module_that_mixes_examples() -> None:
             norms.sq_norms()
 
 
+class Masked(nn.Module):
+    """A leaf module given a tensor without the batch on dim 0 (a (T, T) mask)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d))
+
+    def forward(self, h: Tensor, mask: Tensor) -> Tensor:
+        return (mask @ h) * self.w
+
+
+class MaskedNet(nn.Module):
+    def __init__(self, d: int = 6) -> None:
+        super().__init__()
+        self.a, self.m, self.h = nn.Linear(d, d), Masked(d), nn.Linear(d, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = x.shape[1]
+        return self.h(self.m(self.a(x), torch.tril(torch.ones(t, t))).mean(1))
+
+
+def test_func_fallback_gives_a_tensor_of_another_size_to_every_example() -> None:
+    """vmap split every tensor argument over the examples, and a (T, T) mask raised
+    vmap's ValueError out of the user's backward (a review); a tensor whose dim 0 is
+    not the batch's is now given whole to each example, the output check guarding it."""
+    paths = check(MaskedNet(), torch.randn(8, 5, 6))
+    assert paths["m"] == "func"
+    bag = nn.EmbeddingBag(10, 4)  # flat ids and offsets: one example alone differs
+
+    class Bags(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bag = bag
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.bag(x.flatten(), torch.arange(0, x.numel(), x.shape[1]))
+
+    model = Bags()
+    with PerExampleGradNorms(model) as norms:
+        model(torch.randint(0, 10, (4, 3))).square().mean().backward()
+        with pytest.raises(PerExampleUnsupported, match="fallback for 'bag' failed"):
+            norms.sq_norms()
+
+
 class AddToFirstColumn(nn.Module):
     """An in-place op on a view of the previous layer's output."""
 

@@ -39,8 +39,19 @@ def func_sq(
     """
     from torch.func import functional_call, vjp, vmap
 
-    tensor_pos = [i for i, a in enumerate(args) if isinstance(a, Tensor)]
-    tensor_kw = [k for k, v in kwargs.items() if isinstance(v, Tensor)]
+    # Tensors with the batch on dim 0 are split over the examples; any other (a (T, T)
+    # mask, EmbeddingBag's flat ids) is given whole to every example, and the output
+    # check below says whether that was right (vmap's ValueError escaped the hooks).
+    n = int(d.shape[0])
+
+    def per_example(v: object) -> bool:
+        return isinstance(v, Tensor) and v.dim() > 0 and int(v.shape[0]) == n
+
+    tensor_pos = [i for i, a in enumerate(args) if per_example(a)]
+    tensor_kw = [k for k, v in kwargs.items() if per_example(v)]
+    shared = [f"argument {i}" for i, a in enumerate(args)
+              if isinstance(a, Tensor) and i not in tensor_pos] + [
+        repr(k) for k, v in kwargs.items() if isinstance(v, Tensor) and k not in tensor_kw]
     batched = [args[i].detach() for i in tensor_pos] + [kwargs[k].detach() for k in tensor_kw]
 
     def one(xs: list[Tensor], d_i: Tensor) -> tuple[Tensor, Tensor]:
@@ -66,8 +77,10 @@ def func_sq(
     if out is not None and not torch.allclose(
         ys.to(out.dtype), out, rtol=FUNC_CHECK_RTOL, atol=FUNC_CHECK_RTOL * float(out.abs().max())
     ):
+        given = (f" ({', '.join(shared)}, not of the batch's size, given whole to each "
+                 "example)" if shared else "")
         raise PerExampleUnsupported(
             "run one example at a time it gives a different output: it mixes examples "
-            "or is random"
+            f"or is random{given}"
         )
     return sq

@@ -750,7 +750,7 @@ class PerExampleGradNorms:
         except PerExampleUnsupported as e:
             self._errors.append(f"torch.func fallback for {cap.name!r}: {e.message}")
             return None
-        except RuntimeError as e:
+        except (RuntimeError, ValueError) as e:  # (vmap's own errors are ValueErrors)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             self._errors.append(f"torch.func fallback for {cap.name!r} failed: {first}")
             return None
