@@ -261,3 +261,10 @@ def queue_backward_callback(fn: Callable[[], None]) -> bool:
         return False
     queue(fn)
     return True
+
+
+def is_parametrized(module: nn.Module) -> bool:
+    """Whether torch.nn.utils.parametrize computes some of ``module``'s tensors
+    (parametrizations.weight_norm, spectral_norm, orthogonal)."""
+    parametrize = getattr(getattr(torch.nn.utils, "parametrize", None), "is_parametrized", None)
+    return bool(parametrize(module)) if parametrize is not None else False

@@ -7,6 +7,7 @@ On a GPU: BSFIND_TEST_DEVICE=cuda python3 -m pytest tests/noise/test_per_example
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -649,6 +650,25 @@ def test_no_hooks_left_after_exit() -> None:
     with norms:  # and the context can be entered again
         model(idx).sum().backward()
         assert norms.sq_norms().shape == (2,)
+
+
+def test_parametrized_layers_are_refused_and_the_old_weight_norm_measured() -> None:
+    """torch.nn.utils.parametrize computes the weight from other parameters: the plan
+    gave the ParametrizationList the func rule, which failed on every step with torch's
+    own message (a review). It is refused by name; the hook-based weight_norm, whose
+    weight is recomputed before each forward, is exact."""
+    from torch.nn.utils import parametrizations
+
+    for make in (parametrizations.weight_norm, parametrizations.spectral_norm,
+                 parametrizations.orthogonal):
+        model = nn.Sequential(make(nn.Linear(6, 6, bias=False)), nn.Tanh(), nn.Linear(6, 3))
+        p = plan(model)
+        assert not p.ok and p.reason.startswith("Linear at '0' is parametrized ('weight'")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # (deprecated for the above)
+        old = nn.Sequential(nn.utils.weight_norm(nn.Linear(6, 6)), nn.Tanh(), nn.Linear(6, 3))
+    assert plan(old).ok
+    check(old, torch.randn(8, 6))
 
 
 def test_plan_must_match_the_model() -> None:

@@ -198,6 +198,15 @@ class _Planner:
             if compat.is_batchnorm(module) and module.training:
                 self.problems.append((self.order[name], f"{type(module).__name__} at "
                                       f"{_where(name)} mixes examples in training mode"))
+            if compat.is_parametrized(module) and any(p.requires_grad
+                                                      for p in module.parameters()):
+                kind = type(module).__name__.removeprefix("Parametrized")
+                self.problems.append((self.order[name], (
+                    f"{kind} at {_where(name)} is parametrized ("
+                    f"{', '.join(repr(k) for k in module.parametrizations)} computed by "
+                    "torch.nn.utils.parametrize: weight_norm, spectral_norm, orthogonal), so "
+                    "its layer's per-example gradient is not that of the parameters trained "
+                    "(the old hook-based torch.nn.utils.weight_norm is covered)")))
             trainable = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
             if trainable:
                 self.owned[name] = trainable
