@@ -595,6 +595,25 @@ def test_a_run_that_diverges_is_said_once_and_records_stop() -> None:
     assert len(tracker.records) == finite and tracker.skipped >= 3
 
 
+def test_a_scale_that_is_not_broadcast_over_the_batch_never_breaks_the_loop() -> None:
+    """A ReZero scale of shape (1,) on a block with children: the user's forward raised
+    under the tracker (a review). It trains as without bsfind, with one warning that
+    names the parameter, and nothing measured; accumulation measures it."""
+    from tests.noise.test_per_example_constructs import ReZero
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), ReZero(32, (1,)), nn.Linear(32, 4))
+    tracker = track(model, every=1)
+    with pytest.warns(RuntimeWarning) as seen:
+        _train(tracker, model, steps=3, batch=16)
+    said = [str(w.message) for w in seen if "bsfind" in str(w.message)]
+    assert len(said) == 1 and "parameter 'resweight' of '1' (shape (1,))" in said[0], said
+    assert tracker.records == [] and "forward" not in vars(model[1])
+    _train(tracker, model, steps=2, batch=16, accumulate=2)
+    assert [r.method for r in tracker.records] == ["accumulation"] * 2
+    tracker.close()
+
+
 def test_batchnorm_model_is_tracked_through_accumulation_only() -> None:
     torch.manual_seed(0)
     model = models.cnn(norm="batch")

@@ -261,6 +261,50 @@ def test_root_parameter_indexed_along_the_batch_is_refused() -> None:
             norms.sq_norms()
 
 
+class ReZero(nn.Module):
+    """A residual block scaled by a learned scalar on the block itself (ReZero)."""
+
+    def __init__(self, d: int, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.ff = nn.Linear(d, d)
+        self.resweight = nn.Parameter(torch.full(shape, 0.1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.resweight * torch.tanh(self.ff(x))
+
+
+@pytest.mark.parametrize("batch", [16, 8, 2])  # 8 = d: the expanded scale broadcast
+def test_a_leading_one_that_is_not_the_batchs_dim_is_refused_not_raised(batch: int) -> None:
+    """A (1,) scale times (B, d) activations, expanded to (B,) by the broadcast rule,
+    made the user's own forward raise (B != d) under the hooks, in their training loop
+    (a review). The forward runs again unexpanded, with the same output and gradients as
+    without bsfind, and the parameter is refused by name; (1, 1) is measured exactly."""
+    model = nn.Sequential(nn.Linear(6, 8), ReZero(8, (1,)), nn.Linear(8, 3))
+    x = torch.randn(batch, 6)
+    want = model(x)
+    model.zero_grad()
+    want.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with PerExampleGradNorms(model) as norms:
+        for _ in range(2):  # refused again on the next forward, which is not expanded
+            out = model(x)
+            assert torch.allclose(out, want)
+            out.square().sum().backward()
+            why = ("is expanded over the batch.*meets a tensor of more dimensions" if
+                   batch == 8 else r"\(shape \(1,\)\) is not broadcast over the batch")
+            with pytest.raises(PerExampleUnsupported, match="parameter 'resweight' of '1' "
+                               + why):
+                norms.sq_norms()
+            assert all(torch.allclose(p.grad, g) for p, g in zip(model.parameters(), grads,
+                                                                  strict=True))
+            model.zero_grad()
+    assert isinstance(model[1].resweight, nn.Parameter)
+    assert "forward" not in vars(model[1])  # the guard is gone with the hooks
+    check(nn.Sequential(nn.Linear(6, 8), ReZero(8, (1, 1)), nn.Linear(8, 3)),
+          torch.randn(batch, 6))
+
+
 def test_parameter_registered_on_a_module_and_its_child() -> None:
     # transformers' BERT: the MLM head registers its decoder's bias as its own too
     class Head(nn.Module):

@@ -249,6 +249,9 @@ class PerExampleGradNorms:
         self._expanded: list[tuple[str, Tensor]] = []
         self._checked: set[str] = set()
         self._crossing: dict[str, str] = {}  # expanded tensor -> why it is refused
+        # broadcast owners whose forward raised with their parameters expanded -> why
+        self._unexpandable: dict[str, str] = {}
+        self._guarded: list[tuple[nn.Module, Any]] = []  # (module, its own forward or None)
 
     # -- context ---------------------------------------------------------------------
     def __enter__(self) -> PerExampleGradNorms:
@@ -290,6 +293,8 @@ class PerExampleGradNorms:
             end = functools.partial(self._on_owner_end, name)
             add(modules[name].register_forward_pre_hook(start, with_kwargs=True))
             add(modules[name].register_forward_hook(end, always_call=True))
+            if self.plan.rules.get(name) == "broadcast":
+                self._guard_forward(name, modules[name])
         for name, module in modules.items():
             if compat.is_batchnorm(module):
                 check = functools.partial(self._on_batchnorm, name)
@@ -298,7 +303,7 @@ class PerExampleGradNorms:
         add(self.model.register_forward_hook(self._on_root_end, with_kwargs=True,
                                              always_call=True))
         self._active = True
-        self._checked, self._crossing = set(), {}
+        self._checked, self._crossing, self._unexpandable = set(), {}, {}
         self._reset()
         return self
 
@@ -306,6 +311,12 @@ class PerExampleGradNorms:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for module, own in self._guarded:  # the forward the instance had before, if any
+            if own is None:
+                vars(module).pop("forward", None)
+            else:
+                module.forward = own  # type: ignore[method-assign]
+        self._guarded.clear()
         self._scratch.clear()
         for ref in self._captures:
             cap = ref()
@@ -379,8 +390,9 @@ class PerExampleGradNorms:
                 self._crossing[label] = (
                     f"{label} is expanded over the batch for per-example norms, but example "
                     f"{k}'s outputs depend on other examples' rows of it: the forward indexes "
-                    "it along dim 0 (p[0]), reduces or multiplies across that dim instead of "
-                    "broadcasting it (x + p, p.expand(B, ...))"
+                    "it along dim 0 (p[0]), reduces or multiplies across that dim, or "
+                    "meets a tensor of more dimensions (a (1,) scale times (B, d)), instead "
+                    "of broadcasting it with the batch on dim 0 (x + p, p.expand(B, ...))"
                 )
                 self._errors.append(self._crossing[label])
 
@@ -576,6 +588,9 @@ class PerExampleGradNorms:
                 value.register_hook(functools.partial(self._alias_used, where, pname,
                                                       covered_by))
             elif self.plan.rules.get(name) == "broadcast":
+                if name in self._unexpandable:
+                    self._errors.append(self._unexpandable[name])
+                    continue
                 if batch is None:
                     self._errors.append(f"{where} was called without a tensor input, so the "
                                         f"batch size for its parameter {pname!r} is unknown")
@@ -592,6 +607,50 @@ class PerExampleGradNorms:
                                     "version of torch")
                 continue
             swapped.append((pname, old))
+
+    def _guard_forward(self, name: str, module: nn.Module) -> None:
+        """Run ``module``'s forward again, unexpanded, when it raises with its (1, ...)
+        parameters expanded to the batch: a leading 1 that is not the batch's dim (a
+        ReZero scale of shape (1,) times (B, d) activations; a (1, d) embedding added to
+        (B, T, d)) made the expanded parameter fail in the user's own forward, which then
+        raised in their training loop (a review). The parameter is refused from then on.
+        The failed attempt's side effects (random numbers drawn, buffers updated) stay:
+        it happens once per context."""
+        own = vars(module).get("forward")
+        inner = module.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return inner(*args, **kwargs)
+            except Exception as exc:
+                stack = self._swapped.get(name)
+                swapped = stack[-1] if stack else []
+                if not swapped:
+                    raise
+                self._unexpand(name, module, swapped, exc)
+            return inner(*args, **kwargs)  # as without bsfind: its own error is the user's
+
+        self._guarded.append((module, own))
+        module.forward = forward  # type: ignore[method-assign]
+
+    def _unexpand(self, name: str, module: nn.Module, swapped: list[tuple[str, Tensor]],
+                  exc: Exception) -> None:
+        """Put back the parameters of ``module`` expanded for this call, and refuse them."""
+        where = f"{name!r}" if name else "the root"
+        for pname, old in reversed(swapped):
+            compat.swap_parameter(module, pname, old)
+        labels = {f"parameter {pname!r} of {where}" for pname, _ in swapped}
+        self._expanded = [(label, t) for label, t in self._expanded if label not in labels]
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        pname, old = swapped[0]
+        self._unexpandable[name] = (
+            f"parameter {pname!r} of {where} (shape {tuple(old.shape)}) is not broadcast over "
+            f"the batch on its leading dimension of 1: expanded to the batch, the forward "
+            f"raised {type(exc).__name__} ({first}); give it the number of dimensions of "
+            "the tensor it meets ((1, T, d) for (B, T, d)), or move it into a submodule "
+            "without parameterised children (the torch.func fallback handles that)")
+        self._errors.append(self._unexpandable[name])
+        swapped.clear()
 
     def _on_owner_end(self, name: str, module: nn.Module, args: tuple[Any, ...],
                       output: object) -> None:
