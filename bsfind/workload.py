@@ -47,8 +47,11 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy; a sequence axis (B, T, C) vs (B, T) is flattened. One output
     per example with float targets is refused: torch would read the batch as one
-    example's classes (a new user's regression model, squeezed to (B,))."""
-    if outputs.dim() == 1 and targets.is_floating_point():
+    example's classes (a new user's regression model, squeezed to (B,)); so is one
+    class per example, (B, 1) (unsqueezed: torch said only "expected target dtype to be
+    Long", and float (B, 1) targets read a loss of 0 whatever the model)."""
+    if targets.is_floating_point() and (outputs.dim() == 1 or (
+            outputs.dim() == 2 and outputs.shape[1] == 1)):
         raise ValueError("float targets against one output per example: cross_entropy "
                          "would read the batch as one example's classes (regression "
                          "targets? use loss: mse)")

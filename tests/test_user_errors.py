@@ -233,6 +233,14 @@ def test_regression_targets_under_cross_entropy_are_refused() -> None:
         assert_clean_failure(r, 3, "float targets against one output per example",
                              "use loss: mse")
     assert run("validate", GOOD, *regression, "--set", "loss=mse").exit_code == 0
+    # unsqueezed, (B, 1) against float (B,) or (B, 1): torch's "expected target dtype to
+    # be Long", and a loss of 0 whatever the model (the README audit)
+    from bsfind.workload import cross_entropy
+
+    for target in (torch.randn(4), torch.randn(4, 1)):
+        with pytest.raises(ValueError, match="float targets against one output"):
+            cross_entropy(torch.randn(4, 1), target)
+    assert cross_entropy(torch.randn(4, 3), torch.tensor([0, 1, 2, 0])) > 0
     # soft targets that are no probabilities, against (B, C) outputs: negative loss
     r = run("validate", GOOD, "--set", "data.factory=user_code.py:signed_soft_rows",
             "--set", "loss=cross_entropy")
