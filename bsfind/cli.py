@@ -182,7 +182,9 @@ def _guard(
         if partial:
             on_interrupt(exc.partial)  # type: ignore[misc]
         failed("interrupted", exc.message, None, EXIT_INTERRUPTED, printed=partial)
-        stderr.print(f"interrupted: {exc.message}", markup=False)
+        said = exc.message  # ("interrupted: interrupted during the branches", a trial)
+        stderr.print(said if said.startswith("interrupted") else f"interrupted: {said}",
+                     markup=False)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except KeyboardInterrupt:
         failed("interrupted", "interrupted", None, EXIT_INTERRUPTED)
@@ -792,20 +794,22 @@ def _load(spec: Path, set_: list[str] | None,
     return load_spec(spec, overrides, origins)
 
 
-def _partial_noise(as_json: bool) -> Callable[[Any], None]:
+def _partial_noise(as_json: bool, command: str) -> Callable[[Any], None]:
     """On Ctrl-C, print what was measured so far, marked interrupted."""
     def show(partial: Any) -> None:
-        from bsfind.report import branch_dict, noise_dict
+        from bsfind.report import branch_dict, noise_dict, run_average_dict
         from bsfind.results import BranchPartial, BranchResult, NoisePartial
 
         branched: tuple[BranchResult, ...] = ()
+        average = None
         if isinstance(partial, BranchPartial):
-            partial, branched = partial.noise, partial.branches
+            partial, branched, average = partial.noise, partial.branches, partial.run_average
         # a walk's points and the value the advice would use from them, or one probe
         items, used = ((partial.points, partial.used) if isinstance(partial, NoisePartial)
                        else ((partial,), partial))
         doc: dict[str, Any] = {
             "version": __version__,
+            "command": command,
             "status": "interrupted",
             "exit_code": EXIT_INTERRUPTED,
             "noise_scale": noise_dict(used),
@@ -813,11 +817,17 @@ def _partial_noise(as_json: bool) -> Callable[[Any], None]:
         }
         if branched:
             doc["branches"] = [branch_dict(b) for b in branched]
+            doc["branch_run_average"] = run_average_dict(average)
         if as_json:
             _write_stdout(json.dumps(doc, indent=2, allow_nan=False) + "\n")
         else:
-            for b in doc.get("branches") or []:
-                stdout.print(f"interrupted during the branches: {b['summary']}", markup=False)
+            for b in doc.get("branches") or []:  # (a finished ladder is not "interrupted")
+                cut = b["stopped"] == "interrupted"
+                stdout.print(f"{'interrupted during' if cut else 'measured by'} the branches: "
+                             f"{b['summary']}", markup=False)
+            if doc.get("branch_run_average"):
+                stdout.print(f"Run average: {doc['branch_run_average']['summary']}",
+                             markup=False)
             for n in doc["noise_scale_by_step"]:  # the probe cut short, or one that finished
                 cut = n.get("stopped") == "interrupted"
                 stdout.print(
@@ -871,7 +881,7 @@ def recommend(
             api.write_plot(r, plot)
         return report.to_dict(r)
 
-    doc = _guard(debug, run, on_interrupt=_partial_noise(json_out), as_json=json_out)
+    doc = _guard(debug, run, on_interrupt=_partial_noise(json_out, "recommend"), as_json=json_out)
     _emit(doc, json_out)
 
 
@@ -970,7 +980,7 @@ def check(
         write(result.document)
         return result
 
-    result = _guard(debug, run, on_interrupt=_partial_noise(json_out), as_json=json_out,
+    result = _guard(debug, run, on_interrupt=_partial_noise(json_out, "check"), as_json=json_out,
                     on_error=write_error)
     if json_out:
         _write_stdout(json.dumps(result.document, indent=2, allow_nan=False) + "\n")
@@ -1000,7 +1010,7 @@ def noise(spec: SpecArg, json_out: JsonOpt = False, set_: SetOpt = None,
         with _measuring() as progress:
             return report.to_dict(api.measure(s, progress=progress))
 
-    doc = _guard(debug, run, on_interrupt=_partial_noise(json_out), as_json=json_out)
+    doc = _guard(debug, run, on_interrupt=_partial_noise(json_out, "noise"), as_json=json_out)
     _emit(_measurement_only(doc) if json_out else doc, json_out)
 
 
@@ -1019,7 +1029,7 @@ def branch(spec: SpecArg, json_out: JsonOpt = False, set_: SetOpt = None,
         with _measuring() as progress:
             return report.to_dict(api.branch(s, progress=progress))
 
-    doc = _guard(debug, run, on_interrupt=_partial_noise(json_out), as_json=json_out)
+    doc = _guard(debug, run, on_interrupt=_partial_noise(json_out, "branch"), as_json=json_out)
     _emit(_measurement_only(doc, "branches", "branch_run_average") if json_out else doc,
           json_out)
 

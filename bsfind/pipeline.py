@@ -256,9 +256,9 @@ def _measure_and_advise(spec: Spec, runner: Runner, command: str, job: Workload,
                 report = advise(report, spec, job, runner, hw, max_gpus)
             except Interrupted:  # an inner one: its partial result stands
                 raise
-            except KeyboardInterrupt:
+            except KeyboardInterrupt:  # (the branches' results, finished, are kept)
                 raise Interrupted("interrupted during the hardware analysis",
-                                  partial=NoisePartial(points.estimates, points.used)) from None
+                                  partial=measured_so_far(spec, points, branched)) from None
             report = measured_lr(report, spec, job, runner, points, deadline, progress)
     return report
 
@@ -579,9 +579,8 @@ def branch_points(spec: Spec, job: Workload, runner: Runner, points: trajectory.
                                          progress=progress))
         except Interrupted as exc:
             part = exc.partial if isinstance(exc.partial, BranchResult) else None
-            noise = NoisePartial(points.estimates, points.used)
-            raise Interrupted(exc.message, partial=BranchPartial(
-                noise, (*done, *((part,) if part else ())))) from None
+            raise Interrupted(exc.message, partial=measured_so_far(
+                spec, points, (*done, *((part,) if part else ())))) from None
     spent, planned = sum(r.examples for r in done), spec.planned_examples(len(job))
     cut = ladders_cut_note(done, had=had, baseline_batch=b0, dataset_size=len(job),
                            max_seconds=spec.probe.max_seconds,
@@ -615,6 +614,17 @@ def ladders_cut_note(results: Sequence[BranchResult], *, had: float, baseline_ba
     return wording.ladders_cut([r.step for r in cut], had=had, ladders=len(results),
                                need=need, max_seconds=max_seconds, suggested=suggested,
                                fit=fit if checkpoints and 0 < fit < len(results) else None)
+
+
+def measured_so_far(spec: Spec, points: trajectory.Points,
+                    branched: tuple[BranchResult, ...]) -> NoisePartial | BranchPartial:
+    """What an interrupted run shows: the noise points, and the branches' results with
+    their run average when any ran (a trial: Ctrl-C after the branches, in the hardware
+    analysis, dropped them)."""
+    noise = NoisePartial(points.estimates, points.used)
+    if not branched:
+        return noise
+    return BranchPartial(noise, branched, branch_run_average(spec, branched))
 
 
 def branch_run_average(spec: Spec, results: tuple[BranchResult, ...]) -> RunAverage | None:
@@ -781,7 +791,8 @@ def measured_lr(report: Report, spec: Spec, job: Workload, runner: Runner,
     except (Interrupted, KeyboardInterrupt) as exc:
         message = (exc.message if isinstance(exc, Interrupted)
                    else "interrupted while measuring the learning rate")
-        raise Interrupted(message, partial=NoisePartial(points.estimates, points.used)) from None
+        raise Interrupted(message, partial=measured_so_far(spec, points,
+                                                           report.branches)) from None
     finally:
         if now:
             job.model.load_state_dict(now)

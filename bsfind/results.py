@@ -666,11 +666,13 @@ class NoisePartial:
 
 @dataclass(frozen=True)
 class BranchPartial:
-    """What a run interrupted during its branches had measured: the noise points and the
-    branch results so far (the last one marked ``stopped="interrupted"``)."""
+    """What a run interrupted during or after its branches had measured: the noise points,
+    the branch results (one the interruption cut marked ``stopped="interrupted"``) and,
+    with ``model.checkpoints``, their run average."""
 
     noise: NoisePartial
     branches: tuple[BranchResult, ...]
+    run_average: RunAverage | None = None
 
 
 @dataclass(frozen=True)

@@ -736,6 +736,34 @@ def test_recommend_with_branches_uses_the_local_critical_batch() -> None:
     assert f"geometric mean of B_simple = {num(b['b_simple'])} at step 20 and" in rec["basis"]
 
 
+def test_ctrl_c_after_the_branches_keeps_them(monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C in the hardware analysis, after the branches finished: the partial result
+    kept only the noise points (a trial); it has the branches, labelled as measured."""
+    pytest.importorskip("sklearn")
+    from bsfind.cli import _partial_noise
+    from bsfind.results import BranchPartial
+    from bsfind.runner import LocalRunner
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LocalRunner, "measure_hardware", interrupted)
+    with pytest.raises(Interrupted) as info:
+        _recommend(["probe.branches=true", *QUICK])()
+    partial = info.value.partial
+    assert isinstance(partial, BranchPartial) and len(partial.branches) == 1
+    assert partial.branches[0].stopped != "interrupted"
+    assert "hardware analysis" in info.value.message
+    capsys.readouterr()
+    _partial_noise(True, "recommend")(partial)
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["command"] == "recommend" and doc["branches"][0]["critical_batch"] is not None
+    assert doc["branch_run_average"] is None  # (one point: no average)
+    _partial_noise(False, "recommend")(partial)
+    assert capsys.readouterr().out.startswith("measured by the branches: ")
+
+
 def test_branches_at_each_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                      ) -> None:
     """model.checkpoints: a ladder from each, with a fresh optimizer state."""

@@ -102,7 +102,7 @@ def test_the_partial_output_labels_only_the_cut_probe_interrupted(
         b_small=1, b_big=64, examples=640, rounds=10, seconds=0.1, stopped="converged",
         step=0, examples_seen=0)
     cut = dataclasses.replace(done, step=8, stopped="interrupted", examples=64)
-    _partial_noise(False)(NoisePartial((done, cut), cut))
+    _partial_noise(False, "noise")(NoisePartial((done, cut), cut))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("measured at step 0: B_simple 50")
     assert lines[1].startswith("interrupted at step 8: B_simple 50")
@@ -131,11 +131,11 @@ def test_the_partial_output_gives_the_value_the_advice_would_use(
               dataclasses.replace(point(64, 500.0, "interrupted"), examples=64))
     used = summarize(points)
     assert used.b_simple == 80.0 and used.summary_of == (16, 32, 64)  # by hand
-    _partial_noise(True)(NoisePartial(points, used))
+    _partial_noise(True, "noise")(NoisePartial(points, used))
     doc = json.loads(capsys.readouterr().out)
     assert doc["noise_scale"]["b_simple"] == 80.0
     assert doc["noise_scale"]["summary_of"] == [16, 32, 64]
     assert [p["step"] for p in doc["noise_scale_by_step"]] == [0, 8, 16, 32, 64]
-    _partial_noise(False)(NoisePartial(points, used))
+    _partial_noise(False, "noise")(NoisePartial(points, used))
     last = capsys.readouterr().out.splitlines()[-1]
     assert last == "their median, which the advice would use: B_simple 80 (steps 16, 32, 64)"
