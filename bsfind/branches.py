@@ -650,15 +650,23 @@ def ladder_seconds(r: BranchResult, planned: Sequence[int],
     budget cut it short; then its finished rungs' seconds plus, for each batch of
     ``planned`` (the ladder's rungs from B0 up, :func:`ladder`) it did not finish,
     ``rung_seconds`` there (the longest any ladder took at that batch), else its own
-    slowest rung's; with no rung finished, its seconds for each planned rung (in that
-    time not one finished)."""
+    largest finished rung's; with no rung finished, every planned rung's examples at the rate of
+    the examples it trained (the first rung's, B0: the slowest per example, so the time
+    is not underestimated; a trial: its seconds per planned rung read 165 ms for a
+    ladder of 10-15 s, and advised a budget far too small), or, having trained none,
+    its seconds for each planned rung (in that time not one finished)."""
     if r.stopped != "budget":
         return r.seconds
     done = {g.batch_size: g.seconds for g in r.rungs}
     if not done:
-        return r.seconds * len(planned)
-    slowest = max(done.values())
-    return sum(done.values()) + sum(rung_seconds.get(b, slowest) for b in planned
+        examples = r.repeats * r.delta_examples * len(planned)
+        return (r.seconds * examples / r.examples if r.examples > 0
+                else r.seconds * len(planned))
+    # (a larger batch trains the same Δ in fewer steps: its last finished rung's time,
+    # not its slowest (the first, B0's), bounds the rungs above; a trial's estimate
+    # was 14.7 s for ladders that took 8.1-8.8)
+    top = done[max(done)]
+    return sum(done.values()) + sum(rung_seconds.get(b, top) for b in planned
                                     if b not in done)
 
 

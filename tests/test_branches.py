@@ -950,6 +950,20 @@ def test_ladders_the_budget_cut_say_how_to_get_complete_reads() -> None:
         "15 s here; for complete reads set probe.max_seconds to about 50")
     assert ladders_cut_note(done[2:], had=13.5, baseline_batch=16, dataset_size=1797,
                             max_seconds=60, checkpoints=True) is None
+    # no rung finished (a trial: 0.033 s x 5 rungs read "165 ms" for a ladder of 10-15 s):
+    # its 100 examples in 0.5 s, and a ladder's 3 x 1,024 x 5 = 15,360: 76.8 s, so
+    # (76.8 - 0.5) / 0.4 = 190.75 s more than 12: about 210
+    none = ladders_cut_note([at(20, (), "budget", 0.5)], had=0.5, baseline_batch=16,
+                            dataset_size=1797, max_seconds=12, checkpoints=False)
+    assert none is not None and none.endswith("takes about 76.8 s here; for complete "
+                                              "reads set probe.max_seconds to about 210"), none
+    # a rung above the last finished one is costed at that one's time, not the slowest's
+    # (B0's): 3.0 + 1.0 + 3 x 1.0 = 7 s, (7 - 4) / 0.4 = 7.5 s more than 30: about 40
+    two = ladders_cut_note([at(20, (rung(16, 3.0), rung(32, 1.0)), "budget", 4.0)], had=4.0,
+                           baseline_batch=16, dataset_size=1797, max_seconds=30,
+                           checkpoints=False)
+    assert two is not None and two.endswith("takes about 7 s here; for complete reads set "
+                                            "probe.max_seconds to about 40"), two
 
 
 def test_checkpoint_files_are_checked_before_anything_is_measured(
