@@ -1105,7 +1105,7 @@ def advise(inputs: AdvisorInputs, max_gpus: int | None = None) -> Advice:
         predicted_time_ratio=time_ratio,
         predicted_cost_ratio=time_ratio,  # baseline on the same devices
         batch_range=batch_range, noise_step=inputs.noise_step,
-        warmup_steps=facts.warmup_steps,
+        warmup_steps=facts.warmup_steps, b_n=inputs.b_n, b_n_ci95=inputs.b_n_ci,
     )
     return Advice(
         recommendation=recommendation,

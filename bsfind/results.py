@@ -361,6 +361,10 @@ class Recommendation:
     lr_factor: float | None = None
     # steps of the recommended learning-rate warm-up (``warmup`` says it in words)
     warmup_steps: int | None = None
+    # the noise scale the advice rests on and its interval: B_simple as measured, B_noise
+    # under probe.curvature, √(B_n · the branches' read) with branches (inf: unresolved)
+    b_n: float = math.nan
+    b_n_ci95: Interval | None = None
 
 
 @dataclass(frozen=True)

@@ -466,8 +466,8 @@ def trajectory_line(t: Trajectory) -> str:
             if t.loss_from is not None and t.loss_to is not None else "")
     growth = ""
     if t.b_simple_first and t.b_simple_last:
-        growth = (f"; B_simple {num(t.b_simple_first)} → {num(t.b_simple_last)} now, "
-                  f"as the advice reads it ({t.b_simple_last / t.b_simple_first:.2g}x)")
+        growth = (f"; B_simple {num(t.b_simple_first)} → {num(t.b_simple_last)} now "
+                  f"({t.b_simple_last / t.b_simple_first:.2g}x)")
     plan = (f"; planned run {t.planned_examples:,} examples" if t.planned_examples else "")
     return f"{at}{loss}{growth}{plan}"
 

@@ -734,6 +734,9 @@ def test_recommend_with_branches_uses_the_local_critical_batch() -> None:
     from bsfind.wording import num
 
     assert f"geometric mean of B_simple = {num(b['b_simple'])} at step 20 and" in rec["basis"]
+    # the value the advice used, as a number (a trial found it only in the basis's words)
+    assert rec["b_n"] == pytest.approx(math.sqrt(b["b_simple"] * b["critical_batch"]))
+    assert rec["b_n"] != pytest.approx(doc["noise_scale"]["b_simple"])
 
 
 def test_ctrl_c_after_the_branches_keeps_them(monkeypatch: pytest.MonkeyPatch,

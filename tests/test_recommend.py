@@ -39,6 +39,8 @@ def test_recommend_json_has_every_documented_key(digits_cnn_doc: dict) -> None:
                 "predicted_cost_ratio", "basis"):
         assert key in rec, key
     assert rec["batch_size"] >= 1 and rec["learning_rate"] > 0
+    # without branches or curvature the advice rests on the B_simple reported
+    assert rec["b_n"] == pytest.approx(ns["b_simple"]) and rec["b_n_ci95"] == ns["ci95"]
 
 
 def _readme_json_fields() -> dict[str, set[str]]:
