@@ -724,8 +724,10 @@ def lr_search_skipped_by_spec(spec: Spec, world: int) -> str | None:
         return "probe.lr_branches is off"
     if world > 1:
         return "it is not measured under torchrun: run bsfind in one process to measure it"
-    if spec.model.checkpoints:
-        return "model.checkpoints holds no starting weights of the run"
+    if spec.model.checkpoints and all(c.examples_at(spec.optimizer.batch_size) > 0
+                                      for c in spec.model.checkpoints):
+        return ("model.checkpoints lists no entry at step 0, the start of training, where "
+                "the short runs start")
     if spec.model.checkpoint:
         return ("the weights come from model.checkpoint, not from the start of training, "
                 "where short runs read the learning rate low (docs/validation.md)")

@@ -162,6 +162,8 @@ class _Walk:
                             key=f"model.checkpoints[{i}].path")
             examples = c.examples_at(self.b0)
             self.step = c.step if c.step is not None else round(examples / self.b0)
+            if self.keep_start and examples == 0:  # the run's start: the rate search's
+                self.start_weights = host_weights(self.job.model)
             used = now() - self.start
             share = max(0.0, self.noise_seconds - used) / (len(entries) - i)
             if not self._measure(self.deadline.within(share), examples):

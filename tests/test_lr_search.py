@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -494,6 +495,46 @@ def test_recommend_measures_the_learning_rate_from_the_probe_runs_start(
     assert sched["lr_measured"] == {"batch_size": rec["batch_size"], "factor": s["factor"]}
     # the batch grows more than 8x here: the warm-up ramps to the measured rate
     assert rec["warmup"] and f"to {rec['learning_rate']:.3g} over" in rec["warmup"]
+
+
+def test_with_a_checkpoint_at_step_0_the_search_starts_from_it(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """model.checkpoints with an entry at step 0 (the run's start, as README advises)
+    said "holds no starting weights" and skipped the search (a trial): the short runs
+    now start from that entry's weights, with a fresh optimizer."""
+    from bsfind.spec import load_spec
+    from bsfind.workload import build
+
+    _steady_ladder(monkeypatch)
+    job = build(load_spec(GOOD))
+    with torch.no_grad():
+        for p in job.model.parameters():
+            p.mul_(0.5)  # not the factory's seeded weights
+    torch.save(job.model.state_dict(), tmp_path / "start.pt")
+    with torch.no_grad():
+        for p in job.model.parameters():
+            p.add_(0.01)
+    torch.save(job.model.state_dict(), tmp_path / "later.pt")
+    starts: list[str] = []
+    original = branches.measure_lr
+
+    def spy(job, options, deadline, optimizer, **kw):  # type: ignore[no-untyped-def]
+        starts.append(digest(job.model, optimizer))
+        return original(job, options, deadline, optimizer, **kw)
+
+    monkeypatch.setattr(branches, "measure_lr", spy)
+    listed = (f'model.checkpoints=[{{path: "{tmp_path / "start.pt"}", step: 0}}, '
+              f'{{path: "{tmp_path / "later.pt"}", step: 5}}]')
+    doc = run_json("recommend", GOOD, "--set", "probe.max_seconds=8", "--set", listed)
+    fresh = build(load_spec(GOOD))
+    fresh.model.load_state_dict(torch.load(tmp_path / "start.pt"))
+    assert starts == [digest(fresh.model, fresh.make_optimizer(0.1))]
+    assert doc["recommendation"]["lr_factor"] == doc["lr_search"]["factor"]
+    from bsfind.pipeline import lr_search_skipped_by_spec
+
+    later = load_spec(GOOD, [f'model.checkpoints=[{{path: "{tmp_path / "later.pt"}", '
+                             'step: 5}]'])
+    assert "lists no entry at step 0" in str(lr_search_skipped_by_spec(later, world=1))
 
 
 def test_a_search_the_budget_stops_leaves_the_rule_and_a_partial_report(
