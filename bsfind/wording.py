@@ -782,9 +782,10 @@ def describe_branches(r: BranchResult, oom_at: int | None = None,
         notes.append("the branches started at step 0, before the optimizer had any state "
                      "(momentum, Adam's moments), as the run itself did")
     elif r.optimizer_state == "fresh":
-        notes.append("the branches started from a fresh optimizer state (a checkpoint holds "
-                     "weights only): momentum and Adam's moments rebuilt during the branches, "
-                     "not carried over from the run")
+        notes.append("the branches started from a fresh optimizer state (bsfind loads a "
+                     "checkpoint's weights, not an optimizer state the file may hold): "
+                     "momentum and Adam's moments rebuilt during the branches, not carried "
+                     "over from the run")
     notes += _diverged_rungs(r)
     micro = [g.micro_batch for g in r.rungs if g.micro_batch is not None]
     if accumulated_from is not None and micro:

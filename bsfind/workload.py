@@ -848,15 +848,20 @@ def load_checkpoint(
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        if "Weights only load failed" in str(exc):  # torch's many-line advice: not ours
+        text = str(exc)
+        # torch's many-line advice is not ours: a pickled object is a class it refused
+        # ("Unsupported global"); any other unpickling error is a file of something else
+        if "Weights only load failed" in text and "Unsupported global" in text:
             raise ResolutionError(
                 f"{key} {path} holds pickled Python objects, not a state_dict (a whole model "
                 "saved with torch.save(model)?)",
                 hint="save model.state_dict() instead; bsfind never unpickles code",
             ) from None
-        head = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        text = text.split("WeightsUnpickler error:", 1)[-1].strip()
+        head = text.splitlines()[0] if text else ""
         raise ResolutionError(
-            f"{key} {path}: cannot be read as a state_dict ({type(exc).__name__}: {head})"
+            f"{key} {path}: cannot be read as a state_dict (not a file torch.save or "
+            f"safetensors wrote? {type(exc).__name__}: {head})"
         ) from None
     if isinstance(state, dict):
         for inner in ("state_dict", "model", "model_state_dict"):
@@ -869,7 +874,7 @@ def load_checkpoint(
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shapes that differ
-        first = str(exc).splitlines()[0:3]
+        first = [line.strip() for line in str(exc).splitlines()[0:3]]  # (torch indents)
         raise ResolutionError(f"{key} {path} does not match the model: {' '.join(first)}"
                               ) from None
     untied = [k for k in missing if k not in _tied_to_present(model, state)]

@@ -344,7 +344,8 @@ def test_a_single_checkpoint_is_named_where_steps_are_counted_from(tmp_path: Pat
     assert b["checkpoint"] == "ck20.pt" and b["start"] == "model.checkpoint ck20.pt"
     assert b["summary"].endswith("from model.checkpoint ck20.pt")
     assert b["optimizer_state"] == "fresh"
-    assert any("a checkpoint holds weights only" in n for n in b["notes"])
+    assert any("bsfind loads a checkpoint's weights, not an optimizer state" in n
+               for n in b["notes"])
     assert not any("as the run itself did" in n for n in b["notes"])
     text = runner.invoke(app, ["noise", str(spec_path), "--set", "probe.max_seconds=10"])
     assert "Probe run: measured at model.checkpoint ck20.pt;" in text.stdout, text.stdout

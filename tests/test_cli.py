@@ -487,6 +487,14 @@ def test_checkpoints_from_save_pretrained_folders_and_tied_weights(tmp_path: Pat
     torch.save({k: v for k, v in state.items() if k != "norm.weight"}, tmp_path / "cut.pt")
     with pytest.raises(ResolutionError, match="does not match the model: missing norm.weight"):
         load_checkpoint(_TiedLM(), "cut.pt", tmp_path)
+    # another shape: torch's indented lines, joined without their runs of spaces (a trial)
+    torch.save(torch.nn.Linear(3, 5).state_dict(), tmp_path / "wide.pt")
+    with pytest.raises(ResolutionError, match="Linear: size mismatch for weight") as info:
+        load_checkpoint(torch.nn.Linear(3, 4), "wide.pt", tmp_path)
+    assert "  " not in str(info.value)
+    (tmp_path / "notes.pt").write_text("not a checkpoint\n")
+    with pytest.raises(ResolutionError, match="not a file torch.save or safetensors wrote"):
+        load_checkpoint(torch.nn.Linear(3, 4), "notes.pt", tmp_path)
 
 
 def test_check_reports_a_misspelt_name_as_a_spec_error() -> None:
