@@ -55,6 +55,13 @@ def test_noise_json_is_one_document() -> None:
     doc = json.loads(r.stdout)
     assert doc["noise_scale"]["b_simple"] > 0
     assert doc["device"]["type"] == "cpu"
+    assert not any("probe.branches" in w for w in doc["warnings"])
+    # probe.branches is not noise's: said, not ignored (a trial)
+    r = runner.invoke(app, ["noise", GOOD, "--json", "--set", "probe.branches=true",
+                            "--set", "probe.at_steps=[0]"])
+    assert r.exit_code == 0, r.output
+    assert any("bsfind noise measures the noise scale only" in w
+               for w in json.loads(r.stdout)["warnings"])
 
 
 def test_init_writes_a_valid_spec(tmp_path: Path) -> None:
