@@ -305,6 +305,77 @@ def test_a_leading_one_that_is_not_the_batchs_dim_is_refused_not_raised(batch: i
           torch.randn(batch, 6))
 
 
+class Cls(nn.Module):
+    """A root owning a cls token (1, 1, d) beside its children; raises on request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, 4))
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+        self.calls = 0
+        self.fail: Exception | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        if self.fail is not None:
+            raise self.fail
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.body(x)], dim=1)
+        return self.head(h[:, 0] + h[:, 1:].mean(1))
+
+
+def test_a_copy_made_while_the_hooks_are_on_runs_its_own_forward() -> None:
+    """The guard of a broadcast owner was a closure in the instance's __dict__: a deep
+    copy (torch's AveragedModel for an EMA) ran the original's forward for good, and
+    pickling failed (a review). A copy gets its class's forward."""
+    import copy
+    import io
+    import pickle
+
+    model, x = Cls(), torch.randn(5, 3, 4)
+    with PerExampleGradNorms(model):
+        twin = copy.deepcopy(model)
+        saved = pickle.dumps(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(2.0)
+    assert not torch.allclose(twin(x), model(x))
+    assert torch.allclose(twin(x), Cls.forward(twin, x))
+    back = pickle.loads(saved)
+    assert torch.allclose(back(x), model(x)) and "forward" not in vars(model)
+    torch.save(model, io.BytesIO())
+
+
+def test_an_error_the_user_raises_is_theirs_and_refuses_nothing() -> None:
+    """Any exception out of a broadcast owner read as an expansion failure: the forward
+    ran twice and per-example norms were refused for good (a review: a loop skipping a
+    batch on out of memory). Only a shape error is retried; one that raises unexpanded
+    too is the user's, and nothing is refused."""
+    model, x = Cls(), torch.randn(5, 3, 4)
+    with PerExampleGradNorms(model) as norms:
+        for error in (RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"),
+                      KeyError("stop"), RuntimeError("The size of tensor a (5) must match")):
+            model.fail, model.calls = error, 0
+            with pytest.raises(type(error)):
+                model(x)
+            assert model.calls == (2 if "size" in str(error) else 1)
+            norms.forget()
+        model.fail = None
+        model(x).square().sum().backward()
+        assert norms.sq_norms().shape == (5,)  # still measured
+
+
+def test_hooks_closed_out_of_order_leave_no_guard() -> None:
+    model = Cls()
+    a, b = PerExampleGradNorms(model), PerExampleGradNorms(model)
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    assert "forward" in vars(model)  # b's hooks still on
+    b.__exit__(None, None, None)
+    assert "forward" not in vars(model)
+
+
 def test_parameter_registered_on_a_module_and_its_child() -> None:
     # transformers' BERT: the MLM head registers its decoder's bias as its own too
     class Head(nn.Module):

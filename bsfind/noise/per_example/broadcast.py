@@ -22,11 +22,13 @@ multiplied across it.
 
 from __future__ import annotations
 
+import copy
+import types
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from bsfind import torch_compat as compat
 
@@ -100,3 +102,99 @@ def crossing_rows(outputs: list[Tensor], tensors: list[Tensor], batch: int) -> l
             if others > CROSSING_RTOL * own:
                 found[i] = k
     return found
+
+
+# --------------------------------------------------------------------------- the guard
+
+
+class ExpansionOwner(Protocol):
+    """What :class:`GuardedForward` asks of the hooks that expand a module's parameters."""
+
+    def expanded_in(self, name: str) -> bool: ...
+
+    def unexpand(self, name: str, module: nn.Module, exc: BaseException) -> None: ...
+
+    def withdraw(self, name: str) -> None: ...
+
+
+def plain_forward(module: nn.Module) -> Any:
+    """``module``'s class forward, bound to it."""
+    return types.MethodType(type(module).forward, module)
+
+
+def unchanged(value: Any) -> Any:
+    return value
+
+
+def shape_error(exc: BaseException) -> bool:
+    """Whether ``exc`` reads as shapes that do not fit (what an expanded parameter that
+    is not broadcast over the batch raises), not as memory or the user's own control."""
+    text = str(exc).lower()
+    return (isinstance(exc, (RuntimeError, ValueError, IndexError))
+            and not isinstance(exc, torch.OutOfMemoryError) and "out of memory" not in text
+            and any(word in text for word in ("size", "shape", "dimension")))
+
+
+class GuardedForward:
+    """The forward of a module whose (1, ...) parameters the hooks expand to the batch
+    (rule "broadcast"), while hooks are on: when it raises a shape error with them
+    expanded, it runs again unexpanded. A leading 1 that is not the batch's dim (a
+    ReZero scale of shape (1,) times (B, d) activations; a (1, d) embedding added to
+    (B, T, d)) made the expanded parameter fail in the user's own forward, in their
+    training loop (a review). When the run unexpanded succeeds, the hooks refuse the
+    parameter; when it raises too, the error is the user's, and nothing is refused.
+
+    One guard per module, for every set of hooks on it (they may close in any order).
+    A copy of the module (``copy.deepcopy``: an EMA model; ``pickle``) gets its class's
+    forward, not the guard, which would run the original (a review)."""
+
+    def __init__(self, module: nn.Module, own: Any) -> None:
+        self.module = module
+        self.own = own  # the instance's own forward before the guard (None: its class's)
+        self.owners: list[tuple[ExpansionOwner, str]] = []
+
+    @classmethod
+    def install(cls, module: nn.Module, owner: ExpansionOwner, name: str) -> None:
+        current = vars(module).get("forward")
+        guard = current if isinstance(current, cls) else cls(module, current)
+        guard.owners.append((owner, name))
+        module.forward = guard  # type: ignore[method-assign]
+
+    @classmethod
+    def remove(cls, module: nn.Module, owner: ExpansionOwner) -> None:
+        guard = vars(module).get("forward")
+        if not isinstance(guard, cls):
+            return
+        guard.owners = [(o, n) for o, n in guard.owners if o is not owner]
+        if guard.owners:
+            return
+        if guard.own is None:
+            del vars(module)["forward"]
+        else:
+            module.forward = guard.own  # type: ignore[method-assign]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        forward = self.own if self.own is not None else plain_forward(self.module)
+        try:
+            return forward(*args, **kwargs)
+        except Exception as exc:
+            expanded = [(o, n) for o, n in self.owners if o.expanded_in(n)]
+            if not expanded or not shape_error(exc):
+                raise
+            for owner, name in expanded:
+                owner.unexpand(name, self.module, exc)
+        try:
+            return forward(*args, **kwargs)  # as without bsfind
+        except Exception:
+            for owner, name in expanded:  # it raises unexpanded too: the user's error
+                owner.withdraw(name)
+            raise
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        if self.own is not None:
+            return copy.deepcopy(self.own, memo)
+        return plain_forward(copy.deepcopy(self.module, memo))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (unchanged, (self.own,)) if self.own is not None else (
+            plain_forward, (self.module,))

@@ -22,7 +22,12 @@ from torch import Tensor, nn
 
 from bsfind import torch_compat as compat
 from bsfind.noise.per_example.attention import AttentionProjections, ProjectionWeights
-from bsfind.noise.per_example.broadcast import crossing_rows, first_tensor, output_tensors
+from bsfind.noise.per_example.broadcast import (
+    GuardedForward,
+    crossing_rows,
+    first_tensor,
+    output_tensors,
+)
 from bsfind.noise.per_example.func_fallback import func_sq
 from bsfind.noise.per_example.fused import FusedProduct, fusable
 from bsfind.noise.per_example.plan import (
@@ -251,7 +256,7 @@ class PerExampleGradNorms:
         self._crossing: dict[str, str] = {}  # expanded tensor -> why it is refused
         # broadcast owners whose forward raised with their parameters expanded -> why
         self._unexpandable: dict[str, str] = {}
-        self._guarded: list[tuple[nn.Module, Any]] = []  # (module, its own forward or None)
+        self._guarded: list[nn.Module] = []  # modules whose forward a GuardedForward runs
 
     # -- context ---------------------------------------------------------------------
     def __enter__(self) -> PerExampleGradNorms:
@@ -294,7 +299,8 @@ class PerExampleGradNorms:
             add(modules[name].register_forward_pre_hook(start, with_kwargs=True))
             add(modules[name].register_forward_hook(end, always_call=True))
             if self.plan.rules.get(name) == "broadcast":
-                self._guard_forward(name, modules[name])
+                GuardedForward.install(modules[name], self, name)
+                self._guarded.append(modules[name])
         for name, module in modules.items():
             if compat.is_batchnorm(module):
                 check = functools.partial(self._on_batchnorm, name)
@@ -311,11 +317,8 @@ class PerExampleGradNorms:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for module, own in self._guarded:  # the forward the instance had before, if any
-            if own is None:
-                vars(module).pop("forward", None)
-            else:
-                module.forward = own  # type: ignore[method-assign]
+        for module in self._guarded:
+            GuardedForward.remove(module, self)
         self._guarded.clear()
         self._scratch.clear()
         for ref in self._captures:
@@ -608,34 +611,15 @@ class PerExampleGradNorms:
                 continue
             swapped.append((pname, old))
 
-    def _guard_forward(self, name: str, module: nn.Module) -> None:
-        """Run ``module``'s forward again, unexpanded, when it raises with its (1, ...)
-        parameters expanded to the batch: a leading 1 that is not the batch's dim (a
-        ReZero scale of shape (1,) times (B, d) activations; a (1, d) embedding added to
-        (B, T, d)) made the expanded parameter fail in the user's own forward, which then
-        raised in their training loop (a review). The parameter is refused from then on.
-        The failed attempt's side effects (random numbers drawn, buffers updated) stay:
-        it happens once per context."""
-        own = vars(module).get("forward")
-        inner = module.forward
+    def expanded_in(self, name: str) -> bool:
+        """Whether the current call of module ``name`` runs with parameters expanded."""
+        stack = self._swapped.get(name)
+        return bool(stack and stack[-1])
 
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return inner(*args, **kwargs)
-            except Exception as exc:
-                stack = self._swapped.get(name)
-                swapped = stack[-1] if stack else []
-                if not swapped:
-                    raise
-                self._unexpand(name, module, swapped, exc)
-            return inner(*args, **kwargs)  # as without bsfind: its own error is the user's
-
-        self._guarded.append((module, own))
-        module.forward = forward  # type: ignore[method-assign]
-
-    def _unexpand(self, name: str, module: nn.Module, swapped: list[tuple[str, Tensor]],
-                  exc: Exception) -> None:
-        """Put back the parameters of ``module`` expanded for this call, and refuse them."""
+    def unexpand(self, name: str, module: nn.Module, exc: BaseException) -> None:
+        """Put back the parameters of ``module`` expanded for this call, and refuse them
+        (:class:`.broadcast.GuardedForward`: its forward raised with them expanded)."""
+        swapped = self._swapped[name][-1]
         where = f"{name!r}" if name else "the root"
         for pname, old in reversed(swapped):
             compat.swap_parameter(module, pname, old)
@@ -651,6 +635,12 @@ class PerExampleGradNorms:
             "without parameterised children (the torch.func fallback handles that)")
         self._errors.append(self._unexpandable[name])
         swapped.clear()
+
+    def withdraw(self, name: str) -> None:
+        """Take back :meth:`unexpand`'s refusal: the forward raised unexpanded too."""
+        why = self._unexpandable.pop(name, None)
+        if why in self._errors:
+            self._errors.remove(why)
 
     def _on_owner_end(self, name: str, module: nn.Module, args: tuple[Any, ...],
                       output: object) -> None:
