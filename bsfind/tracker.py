@@ -1403,7 +1403,8 @@ class Tracker:
     def _push(self, vec: torch.Tensor, method: Method, work: Any) -> None:
         examples = self.examples + self.world * sum(self._micro)  # through this step
         meta = in_training.StepMeta(self.step, examples, method, list(self._micro), self.world,
-                     self._loss_count, time.perf_counter() - self._start, self._divisor)
+                     self._loss_count, time.perf_counter() - self._start, self._divisor,
+                     sum(p.numel() for p in self.params))
         self._pending.append(in_training.Pending(vec, meta, work))
         self._losses, self._loss_count = [], 0
 
@@ -1476,8 +1477,7 @@ class Tracker:
             grad_norm_sq=mean_g2, trace_sigma=mean_trace, b_simple=value, ci95=ci,
             b_small=round(b_small), b_big=round(b_big), method=m.method,
             step_grad_norm_sq=g2, step_trace_sigma=trace, window=len(self._window.rows),
-            seconds=m.seconds, batch=m.world * sum(m.micro),
-            parameters=sum(p.numel() for p in self.params))
+            seconds=m.seconds, batch=m.world * sum(m.micro), parameters=m.parameters)
         self.method = m.method
         self._records.append(rec)
         self._write(rec)

@@ -172,6 +172,7 @@ class StepMeta:
     loss_count: int
     seconds: float
     divisor: int | None = None  # each micro-batch loss's divisor, when not len(micro)
+    parameters: int | None = None  # the tracked model's trainable parameters then
 
 
 class Pending:
