@@ -717,8 +717,9 @@ def run_average_of(results: Sequence[BranchResult], baseline_batch: int) -> RunA
     checkpoints; a left-out read at an end shortens the span (``from_step``/``to_step``).
     None with fewer than two local critical batches in all; with fewer than two complete
     ones, no value (``bound`` "none") and the left-out reads, for the line to say why."""
-    def at(r: BranchResult) -> float:
-        return r.examples_seen / baseline_batch if r.examples_seen is not None else float(r.step)
+    def at(r: BranchResult) -> float:  # (a whole step as an int: JSON's "from_step": 0.0)
+        step = r.examples_seen / baseline_batch if r.examples_seen is not None else r.step
+        return int(step) if float(step).is_integer() else step
 
     read = sorted((r for r in results if r.critical_batch is not None), key=at)
     if len(read) < 2:

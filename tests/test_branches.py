@@ -841,6 +841,10 @@ def test_run_average_of_checkpoints_reads_steps_from_examples() -> None:
     assert got.critical_batch == pytest.approx(32.0)  # one stretch: √(16·64)
     assert got.bound == "at most"  # the average grows with each read: a bound too
     assert got.examples == 300 and (got.from_step, got.to_step) == (0.0, 100.0)
+    # whole steps are ints in the JSON (a trial read "from_step": 0.0), a fraction stays
+    assert [type(v).__name__ for v in (got.from_step, got.to_step)] == ["int", "int"]
+    part = branches.run_average_of([at(0, 16), at(3216, 64)], 32)
+    assert part is not None and part.to_step == 100.5
     assert "≤ 32" in run_average_line(got)
     exact = branches.run_average_of([at(0, 16), at(3200, 64)], 32)
     assert exact is not None and exact.bound == "estimate" and "≈ 32" in run_average_line(exact)
