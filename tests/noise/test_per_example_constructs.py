@@ -325,25 +325,32 @@ class Cls(nn.Module):
 
 
 def test_a_copy_made_while_the_hooks_are_on_runs_its_own_forward() -> None:
-    """The guard of a broadcast owner was a closure in the instance's __dict__: a deep
-    copy (torch's AveragedModel for an EMA) ran the original's forward for good, and
-    pickling failed (a review). A copy gets its class's forward."""
+    """A deep copy made while the hooks are on (torch's AveragedModel for an EMA) copies
+    them: its guard was a closure that ran the original's forward for good, and after a
+    backward the copy failed on the AccumulateGrad nodes the hooks keep (a review). The
+    copy runs its own weights, and its own guard catches its own expansion."""
     import copy
-    import io
-    import pickle
+
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     model, x = Cls(), torch.randn(5, 3, 4)
-    with PerExampleGradNorms(model):
+    with PerExampleGradNorms(model) as norms:
+        model(x).square().sum().backward()
+        norms.sq_norms()
         twin = copy.deepcopy(model)
-        saved = pickle.dumps(model)
-    with torch.no_grad():
-        for p in twin.parameters():
-            p.mul_(2.0)
-    assert not torch.allclose(twin(x), model(x))
-    assert torch.allclose(twin(x), Cls.forward(twin, x))
-    back = pickle.loads(saved)
-    assert torch.allclose(back(x), model(x)) and "forward" not in vars(model)
-    torch.save(model, io.BytesIO())
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+        with torch.no_grad():
+            for p in twin.parameters():
+                p.mul_(2.0)
+        assert torch.allclose(twin(x), Cls.forward(twin, x))
+        assert not torch.allclose(twin(x), model(x))
+        ema.update_parameters(model)
+        assert torch.allclose(ema(x), model(x))  # (an EMA of one step is the model)
+    rezero = nn.Sequential(nn.Linear(6, 8), ReZero(8, (1,)), nn.Linear(8, 3))
+    with PerExampleGradNorms(rezero):
+        copied = copy.deepcopy(rezero)
+    y = torch.randn(16, 6)
+    assert torch.allclose(copied(y), rezero(y))  # with grad on: its guard catches it
 
 
 def test_an_error_the_user_raises_is_theirs_and_refuses_nothing() -> None:
@@ -366,14 +373,43 @@ def test_an_error_the_user_raises_is_theirs_and_refuses_nothing() -> None:
 
 
 def test_hooks_closed_out_of_order_leave_no_guard() -> None:
-    model = Cls()
+    """Two sets of hooks on one model: each puts its parameters back last-in-first-out
+    (the second put the first's expanded tensor back, for good: a review), and the
+    guard goes with the last of them, in whatever order they close."""
+    model, x = Cls(), torch.randn(5, 3, 4)
     a, b = PerExampleGradNorms(model), PerExampleGradNorms(model)
     a.__enter__()
     b.__enter__()
+    model(x)
+    assert isinstance(model.cls, nn.Parameter) and model.cls.shape == (1, 1, 4)
     a.__exit__(None, None, None)
     assert "forward" in vars(model)  # b's hooks still on
     b.__exit__(None, None, None)
     assert "forward" not in vars(model)
+    assert [n for n, _ in model.named_parameters()][0] == "cls"
+
+
+def test_a_scale_read_as_a_number_is_refused_not_raised() -> None:
+    """.item(), float() or `if p > 0` on an expanded (1,) parameter raise no shape error
+    but "cannot be converted" or "ambiguous" (a review): retried unexpanded too."""
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = nn.Parameter(torch.ones(1))
+            self.body = nn.Linear(4, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.body(x)
+            return h * self.gate if self.gate.detach().item() > 0 else h
+
+    model, x = Gated(), torch.randn(6, 4)
+    want = model(x)
+    with PerExampleGradNorms(model) as norms:
+        out = model(x)
+        assert torch.allclose(out, want)
+        out.square().sum().backward()
+        with pytest.raises(PerExampleUnsupported, match="parameter 'gate' of the root"):
+            norms.sq_norms()
 
 
 def test_parameter_registered_on_a_module_and_its_child() -> None:

@@ -22,7 +22,6 @@ multiplied across it.
 
 from __future__ import annotations
 
-import copy
 import types
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -122,17 +121,18 @@ def plain_forward(module: nn.Module) -> Any:
     return types.MethodType(type(module).forward, module)
 
 
-def unchanged(value: Any) -> Any:
-    return value
-
-
 def shape_error(exc: BaseException) -> bool:
     """Whether ``exc`` reads as shapes that do not fit (what an expanded parameter that
     is not broadcast over the batch raises), not as memory or the user's own control."""
     text = str(exc).lower()
     return (isinstance(exc, (RuntimeError, ValueError, IndexError))
             and not isinstance(exc, torch.OutOfMemoryError) and "out of memory" not in text
-            and any(word in text for word in ("size", "shape", "dimension")))
+            and any(word in text for word in SHAPE_WORDS))
+
+
+# Words of torch's errors for shapes that do not fit, and for a tensor of B elements
+# where the forward wanted one (.item(), float(), `if p > 0`: a review).
+SHAPE_WORDS = ("size", "shape", "dimension", "converted to", "one element", "ambiguous")
 
 
 class GuardedForward:
@@ -145,8 +145,9 @@ class GuardedForward:
     parameter; when it raises too, the error is the user's, and nothing is refused.
 
     One guard per module, for every set of hooks on it (they may close in any order).
-    A copy of the module (``copy.deepcopy``: an EMA model; ``pickle``) gets its class's
-    forward, not the guard, which would run the original (a review)."""
+    An object, not a closure: a deep copy of the module (an EMA's AveragedModel) copies
+    it with the hooks, bound to the copy (a closure ran the original's forward; a
+    review)."""
 
     def __init__(self, module: nn.Module, own: Any) -> None:
         self.module = module
@@ -175,13 +176,15 @@ class GuardedForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         forward = self.own if self.own is not None else plain_forward(self.module)
+        if torch.jit.is_tracing():  # (torch.jit.trace segfaults on a caught failed op)
+            return forward(*args, **kwargs)
         try:
             return forward(*args, **kwargs)
         except Exception as exc:
             expanded = [(o, n) for o, n in self.owners if o.expanded_in(n)]
             if not expanded or not shape_error(exc):
                 raise
-            for owner, name in expanded:
+            for owner, name in reversed(expanded):  # (the last expansion put back first)
                 owner.unexpand(name, self.module, exc)
         try:
             return forward(*args, **kwargs)  # as without bsfind
@@ -189,12 +192,3 @@ class GuardedForward:
             for owner, name in expanded:  # it raises unexpanded too: the user's error
                 owner.withdraw(name)
             raise
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
-        if self.own is not None:
-            return copy.deepcopy(self.own, memo)
-        return plain_forward(copy.deepcopy(self.module, memo))
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (unchanged, (self.own,)) if self.own is not None else (
-            plain_forward, (self.module,))

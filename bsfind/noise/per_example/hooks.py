@@ -172,6 +172,18 @@ def attach(cap: Capture, out: Tensor) -> Tensor | None:
     return own
 
 
+class NodeCache(dict[int, object]):
+    """Parameter id -> its AccumulateGrad node. A copy is empty: torch's nodes cannot be
+    copied, and a deep copy of a hooked model (an EMA's AveragedModel, made while the
+    tracker's hooks were on) failed on them (a review)."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> NodeCache:
+        return NodeCache()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (NodeCache, ())
+
+
 class PerExampleGradNorms:
     """Context manager: per-example squared gradient norms of one forward + backward.
 
@@ -240,7 +252,7 @@ class PerExampleGradNorms:
         self._replaced = 0
         self.replaced = 0
         self._returned: set[int | None] = set()  # passes of autograd.grad w.r.t. parameters
-        self._nodes: dict[int, object] = {}  # parameter id -> AccumulateGrad (gradient_reach)
+        self._nodes = NodeCache()  # parameter id -> AccumulateGrad (gradient_reach)
         self._errors: list[str] = []
         self._active = False
         self._recomputing = False
@@ -297,7 +309,10 @@ class PerExampleGradNorms:
             start = functools.partial(self._on_owner_start, name)
             end = functools.partial(self._on_owner_end, name)
             add(modules[name].register_forward_pre_hook(start, with_kwargs=True))
-            add(modules[name].register_forward_hook(end, always_call=True))
+            # first of the end hooks: two sets of hooks on one model put their parameters
+            # back last-in-first-out (in install order, the second put back the first's
+            # expanded tensor, for good; a review)
+            add(modules[name].register_forward_hook(end, always_call=True, prepend=True))
             if self.plan.rules.get(name) == "broadcast":
                 GuardedForward.install(modules[name], self, name)
                 self._guarded.append(modules[name])
@@ -593,6 +608,10 @@ class PerExampleGradNorms:
             elif self.plan.rules.get(name) == "broadcast":
                 if name in self._unexpandable:
                     self._errors.append(self._unexpandable[name])
+                    continue
+                if torch.jit.is_tracing():  # (a failed op caught while tracing segfaults)
+                    self._errors.append(f"{where} ran under torch.jit.trace, where its "
+                                        f"parameter {pname!r} is not expanded to the batch")
                     continue
                 if batch is None:
                     self._errors.append(f"{where} was called without a tensor input, so the "
