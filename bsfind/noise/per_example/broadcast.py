@@ -22,6 +22,7 @@ multiplied across it.
 
 from __future__ import annotations
 
+import copy
 import types
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -121,6 +122,10 @@ def plain_forward(module: nn.Module) -> Any:
     return types.MethodType(type(module).forward, module)
 
 
+def unchanged(value: Any) -> Any:
+    return value
+
+
 def shape_error(exc: BaseException) -> bool:
     """Whether ``exc`` reads as shapes that do not fit (what an expanded parameter that
     is not broadcast over the batch raises), not as memory or the user's own control."""
@@ -145,9 +150,9 @@ class GuardedForward:
     parameter; when it raises too, the error is the user's, and nothing is refused.
 
     One guard per module, for every set of hooks on it (they may close in any order).
-    An object, not a closure: a deep copy of the module (an EMA's AveragedModel) copies
-    it with the hooks, bound to the copy (a closure ran the original's forward; a
-    review)."""
+    A copy of the module (``copy.deepcopy``: an EMA's AveragedModel; ``pickle``), whose
+    copied hooks do nothing (``hooks.Hook``), gets its class's forward: a closure here ran
+    the original's forward, for good (a review)."""
 
     def __init__(self, module: nn.Module, own: Any) -> None:
         self.module = module
@@ -192,3 +197,12 @@ class GuardedForward:
             for owner, name in expanded:  # it raises unexpanded too: the user's error
                 owner.withdraw(name)
             raise
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        if self.own is not None:
+            return copy.deepcopy(self.own, memo)
+        return plain_forward(copy.deepcopy(self.module, memo))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (unchanged, (self.own,)) if self.own is not None else (
+            plain_forward, (self.module,))

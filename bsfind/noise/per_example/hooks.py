@@ -172,16 +172,27 @@ def attach(cap: Capture, out: Tensor) -> Tensor | None:
     return own
 
 
-class NodeCache(dict[int, object]):
-    """Parameter id -> its AccumulateGrad node. A copy is empty: torch's nodes cannot be
-    copied, and a deep copy of a hooked model (an EMA's AveragedModel, made while the
-    tracker's hooks were on) failed on them (a review)."""
+def _nothing(*args: Any, **kwargs: Any) -> None:
+    return None
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> NodeCache:
-        return NodeCache()
+
+def noop() -> Any:
+    """What a copied :class:`Hook` becomes."""
+    return _nothing
+
+
+class Hook(functools.partial):  # type: ignore[type-arg]
+    """A hook bsfind registers on a module. torch copies a module's hooks with it
+    (``copy.deepcopy``, an EMA's AveragedModel, ``torch.save`` of the whole model): a
+    copy of the hook does nothing, so the copy is not measured (it was, 1.7x slower, for
+    good), and copying works whatever the hooks' state holds (it failed on AccumulateGrad
+    nodes and weak references after a backward; a trial)."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return _nothing
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (NodeCache, ())
+        return (noop, ())
 
 
 class PerExampleGradNorms:
@@ -252,7 +263,7 @@ class PerExampleGradNorms:
         self._replaced = 0
         self.replaced = 0
         self._returned: set[int | None] = set()  # passes of autograd.grad w.r.t. parameters
-        self._nodes = NodeCache()  # parameter id -> AccumulateGrad (gradient_reach)
+        self._nodes: dict[int, object] = {}  # parameter id -> AccumulateGrad (gradient_reach)
         self._errors: list[str] = []
         self._active = False
         self._recomputing = False
@@ -280,7 +291,7 @@ class PerExampleGradNorms:
         if missing:
             raise ValueError(f"the plan does not match the model: no module {missing[0]!r}")
         add = self._handles.append
-        add(self.model.register_forward_pre_hook(self._on_root_start, with_kwargs=True,
+        add(self.model.register_forward_pre_hook(Hook(self._on_root_start), with_kwargs=True,
                                                  prepend=True))
         for tied in self.plan.tied:
             state = TiedState(tied)
@@ -290,24 +301,24 @@ class PerExampleGradNorms:
         for name, rule in self.plan.rules.items():
             module = modules[name]
             if rule in PRODUCT_RULES:
-                hook = functools.partial(self._on_forward_product, name, rule)
+                hook = Hook(self._on_forward_product, name, rule)
                 add(module.register_forward_hook(hook, with_kwargs=True))
             elif rule == "func":
-                hook = functools.partial(self._on_forward_func, name)
+                hook = Hook(self._on_forward_func, name)
                 add(module.register_forward_hook(hook, with_kwargs=True))
             elif rule == "attention":
-                start = functools.partial(self._on_attention_start, name)
-                end = functools.partial(self._on_attention_end, name)
+                start = Hook(self._on_attention_start, name)
+                end = Hook(self._on_attention_end, name)
                 add(module.register_forward_pre_hook(start))
                 add(module.register_forward_hook(end, always_call=True))
             elif rule == "broadcast":
                 owners.add(name)
             else:
-                hook = functools.partial(self._on_forward, name, rule)
+                hook = Hook(self._on_forward, name, rule)
                 add(module.register_forward_hook(hook))
         for name in sorted(owners):
-            start = functools.partial(self._on_owner_start, name)
-            end = functools.partial(self._on_owner_end, name)
+            start = Hook(self._on_owner_start, name)
+            end = Hook(self._on_owner_end, name)
             add(modules[name].register_forward_pre_hook(start, with_kwargs=True))
             # first of the end hooks: two sets of hooks on one model put their parameters
             # back last-in-first-out (in install order, the second put back the first's
@@ -318,10 +329,10 @@ class PerExampleGradNorms:
                 self._guarded.append(modules[name])
         for name, module in modules.items():
             if compat.is_batchnorm(module):
-                check = functools.partial(self._on_batchnorm, name)
+                check = Hook(self._on_batchnorm, name)
                 add(module.register_forward_pre_hook(check))
         # last, so that it sees the root's output as the other hooks leave it
-        add(self.model.register_forward_hook(self._on_root_end, with_kwargs=True,
+        add(self.model.register_forward_hook(Hook(self._on_root_end), with_kwargs=True,
                                              always_call=True))
         self._active = True
         self._checked, self._crossing, self._unexpandable = set(), {}, {}
@@ -399,8 +410,13 @@ class PerExampleGradNorms:
         except RuntimeError as e:  # e.g. a graph that cannot be walked twice
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             found = [None] * len(todo)
+            # (aot_eager and inductor donate the saved tensors to the backward: a trial's
+            # compiled ViT measured nothing in a whole run, with only torch's words)
+            fix = ("; under torch.compile set torch._functorch.config.donated_buffer = "
+                   "False before the first compiled forward" if "donated buffer" in str(e)
+                   else "")
             self._errors.append(f"could not check that {todo[0][0]} is broadcast over the "
-                                f"batch: {first}")
+                                f"batch: {first}{fix}")
         finally:
             self._checking = False
         for (label, _), k in zip(todo, found, strict=True):
