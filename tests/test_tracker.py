@@ -614,6 +614,38 @@ def test_a_scale_that_is_not_broadcast_over_the_batch_never_breaks_the_loop() ->
     tracker.close()
 
 
+def test_a_tracked_model_copies_at_any_step_and_its_copy_is_not_tracked() -> None:
+    """A trial: with every=1, deepcopy and torch.save of the model failed after every
+    step (the hooks' AccumulateGrad nodes, weak references), and an EMA made after
+    track() kept measuring copies of the hooks for good. Copies work at any step, and
+    the records are those of a run without copies."""
+    import copy
+    import io
+
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    def run(copies: bool) -> list[float]:
+        model = _model()
+        tracker = track(model, every=1)
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9)) if copies else None
+        x, y = _problem()
+        for step in range(6):
+            loss = F.cross_entropy(model(x[32 * step:32 * step + 32]), y[32 * step:32 * step + 32])
+            loss.backward()
+            tracker.update(loss)
+            model.zero_grad()
+            if ema is not None:
+                ema.update_parameters(model)
+                ema(x[:8]).sum().backward()  # a pass through the copy: not measured
+                copy.deepcopy(model)
+                torch.save(model, io.BytesIO())
+        tracker.close()
+        return [r.step_trace_sigma for r in tracker.records]
+
+    plain, copied = run(False), run(True)
+    assert len(plain) == 6 and copied == pytest.approx(plain, rel=1e-9)
+
+
 def test_batchnorm_model_is_tracked_through_accumulation_only() -> None:
     torch.manual_seed(0)
     model = models.cnn(norm="batch")
