@@ -268,3 +268,22 @@ def is_parametrized(module: nn.Module) -> bool:
     (parametrizations.weight_norm, spectral_norm, orthogonal)."""
     parametrize = getattr(getattr(torch.nn.utils, "parametrize", None), "is_parametrized", None)
     return bool(parametrize(module)) if parametrize is not None else False
+
+
+def hook_next_id() -> int | None:
+    """The id torch gives the next hook handle (``RemovableHandle.next_id``), if any."""
+    from torch.utils.hooks import RemovableHandle
+
+    n = getattr(RemovableHandle, "next_id", None)
+    return n if isinstance(n, int) else None
+
+
+def hook_ids_past(n: int | None) -> None:
+    """Make hook handles made from now on take ids from ``n`` up: a model loaded with
+    another process's hook entries (ids with their with_kwargs/always_call flags) must
+    not have a new hook take a stale id, whose flags it would get (a review)."""
+    from torch.utils.hooks import RemovableHandle
+
+    now = hook_next_id()
+    if n is not None and now is not None and n > now:
+        RemovableHandle.next_id = n

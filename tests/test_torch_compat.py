@@ -24,6 +24,7 @@ def test_the_internals_are_present_on_this_torch() -> None:
     assert compat._BATCHNORM_BASE is not None
     assert None not in (compat._FOREACH_NORM, compat._FOREACH_SUB_, compat._FOREACH_COPY_)
     assert compat.can_queue_backward_callback()
+    assert compat.hook_next_id() is not None  # (a loaded copy's hook ids: Hook.__reduce__)
     # a second tracker on one DDP model finds the first's comm hook in DDP's own list
     import inspect
 

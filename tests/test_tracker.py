@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import warnings
@@ -644,6 +645,34 @@ def test_a_tracked_model_copies_at_any_step_and_its_copy_is_not_tracked() -> Non
 
     plain, copied = run(False), run(True)
     assert len(plain) == 6 and copied == pytest.approx(plain, rel=1e-9)
+
+
+def test_a_model_saved_while_tracked_loads_in_a_new_process_and_tracks_again(
+        tmp_path: Path) -> None:
+    """torch.save of the whole model keeps its hooks' entries (ids and with_kwargs
+    flags), copies that do nothing; in a new process hook ids start at 0 again, and a
+    new hook that took a stale id got its flags: the user's first pre-hook, or bsfind's
+    own on re-tracking, raised a TypeError (a review). Ids start past the saver's."""
+    model = _model()
+    tracker = track(model, every=1)
+    x, y = _problem()
+    loss = F.cross_entropy(model(x[:32]), y[:32])
+    loss.backward()
+    tracker.update(loss)
+    torch.save(model, tmp_path / "whole.pt")  # the hooks are on for the next step
+    tracker.close()
+    script = (
+        "import torch, torch.nn.functional as F, bsfind\n"
+        f"m = torch.load({str(tmp_path / 'whole.pt')!r}, weights_only=False)\n"
+        "m.register_forward_pre_hook(lambda mod, args: None)\n"
+        "x, y = torch.randn(32, 16), torch.randint(0, 4, (32,))\n"
+        "t = bsfind.track(m, every=1)\n"
+        "for _ in range(2):\n"
+        "    loss = F.cross_entropy(m(x), y); loss.backward(); t.update(loss); m.zero_grad()\n"
+        "print(len(t.records))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0 and out.stdout.strip() == "2", out.stderr[-2000:]
 
 
 def test_batchnorm_model_is_tracked_through_accumulation_only() -> None:

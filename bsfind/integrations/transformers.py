@@ -229,7 +229,9 @@ class NoiseScaleCallback(TrainerCallback):
                                dataset_size=epoch_sampled_size(kwargs.get("train_dataloader")),
                                **self.options)
         self.tracker.owner = self
-        self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
+        from bsfind.noise.per_example.hooks import Hook  # (a copy of the model's does nothing)
+
+        self._hook = model.register_forward_hook(Hook(self._on_forward), with_kwargs=True)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState,
                      control: TrainerControl, **kwargs: Any) -> None:

@@ -102,6 +102,30 @@ def test_metrics_reach_every_logger_and_are_exact(tmp_path: Path) -> None:
     assert len((tmp_path / "noise.jsonl").read_text().splitlines()) == 200
 
 
+class Copier(TrainerCallback):
+    """Copies and saves the model after each step, as an EMA or a snapshot does."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None,
+                    **kw: Any) -> None:
+        import copy
+        import io
+
+        copy.deepcopy(model)
+        torch.save(model, io.BytesIO())
+
+
+def test_the_model_copies_and_saves_while_the_callback_tracks_it(tmp_path: Path) -> None:
+    """The callback's own forward hook was a bound method: a copy of the model copied
+    the callback and its tracker, and failed on the hooks' AccumulateGrad nodes (a
+    review). Its copy does nothing now, and every step is measured."""
+    trainer = Trainer(model=Classifier(), args=_args(tmp_path, per_device_train_batch_size=32,
+                                                     max_steps=6),
+                      train_dataset=Examples(), callbacks=[Copier()])
+    callback = NoiseScaleCallback.attach(trainer, every=1)
+    trainer.train()
+    assert callback.tracker is not None and len(callback.tracker.records) == 6
+
+
 def test_gradient_accumulation_pairs_the_micro_batches(tmp_path: Path) -> None:
     """Passed in callbacks=[...] it still fills state.log_history."""
     callback = NoiseScaleCallback(window=10_000)

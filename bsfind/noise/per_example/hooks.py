@@ -176,9 +176,24 @@ def _nothing(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-def noop() -> Any:
-    """What a copied :class:`Hook` becomes."""
+def noop(next_id: int | None = None) -> Any:
+    """What a copied :class:`Hook` becomes. Loaded in another process, the copy keeps its
+    hook ids in the model's hook dicts: handle ids there then start past the saving
+    process's (``next_id``), so that no new hook takes a stale id and its flags (a
+    review: a re-tracked loaded model's hook got another's with_kwargs and raised)."""
+    compat.hook_ids_past(next_id)
     return _nothing
+
+
+class NodeCache(dict[int, object]):
+    """Parameter id -> its AccumulateGrad node. A copy is empty: torch's nodes cannot be
+    copied (a tracker kept as a model's attribute failed to copy with it; a review)."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> NodeCache:
+        return NodeCache()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (NodeCache, ())
 
 
 class Hook(functools.partial):  # type: ignore[type-arg]
@@ -192,7 +207,7 @@ class Hook(functools.partial):  # type: ignore[type-arg]
         return _nothing
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (noop, ())
+        return (noop, (compat.hook_next_id(),))
 
 
 class PerExampleGradNorms:
@@ -263,7 +278,7 @@ class PerExampleGradNorms:
         self._replaced = 0
         self.replaced = 0
         self._returned: set[int | None] = set()  # passes of autograd.grad w.r.t. parameters
-        self._nodes: dict[int, object] = {}  # parameter id -> AccumulateGrad (gradient_reach)
+        self._nodes = NodeCache()  # parameter id -> AccumulateGrad (gradient_reach)
         self._errors: list[str] = []
         self._active = False
         self._recomputing = False
