@@ -8,6 +8,8 @@ Run: .venv/bin/python -m pytest tests/noise/test_per_example_constructs.py -q
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -222,6 +224,40 @@ def test_batch_one_input_of_a_fallback_module_names_it_and_the_fix() -> None:
     assert info.value.message.startswith("module 'pos' saw a batch of 1 where the model's "
                                          "batch is 4")
     assert "pass the tensor with the batch size" in info.value.message
+
+
+def test_the_batch_most_modules_saw_is_the_one_named() -> None:
+    """Window attention folds windows into dim 0: its projections saw batch × windows
+    rows, and the message named the one module that saw a batch of 1, with advice about
+    position ids a Swin user cannot follow (a trial). It names what most modules saw."""
+    class Table(nn.Module):  # a bias table read on a constant input of batch 1
+        def __init__(self) -> None:
+            super().__init__()
+            self.t = nn.Parameter(torch.randn(4))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return x * self.t
+
+    class Windows(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bias = Table()
+            self.q, self.k = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: Tensor) -> Tensor:  # x (B, 8, 4): 2 windows of 4 per example
+            w = x.reshape(-1, 4, 4)  # (2B, 4, 4)
+            h = self.q(w) + self.k(w) + self.bias(torch.ones(1, 4))
+            return self.head(h.reshape(x.shape[0], 8, 4).mean(1))
+
+    model = Windows()
+    with PerExampleGradNorms(model) as norms:
+        model(torch.randn(3, 8, 4)).sum().backward()
+        with pytest.raises(PerExampleUnsupported) as info:
+            norms.sq_norms()
+    assert re.match(r"module '[qk]' saw a batch of 6 where the model's batch is 3 \(and 2 "
+                    r"more\)", info.value.message), info.value.message
+    assert "folds another axis into dim 0" in info.value.message
 
 
 def test_root_parameters_broadcast_over_the_batch() -> None:

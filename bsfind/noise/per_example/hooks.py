@@ -905,7 +905,10 @@ class PerExampleGradNorms:
         want = (self._last_batch if self._last_batch in counts
                 else max(counts, key=lambda s: counts[s]))
         odd = [(n, s) for n, s in sizes if s != want]
-        name, size = odd[0]
+        # the size most modules saw (a trial: Swin's projections saw batch × windows rows,
+        # while the message named the one module that saw 1, with advice for that)
+        size = max(dict.fromkeys(s for _, s in odd), key=lambda s: sum(t == s for _, t in odd))
+        name = next(n for n, s in odd if s == size)
         more = f" (and {len(odd) - 1} more)" if len(odd) > 1 else ""
         if size == 1:
             fix = ("it got a tensor of batch size 1 that the forward broadcasts over the batch "
@@ -915,7 +918,9 @@ class PerExampleGradNorms:
         else:
             fix = ("dim 0 of every module's input must be the batch axis (a position "
                    "embedding called on torch.arange(T)? give it torch.arange(T)[None], of "
-                   "shape (1, T), which is broadcast over the batch)")
+                   "shape (1, T), which is broadcast over the batch; a model that folds "
+                   "another axis into dim 0, as window attention does, has no per-example "
+                   "rule)")
         return (f"module {name!r} saw a batch of {size} where the model's batch is "
                 f"{want}{more}: {fix}")
 
