@@ -467,12 +467,8 @@ def test_check_labels_a_measured_rate() -> None:
 # --------------------------------------------------------------------------- recommend
 
 
-def test_recommend_measures_the_learning_rate_from_the_probe_runs_start(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    from bsfind.spec import load_spec
-    from bsfind.workload import build
-
-    _steady_ladder(monkeypatch)
+def _starts_of_the_search(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The digests of the model and optimizer each learning-rate search starts from."""
     starts: list[str] = []
     original = branches.measure_lr
 
@@ -481,6 +477,16 @@ def test_recommend_measures_the_learning_rate_from_the_probe_runs_start(
         return original(job, options, deadline, optimizer, **kw)
 
     monkeypatch.setattr(branches, "measure_lr", spy)
+    return starts
+
+
+def test_recommend_measures_the_learning_rate_from_the_probe_runs_start(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from bsfind.spec import load_spec
+    from bsfind.workload import build
+
+    _steady_ladder(monkeypatch)
+    starts = _starts_of_the_search(monkeypatch)
     doc = run_json("recommend", GOOD, "--set", "probe.max_seconds=8")
     fresh = build(load_spec(GOOD))  # the same seeded initial weights, a fresh optimizer
     assert starts == [digest(fresh.model, fresh.make_optimizer(0.1))]
@@ -515,14 +521,7 @@ def test_with_a_checkpoint_at_step_0_the_search_starts_from_it(
         for p in job.model.parameters():
             p.add_(0.01)
     torch.save(job.model.state_dict(), tmp_path / "later.pt")
-    starts: list[str] = []
-    original = branches.measure_lr
-
-    def spy(job, options, deadline, optimizer, **kw):  # type: ignore[no-untyped-def]
-        starts.append(digest(job.model, optimizer))
-        return original(job, options, deadline, optimizer, **kw)
-
-    monkeypatch.setattr(branches, "measure_lr", spy)
+    starts = _starts_of_the_search(monkeypatch)
     listed = (f'model.checkpoints=[{{path: "{tmp_path / "start.pt"}", step: 0}}, '
               f'{{path: "{tmp_path / "later.pt"}", step: 5}}]')
     doc = run_json("recommend", GOOD, "--set", "probe.max_seconds=8", "--set", listed)
