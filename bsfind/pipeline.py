@@ -211,8 +211,7 @@ def run(spec: Spec, runner: Runner, command: str, progress: ProgressFn | None = 
                           ) from exc
     if command == "noise" and spec.probe.branches:  # (a trial: ignored without a word)
         report = dataclasses.replace(report, warnings=report.warnings + (
-            "probe.branches is set, but bsfind noise measures the noise scale only: the "
-            "branches run under recommend and check, or alone with bsfind branch",))
+            wording.branches_not_in_noise(),))
     fitted = getattr(runner, "fitted", None)  # recommend says so with its step times
     if command != "recommend" and fitted is not None and fitted.reduced:
         report = dataclasses.replace(report, warnings=report.warnings + (

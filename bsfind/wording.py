@@ -322,6 +322,12 @@ def log_batch_differs(logged: list[int], baseline: int, batchnorm: bool = False)
             "spec's baseline")
 
 
+def branches_not_in_noise() -> str:
+    """``bsfind noise`` with ``probe.branches`` set: it runs none."""
+    return ("probe.branches is set, but bsfind noise measures the noise scale only: the "
+            "branches run under recommend and check, or alone with bsfind branch")
+
+
 def log_of_another_model(logged: list[int], own: int) -> str:
     """``bsfind schedule``: the log's tracker counted other trainable parameters than the
     spec's model has."""

@@ -222,17 +222,21 @@ class DDPNorms:
     79). ``repeated`` says so, and :meth:`take` then gives nothing."""
 
     def __init__(self, ddp: Any, hook: Any = None, state: Any = None) -> None:
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
         self.active = False
         self.local: list[torch.Tensor] = []
         self.reduced: list[torch.Tensor] = []
         self.buckets: set[int] = set()  # the bucket indices all-reduced since take()
         self.repeated = False  # some bucket was all-reduced twice since take()
         self.group = ddp.process_group
+        self.wrap(hook, state)
+        ddp.register_comm_hook(self, ddp_comm_hook)
+
+    def wrap(self, hook: Any, state: Any) -> None:
+        """All-reduce through ``hook`` with ``state`` (the user's), else DDP's default."""
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
         self.inner = hook or default_hooks.allreduce_hook
         self.inner_state = state if hook is not None else self.group
-        ddp.register_comm_hook(self, ddp_comm_hook)
 
     @classmethod
     def on(cls, ddp: Any, hook: Any = None, state: Any = None) -> DDPNorms:
@@ -240,14 +244,11 @@ class DDPNorms:
         (DDP takes one comm hook and cannot remove it: a second tracker on the same DDP
         model, a notebook cell run again, failed at registration), taken over with the
         inner hook asked for now."""
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
         for registered, norms in getattr(ddp, "_comm_hooks", ()):
             if registered is ddp_comm_hook and isinstance(norms, cls):
                 norms.take()  # (what an abandoned step left)
                 norms.active = False
-                norms.inner = hook or default_hooks.allreduce_hook
-                norms.inner_state = state if hook is not None else norms.group
+                norms.wrap(hook, state)
                 return norms
         return cls(ddp, hook=hook, state=state)
 

@@ -126,6 +126,11 @@ def unchanged(value: Any) -> Any:
     return value
 
 
+# Words of torch's errors for shapes that do not fit, and for a tensor of B elements
+# where the forward wanted one (.item(), float(), `if p > 0`: a review).
+SHAPE_WORDS = ("size", "shape", "dimension", "converted to", "one element", "ambiguous")
+
+
 def shape_error(exc: BaseException) -> bool:
     """Whether ``exc`` reads as shapes that do not fit (what an expanded parameter that
     is not broadcast over the batch raises), not as memory or the user's own control."""
@@ -134,10 +139,6 @@ def shape_error(exc: BaseException) -> bool:
             and not isinstance(exc, torch.OutOfMemoryError) and "out of memory" not in text
             and any(word in text for word in SHAPE_WORDS))
 
-
-# Words of torch's errors for shapes that do not fit, and for a tensor of B elements
-# where the forward wanted one (.item(), float(), `if p > 0`: a review).
-SHAPE_WORDS = ("size", "shape", "dimension", "converted to", "one element", "ambiguous")
 
 
 class GuardedForward:

@@ -50,9 +50,6 @@ def func_sq(
 
     tensor_pos = [i for i, a in enumerate(args) if per_example(a)]
     tensor_kw = [k for k, v in kwargs.items() if per_example(v)]
-    shared = [f"argument {i}" for i, a in enumerate(args)
-              if isinstance(a, Tensor) and i not in tensor_pos] + [
-        repr(k) for k, v in kwargs.items() if isinstance(v, Tensor) and k not in tensor_kw]
     batched = [args[i].detach() for i in tensor_pos] + [kwargs[k].detach() for k in tensor_kw]
 
     def one(xs: list[Tensor], d_i: Tensor) -> tuple[Tensor, Tensor]:
@@ -80,6 +77,9 @@ def func_sq(
     if out is not None and not torch.allclose(
         ys.to(out.dtype), out, rtol=FUNC_CHECK_RTOL, atol=FUNC_CHECK_RTOL * float(out.abs().max())
     ):
+        shared = [f"argument {i}" for i, a in enumerate(args)
+                  if isinstance(a, Tensor) and i not in tensor_pos] + [
+            repr(k) for k, v in kwargs.items() if isinstance(v, Tensor) and k not in tensor_kw]
         given = (f" ({', '.join(shared)}, not of the batch's size, given whole to each "
                  "example)" if shared else "")
         raise PerExampleUnsupported(
