@@ -237,6 +237,9 @@ class CannedGpu(gpu_check.Check):
     def __init__(self, out: Path) -> None:
         super().__init__(out, gpu_check.GPU, dry_run=False, budget=gpu_check.BUDGET_S,
                          steps=gpu_check.STEPS, synthetic_digits=True)
+        shutil.rmtree(self.scratch)  # (in /tmp, where each run of this test left one)
+        self.scratch = out.parent / "scratch"
+        self.scratch.mkdir()
         self.commands: dict[str, list[str]] = {}
 
     def execute(self, name: str, cmd: Any, box: float,
