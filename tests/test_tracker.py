@@ -11,6 +11,7 @@ from every example's gradient
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -612,6 +613,42 @@ def test_a_scale_that_is_not_broadcast_over_the_batch_never_breaks_the_loop() ->
     assert tracker.records == [] and "forward" not in vars(model[1])
     _train(tracker, model, steps=2, batch=16, accumulate=2)
     assert [r.method for r in tracker.records] == ["accumulation"] * 2
+    tracker.close()
+
+
+def test_the_broadcast_check_runs_once_per_tracker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check that a batch-expanded tensor (GPT-2's position ids) is broadcast over
+    the batch costs two more backward passes; it ran on every measured step, since the
+    tracker attaches its hooks for each. It runs once; the values stay exact."""
+    from bsfind.noise.per_example import hooks
+    from tests.noise.test_per_example_constructs import PositionIds
+
+    calls = []
+    check = hooks.crossing_rows
+    monkeypatch.setattr(hooks, "crossing_rows", lambda *a: calls.append(1) or check(*a))
+    torch.manual_seed(0)
+    model = PositionIds()
+    tracker = track(model, every=2)
+    for _ in range(6):
+        x, y = torch.randint(0, 11, (8, 6)), torch.randint(0, 11, (8, 6))
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        measured = len(tracker.records)
+        tracker.update(loss)
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        if len(tracker.records) == measured:
+            continue
+        per_example = []
+        for i in range(8):
+            F.cross_entropy(model(x[i:i + 1]).flatten(0, 1), y[i].flatten()).backward()
+            per_example.append([p.grad.clone() for p in model.parameters()])
+            model.zero_grad()
+        mean_sq = sum(sum(g.double().square().sum() for g in gs) for gs in per_example) / 8
+        g2 = sum(g.double().square().sum() for g in grads)
+        record = tracker.records[-1]  # exact: |G|² and tr(Σ) of b = 1 against b = 8
+        assert record.step_trace_sigma == pytest.approx(float(mean_sq - g2) * 8 / 7, rel=1e-5)
+    assert len(tracker.records) == 3 and len(calls) == 1
     tracker.close()
 
 
@@ -1348,32 +1385,61 @@ def test_the_tracker_names_a_wrong_argument() -> None:
         track(opt)  # type: ignore[arg-type]
 
 
-def test_a_model_compiled_before_the_tracker_is_said_to_be_the_cause() -> None:
+class AttentionOnly(nn.Module):
+    """A model whose hooks are all on a child (no guard on the root's forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mha(x, x, x, need_weights=False)[0].mean(1)[:, :4]
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_a_model_compiled_before_the_tracker(guarded: bool) -> None:
     """A trial: under torch.compile, code compiled before track() does not run the hooks
     it adds, so nothing was measured, and the warning named sq_norms(), bsfind's own
-    internals. (The eager backend: dynamo's guards are the cause, not inductor.)"""
-    x, y = _problem()
-    model = _model()
+    internals. (The eager backend: dynamo's guards are the cause, not inductor.) A
+    model whose root forward the hooks guard (batch-1 inputs: any Linear, Embedding,
+    convolution or norm layer) is compiled again, and measured as in eager mode; one
+    whose hooks are all on children is not, and the tracker says why."""
+    if guarded:
+        x, y = _problem()
+        model = _model()
+    else:
+        x, y = torch.randn(128, 5, 8), torch.randint(0, 4, (128,))
+        model = AttentionOnly()
+    twin = copy.deepcopy(model)
     compiled = torch.compile(model, backend="eager")
     F.cross_entropy(compiled(x[:32]), y[:32]).backward()  # compiled before the tracker
     model.zero_grad(set_to_none=True)
 
-    def compiled_loop(tracker: Tracker, _: nn.Module) -> None:
+    def loop(tracker: Tracker, model: nn.Module, forward: Callable[..., torch.Tensor]) -> None:
         for step in range(4):
             idx = torch.arange(step * 32, step * 32 + 32)
-            loss = F.cross_entropy(compiled(x[idx]), y[idx])
+            loss = F.cross_entropy(forward(x[idx]), y[idx])
             loss.backward()
             tracker.update(loss)
             model.zero_grad(set_to_none=True)
 
     tracker = track(model, every=1, batch_size=32)
-    with pytest.warns(RuntimeWarning) as caught:
-        compiled_loop(tracker, model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loop(tracker, model, compiled)
     said = [str(w.message) for w in caught]
+    torch._dynamo.reset()
+    if guarded:
+        eager = track(twin, every=1, batch_size=32)
+        loop(eager, twin, twin)
+        assert said == [] and len(tracker.records) == 4
+        for got, want in zip(tracker.records, eager.records, strict=True):
+            assert got.step_grad_norm_sq == pytest.approx(want.step_grad_norm_sq, rel=1e-5)
+            assert got.step_trace_sigma == pytest.approx(want.step_trace_sigma, rel=1e-5)
+        return
     assert tracker.records == []
     assert any("create the tracker before the model's first compiled forward" in m
                and "sq_norms" not in m for m in said), said
-    torch._dynamo.reset()
 
 
 def test_advice_on_the_runs_own_step_times_reads_them_as_its_doubling_does() -> None:

@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bsfind.noise.per_example import PerExampleGradNorms, PerExampleUnsupported, plan
-from tests.noise.test_per_example import RTOL, check, exact_sq_norms, hooked_sq_norms, token_ce
+from tests.noise.test_per_example import (
+    RTOL,
+    check,
+    exact_sq_norms,
+    hooked_sq_norms,
+    plain_grads,
+    token_ce,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 
@@ -196,6 +203,134 @@ def test_batch_one_input_that_is_not_broadcast_is_refused() -> None:
         token_ce(model(x), y).backward()
         with pytest.raises(PerExampleUnsupported, match="batch-1 input of module 'wpe'"):
             norms.sq_norms()
+
+
+class RelativeBias(nn.Module):
+    """T5's attention with a relative position bias: an Embedding of buckets (T_q, T_k),
+    permuted to (1, heads, T_q, T_k) and added in place to the scores. The last
+    ``queries`` positions attend to all (one: a one-token target, whose buckets are a
+    batch-1 input whose 1 is the query length, not the batch)."""
+
+    def __init__(self, queries: int, d: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.queries, self.heads = queries, heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.bias = nn.Embedding(6, heads)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=-1)
+        q = q[:, -self.queries:].reshape(b, self.queries, self.heads, -1).transpose(1, 2)
+        k, v = (z.reshape(b, t, self.heads, -1).transpose(1, 2) for z in (k, v))
+        buckets = (torch.arange(t)[None, :]
+                   - torch.arange(t - self.queries, t)[:, None]).abs().clamp(max=5)
+        scores = q @ k.transpose(-1, -2)
+        scores += self.bias(buckets).permute(2, 0, 1).unsqueeze(0)  # as T5 does
+        out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, self.queries, d)
+        return self.head(out)
+
+
+def test_a_batch_one_input_whose_one_is_not_the_batch_is_refused_not_raised() -> None:
+    """T5 with a one-token target: the relative position buckets (1, T_k), expanded to
+    the batch, made the user's own forward raise under the hooks (a trial: "output with
+    shape [8, 4, 1, 1] doesn't match the broadcast shape [8, 4, 8, 1]"). The root's
+    forward runs again without the expansion, with the output and gradients of a run
+    without bsfind, and that module is refused by name."""
+    model, x = RelativeBias(queries=1), torch.randn(6, 5, 8)
+    y = torch.randint(0, 3, (6, 1))
+    want = model(x)
+    grads = plain_grads(model, x, y, token_ce)
+    with PerExampleGradNorms(model) as norms:
+        for _ in range(2):  # refused again on the next forward, which is not expanded
+            out = model(x)
+            assert torch.equal(out, want)
+            token_ce(out, y).backward()
+            with pytest.raises(PerExampleUnsupported, match=r"the batch-1 input of module "
+                               r"'bias' is not broadcast .*the forward raised RuntimeError"):
+                norms.sq_norms()
+            for p, g in zip(model.parameters(), grads, strict=True):
+                torch.testing.assert_close(p.grad, g)
+            model.zero_grad()
+    assert "forward" not in vars(model)  # the root's guard is gone with the hooks
+
+
+class Positions(nn.Module):
+    """nanoGPT's embedding: position embeddings of ``torch.arange(T)`` (T, d), and token
+    ids clamped inside the forward (indices made there that are the examples)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(11, 8)
+        self.wpe = nn.Embedding(6, 8)
+        self.head = nn.Linear(8, 11)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.wte(x.clamp(max=10)) + self.wpe(torch.arange(x.shape[1])))
+
+
+@pytest.mark.parametrize("model", [Positions(), RelativeBias(queries=6)],
+                         ids=["arange", "buckets"])
+def test_indices_made_in_the_forward_as_many_as_the_batch_are_refused(
+        model: nn.Module) -> None:
+    """Positions or buckets made in the forward, with T equal to the batch, read as
+    examples, silently (B_simple 31% high in a trial's tracker; the probe's pass at
+    another batch size caught it, the tracker never did). Their module's output is
+    checked: example i's outputs must depend on row i alone. Token ids made from the
+    root's input in the forward pass that check; other batch sizes are refused by size."""
+    x = torch.randint(0, 11, (6, 6)) if isinstance(model, Positions) else torch.randn(6, 6, 8)
+    y = torch.randint(0, 3 if isinstance(model, RelativeBias) else 11, (6, 6))
+    name = "wpe" if isinstance(model, Positions) else "bias"
+    with PerExampleGradNorms(model) as norms:
+        for _ in range(2):  # checked on the first forward, refused on the later ones
+            token_ce(model(x), y).backward()
+            with pytest.raises(PerExampleUnsupported, match=rf"the input of module '{name}' "
+                               r"has the batch's size on dim 0 \(6\) but its rows are not"):
+                norms.sq_norms()
+    if isinstance(model, Positions):
+        x, y = torch.randint(0, 11, (5, 6)), torch.randint(0, 11, (5, 6))
+        with PerExampleGradNorms(model) as norms:
+            token_ce(model(x), y).backward()
+            with pytest.raises(PerExampleUnsupported, match="module 'wpe' saw a batch of 6"):
+                norms.sq_norms()
+        clamped = nn.Sequential(nn.Embedding(11, 8), nn.Linear(8, 11))
+        clamped.forward = lambda x: nn.Sequential.forward(clamped, x.clamp(max=10))
+        assert check(clamped, x, token_ce, y)["0"] == "embedding-scatter"
+
+
+def test_a_root_forward_that_raises_unexpanded_too_refuses_nothing() -> None:
+    """The root's forward raises a shape error of the user's own, with a batch-1 input
+    expanded and without: it raises once more, and nothing is refused."""
+    class Fails(PositionIds):
+        fail = True
+
+        def forward(self, x: Tensor) -> Tensor:
+            out = super().forward(x)
+            if self.fail:
+                raise RuntimeError("The size of tensor a (5) must match the size of b (3)")
+            return out
+
+    model = Fails()
+    x, y = torch.randint(0, 11, (5, 6)), torch.randint(0, 11, (5, 6))
+    with PerExampleGradNorms(model) as norms:
+        with pytest.raises(RuntimeError, match="size of tensor a"):
+            model(x)
+        norms.forget()
+        model.fail = False
+        token_ce(model(x), y).backward()
+        assert norms.sq_norms().shape == (5,)  # still measured: 'wpe' not refused
+
+
+def test_the_guarded_root_keeps_its_forwards_signature() -> None:
+    """A Hugging Face Trainer keeps the dataset columns the model's forward names
+    (inspect.signature), and bsfind's own workload reads it too."""
+    import inspect
+
+    model = PositionIds()
+    want = inspect.signature(model.forward)
+    with PerExampleGradNorms(model):
+        assert "forward" in vars(model)
+        assert inspect.signature(model.forward) == want
 
 
 def test_batch_one_input_of_a_fallback_module_names_it_and_the_fix() -> None:

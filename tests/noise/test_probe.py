@@ -236,7 +236,8 @@ def test_a_module_whose_dim_0_is_not_the_batch_is_caught_at_the_probes_batch() -
 
 
 def test_validate_checks_the_per_example_norms_at_another_batch_too() -> None:
-    """validate's own pass ran at its 4 examples: a sequence of 4 passed there as well."""
+    """validate's own pass ran at its 4 examples: a sequence of 4 passed there as well.
+    (Indices made in the forward with the batch's length are now checked on that pass.)"""
     from bsfind.api import _per_example_runs
     from bsfind.workload import Workload
 
@@ -244,7 +245,7 @@ def test_validate_checks_the_per_example_norms_at_another_batch_too() -> None:
     job = Workload.from_objects(_ArangePositions(4), torch.utils.data.TensorDataset(x, x),
                                 torch.nn.functional.cross_entropy)
     method, reason = _per_example_runs(job, torch.arange(4), "auto")
-    assert method == "microbatch" and "module 'wpe' saw a batch of 4" in reason
+    assert method == "microbatch" and "the input of module 'wpe' has the batch's size" in reason
     # a model that raises at the other batch alone keeps the per-example form there
     from tests.assets import user_code
 

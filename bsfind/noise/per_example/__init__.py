@@ -48,8 +48,11 @@ terms 2⟨A_e,i, C_i⟩ = 2 Σ_t' δe_t'·(Σ_t δh_{t,idx_t'} h_t) and, between
 calls, 2 Σ_t,s [idx_t = idx'_s] δe_t·δe'_s, never forming a V×d matrix (:mod:`.tied`).
 A module given an input of batch size 1 that the forward broadcasts (position ids
 (1, T), as GPT-2 and BERT build them) runs again on that input expanded to the model's
-batch (read from the root module's first tensor argument). Expanded tensors are checked
-once per context (:mod:`.broadcast`): two more backward passes through the first
+batch (read from the root module's first tensor argument); where the forward then
+raises a shape error, it runs again without, and that module is refused. Expanded
+tensors, and the outputs of modules given indices made in the forward with the batch's
+length on dim 0 (``torch.arange(T)`` with T = B), are checked once per
+PerExampleGradNorms (:mod:`.broadcast`): two more backward passes through the first
 forward's graph, with a cotangent on one example's outputs, must not reach other
 examples' rows; a tensor that does (``pos_embed[0]``) is refused on every batch.
 

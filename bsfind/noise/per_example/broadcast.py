@@ -14,10 +14,12 @@ Two constructs put one tensor into every example's computation:
 
 Both are exact only if the rest of the forward broadcasts that tensor: example i's
 outputs must depend on its row i alone. :func:`crossing_rows` checks that once per
-context, on the first forward: two more backward passes through the retained graph, with
-a random cotangent on example 0's outputs, then on example 1's; gradient reaching any
-other row means the tensor was indexed along dim 0 (``pos_embed[0]``), reduced or
-multiplied across it.
+PerExampleGradNorms, on the first forward: two more backward passes through the
+retained graph, with a random cotangent on example 0's outputs, then on example 1's;
+gradient reaching any other row means the tensor was indexed along dim 0
+(``pos_embed[0]``), reduced or multiplied across it. The same check reads the output
+of a module given indices made in the forward with the batch's length on dim 0, which
+may be positions (``torch.arange(T)`` with T = B), not examples.
 """
 
 from __future__ import annotations
@@ -117,6 +119,11 @@ class ExpansionOwner(Protocol):
     def withdraw(self, name: str) -> None: ...
 
 
+# The name under which the root's GuardedForward asks its hooks about the batch-1 module
+# inputs expanded in the current call (not a module's name: names have no "<").
+BATCH1_INPUTS = "<batch-1 inputs>"
+
+
 def plain_forward(module: nn.Module) -> Any:
     """``module``'s class forward, bound to it."""
     return types.MethodType(type(module).forward, module)
@@ -140,7 +147,6 @@ def shape_error(exc: BaseException) -> bool:
             and any(word in text for word in SHAPE_WORDS))
 
 
-
 class GuardedForward:
     """The forward of a module whose (1, ...) parameters the hooks expand to the batch
     (rule "broadcast"), while hooks are on: when it raises a shape error with them
@@ -149,6 +155,8 @@ class GuardedForward:
     (B, T, d)) made the expanded parameter fail in the user's own forward, in their
     training loop (a review). When the run unexpanded succeeds, the hooks refuse the
     parameter; when it raises too, the error is the user's, and nothing is refused.
+    The root's guard does the same for the batch-1 module inputs expanded in its call
+    (``BATCH1_INPUTS``): the whole forward runs again without them.
 
     One guard per module, for every set of hooks on it (they may close in any order).
     A copy of the module (``copy.deepcopy``: an EMA's AveragedModel; ``pickle``), whose
@@ -180,8 +188,14 @@ class GuardedForward:
         else:
             module.forward = guard.own  # type: ignore[method-assign]
 
+    @property
+    def __wrapped__(self) -> Any:
+        """The forward it runs (``inspect.signature`` reads its parameters: a Hugging Face
+        Trainer keeps the dataset columns that the forward names)."""
+        return self.own if self.own is not None else plain_forward(self.module)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        forward = self.own if self.own is not None else plain_forward(self.module)
+        forward = self.__wrapped__
         if torch.jit.is_tracing():  # (torch.jit.trace segfaults on a caught failed op)
             return forward(*args, **kwargs)
         try:

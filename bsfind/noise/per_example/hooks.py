@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from bsfind import torch_compat as compat
 from bsfind.noise.per_example.attention import AttentionProjections, ProjectionWeights
 from bsfind.noise.per_example.broadcast import (
+    BATCH1_INPUTS,
     GuardedForward,
     crossing_rows,
     first_tensor,
@@ -210,6 +212,18 @@ class Hook(functools.partial):  # type: ignore[type-arg]
         return (noop, (compat.hook_next_id(),))
 
 
+@dataclass
+class RootCall:
+    """One active call of the root module: where its entries of ``_expanded`` start,
+    what it was given, the modules whose batch-1 input it expanded, and those it refused
+    when its forward raised with them expanded (:meth:`PerExampleGradNorms.unexpand`)."""
+
+    expanded_from: int
+    given: set[int]  # ids of its tensor arguments (their bases, for views)
+    inputs: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+
+
 class PerExampleGradNorms:
     """Context manager: per-example squared gradient norms of one forward + backward.
 
@@ -288,12 +302,20 @@ class PerExampleGradNorms:
         self._tied: dict[str, TiedState] = {}  # Embedding / head module -> its tied weight
         self._swapped: dict[str, list[list[tuple[str, Tensor]]]] = {}
         self._modes: dict[str, list[AttentionProjections | None]] = {}
-        # batch-expanded tensors of the current forward, checked once per context
+        # batch-expanded tensors of the current forward, checked once for this object
+        # (the tracker enters its one on every measured step: the check, two backward
+        # passes more, ran on each), and what the check or a guard refused, for good
         self._expanded: list[tuple[str, Tensor]] = []
         self._checked: set[str] = set()
         self._crossing: dict[str, str] = {}  # expanded tensor -> why it is refused
+        self._made: set[str] = set()  # of those, module outputs of indices made inside
         # broadcast owners whose forward raised with their parameters expanded -> why
         self._unexpandable: dict[str, str] = {}
+        # per active root call: modules whose batch-1 input was expanded in it, and where
+        # that call's entries of _expanded start; modules whose expanded input made the
+        # root's forward raise -> why (BATCH1_INPUTS, the root's GuardedForward)
+        self._root_calls: list[RootCall] = []
+        self._no_expand: dict[str, str] = {}
         self._guarded: list[nn.Module] = []  # modules whose forward a GuardedForward runs
 
     # -- context ---------------------------------------------------------------------
@@ -342,6 +364,10 @@ class PerExampleGradNorms:
             if self.plan.rules.get(name) == "broadcast":
                 GuardedForward.install(modules[name], self, name)
                 self._guarded.append(modules[name])
+        if any(rule not in ("func", "attention", "broadcast")
+               for rule in self.plan.rules.values()):  # a module that may expand its input
+            GuardedForward.install(self.model, self, BATCH1_INPUTS)
+            self._guarded.append(self.model)
         for name, module in modules.items():
             if compat.is_batchnorm(module):
                 check = Hook(self._on_batchnorm, name)
@@ -350,7 +376,6 @@ class PerExampleGradNorms:
         add(self.model.register_forward_hook(Hook(self._on_root_end), with_kwargs=True,
                                              always_call=True))
         self._active = True
-        self._checked, self._crossing, self._unexpandable = set(), {}, {}
         self._reset()
         return self
 
@@ -369,6 +394,7 @@ class PerExampleGradNorms:
         self._captures = []
         self._tied.clear()
         self._batch.clear()
+        self._root_calls.clear()
         self._expanded.clear()
         self._active = False
         self._reset()
@@ -394,12 +420,17 @@ class PerExampleGradNorms:
         x = first_tensor(args, kwargs)
         batch = int(x.shape[0]) if x is not None and x.dim() > 0 else None
         self._batch.append(batch)
+        given = {id(t if compat.view_base(t) is None else compat.view_base(t))
+                 for t in output_tensors([*args, *kwargs.values()])}
+        self._root_calls.append(RootCall(len(self._expanded), given))
         if batch is not None and self._hooking():
             self._last_batch = batch
 
     def _on_root_end(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                      output: object) -> None:
         batch = self._batch.pop() if self._batch else None
+        if self._root_calls:
+            self._root_calls.pop()
         if not self._batch and self._expanded:
             expanded, self._expanded = self._expanded, []
             if batch is not None and torch.is_grad_enabled() and self._hooking():
@@ -435,7 +466,15 @@ class PerExampleGradNorms:
         finally:
             self._checking = False
         for (label, _), k in zip(todo, found, strict=True):
-            if k is not None:
+            if k is not None and label in self._made:
+                self._crossing[label] = (
+                    f"{label} has the batch's size on dim 0 ({batch}) but its rows are not "
+                    f"examples: example {k}'s outputs depend on its other rows (positions "
+                    "or buckets made in the forward, e.g. torch.arange(T) with T equal to "
+                    "the batch: give a position embedding torch.arange(T)[None], of shape "
+                    "(1, T), which is broadcast over the batch)")
+                self._errors.append(self._crossing[label])
+            elif k is not None:
                 self._crossing[label] = (
                     f"{label} is expanded over the batch for per-example norms, but example "
                     f"{k}'s outputs depend on other examples' rows of it: the forward indexes "
@@ -466,14 +505,39 @@ class PerExampleGradNorms:
         if (base is not None and base.dim() == x.dim() and base.shape[0] == batch
                 and base.shape[1:] == x.shape[1:]):  # a row of a batch-sized tensor
             return x, output, False
+        if name in self._no_expand:  # its expanded output made the forward raise
+            self._errors.append(self._no_expand[name])
+            return x, output, False
         x = x.expand(batch, *x.shape[1:])
         output = module.forward(x)  # the same values, one row per example
         assert isinstance(output, Tensor)
+        if self._root_calls:
+            self._root_calls[-1].inputs.append(name)
         if check:  # (a recomputation's graph is checked through the original's)
             self._expanded.append((
                 f"the batch-1 input of module {name!r} (e.g. position ids of shape (1, T); "
                 "pass it with the batch size if this cannot be fixed)", output))
         return x, output, True
+
+    def _watch_made(self, name: str, x: object, output: object) -> None:
+        """Indices made in the forward whose dim 0 has the batch's size (nanoGPT's
+        ``wpe(torch.arange(T))``, T5's relative position buckets (T, T), with T equal to
+        the batch) read as examples, silently: B_simple 31% high in a trial's tracker,
+        where the probe's pass at another batch size does not run. Such a module's output
+        is checked as the batch-expanded tensors are: example i's outputs must depend on
+        its row i alone. (Indices the root was given, or views of them, are the batch.)"""
+        if not (self._root_calls and self._batch and isinstance(x, Tensor)
+                and isinstance(output, Tensor) and output.requires_grad
+                and not (x.is_floating_point() or x.is_complex()) and x.dim() > 0):
+            return
+        batch = self._batch[-1]
+        base = compat.view_base(x)
+        if (batch is None or batch < 2 or x.shape[0] != batch
+                or id(x if base is None else base) in self._root_calls[-1].given):
+            return
+        label = f"the input of module {name!r}"
+        self._made.add(label)
+        self._expanded.append((label, output))
 
     # -- forward hooks ---------------------------------------------------------------
     def _on_forward_product(
@@ -492,6 +556,8 @@ class PerExampleGradNorms:
         x = args[0] if args else kwargs.get("input")
         x, output, expanded = self._expand_input(name, module, x, output)
         own = self._capture_product(name, rule, module, x, output)
+        if not expanded:
+            self._watch_made(name, x, own if own is not None else output)
         return own if own is not None or not expanded else output  # type: ignore[return-value]
 
     def _capture_product(self, name: str, rule: str, module: Any, x: object,
@@ -518,6 +584,8 @@ class PerExampleGradNorms:
         x = args[0] if args else None
         x, output, expanded = self._expand_input(name, module, x, output)
         own = self._capture(name, rule, module, x, output)
+        if not expanded:
+            self._watch_made(name, x, own if own is not None else output)
         return own if own is not None or not expanded else output  # type: ignore[return-value]
 
     def _capture(self, name: str, rule: str, module: Any, x: object,
@@ -662,13 +730,21 @@ class PerExampleGradNorms:
             swapped.append((pname, old))
 
     def expanded_in(self, name: str) -> bool:
-        """Whether the current call of module ``name`` runs with parameters expanded."""
+        """Whether the current call of module ``name`` runs with parameters expanded
+        (``BATCH1_INPUTS``: the root's, with a module's batch-1 input expanded)."""
+        if name == BATCH1_INPUTS:
+            return bool(self._root_calls and self._root_calls[-1].inputs)
         stack = self._swapped.get(name)
         return bool(stack and stack[-1])
 
     def unexpand(self, name: str, module: nn.Module, exc: BaseException) -> None:
         """Put back the parameters of ``module`` expanded for this call, and refuse them
-        (:class:`.broadcast.GuardedForward`: its forward raised with them expanded)."""
+        (:class:`.broadcast.GuardedForward`: its forward raised with them expanded).
+        ``BATCH1_INPUTS``: refuse the modules whose batch-1 input this root call expanded;
+        the root's forward runs again without."""
+        if name == BATCH1_INPUTS:
+            self._refuse_inputs(exc)
+            return
         swapped = self._swapped[name][-1]
         where = f"{name!r}" if name else "the root"
         for pname, old in reversed(swapped):
@@ -686,8 +762,30 @@ class PerExampleGradNorms:
         self._errors.append(self._unexpandable[name])
         swapped.clear()
 
+    def _refuse_inputs(self, exc: BaseException) -> None:
+        """The root's forward raised with batch-1 inputs expanded (T5's relative position
+        buckets of a one-token target, (1, T_k): its leading 1 is the query length, and
+        the expanded bias broadcast into (B, heads, B, T_k); a trial)."""
+        call = self._root_calls[-1]
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        why = (f"the batch-1 input of module {call.inputs[0]!r} is not broadcast over the "
+               "batch on its leading dimension of 1: expanded to the batch, the forward "
+               f"raised {type(exc).__name__} ({first}); pass it with the batch size where "
+               "that 1 stands for the batch (position ids as (B, T)); where it does not, "
+               "this model has no per-example rule")
+        for n in call.inputs:  # (the rerun's modules say why: _expand_input)
+            self._no_expand[n] = why
+        call.refused, call.inputs = call.inputs, []
+        del self._expanded[call.expanded_from:]  # (that attempt's: the forward runs again)
+
     def withdraw(self, name: str) -> None:
         """Take back :meth:`unexpand`'s refusal: the forward raised unexpanded too."""
+        if name == BATCH1_INPUTS:
+            call = self._root_calls[-1]
+            whys = {self._no_expand.pop(n) for n in call.refused if n in self._no_expand}
+            self._errors = [e for e in self._errors if e not in whys]
+            call.refused = []
+            return
         why = self._unexpandable.pop(name, None)
         if why in self._errors:
             self._errors.remove(why)
