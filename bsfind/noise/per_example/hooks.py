@@ -219,7 +219,7 @@ class RootCall:
     when its forward raised with them expanded (:meth:`PerExampleGradNorms.unexpand`)."""
 
     expanded_from: int
-    given: set[int]  # ids of its tensor arguments (their bases, for views)
+    given: list[Tensor]  # its tensor arguments
     inputs: list[str] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
 
@@ -420,8 +420,7 @@ class PerExampleGradNorms:
         x = first_tensor(args, kwargs)
         batch = int(x.shape[0]) if x is not None and x.dim() > 0 else None
         self._batch.append(batch)
-        given = {id(t if compat.view_base(t) is None else compat.view_base(t))
-                 for t in output_tensors([*args, *kwargs.values()])}
+        given = output_tensors([*args, *kwargs.values()])
         self._root_calls.append(RootCall(len(self._expanded), given))
         if batch is not None and self._hooking():
             self._last_batch = batch
@@ -531,10 +530,13 @@ class PerExampleGradNorms:
                 and not (x.is_floating_point() or x.is_complex()) and x.dim() > 0):
             return
         batch = self._batch[-1]
-        base = compat.view_base(x)
-        if (batch is None or batch < 2 or x.shape[0] != batch
-                or id(x if base is None else base) in self._root_calls[-1].given):
+        if batch is None or batch < 2 or x.shape[0] != batch:
             return
+        base = compat.view_base(x)
+        for t in self._root_calls[-1].given:  # (identity: ids made dynamo compile anew)
+            t_base = compat.view_base(t)
+            if x is t or (base is not None and base is (t if t_base is None else t_base)):
+                return
         label = f"the input of module {name!r}"
         self._made.add(label)
         self._expanded.append((label, output))
