@@ -118,6 +118,8 @@ class ExpansionOwner(Protocol):
 
     def withdraw(self, name: str) -> None: ...
 
+    def crossed(self, name: str, output: object) -> bool: ...
+
 
 # The name under which the root's GuardedForward asks its hooks about the batch-1 module
 # inputs expanded in the current call (not a module's name: names have no "<").
@@ -156,7 +158,10 @@ class GuardedForward:
     training loop (a review). When the run unexpanded succeeds, the hooks refuse the
     parameter; when it raises too, the error is the user's, and nothing is refused.
     The root's guard does the same for the batch-1 module inputs expanded in its call
-    (``BATCH1_INPUTS``): the whole forward runs again without them.
+    (``BATCH1_INPUTS``): the whole forward runs again without them; and when its forward
+    returns, those inputs are checked (:meth:`ExpansionOwner.crossed`), so that one the
+    forward does not broadcast over the batch is refused and the forward run again
+    before its changed values reach the user's loss.
 
     One guard per module, for every set of hooks on it (they may close in any order).
     A copy of the module (``copy.deepcopy``: an EMA's AveragedModel; ``pickle``), whose
@@ -199,13 +204,17 @@ class GuardedForward:
         if torch.jit.is_tracing():  # (torch.jit.trace segfaults on a caught failed op)
             return forward(*args, **kwargs)
         try:
-            return forward(*args, **kwargs)
+            out = forward(*args, **kwargs)
         except Exception as exc:
             expanded = [(o, n) for o, n in self.owners if o.expanded_in(n)]
             if not expanded or not shape_error(exc):
                 raise
             for owner, name in reversed(expanded):  # (the last expansion put back first)
                 owner.unexpand(name, self.module, exc)
+        else:
+            if not any([o.crossed(n, out) for o, n in self.owners]):  # (each one checks)
+                return out
+            return forward(*args, **kwargs)  # without what was refused: the user's values
         try:
             return forward(*args, **kwargs)  # as without bsfind
         except Exception:

@@ -212,6 +212,12 @@ class Hook(functools.partial):  # type: ignore[type-arg]
         return (noop, (compat.hook_next_id(),))
 
 
+def input_label(name: str) -> str:
+    """How the check of batch-expanded tensors names module ``name``'s batch-1 input."""
+    return (f"the batch-1 input of module {name!r} (e.g. position ids of shape (1, T); pass "
+            "it with the batch size if this cannot be fixed)")
+
+
 @dataclass
 class RootCall:
     """One active call of the root module: where its entries of ``_expanded`` start,
@@ -513,9 +519,7 @@ class PerExampleGradNorms:
         if self._root_calls:
             self._root_calls[-1].inputs.append(name)
         if check:  # (a recomputation's graph is checked through the original's)
-            self._expanded.append((
-                f"the batch-1 input of module {name!r} (e.g. position ids of shape (1, T); "
-                "pass it with the batch size if this cannot be fixed)", output))
+            self._expanded.append((input_label(name), output))
         return x, output, True
 
     def _watch_made(self, name: str, x: object, output: object) -> None:
@@ -763,6 +767,32 @@ class PerExampleGradNorms:
             "without parameterised children (the torch.func fallback handles that)")
         self._errors.append(self._unexpandable[name])
         swapped.clear()
+
+    def crossed(self, name: str, output: object) -> bool:
+        """After a forward of the guarded module ``name`` that returned: whether it must
+        run again, some of its expanded tensors having been refused now. For the root
+        (``BATCH1_INPUTS``), its batch-1 inputs are checked here, not at its end hook: an
+        expanded input that the forward reduced over the batch (``wpe(ids).sum(0)``)
+        changed the user's loss and gradient on that step, silently (a trial: 4.7136 to
+        4.8445), the check refusing it only afterwards. Those refused are not expanded
+        in the forward run again, which is the user's own."""
+        call = self._root_calls[-1] if self._root_calls else None
+        batch = self._batch[-1] if self._batch else None
+        if (name != BATCH1_INPUTS or call is None or not call.inputs or batch is None
+                or not torch.is_grad_enabled() or not self._hooking()):
+            return False
+        labels = {input_label(n): n for n in call.inputs}
+        todo = [(label, t) for label, t in self._expanded[call.expanded_from:]
+                if label in labels]
+        self._check_expanded(todo, output_tensors(output), batch)
+        refused = [n for label, n in labels.items() if label in self._crossing]
+        if not refused:
+            return False
+        for n in refused:  # (their message is in the errors: _check_expanded)
+            self._no_expand[n] = self._crossing[input_label(n)]
+        del self._expanded[call.expanded_from:]
+        call.inputs = []
+        return True
 
     def _refuse_inputs(self, exc: BaseException) -> None:
         """The root's forward raised with batch-1 inputs expanded (T5's relative position
