@@ -29,7 +29,7 @@ from bsfind.noise.probe import ProbeOptions
 from bsfind.report import Report
 from bsfind.results import NoiseEstimate
 from bsfind.runner import LocalRunner
-from bsfind.seeds import Seeds
+from bsfind.seeds import Seeds, global_random
 from bsfind.spec import Spec
 from bsfind.workload import Collate, LossFn, Workload
 
@@ -205,8 +205,8 @@ def measure_noise_scale(
     # a tracker of the same model neither counts nor meets it; the global RNG, which the
     # model's dropout draws from, is put back (a trial: a mid-run check moved every later
     # dropout mask and shuffle)
-    devices = [job.device.index or 0] if job.device.type == "cuda" else []
-    with paused_on(model), torch.random.fork_rng(devices=devices):
+    # (dropout's masks are the seed's: seeds.global_random)
+    with paused_on(model), global_random(seed, job.device):
         est = noise_scale_at(job, opts, seed=seed, max_seconds=max_seconds,
                              progress=progress)
     # what the CLI says on stderr about the same measurement, as Python warnings

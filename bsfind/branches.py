@@ -83,7 +83,7 @@ from bsfind.results import (
     RunAverage,
     stalled_orders,
 )
-from bsfind.seeds import Seeds
+from bsfind.seeds import Seeds, global_random
 from bsfind.training import (
     EpochSampler,
     evaluate_loss,
@@ -405,10 +405,11 @@ def run_branch(job: Workload, opt: torch.optim.Optimizer, saved_model: dict[str,
                ) -> list[tuple[int, float]]:
     """One branch: restore the saved weights and optimizer state, set every parameter
     group's learning rate to its saved value × ``lr_scale``, train ``steps`` steps at
-    ``batch`` in the data order ``seed``, and evaluate the loss on ``eval_idx`` after each
-    step in ``at``. ``scales``: the learning rate's further scale at each step (a
-    cool-down); None: constant. ``on_start`` sees the restored state (``repeat`` names
-    the data order); ``on_step`` gets the examples of each training step as it is taken.
+    ``batch`` in the data order ``seed`` (and dropout's masks: every rung alike), and
+    evaluate the loss on ``eval_idx`` after each step in ``at``. ``scales``: the learning
+    rate's further scale at each step (a cool-down); None: constant. ``on_start`` sees
+    the restored state (``repeat`` names the data order); ``on_step`` gets the examples
+    of each training step as it is taken.
     ``micro``: at most this many examples per forward and backward (accumulated).
     ``eval_chunk``: the evaluation's examples per forward (default: ``micro`` or
     ``batch``); a ladder evaluates every rung alike, since in training mode a
@@ -426,6 +427,19 @@ def run_branch(job: Workload, opt: torch.optim.Optimizer, saved_model: dict[str,
         group["lr"] = base * lr_scale
     if on_start is not None:
         on_start(BranchStart(batch, repeat, job.model, opt))
+    with global_random(seed, job.device):
+        return _branch_steps(job, opt, base_lrs, lr_scale=lr_scale, batch=batch, seed=seed,
+                             steps=steps, at=at, eval_idx=eval_idx, deadline=deadline,
+                             scales=scales, on_step=on_step, micro=micro,
+                             eval_chunk=eval_chunk)
+
+
+def _branch_steps(job: Workload, opt: torch.optim.Optimizer, base_lrs: Sequence[float], *,
+                  lr_scale: float, batch: int, seed: int, steps: int, at: Sequence[int],
+                  eval_idx: torch.Tensor, deadline: Deadline, scales: Sequence[float] | None,
+                  on_step: Callable[[int], None] | None, micro: int | None,
+                  eval_chunk: int | None) -> list[tuple[int, float]]:
+    """:func:`run_branch`'s steps, once its state is restored."""
     sampler = EpochSampler(len(job), batch, torch.Generator().manual_seed(seed))
     marks = set(at)
     curve: list[tuple[int, float]] = []

@@ -34,7 +34,7 @@ from bsfind.results import (
     TimingCurve,
 )
 from bsfind.runner import Runner
-from bsfind.seeds import Seeds
+from bsfind.seeds import Seeds, global_random
 from bsfind.spec import Spec
 from bsfind.training import host_weights, kept_buffers_and_grads, offloaded
 from bsfind.workload import (
@@ -201,8 +201,9 @@ def run(spec: Spec, runner: Runner, command: str, progress: ProgressFn | None = 
     start = deadline.end - spec.probe.max_seconds  # the command's start, under the CLI
     job = runner.build(spec)
     setup = now() - start  # Python, torch and the user's factories
-    try:
-        with runner.fit_to_load(job):
+    try:  # (dropout's masks the same in every run of the spec: seeds.global_random)
+        with runner.fit_to_load(job), global_random(Seeds(spec.probe.seed).training_order,
+                                                    job.device):
             report = _measure_and_advise(spec, runner, command, job, deadline, progress,
                                          max_gpus)
     except BudgetError as exc:  # nothing measured: say where the budget went
@@ -252,10 +253,11 @@ def _measure_and_advise(spec: Spec, runner: Runner, command: str, job: Workload,
         # the largest batch that memory allows.
         with offloaded(points.optimizer):
             try:
-                hw = (runner.measure_hardware(job, hardware_options(spec),
-                                              hardware_deadline(deadline, spec, lr_reserve),
-                                              progress)
-                      if hardware else HardwareMeasurement(None, None))
+                with global_random(Seeds(spec.probe.seed).hardware, job.device):
+                    hw = (runner.measure_hardware(job, hardware_options(spec),
+                                                  hardware_deadline(deadline, spec,
+                                                                    lr_reserve), progress)
+                          if hardware else HardwareMeasurement(None, None))
                 report = advise(report, spec, job, runner, hw, max_gpus)
             except Interrupted:  # an inner one: its partial result stands
                 raise
@@ -328,8 +330,9 @@ def plan_from_log(spec: Spec, runner: Runner, records: Sequence[TrackRecord], so
     if planned is not None and reached is not None and reached > planned:
         notes.append(wording.log_beyond_plan(reached, planned))
     report = points_report(spec, job, "schedule", points, notes=tuple(notes), norm_batch=bn)
-    hw = (runner.measure_hardware(job, hardware_options(spec), deadline, progress)
-          if spec.probe.timing else HardwareMeasurement(None, None))
+    with global_random(Seeds(spec.probe.seed).hardware, job.device):
+        hw = (runner.measure_hardware(job, hardware_options(spec), deadline, progress)
+              if spec.probe.timing else HardwareMeasurement(None, None))
     report = advise(report, spec, job, runner, hw, max_gpus)
     if report.recommendation is not None:  # no training: nothing to measure the rate from
         report = with_note(report, wording.lr_not_measured(

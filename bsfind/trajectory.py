@@ -35,7 +35,7 @@ from bsfind.errors import BudgetError, Interrupted, UsageError, UserCodeError
 from bsfind.noise.probe import ProbeOptions
 from bsfind.results import Interval, NoiseEstimate, NoisePartial, Trajectory
 from bsfind.runner import Runner
-from bsfind.seeds import Seeds
+from bsfind.seeds import Seeds, global_random
 from bsfind.spec import Spec
 from bsfind.training import EpochSampler, evaluate_loss, evaluation_subset, host_weights
 from bsfind.workload import Workload, load_checkpoint
@@ -402,16 +402,18 @@ def measure_point(job: Workload, runner: Runner, options: ProbeOptions, seeds: S
                    step: int, deadline: Deadline, curvature: bool,
                    progress: ProgressFn | None) -> NoiseEstimate:
     """B_simple (and B_noise) at the current weights, the noise scale of training step ``step``."""
-    # Seeded by the training step, so the same weights get the same sampling
-    # whether reached by warmup_steps or by at_steps.
-    probe = runner.noise_probe(job, options, seed=seeds.probe(step), step=step,
-                               progress=progress)
-    if not curvature:
-        return probe.run(deadline)
-    # B_simple first on half of this point's share, then B_noise on the rest.
-    est = probe.run(deadline.within(deadline.left() / 2))
-    return runner.curvature(job, est, options, seed=seeds.curvature(step), deadline=deadline,
-                            progress=progress)
+    # Seeded by the training step, so the same weights get the same sampling (and
+    # dropout masks) whether reached by warmup_steps or by at_steps; training's own
+    # random state is left as it was.
+    with global_random(seeds.probe(step), job.device):
+        probe = runner.noise_probe(job, options, seed=seeds.probe(step), step=step,
+                                   progress=progress)
+        if not curvature:
+            return probe.run(deadline)
+        # B_simple first on half of this point's share, then B_noise on the rest.
+        est = probe.run(deadline.within(deadline.left() / 2))
+        return runner.curvature(job, est, options, seed=seeds.curvature(step),
+                                deadline=deadline, progress=progress)
 
 
 # ------------------------------------------------------------------- a tracker's log

@@ -15,6 +15,11 @@ def good_model(features: int = 8, classes: int = 3) -> nn.Module:
     return nn.Sequential(nn.Linear(features, 16), nn.ReLU(), nn.Linear(16, classes))
 
 
+def dropout_model(features: int = 8, classes: int = 3, p: float = 0.3) -> nn.Module:
+    return nn.Sequential(nn.Linear(features, 16), nn.ReLU(), nn.Dropout(p),
+                         nn.Linear(16, classes))
+
+
 def raising_model() -> nn.Module:
     raise ValueError("boom in the model factory")
 
