@@ -691,6 +691,16 @@ def resume_log(path: Path, step: int, examples: int) -> None:
     atomic_write_text(path, "".join(json.dumps(r.to_json()) + "\n" for r in kept))
 
 
+def open_log(path: Path | None, append: bool) -> IO[str] | None:
+    """The tracker's log, opened as it starts: emptied, or appended to by a resumed run.
+    Left untouched until the first record, a log kept a previous run's records when
+    nothing was measured, and ``bsfind schedule`` planned from them (a trial)."""
+    if path is None:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.open("a" if append else "w", encoding="utf-8")
+
+
 def resume_log_on_every_rank(path: Path | None, step: int, examples: int) -> None:
     """:func:`resume_log`, run by rank 0 (which writes the log; ``path`` None: it has
     none), its refusal raised on every rank: raised on rank 0 alone, the other ranks went
@@ -1001,10 +1011,8 @@ class Tracker:
         self._records: list[TrackRecord] = []
         self._pending: deque[in_training.Pending] = deque()
         self._log_path = Path(log) if log is not None and _rank() == 0 else None
-        self._log: IO[str] | None = None
         # resumed: the log keeps its records before the checkpoint, rewritten now in one
         # step (a kill while rewriting must not lose them), and is appended to
-        self._append = bool(step) and self._log_path is not None
         if step:
             resume_log_on_every_rank(self._log_path, step, examples)
         self._norms: Any = None  # PerExampleGradNorms, built on first use
@@ -1027,6 +1035,7 @@ class Tracker:
         self._paused = self._closed = False
         self._start = time.perf_counter()
         close_earlier(model, log)  # (after every check: a refused tracker closes nothing)
+        self._log = open_log(self._log_path, append=bool(step))
         hook_state, hook = ddp_comm_hook or (None, None)  # (state, hook), as documented
         self._ddp = (in_training.DDPNorms.on(ddp, hook=hook, state=hook_state)
                      if ddp is not None and self.world > 1 else None)
@@ -1270,6 +1279,7 @@ class Tracker:
             self._ddp.active = False  # DDP cannot unregister a comm hook: it stays a plain one
         if self._log is not None:
             self._log.close()
+            self._log = None
         self._closed = True
         _OPEN.discard(self)
 
@@ -1484,11 +1494,8 @@ class Tracker:
         return rec
 
     def _write(self, rec: TrackRecord) -> None:
-        if self._log_path is None:
-            return
         if self._log is None:
-            self._log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log = self._log_path.open("a" if self._append else "w", encoding="utf-8")
+            return
         self._log.write(json.dumps(rec.to_json()) + "\n")
         self._log.flush()
 

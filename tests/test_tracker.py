@@ -357,6 +357,20 @@ def test_log_lines_are_the_records_and_read_back(tmp_path: Path) -> None:
     assert all(r.loss is not None and r.loss > 0 for r in recs)
 
 
+def test_a_new_run_empties_its_log_even_when_it_measures_nothing(tmp_path: Path) -> None:
+    """A trial: the log was opened at the first record, so a run that measured nothing
+    (per-example norms refused) left the previous run's 50 lines, and `bsfind schedule`
+    would plan from them. It is emptied as the tracker starts."""
+    model = _model()
+    path = tmp_path / "noise.jsonl"
+    with track(model, every=5, log=path) as tracker:
+        _train(tracker, model, steps=10, batch=32)
+    assert len(path.read_text().splitlines()) == 2
+    with track(model, every=5, log=path):
+        assert path.read_text() == ""
+    assert path.read_text() == ""
+
+
 def test_a_resumed_run_goes_on_counting_and_appends_to_its_log(tmp_path: Path) -> None:
     """A run killed at step 40, resumed from its checkpoint at step 30: track(step=30,
     examples=...) counts on from there, the log keeps the first run's records before
