@@ -1359,6 +1359,13 @@ class Tracker:
             try:
                 per = self._norms.sq_norms()
             except (PerExampleUnsupported, RuntimeError) as exc:
+                if "no backward reached" in str(exc) and self._norms.paths:
+                    # hooks that measured before: a stray update() (called twice in a
+                    # step) turned them off for the rest of the run (a trial)
+                    self._warn_once("no-backward", (
+                        f"bsfind tracker: step {self.step} not measured: no backward since "
+                        "the last update(); " + UPDATE_AFTER_BACKWARD + ", once per step"))
+                    return
                 self._per_example_failed(per_example_failure(exc))
                 return
             if self._norms.replaced:  # the loop accumulated without saying so

@@ -357,6 +357,27 @@ def test_log_lines_are_the_records_and_read_back(tmp_path: Path) -> None:
     assert all(r.loss is not None and r.loss > 0 for r in recs)
 
 
+def test_a_stray_second_update_skips_a_step_and_measuring_goes_on() -> None:
+    """A trial: a second update() in one step found no backward since the first, and
+    the tracker stopped measuring for the rest of the run ("saw no backward in the
+    step"). That step is not measured, with one warning; the next ones are."""
+    model = _model()
+    x, y = _problem()
+    tracker = track(model, every=1, batch_size=32)
+    with pytest.warns(RuntimeWarning, match="step 2 not measured: no backward since the "
+                      "last update()") as seen:
+        for step in range(6):
+            loss = F.cross_entropy(model(x[32 * step:32 * step + 32]), y[32 * step:32 * step + 32])
+            loss.backward()
+            tracker.update(loss)
+            if step == 1:
+                tracker.update(loss)
+            model.zero_grad()
+    assert len([w for w in seen if "bsfind" in str(w.message)]) == 1
+    assert len(tracker.records) == 6 and tracker.reason is None
+    tracker.close()
+
+
 def test_a_new_run_empties_its_log_even_when_it_measures_nothing(tmp_path: Path) -> None:
     """A trial: the log was opened at the first record, so a run that measured nothing
     (per-example norms refused) left the previous run's 50 lines, and `bsfind schedule`
