@@ -128,7 +128,7 @@ def training_step(
     """One optimizer step on the examples ``idx``; returns the (detached) loss.
 
     Args:
-        where: names the step in error messages ("at warm-up training step 3").
+        where: names the step in error messages ("at training step 3").
         check: raise a user error on a NaN/inf loss or gradient (off for timing,
             where it would add a device synchronisation).
         guard: runs the step's two fallible parts (forward + backward, and the
@@ -207,7 +207,7 @@ def train_steps(
             break
         idx = sampler.next()
         step = start_step + i + 1
-        loss = training_step(job, optimizer, idx, where=f"at warm-up training step {step}",
+        loss = training_step(job, optimizer, idx, where=f"at training step {step}",
                              guard=guard, reduce=reduce)
         if on_step is not None:
             on_step(step, float(loss))

@@ -118,7 +118,7 @@ FAULTS = [
     (["optimizer.kwargs={momentun: 0.9}"], 3, "optimizer.kwargs"),
     (["model.factory=user_code.py:nan_model"], 3, "loss is nan"),
     (["model.factory=user_code.py:nan_model", "probe.warmup_steps=5"], 3,
-     "warm-up training step 1"),
+     "at training step 1"),
     (["model.factory=user_code.py:zero_grad_model"], 3, "all zero"),
     (["probe.max_seconds=0.000001"], 5, "probe.max_seconds"),
     (["model.factory=user_code.py:oom_model", "model.kwargs={threshold: 0}"], 4,
