@@ -287,3 +287,27 @@ def hook_ids_past(n: int | None) -> None:
     now = hook_next_id()
     if n is not None and now is not None and n > now:
         RemovableHandle.next_id = n
+
+
+RngState = tuple[torch.Tensor, int | None, torch.Tensor | None]
+
+
+def rng_state(device: torch.device | None) -> RngState | None:
+    """torch's global random state (the CPU's, and ``device``'s if CUDA), to draw the same
+    numbers again (:func:`set_rng_state`); None while dynamo compiles (read there, it
+    would break the graph: fallback, a rerun draws new numbers)."""
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if compiling is not None and compiling():
+        return None
+    index = (device.index or 0) if device is not None and device.type == "cuda" else None
+    return (torch.get_rng_state(), index,
+            torch.cuda.get_rng_state(index) if index is not None else None)
+
+
+def set_rng_state(state: RngState | None) -> None:
+    if state is None:
+        return
+    cpu, index, cuda = state
+    torch.set_rng_state(cpu)
+    if index is not None and cuda is not None:
+        torch.cuda.set_rng_state(cuda, index)

@@ -340,6 +340,132 @@ def test_a_batch_one_input_reshaped_or_reduced_leaves_the_users_values(how: str)
             model.zero_grad()
 
 
+def looped_sq_norms(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """(hooks, exact) |(1/B)·∇L_i|² of token cross-entropy, the exact ones from a loop
+    over examples (torch.func cannot run activation checkpointing)."""
+    b = x.shape[0]
+    want = []
+    for i in range(b):
+        model.zero_grad()
+        (token_ce(model(x[i:i + 1]), y[i:i + 1]) / b).backward()
+        want.append(sum(p.grad.double().square().sum() for p in model.parameters()))
+    model.zero_grad()
+    with PerExampleGradNorms(model) as norms:
+        token_ce(model(x), y).backward()
+        got = norms.sq_norms()
+    return got, torch.stack(want)
+
+
+class TwoBiases(nn.Module):
+    """Two relative-bias layers, one query each (UMT5: a bias in every layer); dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = RelativeBias(queries=1), RelativeBias(queries=1)
+        self.proj, self.drop = nn.Linear(3, 8), nn.Dropout(0.3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.drop(self.proj(self.a(x)))  # (B, 1, 8)
+        return self.b(torch.cat([x[:, :-1], h], 1))
+
+
+def test_each_layers_batch_one_input_is_refused_in_turn_with_the_same_random_numbers() -> None:
+    """A review: with a relative bias in each of two layers, the forward run again after
+    refusing the first raised at the second, and the user's loop failed on every step;
+    and the rerun drew new dropout masks (T5's loss 5.1346 became 5.7101). The forward
+    runs again until it passes, on the random numbers of its first attempt."""
+    model, x, y = TwoBiases(), torch.randn(6, 5, 8), torch.randint(0, 3, (6, 1))
+    torch.manual_seed(3)
+    want = token_ce(model(x), y)
+    after = torch.rand(1)
+    with PerExampleGradNorms(model) as norms:
+        torch.manual_seed(3)
+        loss = token_ce(model(x), y)
+        assert torch.equal(loss, want) and torch.equal(torch.rand(1), after)
+        loss.backward()
+        with pytest.raises(PerExampleUnsupported, match="the batch-1 input of module 'a.bias'"):
+            norms.sq_norms()
+
+
+def test_a_batch_sorted_inside_the_forward_is_measured() -> None:
+    """A review: token ids sorted by length in the forward (``ids[order]``, the output
+    put back in order) are one example per row, in another order; the check of indices
+    made in the forward refused them. A permutation passes, exactly."""
+    class Sorted(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.head = nn.Embedding(11, 8), nn.Linear(8, 11)
+
+        def forward(self, x: Tensor) -> Tensor:
+            order = torch.argsort((x > 5).sum(1), stable=True)
+            return self.head(self.emb(x[order]))[order.argsort()]
+
+    x, y = torch.randint(0, 11, (6, 4)), torch.randint(0, 11, (6, 4))
+    got, want = looped_sq_norms(Sorted(), x, y)  # (sorted: rows in another order)
+    torch.testing.assert_close(got.sort().values, want.sort().values, rtol=RTOL, atol=0)
+
+
+def test_a_model_returning_its_loss_alone_is_checked_on_its_last_layer() -> None:
+    """A review: with no output of the batch's size (``model(x, y) -> loss``) the check was
+    skipped, and positions of a sequence as long as the batch read as examples."""
+    class LossOnly(Positions):
+        def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+            return token_ce(super().forward(x), x)
+
+    model, x = LossOnly(), torch.randint(0, 11, (6, 6))
+    with PerExampleGradNorms(model) as norms:
+        model(x).backward()
+        with pytest.raises(PerExampleUnsupported, match="the input of module 'wpe' has the "
+                           "batch's size"):
+            norms.sq_norms()
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_token_ids_made_in_the_forward_under_checkpointing_are_measured(
+        reentrant: bool) -> None:
+    """A review: the check of indices made in the forward cannot walk a checkpointed
+    graph twice, and refused every model making its token ids there (ids.long(),
+    clamp(), HF LLaMA behind such a wrapper). Such a check is left out; exact."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Clamped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.body, self.head = nn.Embedding(11, 8), nn.Linear(8, 8), nn.Linear(8, 11)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.emb(x.clamp(max=10))
+            h = checkpoint(self.body, h, use_reentrant=reentrant)
+            return self.head(h)
+
+    x, y = torch.randint(0, 11, (6, 4)), torch.randint(0, 11, (6, 4))
+    got, want = looped_sq_norms(Clamped(), x, y)
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=0)
+
+
+def test_ctrl_c_in_the_forward_leaves_no_open_call() -> None:
+    """A review: torch runs no end hook on a KeyboardInterrupt, even always_call, so the
+    root's call stayed open and the check never ran again in that context."""
+    class Interrupted(Positions):
+        stop = True
+
+        def forward(self, x: Tensor) -> Tensor:
+            out = super().forward(x)
+            if self.stop:
+                raise KeyboardInterrupt
+            return out
+
+    model, x = Interrupted(), torch.randint(0, 11, (6, 6))
+    with PerExampleGradNorms(model) as norms:
+        with pytest.raises(KeyboardInterrupt):
+            model(x)
+        model.stop = False
+        token_ce(model(x), x).backward()
+        with pytest.raises(PerExampleUnsupported, match="the input of module 'wpe' has the "
+                           "batch's size"):
+            norms.sq_norms()
+
+
 def test_a_root_forward_that_raises_unexpanded_too_refuses_nothing() -> None:
     """The root's forward raises a shape error of the user's own, with a batch-1 input
     expanded and without: it raises once more, and nothing is refused."""

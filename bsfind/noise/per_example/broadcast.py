@@ -72,7 +72,8 @@ def _tensors(obj: object, depth: int, first: bool) -> list[Tensor]:
     return out
 
 
-def crossing_rows(outputs: list[Tensor], tensors: list[Tensor], batch: int) -> list[int | None]:
+def crossing_rows(outputs: list[Tensor], tensors: list[Tensor], batch: int,
+                  permuted: list[bool] | None = None) -> list[int | None]:
     """For each of ``tensors`` (batch-expanded, rows = examples), the example k whose
     outputs depend on rows other than k (None where no such dependence was found).
 
@@ -80,11 +81,17 @@ def crossing_rows(outputs: list[Tensor], tensors: list[Tensor], batch: int) -> l
         outputs: the forward's outputs with the batch on dim 0 (others are ignored).
         tensors: tensors of the graph with ``batch`` rows.
         batch: the batch size.
+        permuted: per tensor, whether its rows may be the examples in another order
+            (indices made in the forward: a batch sorted by length, ``ids[order]``, is
+            one example per row, as exact as the unsorted one; a review): then example k
+            must depend on one row alone, not the same one as example k's neighbour.
     """
     outs = [o for o in outputs if o.requires_grad and o.dim() >= 1 and o.shape[0] == batch]
     found: list[int | None] = [None] * len(tensors)
     if not outs or batch < 2:
         return found
+    permuted = permuted or [False] * len(tensors)
+    rows_of: list[list[int]] = [[] for _ in tensors]  # the one row example k depends on
     gen = torch.Generator(device=outs[0].device).manual_seed(0)  # not the user's RNG
     for k in (0, 1):
         cotangents = []
@@ -99,6 +106,12 @@ def crossing_rows(outputs: list[Tensor], tensors: list[Tensor], batch: int) -> l
             if g is None or found[i] is not None:
                 continue
             rows = torch.linalg.vector_norm(g.detach().float().reshape(batch, -1), dim=1)
+            if permuted[i]:
+                used = torch.nonzero(rows > CROSSING_RTOL * rows.max()).flatten().tolist()
+                if len(used) > 1 or (used and used[0] in rows_of[i]):
+                    found[i] = k
+                rows_of[i] += used
+                continue
             own = rows[k]
             others = torch.linalg.vector_norm(torch.cat([rows[:k], rows[k + 1 :]]))
             if others > CROSSING_RTOL * own:
@@ -119,6 +132,8 @@ class ExpansionOwner(Protocol):
     def withdraw(self, name: str) -> None: ...
 
     def crossed(self, name: str, output: object) -> bool: ...
+
+    def interrupted(self, name: str) -> None: ...
 
 
 # The name under which the root's GuardedForward asks its hooks about the batch-1 module
@@ -203,24 +218,30 @@ class GuardedForward:
         forward = self.__wrapped__
         if torch.jit.is_tracing():  # (torch.jit.trace segfaults on a caught failed op)
             return forward(*args, **kwargs)
-        try:
-            out = forward(*args, **kwargs)
-        except Exception as exc:
-            expanded = [(o, n) for o, n in self.owners if o.expanded_in(n)]
-            if not expanded or not shape_error(exc):
+        x = first_tensor(args, kwargs)
+        # (a rerun draws the first attempt's random numbers: dropout's masks; a review)
+        state = compat.rng_state(x.device if x is not None else None)
+        refused: list[tuple[ExpansionOwner, str]] = []
+        while True:  # each rerun refuses one more expansion at least: it ends
+            try:
+                out = forward(*args, **kwargs)
+            except Exception as exc:
+                expanded = [(o, n) for o, n in self.owners if o.expanded_in(n)]
+                if not expanded or not shape_error(exc):
+                    for owner, name in refused:  # raised without them too: the user's error
+                        owner.withdraw(name)
+                    raise
+                for owner, name in reversed(expanded):  # (the last expansion put back first)
+                    owner.unexpand(name, self.module, exc)
+                refused += expanded  # (one per layer: UMT5's biases, a review)
+            except BaseException:  # Ctrl-C: torch runs no end hook, even always_call
+                for owner, name in self.owners:
+                    owner.interrupted(name)
                 raise
-            for owner, name in reversed(expanded):  # (the last expansion put back first)
-                owner.unexpand(name, self.module, exc)
-        else:
-            if not any([o.crossed(n, out) for o, n in self.owners]):  # (each one checks)
-                return out
-            return forward(*args, **kwargs)  # without what was refused: the user's values
-        try:
-            return forward(*args, **kwargs)  # as without bsfind
-        except Exception:
-            for owner, name in expanded:  # it raises unexpanded too: the user's error
-                owner.withdraw(name)
-            raise
+            else:
+                if not any([o.crossed(n, out) for o, n in self.owners]):  # (each checks)
+                    return out
+            compat.set_rng_state(state)  # again, without what was refused: as without bsfind
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         if self.own is not None:

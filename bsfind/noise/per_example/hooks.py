@@ -227,6 +227,7 @@ class RootCall:
     expanded_from: int
     given: list[Tensor]  # its tensor arguments
     inputs: list[str] = field(default_factory=list)
+    last: Tensor | None = None  # the last hooked module's output
     refused: list[str] = field(default_factory=list)
 
 
@@ -434,17 +435,38 @@ class PerExampleGradNorms:
     def _on_root_end(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                      output: object) -> None:
         batch = self._batch.pop() if self._batch else None
-        if self._root_calls:
-            self._root_calls.pop()
+        call = self._root_calls.pop() if self._root_calls else None
         if not self._batch and self._expanded:
             expanded, self._expanded = self._expanded, []
             if batch is not None and torch.is_grad_enabled() and self._hooking():
-                self._check_expanded(expanded, output_tensors(output), batch)
+                self._check_expanded(expanded, output_tensors(output), batch,
+                                     call.last if call is not None else None)
+
+    def interrupted(self, name: str) -> None:
+        """The guarded module ``name``'s forward ended by a BaseException that is not an
+        Exception (Ctrl-C), after which torch runs no end hook, even ``always_call``: its
+        parameters stayed expanded (an owner's), or the root's call stayed open, and the
+        check never ran again in that context (a review)."""
+        if name == BATCH1_INPUTS:
+            call = self._root_calls.pop() if self._root_calls else None
+            if self._batch:
+                self._batch.pop()
+            if call is not None:
+                del self._expanded[call.expanded_from:]
+            return
+        stack = self._swapped.get(name)
+        module = dict(self.model.named_modules()).get(name)
+        for pname, old in reversed(stack.pop() if stack else []):
+            if module is not None:
+                compat.swap_parameter(module, pname, old)
 
     def _check_expanded(self, expanded: list[tuple[str, Tensor]], outputs: list[Tensor],
-                        batch: int) -> None:
-        """Once per context and tensor: example i's outputs depend on row i alone (a
-        tensor found otherwise is refused on every later forward too)."""
+                        batch: int, fallback: Tensor | None = None) -> set[str]:
+        """Once per PerExampleGradNorms and tensor: example i's outputs depend on row i
+        alone (a tensor found otherwise is refused on every later forward too). Returns
+        the labels found so now. ``fallback``: the last hooked module's output, checked
+        against when no output has the batch on dim 0 (a model returning its loss alone:
+        the check was skipped, silently; a review)."""
         todo = []
         for label, t in expanded:
             if label in self._crossing:
@@ -452,22 +474,18 @@ class PerExampleGradNorms:
             elif label not in self._checked and t.requires_grad:
                 todo.append((label, t))
         outputs = [o for o in outputs if o.requires_grad and o.dim() > 0 and o.shape[0] == batch]
+        if not outputs and fallback is not None and fallback.shape[0] == batch:
+            outputs = [fallback]
         if not todo or not outputs:  # (nothing to check against: a later forward may have)
-            return
+            return set()
         self._checked.update(label for label, _ in todo)
         self._checking = True
         try:
-            found = crossing_rows(outputs, [t for _, t in todo], batch)
+            found = crossing_rows(outputs, [t for _, t in todo], batch,
+                                  [label in self._made for label, _ in todo])
         except RuntimeError as e:  # e.g. a graph that cannot be walked twice
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             found = [None] * len(todo)
-            # (aot_eager and inductor donate the saved tensors to the backward: a trial's
-            # compiled ViT measured nothing in a whole run, with only torch's words)
-            fix = ("; under torch.compile set torch._functorch.config.donated_buffer = "
-                   "False before the first compiled forward" if "donated buffer" in str(e)
-                   else "")
-            self._errors.append(f"could not check that {todo[0][0]} is broadcast over the "
-                                f"batch: {first}{fix}")
+            self._uncheckable([label for label, _ in todo if label not in self._made], e)
         finally:
             self._checking = False
         for (label, _), k in zip(todo, found, strict=True):
@@ -488,6 +506,24 @@ class PerExampleGradNorms:
                     "of broadcasting it with the batch on dim 0 (x + p, p.expand(B, ...))"
                 )
                 self._errors.append(self._crossing[label])
+        return {label for (label, _), k in zip(todo, found, strict=True) if k is not None}
+
+    def _uncheckable(self, labels: list[str], e: RuntimeError) -> None:
+        """The check could not run. An expanded tensor is refused, on every later forward
+        too (a context after the first measured it unchecked: a review); indices made in
+        the forward are left as they were before that check existed (a model making its
+        token ids under activation checkpointing was refused: a review)."""
+        if not labels:
+            return
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # (aot_eager and inductor donate the saved tensors to the backward: a trial's
+        # compiled ViT measured nothing in a whole run, with only torch's words)
+        fix = ("; under torch.compile set torch._functorch.config.donated_buffer = "
+               "False before the first compiled forward" if "donated buffer" in str(e) else "")
+        why = f"could not check that {labels[0]} is broadcast over the batch: {first}{fix}"
+        for label in labels:
+            self._crossing[label] = why
+        self._errors.append(why)
 
     def _expand_input(self, name: str, module: nn.Module, x: object,
                       output: object) -> tuple[object, object, bool]:
@@ -521,6 +557,12 @@ class PerExampleGradNorms:
         if check:  # (a recomputation's graph is checked through the original's)
             self._expanded.append((input_label(name), output))
         return x, output, True
+
+    def _keep_last(self, output: object) -> None:
+        """The root call's last hooked output with gradient (:meth:`_check_expanded`)."""
+        if (self._root_calls and isinstance(output, Tensor) and output.requires_grad
+                and output.dim() > 0):
+            self._root_calls[-1].last = output
 
     def _watch_made(self, name: str, x: object, output: object) -> None:
         """Indices made in the forward whose dim 0 has the batch's size (nanoGPT's
@@ -562,6 +604,7 @@ class PerExampleGradNorms:
         x = args[0] if args else kwargs.get("input")
         x, output, expanded = self._expand_input(name, module, x, output)
         own = self._capture_product(name, rule, module, x, output)
+        self._keep_last(own if own is not None else output)
         if not expanded:
             self._watch_made(name, x, own if own is not None else output)
         return own if own is not None or not expanded else output  # type: ignore[return-value]
@@ -590,6 +633,7 @@ class PerExampleGradNorms:
         x = args[0] if args else None
         x, output, expanded = self._expand_input(name, module, x, output)
         own = self._capture(name, rule, module, x, output)
+        self._keep_last(own if own is not None else output)
         if not expanded:
             self._watch_made(name, x, own if own is not None else output)
         return own if own is not None or not expanded else output  # type: ignore[return-value]
@@ -784,8 +828,8 @@ class PerExampleGradNorms:
         labels = {input_label(n): n for n in call.inputs}
         todo = [(label, t) for label, t in self._expanded[call.expanded_from:]
                 if label in labels]
-        self._check_expanded(todo, output_tensors(output), batch)
-        refused = [n for label, n in labels.items() if label in self._crossing]
+        found = self._check_expanded(todo, output_tensors(output), batch, call.last)
+        refused = [n for label, n in labels.items() if label in found]
         if not refused:
             return False
         for n in refused:  # (their message is in the errors: _check_expanded)
@@ -807,7 +851,7 @@ class PerExampleGradNorms:
                "this model has no per-example rule")
         for n in call.inputs:  # (the rerun's modules say why: _expand_input)
             self._no_expand[n] = why
-        call.refused, call.inputs = call.inputs, []
+        call.refused, call.inputs = call.refused + call.inputs, []
         del self._expanded[call.expanded_from:]  # (that attempt's: the forward runs again)
 
     def withdraw(self, name: str) -> None:
