@@ -20,7 +20,8 @@ more, and if it is still bad the curve says so (``quality``): the advisor then
 reads the timed points themselves if they are clean, and otherwise does not use
 the step time at all (see ``TimingCurve``).
 On CUDA the clock is read only after ``torch.cuda.synchronize``. An
-out-of-memory ends the climb at the previous rung.
+out-of-memory ends the climb at the previous rung; one in the passes (a rung that
+ran once can fail later) drops that rung and every larger one.
 """
 
 from __future__ import annotations
@@ -251,6 +252,20 @@ def saturation(rungs: Sequence[_Rung], min_top: int) -> int | None:
     return None
 
 
+def _out_of_memory(timer: _Timer, rungs: list[_Rung], b: int, device: torch.device) -> None:
+    """After an out-of-memory at batch ``b``: clear the cache, record ``b`` and drop it
+    and every larger rung (a rung that ran once can fail later: a padded batch's longest
+    sequence differs between draws, memory fragments)."""
+    clear_cache(device)
+    timer.oom_at = b if timer.oom_at is None else min(timer.oom_at, b)
+    rungs[:] = [r for r in rungs if r.batch < b]
+    if not rungs:
+        raise HardwareError(
+            f"out of memory at batch size {b}, the smallest rung of the timing ladder",
+            hint="lower the batch sizes to time, or use a device with more memory",
+        )
+
+
 def _climb(timer: _Timer, ladder: Sequence[int], rungs: list[_Rung], warmup: int,
            repeats: int, min_top: int, device: torch.device) -> str:
     """Time the rungs of ``ladder`` in increasing order, appending to ``rungs``.
@@ -272,13 +287,7 @@ def _climb(timer: _Timer, ladder: Sequence[int], rungs: list[_Rung], warmup: int
                 raise
             oom = True
         if oom:
-            clear_cache(device)
-            timer.oom_at = b
-            if not rungs:
-                raise HardwareError(
-                    f"out of memory at batch size {b}, the smallest rung of the timing ladder",
-                    hint="lower the batch sizes to time, or use a device with more memory",
-                )
+            _out_of_memory(timer, rungs, b, device)
             return "memory"
         if rung.samples:
             rungs.append(rung)
@@ -289,18 +298,31 @@ def _climb(timer: _Timer, ladder: Sequence[int], rungs: list[_Rung], warmup: int
     return "top"
 
 
-def _passes(timer: _Timer, rungs: list[_Rung], rng: random.Random) -> int:
-    """Interleaved re-timing of every rung until the lowest times are stable."""
+def _passes(timer: _Timer, rungs: list[_Rung], rng: random.Random,
+            device: torch.device) -> int:
+    """Interleaved re-timing of every rung until the lowest times are stable.
+
+    A rung out of memory is dropped with every larger one (see ``_out_of_memory``) and
+    the pass begins again on those left, until fewer than two are.
+    """
     done = stable = 0
-    while done < MAX_PASSES and timer.left():
+    while done < MAX_PASSES and timer.left() and len(rungs) >= 2:
         before = [r.low for r in rungs]
         order = list(range(len(rungs)))
         rng.shuffle(order)
-        for i in order:
-            t = timer.time(rungs[i].batch)
-            if t is None:
-                return done
-            rungs[i].samples.append(t)
+        batch = 0
+        try:
+            for i in order:
+                batch = rungs[i].batch
+                t = timer.time(batch)
+                if t is None:
+                    return done
+                rungs[i].samples.append(t)
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            _out_of_memory(timer, rungs, batch, device)
+            continue
         done += 1
         improved = any(r.low < (1 - STABLE_TOL) * b for r, b in zip(rungs, before, strict=True))
         stable = 0 if improved else stable + 1
@@ -442,8 +464,9 @@ def time_ladder(
     for _ in range(MAX_RESUMES + 1):
         if len(rungs) < 2 or stopped == "budget":
             break
-        passes += _passes(timer, rungs, rng)
-        rest = [b for b in ladder if b > rungs[-1].batch]
+        passes += _passes(timer, rungs, rng, device)
+        rest = [b for b in ladder if b > rungs[-1].batch
+                and (timer.oom_at is None or b < timer.oom_at)]
         if stopped != "saturated" or saturation(rungs, min_top) is not None or not rest:
             break
         stopped = _climb(timer, rest, rungs, warmup, repeats, min_top, device)
@@ -453,7 +476,7 @@ def time_ladder(
             hint="raise probe.max_seconds or set probe.timing: false",
         )
     if len(rungs) >= 2 and line_fit([r.point() for r in rungs])[3] != "line":
-        passes += _passes(timer, rungs, rng)  # once more before giving up on the line
+        passes += _passes(timer, rungs, rng, device)  # once more before giving up on the line
     return curve_from_points(
         [r.point() for r in rungs], saturated_at=saturation(rungs, min_top),
         utilization=statistics.fmean(timer.utils) if timer.utils else None, passes=passes,

@@ -245,6 +245,54 @@ def test_a_rung_out_of_memory_caps_the_largest_batch(monkeypatch: pytest.MonkeyP
     assert capped_by_timing(line, None) is line
 
 
+@pytest.mark.parametrize("failing", [32, 8])
+def test_a_rung_out_of_memory_in_the_passes_is_dropped_with_the_larger_ones(
+        monkeypatch: pytest.MonkeyPatch, failing: int) -> None:
+    """A rung that ran in the climb can run out of memory in a later pass (a padded
+    batch's longest sequence differs between draws; the ladder's top is the largest
+    batch found with one draw): that used to end the command with "internal error:
+    OutOfMemoryError". The rung and every larger one are dropped, the rest re-timed."""
+    from bsfind.hardware.measure import capped_by_timing
+    from bsfind.results import MemoryModel
+
+    cleared: list[torch.device | None] = []
+    monkeypatch.setattr(timing, "clear_cache", cleared.append)
+    runs = [0]
+
+    def fail(b: int) -> BaseException | None:
+        runs[0] += b == failing
+        if b == failing and runs[0] == 2 + 3 + 1:  # the climb's 2 warm-ups, 3 timed steps ran
+            return torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20 MiB")
+        return None
+
+    dev = FakeDevice(lambda b: 0.01 + 1e-4 * b, fail=fail)
+    curve = time_ladder(dev.step, geometric_ladder(1, 32), device=CPU, max_seconds=1e6,
+                        max_batch=None, clock=dev.clock)
+    assert curve.out_of_memory_at == failing and cleared == [CPU]
+    assert [p.batch_size for p in curve.points] == [b for b in (1, 2, 4, 8, 16) if b < failing]
+    at = [k for k, (b, _) in enumerate(dev.steps) if b == failing][-1]
+    assert runs[0] == 2 + 3 + 1 and all(b < failing for b, _ in dev.steps[at + 1:])
+    assert curve.passes >= MIN_PASSES and curve.fit_ok
+    line = MemoryModel(fixed_bytes=0, bytes_per_example=1.0, max_batch_size=123_456,
+                       limit_bytes=10**9, source="measured")
+    assert capped_by_timing(line, curve).max_batch_size == failing // 2
+
+
+def test_out_of_memory_in_the_passes_at_the_smallest_rung(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(timing, "clear_cache", lambda device: None)
+    runs = [0]
+
+    def fail(b: int) -> BaseException | None:
+        runs[0] += b == 2
+        return MemoryError() if b == 2 and runs[0] > 5 else None
+
+    dev = FakeDevice(lambda b: 0.01 + 1e-4 * b, fail=fail)
+    with pytest.raises(HardwareError, match="smallest rung"):
+        time_ladder(dev.step, [2, 4, 8], device=CPU, max_seconds=1e6, max_batch=None,
+                    clock=dev.clock)
+
+
 def test_oom_at_first_rung() -> None:
     dev = FakeDevice(lambda b: 1.0, fail=lambda b: torch.cuda.OutOfMemoryError("out of memory"))
     with pytest.raises(HardwareError, match="smallest rung"):
