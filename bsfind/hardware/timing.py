@@ -348,8 +348,8 @@ def line_fit(points: Sequence[TimingPoint]) -> tuple[float, float, float, Qualit
     and c are those of :func:`fit_linear` (clipped at 0).
     """
     t0, c, r2 = fit_linear(points)
-    if len(points) < 2:
-        return t0, c, r2, "untrusted"
+    if len(points) < 2 or not any(p.seconds > 0 for p in points):
+        return t0, c, r2, "untrusted"  # no line; or a clock too coarse to see a step
     rows = [(1.0 / (p.seconds * p.seconds) if p.seconds > 0 else 1.0, float(p.batch_size),
              p.seconds) for p in points]
     sw = sum(w for w, _, _ in rows)

@@ -366,6 +366,17 @@ def test_cuda_synchronized_timing() -> None:
     assert curve.per_example > 0
 
 
+def test_a_clock_too_coarse_to_see_a_step_is_untrusted() -> None:
+    """A clock with 15.6 ms ticks (thread_time on some platforms) reads 0 s for a 1 ms
+    step: every rung's lowest time is 0, which used to raise StatisticsError in the fit."""
+    dev = FakeDevice(lambda b: 0.001 + 1e-6 * b)
+    curve = time_ladder(dev.step, geometric_ladder(1, 64), device=CPU, max_seconds=5.0,
+                        max_batch=None, clock=lambda: math.floor(dev.now / 0.0156) * 0.0156,
+                        budget_clock=dev.clock)
+    assert all(p.seconds == 0 for p in curve.points) and len(curve.points) == 7
+    assert curve.quality == "untrusted" and not curve.fit_ok
+
+
 # --------------------------------------------------------------------------- under load
 
 
