@@ -153,13 +153,7 @@ def time_steps(job: Workload, step: Callable[[int], None], sizes: list[int],
     ``cpu_clock``: time each step by this thread's CPU time (one intra-op thread beside
     a steady load, :func:`ladder_setup`); the budget stays on the wall clock.
     """
-    util = None
-    if job.device.type == "cuda" and nvml.available():
-        index = job.device.index or 0
-
-        def util() -> float | None:
-            return nvml.sample_utilization(index)
-
+    util = nvml.utilization_sampler(job.device)  # None off CUDA or without NVML
     try:
         floor = max(SATURATION_FLOOR_FACTOR * opts.baseline_batch, SATURATION_FLOOR_EXAMPLES)
         return timing.time_ladder(step, sizes, device=job.device,
