@@ -12,13 +12,14 @@ rung), then re-times every rung in interleaved passes, in a shuffled order,
 until no rung's lowest time has improved for STABLE_PASSES passes (or the
 budget ends), so a burst of load lands on every batch size alike. Saturation
 (throughput B/t no longer growing) ends the climb only on clear evidence:
-SATURATION_RUNGS rungs in a row without a gain larger than both 5% and the
-rungs' own measured noise, and never below ``min_top`` (e.g. 4× the baseline
-batch). The line t0 + c·B is fitted to the lowest times; a line that is not
-physical (t0 <= 0 or c < 0) or fits badly (R² < MIN_R2) is re-measured once
-more, and if it is still bad the curve says so (``quality``): the advisor then
-reads the timed points themselves if they are clean, and otherwise does not use
-the step time at all (see ``TimingCurve``).
+SATURATION_RUNGS rungs in a row whose lowest times show no gain larger than 5%,
+and never below ``min_top`` (e.g. 4× the baseline batch); a climb that load made
+look saturated resumes when the passes show it was load. The line t0 + c·B is
+fitted to the lowest times; a line that is not physical (t0 <= 0 or c < 0) or
+fits badly (R² < MIN_R2) is re-measured once more, and if it is still bad the
+curve says so (``quality``): the advisor then reads the timed points themselves
+if they are clean, and otherwise does not use the step time at all (see
+``TimingCurve``).
 On CUDA the clock is read only after ``torch.cuda.synchronize``. An
 out-of-memory ends the climb at the previous rung; one in the passes (a rung that
 ran once can fail later) drops that rung and every larger one.
@@ -40,8 +41,8 @@ from bsfind.errors import BudgetError, HardwareError
 from bsfind.hardware.memory import clear_cache, is_oom
 from bsfind.results import TimingCurve, TimingPoint
 
-# A rung's throughput B/t must beat the best so far by more than this (and by
-# more than the rungs' own measured noise) to count as a gain.
+# A rung's throughput B/t (t its lowest time) must beat the best so far by more than
+# this to count as a gain.
 SATURATION_MIN_GAIN = 0.05
 # Consecutive rungs without a gain before the climb stops: a burst of load
 # from another process can make one or two rungs look slow.
@@ -174,12 +175,6 @@ class _Rung:
     def low(self) -> float:
         return min(self.samples)
 
-    @property
-    def noise(self) -> float:
-        """Relative spread of the rung's times: how much load (or jitter) it saw."""
-        low = self.low
-        return (statistics.median(self.samples) - low) / low if low > 0 else 0.0
-
     def point(self) -> TimingPoint:
         s = sorted(self.samples)
         q = s[min(len(s) - 1, int(UPPER_QUANTILE * (len(s) - 1) + 0.5))]
@@ -230,9 +225,13 @@ class _Timer:
 def saturation(rungs: Sequence[_Rung], min_top: int) -> int | None:
     """The batch where throughput stopped growing, on clear evidence only, else None.
 
-    Walking up the rungs, a gain is a throughput more than max(5%, the two rungs'
-    measured noise) above the best so far; SATURATION_RUNGS rungs in a row without
-    one, ending at or above ``min_top``, call saturation at the last gain.
+    Walking up the rungs, a gain is a throughput (B over the rung's lowest time) more
+    than SATURATION_MIN_GAIN above the best so far; SATURATION_RUNGS rungs in a row
+    without one, ending at or above ``min_top``, call saturation at the last gain.
+    The lowest times are what load leaves alone (it only adds time): a margin widened
+    by the rungs' spread (median over lowest) read intermittent load, half the steps
+    3x slower, as saturation at ``min_top`` while the lowest times still gained
+    6-34% per doubling above it.
     """
     best: _Rung | None = None
     flat = 0
@@ -242,8 +241,7 @@ def saturation(rungs: Sequence[_Rung], min_top: int) -> int | None:
         if best is None:
             best = r
             continue
-        margin = max(SATURATION_MIN_GAIN, r.noise, best.noise)
-        if r.batch / r.low > (1 + margin) * best.batch / best.low:
+        if r.batch / r.low > (1 + SATURATION_MIN_GAIN) * best.batch / best.low:
             best, flat = r, 0
         else:
             flat += 1

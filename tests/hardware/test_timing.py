@@ -443,6 +443,30 @@ def test_recommendation_under_load_stays_where_the_quiet_clock_puts_it() -> None
     assert median_curve.points != loaded.points
 
 
+@pytest.mark.parametrize("phase", [0.0, 0.6, 0.8, 0.9])
+@pytest.mark.parametrize("quiet, saturated_at", [
+    (lambda b: 5e-3 + 2e-5 * b, None),  # throughput +34%, +20%, +11%, +6% per doubling
+    (lambda b: max(1e-2, 2e-5 * b), 512),  # 50,000 examples/s from 512 on
+])
+def test_intermittent_load_does_not_move_saturation(
+        quiet: Callable[[int], float], saturated_at: int | None, phase: float) -> None:
+    """Half of every second 3x slower (another job's bursts): many rungs' medians are
+    loaded, their lowest times are not. Judged with a margin as wide as the rungs' spread
+    (median over lowest, up to 2), the rising curve "saturated near batch" 512 or 256
+    (phases 0.8, 0.9) and the saturating one did not saturate (0.6); on the lowest
+    times both saturate where the quiet ones do."""
+    dev = FakeDevice(quiet)
+    dev.cost = lambda b: quiet(b) * (3.0 if (dev.now + phase) % 1.0 < 0.5 else 1.0)
+    loaded = time_ladder(dev.step, geometric_ladder(1, 4096), device=CPU, max_seconds=20.0,
+                         max_batch=None, clock=dev.clock, min_top=256)
+    still = FakeDevice(quiet)
+    calm = time_ladder(still.step, geometric_ladder(1, 4096), device=CPU, max_seconds=20.0,
+                       max_batch=None, clock=still.clock, min_top=256)
+    busy = sum((start + phase) % 1.0 < 0.5 for _, start in dev.steps) / len(dev.steps)
+    assert busy > 0.2  # the load is real: 1 step in 4 (3x as long, half the time)
+    assert calm.saturated_at == loaded.saturated_at == saturated_at
+
+
 def test_a_poor_line_is_re_measured_then_not_used() -> None:
     # Wave quantisation (a GPU runs 64 examples per wave): t = 1 ms · ceil(B/64). No line
     # fits that; the floor (min_top) keeps the flat stretch from counting as saturation.
