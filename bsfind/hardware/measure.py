@@ -108,9 +108,12 @@ def memory_model(job: Workload, step: Callable[[int], None], opts: HardwareOptio
         return mem.measure_memory_cuda(step, CUDA_MEMORY_SIZES, job.device,
                                        memory_fraction=opts.memory_fraction,
                                        fresh=getattr(step, "fresh", None))
+    # RAM available now excludes the tensors this process already holds that the
+    # prediction counts as fixed: they are added back (mem.held_bytes)
+    held = mem.held_bytes(job.model, getattr(step, "optimizer", None))
     return mem.predict_memory(
         job.model, batch_maker(job, opts.seed), job.loss_fn, job.optimizer_cls,
-        limit_bytes=mem.cpu_memory_limit(opts.memory_fraction) // max(1, ram_share),
+        limit_bytes=mem.cpu_memory_limit(opts.memory_fraction) // max(1, ram_share) + held,
         optimizer_kwargs={"lr": opts.lr, **job.optimizer_kwargs}, loss_of=job.fp32_loss,
     )
 

@@ -101,6 +101,33 @@ def cpu_memory_limit(fraction: float = 1.0) -> int:
     return int(base * fraction)
 
 
+def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Bytes this process holds now, on the CPU, for what :func:`predict_memory` counts as
+    fixed: ``model``'s parameters, buffers and gradients, and ``optimizer``'s state.
+
+    RAM available now (:func:`cpu_memory_limit`) already excludes them, so a CPU limit
+    that the prediction's fixed bytes are subtracted from adds them back (else they are
+    subtracted twice: a trial's 2 GiB of weights, gradients and Adam state cut the room
+    for activations from 18.6 to 16.6 GiB). A storage several tensors view is counted
+    once, never beyond its size.
+    """
+    tensors: list[torch.Tensor] = [*model.parameters(), *model.buffers()]
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    if optimizer is not None:
+        tensors += [v for st in optimizer.state.values() if isinstance(st, dict)
+                    for v in st.values() if isinstance(v, torch.Tensor)]
+    views: dict[int, set[tuple[int, int]]] = {}  # storage -> {(data_ptr, nbytes)}
+    sizes: dict[int, int] = {}
+    for t in tensors:
+        if t.device.type != "cpu" or t.layout != torch.strided:
+            continue
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        sizes[key] = storage.nbytes()
+        views.setdefault(key, set()).add((t.data_ptr(), t.numel() * t.element_size()))
+    return sum(min(sizes[k], sum(n for _, n in v)) for k, v in views.items())
+
+
 # --------------------------------------------------------------------------- OOM
 
 
