@@ -596,6 +596,32 @@ def test_measure_memory_cuda_falls_back_to_batch_one_after_the_warm_up(
         measure_memory_cuda(fake.step, (2, 8, 32), torch.device("cuda", 0))
 
 
+def test_batch_one_that_raised_is_not_called_out_of_memory(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A BatchNorm model out of memory at batch 2, whose batch 1 then raised "Expected
+    more than 1 value per channel", was reported "out of memory even at batch size 1"."""
+    from bsfind.hardware.memory import OutOfMemoryAtBatchOne
+
+    fake = StateThatGrows(batchnorm=True)
+    fake.install(monkeypatch)
+    fake.state = 2_000  # the warm-up at 2 already runs out of memory
+    with pytest.raises(OutOfMemoryAtBatchOne) as info:
+        measure_memory_cuda(fake.step, (2, 8, 32), torch.device("cuda", 0))
+    assert info.value.message == (
+        "out of memory at batch size 2, and batch size 1 did not run either: it raised "
+        "ValueError: Expected more than 1 value per channel when training")
+    fake = StateThatGrows(batchnorm=True)  # the warm-up runs, the measured 2 does not
+    fake.install(monkeypatch)
+    with pytest.raises(OutOfMemoryAtBatchOne, match="did not run either: it raised Value"):
+        measure_memory_cuda(fake.step, (2, 8, 32), torch.device("cuda", 0))
+    fake = LazyStateAllocator(2)  # batch 1 out of memory too: as before
+    fake.install(monkeypatch)
+    monkeypatch.setattr(fake, "oom_from", 1)
+    with pytest.raises(OutOfMemoryAtBatchOne) as info:
+        measure_memory_cuda(fake.step, (2, 8, 32), torch.device("cuda", 0))
+    assert info.value.message == "out of memory even at batch size 1"
+
+
 def test_a_warm_up_that_ran_out_of_memory_starts_a_fresh_optimizer(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """An out-of-memory error inside Adam's first step can leave exp_avg made and
