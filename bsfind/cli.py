@@ -617,7 +617,7 @@ def render_candidates(doc: dict[str, Any]) -> Table:
     timing = (doc.get("predicted") or {}).get("timing") or doc.get("timing") or {}
     src = timing.get("source", "no timing")
     if timing.get("quality") == "untrusted":
-        src += ", too noisy to use"
+        src += ", not used (see the notes)"
     t = Table(title=f"Candidates (step time: {src})", title_justify="left")
     for col in ("batch", "per device × accum", "steps ratio", "time/step", "total time",
                 "cost", "memory", "fits", "step time"):
@@ -696,7 +696,7 @@ def hardware_lines(doc: dict[str, Any]) -> list[str]:
             f"Step time ({tim['source']}): t(B) = {_fmt_seconds(tim['t0'])} + "
             f"{_fmt_seconds(tim['per_example'])}·B (R² {_fmt(tim['r2'])}, "
             + {"line": "", "points": "read from the timed points, ",
-               "untrusted": "too noisy to use, "}.get(tim.get("quality") or "line", "")
+               "untrusted": "not used (see the notes), "}.get(tim.get("quality") or "line", "")
             + f"{len(tim['points'])} batch sizes"
             + (f", saturates near batch {tim['saturated_at']:,}" if tim.get("saturated_at") else "")
             + (f", GPU utilisation {tim['utilization_gpu_pct']:.0f}% while timing"

@@ -359,8 +359,10 @@ def advise(report: Report, spec: Spec, job: Workload, runner: Runner, hw: Hardwa
             opts=hardware_options(spec))
         price = price if price is not None else gpu_price
     notes = list(hw.notes)
-    if spec.hardware.gpu:
-        pass  # the predicted step time is the one used, not the measured one
+    if spec.hardware.gpu:  # the predicted step time is the one used, not the measured one:
+        # none measured here is no loss ("the advice uses the noise scale only" is untrue)
+        notes = [n for n in notes if n not in (wording.NO_TIMING,
+                                               wording.NO_TIMING_ON_EVERY_RANK)]
     elif hw.timing_threads is not None or hw.timing_cpu_clock:
         shares = [x for x in (hw.busy_before, hw.busy_share) if x is not None]
         notes.append(wording.timed_beside_load(max(shares, default=BUSY_SHARE),

@@ -230,7 +230,9 @@ class TimingCurve:
       and interpolated; past the last rung, time in proportion to B (no
       further gain in throughput assumed).
     - "untrusted": neither, even after re-measuring (a machine too busy to
-      time): the advice does not use the step time at all.
+      time), or when the budget ended before the rungs were re-timed; also one
+      timed batch size, or a clock that read 0 s for every step: the advice
+      does not use the step time at all.
 
     A predicted curve (no points) is the line alone. ``t0_upper`` /
     ``per_example_upper``: the line through the rungs' 25th percentiles, the

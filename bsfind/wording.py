@@ -554,6 +554,23 @@ def step_time_words(timing: TimingCurve) -> str:
             f"(no line fits them); past {num(bs[-1])}, time in proportion to B")
 
 
+def _untrusted_timing(t: TimingCurve) -> str:
+    """Why a measured step-time curve is not used: one batch size, a clock that read 0 s,
+    a budget that ended before the rungs were re-timed, or noise that outlasted it."""
+    if len(t.points) < 2:
+        return (f"only one batch size ({t.points[0].batch_size:,}) was timed (a larger one "
+                "did not fit in memory, or the budget ended), and one point makes no "
+                "step-time line" if t.points else "no batch size was timed")
+    if not any(p.seconds > 0 for p in t.points):
+        return "the clock read 0 s for every timed step (too coarse for steps this short)"
+    fit = f"R² {t.r2:.2f}, t0 {secs(t.t0)}, c {secs(t.per_example)}"
+    if t.passes == 0:
+        return (f"the step times were too noisy to use ({fit}), and the budget ended before "
+                "they could be re-measured")
+    return (f"the step times were too noisy to use even after re-measuring ({fit}; is "
+            "something else running on this machine?)")
+
+
 def _notes(advice: Advice, inputs: AdvisorInputs) -> list[str]:
     from bsfind.advisor import MAX_PIECES, memory_bound, throughput_cap
 
@@ -563,17 +580,14 @@ def _notes(advice: Advice, inputs: AdvisorInputs) -> list[str]:
         notes.append("the step-time fit is degenerate (t0 <= 0 and slope <= 0): ignored")
     elif f.timing_state == "points" and inputs.timing is not None:
         t = inputs.timing
+        again = " even after re-measuring" if t.passes else ""
         notes.append(
-            f"no line t0 + c·B fits the step times even after re-measuring (R² {t.r2:.2f}), "
+            f"no line t0 + c·B fits the step times{again} (R² {t.r2:.2f}), "
             "but they are clean: within the timed range the advice reads the timed points "
             "themselves, and past the last one it assumes no further gain in throughput")
     elif f.timing_state == "untrusted" and inputs.timing is not None:
-        t = inputs.timing
-        notes.append(
-            f"the step times were too noisy to use even after re-measuring (R² {t.r2:.2f}, "
-            f"t0 {secs(t.t0)}, c {secs(t.per_example)}; is something else running on this "
-            "machine?): the advice is from the noise scale alone, the batch where extra "
-            "examples stop paying off")
+        notes.append(f"{_untrusted_timing(inputs.timing)}: the advice is from the noise scale "
+                     "alone, the batch where extra examples stop paying off")
     elif f.timing_state == "clamped":
         notes.append("the step-time fit had a negative term; it was clamped at 0")
     if f.search_truncated:

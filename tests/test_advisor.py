@@ -602,6 +602,28 @@ def test_untrusted_step_times_are_not_acted_on() -> None:
     assert TimingPoint(1, 0.3, 5).seconds_q25 is None
 
 
+@pytest.mark.parametrize("times, passes, says, not_says", [
+    ({32: 0.2}, 0, "only one batch size (32) was timed", "noisy"),
+    ({1: 0.0, 2: 0.0, 4: 0.0}, 3, "the clock read 0 s for every timed step", "noisy"),
+    ({1: 0.20, 2: 0.21, 4: 0.20, 8: 0.60, 16: 0.55, 32: 0.21, 64: 0.22}, 0,
+     "and the budget ended before they could be re-measured", "re-measuring"),
+    ({1: 0.20, 2: 0.21, 4: 0.20, 8: 0.60, 16: 0.55, 32: 0.21, 64: 0.22}, 3,
+     "too noisy to use even after re-measuring", "budget"),
+])
+def test_an_unused_step_time_curve_says_why(times: dict[int, float], passes: int, says: str,
+                                            not_says: str) -> None:
+    """One timed batch size, a clock that read 0 s, or a budget that ended before the
+    rungs were re-timed are not noise "even after re-measuring" (the note used to say so
+    for each, and to ask whether something else was running)."""
+    curve = replace(measured(times, q25={b: 1.15 * t for b, t in times.items()}),
+                    passes=passes)
+    assert curve.quality == "untrusted"
+    rec = advise(inputs(timing=curve)).recommendation
+    note = next(n for n in rec.notes if "the advice is from the noise scale alone" in n)
+    assert says in note and not_says not in note
+    assert ("is something else running" in note) == (passes > 0 and "noisy" in says)
+
+
 def test_measured_points_on_a_line_agree_with_the_line() -> None:
     times = {b: T0 + C * b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)}
     curve = measured(times)

@@ -232,3 +232,28 @@ def test_a_partial_checks_line_says_so() -> None:
                                 tolerance=2, time_ratio=None, cost_ratio=None,
                                 learning_rate=0.1, lr_label="rule: mccandlish", partial=True)
     assert cut.endswith("; partial: the measurement stopped early (the warnings say why)")
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+def test_no_local_step_time_under_a_predicted_gpu_is_no_loss(
+        monkeypatch: pytest.MonkeyPatch, gpu: bool) -> None:
+    """hardware.gpu set and the local ladder timed nothing: the report said "the advice
+    uses the noise scale only" while the advice used the predicted GPU step time."""
+    from bsfind import wording
+    from bsfind.hardware import measure
+    from bsfind.results import HardwareMeasurement
+    from bsfind.runner import LocalRunner
+
+    def no_timing(self, job, options, deadline, progress):  # type: ignore[no-untyped-def]
+        memory = measure.memory_model(job, measure.step_function(job, options.lr, 0), options)
+        return HardwareMeasurement(memory, None, (wording.NO_TIMING,))
+
+    monkeypatch.setattr(LocalRunner, "measure_hardware", no_timing)
+    r = runner.invoke(app, ["recommend", str(ASSETS / "good.yaml"), "--json",
+                            "--set", "probe.max_seconds=5", "--set", "probe.lr_branches=false",
+                            *(["--gpu", "a100-80gb"] if gpu else [])])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["timing"] is None
+    assert (doc["recommendation"]["predicted_time_ratio"] is not None) == gpu
+    assert (wording.NO_TIMING in doc["warnings"]) == (not gpu)

@@ -108,9 +108,12 @@ def memory_model(job: Workload, step: Callable[[int], None], opts: HardwareOptio
         return mem.measure_memory_cuda(step, CUDA_MEMORY_SIZES, job.device,
                                        memory_fraction=opts.memory_fraction,
                                        fresh=getattr(step, "fresh", None))
+    # RAM available now excludes the tensors this process already holds that the
+    # prediction counts as fixed: they are added back (mem.held_bytes)
+    held = mem.held_bytes(job.model, getattr(step, "optimizer", None))
     return mem.predict_memory(
         job.model, batch_maker(job, opts.seed), job.loss_fn, job.optimizer_cls,
-        limit_bytes=mem.cpu_memory_limit(opts.memory_fraction) // max(1, ram_share),
+        limit_bytes=mem.cpu_memory_limit(opts.memory_fraction) // max(1, ram_share) + held,
         optimizer_kwargs={"lr": opts.lr, **job.optimizer_kwargs}, loss_of=job.fp32_loss,
     )
 
@@ -153,13 +156,7 @@ def time_steps(job: Workload, step: Callable[[int], None], sizes: list[int],
     ``cpu_clock``: time each step by this thread's CPU time (one intra-op thread beside
     a steady load, :func:`ladder_setup`); the budget stays on the wall clock.
     """
-    util = None
-    if job.device.type == "cuda" and nvml.available():
-        index = job.device.index or 0
-
-        def util() -> float | None:
-            return nvml.sample_utilization(index)
-
+    util = nvml.utilization_sampler(job.device)  # None off CUDA or without NVML
     try:
         floor = max(SATURATION_FLOOR_FACTOR * opts.baseline_batch, SATURATION_FLOOR_EXAMPLES)
         return timing.time_ladder(step, sizes, device=job.device,

@@ -101,6 +101,33 @@ def cpu_memory_limit(fraction: float = 1.0) -> int:
     return int(base * fraction)
 
 
+def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Bytes this process holds now, on the CPU, for what :func:`predict_memory` counts as
+    fixed: ``model``'s parameters, buffers and gradients, and ``optimizer``'s state.
+
+    RAM available now (:func:`cpu_memory_limit`) already excludes them, so a CPU limit
+    that the prediction's fixed bytes are subtracted from adds them back (else they are
+    subtracted twice: a trial's 2 GiB of weights, gradients and Adam state cut the room
+    for activations from 18.6 to 16.6 GiB). A storage several tensors view is counted
+    once, never beyond its size.
+    """
+    tensors: list[torch.Tensor] = [*model.parameters(), *model.buffers()]
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    if optimizer is not None:
+        tensors += [v for st in optimizer.state.values() if isinstance(st, dict)
+                    for v in st.values() if isinstance(v, torch.Tensor)]
+    views: dict[int, set[tuple[int, int]]] = {}  # storage -> {(data_ptr, nbytes)}
+    sizes: dict[int, int] = {}
+    for t in tensors:
+        if t.device.type != "cpu" or t.layout != torch.strided:
+            continue
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        sizes[key] = storage.nbytes()
+        views.setdefault(key, set()).add((t.data_ptr(), t.numel() * t.element_size()))
+    return sum(min(sizes[k], sum(n for _, n in v)) for k, v in views.items())
+
+
 # --------------------------------------------------------------------------- OOM
 
 
@@ -558,30 +585,45 @@ def predict_memory(
 
 
 def _runs(step: Callable[[int], None], b: int, device: torch.device,
-          any_error: bool = False) -> bool:
+          any_error: bool = False, why: list[str] | None = None) -> bool:
     """One step at ``b``: False when it ran out of memory (or, with ``any_error``, failed
-    at all: batch 1 is a fallback, and BatchNorm refuses it)."""
+    at all: batch 1 is a fallback, and BatchNorm refuses it); what failed is appended to
+    ``why`` ("out of memory", or the error's type and message)."""
     try:
         step(b)
         return True
     except Exception as exc:
         if not (any_error or is_oom(exc)):
             raise
+        if why is not None:
+            why.append("out of memory" if is_oom(exc) else f"{type(exc).__name__}: {exc}")
     clear_cache(device)  # outside the except: the error's frames hold the tensors
     return False
 
 
 def _peak_after(step: Callable[[int], None], b: int, device: torch.device,
-                any_error: bool = False) -> tuple[float, float] | None:
+                any_error: bool = False, why: list[str] | None = None
+                ) -> tuple[float, float] | None:
     """(b, CUDA's peak allocated bytes over one step at b), from an emptied cache and a
     reset peak; None when the step did not run (:func:`_runs`)."""
     clear_cache(device)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
-    if not _runs(step, b, device, any_error):
+    if not _runs(step, b, device, any_error, why):
         return None
     torch.cuda.synchronize(device)
     return float(b), float(torch.cuda.max_memory_allocated(device))
+
+
+def _not_even_one(failed: int | None, why: list[str], where: str = "") -> OutOfMemoryAtBatchOne:
+    """Out of memory at ``failed`` and batch 1 did not run: out of memory, or what it
+    raised (BatchNorm refuses a batch of 1; that is no out-of-memory at batch 1)."""
+    if failed in (None, 1) or (why == ["out of memory"] and not where):
+        return OutOfMemoryAtBatchOne()
+    said = f"out of memory at batch size {failed}{where}, and batch size 1 did not run either"
+    if why and why[-1] != "out of memory":
+        said += f": it raised {why[-1]}"
+    return OutOfMemoryAtBatchOne(said)
 
 
 def measure_memory_cuda(
@@ -627,11 +669,12 @@ def measure_memory_cuda(
         _free, total = torch.cuda.mem_get_info(device)
         limit_bytes = int(total * memory_fraction)
     order = sorted(set(sizes))
+    why: list[str] = []  # what batch 1 raised, when it did not run
     if not _runs(step, order[0], device):  # the warm-up
         if fresh is not None:
             fresh()
-        if order[0] == 1 or not _runs(step, 1, device, any_error=True):
-            raise OutOfMemoryAtBatchOne()
+        if order[0] == 1 or not _runs(step, 1, device, any_error=True, why=why):
+            raise _not_even_one(order[0], why)
         order = [1, *order]
     points: list[tuple[float, float]] = []
     failed: int | None = None
@@ -642,12 +685,10 @@ def measure_memory_cuda(
             break
         points.append(point)
     if len(points) < 2 and not any(b == 1.0 for b, _ in points):
-        one = _peak_after(step, 1, device, any_error=True)
+        one = _peak_after(step, 1, device, any_error=True, why=why)
         points = ([] if one is None else [one]) + points
     if not points:
-        raise OutOfMemoryAtBatchOne(
-            f"out of memory at batch size {failed} while measuring the memory line, "
-            "and batch size 1 did not run either")
+        raise _not_even_one(failed, why, " while measuring the memory line")
     if len(points) == 1:
         return MemoryModel(fixed_bytes=int(points[0][1]), bytes_per_example=0.0,
                            max_batch_size=1, limit_bytes=int(limit_bytes), source="measured",

@@ -235,22 +235,45 @@ def list_devices() -> list[DeviceInfo]:
     return [device_info(i) for i in range(int(count or 0))]
 
 
+def _utilization(mod: Any, handle: Any) -> float | None:
+    util = _query(mod.nvmlDeviceGetUtilizationRates, handle)
+    gpu = getattr(util, "gpu", None)
+    return None if gpu is None else float(gpu)
+
+
 def sample_utilization(index: int) -> float | None:
     """GPU utilisation in percent over NVML's last sample period, or None.
 
-    Cheap enough to call after every timed step: NVML reports the share of
-    the last 1/6–1 s during which a kernel ran, so calling it right after a
-    step reflects that step.
+    ``index`` is NVML's numbering (PCI bus order), not torch's: for torch's
+    ``cuda:N`` use :func:`utilization_sampler`. Cheap enough to call after every
+    timed step: NVML reports the share of the last 1/6–1 s during which a kernel
+    ran, so calling it right after a step reflects that step.
     """
     mod = _ensure()
     if mod is None:
         return None
     handle = _query(mod.nvmlDeviceGetHandleByIndex, index)
+    return None if handle is None else _utilization(mod, handle)
+
+
+def utilization_sampler(torch_device: torch.device) -> Callable[[], float | None] | None:
+    """A function sampling the utilisation (as :func:`sample_utilization`) of torch's
+    ``torch_device``, or None (not CUDA, no NVML, or NVML cannot identify it).
+
+    The NVML handle is resolved once, as :func:`describe_device` resolves it: by the
+    device's UUID, so CUDA_VISIBLE_DEVICES and CUDA_DEVICE_ORDER, which renumber
+    torch's devices but not NVML's, do not make it read another GPU (a MIG instance's
+    handle has no utilisation: None, not its neighbours').
+    """
+    if torch_device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    mod = _ensure()
+    if mod is None:
+        return None
+    handle = _nvml_handle_for(mod, _torch_index(torch_device))
     if handle is None:
         return None
-    util = _query(mod.nvmlDeviceGetUtilizationRates, handle)
-    gpu = getattr(util, "gpu", None)
-    return None if gpu is None else float(gpu)
+    return lambda: _utilization(mod, handle)
 
 
 # --------------------------------------------------------------------------- torch devices
@@ -265,6 +288,12 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "cpu"
+
+
+def _torch_index(torch_device: torch.device) -> int:
+    if torch_device.index is not None:
+        return torch_device.index
+    return torch.cuda.current_device() if torch.cuda.is_available() else 0
 
 
 def _nvml_handle_for(mod: Any, torch_index: int) -> Any:
@@ -322,9 +351,7 @@ def describe_device(torch_device: torch.device) -> DeviceInfo:
     ``torch.cuda.get_device_properties`` with the NVML hint as ``note``.
     """
     if torch_device.type == "cuda":
-        index = torch_device.index
-        if index is None:
-            index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        index = _torch_index(torch_device)
         if not torch.cuda.is_available():
             return DeviceInfo(type="cuda", index=index, name=f"cuda:{index}",
                               note="CUDA is not available in this process")

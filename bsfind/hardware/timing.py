@@ -12,15 +12,17 @@ rung), then re-times every rung in interleaved passes, in a shuffled order,
 until no rung's lowest time has improved for STABLE_PASSES passes (or the
 budget ends), so a burst of load lands on every batch size alike. Saturation
 (throughput B/t no longer growing) ends the climb only on clear evidence:
-SATURATION_RUNGS rungs in a row without a gain larger than both 5% and the
-rungs' own measured noise, and never below ``min_top`` (e.g. 4× the baseline
-batch). The line t0 + c·B is fitted to the lowest times; a line that is not
-physical (t0 <= 0 or c < 0) or fits badly (R² < MIN_R2) is re-measured once
-more, and if it is still bad the curve says so (``quality``): the advisor then
-reads the timed points themselves if they are clean, and otherwise does not use
-the step time at all (see ``TimingCurve``).
+SATURATION_RUNGS rungs in a row whose lowest times show no gain larger than 5%,
+and never below ``min_top`` (e.g. 4× the baseline batch); a climb that load made
+look saturated resumes when the passes show it was load. The line t0 + c·B is
+fitted to the lowest times; a line that is not physical (t0 <= 0 or c < 0) or
+fits badly (R² < MIN_R2) is re-measured once more, and if it is still bad the
+curve says so (``quality``): the advisor then reads the timed points themselves
+if they are clean, and otherwise does not use the step time at all (see
+``TimingCurve``).
 On CUDA the clock is read only after ``torch.cuda.synchronize``. An
-out-of-memory ends the climb at the previous rung.
+out-of-memory ends the climb at the previous rung; one in the passes (a rung that
+ran once can fail later) drops that rung and every larger one.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ from bsfind.errors import BudgetError, HardwareError
 from bsfind.hardware.memory import clear_cache, is_oom
 from bsfind.results import TimingCurve, TimingPoint
 
-# A rung's throughput B/t must beat the best so far by more than this (and by
-# more than the rungs' own measured noise) to count as a gain.
+# A rung's throughput B/t (t its lowest time) must beat the best so far by more than
+# this to count as a gain.
 SATURATION_MIN_GAIN = 0.05
 # Consecutive rungs without a gain before the climb stops: a burst of load
 # from another process can make one or two rungs look slow.
@@ -173,12 +175,6 @@ class _Rung:
     def low(self) -> float:
         return min(self.samples)
 
-    @property
-    def noise(self) -> float:
-        """Relative spread of the rung's times: how much load (or jitter) it saw."""
-        low = self.low
-        return (statistics.median(self.samples) - low) / low if low > 0 else 0.0
-
     def point(self) -> TimingPoint:
         s = sorted(self.samples)
         q = s[min(len(s) - 1, int(UPPER_QUANTILE * (len(s) - 1) + 0.5))]
@@ -229,9 +225,13 @@ class _Timer:
 def saturation(rungs: Sequence[_Rung], min_top: int) -> int | None:
     """The batch where throughput stopped growing, on clear evidence only, else None.
 
-    Walking up the rungs, a gain is a throughput more than max(5%, the two rungs'
-    measured noise) above the best so far; SATURATION_RUNGS rungs in a row without
-    one, ending at or above ``min_top``, call saturation at the last gain.
+    Walking up the rungs, a gain is a throughput (B over the rung's lowest time) more
+    than SATURATION_MIN_GAIN above the best so far; SATURATION_RUNGS rungs in a row
+    without one, ending at or above ``min_top``, call saturation at the last gain.
+    The lowest times are what load leaves alone (it only adds time): a margin widened
+    by the rungs' spread (median over lowest) read intermittent load, half the steps
+    3x slower, as saturation at ``min_top`` while the lowest times still gained
+    6-34% per doubling above it.
     """
     best: _Rung | None = None
     flat = 0
@@ -241,14 +241,27 @@ def saturation(rungs: Sequence[_Rung], min_top: int) -> int | None:
         if best is None:
             best = r
             continue
-        margin = max(SATURATION_MIN_GAIN, r.noise, best.noise)
-        if r.batch / r.low > (1 + margin) * best.batch / best.low:
+        if r.batch / r.low > (1 + SATURATION_MIN_GAIN) * best.batch / best.low:
             best, flat = r, 0
         else:
             flat += 1
             if flat >= SATURATION_RUNGS and r.batch >= min_top:
                 return best.batch
     return None
+
+
+def _out_of_memory(timer: _Timer, rungs: list[_Rung], b: int, device: torch.device) -> None:
+    """After an out-of-memory at batch ``b``: clear the cache, record ``b`` and drop it
+    and every larger rung (a rung that ran once can fail later: a padded batch's longest
+    sequence differs between draws, memory fragments)."""
+    clear_cache(device)
+    timer.oom_at = b if timer.oom_at is None else min(timer.oom_at, b)
+    rungs[:] = [r for r in rungs if r.batch < b]
+    if not rungs:
+        raise HardwareError(
+            f"out of memory at batch size {b}, the smallest rung of the timing ladder",
+            hint="lower the batch sizes to time, or use a device with more memory",
+        )
 
 
 def _climb(timer: _Timer, ladder: Sequence[int], rungs: list[_Rung], warmup: int,
@@ -272,13 +285,7 @@ def _climb(timer: _Timer, ladder: Sequence[int], rungs: list[_Rung], warmup: int
                 raise
             oom = True
         if oom:
-            clear_cache(device)
-            timer.oom_at = b
-            if not rungs:
-                raise HardwareError(
-                    f"out of memory at batch size {b}, the smallest rung of the timing ladder",
-                    hint="lower the batch sizes to time, or use a device with more memory",
-                )
+            _out_of_memory(timer, rungs, b, device)
             return "memory"
         if rung.samples:
             rungs.append(rung)
@@ -289,18 +296,31 @@ def _climb(timer: _Timer, ladder: Sequence[int], rungs: list[_Rung], warmup: int
     return "top"
 
 
-def _passes(timer: _Timer, rungs: list[_Rung], rng: random.Random) -> int:
-    """Interleaved re-timing of every rung until the lowest times are stable."""
+def _passes(timer: _Timer, rungs: list[_Rung], rng: random.Random,
+            device: torch.device) -> int:
+    """Interleaved re-timing of every rung until the lowest times are stable.
+
+    A rung out of memory is dropped with every larger one (see ``_out_of_memory``) and
+    the pass begins again on those left, until fewer than two are.
+    """
     done = stable = 0
-    while done < MAX_PASSES and timer.left():
+    while done < MAX_PASSES and timer.left() and len(rungs) >= 2:
         before = [r.low for r in rungs]
         order = list(range(len(rungs)))
         rng.shuffle(order)
-        for i in order:
-            t = timer.time(rungs[i].batch)
-            if t is None:
-                return done
-            rungs[i].samples.append(t)
+        batch = 0
+        try:
+            for i in order:
+                batch = rungs[i].batch
+                t = timer.time(batch)
+                if t is None:
+                    return done
+                rungs[i].samples.append(t)
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            _out_of_memory(timer, rungs, batch, device)
+            continue
         done += 1
         improved = any(r.low < (1 - STABLE_TOL) * b for r, b in zip(rungs, before, strict=True))
         stable = 0 if improved else stable + 1
@@ -326,8 +346,8 @@ def line_fit(points: Sequence[TimingPoint]) -> tuple[float, float, float, Qualit
     and c are those of :func:`fit_linear` (clipped at 0).
     """
     t0, c, r2 = fit_linear(points)
-    if len(points) < 2:
-        return t0, c, r2, "untrusted"
+    if len(points) < 2 or not any(p.seconds > 0 for p in points):
+        return t0, c, r2, "untrusted"  # no line; or a clock too coarse to see a step
     rows = [(1.0 / (p.seconds * p.seconds) if p.seconds > 0 else 1.0, float(p.batch_size),
              p.seconds) for p in points]
     sw = sum(w for w, _, _ in rows)
@@ -442,8 +462,9 @@ def time_ladder(
     for _ in range(MAX_RESUMES + 1):
         if len(rungs) < 2 or stopped == "budget":
             break
-        passes += _passes(timer, rungs, rng)
-        rest = [b for b in ladder if b > rungs[-1].batch]
+        passes += _passes(timer, rungs, rng, device)
+        rest = [b for b in ladder if b > rungs[-1].batch
+                and (timer.oom_at is None or b < timer.oom_at)]
         if stopped != "saturated" or saturation(rungs, min_top) is not None or not rest:
             break
         stopped = _climb(timer, rest, rungs, warmup, repeats, min_top, device)
@@ -453,7 +474,7 @@ def time_ladder(
             hint="raise probe.max_seconds or set probe.timing: false",
         )
     if len(rungs) >= 2 and line_fit([r.point() for r in rungs])[3] != "line":
-        passes += _passes(timer, rungs, rng)  # once more before giving up on the line
+        passes += _passes(timer, rungs, rng, device)  # once more before giving up on the line
     return curve_from_points(
         [r.point() for r in rungs], saturated_at=saturation(rungs, min_top),
         utilization=statistics.fmean(timer.utils) if timer.utils else None, passes=passes,

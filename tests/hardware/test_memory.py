@@ -411,6 +411,52 @@ def test_cpu_memory_limit() -> None:
     assert memory.cpu_memory_limit(0.5) == pytest.approx(limit / 2, rel=0.2)
 
 
+def test_held_bytes_counts_what_the_prediction_counts_as_fixed_once() -> None:
+    model = nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32))
+    params = sum(p.numel() for p in model.parameters()) * 4
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert memory.held_bytes(model) == params + buffers  # no gradients yet
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 64)).square().mean().backward()
+    opt.step()
+    p, g, o = memory.state_bytes(model, opt)
+    assert memory.held_bytes(model, opt) == p + g + o
+    flat = torch.zeros(100)  # two parameters viewing one storage: counted once
+    shared = nn.Module()
+    shared.a, shared.b = nn.Parameter(flat[:30]), nn.Parameter(flat[30:50])
+    assert memory.held_bytes(shared) == 50 * 4
+
+
+def test_a_cpu_limit_does_not_subtract_the_models_own_tensors_twice(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """RAM available now already excludes the parameters, gradients and optimizer state
+    this process holds, and the prediction's fixed bytes count them again: 2 GiB of
+    them cut a trial's room for activations from 18.6 to 16.6 GiB, and where they were
+    most of what was left the largest batch came out 0 ("no batch size in [1] fits")
+    although the probe had just trained at its baseline."""
+    from bsfind.hardware import measure
+    from bsfind.workload import Workload
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 256), torch.randint(0, 4, (64,)))
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 4))
+    job = Workload.from_objects(model, data, F.cross_entropy, optimizer="adam")
+    opts = measure.HardwareOptions(lr=1e-3, memory_fraction=1.0)
+    step = measure.step_function(job, opts.lr, 0)
+    step(8)  # as the probe did: gradients and Adam's state now exist
+    p, g, o = memory.state_bytes(model, step.optimizer)
+    ram = 10 * (p + g + o)  # what was available before any of them existed
+    monkeypatch.setattr(memory, "ram_bytes", lambda: (4 * ram, ram - (p + g + o)))
+    line = measure.memory_model(job, step, opts)
+    assert line.limit_bytes == ram
+    assert line.max_batch_size == memory.max_batch_for(ram, line.fixed_bytes,
+                                                       line.bytes_per_example)
+    # With only the fixed bytes and 16 examples' worth available before, batch 16 fits.
+    room = line.fixed_bytes + int(16.5 * line.bytes_per_example)
+    monkeypatch.setattr(memory, "ram_bytes", lambda: (4 * ram, room - (p + g + o)))
+    assert measure.memory_model(job, step, opts).max_batch_size == 16
+
+
 # --------------------------------------------------------------------------- CUDA (faked)
 
 
@@ -548,6 +594,32 @@ def test_measure_memory_cuda_falls_back_to_batch_one_after_the_warm_up(
     fake.install(monkeypatch)
     with pytest.raises(OutOfMemoryAtBatchOne, match="batch size 1 did not run either"):
         measure_memory_cuda(fake.step, (2, 8, 32), torch.device("cuda", 0))
+
+
+def test_batch_one_that_raised_is_not_called_out_of_memory(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A BatchNorm model out of memory at batch 2, whose batch 1 then raised "Expected
+    more than 1 value per channel", was reported "out of memory even at batch size 1"."""
+    from bsfind.hardware.memory import OutOfMemoryAtBatchOne
+
+    fake = StateThatGrows(batchnorm=True)
+    fake.install(monkeypatch)
+    fake.state = 2_000  # the warm-up at 2 already runs out of memory
+    with pytest.raises(OutOfMemoryAtBatchOne) as info:
+        measure_memory_cuda(fake.step, (2, 8, 32), torch.device("cuda", 0))
+    assert info.value.message == (
+        "out of memory at batch size 2, and batch size 1 did not run either: it raised "
+        "ValueError: Expected more than 1 value per channel when training")
+    fake = StateThatGrows(batchnorm=True)  # the warm-up runs, the measured 2 does not
+    fake.install(monkeypatch)
+    with pytest.raises(OutOfMemoryAtBatchOne, match="did not run either: it raised Value"):
+        measure_memory_cuda(fake.step, (2, 8, 32), torch.device("cuda", 0))
+    fake = LazyStateAllocator(2)  # batch 1 out of memory too: as before
+    fake.install(monkeypatch)
+    monkeypatch.setattr(fake, "oom_from", 1)
+    with pytest.raises(OutOfMemoryAtBatchOne) as info:
+        measure_memory_cuda(fake.step, (2, 8, 32), torch.device("cuda", 0))
+    assert info.value.message == "out of memory even at batch size 1"
 
 
 def test_a_warm_up_that_ran_out_of_memory_starts_a_fresh_optimizer(

@@ -394,6 +394,55 @@ def test_describe_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
     assert nvml.describe_device(torch.device("cuda")).name == "NVIDIA A100-SXM4-40GB"
 
 
+def test_utilisation_while_timing_is_sampled_from_torchs_device(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Timing cuda:0 sampled NVML's GPU 0 however torch numbered its devices: with
+    CUDA_VISIBLE_DEVICES=1 (torch's cuda:0 is the A100, 10% busy) the H100's 87%
+    next to it was reported. The step-time ladder gets the device's own sampler."""
+    from bsfind.hardware import measure, timing
+    from bsfind.results import MemoryModel
+
+    fake_cuda(monkeypatch)
+    props = torch.cuda.get_device_properties
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props(i + 1))
+    install(monkeypatch, FakePynvml())
+    sampler = nvml.utilization_sampler(torch.device("cuda", 0))
+    assert sampler is not None and sampler() == 10.0
+    t4 = nvml.utilization_sampler(torch.device("cuda", 1))
+    assert t4 is not None and t4() == 0.0
+    assert nvml.utilization_sampler(torch.device("cpu")) is None
+    seen: list[float | None] = []
+
+    def ladder(step: Any, sizes: Any, **kw: Any) -> Any:
+        seen.append(kw["sample_util"]())
+        raise timing.BudgetError("stop")
+
+    monkeypatch.setattr(timing, "time_ladder", ladder)
+    job: Any = types.SimpleNamespace(device=torch.device("cuda", 0))
+    memory = MemoryModel(fixed_bytes=0, bytes_per_example=1.0, max_batch_size=64,
+                         limit_bytes=100, source="measured")
+    deadline: Any = types.SimpleNamespace(left=lambda: 10.0)
+    assert measure.time_steps(job, lambda b: None, [1, 2], deadline, memory,
+                              measure.HardwareOptions(lr=0.1)) is None
+    assert seen == [10.0]
+
+
+def test_utilisation_sampler_by_visible_devices_and_without_nvml(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_cuda(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: types.SimpleNamespace(name="x", total_memory=1))  # no uuid
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,2")
+    install(monkeypatch, FakePynvml())
+    a100 = nvml.utilization_sampler(torch.device("cuda"))
+    assert a100 is not None and a100() == 10.0
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-unknown")
+    assert nvml.utilization_sampler(torch.device("cuda", 0)) is None  # not another GPU's
+    nvml.reset()
+    install(monkeypatch, FakePynvml(init_error=LibraryNotFound()))
+    assert nvml.utilization_sampler(torch.device("cuda", 0)) is None
+
+
 def test_describe_cuda_without_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_cuda(monkeypatch)
     install(monkeypatch, FakePynvml(init_error=LibraryNotFound()))

@@ -245,6 +245,54 @@ def test_a_rung_out_of_memory_caps_the_largest_batch(monkeypatch: pytest.MonkeyP
     assert capped_by_timing(line, None) is line
 
 
+@pytest.mark.parametrize("failing", [32, 8])
+def test_a_rung_out_of_memory_in_the_passes_is_dropped_with_the_larger_ones(
+        monkeypatch: pytest.MonkeyPatch, failing: int) -> None:
+    """A rung that ran in the climb can run out of memory in a later pass (a padded
+    batch's longest sequence differs between draws; the ladder's top is the largest
+    batch found with one draw): that used to end the command with "internal error:
+    OutOfMemoryError". The rung and every larger one are dropped, the rest re-timed."""
+    from bsfind.hardware.measure import capped_by_timing
+    from bsfind.results import MemoryModel
+
+    cleared: list[torch.device | None] = []
+    monkeypatch.setattr(timing, "clear_cache", cleared.append)
+    runs = [0]
+
+    def fail(b: int) -> BaseException | None:
+        runs[0] += b == failing
+        if b == failing and runs[0] == 2 + 3 + 1:  # the climb's 2 warm-ups, 3 timed steps ran
+            return torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20 MiB")
+        return None
+
+    dev = FakeDevice(lambda b: 0.01 + 1e-4 * b, fail=fail)
+    curve = time_ladder(dev.step, geometric_ladder(1, 32), device=CPU, max_seconds=1e6,
+                        max_batch=None, clock=dev.clock)
+    assert curve.out_of_memory_at == failing and cleared == [CPU]
+    assert [p.batch_size for p in curve.points] == [b for b in (1, 2, 4, 8, 16) if b < failing]
+    at = [k for k, (b, _) in enumerate(dev.steps) if b == failing][-1]
+    assert runs[0] == 2 + 3 + 1 and all(b < failing for b, _ in dev.steps[at + 1:])
+    assert curve.passes >= MIN_PASSES and curve.fit_ok
+    line = MemoryModel(fixed_bytes=0, bytes_per_example=1.0, max_batch_size=123_456,
+                       limit_bytes=10**9, source="measured")
+    assert capped_by_timing(line, curve).max_batch_size == failing // 2
+
+
+def test_out_of_memory_in_the_passes_at_the_smallest_rung(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(timing, "clear_cache", lambda device: None)
+    runs = [0]
+
+    def fail(b: int) -> BaseException | None:
+        runs[0] += b == 2
+        return MemoryError() if b == 2 and runs[0] > 5 else None
+
+    dev = FakeDevice(lambda b: 0.01 + 1e-4 * b, fail=fail)
+    with pytest.raises(HardwareError, match="smallest rung"):
+        time_ladder(dev.step, [2, 4, 8], device=CPU, max_seconds=1e6, max_batch=None,
+                    clock=dev.clock)
+
+
 def test_oom_at_first_rung() -> None:
     dev = FakeDevice(lambda b: 1.0, fail=lambda b: torch.cuda.OutOfMemoryError("out of memory"))
     with pytest.raises(HardwareError, match="smallest rung"):
@@ -318,6 +366,17 @@ def test_cuda_synchronized_timing() -> None:
     assert curve.per_example > 0
 
 
+def test_a_clock_too_coarse_to_see_a_step_is_untrusted() -> None:
+    """A clock with 15.6 ms ticks (thread_time on some platforms) reads 0 s for a 1 ms
+    step: every rung's lowest time is 0, which used to raise StatisticsError in the fit."""
+    dev = FakeDevice(lambda b: 0.001 + 1e-6 * b)
+    curve = time_ladder(dev.step, geometric_ladder(1, 64), device=CPU, max_seconds=5.0,
+                        max_batch=None, clock=lambda: math.floor(dev.now / 0.0156) * 0.0156,
+                        budget_clock=dev.clock)
+    assert all(p.seconds == 0 for p in curve.points) and len(curve.points) == 7
+    assert curve.quality == "untrusted" and not curve.fit_ok
+
+
 # --------------------------------------------------------------------------- under load
 
 
@@ -382,6 +441,30 @@ def test_recommendation_under_load_stays_where_the_quiet_clock_puts_it() -> None
                      for p in loaded.points),
         t0=loaded.t0, per_example=loaded.per_example, r2=loaded.r2, source="measured")
     assert median_curve.points != loaded.points
+
+
+@pytest.mark.parametrize("phase", [0.0, 0.6, 0.8, 0.9])
+@pytest.mark.parametrize("quiet, saturated_at", [
+    (lambda b: 5e-3 + 2e-5 * b, None),  # throughput +34%, +20%, +11%, +6% per doubling
+    (lambda b: max(1e-2, 2e-5 * b), 512),  # 50,000 examples/s from 512 on
+])
+def test_intermittent_load_does_not_move_saturation(
+        quiet: Callable[[int], float], saturated_at: int | None, phase: float) -> None:
+    """Half of every second 3x slower (another job's bursts): many rungs' medians are
+    loaded, their lowest times are not. Judged with a margin as wide as the rungs' spread
+    (median over lowest, up to 2), the rising curve "saturated near batch" 512 or 256
+    (phases 0.8, 0.9) and the saturating one did not saturate (0.6); on the lowest
+    times both saturate where the quiet ones do."""
+    dev = FakeDevice(quiet)
+    dev.cost = lambda b: quiet(b) * (3.0 if (dev.now + phase) % 1.0 < 0.5 else 1.0)
+    loaded = time_ladder(dev.step, geometric_ladder(1, 4096), device=CPU, max_seconds=20.0,
+                         max_batch=None, clock=dev.clock, min_top=256)
+    still = FakeDevice(quiet)
+    calm = time_ladder(still.step, geometric_ladder(1, 4096), device=CPU, max_seconds=20.0,
+                       max_batch=None, clock=still.clock, min_top=256)
+    busy = sum((start + phase) % 1.0 < 0.5 for _, start in dev.steps) / len(dev.steps)
+    assert busy > 0.2  # the load is real: 1 step in 4 (3x as long, half the time)
+    assert calm.saturated_at == loaded.saturated_at == saturated_at
 
 
 def test_a_poor_line_is_re_measured_then_not_used() -> None:
