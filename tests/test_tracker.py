@@ -692,7 +692,6 @@ def test_a_tracked_model_copies_at_any_step_and_its_copy_is_not_tracked() -> Non
     step (the hooks' AccumulateGrad nodes, weak references), and an EMA made after
     track() kept measuring copies of the hooks for good. Copies work at any step, and
     the records are those of a run without copies."""
-    import copy
     import io
 
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn

@@ -558,11 +558,15 @@ class PerExampleGradNorms:
             self._expanded.append((input_label(name), output))
         return x, output, True
 
-    def _keep_last(self, output: object) -> None:
-        """The root call's last hooked output with gradient (:meth:`_check_expanded`)."""
+    def _after_capture(self, name: str, x: object, output: object, expanded: bool) -> None:
+        """Keep the root call's last hooked output with gradient (the fallback of
+        :meth:`_check_expanded`), and watch an input that was not expanded for indices
+        made in the forward (:meth:`_watch_made`)."""
         if (self._root_calls and isinstance(output, Tensor) and output.requires_grad
                 and output.dim() > 0):
             self._root_calls[-1].last = output
+        if not expanded:
+            self._watch_made(name, x, output)
 
     def _watch_made(self, name: str, x: object, output: object) -> None:
         """Indices made in the forward whose dim 0 has the batch's size (nanoGPT's
@@ -604,9 +608,7 @@ class PerExampleGradNorms:
         x = args[0] if args else kwargs.get("input")
         x, output, expanded = self._expand_input(name, module, x, output)
         own = self._capture_product(name, rule, module, x, output)
-        self._keep_last(own if own is not None else output)
-        if not expanded:
-            self._watch_made(name, x, own if own is not None else output)
+        self._after_capture(name, x, own if own is not None else output, expanded)
         return own if own is not None or not expanded else output  # type: ignore[return-value]
 
     def _capture_product(self, name: str, rule: str, module: Any, x: object,
@@ -633,9 +635,7 @@ class PerExampleGradNorms:
         x = args[0] if args else None
         x, output, expanded = self._expand_input(name, module, x, output)
         own = self._capture(name, rule, module, x, output)
-        self._keep_last(own if own is not None else output)
-        if not expanded:
-            self._watch_made(name, x, own if own is not None else output)
+        self._after_capture(name, x, own if own is not None else output, expanded)
         return own if own is not None or not expanded else output  # type: ignore[return-value]
 
     def _capture(self, name: str, rule: str, module: Any, x: object,
